@@ -1,0 +1,145 @@
+"""The OSP GPT model: Megatron-Core's GPTModel with SSNorm by spec and EmbProj by hooks.
+
+``build_gpt_model`` is the one place where a ``ModelConfig`` becomes Megatron objects, so the
+config's ``normalization`` and ``embedding_projection`` reach the layer spec in two hops.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_block import get_num_layers_to_build
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_osp.models.config import ModelConfig
+from megatron_osp.models.embproj import EmbeddingProjection, attach_after
+from megatron_osp.models.layer_specs import gpt_block_spec, resolve_backend
+
+# Offsets from the run seed for the two projections' private generators.
+_INPUT_PROJECTION_SEED_OFFSET = 7919
+_OUTPUT_PROJECTION_SEED_OFFSET = 104729
+
+
+class OSPGPTModel(GPTModel):
+    """GPTModel plus the optional EmbProj pair.
+
+    ``embedding_projection`` (first stage) acts on the embedding output before layer 1;
+    ``output_projection`` (last stage) on the final norm's output before the output layer.
+    Both are parameters of this module, so checkpoints and optimizers see them like any other.
+    """
+
+    def __init__(self, *args, embedding_projection: bool = False, projection_seed: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.has_embedding_projection = embedding_projection
+        if not embedding_projection:
+            return
+        cfg = self.config
+        make = lambda offset: EmbeddingProjection(  # noqa: E731
+            cfg.hidden_size,
+            seed=projection_seed + offset,
+            params_dtype=cfg.params_dtype,
+            sequence_parallel=cfg.sequence_parallel,
+        )
+        if self.pre_process:
+            self.embedding_projection = make(_INPUT_PROJECTION_SEED_OFFSET)
+            attach_after(self.embedding, self.embedding_projection)
+        if self.post_process:
+            if self.decoder.final_layernorm is None:
+                raise ValueError("embedding_projection needs the final norm on the last stage")
+            self.output_projection = make(_OUTPUT_PROJECTION_SEED_OFFSET)
+            attach_after(self.decoder.final_layernorm, self.output_projection)
+
+
+def transformer_config(
+    model: ModelConfig,
+    *,
+    tensor_parallel_size: int = 1,
+    pipeline_parallel_size: int = 1,
+    sequence_parallel: bool = False,
+    params_dtype: torch.dtype = torch.float32,
+    use_cpu_initialization: bool | None = None,
+    **overrides,
+) -> TransformerConfig:
+    """Megatron's TransformerConfig for a Llama-style model (RMSNorm, SwiGLU, RoPE, no biases)."""
+    on_cpu = not torch.cuda.is_available()
+    groups = model.num_query_groups or model.num_attention_heads
+    if groups % tensor_parallel_size:
+        raise ValueError(
+            f"parallel.tensor_parallel_size={tensor_parallel_size} does not divide the number of "
+            f"query groups ({groups}) of the model"
+        )
+    if model.num_layers % pipeline_parallel_size:
+        raise ValueError(
+            f"parallel.pipeline_parallel_size={pipeline_parallel_size} does not divide "
+            f"model.num_layers={model.num_layers}"
+        )
+    fused = not on_cpu
+    kwargs = dict(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=groups,
+        ffn_hidden_size=model.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.layernorm_epsilon,
+        qk_layernorm=model.qk_layernorm,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
+        init_method_std=model.init_method_std,
+        tensor_model_parallel_size=tensor_parallel_size,
+        pipeline_model_parallel_size=pipeline_parallel_size,
+        sequence_parallel=sequence_parallel and tensor_parallel_size > 1,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        use_cpu_initialization=on_cpu if use_cpu_initialization is None else use_cpu_initialization,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=fused,
+        masked_softmax_fusion=fused,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def build_gpt_model(
+    model: ModelConfig,
+    config: TransformerConfig,
+    *,
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
+    seed: int = 1234,
+) -> OSPGPTModel:
+    """Build this rank's pipeline stage of the OSP GPT model (parallel state must be initialised)."""
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage()
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage()
+    backend = resolve_backend(model.transformer_impl)
+    block = gpt_block_spec(
+        model.normalization,
+        backend,
+        num_layers_in_stage=get_num_layers_to_build(config),
+        qk_layernorm=model.qk_layernorm,
+    )
+    return OSPGPTModel(
+        config=config,
+        transformer_layer_spec=block,
+        vocab_size=model.padded_vocab_size(config.tensor_model_parallel_size),
+        max_sequence_length=model.seq_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=not model.untie_embeddings_and_output_weights,
+        position_embedding_type="rope",
+        rotary_base=model.rotary_base,
+        embedding_projection=model.embedding_projection,
+        projection_seed=seed,
+    )

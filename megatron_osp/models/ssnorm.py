@@ -1,0 +1,41 @@
+"""Single-Scale RMSNorm (SSNorm), the OSP paper's replacement for per-channel RMSNorm gains.
+
+A per-channel gain lets training grow a few channels without bound, and those channels become the
+activation outliers that break 4-bit quantization. SSNorm keeps one learnable scalar per norm, so the
+norm can rescale the whole vector but never single out a channel:
+
+    y = g * x / sqrt(mean(x^2) + eps),   g a scalar initialised to 1.
+
+It has Megatron-Core's norm constructor signature, so a layer spec can put it in any norm slot.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SSNorm(nn.Module):
+    """RMS normalisation over the last dimension with ONE learnable scalar gain."""
+
+    def __init__(self, config=None, hidden_size: int = 0, eps: float = 1e-5, **unused):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.eps = eps
+        # Shape (1,) rather than (): sharded checkpoints and optimizers handle 1-D tensors uniformly.
+        self.weight = nn.Parameter(torch.ones(1, dtype=_params_dtype(config)))
+        # Under sequence parallelism each TP rank sees different tokens, so the scalar's gradient
+        # must be all-reduced across TP, which Megatron does for params flagged this way.
+        setattr(self.weight, "sequence_parallel", bool(getattr(config, "sequence_parallel", False)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float()).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"hidden_size={self.hidden_size}, eps={self.eps}, gain=scalar"
+
+
+def _params_dtype(config) -> torch.dtype:
+    return getattr(config, "params_dtype", torch.float32) or torch.float32

@@ -1,0 +1,43 @@
+"""megatron-osp: Outlier-Safe Pre-Training on Megatron-Core.
+
+The C++ extension holds the data-index builders (int64 throughout, so trillion-token corpora with
+more than 2^31 documents index correctly).
+"""
+
+from pybind11.setup_helpers import Pybind11Extension, build_ext
+from setuptools import find_packages, setup
+
+ext_modules = [
+    Pybind11Extension(
+        "megatron_osp.data._index_builders",
+        sorted(["csrc/index_builders.cpp"]),
+        cxx_std=17,
+        extra_compile_args=["-O3"],
+    )
+]
+
+setup(
+    name="megatron-osp",
+    version="0.1.0",
+    description="Outlier-Safe Pre-Training (Muon + SSNorm + EmbProj) on NVIDIA Megatron-Core",
+    packages=find_packages(include=["megatron_osp", "megatron_osp.*"]),
+    package_data={"megatron_osp": ["configs/*.yaml"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.6",
+        "megatron-core==0.16.1",
+        "numpy",
+        "sentencepiece",
+        "pybind11>=2.10",
+        "pyyaml",
+        "tqdm",
+        "tensorboard",
+        "psutil",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "scipy"],
+        "te": ["transformer_engine[pytorch]"],
+    },
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": build_ext},
+)
