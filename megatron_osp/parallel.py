@@ -1,0 +1,57 @@
+"""Process groups: torch.distributed from torchrun's environment, then Megatron's TP/PP/DP grid."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_osp import platform
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1) -> None:
+    """Initialise torch.distributed (gloo on CPU, nccl on CUDA) and Megatron's parallel groups.
+
+    Works under torchrun (RANK/WORLD_SIZE/MASTER_* set) and as a plain single process, which
+    becomes a world of one. Re-initialising with another layout destroys the old groups first.
+    """
+    platform.setup_platform()
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        dist.init_process_group(backend=platform.distributed_backend())
+    world = dist.get_world_size()
+    if world % (tensor_parallel_size * pipeline_parallel_size):
+        raise ValueError(
+            f"world size {world} is not divisible by tensor_parallel_size={tensor_parallel_size} "
+            f"x pipeline_parallel_size={pipeline_parallel_size}"
+        )
+    if parallel_state.model_parallel_is_initialized():
+        same = (
+            parallel_state.get_tensor_model_parallel_world_size() == tensor_parallel_size
+            and parallel_state.get_pipeline_model_parallel_world_size() == pipeline_parallel_size
+        )
+        if same:
+            return
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_parallel_size,
+        pipeline_model_parallel_size=pipeline_parallel_size,
+    )
+
+
+def shutdown() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
