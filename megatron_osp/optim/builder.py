@@ -82,7 +82,7 @@ def get_osp_optimizer(settings: OptimSettings, model_chunks, *, bf16: bool = Fal
             "optimizer.name=muon with parallel.tensor_parallel_size > 1 needs the distributed Muon "
             "(not built yet); this Muon orthogonalises whole matrices, so use tensor_parallel_size=1"
         )
-    if log is not None and parallel_state.get_data_parallel_rank() == 0:
+    if log is not None:
         log(f"optimizer routing (pipeline stage {parallel_state.get_pipeline_model_parallel_rank()}):\n"
             + route.table())
 

@@ -11,6 +11,7 @@ import os
 import pickle
 import queue
 import socket
+import sys
 import time
 import traceback
 
@@ -49,12 +50,13 @@ def _rank_main(rank, world_size, port, results, fn, args, kwargs):
         results.put((rank, False, traceback.format_exc()))
     finally:
         if dist.is_initialized():
-            try:
-                from megatron.core import parallel_state
-
-                parallel_state.destroy_model_parallel()
-            except Exception:  # noqa: BLE001
-                pass
+            # Only tear Megatron down if fn used it: importing it just to do so costs seconds.
+            parallel_state = sys.modules.get("megatron.core.parallel_state")
+            if parallel_state is not None:
+                try:
+                    parallel_state.destroy_model_parallel()
+                except Exception:  # noqa: BLE001
+                    pass
             dist.destroy_process_group()
 
 
@@ -122,6 +124,10 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 120, **kwargs) 
                     break
                 if not ok:
                     failures.append(f"--- rank {rank} raised ---\n{payload}")
+            reported = " ".join(failures)
+            for r, p in enumerate(procs):
+                if p.exitcode not in (None, 0) and f"rank {r} " not in reported:
+                    failures.insert(0, f"--- rank {r} exit code {p.exitcode}: died without reporting a result ---")
     finally:
         _stop(procs, grace=5.0 if not failures and len(outputs) == world_size else 0.5)
         results.close()

@@ -1,0 +1,1 @@
+"""Pretraining: run configuration, data, the loop and its entry point."""

@@ -1,0 +1,155 @@
+"""A run's configuration: nested dataclasses, loaded from YAML and overridden from the command line.
+
+    model:      ModelConfig (or `preset: tiny` plus field overrides)
+    parallel:   tensor/pipeline parallel sizes (data parallel is what remains of the world)
+    optimizer:  OptimSettings (adam | muon, learning rates, clipping)
+    data:       indexed-dataset prefixes, split, tokenizer
+    train:      steps, batch sizes, schedule, logging, kurtosis cadence, run directory
+
+Overrides are `section.field=value` strings (value parsed as YAML), e.g. `optimizer.name=muon`.
+An unknown section or field is an error that names it, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from megatron_osp.models.config import ModelConfig
+from megatron_osp.models.presets import get_preset
+from megatron_osp.optim.builder import OptimSettings
+
+DECAY_STYLES = ("cosine", "linear", "wsd", "constant")
+
+
+@dataclass
+class ParallelSettings:
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    sequence_parallel: bool = False
+
+
+@dataclass
+class DataSettings:
+    # Indexed dataset prefixes (path without .bin/.idx); several are blended by `weights`.
+    paths: list[str] = field(default_factory=list)
+    weights: list[float] | None = None
+    split: str = "98,2,0"  # train, validation, test shares of the documents
+    tokenizer_model: str | None = None  # SentencePiece .model (its EOD id separates documents)
+    eod_id: int | None = None  # used when no tokenizer model is given
+    cache_dir: str | None = None  # index cache; default <run_dir>/index_cache
+    num_workers: int = 0
+
+
+@dataclass
+class TrainSettings:
+    train_steps: int = 100
+    global_batch_size: int = 16
+    micro_batch_size: int = 4
+    warmup_steps: int = 10
+    decay_style: str = "cosine"
+    wsd_decay_fraction: float = 0.2  # WSD: share of the steps spent in the final decay
+    seed: int = 1234
+    bf16: bool | None = None  # None = bf16 on CUDA, fp32 on CPU
+    log_interval: int = 10
+    eval_interval: int = 0  # 0 = only at the end
+    eval_batches: int = 2
+    kurtosis_interval: int = 0  # 0 = only at the end
+    kurtosis_batches: int = 1
+    run_dir: str = "runs/default"
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+    def __post_init__(self):
+        if self.decay_style not in DECAY_STYLES:
+            raise ValueError(f"train.decay_style must be one of {DECAY_STYLES}, got {self.decay_style!r}")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"train.global_batch_size={self.global_batch_size} is not a multiple of "
+                f"train.micro_batch_size={self.micro_batch_size}"
+            )
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelSettings = field(default_factory=ParallelSettings)
+    optimizer: OptimSettings = field(default_factory=OptimSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+
+
+def _section_class(name: str):
+    return {
+        "model": ModelConfig,
+        "parallel": ParallelSettings,
+        "optimizer": OptimSettings,
+        "data": DataSettings,
+        "train": TrainSettings,
+    }[name]
+
+
+def _build_section(name: str, values: dict, source: str):
+    cls = _section_class(name)
+    values = dict(values or {})
+    known = {f.name for f in dataclasses.fields(cls)}
+    preset = values.pop("preset", None) if name == "model" else None
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{source}: unknown field(s) {', '.join(name + '.' + u for u in unknown)}")
+    if preset is not None:
+        return get_preset(preset, **values)
+    return cls(**values)
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`["a.b=1", "a.c=x"]` -> {"a": {"b": 1, "c": "x"}}."""
+    tree: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or "." not in key:
+            raise ValueError(f"override {item!r} must look like section.field=value")
+        section, fieldname = key.split(".", 1)
+        if section not in _SECTIONS:
+            raise ValueError(f"override {item!r}: unknown section {section!r}; known: {sorted(_SECTIONS)}")
+        tree.setdefault(section, {})[fieldname] = yaml.safe_load(raw)
+    return tree
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    raw: dict = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise FileNotFoundError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: invalid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: the top level must be a mapping of sections")
+        unknown = sorted(set(raw) - set(_SECTIONS))
+        if unknown:
+            raise ValueError(f"{path}: unknown section(s) {unknown}; known: {sorted(_SECTIONS)}")
+    for section, values in parse_overrides(list(overrides)).items():
+        merged = dict(raw.get(section) or {})
+        merged.update(values)
+        raw[section] = merged
+        source = f"{source} + command line"
+    return RunConfig(**{name: _build_section(name, raw.get(name), source) for name in _SECTIONS})
+
+
+def save_config(config: RunConfig, path: Path):
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    tmp.replace(path)

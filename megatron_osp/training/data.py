@@ -1,0 +1,109 @@
+"""Training data: Megatron-Core's GPTDataset over indexed (.bin/.idx) files, and the DP sampler.
+
+Samples are taken in a fixed global order: step s uses samples [s*G, (s+1)*G) of the shuffled
+train split (G = global batch), and data-parallel rank r reads its contiguous share of each
+micro-batch. The order depends only on the seed and the number of consumed samples, so a resumed
+run (or one with another DP size and the same global batch) reads the same tokens.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+
+@dataclass
+class _DatasetTokenizer:
+    """What GPTDataset reads from a tokenizer: the vocab size and the end-of-document id."""
+
+    vocab_size: int
+    eod: int
+
+    @property
+    def unique_identifiers(self) -> dict:
+        """Part of GPTDataset's index-cache key."""
+        return {"class": "megatron_osp.DatasetTokenizer", "vocab_size": self.vocab_size, "eod": self.eod}
+
+
+def _eod_id(data) -> int:
+    if data.tokenizer_model:
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=data.tokenizer_model)
+        eos = sp.eos_id()
+        if eos < 0:
+            raise ValueError(f"data.tokenizer_model {data.tokenizer_model} has no end-of-sequence id")
+        return eos
+    if data.eod_id is None:
+        raise ValueError("set data.tokenizer_model (or data.eod_id) so documents can be separated")
+    return data.eod_id
+
+
+def build_datasets(config, num_train_samples: int, num_eval_samples: int):
+    """Train and validation GPTDatasets for the run (built on every rank; the index is cached)."""
+    data, train = config.data, config.train
+    if not data.paths:
+        raise ValueError("data.paths is empty: give at least one indexed dataset prefix")
+    for prefix in data.paths:
+        for ext in (".bin", ".idx"):
+            if not os.path.exists(prefix + ext):
+                raise FileNotFoundError(f"data.paths: {prefix + ext} does not exist")
+    if data.weights is not None and len(data.weights) != len(data.paths):
+        raise ValueError(
+            f"data.weights has {len(data.weights)} entries but data.paths has {len(data.paths)}"
+        )
+    cache = data.cache_dir or str(Path(train.run_dir) / "index_cache")
+    ds_config = GPTDatasetConfig(
+        random_seed=train.seed,
+        sequence_length=config.model.seq_length,
+        blend=(list(data.paths), data.weights),
+        split=data.split,
+        path_to_cache=cache,
+        tokenizer=_DatasetTokenizer(config.model.vocab_size, _eod_id(data)),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+    )
+    train_ds, valid_ds, _ = BlendedMegatronDatasetBuilder(
+        GPTDataset, [num_train_samples, num_eval_samples, None], lambda: True, ds_config
+    ).build()
+    if valid_ds is None:
+        raise ValueError(f"data.split={data.split!r} leaves no validation documents")
+    return train_ds, valid_ds
+
+
+class MicroBatchIterator:
+    """Yields this DP rank's micro-batches, in the global order described in the module docstring."""
+
+    def __init__(self, dataset, global_batch: int, micro_batch: int, consumed_samples: int = 0):
+        self.dataset = dataset
+        self.micro_batch = micro_batch
+        self.global_batch = global_batch
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        if global_batch % (micro_batch * self.dp_size):
+            raise ValueError(
+                f"train.global_batch_size={global_batch} is not divisible by "
+                f"micro_batch_size={micro_batch} x data-parallel size {self.dp_size}"
+            )
+        self.consumed = consumed_samples
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.global_batch // (self.micro_batch * self.dp_size)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        start = self.consumed + self.dp_rank * self.micro_batch
+        samples = [self.dataset[(start + i) % len(self.dataset)] for i in range(self.micro_batch)]
+        self.consumed += self.micro_batch * self.dp_size
+        return {k: torch.stack([s[k] for s in samples]) for k in ("tokens", "labels", "loss_mask", "position_ids")}

@@ -1,0 +1,312 @@
+"""The pretrain loop: Megatron-Core's schedules, DDP and optimizer around the OSP model.
+
+One step = one global batch through ``get_forward_backward_func()`` (1F1B under pipeline
+parallelism), gradient reduction by Megatron's DDP, then the (Muon +) AdamW step and the LR schedule.
+Every ``log_interval`` steps the loss, LR, grad norm and tokens/s go to the console, to
+``metrics.jsonl`` and to TensorBoard; every ``kurtosis_interval`` steps (and at the end) the paper's
+excess-kurtosis metric is measured on a fixed held-out batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
+
+from megatron_osp import parallel, platform
+from megatron_osp.analysis.kurtosis import HiddenStateRecorder, KurtosisReport
+from megatron_osp.models.gpt import build_gpt_model, transformer_config
+from megatron_osp.optim.builder import get_osp_optimizer
+from megatron_osp.training.config import RunConfig, save_config
+from megatron_osp.training.data import MicroBatchIterator, build_datasets
+
+
+def is_logging_rank() -> bool:
+    """Last pipeline stage (it has the loss), first TP and DP rank."""
+    return (
+        parallel_state.is_pipeline_last_stage()
+        and parallel_state.get_tensor_model_parallel_rank() == 0
+        and parallel_state.get_data_parallel_rank() == 0
+    )
+
+
+def unwrap(model):
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def _loss_func(loss_mask, output_tensor):
+    mask = loss_mask.reshape(-1).float()
+    loss = (output_tensor.float().reshape(-1) * mask).sum() / mask.sum().clamp(min=1)
+    return loss, {"lm loss": loss.detach()}
+
+
+def _forward_step(device, data_iterator, model):
+    batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()}
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, partial(_loss_func, batch["loss_mask"])
+
+
+class Trainer:
+    """Owns the model, optimizer, data and logs of one run; `train()` runs it to the end."""
+
+    def __init__(self, config: RunConfig, log=print):
+        self.config = config
+        self.log = log
+        par, train = config.parallel, config.train
+        parallel.init_distributed(par.tensor_parallel_size, par.pipeline_parallel_size)
+        platform.seed_everything(train.seed)
+        self.device = platform.device()
+        self.bf16 = train.bf16 if train.bf16 is not None else not platform.is_cpu()
+        self.run_dir = Path(train.run_dir)
+        if dist.get_rank() == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, self.run_dir / "config.yaml")
+        dist.barrier()
+
+        self.tconfig = transformer_config(
+            config.model,
+            tensor_parallel_size=par.tensor_parallel_size,
+            pipeline_parallel_size=par.pipeline_parallel_size,
+            sequence_parallel=par.sequence_parallel,
+            params_dtype=torch.bfloat16 if self.bf16 else torch.float32,
+        )
+        model = build_gpt_model(config.model, self.tconfig, seed=train.seed).to(self.device)
+        if self.bf16:
+            model = Float16Module(self.tconfig, model)
+        self.model = DistributedDataParallel(
+            self.tconfig,
+            DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=False),
+            model,
+        )
+        self.tconfig.no_sync_func = self.model.no_sync
+        self.tconfig.finalize_model_grads_func = finalize_model_grads
+        self.optimizer = get_osp_optimizer(
+            config.optimizer, [self.model], bf16=self.bf16, log=self.log if self._is_stage_leader() else None
+        )
+        opt = config.optimizer
+        decay_style = "WSD" if train.decay_style == "wsd" else train.decay_style
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0,
+            max_lr=opt.lr,
+            min_lr=opt.lr * opt.min_lr_ratio,
+            lr_warmup_steps=train.warmup_steps,
+            lr_decay_steps=train.train_steps,
+            lr_decay_style=decay_style,
+            start_wd=opt.weight_decay,
+            end_wd=opt.weight_decay,
+            wd_incr_steps=train.train_steps,
+            wd_incr_style="constant",
+            wsd_decay_steps=int(train.train_steps * train.wsd_decay_fraction) if decay_style == "WSD" else None,
+            lr_wsd_decay_style="cosine" if decay_style == "WSD" else None,
+        )
+
+        n_train = train.train_steps * train.global_batch_size
+        n_eval = max(train.eval_batches, train.kurtosis_batches) * train.global_batch_size
+        self.train_ds, self.valid_ds = build_datasets(config, n_train, n_eval)
+        self.train_iter = MicroBatchIterator(self.train_ds, train.global_batch_size, train.micro_batch_size)
+        self.step = 0
+        self.writer = None
+        if is_logging_rank() and train.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+        self.n_params = sum(p.numel() for p in self.model.parameters())
+
+    def _is_stage_leader(self) -> bool:
+        return parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_tensor_model_parallel_rank() == 0
+
+    # ------------------------------------------------------------------ steps
+    def _run_schedule(self, data_iter, forward_only: bool) -> list[dict]:
+        return get_forward_backward_func()(
+            forward_step_func=partial(_forward_step, self.device),
+            data_iterator=data_iter,
+            model=[self.model],
+            num_microbatches=data_iter.num_microbatches,
+            seq_length=self.config.model.seq_length,
+            micro_batch_size=self.config.train.micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    def _mean_loss(self, outputs: list[dict]) -> float:
+        """Mean of the micro-batch losses over this step and over data-parallel ranks (last stage)."""
+        if not parallel_state.is_pipeline_last_stage():
+            return float("nan")
+        loss = torch.stack([o["lm loss"].float() for o in outputs]).mean().reshape(1).to(self.device)
+        dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
+        return loss.item() / parallel_state.get_data_parallel_world_size()
+
+    def train_step(self) -> dict:
+        self.model.train()
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        outputs = self._run_schedule(self.train_iter, forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        if ok:
+            self.scheduler.step(increment=1)
+        self.step += 1
+        return {
+            "loss": self._mean_loss(outputs),
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "skipped": not ok,
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        it = MicroBatchIterator(self.valid_ds, self.config.train.global_batch_size, self.config.train.micro_batch_size)
+        losses = [self._mean_loss(self._run_schedule(it, forward_only=True)) for _ in range(self.config.train.eval_batches)]
+        return sum(losses) / len(losses)
+
+    @torch.no_grad()
+    def measure_kurtosis(self) -> KurtosisReport:
+        """The paper's metric on the first held-out global batch(es); the whole model's report on every rank."""
+        self.model.eval()
+        core = unwrap(self.model)
+        it = MicroBatchIterator(self.valid_ds, self.config.train.global_batch_size, self.config.train.micro_batch_size)
+        with HiddenStateRecorder(core.decoder.layers, record_input=core.pre_process) as rec:
+            for _ in range(self.config.train.kurtosis_batches):
+                self._run_schedule(it, forward_only=True)
+        local = rec.report()
+        reports = [None] * dist.get_world_size()
+        payload = (
+            parallel_state.get_pipeline_model_parallel_rank(),
+            parallel_state.get_tensor_model_parallel_rank(),
+            local.to_dict(),
+        )
+        dist.all_gather_object(reports, payload)
+        return _merge_reports(reports)
+
+    # ------------------------------------------------------------------ run
+    def train(self) -> dict:
+        train = self.config.train
+        tokens_per_step = train.global_batch_size * self.config.model.seq_length
+        if is_logging_rank():
+            self.log(
+                f"model: {self.n_params:,} parameters on this rank | optimizer={self.config.optimizer.name} "
+                f"normalization={self.config.model.normalization} "
+                f"embedding_projection={self.config.model.embedding_projection} | "
+                f"{train.train_steps} steps x {tokens_per_step} tokens | device={self.device} bf16={self.bf16}"
+            )
+        bar = _progress_bar(train.train_steps) if (is_logging_rank() and train.progress_bar) else None
+        metrics_path = self.run_dir / "metrics.jsonl"
+        history, t0 = [], time.perf_counter()
+        window_start, window_steps = time.perf_counter(), 0
+        kurtosis_history = []
+        while self.step < train.train_steps:
+            stats = self.train_step()
+            window_steps += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats['loss']:.3f}")
+            if self.step % train.log_interval == 0 or self.step == train.train_steps:
+                elapsed = time.perf_counter() - window_start
+                stats.update(step=self.step, tokens_per_s=window_steps * tokens_per_step / max(elapsed, 1e-9))
+                window_start, window_steps = time.perf_counter(), 0
+                history.append(stats)
+                self._log_metrics(stats, metrics_path, bar)
+            if train.eval_interval and self.step % train.eval_interval == 0 and self.step < train.train_steps:
+                self._log_scalar("val/loss", self.evaluate())
+            if train.kurtosis_interval and self.step % train.kurtosis_interval == 0 and self.step < train.train_steps:
+                report = self.measure_kurtosis()
+                kurtosis_history.append({"step": self.step, "mean": report.mean, "max": report.max})
+                self._log_scalar("kurtosis/mean", report.mean)
+                self._log_scalar("kurtosis/max", report.max)
+        if bar is not None:
+            bar.close()
+        train_time = time.perf_counter() - t0
+        val_loss = self.evaluate()
+        report = self.measure_kurtosis()
+        kurtosis_history.append({"step": self.step, "mean": report.mean, "max": report.max})
+        summary = {
+            "run_dir": str(self.run_dir),
+            "optimizer": self.config.optimizer.name,
+            "normalization": self.config.model.normalization,
+            "embedding_projection": self.config.model.embedding_projection,
+            "steps": self.step,
+            "tokens": self.step * tokens_per_step,
+            "train_loss": _mean_tail(history),
+            "val_loss": val_loss,
+            "kurtosis_mean": report.mean,
+            "kurtosis_max": report.max,
+            "kurtosis_history": kurtosis_history,
+            "train_time_s": train_time,
+            "tokens_per_s": self.step * tokens_per_step / train_time,
+        }
+        if is_logging_rank():
+            self._log_scalar("val/loss", val_loss)
+            self._log_scalar("kurtosis/mean", report.mean)
+            self._log_scalar("kurtosis/max", report.max)
+            report.save(self.run_dir / "kurtosis.json")
+            _atomic_write_json(self.run_dir / "summary.json", summary)
+            self.log(f"\nexcess kurtosis after {self.step} steps (held-out batch):\n{report.format_table()}")
+            self.log(f"val loss {val_loss:.4f} | kurtosis mean {report.mean:.4f} max {report.max:.4f}")
+        if self.writer is not None:
+            self.writer.close()
+        dist.barrier()
+        return summary
+
+    def _log_scalar(self, tag, value):
+        if self.writer is not None and not math.isnan(value):
+            self.writer.add_scalar(tag, value, self.step)
+
+    def _log_metrics(self, stats, path, bar):
+        if not is_logging_rank():
+            return
+        with open(path, "a") as f:
+            f.write(json.dumps(stats) + "\n")
+        for key in ("loss", "grad_norm", "lr", "tokens_per_s"):
+            self._log_scalar(f"train/{key}", stats[key])
+        line = (
+            f"step {stats['step']:>6} | loss {stats['loss']:.4f} | lr {stats['lr']:.3e} | "
+            f"grad norm {stats['grad_norm']:.3f} | {stats['tokens_per_s']:,.0f} tokens/s"
+        )
+        (bar.write if bar is not None else self.log)(line)
+
+
+def _merge_reports(gathered) -> KurtosisReport:
+    """Join pipeline stages in order; average tensor-parallel copies' identical... (TP rank 0 is used)."""
+    by_stage: dict[int, list[dict]] = {}
+    for pp_rank, tp_rank, report in gathered:
+        if tp_rank == 0:
+            by_stage.setdefault(pp_rank, []).append(report)
+    merged = KurtosisReport()
+    for pp_rank in sorted(by_stage):
+        dp_reports = by_stage[pp_rank]  # one per data-parallel rank, each on its share of the batch
+        first = dp_reports[0]
+        merged.names += first["names"]
+        for i in range(len(first["names"])):
+            merged.values.append(sum(r["values"][i] for r in dp_reports) / len(dp_reports))
+            merged.max_abs.append(max(r["max_abs"][i] for r in dp_reports))
+    return merged
+
+
+def _mean_tail(history, n=3) -> float:
+    tail = [h["loss"] for h in history[-n:] if not math.isnan(h["loss"])]
+    return sum(tail) / len(tail) if tail else float("nan")
+
+
+def _atomic_write_json(path: Path, obj):
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _progress_bar(total):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="pretrain", unit="step", dynamic_ncols=True)

@@ -1,0 +1,37 @@
+"""Entry point: `torchrun --nproc-per-node N -m megatron_osp.training.pretrain --config run.yaml [section.field=value ...]`.
+
+Also runs as a plain single process (`python -m megatron_osp.training.pretrain ...`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML run config (see megatron_osp/configs/)")
+    parser.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. optimizer.name=muon")
+    args = parser.parse_args(argv)
+
+    from megatron_osp.training.config import load_config
+
+    try:
+        config = load_config(args.config, args.overrides)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    from megatron_osp import parallel
+    from megatron_osp.training.loop import Trainer
+
+    try:
+        Trainer(config).train()
+    finally:
+        parallel.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
