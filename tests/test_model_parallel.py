@@ -38,7 +38,7 @@ def _forward_backward(model, tokens, num_micro):
 
         def loss_func(output):
             loss = output.float().mean()
-            return loss, {"loss": loss.detach()}
+            return loss, {"loss": loss.detach().clone()}  # the schedule divides `loss` in place
 
         return out, loss_func
 

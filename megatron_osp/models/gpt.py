@@ -15,6 +15,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_osp.models.config import ModelConfig
 from megatron_osp.models.embproj import EmbeddingProjection, attach_after
+from megatron_osp.models.init import initialize_layout_independent
 from megatron_osp.models.layer_specs import gpt_block_spec, resolve_backend
 
 # Offsets from the run seed for the two projections' private generators.
@@ -117,8 +118,13 @@ def build_gpt_model(
     pre_process: bool | None = None,
     post_process: bool | None = None,
     seed: int = 1234,
+    layout_independent_init: bool = True,
 ) -> OSPGPTModel:
-    """Build this rank's pipeline stage of the OSP GPT model (parallel state must be initialised)."""
+    """Build this rank's pipeline stage of the OSP GPT model (parallel state must be initialised).
+
+    With ``layout_independent_init`` the initial weights depend only on ``seed``, not on the TP/PP
+    layout (see models/init.py); otherwise Megatron-Core's own per-rank initialisation is kept.
+    """
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
@@ -130,7 +136,7 @@ def build_gpt_model(
         num_layers_in_stage=get_num_layers_to_build(config),
         qk_layernorm=model.qk_layernorm,
     )
-    return OSPGPTModel(
+    gpt = OSPGPTModel(
         config=config,
         transformer_layer_spec=block,
         vocab_size=model.padded_vocab_size(config.tensor_model_parallel_size),
@@ -143,3 +149,6 @@ def build_gpt_model(
         embedding_projection=model.embedding_projection,
         projection_seed=seed,
     )
+    if layout_independent_init:
+        initialize_layout_independent(gpt, seed)
+    return gpt

@@ -50,7 +50,8 @@ def unwrap(model):
 def _loss_func(loss_mask, output_tensor):
     mask = loss_mask.reshape(-1).float()
     loss = (output_tensor.float().reshape(-1) * mask).sum() / mask.sum().clamp(min=1)
-    return loss, {"lm loss": loss.detach()}
+    # clone: the schedule divides the returned loss in place by the number of micro-batches
+    return loss, {"lm loss": loss.detach().clone()}
 
 
 def _forward_step(device, data_iterator, model):
@@ -204,7 +205,8 @@ class Trainer:
             )
         bar = _progress_bar(train.train_steps) if (is_logging_rank() and train.progress_bar) else None
         metrics_path = self.run_dir / "metrics.jsonl"
-        history, t0 = [], time.perf_counter()
+        history = self.history = []
+        t0 = time.perf_counter()
         window_start, window_steps = time.perf_counter(), 0
         kurtosis_history = []
         while self.step < train.train_steps:
