@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# OSP pretraining on one GPU node with torchrun.
+#   bash examples/pretrain_single_node.sh [section.field=value ...]
+# Environment: NPROC (GPUs, default: all visible), CONFIG (default: the paper's 1.4B model).
+# data.paths must point at indexed datasets made by tools/preprocess_data.py, e.g.
+#   bash examples/pretrain_single_node.sh data.paths=[/data/fineweb_edu_text_document] \
+#        data.tokenizer_model=/data/tokenizer.model parallel.tensor_parallel_size=2
+set -euo pipefail
+cd "$(dirname "$0")/.."
+NPROC=${NPROC:-$(python -c 'import torch; print(max(torch.cuda.device_count(), 1))')}
+CONFIG=${CONFIG:-megatron_osp/configs/osp_1.4b.yaml}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+export CUDA_DEVICE_MAX_CONNECTIONS=1
+exec torchrun --standalone --nproc-per-node "$NPROC" \
+  -m megatron_osp.training.pretrain --config "$CONFIG" "$@"

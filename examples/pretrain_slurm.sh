@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# OSP pretraining on several GPU nodes under SLURM (one torchrun per node).
+#   sbatch examples/pretrain_slurm.sh data.paths=[/data/smollm_text_document] data.tokenizer_model=/data/tok.model
+#SBATCH --job-name=osp-1.4b
+#SBATCH --nodes=4
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=64
+#SBATCH --time=48:00:00
+#SBATCH --output=logs/%x-%j.out
+#SBATCH --signal=TERM@120
+set -euo pipefail
+cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
+CONFIG=${CONFIG:-megatron_osp/configs/osp_1.4b.yaml}
+GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+MASTER_PORT=${MASTER_PORT:-29500}
+export OMP_NUM_THREADS=8 CUDA_DEVICE_MAX_CONNECTIONS=1
+mkdir -p logs
+srun --kill-on-bad-exit=1 torchrun \
+  --nnodes "$SLURM_NNODES" --nproc-per-node "$GPUS_PER_NODE" \
+  --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "$SLURM_JOB_ID" \
+  -m megatron_osp.training.pretrain --config "$CONFIG" "train.run_dir=runs/$SLURM_JOB_NAME" "$@"

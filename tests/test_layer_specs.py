@@ -1,0 +1,40 @@
+"""Backend choice: Megatron-Core's local spec without Transformer Engine, a clear error if TE is forced."""
+
+import pytest
+
+from megatron_osp.models import layer_specs
+from megatron_osp.models.ssnorm import SSNorm
+
+
+def test_auto_falls_back_to_local_spec_without_transformer_engine(monkeypatch):
+    monkeypatch.setattr(layer_specs, "transformer_engine_available", lambda: False)
+    assert layer_specs.resolve_backend("auto") == "local"
+    spec = layer_specs.gpt_layer_spec("ssnorm", "auto", qk_layernorm=True)
+    sub = spec.submodules
+    assert sub.input_layernorm is SSNorm and sub.pre_mlp_layernorm is SSNorm
+    assert sub.self_attention.submodules.q_layernorm is SSNorm
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+
+    assert sub.self_attention.submodules.linear_qkv is ColumnParallelLinear
+
+
+def test_forcing_transformer_engine_without_it_names_the_option(monkeypatch):
+    monkeypatch.setattr(layer_specs, "transformer_engine_available", lambda: False)
+    with pytest.raises(ImportError, match="transformer_impl"):
+        layer_specs.resolve_backend("transformer_engine")
+
+
+def test_unknown_backend_and_norm_are_rejected():
+    with pytest.raises(ValueError, match="transformer_impl"):
+        layer_specs.resolve_backend("cudnn")
+    with pytest.raises(ValueError, match="normalization"):
+        layer_specs.gpt_layer_spec("layernorm")
+
+
+def test_rmsnorm_spec_is_megatrons_own_and_specs_do_not_share_state():
+    rms = layer_specs.gpt_layer_spec("rmsnorm", "local")
+    ss = layer_specs.gpt_layer_spec("ssnorm", "local")
+    assert rms.submodules.input_layernorm is not SSNorm
+    assert ss.submodules.input_layernorm is SSNorm
+    # Building the SSNorm spec must not have modified Megatron's cached spec objects.
+    assert layer_specs.gpt_layer_spec("rmsnorm", "local").submodules.input_layernorm is not SSNorm

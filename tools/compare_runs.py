@@ -1,0 +1,32 @@
+#!/usr/bin/env python
+"""Print loss and excess kurtosis of finished runs side by side: compare_runs.py RUN_DIR [RUN_DIR ...]."""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_osp.analysis.compare import format_comparison, load_run  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("runs", nargs="+", help="run directories (with summary.json and kurtosis.json)")
+    parser.add_argument("--output", help="also write the table to this file")
+    args = parser.parse_args()
+    try:
+        table = format_comparison([load_run(r) for r in args.runs])
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(table)
+    if args.output:
+        tmp = Path(args.output + ".tmp")
+        tmp.write_text(table + "\n")
+        tmp.replace(args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
