@@ -1,0 +1,179 @@
+"""Megatron's indexed dataset format (.bin tokens + .idx index), read and written byte-compatibly.
+
+.idx layout (little-endian), as Megatron-Core 0.16.1 writes it:
+    b"MMIDIDX\\x00\\x00" | u64 version=1 | u8 dtype code | u64 sequence count S | u64 document count D
+    | int32[S] sequence lengths | int64[S] byte pointers into .bin | int64[D] document indices
+The document indices are sequence numbers where documents start, beginning with 0 and ending with S.
+
+The writer streams tokens to temporary files and renames both at ``finalize()``, so an interrupted
+run never leaves a .bin/.idx pair that looks complete. The reader validates the header and sizes on
+open and names the file and the problem instead of returning garbage.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = b"MMIDIDX\x00\x00"
+VERSION = 1
+DTYPE_CODES = {
+    1: np.uint8,
+    2: np.int8,
+    3: np.int16,
+    4: np.int32,
+    5: np.int64,
+    6: np.float64,
+    7: np.float32,
+    8: np.uint16,
+}
+_CODE_OF = {np.dtype(v): k for k, v in DTYPE_CODES.items()}
+_HEADER = struct.Struct("<9sQBQQ")
+
+
+def token_dtype_for(vocab_size: int):
+    """The smallest dtype Megatron uses for a vocabulary: uint16 up to 65536 ids, else int32."""
+    return np.uint16 if vocab_size <= 65536 else np.int32
+
+
+class IndexedDatasetWriter:
+    """Write documents (1-D token arrays) to ``<prefix>.bin`` / ``<prefix>.idx``, atomically."""
+
+    def __init__(self, path_prefix: str | os.PathLike, dtype=np.uint16):
+        self.prefix = str(path_prefix)
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in _CODE_OF:
+            raise ValueError(f"dtype {self.dtype} cannot be stored in an indexed dataset")
+        Path(self.prefix).parent.mkdir(parents=True, exist_ok=True)
+        self._tmp_bin = f"{self.prefix}.bin.tmp{os.getpid()}"
+        self._tmp_idx = f"{self.prefix}.idx.tmp{os.getpid()}"
+        self._bin = open(self._tmp_bin, "wb")
+        self._lengths: list[np.ndarray] = []
+        self._closed = False
+
+    def add_document(self, tokens) -> None:
+        arr = np.asarray(tokens)
+        if arr.ndim != 1:
+            raise ValueError(f"a document must be a 1-D token array, got shape {arr.shape}")
+        if arr.size and self.dtype.kind in "iu":
+            info = np.iinfo(self.dtype)
+            if arr.min() < info.min or arr.max() > info.max:
+                raise ValueError(f"{self.prefix}: token ids {arr.min()}..{arr.max()} do not fit {self.dtype}")
+        self._bin.write(arr.astype(self.dtype, copy=False).tobytes(order="C"))
+        self._lengths.append(np.int32(arr.size))
+
+    def add_documents(self, lengths: np.ndarray, tokens: np.ndarray) -> None:
+        """Append many documents at once: ``tokens`` concatenated, ``lengths`` per document."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if int(lengths.sum()) != len(tokens):
+            raise ValueError(f"lengths sum to {int(lengths.sum())} but {len(tokens)} tokens were given")
+        self._bin.write(np.asarray(tokens).astype(self.dtype, copy=False).tobytes(order="C"))
+        self._lengths.extend(lengths.astype(np.int32))
+
+    def finalize(self) -> None:
+        """Write the index, then rename both files into place (.bin first, .idx last)."""
+        self._bin.close()
+        lengths = np.asarray(self._lengths, dtype=np.int32)
+        pointers = np.zeros(len(lengths), dtype=np.int64)
+        if len(lengths) > 1:
+            np.cumsum(lengths[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
+        documents = np.arange(len(lengths) + 1, dtype=np.int64)
+        with open(self._tmp_idx, "wb") as f:
+            f.write(_HEADER.pack(MAGIC, VERSION, _CODE_OF[self.dtype], len(lengths), len(documents)))
+            f.write(lengths.tobytes(order="C"))
+            f.write(pointers.tobytes(order="C"))
+            f.write(documents.tobytes(order="C"))
+        os.replace(self._tmp_bin, self.prefix + ".bin")
+        os.replace(self._tmp_idx, self.prefix + ".idx")
+        self._closed = True
+
+    def abort(self) -> None:
+        """Drop everything written so far."""
+        if not self._bin.closed:
+            self._bin.close()
+        for path in (self._tmp_bin, self._tmp_idx):
+            if os.path.exists(path):
+                os.unlink(path)
+        self._closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.abort()
+        elif not self._closed:
+            self.finalize()
+        return False
+
+
+class IndexedDataset:
+    """Memory-mapped reader of ``<prefix>.bin`` / ``<prefix>.idx``; item i is sequence i."""
+
+    def __init__(self, path_prefix: str | os.PathLike):
+        self.prefix = str(path_prefix)
+        idx_path, bin_path = self.prefix + ".idx", self.prefix + ".bin"
+        for path in (idx_path, bin_path):
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"{path} does not exist")
+        idx_size = os.path.getsize(idx_path)
+        if idx_size < _HEADER.size:
+            raise ValueError(f"{idx_path}: truncated index ({idx_size} bytes, header needs {_HEADER.size})")
+        with open(idx_path, "rb") as f:
+            magic, version, code, n_seq, n_doc = _HEADER.unpack(f.read(_HEADER.size))
+        if magic != MAGIC:
+            raise ValueError(f"{idx_path}: not a Megatron indexed dataset (bad magic {magic!r})")
+        if version != VERSION:
+            raise ValueError(f"{idx_path}: unsupported index version {version} (expected {VERSION})")
+        if code not in DTYPE_CODES:
+            raise ValueError(f"{idx_path}: unknown token dtype code {code}")
+        self.dtype = np.dtype(DTYPE_CODES[code])
+        expected = _HEADER.size + n_seq * (4 + 8) + n_doc * 8
+        if idx_size != expected:
+            raise ValueError(
+                f"{idx_path}: size {idx_size} bytes does not match its header "
+                f"({n_seq} sequences, {n_doc} document indices need {expected} bytes); truncated or corrupted"
+            )
+        index = np.memmap(idx_path, mode="r", dtype=np.uint8)
+        off = _HEADER.size
+        self.sequence_lengths = index[off : off + 4 * n_seq].view(np.int32)
+        off += 4 * n_seq
+        self.sequence_pointers = index[off : off + 8 * n_seq].view(np.int64)
+        off += 8 * n_seq
+        self.document_indices = index[off : off + 8 * n_doc].view(np.int64)
+        bin_size = os.path.getsize(bin_path)
+        if n_seq:
+            end = int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * self.dtype.itemsize
+            if end > bin_size:
+                raise ValueError(
+                    f"{bin_path}: {bin_size} bytes but the index points to byte {end}; the data file "
+                    "is truncated or belongs to another index"
+                )
+        if n_doc and (self.document_indices[0] != 0 or self.document_indices[-1] != n_seq):
+            raise ValueError(f"{idx_path}: document indices must run from 0 to {n_seq}")
+        self._bin = np.memmap(bin_path, mode="r", dtype=np.uint8) if bin_size else np.zeros(0, np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.sequence_lengths)
+
+    def get(self, idx: int, offset: int = 0, length: int | None = None) -> np.ndarray:
+        n = int(self.sequence_lengths[idx])
+        length = n - offset if length is None else length
+        if offset < 0 or length < 0 or offset + length > n:
+            raise IndexError(f"slice [{offset}, {offset + length}) outside sequence {idx} of length {n}")
+        start = int(self.sequence_pointers[idx]) + offset * self.dtype.itemsize
+        return self._bin[start : start + length * self.dtype.itemsize].view(self.dtype)
+
+    def __getitem__(self, idx: int) -> np.ndarray:
+        if idx < 0:
+            idx += len(self)
+        if not 0 <= idx < len(self):
+            raise IndexError(f"sequence {idx} out of range for {self.prefix} ({len(self)} sequences)")
+        return self.get(idx)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.sequence_lengths.sum(dtype=np.int64))
