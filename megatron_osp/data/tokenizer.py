@@ -1,0 +1,93 @@
+"""SentencePiece tokenizers: training one on a JSONL corpus, and the small interface the tools use.
+
+Ids follow SentencePiece's defaults: 0 <unk>, 1 <s>, 2 </s>. The end-of-sequence id is the
+end-of-document (EOD) token that separates documents in the indexed dataset; no pad id is defined,
+so no real token is ever masked as padding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import sentencepiece as spm
+
+
+class SentencePieceTokenizer:
+    def __init__(self, model_file: str | os.PathLike):
+        if not os.path.exists(model_file):
+            raise FileNotFoundError(f"tokenizer model {model_file} does not exist")
+        self.model_file = str(model_file)
+        self._sp = spm.SentencePieceProcessor(model_file=self.model_file)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    @property
+    def eod(self) -> int:
+        return self._sp.eos_id()
+
+    @property
+    def pad(self) -> int:
+        return self._sp.pad_id()
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self._sp.encode(texts)
+
+    def decode(self, ids) -> str:
+        return self._sp.decode(list(ids))
+
+
+def _training_lines(jsonl: Path, key: str, max_documents: int | None):
+    """Documents split into lines: SentencePiece skips 'sentences' longer than a few KB."""
+    with open(jsonl, encoding="utf-8") as f:
+        for n, line in enumerate(f):
+            if max_documents is not None and n >= max_documents:
+                return
+            text = json.loads(line).get(key)
+            if isinstance(text, str):
+                for part in text.splitlines():
+                    if part.strip():
+                        yield part
+
+
+def train_sentencepiece(
+    input_jsonl: str | os.PathLike,
+    output_prefix: str | os.PathLike,
+    vocab_size: int,
+    model_type: str = "bpe",
+    json_key: str = "text",
+    sample_documents: int | None = None,
+    character_coverage: float = 0.9995,
+) -> Path:
+    """Train a byte-fallback BPE/unigram model; writes ``<output_prefix>.model`` atomically."""
+    if model_type not in ("bpe", "unigram"):
+        raise ValueError(f"--model-type must be 'bpe' or 'unigram', got {model_type!r}")
+    input_jsonl, output_prefix = Path(input_jsonl), Path(output_prefix)
+    if not input_jsonl.exists():
+        raise FileNotFoundError(f"{input_jsonl} does not exist")
+    output_prefix.parent.mkdir(parents=True, exist_ok=True)
+    tmp_prefix = output_prefix.with_name(output_prefix.name + f".tmp{os.getpid()}")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_training_lines(input_jsonl, json_key, sample_documents),
+        model_prefix=str(tmp_prefix),
+        vocab_size=vocab_size,
+        model_type=model_type,
+        byte_fallback=True,
+        character_coverage=character_coverage,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=os.cpu_count() or 1,
+        minloglevel=2,
+    )
+    model = output_prefix.with_suffix(".model")
+    os.replace(f"{tmp_prefix}.model", model)
+    os.replace(f"{tmp_prefix}.vocab", output_prefix.with_suffix(".vocab"))
+    return model

@@ -1,0 +1,101 @@
+"""Corpus -> tokenizer -> indexed dataset, and every kind of bad input stops cleanly with file:line."""
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+from megatron_osp.data.builtin_corpus import write_corpus
+from megatron_osp.data.indexed import IndexedDataset
+from megatron_osp.data.preprocess import BadRecord, preprocess
+from megatron_osp.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
+
+
+@pytest.fixture(scope="module")
+def tokenizer_model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    n_docs, n_chars = write_corpus(d / "corpus.jsonl", max_documents=400)
+    assert n_docs == 400 and n_chars > 100_000
+    return str(train_sentencepiece(d / "corpus.jsonl", d / "tok", vocab_size=512))
+
+
+def test_tokenizer_round_trips_text(tokenizer_model):
+    tok = SentencePieceTokenizer(tokenizer_model)
+    assert tok.vocab_size == 512 and tok.eod == 2 and tok.pad == -1
+    text = "Return the absolute value of a number. Ünïcödé falls back to bytes: 漢字"
+    assert tok.decode(tok.encode(text)) == text
+
+
+def _jsonl(path, records):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return str(path)
+
+
+def test_preprocess_writes_what_the_tokenizer_produces(tmp_path, tokenizer_model):
+    texts = ["hello world, this is a test", "", "another document with words", "x"]
+    src = tmp_path / "in.jsonl.gz"
+    with gzip.open(src, "wt") as f:
+        for t in texts:
+            f.write(json.dumps({"text": t, "id": 1}) + "\n")
+    prefix = str(tmp_path / "out")
+    stats = preprocess([str(src)], tokenizer_model, prefix, append_eod=True, workers=2, progress=False)
+    assert (stats.documents, stats.empty_documents) == (3, 1)
+    tok = SentencePieceTokenizer(tokenizer_model)
+    ds = IndexedDataset(prefix + "_text_document")
+    kept = [t for t in texts if t]
+    assert len(ds) == 3
+    for i, t in enumerate(kept):
+        np.testing.assert_array_equal(ds[i], tok.encode(t) + [tok.eod])
+    assert stats.tokens == ds.num_tokens
+
+
+@pytest.mark.parametrize(
+    "records, message",
+    [
+        ([{"text": "ok"}, "{not json"], "in.jsonl:2: malformed JSON"),
+        ([{"text": "ok"}, {"body": "x"}], "in.jsonl:2: missing key 'text'"),
+        ([{"text": 5}], "in.jsonl:1: key 'text' is int, not a string"),
+        ([[1, 2]], "in.jsonl:1: expected a JSON object"),
+        ([], "in.jsonl:1: empty file"),
+    ],
+)
+def test_bad_input_stops_with_location_and_leaves_no_output(tmp_path, tokenizer_model, records, message):
+    src = _jsonl(tmp_path / "in.jsonl", records)
+    with pytest.raises(BadRecord, match=message):
+        preprocess([src], tokenizer_model, str(tmp_path / "out"), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_non_utf8_input_is_named(tmp_path, tokenizer_model):
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(BadRecord, match="in.jsonl:2: not valid UTF-8"):
+        preprocess([str(src)], tokenizer_model, str(tmp_path / "out"), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_skip_bad_records_counts_and_locates_them(tmp_path, tokenizer_model):
+    src = _jsonl(tmp_path / "in.jsonl", [{"text": "good one"}, "{bad", {"text": None}, {"text": "good two"}])
+    with open(src, "ab") as f:
+        f.write(b'{"text": "caf\xe9"}\n{"text": "good three"}\n')
+    stats = preprocess([src], tokenizer_model, str(tmp_path / "out"), skip_bad_records=True, progress=False)
+    assert stats.documents == 3 and stats.bad_records == 3
+    assert stats.bad_locations == [f"{src}:2", f"{src}:3", f"{src}:5"]
+    assert "bad records skipped: 3" in stats.summary()
+    assert len(IndexedDataset(str(tmp_path / "out_text_document"))) == 3
+
+
+def test_cli_reports_error_and_exit_code(tmp_path, tokenizer_model):
+    import subprocess
+    import sys
+
+    src = _jsonl(tmp_path / "in.jsonl", [{"text": "ok"}, "{oops"])
+    proc = subprocess.run(
+        [sys.executable, "tools/preprocess_data.py", "--input", src, "--tokenizer-model", tokenizer_model,
+         "--output-prefix", str(tmp_path / "out"), "--no-progress"],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 1
+    assert f"{src}:2: malformed JSON" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]

@@ -1,0 +1,37 @@
+#!/usr/bin/env python
+"""Train a SentencePiece (BPE or unigram, byte fallback) tokenizer on a JSONL corpus."""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_osp.data.tokenizer import SentencePieceTokenizer, train_sentencepiece  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--input", required=True, help="JSONL corpus")
+    p.add_argument("--output-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")
+    p.add_argument("--vocab-size", type=int, required=True)
+    p.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
+    p.add_argument("--json-key", default="text")
+    p.add_argument("--sample-documents", type=int, default=None, help="train on the first N documents")
+    p.add_argument("--character-coverage", type=float, default=0.9995)
+    args = p.parse_args()
+    try:
+        model = train_sentencepiece(
+            args.input, args.output_prefix, args.vocab_size, args.model_type, args.json_key,
+            args.sample_documents, args.character_coverage,
+        )
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    tok = SentencePieceTokenizer(model)
+    print(f"wrote {model} (vocab {tok.vocab_size}, eod id {tok.eod})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
