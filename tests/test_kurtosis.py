@@ -36,10 +36,11 @@ def test_token_kurtosis_matches_scipy(kind, dtype):
     want = stats.kurtosis(x_t.double().numpy(), axis=-1, fisher=True, bias=True)
     got = token_excess_kurtosis(x_t)
     assert got.shape == (SEQ, BATCH)
-    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-9)
+    assert got.dtype == torch.float64
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-6, atol=1e-9)
     # along another dim too
     got0 = token_excess_kurtosis(x_t.transpose(0, 2), dim=0)
-    np.testing.assert_allclose(got0.numpy(), want.T, rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(got0.numpy(), want.T, rtol=1e-6, atol=1e-9)
 
 
 def test_outlier_channels_score_high():
@@ -156,9 +157,11 @@ def test_report_table_and_save(tmp_path):
     table = report.format_table()
     for name in report.names:
         assert name in table
-    assert "mean 5.2500" in table and "max 12.2500" in table
+    assert "mean 5.2500" in table and "max  12.2500" in table
     rows = table.splitlines()
     assert len({len(r) for r in rows[:2] + rows[2:5]}) == 1  # header and rows aligned
+    titled = report.format_table(title="step 100")
+    assert titled.splitlines()[0] == "step 100" and titled.splitlines()[1:] == rows
 
     path = tmp_path / "sub" / "kurtosis.json"
     report.save(path)
@@ -167,3 +170,59 @@ def test_report_table_and_save(tmp_path):
     assert data["mean"] == pytest.approx(5.25) and data["max"] == 12.25
     assert data["max_abs"] == report.max_abs
     assert [p.name for p in path.parent.iterdir()] == ["kurtosis.json"]  # no tmp file left behind
+
+    assert KurtosisReport.load(path) == report
+
+
+class PlainLayer(nn.Module):
+    """A layer returning a bare tensor instead of a tuple."""
+
+    def forward(self, hidden_states):
+        return hidden_states * 2.0 + 1.0
+
+
+def test_plain_tensor_output_and_offset_names():
+    layers = nn.ModuleList([PlainLayer(), PlainLayer()])
+    x = torch.randn(SEQ, BATCH, HIDDEN)
+    x[..., 0] += 30.0
+
+    def run():
+        layers[1](layers[0](x))
+
+    report = measure_kurtosis(layers, run, first_layer_offset=0)
+    assert report.names == ["embedding", "layer_1", "layer_2"]
+    # affine maps leave kurtosis unchanged
+    assert report.values == pytest.approx([excess_kurtosis(x)] * 3, rel=1e-9)
+    assert report.max_abs[2] == pytest.approx(float((x * 4 + 3).abs().max()), rel=1e-6)
+
+    # a later pipeline stage: no "embedding", names continue after the offset
+    later = measure_kurtosis(layers, run, first_layer_offset=2)
+    assert later.names == ["layer_3", "layer_4"]
+    joined = report.merge(later)
+    assert joined.names == ["embedding", "layer_1", "layer_2", "layer_3", "layer_4"]
+    assert joined.values == report.values + later.values
+    assert joined.max_abs == report.max_abs + later.max_abs
+    assert joined.max == max(joined.values)
+    with pytest.raises(ValueError):
+        report.merge(report)
+    # explicit record_input on an offset stage; offset inferred from Megatron-style layer_number
+    with HiddenStateRecorder(layers, first_layer_offset=4, record_input=True) as rec:
+        run()
+    assert rec.report().names == ["embedding", "layer_5", "layer_6"]
+    stack = ToyStack(n_layers=2)
+    for layer in stack.layers:
+        layer.layer_number += 6
+    assert HiddenStateRecorder(stack.layers).names == ["layer_7", "layer_8"]
+
+
+def test_hooks_removed_when_forward_raises():
+    model = ToyStack(n_layers=2)
+
+    def boom():
+        model(torch.randint(0, 50, (BATCH, SEQ)))
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        measure_kurtosis(model.layers, boom)
+    assert all(not layer._forward_hooks and not layer._forward_pre_hooks for layer in model.layers)
+    assert torch.is_grad_enabled()

@@ -84,14 +84,42 @@ class KurtosisReport:
             "max": self.max,
         }
 
-    def format_table(self) -> str:
+    @classmethod
+    def from_dict(cls, data: dict) -> "KurtosisReport":
+        return cls(
+            names=list(data["names"]),
+            values=[float(v) for v in data["values"]],
+            max_abs=[float(v) for v in data.get("max_abs", [float("nan")] * len(data["names"]))],
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "KurtosisReport":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    def merge(self, other: "KurtosisReport") -> "KurtosisReport":
+        """A new report with ``other``'s states appended after this one's (e.g. the next pipeline stage)."""
+        clash = set(self.names) & set(other.names)
+        if clash:
+            raise ValueError(f"cannot merge reports sharing hidden-state names: {sorted(clash)}")
+        return KurtosisReport(
+            names=self.names + other.names,
+            values=self.values + other.values,
+            max_abs=self.max_abs + other.max_abs,
+        )
+
+    def format_table(self, title: str | None = None) -> str:
+        """Aligned per-state table (name, kurtosis, max |activation|) followed by the mean/max line."""
         width = max([len("hidden state"), *(len(n) for n in self.names)])
         lines = [f"{'hidden state':<{width}}  {'kurtosis':>12}  {'max |x|':>12}"]
         lines.append("-" * len(lines[0]))
         for name, value, peak in zip(self.names, self.values, self.max_abs):
             lines.append(f"{name:<{width}}  {value:>12.4f}  {peak:>12.4g}")
         lines.append("-" * len(lines[0]))
-        lines.append(f"kurtosis mean {self.mean:.4f}  max {self.max:.4f}  ({len(self.values)} states)")
+        lines.append(f"kurtosis mean {self.mean:.4f}")
+        lines.append(f"kurtosis max  {self.max:.4f}  ({len(self.values)} hidden states)")
+        if title:
+            lines.insert(0, title)
         return "\n".join(lines)
 
     def save(self, path: str | os.PathLike) -> None:
@@ -133,12 +161,21 @@ class _Accumulator:
         return float(self.kurt_sum) / self.tokens, float(self.max_abs)
 
 
-def _first_tensor(obj: Any) -> Tensor | None:
+def _as_tensor(obj: Any) -> Tensor | None:
+    """A tensor, or the tensor inside Megatron-Core's ``WrappedTensor`` (peeked at, not unwrapped)."""
     if isinstance(obj, Tensor):
         return obj
-    if isinstance(obj, (tuple, list)) and obj and isinstance(obj[0], Tensor):
-        return obj[0]
+    wrapper = getattr(obj, "_wrapper", None)
+    if isinstance(wrapper, list) and wrapper and isinstance(wrapper[0], Tensor):
+        return wrapper[0]
     return None
+
+
+def _first_tensor(obj: Any) -> Tensor | None:
+    """The hidden states of a layer's output: a bare tensor or the first item of ``(hidden_states, context)``."""
+    if isinstance(obj, (tuple, list)):
+        return _as_tensor(obj[0]) if obj else None
+    return _as_tensor(obj)
 
 
 class HiddenStateRecorder:
@@ -146,23 +183,44 @@ class HiddenStateRecorder:
 
     Records the first layer's input (``hidden_states``, positional or keyword; named "embedding")
     and every layer's output (``(hidden_states, context)`` tuple as Megatron-Core's TransformerLayer
-    returns, or a bare tensor; named ``layer_<layer_number>``, 1-based). Hidden states are
-    ``[seq, batch, hidden]``; only the last dim matters, so sequence-parallel shards are fine.
-    Hooks fire on every forward call, so several batches accumulate; run under ``torch.no_grad``
-    and without activation recompute to count each batch once.
+    returns, or a bare tensor) named ``layer_{k}`` with ``k = first_layer_offset + index + 1``.
+    Hidden states are ``[seq, batch, hidden]``; only the last dim matters, so sequence-parallel
+    shards are fine. Per state it keeps the sum of relu'd per-token kurtosis, the token count and
+    the max |activation|, so several batches accumulate (token-weighted). Run under
+    ``torch.no_grad`` and without activation recompute so each batch is counted once.
+
+    Args:
+        layers: the transformer layers of this model chunk, in order.
+        first_layer_offset: number of layers before ``layers[0]`` in the whole model (a pipeline
+            stage's offset). ``None`` (default) takes ``layers[0].layer_number - 1`` when the layer
+            has a 1-based ``layer_number`` (as Megatron-Core's TransformerLayer does), else 0.
+        record_input: whether to record the first layer's input as "embedding". ``None`` (default)
+            records it only when ``first_layer_offset == 0`` (the stage that holds the embedding),
+            so reports of successive pipeline stages can be joined with ``KurtosisReport.merge``.
+        names: explicit names for the recorded states (input first when recorded).
     """
 
-    def __init__(self, layers: Sequence[nn.Module], record_input: bool = True, names: Sequence[str] | None = None):
+    def __init__(
+        self,
+        layers: Sequence[nn.Module],
+        first_layer_offset: int | None = None,
+        record_input: bool | None = None,
+        names: Sequence[str] | None = None,
+    ):
         self.layers = list(layers)
         if not self.layers:
             raise ValueError("HiddenStateRecorder needs at least one layer")
-        self.record_input = record_input
+        if first_layer_offset is None:
+            number = getattr(self.layers[0], "layer_number", None)
+            first_layer_offset = int(number) - 1 if isinstance(number, int) and number >= 1 else 0
+        self.first_layer_offset = int(first_layer_offset)
+        self.record_input = (self.first_layer_offset == 0) if record_input is None else bool(record_input)
         if names is None:
-            names = (["embedding"] if record_input else []) + [
-                f"layer_{getattr(layer, 'layer_number', i + 1)}" for i, layer in enumerate(self.layers)
+            names = (["embedding"] if self.record_input else []) + [
+                f"layer_{self.first_layer_offset + i + 1}" for i in range(len(self.layers))
             ]
         names = list(names)
-        expected = len(self.layers) + int(record_input)
+        expected = len(self.layers) + int(self.record_input)
         if len(names) != expected:
             raise ValueError(f"expected {expected} names, got {len(names)}")
         self.names = names
@@ -170,8 +228,9 @@ class HiddenStateRecorder:
         self._handles: list = []
 
     def _pre_hook(self, module, args, kwargs):
-        hidden = kwargs.get("hidden_states") if "hidden_states" in kwargs else (args[0] if args else None)
-        if isinstance(hidden, Tensor):
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else (args[0] if args else None)
+        hidden = _as_tensor(hidden)
+        if hidden is not None:
             self._acc[0].add(hidden)
 
     def _make_hook(self, index: int):
@@ -183,6 +242,8 @@ class HiddenStateRecorder:
         return hook
 
     def __enter__(self) -> "HiddenStateRecorder":
+        if self._handles:
+            raise RuntimeError("HiddenStateRecorder is already active")
         offset = int(self.record_input)
         if self.record_input:
             self._handles.append(self.layers[0].register_forward_pre_hook(self._pre_hook, with_kwargs=True))
@@ -208,8 +269,17 @@ class HiddenStateRecorder:
         )
 
 
-def measure_kurtosis(layers: Sequence[nn.Module], run_forward: Callable[[], Any], **recorder_kwargs) -> KurtosisReport:
-    """Run ``run_forward()`` (one or more forward passes) under no_grad with hooks on ``layers``."""
-    with torch.no_grad(), HiddenStateRecorder(layers, **recorder_kwargs) as recorder:
+def measure_kurtosis(
+    layers: Sequence[nn.Module],
+    run_forward: Callable[[], Any],
+    first_layer_offset: int | None = None,
+    **recorder_kwargs,
+) -> KurtosisReport:
+    """Run ``run_forward()`` (one or more forward passes) under no_grad with hooks on ``layers``.
+
+    ``first_layer_offset`` and ``recorder_kwargs`` (``record_input``, ``names``) go to
+    :class:`HiddenStateRecorder`; the hooks are removed even if ``run_forward`` raises.
+    """
+    with torch.no_grad(), HiddenStateRecorder(layers, first_layer_offset, **recorder_kwargs) as recorder:
         run_forward()
     return recorder.report()
