@@ -8,6 +8,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_osp.analysis.compare import format_comparison, load_run  # noqa: E402
+from megatron_osp.fileio import atomic_write_text  # noqa: E402
 
 
 def main() -> int:
@@ -22,9 +23,7 @@ def main() -> int:
         return 2
     print(table)
     if args.output:
-        tmp = Path(args.output + ".tmp")
-        tmp.write_text(table + "\n")
-        tmp.replace(args.output)
+        atomic_write_text(args.output, table + "\n")
     return 0
 
 

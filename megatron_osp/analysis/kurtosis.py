@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from megatron_osp.fileio import atomic_write_json
 
 __all__ = [
     "token_excess_kurtosis",
@@ -123,20 +124,8 @@ class KurtosisReport:
         return "\n".join(lines)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write JSON atomically (tmp file in the same directory + os.replace), so readers never see half a file."""
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".kurtosis-", suffix=".json.tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_dict(), f, indent=2)
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        """Write JSON atomically, so readers never see half a file."""
+        atomic_write_json(path, self.to_dict())
 
 
 class _Accumulator:

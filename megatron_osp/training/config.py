@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from megatron_osp.fileio import atomic_write_text
 from megatron_osp.models.config import ModelConfig
 from megatron_osp.models.presets import get_preset
 from megatron_osp.optim.builder import OptimSettings
@@ -150,6 +151,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
 
 
 def save_config(config: RunConfig, path: Path):
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    tmp.replace(path)
+    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -25,6 +25,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
 from megatron_osp import parallel, platform
+from megatron_osp.fileio import atomic_write_json
 from megatron_osp.analysis.kurtosis import HiddenStateRecorder, KurtosisReport
 from megatron_osp.models.gpt import build_gpt_model, transformer_config
 from megatron_osp.optim.builder import get_osp_optimizer
@@ -254,7 +255,7 @@ class Trainer:
             self._log_scalar("kurtosis/mean", report.mean)
             self._log_scalar("kurtosis/max", report.max)
             report.save(self.run_dir / "kurtosis.json")
-            _atomic_write_json(self.run_dir / "summary.json", summary)
+            atomic_write_json(self.run_dir / "summary.json", summary)
             self.log(f"\nexcess kurtosis after {self.step} steps (held-out batch):\n{report.format_table()}")
             self.log(f"val loss {val_loss:.4f} | kurtosis mean {report.mean:.4f} max {report.max:.4f}")
         if self.writer is not None:
@@ -300,12 +301,6 @@ def _merge_reports(gathered) -> KurtosisReport:
 def _mean_tail(history, n=3) -> float:
     tail = [h["loss"] for h in history[-n:] if not math.isnan(h["loss"])]
     return sum(tail) / len(tail) if tail else float("nan")
-
-
-def _atomic_write_json(path: Path, obj):
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
 
 
 def _progress_bar(total):
