@@ -19,7 +19,10 @@ namespace {
 // sample reads `extra` more token than it consumes (the label of its last position).
 int64_t count_samples(int64_t num_epochs, int64_t tokens_per_epoch, int64_t sequence_length,
                       bool drop_last_partial_sequence, int64_t extra) {
-  const int64_t usable = num_epochs * tokens_per_epoch - extra;
+  int64_t total = 0;
+  if (__builtin_mul_overflow(num_epochs, tokens_per_epoch, &total))
+    throw std::overflow_error("num_epochs * tokens_per_epoch overflows int64");
+  const int64_t usable = total - extra;
   if (usable <= 0) return 0;
   if (drop_last_partial_sequence) return usable / sequence_length;
   return (usable + sequence_length - 1) / sequence_length;  // exact ceil, no float rounding
@@ -50,30 +53,47 @@ py::array_t<int64_t> build_sample_index(py::array_t<int32_t, py::array::c_style>
   const DocIndexT* docs = document_index.data();
   const int64_t num_sizes = sizes.shape(0);
 
-  bool bad_doc = false;
+  // Errors are recorded inside the GIL-free loop and raised after it (no Python calls there).
+  int64_t bad_doc_pos = -1;       // position in document_index of an out-of-range document id
+  int64_t short_at_sample = -1;   // sample that found the documents exhausted too early
   {
     py::gil_scoped_release release;
     int64_t doc_pos = 0;    // position in document_index
     int64_t doc_start = 0;  // flat token position where that document starts
     out[0] = 0;
     out[1] = 0;
-    for (int64_t k = 1; k <= num_samples && !bad_doc; ++k) {
+    for (int64_t k = 1; k <= num_samples; ++k) {
       const int64_t needed = k * sequence_length + extra;  // tokens that must have been read
       int64_t offset = -1;
       for (;;) {
         const int64_t doc = static_cast<int64_t>(docs[doc_pos]);
-        if (doc < 0 || doc >= num_sizes) { bad_doc = true; break; }
+        if (doc < 0 || doc >= num_sizes) { bad_doc_pos = doc_pos; break; }
         const int64_t len = size[doc];
         if (doc_start + len >= needed) { offset = needed - extra - doc_start; break; }
-        if (doc_pos == num_docs - 1) { offset = len - extra; break; }  // ran out: partial sample
+        if (doc_pos == num_docs - 1) {
+          // Out of documents: legal only for the final, partial sample (Megatron asserts this).
+          if (k != num_samples) short_at_sample = k;
+          offset = len - extra;
+          break;
+        }
         doc_start += len;
         ++doc_pos;
       }
+      if (bad_doc_pos >= 0 || short_at_sample >= 0) break;
       out[2 * k] = doc_pos;
       out[2 * k + 1] = offset;
     }
   }
-  if (bad_doc) throw std::out_of_range("document_index refers to a document outside sizes");
+  if (bad_doc_pos >= 0)
+    throw std::invalid_argument("document_index[" + std::to_string(bad_doc_pos) + "] = " +
+                                std::to_string(static_cast<int64_t>(docs[bad_doc_pos])) +
+                                " is not a valid index into sizes (length " +
+                                std::to_string(num_sizes) + ")");
+  if (short_at_sample >= 0)
+    throw std::invalid_argument(
+        "document_index runs out of tokens at sample " + std::to_string(short_at_sample) + " of " +
+        std::to_string(num_samples) +
+        ": num_epochs * tokens_per_epoch exceeds the tokens the documents hold");
   return result;
 }
 
@@ -89,5 +109,15 @@ PYBIND11_MODULE(_index_builders, m) {
         py::arg("document_index"), py::arg("sequence_length"), py::arg("num_epochs"),
         py::arg("tokens_per_epoch"), py::arg("drop_last_partial_sequence"),
         py::arg("add_extra_token_to_sequence"));
-  m.def("count_samples", &count_samples);
+  // Megatron-Core's name and argument order; overload resolution picks the document_index dtype.
+  m.def("build_sample_idx", &build_sample_index<int32_t>, py::arg("sizes"),
+        py::arg("document_index").noconvert(), py::arg("sequence_length"), py::arg("num_epochs"),
+        py::arg("tokens_per_epoch"), py::arg("drop_last_partial_sequence") = true,
+        py::arg("add_extra_token_to_sequence") = true);
+  m.def("build_sample_idx", &build_sample_index<int64_t>, py::arg("sizes"),
+        py::arg("document_index"), py::arg("sequence_length"), py::arg("num_epochs"),
+        py::arg("tokens_per_epoch"), py::arg("drop_last_partial_sequence") = true,
+        py::arg("add_extra_token_to_sequence") = true);
+  m.def("count_samples", &count_samples, py::arg("num_epochs"), py::arg("tokens_per_epoch"),
+        py::arg("sequence_length"), py::arg("drop_last_partial_sequence"), py::arg("extra"));
 }

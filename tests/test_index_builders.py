@@ -47,15 +47,19 @@ def _reference(sizes, doc_index, seq, n_samples, extra):
     return np.array(out, dtype=np.int64)
 
 
-def test_int64_path_beyond_int32_token_counts():
+@pytest.mark.parametrize("index_dtype", [np.int64, np.int32])
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_int64_path_beyond_int32_token_counts(index_dtype, drop_last):
     # 6 documents of ~2^31 tokens: flat positions reach 1.3e10, far past int32 (and Megatron's
     # int32 offsets); a large sequence length keeps the sample count small enough for a test.
+    # The int32 document_index path must do its arithmetic in int64 too.
     sizes = np.full(3, 2**31 - 1, dtype=np.int32)
-    doc_index = np.array([0, 1, 2, 2, 1, 0], dtype=np.int64)
+    doc_index = np.array([0, 1, 2, 2, 1, 0], dtype=index_dtype)
     seq = 2**30 + 12345
     tpe = int(sizes.sum())
-    got = build_sample_index(sizes, doc_index, seq, 2, tpe, True, True)
-    want = _reference(sizes, doc_index, seq, (2 * tpe - 1) // seq, 1)
+    got = build_sample_index(sizes, doc_index, seq, 2, tpe, drop_last, True)
+    n = (2 * tpe - 1) // seq if drop_last else -(-(2 * tpe - 1) // seq)
+    want = _reference(sizes, doc_index, seq, n, 1)
     assert len(got) == len(want) > 10
     np.testing.assert_array_equal(got, want)
     assert got[:, 1].max() > 2**30  # offsets are real int64 values, not wrapped
@@ -79,5 +83,51 @@ def test_bad_arguments_name_the_parameter():
         build_sample_index(sizes, np.array([0.0, 1.0]), 4, 1, 10)
     with pytest.raises(ValueError, match="sequence_length"):
         build_sample_index(sizes, np.array([0, 1], dtype=np.int32), 0, 1, 10)
-    with pytest.raises(IndexError, match="outside sizes"):
+    with pytest.raises(ValueError, match="num_epochs"):
+        build_sample_index(sizes, np.array([0, 1], dtype=np.int32), 4, 0, 10)
+    with pytest.raises(ValueError, match="tokens_per_epoch"):
+        build_sample_index(sizes, np.array([0, 1], dtype=np.int32), 4, 1, 2.5)
+    with pytest.raises(ValueError, match="sizes must be >= 0"):
+        build_sample_index(np.array([5, -1], dtype=np.int32), np.array([0, 1], dtype=np.int32), 4, 1, 10)
+    with pytest.raises(ValueError, match=r"document_index\[1\] = 7"):
         build_sample_index(sizes, np.array([0, 7], dtype=np.int32), 4, 1, 10)
+    # More tokens claimed than the documents hold: refused instead of repeating the last boundary.
+    with pytest.raises(ValueError, match="runs out of tokens"):
+        build_sample_index(sizes, np.array([0, 1], dtype=np.int64), 2, 3, 10)
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+@pytest.mark.parametrize("extra", [True, False])
+def test_empty_documents_match_megatron(drop_last, extra):
+    # Zero-length sequences are legal in .idx files; boundaries must skip them the same way.
+    rng = np.random.default_rng(7)
+    sizes = rng.integers(0, 6, 200).astype(np.int32)
+    sizes[:3] = 0
+    doc_index = rng.permutation(200).astype(np.int32)
+    tpe = int(sizes.sum())
+    for seq in (2, 3, 16):
+        want = _megatron(sizes, doc_index, seq, 1, tpe, drop_last, extra)
+        np.testing.assert_array_equal(build_sample_index(sizes, doc_index, seq, 1, tpe, drop_last, extra), want)
+
+
+def test_extension_exposes_megatrons_name_for_both_index_dtypes():
+    from megatron_osp.data import _index_builders
+
+    sizes = np.array([7, 3, 9], dtype=np.int32)
+    doc_index = np.array([2, 0, 1, 1, 0, 2], dtype=np.int32)
+    want = _megatron(sizes, doc_index, 4, 2, 19, False, True)
+    for dt in (np.int32, np.int64):
+        got = _index_builders.build_sample_idx(sizes, doc_index.astype(dt), 4, 2, 19, False, True)
+        assert got.dtype == np.int64
+        np.testing.assert_array_equal(got, want)
+
+
+def test_num_samples_matches_index_length():
+    from megatron_osp.data.sample_index import num_samples
+
+    sizes = np.array([7, 3, 9], dtype=np.int32)
+    doc_index = np.array([0, 1, 2], dtype=np.int64)
+    for drop_last in (True, False):
+        for extra in (True, False):
+            idx = build_sample_index(sizes, doc_index, 4, 1, 19, drop_last, extra)
+            assert num_samples(1, 19, 4, drop_last, extra) == len(idx) - 1

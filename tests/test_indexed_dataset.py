@@ -10,6 +10,9 @@ from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
 from megatron_osp.data.indexed import IndexedDataset, IndexedDatasetWriter
 
+# Megatron's builder converts torch tensors with numpy.array(copy=False): a numpy-2 deprecation.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
 
 def _docs(seed=0, n=50, vocab=60000):
     rng = np.random.default_rng(seed)
@@ -98,3 +101,44 @@ def test_out_of_range_tokens_are_refused(tmp_path):
         with IndexedDatasetWriter(tmp_path / "x", np.uint16) as w:
             w.add_document(np.array([1, 70000]))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_corrupted_pointer_in_the_middle_is_refused(tmp_path):
+    prefix = str(tmp_path / "data")
+    docs = _docs(3, vocab=1000)
+    _write(prefix, docs)
+    n = len(docs)
+    pointer_5 = 34 + 4 * n + 8 * 5  # header, int32 lengths, then the int64 pointer of sequence 5
+    _patch(prefix + ".idx", pointer_5, (10**9).to_bytes(8, "little"))
+    with pytest.raises(ValueError, match="data.bin: sequence 5 .* lies outside"):
+        IndexedDataset(prefix)
+
+
+def test_finalize_failure_leaves_no_files_and_writer_is_single_use(tmp_path, monkeypatch):
+    prefix = tmp_path / "x"
+    w = IndexedDatasetWriter(prefix, np.uint16)
+    w.add_document(np.arange(5))
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if str(dst).endswith(".idx"):
+            raise OSError("disk full")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        w.finalize()
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []  # no temporaries, and no .bin without its .idx
+    with pytest.raises(RuntimeError, match="already finalized"):
+        w.add_document(np.arange(3))
+
+
+def test_empty_sequences_round_trip_through_megatron(tmp_path):
+    docs = [np.array([], dtype=np.int64), np.arange(4), np.array([], dtype=np.int64), np.arange(2)]
+    prefix = str(tmp_path / "e")
+    _write(prefix, docs)
+    meg, mine = MegatronIndexed(prefix), IndexedDataset(prefix)
+    for i, d in enumerate(docs):
+        np.testing.assert_array_equal(meg[i], d)
+        np.testing.assert_array_equal(mine[i], d)

@@ -99,3 +99,54 @@ def test_cli_reports_error_and_exit_code(tmp_path, tokenizer_model):
     assert proc.returncode == 1
     assert f"{src}:2: malformed JSON" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+@pytest.mark.parametrize(
+    "records, message",
+    [
+        ([{"text": "ok"}] * 600 + ["{not json"], r"in.jsonl:601: malformed JSON"),
+        ([], "in.jsonl:1: empty file"),
+    ],
+)
+def test_bad_input_with_workers_stops_the_same_way(tmp_path, tokenizer_model, records, message):
+    src = _jsonl(tmp_path / "in.jsonl", records)
+    with pytest.raises(BadRecord, match=message):
+        preprocess([src], tokenizer_model, str(tmp_path / "out"), workers=2, chunk_lines=64, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_workers_keep_document_order_across_files(tmp_path, tokenizer_model):
+    texts = [f"document number {i} " + "word " * (i % 7) for i in range(500)]
+    a = _jsonl(tmp_path / "a.jsonl", [{"text": t} for t in texts[:300]])
+    b = _jsonl(tmp_path / "b.jsonl", [{"text": t} for t in texts[300:]])
+    stats = preprocess([a, b], tokenizer_model, str(tmp_path / "out"), workers=2, chunk_lines=16, progress=False)
+    assert stats.documents == 500
+    tok = SentencePieceTokenizer(tokenizer_model)
+    ds = IndexedDataset(str(tmp_path / "out_text_document"))
+    for i in (0, 17, 299, 300, 499):
+        np.testing.assert_array_equal(ds[i], tok.encode(texts[i]) + [tok.eod])
+
+
+def test_tokenizer_cli_and_prefix_with_a_dot(tmp_path):
+    import subprocess
+    import sys
+
+    corpus = tmp_path / "corpus.jsonl"
+    assert subprocess.run([sys.executable, "tools/builtin_corpus.py", "--output", str(corpus),
+                           "--max-documents", "150"], capture_output=True, text=True).returncode == 0
+    assert len(corpus.read_text().splitlines()) == 150
+    proc = subprocess.run(
+        [sys.executable, "tools/train_tokenizer.py", "--input", str(corpus), "--output-prefix",
+         str(tmp_path / "tok.v2"), "--vocab-size", "400", "--model-type", "unigram"],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.jsonl", "tok.v2.model", "tok.v2.vocab"]
+    assert SentencePieceTokenizer(tmp_path / "tok.v2.model").vocab_size == 400
+
+
+def test_tokenizer_training_names_a_malformed_line(tmp_path):
+    src = _jsonl(tmp_path / "c.jsonl", [{"text": "fine text here"}] * 50 + ["{broken"])
+    with pytest.raises(ValueError, match="c.jsonl:51: malformed JSON"):
+        train_sentencepiece(src, tmp_path / "tok", vocab_size=300)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl"]

@@ -12,10 +12,13 @@ from megatron_osp.data.builtin_corpus import write_corpus  # noqa: E402
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--output", required=True, help="JSONL file to write")
-    parser.add_argument("--max-documents", type=int, default=None)
+    parser.add_argument("--output", required=True, help="JSONL file to write ({'text': ...} per line)")
+    parser.add_argument("--max-documents", type=int, default=None, help="stop after N documents")
+    parser.add_argument("--min-chars", type=int, default=200, help="drop docstrings shorter than this")
+    parser.add_argument("--include-source", action="store_true",
+                        help="also add the standard library's .py files as documents (much larger)")
     args = parser.parse_args()
-    n_docs, n_chars = write_corpus(args.output, args.max_documents)
+    n_docs, n_chars = write_corpus(args.output, args.max_documents, args.min_chars, args.include_source)
     print(f"wrote {n_docs:,} documents ({n_chars / 1e6:.1f} M characters) to {args.output}")
     return 0
 

@@ -12,6 +12,7 @@ import gzip
 import json
 import os
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -114,6 +115,22 @@ def _chunks(path: Path, keys: list[str], chunk_lines: int):
         raise BadRecord(f"{path}:1: empty file")
 
 
+def _ordered_bounded(pool, chunks, max_in_flight: int):
+    """Like ``pool.imap`` (ordered), but reads ahead at most ``max_in_flight`` chunks.
+
+    ``Pool.imap`` drains its input iterator as fast as it can, so a 100 GB file would be read into
+    the task queue; this keeps memory bounded, and an error raised while reading (an empty file)
+    surfaces here in the main process.
+    """
+    pending: deque = deque()
+    for chunk in chunks:
+        pending.append(pool.apply_async(_tokenize_chunk, (chunk,)))
+        if len(pending) >= max_in_flight:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
 def output_prefix_for(output_prefix: str, key: str) -> str:
     """Megatron's naming: one dataset per JSON key, ``<prefix>_<key>_document``."""
     return f"{output_prefix}_{key}_document"
@@ -131,6 +148,17 @@ def preprocess(
     progress: bool = True,
     max_bad_locations: int = 5,
 ) -> PreprocessStats:
+    """Tokenize ``inputs`` (in order, documents in file order) into ``<output_prefix>_<key>_document``.
+
+    Raises ``BadRecord`` (``file:line: reason``) on the first bad record unless
+    ``skip_bad_records``; either way nothing is written unless the whole run succeeds.
+    ``append_eod`` defaults to True here (GPT pretraining needs document separators); the CLI keeps
+    Megatron's opt-in ``--append-eod`` flag.
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if not json_keys:
+        raise ValueError("json_keys is empty")
     tokenizer = SentencePieceTokenizer(tokenizer_model)
     paths = [Path(p) for p in inputs]
     for path in paths:
@@ -144,14 +172,14 @@ def preprocess(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(desc="tokenize", unit="doc", dynamic_ncols=True)
+        bar = tqdm(desc="tokenize", unit="doc", dynamic_ncols=True)  # its rate is docs/s
     pool = get_context("fork").Pool(workers, _init_worker, (tokenizer_model,)) if workers > 1 else None
     if pool is None:
         _init_worker(tokenizer_model)
     try:
         for path in paths:
             chunks = _chunks(path, list(json_keys), chunk_lines)
-            results = pool.imap(_tokenize_chunk, chunks) if pool else map(_tokenize_chunk, chunks)
+            results = _ordered_bounded(pool, chunks, 4 * workers) if pool else map(_tokenize_chunk, chunks)
             for records, nbytes in results:
                 stats.bytes += nbytes
                 for record in records:

@@ -2,14 +2,29 @@
 
 ``build_sample_index`` returns the ``[num_samples + 1, 2]`` int64 array of (position in
 ``document_index``, offset in that document) that ``megatron.core.datasets.helpers.build_sample_idx``
-returns, but with int64 counters throughout, so more than 2^31 documents and 2^32 samples work.
+returns, but with int64 counters throughout, so more than 2^31 documents and 2^32 samples work, and
+with an exact integer ceil for the sample count (Megatron's goes through a float, which rounds wrong
+past ~2^24 samples when ``drop_last_partial_sequence=False``).
+
+Inputs are checked here, before any C++ runs, so a wrong dtype is a ValueError naming the argument
+instead of a silent cast (pybind11 would otherwise truncate int64 sizes to int32).
 """
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
 from megatron_osp.data import _index_builders
+
+
+def _positive_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
 
 
 def build_sample_index(
@@ -21,10 +36,20 @@ def build_sample_index(
     drop_last_partial_sequence: bool = True,
     add_extra_token_to_sequence: bool = True,
 ) -> np.ndarray:
+    """Sample boundaries over the documents concatenated in ``document_index`` order.
+
+    Row k is where sample k starts: (position in ``document_index``, token offset in that
+    document). With ``add_extra_token_to_sequence`` a sample reads one token past its end (the
+    label of its last position), so consecutive samples overlap by one token.
+    """
     sizes = np.asarray(sizes)
     document_index = np.asarray(document_index)
     if sizes.ndim != 1 or sizes.dtype != np.int32:
         raise ValueError(f"sizes must be a 1-D int32 array, got {sizes.dtype} with shape {sizes.shape}")
+    if len(sizes) == 0:
+        raise ValueError("sizes is empty")
+    if sizes.min() < 0:
+        raise ValueError(f"sizes must be >= 0, found {int(sizes.min())} at {int(sizes.argmin())}")
     if document_index.ndim != 1 or document_index.dtype not in (np.int32, np.int64):
         raise ValueError(
             f"document_index must be a 1-D int32 or int64 array, got {document_index.dtype} "
@@ -32,12 +57,9 @@ def build_sample_index(
         )
     if len(document_index) == 0:
         raise ValueError("document_index is empty")
-    if sequence_length < 1:
-        raise ValueError(f"sequence_length must be >= 1, got {sequence_length}")
-    if num_epochs < 1:
-        raise ValueError(f"num_epochs must be >= 1, got {num_epochs}")
-    if tokens_per_epoch < 1:
-        raise ValueError(f"tokens_per_epoch must be >= 1, got {tokens_per_epoch}")
+    sequence_length = _positive_int("sequence_length", sequence_length, 1)
+    num_epochs = _positive_int("num_epochs", num_epochs, 1)
+    tokens_per_epoch = _positive_int("tokens_per_epoch", tokens_per_epoch, 1)
     build = (
         _index_builders.build_sample_index_i64
         if document_index.dtype == np.int64
@@ -46,9 +68,26 @@ def build_sample_index(
     return build(
         np.ascontiguousarray(sizes),
         np.ascontiguousarray(document_index),
-        int(sequence_length),
-        int(num_epochs),
-        int(tokens_per_epoch),
+        sequence_length,
+        num_epochs,
+        tokens_per_epoch,
         bool(drop_last_partial_sequence),
         bool(add_extra_token_to_sequence),
+    )
+
+
+def num_samples(
+    num_epochs: int,
+    tokens_per_epoch: int,
+    sequence_length: int,
+    drop_last_partial_sequence: bool = True,
+    add_extra_token_to_sequence: bool = True,
+) -> int:
+    """How many samples ``build_sample_index`` yields, without building it (exact int64 math)."""
+    return _index_builders.count_samples(
+        _positive_int("num_epochs", num_epochs, 1),
+        _positive_int("tokens_per_epoch", tokens_per_epoch, 1),
+        _positive_int("sequence_length", sequence_length, 1),
+        bool(drop_last_partial_sequence),
+        1 if add_extra_token_to_sequence else 0,
     )

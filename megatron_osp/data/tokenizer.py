@@ -15,6 +15,8 @@ import sentencepiece as spm
 
 
 class SentencePieceTokenizer:
+    """The few calls preprocessing and training need; ``pad`` is -1 (none defined), see above."""
+
     def __init__(self, model_file: str | os.PathLike):
         if not os.path.exists(model_file):
             raise FileNotFoundError(f"tokenizer model {model_file} does not exist")
@@ -43,13 +45,22 @@ class SentencePieceTokenizer:
         return self._sp.decode(list(ids))
 
 
-def _training_lines(jsonl: Path, key: str, max_documents: int | None):
-    """Documents split into lines: SentencePiece skips 'sentences' longer than a few KB."""
+def _training_lines(jsonl: Path, key: str, max_documents: int | None, errors: list):
+    """Documents split into lines: SentencePiece skips 'sentences' longer than a few KB.
+
+    A bad line ends the iteration and is put in ``errors``: raised inside the iterator, it would
+    come back out of SentencePiece's C++ as an opaque RuntimeError.
+    """
     with open(jsonl, encoding="utf-8") as f:
         for n, line in enumerate(f):
             if max_documents is not None and n >= max_documents:
                 return
-            text = json.loads(line).get(key)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                errors.append(ValueError(f"{jsonl}:{n + 1}: malformed JSON ({e.msg} at column {e.colno})"))
+                return
+            text = record.get(key) if isinstance(record, dict) else None
             if isinstance(text, str):
                 for part in text.splitlines():
                     if part.strip():
@@ -72,9 +83,38 @@ def train_sentencepiece(
     if not input_jsonl.exists():
         raise FileNotFoundError(f"{input_jsonl} does not exist")
     output_prefix.parent.mkdir(parents=True, exist_ok=True)
+    if vocab_size < 260:
+        raise ValueError(f"vocab_size must be >= 260 (256 byte-fallback pieces + specials), got {vocab_size}")
     tmp_prefix = output_prefix.with_name(output_prefix.name + f".tmp{os.getpid()}")
+    try:
+        _train(input_jsonl, json_key, sample_documents, tmp_prefix, vocab_size, model_type, character_coverage)
+        # Not with_suffix(): a prefix such as "tok.v2" must give "tok.v2.model".
+        model = Path(f"{output_prefix}.model")
+        os.replace(f"{tmp_prefix}.vocab", f"{output_prefix}.vocab")
+        os.replace(f"{tmp_prefix}.model", model)
+    finally:
+        for ext in (".model", ".vocab"):
+            if os.path.exists(f"{tmp_prefix}{ext}"):
+                os.unlink(f"{tmp_prefix}{ext}")
+    return model
+
+
+def _train(input_jsonl, json_key, sample_documents, tmp_prefix, vocab_size, model_type, character_coverage):
+    errors: list[Exception] = []
+    try:
+        _run_trainer(_training_lines(input_jsonl, json_key, sample_documents, errors), tmp_prefix, vocab_size,
+                     model_type, character_coverage)
+    except RuntimeError as e:
+        if errors:
+            raise errors[0] from e
+        raise
+    if errors:
+        raise errors[0]
+
+
+def _run_trainer(lines, tmp_prefix, vocab_size, model_type, character_coverage):
     spm.SentencePieceTrainer.train(
-        sentence_iterator=_training_lines(input_jsonl, json_key, sample_documents),
+        sentence_iterator=lines,
         model_prefix=str(tmp_prefix),
         vocab_size=vocab_size,
         model_type=model_type,
@@ -87,7 +127,3 @@ def train_sentencepiece(
         num_threads=os.cpu_count() or 1,
         minloglevel=2,
     )
-    model = output_prefix.with_suffix(".model")
-    os.replace(f"{tmp_prefix}.model", model)
-    os.replace(f"{tmp_prefix}.vocab", output_prefix.with_suffix(".vocab"))
-    return model
