@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from megatron_osp.optim import Muon, logical_blocks, newton_schulz
+from megatron_osp.optimizer import Muon, logical_blocks, newton_schulz
 
 
 def _scalar_map(x, steps=5):

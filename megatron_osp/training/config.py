@@ -21,7 +21,7 @@ import yaml
 from megatron_osp.fileio import atomic_write_text
 from megatron_osp.models.config import ModelConfig
 from megatron_osp.models.presets import get_preset
-from megatron_osp.optim.builder import OptimSettings
+from megatron_osp.optimizer.builder import OptimSettings
 
 DECAY_STYLES = ("cosine", "linear", "wsd", "constant")
 

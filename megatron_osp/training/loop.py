@@ -28,7 +28,7 @@ from megatron_osp import parallel, platform
 from megatron_osp.fileio import atomic_write_json
 from megatron_osp.analysis.kurtosis import HiddenStateRecorder, KurtosisReport
 from megatron_osp.models.gpt import build_gpt_model, transformer_config
-from megatron_osp.optim.builder import get_osp_optimizer
+from megatron_osp.optimizer.builder import get_osp_optimizer
 from megatron_osp.training.config import RunConfig, save_config
 from megatron_osp.training.data import MicroBatchIterator, build_datasets
 

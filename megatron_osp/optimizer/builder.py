@@ -18,8 +18,8 @@ from megatron.core.optimizer.optimizer import (
     FP32Optimizer,
 )
 
-from megatron_osp.optim.muon import Muon
-from megatron_osp.optim.routing import logical_blocks, route_parameters
+from megatron_osp.optimizer.muon import Muon
+from megatron_osp.optimizer.routing import logical_blocks, route_parameters
 
 OPTIMIZERS = ("adam", "muon")
 

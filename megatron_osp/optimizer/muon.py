@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from megatron_osp.optim.newton_schulz import newton_schulz
+from megatron_osp.optimizer.newton_schulz import newton_schulz
 
 
 class Muon(torch.optim.Optimizer):
