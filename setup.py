@@ -4,13 +4,15 @@ The C++ extension holds the data-index builders (int64 throughout, so trillion-t
 more than 2^31 documents index correctly).
 """
 
+from glob import glob
+
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import find_packages, setup
 
 ext_modules = [
     Pybind11Extension(
         "megatron_osp.data._index_builders",
-        sorted(["csrc/index_builders.cpp"]),
+        sorted(glob("csrc/*.cpp")),
         cxx_std=17,
         extra_compile_args=["-O3"],
     )
@@ -35,7 +37,22 @@ setup(
         "psutil",
     ],
     extras_require={
-        "test": ["pytest>=7", "scipy"],
+        # Hugging Face export/import (tools/convert_to_hf.py, convert_from_hf.py).
+        "hf": ["transformers>=4.45", "safetensors"],
+        # Compressed/columnar corpora and HF tokenizer.json in tools/preprocess_data.py.
+        "data": ["zstandard", "pyarrow", "tokenizers"],
+        # Plots of tools/evaluate_quantization.py.
+        "plots": ["matplotlib"],
+        "test": [
+            "pytest>=7",
+            "scipy",
+            "transformers>=4.45",
+            "safetensors",
+            "zstandard",
+            "pyarrow",
+            "tokenizers",
+            "matplotlib",
+        ],
         "te": ["transformer_engine[pytorch]"],
     },
     ext_modules=ext_modules,
