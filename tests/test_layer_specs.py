@@ -38,3 +38,18 @@ def test_rmsnorm_spec_is_megatrons_own_and_specs_do_not_share_state():
     assert ss.submodules.input_layernorm is SSNorm
     # Building the SSNorm spec must not have modified Megatron's cached spec objects.
     assert layer_specs.gpt_layer_spec("rmsnorm", "local").submodules.input_layernorm is not SSNorm
+
+
+def test_fused_softmax_only_when_its_kernel_is_importable(monkeypatch):
+    """On a GPU without Apex/Megatron's kernels, FusedScaleMaskSoftmax would import a missing
+    extension on the first forward (seen on an H100): the config must not ask for it."""
+    from megatron_osp.models import gpt
+    from megatron_osp.models.presets import get_preset
+
+    monkeypatch.setattr(gpt.torch.cuda, "is_available", lambda: True)
+    for present in (False, True):
+        monkeypatch.setattr(gpt, "_importable", lambda *mods, present=present: present)
+        cfg = gpt.transformer_config(get_preset("test"), use_cpu_initialization=True)
+        assert cfg.masked_softmax_fusion is present
+    monkeypatch.setattr(gpt.torch.cuda, "is_available", lambda: False)
+    assert gpt.transformer_config(get_preset("test")).masked_softmax_fusion is False

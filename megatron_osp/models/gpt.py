@@ -6,6 +6,8 @@ config's ``normalization`` and ``embedding_projection`` reach the layer spec in 
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
@@ -53,6 +55,10 @@ class OSPGPTModel(GPTModel):
             attach_after(self.decoder.final_layernorm, self.output_projection)
 
 
+def _importable(*modules: str) -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in modules)
+
+
 def transformer_config(
     model: ModelConfig,
     *,
@@ -77,6 +83,9 @@ def transformer_config(
             f"model.num_layers={model.num_layers}"
         )
     fused = not on_cpu
+    # Megatron's fused softmax needs its own CUDA extension (built with Apex/Megatron-LM); without
+    # it, FusedScaleMaskSoftmax imports it anyway and fails on the first forward on a GPU.
+    softmax_kernel = fused and _importable("scaled_masked_softmax_cuda", "scaled_upper_triang_masked_softmax_cuda")
     kwargs = dict(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -102,7 +111,7 @@ def transformer_config(
         use_cpu_initialization=on_cpu if use_cpu_initialization is None else use_cpu_initialization,
         bias_activation_fusion=False,
         bias_dropout_fusion=fused,
-        masked_softmax_fusion=fused,
+        masked_softmax_fusion=softmax_kernel,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
