@@ -2,7 +2,8 @@
 //
 // Everything is int64: a trillion-token corpus has more than 2^31 documents and more than 2^32
 // samples, which overflow the int32 counters of Megatron-Core's helpers. The GIL is released while
-// the loops run, so data-loading threads keep going.
+// the loops run, so data-loading threads keep going. Shuffles live in shuffle.cpp, blending in
+// blending.cpp; this file holds the sample index and the module definition.
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -10,6 +11,9 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
+
+#include "parallel.h"
 
 namespace py = pybind11;
 
@@ -30,15 +34,24 @@ int64_t count_samples(int64_t num_epochs, int64_t tokens_per_epoch, int64_t sequ
 
 // Sample k starts at flat token position k * L of the concatenated documents (in document_index
 // order). Its boundary is stored as (position in document_index, offset in that document), using
-// the document that holds the last token the previous sample reads: position k*L + extra - 1.
+// the first position whose document ends at or after the last token the previous sample reads
+// (flat position k*L + extra - 1).
+//
+// Two passes over fixed chunks of document_index, each parallel over chunks: (A) tokens per
+// chunk, then a prefix sum gives every chunk's first flat token; (B) each chunk emits the
+// boundaries that fall inside it. The result equals the serial walk exactly, for any thread count.
+constexpr int64_t kSampleChunk = int64_t{1} << 20;  // document_index positions per chunk
+constexpr int64_t kPrefetch = 16;                    // positions ahead to prefetch sizes[]
+
 template <typename DocIndexT>
 py::array_t<int64_t> build_sample_index(py::array_t<int32_t, py::array::c_style> sizes,
                                         py::array_t<DocIndexT, py::array::c_style> document_index,
                                         int64_t sequence_length, int64_t num_epochs,
                                         int64_t tokens_per_epoch, bool drop_last_partial_sequence,
-                                        bool add_extra_token_to_sequence) {
+                                        bool add_extra_token_to_sequence, int threads) {
   if (sequence_length < 1) throw std::invalid_argument("sequence_length must be >= 1");
   if (num_epochs < 1) throw std::invalid_argument("num_epochs must be >= 1");
+  if (threads < 1) throw std::invalid_argument("threads must be >= 1");
   if (document_index.ndim() != 1 || sizes.ndim() != 1)
     throw std::invalid_argument("sizes and document_index must be 1-D arrays");
   const int64_t num_docs = document_index.shape(0);
@@ -46,42 +59,83 @@ py::array_t<int64_t> build_sample_index(py::array_t<int32_t, py::array::c_style>
   const int64_t extra = add_extra_token_to_sequence ? 1 : 0;
   const int64_t num_samples = count_samples(num_epochs, tokens_per_epoch, sequence_length,
                                             drop_last_partial_sequence, extra);
+  const int64_t L = sequence_length;
 
   py::array_t<int64_t> result({num_samples + 1, int64_t{2}});
   int64_t* out = result.mutable_data();
   const int32_t* size = sizes.data();
   const DocIndexT* docs = document_index.data();
-  const int64_t num_sizes = sizes.shape(0);
+  const uint64_t num_sizes = static_cast<uint64_t>(sizes.shape(0));
+  const int64_t num_chunks = (num_docs + kSampleChunk - 1) / kSampleChunk;
 
-  // Errors are recorded inside the GIL-free loop and raised after it (no Python calls there).
-  int64_t bad_doc_pos = -1;       // position in document_index of an out-of-range document id
+  // Errors are recorded inside the GIL-free loops and raised after them (no Python calls there).
+  int64_t bad_doc_pos = -1;       // first position in document_index of an out-of-range id
   int64_t short_at_sample = -1;   // sample that found the documents exhausted too early
   {
     py::gil_scoped_release release;
-    int64_t doc_pos = 0;    // position in document_index
-    int64_t doc_start = 0;  // flat token position where that document starts
-    out[0] = 0;
-    out[1] = 0;
-    for (int64_t k = 1; k <= num_samples; ++k) {
-      const int64_t needed = k * sequence_length + extra;  // tokens that must have been read
-      int64_t offset = -1;
-      for (;;) {
-        const int64_t doc = static_cast<int64_t>(docs[doc_pos]);
-        if (doc < 0 || doc >= num_sizes) { bad_doc_pos = doc_pos; break; }
-        const int64_t len = size[doc];
-        if (doc_start + len >= needed) { offset = needed - extra - doc_start; break; }
-        if (doc_pos == num_docs - 1) {
-          // Out of documents: legal only for the final, partial sample (Megatron asserts this).
-          if (k != num_samples) short_at_sample = k;
-          offset = len - extra;
-          break;
+    std::vector<int64_t> chunk_tokens(static_cast<size_t>(num_chunks), 0);
+    std::vector<int64_t> chunk_bad(static_cast<size_t>(num_chunks), -1);
+    osp::parallel_for(num_chunks, threads, [&](int64_t c) {
+      const int64_t begin = c * kSampleChunk, end = std::min(num_docs, begin + kSampleChunk);
+      int64_t total = 0;
+      for (int64_t p = begin; p < end; ++p) {
+        if (p + kPrefetch < end) {
+          const uint64_t ahead = static_cast<uint64_t>(static_cast<int64_t>(docs[p + kPrefetch]));
+          if (ahead < num_sizes) __builtin_prefetch(size + ahead);
         }
-        doc_start += len;
-        ++doc_pos;
+        const uint64_t doc = static_cast<uint64_t>(static_cast<int64_t>(docs[p]));
+        if (doc >= num_sizes) { chunk_bad[c] = p; return; }
+        total += size[doc];
       }
-      if (bad_doc_pos >= 0 || short_at_sample >= 0) break;
-      out[2 * k] = doc_pos;
-      out[2 * k + 1] = offset;
+      chunk_tokens[c] = total;
+    });
+    for (int64_t c = 0; c < num_chunks && bad_doc_pos < 0; ++c) bad_doc_pos = chunk_bad[c];
+    if (bad_doc_pos < 0) {
+      std::vector<int64_t> chunk_start(static_cast<size_t>(num_chunks), 0);
+      int64_t total_tokens = 0;  // < 2^31 * num_docs <= 2^62 + ..., cannot overflow for real data
+      for (int64_t c = 0; c < num_chunks; ++c) {
+        chunk_start[c] = total_tokens;
+        total_tokens += chunk_tokens[c];
+      }
+      out[0] = 0;
+      out[1] = 0;
+      // First sample k >= 1 whose needed position k*L + extra exceeds `tokens`.
+      auto first_sample_beyond = [&](int64_t tokens) {
+        const int64_t r = tokens - extra;
+        return r < 0 ? int64_t{1} : std::max<int64_t>(1, r / L + 1);
+      };
+      osp::parallel_for(num_chunks, threads, [&](int64_t c) {
+        const int64_t first = chunk_start[c], last = first + chunk_tokens[c];
+        const int64_t end = std::min(num_docs, (c + 1) * kSampleChunk);
+        int64_t p = c * kSampleChunk;  // position in document_index
+        int64_t doc_start = first;     // flat token position where that document starts
+        for (int64_t k = first_sample_beyond(first); k <= num_samples; ++k) {
+          const int64_t needed = k * L + extra;  // tokens that must have been read
+          if (needed > last) break;
+          for (;;) {
+            if (p + kPrefetch < end) {
+              const uint64_t ahead = static_cast<uint64_t>(static_cast<int64_t>(docs[p + kPrefetch]));
+              if (ahead < num_sizes) __builtin_prefetch(size + ahead);
+            }
+            const int64_t len = size[static_cast<int64_t>(docs[p])];
+            if (doc_start + len >= needed) break;
+            doc_start += len;
+            ++p;
+          }
+          out[2 * k] = p;
+          out[2 * k + 1] = needed - extra - doc_start;
+        }
+      });
+      // Samples that need more tokens than the documents hold: only the final, partial one may
+      // (it ends at the last document, as in Megatron's walk).
+      const int64_t beyond = first_sample_beyond(total_tokens);
+      if (beyond < num_samples) {
+        short_at_sample = beyond;
+      } else if (beyond == num_samples) {
+        const int64_t last_doc = static_cast<int64_t>(docs[num_docs - 1]);
+        out[2 * num_samples] = num_docs - 1;
+        out[2 * num_samples + 1] = size[last_doc] - extra;
+      }
     }
   }
   if (bad_doc_pos >= 0)
@@ -99,25 +153,30 @@ py::array_t<int64_t> build_sample_index(py::array_t<int32_t, py::array::c_style>
 
 }  // namespace
 
+void register_shuffle(py::module_& m);   // shuffle.cpp
+void register_blending(py::module_& m);  // blending.cpp
+
 PYBIND11_MODULE(_index_builders, m) {
   m.doc() = "int64 data-index builders for megatron-osp";
+  register_shuffle(m);
+  register_blending(m);
   m.def("build_sample_index_i32", &build_sample_index<int32_t>, py::arg("sizes"),
         py::arg("document_index"), py::arg("sequence_length"), py::arg("num_epochs"),
         py::arg("tokens_per_epoch"), py::arg("drop_last_partial_sequence"),
-        py::arg("add_extra_token_to_sequence"));
+        py::arg("add_extra_token_to_sequence"), py::arg("threads") = 1);
   m.def("build_sample_index_i64", &build_sample_index<int64_t>, py::arg("sizes"),
         py::arg("document_index"), py::arg("sequence_length"), py::arg("num_epochs"),
         py::arg("tokens_per_epoch"), py::arg("drop_last_partial_sequence"),
-        py::arg("add_extra_token_to_sequence"));
+        py::arg("add_extra_token_to_sequence"), py::arg("threads") = 1);
   // Megatron-Core's name and argument order; overload resolution picks the document_index dtype.
   m.def("build_sample_idx", &build_sample_index<int32_t>, py::arg("sizes"),
         py::arg("document_index").noconvert(), py::arg("sequence_length"), py::arg("num_epochs"),
         py::arg("tokens_per_epoch"), py::arg("drop_last_partial_sequence") = true,
-        py::arg("add_extra_token_to_sequence") = true);
+        py::arg("add_extra_token_to_sequence") = true, py::arg("threads") = 1);
   m.def("build_sample_idx", &build_sample_index<int64_t>, py::arg("sizes"),
         py::arg("document_index"), py::arg("sequence_length"), py::arg("num_epochs"),
         py::arg("tokens_per_epoch"), py::arg("drop_last_partial_sequence") = true,
-        py::arg("add_extra_token_to_sequence") = true);
+        py::arg("add_extra_token_to_sequence") = true, py::arg("threads") = 1);
   m.def("count_samples", &count_samples, py::arg("num_epochs"), py::arg("tokens_per_epoch"),
         py::arg("sequence_length"), py::arg("drop_last_partial_sequence"), py::arg("extra"));
 }

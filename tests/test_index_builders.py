@@ -131,3 +131,116 @@ def test_num_samples_matches_index_length():
         for extra in (True, False):
             idx = build_sample_index(sizes, doc_index, 4, 1, 19, drop_last, extra)
             assert num_samples(1, 19, 4, drop_last, extra) == len(idx) - 1
+
+
+# ----------------------------------------------------------------------------- parallel, int64
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_threads_do_not_change_the_sample_index(drop_last):
+    # Several 2^20-position chunks, so the chunked parallel passes really split the work.
+    rng = np.random.default_rng(11)
+    n = 3 * 2**20 + 12345
+    sizes = rng.integers(0, 9, n).astype(np.int32)
+    doc_index = rng.permutation(n).astype(np.int32)
+    tpe = int(sizes.sum())
+    want = _megatron(sizes, doc_index, 37, 1, tpe, drop_last, True)
+    for threads in (1, 4):
+        got = build_sample_index(sizes, doc_index, 37, 1, tpe, drop_last, True, threads=threads)
+        np.testing.assert_array_equal(got, want)
+
+
+def test_document_ids_past_int32_index_a_sparse_sizes_file(tmp_path):
+    # sizes holds 2^31 + 64 entries (8 GiB) as a sparse file: only the last 64 are ever written or
+    # read, so the test fits in memory while every document id is > 2^31 and the C++ must index
+    # sizes with 64-bit arithmetic (an int32 index would wrap negative and read garbage or crash).
+    from megatron_osp.data import _index_builders
+    from megatron_osp.data.shuffles import build_document_index
+
+    base = 2**31 + 5
+    path = tmp_path / "sizes.i32"
+    with open(path, "wb") as f:
+        f.truncate((base + 64) * 4)
+    sizes = np.memmap(path, dtype=np.int32, mode="r+", shape=(base + 64,))
+    backing = np.random.default_rng(3).integers(1, 50, 64).astype(np.int32)
+    sizes[base:] = backing
+    doc_index = build_document_index(range(base, base + 64), 8, seed=5)
+    assert doc_index.dtype == np.int64 and doc_index.min() >= base > 2**31
+    np.testing.assert_array_equal(np.sort(doc_index), np.repeat(np.arange(base, base + 64), 8))
+    tpe = int(backing.sum())
+    for drop_last in (True, False):
+        # The C++ entry point directly: the Python face scans all of sizes for negatives.
+        got = _index_builders.build_sample_index_i64(sizes, doc_index, 16, 8, tpe, drop_last, True, 2)
+        compact = doc_index - base
+        n = (8 * tpe - 1) // 16 if drop_last else -(-(8 * tpe - 1) // 16)
+        np.testing.assert_array_equal(got, _reference(backing, compact, 16, n, 1))
+    with pytest.raises(ValueError, match=r"document_index\[0\] = 2147483717"):
+        _index_builders.build_sample_index_i64(sizes, np.array([base + 64], dtype=np.int64), 4, 1, 8, True, True, 1)
+
+
+# ----------------------------------------------------------------------------- shuffles
+from megatron_osp.data.shuffles import build_document_index, build_shuffle_index  # noqa: E402
+
+
+@pytest.mark.parametrize("n, epochs", [(1, 3), (1000, 1), (700_001, 2)])
+def test_document_index_is_deterministic_and_thread_independent(n, epochs):
+    # 700_001 x 2 spans several counting chunks and ~11 buckets of the scatter shuffle.
+    one = build_document_index(range(n), epochs, seed=42, threads=1)
+    four = build_document_index(range(n), epochs, seed=42, threads=4)
+    again = build_document_index(range(n), epochs, seed=42, threads=2)
+    np.testing.assert_array_equal(one, four)
+    np.testing.assert_array_equal(one, again)
+    np.testing.assert_array_equal(np.sort(one), np.repeat(np.arange(n), epochs))
+    if n > 1:
+        assert not np.array_equal(one, build_document_index(range(n), epochs, seed=43, threads=1))
+    arr = build_document_index(np.arange(n, dtype=np.int64), epochs, seed=42, threads=3)
+    np.testing.assert_array_equal(arr, one)  # same values whether given as a range or an array
+
+
+def test_separate_final_epoch_keeps_the_last_epoch_whole():
+    docs = np.arange(10, 510, dtype=np.int32)
+    idx = build_document_index(docs, 3, seed=1, separate_final_epoch=True, threads=2)
+    np.testing.assert_array_equal(np.sort(idx[:1000]), np.repeat(docs, 2))
+    np.testing.assert_array_equal(np.sort(idx[1000:]), docs)
+    assert not np.array_equal(idx[1000:], docs)
+
+
+def test_shuffle_index_layout_dtype_and_threads():
+    a, total = 300_000, 420_000
+    one = build_shuffle_index(a, total, seed=9, threads=1)
+    np.testing.assert_array_equal(one, build_shuffle_index(a, total, seed=9, threads=4))
+    assert one.dtype == np.uint32
+    np.testing.assert_array_equal(np.sort(one[:a]), np.arange(a))
+    np.testing.assert_array_equal(np.sort(one[a:]), np.arange(a, total))
+    assert build_shuffle_index(0, 0, seed=1).shape == (0,)
+
+
+def test_shuffle_is_uniform():
+    from scipy.stats import chisquare
+
+    # All 24 orders of 4 items, equally often over many seeds (single bucket: Fisher-Yates).
+    counts = {}
+    for s in range(6000):
+        key = tuple(build_shuffle_index(4, 4, seed=s, threads=1))
+        counts[key] = counts.get(key, 0) + 1
+    assert len(counts) == 24
+    assert chisquare(list(counts.values())).pvalue > 1e-4
+    # Many buckets: where inputs land (input tenth x output tenth) shows no structure.
+    n = 2**17 * 6 + 17
+    perm = build_shuffle_index(n, n, seed=3, threads=2).astype(np.int64)
+    table = np.zeros((10, 10))
+    np.add.at(table, (perm * 10 // n, np.arange(n) * 10 // n), 1)
+    assert chisquare(table.ravel()).pvalue > 1e-4
+
+
+def test_shuffle_arguments_are_checked():
+    with pytest.raises(ValueError, match="num_epochs"):
+        build_document_index(range(5), 0, seed=1)
+    with pytest.raises(ValueError, match="documents"):
+        build_document_index(range(0), 1, seed=1)
+    with pytest.raises(ValueError, match="documents"):
+        build_document_index(np.array([1.0, 2.0]), 1, seed=1)
+    with pytest.raises(ValueError, match="seed"):
+        build_document_index(range(5), 1, seed=-1)
+    with pytest.raises(ValueError, match="threads"):
+        build_shuffle_index(5, 5, seed=1, threads=0)
+    with pytest.raises(ValueError, match="num_samples"):
+        build_shuffle_index(6, 5, seed=1)

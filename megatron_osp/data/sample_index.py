@@ -17,6 +17,7 @@ import numbers
 import numpy as np
 
 from megatron_osp.data import _index_builders
+from megatron_osp.data.shuffles import default_threads
 
 
 def _positive_int(name: str, value, minimum: int) -> int:
@@ -35,6 +36,7 @@ def build_sample_index(
     tokens_per_epoch: int,
     drop_last_partial_sequence: bool = True,
     add_extra_token_to_sequence: bool = True,
+    threads: int | None = None,
 ) -> np.ndarray:
     """Sample boundaries over the documents concatenated in ``document_index`` order.
 
@@ -73,6 +75,7 @@ def build_sample_index(
         tokens_per_epoch,
         bool(drop_last_partial_sequence),
         bool(add_extra_token_to_sequence),
+        default_threads() if threads is None else _positive_int("threads", threads, 1),
     )
 
 
