@@ -1,4 +1,7 @@
-"""Training data: Megatron-Core's GPTDataset over indexed (.bin/.idx) files, and the DP sampler.
+"""Training data: our GPTDataset (megatron_osp.data.gpt_dataset) over indexed files, and the DP sampler.
+
+The datasets follow Megatron-Core's GPTDataset/BlendedDataset semantics; their indices come from
+the C++ builders and are cached under a key that includes each data file's size and mtime.
 
 Samples are taken in a fixed global order: step s uses samples [s*G, (s+1)*G) of the shuffled
 train split (G = global batch), and data-parallel rank r reads its contiguous share of each
@@ -9,26 +12,12 @@ run (or one with another DP size and the same global batch) reads the same token
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-
-@dataclass
-class _DatasetTokenizer:
-    """What GPTDataset reads from a tokenizer: the vocab size and the end-of-document id."""
-
-    vocab_size: int
-    eod: int
-
-    @property
-    def unique_identifiers(self) -> dict:
-        """Part of GPTDataset's index-cache key."""
-        return {"class": "megatron_osp.DatasetTokenizer", "vocab_size": self.vocab_size, "eod": self.eod}
+from megatron_osp.data.gpt_dataset import GPTDataConfig, build_gpt_datasets
 
 
 def _eod_id(data) -> int:
@@ -46,7 +35,8 @@ def _eod_id(data) -> int:
 
 
 def build_datasets(config, num_train_samples: int, num_eval_samples: int):
-    """Train and validation GPTDatasets for the run (built on every rank; the index is cached)."""
+    """Train and validation datasets for the run (call on every rank: local rank 0 builds the cached
+    indices, the others wait and load them)."""
     data, train = config.data, config.train
     if not data.paths:
         raise ValueError("data.paths is empty: give at least one indexed dataset prefix")
@@ -59,21 +49,16 @@ def build_datasets(config, num_train_samples: int, num_eval_samples: int):
             f"data.weights has {len(data.weights)} entries but data.paths has {len(data.paths)}"
         )
     cache = data.cache_dir or str(Path(train.run_dir) / "index_cache")
-    ds_config = GPTDatasetConfig(
-        random_seed=train.seed,
-        sequence_length=config.model.seq_length,
-        blend=(list(data.paths), data.weights),
+    ds_config = GPTDataConfig(
+        paths=list(data.paths),
+        weights=data.weights,
         split=data.split,
-        path_to_cache=cache,
-        tokenizer=_DatasetTokenizer(config.model.vocab_size, _eod_id(data)),
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
-        create_attention_mask=False,
+        sequence_length=config.model.seq_length,
+        seed=train.seed,
+        eod_id=_eod_id(data),
+        cache_dir=cache,
     )
-    train_ds, valid_ds, _ = BlendedMegatronDatasetBuilder(
-        GPTDataset, [num_train_samples, num_eval_samples, None], lambda: True, ds_config
-    ).build()
+    train_ds, valid_ds, _ = build_gpt_datasets(ds_config, [num_train_samples, num_eval_samples, None])
     if valid_ds is None:
         raise ValueError(f"data.split={data.split!r} leaves no validation documents")
     return train_ds, valid_ds

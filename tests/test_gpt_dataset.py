@@ -1,0 +1,188 @@
+"""GPTDataset / blends over indexed files: samples against a flat-token reference, Megatron's split
+and blend rules, and an index cache that notices rewritten data files."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_osp.data import gpt_dataset as gd
+from megatron_osp.data.gpt_dataset import GPTDataConfig, build_gpt_datasets, parse_split
+from megatron_osp.data.indexed import IndexedDataset, IndexedDatasetWriter
+
+SEQ = 16
+
+
+def _corpus(prefix, seed, n_docs=60, vocab=500):
+    rng = np.random.default_rng(seed)
+    with IndexedDatasetWriter(str(prefix), dtype=np.uint16) as w:
+        for _ in range(n_docs):
+            w.add_document(rng.integers(1, vocab, int(rng.integers(1, 40))).astype(np.uint16))
+    return str(prefix)
+
+
+def _config(paths, tmp_path, **kw):
+    kw.setdefault("split", "8,1,1")
+    return GPTDataConfig(paths=paths, sequence_length=SEQ, seed=7, eod_id=0, cache_dir=str(tmp_path / "cache"), **kw)
+
+
+def _flat_reference(ds):
+    """Sample k is tokens [k*SEQ, k*SEQ + SEQ + 1) of the documents concatenated in document_index order."""
+    raw = IndexedDataset(ds.dataset.prefix)
+    flat = np.concatenate([raw[int(d)] for d in ds.document_index]).astype(np.int64)
+    return flat
+
+
+def test_samples_equal_the_concatenated_documents(tmp_path):
+    prefix = _corpus(tmp_path / "a", 0)
+    # 9 epochs' worth of train samples forces several epochs and a separately shuffled last one.
+    n_train_docs = round(0.8 * 60)
+    train, valid, test = build_gpt_datasets(_config([prefix], tmp_path), [300, 20, None])
+    assert len(train) >= 300 and valid is not None and test is not None
+    assert set(np.unique(train.document_index)) <= set(range(n_train_docs))
+    flat = _flat_reference(train)
+    for idx in range(len(train)):
+        k = int(train.shuffle_index[idx])
+        want = flat[k * SEQ : k * SEQ + SEQ + 1]
+        np.testing.assert_array_equal(train.tokens_of(idx), want)
+        item = train[idx]
+        assert set(item) == {"tokens", "labels", "loss_mask", "position_ids"}
+        assert item["tokens"].dtype == torch.long and item["loss_mask"].dtype == torch.float
+        torch.testing.assert_close(item["tokens"], torch.from_numpy(want[:-1]))
+        torch.testing.assert_close(item["labels"], torch.from_numpy(want[1:]))
+        assert item["loss_mask"].sum() == SEQ
+        torch.testing.assert_close(item["position_ids"], torch.arange(SEQ))
+    assert sorted(np.asarray(train.shuffle_index).tolist()) == list(range(len(train)))
+
+
+def test_partial_validation_sample_is_padded_and_masked(tmp_path):
+    prefix = _corpus(tmp_path / "a", 1)
+    cfg = _config([prefix], tmp_path, drop_last_partial_validation_sequence=False, split="1,1")
+    _, valid, _ = build_gpt_datasets(cfg, [10, None, None])
+    tokens_in_split = int(np.asarray(valid.dataset.sequence_lengths[valid.documents.start : valid.documents.stop]).sum())
+    assert len(valid) == -(-(tokens_in_split - 1) // SEQ)
+    last = int(np.flatnonzero(np.asarray(valid.shuffle_index) == len(valid) - 1)[0])
+    item = valid[last]
+    real = (tokens_in_split - 1) - (len(valid) - 1) * SEQ  # label positions with real tokens
+    assert 0 < real < SEQ
+    assert item["loss_mask"][:real].sum() == real and item["loss_mask"][real:].sum() == 0
+    assert (item["labels"][real:] == 0).all()
+    assert valid[None]["loss_mask"].sum() == 0  # a padding sample counts for nothing
+
+
+def test_split_matches_megatron():
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+
+    for s in ("969,30,1", "98,2,0", "1", "1,1", "0,1,0", "33.3,33.3,33.4"):
+        assert parse_split(s) == convert_split_vector_to_split_matrix(parse_and_normalize_split(s)), s
+    for bad in ("a,b", "1,-1", "0,0,0", "1,2,3,4"):
+        with pytest.raises(ValueError, match="split"):
+            parse_split(bad)
+
+
+def test_weighted_blend_reads_megatrons_choice_of_samples(tmp_path):
+    helpers_cpp = pytest.importorskip("megatron.core.datasets.helpers_cpp")
+    a, b = _corpus(tmp_path / "a", 2), _corpus(tmp_path / "b", 3, n_docs=90)
+    train, _, _ = build_gpt_datasets(_config([a, b], tmp_path, weights=[1.0, 3.0], split="8,2"), [200, 10, None])
+    # Megatron's builder: per-dataset targets ceil(size * w), blend size = their sum.
+    size = int(np.ceil(200 * 0.25)) + int(np.ceil(200 * 0.75))
+    assert len(train) == size
+    which = np.zeros(size, np.int16)
+    within = np.zeros(size, np.int64)
+    helpers_cpp.build_blending_indices(which, within, np.array([0.25, 0.75]), 2, size, False)
+    np.testing.assert_array_equal(train.dataset_index, which)
+    np.testing.assert_array_equal(train.dataset_sample_index, within)
+    for i in (0, 1, 57, size - 1):
+        d, j = int(which[i]), int(within[i])
+        item = train[i]
+        assert int(item["dataset_id"]) == d
+        torch.testing.assert_close(item["tokens"], train.datasets[d][j]["tokens"])
+
+
+def test_unweighted_blend_is_exhaustive_or_capped(tmp_path):
+    a, b = _corpus(tmp_path / "a", 4), _corpus(tmp_path / "b", 5)
+    _, valid, test = build_gpt_datasets(_config([a, b], tmp_path), [100, 3, None])
+    assert len(valid) == 3
+    assert len(test) == sum(len(d) for d in test.datasets)
+    for d, part in enumerate(test.datasets):
+        np.testing.assert_array_equal(test.dataset_sample_index[test.dataset_index == d], np.arange(len(part)))
+
+
+def test_cache_is_reused_and_a_rewritten_file_is_not(tmp_path, monkeypatch):
+    prefix = _corpus(tmp_path / "a", 6)
+    cfg = _config([prefix], tmp_path)
+    first, _, _ = build_gpt_datasets(cfg, [50, 5, None])
+    want = first.tokens_of(3).copy()
+    entries = sorted(os.listdir(tmp_path / "cache"))
+    assert len(entries) == 3 and not [e for e in entries if e.startswith(".")]  # no temp dirs left
+
+    calls = []
+    real = gd.build_document_index
+    monkeypatch.setattr(gd, "build_document_index", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again, _, _ = build_gpt_datasets(cfg, [50, 5, None])
+    assert calls == []  # loaded, not rebuilt
+    assert isinstance(again.sample_index, np.memmap)
+    np.testing.assert_array_equal(again.tokens_of(3), want)
+
+    # Rewrite the corpus under the same prefix (other tokens and lengths): new key, fresh indices.
+    _corpus(tmp_path / "a", 7)
+    fresh, _, _ = build_gpt_datasets(cfg, [50, 5, None])
+    assert len(calls) == 3
+    assert fresh.cache_key != first.cache_key
+    flat = _flat_reference(fresh)
+    k = int(fresh.shuffle_index[3])
+    np.testing.assert_array_equal(fresh.tokens_of(3), flat[k * SEQ : k * SEQ + SEQ + 1])
+
+    # Same bytes, new modification time: still a new key (a size match alone proves nothing).
+    st = os.stat(prefix + ".bin")
+    os.utime(prefix + ".bin", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    touched, _, _ = build_gpt_datasets(cfg, [50, 5, None])
+    assert touched.cache_key["bin"]["mtime_ns"] != fresh.cache_key["bin"]["mtime_ns"]
+    assert len(calls) == 6
+
+
+def test_stale_entry_under_the_same_name_is_refused(tmp_path):
+    from megatron_osp.data import index_cache
+
+    key = {"x": 1}
+    index_cache.cached_arrays(tmp_path, "t", key, lambda: {"a": np.arange(3)})
+    entry = index_cache.entry_path(tmp_path, "t", key)
+    (entry / "key.json").write_text('{"format": 1, "x": 2, "_arrays": ["a"]}')
+    with pytest.raises(ValueError, match="another key"):
+        index_cache.cached_arrays(tmp_path, "t", key, lambda: {"a": np.arange(3)})
+
+
+def test_bad_inputs_name_the_problem(tmp_path):
+    prefix = _corpus(tmp_path / "a", 8, n_docs=3)
+    with pytest.raises(FileNotFoundError, match="nope.bin"):
+        build_gpt_datasets(_config([str(tmp_path / "nope")], tmp_path), [1, 1, None])
+    with pytest.raises(ValueError, match="weights"):
+        _config([prefix], tmp_path, weights=[1.0, 2.0])
+    with pytest.raises(ValueError, match="valid split"):
+        build_gpt_datasets(_config([prefix], tmp_path, split="2,1"), [1, 1, None])
+
+
+def _two_rank_build(rank, world_size, prefix, cache):
+    from megatron_osp.data import gpt_dataset
+
+    if rank == 1:  # only local rank 0 may build; the other rank must load what it wrote
+        def refuse(*a, **k):
+            raise AssertionError("rank 1 built an index")
+
+        gpt_dataset.build_document_index = refuse
+    cfg = GPTDataConfig(paths=[prefix], sequence_length=SEQ, seed=7, eod_id=0, cache_dir=cache, split="8,1,1")
+    train, _, _ = build_gpt_datasets(cfg, [40, 4, None])
+    return np.asarray(train.shuffle_index).copy(), train.tokens_of(5).copy()
+
+
+def test_local_rank_zero_builds_and_the_other_rank_loads(tmp_path):
+    from megatron_osp.testing.distributed import run_distributed
+
+    prefix = _corpus(tmp_path / "a", 9)
+    out = run_distributed(_two_rank_build, 2, prefix, str(tmp_path / "cache"))
+    np.testing.assert_array_equal(out[0][0], out[1][0])
+    np.testing.assert_array_equal(out[0][1], out[1][1])
