@@ -43,6 +43,43 @@ int64_t count_samples(int64_t num_epochs, int64_t tokens_per_epoch, int64_t sequ
 constexpr int64_t kSampleChunk = int64_t{1} << 20;  // document_index positions per chunk
 constexpr int64_t kPrefetch = 16;                    // positions ahead to prefetch sizes[]
 
+// The single-threaded walk; same result and errors as the chunked passes below.
+template <typename DocIndexT>
+void serial_walk(const int32_t* size, uint64_t num_sizes, const DocIndexT* docs, int64_t num_docs,
+                 int64_t L, int64_t extra, int64_t num_samples, int64_t* out, int64_t& bad_doc_pos,
+                 int64_t& short_at_sample) {
+  out[0] = 0;
+  out[1] = 0;
+  int64_t p = 0;          // position in document_index
+  int64_t doc_start = 0;  // flat token position where that document starts
+  for (int64_t k = 1; k <= num_samples; ++k) {
+    const int64_t needed = k * L + extra;
+    for (;;) {
+      if (p + kPrefetch < num_docs) {
+        const uint64_t ahead = static_cast<uint64_t>(static_cast<int64_t>(docs[p + kPrefetch]));
+        if (ahead < num_sizes) __builtin_prefetch(size + ahead);
+      }
+      const uint64_t doc = static_cast<uint64_t>(static_cast<int64_t>(docs[p]));
+      if (doc >= num_sizes) { bad_doc_pos = p; return; }
+      const int64_t len = size[doc];
+      if (doc_start + len >= needed) break;
+      if (p == num_docs - 1) {  // out of documents: legal only for the final, partial sample
+        if (k != num_samples) { short_at_sample = k; return; }
+        out[2 * k] = p;
+        out[2 * k + 1] = len - extra;
+        return;
+      }
+      doc_start += len;
+      ++p;
+    }
+    out[2 * k] = p;
+    out[2 * k + 1] = needed - extra - doc_start;
+  }
+  for (p = num_samples >= 1 ? p + 1 : 0; p < num_docs; ++p) {  // ids the walk did not reach
+    if (static_cast<uint64_t>(static_cast<int64_t>(docs[p])) >= num_sizes) { bad_doc_pos = p; return; }
+  }
+}
+
 template <typename DocIndexT>
 py::array_t<int64_t> build_sample_index(py::array_t<int32_t, py::array::c_style> sizes,
                                         py::array_t<DocIndexT, py::array::c_style> document_index,
@@ -73,6 +110,11 @@ py::array_t<int64_t> build_sample_index(py::array_t<int32_t, py::array::c_style>
   int64_t short_at_sample = -1;   // sample that found the documents exhausted too early
   {
     py::gil_scoped_release release;
+    if (threads == 1 || num_chunks == 1) {
+      // One pass: the serial walk reads each size once (the chunked passes read it twice).
+      serial_walk(size, num_sizes, docs, num_docs, L, extra, num_samples, out, bad_doc_pos,
+                  short_at_sample);
+    } else {
     std::vector<int64_t> chunk_tokens(static_cast<size_t>(num_chunks), 0);
     std::vector<int64_t> chunk_bad(static_cast<size_t>(num_chunks), -1);
     osp::parallel_for(num_chunks, threads, [&](int64_t c) {
@@ -136,6 +178,7 @@ py::array_t<int64_t> build_sample_index(py::array_t<int32_t, py::array::c_style>
         out[2 * num_samples] = num_docs - 1;
         out[2 * num_samples + 1] = size[last_doc] - extra;
       }
+    }
     }
   }
   if (bad_doc_pos >= 0)

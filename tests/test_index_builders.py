@@ -134,18 +134,41 @@ def test_num_samples_matches_index_length():
 
 
 # ----------------------------------------------------------------------------- parallel, int64
-@pytest.mark.parametrize("drop_last", [True, False])
-def test_threads_do_not_change_the_sample_index(drop_last):
-    # Several 2^20-position chunks, so the chunked parallel passes really split the work.
+@pytest.fixture(scope="module")
+def three_chunks():
+    # Several 2^20-position chunks (zero-length documents included), so the chunked parallel
+    # passes really split the work; threads=1 takes the one-pass serial walk.
     rng = np.random.default_rng(11)
     n = 3 * 2**20 + 12345
     sizes = rng.integers(0, 9, n).astype(np.int32)
-    doc_index = rng.permutation(n).astype(np.int32)
+    return sizes, rng.permutation(n).astype(np.int32)
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+@pytest.mark.parametrize("extra", [True, False])
+def test_threads_do_not_change_the_sample_index(three_chunks, drop_last, extra):
+    sizes, doc_index = three_chunks
     tpe = int(sizes.sum())
-    want = _megatron(sizes, doc_index, 37, 1, tpe, drop_last, True)
+    want = _megatron(sizes, doc_index, 37, 1, tpe, drop_last, extra)
     for threads in (1, 4):
-        got = build_sample_index(sizes, doc_index, 37, 1, tpe, drop_last, True, threads=threads)
+        got = build_sample_index(sizes, doc_index, 37, 1, tpe, drop_last, extra, threads=threads)
         np.testing.assert_array_equal(got, want)
+
+
+def test_threads_do_not_change_the_errors(three_chunks):
+    sizes, doc_index = three_chunks
+    bad = doc_index.copy()
+    bad[-5] = len(sizes) + 3  # in the last chunk, past every sample boundary with drop_last
+    tpe = int(sizes.sum())
+    for threads in (1, 4):
+        with pytest.raises(ValueError, match=rf"document_index\[{len(bad) - 5}\]"):
+            build_sample_index(sizes, bad, 37, 1, tpe, True, True, threads=threads)
+        with pytest.raises(ValueError, match="runs out of tokens"):
+            build_sample_index(sizes, doc_index, 37, 1, tpe + 100, True, True, threads=threads)
+    # No sample at all: every id is still checked.
+    for threads in (1, 4):
+        with pytest.raises(ValueError, match=r"document_index\[0\]"):
+            build_sample_index(np.array([3], np.int32), np.array([5], np.int32), 8, 1, 3, True, True, threads=threads)
 
 
 def test_document_ids_past_int32_index_a_sparse_sizes_file(tmp_path):
