@@ -186,3 +186,35 @@ def test_local_rank_zero_builds_and_the_other_rank_loads(tmp_path):
     out = run_distributed(_two_rank_build, 2, prefix, str(tmp_path / "cache"))
     np.testing.assert_array_equal(out[0][0], out[1][0])
     np.testing.assert_array_equal(out[0][1], out[1][1])
+
+
+def test_getitem_equals_megatrons_on_the_same_indices(tmp_path):
+    # Megatron-Core's GPTDataset.__getitem__ run on our three indices (its constructor would build
+    # its own numpy-shuffled ones) must give the same dict, padded final sample included.
+    from megatron.core.datasets.gpt_dataset import GPTDataset as MegatronGPTDataset
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+    from megatron.core.datasets.indexed_dataset import IndexedDataset as MegatronIndexed
+
+    class _Tok:
+        vocab_size, eod, unique_identifiers = 500, 0, {"class": "test"}
+
+    prefix = _corpus(tmp_path / "a", 10)
+    cfg = _config([prefix], tmp_path, drop_last_partial_validation_sequence=False, split="1,1")
+    train, valid, _ = build_gpt_datasets(cfg, [120, None, None])
+    mcfg = GPTDatasetConfig(
+        random_seed=7, sequence_length=SEQ, blend=([prefix], None), split="1,1", tokenizer=_Tok(),
+        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False,
+    )
+    assert min(float(valid[i]["loss_mask"].sum()) for i in range(len(valid))) < SEQ  # a padded sample
+    for ours in (train, valid):
+        theirs = object.__new__(MegatronGPTDataset)
+        theirs.dataset, theirs.config, theirs._pad_token_id = MegatronIndexed(prefix), mcfg, -1
+        theirs.masks_and_position_ids_are_cacheable, theirs.masks_and_position_ids_are_cached = True, False
+        theirs.document_index, theirs.sample_index = ours.document_index, ours.sample_index
+        theirs.shuffle_index = ours.shuffle_index
+        for idx in list(range(len(ours))) + [None]:
+            a, b = ours[idx], theirs[idx]
+            assert set(a) == set(b)
+            for k in a:
+                assert a[k].dtype == b[k].dtype, k
+                torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
