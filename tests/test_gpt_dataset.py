@@ -218,3 +218,24 @@ def test_getitem_equals_megatrons_on_the_same_indices(tmp_path):
             for k in a:
                 assert a[k].dtype == b[k].dtype, k
                 torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_short_final_epoch_is_shuffled_apart(tmp_path):
+    prefix = _corpus(tmp_path / "a", 12)
+    raw = IndexedDataset(prefix)
+    docs = range(0, round(0.8 * len(raw)))
+    tokens = int(np.asarray(raw.sequence_lengths[docs.start : docs.stop]).sum())
+    per_epoch = (tokens - 1) // SEQ
+    train, _, _ = build_gpt_datasets(_config([prefix], tmp_path), [per_epoch + 2, 1, None])
+    n_docs = len(docs)
+    doc_index = np.asarray(train.document_index)
+    assert len(doc_index) == 2 * n_docs  # two epochs, the second one short (2 samples of it)
+    np.testing.assert_array_equal(np.sort(doc_index[n_docs:]), np.arange(n_docs))  # whole, apart
+    before = (tokens - 1) // SEQ  # samples that end inside the first epoch
+    shuffle = np.asarray(train.shuffle_index)
+    np.testing.assert_array_equal(np.sort(shuffle[:before]), np.arange(before))
+    np.testing.assert_array_equal(np.sort(shuffle[before:]), np.arange(before, len(train)))
+    flat = _flat_reference(train)
+    for idx in (0, len(train) - 1):
+        k = int(shuffle[idx])
+        np.testing.assert_array_equal(train.tokens_of(idx), flat[k * SEQ : k * SEQ + SEQ + 1])
