@@ -239,3 +239,15 @@ def test_short_final_epoch_is_shuffled_apart(tmp_path):
     for idx in (0, len(train) - 1):
         k = int(shuffle[idx])
         np.testing.assert_array_equal(train.tokens_of(idx), flat[k * SEQ : k * SEQ + SEQ + 1])
+
+
+def test_skipped_split_is_not_built(tmp_path):
+    # "969,30,1" of 300 documents leaves the test split empty: fine when the caller skips it.
+    a, b = _corpus(tmp_path / "a", 13, n_docs=300), _corpus(tmp_path / "b", 14, n_docs=300)
+    cfg = _config([a, b], tmp_path, weights=[1.0, 2.0], split="969,30,1")
+    with pytest.raises(ValueError, match="test split"):
+        build_gpt_datasets(cfg, [40, 4, None])
+    train, valid, test = build_gpt_datasets(cfg, [40, 4, None], skip=("test",))
+    assert test is None and len(train) >= 40 and len(valid) >= 4
+    with pytest.raises(ValueError, match="skip"):
+        build_gpt_datasets(cfg, [40, 4, None], skip=("tset",))

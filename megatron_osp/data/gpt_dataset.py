@@ -215,14 +215,19 @@ class BlendedGPTDataset(torch.utils.data.Dataset):
         return {"dataset_id": torch.tensor(d), **sample}
 
 
-def build_gpt_datasets(config: GPTDataConfig, sizes: list[int | None]) -> list[torch.utils.data.Dataset | None]:
+def build_gpt_datasets(
+    config: GPTDataConfig, sizes: list[int | None], skip: tuple[str, ...] = ()
+) -> list[torch.utils.data.Dataset | None]:
     """Train, valid and test datasets of at least ``sizes[i]`` samples (None: one epoch / exhaustive).
 
-    Call on every rank (index caches hold barriers). A split with no share is None.
+    Call on every rank (index caches hold barriers). A split with no share, or named in ``skip``
+    (a split the caller never reads), is None and nothing is built for it.
     """
     if len(sizes) != 3:
         raise ValueError(f"sizes must give 3 entries (train, valid, test), got {sizes!r}")
-    matrix = parse_split(config.split)
+    if set(skip) - set(SPLITS):
+        raise ValueError(f"skip must name splits among {SPLITS}, got {skip!r}")
+    matrix = [None if name in skip else m for name, m in zip(SPLITS, parse_split(config.split))]
     for prefix in config.paths:
         for ext in (".bin", ".idx"):
             if not os.path.exists(prefix + ext):

@@ -58,7 +58,10 @@ def build_datasets(config, num_train_samples: int, num_eval_samples: int):
         eod_id=_eod_id(data),
         cache_dir=cache,
     )
-    train_ds, valid_ds, _ = build_gpt_datasets(ds_config, [num_train_samples, num_eval_samples, None])
+    # Training never reads the test split: skip it (no index build, no error if it is tiny).
+    train_ds, valid_ds, _ = build_gpt_datasets(
+        ds_config, [num_train_samples, num_eval_samples, None], skip=("test",)
+    )
     if valid_ds is None:
         raise ValueError(f"data.split={data.split!r} leaves no validation documents")
     return train_ds, valid_ds
