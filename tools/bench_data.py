@@ -176,8 +176,9 @@ def main() -> None:
     print(f"{'peak RSS - imports [GiB]':24}{mi:12.2f}{oi:12.2f}{oi / mi:9.2f}x")
     print(f"dtypes: document index {mega['document_index_dtype']} / {ours['document_index_dtype']}, "
           f"sample index {mega['sample_index_dtype']} / {ours['sample_index_dtype']}")
+    scope = "" if num_docs >= 10**8 else " (the targets are set for 1e8 documents; fixed costs dominate here)"
     print(f"targets: time ratio >= 5x -> {'met' if mega['build_s'] / ours['build_s'] >= 5 else 'NOT met'}; "
-          f"peak memory ratio <= 0.5x -> {'met' if op / mp <= 0.5 else 'NOT met'}")
+          f"peak memory ratio <= 0.5x -> {'met' if op / mp <= 0.5 else 'NOT met'}{scope}")
 
     if args.preprocess:
         script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_preprocess.py")
