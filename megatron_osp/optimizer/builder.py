@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig
 from megatron.core.optimizer.optimizer import (
     ChainedOptimizer,
@@ -39,10 +40,18 @@ class OptimSettings:
     muon_ns_steps: int = 5
     muon_coefficients: str = "keller"
     muon_qkv_split: str = "qkv"  # "qkv" | "per_head" | "none"
+    distributed_optimizer: bool = False  # ZeRO-1: shard optimizer state over data-parallel ranks
 
     def __post_init__(self):
         if self.name not in OPTIMIZERS:
             raise ValueError(f"optimizer.name must be one of {OPTIMIZERS}, got {self.name!r}")
+
+
+def ddp_config(settings: OptimSettings) -> DistributedDataParallelConfig:
+    """The DDP wrapper's config; it must agree with the optimizer on whether state is sharded."""
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=settings.distributed_optimizer
+    )
 
 
 def _adam_state_init(opt, config=None):
@@ -76,6 +85,11 @@ def get_osp_optimizer(settings: OptimSettings, model_chunks, *, bf16: bool = Fal
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_distributed_optimizer=False,
     )
+    if settings.distributed_optimizer:
+        raise ValueError(
+            "optimizer.distributed_optimizer=true is not supported yet (ZeRO-1 sharding of the "
+            "optimizer state); set it to false"
+        )
     route = route_parameters(model_chunks, settings.name)
     if settings.name == "muon" and parallel_state.get_tensor_model_parallel_world_size() > 1:
         raise ValueError(

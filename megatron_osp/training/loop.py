@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed import DistributedDataParallel
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -28,7 +28,7 @@ from megatron_osp import parallel, platform
 from megatron_osp.fileio import atomic_write_json
 from megatron_osp.analysis.kurtosis import HiddenStateRecorder, KurtosisReport
 from megatron_osp.models.gpt import build_gpt_model, transformer_config
-from megatron_osp.optimizer.builder import get_osp_optimizer
+from megatron_osp.optimizer.builder import ddp_config, get_osp_optimizer
 from megatron_osp.training.config import RunConfig, save_config
 from megatron_osp.training.data import MicroBatchIterator, build_datasets
 
@@ -90,7 +90,7 @@ class Trainer:
             model = Float16Module(self.tconfig, model)
         self.model = DistributedDataParallel(
             self.tconfig,
-            DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=False),
+            ddp_config(config.optimizer),
             model,
         )
         self.tconfig.no_sync_func = self.model.no_sync
