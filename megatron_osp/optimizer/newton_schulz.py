@@ -4,21 +4,62 @@ Muon replaces a matrix update G by (approximately) its polar factor U V^T (G = U
 gives every singular direction the same step size. An odd polynomial iteration on X = G / ||G||_F
 drives all singular values towards ~1 without an SVD:
 
-    A = X X^T;  X <- a X + (b A + c A^2) X
+    A = X X^T;  X <- a X + (b A + c A^2) X          (singular value s -> a s + b s^3 + c s^5)
 
-The "keller" coefficients (3.4445, -4.7750, 2.0315) (Jordan et al., 2024; used by the OSP paper)
-grow small singular values fast but only into a band around 1: after 5 steps every singular value
-s with s / ||G||_F >= 2e-3 lands in [0.68, 1.21] (tests/test_muon.py checks this against an SVD),
-which is enough for optimisation and far cheaper than an exact polar decomposition.
+Coefficient sets and the band their 5-step output lands in (tests/test_newton_schulz.py checks
+both against a float64 SVD):
+
+- "keller" (3.4445, -4.7750, 2.0315) every step (Jordan et al., 2024; the OSP paper's choice):
+  every singular value with s / ||G||_F >= 2e-3 ends in [0.68, 1.21]. It never converges; the
+  band is what makes it cheap.
+- "polar_express" (Amsel, Persson, Musco, Gower 2025, Algorithm 1): a different minimax-optimal
+  quintic per step for the interval [1e-3, 1], each divided by the paper's 1.01 safety factor
+  (a/1.01, b/1.01^3, c/1.01^5; the last, repeated one is not) and G scaled by 1/(1.01 ||G||_F):
+  s / ||G||_F >= 1e-3 ends in [0.84, 1.13] after 5 steps and in [0.99, 1.002] after 6.
 """
 
 from __future__ import annotations
 
 import torch
 
-COEFFICIENTS: dict[str, tuple[float, float, float]] = {
-    "keller": (3.4445, -4.7750, 2.0315),
+_POLAR_EXPRESS_RAW = (
+    (8.28721201814563, -23.595886519098837, 17.300387312530933),
+    (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+    (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+    (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+    (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+    (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
+    (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
+    (1.875, -1.25, 0.375),
+)
+_SAFETY = 1.01
+
+# name -> (per-step (a, b, c); the last one repeats), extra factor dividing the Frobenius norm
+COEFFICIENTS: dict[str, tuple[tuple[tuple[float, float, float], ...], float]] = {
+    "keller": (((3.4445, -4.7750, 2.0315),), 1.0),
+    "polar_express": (
+        tuple((a / _SAFETY, b / _SAFETY**3, c / _SAFETY**5) for a, b, c in _POLAR_EXPRESS_RAW[:-1])
+        + (_POLAR_EXPRESS_RAW[-1],),
+        _SAFETY,
+    ),
 }
+
+
+def coefficient_schedule(coefficients: str, steps: int) -> list[tuple[float, float, float]]:
+    """The (a, b, c) used at each of ``steps`` iterations."""
+    if coefficients not in COEFFICIENTS:
+        raise ValueError(f"unknown Newton-Schulz coefficients {coefficients!r}; known: {sorted(COEFFICIENTS)}")
+    if steps < 1:
+        raise ValueError(f"Newton-Schulz needs steps >= 1, got {steps}")
+    table, _ = COEFFICIENTS[coefficients]
+    return [table[min(i, len(table) - 1)] for i in range(steps)]
+
+
+def ns_flops(m: int, n: int, steps: int = 5) -> int:
+    """Multiply-add FLOPs (2 per MAC) of ``steps`` iterations on an m x n matrix (wide orientation)."""
+    m, n = min(m, n), max(m, n)
+    # A = X X^T (m*m*n), A @ A (m^3), B @ X (m*m*n)
+    return steps * 2 * (2 * m * m * n + m**3)
 
 
 def newton_schulz(
@@ -31,24 +72,26 @@ def newton_schulz(
     """Approximate polar factor of a 2-D matrix or a batch of them ([..., m, n]).
 
     Works in bf16 on CUDA (tensor cores) and fp32 on CPU unless ``dtype`` says otherwise; the
-    result has G's dtype. Each matrix is normalised by its own Frobenius norm.
+    result has G's dtype. Each matrix is normalised by its own Frobenius norm (+ ``eps``).
     """
     if G.ndim < 2:
         raise ValueError(f"newton_schulz needs a matrix or a batch of matrices, got shape {tuple(G.shape)}")
-    if coefficients not in COEFFICIENTS:
-        raise ValueError(f"unknown coefficients {coefficients!r}; known: {sorted(COEFFICIENTS)}")
-    a, b, c = COEFFICIENTS[coefficients]
+    schedule = coefficient_schedule(coefficients, steps)
+    safety = COEFFICIENTS[coefficients][1]
     if dtype is None:
         dtype = torch.bfloat16 if G.is_cuda else torch.float32
-    X = G.to(dtype)
+    batch_shape = G.shape[:-2]
+    X = G.reshape(-1, *G.shape[-2:]).to(dtype)
     transposed = X.shape[-2] > X.shape[-1]
     if transposed:  # iterate on the wide orientation: A is then the smaller Gram matrix
         X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
-    for _ in range(steps):
-        A = X @ X.mT
-        B = b * A + c * (A @ A)
-        X = a * X + B @ X
+    # The norm in fp32 even for bf16 work: its sum of squares overflows bf16's precision first.
+    norm = X.float().norm(dim=(-2, -1), keepdim=True)
+    X = (X.float() / (norm * safety + eps)).to(dtype).contiguous()
+    for a, b, c in schedule:
+        A = torch.bmm(X, X.mT)
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A A
+        X = torch.baddbmm(X, B, X, beta=a)  # a X + B X
     if transposed:
         X = X.mT
-    return X.to(G.dtype)
+    return X.reshape(*batch_shape, *X.shape[-2:]).to(G.dtype)
