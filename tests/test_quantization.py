@@ -1,0 +1,165 @@
+"""RTN fake quantization against hand-computed values and its error bound; GPTQ vs RTN; perplexity."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_osp.analysis.gptq import HessianAccumulator, gptq_quantize
+from megatron_osp.analysis.quantization import (
+    QuantSetting,
+    activation_quant_hooks,
+    fake_quant,
+    parse_setting,
+    quant_scale,
+    weight_fake_quant_,
+)
+
+
+def test_fake_quant_hand_computed_4bit():
+    # max|x| = 7 -> qmax 7, scale 1: plain rounding to integers (half to even, as torch.round).
+    x = torch.tensor([[0.2, -1.6, 3.5, 7.0, -2.49]])
+    assert torch.equal(fake_quant(x, 4), torch.tensor([[0.0, -2.0, 4.0, 7.0, -2.0]]))
+    # max|x| = 1.4 -> scale 0.2: 0.5 -> 2.5 -> 2 (even) -> 0.4; -0.33 -> -1.65 -> -2 -> -0.4.
+    y = torch.tensor([0.5, -0.33, 1.4, 0.09])
+    want = torch.tensor([0.4, -0.4, 1.4, 0.0])
+    torch.testing.assert_close(fake_quant(y, 4), want, rtol=0, atol=1e-6)
+    # 8 bits: qmax 127.
+    z = torch.tensor([1.0, -127.0, 0.49])
+    torch.testing.assert_close(fake_quant(z, 8), torch.tensor([1.0, -127.0, 0.0]))
+
+
+def test_fake_quant_groups_and_zero_groups():
+    x = torch.tensor([[1.0, 0.6, 100.0, -60.0], [0.0, 0.0, 0.0, 0.0]])
+    got = fake_quant(x, 4, group_size=2)
+    # group [1, .6]: scale 1/7 -> 0.6 * 7 = 4.2 -> 4 -> 4/7; group [100, -60]: scale 100/7, -4.2 -> -4.
+    want = torch.tensor([[1.0, 4 / 7, 100.0, -400 / 7], [0.0, 0.0, 0.0, 0.0]])
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="group_size=3"):
+        fake_quant(x, 4, group_size=3)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group", [None, 16])
+def test_fake_quant_error_bound_and_grid(bits, group):
+    torch.manual_seed(bits)
+    x = torch.randn(37, 64) * torch.logspace(-2, 2, 64)  # channels of very different scales
+    q = fake_quant(x, bits, group)
+    scale = quant_scale(x, bits, group)
+    xs = x if group is None else x.reshape(37, 64 // group, group)
+    qs = q if group is None else q.reshape(37, 64 // group, group)
+    assert ((xs - qs).abs() <= scale / 2 + 1e-6 * scale).all()
+    levels = qs / scale
+    torch.testing.assert_close(levels, levels.round(), rtol=0, atol=1e-4)
+    assert levels.round().abs().max() <= 2 ** (bits - 1) - 1
+    # the group maximum is represented exactly
+    torch.testing.assert_close(qs.abs().amax(-1), xs.abs().amax(-1))
+
+
+def test_fake_quant_16_bits_is_identity_and_dtype_kept():
+    x = torch.randn(4, 8, dtype=torch.bfloat16)
+    assert fake_quant(x, 16) is x
+    assert fake_quant(x, 4).dtype == torch.bfloat16
+
+
+def test_parse_setting():
+    s = parse_setting("4-4-4")
+    assert (s.w_bits, s.a_bits, s.kv_bits, s.ffn_hadamard, s.rotate, s.gptq) == (4, 4, 4, False, False, False)
+    assert s.name == "4-4-4"
+    assert parse_setting("fp").is_full_precision and parse_setting("fp").name == "fp"
+    t = parse_setting("4-8-8-g32+quarot+gptq")
+    assert (t.w_group_size, t.rotate, t.gptq, t.uses_ffn_hadamard) == (32, True, True, True)
+    assert t.name == "4-8-8-g32+quarot+gptq"
+    assert parse_setting("4-4-4+had").name == "4-4-4+had"
+    for bad in ("4-4", "4-4-4+foo", "1-4-4", "w4a4"):
+        with pytest.raises(ValueError):
+            parse_setting(bad)
+
+
+def test_weight_and_activation_quantizers_on_a_linear():
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 8, bias=False)
+    w = lin.weight.detach().clone()
+    weight_fake_quant_(lin, 4)
+    torch.testing.assert_close(lin.weight.detach(), fake_quant(w, 4))  # per output row
+    x = torch.randn(5, 3, 32)
+    with activation_quant_hooks([lin], 4):
+        got = lin(x)
+    torch.testing.assert_close(got, fake_quant(x, 4) @ lin.weight.detach().T)
+    torch.testing.assert_close(lin(x), x @ lin.weight.detach().T)  # hooks gone
+
+
+def _correlated_inputs(n, d, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=gen) / math.sqrt(d)
+    return torch.randn(n, d, generator=gen) @ mix + 0.1 * torch.randn(n, d, generator=gen)
+
+
+@pytest.mark.parametrize("group", [None, 16])
+def test_gptq_beats_rtn_on_a_layer(group):
+    torch.manual_seed(1)
+    x = _correlated_inputs(512, 64)
+    w = torch.randn(48, 64)
+    acc = HessianAccumulator(64)
+    for chunk in x.split(100):
+        acc.add(chunk)
+    torch.testing.assert_close(acc.h, 2 * x.double().T @ x.double() / 512)
+    q_gptq, scales = gptq_quantize(w, acc.h, 4, group_size=group, block_size=32, return_scales=True)
+    q_rtn = fake_quant(w, 4, group)
+    err = lambda q: float(((x @ w.T - x @ q.T) ** 2).sum())  # noqa: E731
+    assert err(q_gptq) < 0.7 * err(q_rtn), (err(q_gptq), err(q_rtn))
+    # still on a 4-bit symmetric grid per row (or group)
+    assert scales.shape == (48, 64 // group if group else 1)
+    qs = q_gptq.reshape(48, -1, group) if group else q_gptq.unsqueeze(1)
+    levels = qs.double() / scales.unsqueeze(-1)
+    torch.testing.assert_close(levels, levels.round(), rtol=0, atol=1e-4)
+    assert levels.round().abs().max() <= 7
+
+
+def test_gptq_with_identity_hessian_is_rtn():
+    # Uncorrelated unit-variance inputs: no error feedback helps, GPTQ reduces to RTN.
+    w = torch.randn(16, 32)
+    q = gptq_quantize(w, 2 * torch.eye(32, dtype=torch.float64), 4, damp=0.0)
+    torch.testing.assert_close(q, fake_quant(w, 4))
+
+
+def test_perplexity_equals_exp_mean_nll(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from megatron_osp.analysis.evaluation import load_token_windows, perplexity
+    from megatron_osp.data.indexed import IndexedDatasetWriter
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    ).eval()
+    rng = np.random.default_rng(0)
+    with IndexedDatasetWriter(tmp_path / "held") as writer:
+        for n in (50, 7, 90, 33):
+            writer.add_document(rng.integers(0, 96, n))
+    windows = load_token_windows(str(tmp_path / "held"), seq_length=15)
+    assert windows.shape == (180 // 16, 16)
+    stream = np.concatenate([writer_doc for writer_doc in _docs(tmp_path / "held")])
+    np.testing.assert_array_equal(windows.numpy().reshape(-1), stream[: windows.numel()])
+    got = perplexity(model, windows, batch_size=4)
+    with torch.no_grad():
+        lg = model(input_ids=windows[:, :-1]).logits
+    nll = F.cross_entropy(lg.reshape(-1, 96).double(), windows[:, 1:].reshape(-1), reduction="none")
+    assert got.tokens == nll.numel()
+    assert got.perplexity == pytest.approx(math.exp(float(nll.mean())), rel=1e-6)
+    # a fraction range selects documents like the training split does (round(lo * D))
+    tail = load_token_windows(str(tmp_path / "held"), seq_length=15, documents=(0.5, 1.0))
+    np.testing.assert_array_equal(tail.numpy().reshape(-1), stream[57 : 57 + tail.numel()])
+    with pytest.raises(ValueError, match="fewer than one window"):
+        load_token_windows(str(tmp_path / "held"), seq_length=200)
+
+
+def _docs(prefix):
+    from megatron_osp.data.indexed import IndexedDataset
+
+    ds = IndexedDataset(str(prefix))
+    return [np.asarray(ds[i], dtype=np.int64) for i in range(len(ds))]
