@@ -1,0 +1,88 @@
+"""Load a model to analyse: a Megatron checkpoint (rebuilt at TP=1, PP=1) or an HF Llama directory.
+
+Megatron checkpoints carry their RunConfig (training/checkpoint.py ``read_run_config``), so the model
+is rebuilt exactly as trained (normalization, EmbProj, sizes) in one process and the sharded weights
+are resharded into it by ``load_model_weights``, whatever layout saved them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["LoadedModel", "load_for_analysis", "describe_run"]
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    kind: str  # "megatron" | "hf"
+    label: str
+    seq_length: int
+    run_config: object | None = None  # RunConfig for Megatron checkpoints
+
+    @property
+    def data_split(self) -> str | None:
+        return getattr(getattr(self.run_config, "data", None), "split", None)
+
+
+def describe_run(run_config) -> str:
+    """"Adam + RMSNorm", "Muon + SSNorm + EmbProj", ... (the paper's ablation names)."""
+    opt = run_config.optimizer.name
+    parts = ["Muon" if opt == "muon" else "Adam"]
+    parts.append("SSNorm" if run_config.model.normalization == "ssnorm" else "RMSNorm")
+    if run_config.model.embedding_projection:
+        parts.append("EmbProj")
+    if parts[0] == "Muon" and parts[1] == "RMSNorm":
+        parts.pop(1)  # "Muon" / "Muon + EmbProj": RMSNorm is the default
+    return " + ".join(parts)
+
+
+def _is_megatron_checkpoint(path: Path) -> bool:
+    return (path / "latest").exists() or (path / "train_state.json").exists() or (path / "checkpoints" / "latest").exists()
+
+
+def _load_megatron(path: Path, device: torch.device, dtype: torch.dtype, label: str | None) -> LoadedModel:
+    from megatron_osp import parallel, platform
+    from megatron_osp.models import build_gpt_model, transformer_config
+    from megatron_osp.training.checkpoint import load_model_weights, read_run_config
+
+    if (path / "checkpoints").is_dir() and not (path / "latest").exists():
+        path = path / "checkpoints"  # a run directory
+    run_config = read_run_config(path)
+    parallel.init_distributed(1, 1)
+    platform.seed_everything(run_config.train.seed)
+    mcfg = run_config.model
+    model = build_gpt_model(mcfg, transformer_config(mcfg, params_dtype=torch.float32), seed=run_config.train.seed)
+    load_model_weights(str(path), [model])
+    model = model.to(device=device, dtype=dtype).eval()
+    return LoadedModel(model, "megatron", label or describe_run(run_config), mcfg.seq_length, run_config)
+
+
+def _load_hf(path: Path, device: torch.device, dtype: torch.dtype, label: str | None) -> LoadedModel:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="eager")
+    model = model.to(device).eval()
+    seq = int(getattr(model.config, "max_position_embeddings", 2048))
+    return LoadedModel(model, "hf", label or path.name, seq)
+
+
+def load_for_analysis(path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                      label: str | None = None) -> LoadedModel:
+    """Megatron checkpoint (save dir, ``iter_N`` dir or run dir) or HF directory (has config.json)."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    device = torch.device(device)
+    if (p / "config.json").exists():
+        return _load_hf(p, device, dtype, label)
+    if _is_megatron_checkpoint(p):
+        return _load_megatron(p, device, dtype, label)
+    raise ValueError(
+        f"{path}: neither an HF model directory (config.json) nor a Megatron checkpoint "
+        "(latest / train_state.json, or a run directory with checkpoints/)"
+    )

@@ -1,0 +1,141 @@
+"""The quantization report: per model, kurtosis and perplexity at full precision and each setting.
+
+``evaluate_model`` measures one loaded model (activation statistics on the first held-out windows,
+then perplexity under every setting); ``format_table`` / ``format_markdown`` lay several models out
+side by side with the degradation ``ppl(setting) - ppl(fp)``; ``write_report`` saves JSON + Markdown
+atomically and draws the two PNG figures.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from megatron_osp.analysis.activation_stats import ActivationStatsRecorder
+from megatron_osp.analysis.evaluation import evaluate_settings
+from megatron_osp.analysis.gptq import iterate_batches
+from megatron_osp.analysis.model_parts import logits, model_parts
+from megatron_osp.analysis.quantization import QuantSetting, parse_setting
+from megatron_osp.fileio import atomic_write_json, atomic_write_text
+
+__all__ = ["DEFAULT_SETTINGS", "evaluate_model", "format_table", "format_markdown", "write_report"]
+
+# The paper's table: full precision, the four W-A-KV settings, then the fixes at 4-4-4.
+DEFAULT_SETTINGS = ["fp", "8-8-8", "4-16-16", "4-8-8", "4-4-4", "4-4-4+had", "4-4-4+gptq", "4-4-4+quarot"]
+
+
+def evaluate_model(
+    model,
+    label: str,
+    windows: Tensor,
+    settings: list[QuantSetting | str],
+    batch_size: int = 8,
+    stats_windows: int = 8,
+    calibration: Tensor | None = None,
+    progress: Callable[[int], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """One model's results: ``{"label", "kurtosis": {...}, "activation_stats": {...}, "perplexity": {...}}``."""
+    parts = model_parts(model)
+    settings = [parse_setting(s) if isinstance(s, str) else s for s in settings]
+    if not any(s.name == "fp" for s in settings):
+        settings = [QuantSetting()] + settings
+    device = next(parts.model.parameters()).device
+    t0 = time.perf_counter()
+    with torch.no_grad(), ActivationStatsRecorder(parts) as rec:
+        for batch in iterate_batches(windows[:stats_windows], batch_size):
+            logits(parts, batch[:, :-1].to(device))
+    stats = rec.stats()
+    residual = stats.of_kind("residual")
+    kurt = {
+        "names": [p.name for p in residual],
+        "values": [p.kurtosis for p in residual],
+        "max_abs": [p.max_abs for p in residual],
+        "mean": sum(p.kurtosis for p in residual) / len(residual),
+        "max": max(p.kurtosis for p in residual),
+    }
+    linear = stats.of_kind("linear_input")
+
+    def done(setting, res):
+        log(f"  {label}: {setting.name:<16} ppl {res.perplexity:.4g}")
+
+    results = evaluate_settings(
+        parts, windows, settings, batch_size=batch_size, calibration=calibration, on_done=done, progress=progress
+    )
+    return {
+        "label": label,
+        "kurtosis": kurt,
+        "linear_input_kurtosis_max": max(p.kurtosis for p in linear),
+        "linear_input_max_abs": max(p.max_abs for p in linear),
+        "activation_stats": stats.to_dict(),
+        "perplexity": {name: r.perplexity for name, r in results.items()},
+        "nll": {name: r.nll for name, r in results.items()},
+        "eval_tokens": next(iter(results.values())).tokens,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _fmt(v: float) -> str:
+    if not math.isfinite(v):
+        return "inf" if v > 0 else "nan"
+    return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+
+
+def _rows(results: list[dict]) -> tuple[list[str], list[list[str]]]:
+    settings = list(results[0]["perplexity"].keys())
+    header = ["model", "kurt. mean", "kurt. max", "max |act|"] + [f"ppl {s}" for s in settings]
+    header += [f"Δ {s}" for s in settings if s != "fp"]
+    rows = []
+    for r in results:
+        ppl = r["perplexity"]
+        fp = ppl["fp"]
+        row = [r["label"], f"{r['kurtosis']['mean']:.4f}", f"{r['kurtosis']['max']:.4f}", _fmt(max(r["kurtosis"]["max_abs"]))]
+        row += [_fmt(ppl.get(s, float("nan"))) for s in settings]
+        row += [("+" if ppl.get(s, math.nan) - fp >= 0 else "") + _fmt(ppl.get(s, math.nan) - fp) for s in settings if s != "fp"]
+        rows.append(row)
+    return header, rows
+
+
+def format_table(results: list[dict]) -> str:
+    """Plain-text table: kurtosis, perplexity per setting, degradation (Δ = ppl - ppl at fp)."""
+    header, rows = _rows(results)
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    fmt = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join([fmt(header), "-" * len(fmt(header))] + [fmt(r) for r in rows])
+
+
+def format_markdown(results: list[dict], meta: dict | None = None) -> str:
+    header, rows = _rows(results)
+    out = ["# Quantization evaluation", ""]
+    if meta:
+        out += [f"- {k}: {v}" for k, v in meta.items()] + [""]
+    out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    names = results[0]["kurtosis"]["names"]
+    if all(r["kurtosis"]["names"] == names for r in results):
+        out += ["", "## Residual-stream excess kurtosis per hidden state", ""]
+        out += ["| hidden state | " + " | ".join(r["label"] for r in results) + " |", "|" + "---|" * (len(results) + 1)]
+        for i, n in enumerate(names):
+            out.append(f"| {n} | " + " | ".join(f"{r['kurtosis']['values'][i]:.4f}" for r in results) + " |")
+    return "\n".join(out) + "\n"
+
+
+def write_report(results: list[dict], output_dir: str | Path, meta: dict | None = None, plots: bool = True) -> list[Path]:
+    """``quantization.json``, ``quantization.md`` and (with ``plots``) the two PNGs; returns the paths."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "quantization.json", out / "quantization.md"]
+    atomic_write_json(paths[0], {"meta": meta or {}, "models": results})
+    atomic_write_text(paths[1], format_markdown(results, meta))
+    if plots:
+        from megatron_osp.analysis.plots import plot_kurtosis_per_layer, plot_perplexity_vs_bits
+
+        plot_kurtosis_per_layer({r["label"]: r["kurtosis"] for r in results}, out / "kurtosis_per_layer.png")
+        plot_perplexity_vs_bits({r["label"]: r["perplexity"] for r in results}, out / "perplexity_vs_bits.png")
+        paths += [out / "kurtosis_per_layer.png", out / "perplexity_vs_bits.png"]
+    return paths

@@ -1,0 +1,145 @@
+#!/usr/bin/env python
+"""Perplexity at full precision and under 4-bit fake quantization, with outlier statistics, per model.
+
+    python tools/evaluate_quantization.py runs/quickstart/adam runs/quickstart/osp \\
+        --data runs/quickstart/corpus_text_document --num-windows 16 --output-dir runs/quickstart/quant
+
+Each MODEL is a Megatron checkpoint (a run directory with checkpoints/, a save dir with ``latest`` or
+an ``iter_N`` dir; rebuilt at TP=1 from its saved run config) or an HF Llama directory. The held-out
+documents default to the validation split of the first Megatron checkpoint's run (``data.split``),
+else to the last 5% of the documents (``--documents LO:HI`` to choose). Writes quantization.json,
+quantization.md, kurtosis_per_layer.png and perplexity_vs_bits.png into --output-dir.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("models", nargs="+", help="Megatron checkpoint / run directories or HF model directories")
+    p.add_argument("--labels", nargs="+", help="one label per model (default: the run's optimizer/norm/EmbProj)")
+    p.add_argument("--data", required=True, help="held-out indexed dataset prefix (PREFIX.bin / PREFIX.idx)")
+    p.add_argument("--documents", help="fraction range LO:HI of the documents (default: the run's validation split)")
+    p.add_argument("--seq-length", type=int, help="tokens per sequence (default: the model's training length)")
+    p.add_argument("--num-windows", type=int, default=64, help="held-out sequences to evaluate (default 64)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--settings", nargs="+", help="W-A-KV settings, e.g. fp 4-4-4 4-8-8 4-4-4+had 4-4-4+quarot 4-4-4+gptq")
+    p.add_argument("--calibration-windows", type=int, default=16,
+                   help="GPTQ calibration sequences, taken from the training share of the documents (default 16)")
+    p.add_argument("--stats-windows", type=int, default=8, help="sequences for the activation statistics (default 8)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--no-plots", action="store_true")
+    return p.parse_args(argv)
+
+
+def _split_ranges(split: str) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(train, valid) document fractions of a run's data.split, as the training data uses them."""
+    from megatron_osp.data.gpt_dataset import parse_split
+
+    train, valid, _ = parse_split(split)
+    if valid is None:
+        raise ValueError(f"data.split={split!r} has no validation share: pass --documents")
+    return train or (0.0, valid[0]), valid
+
+
+def _progress(total: int, desc: str):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, unit="seq", file=sys.stderr, leave=False, disable=not sys.stderr.isatty())
+    except ImportError:  # pragma: no cover
+        return None
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import warnings
+
+    # Megatron-Core and torch.distributed.checkpoint warn about Apex/TE and deprecated paths on load.
+    for pattern in (".*Apex.*", ".*Transformer Engine.*", ".*deprecated.*", ".*TypedStorage.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+    import torch
+
+    from megatron_osp.analysis.evaluation import load_token_windows, parse_document_range
+    from megatron_osp.analysis.loading import load_for_analysis
+    from megatron_osp.analysis.quant_report import DEFAULT_SETTINGS, evaluate_model, format_table, write_report
+    from megatron_osp.analysis.quantization import parse_setting
+
+    if args.labels and len(args.labels) != len(args.models):
+        print(f"error: --labels has {len(args.labels)} entries for {len(args.models)} models", file=sys.stderr)
+        return 2
+    try:
+        settings = [parse_setting(s) for s in (args.settings or DEFAULT_SETTINGS)]
+        for prefix_ext in (".bin", ".idx"):
+            if not Path(args.data + prefix_ext).exists():
+                raise FileNotFoundError(f"--data: {args.data + prefix_ext} does not exist")
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+
+    results, meta = [], None
+    windows = calib = None
+    for i, path in enumerate(args.models):
+        label = args.labels[i] if args.labels else None
+        print(f"== {path}", flush=True)
+        loaded = load_for_analysis(path, device=device, dtype=dtype, label=label)
+        if windows is None:
+            seq = args.seq_length or loaded.seq_length
+            if args.documents:
+                held = parse_document_range(args.documents)
+                train_docs = (0.0, held[0]) if held[0] > 0 else None
+            elif loaded.data_split:
+                train_docs, held = _split_ranges(loaded.data_split)
+            else:
+                held, train_docs = (0.95, 1.0), (0.0, 0.95)
+            windows = load_token_windows(args.data, seq, args.num_windows, documents=held)
+            if any(s.gptq for s in settings):
+                if train_docs is None:
+                    raise ValueError("GPTQ needs calibration documents outside the held-out range")
+                calib = load_token_windows(args.data, seq, args.calibration_windows, documents=train_docs)
+            meta = {
+                "data": args.data,
+                "documents": f"{held[0]}:{held[1]}",
+                "sequences": int(windows.shape[0]),
+                "seq_length": seq,
+                "tokens": int(windows.shape[0] * seq),
+                "device": device,
+                "dtype": args.dtype,
+                "settings": [s.name for s in settings],
+            }
+            print(f"held-out: {windows.shape[0]} x {seq} tokens from documents {held[0]}:{held[1]} of {args.data}")
+        bar = _progress(len(settings) * windows.shape[0], loaded.label)
+        t0 = time.perf_counter()
+        res = evaluate_model(
+            loaded.model, loaded.label, windows, settings,
+            batch_size=args.batch_size, stats_windows=args.stats_windows, calibration=calib,
+            progress=(bar.update if bar is not None else None),
+            log=(bar.write if bar is not None else print),
+        )
+        if bar is not None:
+            bar.close()
+        res["path"] = str(path)
+        print(f"  done in {time.perf_counter() - t0:.1f}s", flush=True)
+        results.append(res)
+        del loaded
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+    print()
+    print(format_table(results))
+    paths = write_report(results, args.output_dir, meta, plots=not args.no_plots)
+    print("\nwrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
