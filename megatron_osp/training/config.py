@@ -63,8 +63,20 @@ class TrainSettings:
     run_dir: str = "runs/default"
     tensorboard: bool = True
     progress_bar: bool = True
+    # Checkpointing (training/checkpoint.py). A run with a checkpoint in save_dir resumes from it.
+    save: bool = True  # write checkpoints (every save_interval steps, at the end, on SIGTERM)
+    save_dir: str | None = None  # default <run_dir>/checkpoints
+    save_interval: int = 0  # 0 = only at the end (and on SIGTERM / exit_at_step)
+    keep_last: int = 0  # keep the K newest checkpoints in save_dir; 0 = keep all
+    load: str | None = None  # start from this checkpoint (a save dir or one iter_N directory)
+    auto_resume: bool = True  # with load unset, resume from save_dir's latest checkpoint if any
+    exit_at_step: int = 0  # stop (after saving) once this many steps are done; 0 = run to the end
+    save_on_sigterm: bool = True  # SIGTERM: finish the step, save, exit cleanly
 
     def __post_init__(self):
+        for name in ("save_interval", "keep_last", "exit_at_step"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.decay_style not in DECAY_STYLES:
             raise ValueError(f"train.decay_style must be one of {DECAY_STYLES}, got {self.decay_style!r}")
         if self.global_batch_size % self.micro_batch_size:

@@ -5,12 +5,18 @@ parallelism), gradient reduction by Megatron's DDP, then the (Muon +) AdamW step
 Every ``log_interval`` steps the loss, LR, grad norm and tokens/s go to the console, to
 ``metrics.jsonl`` and to TensorBoard; every ``kurtosis_interval`` steps (and at the end) the paper's
 excess-kurtosis metric is measured on a fixed held-out batch.
+
+Checkpoints (training/checkpoint.py) are written every ``save_interval`` steps, at the end, at
+``exit_at_step`` and on SIGTERM (the step in flight finishes first); a run whose ``save_dir`` holds
+a checkpoint, or that names one in ``train.load``, continues from it on exactly the next batch.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -29,6 +35,7 @@ from megatron_osp.fileio import atomic_write_json
 from megatron_osp.analysis.kurtosis import HiddenStateRecorder, KurtosisReport
 from megatron_osp.models.gpt import build_gpt_model, transformer_config
 from megatron_osp.optimizer.builder import ddp_config, get_osp_optimizer
+from megatron_osp.training.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from megatron_osp.training.config import RunConfig, save_config
 from megatron_osp.training.data import MicroBatchIterator, build_datasets
 
@@ -119,7 +126,6 @@ class Trainer:
         n_train = train.train_steps * train.global_batch_size
         n_eval = max(train.eval_batches, train.kurtosis_batches) * train.global_batch_size
         self.train_ds, self.valid_ds = build_datasets(config, n_train, n_eval)
-        self.train_iter = MicroBatchIterator(self.train_ds, train.global_batch_size, train.micro_batch_size)
         self.step = 0
         self.writer = None
         if is_logging_rank() and train.tensorboard:
@@ -127,6 +133,28 @@ class Trainer:
 
             self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
         self.n_params = sum(p.numel() for p in self.model.parameters())
+
+        # Last, so the restored RNG states are the ones the next step sees.
+        self.save_dir = Path(train.save_dir) if train.save_dir else self.run_dir / "checkpoints"
+        self.last_saved_step = None
+        consumed = 0
+        load_path = train.load
+        if load_path is None and train.auto_resume and has_checkpoint(self.save_dir):
+            load_path = self.save_dir
+        if load_path is not None:
+            state = load_checkpoint(
+                load_path, [self.model], self.optimizer, self.scheduler, log=self._rank0_log
+            )
+            self.step, consumed = state["iteration"], state["consumed_samples"]
+            if "optimizer" in state["contents"]:
+                self.last_saved_step = self.step
+        self.train_iter = MicroBatchIterator(
+            self.train_ds, train.global_batch_size, train.micro_batch_size, consumed_samples=consumed
+        )
+
+    def _rank0_log(self, msg):
+        if dist.get_rank() == 0:
+            self.log(msg)
 
     def _is_stage_leader(self) -> bool:
         return parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_tensor_model_parallel_rank() == 0
@@ -193,8 +221,42 @@ class Trainer:
         dist.all_gather_object(reports, payload)
         return _merge_reports(reports)
 
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> Path:
+        """Checkpoint the full training state at the current step (collective)."""
+        path = save_checkpoint(
+            self.save_dir,
+            self.step,
+            [self.model],
+            self.config,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            consumed_samples=self.train_iter.consumed,
+            keep_last=self.config.train.keep_last,
+            log=self._rank0_log,
+        )
+        self.last_saved_step = self.step
+        return path
+
+    def _stop_reason(self, sigterm: "_SigtermFlag | None") -> str | None:
+        train = self.config.train
+        if sigterm is not None and sigterm.any_rank(self.device):
+            return "SIGTERM"
+        if train.exit_at_step and self.step >= train.exit_at_step and self.step < train.train_steps:
+            return f"train.exit_at_step={train.exit_at_step}"
+        return None
+
     # ------------------------------------------------------------------ run
     def train(self) -> dict:
+        train = self.config.train
+        sigterm = _SigtermFlag.install() if train.save_on_sigterm else None
+        try:
+            return self._train(sigterm)
+        finally:
+            if sigterm is not None:
+                sigterm.uninstall()
+
+    def _train(self, sigterm) -> dict:
         train = self.config.train
         tokens_per_step = train.global_batch_size * self.config.model.seq_length
         if is_logging_rank():
@@ -204,7 +266,10 @@ class Trainer:
                 f"embedding_projection={self.config.model.embedding_projection} | "
                 f"{train.train_steps} steps x {tokens_per_step} tokens | device={self.device} bf16={self.bf16}"
             )
-        bar = _progress_bar(train.train_steps) if (is_logging_rank() and train.progress_bar) else None
+        start_step = self.step
+        if self.step and is_logging_rank():
+            self.log(f"resuming at step {self.step} ({self.train_iter.consumed} samples consumed)")
+        bar = _progress_bar(train.train_steps, initial=self.step) if (is_logging_rank() and train.progress_bar) else None
         metrics_path = self.run_dir / "metrics.jsonl"
         history = self.history = []
         t0 = time.perf_counter()
@@ -229,8 +294,17 @@ class Trainer:
                 kurtosis_history.append({"step": self.step, "mean": report.mean, "max": report.max})
                 self._log_scalar("kurtosis/mean", report.mean)
                 self._log_scalar("kurtosis/max", report.max)
+            if train.save and train.save_interval and self.step % train.save_interval == 0:
+                self.save()
+            stop = self._stop_reason(sigterm)
+            if stop is not None:
+                if bar is not None:
+                    bar.close()
+                return self._stop_early(stop, history)
         if bar is not None:
             bar.close()
+        if train.save and self.last_saved_step != self.step:
+            self.save()
         train_time = time.perf_counter() - t0
         val_loss = self.evaluate()
         report = self.measure_kurtosis()
@@ -248,7 +322,7 @@ class Trainer:
             "kurtosis_max": report.max,
             "kurtosis_history": kurtosis_history,
             "train_time_s": train_time,
-            "tokens_per_s": self.step * tokens_per_step / train_time,
+            "tokens_per_s": (self.step - start_step) * tokens_per_step / train_time,
         }
         if is_logging_rank():
             self._log_scalar("val/loss", val_loss)
@@ -262,6 +336,27 @@ class Trainer:
             self.writer.close()
         dist.barrier()
         return summary
+
+    def _stop_early(self, reason: str, history) -> dict:
+        """Save (when checkpointing is on) and return before the end of the schedule."""
+        saved = None
+        if self.config.train.save:
+            saved = self.save() if self.last_saved_step != self.step else self.save_dir
+        where = f"checkpoint of step {self.step} in {self.save_dir}" if saved else "no checkpoint (train.save=false)"
+        self._rank0_log(
+            f"{reason}: stopped after step {self.step} of {self.config.train.train_steps}; {where}. "
+            "Run the same command again to continue."
+        )
+        if self.writer is not None:
+            self.writer.close()
+        dist.barrier()
+        return {
+            "run_dir": str(self.run_dir),
+            "stopped": reason,
+            "steps": self.step,
+            "train_loss": _mean_tail(history),
+            "checkpoint": str(self.save_dir) if saved else None,
+        }
 
     def _log_scalar(self, tag, value):
         if self.writer is not None and not math.isnan(value):
@@ -303,7 +398,38 @@ def _mean_tail(history, n=3) -> float:
     return sum(tail) / len(tail) if tail else float("nan")
 
 
-def _progress_bar(total):
+def _progress_bar(total, initial=0):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="pretrain", unit="step", dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc="pretrain", unit="step", dynamic_ncols=True)
+
+
+class _SigtermFlag:
+    """Records SIGTERM (cluster preemption) so the loop can finish its step, save and stop.
+
+    Ranks may receive the signal at different times, so the flag is agreed on with an all-reduce
+    after every step: all ranks stop after the same step.
+    """
+
+    def __init__(self):
+        self.received = False
+        self._previous = None
+
+    @classmethod
+    def install(cls) -> "_SigtermFlag | None":
+        if threading.current_thread() is not threading.main_thread():
+            return None  # signal handlers can only be set from the main thread
+        flag = cls()
+        flag._previous = signal.signal(signal.SIGTERM, flag._handle)
+        return flag
+
+    def _handle(self, signum, frame):
+        self.received = True
+
+    def uninstall(self):
+        signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
+
+    def any_rank(self, device) -> bool:
+        flag = torch.tensor([1.0 if self.received else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())

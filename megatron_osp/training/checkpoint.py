@@ -1,0 +1,409 @@
+"""Checkpoints through Megatron-Core's ``dist_checkpointing`` (torch_dist format), resharded on load.
+
+Every tensor is saved as a global ShardedTensor, so a checkpoint written at one TP/PP/DP layout loads
+at any other: ``dist_checkpointing`` reads each rank's slice of the global tensors. A save is made
+visible only once it is complete, so a job killed in the middle of one resumes from the previous one.
+
+On-disk layout::
+
+    <save_dir>/
+      latest                  one line "iter_0000200": the newest COMPLETE checkpoint. Written last,
+                              atomically (temp file + os.replace), after the directory below is final.
+      iter_0000200/           one checkpoint (its name is the number of optimizer steps done)
+        metadata.json         dist_checkpointing's backend marker (torch_dist)
+        .metadata             torch.distributed.checkpoint index: which file holds which shard
+        __<rank>_<n>.distcp   the shards: model weights, optimizer state (fp32 master weights, Adam
+                              moments, Muon momentum), each rank's RNG states
+        common.pt             replicated state: LR scheduler, iteration, consumed samples,
+                              optimizer hyperparameters
+        run_config.yaml       the RunConfig of the run that saved it (read_run_config)
+        train_state.json      iteration, consumed samples, contents, the saving layout (human-readable)
+      iter_0000300.tmp/       a save in progress (or killed half way): never loaded, removed by the
+                              next save
+
+A save writes everything into ``iter_N.tmp/``, renames it to ``iter_N/`` once every rank has finished,
+then moves ``latest``; with ``keep_last=K`` the older ``iter_*`` directories are deleted after that.
+Loading takes either ``<save_dir>`` (follows ``latest``) or one ``iter_N`` directory.
+
+Public API (all ranks call the save/load functions; the parallel state must be initialised):
+``save_checkpoint``, ``load_checkpoint`` (full training state), ``load_model_weights`` (weights only,
+for export and evaluation), ``read_run_config``, ``read_train_state``, ``resolve_checkpoint``,
+``has_checkpoint``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_osp.fileio import atomic_write_json, atomic_write_text
+
+LATEST = "latest"
+RUN_CONFIG = "run_config.yaml"
+TRAIN_STATE = "train_state.json"
+FORMAT = "megatron-osp/torch_dist"
+FORMAT_VERSION = 1
+_ITER_RE = re.compile(r"^iter_(\d{7,})$")
+# Files every complete iteration directory has (besides its .distcp shards).
+_REQUIRED = ("metadata.json", ".metadata", "common.pt", RUN_CONFIG, TRAIN_STATE)
+# Megatron matches saved optimizer param groups to live ones by these keys (optimizer.py).
+_GROUP_KEYS_DEFAULTS = {"lr_mult": 1.0, "is_expert_parallel": False, "is_decoupled_lr": False}
+# Param-group entries that describe this rank's layout rather than hyperparameters: never taken from
+# a checkpoint (rank 0's values there belong to rank 0's pipeline stage and layout).
+_LAYOUT_GROUP_KEYS = ("blocks",)
+
+
+class CheckpointError(RuntimeError):
+    """A path that is not a (complete) checkpoint, or a checkpoint that cannot be loaded here."""
+
+
+def iteration_dir_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+# ---------------------------------------------------------------------------------- finding
+def has_checkpoint(save_dir: str | os.PathLike) -> bool:
+    """True when ``save_dir`` has a ``latest`` pointer (auto-resume uses this)."""
+    return (Path(save_dir) / LATEST).is_file()
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """The complete iteration directory that ``path`` names (a save dir, following ``latest``, or one
+    ``iter_N`` directory); CheckpointError naming the path otherwise. Checks every shard is present."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is not a directory")
+    pointer = path / LATEST
+    if pointer.is_file():
+        name = pointer.read_text().strip()
+        if not _ITER_RE.match(name):
+            raise CheckpointError(f"{pointer}: expected a line like 'iter_0000100', got {name!r}")
+        target = path / name
+        if not target.is_dir():
+            raise CheckpointError(f"{pointer} points to {target}, which does not exist")
+        path = target
+    elif not (path / "metadata.json").is_file():
+        partial = sorted(p.name for p in path.glob("iter_*.tmp"))
+        hint = f" (only incomplete saves: {', '.join(partial)})" if partial else ""
+        raise CheckpointError(
+            f"{path} is not a checkpoint: it has neither a '{LATEST}' pointer file nor the "
+            f"checkpoint files of one iteration directory (metadata.json){hint}"
+        )
+    _check_complete(path)
+    return path
+
+
+def _check_complete(path: Path) -> None:
+    """Every file the checkpoint's index names exists and is long enough (a missing or truncated
+    shard is reported by name before dist_checkpointing fails somewhere inside torch)."""
+    missing = [name for name in _REQUIRED if not (path / name).is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(str(path)).read_metadata()
+    except Exception as e:  # noqa: BLE001 - any failure to parse the index is a damaged checkpoint
+        raise CheckpointError(f"checkpoint {path}: cannot read its shard index .metadata: {e}") from e
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        shard = path / name
+        if not shard.is_file():
+            raise CheckpointError(f"checkpoint {path} is missing shard file {shard}")
+        if shard.stat().st_size < size:
+            raise CheckpointError(
+                f"checkpoint shard {shard} is truncated: {shard.stat().st_size} bytes, the index "
+                f"needs {size}"
+            )
+
+
+def read_train_state(path: str | os.PathLike) -> dict:
+    """``train_state.json`` of a checkpoint: iteration, consumed_samples, contents, layout."""
+    ckpt = resolve_checkpoint(path)
+    try:
+        state = json.loads((ckpt / TRAIN_STATE).read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{ckpt / TRAIN_STATE}: invalid JSON: {e}") from None
+    if state.get("format") != FORMAT:
+        raise CheckpointError(f"{ckpt / TRAIN_STATE}: not a {FORMAT} checkpoint (format={state.get('format')!r})")
+    if state.get("version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{ckpt / TRAIN_STATE}: checkpoint format version {state['version']} is newer than this "
+            f"code's ({FORMAT_VERSION})"
+        )
+    return state
+
+
+def read_run_config(path: str | os.PathLike):
+    """The RunConfig saved with a checkpoint (``path`` = save dir or iteration directory)."""
+    from megatron_osp.training.config import load_config
+
+    ckpt = resolve_checkpoint(path)
+    return load_config(ckpt / RUN_CONFIG)
+
+
+# ---------------------------------------------------------------------------------- state dicts
+def _core(module):
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+def _model_keys(model_chunks) -> list[str]:
+    return ["model"] if len(model_chunks) == 1 else [f"model{i}" for i in range(len(model_chunks))]
+
+
+def _model_sharded_state_dict(model_chunks) -> dict:
+    return {key: _core(chunk).sharded_state_dict() for key, chunk in zip(_model_keys(model_chunks), model_chunks)}
+
+
+def _layout() -> dict:
+    from megatron.core import parallel_state as ps
+
+    return {
+        "tensor_parallel_size": ps.get_tensor_model_parallel_world_size(),
+        "pipeline_parallel_size": ps.get_pipeline_model_parallel_world_size(),
+        "data_parallel_size": ps.get_data_parallel_world_size(),
+    }
+
+
+def _rng_sharded_object(data):
+    """This rank's RNG states as one cell of a (PP, TP, DP) grid of objects."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    shape = (
+        ps.get_pipeline_model_parallel_world_size(),
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_data_parallel_world_size(),
+    )
+    offset = (
+        ps.get_pipeline_model_parallel_rank(),
+        ps.get_tensor_model_parallel_rank(),
+        ps.get_data_parallel_rank(),
+    )
+    return ShardedObject("rng_state", data, shape, offset, replica_id=0)
+
+
+def _rng_states() -> dict:
+    from megatron.core import tensor_parallel
+
+    states = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def _set_rng_states(states: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(states["tracker"])
+
+
+def _sub_optimizers(optimizer) -> list:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _add_group_identifiers(groups) -> None:
+    """Megatron's loader matches param groups by (wd_mult, lr_mult, is_expert_parallel,
+    is_decoupled_lr); give groups that lack the last three their neutral values."""
+    for group in groups:
+        group.setdefault("wd_mult", 1.0)
+        for key, value in _GROUP_KEYS_DEFAULTS.items():
+            group.setdefault(key, value)
+
+
+def _optimizer_groups(state) -> list:
+    """The torch param groups inside one sub-optimizer's (loaded) state dict."""
+    inner = state.get("optimizer", state) if isinstance(state, dict) else state
+    return inner.get("param_groups", []) if isinstance(inner, dict) else []
+
+
+def _load_optimizer(optimizer, state) -> None:
+    subs = _sub_optimizers(optimizer)
+    layout_values = [[{k: g[k] for k in _LAYOUT_GROUP_KEYS if k in g} for g in sub.param_groups] for sub in subs]
+    for sub in subs:
+        _add_group_identifiers(sub.param_groups)
+    per_sub = [state] if len(subs) == 1 else [state[k] for k in sorted(state)]
+    for sub_state in per_sub:
+        _add_group_identifiers(_optimizer_groups(sub_state))
+    optimizer.load_state_dict(state)
+    for sub, saved in zip(subs, layout_values):
+        for group, values in zip(sub.param_groups, saved):
+            group.update(values)
+
+
+# ---------------------------------------------------------------------------------- save
+def save_checkpoint(
+    save_dir: str | os.PathLike,
+    iteration: int,
+    model_chunks,
+    config,
+    *,
+    optimizer=None,
+    scheduler=None,
+    consumed_samples: int = 0,
+    keep_last: int = 0,
+    save_rng: bool = True,
+    log=None,
+) -> Path:
+    """Save a checkpoint of ``iteration`` under ``save_dir`` (collective: every rank calls it).
+
+    ``model_chunks`` are the model (DDP/Float16Module-wrapped or not). Without ``optimizer`` and
+    ``scheduler`` this writes a weights-only checkpoint (e.g. one converted from Hugging Face), which
+    training loads with a fresh optimizer. Returns the final iteration directory.
+    """
+    save_dir = Path(save_dir)
+    final = save_dir / iteration_dir_name(iteration)
+    tmp = save_dir / (final.name + ".tmp")
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        for stale in save_dir.glob("iter_*.tmp"):
+            shutil.rmtree(stale)
+        tmp.mkdir()
+    dist.barrier()
+
+    contents = ["model"]
+    state = _model_sharded_state_dict(model_chunks)
+    if optimizer is not None:
+        for sub in _sub_optimizers(optimizer):
+            _add_group_identifiers(sub.param_groups)
+        model_sd = {k: v for k, v in state.items()}
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd)
+        contents.append("optimizer")
+    if scheduler is not None:
+        state["opt_param_scheduler"] = scheduler.state_dict()
+        contents.append("scheduler")
+    if save_rng:
+        state["rng_state"] = _rng_sharded_object(_rng_states())
+        contents.append("rng")
+    state["iteration"] = iteration
+    state["consumed_samples"] = consumed_samples
+    _write_shards(state, tmp)
+
+    if rank0:
+        from megatron_osp.training.config import save_config
+
+        save_config(config, tmp / RUN_CONFIG)
+        atomic_write_json(
+            tmp / TRAIN_STATE,
+            {
+                "format": FORMAT,
+                "version": FORMAT_VERSION,
+                "iteration": iteration,
+                "consumed_samples": consumed_samples,
+                "contents": contents,
+                "layout": _layout(),
+            },
+        )
+    dist.barrier()
+    if rank0:
+        _publish(tmp, final, save_dir)
+        if keep_last > 0:
+            _prune(save_dir, keep_last, keep=final)
+        if log is not None:
+            log(f"saved checkpoint {final}")
+    dist.barrier()
+    return final
+
+
+def _write_shards(state: dict, directory: Path) -> None:
+    from megatron.core import dist_checkpointing
+
+    dist_checkpointing.save(state, str(directory))
+
+
+def _publish(tmp: Path, final: Path, save_dir: Path) -> None:
+    """Make a complete save visible: rename its directory into place, then move ``latest``."""
+    if final.exists():  # the same iteration saved again (e.g. a run resumed from an older one)
+        old = final.with_name(final.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    atomic_write_text(save_dir / LATEST, final.name + "\n")
+
+
+def _prune(save_dir: Path, keep_last: int, keep: Path) -> None:
+    found = sorted(
+        (int(m.group(1)), p) for p in save_dir.iterdir() if p.is_dir() and (m := _ITER_RE.match(p.name))
+    )
+    for _, path in found[:-keep_last]:
+        if path != keep:
+            shutil.rmtree(path)
+
+
+# ---------------------------------------------------------------------------------- load
+def load_checkpoint(path, model_chunks, optimizer=None, scheduler=None, *, load_rng: bool = True, log=None) -> dict:
+    """Load a checkpoint into a built model (and optimizer / scheduler) at any TP/PP/DP layout.
+
+    Parts the checkpoint lacks (a weights-only checkpoint has no optimizer) are left as they are.
+    RNG states are restored only when the layout is the one that saved them (they are per rank).
+    Returns the checkpoint's train state (iteration, consumed_samples, contents, layout, path).
+    """
+    from megatron.core import dist_checkpointing
+
+    ckpt = resolve_checkpoint(path)
+    train_state = read_train_state(ckpt)
+    contents = set(train_state.get("contents", ["model"]))
+    state = _model_sharded_state_dict(model_chunks)
+    use_optimizer = optimizer is not None and "optimizer" in contents
+    if use_optimizer:
+        state["optimizer"] = optimizer.sharded_state_dict(dict(state), is_loading=True)
+    same_layout = train_state.get("layout") == _layout()
+    use_rng = load_rng and "rng" in contents and same_layout
+    if use_rng:
+        state["rng_state"] = _rng_sharded_object(None)
+    try:
+        loaded = dist_checkpointing.load(state, str(ckpt))
+    except Exception as e:  # noqa: BLE001 - name the checkpoint whatever failed inside
+        raise CheckpointError(f"loading checkpoint {ckpt} failed: {type(e).__name__}: {e}") from e
+    for key, chunk in zip(_model_keys(model_chunks), model_chunks):
+        _core(chunk).load_state_dict(loaded[key], strict=True)
+    if use_optimizer:
+        _load_optimizer(optimizer, loaded["optimizer"])
+    elif optimizer is not None:
+        optimizer.reload_model_params()  # fp32 master weights from the loaded bf16/fp32 weights
+    if scheduler is not None and "scheduler" in contents:
+        scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    if use_rng:
+        _set_rng_states(loaded["rng_state"])
+    if log is not None:
+        skipped = sorted({"optimizer", "scheduler", "rng"} & contents - {
+            "optimizer" if use_optimizer else "", "scheduler" if scheduler is not None else "", "rng" if use_rng else ""
+        })
+        note = f" (not restored: {', '.join(skipped)})" if skipped else ""
+        log(f"loaded checkpoint {ckpt} at iteration {train_state['iteration']}{note}")
+    return dict(train_state, path=str(ckpt))
+
+
+def load_model_weights(path, model_chunks) -> dict:
+    """Load only the model weights of a checkpoint into ``model_chunks`` (any TP/PP layout: the
+    shards are resharded). For export and evaluation. Returns the checkpoint's train state."""
+    return load_checkpoint(path, model_chunks, load_rng=False)
