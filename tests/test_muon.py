@@ -1,44 +1,11 @@
-"""Newton–Schulz against an SVD polar factor; Muon's step against a float64 reference."""
+"""Muon's step against a float64 reference; the config-driven split of fused weights."""
 
 import math
 
 import pytest
 import torch
 
-from megatron_osp.optimizer import Muon, logical_blocks, newton_schulz
-
-
-def _scalar_map(x, steps=5):
-    for _ in range(steps):
-        x = 3.4445 * x - 4.7750 * x**3 + 2.0315 * x**5
-    return x
-
-
-@pytest.mark.parametrize("shape", [(64, 64), (32, 96), (96, 32), (4, 128, 48)])
-def test_newton_schulz_against_float64_svd(shape):
-    torch.manual_seed(0)
-    G = torch.randn(*shape, dtype=torch.float64)
-    X = newton_schulz(G.float(), steps=5).double()
-    U, S, Vh = torch.linalg.svd(G, full_matrices=False)
-    # NS keeps G's singular vectors (U^T X V is diagonal) ...
-    core = U.mT @ X @ Vh.mT
-    diag = torch.diagonal(core, dim1=-2, dim2=-1)
-    assert (core - torch.diag_embed(diag)).abs().max() < 1e-4
-    # ... and maps each singular value s by the scalar quintic applied to s / ||G||_F.
-    rel = S / G.norm(dim=(-2, -1), keepdim=True).squeeze(-1)
-    torch.testing.assert_close(diag, _scalar_map(rel), rtol=0, atol=2e-4)
-    # The band Keller's coefficients promise after 5 steps: [0.68, 1.21] for s/||G||_F >= 2e-3.
-    banded = diag[rel >= 2e-3]
-    assert banded.min() > 0.68 and banded.max() < 1.21
-    # So the result is close to the exact polar factor U V^T in direction.
-    polar = U @ Vh
-    cos = (X * polar).sum(dim=(-2, -1)) / (X.norm(dim=(-2, -1)) * polar.norm(dim=(-2, -1)))
-    assert (cos > 0.97).all(), cos
-
-
-def test_newton_schulz_rejects_vectors():
-    with pytest.raises(ValueError, match="matrix"):
-        newton_schulz(torch.randn(8))
+from megatron_osp.optimizer import Muon, logical_blocks, whole_matrix_blocks
 
 
 def _ns64(u, steps=5):
@@ -56,7 +23,7 @@ def test_muon_two_steps_match_float64_reference_with_blocks():
     W0 = torch.randn(48, 16)
     blocks = [torch.arange(0, 32), torch.arange(32, 40), torch.arange(40, 48)]
     p = torch.nn.Parameter(W0.clone())
-    opt = Muon([{"params": [p], "blocks": [blocks]}], lr=0.05, momentum=0.95, weight_decay=0.1)
+    opt = Muon([p], lr=0.05, momentum=0.95, weight_decay=0.1, blocks=whole_matrix_blocks([p], [blocks]))
     W, buf = W0.double(), torch.zeros(48, 16, dtype=torch.float64)
     for _ in range(2):
         g = torch.randn(48, 16)

@@ -2,7 +2,9 @@
 
 Each torch optimizer is wrapped in Megatron-Core's FP32 / mixed-precision wrapper (main grads from
 DDP, fp32 master weights for bf16, grad clipping over all model-parallel ranks) and the two are
-chained, so the pretrain loop and the LR scheduler see a single ``MegatronOptimizer``.
+chained, so the pretrain loop and the LR scheduler see a single ``MegatronOptimizer``. Muon runs on
+logical matrices across the TP x DP domain of each pipeline stage (see muon.py); grad-norm clipping
+is Megatron's, over the model-parallel (TP x PP) group, so the norm is global across stages.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig
@@ -19,15 +22,19 @@ from megatron.core.optimizer.optimizer import (
     FP32Optimizer,
 )
 
-from megatron_osp.optimizer.muon import Muon
-from megatron_osp.optimizer.routing import logical_blocks, route_parameters
+from megatron_osp.optimizer.logical import build_blocks
+from megatron_osp.optimizer.muon import LR_SCALES, Muon
+from megatron_osp.optimizer.newton_schulz import coefficient_schedule
+from megatron_osp.optimizer.routing import route_parameters
 
-OPTIMIZERS = ("adam", "muon")
+OPTIMIZERS = ("adam", "muon", "muon_only")
 
 
 @dataclass
 class OptimSettings:
-    name: str = "adam"  # "adam" (AdamW everywhere) | "muon" (OSP: Muon for hidden matrices)
+    # "adam" (AdamW everywhere) | "muon" (OSP: Muon for hidden matrices + EmbProj, AdamW for the
+    # rest) | "muon_only" (the paper's ablation: no AdamW, vectors get a normalised update)
+    name: str = "adam"
     lr: float = 3e-3  # AdamW peak LR
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
@@ -40,11 +47,19 @@ class OptimSettings:
     muon_ns_steps: int = 5
     muon_coefficients: str = "keller"
     muon_qkv_split: str = "qkv"  # "qkv" | "per_head" | "none"
+    muon_lr_scale: str = "rms"  # "rms": 0.2*sqrt(max(m,n)) (AdamW's update RMS) | "shape": sqrt(max(1,m/n))
     distributed_optimizer: bool = False  # ZeRO-1: shard optimizer state over data-parallel ranks
 
     def __post_init__(self):
         if self.name not in OPTIMIZERS:
             raise ValueError(f"optimizer.name must be one of {OPTIMIZERS}, got {self.name!r}")
+        if self.muon_lr_scale not in LR_SCALES:
+            raise ValueError(f"optimizer.muon_lr_scale must be one of {LR_SCALES}, got {self.muon_lr_scale!r}")
+        if self.muon_qkv_split not in ("qkv", "per_head", "none"):
+            raise ValueError(
+                f"optimizer.muon_qkv_split must be 'qkv', 'per_head' or 'none', got {self.muon_qkv_split!r}"
+            )
+        coefficient_schedule(self.muon_coefficients, self.muon_ns_steps)  # names the bad value
 
 
 def ddp_config(settings: OptimSettings) -> DistributedDataParallelConfig:
@@ -69,9 +84,74 @@ def _muon_state_init(opt, config=None):
                 opt.state[p]["momentum_buffer"] = torch.zeros_like(p.data, dtype=torch.float32)
 
 
+def _group(params, wd_mult: float, **extra) -> dict:
+    # The keys Megatron's load_state_dict matches saved param groups by, plus the schedule's.
+    return {"params": params, "wd_mult": wd_mult, "lr_mult": 1.0, "is_expert_parallel": False,
+            "is_decoupled_lr": False, **extra}
+
+
+def _muon_domain():
+    """The TP x DP process group of this pipeline stage and each member's (tp, dp) rank."""
+    if not dist.is_initialized():
+        return None, None
+    group = parallel_state.get_tensor_and_data_parallel_group()
+    if dist.get_world_size(group) == 1:
+        return None, None
+    coords = [None] * dist.get_world_size(group)
+    mine = (parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_data_parallel_rank())
+    dist.all_gather_object(coords, mine, group=group)
+    return group, [tuple(c) for c in coords]
+
+
+def build_muon(settings: OptimSettings, model_chunks, route, log=None) -> Muon:
+    """Muon over the routed parameters: logical blocks from the model config, owners over TP x DP."""
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    matrices = [(n, p) for n, p in route.muon if p.ndim == 2]
+    vectors = [(n, p) for n, p in route.muon if p.ndim != 2]
+    for name, p in vectors:
+        if getattr(p, "tensor_model_parallel", False) and tp_size > 1:
+            raise ValueError(
+                f"optimizer.name={settings.name}: vector parameter {name!r} is split over tensor "
+                f"parallelism; its normalised update would need a TP norm (not supported)"
+            )
+    matrix_ids = {id(p) for _, p in matrices}
+    blocks, offset = [], 0
+    for chunk in model_chunks:
+        mine = [(n, p) for n, p in chunk.named_parameters() if id(p) in matrix_ids]
+        blocks += build_blocks(mine, chunk, offset, tp_size, settings.muon_qkv_split)
+        offset += len(mine)
+    muon_lr = settings.muon_lr if settings.muon_lr is not None else settings.lr
+    sched = {"max_lr": muon_lr, "min_lr": muon_lr * settings.min_lr_ratio}
+    groups = [_group([p for _, p in matrices], 1.0, **sched)]
+    if vectors:
+        groups.append(_group([p for _, p in vectors], 0.0, **sched))
+    group, coords = _muon_domain()
+    muon = Muon(
+        [g for g in groups if g["params"]],
+        lr=muon_lr,
+        momentum=settings.muon_momentum,
+        weight_decay=settings.weight_decay,
+        ns_steps=settings.muon_ns_steps,
+        coefficients=settings.muon_coefficients,
+        lr_scale=settings.muon_lr_scale,
+        blocks=blocks,
+        group=group,
+        coords=coords,
+        names=[n for n, _ in matrices] + [n for n, _ in vectors],
+    )
+    if log is not None:
+        load = muon.ns_flops_per_rank
+        mean = sum(load) / len(load)
+        log(
+            f"Muon: {len(blocks)} logical matrices, Newton-Schulz owners over {muon.world} TP x DP "
+            f"rank(s); NS GFLOP per step per rank max {max(load) / 1e9:.3g}, mean {mean / 1e9:.3g} "
+            f"(max/mean {max(load) / mean if mean else 1.0:.3f})"
+        )
+    return muon
+
+
 def get_osp_optimizer(settings: OptimSettings, model_chunks, *, bf16: bool = False, log=print):
     """A Megatron-Core optimizer over ``model_chunks`` as ``settings`` asks."""
-    tconfig = model_chunks[0].config
     mcfg = OptimizerConfig(
         optimizer="adam",
         lr=settings.lr,
@@ -91,11 +171,6 @@ def get_osp_optimizer(settings: OptimSettings, model_chunks, *, bf16: bool = Fal
             "optimizer state); set it to false"
         )
     route = route_parameters(model_chunks, settings.name)
-    if settings.name == "muon" and parallel_state.get_tensor_model_parallel_world_size() > 1:
-        raise ValueError(
-            "optimizer.name=muon with parallel.tensor_parallel_size > 1 needs the distributed Muon "
-            "(not built yet); this Muon orthogonalises whole matrices, so use tensor_parallel_size=1"
-        )
     if log is not None:
         log(f"optimizer routing (pipeline stage {parallel_state.get_pipeline_model_parallel_rank()}):\n"
             + route.table())
@@ -107,8 +182,8 @@ def get_osp_optimizer(settings: OptimSettings, model_chunks, *, bf16: bool = Fal
 
     parts = []
     adam_groups = [
-        {"params": [p for _, p in route.adamw_decay], "wd_mult": 1.0},
-        {"params": [p for _, p in route.adamw_no_decay], "wd_mult": 0.0},
+        _group([p for _, p in route.adamw_decay], 1.0),
+        _group([p for _, p in route.adamw_no_decay], 0.0),
     ]
     adam_groups = [g for g in adam_groups if g["params"]]
     if adam_groups:
@@ -121,22 +196,5 @@ def get_osp_optimizer(settings: OptimSettings, model_chunks, *, bf16: bool = Fal
         )
         parts.append(wrap(adam, _adam_state_init))
     if route.muon:
-        muon_lr = settings.muon_lr if settings.muon_lr is not None else settings.lr
-        muon = Muon(
-            [
-                {
-                    "params": [p for _, p in route.muon],
-                    "blocks": [logical_blocks(n, tconfig, settings.muon_qkv_split) for n, _ in route.muon],
-                    "max_lr": muon_lr,
-                    "min_lr": muon_lr * settings.min_lr_ratio,
-                    "wd_mult": 1.0,
-                }
-            ],
-            lr=muon_lr,
-            momentum=settings.muon_momentum,
-            weight_decay=settings.weight_decay,
-            ns_steps=settings.muon_ns_steps,
-            coefficients=settings.muon_coefficients,
-        )
-        parts.append(wrap(muon, _muon_state_init))
+        parts.append(wrap(build_muon(settings, model_chunks, route, log), _muon_state_init))
     return ChainedOptimizer(parts)

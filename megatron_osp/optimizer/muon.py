@@ -1,29 +1,75 @@
-"""Muon (momentum + orthogonalised update) as the OSP paper runs it, on logical matrices.
+"""Muon (momentum + orthogonalised update) on logical matrices, across tensor and data parallelism.
 
-Per matrix W (m x n) with gradient g:
+Per logical matrix W (m x n) with gradient g, as the OSP paper runs it:
     buf <- g + mu * buf;  u <- g + mu * buf            (Nesterov, mu = 0.95)
-    O   <- NewtonSchulz5(u)                            (see newton_schulz.py)
-    W   <- W (1 - lr * wd) - lr * 0.2 * sqrt(max(m, n)) * O
+    O   <- NewtonSchulz(u)                             (see newton_schulz.py)
+    W   <- W (1 - lr * wd) - lr * scale(m, n) * O
+with scale = 0.2 * sqrt(max(m, n)) ("rms": matches AdamW's update RMS, so both share one LR
+schedule) or sqrt(max(1, m / n)) ("shape").
 
-The 0.2 * sqrt(max(m, n)) factor matches the update RMS of AdamW, so Muon and AdamW parameter groups
-can share a learning-rate schedule. A parameter may hold several logical matrices (Megatron fuses
-Q, K, V into one weight and the SwiGLU gate and up projections into another); each logical block is
-orthogonalised on its own, so the update is the same whatever the fusion. Blocks are row index sets
-given per parameter (see ``routing.logical_blocks``).
+Owner-compute distribution. Momentum is elementwise, so each rank keeps it on its own shard, shaped
+like the parameter (Megatron's sharded optimizer state dict then reshards it like a weight).
+Newton-Schulz is not elementwise: it needs the whole logical matrix. Each logical matrix therefore
+has one owner in the TP x DP domain of its pipeline stage (``ownership.assign_owners``). A step is
+  1. momentum on every shard;
+  2. one packed all-to-all: the owner's TP peers (in the owner's data-parallel replica) send their
+     pieces of it (bf16 on GPU), and the owner assembles the logical matrix;
+  3. the owner runs NS once, batching its matrices of equal shape;
+  4. one packed all-to-all back: every rank receives the slice of each update its shard holds.
+So every logical matrix is orthogonalised exactly once in the domain, and the update equals the
+single-process one whatever the TP, PP and DP sizes. ``ns_calls`` counts matrices this rank has
+orthogonalised and ``last_ns_keys`` names those of the last step (the tests check ownership).
 
-This optimizer sees whole (TP=1) matrices. Tensor-parallel shards are rejected by the builder.
+Vectors (only in the "muon_only" ablation) get the normalised update u / ||u|| (the polar factor of
+a 1 x n matrix) with the same scale rule, computed on every rank.
 """
 
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 
 import torch
+import torch.distributed as dist
 
+from megatron_osp.optimizer.logical import LogicalBlock, Piece
 from megatron_osp.optimizer.newton_schulz import newton_schulz
+from megatron_osp.optimizer.ownership import assign_owners
+
+LR_SCALES = ("rms", "shape")
+
+
+def update_scale(m: int, n: int, rule: str, rms_match: float = 0.2) -> float:
+    """The factor that multiplies the orthogonalised update of an m x n logical matrix."""
+    if rule == "rms":
+        return rms_match * math.sqrt(max(m, n))
+    if rule == "shape":
+        return math.sqrt(max(1.0, m / n))
+    raise ValueError(f"optimizer.muon_lr_scale must be one of {LR_SCALES}, got {rule!r}")
+
+
+def whole_matrix_blocks(params, row_sets=None) -> list[LogicalBlock]:
+    """Blocks for unsharded 2-D parameters: each whole, or split into the given row index sets."""
+    blocks = []
+    for i, p in enumerate(params):
+        if p.ndim != 2:
+            continue
+        rows = (row_sets[i] if row_sets is not None else None) or [torch.arange(p.shape[0])]
+        for b, idx in enumerate(rows):
+            idx = torch.as_tensor(idx, dtype=torch.long)
+            piece = Piece(local_rows=idx, block_rows=torch.arange(len(idx)), cols=(0, p.shape[1]))
+            blocks.append(LogicalBlock(f"param{i}[{b}]", i, (len(idx), p.shape[1]), [piece], False))
+    return blocks
 
 
 class Muon(torch.optim.Optimizer):
+    """Muon over the logical matrices in ``blocks`` (default: every 2-D parameter whole, one rank).
+
+    ``group`` is the TP x DP process group of this pipeline stage (None: single process), and
+    ``coords[r] = (tp_rank, dp_rank)`` of its rank r. ``blocks`` index the flat parameter list
+    (all param groups in order) and must be the same list, in the same order, on every rank.
+    """
+
     def __init__(
         self,
         params,
@@ -33,58 +79,156 @@ class Muon(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         ns_steps: int = 5,
         coefficients: str = "keller",
+        lr_scale: str = "rms",
         rms_match: float = 0.2,
+        *,
+        blocks: list[LogicalBlock] | None = None,
+        group=None,
+        coords: list[tuple[int, int]] | None = None,
+        names: list[str] | None = None,
     ):
-        defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            nesterov=nesterov,
-            weight_decay=weight_decay,
-            ns_steps=ns_steps,
-            coefficients=coefficients,
-            rms_match=rms_match,
-            blocks=None,
-        )
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
         super().__init__(params, defaults)
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.ndim != 2:
-                    raise ValueError(f"Muon only takes 2-D parameters, got shape {tuple(p.shape)}")
-            if group["blocks"] is not None and len(group["blocks"]) != len(group["params"]):
-                raise ValueError("Muon param group: 'blocks' must list one entry per parameter")
+        update_scale(1, 1, lr_scale)  # validate early
+        self.ns_steps, self.coefficients = ns_steps, coefficients
+        self.lr_scale, self.rms_match = lr_scale, rms_match
+        flat = self._flat_params()
+        names = names or [f"param{i}" for i in range(len(flat))]
+        for p, name in zip(flat, names):
+            if p.ndim not in (1, 2):
+                raise ValueError(f"Muon: parameter {name!r} has shape {tuple(p.shape)}; only matrices and vectors")
+        self.blocks = whole_matrix_blocks(flat) if blocks is None else blocks
+        covered = {b.param_index for b in self.blocks}
+        for i, p in enumerate(flat):
+            if p.ndim == 2 and i not in covered:
+                raise ValueError(f"Muon: matrix parameter {names[i]!r} is in no logical block")
+        self.vector_indices = [i for i, p in enumerate(flat) if p.ndim == 1]
+        self.group = group
+        self.world = dist.get_world_size(group) if group is not None else 1
+        self.rank = dist.get_rank(group) if group is not None else 0
+        self.coords = coords or [(0, 0)] * self.world
+        if len(self.coords) != self.world:
+            raise ValueError(f"Muon: {len(self.coords)} coords for a domain of {self.world} ranks")
+        self.ns_flops_per_rank = assign_owners(self.blocks, self.world, ns_steps)
+        self.owned = [b for b in self.blocks if b.owner == self.rank]
+        self.ns_calls = 0
+        self.last_ns_keys: list[str] = []
 
+    def _flat_params(self):
+        return [p for g in self.param_groups for p in g["params"]]
+
+    # ---- the step -------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
-        for group in self.param_groups:
-            blocks = group["blocks"] or [None] * len(group["params"])
-            for p, rows in zip(group["params"], blocks):
-                if p.grad is None:
-                    continue
-                g = p.grad.float()
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(g)
-                buf = state["momentum_buffer"]
-                buf.mul_(group["momentum"]).add_(g)
-                u = g.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
-                update = orthogonalized_update(u, rows, group)
-                if group["weight_decay"]:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update.to(p.dtype), alpha=-group["lr"])
+        flat, owner_group = [], []
+        for g in self.param_groups:
+            for p in g["params"]:
+                flat.append(p)
+                owner_group.append(g)
+        directions = []
+        for p, g in zip(flat, owner_group):
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)  # keeps ranks in lockstep
+            grad = grad.float()
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
+            buf = state["momentum_buffer"]
+            buf.mul_(g["momentum"]).add_(grad)
+            directions.append(grad.add(buf, alpha=g["momentum"]) if g["nesterov"] else buf.clone())
+        updates = self._orthogonalized_updates(directions)
+        for i in self.vector_indices:
+            u = directions[i]
+            scale = update_scale(1, u.numel(), self.lr_scale, self.rms_match)
+            updates[i] = u * (scale / (u.norm() + 1e-8))
+        for i, (p, g) in enumerate(zip(flat, owner_group)):
+            if g["weight_decay"]:
+                p.mul_(1 - g["lr"] * g["weight_decay"])
+            p.add_(updates[i].to(p.dtype), alpha=-g["lr"])
         return loss
 
+    def _orthogonalized_updates(self, directions: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+        device = directions[0].device if directions else torch.device("cpu")
+        comm_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        my_tp, my_dp = self.coords[self.rank]
 
-def orthogonalized_update(u: torch.Tensor, rows, group) -> torch.Tensor:
-    """NS per logical block (row index sets), scaled by rms_match * sqrt(max(m, n))."""
-    if rows is None:
-        return _scaled_ns(u, group)
-    out = torch.empty_like(u)
-    for idx in rows:
-        out[idx] = _scaled_ns(u[idx], group)
-    return out
+        # 1. Owners' TP peers (same DP replica) send their pieces of each sharded logical matrix.
+        send = [[] for _ in range(self.world)]
+        for b in self.blocks:
+            if b.sharded and self.coords[b.owner][1] == my_dp:
+                pc = b.pieces[my_tp]
+                send[b.owner].append(directions[b.param_index][pc.local_rows].flatten())
+        recv_sizes = [0] * self.world
+        for r, (tp, dp) in enumerate(self.coords):
+            if dp == my_dp:
+                recv_sizes[r] = sum(b.pieces[tp].numel for b in self.owned if b.sharded)
+        received = self._all_to_all(send, recv_sizes, comm_dtype, device)
 
+        # 2. Assemble owned logical matrices; 3. NS once per matrix, batched by shape.
+        matrices = {}
+        for b in self.owned:
+            if not b.sharded:
+                pc = b.pieces[my_tp]
+                M = torch.empty(b.shape, dtype=comm_dtype, device=device)
+                M[pc.block_rows] = directions[b.param_index][pc.local_rows].to(comm_dtype)
+                matrices[b.key] = M
+            else:
+                matrices[b.key] = torch.empty(b.shape, dtype=comm_dtype, device=device)
+        for r, (tp, dp) in enumerate(self.coords):
+            if dp != my_dp:
+                continue
+            seg, at = received[r], 0
+            for b in self.owned:
+                if b.sharded:
+                    pc = b.pieces[tp]
+                    k, (c0, c1) = len(pc.block_rows), pc.cols
+                    matrices[b.key][pc.block_rows, c0:c1] = seg[at : at + k * (c1 - c0)].view(k, c1 - c0)
+                    at += k * (c1 - c0)
+        self.last_ns_keys = []
+        by_shape = defaultdict(list)
+        for b in self.owned:
+            by_shape[b.shape].append(b)
+        results = {}
+        for shape, group in by_shape.items():
+            stack = torch.stack([matrices[b.key] for b in group])
+            out = newton_schulz(stack, steps=self.ns_steps, coefficients=self.coefficients)
+            self.ns_calls += stack.shape[0]  # counted where NS runs, so tests can audit ownership
+            self.last_ns_keys += [b.key for b in group]
+            out = out * update_scale(*shape, self.lr_scale, self.rms_match)
+            for b, o in zip(group, out):
+                results[b.key] = o.to(comm_dtype)
 
-def _scaled_ns(u: torch.Tensor, group) -> torch.Tensor:
-    scale = group["rms_match"] * math.sqrt(max(u.shape))
-    return newton_schulz(u, steps=group["ns_steps"], coefficients=group["coefficients"]) * scale
+        # 4. Every rank receives the slice of each update its shard holds.
+        send = [[] for _ in range(self.world)]
+        for r, (tp, _) in enumerate(self.coords):
+            for b in self.owned:
+                pc = b.pieces[tp]
+                send[r].append(results[b.key][pc.block_rows, pc.cols[0] : pc.cols[1]].flatten())
+        recv_sizes = [0] * self.world
+        for b in self.blocks:
+            recv_sizes[b.owner] += b.pieces[my_tp].numel
+        received = self._all_to_all(send, recv_sizes, comm_dtype, device)
+        updates: dict[int, torch.Tensor] = {}
+        at = [0] * self.world
+        for b in self.blocks:
+            pc = b.pieces[my_tp]
+            k, width = len(pc.local_rows), pc.cols[1] - pc.cols[0]
+            u = updates.get(b.param_index)
+            if u is None:
+                u = updates[b.param_index] = torch.zeros_like(directions[b.param_index])
+            seg = received[b.owner][at[b.owner] : at[b.owner] + k * width]
+            u[pc.local_rows] = seg.view(k, width).float()
+            at[b.owner] += k * width
+        return updates
+
+    def _all_to_all(self, send, recv_sizes, dtype, device) -> list[torch.Tensor]:
+        """Packed all-to-all over the domain: send[r] (list of flat tensors) to rank r."""
+        send_flat = [torch.cat(s).to(dtype) if s else torch.empty(0, dtype=dtype, device=device) for s in send]
+        send_sizes = [t.numel() for t in send_flat]
+        if self.world == 1:
+            if send_sizes[0] != recv_sizes[0]:
+                raise RuntimeError(f"Muon: plan mismatch, sending {send_sizes[0]} to self, expecting {recv_sizes[0]}")
+            return send_flat
+        out = torch.empty(sum(recv_sizes), dtype=dtype, device=device)
+        dist.all_to_all_single(out, torch.cat(send_flat), recv_sizes, send_sizes, group=self.group)
+        return list(out.split(recv_sizes))

@@ -2,6 +2,8 @@
 
 OSP's rule ("decoupled embedding optimisation"): Muon for every 2-D hidden matrix and for the two
 EmbProj matrices; AdamW for the token embedding and output matrices, norm gains and biases.
+The paper's "Muon-only" ablation ("muon_only") has no AdamW at all: every matrix, embedding and
+output layer included, gets Muon, and vectors/scalars get Muon's normalised update (u / ||u||).
 The split of fused weights is decided from the model config (heads, query groups, head size),
 never from a tensor's shape.
 """
@@ -24,7 +26,8 @@ class Route:
     def table(self) -> str:
         rows = [("parameter", "shape", "optimizer")]
         for label, items in (
-            ("muon", self.muon),
+            ("muon", [(n, p) for n, p in self.muon if p.ndim == 2]),
+            ("muon (normalized vector)", [(n, p) for n, p in self.muon if p.ndim != 2]),
             ("adamw", self.adamw_decay),
             ("adamw (no wd)", self.adamw_no_decay),
         ):
@@ -36,14 +39,16 @@ class Route:
 
 
 def route_parameters(model_chunks, optimizer: str) -> Route:
-    """Split trainable parameters by optimizer. ``optimizer`` is "adam" or "muon"."""
+    """Split trainable parameters by optimizer. ``optimizer`` is "adam", "muon" or "muon_only"."""
+    if optimizer not in ("adam", "muon", "muon_only"):
+        raise ValueError(f"optimizer must be 'adam', 'muon' or 'muon_only', got {optimizer!r}")
     route = Route()
     for chunk in model_chunks:
         for name, p in chunk.named_parameters():
             if not p.requires_grad:
                 continue
             is_matrix = p.ndim == 2 and not any(name.endswith(n) for n in ADAMW_MATRICES)
-            if optimizer == "muon" and is_matrix:
+            if optimizer == "muon_only" or (optimizer == "muon" and is_matrix):
                 route.muon.append((name, p))
             elif p.ndim >= 2:
                 route.adamw_decay.append((name, p))
