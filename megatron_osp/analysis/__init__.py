@@ -1,4 +1,12 @@
-"""Analysis tools: the outlier (excess kurtosis) metric of Outlier-Safe Pre-Training."""
+"""Analysis tools: the paper's outlier metric (excess kurtosis), activation statistics, and the 4-bit
+quantization evaluation (fake quantization, Hadamard/QuaRot rotations, GPTQ, perplexity).
+
+Modules: kurtosis.py (the metric, hidden-state recorder), activation_stats.py (per-point kurtosis,
+max |x|, outlier channels), model_parts.py (one structural view of Megatron and HF Llama models),
+quantization.py (RTN fake quant, W-A-KV settings), hadamard.py, rotation.py, gptq.py,
+evaluation.py (perplexity, settings applied in place), quant_report.py, plots.py, loading.py,
+compare.py (run tables).
+"""
 
 from megatron_osp.analysis.kurtosis import (
     HiddenStateRecorder,
