@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The CPU quickstart: corpus -> tokenizer -> .bin/.idx -> Adam+RMSNorm baseline and OSP on the same
-# tokens -> side-by-side loss and excess-kurtosis table. A few minutes on 2 cores, no download.
+# tokens -> 4-bit fake-quantization evaluation of both -> side-by-side loss, excess kurtosis and
+# W4A4KV4 perplexity table. A few minutes on 2 cores, no download.
 #   bash examples/quickstart_cpu.sh [section.field=value ...]   (overrides apply to both runs)
 # RUN_DIR (default runs/quickstart) holds everything it makes.
 set -euo pipefail
@@ -11,23 +12,29 @@ VOCAB=2048
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 mkdir -p "$RUN_DIR"
 
-echo "== 1/5 corpus: documentation shipped with Python"
+echo "== 1/6 corpus: documentation shipped with Python"
 python tools/builtin_corpus.py --output "$RUN_DIR/corpus.jsonl"
-echo "== 2/5 tokenizer: SentencePiece BPE, vocab $VOCAB"
+echo "== 2/6 tokenizer: SentencePiece BPE, vocab $VOCAB"
 python tools/train_tokenizer.py --input "$RUN_DIR/corpus.jsonl" --output-prefix "$RUN_DIR/tokenizer" --vocab-size $VOCAB
-echo "== 3/5 tokenize into Megatron's indexed format"
+echo "== 3/6 tokenize into Megatron's indexed format"
 python tools/preprocess_data.py --input "$RUN_DIR/corpus.jsonl" --tokenizer-model "$RUN_DIR/tokenizer.model" \
   --output-prefix "$RUN_DIR/corpus" --append-eod --workers 2
 
 COMMON=(--config "$CONFIG" "data.paths=[$RUN_DIR/corpus_text_document]"
         "data.tokenizer_model=$RUN_DIR/tokenizer.model" "model.vocab_size=$VOCAB")
-echo "== 4/5 baseline: AdamW + RMSNorm"
+echo "== 4/6 baseline: AdamW + RMSNorm"
 python -m megatron_osp.training.pretrain "${COMMON[@]}" "train.run_dir=$RUN_DIR/adam" \
   optimizer.name=adam model.normalization=rmsnorm model.embedding_projection=false "$@"
-echo "== 5/5 OSP: Muon + SSNorm + EmbProj"
+echo "== 5/6 OSP: Muon + SSNorm + EmbProj"
 python -m megatron_osp.training.pretrain "${COMMON[@]}" "train.run_dir=$RUN_DIR/osp" \
   optimizer.name=muon model.normalization=ssnorm model.embedding_projection=true "$@"
 
+echo "== 6/6 4-bit evaluation: held-out perplexity at full precision and W-A-KV fake quantization"
+# The held-out documents are the runs' validation split; a few sequences keep this under a minute.
+python tools/evaluate_quantization.py "$RUN_DIR/adam" "$RUN_DIR/osp" --data "$RUN_DIR/corpus_text_document" \
+  --num-windows "${EVAL_WINDOWS:-16}" --calibration-windows 8 --device cpu --output-dir "$RUN_DIR/quantization"
+
 echo
 echo "== Adam baseline vs OSP, same model size and tokens"
-python tools/compare_runs.py "$RUN_DIR/adam" "$RUN_DIR/osp" --output "$RUN_DIR/comparison.txt"
+python tools/compare_runs.py "$RUN_DIR/adam" "$RUN_DIR/osp" --quantization "$RUN_DIR/quantization/quantization.json" \
+  --output "$RUN_DIR/comparison.txt"

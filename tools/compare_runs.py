@@ -1,5 +1,9 @@
 #!/usr/bin/env python
-"""Print loss and excess kurtosis of finished runs side by side: compare_runs.py RUN_DIR [RUN_DIR ...]."""
+"""Print loss and excess kurtosis of finished runs side by side: compare_runs.py RUN_DIR [RUN_DIR ...].
+
+With --quantization EVAL_DIR/quantization.json (tools/evaluate_quantization.py on the same runs) the
+table adds held-out perplexity at full precision and at --setting (default 4-4-4) and the degradation.
+"""
 
 import argparse
 import sys
@@ -7,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_osp.analysis.compare import format_comparison, load_run  # noqa: E402
+from megatron_osp.analysis.compare import format_comparison, load_quantization, load_run  # noqa: E402
 from megatron_osp.fileio import atomic_write_text  # noqa: E402
 
 
@@ -15,9 +19,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("runs", nargs="+", help="run directories (with summary.json and kurtosis.json)")
     parser.add_argument("--output", help="also write the table to this file")
+    parser.add_argument("--quantization", help="quantization.json written by tools/evaluate_quantization.py")
+    parser.add_argument("--setting", default="4-4-4", help="quantization setting to show (default 4-4-4)")
     args = parser.parse_args()
     try:
-        table = format_comparison([load_run(r) for r in args.runs])
+        quant = load_quantization(args.quantization) if args.quantization else None
+        table = format_comparison([load_run(r) for r in args.runs], quant, args.setting)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

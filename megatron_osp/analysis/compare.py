@@ -1,7 +1,9 @@
 """Side-by-side comparison of finished runs (their summary.json and kurtosis.json).
 
 This is the table the quickstart ends with: an Adam+RMSNorm baseline next to an OSP model trained
-on the same tokens, with loss and the paper's excess kurtosis (mean and max over hidden states).
+on the same tokens, with loss and the paper's excess kurtosis (mean and max over hidden states),
+and, given the quantization evaluation's JSON (tools/evaluate_quantization.py), held-out perplexity
+at full precision and at W4A4KV4 (4-4-4) with the degradation.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ def load_run(run_dir: str | Path) -> dict:
             raise FileNotFoundError(f"{path} does not exist: is {run_dir} a finished run directory?")
     summary = json.loads(summary_path.read_text())
     summary["kurtosis"] = json.loads(kurtosis_path.read_text())
+    summary["loaded_from"] = str(run_dir.resolve())
     return summary
 
 
@@ -40,7 +43,25 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([fmt(header), "-" * len(fmt(header))] + [fmt(r) for r in rows])
 
 
-def format_comparison(runs: list[dict]) -> str:
+def load_quantization(path: str | Path) -> dict[str, dict]:
+    """The evaluation JSON's per-model results, keyed by each model's resolved path."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: run tools/evaluate_quantization.py first")
+    data = json.loads(path.read_text())
+    return {str(Path(m["path"]).resolve()): m for m in data["models"]}
+
+
+def _quant_cells(run: dict, quant: dict[str, dict] | None, setting: str) -> list[str]:
+    model = (quant or {}).get(run.get("loaded_from") or str(Path(run.get("run_dir", "")).resolve()))
+    if model is None:
+        return ["-", "-", "-"]
+    ppl = model["perplexity"]
+    fp, q = ppl.get("fp", float("nan")), ppl.get(setting, float("nan"))
+    return [f"{fp:.2f}", f"{q:.4g}", f"{q - fp:+.4g}"]
+
+
+def format_comparison(runs: list[dict], quant: dict[str, dict] | None = None, setting: str = "4-4-4") -> str:
     labels = [run_label(r) for r in runs]
     summary_rows = [
         [
@@ -52,14 +73,13 @@ def format_comparison(runs: list[dict]) -> str:
             f"{r['kurtosis_max']:.4f}",
             f"{max(r['kurtosis']['max_abs']):.3g}",
         ]
+        + (_quant_cells(r, quant, setting) if quant is not None else [])
         for label, r in zip(labels, runs)
     ]
-    out = [
-        _table(
-            ["run", "tokens", "train loss", "val loss", "kurtosis mean", "kurtosis max", "max |act|"],
-            summary_rows,
-        )
-    ]
+    header = ["run", "tokens", "train loss", "val loss", "kurtosis mean", "kurtosis max", "max |act|"]
+    if quant is not None:
+        header += ["ppl fp", f"ppl {setting}", f"{setting} degradation"]
+    out = [_table(header, summary_rows)]
     names = runs[0]["kurtosis"]["names"]
     if all(r["kurtosis"]["names"] == names for r in runs):
         per_layer = [[n] + [f"{r['kurtosis']['values'][i]:.4f}" for r in runs] for i, n in enumerate(names)]
