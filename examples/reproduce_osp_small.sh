@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Small-scale reproduction of the OSP paper's ablation: Adam + RMSNorm, Muon, Muon + SSNorm and
+# Muon + SSNorm + EmbProj (OSP) trained on the same tokens, then the 4-bit evaluation of all four
+# (held-out perplexity at fp and W-A-KV fake quantization, excess kurtosis, plots).
+#
+#   bash examples/reproduce_osp_small.sh [--cpu] [section.field=value ...]   (overrides: all runs)
+#
+# GPU (default): ~100M model (megatron_osp/configs/reproduce_small.yaml), each run < 15 min on one
+# H100. --cpu (or CPU=1): the tiny preset (reproduce_small_cpu.yaml), a few minutes per run on 2 cores.
+# Data: the documentation and (GPU) standard-library source that ship with Python, tokenized here,
+# unless DATA=<indexed prefix> TOKENIZER=<sentencepiece .model> VOCAB=<its size> point at your own.
+# RUN_DIR (default runs/reproduce_small or runs/reproduce_small_cpu) holds everything.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CPU=${CPU:-0}
+if [[ "${1:-}" == "--cpu" ]]; then CPU=1; shift; fi
+if [[ "$CPU" == 1 ]]; then
+  CONFIG=megatron_osp/configs/reproduce_small_cpu.yaml
+  RUN_DIR=${RUN_DIR:-runs/reproduce_small_cpu}
+  VOCAB=${VOCAB:-2048}; CORPUS_FLAGS=(); WORKERS=2
+  EVAL=(--device cpu --num-windows "${EVAL_WINDOWS:-32}" --calibration-windows 8)
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+else
+  CONFIG=megatron_osp/configs/reproduce_small.yaml
+  RUN_DIR=${RUN_DIR:-runs/reproduce_small}
+  VOCAB=${VOCAB:-8192}; CORPUS_FLAGS=(--include-source); WORKERS=8
+  EVAL=(--device cuda --num-windows "${EVAL_WINDOWS:-256}" --calibration-windows 32 --batch-size 16)
+fi
+mkdir -p "$RUN_DIR"
+: > "$RUN_DIR/timings.txt"
+
+if [[ -z "${DATA:-}" ]]; then
+  echo "== data: built-in corpus -> SentencePiece BPE $VOCAB -> indexed"
+  [[ -f "$RUN_DIR/corpus.jsonl" ]] || python tools/builtin_corpus.py --output "$RUN_DIR/corpus.jsonl" "${CORPUS_FLAGS[@]}"
+  [[ -f "$RUN_DIR/tokenizer.model" ]] || python tools/train_tokenizer.py --input "$RUN_DIR/corpus.jsonl" \
+    --output-prefix "$RUN_DIR/tokenizer" --vocab-size "$VOCAB"
+  [[ -f "$RUN_DIR/corpus_text_document.idx" ]] || python tools/preprocess_data.py --input "$RUN_DIR/corpus.jsonl" \
+    --tokenizer-model "$RUN_DIR/tokenizer.model" --output-prefix "$RUN_DIR/corpus" --append-eod --workers $WORKERS
+  DATA=$RUN_DIR/corpus_text_document
+  TOKENIZER=$RUN_DIR/tokenizer.model
+fi
+: "${TOKENIZER:?set TOKENIZER to the SentencePiece model of DATA}"
+
+COMMON=(--config "$CONFIG" "data.paths=[$DATA]" "data.tokenizer_model=$TOKENIZER" "model.vocab_size=$VOCAB")
+# name | flags (the paper's ablation rows; README.md "Training on GPUs")
+RUNS=(
+  "adam|optimizer.name=adam model.normalization=rmsnorm model.embedding_projection=false"
+  "muon|optimizer.name=muon model.normalization=rmsnorm model.embedding_projection=false"
+  "muon_ssnorm|optimizer.name=muon model.normalization=ssnorm model.embedding_projection=false"
+  "osp|optimizer.name=muon model.normalization=ssnorm model.embedding_projection=true"
+)
+LABELS=("Adam + RMSNorm" "Muon" "Muon + SSNorm" "Muon + SSNorm + EmbProj (OSP)")
+DIRS=()
+for entry in "${RUNS[@]}"; do
+  name=${entry%%|*}; read -r -a flags <<< "${entry#*|}"
+  echo "== train $name: ${flags[*]}"
+  start=$(date +%s)
+  python -m megatron_osp.training.pretrain "${COMMON[@]}" "train.run_dir=$RUN_DIR/$name" "${flags[@]}" "$@"
+  echo "$name $(( $(date +%s) - start )) s" >> "$RUN_DIR/timings.txt"
+  DIRS+=("$RUN_DIR/$name")
+done
+
+echo "== 4-bit evaluation on the held-out (validation) documents"
+python tools/evaluate_quantization.py "${DIRS[@]}" --labels "${LABELS[@]}" --data "$DATA" "${EVAL[@]}" \
+  --output-dir "$RUN_DIR/quantization"
+echo
+python tools/compare_runs.py "${DIRS[@]}" --quantization "$RUN_DIR/quantization/quantization.json" \
+  --output "$RUN_DIR/comparison.txt"
+echo
+echo "training wall times (s):"; cat "$RUN_DIR/timings.txt"
+echo "report: $RUN_DIR/quantization/quantization.md, plots: $RUN_DIR/quantization/*.png"
