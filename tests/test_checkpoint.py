@@ -189,3 +189,137 @@ def test_missing_or_truncated_shard_is_named(split_runs, tmp_path):
     (ckpt / "train_state.json").unlink()
     with pytest.raises(CheckpointError, match="incomplete: missing train_state.json"):
         resolve_checkpoint(ckpt)
+
+
+# ------------------------------------------------------------------ other layouts
+def _fixed_tokens():
+    return torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(5))
+
+
+def _logits_through_schedule(trainer, tokens):
+    """Full-vocabulary logits of ``tokens`` at any TP/PP layout (the last stage returns them)."""
+    from megatron.core import tensor_parallel
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        output = model(batch, positions, None)
+
+        def gather(out):
+            full = tensor_parallel.gather_from_tensor_model_parallel_region(out)
+            return torch.zeros(()), {"logits": full.detach().clone()}
+
+        return output, gather
+
+    trainer.model.eval()
+    with torch.no_grad():
+        outputs = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter([tokens]),
+            model=[trainer.model],
+            num_microbatches=1,
+            seq_length=tokens.shape[1],
+            micro_batch_size=tokens.shape[0],
+            forward_only=True,
+        )
+    return outputs[0]["logits"] if outputs else None
+
+
+def _other_layouts_worker(rank, world, corpus, root):
+    """At world size 2: TP=2 and PP=2 (Adam) and DP=2 (Muon) runs stopped after STOP steps."""
+    from megatron.core import parallel_state
+
+    out = {}
+    for name, opt, tp, pp in (("tp2", "adam", 2, 1), ("pp2", "adam", 1, 2), ("dp2", "muon", 1, 1)):
+        overrides = _overrides(corpus, f"{root}/{name}", opt, tp=tp, pp=pp)
+        trainer = _train(overrides + [f"train.exit_at_step={STOP}"])
+        logits = _logits_through_schedule(trainer, _fixed_tokens())
+        if logits is not None and parallel_state.get_tensor_model_parallel_rank() == 0:
+            out[f"{name}_logits"] = logits
+        if name == "tp2":  # the same layout continues to the end (reference for the TP=1 resume)
+            losses = _losses(_train(overrides))
+            if parallel_state.is_pipeline_last_stage():
+                out["tp2_continued"] = losses
+    return out
+
+
+def _load_at_tp1_worker(rank, world, corpus, root):
+    """At TP=1: load_model_weights from the TP=2 and PP=2 checkpoints; resume TP=2 and DP=2 runs."""
+    from megatron_osp import parallel, platform
+    from megatron_osp.models.gpt import build_gpt_model, transformer_config
+    from megatron_osp.training.checkpoint import load_model_weights, read_run_config
+
+    parallel.init_distributed(1, 1)
+    platform.seed_everything(0)  # Megatron's RNG tracker must exist for a forward pass
+    out = {}
+    for name in ("tp2", "pp2"):
+        ckpt = f"{root}/{name}/checkpoints/iter_{STOP:07d}"
+        config = read_run_config(ckpt)
+        model = build_gpt_model(config.model, transformer_config(config.model), seed=99)  # other init
+        state = load_model_weights(ckpt, [model])
+        assert state["iteration"] == STOP and state["layout"]["tensor_parallel_size"] == (2 if name == "tp2" else 1)
+        model.eval()
+        tokens = _fixed_tokens()
+        with torch.no_grad():
+            out[f"{name}_logits"] = model(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None)
+    # Full training state (Adam moments, Muon momentum, scheduler, data position) at another layout.
+    out["tp2_resumed"] = _losses(
+        _train(_overrides(corpus, f"{root}/tp2_at_tp1") + [f"train.load={root}/tp2/checkpoints/iter_{STOP:07d}"])
+    )
+    out["dp2_resumed"] = _losses(
+        _train(_overrides(corpus, f"{root}/dp2_at_dp1", "muon") + [f"train.load={root}/dp2/checkpoints"])
+    )
+    return out
+
+
+def test_tp2_pp2_dp2_checkpoints_load_at_tp1(toy_corpus, split_runs, tmp_path):
+    saved = {}
+    for r in run_distributed(_other_layouts_worker, 2, toy_corpus, str(tmp_path)):
+        saved.update(r)
+    loaded = run_distributed(_load_at_tp1_worker, 1, toy_corpus, str(tmp_path))[0]
+    for name in ("tp2", "pp2"):
+        assert saved[f"{name}_logits"].shape == (2, 32, 256)
+        torch.testing.assert_close(loaded[f"{name}_logits"], saved[f"{name}_logits"], rtol=1e-5, atol=1e-5)
+    # TP=2 state continued at TP=1 follows the TP=2 run's own continuation (float32 tolerance).
+    np.testing.assert_allclose(loaded["tp2_resumed"], saved["tp2_continued"], rtol=2e-5)
+    assert len(loaded["tp2_resumed"]) == STEPS - STOP
+    # DP=2 Muon state continued at DP=1 follows the single-process Muon run.
+    muon_ref = split_runs[0]["muon_ref"]
+    np.testing.assert_allclose(loaded["dp2_resumed"], muon_ref[STOP:], rtol=2e-5)
+
+
+# ------------------------------------------------------------------ SIGTERM (cluster preemption)
+def _pretrain(overrides, **kwargs):
+    env = dict(os.environ, MEGATRON_OSP_FORCE_CPU="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "megatron_osp.training.pretrain", *overrides]
+    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_sigterm_saves_and_the_next_run_continues(toy_corpus, tmp_path):
+    overrides = _overrides(toy_corpus, tmp_path / "run", steps=10_000)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    proc = _pretrain(overrides)
+    deadline = time.monotonic() + 60
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert proc.poll() is None, proc.communicate()[0]
+        assert time.monotonic() < deadline, "the run never logged a step"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0, output
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    stopped = steps[-1]
+    assert stopped < 10_000
+    assert f"SIGTERM: stopped after step {stopped} of 10000" in output
+    save_dir = tmp_path / "run" / "checkpoints"
+    assert (save_dir / "latest").read_text().strip() == f"iter_{stopped:07d}"
+
+    proc = _pretrain(overrides + [f"train.exit_at_step={stopped + 1}"])
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, output
+    assert f"resuming at step {stopped} ({stopped * 8} samples consumed)" in output
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(1, stopped + 2))
+    assert (save_dir / "latest").read_text().strip() == f"iter_{stopped + 1:07d}"
