@@ -163,3 +163,77 @@ def _docs(prefix):
 
     ds = IndexedDataset(str(prefix))
     return [np.asarray(ds[i], dtype=np.int64) for i in range(len(ds))]
+
+
+def _tiny_llama(seed=0, vocab=96):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(
+        LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                    initializer_range=0.1)
+    ).eval()
+
+
+def test_model_gptq_lowers_output_error_and_is_undone():
+    from megatron_osp.analysis.evaluation import apply_setting
+    from megatron_osp.analysis.model_parts import logits, model_parts
+
+    parts = model_parts(_tiny_llama())
+    calib = torch.randint(0, 96, (8, 33))
+    tokens = calib[:, :-1]
+    with torch.no_grad():
+        base = logits(parts, tokens)
+        before = {n: p.clone() for n, p in parts.model.named_parameters()}
+        errs = {}
+        for name in ("3-16-16", "3-16-16+gptq"):
+            with apply_setting(parts, parse_setting(name), calibration=calib, batch_size=4):
+                errs[name] = float((logits(parts, tokens) - base).pow(2).mean())
+                w = parts.layers[1].mlp_out.weight
+                levels = w / quant_scale(w, 3)
+                torch.testing.assert_close(levels, levels.round(), rtol=0, atol=1e-4)
+        for n, p in parts.model.named_parameters():
+            assert torch.equal(p, before[n]), n
+    assert errs["3-16-16+gptq"] < 0.8 * errs["3-16-16"], errs
+    with pytest.raises(ValueError, match="calibration"):
+        with apply_setting(parts, parse_setting("4-4-4+gptq")):
+            pass
+
+
+def test_evaluate_quantization_tool_on_hf_directories(tmp_path):
+    import json
+    import sys
+    from pathlib import Path
+
+    from megatron_osp.data.indexed import IndexedDatasetWriter
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import evaluate_quantization
+
+    for seed in (0, 1):
+        _tiny_llama(seed).save_pretrained(tmp_path / f"m{seed}")
+    rng = np.random.default_rng(0)
+    with IndexedDatasetWriter(tmp_path / "held") as writer:
+        for _ in range(20):
+            writer.add_document(rng.integers(0, 96, 40))
+    rc = evaluate_quantization.main([
+        str(tmp_path / "m0"), str(tmp_path / "m1"), "--labels", "a", "b", "--data", str(tmp_path / "held"),
+        "--seq-length", "16", "--num-windows", "6", "--batch-size", "3", "--device", "cpu",
+        "--documents", "0.5:1", "--settings", "fp", "4-4-4", "4-4-4+had", "--output-dir", str(tmp_path / "out"),
+    ])
+    assert rc == 0
+    report = json.loads((tmp_path / "out" / "quantization.json").read_text())
+    assert [m["label"] for m in report["models"]] == ["a", "b"]
+    assert report["meta"]["sequences"] == 6 and report["meta"]["documents"] == "0.5:1.0"
+    for m in report["models"]:
+        assert list(m["perplexity"]) == ["fp", "4-4-4", "4-4-4+had"]
+        assert m["eval_tokens"] == 6 * 16
+        assert len(m["kurtosis"]["values"]) == 3  # embedding + 2 layers
+    md = (tmp_path / "out" / "quantization.md").read_text()
+    assert "| a |" in md and "ppl 4-4-4" in md
+    for png in ("kurtosis_per_layer.png", "perplexity_vs_bits.png"):
+        assert (tmp_path / "out" / png).read_bytes()[:4] == b"\x89PNG"
+    # bad input is refused with the parameter's name
+    assert evaluate_quantization.main([str(tmp_path / "m0"), "--data", str(tmp_path / "nope"),
+                                       "--output-dir", str(tmp_path / "o2")]) == 2
