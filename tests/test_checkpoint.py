@@ -323,3 +323,21 @@ def test_sigterm_saves_and_the_next_run_continues(toy_corpus, tmp_path):
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps == list(range(1, stopped + 2))
     assert (save_dir / "latest").read_text().strip() == f"iter_{stopped + 1:07d}"
+
+
+def test_a_checkpoint_that_does_not_fit_the_run_is_refused_by_field(split_runs):
+    import types
+
+    from megatron_osp.training.checkpoint import CheckpointError, check_compatible, load_model_weights
+    from megatron_osp.training.config import load_config
+
+    save_dir = split_runs[2] / "adam_split" / "checkpoints"
+    base = _overrides("unused", "unused")
+    check_compatible(save_dir, load_config(None, base + ["parallel.tensor_parallel_size=2"]), resume=True)
+    with pytest.raises(CheckpointError, match=r"model.hidden_size: checkpoint 64, this run 128"):
+        check_compatible(save_dir, load_config(None, base + ["model.hidden_size=128"]), resume=False)
+    with pytest.raises(CheckpointError, match=r"optimizer.name: checkpoint 'adam', this run 'muon'"):
+        check_compatible(save_dir, load_config(None, base + ["optimizer.name=muon"]), resume=True)
+    check_compatible(save_dir, load_config(None, base + ["optimizer.name=muon"]), resume=False)  # weights only
+    with pytest.raises(CheckpointError, match="padded to 256 .* this model to 384"):
+        load_model_weights(save_dir, [types.SimpleNamespace(vocab_size=384)])

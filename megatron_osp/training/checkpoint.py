@@ -148,10 +148,46 @@ def read_train_state(path: str | os.PathLike) -> dict:
 
 def read_run_config(path: str | os.PathLike):
     """The RunConfig saved with a checkpoint (``path`` = save dir or iteration directory)."""
-    from megatron_osp.training.config import load_config
+    return load_config_file(resolve_checkpoint(path) / RUN_CONFIG)
 
-    ckpt = resolve_checkpoint(path)
-    return load_config(ckpt / RUN_CONFIG)
+
+# Model fields that may differ between the run that saved a checkpoint and the run that loads it.
+_FREE_MODEL_FIELDS = {"transformer_impl", "hidden_dropout", "attention_dropout", "seq_length", "make_vocab_size_divisible_by"}
+# What a resumed run (optimizer and schedule state loaded) must share with the run that saved it.
+_RESUME_FIELDS = (
+    ("optimizer", "name"),
+    ("train", "train_steps"),
+    ("train", "warmup_steps"),
+    ("train", "decay_style"),
+    ("optimizer", "lr"),
+    ("optimizer", "min_lr_ratio"),
+    ("optimizer", "weight_decay"),
+)
+
+
+def check_compatible(path, config, *, resume: bool) -> None:
+    """CheckpointError naming every field where ``config`` cannot continue the checkpoint's run:
+    a different architecture (any load), or, when resuming the optimizer and LR schedule, another
+    optimizer, schedule length or learning rate. Parallel layout and batch sizes may change."""
+    saved = read_run_config(path)
+    diffs = []
+    for name in vars(saved.model):
+        if name in _FREE_MODEL_FIELDS:
+            continue
+        old, new = getattr(saved.model, name), getattr(config.model, name)
+        if old != new:
+            diffs.append(f"model.{name}: checkpoint {old!r}, this run {new!r}")
+    if resume:
+        for section, name in _RESUME_FIELDS:
+            old, new = getattr(getattr(saved, section), name), getattr(getattr(config, section), name)
+            if old != new:
+                diffs.append(f"{section}.{name}: checkpoint {old!r}, this run {new!r}")
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {resolve_checkpoint(path)} does not fit this run:\n  " + "\n  ".join(diffs)
+            + "\n(set train.load to another checkpoint, or use a new train.save_dir / "
+            "train.auto_resume=false to start fresh)"
+        )
 
 
 # ---------------------------------------------------------------------------------- state dicts
@@ -372,6 +408,7 @@ def load_checkpoint(path, model_chunks, optimizer=None, scheduler=None, *, load_
     ckpt = resolve_checkpoint(path)
     train_state = read_train_state(ckpt)
     contents = set(train_state.get("contents", ["model"]))
+    _check_vocab_padding(ckpt, train_state, model_chunks)
     state = _model_sharded_state_dict(model_chunks)
     use_optimizer = optimizer is not None and "optimizer" in contents
     if use_optimizer:
@@ -403,7 +440,31 @@ def load_checkpoint(path, model_chunks, optimizer=None, scheduler=None, *, load_
     return dict(train_state, path=str(ckpt))
 
 
+def _check_vocab_padding(ckpt: Path, train_state: dict, model_chunks) -> None:
+    """The padded vocabulary depends on the TP size; layouts that pad differently cannot reshard."""
+    saved_model = load_config_file(ckpt / RUN_CONFIG).model
+    saved_tp = train_state.get("layout", {}).get("tensor_parallel_size", 1)
+    saved_vocab = saved_model.padded_vocab_size(saved_tp)
+    for chunk in model_chunks:
+        vocab = getattr(_core(chunk), "vocab_size", None)
+        if vocab is not None and vocab != saved_vocab:
+            raise CheckpointError(
+                f"checkpoint {ckpt} has a vocabulary padded to {saved_vocab} (vocab_size "
+                f"{saved_model.vocab_size} at tensor_parallel_size={saved_tp}), this model to {vocab}; "
+                "choose model.make_vocab_size_divisible_by so both layouts pad to the same size"
+            )
+
+
+def load_config_file(path: Path):
+    from megatron_osp.training.config import load_config
+
+    return load_config(path)
+
+
 def load_model_weights(path, model_chunks) -> dict:
     """Load only the model weights of a checkpoint into ``model_chunks`` (any TP/PP layout: the
-    shards are resharded). For export and evaluation. Returns the checkpoint's train state."""
+    shards are resharded). For export and evaluation. Returns the checkpoint's train state.
+
+    Build the model from ``read_run_config(path).model`` after ``parallel.init_distributed``; to run
+    it, seed Megatron's RNG tracker too (``platform.seed_everything``)."""
     return load_checkpoint(path, model_chunks, load_rng=False)

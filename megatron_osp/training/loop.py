@@ -35,7 +35,13 @@ from megatron_osp.fileio import atomic_write_json
 from megatron_osp.analysis.kurtosis import HiddenStateRecorder, KurtosisReport
 from megatron_osp.models.gpt import build_gpt_model, transformer_config
 from megatron_osp.optimizer.builder import ddp_config, get_osp_optimizer
-from megatron_osp.training.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from megatron_osp.training.checkpoint import (
+    check_compatible,
+    has_checkpoint,
+    load_checkpoint,
+    read_train_state,
+    save_checkpoint,
+)
 from megatron_osp.training.config import RunConfig, save_config
 from megatron_osp.training.data import MicroBatchIterator, build_datasets
 
@@ -142,6 +148,7 @@ class Trainer:
         if load_path is None and train.auto_resume and has_checkpoint(self.save_dir):
             load_path = self.save_dir
         if load_path is not None:
+            check_compatible(load_path, config, resume="optimizer" in read_train_state(load_path)["contents"])
             state = load_checkpoint(
                 load_path, [self.model], self.optimizer, self.scheduler, log=self._rank0_log
             )

@@ -1,6 +1,8 @@
 """Entry point: `torchrun --nproc-per-node N -m megatron_osp.training.pretrain --config run.yaml [section.field=value ...]`.
 
 Also runs as a plain single process (`python -m megatron_osp.training.pretrain ...`).
+Checkpoints go to `<train.run_dir>/checkpoints` (train.save_dir); running the same command again
+resumes from the latest one, and SIGTERM saves before exiting (see training/checkpoint.py).
 """
 
 from __future__ import annotations
@@ -24,10 +26,14 @@ def main(argv=None) -> int:
         return 2
 
     from megatron_osp import parallel
+    from megatron_osp.training.checkpoint import CheckpointError
     from megatron_osp.training.loop import Trainer
 
     try:
         Trainer(config).train()
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
         parallel.shutdown()
     return 0
