@@ -59,7 +59,14 @@ def _progress(total: int, desc: str):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    try:
+        return _run(parse_args(argv))
+    except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
     import warnings
 
     # Megatron-Core and torch.distributed.checkpoint warn about Apex/TE and deprecated paths on load.
