@@ -55,3 +55,132 @@ def test_qkv_blocks_follow_megatron_group_layout():
     gate, up = logical_blocks("decoder.layers.1.mlp.linear_fc1.weight", Cfg())
     assert gate.tolist() == list(range(10)) and up.tolist() == list(range(10, 20))
     assert logical_blocks("decoder.layers.1.mlp.linear_fc2.weight", Cfg()) is None
+
+
+def _tp_param(shape, dim):
+    p = torch.nn.Parameter(torch.zeros(shape))
+    p.tensor_model_parallel, p.partition_dim = True, dim
+    return p
+
+
+class _Holder:
+    class config:  # noqa: N801 - stands in for a TransformerConfig
+        num_attention_heads, num_query_groups, kv_channels = 4, 2, 4
+        gated_linear_unit, ffn_hidden_size = True, 10
+
+
+def test_blocks_follow_the_config_at_tp2_and_name_bad_parameters():
+    from megatron_osp.optimizer.logical import build_blocks
+
+    qkv = ("decoder.layers.0.self_attention.linear_qkv.weight", _tp_param((16, 8), 0))  # 32 rows / 2
+    fc1 = ("decoder.layers.0.mlp.linear_fc1.weight", _tp_param((10, 8), 0))  # [gate_r; up_r]
+    fc2 = ("decoder.layers.0.mlp.linear_fc2.weight", _tp_param((8, 5), 1))
+    blocks = build_blocks([qkv, fc1, fc2], _Holder, 0, 2, offset=3)
+    keys = [b.key for b in blocks]
+    assert keys[0] == "decoder.layers.3.self_attention.linear_qkv.weight[0]"
+    q, k, v, gate, up, down = blocks
+    assert (q.shape, k.shape, v.shape) == ((16, 8), (8, 8), (8, 8))
+    # TP rank 1 holds query group 1: local rows 0-7 are q heads 2,3 -> block rows 8-15 of Q.
+    assert q.pieces[1].local_rows.tolist() == list(range(8)) and q.pieces[1].block_rows.tolist() == list(range(8, 16))
+    assert k.pieces[1].local_rows.tolist() == list(range(8, 12)) and k.pieces[1].block_rows.tolist() == [4, 5, 6, 7]
+    # fc1 on TP rank 1 is [gate rows 5-9; up rows 5-9].
+    assert gate.pieces[1].local_rows.tolist() == list(range(5)) and gate.pieces[1].block_rows.tolist() == list(range(5, 10))
+    assert up.pieces[1].local_rows.tolist() == list(range(5, 10)) and up.pieces[1].block_rows.tolist() == list(range(5, 10))
+    assert down.shape == (8, 10) and down.pieces[1].cols == (5, 10)
+
+    with pytest.raises(ValueError, match="tensor_parallel_size=4 must divide the num_query_groups=2"):
+        build_blocks([("x.self_attention.linear_qkv.weight", _tp_param((8, 8), 0))], _Holder, 0, 4, offset=0)
+    with pytest.raises(ValueError, match="'x.self_attention.linear_qkv.weight' has 10 rows"):
+        build_blocks([("x.self_attention.linear_qkv.weight", _tp_param((10, 8), 0))], _Holder, 0, 2, offset=0)
+    with pytest.raises(ValueError, match="'w3' has shape \\(2, 3, 4\\); Newton-Schulz needs a 2-D"):
+        build_blocks([("w3", torch.nn.Parameter(torch.zeros(2, 3, 4)))], _Holder, 0, 1, offset=0)
+
+
+def test_owner_assignment_balances_and_plan_adds_up():
+    from megatron_osp.optimizer.logical import build_blocks
+    from megatron_osp.optimizer.ownership import assign_owners
+    from megatron_osp.optimizer.plan import exchange_sizes
+
+    named = []
+    for layer in range(6):
+        named += [
+            (f"decoder.layers.{layer}.self_attention.linear_qkv.weight", _tp_param((16, 8), 0)),
+            (f"decoder.layers.{layer}.mlp.linear_fc1.weight", _tp_param((10, 8), 0)),
+            (f"decoder.layers.{layer}.mlp.linear_fc2.weight", _tp_param((8, 5), 1)),
+        ]
+    named.append(("embedding_projection.weight", torch.nn.Parameter(torch.zeros(8, 8))))
+    blocks = build_blocks(named, _Holder, 0, 2, offset=0)
+    load = assign_owners(blocks, 4)
+    assert max(load) / (sum(load) / 4) < 1.25
+    assert sorted({b.owner for b in blocks}) == [0, 1, 2, 3]
+    coords = [(t, d) for d in range(2) for t in range(2)]
+    sizes = [exchange_sizes(blocks, coords, r) for r in range(4)]
+    for a in range(4):  # what a sends to b is what b expects from a, in both all-to-alls
+        for b in range(4):
+            assert sizes[a][0][b] == sizes[b][1][a] and sizes[a][2][b] == sizes[b][3][a]
+    # every rank receives exactly its shard of every Muon parameter
+    for r, (tp, _) in enumerate(coords):
+        assert sum(sizes[r][3]) == sum(p.numel() for _, p in named)
+
+
+def test_lr_scale_rules():
+    from megatron_osp.optimizer.muon import update_scale
+
+    assert update_scale(128, 32, "rms") == pytest.approx(0.2 * math.sqrt(128))
+    assert update_scale(128, 32, "shape") == pytest.approx(2.0)
+    assert update_scale(32, 128, "shape") == 1.0
+    with pytest.raises(ValueError, match="muon_lr_scale"):
+        update_scale(2, 2, "nope")
+
+
+def test_settings_name_bad_values():
+    from megatron_osp.optimizer import OptimSettings
+
+    with pytest.raises(ValueError, match="optimizer.name"):
+        OptimSettings(name="sgd")
+    with pytest.raises(ValueError, match="muon_lr_scale"):
+        OptimSettings(name="muon", muon_lr_scale="x")
+    with pytest.raises(ValueError, match="muon_qkv_split"):
+        OptimSettings(name="muon", muon_qkv_split="x")
+    with pytest.raises(ValueError, match="unknown Newton-Schulz coefficients"):
+        OptimSettings(name="muon", muon_coefficients="x")
+
+
+def test_routing_table_and_muon_only_vectors():
+    from megatron_osp import parallel, platform
+    from megatron_osp.models import build_gpt_model, get_preset, transformer_config
+    from megatron_osp.optimizer import OptimSettings, get_osp_optimizer
+
+    parallel.init_distributed(1, 1)
+    platform.seed_everything(0)
+    try:
+        cfg = get_preset("test", embedding_projection=True)
+        model = build_gpt_model(cfg, transformer_config(cfg))
+        lines = []
+        get_osp_optimizer(OptimSettings(name="muon"), [model], log=lines.append)
+        table = "\n".join(lines)
+        row = lambda name: next(ln.rstrip() for ln in table.splitlines() if ln.startswith(name + " "))  # noqa: E731
+        assert row("embedding.word_embeddings.weight").endswith("adamw")
+        assert row("output_layer.weight").endswith("adamw")
+        assert row("embedding_projection.weight").endswith("muon")
+        assert row("decoder.layers.0.self_attention.linear_qkv.weight").endswith("muon")
+        assert "NS GFLOP per step per rank" in table
+
+        opt = get_osp_optimizer(OptimSettings(name="muon_only", lr=0.01, muon_lr=0.01, weight_decay=0.0), [model], log=None)
+        assert len(opt.chained_optimizers) == 1  # no AdamW at all
+        vecs = [(n, p) for n, p in model.named_parameters() if p.ndim == 1]
+        assert vecs
+        before = {n: p.detach().clone() for n, p in vecs}
+        g = torch.Generator().manual_seed(0)
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=g)
+        grads = {n: p.grad.clone() for n, p in vecs}
+        opt.step()
+        for n, p in vecs:  # first step: u = (1 + 0.95) g, normalised, times 0.2 sqrt(numel)
+            g = grads[n]
+            scale = 0.2 * math.sqrt(g.numel()) / g.norm()
+            expected = before[n] - 0.01 * g * scale
+            # clipping (norm > 1) scales g but not its normalised direction
+            torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-6)
+    finally:
+        parallel.shutdown()

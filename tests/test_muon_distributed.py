@@ -73,6 +73,7 @@ def _run_steps(model, settings, grads_by_step):
 
 
 def _reference(settings_kw):
+    """Weights, gradients, and the single-process grad norms, weights after, NS call count."""
     from megatron_osp import parallel, platform
     from megatron_osp.models import build_gpt_model, transformer_config
     from megatron_osp.optimizer import OptimSettings
@@ -92,7 +93,8 @@ def _reference(settings_kw):
         parallel.shutdown()
 
 
-def _worker(rank, world_size, tp, pp, settings_kw, weights, grads):
+def _worker(rank, world_size, tp, pp, cases, weights, grads):
+    """Every settings variant of ``cases`` at one layout, in one spawned world (spawns are slow)."""
     from megatron.core import parallel_state
 
     from megatron_osp import parallel, platform
@@ -101,45 +103,60 @@ def _worker(rank, world_size, tp, pp, settings_kw, weights, grads):
     from megatron_osp.optimizer import OptimSettings
 
     parallel.init_distributed(tp, pp)
-    platform.seed_everything(1234)
-    cfg = _model_cfg()
-    model = build_gpt_model(cfg, transformer_config(cfg, tensor_parallel_size=tp, pipeline_parallel_size=pp))
-    load_logical_state_dict(model, weights)
-    _, norms, muon = _run_steps(model, OptimSettings(**settings_kw), grads)
-    logical = gather_logical(model, dict(model.named_parameters()))
-    leader = parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0
-    return {
-        "weights": {k: v.detach().clone() for k, v in logical.items()} if leader else {},
-        "norms": norms,
-        "stage": parallel_state.get_pipeline_model_parallel_rank(),
-        "first_layer": layer_offset(model),
-        "num_layers": len(model.decoder.layers),
-        "ns_keys": list(muon.last_ns_keys),
-        "ns_calls": muon.ns_calls,
-        "owned": sorted(b.key for b in muon.owned),
-        "all_keys": sorted(b.key for b in muon.blocks),
-    }
+    out = []
+    for settings_kw in cases:
+        platform.seed_everything(1234)
+        cfg = _model_cfg()
+        model = build_gpt_model(cfg, transformer_config(cfg, tensor_parallel_size=tp, pipeline_parallel_size=pp))
+        load_logical_state_dict(model, weights)
+        opt, norms, muon = _run_steps(model, OptimSettings(**settings_kw), grads)
+        logical = gather_logical(model, dict(model.named_parameters()))
+        adams = [o.optimizer for o in opt.chained_optimizers if isinstance(o.optimizer, torch.optim.AdamW)]
+        adam_params = [(adams[0], p) for g in adams[0].param_groups for p in g["params"]] if adams else []
+        leader = parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0
+        out.append({
+            "weights": {k: v.detach().clone() for k, v in logical.items()} if leader else {},
+            "norms": norms,
+            "stage": parallel_state.get_pipeline_model_parallel_rank(),
+            "first_layer": layer_offset(model),
+            "num_layers": len(model.decoder.layers),
+            "ns_keys": list(muon.last_ns_keys),
+            "ns_calls": muon.ns_calls,
+            "owned": sorted(b.key for b in muon.owned),
+            "all_keys": sorted(b.key for b in muon.blocks),
+            "owner_momentum": sorted(muon.owner_momentum),
+            "shard_momentum": [len(muon.state[p]) > 0 for g in muon.param_groups for p in g["params"]],
+            "adam_state": [len(a.state[p]) > 0 for a, p in adam_params],
+        })
+    return out
 
 
-CASES = {
-    "tp2": (2, 1, 2, {}),
-    "pp2": (1, 2, 2, {}),
-    "dp2": (1, 1, 2, {}),
-    "tp2dp2": (2, 1, 4, {}),
-    "tp2_muon_only_per_head_pe": (
-        2, 1, 2, {"name": "muon_only", "muon_qkv_split": "per_head", "muon_coefficients": "polar_express",
-                  "muon_lr_scale": "shape"},
-    ),
+MUON_ONLY = {"name": "muon_only", "muon_qkv_split": "per_head", "muon_coefficients": "polar_express",
+             "muon_lr_scale": "shape"}
+ZERO1 = {"distributed_optimizer": True}
+LAYOUTS = {  # name: (tp, pp, world, settings variants run in the same world)
+    "tp2": (2, 1, 2, [{}, MUON_ONLY]),
+    "pp2": (1, 2, 2, [{}]),
+    "dp2": (1, 1, 2, [{}, ZERO1]),
+    "tp2dp2": (2, 1, 4, [{}, ZERO1]),
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_distributed_muon_step_equals_single_process(case):
-    tp, pp, world, extra = CASES[case]
-    kw = {**BASE, **extra}
-    weights, grads, ref_norms, ref_after, ref_ns_calls = _reference(kw)
-    results = run_distributed(_worker, world, tp, pp, kw, weights, grads)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_distributed_muon_steps_equal_single_process(layout):
+    tp, pp, world, variants = LAYOUTS[layout]
+    cases = [{**BASE, **extra} for extra in variants]
+    weights = grads = None
+    refs = []
+    for kw in cases:
+        weights, grads, *ref = _reference(kw)
+        refs.append(ref)
+    per_rank = run_distributed(_worker, world, tp, pp, cases, weights, grads)
+    for i, (kw, ref) in enumerate(zip(cases, refs)):
+        _check(kw, tp, pp, world, weights, *ref, [r[i] for r in per_rank])
 
+
+def _check(kw, tp, pp, world, weights, ref_norms, ref_after, ref_ns_calls, results):
     got = {}
     for r in results:
         got.update(r["weights"])
@@ -147,7 +164,7 @@ def test_distributed_muon_step_equals_single_process(case):
     assert ref_norms[0] > 10 * CLIP and ref_norms[1] > 10 * CLIP  # clipping was active
     assert sorted(got) == sorted(ref_after)
     for name, ref in ref_after.items():
-        torch.testing.assert_close(got[name], ref, **TOL, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got[name], ref, **TOL, msg=lambda m: f"{kw}: {name}: {m}")
         assert not torch.equal(ref, weights[name]), f"{name} did not move"
 
     # Ownership: per pipeline stage, every logical matrix is orthogonalised exactly once per step,
@@ -173,3 +190,15 @@ def test_distributed_muon_step_equals_single_process(case):
             assert sum(1 for r in ranks if r["owned"]) > 1, "NS work was not spread over the domain"
         total += len(done)
     assert 2 * total == ref_ns_calls  # the single process ran NS on the same number of matrices
+
+    if kw.get("distributed_optimizer"):
+        # ZeRO-1: Muon momentum only on owners (each logical matrix's once in the domain), none per
+        # shard; each AdamW parameter's moments on exactly one DP rank.
+        held = [k for r in results for k in r["owner_momentum"]]
+        assert sorted(held) == sorted(set(held)) == results[0]["all_keys"]
+        assert all(r["owner_momentum"] == r["owned"] for r in results)
+        assert not any(any(r["shard_momentum"]) for r in results)
+        n = len(results[0]["adam_state"])
+        holders = [sum(r["adam_state"][i] for r in results) for i in range(n)]
+        assert holders == [tp] * n  # one DP rank per TP rank (pp=1 here)
+        assert all(not all(r["adam_state"]) for r in results)

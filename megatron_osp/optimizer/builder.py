@@ -9,6 +9,7 @@ is Megatron's, over the model-parallel (TP x PP) group, so the norm is global ac
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,7 @@ from megatron_osp.optimizer.logical import build_blocks
 from megatron_osp.optimizer.muon import LR_SCALES, Muon
 from megatron_osp.optimizer.newton_schulz import coefficient_schedule
 from megatron_osp.optimizer.routing import route_parameters
+from megatron_osp.optimizer.sharded_adamw import ShardedAdamW
 
 OPTIMIZERS = ("adam", "muon", "muon_only")
 
@@ -48,7 +50,9 @@ class OptimSettings:
     muon_coefficients: str = "keller"
     muon_qkv_split: str = "qkv"  # "qkv" | "per_head" | "none"
     muon_lr_scale: str = "rms"  # "rms": 0.2*sqrt(max(m,n)) (AdamW's update RMS) | "shape": sqrt(max(1,m/n))
-    distributed_optimizer: bool = False  # ZeRO-1: shard optimizer state over data-parallel ranks
+    # ZeRO-1: Muon momentum only on each logical matrix's NS owner (TP x DP), AdamW moments one
+    # parameter per DP rank (sharded_adamw.py). Master weights stay replicated; no checkpoints yet.
+    distributed_optimizer: bool = False
 
     def __post_init__(self):
         if self.name not in OPTIMIZERS:
@@ -63,10 +67,13 @@ class OptimSettings:
 
 
 def ddp_config(settings: OptimSettings) -> DistributedDataParallelConfig:
-    """The DDP wrapper's config; it must agree with the optimizer on whether state is sharded."""
-    return DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=settings.distributed_optimizer
-    )
+    """The DDP wrapper's config.
+
+    Gradients are always all-reduced in full: our ZeRO-1 (``distributed_optimizer``) shards the
+    optimizer state by whole parameters / logical matrices, not DDP's flat buffers, so it needs
+    DDP's plain mode (Megatron-Core's buffer-sharded mode is for its own DistributedOptimizer).
+    """
+    return DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=False)
 
 
 def _adam_state_init(opt, config=None):
@@ -138,6 +145,7 @@ def build_muon(settings: OptimSettings, model_chunks, route, log=None) -> Muon:
         group=group,
         coords=coords,
         names=[n for n, _ in matrices] + [n for n, _ in vectors],
+        shard_state=settings.distributed_optimizer and group is not None,
     )
     if log is not None:
         load = muon.ns_flops_per_rank
@@ -165,11 +173,6 @@ def get_osp_optimizer(settings: OptimSettings, model_chunks, *, bf16: bool = Fal
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_distributed_optimizer=False,
     )
-    if settings.distributed_optimizer:
-        raise ValueError(
-            "optimizer.distributed_optimizer=true is not supported yet (ZeRO-1 sharding of the "
-            "optimizer state); set it to false"
-        )
     route = route_parameters(model_chunks, settings.name)
     if log is not None:
         log(f"optimizer routing (pipeline stage {parallel_state.get_pipeline_model_parallel_rank()}):\n"
@@ -187,7 +190,10 @@ def get_osp_optimizer(settings: OptimSettings, model_chunks, *, bf16: bool = Fal
     ]
     adam_groups = [g for g in adam_groups if g["params"]]
     if adam_groups:
-        adam = torch.optim.AdamW(
+        dp_group = parallel_state.get_data_parallel_group() if dist.is_initialized() else None
+        sharded = settings.distributed_optimizer and dp_group is not None and dist.get_world_size(dp_group) > 1
+        adam_cls = functools.partial(ShardedAdamW, group=dp_group) if sharded else torch.optim.AdamW
+        adam = adam_cls(
             adam_groups,
             lr=settings.lr,
             betas=(settings.adam_beta1, settings.adam_beta2),

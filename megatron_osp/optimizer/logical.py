@@ -77,15 +77,17 @@ def _partition_dim(param) -> int | None:
 
 
 def build_blocks(
-    named_params, model, param_offset: int, tp_size: int, qkv_split: str = "qkv"
+    named_params, model, param_offset: int, tp_size: int, qkv_split: str = "qkv", offset: int | None = None
 ) -> list[LogicalBlock]:
     """Logical blocks of one model chunk's Muon parameters (2-D, as routed) at this TP size.
 
     ``named_params`` are (local name, parameter) pairs of ``model``; ``param_offset`` is the
-    position of the first of them in the optimizer's flat parameter list.
+    position of the first of them in the optimizer's flat parameter list; ``offset`` is the
+    chunk's first layer number (default: from the model and the parallel state).
     """
     config = model.config
-    offset = layer_offset(model)
+    if offset is None:
+        offset = layer_offset(model)
     blocks: list[LogicalBlock] = []
     for i, (name, param) in enumerate(named_params):
         if param.ndim != 2:

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from megatron_osp.optimizer.logical import LogicalBlock, Piece
 from megatron_osp.optimizer.newton_schulz import newton_schulz
 from megatron_osp.optimizer.ownership import assign_owners
+from megatron_osp.optimizer.plan import exchange_sizes
 
 LR_SCALES = ("rms", "shape")
 
@@ -62,11 +63,18 @@ def whole_matrix_blocks(params, row_sets=None) -> list[LogicalBlock]:
     return blocks
 
 
+def _nesterov(buf: torch.Tensor, grad: torch.Tensor, group) -> torch.Tensor:
+    buf.mul_(group["momentum"]).add_(grad)
+    return grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf.clone()
+
+
 class Muon(torch.optim.Optimizer):
     """Muon over the logical matrices in ``blocks`` (default: every 2-D parameter whole, one rank).
 
     ``group`` is the TP x DP process group of this pipeline stage (None: single process), and
-    ``coords[r] = (tp_rank, dp_rank)`` of its rank r. ``blocks`` index the flat parameter list
+    ``coords[r] = (tp_rank, dp_rank)`` of its rank r. With ``shard_state`` the owners receive
+    gradients instead of momentum directions and keep the momentum of their matrices only
+    (``owner_momentum``, keyed by block), so Muon's state is spread over the TP x DP domain. ``blocks`` index the flat parameter list
     (all param groups in order) and must be the same list, in the same order, on every rank.
     """
 
@@ -86,6 +94,7 @@ class Muon(torch.optim.Optimizer):
         group=None,
         coords: list[tuple[int, int]] | None = None,
         names: list[str] | None = None,
+        shard_state: bool = False,
     ):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
         super().__init__(params, defaults)
@@ -111,6 +120,10 @@ class Muon(torch.optim.Optimizer):
             raise ValueError(f"Muon: {len(self.coords)} coords for a domain of {self.world} ranks")
         self.ns_flops_per_rank = assign_owners(self.blocks, self.world, ns_steps)
         self.owned = [b for b in self.blocks if b.owner == self.rank]
+        self._sizes = exchange_sizes(self.blocks, self.coords, self.rank)
+        # ZeRO-1 for Muon: momentum only on each logical matrix's owner, in its logical shape.
+        self.shard_state = shard_state
+        self.owner_momentum: dict[str, torch.Tensor] = {}
         self.ns_calls = 0
         self.last_ns_keys: list[str] = []
 
@@ -127,15 +140,17 @@ class Muon(torch.optim.Optimizer):
                 flat.append(p)
                 owner_group.append(g)
         directions = []
-        for p, g in zip(flat, owner_group):
+        for i, (p, g) in enumerate(zip(flat, owner_group)):
             grad = p.grad if p.grad is not None else torch.zeros_like(p)  # keeps ranks in lockstep
             grad = grad.float()
+            if self.shard_state and p.ndim == 2:
+                directions.append(grad)  # momentum lives on the owner, on the logical matrix
+                continue
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
-            buf = state["momentum_buffer"]
-            buf.mul_(g["momentum"]).add_(grad)
-            directions.append(grad.add(buf, alpha=g["momentum"]) if g["nesterov"] else buf.clone())
+            directions.append(_nesterov(state["momentum_buffer"], grad, g))
+        self._groups_by_index = owner_group
         updates = self._orthogonalized_updates(directions)
         for i in self.vector_indices:
             u = directions[i]
@@ -158,11 +173,7 @@ class Muon(torch.optim.Optimizer):
             if b.sharded and self.coords[b.owner][1] == my_dp:
                 pc = b.pieces[my_tp]
                 send[b.owner].append(directions[b.param_index][pc.local_rows].flatten())
-        recv_sizes = [0] * self.world
-        for r, (tp, dp) in enumerate(self.coords):
-            if dp == my_dp:
-                recv_sizes[r] = sum(b.pieces[tp].numel for b in self.owned if b.sharded)
-        received = self._all_to_all(send, recv_sizes, comm_dtype, device)
+        received = self._all_to_all(send, self._sizes[0], self._sizes[1], comm_dtype, device)
 
         # 2. Assemble owned logical matrices; 3. NS once per matrix, batched by shape.
         matrices = {}
@@ -185,6 +196,12 @@ class Muon(torch.optim.Optimizer):
                     matrices[b.key][pc.block_rows, c0:c1] = seg[at : at + k * (c1 - c0)].view(k, c1 - c0)
                     at += k * (c1 - c0)
         self.last_ns_keys = []
+        if self.shard_state:
+            for b in self.owned:
+                g = self._groups_by_index[b.param_index]
+                if b.key not in self.owner_momentum:
+                    self.owner_momentum[b.key] = torch.zeros(b.shape, dtype=torch.float32, device=device)
+                matrices[b.key] = _nesterov(self.owner_momentum[b.key], matrices[b.key].float(), g)
         by_shape = defaultdict(list)
         for b in self.owned:
             by_shape[b.shape].append(b)
@@ -204,10 +221,7 @@ class Muon(torch.optim.Optimizer):
             for b in self.owned:
                 pc = b.pieces[tp]
                 send[r].append(results[b.key][pc.block_rows, pc.cols[0] : pc.cols[1]].flatten())
-        recv_sizes = [0] * self.world
-        for b in self.blocks:
-            recv_sizes[b.owner] += b.pieces[my_tp].numel
-        received = self._all_to_all(send, recv_sizes, comm_dtype, device)
+        received = self._all_to_all(send, self._sizes[2], self._sizes[3], comm_dtype, device)
         updates: dict[int, torch.Tensor] = {}
         at = [0] * self.world
         for b in self.blocks:
@@ -221,13 +235,21 @@ class Muon(torch.optim.Optimizer):
             at[b.owner] += k * width
         return updates
 
-    def _all_to_all(self, send, recv_sizes, dtype, device) -> list[torch.Tensor]:
+    def state_dict(self):
+        if self.shard_state:
+            raise NotImplementedError(
+                "optimizer.distributed_optimizer=true: Muon's owner-sharded momentum cannot be "
+                "checkpointed yet; train with distributed_optimizer=false to save optimizer state"
+            )
+        return super().state_dict()
+
+    def _all_to_all(self, send, send_plan, recv_sizes, dtype, device) -> list[torch.Tensor]:
         """Packed all-to-all over the domain: send[r] (list of flat tensors) to rank r."""
         send_flat = [torch.cat(s).to(dtype) if s else torch.empty(0, dtype=dtype, device=device) for s in send]
         send_sizes = [t.numel() for t in send_flat]
+        if send_sizes != send_plan:
+            raise RuntimeError(f"Muon: sends {send_sizes} differ from the plan {send_plan}")
         if self.world == 1:
-            if send_sizes[0] != recv_sizes[0]:
-                raise RuntimeError(f"Muon: plan mismatch, sending {send_sizes[0]} to self, expecting {recv_sizes[0]}")
             return send_flat
         out = torch.empty(sum(recv_sizes), dtype=dtype, device=device)
         dist.all_to_all_single(out, torch.cat(send_flat), recv_sizes, send_sizes, group=self.group)

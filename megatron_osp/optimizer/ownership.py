@@ -13,17 +13,23 @@ import heapq
 from megatron_osp.optimizer.newton_schulz import ns_flops
 
 
-def assign_owners(blocks, num_ranks: int, ns_steps: int = 5) -> list[int]:
-    """Set ``block.owner`` for each block (anything with ``key`` and ``shape``); return per-rank FLOPs."""
+def assign_owners(blocks, num_ranks: int, ns_steps: int = 5, cost=None) -> list[int]:
+    """Set ``block.owner`` for each block (anything with ``key`` and ``shape``); return per-rank cost.
+
+    The cost of a block is its NS FLOPs unless ``cost(block)`` is given.
+    """
     if num_ranks < 1:
         raise ValueError(f"assign_owners needs at least one rank, got {num_ranks}")
-    order = sorted(range(len(blocks)), key=lambda i: (-ns_flops(*blocks[i].shape, ns_steps), blocks[i].key))
+    if cost is None:
+        cost = lambda b: ns_flops(*b.shape, ns_steps)  # noqa: E731
+    costs = [cost(b) for b in blocks]
+    order = sorted(range(len(blocks)), key=lambda i: (-costs[i], blocks[i].key))
     heap = [(0, r) for r in range(num_ranks)]
     load = [0] * num_ranks
     for i in order:
-        cost, rank = heapq.heappop(heap)
+        total, rank = heapq.heappop(heap)
         blocks[i].owner = rank
-        cost += ns_flops(*blocks[i].shape, ns_steps)
-        load[rank] = cost
-        heapq.heappush(heap, (cost, rank))
+        total += costs[i]
+        load[rank] = total
+        heapq.heappush(heap, (total, rank))
     return load

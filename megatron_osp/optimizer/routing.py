@@ -33,7 +33,7 @@ class Route:
         ):
             rows += [(n, "x".join(map(str, p.shape)), label) for n, p in items]
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "-" * len(lines[0]))
         return "\n".join(lines)
 
