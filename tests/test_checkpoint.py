@@ -1,7 +1,8 @@
 """Checkpoints: exact resume, crash safety, resharding across TP/PP, SIGTERM, clear errors.
 
 - Resume: a run stopped after 2 steps and resumed (in a fresh process) continues with losses
-  bitwise equal to an uninterrupted run, for Adam and for Muon.
+  bitwise equal to an uninterrupted run, for Adam (with dropout: RNG states) and for Muon;
+  ``save_interval`` and ``keep_last`` leave the expected directories.
 - A save killed half way leaves the previous checkpoint loadable and ``latest`` on it.
 - Checkpoints saved at TP=2 and at PP=2 load at TP=1 with the same logits (float32 tolerance), and
   the TP=2 training state (optimizer included) continues at TP=1 like it does at TP=2.
@@ -49,6 +50,7 @@ def _overrides(corpus, run_dir, optimizer="adam", tp=1, pp=1, steps=STEPS):
         "model.embedding_projection=true",
         f"data.paths=[{corpus}]",
         "data.eod_id=255",
+        f"data.cache_dir={corpus}_index_cache",  # one index build for all runs
         f"optimizer.name={optimizer}",
         f"parallel.tensor_parallel_size={tp}",
         f"parallel.pipeline_parallel_size={pp}",
@@ -78,12 +80,22 @@ def _train(overrides):
 
 
 # ------------------------------------------------------------------ workers (one process each)
+# Split runs: Adam keeps only its newest checkpoint, Muon saves after every step and keeps all.
+# Adam's runs use dropout, so their losses depend on the restored RNG states.
+_DROPOUT = ["model.hidden_dropout=0.1", "model.attention_dropout=0.1"]
+_SAVING = {"adam": ["train.keep_last=1"] + _DROPOUT, "muon": ["train.save_interval=1"]}
+
+
+def _split(corpus, root, opt):
+    return _overrides(corpus, f"{root}/{opt}_split", opt) + _SAVING[opt]
+
+
 def _first_half_worker(rank, world, corpus, root):
     """Uninterrupted reference runs and the first halves of the split runs (Adam and Muon)."""
     out = {}
     for opt in ("adam", "muon"):
-        out[f"{opt}_ref"] = _losses(_train(_overrides(corpus, f"{root}/{opt}_ref", opt)))
-        out[f"{opt}_first"] = _losses(_train(_overrides(corpus, f"{root}/{opt}_split", opt) + [f"train.exit_at_step={STOP}"]))
+        out[f"{opt}_ref"] = _losses(_train(_overrides(corpus, f"{root}/{opt}_ref", opt) + _SAVING[opt]))
+        out[f"{opt}_first"] = _losses(_train(_split(corpus, root, opt) + [f"train.exit_at_step={STOP}"]))
     return out
 
 
@@ -91,7 +103,8 @@ def _second_half_worker(rank, world, corpus, root):
     """Resume both split runs (auto-resume from <run_dir>/checkpoints), then simulate killed saves."""
     from megatron_osp.training import checkpoint
 
-    out = {opt: _losses(_train(_overrides(corpus, f"{root}/{opt}_split", opt))) for opt in ("adam", "muon")}
+    out = {opt: _losses(_train(_split(corpus, root, opt))) for opt in ("adam", "muon")}
+    out["muon_listing"] = sorted(p.name for p in Path(f"{root}/muon_split/checkpoints").iterdir())
 
     # A save killed after its shards are written but before it is published, and one killed while
     # dist_checkpointing is writing: neither may become the checkpoint that is loaded.
@@ -99,7 +112,7 @@ def _second_half_worker(rank, world, corpus, root):
     from megatron_osp.training.loop import Trainer
 
     run_dir = f"{root}/adam_split"
-    trainer = Trainer(load_config(None, _overrides(corpus, run_dir, "adam")), log=lambda *_: None)
+    trainer = Trainer(load_config(None, _split(corpus, root, "adam")), log=lambda *_: None)
     assert trainer.step == STEPS  # resumed from the end of the split run
     weights = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
     with torch.no_grad():
@@ -152,7 +165,10 @@ def test_resume_is_bitwise_equal_and_killed_saves_are_never_loaded(split_runs):
         assert len(set(first[f"{opt}_ref"])) == STEPS  # the losses do change step to step
     assert second["killed"] == ["killed before publishing", "killed while writing shards"]
     assert second["latest"] == "iter_0000004"
-    assert "iter_0000005" not in second["listing"] and "iter_0000006" not in second["listing"]
+    # keep_last=1 pruned iter_0000002 once iter_0000004 was complete; the killed saves pruned nothing
+    # and left only a temporary directory (the next save removes it).
+    assert second["listing"] == ["iter_0000004", "iter_0000006.tmp", "latest"]
+    assert second["muon_listing"] == [f"iter_{i:07d}" for i in range(1, STEPS + 1)] + ["latest"]
     assert second["reloaded_step"] == STEPS and second["reloaded_equal"]
 
 
@@ -249,7 +265,9 @@ def _load_at_tp1_worker(rank, world, corpus, root):
     """At TP=1: load_model_weights from the TP=2 and PP=2 checkpoints; resume TP=2 and DP=2 runs."""
     from megatron_osp import parallel, platform
     from megatron_osp.models.gpt import build_gpt_model, transformer_config
-    from megatron_osp.training.checkpoint import load_model_weights, read_run_config
+    from megatron_osp.training.checkpoint import load_model_weights, read_run_config, read_train_state, save_checkpoint
+    from megatron_osp.training.config import load_config
+    from megatron_osp.training.loop import Trainer, unwrap
 
     parallel.init_distributed(1, 1)
     platform.seed_everything(0)  # Megatron's RNG tracker must exist for a forward pass
@@ -264,6 +282,14 @@ def _load_at_tp1_worker(rank, world, corpus, root):
         tokens = _fixed_tokens()
         with torch.no_grad():
             out[f"{name}_logits"] = model(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None)
+        if name == "tp2":  # a weights-only checkpoint (what a converter writes) starts a new run
+            save_checkpoint(f"{root}/weights_only", 7, [model], config)
+            trainer = Trainer(load_config(None, _overrides(corpus, f"{root}/from_weights") + [f"train.load={root}/weights_only"]), log=lambda *_: None)
+            out["weights_only"] = (
+                trainer.step,
+                read_train_state(f"{root}/weights_only")["contents"],
+                all(torch.equal(p, q) for p, q in zip(unwrap(trainer.model).parameters(), model.parameters())),
+            )
     # Full training state (Adam moments, Muon momentum, scheduler, data position) at another layout.
     out["tp2_resumed"] = _losses(
         _train(_overrides(corpus, f"{root}/tp2_at_tp1") + [f"train.load={root}/tp2/checkpoints/iter_{STOP:07d}"])
@@ -285,6 +311,7 @@ def test_tp2_pp2_dp2_checkpoints_load_at_tp1(toy_corpus, split_runs, tmp_path):
     # TP=2 state continued at TP=1 follows the TP=2 run's own continuation (float32 tolerance).
     np.testing.assert_allclose(loaded["tp2_resumed"], saved["tp2_continued"], rtol=2e-5)
     assert len(loaded["tp2_resumed"]) == STEPS - STOP
+    assert loaded["weights_only"] == (0, ["model", "rng"], True)
     # DP=2 Muon state continued at DP=1 follows the single-process Muon run.
     muon_ref = split_runs[0]["muon_ref"]
     np.testing.assert_allclose(loaded["dp2_resumed"], muon_ref[STOP:], rtol=2e-5)

@@ -327,8 +327,12 @@ def save_checkpoint(
     if optimizer is not None:
         for sub in _sub_optimizers(optimizer):
             _add_group_identifiers(sub.param_groups)
-        model_sd = {k: v for k, v in state.items()}
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd)
+        state["optimizer"] = optimizer.sharded_state_dict(dict(state))
+        subs = _sub_optimizers(optimizer)
+        for sub_state in [state["optimizer"]] if len(subs) == 1 else state["optimizer"].values():
+            for group in _optimizer_groups(sub_state):
+                for key in _LAYOUT_GROUP_KEYS:
+                    group.pop(key, None)  # per-rank layout, not state: differs between stages
         contents.append("optimizer")
     if scheduler is not None:
         state["opt_param_scheduler"] = scheduler.state_dict()
@@ -383,7 +387,22 @@ def _publish(tmp: Path, final: Path, save_dir: Path) -> None:
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)
+    _fsync_dir(save_dir)  # the rename reaches the disk before the pointer that names it
     atomic_write_text(save_dir / LATEST, final.name + "\n")
+    _fsync_dir(save_dir)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # e.g. a filesystem that cannot open directories: nothing to flush
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _prune(save_dir: Path, keep_last: int, keep: Path) -> None:
@@ -432,9 +451,9 @@ def load_checkpoint(path, model_chunks, optimizer=None, scheduler=None, *, load_
     if use_rng:
         _set_rng_states(loaded["rng_state"])
     if log is not None:
-        skipped = sorted({"optimizer", "scheduler", "rng"} & contents - {
-            "optimizer" if use_optimizer else "", "scheduler" if scheduler is not None else "", "rng" if use_rng else ""
-        })
+        restored = {"model"} | {name for name, used in (
+            ("optimizer", use_optimizer), ("scheduler", scheduler is not None), ("rng", use_rng)) if used}
+        skipped = sorted(contents - restored)
         note = f" (not restored: {', '.join(skipped)})" if skipped else ""
         log(f"loaded checkpoint {ckpt} at iteration {train_state['iteration']}{note}")
     return dict(train_state, path=str(ckpt))

@@ -148,12 +148,15 @@ class Trainer:
         if load_path is None and train.auto_resume and has_checkpoint(self.save_dir):
             load_path = self.save_dir
         if load_path is not None:
-            check_compatible(load_path, config, resume="optimizer" in read_train_state(load_path)["contents"])
+            # A training checkpoint continues where it stopped; a weights-only one (e.g. converted
+            # from Hugging Face) starts a new run from those weights.
+            resume = "optimizer" in read_train_state(load_path)["contents"]
+            check_compatible(load_path, config, resume=resume)
             state = load_checkpoint(
-                load_path, [self.model], self.optimizer, self.scheduler, log=self._rank0_log
+                load_path, [self.model], self.optimizer, self.scheduler, load_rng=resume, log=self._rank0_log
             )
-            self.step, consumed = state["iteration"], state["consumed_samples"]
-            if "optimizer" in state["contents"]:
+            if resume:
+                self.step, consumed = state["iteration"], state["consumed_samples"]
                 self.last_saved_step = self.step
         self.train_iter = MicroBatchIterator(
             self.train_ds, train.global_batch_size, train.micro_batch_size, consumed_samples=consumed
