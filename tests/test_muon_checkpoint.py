@@ -25,7 +25,7 @@ def _grads(shapes, step):
     return {k: torch.randn(*s, generator=g) for k, s in sorted(shapes.items())}
 
 
-def _build(tp):
+def _build(tp, extra=None):
     from megatron_osp import platform
     from megatron_osp.models import build_gpt_model, transformer_config
     from megatron_osp.optimizer import OptimSettings, get_osp_optimizer
@@ -33,7 +33,7 @@ def _build(tp):
     platform.seed_everything(1234)
     cfg = _model_cfg()
     model = build_gpt_model(cfg, transformer_config(cfg, tensor_parallel_size=tp))
-    return model, get_osp_optimizer(OptimSettings(**SETTINGS), [model], log=None)
+    return model, get_osp_optimizer(OptimSettings(**SETTINGS, **(extra or {})), [model], log=None)
 
 
 def _step(model, opt, grads):
@@ -49,14 +49,14 @@ def _step(model, opt, grads):
     assert ok
 
 
-def _save_worker(rank, world_size, ckpt_dir, weights, grads):
+def _save_worker(rank, world_size, ckpt_dir, weights, grads, tp=2, extra=None):
     from megatron.core import dist_checkpointing
 
     from megatron_osp import parallel
     from megatron_osp.models.layout import gather_logical, load_logical_state_dict
 
-    parallel.init_distributed(2, 1)
-    model, opt = _build(tp=2)
+    parallel.init_distributed(tp, 1)
+    model, opt = _build(tp, extra)
     load_logical_state_dict(model, weights)
     _step(model, opt, grads[0])
     state = {"model": model.sharded_state_dict()}
@@ -64,7 +64,12 @@ def _save_worker(rank, world_size, ckpt_dir, weights, grads):
     dist_checkpointing.save(state, ckpt_dir)
     _step(model, opt, grads[1])
     logical = gather_logical(model, dict(model.named_parameters()))
-    return {k: v.detach().clone() for k, v in logical.items()} if rank == 0 else None
+    muon = [o.optimizer for o in opt.chained_optimizers if type(o.optimizer).__name__ == "Muon"][0]
+    return {
+        "weights": {k: v.detach().clone() for k, v in logical.items()} if rank == 0 else None,
+        "owner_momentum": sorted(muon.owner_momentum),
+        "all_keys": sorted(b.key for b in muon.blocks),
+    }
 
 
 def test_checkpoint_saved_at_tp2_loads_at_tp1_with_the_same_next_update(tmp_path):
@@ -80,7 +85,7 @@ def test_checkpoint_saved_at_tp2_loads_at_tp1_with_the_same_next_update(tmp_path
         grads = [_grads(shapes, s) for s in range(2)]
         ckpt = tmp_path / "ckpt"
         ckpt.mkdir()
-        tp2_after = run_distributed(_save_worker, 2, str(ckpt), weights, grads)[0]
+        tp2_after = run_distributed(_save_worker, 2, str(ckpt), weights, grads)[0]["weights"]
 
         # Fresh TP=1 model and optimizer (different weights until loaded), then load.
         with torch.no_grad():
@@ -107,5 +112,42 @@ def test_checkpoint_saved_at_tp2_loads_at_tp1_with_the_same_next_update(tmp_path
         _step(model2, opt2, grads[1])
         diff = max((a - b).abs().max().item() for a, b in zip(model2.parameters(), model.parameters()))
         assert diff > 1e-4
+    finally:
+        parallel.shutdown()
+
+
+def test_zero1_checkpoint_saved_at_dp2_loads_in_one_process_with_the_same_next_update(tmp_path):
+    """distributed_optimizer=true: owner-only Muon momentum and DP-sharded Adam moments round-trip."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_osp import parallel
+
+    zero1 = {"distributed_optimizer": True}
+    parallel.init_distributed(1, 1)
+    try:
+        model, opt = _build(1, zero1)
+        weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+        grads = [_grads({n: p.shape for n, p in model.named_parameters()}, s) for s in range(2)]
+        ckpt = tmp_path / "ckpt"
+        ckpt.mkdir()
+        saved = run_distributed(_save_worker, 2, str(ckpt), weights, grads, tp=1, extra=zero1)
+        held = [k for r in saved for k in r["owner_momentum"]]
+        assert sorted(held) == saved[0]["all_keys"] and all(r["owner_momentum"] for r in saved)
+        assert all(len(r["owner_momentum"]) < len(held) for r in saved)  # each rank holds only some
+
+        model, opt = _build(1, zero1)
+        state = {"model": model.sharded_state_dict()}
+        state["optimizer"] = opt.sharded_state_dict(dict(state), is_loading=True)
+        loaded = dist_checkpointing.load(state, str(ckpt))
+        model.load_state_dict(loaded["model"], strict=True)
+        opt.load_state_dict(loaded["optimizer"])
+        muon = [o.optimizer for o in opt.chained_optimizers if type(o.optimizer).__name__ == "Muon"][0]
+        assert sorted(muon.owner_momentum) == saved[0]["all_keys"]
+        assert all(t.abs().sum() > 0 for t in muon.owner_momentum.values())
+        _step(model, opt, grads[1])
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(
+                p.detach(), saved[0]["weights"][name], rtol=1e-5, atol=2e-6, msg=lambda m: f"{name}: {m}"
+            )
     finally:
         parallel.shutdown()

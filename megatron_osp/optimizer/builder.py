@@ -28,6 +28,7 @@ from megatron_osp.optimizer.muon import LR_SCALES, Muon
 from megatron_osp.optimizer.newton_schulz import coefficient_schedule
 from megatron_osp.optimizer.routing import route_parameters
 from megatron_osp.optimizer.sharded_adamw import ShardedAdamW
+from megatron_osp.optimizer.sharded_state import OwnerStateFloat16Optimizer, OwnerStateFP32Optimizer
 
 OPTIMIZERS = ("adam", "muon", "muon_only")
 
@@ -51,7 +52,8 @@ class OptimSettings:
     muon_qkv_split: str = "qkv"  # "qkv" | "per_head" | "none"
     muon_lr_scale: str = "rms"  # "rms": 0.2*sqrt(max(m,n)) (AdamW's update RMS) | "shape": sqrt(max(1,m/n))
     # ZeRO-1: Muon momentum only on each logical matrix's NS owner (TP x DP), AdamW moments one
-    # parameter per DP rank (sharded_adamw.py). Master weights stay replicated; no checkpoints yet.
+    # parameter per DP rank (sharded_adamw.py). Master weights stay replicated. Checkpoints load at
+    # any TP/PP/DP layout with distributed_optimizer=true (not across the two modes for Muon).
     distributed_optimizer: bool = False
 
     def __post_init__(self):
@@ -77,6 +79,8 @@ def ddp_config(settings: OptimSettings) -> DistributedDataParallelConfig:
 
 
 def _adam_state_init(opt, config=None):
+    if isinstance(opt, ShardedAdamW):
+        return opt.init_owned_state()
     for group in opt.param_groups:
         for p in group["params"]:
             if not opt.state[p]:
@@ -87,7 +91,7 @@ def _adam_state_init(opt, config=None):
 def _muon_state_init(opt, config=None):
     for group in opt.param_groups:
         for p in group["params"]:
-            if not opt.state[p]:
+            if not opt.state[p] and not (opt.shard_state and p.ndim == 2):
                 opt.state[p]["momentum_buffer"] = torch.zeros_like(p.data, dtype=torch.float32)
 
 
@@ -145,7 +149,7 @@ def build_muon(settings: OptimSettings, model_chunks, route, log=None) -> Muon:
         group=group,
         coords=coords,
         names=[n for n, _ in matrices] + [n for n, _ in vectors],
-        shard_state=settings.distributed_optimizer and group is not None,
+        shard_state=settings.distributed_optimizer,
     )
     if log is not None:
         load = muon.ns_flops_per_rank
@@ -179,6 +183,10 @@ def get_osp_optimizer(settings: OptimSettings, model_chunks, *, bf16: bool = Fal
             + route.table())
 
     def wrap(opt, init):
+        if settings.distributed_optimizer:
+            if bf16:
+                return OwnerStateFloat16Optimizer(opt, mcfg, None, init)
+            return OwnerStateFP32Optimizer(opt, mcfg, init)
         if bf16:
             return Float16OptimizerWithFloat16Params(opt, mcfg, None, init)
         return FP32Optimizer(opt, mcfg, init)

@@ -235,13 +235,13 @@ class Muon(torch.optim.Optimizer):
             at[b.owner] += k * width
         return updates
 
-    def state_dict(self):
-        if self.shard_state:
-            raise NotImplementedError(
-                "optimizer.distributed_optimizer=true: Muon's owner-sharded momentum cannot be "
-                "checkpointed yet; train with distributed_optimizer=false to save optimizer state"
-            )
-        return super().state_dict()
+    def owner_momentum_tensors(self) -> dict[str, torch.Tensor]:
+        """The momentum of the logical matrices this rank owns (zeros before the first step)."""
+        device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
+        for b in self.owned:
+            if b.key not in self.owner_momentum:
+                self.owner_momentum[b.key] = torch.zeros(b.shape, dtype=torch.float32, device=device)
+        return {b.key: self.owner_momentum[b.key] for b in self.owned}
 
     def _all_to_all(self, send, send_plan, recv_sizes, dtype, device) -> list[torch.Tensor]:
         """Packed all-to-all over the domain: send[r] (list of flat tensors) to rank r."""

@@ -85,9 +85,9 @@ def newton_schulz(
     transposed = X.shape[-2] > X.shape[-1]
     if transposed:  # iterate on the wide orientation: A is then the smaller Gram matrix
         X = X.mT
-    # The norm in fp32 even for bf16 work: its sum of squares overflows bf16's precision first.
-    norm = X.float().norm(dim=(-2, -1), keepdim=True)
-    X = (X.float() / (norm * safety + eps)).to(dtype).contiguous()
+    # The norm accumulates in fp32 even for bf16 work (no fp32 copy of X is made).
+    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=torch.float32)
+    X = (X * (1.0 / (norm * safety + eps)).to(dtype)).contiguous()
     for a, b, c in schedule:
         A = torch.bmm(X, X.mT)
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A A

@@ -6,7 +6,8 @@ same ``assign_owners`` Muon uses), only the owner keeps exp_avg / exp_avg_sq and
 owners then broadcast the new values, packed, to the other DP ranks. Megatron-Core's
 DistributedOptimizer is not used because it needs every parameter of DDP's sharded buffers in its
 own param groups, which rules out Muon for the matrices (Megatron-Core's Muon refuses it too).
-The fp32 master weights stay replicated; only the Adam moments are sharded.
+The fp32 master weights stay replicated; only the Adam moments are sharded. Checkpoints: see
+sharded_state.py (the owner's moments are the main replica, whatever its DP rank).
 """
 
 from __future__ import annotations
@@ -67,8 +68,9 @@ class ShardedAdamW(torch.optim.AdamW):
                     at += p.numel()
         return loss
 
-    def state_dict(self):
-        raise NotImplementedError(
-            "optimizer.distributed_optimizer=true: the DP-sharded AdamW moments cannot be "
-            "checkpointed yet; train with distributed_optimizer=false to save optimizer state"
-        )
+    def init_owned_state(self):
+        """Adam moments for the parameters this rank owns (what a checkpoint load fills in)."""
+        for p, owner in zip(self._flat(), self.owners):
+            if owner == self.rank and not self.state[p]:
+                self.state[p]["exp_avg"] = torch.zeros_like(p.data)
+                self.state[p]["exp_avg_sq"] = torch.zeros_like(p.data)
