@@ -294,6 +294,9 @@ def _load_at_tp1_worker(rank, world, corpus, root):
     out["tp2_resumed"] = _losses(
         _train(_overrides(corpus, f"{root}/tp2_at_tp1") + [f"train.load={root}/tp2/checkpoints/iter_{STOP:07d}"])
     )
+    out["pp2_resumed"] = _losses(
+        _train(_overrides(corpus, f"{root}/pp2_at_pp1") + [f"train.load={root}/pp2/checkpoints"])
+    )
     out["dp2_resumed"] = _losses(
         _train(_overrides(corpus, f"{root}/dp2_at_dp1", "muon") + [f"train.load={root}/dp2/checkpoints"])
     )
@@ -308,8 +311,10 @@ def test_tp2_pp2_dp2_checkpoints_load_at_tp1(toy_corpus, split_runs, tmp_path):
     for name in ("tp2", "pp2"):
         assert saved[f"{name}_logits"].shape == (2, 32, 256)
         torch.testing.assert_close(loaded[f"{name}_logits"], saved[f"{name}_logits"], rtol=1e-5, atol=1e-5)
-    # TP=2 state continued at TP=1 follows the TP=2 run's own continuation (float32 tolerance).
+    # TP=2 and PP=2 states continued at TP=1, PP=1 follow the TP=2 run's own continuation (the
+    # same logical run: same seed, data and optimizer; float32 tolerance).
     np.testing.assert_allclose(loaded["tp2_resumed"], saved["tp2_continued"], rtol=2e-5)
+    np.testing.assert_allclose(loaded["pp2_resumed"], saved["tp2_continued"], rtol=2e-5)
     assert len(loaded["tp2_resumed"]) == STEPS - STOP
     assert loaded["weights_only"] == (0, ["model", "rng"], True)
     # DP=2 Muon state continued at DP=1 follows the single-process Muon run.
@@ -343,6 +348,8 @@ def test_sigterm_saves_and_the_next_run_continues(toy_corpus, tmp_path):
     save_dir = tmp_path / "run" / "checkpoints"
     assert (save_dir / "latest").read_text().strip() == f"iter_{stopped:07d}"
 
+    with metrics.open("a") as f:  # a line from beyond the checkpoint: the resumed run drops it
+        f.write(json.dumps({"step": stopped + 50, "loss": 0.0}) + "\n")
     proc = _pretrain(overrides + [f"train.exit_at_step={stopped + 1}"])
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 0, output

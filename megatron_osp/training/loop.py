@@ -31,7 +31,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
 from megatron_osp import parallel, platform
-from megatron_osp.fileio import atomic_write_json
+from megatron_osp.fileio import atomic_write_json, atomic_write_text
 from megatron_osp.analysis.kurtosis import HiddenStateRecorder, KurtosisReport
 from megatron_osp.models.gpt import build_gpt_model, transformer_config
 from megatron_osp.optimizer.builder import ddp_config, get_osp_optimizer
@@ -281,7 +281,8 @@ class Trainer:
             self.log(f"resuming at step {self.step} ({self.train_iter.consumed} samples consumed)")
         bar = _progress_bar(train.train_steps, initial=self.step) if (is_logging_rank() and train.progress_bar) else None
         metrics_path = self.run_dir / "metrics.jsonl"
-        history = self.history = []
+        history = self.history = []  # this session's logged steps
+        earlier = self._earlier_metrics(metrics_path) if self.step else []
         t0 = time.perf_counter()
         window_start, window_steps = time.perf_counter(), 0
         kurtosis_history = []
@@ -326,13 +327,13 @@ class Trainer:
             "embedding_projection": self.config.model.embedding_projection,
             "steps": self.step,
             "tokens": self.step * tokens_per_step,
-            "train_loss": _mean_tail(history),
+            "train_loss": _mean_tail(earlier + history),
             "val_loss": val_loss,
             "kurtosis_mean": report.mean,
             "kurtosis_max": report.max,
             "kurtosis_history": kurtosis_history,
             "train_time_s": train_time,
-            "tokens_per_s": (self.step - start_step) * tokens_per_step / train_time,
+            "tokens_per_s": (self.step - start_step) * tokens_per_step / train_time if self.step > start_step else float("nan"),
         }
         if is_logging_rank():
             self._log_scalar("val/loss", val_loss)
@@ -346,6 +347,17 @@ class Trainer:
             self.writer.close()
         dist.barrier()
         return summary
+
+    def _earlier_metrics(self, path: Path) -> list[dict]:
+        """On resume: the logged steps up to the checkpoint. Lines of later steps (a run that went
+        on past the checkpoint it is resumed from) are dropped from metrics.jsonl."""
+        if not is_logging_rank() or not path.exists():
+            return []
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        kept = [line for line in lines if json.loads(line).get("step", 0) <= self.step]
+        if len(kept) != len(lines):
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
+        return [json.loads(line) for line in kept]
 
     def _stop_early(self, reason: str, history) -> dict:
         """Save (when checkpointing is on) and return before the end of the schedule."""
