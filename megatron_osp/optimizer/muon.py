@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_osp.optimizer.logical import LogicalBlock, Piece
-from megatron_osp.optimizer.newton_schulz import newton_schulz
+from megatron_osp.optimizer.newton_schulz import coefficient_schedule, newton_schulz
 from megatron_osp.optimizer.ownership import assign_owners
 from megatron_osp.optimizer.plan import exchange_sizes
 
@@ -72,10 +72,11 @@ class Muon(torch.optim.Optimizer):
     """Muon over the logical matrices in ``blocks`` (default: every 2-D parameter whole, one rank).
 
     ``group`` is the TP x DP process group of this pipeline stage (None: single process), and
-    ``coords[r] = (tp_rank, dp_rank)`` of its rank r. With ``shard_state`` the owners receive
-    gradients instead of momentum directions and keep the momentum of their matrices only
-    (``owner_momentum``, keyed by block), so Muon's state is spread over the TP x DP domain. ``blocks`` index the flat parameter list
+    ``coords[r] = (tp_rank, dp_rank)`` of its rank r. ``blocks`` index the flat parameter list
     (all param groups in order) and must be the same list, in the same order, on every rank.
+    With ``shard_state`` (ZeRO-1) the owners receive gradients instead of momentum directions and
+    keep the momentum of their matrices only (``owner_momentum``, keyed by block, logical shape),
+    so Muon's state is spread over the TP x DP domain instead of replicated over DP.
     """
 
     def __init__(
@@ -99,6 +100,7 @@ class Muon(torch.optim.Optimizer):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
         super().__init__(params, defaults)
         update_scale(1, 1, lr_scale)  # validate early
+        coefficient_schedule(coefficients, ns_steps)
         self.ns_steps, self.coefficients = ns_steps, coefficients
         self.lr_scale, self.rms_match = lr_scale, rms_match
         flat = self._flat_params()
