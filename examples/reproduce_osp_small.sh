@@ -9,6 +9,8 @@
 # H100. --cpu (or CPU=1): the tiny preset (reproduce_small_cpu.yaml), a few minutes per run on 2 cores.
 # Data: the documentation and (GPU) standard-library source that ship with Python, tokenized here,
 # unless DATA=<indexed prefix> TOKENIZER=<sentencepiece .model> VOCAB=<its size> point at your own.
+# ALL_ROWS=1 adds the paper's other two rows: Muon-only (optimizer.name=muon_only: Muon for every
+# parameter, no AdamW) and Muon + EmbProj.
 # RUN_DIR (default runs/reproduce_small or runs/reproduce_small_cpu) holds everything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -50,6 +52,11 @@ RUNS=(
   "osp|optimizer.name=muon model.normalization=ssnorm model.embedding_projection=true"
 )
 LABELS=("Adam + RMSNorm" "Muon" "Muon + SSNorm" "Muon + SSNorm + EmbProj (OSP)")
+if [[ "${ALL_ROWS:-0}" == 1 ]]; then
+  RUNS+=("muon_only|optimizer.name=muon_only model.normalization=rmsnorm model.embedding_projection=false"
+         "muon_embproj|optimizer.name=muon model.normalization=rmsnorm model.embedding_projection=true")
+  LABELS+=("Muon-only (no AdamW)" "Muon + EmbProj")
+fi
 DIRS=()
 for entry in "${RUNS[@]}"; do
   name=${entry%%|*}; read -r -a flags <<< "${entry#*|}"
