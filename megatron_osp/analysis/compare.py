@@ -28,7 +28,7 @@ def load_run(run_dir: str | Path) -> dict:
 def run_label(run: dict) -> str:
     if run["optimizer"] == "adam" and run["normalization"] == "rmsnorm" and not run["embedding_projection"]:
         return "Adam + RMSNorm"
-    parts = ["Muon" if run["optimizer"] == "muon" else "Adam"]
+    parts = [{"muon": "Muon", "muon_only": "Muon-only"}.get(run["optimizer"], "Adam")]
     if run["normalization"] == "ssnorm":
         parts.append("SSNorm")
     if run["embedding_projection"]:

@@ -32,11 +32,11 @@ class LoadedModel:
 def describe_run(run_config) -> str:
     """"Adam + RMSNorm", "Muon + SSNorm + EmbProj", ... (the paper's ablation names)."""
     opt = run_config.optimizer.name
-    parts = ["Muon" if opt == "muon" else "Adam"]
+    parts = [{"muon": "Muon", "muon_only": "Muon-only"}.get(opt, "Adam")]
     parts.append("SSNorm" if run_config.model.normalization == "ssnorm" else "RMSNorm")
     if run_config.model.embedding_projection:
         parts.append("EmbProj")
-    if parts[0] == "Muon" and parts[1] == "RMSNorm":
+    if parts[0] != "Adam" and parts[1] == "RMSNorm":
         parts.pop(1)  # "Muon" / "Muon + EmbProj": RMSNorm is the default
     return " + ".join(parts)
 
