@@ -297,9 +297,10 @@ def _load_at_tp1_worker(rank, world, corpus, root):
     out["pp2_resumed"] = _losses(
         _train(_overrides(corpus, f"{root}/pp2_at_pp1") + [f"train.load={root}/pp2/checkpoints"])
     )
-    out["dp2_resumed"] = _losses(
-        _train(_overrides(corpus, f"{root}/dp2_at_dp1", "muon") + [f"train.load={root}/dp2/checkpoints"])
-    )
+    dp2_at_dp1 = _overrides(corpus, f"{root}/dp2_at_dp1", "muon") + [f"train.load={root}/dp2/checkpoints"]
+    out["dp2_resumed"] = _losses(_train(dp2_at_dp1))
+    # The same command again (a requeued job): its own checkpoint wins over train.load.
+    out["requeued_step"] = Trainer(load_config(None, dp2_at_dp1), log=lambda *_: None).step
     return out
 
 
@@ -320,6 +321,7 @@ def test_tp2_pp2_dp2_checkpoints_load_at_tp1(toy_corpus, split_runs, tmp_path):
     # DP=2 Muon state continued at DP=1 follows the single-process Muon run.
     muon_ref = split_runs[0]["muon_ref"]
     np.testing.assert_allclose(loaded["dp2_resumed"], muon_ref[STOP:], rtol=2e-5)
+    assert loaded["requeued_step"] == STEPS
 
 
 # ------------------------------------------------------------------ SIGTERM (cluster preemption)

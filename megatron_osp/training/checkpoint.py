@@ -38,6 +38,7 @@ import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -311,6 +312,7 @@ def save_checkpoint(
     ``scheduler`` this writes a weights-only checkpoint (e.g. one converted from Hugging Face), which
     training loads with a fresh optimizer. Returns the final iteration directory.
     """
+    start = time.perf_counter()
     save_dir = Path(save_dir)
     final = save_dir / iteration_dir_name(iteration)
     tmp = save_dir / (final.name + ".tmp")
@@ -365,7 +367,7 @@ def save_checkpoint(
         if keep_last > 0:
             _prune(save_dir, keep_last, keep=final)
         if log is not None:
-            log(f"saved checkpoint {final}")
+            log(f"saved checkpoint {final} in {time.perf_counter() - start:.2f} s")
     dist.barrier()
     return final
 

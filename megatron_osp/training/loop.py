@@ -144,8 +144,10 @@ class Trainer:
         self.save_dir = Path(train.save_dir) if train.save_dir else self.run_dir / "checkpoints"
         self.last_saved_step = None
         consumed = 0
+        # The run's own checkpoints come first, so a preempted job that started from train.load
+        # and is requeued with the same command continues its progress instead of restarting.
         load_path = train.load
-        if load_path is None and train.auto_resume and has_checkpoint(self.save_dir):
+        if train.auto_resume and has_checkpoint(self.save_dir):
             load_path = self.save_dir
         if load_path is not None:
             # A training checkpoint continues where it stopped; a weights-only one (e.g. converted
