@@ -237,3 +237,27 @@ def test_evaluate_quantization_tool_on_hf_directories(tmp_path):
     # bad input is refused with the parameter's name
     assert evaluate_quantization.main([str(tmp_path / "m0"), "--data", str(tmp_path / "nope"),
                                        "--output-dir", str(tmp_path / "o2")]) == 2
+
+
+def test_compare_runs_table_gets_the_quantization_columns(tmp_path):
+    import json
+
+    from megatron_osp.analysis.compare import format_comparison, load_quantization, load_run
+
+    runs = []
+    for name, opt, norm, proj, ppl in (("adam", "adam", "rmsnorm", False, (90.0, 120.5)),
+                                       ("osp", "muon", "ssnorm", True, (60.0, 61.25))):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "summary.json").write_text(json.dumps(dict(
+            optimizer=opt, normalization=norm, embedding_projection=proj, tokens=1000, train_loss=1.0,
+            val_loss=2.0, kurtosis_mean=0.5, kurtosis_max=0.7, run_dir="relative/elsewhere")))
+        (d / "kurtosis.json").write_text(json.dumps(dict(names=["embedding"], values=[0.5], max_abs=[3.0])))
+        runs.append(dict(path=str(d), perplexity={"fp": ppl[0], "4-4-4": ppl[1]}))
+    (tmp_path / "q.json").write_text(json.dumps({"meta": {}, "models": runs}))
+    table = format_comparison([load_run(tmp_path / "adam"), load_run(tmp_path / "osp")],
+                              load_quantization(tmp_path / "q.json"))
+    lines = table.splitlines()
+    assert "ppl 4-4-4" in lines[0] and "4-4-4 degradation" in lines[0]
+    assert lines[2].startswith("Adam + RMSNorm") and lines[2].rstrip().endswith("+30.5")
+    assert lines[3].startswith("OSP (Muon + SSNorm + EmbProj)") and lines[3].rstrip().endswith("+1.25")
