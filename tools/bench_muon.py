@@ -219,6 +219,7 @@ def step_times(args, device) -> None:
     from megatron_osp.models import build_gpt_model, transformer_config
     from megatron_osp.optimizer import OptimSettings, ddp_config, get_osp_optimizer
 
+    _init_single_process()
     parallel.init_distributed(1, 1)
     platform.seed_everything(0)
     model_cfg = get_preset("test" if args.quick else args.preset)
@@ -271,6 +272,21 @@ def step_times(args, device) -> None:
         print(f"| {label} | {(t - set_t) * 1e3:.1f} | {(t - set_t) / (ours - set_t):.2f}x |")
     print(f"(each timing includes copying the gradients in, {set_t * 1e3:.1f} ms, which is subtracted)")
     parallel.shutdown()
+
+
+def _init_single_process() -> None:
+    """A world of one through a file store: no TCP port to race other jobs on the machine for."""
+    import tempfile
+
+    import torch.distributed as dist
+
+    from megatron_osp import platform
+
+    platform.setup_platform()
+    if dist.is_initialized() or "RANK" in os.environ:
+        return
+    store = os.path.join(tempfile.mkdtemp(prefix="bench_muon_"), "store")
+    dist.init_process_group(platform.distributed_backend(), init_method=f"file://{store}", rank=0, world_size=1)
 
 
 def _megatron_muon(model, bf16: bool):
