@@ -275,9 +275,7 @@ def step_times(args, device) -> None:
 
 
 def _init_single_process() -> None:
-    """A world of one through a file store: no TCP port to race other jobs on the machine for."""
-    import tempfile
-
+    """A world of one on an in-process store: no TCP port to race other jobs on the machine for."""
     import torch.distributed as dist
 
     from megatron_osp import platform
@@ -285,8 +283,7 @@ def _init_single_process() -> None:
     platform.setup_platform()
     if dist.is_initialized() or "RANK" in os.environ:
         return
-    store = os.path.join(tempfile.mkdtemp(prefix="bench_muon_"), "store")
-    dist.init_process_group(platform.distributed_backend(), init_method=f"file://{store}", rank=0, world_size=1)
+    dist.init_process_group(platform.distributed_backend(), store=dist.HashStore(), rank=0, world_size=1)
 
 
 def _megatron_muon(model, bf16: bool):
