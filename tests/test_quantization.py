@@ -261,3 +261,26 @@ def test_compare_runs_table_gets_the_quantization_columns(tmp_path):
     assert "ppl 4-4-4" in lines[0] and "4-4-4 degradation" in lines[0]
     assert lines[2].startswith("Adam + RMSNorm") and lines[2].rstrip().endswith("+30.5")
     assert lines[3].startswith("OSP (Muon + SSNorm + EmbProj)") and lines[3].rstrip().endswith("+1.25")
+
+
+def test_megatron_checkpoint_loads_for_analysis_with_the_same_logits(megatron_single_rank, tmp_path):
+    """A saved OSP checkpoint is rebuilt at TP=1 from its run config (another init seed would differ)."""
+    from megatron_osp.analysis.loading import load_for_analysis
+    from megatron_osp.analysis.model_parts import logits, model_parts
+    from megatron_osp.models import build_gpt_model, get_preset, transformer_config
+    from megatron_osp.training.checkpoint import save_checkpoint
+    from megatron_osp.training.config import RunConfig
+
+    cfg = get_preset("test")
+    config = RunConfig(model=cfg)
+    config.optimizer.name = "muon"
+    model = build_gpt_model(cfg, transformer_config(cfg), seed=77).eval()
+    save_checkpoint(tmp_path / "run" / "checkpoints", 3, [model], config, save_rng=False)
+    loaded = load_for_analysis(str(tmp_path / "run"))  # a run directory
+    assert loaded.kind == "megatron" and loaded.label == "Muon + SSNorm + EmbProj"
+    assert loaded.seq_length == cfg.seq_length and loaded.data_split == config.data.split
+    tokens = torch.randint(0, cfg.vocab_size, (2, cfg.seq_length))
+    with torch.no_grad():
+        assert torch.equal(logits(model_parts(loaded.model), tokens), logits(model_parts(model), tokens))
+    with pytest.raises(ValueError, match="neither an HF model directory"):
+        load_for_analysis(str(tmp_path))
