@@ -122,6 +122,15 @@ def format_markdown(results: list[dict], meta: dict | None = None) -> str:
         out += ["| hidden state | " + " | ".join(r["label"] for r in results) + " |", "|" + "---|" * (len(results) + 1)]
         for i, n in enumerate(names):
             out.append(f"| {n} | " + " | ".join(f"{r['kurtosis']['values'][i]:.4f}" for r in results) + " |")
+    out += ["", "## Where the outliers are (inputs of the decoder's linear layers)", ""]
+    out += ["| model | point | kurtosis | max \\|x\\| | max / median channel | top channels (channel: max \\|x\\|) |",
+            "|---|---|---|---|---|---|"]
+    for r in results:
+        points = [p for p in r["activation_stats"]["points"] if p["kind"] == "linear_input"]
+        for p in sorted(points, key=lambda p: -p["kurtosis"])[:3]:
+            ratio = p["max_abs"] / p["median_channel_max"] if p["median_channel_max"] > 0 else float("inf")
+            top = ", ".join(f"{c}: {v:.3g}" for c, v in p["top_channels"][:4])
+            out.append(f"| {r['label']} | {p['name']} | {p['kurtosis']:.3f} | {p['max_abs']:.3g} | {ratio:.1f} | {top} |")
     return "\n".join(out) + "\n"
 
 
