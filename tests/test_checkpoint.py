@@ -102,14 +102,18 @@ def _first_half_worker(rank, world, corpus, root):
 def _second_half_worker(rank, world, corpus, root):
     """Resume both split runs (auto-resume from <run_dir>/checkpoints), then simulate killed saves."""
     from megatron_osp.training import checkpoint
+    from megatron_osp.training.config import load_config
+    from megatron_osp.training.loop import Trainer
 
     out = {opt: _losses(_train(_split(corpus, root, opt))) for opt in ("adam", "muon")}
     out["muon_listing"] = sorted(p.name for p in Path(f"{root}/muon_split/checkpoints").iterdir())
+    # The same command once more: nothing left to train; the summary still covers the logged steps.
+    rerun = Trainer(load_config(None, _split(corpus, root, "muon")), log=lambda *_: None)
+    summary = rerun.train()
+    out["muon_rerun"] = (rerun.history, summary["steps"], summary["train_loss"])
 
     # A save killed after its shards are written but before it is published, and one killed while
     # dist_checkpointing is writing: neither may become the checkpoint that is loaded.
-    from megatron_osp.training.config import load_config
-    from megatron_osp.training.loop import Trainer
 
     run_dir = f"{root}/adam_split"
     trainer = Trainer(load_config(None, _split(corpus, root, "adam")), log=lambda *_: None)
@@ -163,6 +167,9 @@ def test_resume_is_bitwise_equal_and_killed_saves_are_never_loaded(split_runs):
         assert len(first[f"{opt}_first"]) == STOP
         assert first[f"{opt}_first"] + second[opt] == first[f"{opt}_ref"], opt  # bitwise
         assert len(set(first[f"{opt}_ref"])) == STEPS  # the losses do change step to step
+    history, steps, train_loss = second["muon_rerun"]
+    assert history == [] and steps == STEPS
+    assert train_loss == pytest.approx(np.mean(first["muon_ref"][-3:]), rel=1e-12)
     assert second["killed"] == ["killed before publishing", "killed while writing shards"]
     assert second["latest"] == "iter_0000004"
     # keep_last=1 pruned iter_0000002 once iter_0000004 was complete; the killed saves pruned nothing

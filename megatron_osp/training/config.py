@@ -4,7 +4,7 @@
     parallel:   tensor/pipeline parallel sizes (data parallel is what remains of the world)
     optimizer:  OptimSettings (adam | muon, learning rates, clipping)
     data:       indexed-dataset prefixes, split, tokenizer
-    train:      steps, batch sizes, schedule, logging, kurtosis cadence, run directory
+    train:      steps, batch sizes, schedule, logging, kurtosis cadence, run directory, checkpoints
 
 Overrides are `section.field=value` strings (value parsed as YAML), e.g. `optimizer.name=muon`.
 An unknown section or field is an error that names it, never silently ignored.

@@ -288,6 +288,11 @@ class Trainer:
         t0 = time.perf_counter()
         window_start, window_steps = time.perf_counter(), 0
         kurtosis_history = []
+        stop = self._stop_reason(sigterm)  # e.g. resumed at or past exit_at_step: no further step
+        if stop is not None:
+            if bar is not None:
+                bar.close()
+            return self._stop_early(stop, history)
         while self.step < train.train_steps:
             stats = self.train_step()
             window_steps += 1
