@@ -196,6 +196,10 @@ def test_missing_or_truncated_shard_is_named(split_runs, tmp_path):
     from megatron_osp.training.checkpoint import CheckpointError, read_run_config, resolve_checkpoint
 
     source = split_runs[2] / "adam_split" / "checkpoints"
+    mask = os.umask(0)
+    os.umask(mask)
+    for small_file in (source / "latest", source / "iter_0000004" / "run_config.yaml"):
+        assert small_file.stat().st_mode & 0o777 == 0o666 & ~mask, small_file
     config = read_run_config(source)  # follows latest
     assert config.optimizer.name == "adam" and config.model.normalization == "ssnorm"
     ckpt = tmp_path / "iter_0000004"

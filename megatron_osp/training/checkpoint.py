@@ -361,6 +361,7 @@ def save_checkpoint(
                 "layout": _layout(),
             },
         )
+        _umask_permissions(tmp / RUN_CONFIG, tmp / TRAIN_STATE)
     dist.barrier()
     if rank0:
         _publish(tmp, final, save_dir)
@@ -391,7 +392,17 @@ def _publish(tmp: Path, final: Path, save_dir: Path) -> None:
         os.replace(tmp, final)
     _fsync_dir(save_dir)  # the rename reaches the disk before the pointer that names it
     atomic_write_text(save_dir / LATEST, final.name + "\n")
+    _umask_permissions(save_dir / LATEST)
     _fsync_dir(save_dir)
+
+
+def _umask_permissions(*paths: Path) -> None:
+    """Temp-file writes create mode 0600; give our small files the usual permissions (like the
+    shards), so whoever may read the checkpoint can read its pointer and config too."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in paths:
+        os.chmod(path, 0o666 & ~mask)
 
 
 def _fsync_dir(path: Path) -> None:
