@@ -35,6 +35,11 @@ def plot_kurtosis_per_layer(models: dict[str, dict], path: str | os.PathLike) ->
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, rep in models.items():
         ax.plot(range(len(rep["values"])), rep["values"], marker="o", label=label)
+    floors = {rep["gaussian_floor"] for rep in models.values() if rep.get("gaussian_floor") is not None}
+    for floor in sorted(floors):
+        ax.axhline(floor, color="grey", linestyle="--", linewidth=1)
+    if floors:
+        ax.plot([], [], color="grey", linestyle="--", label="i.i.d. Gaussian tokens")
     first = next(iter(models.values()))
     ax.set_xticks(range(len(first["names"])))
     ax.set_xticklabels(first["names"], rotation=45, ha="right", fontsize=8)
