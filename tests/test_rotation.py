@@ -33,10 +33,11 @@ def _hf_llama(seed=0):
     return model
 
 
-def _megatron(normalization, embedding_projection):
+def _megatron(normalization, embedding_projection, num_query_groups=None):
     from megatron_osp.models import build_gpt_model, get_preset, transformer_config
 
-    cfg = get_preset("test", normalization=normalization, embedding_projection=embedding_projection)
+    cfg = get_preset("test", normalization=normalization, embedding_projection=embedding_projection,
+                     num_query_groups=num_query_groups)
     model = build_gpt_model(cfg, transformer_config(cfg)).eval()
     _randomize_norms(model)
     return model, cfg
@@ -76,7 +77,8 @@ def test_residual_rotation_keeps_hf_llama_logits():
 
 def test_full_quarot_setting_at_16_bits_keeps_logits_and_is_undone(megatron_single_rank):
     # Everything QuaRot does (residual, V/O, online Q/K and FFN rotations) but no rounding.
-    for model in (_megatron("ssnorm", True)[0], _hf_llama()):
+    # Megatron with GQA (2 query groups of 2 heads) checks where V's rows sit in the fused QKV.
+    for model in (_megatron("ssnorm", True)[0], _megatron("rmsnorm", False, num_query_groups=2)[0], _hf_llama()):
         parts = model_parts(model)
         tokens = torch.randint(0, 128, (2, 24))
         with torch.no_grad():
