@@ -284,3 +284,40 @@ def test_megatron_checkpoint_loads_for_analysis_with_the_same_logits(megatron_si
         assert torch.equal(logits(model_parts(loaded.model), tokens), logits(model_parts(model), tokens))
     with pytest.raises(ValueError, match="neither an HF model directory"):
         load_for_analysis(str(tmp_path))
+
+
+def test_hf_export_evaluates_like_the_megatron_model(megatron_single_rank, tmp_path):
+    """The same trained weights seen through both adapters: Megatron (EmbProj, SSNorm, fused QKV) and
+    its HF export (all folded) give the same perplexity, quantized or not, and the same kurtosis."""
+    from megatron_osp.analysis.activation_stats import ActivationStatsRecorder
+    from megatron_osp.analysis.evaluation import apply_setting, perplexity
+    from megatron_osp.analysis.loading import load_for_analysis
+    from megatron_osp.analysis.model_parts import logits, model_parts
+    from megatron_osp.convert.hf_export import export_checkpoint
+    from megatron_osp.models import build_gpt_model, get_preset, transformer_config
+    from megatron_osp.training.checkpoint import save_checkpoint
+    from megatron_osp.training.config import RunConfig
+
+    cfg = get_preset("test")
+    model = build_gpt_model(cfg, transformer_config(cfg), seed=5).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.mul_(1.5)
+    save_checkpoint(tmp_path / "ckpt", 1, [model], RunConfig(model=cfg), save_rng=False)
+    export_checkpoint(tmp_path / "ckpt", tmp_path / "hf", log=lambda *_: None)
+    hf = load_for_analysis(str(tmp_path / "hf")).model
+    windows = torch.randint(0, cfg.vocab_size, (8, cfg.seq_length + 1))
+    results = {}
+    for kind, m in (("megatron", model), ("hf", hf)):
+        parts = model_parts(m)
+        for name in ("fp", "4-4-4", "4-4-4+quarot"):
+            with apply_setting(parts, parse_setting(name)):
+                results[kind, name] = perplexity(parts, windows, batch_size=4).perplexity
+        with torch.no_grad(), ActivationStatsRecorder(parts) as rec:
+            logits(parts, windows[:, :-1])
+        results[kind, "kurtosis"] = [p.kurtosis for p in rec.stats().of_kind("residual")]
+    assert results["hf", "fp"] == pytest.approx(results["megatron", "fp"], rel=1e-5)
+    for name in ("4-4-4", "4-4-4+quarot"):
+        assert results["hf", name] == pytest.approx(results["megatron", name], rel=2e-3), name
+    np.testing.assert_allclose(results["hf", "kurtosis"], results["megatron", "kurtosis"], rtol=1e-4, atol=1e-6)
