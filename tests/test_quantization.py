@@ -1,6 +1,7 @@
 """RTN fake quantization against hand-computed values and its error bound; GPTQ vs RTN; perplexity."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -232,6 +233,10 @@ def test_evaluate_quantization_tool_on_hf_directories(tmp_path):
         assert len(m["kurtosis"]["values"]) == 3  # embedding + 2 layers
     md = (tmp_path / "out" / "quantization.md").read_text()
     assert "| a |" in md and "ppl 4-4-4" in md
+    table = [line for line in md.splitlines() if line.startswith("| model | kurt")]
+    row = [line for line in md.splitlines() if line.startswith("| a |")][0]
+    cells = lambda line: len(re.split(r"(?<!\\)\|", line))  # noqa: E731  (unescaped pipes)
+    assert cells(table[0]) == cells(row)
     for png in ("kurtosis_per_layer.png", "perplexity_vs_bits.png"):
         assert (tmp_path / "out" / png).read_bytes()[:4] == b"\x89PNG"
     # bad input is refused with the parameter's name

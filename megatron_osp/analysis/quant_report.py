@@ -124,7 +124,8 @@ def format_markdown(results: list[dict], meta: dict | None = None) -> str:
     out = ["# Quantization evaluation", ""]
     if meta:
         out += [f"- {k}: {v}" for k, v in meta.items()] + [""]
-    out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    cell = lambda c: c.replace("|", "\\|")  # noqa: E731  (a bare | would split the Markdown cell)
+    out += ["| " + " | ".join(cell(c) for c in header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     names = results[0]["kurtosis"]["names"]
     if all(r["kurtosis"]["names"] == names for r in results):
