@@ -37,6 +37,7 @@ __all__ = [
     "load_token_windows",
     "perplexity",
     "apply_setting",
+    "evaluate_settings",
     "PerplexityResult",
 ]
 

@@ -37,7 +37,9 @@ __all__ = [
     "rotate_value_output_heads_",
     "fold_ffn_hadamard_",
     "ffn_hadamard_hooks",
+    "ffn_mixers",
     "residual_rotation",
+    "head_rotation",
 ]
 
 
