@@ -10,6 +10,7 @@
 - Errors name the problem: not a checkpoint, a missing shard, an option Llama cannot represent.
 """
 
+import dataclasses
 import importlib.util
 import json
 import shutil
@@ -95,18 +96,48 @@ def _save_tp2_worker(rank, world, root, tokenizer):
         seq = torch.cat([seq, nxt], dim=1)
         if nxt.item() == 2:  # </s> of the SentencePiece model: generation stops there
             break
-    return {"tokens": tokens, "logits": full, "generated": seq, "padded_vocab": model.vocab_size}
+    out = {"tokens": tokens, "logits": full, "generated": seq, "padded_vocab": model.vocab_size}
+
+    # The same weights saved again at PP=2 (loaded from the TP=2 checkpoint): the export must not
+    # depend on the layout that saved it. (Padding multiple 192 keeps the 384 rows at TP=1.)
+    from megatron_osp.training.checkpoint import load_model_weights
+
+    parallel.init_distributed(1, 2)
+    platform.seed_everything(0)
+    mc_pp = dataclasses.replace(mc, make_vocab_size_divisible_by=192)
+    model_pp = build_gpt_model(mc_pp, transformer_config(mc_pp, pipeline_parallel_size=2), seed=9)
+    load_model_weights(f"{root}/ckpt", [model_pp])
+    run_pp = RunConfig(model=mc_pp, parallel=ParallelSettings(pipeline_parallel_size=2), data=run.data)
+    save_checkpoint(f"{root}/ckpt_pp2", 3, [model_pp], run_pp, save_rng=False)
+    return out
 
 
 def _convert_worker(rank, world, root):
     """One process: export the TP=2 checkpoint; HF -> Megatron -> HF for the random Llamas."""
     to_hf, from_hf = _tool("convert_to_hf"), _tool("convert_from_hf")
-    rcs = {"export": to_hf.main([f"{root}/ckpt", f"{root}/hf", "--max-shard-size", "60KB"])}
+    rcs = {"export": to_hf.main([f"{root}/ckpt", f"{root}/hf", "--max-shard-size", "60KB"]),
+           "export_pp2": to_hf.main([f"{root}/ckpt_pp2", f"{root}/hf_pp2"])}
     for name, extra in (("untied", []), ("tied", []), ("untied_embproj", ["--embedding-projection"])):
         src = name.removesuffix("_embproj")
         rcs[f"{name}_in"] = from_hf.main([f"{root}/llama_{src}", f"{root}/meg_{name}", *extra])
         rcs[f"{name}_out"] = to_hf.main([f"{root}/meg_{name}", f"{root}/back_{name}"])
+    # The imported Megatron models themselves (not just their round trip) compute the HF function.
+    from megatron_osp.models.gpt import build_gpt_model, transformer_config
+    from megatron_osp.training.checkpoint import load_model_weights, read_run_config
+
+    tokens = _llama_tokens()
+    for name in ("tied", "untied_embproj"):
+        mc = read_run_config(f"{root}/meg_{name}").model
+        model = build_gpt_model(mc, transformer_config(mc), seed=11)
+        load_model_weights(f"{root}/meg_{name}", [model])
+        with torch.no_grad():
+            rcs[f"{name}_logits"] = model.eval()(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None)[
+                ..., : mc.vocab_size]
     return rcs
+
+
+def _llama_tokens():
+    return torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(4))
 
 
 def _random_llama(path, tie: bool, vocab: int):
@@ -188,6 +219,22 @@ def test_export_of_tp2_osp_checkpoint_matches_megatron(converted):
     assert config["eos_token_id"] == sp.eos_id() and (out / "tokenizer.model").is_file()
 
 
+def test_export_does_not_depend_on_the_saving_layout(converted):
+    """The same weights saved at TP=2 and at PP=2 export to the same bits."""
+    from safetensors.torch import load_file
+
+    root, _, rcs = converted
+    assert rcs["export_pp2"] == 0
+    index = json.loads((root / "hf" / "model.safetensors.index.json").read_text())
+    tp2 = {}
+    for shard in set(index["weight_map"].values()):
+        tp2.update(load_file(str(root / "hf" / shard)))
+    pp2 = load_file(str(root / "hf_pp2" / "model.safetensors"))
+    assert sorted(pp2) == sorted(tp2)
+    for key in tp2:
+        assert torch.equal(pp2[key], tp2[key]), key
+
+
 @pytest.mark.parametrize("name", ["untied", "tied", "untied_embproj"])
 def test_hf_to_megatron_to_hf_is_bitwise(converted, name):
     from safetensors.torch import load_file
@@ -208,6 +255,14 @@ def test_hf_to_megatron_to_hf_is_bitwise(converted, name):
                   "num_key_value_heads", "rms_norm_eps", "rope_parameters", "tie_word_embeddings",
                   "max_position_embeddings", "head_dim"):
         assert a.get(field) == b.get(field), field
+    if name != "untied":
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+        with torch.no_grad():
+            expected = model(_llama_tokens()).logits
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(rcs[f"{name}_logits"], expected, rtol=1e-4, atol=1e-5 * scale)
     run = yaml.safe_load((root / f"meg_{name}" / "iter_0000000" / "run_config.yaml").read_text())
     assert run["model"]["normalization"] == "rmsnorm"
     assert run["model"]["embedding_projection"] is (name == "untied_embproj")
