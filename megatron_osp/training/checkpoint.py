@@ -23,7 +23,8 @@ On-disk layout::
 
 A save writes everything into ``iter_N.tmp/``, renames it to ``iter_N/`` once every rank has finished,
 then moves ``latest``; with ``keep_last=K`` the older ``iter_*`` directories are deleted after that.
-Loading takes either ``<save_dir>`` (follows ``latest``) or one ``iter_N`` directory.
+Loading takes either ``<save_dir>`` (follows ``latest``) or one ``iter_N`` directory. Like
+``dist_checkpointing`` itself, this needs ``save_dir`` on a filesystem that every rank sees.
 
 Public API (all ranks call the save/load functions; the parallel state must be initialised):
 ``save_checkpoint``, ``load_checkpoint`` (full training state), ``load_model_weights`` (weights only,
