@@ -299,6 +299,34 @@ def test_not_a_checkpoint_missing_shard_and_unrepresentable_config(converted, tm
     assert "--overwrite" in capsys.readouterr().err
 
 
+def test_convert_from_hf_errors_are_named(converted, tmp_path, capsys):
+    root = converted[0]
+    from_hf = _tool("convert_from_hf")
+    (tmp_path / "no_config").mkdir()
+    assert from_hf.main([str(tmp_path / "no_config"), str(tmp_path / "o1")]) == 2
+    assert "no config.json" in capsys.readouterr().err
+
+    sharded = tmp_path / "sharded"
+    shutil.copytree(root / "llama_untied", sharded)
+    (sharded / "model.safetensors").unlink()
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"model.norm.weight": "model-00001-of-00002.safetensors"}}))
+    assert from_hf.main([str(sharded), str(tmp_path / "o2")]) == 2
+    assert "model-00001-of-00002.safetensors, which is missing" in capsys.readouterr().err
+
+    biased = tmp_path / "biased"
+    shutil.copytree(root / "llama_untied", biased)
+    cfg = json.loads((biased / "config.json").read_text())
+    cfg["attention_bias"] = True
+    (biased / "config.json").write_text(json.dumps(cfg))
+    assert from_hf.main([str(biased), str(tmp_path / "o3")]) == 2
+    assert "attention_bias" in capsys.readouterr().err
+    assert not (tmp_path / "o3").exists()
+
+    assert from_hf.main([str(root / "llama_untied"), str(root / "meg_untied")]) == 2
+    assert "already holds a checkpoint" in capsys.readouterr().err
+
+
 def test_options_llama_cannot_represent_are_named():
     from megatron_osp.convert.llama import ExportError, check_exportable, megatron_to_hf, model_config_from_llama
     from megatron_osp.models.gpt import transformer_config

@@ -21,7 +21,7 @@ import torch
 
 from megatron_osp.convert.llama import ExportError, check_exportable, export_model_config, llama_config_kwargs, megatron_to_hf
 
-__all__ = ["export_checkpoint", "write_hf_directory", "save_tokenizer", "parse_size", "DTYPES"]
+__all__ = ["export_checkpoint", "write_hf_directory", "save_tokenizer", "parse_size", "DTYPES", "ExportError"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -148,11 +148,11 @@ def write_hf_directory(out_dir, tensors, model_cfg, *, tie_word_embeddings: bool
         _write_weights(tensors, tmp, max_bytes)
         if tokenizer_model is not None:
             save_tokenizer(tokenizer_model, tmp)
-        if out.exists():
+        if out.exists():  # --overwrite: swap in the complete new directory, then drop the old one
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, old)
             os.replace(tmp, out)
-            shutil.rmtree(old)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
         else:
             os.replace(tmp, out)
     except BaseException:
@@ -216,5 +216,3 @@ def export_checkpoint(ckpt_path, out_dir, *, dtype: str = "float32", max_shard_s
         f"PP={layout.get('pipeline_parallel_size')}) -> {path}")
     return path
 
-
-__all__ += ["ExportError"]
