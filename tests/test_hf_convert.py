@@ -5,8 +5,10 @@
   stock ``transformers.AutoModelForCausalLM``: its logits match the TP=2 Megatron model's on the same
   tokens (float32, max abs diff <= 1e-4) and greedy generation gives the same tokens (Megatron side: a
   greedy loop over full forward passes).
+- The same weights saved at PP=2 export to the same bits.
 - HF -> Megatron -> HF returns bitwise equal tensors and the same config (untied GQA, tied, and
-  with identity EmbProj).
+  with identity EmbProj); the imported Megatron models give the HF logits, and a run configured by
+  the imported checkpoint's run_config.yaml starts from its weights and trains.
 - Errors name the problem: not a checkpoint, a missing shard, an option Llama cannot represent.
 """
 
@@ -16,6 +18,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -133,7 +136,37 @@ def _convert_worker(rank, world, root):
         with torch.no_grad():
             rcs[f"{name}_logits"] = model.eval()(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None)[
                 ..., : mc.vocab_size]
+    rcs["continued"] = _continue_pretraining(f"{root}/meg_tied", root)
     return rcs
+
+
+def _continue_pretraining(ckpt, root):
+    """A run configured by the imported checkpoint's own run_config.yaml starts from its weights
+    (step 0, fresh optimizer) and trains."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from megatron_osp.training.config import load_config
+    from megatron_osp.training.loop import Trainer, unwrap
+
+    prefix = f"{root}/corpus"
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        n = int(rng.integers(10, 60))
+        builder.add_document(np.append(rng.integers(0, 99, n), 99).astype(np.uint16), [n + 1])
+    builder.finalize(prefix + ".idx")
+    overrides = [f"data.paths=[{prefix}]", "data.eod_id=99", "data.split=90,10,0", f"train.load={ckpt}",
+                 "train.train_steps=1", "train.warmup_steps=0", "train.global_batch_size=2",
+                 "train.micro_batch_size=2", "train.eval_batches=1", "train.save=false",
+                 "train.tensorboard=false", "train.progress_bar=false", f"train.run_dir={root}/cpt"]
+    trainer = Trainer(load_config(f"{ckpt}/iter_0000000/run_config.yaml", overrides), log=lambda *_: None)
+    model = unwrap(trainer.model)
+    imported = model.decoder.layers[0].mlp.linear_fc2.weight.detach().clone()
+    start_step = trainer.step
+    trainer.train()
+    changed = not torch.equal(model.decoder.layers[0].mlp.linear_fc2.weight.detach(), imported)
+    return start_step, imported, changed, [h["loss"] for h in trainer.history]
 
 
 def _llama_tokens():
@@ -263,6 +296,11 @@ def test_hf_to_megatron_to_hf_is_bitwise(converted, name):
             expected = model(_llama_tokens()).logits
         scale = expected.abs().max().item()
         torch.testing.assert_close(rcs[f"{name}_logits"], expected, rtol=1e-4, atol=1e-5 * scale)
+    if name == "tied":
+        start_step, imported, changed, losses = rcs["continued"]
+        hf_weight = load_file(str(src / "model.safetensors"))["model.layers.0.mlp.down_proj.weight"]
+        assert start_step == 0 and torch.equal(imported, hf_weight) and changed
+        assert len(losses) == 1 and np.isfinite(losses[0])
     run = yaml.safe_load((root / f"meg_{name}" / "iter_0000000" / "run_config.yaml").read_text())
     assert run["model"]["normalization"] == "rmsnorm"
     assert run["model"]["embedding_projection"] is (name == "untied_embproj")
