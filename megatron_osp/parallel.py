@@ -3,18 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_osp import platform
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init_distributed(tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1) -> None:
@@ -25,11 +18,15 @@ def init_distributed(tensor_parallel_size: int = 1, pipeline_parallel_size: int 
     """
     platform.setup_platform()
     if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        if "MASTER_ADDR" not in os.environ:  # not launched by torchrun
+            # A world of one needs no rendezvous: an in-process store cannot lose a port race
+            # with another job on the machine, as picking a free TCP port and binding it later can.
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        dist.init_process_group(backend=platform.distributed_backend())
+            dist.init_process_group(
+                backend=platform.distributed_backend(), store=dist.HashStore(), rank=0, world_size=1
+            )
+        else:
+            dist.init_process_group(backend=platform.distributed_backend())
     world = dist.get_world_size()
     if world % (tensor_parallel_size * pipeline_parallel_size):
         raise ValueError(

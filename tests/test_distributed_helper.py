@@ -71,3 +71,39 @@ def test_dead_rank_is_reported():
 def test_lambda_is_rejected():
     with pytest.raises(TypeError, match="module-level"):
         run_distributed(lambda rank, world_size: rank, 1)
+
+
+def test_a_taken_rendezvous_port_is_retried_on_a_new_one(monkeypatch):
+    import socket
+
+    import megatron_osp.testing.distributed as helper
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    real_free_port = helper._free_port
+    ports = iter([taken.getsockname()[1]])
+    monkeypatch.setattr(helper, "_free_port", lambda: next(ports, None) or real_free_port())
+    try:
+        out = run_distributed(_all_reduce, 2, torch.tensor([1.0]))
+    finally:
+        taken.close()
+    assert [o["rank"] for o in out] == [0, 1]
+    assert torch.equal(out[0]["sum"], torch.tensor([3.0]))
+
+
+def test_a_world_of_one_needs_no_port(monkeypatch):
+    import subprocess
+    import sys
+
+    code = (
+        "import os, torch.distributed as dist\n"
+        "from megatron_osp import parallel\n"
+        "parallel.init_distributed(1, 1)\n"
+        "assert dist.get_world_size() == 1 and 'MASTER_PORT' not in os.environ\n"
+        "parallel.shutdown(); parallel.init_distributed(1, 1); print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("ok")

@@ -81,6 +81,21 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 120, **kwargs) 
         pickle.dumps(fn)
     except Exception as e:  # noqa: BLE001
         raise TypeError(f"run_distributed needs a module-level (picklable) function, got {fn!r}: {e}") from e
+    # The rendezvous port is picked free, then bound by rank 0 a moment later; another process on a
+    # busy machine can take it in between. Only that failure is retried, on a new port.
+    for attempt in range(_PORT_ATTEMPTS):
+        try:
+            return _run_world(fn, world_size, args, kwargs, timeout)
+        except AssertionError as e:
+            if "EADDRINUSE" not in str(e) or attempt == _PORT_ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+_PORT_ATTEMPTS = 3
+
+
+def _run_world(fn, world_size, args, kwargs, timeout) -> list:
     name = getattr(fn, "__name__", repr(fn))
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
