@@ -148,6 +148,7 @@ def write_hf_directory(out_dir, tensors, model_cfg, *, tie_word_embeddings: bool
         _write_weights(tensors, tmp, max_bytes)
         if tokenizer_model is not None:
             save_tokenizer(tokenizer_model, tmp)
+        _readable_by_all(tmp)
         if out.exists():  # --overwrite: swap in the complete new directory, then drop the old one
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, old)
@@ -159,6 +160,15 @@ def write_hf_directory(out_dir, tensors, model_cfg, *, tie_word_embeddings: bool
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _readable_by_all(directory: Path) -> None:
+    """safetensors writes 0600 files; a published model directory gets the umask's usual modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for f in directory.iterdir():
+        f.chmod(0o666 & ~umask)
 
 
 # ---------------------------------------------------------------------------------- export
