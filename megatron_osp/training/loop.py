@@ -310,8 +310,7 @@ class Trainer:
             if train.kurtosis_interval and self.step % train.kurtosis_interval == 0 and self.step < train.train_steps:
                 report = self.measure_kurtosis()
                 kurtosis_history.append({"step": self.step, "mean": report.mean, "max": report.max})
-                self._log_scalar("kurtosis/mean", report.mean)
-                self._log_scalar("kurtosis/max", report.max)
+                self._log_kurtosis(report)
             if train.save and train.save_interval and self.step % train.save_interval == 0:
                 self.save()
             stop = self._stop_reason(sigterm)
@@ -344,8 +343,7 @@ class Trainer:
         }
         if is_logging_rank():
             self._log_scalar("val/loss", val_loss)
-            self._log_scalar("kurtosis/mean", report.mean)
-            self._log_scalar("kurtosis/max", report.max)
+            self._log_kurtosis(report)
             report.save(self.run_dir / "kurtosis.json")
             atomic_write_json(self.run_dir / "summary.json", summary)
             self.log(f"\nexcess kurtosis after {self.step} steps (held-out batch):\n{report.format_table()}")
@@ -386,6 +384,15 @@ class Trainer:
             "train_loss": _mean_tail(history),
             "checkpoint": str(self.save_dir) if saved else None,
         }
+
+    def _log_kurtosis(self, report):
+        """Mean and max, and each hidden state's kurtosis and max |x|: an outlier shows up as one
+        layer's curve leaving the others, which the mean alone can hide."""
+        self._log_scalar("kurtosis/mean", report.mean)
+        self._log_scalar("kurtosis/max", report.max)
+        for name, value, peak in zip(report.names, report.values, report.max_abs):
+            self._log_scalar(f"kurtosis_layer/{name}", value)
+            self._log_scalar(f"max_abs_layer/{name}", peak)
 
     def _log_scalar(self, tag, value):
         if self.writer is not None and not math.isnan(value):

@@ -1,0 +1,36 @@
+"""TensorBoard gets the kurtosis of every hidden state, not only the mean and max."""
+
+import json
+
+import pytest
+
+from megatron_osp.testing.distributed import run_distributed
+from tests.test_training_parallel import _overrides, toy_corpus  # noqa: F401  (fixture)
+
+
+def _train(rank, world_size, overrides, run_dir):
+    from megatron_osp.training.config import load_config
+    from megatron_osp.training.loop import Trainer
+
+    Trainer(load_config(None, overrides + [f"train.run_dir={run_dir}"]), log=lambda *_: None).train()
+
+
+def test_tensorboard_has_per_layer_kurtosis_and_max_abs(toy_corpus, tmp_path):  # noqa: F811
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    overrides = [o for o in _overrides(toy_corpus, "adam") if not o.startswith("train.tensorboard")]
+    overrides += ["train.tensorboard=true", "train.kurtosis_interval=1", "train.save=false"]
+    run_dir = tmp_path / "run"
+    run_distributed(_train, 1, overrides, str(run_dir))
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    report = json.loads((run_dir / "kurtosis.json").read_text())
+    assert report["names"], "no hidden states in the report"
+    for name, value, peak in zip(report["names"], report["values"], report["max_abs"]):
+        kurt = events.Scalars(f"kurtosis_layer/{name}")
+        assert [e.step for e in kurt][:2] == [1, 2]  # every kurtosis_interval steps, then at the end
+        assert kurt[-1].value == pytest.approx(value, rel=1e-5)
+        assert events.Scalars(f"max_abs_layer/{name}")[-1].value == pytest.approx(peak, rel=1e-5)
+    assert {"kurtosis/mean", "kurtosis/max"} <= tags
