@@ -223,6 +223,7 @@ def test_export_of_tp2_osp_checkpoint_matches_megatron(converted):
     assert config["architectures"] == ["LlamaForCausalLM"] and config["tie_word_embeddings"] is False
     assert config["vocab_size"] == VOCAB and config["num_key_value_heads"] == 2
     assert config["rope_parameters"]["rope_theta"] == 50000.0 and config["rms_norm_eps"] == 1e-5
+    assert config["rope_theta"] == 50000.0 and config["torch_dtype"] == "float32"  # older readers
     assert (out / "generation_config.json").is_file()
     # SSNorm gains became constant vectors; EmbProj is gone (folded).
     norm = load_file(str(out / index["weight_map"]["model.norm.weight"]))["model.norm.weight"]

@@ -144,6 +144,7 @@ def write_hf_directory(out_dir, tensors, model_cfg, *, tie_word_embeddings: bool
         config = LlamaConfig(**llama_config_kwargs(
             model_cfg, tie_word_embeddings=tie_word_embeddings, dtype=dtype, bos_token_id=bos, eos_token_id=eos))
         config.to_json_file(str(tmp / "config.json"))
+        _add_legacy_keys(tmp / "config.json", config)
         GenerationConfig(bos_token_id=bos, eos_token_id=eos, do_sample=False).save_pretrained(str(tmp))
         _write_weights(tensors, tmp, max_bytes)
         if tokenizer_model is not None:
@@ -160,6 +161,15 @@ def write_hf_directory(out_dir, tensors, model_cfg, *, tie_word_embeddings: bool
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _add_legacy_keys(path: Path, config) -> None:
+    """transformers 5 writes ``rope_parameters`` and ``dtype``; transformers 4.x, vLLM and llama.cpp's
+    GGUF converter read ``rope_theta`` and ``torch_dtype`` (and silently default theta to 1e4)."""
+    data = json.loads(path.read_text())
+    data.setdefault("rope_theta", data.get("rope_parameters", {}).get("rope_theta"))
+    data.setdefault("torch_dtype", data.get("dtype"))
+    path.write_text(json.dumps(dict(sorted(data.items())), indent=2) + "\n")
 
 
 def _readable_by_all(directory: Path) -> None:
