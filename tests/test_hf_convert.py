@@ -253,6 +253,22 @@ def test_export_of_tp2_osp_checkpoint_matches_megatron(converted):
     assert config["eos_token_id"] == sp.eos_id() and (out / "tokenizer.model").is_file()
 
 
+def _analysis_logits_worker(rank, world, ckpt, tokens):
+    from megatron_osp.analysis.loading import load_for_analysis
+
+    loaded = load_for_analysis(ckpt)
+    pos = torch.arange(tokens.shape[1]).expand_as(tokens)
+    with torch.no_grad():
+        return loaded.model(tokens, pos, None)[..., :VOCAB]
+
+
+def test_analysis_loads_the_tp2_checkpoint_padded_as_saved(converted):
+    """The evaluation tool rebuilds a TP=2 checkpoint at TP=1 with the saving run's vocab padding."""
+    root, ref, _ = converted
+    logits = run_distributed(_analysis_logits_worker, 1, str(root / "ckpt"), ref["tokens"])[0]
+    torch.testing.assert_close(logits, ref["logits"], rtol=1e-5, atol=1e-5)
+
+
 def test_export_does_not_depend_on_the_saving_layout(converted):
     """The same weights saved at TP=2 and at PP=2 export to the same bits."""
     from safetensors.torch import load_file

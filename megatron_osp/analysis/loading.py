@@ -48,14 +48,14 @@ def _is_megatron_checkpoint(path: Path) -> bool:
 def _load_megatron(path: Path, device: torch.device, dtype: torch.dtype, label: str | None) -> LoadedModel:
     from megatron_osp import parallel, platform
     from megatron_osp.models import build_gpt_model, transformer_config
-    from megatron_osp.training.checkpoint import load_model_weights, read_run_config
+    from megatron_osp.training.checkpoint import load_model_weights, model_config_for_one_process, read_run_config
 
     if (path / "checkpoints").is_dir() and not (path / "latest").exists():
         path = path / "checkpoints"  # a run directory
     run_config = read_run_config(path)
     parallel.init_distributed(1, 1)
     platform.seed_everything(run_config.train.seed)
-    mcfg = run_config.model
+    mcfg = model_config_for_one_process(path)
     model = build_gpt_model(mcfg, transformer_config(mcfg, params_dtype=torch.float32), seed=run_config.train.seed)
     load_model_weights(str(path), [model])
     model = model.to(device=device, dtype=dtype).eval()

@@ -11,7 +11,6 @@ complete, so a killed export never leaves something that looks like a model.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -182,17 +181,6 @@ def _readable_by_all(directory: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------- export
-def _tp1_model_config(ckpt: Path, saved_model):
-    """The saved model at TP=1, padded like the checkpoint (padding depends on the saving TP size)."""
-    from megatron_osp.training.checkpoint import read_train_state
-
-    saved_tp = read_train_state(ckpt).get("layout", {}).get("tensor_parallel_size", 1)
-    return dataclasses.replace(
-        export_model_config(saved_model),
-        make_vocab_size_divisible_by=saved_model.make_vocab_size_divisible_by * saved_tp,
-    )
-
-
 def export_checkpoint(ckpt_path, out_dir, *, dtype: str = "float32", max_shard_size: str | int = "5GB",
                       tokenizer_model=None, overwrite: bool = False, log=print) -> Path:
     """Export a megatron-osp checkpoint (save dir or ``iter_N``) to an HF Llama directory.
@@ -203,14 +191,16 @@ def export_checkpoint(ckpt_path, out_dir, *, dtype: str = "float32", max_shard_s
     """
     from megatron_osp import parallel, platform
     from megatron_osp.models.gpt import build_gpt_model, transformer_config
-    from megatron_osp.training.checkpoint import load_model_weights, read_run_config, resolve_checkpoint
+    from megatron_osp.training.checkpoint import (
+        load_model_weights, model_config_for_one_process, read_run_config, resolve_checkpoint,
+    )
 
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     parse_size(max_shard_size)
     ckpt = resolve_checkpoint(ckpt_path)
     run = read_run_config(ckpt)
-    model_cfg = _tp1_model_config(ckpt, run.model)
+    model_cfg = export_model_config(model_config_for_one_process(ckpt))
     tconfig = transformer_config(model_cfg, params_dtype=torch.float32, use_cpu_initialization=True)
     check_exportable(model_cfg, tconfig)
     if tokenizer_model is None and run.data.tokenizer_model and Path(run.data.tokenizer_model).is_file():

@@ -153,6 +153,21 @@ def read_run_config(path: str | os.PathLike):
     return load_config_file(resolve_checkpoint(path) / RUN_CONFIG)
 
 
+def model_config_for_one_process(path: str | os.PathLike):
+    """The saved model's config for rebuilding it at TP=1 in one process (export, evaluation).
+
+    Vocabulary padding depends on the saving TP size (Megatron pads to a multiple of
+    make_vocab_size_divisible_by x TP), so the multiple is scaled to pad the TP=1 model the same.
+    """
+    import dataclasses
+
+    saved_tp = read_train_state(path).get("layout", {}).get("tensor_parallel_size", 1)
+    model = read_run_config(path).model
+    return dataclasses.replace(
+        model, make_vocab_size_divisible_by=model.make_vocab_size_divisible_by * saved_tp
+    )
+
+
 # Model fields that may differ between the run that saved a checkpoint and the run that loads it.
 _FREE_MODEL_FIELDS = {"transformer_impl", "hidden_dropout", "attention_dropout", "seq_length", "make_vocab_size_divisible_by"}
 # What a resumed run (optimizer and schedule state loaded) must share with the run that saved it.
