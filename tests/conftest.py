@@ -1,6 +1,7 @@
 import os
 import warnings
 
+import numpy as np
 import pytest
 
 # Megatron-Core warns at import that Apex/TE are missing: expected on CPU, noise in test output.
@@ -18,3 +19,18 @@ def megatron_single_rank():
     platform.seed_everything(1234)
     yield
     parallel.shutdown()
+
+
+@pytest.fixture(scope="session")
+def toy_corpus(tmp_path_factory):
+    """An indexed corpus of 200 random documents (ids < 250, EOD 255) written by Megatron-Core."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = str(tmp_path_factory.mktemp("corpus") / "toy")
+    rng = np.random.default_rng(0)
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    for _ in range(200):
+        n = int(rng.integers(10, 120))
+        builder.add_document(np.append(rng.integers(0, 250, n), 255).astype(np.uint16), [n + 1])
+    builder.finalize(prefix + ".idx")
+    return prefix

@@ -29,20 +29,6 @@ STOP = 2
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def toy_corpus(tmp_path_factory):
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    prefix = str(tmp_path_factory.mktemp("corpus") / "toy")
-    rng = np.random.default_rng(0)
-    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
-    for _ in range(200):
-        n = int(rng.integers(10, 120))
-        builder.add_document(np.append(rng.integers(0, 250, n), 255).astype(np.uint16), [n + 1])
-    builder.finalize(prefix + ".idx")
-    return prefix
-
-
 def _overrides(corpus, run_dir, optimizer="adam", tp=1, pp=1, steps=STEPS):
     return [
         "model.preset=test",

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from megatron_osp.testing.distributed import run_distributed
-from tests.test_training_parallel import _overrides, toy_corpus  # noqa: F401  (fixture)
+from test_training_parallel import _overrides
 
 
 def _train(rank, world_size, overrides, run_dir):
@@ -15,7 +15,7 @@ def _train(rank, world_size, overrides, run_dir):
     Trainer(load_config(None, overrides + [f"train.run_dir={run_dir}"]), log=lambda *_: None).train()
 
 
-def test_tensorboard_has_per_layer_kurtosis_and_max_abs(toy_corpus, tmp_path):  # noqa: F811
+def test_tensorboard_has_per_layer_kurtosis_and_max_abs(toy_corpus, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     overrides = [o for o in _overrides(toy_corpus, "adam") if not o.startswith("train.tensorboard")]

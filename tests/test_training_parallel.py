@@ -13,20 +13,6 @@ from megatron_osp.testing.distributed import run_distributed
 STEPS = 3
 
 
-@pytest.fixture(scope="module")
-def toy_corpus(tmp_path_factory):
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    prefix = str(tmp_path_factory.mktemp("corpus") / "toy")
-    rng = np.random.default_rng(0)
-    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
-    for _ in range(200):
-        n = int(rng.integers(10, 120))
-        builder.add_document(np.append(rng.integers(0, 250, n), 255).astype(np.uint16), [n + 1])
-    builder.finalize(prefix + ".idx")
-    return prefix
-
-
 def _train_worker(rank, world_size, overrides, run_dir):
     from megatron_osp.models.layout import gather_logical
     from megatron_osp.training.config import load_config
@@ -68,7 +54,11 @@ def _overrides(corpus, optimizer, tp=1, pp=1):
 
 
 def _run(corpus, tmp_path, optimizer, world, tp=1, pp=1, name="run"):
-    results = run_distributed(_train_worker, world, _overrides(corpus, optimizer, tp, pp), str(tmp_path / name))
+    return _merge(run_distributed(_train_worker, world, _overrides(corpus, optimizer, tp, pp), str(tmp_path / name)))
+
+
+def _merge(results):
+    """One run's view from its ranks: the loss-reporting rank's losses, every rank's weights."""
     merged = {"weights": {}}
     for r in results:
         merged["weights"].update(r["weights"])
