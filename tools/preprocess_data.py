@@ -1,7 +1,19 @@
 #!/usr/bin/env python
-"""Tokenize JSONL (plain or .gz) into Megatron indexed datasets: PREFIX_<key>_document.{bin,idx}."""
+"""Tokenize a corpus into Megatron indexed datasets: PREFIX_<key>_document.{bin,idx}.
+
+Inputs: JSON lines (.jsonl, .jsonl.gz, .jsonl.zst) and Parquet (.parquet), as files, globs or
+directories (every such file inside, sorted). Tokenizer: a SentencePiece .model or a Hugging Face
+tokenizer.json. --max-shard-tokens splits the output into PREFIX_<key>_document_00000, ...
+
+    python tools/preprocess_data.py --input 'data/*.jsonl.zst' --tokenizer-model tok.model \\
+        --output-prefix out/corpus --append-eod --workers 16 --max-shard-tokens 2e10
+
+A bad record stops the run with file:line and leaves no output (--skip-bad-records: skip, count,
+report); a corrupt or truncated compressed file always stops it. Exit status 1 on bad input.
+"""
 
 import argparse
+import glob
 import sys
 from pathlib import Path
 
@@ -9,22 +21,45 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_osp.data.preprocess import BadRecord, preprocess  # noqa: E402
 
+SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst", ".zst", ".gz", ".parquet")
+
+
+def expand_inputs(specs: list[str]) -> list[str]:
+    """Files in the order given; a glob or a directory contributes its corpus files, sorted."""
+    out = []
+    for spec in specs:
+        p = Path(spec)
+        if p.is_dir():
+            found = sorted(str(f) for f in p.rglob("*") if f.is_file() and f.name.endswith(SUFFIXES))
+        elif any(c in spec for c in "*?["):
+            found = sorted(glob.glob(spec, recursive=True))
+        else:
+            found = [spec]
+        if not found:
+            raise FileNotFoundError(f"--input {spec}: no corpus files match")
+        out += found
+    return out
+
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--input", nargs="+", required=True, help="JSONL files (.jsonl or .jsonl.gz)")
-    p.add_argument("--tokenizer-model", required=True, help="SentencePiece .model")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", required=True, help="files, globs or directories")
+    p.add_argument("--tokenizer-model", required=True, help="SentencePiece .model or HF tokenizer.json")
+    p.add_argument("--eod-token", default=None, help="HF tokenizers: the end-of-document token (default: guessed)")
     p.add_argument("--output-prefix", required=True)
-    p.add_argument("--json-keys", nargs="+", default=["text"])
+    p.add_argument("--json-keys", nargs="+", default=["text"], help="one output dataset per key")
     p.add_argument("--append-eod", action="store_true", help="end every document with the EOD token")
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--max-shard-tokens", type=float, default=None, help="split the output into shards of ~N tokens")
     p.add_argument("--skip-bad-records", action="store_true", help="skip and count bad records instead of stopping")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args()
     try:
         stats = preprocess(
-            args.input, args.tokenizer_model, args.output_prefix, tuple(args.json_keys),
+            expand_inputs(args.input), args.tokenizer_model, args.output_prefix, tuple(args.json_keys),
             args.append_eod, args.workers, args.skip_bad_records, progress=not args.no_progress,
+            max_shard_tokens=int(args.max_shard_tokens) if args.max_shard_tokens else None,
+            eod_token=args.eod_token,
         )
     except (BadRecord, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,14 +1,15 @@
-"""JSONL corpus -> tokenized indexed dataset (.bin/.idx), with strict handling of bad records.
+"""Corpus (JSON lines plain/.gz/.zst, Parquet) -> tokenized indexed datasets (.bin/.idx).
 
-A bad record (malformed JSON, missing key, non-string text) stops the run with ``file:line: reason``
-and leaves no output, unless ``skip_bad_records`` is set, in which case it is counted and the first
-few locations are reported. Empty documents are counted and dropped. Output goes through the
-atomic writer, so an interrupted run leaves nothing that looks finished.
+A bad record (malformed JSON, missing key, non-string or non-UTF-8 text) stops the run with
+``file:line: reason`` and leaves no output, unless ``skip_bad_records`` is set, in which case it is
+counted and the first few locations are reported. A file that cannot be read on (corrupt or
+truncated compressed stream) always stops the run. Empty documents are counted and dropped. Output
+goes through the atomic writer, and shards already finished are removed if a later part fails, so
+a failed run leaves nothing that looks finished.
 """
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import time
@@ -20,11 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from megatron_osp.data.indexed import IndexedDatasetWriter, token_dtype_for
-from megatron_osp.data.tokenizer import SentencePieceTokenizer
+from megatron_osp.data.readers import BadRecord, CorruptInput, record_chunks
+from megatron_osp.data.tokenizer import load_tokenizer
 
-
-class BadRecord(ValueError):
-    """A record that cannot be tokenized; the message is ``file:line: reason``."""
+__all__ = ["BadRecord", "CorruptInput", "PreprocessStats", "output_prefix_for", "preprocess"]
 
 
 @dataclass
@@ -36,6 +36,7 @@ class PreprocessStats:
     bad_records: int = 0
     bad_locations: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    outputs: list[str] = field(default_factory=list)  # dataset prefixes written
 
     def summary(self) -> str:
         rate = self.documents / max(self.seconds, 1e-9)
@@ -45,26 +46,21 @@ class PreprocessStats:
             f"{self.bytes / 1e6 / max(self.seconds, 1e-9):.1f} MB/s)",
             f"empty documents dropped: {self.empty_documents:,}",
         ]
+        if len(self.outputs) > 1:
+            lines.append(f"wrote {len(self.outputs)} datasets: {self.outputs[0]} ... {self.outputs[-1]}")
         if self.bad_records:
             lines.append(f"bad records skipped: {self.bad_records:,} (first: {', '.join(self.bad_locations)})")
         return "\n".join(lines)
 
 
-def _open_binary(path: Path):
-    """Lines are decoded one by one, so a UTF-8 error is reported on its own line."""
-    if path.suffix == ".gz":
-        return gzip.open(path, "rb")
-    if path.suffix == ".zst":
-        raise ValueError(f"{path}: .zst input needs the zstandard package; decompress it first")
-    return open(path, "rb")
+_TOKENIZER = None
 
 
-_TOKENIZER: SentencePieceTokenizer | None = None
-
-
-def _init_worker(model_file: str):
+def _init_worker(model_file: str, eod_token: str | None, in_pool: bool = False):
     global _TOKENIZER
-    _TOKENIZER = SentencePieceTokenizer(model_file)
+    if in_pool:  # one process per worker already; Rust threads on top would oversubscribe the cores
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _TOKENIZER = load_tokenizer(model_file, eod_token)
 
 
 def _parse(location: str, line: str, keys: list[str]) -> list[str] | BadRecord:
@@ -85,34 +81,20 @@ def _parse(location: str, line: str, keys: list[str]) -> list[str] | BadRecord:
 
 
 def _tokenize_chunk(args):
-    """Worker: (path, first line number, lines, keys) -> per line: token arrays per key, or a BadRecord."""
-    path, first, lines, keys = args
-    out = []
-    for i, line in enumerate(lines):
-        parsed = line if isinstance(line, BadRecord) else _parse(f"{path}:{first + i}", line, keys)
+    """Worker: (path, first line, items, keys) -> per item: token arrays per key, or a BadRecord.
+
+    Items are JSON lines (str), texts already taken from a Parquet row (list), or BadRecords.
+    """
+    path, first, items, keys = args
+    out, nbytes = [], 0
+    for i, item in enumerate(items):
+        parsed = _parse(f"{path}:{first + i}", item, keys) if isinstance(item, str) else item
         if isinstance(parsed, BadRecord):
             out.append(parsed)
         else:
+            nbytes += sum(len(t.encode("utf-8")) for t in parsed) if isinstance(item, list) else len(item.encode("utf-8"))
             out.append([np.asarray(ids, dtype=np.int64) for ids in _TOKENIZER.encode_batch(parsed)])
-    return out, sum(len(line.encode("utf-8")) for line in lines if isinstance(line, str))
-
-
-def _chunks(path: Path, keys: list[str], chunk_lines: int):
-    first, lines = 1, []
-    line_no = 0
-    with _open_binary(path) as f:
-        for line_no, raw in enumerate(f, start=1):
-            try:
-                lines.append(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                lines.append(BadRecord(f"{path}:{line_no}: not valid UTF-8 ({e.reason} at byte {e.start})"))
-            if len(lines) == chunk_lines:
-                yield (str(path), first, lines, keys)
-                first, lines = line_no + 1, []
-    if lines:
-        yield (str(path), first, lines, keys)
-    if line_no == 0:
-        raise BadRecord(f"{path}:1: empty file")
+    return out, nbytes
 
 
 def _ordered_bounded(pool, chunks, max_in_flight: int):
@@ -131,9 +113,60 @@ def _ordered_bounded(pool, chunks, max_in_flight: int):
         yield pending.popleft().get()
 
 
-def output_prefix_for(output_prefix: str, key: str) -> str:
-    """Megatron's naming: one dataset per JSON key, ``<prefix>_<key>_document``."""
-    return f"{output_prefix}_{key}_document"
+def output_prefix_for(output_prefix: str, key: str, shard: int | None = None) -> str:
+    """Megatron's naming: one dataset per JSON key, ``<prefix>_<key>_document``; shards add ``_NNNNN``."""
+    name = f"{output_prefix}_{key}_document"
+    return name if shard is None else f"{name}_{shard:05d}"
+
+
+class _ShardedOutput:
+    """One writer per key; with ``max_shard_tokens``, a new shard starts after a document takes the
+    current one (first key) past the limit. Finished shards are tracked so a failure removes them."""
+
+    def __init__(self, output_prefix: str, keys, dtype, max_shard_tokens: int | None):
+        self.output_prefix, self.keys, self.dtype = output_prefix, tuple(keys), dtype
+        self.max_shard_tokens = max_shard_tokens
+        self.shard = 0 if max_shard_tokens else None
+        self.finished: list[str] = []
+        self._open()
+
+    def _open(self) -> None:
+        self.writers = {k: IndexedDatasetWriter(output_prefix_for(self.output_prefix, k, self.shard), self.dtype)
+                        for k in self.keys}
+        self.shard_tokens = 0
+
+    def add(self, key: str, ids: np.ndarray) -> None:
+        self.writers[key].add_document(ids)
+        if key == self.keys[0]:
+            self.shard_tokens += len(ids)
+
+    def end_document(self) -> None:
+        if self.max_shard_tokens and self.shard_tokens >= self.max_shard_tokens:
+            self._finish_shard()
+            self.shard += 1
+            self._open()
+
+    def _finish_shard(self) -> None:
+        for key, w in self.writers.items():
+            w.finalize()
+            self.finished.append(output_prefix_for(self.output_prefix, key, self.shard))
+
+    def finalize(self) -> None:
+        if self.shard is None or self.shard_tokens or not self.finished:
+            self._finish_shard()
+        else:  # the last document filled the previous shard exactly: no empty trailing shard
+            for w in self.writers.values():
+                w.abort()
+
+    def abort(self) -> None:
+        for w in self.writers.values():
+            w.abort()
+        for prefix in self.finished:
+            for ext in (".bin", ".idx"):
+                try:
+                    os.remove(prefix + ext)
+                except FileNotFoundError:
+                    pass
 
 
 def preprocess(
@@ -147,25 +180,31 @@ def preprocess(
     chunk_lines: int = 256,
     progress: bool = True,
     max_bad_locations: int = 5,
+    max_shard_tokens: int | None = None,
+    eod_token: str | None = None,
 ) -> PreprocessStats:
     """Tokenize ``inputs`` (in order, documents in file order) into ``<output_prefix>_<key>_document``.
 
+    ``tokenizer_model``: a SentencePiece ``.model`` or an HF ``tokenizer.json`` (``eod_token`` picks
+    its end-of-document token). ``max_shard_tokens``: split the output into shards
+    ``<output_prefix>_<key>_document_00000``, ... of about that many tokens (whole documents).
     Raises ``BadRecord`` (``file:line: reason``) on the first bad record unless
-    ``skip_bad_records``; either way nothing is written unless the whole run succeeds.
-    ``append_eod`` defaults to True here (GPT pretraining needs document separators); the CLI keeps
-    Megatron's opt-in ``--append-eod`` flag.
+    ``skip_bad_records``, and ``CorruptInput`` on an unreadable file; either way nothing is left
+    written unless the whole run succeeds. ``append_eod`` defaults to True here (GPT pretraining
+    needs document separators); the CLI keeps Megatron's opt-in ``--append-eod`` flag.
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     if not json_keys:
         raise ValueError("json_keys is empty")
-    tokenizer = SentencePieceTokenizer(tokenizer_model)
+    if max_shard_tokens is not None and max_shard_tokens < 1:
+        raise ValueError(f"max_shard_tokens must be >= 1, got {max_shard_tokens}")
+    tokenizer = load_tokenizer(tokenizer_model, eod_token)
     paths = [Path(p) for p in inputs]
     for path in paths:
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist")
-    dtype = token_dtype_for(tokenizer.vocab_size)
-    writers = {k: IndexedDatasetWriter(output_prefix_for(output_prefix, k), dtype) for k in json_keys}
+    output = _ShardedOutput(output_prefix, json_keys, token_dtype_for(tokenizer.vocab_size), max_shard_tokens)
     stats = PreprocessStats()
     start = time.perf_counter()
     bar = None
@@ -173,12 +212,13 @@ def preprocess(
         from tqdm.auto import tqdm
 
         bar = tqdm(desc="tokenize", unit="doc", dynamic_ncols=True)  # its rate is docs/s
-    pool = get_context("fork").Pool(workers, _init_worker, (tokenizer_model,)) if workers > 1 else None
+    pool = (get_context("fork").Pool(workers, _init_worker, (tokenizer_model, eod_token, True))
+            if workers > 1 else None)
     if pool is None:
-        _init_worker(tokenizer_model)
+        _init_worker(tokenizer_model, eod_token)
     try:
         for path in paths:
-            chunks = _chunks(path, list(json_keys), chunk_lines)
+            chunks = record_chunks(path, list(json_keys), chunk_lines)
             results = _ordered_bounded(pool, chunks, 4 * workers) if pool else map(_tokenize_chunk, chunks)
             for records, nbytes in results:
                 stats.bytes += nbytes
@@ -196,8 +236,9 @@ def preprocess(
                     for key, ids in zip(json_keys, record):
                         if append_eod:
                             ids = np.append(ids, tokenizer.eod)
-                        writers[key].add_document(ids)
+                        output.add(key, ids)
                         stats.tokens += len(ids)
+                    output.end_document()
                     stats.documents += 1
                 if bar is not None:
                     bar.update(len(records))
@@ -205,11 +246,9 @@ def preprocess(
                     bar.set_postfix(tok_s=f"{stats.tokens / elapsed:,.0f}", MB_s=f"{stats.bytes / 1e6 / elapsed:.1f}")
         if stats.documents == 0:
             raise BadRecord(f"{paths[0]}: no non-empty documents in the input")
-        for w in writers.values():
-            w.finalize()
+        output.finalize()
     except BaseException:
-        for w in writers.values():
-            w.abort()
+        output.abort()
         raise
     finally:
         if pool is not None:
@@ -217,4 +256,5 @@ def preprocess(
         if bar is not None:
             bar.close()
     stats.seconds = time.perf_counter() - start
+    stats.outputs = list(output.finished)
     return stats

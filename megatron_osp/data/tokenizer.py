@@ -1,4 +1,5 @@
-"""SentencePiece tokenizers: training one on a JSONL corpus, and the small interface the tools use.
+"""Tokenizers: SentencePiece (trained here on a JSONL corpus) and Hugging Face ``tokenizer.json``,
+behind the small interface the tools use (``vocab_size``, ``eod``, ``encode_batch``).
 
 Ids follow SentencePiece's defaults: 0 <unk>, 1 <s>, 2 </s>. The end-of-sequence id is the
 end-of-document (EOD) token that separates documents in the indexed dataset; no pad id is defined,
@@ -43,6 +44,70 @@ class SentencePieceTokenizer:
 
     def decode(self, ids) -> str:
         return self._sp.decode(list(ids))
+
+
+# End-of-document tokens of common HF tokenizers, tried in order when none is named.
+HF_EOD_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eos|>")
+
+
+class HFTokenizer:
+    """A Hugging Face fast tokenizer (``tokenizer.json``), batched in Rust; no special tokens added.
+
+    The EOD id is ``eod_token`` if given, else the first of ``HF_EOD_CANDIDATES`` in the vocabulary.
+    """
+
+    def __init__(self, path: str | os.PathLike, eod_token: str | None = None):
+        from tokenizers import Tokenizer
+
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.exists():
+            raise FileNotFoundError(f"tokenizer {file} does not exist")
+        self.model_file = str(file)
+        try:
+            self._tok = Tokenizer.from_file(self.model_file)
+        except Exception as e:  # noqa: BLE001  (the Rust library raises plain Exception)
+            raise ValueError(f"{file}: not a Hugging Face tokenizer.json: {e}") from None
+        candidates = (eod_token,) if eod_token else HF_EOD_CANDIDATES
+        ids = [self._tok.token_to_id(t) for t in candidates]
+        found = [(t, i) for t, i in zip(candidates, ids) if i is not None]
+        if not found:
+            raise ValueError(
+                f"{file}: no end-of-document token "
+                + (f"{eod_token!r} in the vocabulary" if eod_token else f"among {', '.join(HF_EOD_CANDIDATES)}; pass --eod-token")
+            )
+        self.eod_token, self._eod = found[0]
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def eod(self) -> int:
+        return self._eod
+
+    @property
+    def pad(self) -> int:
+        return -1
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+
+def load_tokenizer(path: str | os.PathLike, eod_token: str | None = None):
+    """A SentencePiece ``.model`` or an HF ``tokenizer.json`` (or a directory holding one)."""
+    p = Path(path)
+    if p.suffix == ".json" or p.is_dir():
+        return HFTokenizer(p, eod_token)
+    if eod_token is not None:
+        raise ValueError(f"--eod-token applies to Hugging Face tokenizers; {p} is SentencePiece (its EOD is </s>)")
+    return SentencePieceTokenizer(p)
 
 
 def _training_lines(jsonl: Path, key: str, max_documents: int | None, errors: list):

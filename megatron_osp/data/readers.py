@@ -1,0 +1,149 @@
+"""Corpus files as records with their locations: JSON lines (plain, .gz, .zst) and Parquet.
+
+Every record carries ``file:line`` (``file:row N`` for Parquet) so an error can say where it is. A
+record that cannot be used (bad JSON, bad UTF-8, a null) is a ``BadRecord`` the caller may skip; a
+file that cannot be read on (corrupt or truncated compressed stream, unreadable Parquet, a missing
+column) raises ``CorruptInput``, which is never skippable: what follows it is unknown.
+
+zstandard's ``stream_reader`` ends silently on a truncated frame, so .zst is decoded frame by frame
+here and an unfinished frame at the end of the file is an error, not a short corpus.
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from pathlib import Path
+
+READ_BYTES = 1 << 20
+
+
+class BadRecord(ValueError):
+    """A record that cannot be tokenized; the message is ``location: reason``."""
+
+
+class CorruptInput(BadRecord):
+    """The file cannot be read past this point; never skipped."""
+
+
+def input_format(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return "parquet"
+    if suffix == ".gz":
+        return "gzip"
+    if suffix in (".zst", ".zstd"):
+        return "zstd"
+    return "jsonl"
+
+
+def _zstd_blocks(f, path: Path):
+    import zstandard
+
+    dctx = zstandard.ZstdDecompressor()
+    frame, in_frame = dctx.decompressobj(), False
+    while data := f.read(READ_BYTES):
+        while data:
+            in_frame = True
+            out = frame.decompress(data)
+            if out:
+                yield out
+            if frame.eof:  # a file may hold several frames (pzstd, concatenated files)
+                data, frame, in_frame = frame.unused_data, dctx.decompressobj(), False
+            else:
+                data = b""
+    if in_frame:
+        raise CorruptInput(f"{path}: truncated zstd stream (the last frame is incomplete)")
+
+
+def _lines_of(blocks):
+    rest = b""
+    for block in blocks:
+        parts = (rest + block).split(b"\n")
+        rest = parts.pop()
+        for part in parts:
+            yield part + b"\n"
+    if rest:
+        yield rest
+
+
+def _raw_lines(path: Path, fmt: str):
+    """Byte lines of a JSON-lines file; decompression errors become ``CorruptInput``."""
+    line_no = 0
+    try:
+        if fmt == "gzip":
+            with gzip.open(path, "rb") as f:
+                for line_no, raw in enumerate(f, start=1):
+                    yield raw
+        elif fmt == "zstd":
+            try:
+                import zstandard
+            except ImportError:
+                raise CorruptInput(f"{path}: .zst input needs the zstandard package (pip install zstandard)") from None
+            with open(path, "rb") as f:
+                try:
+                    for line_no, raw in enumerate(_lines_of(_zstd_blocks(f, path)), start=1):
+                        yield raw
+                except zstandard.ZstdError as e:
+                    raise CorruptInput(f"{path}: corrupt zstd stream after line {line_no}: {e}") from None
+        else:
+            with open(path, "rb") as f:
+                yield from f
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise CorruptInput(f"{path}: corrupt or truncated gzip stream after line {line_no}: {e}") from None
+
+
+def jsonl_chunks(path: Path, keys: list[str], chunk_size: int):
+    """``(path, first line, items, keys)``: items are decoded lines or ``BadRecord``s (bad UTF-8)."""
+    first, items, line_no = 1, [], 0
+    for line_no, raw in enumerate(_raw_lines(path, input_format(path)), start=1):
+        try:
+            items.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            items.append(BadRecord(f"{path}:{line_no}: not valid UTF-8 ({e.reason} at byte {e.start})"))
+        if len(items) == chunk_size:
+            yield (str(path), first, items, keys)
+            first, items = line_no + 1, []
+    if items:
+        yield (str(path), first, items, keys)
+    if line_no == 0:
+        raise BadRecord(f"{path}:1: empty file")
+
+
+def parquet_chunks(path: Path, keys: list[str], chunk_size: int):
+    """``(path, first row, items, keys)``: items are lists of texts (one per key) or ``BadRecord``s."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise CorruptInput(f"{path}: not a readable Parquet file: {e}") from None
+    columns = pf.schema_arrow.names
+    missing = [k for k in keys if k not in columns]
+    if missing:
+        raise CorruptInput(f"{path}: missing column {missing[0]!r} (columns: {', '.join(columns)})")
+    if pf.metadata.num_rows == 0:
+        raise BadRecord(f"{path}: empty file (no rows)")
+    row = 1
+    try:
+        for batch in pf.iter_batches(batch_size=chunk_size, columns=list(keys)):
+            values = [batch.column(k).to_pylist() for k in keys]
+            items = []
+            for i, texts in enumerate(zip(*values)):
+                bad = next(((k, t) for k, t in zip(keys, texts) if not isinstance(t, str)), None)
+                if bad is None:
+                    items.append(list(texts))
+                else:
+                    kind = "null" if bad[1] is None else f"{type(bad[1]).__name__}, not a string"
+                    items.append(BadRecord(f"{path}:row {row + i}: key {bad[0]!r} is {kind}"))
+            yield (str(path), row, items, keys)
+            row += len(items)
+    except (pa.ArrowException, OSError) as e:
+        raise CorruptInput(f"{path}: corrupt Parquet data after row {row - 1}: {e}") from None
+
+
+def record_chunks(path: Path, keys: list[str], chunk_size: int):
+    if input_format(path) == "parquet":
+        return parquet_chunks(path, keys, chunk_size)
+    return jsonl_chunks(path, keys, chunk_size)
