@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import array
 import os
+import shutil
 import struct
 from pathlib import Path
 
@@ -56,6 +57,9 @@ class IndexedDatasetWriter:
         self._bin = open(self._tmp_bin, "wb")
         # 4 bytes per document (a list of numpy scalars costs ~10x that at a billion documents).
         self._lengths = array.array("i")
+        # Document ends (in sequences), kept only once a multi-sequence document arrives (a merged
+        # Megatron dataset with sentence splits); until then every sequence is one document.
+        self._doc_ends: array.array | None = None
         self._closed = False
 
     def _check_open(self) -> None:
@@ -75,6 +79,8 @@ class IndexedDatasetWriter:
                 raise ValueError(f"{self.prefix}: token ids {arr.min()}..{arr.max()} do not fit {self.dtype}")
         self._bin.write(arr.astype(self.dtype, copy=False).tobytes(order="C"))
         self._lengths.append(int(arr.size))
+        if self._doc_ends is not None:
+            self._doc_ends.append(len(self._lengths))
 
     def add_documents(self, lengths: np.ndarray, tokens: np.ndarray) -> None:
         """Append many documents at once: ``tokens`` concatenated, ``lengths`` per document."""
@@ -89,8 +95,37 @@ class IndexedDatasetWriter:
             info = np.iinfo(self.dtype)
             if tokens.min() < info.min or tokens.max() > info.max:
                 raise ValueError(f"{self.prefix}: token ids {tokens.min()}..{tokens.max()} do not fit {self.dtype}")
+        first = len(self._lengths)
         self._bin.write(tokens.astype(self.dtype, copy=False).tobytes(order="C"))
         self._lengths.extend(lengths.astype(np.int32).tolist())
+        if self._doc_ends is not None:
+            self._doc_ends.extend(range(first + 1, len(self._lengths) + 1))
+
+    def add_dataset(self, dataset: "IndexedDataset", copy_bytes: int = 64 << 20) -> None:
+        """Append a whole dataset (same dtype): its .bin is streamed, its document boundaries kept."""
+        self._check_open()
+        if dataset.dtype != self.dtype:
+            raise ValueError(f"{dataset.prefix}: dtype {dataset.dtype} differs from the output's {self.dtype}")
+        lengths = np.asarray(dataset.sequence_lengths, dtype=np.int64)
+        expected = np.zeros(len(lengths), dtype=np.int64)
+        if len(lengths) > 1:
+            np.cumsum(lengths[:-1] * self.dtype.itemsize, out=expected[1:])
+        bin_size = os.path.getsize(dataset.prefix + ".bin")
+        if not np.array_equal(np.asarray(dataset.sequence_pointers), expected) or bin_size != int(lengths.sum()) * self.dtype.itemsize:
+            raise ValueError(
+                f"{dataset.prefix}: its sequences are not stored back to back in the .bin (pointers or "
+                "size differ from the lengths), so it cannot be appended by copying the file"
+            )
+        first = len(self._lengths)
+        with open(dataset.prefix + ".bin", "rb") as src:
+            shutil.copyfileobj(src, self._bin, copy_bytes)
+        self._lengths.extend(np.asarray(dataset.sequence_lengths, dtype=np.int32).tolist())
+        docs = np.asarray(dataset.document_indices, dtype=np.int64)
+        one_per_sequence = len(docs) == len(dataset) + 1 and np.array_equal(docs, np.arange(len(docs)))
+        if self._doc_ends is None and not one_per_sequence:
+            self._doc_ends = array.array("q", range(1, first + 1))
+        if self._doc_ends is not None:
+            self._doc_ends.extend((docs[1:] + first).tolist())
 
     def finalize(self) -> None:
         """Write the index, then rename both files into place (.bin first, .idx last).
@@ -118,7 +153,10 @@ class IndexedDatasetWriter:
         pointers = np.zeros(len(lengths), dtype=np.int64)
         if len(lengths) > 1:
             np.cumsum(lengths[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
-        documents = np.arange(len(lengths) + 1, dtype=np.int64)
+        if self._doc_ends is None:
+            documents = np.arange(len(lengths) + 1, dtype=np.int64)
+        else:
+            documents = np.concatenate([[0], np.frombuffer(self._doc_ends, dtype=np.int64)]).astype(np.int64)
         with open(self._tmp_idx, "wb") as f:
             f.write(_HEADER.pack(MAGIC, VERSION, _CODE_OF[self.dtype], len(lengths), len(documents)))
             f.write(lengths.tobytes(order="C"))

@@ -1,0 +1,95 @@
+"""merge_datasets equals Megatron-Core's own merge byte for byte; bad merges are named and leave nothing."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from megatron.core.datasets.indexed_dataset import IndexedDataset as MegatronIndexedDataset
+from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+from megatron_osp.data.indexed import IndexedDataset, IndexedDatasetWriter
+from megatron_osp.data.merge import merge_datasets
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _megatron_dataset(prefix, rng, n_docs, dtype=np.uint16, split_docs=False):
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
+    for _ in range(n_docs):
+        n = int(rng.integers(1, 60))
+        tokens = rng.integers(0, 1000, n).astype(dtype)
+        if split_docs and n > 3:  # one document of two sequences, like Megatron's sentence splitting
+            cut = int(rng.integers(1, n - 1))
+            builder.add_document(tokens, [cut, n - cut])
+        else:
+            builder.add_document(tokens, [n])
+    builder.finalize(prefix + ".idx")
+    return prefix
+
+
+def _ours(prefix, rng, n_docs):
+    with IndexedDatasetWriter(prefix, np.uint16) as w:
+        for _ in range(n_docs):
+            w.add_document(rng.integers(0, 1000, int(rng.integers(0, 60))))
+    return prefix
+
+
+@pytest.mark.parametrize("split_docs", [False, True])
+def test_merge_is_byte_identical_to_megatron_core(tmp_path, split_docs):
+    rng = np.random.default_rng(0)
+    parts = [_megatron_dataset(str(tmp_path / "a"), rng, 50, split_docs=split_docs),
+             _ours(str(tmp_path / "b"), rng, 40),
+             _megatron_dataset(str(tmp_path / "c"), rng, 30, split_docs=split_docs)]
+    info = merge_datasets(parts, str(tmp_path / "ours"))
+
+    ref = IndexedDatasetBuilder(str(tmp_path / "ref.bin"), dtype=np.uint16)
+    for p in parts:
+        ref.add_index(p)
+    ref.finalize(str(tmp_path / "ref.idx"))
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / f"ours{ext}").read_bytes() == (tmp_path / f"ref{ext}").read_bytes(), ext
+
+    merged = MegatronIndexedDataset(str(tmp_path / "ours"))
+    expected = [IndexedDataset(p)[i].tolist() for p in parts for i in range(len(IndexedDataset(p)))]
+    assert [merged[i].tolist() for i in range(len(merged))] == expected
+    assert info["sequences"] == len(expected) and info["tokens"] == sum(map(len, expected))
+
+
+def test_dtype_mismatch_and_self_merge_are_named_and_leave_nothing(tmp_path):
+    rng = np.random.default_rng(1)
+    a = _megatron_dataset(str(tmp_path / "a"), rng, 5)
+    b = _megatron_dataset(str(tmp_path / "b"), rng, 5, dtype=np.int32)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(ValueError, match=r"b: token dtype int32 differs from .*a's uint16"):
+        merge_datasets([a, b], str(tmp_path / "out"))
+    with pytest.raises(ValueError, match=r"a: the output prefix is also an input"):
+        merge_datasets([a, str(tmp_path / "c")], a)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_damaged_input_is_refused_by_name(tmp_path):
+    rng = np.random.default_rng(2)
+    a = _ours(str(tmp_path / "a"), rng, 10)
+    b = _ours(str(tmp_path / "b"), rng, 10)
+    data = (tmp_path / "b.bin").read_bytes()
+    (tmp_path / "b.bin").write_bytes(data[:-10])
+    with pytest.raises(ValueError, match=r"b\.bin"):
+        merge_datasets([a, b], str(tmp_path / "out"))
+    assert not list(tmp_path.glob("out*"))
+
+
+def test_cli_merges_a_directory_in_name_order(tmp_path):
+    rng = np.random.default_rng(3)
+    d = tmp_path / "shards"
+    parts = [_ours(str(d / f"s_{i:05d}"), rng, 7) for i in range(3)]
+    r = subprocess.run([sys.executable, str(REPO / "tools/merge_datasets.py"), "--input-dir", str(d),
+                        "--output-prefix", str(tmp_path / "all")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    merged = IndexedDataset(str(tmp_path / "all"))
+    expected = [IndexedDataset(p)[i].tolist() for p in parts for i in range(7)]
+    assert [merged[i].tolist() for i in range(len(merged))] == expected
+    r = subprocess.run([sys.executable, str(REPO / "tools/merge_datasets.py"), "--input-dir", str(tmp_path / "none"),
+                        "--output-prefix", str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "is not a directory" in r.stderr
