@@ -223,3 +223,19 @@ def test_cli_expands_globs_and_directories(tmp_path, sp_model):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "no corpus files match" in r.stderr
     assert np.all([not p.name.startswith("x_") for p in tmp_path.iterdir()])
+
+
+def test_tokenizer_trains_on_every_format_alike(tmp_path):
+    from megatron_osp.data.tokenizer import SentencePieceTokenizer
+
+    records = [{"text": t} for t in TEXTS]
+    sources = [write_jsonl(tmp_path / "c.jsonl", records), write_zst(tmp_path / "c.jsonl.zst", records),
+               write_parquet(tmp_path / "c.parquet", records)]
+    models = [train_sentencepiece(src, tmp_path / f"tok_{i}", vocab_size=300, sample_documents=250)
+              for i, src in enumerate(sources)]
+    encoded = [SentencePieceTokenizer(m).encode(TEXTS[-1]) for m in models]
+    assert encoded[0] == encoded[1] == encoded[2]
+    bad = write_zst(tmp_path / "bad.jsonl.zst", records[:5] + ["{nope"])
+    with pytest.raises(ValueError, match=r"bad\.jsonl\.zst:6: malformed JSON"):
+        train_sentencepiece(bad, tmp_path / "tok_bad", vocab_size=300)
+    assert not list(tmp_path.glob("tok_bad*"))

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Train a SentencePiece (BPE or unigram, byte fallback) tokenizer on a JSONL corpus."""
+"""Train a SentencePiece (BPE or unigram, byte fallback) tokenizer on a sample of a corpus
+(JSON lines plain/.gz/.zst or Parquet)."""
 
 import argparse
 import sys
@@ -12,7 +13,7 @@ from megatron_osp.data.tokenizer import SentencePieceTokenizer, train_sentencepi
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--input", required=True, help="JSONL corpus")
+    p.add_argument("--input", required=True, help="corpus file: .jsonl, .jsonl.gz, .jsonl.zst or .parquet")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")
     p.add_argument("--vocab-size", type=int, required=True)
     p.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])

@@ -110,26 +110,38 @@ def load_tokenizer(path: str | os.PathLike, eod_token: str | None = None):
     return SentencePieceTokenizer(p)
 
 
-def _training_lines(jsonl: Path, key: str, max_documents: int | None, errors: list):
+def _training_lines(corpus: Path, key: str, max_documents: int | None, errors: list):
     """Documents split into lines: SentencePiece skips 'sentences' longer than a few KB.
 
-    A bad line ends the iteration and is put in ``errors``: raised inside the iterator, it would
-    come back out of SentencePiece's C++ as an opaque RuntimeError.
+    Any input format preprocessing reads (JSON lines plain/.gz/.zst, Parquet). A bad record ends
+    the iteration and is put in ``errors``: raised inside the iterator, it would come back out of
+    SentencePiece's C++ as an opaque RuntimeError.
     """
-    with open(jsonl, encoding="utf-8") as f:
-        for n, line in enumerate(f):
-            if max_documents is not None and n >= max_documents:
-                return
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                errors.append(ValueError(f"{jsonl}:{n + 1}: malformed JSON ({e.msg} at column {e.colno})"))
-                return
-            text = record.get(key) if isinstance(record, dict) else None
-            if isinstance(text, str):
-                for part in text.splitlines():
-                    if part.strip():
-                        yield part
+    from megatron_osp.data.readers import BadRecord, record_chunks
+
+    n = 0
+    try:
+        for path, first, items, _ in record_chunks(corpus, [key], 256):
+            for i, item in enumerate(items):
+                if max_documents is not None and n >= max_documents:
+                    return
+                n += 1
+                if isinstance(item, BadRecord):
+                    raise item
+                if isinstance(item, list):
+                    text = item[0]
+                else:
+                    try:
+                        record = json.loads(item)
+                    except json.JSONDecodeError as e:
+                        raise BadRecord(f"{path}:{first + i}: malformed JSON ({e.msg} at column {e.colno})") from None
+                    text = record.get(key) if isinstance(record, dict) else None
+                if isinstance(text, str):
+                    for part in text.splitlines():
+                        if part.strip():
+                            yield part
+    except BadRecord as e:
+        errors.append(ValueError(str(e)))
 
 
 def train_sentencepiece(
