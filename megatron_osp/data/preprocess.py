@@ -83,17 +83,17 @@ def _parse(location: str, line: str, keys: list[str]) -> list[str] | BadRecord:
 def _tokenize_chunk(args):
     """Worker: (path, first line, items, keys) -> per item: token arrays per key, or a BadRecord.
 
-    Items are JSON lines (str), texts already taken from a Parquet row (list), or BadRecords.
+    Items are JSON lines (str), texts already taken from a Parquet row (list), or BadRecords. All
+    texts of a chunk go to the tokenizer in one call: per-call overhead (SentencePiece starts a
+    thread pool for every list it is given) cost more than the encoding itself.
     """
     path, first, items, keys = args
-    out, nbytes = [], 0
-    for i, item in enumerate(items):
-        parsed = _parse(f"{path}:{first + i}", item, keys) if isinstance(item, str) else item
-        if isinstance(parsed, BadRecord):
-            out.append(parsed)
-        else:
-            nbytes += sum(len(t.encode("utf-8")) for t in parsed) if isinstance(item, list) else len(item.encode("utf-8"))
-            out.append([np.asarray(ids, dtype=np.int64) for ids in _TOKENIZER.encode_batch(parsed)])
+    parsed = [_parse(f"{path}:{first + i}", item, keys) if isinstance(item, str) else item
+              for i, item in enumerate(items)]
+    texts = [t for p in parsed if not isinstance(p, BadRecord) for t in p]
+    encoded = iter(_TOKENIZER.encode_batch(texts, threads=1) if texts else [])
+    out = [p if isinstance(p, BadRecord) else [np.asarray(next(encoded), dtype=np.int64) for _ in keys] for p in parsed]
+    nbytes = sum(len(t.encode("utf-8")) for t in texts)
     return out, nbytes
 
 

@@ -39,8 +39,9 @@ class SentencePieceTokenizer:
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self._sp.encode(texts)
+    def encode_batch(self, texts: list[str], threads: int = -1) -> list[list[int]]:
+        """``threads``: SentencePiece's own pool (-1: all cores); preprocessing workers use 1."""
+        return self._sp.encode(texts, num_threads=threads)
 
     def decode(self, ids) -> str:
         return self._sp.decode(list(ids))
@@ -93,8 +94,11 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+    def encode_batch(self, texts: list[str], threads: int = -1) -> list[list[int]]:
+        """``threads`` other than -1 encodes sequentially (no Rust thread pool)."""
+        if threads == -1:
+            return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+        return [self._tok.encode(t, add_special_tokens=False).ids for t in texts]
 
     def decode(self, ids) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
