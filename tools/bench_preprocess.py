@@ -96,7 +96,6 @@ def _child(args) -> None:
         return
     import multiprocessing
 
-    import numpy as np
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
     _reenact_init(args.model)
@@ -111,7 +110,6 @@ def _child(args) -> None:
             docs += 1
     builder.finalize(args.out + "_text_document.idx")
     print(json.dumps({"docs": docs, "seconds": time.perf_counter() - start}))
-    del np
 
 
 def _run(cmd: list[str], env=None) -> tuple[float, str, str]:
