@@ -1,5 +1,5 @@
 """Tokenizers: SentencePiece (trained here on a JSONL corpus) and Hugging Face ``tokenizer.json``,
-behind the small interface the tools use (``vocab_size``, ``eod``, ``encode_batch``).
+behind the small interface the tools use (``vocab_size``, ``eod``, ``encode_flat``, ``encode_batch``).
 
 Ids follow SentencePiece's defaults: 0 <unk>, 1 <s>, 2 </s>. The end-of-sequence id is the
 end-of-document (EOD) token that separates documents in the indexed dataset; no pad id is defined,
@@ -12,17 +12,23 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import sentencepiece as spm
 
 
 class SentencePieceTokenizer:
-    """The few calls preprocessing and training need; ``pad`` is -1 (none defined), see above."""
+    """The few calls preprocessing and training need; ``pad`` is -1 (none defined), see above.
 
-    def __init__(self, model_file: str | os.PathLike):
+    ``word_cache``: ``encode_batch`` goes through ``WordCacheEncoder`` (same ids, several times
+    faster) when the model qualifies; False always calls SentencePiece.
+    """
+
+    def __init__(self, model_file: str | os.PathLike, word_cache: bool = True):
         if not os.path.exists(model_file):
             raise FileNotFoundError(f"tokenizer model {model_file} does not exist")
         self.model_file = str(model_file)
         self._sp = spm.SentencePieceProcessor(model_file=self.model_file)
+        self._word_cache = None if word_cache else False  # built on first use (it holds the cache)
 
     @property
     def vocab_size(self) -> int:
@@ -39,12 +45,32 @@ class SentencePieceTokenizer:
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
 
-    def encode_batch(self, texts: list[str], threads: int = -1) -> list[list[int]]:
-        """``threads``: SentencePiece's own pool (-1: all cores); preprocessing workers use 1."""
-        return self._sp.encode(texts, num_threads=threads)
+    def encode_flat(self, texts: list[str], threads: int = -1) -> tuple[np.ndarray, np.ndarray]:
+        """All texts' ids concatenated, and each text's count. ``threads``: SentencePiece's own pool
+        (-1: all cores) when it is called; preprocessing workers use 1."""
+        if self._word_cache is None:
+            from megatron_osp.data.word_cache import WordCacheEncoder
+
+            self._word_cache = WordCacheEncoder.for_model(self.model_file) or False
+        if self._word_cache:
+            return self._word_cache.encode_flat(texts)
+        return _flatten(self._sp.encode(texts, num_threads=threads))
+
+    def encode_batch(self, texts: list[str], threads: int = -1) -> list[np.ndarray]:
+        return _unflatten(*self.encode_flat(texts, threads))
 
     def decode(self, ids) -> str:
         return self._sp.decode(list(ids))
+
+
+def _flatten(ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter((t for x in ids for t in x), dtype=np.int64, count=int(lengths.sum()))
+    return flat, lengths
+
+
+def _unflatten(flat: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
+    return np.split(flat, np.cumsum(lengths)[:-1]) if len(lengths) else []
 
 
 # End-of-document tokens of common HF tokenizers, tried in order when none is named.
@@ -94,24 +120,27 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
-    def encode_batch(self, texts: list[str], threads: int = -1) -> list[list[int]]:
-        """``threads`` other than -1 encodes sequentially (no Rust thread pool)."""
+    def encode_flat(self, texts: list[str], threads: int = -1) -> tuple[np.ndarray, np.ndarray]:
+        """As SentencePieceTokenizer's; ``threads`` other than -1 encodes sequentially (no Rust pool)."""
         if threads == -1:
-            return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
-        return [self._tok.encode(t, add_special_tokens=False).ids for t in texts]
+            return _flatten([e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)])
+        return _flatten([self._tok.encode(t, add_special_tokens=False).ids for t in texts])
+
+    def encode_batch(self, texts: list[str], threads: int = -1) -> list[np.ndarray]:
+        return _unflatten(*self.encode_flat(texts, threads))
 
     def decode(self, ids) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
 
-def load_tokenizer(path: str | os.PathLike, eod_token: str | None = None):
+def load_tokenizer(path: str | os.PathLike, eod_token: str | None = None, word_cache: bool = True):
     """A SentencePiece ``.model`` or an HF ``tokenizer.json`` (or a directory holding one)."""
     p = Path(path)
     if p.suffix == ".json" or p.is_dir():
         return HFTokenizer(p, eod_token)
     if eod_token is not None:
         raise ValueError(f"--eod-token applies to Hugging Face tokenizers; {p} is SentencePiece (its EOD is </s>)")
-    return SentencePieceTokenizer(p)
+    return SentencePieceTokenizer(p, word_cache=word_cache)
 
 
 def _training_lines(corpus: Path, key: str, max_documents: int | None, errors: list):
