@@ -150,3 +150,29 @@ def test_tokenizer_training_names_a_malformed_line(tmp_path):
     with pytest.raises(ValueError, match="c.jsonl:51: malformed JSON"):
         train_sentencepiece(src, tmp_path / "tok", vocab_size=300)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl"]
+
+
+@pytest.mark.parametrize("append_eod, max_shard_tokens", [(True, None), (False, 700)])
+def test_word_cache_writes_the_same_bytes_as_sentencepiece(tmp_path, tokenizer_model, append_eod, max_shard_tokens):
+    """Two keys, empty documents (in one key or both), shards: the fast path changes nothing."""
+    rng = np.random.default_rng(0)
+    words = ["def", "return", "the", "  indented", "Ünïcödé", "漢字", "\n\n", "value,", "x=1;", "🙂"]
+    records = []
+    for i in range(300):
+        text = " ".join(rng.choice(words, int(rng.integers(0, 30))))
+        title = "" if i % 7 == 0 else f"Title {i}"
+        records.append({"text": "" if i % 11 == 0 else text, "title": title})
+    src = _jsonl(tmp_path / "in.jsonl", records)
+    outputs = {}
+    for word_cache in (True, False):
+        prefix = str(tmp_path / f"out_{word_cache}")
+        stats = preprocess([src], tokenizer_model, prefix, json_keys=("text", "title"), append_eod=append_eod,
+                           workers=2, progress=False, max_shard_tokens=max_shard_tokens, word_cache=word_cache,
+                           chunk_lines=37)
+        outputs[word_cache] = (stats, [open(p + ext, "rb").read() for p in stats.outputs for ext in (".bin", ".idx")])
+    (s1, b1), (s2, b2) = outputs[True], outputs[False]
+    assert (s1.documents, s1.tokens, s1.empty_documents) == (s2.documents, s2.tokens, s2.empty_documents)
+    tok = SentencePieceTokenizer(tokenizer_model, word_cache=False)
+    assert s1.empty_documents == sum(not tok.encode(r["text"]) and not tok.encode(r["title"]) for r in records) >= 4
+    assert len(b1) == len(b2) and all(x == y for x, y in zip(b1, b2))
+    assert len(s1.outputs) == 2 if max_shard_tokens is None else len(s1.outputs) > 4

@@ -53,13 +53,15 @@ def main() -> int:
     p.add_argument("--max-shard-tokens", type=float, default=None, help="split the output into shards of ~N tokens")
     p.add_argument("--skip-bad-records", action="store_true", help="skip and count bad records instead of stopping")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-word-cache", action="store_true",
+                   help="SentencePiece: call sp.encode per chunk instead of the exact word cache (same ids, slower)")
     args = p.parse_args()
     try:
         stats = preprocess(
             expand_inputs(args.input), args.tokenizer_model, args.output_prefix, tuple(args.json_keys),
             args.append_eod, args.workers, args.skip_bad_records, progress=not args.no_progress,
             max_shard_tokens=int(args.max_shard_tokens) if args.max_shard_tokens else None,
-            eod_token=args.eod_token,
+            eod_token=args.eod_token, word_cache=not args.no_word_cache,
         )
     except (BadRecord, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

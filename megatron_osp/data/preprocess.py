@@ -56,11 +56,11 @@ class PreprocessStats:
 _TOKENIZER = None
 
 
-def _init_worker(model_file: str, eod_token: str | None, in_pool: bool = False):
+def _init_worker(model_file: str, eod_token: str | None, in_pool: bool = False, word_cache: bool = True):
     global _TOKENIZER
     if in_pool:  # one process per worker already; Rust threads on top would oversubscribe the cores
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _TOKENIZER = load_tokenizer(model_file, eod_token)
+    _TOKENIZER = load_tokenizer(model_file, eod_token, word_cache)
 
 
 def _parse(location: str, line: str, keys: list[str]) -> list[str] | BadRecord:
@@ -80,21 +80,52 @@ def _parse(location: str, line: str, keys: list[str]) -> list[str] | BadRecord:
     return texts
 
 
-def _tokenize_chunk(args):
-    """Worker: (path, first line, items, keys) -> per item: token arrays per key, or a BadRecord.
+@dataclass
+class _Chunk:
+    """A tokenized chunk: non-empty documents only, EOD appended if asked, per key concatenated."""
+
+    items: int
+    bad: list[BadRecord]
+    empty: int
+    lengths: list[np.ndarray]  # per key: tokens per document
+    tokens: list[np.ndarray]  # per key: all documents' tokens, in the output dtype
+    nbytes: int
+
+
+def _tokenize_chunk(args) -> _Chunk:
+    """Worker: (path, first line, items, keys, append_eod) -> ``_Chunk``.
 
     Items are JSON lines (str), texts already taken from a Parquet row (list), or BadRecords. All
-    texts of a chunk go to the tokenizer in one call: per-call overhead (SentencePiece starts a
-    thread pool for every list it is given) cost more than the encoding itself.
+    texts of a key go to the tokenizer in one call and come back as one array: per-call and
+    per-document overhead (SentencePiece starts a thread pool for every list it is given; pickling
+    one array per document between processes) cost more than the encoding itself.
     """
-    path, first, items, keys = args
+    path, first, items, keys, append_eod = args
     parsed = [_parse(f"{path}:{first + i}", item, keys) if isinstance(item, str) else item
               for i, item in enumerate(items)]
-    texts = [t for p in parsed if not isinstance(p, BadRecord) for t in p]
-    encoded = iter(_TOKENIZER.encode_batch(texts, threads=1) if texts else [])
-    out = [p if isinstance(p, BadRecord) else [np.asarray(next(encoded), dtype=np.int64) for _ in keys] for p in parsed]
-    nbytes = sum(len(t.encode("utf-8")) for t in texts)
-    return out, nbytes
+    bad = [p for p in parsed if isinstance(p, BadRecord)]
+    good = [p for p in parsed if not isinstance(p, BadRecord)] if bad else parsed
+    dtype = token_dtype_for(_TOKENIZER.vocab_size)
+    encoded = [_TOKENIZER.encode_flat([p[k] for p in good], threads=1) for k in range(len(keys))]
+    keep = np.sum([lengths for _, lengths in encoded], axis=0) > 0 if good else np.zeros(0, bool)
+    out_lengths, out_tokens = [], []
+    for ids, lengths in encoded:
+        if append_eod:  # one EOD after every kept document, in every key
+            ends = np.cumsum(lengths) + np.arange(1, len(lengths) + 1)
+            with_eod = np.empty(len(ids) + len(lengths), dtype=dtype)
+            is_eod = np.zeros(len(with_eod), bool)
+            is_eod[ends - 1] = True
+            with_eod[~is_eod] = ids
+            with_eod[is_eod] = _TOKENIZER.eod
+            ids, lengths = with_eod, lengths + 1
+            if not keep.all():  # drop the EOD of empty documents (they have nothing else)
+                dropped = np.zeros(len(ids), bool)
+                dropped[ends[~keep] - 1] = True
+                ids = ids[~dropped]
+        out_lengths.append(lengths[keep])
+        out_tokens.append(np.asarray(ids).astype(dtype, copy=False))
+    nbytes = sum(len(t.encode("utf-8")) for p in good for t in p)
+    return _Chunk(len(items), bad, int(len(keep) - keep.sum()), out_lengths, out_tokens, nbytes)
 
 
 def _ordered_bounded(pool, chunks, max_in_flight: int):
@@ -135,16 +166,27 @@ class _ShardedOutput:
                         for k in self.keys}
         self.shard_tokens = 0
 
-    def add(self, key: str, ids: np.ndarray) -> None:
-        self.writers[key].add_document(ids)
-        if key == self.keys[0]:
-            self.shard_tokens += len(ids)
-
-    def end_document(self) -> None:
-        if self.max_shard_tokens and self.shard_tokens >= self.max_shard_tokens:
-            self._finish_shard()
-            self.shard += 1
-            self._open()
+    def add_documents(self, lengths: list[np.ndarray], tokens: list[np.ndarray]) -> None:
+        """Documents given per key as (lengths, concatenated tokens), split where shards roll over."""
+        n, start, offsets = len(lengths[0]), 0, [0] * len(self.keys)
+        while start < n:
+            stop = n
+            if self.max_shard_tokens:  # the document that reaches the limit is the shard's last
+                reached = np.cumsum(lengths[0][start:]) + self.shard_tokens >= self.max_shard_tokens
+                if reached.any():
+                    stop = start + int(np.argmax(reached)) + 1
+            for k, key in enumerate(self.keys):
+                part = lengths[k][start:stop]
+                size = int(part.sum())
+                self.writers[key].add_documents(part, tokens[k][offsets[k]:offsets[k] + size])
+                offsets[k] += size
+                if k == 0:
+                    self.shard_tokens += size
+            if self.max_shard_tokens and self.shard_tokens >= self.max_shard_tokens:
+                self._finish_shard()
+                self.shard += 1
+                self._open()
+            start = stop
 
     def _finish_shard(self) -> None:
         for key, w in self.writers.items():
@@ -182,11 +224,13 @@ def preprocess(
     max_bad_locations: int = 5,
     max_shard_tokens: int | None = None,
     eod_token: str | None = None,
+    word_cache: bool = True,
 ) -> PreprocessStats:
     """Tokenize ``inputs`` (in order, documents in file order) into ``<output_prefix>_<key>_document``.
 
     ``tokenizer_model``: a SentencePiece ``.model`` or an HF ``tokenizer.json`` (``eod_token`` picks
-    its end-of-document token). ``max_shard_tokens``: split the output into shards
+    its end-of-document token; ``word_cache=False`` calls SentencePiece per chunk instead of the
+    exact word cache, megatron_osp/data/word_cache.py). ``max_shard_tokens``: split the output into shards
     ``<output_prefix>_<key>_document_00000``, ... of about that many tokens (whole documents).
     Raises ``BadRecord`` (``file:line: reason``) on the first bad record unless
     ``skip_bad_records``, and ``CorruptInput`` on an unreadable file; either way nothing is left
@@ -212,36 +256,28 @@ def preprocess(
         from tqdm.auto import tqdm
 
         bar = tqdm(desc="tokenize", unit="doc", dynamic_ncols=True)  # its rate is docs/s
-    pool = (get_context("fork").Pool(workers, _init_worker, (tokenizer_model, eod_token, True))
+    pool = (get_context("fork").Pool(workers, _init_worker, (tokenizer_model, eod_token, True, word_cache))
             if workers > 1 else None)
     if pool is None:
-        _init_worker(tokenizer_model, eod_token)
+        _init_worker(tokenizer_model, eod_token, word_cache=word_cache)
     try:
         for path in paths:
-            chunks = record_chunks(path, list(json_keys), chunk_lines)
+            chunks = (c + (append_eod,) for c in record_chunks(path, list(json_keys), chunk_lines))
             results = _ordered_bounded(pool, chunks, 4 * workers) if pool else map(_tokenize_chunk, chunks)
-            for records, nbytes in results:
-                stats.bytes += nbytes
-                for record in records:
-                    if isinstance(record, BadRecord):
-                        if not skip_bad_records:
-                            raise record
-                        stats.bad_records += 1
-                        if len(stats.bad_locations) < max_bad_locations:
-                            stats.bad_locations.append(str(record).split(": ", 1)[0])
-                        continue
-                    if all(len(ids) == 0 for ids in record):
-                        stats.empty_documents += 1
-                        continue
-                    for key, ids in zip(json_keys, record):
-                        if append_eod:
-                            ids = np.append(ids, tokenizer.eod)
-                        output.add(key, ids)
-                        stats.tokens += len(ids)
-                    output.end_document()
-                    stats.documents += 1
+            for chunk in results:
+                for record in chunk.bad:
+                    if not skip_bad_records:
+                        raise record
+                    stats.bad_records += 1
+                    if len(stats.bad_locations) < max_bad_locations:
+                        stats.bad_locations.append(str(record).split(": ", 1)[0])
+                stats.bytes += chunk.nbytes
+                stats.empty_documents += chunk.empty
+                output.add_documents(chunk.lengths, chunk.tokens)
+                stats.documents += len(chunk.lengths[0])
+                stats.tokens += sum(len(t) for t in chunk.tokens)
                 if bar is not None:
-                    bar.update(len(records))
+                    bar.update(chunk.items)
                     elapsed = time.perf_counter() - start
                     bar.set_postfix(tok_s=f"{stats.tokens / elapsed:,.0f}", MB_s=f"{stats.bytes / 1e6 / elapsed:.1f}")
         if stats.documents == 0:
