@@ -14,6 +14,7 @@ megatron. The orders differ (our shuffles are not numpy's); the sample counts mu
 
     python tools/bench_data.py            # 1e8 documents, seq 4096
     python tools/bench_data.py --quick    # 1e6 documents
+    python tools/bench_data.py --preprocess --megatron-lm DIR   # and preprocessing vs Megatron-LM's tool
 """
 
 from __future__ import annotations
@@ -139,6 +140,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="1e6 documents")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--preprocess", action="store_true", help="also run tools/bench_preprocess.py")
+    p.add_argument("--megatron-lm", default=os.environ.get("MEGATRON_LM_DIR"),
+                   help="with --preprocess: a Megatron-LM checkout whose tools/preprocess_data.py is the baseline")
     p.add_argument("--child", choices=["ours", "megatron"], help=argparse.SUPPRESS)
     p.add_argument("--sizes", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -186,6 +189,7 @@ def main() -> None:
             sys.exit(f"--preprocess: {script} does not exist")
         print("\n== preprocessing benchmark (tools/bench_preprocess.py) ==", flush=True)
         cmd = [sys.executable, script] + (["--quick"] if args.quick else [])
+        cmd += ["--megatron-lm", args.megatron_lm] if args.megatron_lm else []
         sys.exit(subprocess.call(cmd))
 
 
