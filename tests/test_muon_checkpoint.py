@@ -49,6 +49,23 @@ def _step(model, opt, grads):
     assert ok
 
 
+def _muon(opt):
+    return [o.optimizer for o in opt.chained_optimizers if type(o.optimizer).__name__ == "Muon"][0]
+
+
+def _load_fresh(ckpt, extra=None):
+    """A new one-process model and optimizer with both loaded from ``ckpt``; returns them and Muon."""
+    from megatron.core import dist_checkpointing
+
+    model, opt = _build(1, extra)
+    state = {"model": model.sharded_state_dict()}
+    state["optimizer"] = opt.sharded_state_dict(dict(state), is_loading=True)
+    loaded = dist_checkpointing.load(state, str(ckpt))
+    model.load_state_dict(loaded["model"], strict=True)
+    opt.load_state_dict(loaded["optimizer"])
+    return model, opt, _muon(opt)
+
+
 def _save_worker(rank, world_size, ckpt_dir, weights, grads, tp=2, extra=None):
     from megatron.core import dist_checkpointing
 
@@ -64,7 +81,7 @@ def _save_worker(rank, world_size, ckpt_dir, weights, grads, tp=2, extra=None):
     dist_checkpointing.save(state, ckpt_dir)
     _step(model, opt, grads[1])
     logical = gather_logical(model, dict(model.named_parameters()))
-    muon = [o.optimizer for o in opt.chained_optimizers if type(o.optimizer).__name__ == "Muon"][0]
+    muon = _muon(opt)
     return {
         "weights": {k: v.detach().clone() for k, v in logical.items()} if rank == 0 else None,
         "owner_momentum": sorted(muon.owner_momentum),
@@ -91,13 +108,7 @@ def test_checkpoint_saved_at_tp2_loads_at_tp1_with_the_same_next_update(tmp_path
         with torch.no_grad():
             for p in model.parameters():
                 p.zero_()
-        model, opt = _build(tp=1)
-        state = {"model": model.sharded_state_dict()}
-        state["optimizer"] = opt.sharded_state_dict(dict(state), is_loading=True)
-        loaded = dist_checkpointing.load(state, str(ckpt))
-        model.load_state_dict(loaded["model"], strict=True)
-        opt.load_state_dict(loaded["optimizer"])
-        muon = [o.optimizer for o in opt.chained_optimizers if type(o.optimizer).__name__ == "Muon"][0]
+        model, opt, muon = _load_fresh(ckpt)
         bufs = [muon.state[p]["momentum_buffer"] for g in muon.param_groups for p in g["params"]]
         assert all(b.abs().sum() > 0 for b in bufs), "momentum was not restored"
 
@@ -118,8 +129,6 @@ def test_checkpoint_saved_at_tp2_loads_at_tp1_with_the_same_next_update(tmp_path
 
 def test_zero1_checkpoint_saved_at_dp2_loads_in_one_process_with_the_same_next_update(tmp_path):
     """distributed_optimizer=true: owner-only Muon momentum and DP-sharded Adam moments round-trip."""
-    from megatron.core import dist_checkpointing
-
     from megatron_osp import parallel
 
     zero1 = {"distributed_optimizer": True}
@@ -135,13 +144,7 @@ def test_zero1_checkpoint_saved_at_dp2_loads_in_one_process_with_the_same_next_u
         assert sorted(held) == saved[0]["all_keys"] and all(r["owner_momentum"] for r in saved)
         assert all(len(r["owner_momentum"]) < len(held) for r in saved)  # each rank holds only some
 
-        model, opt = _build(1, zero1)
-        state = {"model": model.sharded_state_dict()}
-        state["optimizer"] = opt.sharded_state_dict(dict(state), is_loading=True)
-        loaded = dist_checkpointing.load(state, str(ckpt))
-        model.load_state_dict(loaded["model"], strict=True)
-        opt.load_state_dict(loaded["optimizer"])
-        muon = [o.optimizer for o in opt.chained_optimizers if type(o.optimizer).__name__ == "Muon"][0]
+        model, opt, muon = _load_fresh(ckpt, zero1)
         assert sorted(muon.owner_momentum) == saved[0]["all_keys"]
         assert all(t.abs().sum() > 0 for t in muon.owner_momentum.values())
         _step(model, opt, grads[1])

@@ -184,19 +184,23 @@ class WordCache {
   std::string normalize_ascii(std::string_view in) const {
     std::string out;
     out.reserve(in.size() + 2 * in.size() / 5 + kSpaceLen);
+    if (in.empty()) return out;
+    if (!remove_extra_ws_) {  // every whitespace kept; the dummy prefix even if nothing else is
+      if (dummy_prefix_) out.append(kSpace, kSpaceLen);
+      for (unsigned char c : in) {
+        uint8_t act = table_entry(c);
+        if (act == kWhitespace) out.append(kSpace, kSpaceLen);
+        else if (act != kDelete) out.push_back(static_cast<char>(act));
+      }
+      return out;
+    }
+    // Leading and trailing whitespace dropped, runs collapsed; the dummy prefix only before text.
     bool pending_space = false, any = false;
     for (unsigned char c : in) {
-      if (c >= 128) throw std::invalid_argument("normalize_ascii: not an ASCII text");
-      uint8_t act = ascii_table_[c];
+      uint8_t act = table_entry(c);
       if (act == kDelete) continue;
       if (act == kWhitespace) {
-        if (!remove_extra_ws_) {
-          if (!any && dummy_prefix_) out.append(kSpace, kSpaceLen);
-          any = true;
-          out.append(kSpace, kSpaceLen);
-        } else if (any) {
-          pending_space = true;  // collapsed into one, dropped if nothing follows
-        }
+        pending_space = any;
         continue;
       }
       if (!any && dummy_prefix_) out.append(kSpace, kSpaceLen);
@@ -298,6 +302,11 @@ class WordCache {
   };
   static constexpr int32_t kSynthetic = 1 << 30;
   static constexpr int32_t kNoId = -1;  // a character no piece contains: it never merges
+
+  uint8_t table_entry(unsigned char c) const {
+    if (c >= 128) throw std::invalid_argument("normalize_ascii: not an ASCII text");
+    return ascii_table_[c];
+  }
 
   static uint32_t char_key(std::string_view c) {  // a UTF-8 character (1-4 bytes) as one integer
     uint32_t k = 0;

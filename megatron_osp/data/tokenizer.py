@@ -121,10 +121,10 @@ class HFTokenizer:
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_flat(self, texts: list[str], threads: int = -1) -> tuple[np.ndarray, np.ndarray]:
-        """As SentencePieceTokenizer's; ``threads`` other than -1 encodes sequentially (no Rust pool)."""
-        if threads == -1:
-            return _flatten([e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)])
-        return _flatten([self._tok.encode(t, add_special_tokens=False).ids for t in texts])
+        """As SentencePieceTokenizer's. One batched call into Rust either way; its thread pool
+        follows TOKENIZERS_PARALLELISM, which preprocessing's pool workers set to false."""
+        del threads
+        return _flatten([e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)])
 
     def encode_batch(self, texts: list[str], threads: int = -1) -> list[np.ndarray]:
         return _unflatten(*self.encode_flat(texts, threads))
