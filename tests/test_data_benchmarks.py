@@ -1,0 +1,31 @@
+"""The data benchmarks run end to end on tiny sizes, check what they compare, and print their ratios
+(the figures themselves are in docs/benchmarks.md; nothing here is timed)."""
+
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args):
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+def test_bench_preprocess_compares_identical_outputs_and_prints_ratios():
+    out = _run("tools/bench_preprocess.py", "--corpus-mb", "1", "--vocab-size", "600", "--workers", "1")
+    assert "same tokens in all outputs: yes" in out
+    rows = {m.group(1): float(m.group(2).replace(",", ""))
+            for m in re.finditer(r"^\s+1\s+(\S+)\s+([\d,]+)\s", out, re.M)}
+    assert set(rows) == {"re-enactment", "ours-no-cache", "ours"} and all(v > 0 for v in rows.values())
+    assert re.search(r"docs/s ratio \(ours / re-enactment\): [\d.]+x; target >= 3x -> (met|NOT met)", out)
+
+
+def test_bench_data_agrees_on_sample_count_and_prints_ratios():
+    out = _run("tools/bench_data.py", "--num-docs", "20000", "--seq-length", "512")
+    assert re.search(r"index build \[s\]\s+[\d.]+\s+[\d.]+\s+[\d.]+x", out)
+    assert re.search(r"peak RSS \[GiB\]\s+[\d.]+\s+[\d.]+\s+[\d.]+x", out)
+    assert "samples:" in out
