@@ -326,3 +326,29 @@ def test_hf_export_evaluates_like_the_megatron_model(megatron_single_rank, tmp_p
     for name in ("4-4-4", "4-4-4+quarot"):
         assert results["hf", name] == pytest.approx(results["megatron", name], rel=2e-3), name
     np.testing.assert_allclose(results["hf", "kurtosis"], results["megatron", "kurtosis"], rtol=1e-4, atol=1e-6)
+
+
+def _fake_results():
+    kurt = {"mean": 0.5, "max": 1.5, "max_abs": [3.0, 4.0], "names": ["embedding", "layer_0"],
+            "values": [0.5, 1.5], "gaussian_floor": 0.01}
+    stats = {"points": [{"kind": "linear_input", "name": "layer_0.fc1", "kurtosis": 2.0, "max_abs": 4.0,
+                         "median_channel_max": 1.0, "top_channels": [[3, 4.0]]}]}
+    return [{"label": label, "kurtosis": kurt, "perplexity": {"fp": 10.0, "4-4-4": 12.0}, "activation_stats": stats}
+            for label in ("adam", "osp")]
+
+
+@pytest.mark.parametrize("have_matplotlib", [True, False])
+def test_report_without_matplotlib_still_writes_json_and_markdown(tmp_path, monkeypatch, capsys, have_matplotlib):
+    """Matplotlib is an optional extra: the quickstart, after a plain install, must not fail on it."""
+    import sys
+
+    from megatron_osp.analysis.quant_report import write_report
+
+    if not have_matplotlib:
+        monkeypatch.setitem(sys.modules, "matplotlib", None)  # import raises ImportError
+    paths = write_report(_fake_results(), tmp_path / "q", {"data": "x"})
+    names = sorted(p.name for p in (tmp_path / "q").iterdir())
+    assert sorted(p.name for p in paths) == names
+    pngs = ["kurtosis_per_layer.png", "perplexity_vs_bits.png"] if have_matplotlib else []
+    assert names == sorted(["quantization.json", "quantization.md"] + pngs)
+    assert ("matplotlib is not installed" in capsys.readouterr().out) is not have_matplotlib

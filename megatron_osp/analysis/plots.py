@@ -9,7 +9,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["plot_kurtosis_per_layer", "plot_perplexity_vs_bits"]
+__all__ = ["plot_kurtosis_per_layer", "plot_perplexity_vs_bits", "plots_available"]
+
+
+def plots_available() -> bool:
+    """Matplotlib is an optional extra (``pip install -e ".[plots]"``); reports go on without it."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _save(fig, path: str | os.PathLike) -> None:

@@ -149,14 +149,19 @@ def format_markdown(results: list[dict], meta: dict | None = None) -> str:
 
 
 def write_report(results: list[dict], output_dir: str | Path, meta: dict | None = None, plots: bool = True) -> list[Path]:
-    """``quantization.json``, ``quantization.md`` and (with ``plots``) the two PNGs; returns the paths."""
+    """``quantization.json``, ``quantization.md`` and (with ``plots``, and matplotlib installed) the
+    two PNGs; returns the paths."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "quantization.json", out / "quantization.md"]
     atomic_write_json(paths[0], {"meta": meta or {}, "models": results})
     atomic_write_text(paths[1], format_markdown(results, meta))
     if plots:
-        from megatron_osp.analysis.plots import plot_kurtosis_per_layer, plot_perplexity_vs_bits
+        from megatron_osp.analysis.plots import plot_kurtosis_per_layer, plot_perplexity_vs_bits, plots_available
+
+        if not plots_available():
+            print(f"no plots in {out}: matplotlib is not installed (pip install -e \".[plots]\")", flush=True)
+            return paths
 
         plot_kurtosis_per_layer({r["label"]: r["kurtosis"] for r in results}, out / "kurtosis_per_layer.png")
         plot_perplexity_vs_bits({r["label"]: r["perplexity"] for r in results}, out / "perplexity_vs_bits.png")
