@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_osp.fileio import atomic_write_json, atomic_write_text
+from megatron_osp.fileio import atomic_write_json, atomic_write_text, fsync_dir
 
 LATEST = "latest"
 RUN_CONFIG = "run_config.yaml"
@@ -377,7 +377,6 @@ def save_checkpoint(
                 "layout": _layout(),
             },
         )
-        _umask_permissions(tmp / RUN_CONFIG, tmp / TRAIN_STATE)
     dist.barrier()
     if rank0:
         _publish(tmp, final, save_dir)
@@ -406,32 +405,8 @@ def _publish(tmp: Path, final: Path, save_dir: Path) -> None:
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)
-    _fsync_dir(save_dir)  # the rename reaches the disk before the pointer that names it
-    atomic_write_text(save_dir / LATEST, final.name + "\n")
-    _umask_permissions(save_dir / LATEST)
-    _fsync_dir(save_dir)
-
-
-def _umask_permissions(*paths: Path) -> None:
-    """Temp-file writes create mode 0600; give our small files the usual permissions (like the
-    shards), so whoever may read the checkpoint can read its pointer and config too."""
-    mask = os.umask(0)
-    os.umask(mask)
-    for path in paths:
-        os.chmod(path, 0o666 & ~mask)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # e.g. a filesystem that cannot open directories: nothing to flush
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    fsync_dir(save_dir)  # the rename reaches the disk before the pointer that names it
+    atomic_write_text(save_dir / LATEST, final.name + "\n")  # fsyncs the file and save_dir
 
 
 def _prune(save_dir: Path, keep_last: int, keep: Path) -> None:
