@@ -176,3 +176,17 @@ def test_word_cache_writes_the_same_bytes_as_sentencepiece(tmp_path, tokenizer_m
     assert s1.empty_documents == sum(not tok.encode(r["text"]) and not tok.encode(r["title"]) for r in records) >= 4
     assert len(b1) == len(b2) and all(x == y for x, y in zip(b1, b2))
     assert len(s1.outputs) == 2 if max_shard_tokens is None else len(s1.outputs) > 4
+
+
+def test_every_key_of_a_kept_document_ends_with_eod(tmp_path, tokenizer_model):
+    """A document is dropped only if all its keys are empty; otherwise each key gets its EOD."""
+    records = [{"text": "hello world", "title": ""}, {"text": "", "title": ""},
+               {"text": "", "title": "only a title"}, {"text": "a b c", "title": "t"}]
+    src = _jsonl(tmp_path / "in.jsonl", records)
+    stats = preprocess([src], tokenizer_model, str(tmp_path / "o"), json_keys=("text", "title"), progress=False)
+    assert (stats.documents, stats.empty_documents) == (3, 1)
+    tok = SentencePieceTokenizer(tokenizer_model, word_cache=False)
+    for key in ("text", "title"):
+        ds = IndexedDataset(str(tmp_path / f"o_{key}_document"))
+        expected = [tok.encode(r[key]) + [tok.eod] for r in records if r["text"] or r["title"]]
+        assert [ds[i].tolist() for i in range(len(ds))] == expected

@@ -110,20 +110,12 @@ def _tokenize_chunk(args) -> _Chunk:
     keep = np.sum([lengths for _, lengths in encoded], axis=0) > 0 if good else np.zeros(0, bool)
     out_lengths, out_tokens = [], []
     for ids, lengths in encoded:
+        lengths = lengths[keep]  # an empty document has no ids in any key: only its length goes
         if append_eod:  # one EOD after every kept document, in every key
-            ends = np.cumsum(lengths) + np.arange(1, len(lengths) + 1)
-            with_eod = np.empty(len(ids) + len(lengths), dtype=dtype)
-            is_eod = np.zeros(len(with_eod), bool)
-            is_eod[ends - 1] = True
-            with_eod[~is_eod] = ids
-            with_eod[is_eod] = _TOKENIZER.eod
-            ids, lengths = with_eod, lengths + 1
-            if not keep.all():  # drop the EOD of empty documents (they have nothing else)
-                dropped = np.zeros(len(ids), bool)
-                dropped[ends[~keep] - 1] = True
-                ids = ids[~dropped]
-        out_lengths.append(lengths[keep])
-        out_tokens.append(np.asarray(ids).astype(dtype, copy=False))
+            ids = np.insert(ids, np.cumsum(lengths), _TOKENIZER.eod)
+            lengths = lengths + 1
+        out_lengths.append(lengths)
+        out_tokens.append(ids.astype(dtype, copy=False))
     nbytes = sum(len(t.encode("utf-8")) for p in good for t in p)
     return _Chunk(len(items), bad, int(len(keep) - keep.sum()), out_lengths, out_tokens, nbytes)
 

@@ -57,7 +57,7 @@ class SentencePieceTokenizer:
         return _flatten(self._sp.encode(texts, num_threads=threads))
 
     def encode_batch(self, texts: list[str], threads: int = -1) -> list[np.ndarray]:
-        return _unflatten(*self.encode_flat(texts, threads))
+        return split_flat(*self.encode_flat(texts, threads))
 
     def decode(self, ids) -> str:
         return self._sp.decode(list(ids))
@@ -69,7 +69,8 @@ def _flatten(ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     return flat, lengths
 
 
-def _unflatten(flat: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
+def split_flat(flat: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
+    """``encode_flat``'s result as one array per text (views into ``flat``)."""
     return np.split(flat, np.cumsum(lengths)[:-1]) if len(lengths) else []
 
 
@@ -127,7 +128,7 @@ class HFTokenizer:
         return _flatten([e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)])
 
     def encode_batch(self, texts: list[str], threads: int = -1) -> list[np.ndarray]:
-        return _unflatten(*self.encode_flat(texts, threads))
+        return split_flat(*self.encode_flat(texts, threads))
 
     def decode(self, ids) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)

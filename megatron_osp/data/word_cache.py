@@ -140,8 +140,9 @@ class WordCacheEncoder:
         return self._cache.encode(prepared, [not a for a in ascii_])
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
-        ids, lengths = self.encode_flat(texts)
-        return np.split(ids, np.cumsum(lengths)[:-1]) if len(texts) else []
+        from megatron_osp.data.tokenizer import split_flat
+
+        return split_flat(*self.encode_flat(texts))
 
     def __len__(self) -> int:
         return len(self._cache)
