@@ -140,8 +140,12 @@ class MergeTable {
     }
   }
 
+  static uint64_t key(int32_t left, int32_t right) {
+    return (static_cast<uint64_t>(static_cast<uint32_t>(left)) << 32) | static_cast<uint32_t>(right);
+  }
+
   const Merge* find(int32_t left, int32_t right) const {
-    uint64_t k = (static_cast<uint64_t>(static_cast<uint32_t>(left)) << 32) | static_cast<uint32_t>(right);
+    uint64_t k = key(left, right);
     for (size_t i = mix(k) & (keys_.size() - 1);; i = (i + 1) & (keys_.size() - 1)) {
       if (keys_[i] == k) return &vals_[i];
       if (keys_[i] == kEmpty) return nullptr;
@@ -321,13 +325,12 @@ class WordCache {
     std::fill(ascii_ids_, ascii_ids_ + 128, kNoId);
     std::unordered_map<std::string_view, int32_t> piece_id;
     for (size_t i = 0; i < pieces.size(); ++i) piece_id.emplace(pieces[i], ids[i]);
-    auto symbol_id = [&](std::string_view s, bool create) -> int32_t {
+    auto symbol_id = [&](std::string_view s) -> int32_t {  // a new synthetic id for a new character
       auto it = piece_id.find(s);
       if (it != piece_id.end()) return it->second;
       if (s.empty() || utf8_len(static_cast<unsigned char>(s[0])) != s.size()) return kNoId;
       auto c = char_ids_.find(char_key(s));
       if (c != char_ids_.end()) return c->second;
-      if (!create) return kNoId;
       int32_t id = kSynthetic + static_cast<int32_t>(char_ids_.size());
       char_ids_.emplace(char_key(s), id);
       return id;
@@ -340,10 +343,9 @@ class WordCache {
       std::string_view p = pieces[i];
       for (size_t k = utf8_len(static_cast<unsigned char>(p[0])); k < p.size();
            k += utf8_len(static_cast<unsigned char>(p[k]))) {
-        int32_t l = symbol_id(p.substr(0, k), true), r = symbol_id(p.substr(k), true);
+        int32_t l = symbol_id(p.substr(0, k)), r = symbol_id(p.substr(k));
         if (l == kNoId || r == kNoId) continue;  // a part no symbol can be: never formed this way
-        merges.emplace_back((static_cast<uint64_t>(static_cast<uint32_t>(l)) << 32) | static_cast<uint32_t>(r),
-                            MergeTable::Merge{ids[i], scores[i]});
+        merges.emplace_back(MergeTable::key(l, r), MergeTable::Merge{ids[i], scores[i]});
       }
     }
     merges_.build(merges);
