@@ -8,7 +8,7 @@ from megatron_osp.training.config import load_config
 def test_yaml_preset_and_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("model:\n  preset: tiny\n  vocab_size: 1000\noptimizer:\n  name: muon\n")
-    cfg = load_config(path, ["model.num_layers=2", "train.train_steps=7", "data.paths=[a, b]"])
+    cfg = load_config(path, ["model.num_layers=2", "train.train_steps=7", "train.warmup_steps=2", "data.paths=[a, b]"])
     assert (cfg.model.hidden_size, cfg.model.vocab_size, cfg.model.num_layers) == (128, 1000, 2)
     assert cfg.optimizer.name == "muon" and cfg.train.train_steps == 7
     assert cfg.data.paths == ["a", "b"]
@@ -24,6 +24,9 @@ def test_yaml_preset_and_overrides(tmp_path):
         (["train.decay_style=exp"], "train.decay_style"),
         (["train.global_batch_size=10", "train.micro_batch_size=4"], "micro_batch_size"),
         (["model.hidden_size=102"], "num_attention_heads"),
+        (["train.train_steps=4", "train.warmup_steps=4"], r"train\.warmup_steps=4 must be smaller than train\.train_steps=4"),
+        (["train.train_steps=0"], "train.train_steps"),
+        (["train.warmup_steps=-1"], "train.warmup_steps"),
         (["hidden_size=3"], "section.field=value"),
     ],
 )

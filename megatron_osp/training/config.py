@@ -74,9 +74,16 @@ class TrainSettings:
     save_on_sigterm: bool = True  # SIGTERM: finish the step, save, exit cleanly
 
     def __post_init__(self):
-        for name in ("save_interval", "keep_last", "exit_at_step"):
+        for name in ("save_interval", "keep_last", "exit_at_step", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.train_steps < 1:
+            raise ValueError(f"train.train_steps must be >= 1, got {self.train_steps}")
+        # The LR schedule decays over train_steps (Megatron's scheduler only asserts this).
+        if self.warmup_steps >= self.train_steps:
+            raise ValueError(
+                f"train.warmup_steps={self.warmup_steps} must be smaller than train.train_steps={self.train_steps}"
+            )
         if self.decay_style not in DECAY_STYLES:
             raise ValueError(f"train.decay_style must be one of {DECAY_STYLES}, got {self.decay_style!r}")
         if self.global_batch_size % self.micro_batch_size:
