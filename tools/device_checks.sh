@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# The GPU checks the open issues ask for, as one prepared command for the `device` tool, whose lease
+# is 15 minutes of device time per task (machine start included) and 10 minutes per command.
+#
+#   here, once:      bash ../shared/tools/device-wheels.sh          (megatron-core etc. into .whl/)
+#   on the device:   run(command="bash tools/device_checks.sh", carry=[".whl"], timeout_s=560)
+#   one stage only:  bash tools/device_checks.sh bench    (or: repro)
+#
+# Stages, each under its own time limit so that one that hangs or fails leaves the others' results:
+#   setup  install the carried wheels into /tmp/site, build the C++ extensions in place, record the
+#          machine (env.txt)
+#   bench  tools/bench_muon.py --gpu on the 1.4B model's shapes: Newton-Schulz throughput against a
+#          large bf16 matmul of the same run, optimizer step vs AdamW and Megatron-Core's Muon (issue 3)
+#   repro  examples/reproduce_osp_small.sh with REPRO_CONFIG (default reproduce_small.yaml): the
+#          paper's four ablation rows trained at the same time on the one GPU (PARALLEL=1), then the
+#          4-bit evaluation (issue 6)
+# Everything lands in $OUT (the device tool brings back at most 8 files): env.txt, bench_muon.txt,
+# repro.txt and repro.tar.gz (summaries, kurtosis, metrics, the quantization report).
+# Without a GPU, DEVICE_CHECKS_CPU=1 runs the same stages at smoke-test size (plumbing check).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/device_checks}
+mkdir -p "$OUT"
+STAGES=("$@")
+[[ ${#STAGES[@]} -gt 0 ]] || STAGES=(bench repro)
+CPU=${DEVICE_CHECKS_CPU:-0}
+BENCH_LIMIT=${BENCH_LIMIT:-150}
+REPRO_LIMIT=${REPRO_LIMIT:-330}
+export PYTHONUNBUFFERED=1
+
+log() { echo "[$(date +%H:%M:%S)] $*"; }
+
+setup() {
+  export PYTHONPATH=$PWD
+  if ! python3 -c "import megatron.core" 2> /dev/null && compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl || return 1
+    export PYTHONPATH=/tmp/site:$PWD
+  fi
+  # The example scripts call `python`; some images only have python3.
+  if ! command -v python > /dev/null; then
+    mkdir -p /tmp/bin && ln -sf "$(command -v python3)" /tmp/bin/python && export PATH=/tmp/bin:$PATH
+  fi
+  if ! python3 -c "import megatron_osp.data._index_builders, megatron_osp.data._word_cache" 2> /dev/null; then
+    python3 setup.py -q build_ext --inplace -j "$(nproc)" > "$OUT/build.log" 2>&1 || { cat "$OUT/build.log"; return 1; }
+  fi
+  {
+    date -u
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2> /dev/null || echo "no nvidia-smi"
+    python3 - << 'EOF'
+import sys, torch
+print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda,
+      "device", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")
+for name in ("megatron.core", "triton", "emerging_optimizers", "transformer_engine", "apex"):
+    try:
+        m = __import__(name, fromlist=["_"]); print(name, getattr(m, "__version__", "?"))
+    except Exception as e:
+        print(name, "not importable:", type(e).__name__)
+EOF
+    git log -1 --format='commit %H %s' 2> /dev/null || true
+  } > "$OUT/env.txt" 2>&1
+  cat "$OUT/env.txt"
+}
+
+bench() {
+  local flags=(--gpu)
+  [[ "$CPU" == 1 ]] && flags+=(--quick)
+  timeout --signal=TERM --kill-after=10 "$BENCH_LIMIT" python3 tools/bench_muon.py "${flags[@]}" 2>&1 | tee "$OUT/bench_muon.txt"
+}
+
+repro() {
+  local run_dir=${REPRO_DIR:-/tmp/repro}
+  local args=()
+  if [[ "$CPU" == 1 ]]; then
+    args=(--cpu train.train_steps=4 train.warmup_steps=1 train.log_interval=2 train.kurtosis_interval=2 train.eval_batches=1
+          train.kurtosis_batches=1 train.save_interval=0 train.progress_bar=false)
+    export EVAL_WINDOWS=4
+  else
+    args=(train.progress_bar=false)
+  fi
+  PARALLEL=${PARALLEL:-1} RUN_DIR=$run_dir timeout --signal=TERM --kill-after=20 "$REPRO_LIMIT" \
+    bash examples/reproduce_osp_small.sh "${args[@]}" 2>&1 | tee "$OUT/repro.txt"
+  local rc=${PIPESTATUS[0]}
+  # Small files only (no checkpoints, no corpus): what the results and the docs are written from.
+  (cd "$run_dir" && find . \( -name 'summary.json' -o -name 'kurtosis.json' -o -name 'metrics.jsonl' \
+      -o -name 'config.yaml' -o -path './logs/*' -o -path './quantization/*' -o -name 'comparison.txt' \
+      -o -name 'timings.txt' \) -type f -print0 | tar -czf "$OUT/repro.tar.gz" --null -T -) || true
+  return "$rc"
+}
+
+log "setup"
+setup || { log "setup failed"; exit 1; }
+status=0
+for stage in "${STAGES[@]}"; do
+  case "$stage" in
+    bench|repro) log "$stage"; "$stage"; rc=$?; log "$stage exit $rc"; [[ $rc == 0 ]] || status=1 ;;
+    *) echo "unknown stage '$stage' (stages: bench repro)" >&2; exit 2 ;;
+  esac
+done
+exit $status
