@@ -45,7 +45,13 @@ def _random_with_spread(shape, seed):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_newton_schulz_against_float64_svd(shape, coefficients, steps):
     G = _random_with_spread(shape, seed=sum(shape))
-    X = newton_schulz(G.float(), steps=steps, coefficients=coefficients).double()
+    X = newton_schulz(G.float(), steps=steps, coefficients=coefficients, backend="torch")
+    assert_matches_svd(G, X, coefficients, steps)
+
+
+def assert_matches_svd(G, X, coefficients, steps):
+    """X = NS(G) from fp32 work against G's float64 SVD (also used by tests/test_ns_triton.py)."""
+    X = X.double()
     assert X.shape == G.shape
     U, S, Vh = torch.linalg.svd(G, full_matrices=False)
     core = U.mT @ X @ Vh.mT
@@ -98,3 +104,7 @@ def test_ns_flops_counts_the_three_products():
     # wide 2 x 3: X X^T 2*2*3, A A 2*2*2, B X 2*2*3 MACs per step
     assert ns_flops(2, 3, steps=1) == 2 * (12 + 8 + 12)
     assert ns_flops(3, 2, steps=5) == ns_flops(2, 3, steps=5)
+    # symmetric: X X^T and A A only on/above the diagonal (3 of 4 entries of a 2 x 2)
+    assert ns_flops(2, 3, steps=1, symmetric=True) == 2 * (9 + 6 + 12)
+    m, n = 2048, 5504  # large m: 3 m^2 n + m^3 instead of 4 m^2 n + 2 m^3
+    assert abs(ns_flops(m, n, 1, symmetric=True) / (3 * m * m * n + m**3) - 1) < 1e-3

@@ -25,6 +25,7 @@ from megatron.core.optimizer.optimizer import (
 
 from megatron_osp.optimizer.logical import build_blocks
 from megatron_osp.optimizer.muon import LR_SCALES, Muon
+from megatron_osp.optimizer.newton_schulz import BACKENDS as NS_BACKENDS
 from megatron_osp.optimizer.newton_schulz import coefficient_schedule
 from megatron_osp.optimizer.routing import route_parameters
 from megatron_osp.optimizer.sharded_adamw import ShardedAdamW
@@ -51,6 +52,9 @@ class OptimSettings:
     muon_coefficients: str = "keller"
     muon_qkv_split: str = "qkv"  # "qkv" | "per_head" | "none"
     muon_lr_scale: str = "rms"  # "rms": 0.2*sqrt(max(m,n)) (AdamW's update RMS) | "shape": sqrt(max(1,m/n))
+    # Newton-Schulz: "auto" (the symmetric Triton kernel on CUDA when it runs there, else torch) |
+    # "torch" | "triton" (an error where it cannot run). See optimizer/newton_schulz.py.
+    muon_ns_backend: str = "auto"
     # ZeRO-1: Muon momentum only on each logical matrix's NS owner (TP x DP), AdamW moments one
     # parameter per DP rank (sharded_adamw.py). Master weights stay replicated. Checkpoints load at
     # any TP/PP/DP layout with distributed_optimizer=true (not across the two modes for Muon).
@@ -64,6 +68,10 @@ class OptimSettings:
         if self.muon_qkv_split not in ("qkv", "per_head", "none"):
             raise ValueError(
                 f"optimizer.muon_qkv_split must be 'qkv', 'per_head' or 'none', got {self.muon_qkv_split!r}"
+            )
+        if self.muon_ns_backend not in NS_BACKENDS:
+            raise ValueError(
+                f"optimizer.muon_ns_backend must be one of {NS_BACKENDS}, got {self.muon_ns_backend!r}"
             )
         coefficient_schedule(self.muon_coefficients, self.muon_ns_steps)  # names the bad value
 
@@ -150,6 +158,7 @@ def build_muon(settings: OptimSettings, model_chunks, route, log=None) -> Muon:
         coords=coords,
         names=[n for n, _ in matrices] + [n for n, _ in vectors],
         shard_state=settings.distributed_optimizer,
+        ns_backend=settings.muon_ns_backend,
     )
     if log is not None:
         load = muon.ns_flops_per_rank

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_osp.optimizer.logical import LogicalBlock, Piece
-from megatron_osp.optimizer.newton_schulz import coefficient_schedule, newton_schulz
+from megatron_osp.optimizer.newton_schulz import BACKENDS, coefficient_schedule, newton_schulz, resolve_backend
 from megatron_osp.optimizer.ownership import assign_owners
 from megatron_osp.optimizer.plan import exchange_sizes
 
@@ -77,6 +77,7 @@ class Muon(torch.optim.Optimizer):
     With ``shard_state`` (ZeRO-1) the owners receive gradients instead of momentum directions and
     keep the momentum of their matrices only (``owner_momentum``, keyed by block, logical shape),
     so Muon's state is spread over the TP x DP domain instead of replicated over DP.
+    ``ns_backend`` picks newton_schulz's backend ("auto", "torch", "triton").
     """
 
     def __init__(
@@ -96,18 +97,25 @@ class Muon(torch.optim.Optimizer):
         coords: list[tuple[int, int]] | None = None,
         names: list[str] | None = None,
         shard_state: bool = False,
+        ns_backend: str = "auto",
     ):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
         super().__init__(params, defaults)
         update_scale(1, 1, lr_scale)  # validate early
         coefficient_schedule(coefficients, ns_steps)
         self.ns_steps, self.coefficients = ns_steps, coefficients
+        if ns_backend not in BACKENDS:
+            raise ValueError(f"optimizer.muon_ns_backend must be one of {BACKENDS}, got {ns_backend!r}")
+        self.ns_backend = ns_backend
         self.lr_scale, self.rms_match = lr_scale, rms_match
         flat = self._flat_params()
         names = names or [f"param{i}" for i in range(len(flat))]
         for p, name in zip(flat, names):
             if p.ndim not in (1, 2):
                 raise ValueError(f"Muon: parameter {name!r} has shape {tuple(p.shape)}; only matrices and vectors")
+        if ns_backend == "triton" and flat:  # fail at build time, not at the first step
+            work_dtype = torch.bfloat16 if flat[0].is_cuda else torch.float32
+            resolve_backend("triton", torch.empty(0, dtype=work_dtype, device=flat[0].device))
         self.blocks = whole_matrix_blocks(flat) if blocks is None else blocks
         covered = {b.param_index for b in self.blocks}
         for i, p in enumerate(flat):
@@ -210,7 +218,7 @@ class Muon(torch.optim.Optimizer):
         results = {}
         for shape, group in by_shape.items():
             stack = torch.stack([matrices[b.key] for b in group])
-            out = newton_schulz(stack, steps=self.ns_steps, coefficients=self.coefficients)
+            out = newton_schulz(stack, steps=self.ns_steps, coefficients=self.coefficients, backend=self.ns_backend)
             self.ns_calls += stack.shape[0]  # counted where NS runs, so tests can audit ownership
             self.last_ns_keys += [b.key for b in group]
             out = out * update_scale(*shape, self.lr_scale, self.rms_match)

@@ -16,11 +16,20 @@ both against a float64 SVD):
   quintic per step for the interval [1e-3, 1], each divided by the paper's 1.01 safety factor
   (a/1.01, b/1.01^3, c/1.01^5; the last, repeated one is not) and G scaled by 1/(1.01 ||G||_F):
   s / ||G||_F >= 1e-3 ends in [0.84, 1.13] after 5 steps and in [0.99, 1.002] after 6.
+
+Backends: "torch" (bmm / baddbmm), "triton" (ns_triton.py: X X^T and b A + c A A by a symmetric
+kernel that computes only the upper triangle, B X by baddbmm), "auto" (triton for CUDA tensors
+when it can run there, else torch; CPU stays torch).
 """
 
 from __future__ import annotations
 
+import importlib
+import warnings
+
 import torch
+
+BACKENDS = ("auto", "torch", "triton")
 
 _POLAR_EXPRESS_RAW = (
     (8.28721201814563, -23.595886519098837, 17.300387312530933),
@@ -55,11 +64,75 @@ def coefficient_schedule(coefficients: str, steps: int) -> list[tuple[float, flo
     return [table[min(i, len(table) - 1)] for i in range(steps)]
 
 
-def ns_flops(m: int, n: int, steps: int = 5) -> int:
-    """Multiply-add FLOPs (2 per MAC) of ``steps`` iterations on an m x n matrix (wide orientation)."""
+def ns_flops(m: int, n: int, steps: int = 5, symmetric: bool = False) -> int:
+    """Multiply-add FLOPs (2 per MAC) of ``steps`` iterations on an m x n matrix (wide orientation).
+
+    ``symmetric``: what the triton backend does, X X^T and A A only on and above the diagonal
+    (m (m + 1) / 2 entries each; its tiles add a little more on the diagonal blocks).
+    """
     m, n = min(m, n), max(m, n)
+    if symmetric:
+        return steps * (m * (m + 1) * n + m * (m + 1) * m + 2 * m * m * n)
     # A = X X^T (m*m*n), A @ A (m^3), B @ X (m*m*n)
     return steps * 2 * (2 * m * m * n + m**3)
+
+
+def _ns_triton():
+    # Imported on first use (and looked up in sys.modules each time), so torch-only runs never
+    # import triton.
+    return importlib.import_module("megatron_osp.optimizer.ns_triton")
+
+
+def resolve_backend(backend: str, X: torch.Tensor) -> str:
+    """"torch" or "triton" for work tensor ``X``; a clear error when "triton" cannot run."""
+    if backend not in BACKENDS:
+        raise ValueError(f"newton_schulz backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch" or (backend == "auto" and not X.is_cuda):
+        return "torch"
+    nt = _ns_triton()
+    reason = nt.unavailable_reason(X)
+    if backend == "triton":
+        if reason is not None:
+            raise RuntimeError(f"newton_schulz(backend='triton') cannot run: {reason}")
+        return "triton"
+    if reason is not None or nt.INTERPRET or not _triton_checked(X):
+        return "torch"
+    return "triton"
+
+
+_CHECKED: dict[tuple, bool] = {}
+
+
+def _triton_checked(X: torch.Tensor) -> bool:
+    """For "auto": the kernel against torch once per (device, dtype, shape), before it is trusted.
+
+    A compile failure or a wrong result warns once and leaves that shape on torch, so an untested
+    GPU / Triton version can slow a run down but not break or silently corrupt it.
+    """
+    key = (X.device, X.dtype, tuple(X.shape[-2:]))
+    if key not in _CHECKED:
+        nt = _ns_triton()
+        x = X[:1].contiguous()
+        try:
+            A = nt.sym_gram(x)
+            B = nt.sym_gram(A, alpha=-1.5, beta=0.5)
+            ref_a = torch.bmm(x, x.mT)
+            ref_b = torch.baddbmm(ref_a, ref_a, ref_a, beta=0.5, alpha=-1.5)
+            tol = 1e-5 if X.dtype == torch.float32 else 2e-2
+            err = max(_rel_err(A, ref_a), _rel_err(B, ref_b))
+            ok = err <= tol and torch.equal(A, A.mT)
+            why = f"relative error {err:.3g} > {tol:g} or not symmetric"
+        except Exception as e:  # noqa: BLE001 - any failure means: use torch for this shape
+            ok, why = False, f"{type(e).__name__}: {e}"
+        if not ok:
+            warnings.warn(f"newton_schulz backend='auto': the Triton kernel failed its check on {tuple(X.shape[-2:])} "
+                          f"{X.dtype} ({why}); using torch for this shape", stacklevel=3)
+        _CHECKED[key] = ok
+    return _CHECKED[key]
+
+
+def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30)).item()
 
 
 def newton_schulz(
@@ -68,11 +141,13 @@ def newton_schulz(
     coefficients: str = "keller",
     eps: float = 1e-8,
     dtype: torch.dtype | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Approximate polar factor of a 2-D matrix or a batch of them ([..., m, n]).
 
     Works in bf16 on CUDA (tensor cores) and fp32 on CPU unless ``dtype`` says otherwise; the
     result has G's dtype. Each matrix is normalised by its own Frobenius norm (+ ``eps``).
+    ``backend``: "auto", "torch" or "triton" (see the module docstring).
     """
     if G.ndim < 2:
         raise ValueError(f"newton_schulz needs a matrix or a batch of matrices, got shape {tuple(G.shape)}")
@@ -88,10 +163,17 @@ def newton_schulz(
     # The norm accumulates in fp32 even for bf16 work (no fp32 copy of X is made).
     norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=torch.float32)
     X = (X * (1.0 / (norm * safety + eps)).to(dtype)).contiguous()
-    for a, b, c in schedule:
-        A = torch.bmm(X, X.mT)
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A A
-        X = torch.baddbmm(X, B, X, beta=a)  # a X + B X
+    if resolve_backend(backend, X) == "triton":
+        sym_gram = _ns_triton().sym_gram
+        for a, b, c in schedule:
+            A = sym_gram(X)  # X X^T, upper tiles only
+            B = sym_gram(A, alpha=c, beta=b)  # b A + c A A (A symmetric: A A = A A^T)
+            X = torch.baddbmm(X, B, X, beta=a)
+    else:
+        for a, b, c in schedule:
+            A = torch.bmm(X, X.mT)
+            B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A A
+            X = torch.baddbmm(X, B, X, beta=a)  # a X + B X
     if transposed:
         X = X.mT
     return X.reshape(*batch_shape, *X.shape[-2:]).to(G.dtype)
