@@ -59,6 +59,9 @@ setup(
             "pyarrow",
             "tokenizers",
             "matplotlib",
+            # The symmetric Newton-Schulz kernel's tests run it in Triton's CPU interpreter. A lower
+            # bound only: a CUDA torch pins its own triton, which this must not fight.
+            "triton>=3.2; platform_system == 'Linux'",
         ],
         "te": ["transformer_engine[pytorch]"],
     },

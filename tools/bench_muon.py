@@ -7,9 +7,12 @@
     duplicated-TP mode, and bytes per step per rank of Muon's two all-to-alls (optimizer/plan.py,
     also the optimizer's own plan) next to DDP's gradient all-reduce that AdamW needs too.
 --gpu: NS throughput on the preset's logical matrix shapes in bf16 (TFLOP/s, and as a fraction of
-    a large bf16 matmul timed in the same run), batched by shape and one by one, plus
-    emerging-optimizers' newton_schulz when importable; then the optimizer step time of our Muon,
-    torch AdamW and Megatron-Core's Muon (TensorParallelMuon) on the same model in the same run.
+    a large bf16 matmul timed in the same run), batched by shape and one by one, the symmetric
+    Triton kernel batched by shape (TFLOP/s as full-FLOP equivalent and as FLOPs done, plus its
+    difference from torch and from an fp32 reference; skipped with the reason where Triton cannot
+    run, e.g. on CPU unless TRITON_INTERPRET=1), plus emerging-optimizers' newton_schulz when
+    importable; then the optimizer step time of our Muon (NS backend auto, and torch), torch AdamW
+    and Megatron-Core's Muon (TensorParallelMuon) on the same model in the same run.
     Single process; no torchrun needed. --quick uses the tiny "test" preset (runs on CPU too).
 
     python tools/bench_muon.py --cost-model                       # 1.4B at DP=8 x TP=2
@@ -172,19 +175,21 @@ def ns_throughput(args, device) -> None:
     t_mm = _timeit(lambda: a @ b, device, iters=10)
     mm_rate = 2 * size**3 / t_mm
 
-    def batched():
+    def batched(backend="torch"):
         for s, x in stacks.items():
-            newton_schulz(x, steps=args.ns_steps, coefficients=args.coefficients)
+            newton_schulz(x, steps=args.ns_steps, coefficients=args.coefficients, backend=backend)
 
     def one_by_one():
         for s, x in stacks.items():
             for m in x:
-                newton_schulz(m, steps=args.ns_steps, coefficients=args.coefficients)
+                newton_schulz(m, steps=args.ns_steps, coefficients=args.coefficients, backend="torch")
 
-    rows = [("large matmul %dx%d (%s)" % (size, size, str(dtype).replace("torch.", "")), t_mm, mm_rate)]
+    # rows: (label, seconds, FLOPs counted as the full products, FLOPs the work actually does)
+    rows = [("large matmul %dx%d (%s)" % (size, size, str(dtype).replace("torch.", "")), t_mm, 2 * size**3, 2 * size**3)]
     for label, fn in (("ours, batched by shape", batched), ("ours, one matrix at a time", one_by_one)):
         t = _timeit(fn, device)
-        rows.append((label, t, flops / t))
+        rows.append((label, t, flops, flops))
+    checks = _triton_rows(args, device, stacks, rows, batched)
     try:
         from emerging_optimizers.orthogonalized_optimizers.muon_utils import newton_schulz as eo_ns
 
@@ -196,16 +201,64 @@ def ns_throughput(args, device) -> None:
                     eo_ns(m, steps=args.ns_steps)
 
         t = _timeit(emerging, device)
-        rows.append(("emerging-optimizers newton_schulz, fp32 input, one at a time", t, flops / t))
+        rows.append(("emerging-optimizers newton_schulz, fp32 input, one at a time", t, flops, flops))
     except Exception as e:  # noqa: BLE001 - an optional anchor; say why it is missing
         print(f"(emerging-optimizers newton_schulz skipped: {type(e).__name__}: {e})")
     shapes = ", ".join(f"{n} x {s[0]}x{s[1]}" for s, n in by_shape.items())
     print(f"\n# Newton-Schulz on all Muon matrices of {'test' if args.quick else args.preset} "
           f"({shapes}); {flops / 1e12:.2f} TFLOP per pass, device {_device_name(device)}")
-    print("| work | ms | TFLOP/s | fraction of matmul rate |")
-    print("|---|---|---|---|")
-    for label, t, rate in rows:
-        print(f"| {label} | {t * 1e3:.1f} | {rate / 1e12:.1f} | {rate / mm_rate:.2f} |")
+    print("| work | ms | TFLOP/s (full-FLOP equivalent) | TFLOP/s (FLOPs done) | fraction of matmul rate |")
+    print("|---|---|---|---|---|")
+    for label, t, full, done in rows:
+        print(f"| {label} | {t * 1e3:.1f} | {full / t / 1e12:.1f} | {done / t / 1e12:.1f} | {full / t / mm_rate:.2f} |")
+    print("(full-FLOP equivalent: 4 m^2 n + 2 m^3 per step, what the torch rows do; the symmetric kernel does "
+          "3 m^2 n + m^3; the fraction uses the full count)")
+    for line in checks:
+        print(line)
+
+
+def _triton_rows(args, device, stacks, rows, batched) -> list[str]:
+    """Rows for newton_schulz(backend="triton") and its correctness, or a printed reason why not.
+
+    Any failure (no triton, compile error, wrong shape) is reported and the other rows go on: one
+    GPU session is short and must not be lost to a crash here.
+    """
+    try:
+        from megatron_osp.optimizer import ns_triton
+    except Exception as e:  # noqa: BLE001
+        return [f"(triton rows skipped: {type(e).__name__}: {e})"]
+    reason = ns_triton.unavailable_reason(next(iter(stacks.values())))
+    if reason is not None:
+        return [f"(triton rows skipped: {reason})"]
+    full = sum(ns_flops(*s, args.ns_steps) * x.shape[0] for s, x in stacks.items())
+    done = sum(ns_flops(*s, args.ns_steps, symmetric=True) * x.shape[0] for s, x in stacks.items())
+    quick = ns_triton.INTERPRET  # the interpreter is slow: time one pass
+    try:
+        t0 = time.perf_counter()
+        batched("triton")  # compiles and autotunes
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        first = time.perf_counter() - t0
+        t = _timeit(lambda: batched("triton"), device, warmup=0 if quick else 2, iters=1 if quick else 5)
+        rows.append(("ours, triton symmetric kernel, batched by shape", t, full, done))
+    except Exception as e:  # noqa: BLE001
+        return [f"(triton rows failed: {type(e).__name__}: {e})"]
+    lines = [f"\n# Triton symmetric kernel: first pass (compile + autotune) {first:.1f} s; correctness on one matrix "
+             "of each shape (max abs difference of the NS output)",
+             "| shape | triton vs torch (same dtype) | triton vs fp32 reference | torch vs fp32 reference |",
+             "|---|---|---|---|"]
+    for s, x in stacks.items():
+        try:
+            one = x[:1]
+            kw = dict(steps=args.ns_steps, coefficients=args.coefficients)
+            tri = newton_schulz(one, backend="triton", **kw).float()
+            ref = newton_schulz(one, backend="torch", **kw).float()
+            f32 = newton_schulz(one.float(), backend="torch", dtype=torch.float32, **kw)
+            diff = lambda u, v: f"{(u - v).abs().max().item():.3g}"  # noqa: E731
+            lines.append(f"| {s[0]}x{s[1]} | {diff(tri, ref)} | {diff(tri, f32)} | {diff(ref, f32)} |")
+        except Exception as e:  # noqa: BLE001
+            lines.append(f"| {s[0]}x{s[1]} | failed: {type(e).__name__}: {e} | | |")
+    return lines
 
 
 def _device_name(device) -> str:
@@ -228,7 +281,8 @@ def step_times(args, device) -> None:
     core = build_gpt_model(model_cfg, tcfg, layout_independent_init=False)
     if device.type == "cuda":
         core = core.cuda()
-    settings = {"muon": OptimSettings(name="muon", muon_lr=0.02), "adam": OptimSettings(name="adam")}
+    settings = {"muon": OptimSettings(name="muon", muon_lr=0.02), "adam": OptimSettings(name="adam"),
+                "muon_torch": OptimSettings(name="muon", muon_lr=0.02, muon_ns_backend="torch")}
     model = DistributedDataParallel(tcfg, ddp_config(settings["adam"]), core)
     gen = torch.Generator(device=device).manual_seed(1)
     grads = {n: torch.randn(p.shape, device=device, generator=gen) * 1e-3 for n, p in core.named_parameters()}
@@ -241,8 +295,11 @@ def step_times(args, device) -> None:
           f"parameters, {'bf16 params + fp32 master' if bf16 else 'fp32'}), device {_device_name(device)}, one process")
     rows = []
     builders = {
-        "ours: Muon (hidden + EmbProj) + AdamW (embedding, output, norms)": lambda: get_osp_optimizer(
+        "ours: Muon (hidden + EmbProj) + AdamW (embedding, output, norms), NS backend auto": lambda: get_osp_optimizer(
             settings["muon"], [model], bf16=bf16, log=None
+        ),
+        "ours: Muon as above, Newton-Schulz backend torch": lambda: get_osp_optimizer(
+            settings["muon_torch"], [model], bf16=bf16, log=None
         ),
         "ours: AdamW everywhere (torch AdamW in Megatron's wrapper)": lambda: get_osp_optimizer(
             settings["adam"], [model], bf16=bf16, log=None

@@ -34,9 +34,11 @@ else:
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # (BLOCK, BLOCK_K, num_warps, num_stages). Square tiles (mirroring needs them); 128 x 128 x 64 with
-# 8 warps is the usual Hopper bf16 GEMM tile. Few configs: each one compiles and is timed once per
-# (m, k, beta) key, and a GPU session is short.
-GPU_CONFIGS = ((128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 4, 4), (64, 64, 4, 4))
+# 8 warps is the usual Hopper bf16 GEMM tile. Compiled for sm_90 here (no GPU; tests/test_ns_triton.py)
+# they use wgmma with cp.async pipelining and do not spill; 128 x 128 with 4 warps spilled with the
+# beta epilogue and was dropped. Few configs: each one compiles and is timed once per (m, k, beta)
+# key, and a GPU session is short. Their speed is unmeasured.
+GPU_CONFIGS = ((128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4))
 # The interpreter runs programs one by one, each op in numpy: its cost is per program, so tiles that
 # are small but not tiny (the tests pin 16 x 16 where they want many tiles per matrix).
 INTERPRETER_CONFIG = (32, 32, 1, 1)
@@ -47,8 +49,8 @@ if triton is not None:
     @triton.jit
     def _sym_gram_kernel(
         Y, Out, M,
-        stride_yb, stride_ym, stride_yk,
-        stride_ob, stride_om, stride_on,
+        stride_yb, stride_ym,  # Y and Out are contiguous: the last dim has unit stride, known at compile
+        stride_ob, stride_om,  # time (loads and stores vectorise; Triton does not specialise 1s)
         alpha, beta,
         K: tl.constexpr,  # constexpr: a fixed trip count, and the interpreter (numpy >= 2.4) needs a Python int here
         HAS_BETA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, EVEN_M: tl.constexpr, EVEN_K: tl.constexpr,
@@ -69,8 +71,8 @@ if triton is not None:
         ks = tl.arange(0, BLOCK_K)
         row_ok = rows < M
         col_ok = cols < M
-        a_ptr = y + rows[:, None] * stride_ym + ks[None, :] * stride_yk  # Y[rows, k]     BLOCK x BLOCK_K
-        b_ptr = y + cols[None, :] * stride_ym + ks[:, None] * stride_yk  # Y[cols, k]^T   BLOCK_K x BLOCK
+        a_ptr = y + rows[:, None] * stride_ym + ks[None, :]  # Y[rows, k]     BLOCK x BLOCK_K
+        b_ptr = y + cols[None, :] * stride_ym + ks[:, None]  # Y[cols, k]^T   BLOCK_K x BLOCK
         acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             if EVEN_M and EVEN_K:
@@ -87,21 +89,21 @@ if triton is not None:
                 acc = tl.dot(a, b, acc, input_precision="ieee")
             else:
                 acc = tl.dot(a, b, acc)
-            a_ptr += BLOCK_K * stride_yk
-            b_ptr += BLOCK_K * stride_yk
+            a_ptr += BLOCK_K
+            b_ptr += BLOCK_K
 
         acc = acc * alpha
         in_tile = row_ok[:, None] & col_ok[None, :]
         if HAS_BETA:  # + beta Y[rows, cols] (Y square)
-            y_tile = tl.load(y + rows[:, None] * stride_ym + cols[None, :] * stride_yk, mask=in_tile, other=0.0)
+            y_tile = tl.load(y + rows[:, None] * stride_ym + cols[None, :], mask=in_tile, other=0.0)
             acc += beta * y_tile.to(tl.float32)
         out = acc.to(Out.dtype.element_ty)
-        out_ptr = o + rows[:, None] * stride_om + cols[None, :] * stride_on
+        out_ptr = o + rows[:, None] * stride_om + cols[None, :]
         if ti == tj:  # keep the upper triangle and mirror it: exactly symmetric
             out = tl.where(rows[:, None] <= cols[None, :], out, tl.trans(out))
             tl.store(out_ptr, out, mask=in_tile)
         else:
-            mirror_ptr = o + cols[:, None] * stride_om + rows[None, :] * stride_on
+            mirror_ptr = o + cols[:, None] * stride_om + rows[None, :]
             if EVEN_M:
                 tl.store(out_ptr, out)
                 tl.store(mirror_ptr, tl.trans(out))
@@ -161,7 +163,7 @@ def sym_gram(Y: torch.Tensor, alpha: float = 1.0, beta: float = 0.0, *, config=N
         raise ValueError(f"sym_gram: beta * Y needs a square Y, got {m} x {k}")
     out = torch.empty(batch, m, m, dtype=Y.dtype, device=Y.device)
     if batch and m:
-        args = (Y, out, m, *Y.stride(), *out.stride(), float(alpha), float(beta))
+        args = (Y, out, m, Y.stride(0), Y.stride(1), out.stride(0), out.stride(1), float(alpha), float(beta))
         flags = dict(K=k, HAS_BETA=beta != 0, IEEE=Y.dtype == torch.float32, UPCAST=INTERPRET and Y.dtype != torch.float32)
         if config is None and not INTERPRET:
             _tuned[lambda meta: (_tiles(m, meta["BLOCK"]), batch)](*args, **flags)
