@@ -102,3 +102,17 @@ def test_kernel_muon_step_with_triton_backend():
         Muon(ps, lr=0.02, ns_backend=backend).step()
     for a, b in zip(params["torch"], params["triton"]):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_kernel_auto_check_trusts_the_kernel_and_catches_a_bad_one(monkeypatch):
+    ns = importlib.import_module("megatron_osp.optimizer.newton_schulz")  # the module, not the function
+
+    monkeypatch.setattr(ns, "_CHECKED", {})
+    X = torch.randn(3, 40, 72)
+    assert ns._triton_checked(X)  # what "auto" does before it uses the kernel on a CUDA shape
+    monkeypatch.setattr(_nt(), "sym_gram", lambda Y, alpha=1.0, beta=0.0: torch.zeros(Y.shape[0], Y.shape[1], Y.shape[1]))
+    with pytest.warns(UserWarning, match="failed its check"):
+        assert not ns._triton_checked(torch.randn(2, 24, 40))
+    monkeypatch.setattr(_nt(), "sym_gram", lambda Y, alpha=1.0, beta=0.0: 1 / 0)
+    with pytest.warns(UserWarning, match="ZeroDivisionError"):
+        assert not ns._triton_checked(torch.randn(2, 16, 40))

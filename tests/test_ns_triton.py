@@ -28,7 +28,7 @@ from megatron_osp.optimizer import Muon, OptimSettings, newton_schulz
 
 IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 KERNEL_CHECKS = Path(__file__).with_name("ns_triton_interpreter.py")
-N_KERNEL_CHECKS = 23  # the cases in KERNEL_CHECKS; the subprocess must pass all of them
+N_KERNEL_CHECKS = 24  # the cases in KERNEL_CHECKS; the subprocess must pass all of them
 
 
 def _nt():
