@@ -5,10 +5,12 @@
 #
 #   bash examples/reproduce_osp_small.sh [--cpu] [section.field=value ...]   (overrides: all runs)
 #
-# GPU (default): ~100M model (megatron_osp/configs/reproduce_small.yaml), each run < 15 min on one
-# H100. --cpu (or CPU=1): the tiny preset (reproduce_small_cpu.yaml), a few minutes per run on 2 cores.
-# Data: the documentation and (GPU) standard-library source that ship with Python, tokenized here,
-# unless DATA=<indexed prefix> TOKENIZER=<sentencepiece .model> VOCAB=<its size> point at your own.
+# GPU (default): a 26.6M-parameter model on character-level tokens (megatron_osp/configs/
+# reproduce_small.yaml), sized so that tools/device_checks.sh fits it in one short device lease.
+# --cpu (or CPU=1): the tiny preset (reproduce_small_cpu.yaml), a few minutes per run on 2 cores.
+# Data: the documentation and (GPU) standard-library source that ship with Python, tokenized here
+# at character level (SentencePiece BPE with vocab 350: ~90 characters + 256 byte pieces), unless
+# DATA=<indexed prefix> TOKENIZER=<sentencepiece .model> VOCAB=<its size> point at your own.
 # ALL_ROWS=1 adds the paper's other two rows: Muon-only (optimizer.name=muon_only: Muon for every
 # parameter, no AdamW) and Muon + EmbProj.
 # RUN_DIR (default runs/reproduce_small or runs/reproduce_small_cpu) holds everything;
@@ -22,13 +24,13 @@ if [[ "${1:-}" == "--cpu" ]]; then CPU=1; shift; fi
 if [[ "$CPU" == 1 ]]; then
   CONFIG=${REPRO_CONFIG:-megatron_osp/configs/reproduce_small_cpu.yaml}
   RUN_DIR=${RUN_DIR:-runs/reproduce_small_cpu}
-  VOCAB=${VOCAB:-2048}; CORPUS_FLAGS=(); WORKERS=2
+  VOCAB=${VOCAB:-350}; CORPUS_FLAGS=(); WORKERS=2
   EVAL=(--device cpu --num-windows "${EVAL_WINDOWS:-32}" --calibration-windows 8)
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 else
   CONFIG=${REPRO_CONFIG:-megatron_osp/configs/reproduce_small.yaml}
   RUN_DIR=${RUN_DIR:-runs/reproduce_small}
-  VOCAB=${VOCAB:-8192}; CORPUS_FLAGS=(--include-source); WORKERS=8
+  VOCAB=${VOCAB:-350}; CORPUS_FLAGS=(--include-source); WORKERS=8
   EVAL=(--device cuda --num-windows "${EVAL_WINDOWS:-256}" --calibration-windows 32 --batch-size 16)
 fi
 mkdir -p "$RUN_DIR"

@@ -2,11 +2,16 @@
 # The GPU checks the open issues ask for, as one prepared command for the `device` tool, whose lease
 # is 15 minutes of device time per task (machine start included) and 10 minutes per command.
 #
-#   here, once:      bash ../shared/tools/device-wheels.sh          (megatron-core etc. into .whl/)
-#   on the device:   run(command="bash tools/device_checks.sh", carry=[".whl"], timeout_s=560)
+#   here, once:      bash tools/device_checks.sh prepare    (wheels into .whl/, data into .device_data/)
+#   on the device:   run(command="bash tools/device_checks.sh", carry=[".whl", ".device_data"], timeout_s=580)
 #   one stage only:  bash tools/device_checks.sh bench    (or: repro)
 #
-# Stages, each under its own time limit so that one that hangs or fails leaves the others' results:
+# prepare (here, on the CPU machine): megatron-core & co. as Python 3.12 wheels
+#          (../shared/tools/device-wheels.sh) and the reproduction's data, tokenized here so that the
+#          GPU's minutes go to training: the built-in corpus with the standard library's source,
+#          character-level SentencePiece (vocab 350), Megatron .bin/.idx (~8M tokens, 16 MB).
+# Stages on the device, each under its own time limit so that one that hangs or fails leaves the
+# others' results:
 #   setup  install the carried wheels into /tmp/site, build the C++ extensions in place, record the
 #          machine (env.txt)
 #   bench  tools/bench_muon.py --gpu on the 1.4B model's shapes: Newton-Schulz throughput against a
@@ -16,6 +21,7 @@
 #          4-bit evaluation (issue 6)
 # Everything lands in $OUT (the device tool brings back at most 8 files): env.txt, bench_muon.txt,
 # repro.txt and repro.tar.gz (summaries, kurtosis, metrics, the quantization report).
+# REPRO_ARGS="section.field=value ..." overrides the reproduction's config (e.g. a shorter rerun).
 # Without a GPU, DEVICE_CHECKS_CPU=1 runs the same stages at smoke-test size (plumbing check).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -24,11 +30,27 @@ mkdir -p "$OUT"
 STAGES=("$@")
 [[ ${#STAGES[@]} -gt 0 ]] || STAGES=(bench repro)
 CPU=${DEVICE_CHECKS_CPU:-0}
-BENCH_LIMIT=${BENCH_LIMIT:-150}
-REPRO_LIMIT=${REPRO_LIMIT:-330}
+BENCH_LIMIT=${BENCH_LIMIT:-170}
+REPRO_LIMIT=${REPRO_LIMIT:-320}
+DEVICE_DATA=.device_data
 export PYTHONUNBUFFERED=1
 
 log() { echo "[$(date +%H:%M:%S)] $*"; }
+
+prepare() {
+  if [[ -x ../shared/tools/device-wheels.sh ]]; then bash ../shared/tools/device-wheels.sh || return 1; fi
+  mkdir -p "$DEVICE_DATA"
+  grep -qx "/$DEVICE_DATA/" .git/info/exclude 2> /dev/null || echo "/$DEVICE_DATA/" >> .git/info/exclude
+  local vocab=${VOCAB:-350}
+  python3 tools/builtin_corpus.py --include-source --output "$DEVICE_DATA/corpus.jsonl" &&
+  python3 tools/train_tokenizer.py --input "$DEVICE_DATA/corpus.jsonl" --output-prefix "$DEVICE_DATA/tokenizer" \
+    --vocab-size "$vocab" &&
+  python3 tools/preprocess_data.py --input "$DEVICE_DATA/corpus.jsonl" --tokenizer-model "$DEVICE_DATA/tokenizer.model" \
+    --output-prefix "$DEVICE_DATA/corpus" --append-eod --workers 2 || return 1
+  rm "$DEVICE_DATA/corpus.jsonl"  # not needed there; keeps the carried tree small
+  echo "$vocab" > "$DEVICE_DATA/vocab"
+  du -sh "$DEVICE_DATA" .whl 2> /dev/null
+}
 
 setup() {
   export PYTHONPATH=$PWD
@@ -76,7 +98,11 @@ repro() {
           train.kurtosis_batches=1 train.save_interval=0 train.progress_bar=false)
     export EVAL_WINDOWS=4
   else
-    args=(train.progress_bar=false)
+    read -r -a args <<< "train.progress_bar=false ${REPRO_ARGS:-}"  # REPRO_ARGS: overrides for a resized rerun
+    export EVAL_WINDOWS=${EVAL_WINDOWS:-128} OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
+    if [[ -f "$DEVICE_DATA/corpus_text_document.idx" ]]; then  # made by the prepare stage
+      export DATA=$DEVICE_DATA/corpus_text_document TOKENIZER=$DEVICE_DATA/tokenizer.model VOCAB=$(cat "$DEVICE_DATA/vocab")
+    fi
   fi
   PARALLEL=${PARALLEL:-1} RUN_DIR=$run_dir timeout --signal=TERM --kill-after=20 "$REPRO_LIMIT" \
     bash examples/reproduce_osp_small.sh "${args[@]}" 2>&1 | tee "$OUT/repro.txt"
@@ -88,13 +114,14 @@ repro() {
   return "$rc"
 }
 
+if [[ "${STAGES[*]}" == prepare ]]; then prepare; exit $?; fi
 log "setup"
 setup || { log "setup failed"; exit 1; }
 status=0
 for stage in "${STAGES[@]}"; do
   case "$stage" in
     bench|repro) log "$stage"; "$stage"; rc=$?; log "$stage exit $rc"; [[ $rc == 0 ]] || status=1 ;;
-    *) echo "unknown stage '$stage' (stages: bench repro)" >&2; exit 2 ;;
+    *) echo "unknown stage '$stage' (stages: prepare alone, or bench and/or repro)" >&2; exit 2 ;;
   esac
 done
 exit $status
