@@ -281,7 +281,7 @@ def step_times(args, device) -> None:
     core = build_gpt_model(model_cfg, tcfg, layout_independent_init=False)
     if device.type == "cuda":
         core = core.cuda()
-    settings = {"muon": OptimSettings(name="muon", muon_lr=0.02), "adam": OptimSettings(name="adam"),
+    settings = {"muon": OptimSettings(name="muon", muon_lr=0.02, muon_ns_backend="auto"), "adam": OptimSettings(name="adam"),
                 "muon_torch": OptimSettings(name="muon", muon_lr=0.02, muon_ns_backend="torch")}
     model = DistributedDataParallel(tcfg, ddp_config(settings["adam"]), core)
     gen = torch.Generator(device=device).manual_seed(1)

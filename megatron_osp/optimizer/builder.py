@@ -52,9 +52,10 @@ class OptimSettings:
     muon_coefficients: str = "keller"
     muon_qkv_split: str = "qkv"  # "qkv" | "per_head" | "none"
     muon_lr_scale: str = "rms"  # "rms": 0.2*sqrt(max(m,n)) (AdamW's update RMS) | "shape": sqrt(max(1,m/n))
-    # Newton-Schulz: "auto" (the symmetric Triton kernel on CUDA when it runs there, else torch) |
-    # "torch" | "triton" (an error where it cannot run). See optimizer/newton_schulz.py.
-    muon_ns_backend: str = "auto"
+    # Newton-Schulz: "torch" | "auto" (the symmetric Triton kernel on CUDA when it runs there, else
+    # torch) | "triton" (an error where it cannot run). See optimizer/newton_schulz.py. The default
+    # stays torch until a GPU measurement (tools/bench_muon.py --gpu) shows the kernel is faster.
+    muon_ns_backend: str = "torch"
     # ZeRO-1: Muon momentum only on each logical matrix's NS owner (TP x DP), AdamW moments one
     # parameter per DP rank (sharded_adamw.py). Master weights stay replicated. Checkpoints load at
     # any TP/PP/DP layout with distributed_optimizer=true (not across the two modes for Muon).

@@ -77,7 +77,7 @@ class Muon(torch.optim.Optimizer):
     With ``shard_state`` (ZeRO-1) the owners receive gradients instead of momentum directions and
     keep the momentum of their matrices only (``owner_momentum``, keyed by block, logical shape),
     so Muon's state is spread over the TP x DP domain instead of replicated over DP.
-    ``ns_backend`` picks newton_schulz's backend ("auto", "torch", "triton").
+    ``ns_backend`` picks newton_schulz's backend ("torch", "auto", "triton").
     """
 
     def __init__(
@@ -97,7 +97,7 @@ class Muon(torch.optim.Optimizer):
         coords: list[tuple[int, int]] | None = None,
         names: list[str] | None = None,
         shard_state: bool = False,
-        ns_backend: str = "auto",
+        ns_backend: str = "torch",
     ):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
         super().__init__(params, defaults)

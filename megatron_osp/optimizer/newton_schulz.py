@@ -142,7 +142,7 @@ def newton_schulz(
     coefficients: str = "keller",
     eps: float = 1e-8,
     dtype: torch.dtype | None = None,
-    backend: str = "auto",
+    backend: str = "torch",
 ) -> torch.Tensor:
     """Approximate polar factor of a 2-D matrix or a batch of them ([..., m, n]).
 
