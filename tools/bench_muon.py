@@ -189,7 +189,7 @@ def ns_throughput(args, device) -> None:
     for label, fn in (("ours, batched by shape", batched), ("ours, one matrix at a time", one_by_one)):
         t = _timeit(fn, device)
         rows.append((label, t, flops, flops))
-    checks = _triton_rows(args, device, stacks, rows, batched)
+    checks = _triton_rows(args, device, stacks, rows, batched, flops)
     try:
         from emerging_optimizers.orthogonalized_optimizers.muon_utils import newton_schulz as eo_ns
 
@@ -217,7 +217,7 @@ def ns_throughput(args, device) -> None:
         print(line)
 
 
-def _triton_rows(args, device, stacks, rows, batched) -> list[str]:
+def _triton_rows(args, device, stacks, rows, batched, full: int) -> list[str]:
     """Rows for newton_schulz(backend="triton") and its correctness, or a printed reason why not.
 
     Any failure (no triton, compile error, wrong shape) is reported and the other rows go on: one
@@ -230,7 +230,6 @@ def _triton_rows(args, device, stacks, rows, batched) -> list[str]:
     reason = ns_triton.unavailable_reason(next(iter(stacks.values())))
     if reason is not None:
         return [f"(triton rows skipped: {reason})"]
-    full = sum(ns_flops(*s, args.ns_steps) * x.shape[0] for s, x in stacks.items())
     done = sum(ns_flops(*s, args.ns_steps, symmetric=True) * x.shape[0] for s, x in stacks.items())
     quick = ns_triton.INTERPRET  # the interpreter is slow: time one pass
     try:
