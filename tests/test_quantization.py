@@ -239,9 +239,22 @@ def test_evaluate_quantization_tool_on_hf_directories(tmp_path):
     assert cells(table[0]) == cells(row)
     for png in ("kurtosis_per_layer.png", "perplexity_vs_bits.png"):
         assert (tmp_path / "out" / png).read_bytes()[:4] == b"\x89PNG"
+    # the per-role weight-rounding table: one row per model and role, in the JSON and the Markdown
+    roles = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    for m in report["models"]:
+        assert m["weight_error"]["bits"] == 4 and list(m["weight_error"]["roles"]) == roles
+    assert "## Where 4-bit weight rounding costs" in md
+    section = md.split("## Where 4-bit weight rounding costs")[1].splitlines()
+    assert [line.split(" | ")[1] for line in section if line.startswith("| a | ")] == roles
     # bad input is refused with the parameter's name
     assert evaluate_quantization.main([str(tmp_path / "m0"), "--data", str(tmp_path / "nope"),
                                        "--output-dir", str(tmp_path / "o2")]) == 2
+    common = [str(tmp_path / "m0"), "--data", str(tmp_path / "held"), "--seq-length", "16", "--num-windows", "2",
+              "--device", "cpu", "--documents", "0.5:1", "--settings", "fp", "--no-plots"]
+    assert evaluate_quantization.main(common + ["--weight-error-bits", "1", "--output-dir", str(tmp_path / "o3")]) == 2
+    assert evaluate_quantization.main(common + ["--weight-error-windows", "0", "--output-dir", str(tmp_path / "o4")]) == 0
+    assert json.loads((tmp_path / "o4" / "quantization.json").read_text())["models"][0]["weight_error"] is None
+    assert "weight rounding costs" not in (tmp_path / "o4" / "quantization.md").read_text()
 
 
 def test_compare_runs_table_gets_the_quantization_columns(tmp_path):

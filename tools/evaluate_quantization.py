@@ -8,7 +8,9 @@ Each MODEL is a Megatron checkpoint (a run directory with checkpoints/, a save d
 an ``iter_N`` dir; rebuilt at TP=1 from its saved run config) or an HF Llama directory. The held-out
 documents default to the validation split of the first Megatron checkpoint's run (``data.split``),
 else to the last 5% of the documents (``--documents LO:HI`` to choose). Writes quantization.json,
-quantization.md, kurtosis_per_layer.png and perplexity_vs_bits.png into --output-dir.
+quantization.md, kurtosis_per_layer.png and perplexity_vs_bits.png into --output-dir. The report ends
+with a per-role table of 4-bit weight rounding (perplexity with one role rounded, the relative weight
+and output errors, the inputs' gain, the stable rank: megatron_osp/analysis/weight_error.py).
 """
 
 import argparse
@@ -32,6 +34,10 @@ def parse_args(argv=None):
     p.add_argument("--calibration-windows", type=int, default=16,
                    help="GPTQ calibration sequences, taken from the training share of the documents (default 16)")
     p.add_argument("--stats-windows", type=int, default=8, help="sequences for the activation statistics (default 8)")
+    p.add_argument("--weight-error-windows", type=int, default=8,
+                   help="sequences for the per-role weight-rounding table (inputs of each linear; the role "
+                        "perplexities use all held-out sequences); 0 skips it (default 8)")
+    p.add_argument("--weight-error-bits", type=int, default=4, help="weight bits of that table (default 4)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--output-dir", required=True)
@@ -84,6 +90,10 @@ def _run(args) -> int:
         return 2
     try:
         settings = [parse_setting(s) for s in (args.settings or DEFAULT_SETTINGS)]
+        if args.weight_error_windows < 0:
+            raise ValueError(f"--weight-error-windows must be >= 0, got {args.weight_error_windows}")
+        if not 2 <= args.weight_error_bits < 16:
+            raise ValueError(f"--weight-error-bits must be between 2 and 15, got {args.weight_error_bits}")
         for prefix_ext in (".bin", ".idx"):
             if not Path(args.data + prefix_ext).exists():
                 raise FileNotFoundError(f"--data: {args.data + prefix_ext} does not exist")
@@ -129,6 +139,7 @@ def _run(args) -> int:
         res = evaluate_model(
             loaded.model, loaded.label, windows, settings,
             batch_size=args.batch_size, stats_windows=args.stats_windows, calibration=calib,
+            weight_error_bits=args.weight_error_bits, weight_error_windows=args.weight_error_windows,
             progress=(bar.update if bar is not None else None),
             log=(bar.write if bar is not None else print),
         )

@@ -21,6 +21,7 @@ from megatron_osp.analysis.evaluation import evaluate_settings
 from megatron_osp.analysis.gptq import iterate_batches
 from megatron_osp.analysis.model_parts import logits, model_parts
 from megatron_osp.analysis.quantization import QuantSetting, parse_setting
+from megatron_osp.analysis.weight_error import weight_error_report
 from megatron_osp.fileio import atomic_write_json, atomic_write_text
 
 __all__ = ["DEFAULT_SETTINGS", "evaluate_model", "format_table", "format_markdown", "write_report"]
@@ -39,8 +40,12 @@ def evaluate_model(
     calibration: Tensor | None = None,
     progress: Callable[[int], None] | None = None,
     log: Callable[[str], None] = print,
+    weight_error_bits: int = 4,
+    weight_error_windows: int = 8,
 ) -> dict:
-    """One model's results: ``{"label", "kurtosis": {...}, "activation_stats": {...}, "perplexity": {...}}``."""
+    """One model's results: ``{"label", "kurtosis": {...}, "activation_stats": {...}, "perplexity": {...},
+    "weight_error": {...}}``; the last (weight_error.py: which roles' rounding costs what, and why) is
+    measured at ``weight_error_bits`` on ``weight_error_windows`` windows, and skipped when that is 0."""
     parts = model_parts(model)
     settings = [parse_setting(s) if isinstance(s, str) else s for s in settings]
     if not any(s.name == "fp" for s in settings):
@@ -68,9 +73,16 @@ def evaluate_model(
     results = evaluate_settings(
         parts, windows, settings, batch_size=batch_size, calibration=calibration, on_done=done, progress=progress
     )
+    weight_error = None
+    if weight_error_windows > 0:
+        weight_error = weight_error_report(parts, windows, weight_error_bits, batch_size=batch_size,
+                                           input_windows=weight_error_windows)
+        log(f"  {label}: weight rounding at {weight_error_bits} bits, one role at a time: "
+            + ", ".join(f"{role} ppl {r['ppl']:.4g}" for role, r in weight_error["roles"].items()))
     return {
         "label": label,
         "kurtosis": kurt,
+        "weight_error": weight_error,
         "linear_input_kurtosis_max": max(p.kurtosis for p in linear),
         "linear_input_max_abs": max(p.max_abs for p in linear),
         "activation_stats": stats.to_dict(),
@@ -145,7 +157,28 @@ def format_markdown(results: list[dict], meta: dict | None = None) -> str:
             ratio = p["max_abs"] / p["median_channel_max"] if p["median_channel_max"] > 0 else float("inf")
             top = ", ".join(f"{c}: {v:.3g}" for c, v in p["top_channels"][:4])
             out.append(f"| {r['label']} | {p['name']} | {p['kurtosis']:.3f} | {p['max_abs']:.3g} | {ratio:.1f} | {top} |")
+    out += _weight_error_markdown(results)
     return "\n".join(out) + "\n"
+
+
+def _weight_error_markdown(results: list[dict]) -> list[str]:
+    measured = [r for r in results if r.get("weight_error")]
+    if not measured:
+        return []
+    bits = measured[0]["weight_error"]["bits"]
+    out = ["", f"## Where {bits}-bit weight rounding costs (weights only, RTN per output channel)", "",
+           "Δ ppl: only that role's weights rounded. Errors are relative Frobenius norms, the output error on "
+           "the layer's held-out inputs; output error ≈ weight error / input gain, and a low input gain "
+           "(inputs using little of the weight's energy, typical of a flat singular spectrum = a high "
+           "stable rank) is what makes the same rounding cost more (analysis/weight_error.py).", "",
+           "| model | role | Δ ppl | weight error | output error | input gain | stable rank |",
+           "|---|---|---|---|---|---|---|"]
+    for r in measured:
+        fp = r["perplexity"]["fp"]
+        for role, v in r["weight_error"]["roles"].items():
+            out.append(f"| {r['label']} | {role} | {v['ppl'] - fp:+.4g} | {v['weight_error']:.4f} | "
+                       f"{v['output_error']:.4f} | {v['input_gain']:.3f} | {v['stable_rank']:.1f} |")
+    return out
 
 
 def write_report(results: list[dict], output_dir: str | Path, meta: dict | None = None, plots: bool = True) -> list[Path]:
