@@ -4,8 +4,8 @@ quantization evaluation (fake quantization, Hadamard/QuaRot rotations, GPTQ, per
 Modules: kurtosis.py (the metric, hidden-state recorder), activation_stats.py (per-point kurtosis,
 max |x|, outlier channels), model_parts.py (one structural view of Megatron and HF Llama models),
 quantization.py (RTN fake quant, W-A-KV settings), hadamard.py, rotation.py, gptq.py,
-evaluation.py (perplexity, settings applied in place), quant_report.py, plots.py, loading.py,
-compare.py (run tables).
+evaluation.py (perplexity, settings applied in place), weight_error.py (which roles' 4-bit weight
+rounding costs what, and why), quant_report.py, plots.py, loading.py, compare.py (run tables).
 """
 
 from megatron_osp.analysis.kurtosis import (
