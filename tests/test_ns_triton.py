@@ -37,7 +37,10 @@ def _nt():
 
 def test_interpreter_runs_the_kernel_checks():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    # The repository root on the path: the subprocess must import this checkout, installed or not.
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONPATH=path)
     out = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(KERNEL_CHECKS)],
         capture_output=True, text=True, env=env, timeout=300, cwd=Path(__file__).parent,

@@ -48,30 +48,36 @@ class LinearWeightError:
 
 class RoundingErrorAccumulator:
     """Streams batches of one linear's inputs: ``||X E^T||^2``, ``||X W^T||^2`` and ``||X||^2`` summed
-    in float64, so the inputs of a large model never have to be held at once."""
+    in float64, so the inputs of a large model never have to be held at once. The weight is held by
+    reference and rounded when needed, so no copy of a whole model's weights is made either."""
 
     def __init__(self, weight: Tensor, bits: int, group_size: int | None = None) -> None:
-        w = weight.detach().float()
-        self.weight = w
-        self.error = w - fake_quant(w, bits, group_size)
+        self.weight = weight
+        self.bits, self.group_size = bits, group_size
         self.out_sq = self.err_sq = self.in_sq = 0.0
 
+    def _weight_and_error(self) -> tuple[Tensor, Tensor]:
+        w = self.weight.detach().float()
+        return w, w - fake_quant(w, self.bits, self.group_size)
+
     def add(self, x: Tensor) -> None:
+        w, e = self._weight_and_error()
         x = x.detach().reshape(-1, x.shape[-1]).float()
         self.in_sq += float(x.pow(2).sum(dtype=torch.float64))
-        self.out_sq += float((x @ self.weight.T).pow(2).sum(dtype=torch.float64))
-        self.err_sq += float((x @ self.error.T).pow(2).sum(dtype=torch.float64))
+        self.out_sq += float((x @ w.T).pow(2).sum(dtype=torch.float64))
+        self.err_sq += float((x @ e.T).pow(2).sum(dtype=torch.float64))
 
     def result(self, name: str, role: str) -> LinearWeightError:
         if self.in_sq == 0.0:
             raise RuntimeError(f"{name}: no inputs were recorded (run a forward pass first)")
-        w_sq = float(self.weight.pow(2).sum(dtype=torch.float64))
-        spectral = float(torch.linalg.matrix_norm(self.weight, ord=2))
-        isotropic_out = self.in_sq * w_sq / self.weight.shape[1]
+        w, e = self._weight_and_error()
+        w_sq = float(w.pow(2).sum(dtype=torch.float64))
+        spectral = float(torch.linalg.matrix_norm(w, ord=2))
+        isotropic_out = self.in_sq * w_sq / w.shape[1]
         return LinearWeightError(
             name=name,
             role=role,
-            weight_error=math.sqrt(float(self.error.pow(2).sum(dtype=torch.float64)) / w_sq),
+            weight_error=math.sqrt(float(e.pow(2).sum(dtype=torch.float64)) / w_sq),
             output_error=math.sqrt(self.err_sq / self.out_sq) if self.out_sq > 0 else math.inf,
             input_gain=math.sqrt(self.out_sq / isotropic_out) if isotropic_out > 0 else 0.0,
             stable_rank=w_sq / spectral**2 if spectral > 0 else 0.0,
