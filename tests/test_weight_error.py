@@ -15,17 +15,7 @@ from megatron_osp.analysis.weight_error import (
     rounded_roles,
     weight_error_report,
 )
-
-
-def _tiny_llama(seed=0, vocab=96):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(
-        LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                    initializer_range=0.1)
-    ).eval()
+from test_quantization import _tiny_llama  # the tests' 2-layer HF Llama with GQA
 
 
 def _reference(x: torch.Tensor, w: torch.Tensor, bits: int, group: int | None):
