@@ -304,6 +304,42 @@ def test_megatron_checkpoint_loads_for_analysis_with_the_same_logits(megatron_si
         load_for_analysis(str(tmp_path))
 
 
+def test_analysis_builds_the_local_spec_and_refuses_fused_norms(megatron_single_rank, tmp_path):
+    """A run trained with Transformer Engine is analysed on the local spec (norms as modules of their
+    own: TE's LayerNormLinear would hand the input hooks the pre-norm activations), and a model with
+    fused norms is refused by everything that hooks the linears' inputs, naming the fix."""
+    from megatron_osp.analysis.activation_stats import ActivationStatsRecorder
+    from megatron_osp.analysis.evaluation import apply_setting
+    from megatron_osp.analysis.loading import load_for_analysis
+    from megatron_osp.analysis.model_parts import model_parts
+    from megatron_osp.analysis.weight_error import linear_weight_errors
+    from megatron_osp.models import build_gpt_model, get_preset, transformer_config
+    from megatron_osp.training.checkpoint import save_checkpoint
+    from megatron_osp.training.config import RunConfig
+
+    cfg = get_preset("test")
+    cfg.normalization = "rmsnorm"
+    model = build_gpt_model(cfg, transformer_config(cfg), seed=3).eval()
+    config = RunConfig(model=cfg)
+    config.model.transformer_impl = "transformer_engine"  # what the GPU run said (TE is not installed here)
+    save_checkpoint(tmp_path / "run" / "checkpoints", 1, [model], config, save_rng=False)
+    loaded = load_for_analysis(str(tmp_path / "run"))
+    parts = model_parts(loaded.model)
+    assert all(lp.attn_norm is not None and lp.mlp_norm is not None for lp in parts.layers)
+    torch.testing.assert_close(parts.layers[0].attn_norm.weight, model.decoder.layers[0].input_layernorm.weight)
+
+    hf = model_parts(_tiny_llama())
+    hf.layers[1].mlp_norm = None  # what model_parts reports for a TE LayerNormLinear
+    windows = torch.randint(0, 96, (2, 9))
+    for attempt in (lambda: apply_setting(hf, parse_setting("4-4-4")).__enter__(),
+                    lambda: ActivationStatsRecorder(hf).__enter__(),
+                    lambda: linear_weight_errors(hf, windows)):
+        with pytest.raises(ValueError, match="transformer_impl=local"):
+            attempt()
+    with apply_setting(hf, parse_setting("4-16-16")):  # weights only: no input hook, allowed
+        pass
+
+
 def test_hf_export_evaluates_like_the_megatron_model(megatron_single_rank, tmp_path):
     """The same trained weights seen through both adapters: Megatron (EmbProj, SSNorm, fused QKV) and
     its HF export (all folded) give the same perplexity, quantized or not, and the same kurtosis."""

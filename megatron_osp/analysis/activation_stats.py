@@ -137,6 +137,8 @@ class ActivationStatsRecorder:
     def __enter__(self) -> "ActivationStatsRecorder":
         if self._handles:
             raise RuntimeError("ActivationStatsRecorder is already active")
+        if self._linear_inputs:
+            self.parts.require_unfused_norms("recording the linears' input statistics")
         layers = self.parts.decoder_layers
         if self._residual:
             def first_input(module, args, kwargs):

@@ -1,13 +1,14 @@
 """Load a model to analyse: a Megatron checkpoint (rebuilt at TP=1, PP=1) or an HF Llama directory.
 
 Megatron checkpoints carry their RunConfig (training/checkpoint.py ``read_run_config``), so the model
-is rebuilt exactly as trained (normalization, EmbProj, sizes) in one process and the sharded weights
-are resharded into it by ``load_model_weights``, whatever layout saved them.
+is rebuilt exactly as trained (normalization, EmbProj, sizes) in one process, on Megatron-Core's
+local layer spec whatever the run used, and the sharded weights are resharded into it by
+``load_model_weights``, whatever layout saved them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -55,7 +56,9 @@ def _load_megatron(path: Path, device: torch.device, dtype: torch.dtype, label: 
     run_config = read_run_config(path)
     parallel.init_distributed(1, 1)
     platform.seed_everything(run_config.train.seed)
-    mcfg = model_config_for_one_process(path)
+    # Always the local spec: its norms are modules of their own, so hooks on a linear's input see
+    # the normalized activations (TE fuses the norm into the linear). Checkpoint keys are the same.
+    mcfg = replace(model_config_for_one_process(path), transformer_impl="local")
     model = build_gpt_model(mcfg, transformer_config(mcfg, params_dtype=torch.float32), seed=run_config.train.seed)
     load_model_weights(str(path), [model])
     model = model.to(device=device, dtype=dtype).eval()

@@ -80,6 +80,16 @@ class ModelParts:
         """The linears that read the final norm's output."""
         return [self.output_projection] if self.output_projection is not None else [self.output_layer]
 
+    def require_unfused_norms(self, purpose: str) -> None:
+        """Hooks on a linear's input see what its matmul multiplies only when the norm before it is a
+        module of its own: Transformer Engine's LayerNormLinear receives the *pre-norm* hidden state."""
+        if any(lp.attn_norm is None or lp.mlp_norm is None for lp in self.layers):
+            raise ValueError(
+                f"{purpose} needs each norm outside the linear that reads it, but this model fuses them "
+                "(Transformer Engine's LayerNormLinear sees the pre-norm input): build it with "
+                "model.transformer_impl=local, as megatron_osp.analysis.loading does"
+            )
+
     def named_linears(self) -> list[tuple[str, nn.Module]]:
         """Every linear layer inside the decoder layers, named ``layer_{k}.{role}`` (k from 1)."""
         return [

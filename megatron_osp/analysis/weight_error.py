@@ -108,6 +108,7 @@ def linear_weight_errors(
     """Each decoder linear's rounding error at ``bits`` (RTN per output channel) on the inputs it sees
     when the full-precision model reads ``windows`` (``[n, seq + 1]`` token windows)."""
     parts = model_parts(model)
+    parts.require_unfused_norms("measuring rounding error on the linears' inputs")
     device = next(parts.model.parameters()).device
     linears = parts.named_linears()
     acc = {name: RoundingErrorAccumulator(lin.weight, bits, group_size) for name, lin in linears}
