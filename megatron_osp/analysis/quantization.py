@@ -157,11 +157,15 @@ def weight_fake_quant_(linear: nn.Module, bits: int, group_size: int | None = No
     w.copy_(fake_quant(w.data, bits, group_size))
 
 
+# The keyword a linear's input may come by when it is not positional (Megatron's layers: input_).
+LINEAR_INPUT_KEYWORDS = ("input_", "input", "hidden_states", "x")
+
+
 def _quantize_first_arg(bits: int):
     def pre_hook(module, args, kwargs):
         if args:
             return (fake_quant(args[0], bits),) + tuple(args[1:]), kwargs
-        for key in ("input_", "input", "hidden_states", "x"):
+        for key in LINEAR_INPUT_KEYWORDS:
             if key in kwargs:
                 kwargs = dict(kwargs)
                 kwargs[key] = fake_quant(kwargs[key], bits)

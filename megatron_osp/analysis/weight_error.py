@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from megatron_osp.analysis.evaluation import perplexity
 from megatron_osp.analysis.gptq import iterate_batches
 from megatron_osp.analysis.model_parts import ModelParts, logits, model_parts
-from megatron_osp.analysis.quantization import fake_quant
+from megatron_osp.analysis.quantization import LINEAR_INPUT_KEYWORDS, fake_quant
 
 __all__ = ["LinearWeightError", "RoundingErrorAccumulator", "linear_weight_errors", "rounded_roles",
            "role_perplexities", "weight_error_report"]
@@ -91,7 +91,7 @@ def _role(name: str) -> str:
 def _first_tensor(args, kwargs) -> Tensor:
     if args and isinstance(args[0], Tensor):
         return args[0]
-    for key in ("input_", "input", "hidden_states", "x"):
+    for key in LINEAR_INPUT_KEYWORDS:
         if isinstance(kwargs.get(key), Tensor):
             return kwargs[key]
     raise RuntimeError("cannot find the input tensor of a linear layer")
