@@ -12,6 +12,7 @@ from megatron_osp.analysis.weight_error import (
     RoundingErrorAccumulator,
     linear_weight_errors,
     role_perplexities,
+    roles_of,
     rounded_roles,
     weight_error_report,
 )
@@ -102,8 +103,10 @@ def test_all_roles_rounded_equal_the_evaluations_weight_only_setting():
     with apply_setting(parts, parse_setting("4-16-16")):
         theirs = perplexity(parts, windows, batch_size=3).perplexity
     assert ours == pytest.approx(theirs, rel=1e-6)
-    per_role = role_perplexities(parts, windows, bits=4, batch_size=3)
-    assert list(per_role) == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    done = []
+    per_role = role_perplexities(parts, windows, bits=4, batch_size=3, progress=done.append)
+    assert list(per_role) == roles_of(parts) == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert sum(done) == len(per_role) * windows.shape[0]  # the tool's progress bar counts these windows
     for role, value in per_role.items():
         with rounded_roles(parts, {role}, 4):
             assert value == pytest.approx(perplexity(parts, windows, batch_size=3).perplexity, rel=1e-9), role

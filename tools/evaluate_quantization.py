@@ -84,6 +84,7 @@ def _run(args) -> int:
     from megatron_osp.analysis.loading import load_for_analysis
     from megatron_osp.analysis.quant_report import DEFAULT_SETTINGS, evaluate_model, format_table, write_report
     from megatron_osp.analysis.quantization import parse_setting
+    from megatron_osp.analysis.weight_error import roles_of
 
     if args.labels and len(args.labels) != len(args.models):
         print(f"error: --labels has {len(args.labels)} entries for {len(args.models)} models", file=sys.stderr)
@@ -134,7 +135,8 @@ def _run(args) -> int:
                 "settings": [s.name for s in settings],
             }
             print(f"held-out: {windows.shape[0]} x {seq} tokens from documents {held[0]}:{held[1]} of {args.data}")
-        bar = _progress(len(settings) * windows.shape[0], loaded.label)
+        passes = len(settings) + (len(roles_of(loaded.model)) if args.weight_error_windows > 0 else 0)
+        bar = _progress(passes * windows.shape[0], loaded.label)
         t0 = time.perf_counter()
         res = evaluate_model(
             loaded.model, loaded.label, windows, settings,

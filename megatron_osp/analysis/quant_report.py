@@ -76,7 +76,7 @@ def evaluate_model(
     weight_error = None
     if weight_error_windows > 0:
         weight_error = weight_error_report(parts, windows, weight_error_bits, batch_size=batch_size,
-                                           input_windows=weight_error_windows)
+                                           input_windows=weight_error_windows, progress=progress)
         log(f"  {label}: weight rounding at {weight_error_bits} bits, one role at a time: "
             + ", ".join(f"{role} ppl {r['ppl']:.4g}" for role, r in weight_error["roles"].items()))
     return {

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -31,7 +32,7 @@ from megatron_osp.analysis.model_parts import ModelParts, logits, model_parts
 from megatron_osp.analysis.quantization import LINEAR_INPUT_KEYWORDS, fake_quant
 
 __all__ = ["LinearWeightError", "RoundingErrorAccumulator", "linear_weight_errors", "rounded_roles",
-           "role_perplexities", "weight_error_report"]
+           "roles_of", "role_perplexities", "weight_error_report"]
 
 
 @dataclass
@@ -149,15 +150,20 @@ def role_perplexities(
     bits: int = 4,
     group_size: int | None = None,
     batch_size: int = 8,
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """Perplexity with only one role's weights rounded, by role (in the decoder's order)."""
     parts = model_parts(model)
-    roles = list(dict.fromkeys(_role(name) for name, _ in parts.named_linears()))
     out = {}
-    for role in roles:
+    for role in roles_of(parts):
         with rounded_roles(parts, {role}, bits, group_size):
-            out[role] = perplexity(parts, windows, batch_size).perplexity
+            out[role] = perplexity(parts, windows, batch_size, progress=progress).perplexity
     return out
+
+
+def roles_of(model: nn.Module | ModelParts) -> list[str]:
+    """The decoder's linear roles in order: qkv, o_proj, fc1, down_proj on Megatron models."""
+    return list(dict.fromkeys(_role(name) for name, _ in model_parts(model).named_linears()))
 
 
 def weight_error_report(
@@ -167,12 +173,14 @@ def weight_error_report(
     group_size: int | None = None,
     batch_size: int = 8,
     input_windows: int = 8,
+    progress: Callable[[int], None] | None = None,
 ) -> dict:
     """``{"bits", "group_size", "roles": {role: means over layers + "ppl"}, "linears": [...]}``: the
-    error terms on the first ``input_windows`` windows, the role perplexities on all of them."""
+    error terms on the first ``input_windows`` windows, the role perplexities on all of them
+    (``progress`` is called with the windows each perplexity batch has done)."""
     parts = model_parts(model)
     per_linear = linear_weight_errors(parts, windows[:input_windows], bits, group_size, batch_size)
-    ppl = role_perplexities(parts, windows, bits, group_size, batch_size)
+    ppl = role_perplexities(parts, windows, bits, group_size, batch_size, progress=progress)
     roles = {}
     for role, role_ppl in ppl.items():
         rows = [e for e in per_linear if e.role == role]
