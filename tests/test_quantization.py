@@ -279,6 +279,18 @@ def test_compare_runs_table_gets_the_quantization_columns(tmp_path):
     assert "ppl 4-4-4" in lines[0] and "4-4-4 degradation" in lines[0]
     assert lines[2].startswith("Adam + RMSNorm") and lines[2].rstrip().endswith("+30.5")
     assert lines[3].startswith("OSP (Muon + SSNorm + EmbProj)") and lines[3].rstrip().endswith("+1.25")
+    assert "4-16-16" not in table  # not measured: no column
+    # with the weights-only setting measured, its degradation comes last (one model lacks it: "-")
+    runs[0]["perplexity"]["4-16-16"] = 91.5
+    (tmp_path / "q.json").write_text(json.dumps({"meta": {}, "models": runs}))
+    lines = format_comparison([load_run(tmp_path / "adam"), load_run(tmp_path / "osp")],
+                              load_quantization(tmp_path / "q.json")).splitlines()
+    assert lines[0].rstrip().endswith("4-4-4 degradation  4-16-16 degradation")
+    assert lines[2].split()[-2:] == ["+30.5", "+1.5"] and lines[3].split()[-2:] == ["+1.25", "-"]
+    from megatron_osp.analysis.compare import _weights_only
+
+    assert [_weights_only(s) for s in ("4-4-4", "4-8-8-g32", "4-16-16", "4-4-4+had", "fp", "8-8-8")] == [
+        "4-16-16", "4-16-16-g32", None, None, None, "8-16-16"]
 
 
 def test_megatron_checkpoint_loads_for_analysis_with_the_same_logits(megatron_single_rank, tmp_path):

@@ -2,7 +2,8 @@
 """Print loss and excess kurtosis of finished runs side by side: compare_runs.py RUN_DIR [RUN_DIR ...].
 
 With --quantization EVAL_DIR/quantization.json (tools/evaluate_quantization.py on the same runs) the
-table adds held-out perplexity at full precision and at --setting (default 4-4-4) and the degradation.
+table adds held-out perplexity at full precision and at --setting (default 4-4-4) and the degradation
+(and, when the evaluation measured it, the weights-only part of it, e.g. 4-16-16).
 """
 
 import argparse

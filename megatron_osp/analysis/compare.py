@@ -3,7 +3,8 @@
 This is the table the quickstart ends with: an Adam+RMSNorm baseline next to an OSP model trained
 on the same tokens, with loss and the paper's excess kurtosis (mean and max over hidden states),
 and, given the quantization evaluation's JSON (tools/evaluate_quantization.py), held-out perplexity
-at full precision and at W4A4KV4 (4-4-4) with the degradation.
+at full precision and at W4A4KV4 (4-4-4) with the degradation, and the part of it that 4-bit
+weights alone cause (4-16-16).
 """
 
 from __future__ import annotations
@@ -52,17 +53,38 @@ def load_quantization(path: str | Path) -> dict[str, dict]:
     return {str(Path(m["path"]).resolve()): m for m in data["models"]}
 
 
-def _quant_cells(run: dict, quant: dict[str, dict] | None, setting: str) -> list[str]:
+def _weights_only(setting: str) -> str | None:
+    """"4-4-4" -> "4-16-16": the same weights with activations and KV cache left in full precision,
+    which splits a degradation into its weight and activation parts (None if there is nothing to split)."""
+    from megatron_osp.analysis.quantization import parse_setting
+
+    try:
+        s = parse_setting(setting)
+    except ValueError:
+        return None
+    if s.a_bits >= 16 and s.kv_bits >= 16 or s.w_bits >= 16 or s.rotate or s.ffn_hadamard or s.gptq:
+        return None
+    return f"{s.w_bits}-16-16" + (f"-g{s.w_group_size}" if s.w_group_size else "")
+
+
+def _quant_cells(run: dict, quant: dict[str, dict] | None, settings: list[str]) -> list[str]:
     model = (quant or {}).get(run.get("loaded_from") or str(Path(run.get("run_dir", "")).resolve()))
     if model is None:
-        return ["-", "-", "-"]
+        return ["-"] * (len(settings) + 2)
     ppl = model["perplexity"]
-    fp, q = ppl.get("fp", float("nan")), ppl.get(setting, float("nan"))
-    return [f"{fp:.2f}", f"{q:.4g}", f"{q - fp:+.4g}"]
+    fp, q = ppl.get("fp", float("nan")), ppl.get(settings[0], float("nan"))
+    cells = [f"{fp:.2f}", f"{q:.4g}", f"{q - fp:+.4g}"]
+    return cells + [f"{ppl[s] - fp:+.4g}" if s in ppl else "-" for s in settings[1:]]
 
 
 def format_comparison(runs: list[dict], quant: dict[str, dict] | None = None, setting: str = "4-4-4") -> str:
+    """Loss and kurtosis per run; with ``quant``, perplexity at fp and ``setting`` with the degradation,
+    and the weights-only degradation beside it when the evaluation measured it."""
     labels = [run_label(r) for r in runs]
+    settings = [setting]
+    weights_only = _weights_only(setting)
+    if quant and weights_only and any(weights_only in m["perplexity"] for m in quant.values()):
+        settings.append(weights_only)
     summary_rows = [
         [
             label,
@@ -73,12 +95,12 @@ def format_comparison(runs: list[dict], quant: dict[str, dict] | None = None, se
             f"{r['kurtosis_max']:.4f}",
             f"{max(r['kurtosis']['max_abs']):.3g}",
         ]
-        + (_quant_cells(r, quant, setting) if quant is not None else [])
+        + (_quant_cells(r, quant, settings) if quant is not None else [])
         for label, r in zip(labels, runs)
     ]
     header = ["run", "tokens", "train loss", "val loss", "kurtosis mean", "kurtosis max", "max |act|"]
     if quant is not None:
-        header += ["ppl fp", f"ppl {setting}", f"{setting} degradation"]
+        header += ["ppl fp", f"ppl {setting}", f"{setting} degradation"] + [f"{s} degradation" for s in settings[1:]]
     out = [_table(header, summary_rows)]
     names = runs[0]["kurtosis"]["names"]
     if all(r["kurtosis"]["names"] == names for r in runs):
