@@ -35,6 +35,31 @@ def test_bad_configuration_names_the_field(overrides, message):
         load_config(None, overrides)
 
 
+def test_values_are_checked_against_the_field_types(tmp_path):
+    """YAML 1.1 reads 1e-3 as a string; it used to reach the LR schedule and fail there with a bare
+    TypeError. Now floats take it as a number, and a value of the wrong type names its field."""
+    path = tmp_path / "run.yaml"
+    path.write_text("optimizer:\n  lr: 1e-3\n  muon_lr: 2e-2\ndata:\n  split: 100\n  weights: [1, 3e-1]\n")
+    cfg = load_config(path, ["optimizer.weight_decay=1e-2", "train.bf16=null"])
+    assert cfg.optimizer.lr == 0.001 and isinstance(cfg.optimizer.lr, float)
+    assert cfg.optimizer.muon_lr == 0.02 and cfg.optimizer.weight_decay == 0.01
+    assert cfg.data.split == "100" and cfg.data.weights == [1.0, 0.3] and cfg.train.bf16 is None
+    for override, message in (
+        ("train.train_steps=1e3", "train.train_steps must be an integer, got '1e3'"),
+        ("model.hidden_size=12.5", "model.hidden_size must be an integer"),
+        ("model.num_layers=true", "model.num_layers must be an integer"),
+        ("optimizer.lr=fast", "optimizer.lr must be a number"),
+        ("train.tensorboard=maybe", "train.tensorboard must be true or false"),
+        ("data.paths=corpus_text_document", r"data.paths must be a list"),
+        ("data.weights=[1, x]", r"data.weights\[1\] must be a number"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            load_config(None, [override])
+    path.write_text("train:\n  micro_batch_size: four\n")
+    with pytest.raises(ValueError, match=r"run.yaml: train.micro_batch_size must be an integer"):
+        load_config(path)
+
+
 def test_bad_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.yaml"):
         load_config(tmp_path / "missing.yaml")

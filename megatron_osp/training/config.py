@@ -7,12 +7,16 @@
     train:      steps, batch sizes, schedule, logging, kurtosis cadence, run directory, checkpoints
 
 Overrides are `section.field=value` strings (value parsed as YAML), e.g. `optimizer.name=muon`.
-An unknown section or field is an error that names it, never silently ignored.
+An unknown section or field is an error that names it, never silently ignored; so is a value of the
+wrong type (every value is checked against its field's annotation, from YAML and command line alike).
+YAML 1.1 reads `1e-3` (no decimal point) as a string: float fields take it as the number it spells.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,6 +122,50 @@ def _section_class(name: str):
     }[name]
 
 
+def _typed(value, hint, where: str, source: str):
+    """``value`` as the annotation ``hint`` wants it, or a ValueError naming ``where`` and ``source``.
+
+    Ints stay ints (a bool or a float is refused), floats take ints and numeric strings, strings take
+    numbers (``data.split: 100``), bools only bools; ``X | None`` takes None; lists are checked item by item.
+    """
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _typed(value, inner[0], where, source) if len(inner) == 1 else value
+    wrong = lambda kind: ValueError(f"{source}: {where} must be {kind}, got {value!r}")  # noqa: E731
+    if origin is list:
+        if not isinstance(value, list):
+            raise wrong("a list, e.g. [a, b]")
+        return [_typed(v, args[0], f"{where}[{i}]", source) for i, v in enumerate(value)] if args else value
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise wrong("true or false")
+    if hint is int:
+        if number and isinstance(value, int):
+            return value
+        raise wrong("an integer")
+    if hint is float:
+        if number:
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise wrong("a number")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if number:
+            return str(value)
+        raise wrong("a string")
+    return value
+
+
 def _build_section(name: str, values: dict, source: str):
     cls = _section_class(name)
     values = dict(values or {})
@@ -126,6 +174,8 @@ def _build_section(name: str, values: dict, source: str):
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"{source}: unknown field(s) {', '.join(name + '.' + u for u in unknown)}")
+    hints = typing.get_type_hints(cls)
+    values = {k: _typed(v, hints[k], f"{name}.{k}", source) for k, v in values.items()}
     if preset is not None:
         return get_preset(preset, **values)
     return cls(**values)
