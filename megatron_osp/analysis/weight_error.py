@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from megatron_osp.analysis.evaluation import perplexity
 from megatron_osp.analysis.gptq import iterate_batches
 from megatron_osp.analysis.model_parts import ModelParts, logits, model_parts
-from megatron_osp.analysis.quantization import LINEAR_INPUT_KEYWORDS, fake_quant
+from megatron_osp.analysis.quantization import LINEAR_INPUT_KEYWORDS, fake_quant, weight_fake_quant_
 
 __all__ = ["LinearWeightError", "RoundingErrorAccumulator", "linear_weight_errors", "rounded_roles",
            "roles_of", "role_perplexities", "weight_error_report"]
@@ -134,9 +134,8 @@ def rounded_roles(model: nn.Module | ModelParts, roles: set[str] | None, bits: i
     chosen = [lin for name, lin in parts.named_linears() if roles is None or _role(name) in roles]
     saved = [lin.weight.detach().clone() for lin in chosen]
     try:
-        with torch.no_grad():
-            for lin in chosen:
-                lin.weight.copy_(fake_quant(lin.weight.data, bits, group_size))
+        for lin in chosen:
+            weight_fake_quant_(lin, bits, group_size)
         yield parts
     finally:
         with torch.no_grad():
