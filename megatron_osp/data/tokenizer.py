@@ -15,6 +15,9 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
+from megatron_osp.data.flat import flatten as _flatten
+from megatron_osp.data.flat import split_flat
+
 
 class SentencePieceTokenizer:
     """The few calls preprocessing and training need; ``pad`` is -1 (none defined), see above.
@@ -61,17 +64,6 @@ class SentencePieceTokenizer:
 
     def decode(self, ids) -> str:
         return self._sp.decode(list(ids))
-
-
-def _flatten(ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-    flat = np.fromiter((t for x in ids for t in x), dtype=np.int64, count=int(lengths.sum()))
-    return flat, lengths
-
-
-def split_flat(flat: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
-    """``encode_flat``'s result as one array per text (views into ``flat``)."""
-    return np.split(flat, np.cumsum(lengths)[:-1]) if len(lengths) else []
 
 
 # End-of-document tokens of common HF tokenizers, tried in order when none is named.

@@ -23,6 +23,7 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
 from megatron_osp.data._word_cache import WordCache
+from megatron_osp.data.flat import split_flat
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +141,6 @@ class WordCacheEncoder:
         return self._cache.encode(prepared, [not a for a in ascii_])
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
-        from megatron_osp.data.tokenizer import split_flat
-
         return split_flat(*self.encode_flat(texts))
 
     def __len__(self) -> int:
