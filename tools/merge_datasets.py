@@ -3,6 +3,10 @@
 
     python tools/merge_datasets.py --input a_text_document b_text_document --output-prefix all_text_document
     python tools/merge_datasets.py --input-dir shards/ --output-prefix all_text_document
+
+A preprocessing output is merged as its manifest (PREFIX_<key>_document.shards.json) lists it: a
+sharded output's family prefix stands for its shards, and --input-dir never takes a dataset of such a
+family that the manifest does not list, nor temporary files.
 """
 
 import argparse
@@ -12,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_osp.data.merge import merge_datasets, prefixes_in  # noqa: E402
+from megatron_osp.data.shardset import os_error  # noqa: E402
 
 
 def main() -> int:
@@ -20,14 +25,28 @@ def main() -> int:
     src.add_argument("--input", nargs="+", help="dataset prefixes (path without .bin/.idx), in order")
     src.add_argument("--input-dir", help="merge every dataset in this directory, sorted by name")
     p.add_argument("--output-prefix", required=True)
+    p.add_argument("--tokenizer-model", default=None,
+                   help="check the dtype holds this tokenizer's ids and no input has an id outside its vocabulary")
     args = p.parse_args()
+    skipped: list[str] = []
     try:
-        inputs = args.input or prefixes_in(args.input_dir)
-        info = merge_datasets(inputs, args.output_prefix)
+        vocab = None
+        if args.tokenizer_model:
+            from megatron_osp.data.tokenizer import load_tokenizer
+
+            vocab = load_tokenizer(args.tokenizer_model).vocab_size
+        inputs = args.input or prefixes_in(args.input_dir, skipped)
+        info = merge_datasets(inputs, args.output_prefix, vocab_size=vocab)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         print("no output was written", file=sys.stderr)
         return 1
+    except OSError as e:  # unwritable output directory, disk full
+        print(f"error: {os_error(e)}", file=sys.stderr)
+        print("no output was written", file=sys.stderr)
+        return 1
+    for prefix in skipped:
+        print(f"skipped {prefix}: not in its preprocessing manifest (left over from an earlier run)")
     print(f"merged {info['datasets']} datasets: {info['sequences']:,} sequences, {info['tokens']:,} tokens "
           f"-> {args.output_prefix}.{{bin,idx}}")
     return 0

@@ -10,6 +10,10 @@ tokenizer.json. --max-shard-tokens splits the output into PREFIX_<key>_document_
 
 A bad record stops the run with file:line and leaves no output (--skip-bad-records: skip, count,
 report); a corrupt or truncated compressed file always stops it. Exit status 1 on bad input.
+
+The output is published as one unit when the whole run succeeded, with a manifest
+PREFIX_<key>_document.shards.json listing its datasets; the previous run's files of that prefix
+(sharded or not) are replaced then, and a failed run leaves them as they were.
 """
 
 import argparse
@@ -20,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_osp.data.preprocess import BadRecord, preprocess  # noqa: E402
+from megatron_osp.data.shardset import os_error  # noqa: E402
 
 SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst", ".zst", ".gz", ".parquet")
 
@@ -41,6 +46,18 @@ def expand_inputs(specs: list[str]) -> list[str]:
     return out
 
 
+def shard_tokens(value: str) -> int:
+    """--max-shard-tokens: a positive whole number of tokens (2e10 allowed)."""
+    try:
+        n = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not (n >= 1 and n == int(n) and n < float("inf")):
+        raise argparse.ArgumentTypeError(f"{value!r} must be a positive whole number of tokens "
+                                         "(leave the option out for one unsharded dataset)")
+    return int(n)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="files, globs or directories")
@@ -50,7 +67,7 @@ def main() -> int:
     p.add_argument("--json-keys", nargs="+", default=["text"], help="one output dataset per key")
     p.add_argument("--append-eod", action="store_true", help="end every document with the EOD token")
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--max-shard-tokens", type=float, default=None, help="split the output into shards of ~N tokens")
+    p.add_argument("--max-shard-tokens", type=shard_tokens, default=None, help="split the output into shards of ~N tokens")
     p.add_argument("--skip-bad-records", action="store_true", help="skip and count bad records instead of stopping")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-word-cache", action="store_true",
@@ -60,12 +77,16 @@ def main() -> int:
         stats = preprocess(
             expand_inputs(args.input), args.tokenizer_model, args.output_prefix, tuple(args.json_keys),
             args.append_eod, args.workers, args.skip_bad_records, progress=not args.no_progress,
-            max_shard_tokens=int(args.max_shard_tokens) if args.max_shard_tokens else None,
+            max_shard_tokens=args.max_shard_tokens,
             eod_token=args.eod_token, word_cache=not args.no_word_cache,
         )
     except (BadRecord, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        print("no output was written", file=sys.stderr)
+        print(f"no output was written; any earlier output of {args.output_prefix} is untouched", file=sys.stderr)
+        return 1
+    except OSError as e:  # unwritable output directory, unreadable input, disk full
+        print(f"error: {os_error(e)}", file=sys.stderr)
+        print(f"no output was written; any earlier output of {args.output_prefix} is untouched", file=sys.stderr)
         return 1
     print(stats.summary())
     return 0

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_osp.data.shardset import check_published
+
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 DTYPE_CODES = {
@@ -43,6 +45,17 @@ def token_dtype_for(vocab_size: int):
     return np.uint16 if vocab_size <= 65536 else np.int32
 
 
+def check_dtype_holds(dtype, vocab_size: int, where: str) -> None:
+    """Refuse a token dtype that cannot hold every id of a ``vocab_size`` vocabulary (``where``: the
+    file or dataset to name)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "iu":
+        raise ValueError(f"{where}: token dtype {dtype} is not an integer type; token ids cannot be stored in it")
+    if vocab_size - 1 > np.iinfo(dtype).max:
+        raise ValueError(f"{where}: token dtype {dtype} holds ids up to {np.iinfo(dtype).max}, but the vocabulary "
+                         f"has {vocab_size} (ids up to {vocab_size - 1}); it needs {np.dtype(token_dtype_for(vocab_size))}")
+
+
 class IndexedDatasetWriter:
     """Write documents (1-D token arrays) to ``<prefix>.bin`` / ``<prefix>.idx``, atomically."""
 
@@ -51,6 +64,10 @@ class IndexedDatasetWriter:
         self.dtype = np.dtype(dtype)
         if self.dtype not in _CODE_OF:
             raise ValueError(f"dtype {self.dtype} cannot be stored in an indexed dataset")
+        if self.dtype.kind not in "iu":
+            raise ValueError(f"{self.prefix}: token dtype {self.dtype} is not an integer type")
+        self.max_token_id = -1  # the largest id written (-1: none yet); cheap, the range check finds it
+        self.tokens_written = 0
         Path(self.prefix).parent.mkdir(parents=True, exist_ok=True)
         self._tmp_bin = f"{self.prefix}.bin.tmp{os.getpid()}"
         self._tmp_idx = f"{self.prefix}.idx.tmp{os.getpid()}"
@@ -77,7 +94,9 @@ class IndexedDatasetWriter:
             info = np.iinfo(self.dtype)
             if arr.min() < info.min or arr.max() > info.max:
                 raise ValueError(f"{self.prefix}: token ids {arr.min()}..{arr.max()} do not fit {self.dtype}")
+            self.max_token_id = max(self.max_token_id, int(arr.max()))
         self._bin.write(arr.astype(self.dtype, copy=False).tobytes(order="C"))
+        self.tokens_written += int(arr.size)
         self._lengths.append(int(arr.size))
         if self._doc_ends is not None:
             self._doc_ends.append(len(self._lengths))
@@ -95,8 +114,10 @@ class IndexedDatasetWriter:
             info = np.iinfo(self.dtype)
             if tokens.min() < info.min or tokens.max() > info.max:
                 raise ValueError(f"{self.prefix}: token ids {tokens.min()}..{tokens.max()} do not fit {self.dtype}")
+            self.max_token_id = max(self.max_token_id, int(tokens.max()))
         first = len(self._lengths)
         self._bin.write(tokens.astype(self.dtype, copy=False).tobytes(order="C"))
+        self.tokens_written += int(len(tokens))
         self._lengths.extend(lengths.astype(np.int32).tolist())
         if self._doc_ends is not None:
             self._doc_ends.extend(range(first + 1, len(self._lengths) + 1))
@@ -119,6 +140,7 @@ class IndexedDatasetWriter:
         first = len(self._lengths)
         with open(dataset.prefix + ".bin", "rb") as src:
             shutil.copyfileobj(src, self._bin, copy_bytes)
+        self.tokens_written += int(lengths.sum())
         self._lengths.extend(np.asarray(dataset.sequence_lengths, dtype=np.int32).tolist())
         docs = np.asarray(dataset.document_indices, dtype=np.int64)
         one_per_sequence = len(docs) == len(dataset) + 1 and np.array_equal(docs, np.arange(len(docs)))
@@ -199,6 +221,7 @@ class IndexedDataset:
         vectorized pass over the index, ~1 s per 10^8 sequences); off, only the last one is checked."""
         self.prefix = str(path_prefix)
         idx_path, bin_path = self.prefix + ".idx", self.prefix + ".bin"
+        check_published(self.prefix)  # a preprocessing output is read only as its manifest lists it
         for path in (idx_path, bin_path):
             if not os.path.exists(path):
                 raise FileNotFoundError(f"{path} does not exist")
@@ -237,6 +260,14 @@ class IndexedDataset:
                     f"{bin_path}: {bin_size} bytes but the index points to byte {end}; the data file "
                     "is truncated or belongs to another index"
                 )
+        if n_seq and verify_pointers:
+            # Megatron and we write sequences back to back, so the .bin is exactly the tokens; a
+            # dtype code changed to a narrower type (uint16 data read as uint8) leaves bytes over.
+            need = int(self.sequence_lengths.sum(dtype=np.int64)) * self.dtype.itemsize
+            if need != bin_size:
+                raise ValueError(
+                    f"{bin_path}: {bin_size} bytes, but {idx_path} accounts for {need} ({self.dtype} tokens); "
+                    "its dtype code does not match the data, or the files belong to different datasets")
         if n_doc and (self.document_indices[0] != 0 or self.document_indices[-1] != n_seq):
             raise ValueError(f"{idx_path}: document indices must run from 0 to {n_seq}")
         self._bin = np.memmap(bin_path, mode="r", dtype=np.uint8) if bin_size else np.zeros(0, np.uint8)

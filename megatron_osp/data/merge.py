@@ -3,6 +3,10 @@
 Document boundaries are kept (a Megatron dataset with several sequences per document stays so), the
 result is byte-identical to Megatron-Core's ``IndexedDatasetBuilder.add_index`` merge (tested), and it
 is written under temporary names and renamed at the end, so a failed merge leaves nothing.
+
+A preprocessing output with a manifest (megatron_osp/data/shardset.py) is merged as its manifest
+lists it: an input that names the family (``corpus_text_document`` of a sharded run) stands for its
+shards, and a directory gives only the listed datasets of such a family, never a leftover.
 """
 
 from __future__ import annotations
@@ -10,17 +14,28 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from megatron_osp.data.indexed import IndexedDataset, IndexedDatasetWriter
+
+from megatron_osp.data import shardset
+from megatron_osp.data.indexed import IndexedDataset, IndexedDatasetWriter, check_dtype_holds
 
 
-def merge_datasets(input_prefixes: list[str], output_prefix: str) -> dict:
-    """Write ``output_prefix``.{bin,idx} = the inputs in order. All inputs must share a dtype."""
+def merge_datasets(input_prefixes: list[str], output_prefix: str, vocab_size: int | None = None) -> dict:
+    """Write ``output_prefix``.{bin,idx} = the inputs in order. All inputs must share a dtype.
+
+    ``vocab_size``: also refuse a dtype that cannot hold that vocabulary's ids, and any input holding
+    an id outside it (one pass over the tokens), naming the dataset.
+    """
     if not input_prefixes:
         raise ValueError("no input datasets to merge")
+    input_prefixes = [p for prefix in input_prefixes for p in shardset.expand(prefix)]
     out = os.path.realpath(output_prefix)
     for prefix in input_prefixes:
         if os.path.realpath(prefix) == out:
             raise ValueError(f"{prefix}: the output prefix is also an input")
+    family = shardset.family_of(output_prefix)
+    if family is not None:
+        raise ValueError(f"{output_prefix}: belongs to the preprocessing output {shardset.manifest_path(family)} "
+                         "describes; merge into another prefix")
     datasets = [IndexedDataset(p) for p in input_prefixes]  # each validated on open, by name
     dtype = datasets[0].dtype
     for ds in datasets[1:]:
@@ -29,6 +44,24 @@ def merge_datasets(input_prefixes: list[str], output_prefix: str) -> dict:
                 f"{ds.prefix}: token dtype {ds.dtype} differs from {datasets[0].prefix}'s {dtype}; "
                 "datasets from tokenizers of different sizes cannot be merged"
             )
+    check_dtype_holds(dtype, 1, f"{datasets[0].prefix}.idx")  # an integer type at all
+    vocabs = {p: v for p in input_prefixes if (v := shardset.recorded_vocab_size(p)) is not None}
+    if len(set(vocabs.values())) > 1:
+        (a, va), (b, vb) = next(((x, y) for x in vocabs.items() for y in vocabs.items() if x[1] != y[1]))
+        raise ValueError(f"{b}: made with a tokenizer of {vb} ids, {a} with one of {va} (their manifests); "
+                         "datasets of different tokenizers cannot be merged")
+    if vocab_size is not None and vocabs and vocab_size != next(iter(vocabs.values())):
+        p, v = next(iter(vocabs.items()))
+        raise ValueError(f"{p}: made with a tokenizer of {v} ids (its manifest), not {vocab_size}")
+    vocab = vocab_size if vocab_size is not None else next(iter(vocabs.values()), None)
+    if vocab is not None:
+        check_dtype_holds(dtype, vocab, f"{datasets[0].prefix}.idx")
+    if vocab_size is not None:  # asked for: one pass over the tokens
+        for ds in datasets:
+            top = int(ds._bin.view(ds.dtype).max()) if len(ds._bin) else -1
+            if top >= vocab_size:
+                raise ValueError(f"{ds.prefix}.bin: holds token id {top}, outside the vocabulary of {vocab_size}")
+    shardset.clean_stale_temporaries(output_prefix)
     with IndexedDatasetWriter(output_prefix, dtype) as writer:
         for ds in datasets:
             writer.add_dataset(ds)
@@ -36,12 +69,18 @@ def merge_datasets(input_prefixes: list[str], output_prefix: str) -> dict:
     return {"datasets": len(datasets), "sequences": len(merged), "tokens": merged.num_tokens}
 
 
-def prefixes_in(directory: str | os.PathLike) -> list[str]:
-    """Every dataset (``*.idx`` with its ``.bin``) in a directory, sorted by name."""
+def prefixes_in(directory: str | os.PathLike, skipped: list[str] | None = None) -> list[str]:
+    """Every dataset (``*.idx`` with its ``.bin``) in a directory, sorted by name; of a preprocessing
+    output with a manifest, only the datasets it lists (the others are appended to ``skipped``)."""
     d = Path(directory)
     if not d.is_dir():
         raise FileNotFoundError(f"{d} is not a directory")
-    found = sorted(str(p)[:-4] for p in d.glob("*.idx"))
+    found, left_out = shardset.datasets_in_directory(d)
+    if skipped is not None:
+        skipped += left_out
     if not found:
-        raise FileNotFoundError(f"{d}: no .idx files")
+        raise FileNotFoundError(f"{d}: no .idx files" + (" outside what the manifests leave out" if left_out else ""))
     return found
+
+
+__all__ = ["merge_datasets", "prefixes_in"]

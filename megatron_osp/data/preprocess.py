@@ -3,14 +3,16 @@
 A bad record (malformed JSON, missing key, non-string or non-UTF-8 text) stops the run with
 ``file:line: reason`` and leaves no output, unless ``skip_bad_records`` is set, in which case it is
 counted and the first few locations are reported. A file that cannot be read on (corrupt or
-truncated compressed stream) always stops the run. Empty documents are counted and dropped. Output
-goes through the atomic writer, and shards already finished are removed if a later part fails, so
-a failed run leaves nothing that looks finished.
+truncated compressed stream) always stops the run. Empty documents are counted and dropped.
+
+The output is one unit (megatron_osp/data/shardset.py): every dataset of every key is written into a
+stage directory and published together, with a manifest ``<prefix>_<key>_document.shards.json``,
+only when the whole run succeeded; publishing removes the earlier run's files of those names
+(sharded or not). A failed or killed run leaves the earlier output untouched.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections import deque
@@ -21,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from megatron_osp.data.indexed import IndexedDatasetWriter, token_dtype_for
-from megatron_osp.data.readers import BadRecord, CorruptInput, record_chunks
+from megatron_osp.data.readers import BadRecord, CorruptInput, parse_json_record, record_chunks
+from megatron_osp.data.shardset import Stage
 from megatron_osp.data.tokenizer import load_tokenizer
 
 __all__ = ["BadRecord", "CorruptInput", "PreprocessStats", "output_prefix_for", "preprocess"]
@@ -37,6 +40,7 @@ class PreprocessStats:
     bad_locations: list[str] = field(default_factory=list)
     seconds: float = 0.0
     outputs: list[str] = field(default_factory=list)  # dataset prefixes written
+    notes: list[str] = field(default_factory=list)  # stale temporaries of dead runs removed or left
 
     def summary(self) -> str:
         rate = self.documents / max(self.seconds, 1e-9)
@@ -48,6 +52,7 @@ class PreprocessStats:
         ]
         if len(self.outputs) > 1:
             lines.append(f"wrote {len(self.outputs)} datasets: {self.outputs[0]} ... {self.outputs[-1]}")
+        lines += self.notes
         if self.bad_records:
             lines.append(f"bad records skipped: {self.bad_records:,} (first: {', '.join(self.bad_locations)})")
         return "\n".join(lines)
@@ -61,23 +66,6 @@ def _init_worker(model_file: str, eod_token: str | None, in_pool: bool = False, 
     if in_pool:  # one process per worker already; Rust threads on top would oversubscribe the cores
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _TOKENIZER = load_tokenizer(model_file, eod_token, word_cache)
-
-
-def _parse(location: str, line: str, keys: list[str]) -> list[str] | BadRecord:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        return BadRecord(f"{location}: malformed JSON ({e.msg} at column {e.colno})")
-    if not isinstance(record, dict):
-        return BadRecord(f"{location}: expected a JSON object, got {type(record).__name__}")
-    texts = []
-    for key in keys:
-        if key not in record:
-            return BadRecord(f"{location}: missing key {key!r}")
-        if not isinstance(record[key], str):
-            return BadRecord(f"{location}: key {key!r} is {type(record[key]).__name__}, not a string")
-        texts.append(record[key])
-    return texts
 
 
 @dataclass
@@ -101,7 +89,7 @@ def _tokenize_chunk(args) -> _Chunk:
     one array per document between processes) cost more than the encoding itself.
     """
     path, first, items, keys, append_eod = args
-    parsed = [_parse(f"{path}:{first + i}", item, keys) if isinstance(item, str) else item
+    parsed = [parse_json_record(f"{path}:{first + i}", item, keys) if isinstance(item, str) else item
               for i, item in enumerate(items)]
     bad = [p for p in parsed if isinstance(p, BadRecord)]
     good = [p for p in parsed if not isinstance(p, BadRecord)] if bad else parsed
@@ -143,18 +131,26 @@ def output_prefix_for(output_prefix: str, key: str, shard: int | None = None) ->
 
 
 class _ShardedOutput:
-    """One writer per key; with ``max_shard_tokens``, a new shard starts after a document takes the
-    current one (first key) past the limit. Finished shards are tracked so a failure removes them."""
+    """One writer per key, all inside the run's stage directory; with ``max_shard_tokens``, a new
+    shard starts after a document takes the current one (first key) past the limit. ``publish``
+    moves every finished dataset into place at once; ``abort`` drops the stage."""
 
     def __init__(self, output_prefix: str, keys, dtype, max_shard_tokens: int | None):
-        self.output_prefix, self.keys, self.dtype = output_prefix, tuple(keys), dtype
+        self.keys, self.dtype = tuple(keys), dtype
         self.max_shard_tokens = max_shard_tokens
         self.shard = 0 if max_shard_tokens else None
-        self.finished: list[str] = []
-        self._open()
+        self.stage = Stage(output_prefix)  # makes the directory; refuses an unwritable one up front
+        self.output_prefix = output_prefix
+        self.finished: dict[str, list[dict]] = {k: [] for k in self.keys}
+        try:
+            self._open()
+        except BaseException:
+            self.stage.abort()
+            raise
 
     def _open(self) -> None:
-        self.writers = {k: IndexedDatasetWriter(output_prefix_for(self.output_prefix, k, self.shard), self.dtype)
+        self.writers = {k: IndexedDatasetWriter(self.stage.staged(output_prefix_for(self.output_prefix, k, self.shard)),
+                                                self.dtype)
                         for k in self.keys}
         self.shard_tokens = 0
 
@@ -183,24 +179,26 @@ class _ShardedOutput:
     def _finish_shard(self) -> None:
         for key, w in self.writers.items():
             w.finalize()
-            self.finished.append(output_prefix_for(self.output_prefix, key, self.shard))
+            self.finished[key].append({
+                "name": os.path.basename(w.prefix), "documents": w.num_documents,
+                "tokens": int(w.tokens_written), "max_token_id": int(w.max_token_id)})
 
-    def finalize(self) -> None:
-        if self.shard is None or self.shard_tokens or not self.finished:
+    def finalize(self, info: dict) -> list[str]:
+        """Finish the last shard and publish the whole output; returns the published prefixes."""
+        if self.shard is None or self.shard_tokens or not self.finished[self.keys[0]]:
             self._finish_shard()
         else:  # the last document filled the previous shard exactly: no empty trailing shard
             for w in self.writers.values():
                 w.abort()
+        families = {output_prefix_for(self.output_prefix, k): self.finished[k] for k in self.keys}
+        self.stage.publish(families, info)
+        return [os.path.join(os.path.dirname(self.output_prefix), d["name"])
+                for k in self.keys for d in self.finished[k]]
 
     def abort(self) -> None:
         for w in self.writers.values():
             w.abort()
-        for prefix in self.finished:
-            for ext in (".bin", ".idx"):
-                try:
-                    os.remove(prefix + ext)
-                except FileNotFoundError:
-                    pass
+        self.stage.abort()
 
 
 def preprocess(
@@ -241,7 +239,7 @@ def preprocess(
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist")
     output = _ShardedOutput(output_prefix, json_keys, token_dtype_for(tokenizer.vocab_size), max_shard_tokens)
-    stats = PreprocessStats()
+    stats = PreprocessStats(notes=list(output.stage.notes))
     start = time.perf_counter()
     bar = None
     if progress:
@@ -274,7 +272,10 @@ def preprocess(
                     bar.set_postfix(tok_s=f"{stats.tokens / elapsed:,.0f}", MB_s=f"{stats.bytes / 1e6 / elapsed:.1f}")
         if stats.documents == 0:
             raise BadRecord(f"{paths[0]}: no non-empty documents in the input")
-        output.finalize()
+        outputs = output.finalize({
+            "tokenizer": os.path.abspath(tokenizer_model), "vocab_size": int(tokenizer.vocab_size),
+            "dtype": np.dtype(output.dtype).name, "inputs": [str(p) for p in paths],
+            "append_eod": bool(append_eod), "max_shard_tokens": max_shard_tokens})
     except BaseException:
         output.abort()
         raise
@@ -284,5 +285,5 @@ def preprocess(
         if bar is not None:
             bar.close()
     stats.seconds = time.perf_counter() - start
-    stats.outputs = list(output.finished)
+    stats.outputs = outputs
     return stats

@@ -1,7 +1,8 @@
 """Corpus files as records with their locations: JSON lines (plain, .gz, .zst) and Parquet.
 
 Every record carries ``file:line`` (``file:row N`` for Parquet) so an error can say where it is. A
-record that cannot be used (bad JSON, bad UTF-8, a null) is a ``BadRecord`` the caller may skip; a
+record that cannot be used (bad JSON, bad UTF-8, a lone surrogate, a null) is a ``BadRecord`` the
+caller may skip; a
 file that cannot be read on (corrupt or truncated compressed stream, unreadable Parquet, a missing
 column) raises ``CorruptInput``, which is never skippable: what follows it is unknown.
 
@@ -12,6 +13,8 @@ here and an unfinished frame at the end of the file is an error, not a short cor
 from __future__ import annotations
 
 import gzip
+import json
+import re
 import zlib
 from pathlib import Path
 
@@ -24,6 +27,41 @@ class BadRecord(ValueError):
 
 class CorruptInput(BadRecord):
     """The file cannot be read past this point; never skipped."""
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def text_problem(text: str) -> str | None:
+    """Why ``text`` cannot be tokenized, or None. JSON's ``\\ud800`` escapes decode to lone surrogates,
+    which are not Unicode characters: no UTF-8 form, and SentencePiece's binding cannot take them."""
+    m = _SURROGATE.search(text)
+    if m is None:
+        return None
+    return f"lone surrogate \\u{ord(m.group()):04x} at character {m.start()} (not valid Unicode)"
+
+
+def parse_json_record(location: str, line: str, keys: list[str]) -> list[str] | BadRecord:
+    """A JSON line -> its texts (one per key), or the ``BadRecord`` saying why not."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        return BadRecord(f"{location}: malformed JSON ({e.msg} at column {e.colno})")
+    if not isinstance(record, dict):
+        return BadRecord(f"{location}: expected a JSON object, got {type(record).__name__}")
+    texts = []
+    for key in keys:
+        if key not in record:
+            return BadRecord(f"{location}: missing key {key!r}")
+        if not isinstance(record[key], str):
+            return BadRecord(f"{location}: key {key!r} is {type(record[key]).__name__}, not a string")
+        texts.append(record[key])
+    if "\\u" in line:  # only an escape can give a surrogate: strict UTF-8 decoding refuses them
+        for key, text in zip(keys, texts):
+            problem = text_problem(text)
+            if problem:
+                return BadRecord(f"{location}: key {key!r} holds a {problem}")
+    return texts
 
 
 def input_format(path: Path) -> str:
@@ -128,12 +166,16 @@ def parquet_chunks(path: Path, keys: list[str], chunk_size: int):
     row = 1
     try:
         for batch in pf.iter_batches(batch_size=chunk_size, columns=list(keys)):
-            values = [batch.column(k).to_pylist() for k in keys]
+            values = [_column_values(batch.column(k)) for k in keys]
             items = []
             for i, texts in enumerate(zip(*values)):
                 bad = next(((k, t) for k, t in zip(keys, texts) if not isinstance(t, str)), None)
                 if bad is None:
                     items.append(list(texts))
+                elif isinstance(bad[1], UnicodeDecodeError):
+                    e = bad[1]
+                    items.append(BadRecord(f"{path}:row {row + i}: key {bad[0]!r} is not valid UTF-8 "
+                                           f"({e.reason} at byte {e.start})"))
                 else:
                     kind = "null" if bad[1] is None else f"{type(bad[1]).__name__}, not a string"
                     items.append(BadRecord(f"{path}:row {row + i}: key {bad[0]!r} is {kind}"))
@@ -141,6 +183,23 @@ def parquet_chunks(path: Path, keys: list[str], chunk_size: int):
             row += len(items)
     except (pa.ArrowException, OSError) as e:
         raise CorruptInput(f"{path}: corrupt Parquet data after row {row - 1}: {e}") from None
+
+
+def _column_values(column) -> list:
+    """A column's Python values; a string column holding invalid UTF-8 (Arrow does not check it when
+    reading Parquet) gives that row's ``UnicodeDecodeError`` in place of its text."""
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError:
+        import pyarrow as pa
+
+        out = []
+        for raw in column.cast(pa.binary()).to_pylist():
+            try:
+                out.append(raw if raw is None else raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                out.append(e)
+        return out
 
 
 def record_chunks(path: Path, keys: list[str], chunk_size: int):

@@ -1,0 +1,264 @@
+"""A preprocessing run's output as one unit: staged in full, then published together with a manifest.
+
+For an output family ``F = <prefix>_<key>_document`` the files are::
+
+    F.bin / F.idx                       the unsharded output, or
+    F_00000.bin / F_00000.idx, ...      its shards
+    F.shards.json                       the manifest: the datasets the last run published, with sizes
+    .<prefix name>.stage-<host>-<pid>/  a run in progress: its whole output, under the final names
+
+A run writes only inside its stage directory. When every shard of every key is finished, ``publish``
+(holding a lock on the directory) marks each manifest "publishing", removes the family's previous
+files (unsharded and sharded alike, so no shard of an earlier run survives), renames the staged files
+in and writes the manifest "complete". A run that fails or is killed before that point leaves the
+earlier output as it was; the publish itself is only unlinks and renames inside one directory, and if
+even that is cut short the manifest still says "publishing", which readers refuse by name.
+
+Readers honour the manifest: ``IndexedDataset`` refuses a family member the manifest does not list, or
+whose size differs from it, and ``merge_datasets --input-dir`` takes only the listed datasets. Stage
+directories of dead runs (same host, pid gone) and the writer's ``.tmp<pid>`` files of dead runs are
+removed when the next run or merge on that prefix starts; ones from another host are named only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import time
+from pathlib import Path
+
+MANIFEST_SUFFIX = ".shards.json"
+FORMAT = 1
+_SHARD = re.compile(r"^(?P<family>.+)_\d{5}$")
+
+
+def os_error(e: OSError) -> str:
+    """One line for an OSError: the path and the reason (no traceback)."""
+    where = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 else "") if e.filename else ""
+    return f"{where}: {e.strerror or e}" if where else str(e)
+
+
+def manifest_path(family: str | os.PathLike) -> str:
+    return f"{family}{MANIFEST_SUFFIX}"
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+
+
+def pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _write_json(path: str, data: dict) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_manifest(family: str) -> dict:
+    """The manifest of ``family``, checked for form; errors name the file."""
+    path = manifest_path(family)
+    try:
+        with open(path) as f:
+            m = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a readable shard manifest ({e}); rerun preprocessing") from None
+    ok = (isinstance(m, dict) and m.get("format") == FORMAT and m.get("state") in ("publishing", "complete")
+          and isinstance(m.get("datasets"), list)
+          and all(isinstance(d, dict) and isinstance(d.get("name"), str) for d in m["datasets"]))
+    if not ok:
+        raise ValueError(f"{path}: not a shard manifest of format {FORMAT}; rerun preprocessing")
+    return m
+
+
+def family_of(prefix: str | os.PathLike) -> str | None:
+    """The family whose manifest covers the dataset ``prefix`` (itself or its shard name), or None."""
+    prefix = str(prefix)
+    if os.path.exists(manifest_path(prefix)):
+        return prefix
+    m = _SHARD.match(prefix)
+    if m and os.path.exists(manifest_path(m.group("family"))):
+        return m.group("family")
+    return None
+
+
+def _listed(family: str) -> tuple[dict, dict[str, dict]]:
+    m = read_manifest(family)
+    if m["state"] != "complete":
+        raise ValueError(
+            f"{manifest_path(family)}: the run that wrote {family} was interrupted while publishing "
+            "(state 'publishing'); its files are a mix of two runs: rerun preprocessing")
+    return m, {d["name"]: d for d in m["datasets"]}
+
+
+def check_published(prefix: str | os.PathLike) -> None:
+    """Refuse a dataset that its family's manifest does not list, or whose files changed size since."""
+    prefix = str(prefix)
+    family = family_of(prefix)
+    if family is None:
+        return
+    _, listed = _listed(family)
+    name = os.path.basename(prefix)
+    if name not in listed:
+        if name == os.path.basename(family):
+            shards = list(listed)
+            raise FileNotFoundError(
+                f"{prefix}: this output is sharded; {manifest_path(family)} lists {len(shards)} datasets "
+                f"({shards[0]} ... {shards[-1]}): give those, or merge them with tools/merge_datasets.py")
+        raise ValueError(f"{prefix}: not among the datasets {manifest_path(family)} lists (left over from an "
+                         "earlier run?); remove it or rerun preprocessing")
+    for ext in (".bin", ".idx"):
+        want = listed[name].get(ext[1:] + "_bytes")
+        if want is not None and os.path.exists(prefix + ext) and os.path.getsize(prefix + ext) != want:
+            raise ValueError(f"{prefix}{ext}: {os.path.getsize(prefix + ext)} bytes, but {manifest_path(family)} "
+                             f"published it with {want}; it was changed or replaced since")
+
+
+def expand(prefix: str | os.PathLike) -> list[str]:
+    """A family prefix -> the datasets its manifest lists (in order); any other prefix -> itself."""
+    prefix = str(prefix)
+    if not os.path.exists(manifest_path(prefix)):
+        return [prefix]
+    _, listed = _listed(prefix)
+    return [os.path.join(os.path.dirname(prefix), name) for name in listed]
+
+
+def recorded_vocab_size(prefix: str | os.PathLike) -> int | None:
+    """The tokenizer vocabulary size the manifest of ``prefix``'s family records, if any."""
+    family = family_of(prefix)
+    if family is None:
+        return None
+    v = _listed(family)[0].get("vocab_size")
+    return v if isinstance(v, int) else None
+
+
+def datasets_in_directory(directory: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """Every dataset (``*.idx``) of a directory, sorted by name, where a manifest decides for its
+    family: listed datasets only. Returns (datasets, family files skipped as not listed)."""
+    d = Path(directory)
+    found = sorted(str(p)[:-4] for p in d.glob("*.idx"))
+    keep, skipped = [], []
+    for prefix in found:
+        family = family_of(prefix)
+        if family is None:
+            keep.append(prefix)
+            continue
+        _, listed = _listed(family)
+        if os.path.basename(prefix) in listed:
+            check_published(prefix)
+            keep.append(prefix)
+        else:
+            skipped.append(prefix)
+    for m in sorted(d.glob("*" + MANIFEST_SUFFIX)):  # a listed dataset that is missing is an error
+        family = str(m)[: -len(MANIFEST_SUFFIX)]
+        for name in _listed(family)[1]:
+            if not os.path.exists(os.path.join(d, name + ".idx")):
+                raise FileNotFoundError(f"{m}: lists {name}, but {name}.idx is missing")
+    return keep, skipped
+
+
+_WRITER_TMP = re.compile(r"^(?P<name>.+)\.(bin|idx)\.tmp(?P<pid>\d+)$")
+
+
+def clean_stale_temporaries(prefix: str | os.PathLike) -> list[str]:
+    """Remove temporaries of dead runs on ``prefix`` (this prefix's stage directories, and writer
+    ``.tmp<pid>`` files of names starting with its name); returns what was removed or left, as notes."""
+    prefix = str(prefix)
+    d, base = os.path.dirname(prefix) or ".", os.path.basename(prefix)
+    if not os.path.isdir(d):
+        return []
+    stage = re.compile(rf"^\.{re.escape(base)}\.stage-(?P<host>.+)-(?P<pid>\d+)$")
+    notes = []
+    for name in sorted(os.listdir(d)):
+        path = os.path.join(d, name)
+        m = stage.match(name)
+        if m:
+            if m.group("host") != _host():
+                notes.append(f"left {path}: a run on host {m.group('host')} (remove it if that run is over)")
+            elif not pid_alive(int(m.group("pid"))):
+                shutil.rmtree(path, ignore_errors=True)
+                notes.append(f"removed {path}, left by a run that did not finish (pid {m.group('pid')})")
+            continue
+        m = _WRITER_TMP.match(name)
+        if m and (m.group("name") == base or m.group("name").startswith(base + "_")) and not pid_alive(int(m.group("pid"))):
+            os.unlink(path)
+            notes.append(f"removed {path}, left by a run that did not finish (pid {m.group('pid')})")
+    return notes
+
+
+class Stage:
+    """The directory a run writes into; ``publish`` moves its datasets into place as one unit."""
+
+    def __init__(self, output_prefix: str | os.PathLike):
+        self.output_prefix = str(output_prefix)
+        self.directory = os.path.dirname(os.path.abspath(self.output_prefix))
+        self.base = os.path.basename(self.output_prefix)
+        if not self.base:
+            raise ValueError(f"output prefix {output_prefix!r} names a directory, not a file prefix")
+        os.makedirs(self.directory, exist_ok=True)
+        self.notes = clean_stale_temporaries(os.path.join(self.directory, self.base))
+        self.path = os.path.join(self.directory, f".{self.base}.stage-{_host()}-{os.getpid()}")
+        shutil.rmtree(self.path, ignore_errors=True)
+        os.mkdir(self.path)
+
+    def staged(self, final_prefix: str) -> str:
+        """Where the dataset ``final_prefix`` (in the output directory) is written during the run."""
+        return os.path.join(self.path, os.path.basename(final_prefix))
+
+    def final(self, staged_prefix: str) -> str:
+        return os.path.join(os.path.dirname(self.output_prefix), os.path.basename(staged_prefix))
+
+    def abort(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def publish(self, families: dict[str, list[dict]], info: dict) -> None:
+        """``families``: final family prefix -> its datasets (dicts with ``name`` and counts), all
+        finished in the stage. Replaces each family's earlier files and manifest as described above."""
+        import fcntl
+
+        fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # two runs on one prefix publish one after the other
+            for family, datasets in families.items():
+                _write_json(manifest_path(family), {"format": FORMAT, "state": "publishing", "datasets": []})
+            names = os.listdir(self.directory)
+            for family in families:
+                member = re.compile(rf"^{re.escape(os.path.basename(family))}(_\d{{5}})?\.(bin|idx)$")
+                for name in names:
+                    if member.match(name):
+                        os.unlink(os.path.join(self.directory, name))
+            for family, datasets in families.items():
+                for ds in datasets:
+                    src = os.path.join(self.path, ds["name"])
+                    ds["bin_bytes"], ds["idx_bytes"] = os.path.getsize(src + ".bin"), os.path.getsize(src + ".idx")
+                    os.replace(src + ".bin", os.path.join(self.directory, ds["name"] + ".bin"))
+                    os.replace(src + ".idx", os.path.join(self.directory, ds["name"] + ".idx"))
+            for family, datasets in families.items():
+                _write_json(manifest_path(family), {
+                    "format": FORMAT, "state": "complete", "datasets": datasets,
+                    "published": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **info})
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.abort()
