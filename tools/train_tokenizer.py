@@ -1,6 +1,11 @@
 #!/usr/bin/env python
 """Train a SentencePiece (BPE or unigram, byte fallback) tokenizer on a sample of a corpus
-(JSON lines plain/.gz/.zst or Parquet)."""
+(JSON lines plain/.gz/.zst or Parquet).
+
+A bad record (malformed JSON, missing --json-key, non-string text, invalid UTF-8 or a lone surrogate)
+stops training with file:line unless --skip-bad-records. --vocab-size must leave room for byte
+fallback: 259 ids (256 byte pieces + <unk>, <s>, </s>) plus one per character of the corpus.
+"""
 
 import argparse
 import sys
@@ -8,27 +13,36 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_osp.data.shardset import os_error  # noqa: E402
 from megatron_osp.data.tokenizer import SentencePieceTokenizer, train_sentencepiece  # noqa: E402
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="corpus file: .jsonl, .jsonl.gz, .jsonl.zst or .parquet")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")
-    p.add_argument("--vocab-size", type=int, required=True)
+    p.add_argument("--vocab-size", type=int, required=True,
+                   help="at least 259 (byte fallback and specials) + the corpus's distinct characters")
     p.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
     p.add_argument("--json-key", default="text")
     p.add_argument("--sample-documents", type=int, default=None, help="train on the first N documents")
     p.add_argument("--character-coverage", type=float, default=0.9995)
+    p.add_argument("--skip-bad-records", action="store_true", help="skip bad records instead of stopping")
     args = p.parse_args()
+    skipped: list[str] = []
     try:
         model = train_sentencepiece(
             args.input, args.output_prefix, args.vocab_size, args.model_type, args.json_key,
-            args.sample_documents, args.character_coverage,
+            args.sample_documents, args.character_coverage, skip_bad_records=args.skip_bad_records, skipped=skipped,
         )
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # unwritable output directory, unreadable input
+        print(f"error: {os_error(e)}", file=sys.stderr)
+        return 1
+    if skipped:
+        print(f"bad records skipped: {len(skipped):,} (first: {skipped[0]})")
     tok = SentencePieceTokenizer(model)
     print(f"wrote {model} (vocab {tok.vocab_size}, eod id {tok.eod})")
     return 0

@@ -8,7 +8,6 @@ so no real token is ever masked as padding.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import sentencepiece as spm
 
 from megatron_osp.data.flat import flatten as _flatten
 from megatron_osp.data.flat import split_flat
+from megatron_osp.data.sp_training import train_sentencepiece  # noqa: F401  (its home before sp_training.py)
 
 
 class SentencePieceTokenizer:
@@ -134,99 +134,3 @@ def load_tokenizer(path: str | os.PathLike, eod_token: str | None = None, word_c
     if eod_token is not None:
         raise ValueError(f"--eod-token applies to Hugging Face tokenizers; {p} is SentencePiece (its EOD is </s>)")
     return SentencePieceTokenizer(p, word_cache=word_cache)
-
-
-def _training_lines(corpus: Path, key: str, max_documents: int | None, errors: list):
-    """Documents split into lines: SentencePiece skips 'sentences' longer than a few KB.
-
-    Any input format preprocessing reads (JSON lines plain/.gz/.zst, Parquet). A bad record ends
-    the iteration and is put in ``errors``: raised inside the iterator, it would come back out of
-    SentencePiece's C++ as an opaque RuntimeError.
-    """
-    from megatron_osp.data.readers import BadRecord, record_chunks
-
-    n = 0
-    try:
-        for path, first, items, _ in record_chunks(corpus, [key], 256):
-            for i, item in enumerate(items):
-                if max_documents is not None and n >= max_documents:
-                    return
-                n += 1
-                if isinstance(item, BadRecord):
-                    raise item
-                if isinstance(item, list):
-                    text = item[0]
-                else:
-                    try:
-                        record = json.loads(item)
-                    except json.JSONDecodeError as e:
-                        raise BadRecord(f"{path}:{first + i}: malformed JSON ({e.msg} at column {e.colno})") from None
-                    text = record.get(key) if isinstance(record, dict) else None
-                if isinstance(text, str):
-                    for part in text.splitlines():
-                        if part.strip():
-                            yield part
-    except BadRecord as e:
-        errors.append(ValueError(str(e)))
-
-
-def train_sentencepiece(
-    input_jsonl: str | os.PathLike,
-    output_prefix: str | os.PathLike,
-    vocab_size: int,
-    model_type: str = "bpe",
-    json_key: str = "text",
-    sample_documents: int | None = None,
-    character_coverage: float = 0.9995,
-) -> Path:
-    """Train a byte-fallback BPE/unigram model; writes ``<output_prefix>.model`` atomically."""
-    if model_type not in ("bpe", "unigram"):
-        raise ValueError(f"--model-type must be 'bpe' or 'unigram', got {model_type!r}")
-    input_jsonl, output_prefix = Path(input_jsonl), Path(output_prefix)
-    if not input_jsonl.exists():
-        raise FileNotFoundError(f"{input_jsonl} does not exist")
-    output_prefix.parent.mkdir(parents=True, exist_ok=True)
-    if vocab_size < 260:
-        raise ValueError(f"vocab_size must be >= 260 (256 byte-fallback pieces + specials), got {vocab_size}")
-    tmp_prefix = output_prefix.with_name(output_prefix.name + f".tmp{os.getpid()}")
-    try:
-        _train(input_jsonl, json_key, sample_documents, tmp_prefix, vocab_size, model_type, character_coverage)
-        # Not with_suffix(): a prefix such as "tok.v2" must give "tok.v2.model".
-        model = Path(f"{output_prefix}.model")
-        os.replace(f"{tmp_prefix}.vocab", f"{output_prefix}.vocab")
-        os.replace(f"{tmp_prefix}.model", model)
-    finally:
-        for ext in (".model", ".vocab"):
-            if os.path.exists(f"{tmp_prefix}{ext}"):
-                os.unlink(f"{tmp_prefix}{ext}")
-    return model
-
-
-def _train(input_jsonl, json_key, sample_documents, tmp_prefix, vocab_size, model_type, character_coverage):
-    errors: list[Exception] = []
-    try:
-        _run_trainer(_training_lines(input_jsonl, json_key, sample_documents, errors), tmp_prefix, vocab_size,
-                     model_type, character_coverage)
-    except RuntimeError as e:
-        if errors:
-            raise errors[0] from e
-        raise
-    if errors:
-        raise errors[0]
-
-
-def _run_trainer(lines, tmp_prefix, vocab_size, model_type, character_coverage):
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=lines,
-        model_prefix=str(tmp_prefix),
-        vocab_size=vocab_size,
-        model_type=model_type,
-        byte_fallback=True,
-        character_coverage=character_coverage,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        num_threads=os.cpu_count() or 1,
-        minloglevel=2,
-    )

@@ -1,0 +1,168 @@
+"""Training a byte-fallback SentencePiece model (BPE or unigram) on a corpus preprocessing can read.
+
+Records are read as preprocessing reads them (megatron_osp/data/readers.py): a malformed line, a
+missing ``json_key``, a non-string or invalid text (bad UTF-8, a lone surrogate) is a bad record named
+``file:line``, which stops training unless ``skip_bad_records``. SentencePiece's own refusals of a
+vocabulary size are turned into messages that say what the size must be: byte fallback takes 259
+ids (256 byte pieces, <unk>, <s>, </s>) plus one per character the coverage keeps. The model is
+written under temporary names and renamed at the end, and the output directory is checked writable
+before any work.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import sentencepiece as spm
+
+from megatron_osp.data.readers import BadRecord, parse_json_record, record_chunks
+
+META_PIECES = 259  # 256 byte-fallback pieces + <unk>, <s>, </s>
+_TOO_SMALL = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)")
+_TOO_HIGH = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)")
+
+
+class _Reading:
+    """The training text of a corpus, as lines; what went wrong is kept for after SentencePiece."""
+
+    def __init__(self, corpus: Path, key: str, max_documents: int | None, skip_bad_records: bool):
+        self.corpus, self.key, self.max_documents, self.skip = corpus, key, max_documents, skip_bad_records
+        self.error: Exception | None = None
+        self.bad: list[str] = []
+        self.documents = self.lines = 0
+
+    def __iter__(self):
+        """Documents split into lines: SentencePiece skips 'sentences' longer than a few KB. An error
+        is kept, then raised to stop SentencePiece at once; it comes out of SentencePiece's C++ as
+        an opaque RuntimeError, which ``_train`` replaces by the kept one."""
+        n = 0
+        try:
+            for path, first, items, _ in record_chunks(self.corpus, [self.key], 256):
+                for i, item in enumerate(items):
+                    if self.max_documents is not None and n >= self.max_documents:
+                        return
+                    n += 1
+                    if isinstance(item, str):
+                        item = parse_json_record(f"{path}:{first + i}", item, [self.key])
+                    if isinstance(item, BadRecord):
+                        if not self.skip:
+                            raise item
+                        self.bad.append(str(item))
+                        continue
+                    self.documents += 1
+                    for part in item[0].splitlines():
+                        if part.strip():
+                            self.lines += 1
+                            yield part
+        except BadRecord as e:
+            self.error = ValueError(str(e))
+            raise
+
+
+def _check_writable(directory: Path) -> None:
+    """Fail now, naming the directory, rather than after training (SentencePiece writes at the end)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test."):
+        pass
+
+
+def train_sentencepiece(
+    input_jsonl: str | os.PathLike,
+    output_prefix: str | os.PathLike,
+    vocab_size: int,
+    model_type: str = "bpe",
+    json_key: str = "text",
+    sample_documents: int | None = None,
+    character_coverage: float = 0.9995,
+    skip_bad_records: bool = False,
+    skipped: list[str] | None = None,
+) -> Path:
+    """Train a byte-fallback BPE/unigram model; writes ``<output_prefix>.model`` atomically.
+    ``skipped`` receives the messages of the bad records skipped (``skip_bad_records``)."""
+    if model_type not in ("bpe", "unigram"):
+        raise ValueError(f"--model-type must be 'bpe' or 'unigram', got {model_type!r}")
+    input_jsonl, output_prefix = Path(input_jsonl), Path(output_prefix)
+    if not input_jsonl.exists():
+        raise FileNotFoundError(f"{input_jsonl} does not exist")
+    if vocab_size <= META_PIECES:
+        raise ValueError(f"vocab_size must be more than {META_PIECES} (256 byte-fallback pieces + <unk>, <s>, </s>) "
+                         f"plus one per character of the corpus, got {vocab_size}")
+    if not 0 < character_coverage <= 1:
+        raise ValueError(f"character_coverage must be in (0, 1], got {character_coverage}")
+    if sample_documents is not None and sample_documents < 1:
+        raise ValueError(f"sample_documents must be >= 1, got {sample_documents}")
+    _check_writable(output_prefix.parent)
+    tmp_prefix = output_prefix.with_name(output_prefix.name + f".tmp{os.getpid()}")
+    try:
+        reading = _Reading(input_jsonl, json_key, sample_documents, skip_bad_records)
+        _train(reading, tmp_prefix, vocab_size, model_type, character_coverage)
+        if skipped is not None:
+            skipped += reading.bad
+        # Not with_suffix(): a prefix such as "tok.v2" must give "tok.v2.model".
+        model = Path(f"{output_prefix}.model")
+        os.replace(f"{tmp_prefix}.vocab", f"{output_prefix}.vocab")
+        os.replace(f"{tmp_prefix}.model", model)
+    finally:
+        for ext in (".model", ".vocab"):
+            if os.path.exists(f"{tmp_prefix}{ext}"):
+                os.unlink(f"{tmp_prefix}{ext}")
+    return model
+
+
+def _no_text(reading: _Reading) -> ValueError:
+    where = f"{reading.corpus}"
+    if reading.bad:
+        return ValueError(f"{where}: no text to train on: all {len(reading.bad)} records read were bad "
+                          f"(first: {reading.bad[0]})")
+    return ValueError(f"{where}: no text to train on: key {reading.key!r} is empty in every record read")
+
+
+def _train(reading: _Reading, tmp_prefix, vocab_size, model_type, character_coverage):
+    try:
+        _run_trainer(iter(reading), tmp_prefix, vocab_size, model_type, character_coverage)
+    except RuntimeError as e:
+        if reading.error is not None:
+            raise reading.error from None
+        if reading.lines == 0:
+            raise _no_text(reading) from None
+        raise _explain(str(e), vocab_size, model_type, character_coverage) from None
+    if reading.error is not None:
+        raise reading.error
+
+
+def _explain(message: str, vocab_size: int, model_type: str, coverage: float) -> Exception:
+    """SentencePiece's refusal of a vocabulary size, said in the terms of our options."""
+    m = _TOO_SMALL.search(message)
+    if m:
+        need = int(m.group(2))
+        return ValueError(
+            f"--vocab-size {vocab_size} is too small for this corpus: byte fallback takes {META_PIECES} ids "
+            f"(256 byte pieces + <unk>, <s>, </s>) and the text has {need - META_PIECES} characters that "
+            f"--character-coverage {coverage} keeps, so it needs at least {need}; raise --vocab-size or "
+            "lower --character-coverage")
+    m = _TOO_HIGH.search(message)
+    if m:
+        return ValueError(
+            f"--vocab-size {vocab_size} is more than this corpus supports: {model_type} training found at most "
+            f"{m.group(2)} pieces in it; use --vocab-size {m.group(2)} or less, or train on more text")
+    return RuntimeError(f"SentencePiece training failed: {message}")
+
+
+def _run_trainer(lines, tmp_prefix, vocab_size, model_type, character_coverage):
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=lines,
+        model_prefix=str(tmp_prefix),
+        vocab_size=vocab_size,
+        model_type=model_type,
+        byte_fallback=True,
+        character_coverage=character_coverage,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=os.cpu_count() or 1,
+        minloglevel=2,
+    )
