@@ -1,0 +1,215 @@
+"""Issue 14 cases 5 and 6 and the dtype check, through the tools a user runs: a lone surrogate is a bad
+record with file:line in every format and both tools; vocabulary sizes SentencePiece cannot take, a
+--json-key no record has, --max-shard-tokens 0, an unwritable output, and an .idx dtype that cannot
+hold the ids are refused by name, in one line, with nothing left behind."""
+
+import gzip
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+
+from megatron_osp.data.indexed import IndexedDataset, IndexedDatasetWriter
+from megatron_osp.data.preprocess import BadRecord, preprocess
+from megatron_osp.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
+
+REPO = Path(__file__).resolve().parents[1]
+TEXTS = [f"record {i}: the quick brown fox jumps over the lazy dog " * (1 + i % 3) for i in range(120)]
+SURROGATE_LINE = '{"text": "abc \\ud800 def"}'  # the JSON escape, as a file holds it
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    corpus = d / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    return str(train_sentencepiece(corpus, d / "tok", vocab_size=300))
+
+
+def _cli(tool, *args):
+    return subprocess.run([sys.executable, str(REPO / "tools" / tool), *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def _lines_with_surrogate():
+    good = [json.dumps({"text": t}) for t in TEXTS[:5]]
+    return ("\n".join(good[:2] + [SURROGATE_LINE] + good[2:]) + "\n").encode()
+
+
+def _write(path, data: bytes):
+    if path.name.endswith(".gz"):
+        data = gzip.compress(data)
+    elif path.name.endswith(".zst"):
+        data = zstandard.ZstdCompressor().compress(data)
+    path.write_bytes(data)
+    return path
+
+
+def _no_traceback(r):
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("name", ["in.jsonl", "in.jsonl.gz", "in.jsonl.zst"])
+def test_a_lone_surrogate_is_a_bad_record_in_preprocessing(tmp_path, tok, name):
+    src = _write(tmp_path / name, _lines_with_surrogate())
+    r = _cli("preprocess_data.py", "--input", src, "--tokenizer-model", tok, "--output-prefix",
+             tmp_path / "out", "--no-progress", "--append-eod")
+    assert r.returncode == 1 and f"{src}:3: key 'text' holds a lone surrogate \\ud800" in r.stderr, r.stderr[-2000:]
+    _no_traceback(r)
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+    r = _cli("preprocess_data.py", "--input", src, "--tokenizer-model", tok, "--output-prefix",
+             tmp_path / "out", "--no-progress", "--append-eod", "--skip-bad-records")
+    assert r.returncode == 0 and f"bad records skipped: 1 (first: {src}:3)" in r.stdout, r.stderr[-2000:]
+    t = SentencePieceTokenizer(tok)
+    ds = IndexedDataset(tmp_path / "out_text_document")
+    assert [ds[i].tolist() for i in range(len(ds))] == [t.encode(x) + [t.eod] for x in TEXTS[:5]]
+
+
+@pytest.mark.parametrize("name", ["c.jsonl", "c.jsonl.zst"])
+def test_a_lone_surrogate_is_a_bad_record_in_tokenizer_training(tmp_path, name):
+    data = _lines_with_surrogate() + "".join(json.dumps({"text": t}) + "\n" for t in TEXTS).encode()
+    src = _write(tmp_path / name, data)
+    r = _cli("train_tokenizer.py", "--input", src, "--output-prefix", tmp_path / "tok", "--vocab-size", 300)
+    assert r.returncode == 1 and f"{src}:3: key 'text' holds a lone surrogate" in r.stderr, r.stderr[-2000:]
+    _no_traceback(r)
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+    r = _cli("train_tokenizer.py", "--input", src, "--output-prefix", tmp_path / "tok", "--vocab-size", 300,
+             "--skip-bad-records")
+    assert r.returncode == 0 and "bad records skipped: 1" in r.stdout, r.stderr[-2000:]
+    assert SentencePieceTokenizer(tmp_path / "tok.model").vocab_size == 300
+
+
+def test_invalid_utf8_in_a_parquet_string_column_is_a_bad_record(tmp_path, tok):
+    # Arrow does not validate UTF-8 when reading Parquet; a surrogate's CESU-8 bytes get through.
+    text = pa.array([b"fine text", b"abc \xed\xa0\x80 def", b"more text"], type=pa.binary()).view(pa.string())
+    src = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"text": text}), src)
+    with pytest.raises(BadRecord, match=r"in\.parquet:row 2: key 'text' is not valid UTF-8"):
+        preprocess([str(src)], tok, str(tmp_path / "out"), progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["in.parquet"]
+    stats = preprocess([str(src)], tok, str(tmp_path / "out"), progress=False, skip_bad_records=True)
+    assert (stats.documents, stats.bad_locations) == (2, [f"{src}:row 2"])
+
+
+def _corpus(tmp_path, n=120):
+    src = tmp_path / "c.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:n]))
+    return src
+
+
+def test_vocab_sizes_sentencepiece_refuses_are_explained(tmp_path):
+    src = _corpus(tmp_path)
+    r = _cli("train_tokenizer.py", "--input", src, "--output-prefix", tmp_path / "tok", "--vocab-size", 270)
+    _no_traceback(r)
+    m = re.search(r"byte fallback takes 259 ids .* has (\d+) characters .* needs at least (\d+)", r.stderr)
+    assert r.returncode == 1 and m and "INTERNAL" not in r.stderr, r.stderr
+    need = int(m.group(2))
+    assert need == 259 + int(m.group(1)) > 270
+    r = _cli("train_tokenizer.py", "--input", src, "--output-prefix", tmp_path / "tok", "--vocab-size", 5000)
+    m = re.search(r"--vocab-size 5000 is more than this corpus supports: .* at most (\d+) pieces", r.stderr)
+    assert r.returncode == 1 and m and "INTERNAL" not in r.stderr, r.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["c.jsonl"]
+    for size in (need, int(m.group(1))):  # the sizes the messages name do train
+        r = _cli("train_tokenizer.py", "--input", src, "--output-prefix", tmp_path / f"t{size}", "--vocab-size", size)
+        assert r.returncode == 0, r.stderr
+
+
+def test_a_json_key_no_record_has_is_named(tmp_path):
+    src = _corpus(tmp_path, 20)
+    r = _cli("train_tokenizer.py", "--input", src, "--output-prefix", tmp_path / "tok", "--vocab-size", 300,
+             "--json-key", "body")
+    assert r.returncode == 1 and f"{src}:1: missing key 'body'" in r.stderr and "sentences_" not in r.stderr
+    r = _cli("train_tokenizer.py", "--input", src, "--output-prefix", tmp_path / "tok", "--vocab-size", 300,
+             "--json-key", "body", "--skip-bad-records")
+    assert r.returncode == 1 and "no text to train on: all 20 records read were bad" in r.stderr, r.stderr
+    _no_traceback(r)
+    assert [p.name for p in tmp_path.iterdir()] == ["c.jsonl"]
+
+
+@pytest.mark.parametrize("value", ["0", "-100", "0.5", "-1.5"])
+def test_max_shard_tokens_must_be_a_positive_count(tmp_path, tok, value):
+    src = _corpus(tmp_path, 10)
+    r = _cli("preprocess_data.py", "--input", src, "--tokenizer-model", tok, "--output-prefix", tmp_path / "o",
+             "--no-progress", f"--max-shard-tokens={value}")
+    assert r.returncode == 2 and "--max-shard-tokens" in r.stderr and value in r.stderr, r.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["c.jsonl"]
+
+
+@pytest.fixture
+def unwritable(tmp_path):
+    """A directory the process cannot create files in (root is refused only by /sys)."""
+    if os.geteuid() == 0:
+        yield Path("/sys/megatron_osp_test_unwritable")
+        return
+    d = tmp_path / "read_only"
+    d.mkdir()
+    d.chmod(0o555)
+    yield d
+    d.chmod(0o755)
+
+
+def test_an_unwritable_output_is_one_line_naming_the_path(tmp_path, tok, unwritable):
+    src = _corpus(tmp_path, 10)
+    ds = tmp_path / "ds"
+    with IndexedDatasetWriter(ds, np.uint16) as w:
+        w.add_document(np.arange(5))
+    runs = [
+        ("preprocess_data.py", "--input", src, "--tokenizer-model", tok, "--output-prefix", unwritable / "sub" / "o",
+         "--no-progress"),
+        ("train_tokenizer.py", "--input", src, "--output-prefix", unwritable / "tok", "--vocab-size", 300),
+        ("merge_datasets.py", "--input", ds, "--output-prefix", unwritable / "m"),
+    ]
+    for args in runs:
+        r = _cli(*args)
+        _no_traceback(r)
+        errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        assert r.returncode == 1 and len(errors) == 1 and str(unwritable) in errors[0], (args[0], r.stderr)
+
+
+def test_a_dtype_code_that_does_not_match_the_data_is_refused(tmp_path):
+    prefix = str(tmp_path / "d")
+    with IndexedDatasetWriter(prefix, np.uint16) as w:
+        for n in (5, 9, 3):
+            w.add_document(np.arange(300, 300 + n))
+    with open(prefix + ".idx", "r+b") as f:  # uint16 -> uint8: reinterpreted bytes, all ids "valid"
+        f.seek(17)
+        f.write(bytes([1]))
+    with pytest.raises(ValueError, match=r"d\.bin: 34 bytes, but .*d\.idx accounts for 17 \(uint8 tokens\)"):
+        IndexedDataset(prefix)
+
+
+def test_merge_refuses_a_dtype_too_small_for_the_tokenizer(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    for p, top in ((a, 200), (b, 70000)):
+        with IndexedDatasetWriter(p, np.int32) as w:
+            w.add_document(np.array([1, top]))
+    from megatron_osp.data.merge import merge_datasets
+
+    with pytest.raises(ValueError, match=r"b\.bin: holds token id 70000, outside the vocabulary of 65536"):
+        merge_datasets([a, b], str(tmp_path / "m"), vocab_size=65536)
+    small = str(tmp_path / "small")
+    with IndexedDatasetWriter(small, np.uint16) as w:
+        w.add_document(np.array([1, 2]))
+    with pytest.raises(ValueError, match=r"small\.idx: token dtype uint16 holds ids up to 65535, but the vocabulary "
+                                         r"has 100000 .* needs int32"):
+        merge_datasets([small], str(tmp_path / "m"), vocab_size=100_000)
+    assert not list(tmp_path.glob("m*"))
+
+
+def test_merge_refuses_preprocessed_datasets_of_different_tokenizers(tmp_path, tok):
+    src = _corpus(tmp_path, 30)
+    other = train_sentencepiece(src, tmp_path / "other", vocab_size=320)
+    preprocess([str(src)], tok, str(tmp_path / "a"), progress=False)
+    preprocess([str(src)], str(other), str(tmp_path / "b"), progress=False)
+    r = _cli("merge_datasets.py", "--input", tmp_path / "a_text_document", tmp_path / "b_text_document",
+             "--output-prefix", tmp_path / "m")
+    assert r.returncode == 1 and "tokenizer of 320 ids" in r.stderr and "300" in r.stderr, r.stderr
+    assert not list(tmp_path.glob("m*"))
