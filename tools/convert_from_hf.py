@@ -45,7 +45,7 @@ def main(argv=None) -> int:
         import_hf(args.hf_dir, args.output, embedding_projection=args.embedding_projection,
                   seq_length=args.seq_length, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
                   tokenizer_model=args.tokenizer, seed=args.seed)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

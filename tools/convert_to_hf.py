@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     try:
         export_checkpoint(args.checkpoint, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size,
                           tokenizer_model=args.tokenizer, overwrite=args.overwrite)
-    except (CheckpointError, ValueError, FileNotFoundError, FileExistsError) as e:
+    except (CheckpointError, ValueError, FileNotFoundError, FileExistsError, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

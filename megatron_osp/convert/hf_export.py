@@ -18,9 +18,12 @@ from pathlib import Path
 
 import torch
 
+from megatron_osp.convert.hf_tokenizer import save_tokenizer
 from megatron_osp.convert.llama import ExportError, check_exportable, export_model_config, llama_config_kwargs, megatron_to_hf
+from megatron_osp.convert.output_safety import check_outside, check_replaceable_export, export_inputs, tokenizer_input
 
-__all__ = ["export_checkpoint", "write_hf_directory", "save_tokenizer", "parse_size", "DTYPES", "ExportError"]
+__all__ = ["export_checkpoint", "write_hf_directory", "save_tokenizer", "parse_size", "DTYPES", "ExportError",
+           "find_run_tokenizer"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -75,79 +78,40 @@ def _write_weights(tensors: dict[str, torch.Tensor], directory: Path, max_bytes:
     return names + ["model.safetensors.index.json"]
 
 
-def save_tokenizer(tokenizer_model: str | os.PathLike, directory: Path) -> None:
-    """A SentencePiece ``.model`` -> ``tokenizer.json`` + ``tokenizer_config.json`` (transformers'
-    own converter, offline), plus the ``.model`` itself as ``tokenizer.model`` (llama.cpp reads it).
-
-    A directory with a ``tokenizer.json`` (an HF tokenizer) is copied as it is."""
-    src = Path(tokenizer_model)
-    if src.is_dir():
-        if not (src / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"tokenizer directory {src} has no tokenizer.json")
-        for f in src.iterdir():
-            if f.is_file() and f.name.startswith(("tokenizer", "special_tokens_map")):
-                shutil.copy2(f, directory / f.name)
-        return
-    if not src.is_file():
-        raise FileNotFoundError(f"tokenizer model {src} does not exist")
-    if src.suffix == ".json":
-        shutil.copy2(src, directory / "tokenizer.json")
-        return
-    from transformers import AutoTokenizer
-
-    staging = directory / ".tokenizer_src"
-    staging.mkdir()
-    try:
-        shutil.copy2(src, staging / "tokenizer.model")
-        # The generic converter reproduces SentencePiece's own encoding (LlamaTokenizer's
-        # legacy=False rules differ on newlines and repeated spaces).
-        tok = AutoTokenizer.from_pretrained(str(staging), local_files_only=True)
-        tok.save_pretrained(str(directory))
-    finally:
-        shutil.rmtree(staging)
-    shutil.copy2(src, directory / "tokenizer.model")
-    cfg_path = directory / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"  # readable by transformers 4.x and 5.x
-    cfg.pop("is_local", None)
-    cfg.pop("local_files_only", None)
-    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
-
-
-def _special_ids(tokenizer_model) -> tuple[int | None, int | None]:
-    if tokenizer_model is None or not str(tokenizer_model).endswith(".model"):
-        return None, None
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
-    bos, eos = sp.bos_id(), sp.eos_id()
-    return (bos if bos >= 0 else None), (eos if eos >= 0 else None)
-
-
 def write_hf_directory(out_dir, tensors, model_cfg, *, tie_word_embeddings: bool, dtype: torch.dtype,
-                       max_shard_size: str | int = "5GB", tokenizer_model=None, overwrite: bool = False) -> Path:
-    """Write config, generation config, (sharded) safetensors and tokenizer atomically to ``out_dir``."""
+                       max_shard_size: str | int = "5GB", tokenizer_model=None, overwrite: bool = False,
+                       eod_id: int | None = None, log=print) -> Path:
+    """Write config, generation config, (sharded) safetensors and tokenizer atomically to ``out_dir``.
+
+    The special ids (bos/eos/pad/unk) come from the tokenizer (``eod_id``, the run's end-of-document
+    id, stands in for a missing eos). An existing ``out_dir`` is replaced only with ``overwrite`` and
+    only when it is a previous export; it may not hold the tokenizer."""
     from transformers import GenerationConfig, LlamaConfig
 
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"output {out} exists and is not empty (pass --overwrite to replace it)")
+    if tokenizer_model is not None:
+        check_outside(out, tokenizer_input(tokenizer_model))
+    check_replaceable_export(out, overwrite)
     max_bytes = parse_size(max_shard_size)
-    bos, eos = _special_ids(tokenizer_model)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
+        ids = {"bos_token_id": None, "eos_token_id": eod_id, "pad_token_id": None}
+        if tokenizer_model is not None:
+            ids.update(save_tokenizer(tokenizer_model, tmp, eod_id=eod_id, log=log))
         config = LlamaConfig(**llama_config_kwargs(
-            model_cfg, tie_word_embeddings=tie_word_embeddings, dtype=dtype, bos_token_id=bos, eos_token_id=eos))
+            model_cfg, tie_word_embeddings=tie_word_embeddings, dtype=dtype, bos_token_id=ids["bos_token_id"],
+            eos_token_id=ids["eos_token_id"]))
+        if ids["pad_token_id"] is not None:
+            config.pad_token_id = ids["pad_token_id"]
         config.to_json_file(str(tmp / "config.json"))
         _add_legacy_keys(tmp / "config.json", config)
-        GenerationConfig(bos_token_id=bos, eos_token_id=eos, do_sample=False).save_pretrained(str(tmp))
+        GenerationConfig(bos_token_id=ids["bos_token_id"], eos_token_id=ids["eos_token_id"],
+                         pad_token_id=ids["pad_token_id"], do_sample=False).save_pretrained(str(tmp))
         _write_weights(tensors, tmp, max_bytes)
-        if tokenizer_model is not None:
-            save_tokenizer(tokenizer_model, tmp)
         _readable_by_all(tmp)
         if out.exists():  # --overwrite: swap in the complete new directory, then drop the old one
             old = out.parent / f".{out.name}.old-{os.getpid()}"
@@ -185,9 +149,9 @@ def export_checkpoint(ckpt_path, out_dir, *, dtype: str = "float32", max_shard_s
                       tokenizer_model=None, overwrite: bool = False, log=print) -> Path:
     """Export a megatron-osp checkpoint (save dir or ``iter_N``) to an HF Llama directory.
 
-    ``tokenizer_model`` defaults to the run's ``data.tokenizer_model`` when that file exists.
-    Raises CheckpointError (not a checkpoint, missing shard) or ExportError (unrepresentable config)
-    before any model is built. Initialises a one-process world (TP=1, PP=1) if none is.
+    ``tokenizer_model`` defaults to the run's tokenizer (``find_run_tokenizer``). Raises
+    CheckpointError (not a checkpoint, missing shard), ExportError (unrepresentable config, an output
+    that overlaps the input or is not a previous export) or FileExistsError before any model is built. Initialises a one-process world (TP=1, PP=1) if none is.
     """
     from megatron_osp import parallel, platform
     from megatron_osp.models.gpt import build_gpt_model, transformer_config
@@ -203,14 +167,15 @@ def export_checkpoint(ckpt_path, out_dir, *, dtype: str = "float32", max_shard_s
     model_cfg = export_model_config(model_config_for_one_process(ckpt))
     tconfig = transformer_config(model_cfg, params_dtype=torch.float32, use_cpu_initialization=True)
     check_exportable(model_cfg, tconfig)
-    if tokenizer_model is None and run.data.tokenizer_model and Path(run.data.tokenizer_model).is_file():
-        tokenizer_model = run.data.tokenizer_model
-    elif tokenizer_model is None and run.data.tokenizer_model:
-        log(f"warning: the run's tokenizer {run.data.tokenizer_model} does not exist here; "
-            "exporting without a tokenizer (pass --tokenizer)")
+    if tokenizer_model is None:
+        tokenizer_model = find_run_tokenizer(run, ckpt, log)
+    elif not Path(tokenizer_model).exists():
+        raise FileNotFoundError(f"--tokenizer: {tokenizer_model} does not exist")
+    # Before anything is built or written: the output may not overlap what the export reads, and
+    # --overwrite replaces only a previous export.
+    check_outside(out_dir, export_inputs(ckpt_path, ckpt, tokenizer_model))
+    check_replaceable_export(out_dir, overwrite)
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"output {out} exists and is not empty (pass --overwrite to replace it)")
 
     parallel.init_distributed(1, 1)
     platform.seed_everything(run.train.seed)
@@ -220,9 +185,45 @@ def export_checkpoint(ckpt_path, out_dir, *, dtype: str = "float32", max_shard_s
     logical = {name: p.detach() for name, p in model.named_parameters()}
     tensors, tied = megatron_to_hf(logical, run.model, DTYPES[dtype])
     path = write_hf_directory(out, tensors, run.model, tie_word_embeddings=tied, dtype=DTYPES[dtype],
-                              max_shard_size=max_shard_size, tokenizer_model=tokenizer_model, overwrite=overwrite)
+                              max_shard_size=max_shard_size, tokenizer_model=tokenizer_model, overwrite=overwrite,
+                              eod_id=run.data.eod_id, log=log)
     layout = state.get("layout", {})
     log(f"exported {ckpt} (iteration {state.get('iteration')}, saved at TP={layout.get('tensor_parallel_size')} "
         f"PP={layout.get('pipeline_parallel_size')}) -> {path}")
     return path
 
+
+
+from megatron_osp.convert.hf_import import IMPORTED_TOKENIZER  # noqa: E402  (convert_from_hf's tokenizer copy)
+
+
+def find_run_tokenizer(run, ckpt: Path, log=print, _depth: int = 0):
+    """The tokenizer a run trained with: ``data.tokenizer_model`` (a relative path recorded by a run
+    started elsewhere is also looked up under the checkpoint's parent directories), else the HF
+    tokenizer that ``convert_from_hf`` stored with the checkpoint this run started from (followed
+    through ``train.load``). None, with a warning, when there is none."""
+    from megatron_osp.training.checkpoint import CheckpointError, read_run_config, resolve_checkpoint
+
+    recorded = run.data.tokenizer_model
+    if recorded:
+        p = Path(recorded)
+        if p.exists():
+            return str(p.resolve())
+        if not p.is_absolute():
+            for parent in Path(ckpt).resolve().parents:
+                if (parent / p).exists():
+                    log(f"the run recorded the relative tokenizer path {recorded}; using {parent / p}")
+                    return str(parent / p)
+        log(f"warning: the run's tokenizer {recorded} does not exist here; exporting without a tokenizer "
+            "(pass --tokenizer)")
+        return None
+    imported = Path(ckpt).parent / IMPORTED_TOKENIZER
+    if imported.is_dir():
+        return str(imported.resolve())
+    if run.train.load and _depth < 8:
+        try:
+            start = resolve_checkpoint(run.train.load)
+            return find_run_tokenizer(read_run_config(start), start, log, _depth + 1)
+        except CheckpointError:
+            pass
+    return None

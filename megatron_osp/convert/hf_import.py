@@ -9,11 +9,15 @@ maps, so the imported model computes exactly what the HF model does while EmbPro
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
 
+from megatron_osp.convert.hf_tokenizer import IMPORTED_IDS, SPECIAL_KEYS, copy_hf_tokenizer, special_ids_of_hf_dir
 from megatron_osp.convert.llama import hf_to_megatron, model_config_from_llama
+from megatron_osp.convert.output_safety import check_import_output
 
 __all__ = ["read_hf_state_dict", "import_hf"]
 
@@ -51,14 +55,17 @@ def import_hf(hf_dir, save_dir, *, embedding_projection: bool = False, seq_lengt
     from megatron_osp import parallel, platform
     from megatron_osp.models.gpt import build_gpt_model, transformer_config
     from megatron_osp.models.layout import load_logical_state_dict
-    from megatron_osp.training.checkpoint import has_checkpoint, save_checkpoint
+    from megatron_osp.training.checkpoint import save_checkpoint
     from megatron_osp.training.config import DataSettings, RunConfig, TrainSettings
 
     d = Path(hf_dir)
     if not (d / "config.json").is_file():
         raise FileNotFoundError(f"{d} is not a Hugging Face model directory (no config.json)")
-    if has_checkpoint(save_dir):
-        raise FileExistsError(f"{save_dir} already holds a checkpoint; choose an empty directory")
+    check_import_output(d, save_dir)
+    sp_model, hf_tokenizer = _tokenizer_source(d, tokenizer_model)
+    ids = _special_ids(d, hf_tokenizer)
+    eos = ids.get("eos_token_id")
+    eod_id = eos[0] if isinstance(eos, list) and eos else eos
     hf_cfg = AutoConfig.from_pretrained(str(d), local_files_only=True)
     model_cfg = model_config_from_llama(hf_cfg, embedding_projection=embedding_projection,
                                         seq_length=seq_length,
@@ -71,11 +78,57 @@ def import_hf(hf_dir, save_dir, *, embedding_projection: bool = False, seq_lengt
     model = build_gpt_model(model_cfg, transformer_config(model_cfg, params_dtype=torch.float32),
                             pre_process=True, post_process=True, seed=seed, layout_independent_init=False)
     load_logical_state_dict(model, logical)
-    if tokenizer_model is None and (d / "tokenizer.model").is_file():
-        tokenizer_model = str((d / "tokenizer.model").resolve())
-    run = RunConfig(model=model_cfg, data=DataSettings(tokenizer_model=tokenizer_model),
-                    train=TrainSettings(seed=seed))
+    # Absolute paths: the checkpoint is used from other directories (training, export).
+    data = DataSettings(tokenizer_model=str(sp_model) if sp_model else None,
+                        eod_id=eod_id if sp_model is None and isinstance(eod_id, int) else None)
+    run = RunConfig(model=model_cfg, data=data, train=TrainSettings(seed=seed))
     path = save_checkpoint(save_dir, 0, [model], run, save_rng=False)
+    if hf_tokenizer is not None:
+        _store_hf_tokenizer(hf_tokenizer, ids, Path(save_dir))
     log(f"imported {d} ({model_cfg.num_layers} layers, hidden {model_cfg.hidden_size}, vocab "
         f"{model_cfg.vocab_size}, EmbProj {'identity' if embedding_projection else 'off'}) -> {path}")
     return path
+
+
+IMPORTED_TOKENIZER = "hf_tokenizer"  # read back by hf_export.find_run_tokenizer
+
+
+def _tokenizer_source(d: Path, tokenizer_model) -> tuple[Path | None, Path | None]:
+    """(SentencePiece model, HF tokenizer), absolute; at most one is set. ``--tokenizer`` wins, then
+    the directory's tokenizer.model, then its tokenizer.json."""
+    if tokenizer_model is not None:
+        p = Path(tokenizer_model)
+        if not p.exists():
+            raise FileNotFoundError(f"--tokenizer: {tokenizer_model} does not exist")
+        if p.is_dir() and not (p / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"--tokenizer: directory {tokenizer_model} has no tokenizer.json")
+        p = p.resolve()
+        return (None, p) if p.is_dir() or p.suffix == ".json" else (p, None)
+    if (d / "tokenizer.model").is_file():
+        return (d / "tokenizer.model").resolve(), None
+    if (d / "tokenizer.json").is_file():
+        return None, d.resolve()
+    return None, None
+
+
+def _special_ids(d: Path, hf_tokenizer: Path | None) -> dict:
+    """The model's bos/eos/pad/unk ids (its config files win), completed from the tokenizer's own."""
+    if hf_tokenizer is None:
+        return {}
+    ids = special_ids_of_hf_dir(d)
+    if hf_tokenizer.is_dir() or hf_tokenizer.name == "tokenizer.json":
+        own = special_ids_of_hf_dir(hf_tokenizer if hf_tokenizer.is_dir() else hf_tokenizer.parent)
+        ids = {k: ids[k] if ids.get(k) is not None else own.get(k) for k in SPECIAL_KEYS}
+    return ids
+
+
+def _store_hf_tokenizer(src: Path, ids: dict, save_dir: Path) -> None:
+    """A copy of the HF tokenizer and the model's special ids beside the checkpoint, so an export of
+    it (or of a run started from it) finds them wherever it runs."""
+    dest = save_dir / IMPORTED_TOKENIZER
+    tmp = save_dir / f".{IMPORTED_TOKENIZER}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    copy_hf_tokenizer(src, tmp)
+    (tmp / IMPORTED_IDS).write_text(json.dumps(ids, indent=2) + "\n")
+    os.replace(tmp, dest)
