@@ -52,6 +52,8 @@ setup(
         "plots": ["matplotlib"],
         "test": [
             "pytest>=7",
+            # Property-based tests of the readers and preprocessing (tests/test_data_properties.py).
+            "hypothesis",
             "scipy",
             "transformers>=4.45",
             "safetensors",

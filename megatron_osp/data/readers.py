@@ -47,6 +47,8 @@ def parse_json_record(location: str, line: str, keys: list[str]) -> list[str] | 
         record = json.loads(line)
     except json.JSONDecodeError as e:
         return BadRecord(f"{location}: malformed JSON ({e.msg} at column {e.colno})")
+    except (ValueError, RecursionError) as e:  # a number of over 4300 digits, nesting too deep
+        return BadRecord(f"{location}: unreadable JSON ({type(e).__name__}: {str(e)[:200]})")
     if not isinstance(record, dict):
         return BadRecord(f"{location}: expected a JSON object, got {type(record).__name__}")
     texts = []

@@ -216,6 +216,11 @@ class Stage:
         self.base = os.path.basename(self.output_prefix)
         if not self.base:
             raise ValueError(f"output prefix {output_prefix!r} names a directory, not a file prefix")
+        self._created = []  # directories made for this output, removed again if the run fails
+        d = self.directory
+        while not os.path.isdir(d):
+            self._created.append(d)
+            d = os.path.dirname(d)
         os.makedirs(self.directory, exist_ok=True)
         self.notes = clean_stale_temporaries(os.path.join(self.directory, self.base))
         self.path = os.path.join(self.directory, f".{self.base}.stage-{_host()}-{os.getpid()}")
@@ -230,7 +235,13 @@ class Stage:
         return os.path.join(os.path.dirname(self.output_prefix), os.path.basename(staged_prefix))
 
     def abort(self) -> None:
+        """Drop the stage, and the directories made for the output if they stayed empty."""
         shutil.rmtree(self.path, ignore_errors=True)
+        for d in self._created:
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
 
     def publish(self, families: dict[str, list[dict]], info: dict) -> None:
         """``families``: final family prefix -> its datasets (dicts with ``name`` and counts), all
@@ -261,4 +272,4 @@ class Stage:
             os.fsync(fd)
         finally:
             os.close(fd)
-        self.abort()
+        shutil.rmtree(self.path, ignore_errors=True)
