@@ -8,7 +8,9 @@ blend choices and ``__getitem__`` dict), with three differences, each on purpose
   orders come from our counter-based shuffle, not numpy's (a seed gives a different order);
 - the index cache key includes each data file's size and modification time, so a rewritten corpus
   never reuses stale indices (``index_cache.py``);
-- bad input (empty split, unknown split string, oversampled blend) is a ValueError naming it.
+- bad input (empty split, unknown split string, oversampled blend) is a ValueError naming it;
+- given ``vocab_size``, each data file's token dtype and ids are checked against the vocabulary when
+  it opens (``token_range.py``), so an id the embedding cannot take is named with its file.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from megatron_osp.data.index_cache import cached_arrays, file_fingerprint
 from megatron_osp.data.indexed import IndexedDataset
 from megatron_osp.data.sample_index import build_sample_index
 from megatron_osp.data.shuffles import build_document_index, build_shuffle_index
+from megatron_osp.data.token_range import check_token_range
 
 SPLITS = ("train", "valid", "test")
 _PAD = -1  # marks padding tokens of a final partial sample (loss-masked, read as token 0)
@@ -47,6 +50,8 @@ class GPTDataConfig:
     mid_level_dataset_surplus: float = 0.005
     final_epoch_threshold: float = 0.80  # Megatron: shuffle the last epoch apart below this share
     threads: int | None = None  # index-build threads (speed only; results do not depend on it)
+    vocab_size: int | None = None  # every stored id must be below it (None = not checked)
+    vocab_name: str = "the vocabulary"  # where vocab_size comes from, for messages
 
     def __post_init__(self):
         if not self.paths:
@@ -233,6 +238,9 @@ def build_gpt_datasets(
             if not os.path.exists(prefix + ext):
                 raise FileNotFoundError(f"{prefix + ext} does not exist")
     indexed = [IndexedDataset(p) for p in config.paths]
+    if config.vocab_size is not None:
+        for ds in indexed:
+            check_token_range(ds, config.vocab_size, config.vocab_name, config.cache_dir)
 
     def docs(i: int, ds: IndexedDataset) -> range:
         lo, hi = matrix[i]

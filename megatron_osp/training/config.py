@@ -10,6 +10,8 @@ Overrides are `section.field=value` strings (value parsed as YAML), e.g. `optimi
 An unknown section or field is an error that names it, never silently ignored; so is a value of the
 wrong type (every value is checked against its field's annotation, from YAML and command line alike).
 YAML 1.1 reads `1e-3` (no decimal point) as a string: float fields take it as the number it spells.
+Then every value's range and the relations between values are checked (training/validation.py):
+`train.global_batch_size=0` is refused here, naming the field, the value and the file.
 """
 
 from __future__ import annotations
@@ -26,8 +28,7 @@ from megatron_osp.fileio import atomic_write_text
 from megatron_osp.models.config import ModelConfig
 from megatron_osp.models.presets import get_preset
 from megatron_osp.optimizer.builder import OptimSettings
-
-DECAY_STYLES = ("cosine", "linear", "wsd", "constant")
+from megatron_osp.training.validation import ConfigError, check_relations, check_section
 
 
 @dataclass
@@ -76,25 +77,6 @@ class TrainSettings:
     auto_resume: bool = True  # continue from save_dir's latest checkpoint if any (before `load`)
     exit_at_step: int = 0  # stop (after saving) once this many steps are done; 0 = run to the end
     save_on_sigterm: bool = True  # SIGTERM: finish the step, save, exit cleanly
-
-    def __post_init__(self):
-        for name in ("save_interval", "keep_last", "exit_at_step", "warmup_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
-        if self.train_steps < 1:
-            raise ValueError(f"train.train_steps must be >= 1, got {self.train_steps}")
-        # The LR schedule decays over train_steps (Megatron's scheduler only asserts this).
-        if self.warmup_steps >= self.train_steps:
-            raise ValueError(
-                f"train.warmup_steps={self.warmup_steps} must be smaller than train.train_steps={self.train_steps}"
-            )
-        if self.decay_style not in DECAY_STYLES:
-            raise ValueError(f"train.decay_style must be one of {DECAY_STYLES}, got {self.decay_style!r}")
-        if self.global_batch_size % self.micro_batch_size:
-            raise ValueError(
-                f"train.global_batch_size={self.global_batch_size} is not a multiple of "
-                f"train.micro_batch_size={self.micro_batch_size}"
-            )
 
 
 @dataclass
@@ -176,9 +158,18 @@ def _build_section(name: str, values: dict, source: str):
         raise ValueError(f"{source}: unknown field(s) {', '.join(name + '.' + u for u in unknown)}")
     hints = typing.get_type_hints(cls)
     values = {k: _typed(v, hints[k], f"{name}.{k}", source) for k, v in values.items()}
-    if preset is not None:
-        return get_preset(preset, **values)
-    return cls(**values)
+    base = get_preset(preset) if preset is not None else None
+    defaults = {
+        f.name: getattr(base, f.name) if base is not None
+        else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        for f in dataclasses.fields(cls)
+    }
+    # Ranges first, so the dataclasses' own checks never see a value like 0 heads.
+    check_section(name, {**defaults, **values}, source)
+    try:
+        return dataclasses.replace(base, **values) if base is not None else cls(**values)
+    except ValueError as e:
+        raise ConfigError(str(e), source) from None
 
 
 def parse_overrides(overrides: list[str]) -> dict:
@@ -211,12 +202,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         unknown = sorted(set(raw) - set(_SECTIONS))
         if unknown:
             raise ValueError(f"{path}: unknown section(s) {unknown}; known: {sorted(_SECTIONS)}")
-    for section, values in parse_overrides(list(overrides)).items():
+    tree = parse_overrides(list(overrides))
+    for section, values in tree.items():
         merged = dict(raw.get(section) or {})
         merged.update(values)
         raw[section] = merged
-        source = f"{source} + command line"
-    return RunConfig(**{name: _build_section(name, raw.get(name), source) for name in _SECTIONS})
+    if tree:
+        source = "command line" if path is None else f"{source} + command line"
+    sections, problems = {}, []
+    for name in _SECTIONS:  # every section's range problems are reported together
+        try:
+            sections[name] = _build_section(name, raw.get(name), source)
+        except ConfigError as e:
+            problems += e.problems
+    if problems:
+        raise ConfigError(problems, source)
+    config = RunConfig(**sections)
+    check_relations(config, source)
+    return config
 
 
 def save_config(config: RunConfig, path: Path):

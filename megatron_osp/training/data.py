@@ -11,43 +11,38 @@ run (or one with another DP size and the same global batch) reads the same token
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from megatron.core import parallel_state
 
 from megatron_osp.data.gpt_dataset import GPTDataConfig, build_gpt_datasets
+from megatron_osp.training.validation import (
+    ConfigError,
+    check_data_settings,
+    reference_vocabulary,
+    tokenizer_vocabulary,
+)
 
 
 def _eod_id(data) -> int:
     if data.tokenizer_model:
-        import sentencepiece as spm
-
-        sp = spm.SentencePieceProcessor(model_file=data.tokenizer_model)
-        eos = sp.eos_id()
+        _, eos = tokenizer_vocabulary(data.tokenizer_model)
         if eos < 0:
-            raise ValueError(f"data.tokenizer_model {data.tokenizer_model} has no end-of-sequence id")
+            raise ConfigError(f"data.tokenizer_model {data.tokenizer_model} has no end-of-sequence id")
         return eos
     if data.eod_id is None:
-        raise ValueError("set data.tokenizer_model (or data.eod_id) so documents can be separated")
+        raise ConfigError("set data.tokenizer_model (or data.eod_id) so documents can be separated")
     return data.eod_id
 
 
 def build_datasets(config, num_train_samples: int, num_eval_samples: int):
     """Train and validation datasets for the run (call on every rank: local rank 0 builds the cached
-    indices, the others wait and load them)."""
+    indices, the others wait and load them). Each data file's token dtype and ids are checked
+    against the vocabulary as it opens (the tokenizer's when given, else model.vocab_size)."""
     data, train = config.data, config.train
-    if not data.paths:
-        raise ValueError("data.paths is empty: give at least one indexed dataset prefix")
-    for prefix in data.paths:
-        for ext in (".bin", ".idx"):
-            if not os.path.exists(prefix + ext):
-                raise FileNotFoundError(f"data.paths: {prefix + ext} does not exist")
-    if data.weights is not None and len(data.weights) != len(data.paths):
-        raise ValueError(
-            f"data.weights has {len(data.weights)} entries but data.paths has {len(data.paths)}"
-        )
+    check_data_settings(config)
+    vocab_size, vocab_name = reference_vocabulary(config)
     cache = data.cache_dir or str(Path(train.run_dir) / "index_cache")
     ds_config = GPTDataConfig(
         paths=list(data.paths),
@@ -57,13 +52,15 @@ def build_datasets(config, num_train_samples: int, num_eval_samples: int):
         seed=train.seed,
         eod_id=_eod_id(data),
         cache_dir=cache,
+        vocab_size=vocab_size,
+        vocab_name=vocab_name,
     )
     # Training never reads the test split: skip it (no index build, no error if it is tiny).
     train_ds, valid_ds, _ = build_gpt_datasets(
         ds_config, [num_train_samples, num_eval_samples, None], skip=("test",)
     )
     if valid_ds is None:
-        raise ValueError(f"data.split={data.split!r} leaves no validation documents")
+        raise ConfigError(f"data.split={data.split!r} leaves no validation documents")
     return train_ds, valid_ds
 
 

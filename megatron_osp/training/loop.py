@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-import signal
-import threading
+import os
 import time
 from functools import partial
 from pathlib import Path
@@ -39,11 +38,24 @@ from megatron_osp.training.checkpoint import (
     check_compatible,
     has_checkpoint,
     load_checkpoint,
+    read_run_config,
     read_train_state,
     save_checkpoint,
 )
 from megatron_osp.training.config import RunConfig, save_config
 from megatron_osp.training.data import MicroBatchIterator, build_datasets
+from megatron_osp.training.progress import finished_summary, tokens_at_resume
+from megatron_osp.training.sigterm import SigtermFlag
+from megatron_osp.training.validation import check_config, check_data_settings, check_world
+
+
+def _world_size() -> int:
+    """The number of processes this run has, known before torch.distributed is initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    if "MASTER_ADDR" not in os.environ:  # a plain process: parallel.init_distributed makes a world of one
+        return 1
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def is_logging_rank() -> bool:
@@ -81,15 +93,20 @@ class Trainer:
         self.config = config
         self.log = log
         par, train = config.parallel, config.train
+        # Every value, the world size and the data settings are checked before anything is started,
+        # built or written (validation.py); the datasets (whose token ids are checked when they
+        # open) are built before the model.
+        check_config(config)
+        check_world(config, _world_size())
+        check_data_settings(config)
         parallel.init_distributed(par.tensor_parallel_size, par.pipeline_parallel_size)
         platform.seed_everything(train.seed)
         self.device = platform.device()
         self.bf16 = train.bf16 if train.bf16 is not None else not platform.is_cpu()
         self.run_dir = Path(train.run_dir)
-        if dist.get_rank() == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(config, self.run_dir / "config.yaml")
-        dist.barrier()
+        n_train = train.train_steps * train.global_batch_size
+        n_eval = max(train.eval_batches, train.kurtosis_batches) * train.global_batch_size
+        self.train_ds, self.valid_ds = build_datasets(config, n_train, n_eval)
 
         self.tconfig = transformer_config(
             config.model,
@@ -129,9 +146,6 @@ class Trainer:
             lr_wsd_decay_style="cosine" if decay_style == "WSD" else None,
         )
 
-        n_train = train.train_steps * train.global_batch_size
-        n_eval = max(train.eval_batches, train.kurtosis_batches) * train.global_batch_size
-        self.train_ds, self.valid_ds = build_datasets(config, n_train, n_eval)
         self.step = 0
         self.writer = None
         if is_logging_rank() and train.tensorboard:
@@ -144,6 +158,7 @@ class Trainer:
         self.save_dir = Path(train.save_dir) if train.save_dir else self.run_dir / "checkpoints"
         self.last_saved_step = None
         consumed = 0
+        self._checkpoint_seq_length = config.model.seq_length
         # The run's own checkpoints come first, so a preempted job that started from train.load
         # and is requeued with the same command continues its progress instead of restarting.
         load_path = train.load
@@ -160,9 +175,18 @@ class Trainer:
             if resume:
                 self.step, consumed = state["iteration"], state["consumed_samples"]
                 self.last_saved_step = self.step
+                self._checkpoint_seq_length = read_run_config(load_path).model.seq_length
         self.train_iter = MicroBatchIterator(
             self.train_ds, train.global_batch_size, train.micro_batch_size, consumed_samples=consumed
         )
+        # Tokens consumed so far (all segments); _train refines it from metrics.jsonl on resume.
+        self.tokens = consumed * self._checkpoint_seq_length
+        # Written once the run has started cleanly: a start that fails (bad data, a checkpoint that
+        # does not fit) leaves an earlier run's config.yaml as it was.
+        if dist.get_rank() == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, self.run_dir / "config.yaml")
+        dist.barrier()
 
     def _rank0_log(self, msg):
         if dist.get_rank() == 0:
@@ -200,6 +224,7 @@ class Trainer:
         if ok:
             self.scheduler.step(increment=1)
         self.step += 1
+        self.tokens += self.config.train.global_batch_size * self.config.model.seq_length
         return {
             "loss": self._mean_loss(outputs),
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
@@ -250,7 +275,7 @@ class Trainer:
         self.last_saved_step = self.step
         return path
 
-    def _stop_reason(self, sigterm: "_SigtermFlag | None") -> str | None:
+    def _stop_reason(self, sigterm: "SigtermFlag | None") -> str | None:
         train = self.config.train
         if sigterm is not None and sigterm.any_rank(self.device):
             return "SIGTERM"
@@ -261,7 +286,7 @@ class Trainer:
     # ------------------------------------------------------------------ run
     def train(self) -> dict:
         train = self.config.train
-        sigterm = _SigtermFlag.install() if train.save_on_sigterm else None
+        sigterm = SigtermFlag.install() if train.save_on_sigterm else None
         try:
             return self._train(sigterm)
         finally:
@@ -285,6 +310,21 @@ class Trainer:
         metrics_path = self.run_dir / "metrics.jsonl"
         history = self.history = []  # this session's logged steps
         earlier = self._earlier_metrics(metrics_path) if self.step else []
+        if earlier:
+            self.tokens = tokens_at_resume(earlier, self.train_iter.consumed, self._checkpoint_seq_length)
+        if self.step and self.step >= train.train_steps:
+            done = finished_summary(self.run_dir, self.step, is_logging_rank(), self.device)
+            if done is not None:  # nothing to train: keep the summary the run finished with
+                if bar is not None:
+                    bar.close()
+                self._rank0_log(
+                    f"the run already finished at step {self.step}; {self.run_dir / 'summary.json'} is kept as "
+                    "it was (evaluate a checkpoint with tools/ to measure it with other settings)"
+                )
+                if self.writer is not None:
+                    self.writer.close()
+                dist.barrier()
+                return done
         t0 = time.perf_counter()
         window_start, window_steps = time.perf_counter(), 0
         kurtosis_history = []
@@ -301,7 +341,12 @@ class Trainer:
                 bar.set_postfix(loss=f"{stats['loss']:.3f}")
             if self.step % train.log_interval == 0 or self.step == train.train_steps:
                 elapsed = time.perf_counter() - window_start
-                stats.update(step=self.step, tokens_per_s=window_steps * tokens_per_step / max(elapsed, 1e-9))
+                stats.update(
+                    step=self.step,
+                    tokens_per_s=window_steps * tokens_per_step / max(elapsed, 1e-9),
+                    consumed_samples=self.train_iter.consumed,
+                    tokens=self.tokens,
+                )
                 window_start, window_steps = time.perf_counter(), 0
                 history.append(stats)
                 self._log_metrics(stats, metrics_path, bar)
@@ -332,7 +377,7 @@ class Trainer:
             "normalization": self.config.model.normalization,
             "embedding_projection": self.config.model.embedding_projection,
             "steps": self.step,
-            "tokens": self.step * tokens_per_step,
+            "tokens": self.tokens,
             "train_loss": _mean_tail(earlier + history),
             "val_loss": val_loss,
             "kurtosis_mean": report.mean,
@@ -438,34 +483,3 @@ def _progress_bar(total, initial=0):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc="pretrain", unit="step", dynamic_ncols=True)
-
-
-class _SigtermFlag:
-    """Records SIGTERM (cluster preemption) so the loop can finish its step, save and stop.
-
-    Ranks may receive the signal at different times, so the flag is agreed on with an all-reduce
-    after every step: all ranks stop after the same step.
-    """
-
-    def __init__(self):
-        self.received = False
-        self._previous = None
-
-    @classmethod
-    def install(cls) -> "_SigtermFlag | None":
-        if threading.current_thread() is not threading.main_thread():
-            return None  # signal handlers can only be set from the main thread
-        flag = cls()
-        flag._previous = signal.signal(signal.SIGTERM, flag._handle)
-        return flag
-
-    def _handle(self, signum, frame):
-        self.received = True
-
-    def uninstall(self):
-        signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
-
-    def any_rank(self, device) -> bool:
-        flag = torch.tensor([1.0 if self.received else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())

@@ -30,7 +30,15 @@ def main(argv=None) -> int:
     from megatron_osp.training.loop import Trainer
 
     try:
-        Trainer(config).train()
+        # Start-up: a value, data file or checkpoint that cannot work is one line naming it, and
+        # nothing has been trained yet (a fault during training keeps its traceback). The data
+        # readers' errors are ValueErrors naming the file (a damaged .idx, an empty split).
+        try:
+            trainer = Trainer(config)
+        except (ValueError, FileNotFoundError) as e:  # ConfigError, TokenRangeError among them
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        trainer.train()
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,388 @@
+"""One place that refuses configuration values that cannot work, by field and value, before any work.
+
+Three stages, each run as soon as what it needs is known, and all before a model is built:
+
+- ``check_section`` (from ``load_config``, on each section before its dataclass is constructed):
+  every field's range, e.g. ``train.global_batch_size=0: must be >= 1``. ``RULES`` has one entry per
+  field of every settings dataclass; a test fails when a new field has none.
+- ``check_relations`` (from ``load_config``, on the whole RunConfig): values that must agree, e.g.
+  ``train.global_batch_size`` a multiple of ``train.micro_batch_size``, ``model.hidden_size``
+  divisible by ``model.num_attention_heads``, ``train.warmup_steps < train.train_steps``, and the
+  tensor/pipeline sizes against the model's heads, query groups, FFN width and layers.
+- ``check_world`` and ``check_data_settings`` (from the Trainer, once the world size is known and
+  before the process groups, datasets and model exist): TP x PP divides the world, the global batch
+  divides into micro-batches x data-parallel ranks; the data files and tokenizer exist, the
+  tokenizer's vocabulary fits ``model.vocab_size``, the end-of-document id lies inside it.
+
+Every problem found in a stage is reported at once, one line each, as a ``ConfigError`` (a
+ValueError), so a user fixes a config in one round. The token ids inside the data files are checked
+when the datasets open (``megatron_osp.data.token_range``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Callable
+
+from megatron_osp.models.layer_specs import BACKENDS
+from megatron_osp.optimizer.builder import OPTIMIZERS
+from megatron_osp.optimizer.muon import LR_SCALES
+from megatron_osp.optimizer.newton_schulz import BACKENDS as NS_BACKENDS
+from megatron_osp.optimizer.newton_schulz import COEFFICIENTS
+
+DECAY_STYLES = ("cosine", "linear", "wsd", "constant")
+QKV_SPLITS = ("qkv", "per_head", "none")
+NORMALIZATIONS = ("rmsnorm", "ssnorm")
+_SEED_LIMIT = 2**32  # numpy's seed range
+
+
+class ConfigError(ValueError):
+    """Configuration values (or combinations) that cannot work; each problem names field and value.
+
+    ``problems`` holds one line per problem, ``source`` where the values came from (a file,
+    "command line"); the message is ``source: problem`` or a list of them."""
+
+    def __init__(self, problems: str | list[str], source: str | None = None):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        self.source = source
+        prefix = f"{source}: " if source else ""
+        if len(self.problems) == 1:
+            message = prefix + self.problems[0]
+        else:
+            message = prefix + f"{len(self.problems)} invalid settings:\n  " + "\n  ".join(self.problems)
+        super().__init__(message)
+
+
+def _fail(problems: list[str], source: str | None = None) -> None:
+    if problems:
+        raise ConfigError(problems, source)
+
+
+# ------------------------------------------------------------------------------ rules per field
+# A rule returns None for a good value or the reason a value is bad ("must be >= 1").
+Rule = Callable[[object], "str | None"]
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def integer(lo: int | None = None, hi: int | None = None) -> Rule:
+    def rule(v):
+        if not isinstance(v, int) or isinstance(v, bool):
+            return "must be an integer"
+        if lo is not None and v < lo:
+            return f"must be >= {lo}" if hi is None else f"must be in [{lo}, {hi})"
+        if hi is not None and v >= hi:
+            return f"must be < {hi}" if lo is None else f"must be in [{lo}, {hi})"
+        return None
+
+    return rule
+
+
+def number(lo: float, hi: float = math.inf, *, lo_open: bool = False, hi_open: bool = False, what: str = "") -> Rule:
+    """A finite float in the interval; ``what`` replaces the interval in the message."""
+    left, right = "(" if lo_open else "[", ")" if hi_open or hi == math.inf else "]"
+    interval = what or (
+        f"must be > {lo}" if lo_open and hi == math.inf
+        else f"must be >= {lo}" if hi == math.inf
+        else f"must be in {left}{lo}, {hi}{right}"
+    )
+
+    def rule(v):
+        if not _is_number(v):
+            return "must be a number"
+        if not math.isfinite(v):
+            return "must be a finite number"
+        if v < lo or (lo_open and v == lo) or v > hi or (hi_open and v == hi):
+            return interval
+        return None
+
+    return rule
+
+
+def choice(options) -> Rule:
+    options = tuple(options)
+    return lambda v: None if v in options else f"must be one of {', '.join(map(str, options))}"
+
+
+def optional(rule: Rule) -> Rule:
+    return lambda v: None if v is None else rule(v)
+
+
+def boolean(v):
+    return None if isinstance(v, bool) else "must be true or false"
+
+
+def text(v):
+    return None if isinstance(v, str) and v.strip() else "must be a non-empty string"
+
+
+def _paths(v):
+    if not isinstance(v, list):
+        return "must be a list of dataset prefixes"
+    bad = [i for i, p in enumerate(v) if not isinstance(p, str) or not p.strip()]
+    return f"entry {bad[0]} must be a non-empty path" if bad else None
+
+
+def _weights(v):
+    if v is None:
+        return None
+    if not isinstance(v, list) or not v:
+        return "must be a non-empty list of numbers (or null for weights by size)"
+    for i, w in enumerate(v):
+        if not _is_number(w) or not math.isfinite(w) or w < 0:
+            return f"entry {i} ({w!r}) must be a finite number >= 0"
+    return None if sum(v) > 0 else "must have a positive sum"
+
+
+def _split(v):
+    from megatron_osp.data.gpt_dataset import parse_split
+
+    try:
+        parse_split(v)
+    except ValueError:
+        return "must be 1 to 3 comma-separated non-negative shares with a positive sum, e.g. '98,2,0'"
+    return None
+
+
+POSITIVE = integer(1)
+NON_NEGATIVE = integer(0)
+PROBABILITY_OPEN = number(0.0, 1.0, hi_open=True)  # dropout, betas, momentum: [0, 1)
+
+RULES: dict[str, dict[str, Rule]] = {
+    "model": {
+        "num_layers": POSITIVE,
+        "hidden_size": POSITIVE,
+        "num_attention_heads": POSITIVE,
+        "num_query_groups": optional(POSITIVE),
+        "ffn_hidden_size": POSITIVE,
+        "vocab_size": POSITIVE,
+        "make_vocab_size_divisible_by": POSITIVE,
+        "seq_length": POSITIVE,
+        "rotary_base": POSITIVE,
+        "normalization": choice(NORMALIZATIONS),
+        "embedding_projection": boolean,
+        "qk_layernorm": boolean,
+        "untie_embeddings_and_output_weights": boolean,
+        "init_method_std": number(0.0, lo_open=True),
+        "layernorm_epsilon": number(0.0, lo_open=True),
+        "hidden_dropout": PROBABILITY_OPEN,
+        "attention_dropout": PROBABILITY_OPEN,
+        "transformer_impl": choice(BACKENDS),
+    },
+    "parallel": {
+        "tensor_parallel_size": POSITIVE,
+        "pipeline_parallel_size": POSITIVE,
+        "sequence_parallel": boolean,
+    },
+    "optimizer": {
+        "name": choice(OPTIMIZERS),
+        "lr": number(0.0, lo_open=True),
+        "min_lr_ratio": number(0.0, 1.0),
+        "weight_decay": number(0.0),
+        "adam_beta1": PROBABILITY_OPEN,
+        "adam_beta2": PROBABILITY_OPEN,
+        "adam_eps": number(0.0, lo_open=True),
+        "clip_grad": number(0.0, what="must be >= 0 (0 = no clipping)"),
+        "muon_lr": optional(number(0.0, lo_open=True)),
+        "muon_momentum": PROBABILITY_OPEN,
+        "muon_ns_steps": POSITIVE,
+        "muon_coefficients": choice(sorted(COEFFICIENTS)),
+        "muon_qkv_split": choice(QKV_SPLITS),
+        "muon_lr_scale": choice(LR_SCALES),
+        "muon_ns_backend": choice(NS_BACKENDS),
+        "distributed_optimizer": boolean,
+    },
+    "data": {
+        "paths": _paths,
+        "weights": _weights,
+        "split": _split,
+        "tokenizer_model": optional(text),
+        "eod_id": optional(NON_NEGATIVE),
+        "cache_dir": optional(text),
+        "num_workers": NON_NEGATIVE,
+    },
+    "train": {
+        "train_steps": POSITIVE,
+        "global_batch_size": POSITIVE,
+        "micro_batch_size": POSITIVE,
+        "warmup_steps": NON_NEGATIVE,
+        "decay_style": choice(DECAY_STYLES),
+        "wsd_decay_fraction": number(0.0, 1.0),
+        "seed": integer(0, _SEED_LIMIT),
+        "bf16": optional(boolean),
+        "log_interval": POSITIVE,
+        "eval_interval": NON_NEGATIVE,
+        "eval_batches": POSITIVE,
+        "kurtosis_interval": NON_NEGATIVE,
+        "kurtosis_batches": POSITIVE,
+        "run_dir": text,
+        "tensorboard": boolean,
+        "progress_bar": boolean,
+        "save": boolean,
+        "save_dir": optional(text),
+        "save_interval": NON_NEGATIVE,
+        "keep_last": NON_NEGATIVE,
+        "load": optional(text),
+        "auto_resume": boolean,
+        "exit_at_step": NON_NEGATIVE,
+        "save_on_sigterm": boolean,
+    },
+}
+
+
+def section_problems(section: str, values: dict) -> list[str]:
+    """Every field of ``section`` (all of them, defaults included) against its rule."""
+    rules = RULES[section]
+    problems = []
+    for name, value in values.items():
+        reason = rules[name](value)
+        if reason is not None:
+            problems.append(f"{section}.{name}={value!r}: {reason}")
+    return problems
+
+
+def check_section(section: str, values: dict, source: str | None = None) -> None:
+    _fail(section_problems(section, values), source)
+
+
+# ------------------------------------------------------------------------------ relations
+def relation_problems(config) -> list[str]:
+    """What must agree between values of one RunConfig (no world size, files or tokenizer needed)."""
+    m, p, t = config.model, config.parallel, config.train
+    problems = []
+    if m.hidden_size % m.num_attention_heads:
+        problems.append(
+            f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads={m.num_attention_heads}"
+        )
+    elif (m.hidden_size // m.num_attention_heads) % 2:
+        problems.append(
+            f"model.hidden_size={m.hidden_size} / model.num_attention_heads={m.num_attention_heads} = "
+            f"{m.hidden_size // m.num_attention_heads} channels per head: must be even (rotary embeddings "
+            "rotate pairs of channels)"
+        )
+    groups = m.num_query_groups or m.num_attention_heads
+    if m.num_attention_heads % groups:
+        problems.append(
+            f"model.num_attention_heads={m.num_attention_heads} is not divisible by model.num_query_groups={groups}"
+        )
+    tp, pp = p.tensor_parallel_size, p.pipeline_parallel_size
+    for name, value in (
+        ("model.num_attention_heads", m.num_attention_heads),
+        ("model.num_query_groups", groups),
+        ("model.ffn_hidden_size", m.ffn_hidden_size),
+    ):
+        if value % tp:
+            problems.append(f"{name}={value} is not divisible by parallel.tensor_parallel_size={tp}")
+    if p.sequence_parallel and m.seq_length % tp:
+        problems.append(
+            f"model.seq_length={m.seq_length} is not divisible by parallel.tensor_parallel_size={tp} "
+            "(parallel.sequence_parallel=true splits the sequence over TP ranks)"
+        )
+    if m.num_layers % pp:
+        problems.append(f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline_parallel_size={pp}")
+    if t.warmup_steps >= t.train_steps:
+        problems.append(f"train.warmup_steps={t.warmup_steps} must be smaller than train.train_steps={t.train_steps}")
+    if t.global_batch_size % t.micro_batch_size:
+        problems.append(
+            f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size={t.micro_batch_size}"
+        )
+    d = config.data
+    if d.weights is not None and d.paths and len(d.weights) != len(d.paths):
+        problems.append(f"data.weights has {len(d.weights)} entries but data.paths has {len(d.paths)}")
+    if d.eod_id is not None and d.eod_id >= m.vocab_size:
+        problems.append(f"data.eod_id={d.eod_id} is outside the vocabulary (model.vocab_size={m.vocab_size})")
+    return problems
+
+
+def check_relations(config, source: str | None = None) -> None:
+    _fail(relation_problems(config), source)
+
+
+def check_config(config, source: str | None = None) -> None:
+    """Every field's range, then the relations: for a RunConfig built without ``load_config``."""
+    import dataclasses
+
+    problems = []
+    for section in RULES:
+        part = getattr(config, section)
+        problems += section_problems(section, {f.name: getattr(part, f.name) for f in dataclasses.fields(part)})
+    _fail(problems or relation_problems(config), source)
+
+
+# ------------------------------------------------------------------------------ start-up checks
+def world_problems(config, world_size: int) -> list[str]:
+    p, t = config.parallel, config.train
+    tp, pp = p.tensor_parallel_size, p.pipeline_parallel_size
+    if world_size % (tp * pp):
+        return [
+            f"parallel.tensor_parallel_size={tp} x parallel.pipeline_parallel_size={pp} = {tp * pp} "
+            f"does not divide the world size {world_size} (processes started)"
+        ]
+    dp = world_size // (tp * pp)
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        return [
+            f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size="
+            f"{t.micro_batch_size} x {dp} data-parallel ranks (world {world_size} / TP {tp} / PP {pp})"
+        ]
+    return []
+
+
+def check_world(config, world_size: int) -> None:
+    _fail(world_problems(config, world_size))
+
+
+def tokenizer_vocabulary(path: str) -> tuple[int, int]:
+    """(vocabulary size, end-of-sequence id) of a SentencePiece model; ConfigError naming the file."""
+    import sentencepiece as spm
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"data.tokenizer_model={path!r}: the file does not exist")
+    try:
+        sp = spm.SentencePieceProcessor(model_file=path)
+    except Exception as e:  # noqa: BLE001 - SentencePiece raises OSError/RuntimeError variants
+        raise ConfigError(f"data.tokenizer_model={path!r}: not a SentencePiece model ({e})") from None
+    return sp.get_piece_size(), sp.eos_id()
+
+
+def data_problems(config) -> list[str]:
+    """The data section as training needs it: files present, tokenizer vocabulary within the model's."""
+    d, m = config.data, config.model
+    problems = []
+    if not d.paths:
+        problems.append("data.paths is empty: give at least one indexed dataset prefix")
+    for prefix in d.paths:
+        missing = [prefix + ext for ext in (".bin", ".idx") if not os.path.exists(prefix + ext)]
+        if missing:
+            problems.append(f"data.paths: {' and '.join(missing)} does not exist")
+    if d.tokenizer_model:
+        try:
+            vocab, eos = tokenizer_vocabulary(d.tokenizer_model)
+        except ConfigError as e:
+            problems += e.problems
+        else:
+            if vocab > m.vocab_size:
+                problems.append(
+                    f"model.vocab_size={m.vocab_size} is smaller than the vocabulary of data.tokenizer_model="
+                    f"{d.tokenizer_model} ({vocab} pieces): set model.vocab_size={vocab} (or larger)"
+                )
+            if eos < 0:
+                problems.append(f"data.tokenizer_model={d.tokenizer_model} has no end-of-sequence id to separate documents")
+    elif d.eod_id is None:
+        problems.append("set data.tokenizer_model (or data.eod_id) so documents can be separated")
+    return problems
+
+
+def check_data_settings(config) -> None:
+    _fail(data_problems(config))
+
+
+def reference_vocabulary(config) -> tuple[int, str]:
+    """The vocabulary the data's ids must come from, and what it is called in messages: the
+    tokenizer's when ``data.tokenizer_model`` is set (checked to fit the model), else the model's."""
+    if config.data.tokenizer_model:
+        vocab, _ = tokenizer_vocabulary(config.data.tokenizer_model)
+        return vocab, f"the tokenizer {config.data.tokenizer_model} ({vocab} pieces)"
+    return config.model.vocab_size, f"model.vocab_size={config.model.vocab_size}"
