@@ -24,7 +24,8 @@ def _corpus(prefix, seed, n_docs=60, vocab=500):
 
 def _config(paths, tmp_path, **kw):
     kw.setdefault("split", "8,1,1")
-    return GPTDataConfig(paths=paths, sequence_length=SEQ, seed=7, eod_id=0, cache_dir=str(tmp_path / "cache"), **kw)
+    kw.setdefault("cache_dir", str(tmp_path / "cache"))
+    return GPTDataConfig(paths=paths, sequence_length=SEQ, seed=7, eod_id=0, **kw)
 
 
 def _flat_reference(ds):
@@ -251,3 +252,40 @@ def test_skipped_split_is_not_built(tmp_path):
     assert test is None and len(train) >= 40 and len(valid) >= 4
     with pytest.raises(ValueError, match="skip"):
         build_gpt_datasets(cfg, [40, 4, None], skip=("tset",))
+
+
+def test_token_ids_are_checked_against_the_vocabulary_when_the_dataset_opens(tmp_path, monkeypatch):
+    """Issue #14 case 3: ids >= the vocabulary used to fail inside torch.embedding after start-up,
+    naming no file. The check is chunked (bounded memory), names file, sequence and token, and its
+    result is cached under the files' fingerprints in the index cache (one scan per corpus version)."""
+    from megatron_osp.data import token_range
+    from megatron_osp.data.token_range import TokenRangeError
+
+    prefix = _corpus(tmp_path / "a", 9, vocab=500)
+    raw = IndexedDataset(prefix)
+    flat = np.concatenate([raw[i] for i in range(len(raw))])
+    first = int(np.flatnonzero(flat >= 300)[0])
+    starts = np.concatenate([[0], np.cumsum(raw.sequence_lengths)])
+    seq = int(np.searchsorted(starts, first, side="right")) - 1
+    scans = []
+    real_scan = token_range.scan_token_range
+    monkeypatch.setattr(token_range, "scan_token_range", lambda ds: scans.append(ds.prefix) or real_scan(ds))
+    monkeypatch.setattr(token_range, "CHUNK_TOKENS", 7)  # many chunks: the chunked min/max must agree
+
+    with pytest.raises(TokenRangeError) as e:
+        build_gpt_datasets(_config([prefix], tmp_path, vocab_size=300, vocab_name="model.vocab_size=300"), [50, 5, None])
+    message = str(e.value)
+    assert message.startswith(f"{prefix}.bin: token ids reach {int(flat.max())}, outside model.vocab_size=300")
+    assert f"first: id {int(flat[first])} in sequence {seq}, token {first - int(starts[seq])}" in message
+
+    # ids up to the largest stored one fit: the datasets open; the range came from the cache.
+    train, _, _ = build_gpt_datasets(_config([prefix], tmp_path, vocab_size=int(flat.max()) + 1), [50, 5, None])
+    assert len(train) >= 50 and scans == [prefix]
+    # The dtype must hold every id of the vocabulary (uint16 cannot hold 70000 ids).
+    with pytest.raises(TokenRangeError, match=rf"{prefix}\.idx: token dtype uint16 holds ids up to 65535"):
+        build_gpt_datasets(_config([prefix], tmp_path, vocab_size=70000), [50, 5, None])
+    # A rewritten file is scanned again (new fingerprint); without a cache dir, once per open.
+    _corpus(tmp_path / "a", 10, vocab=200)
+    build_gpt_datasets(_config([prefix], tmp_path, vocab_size=200), [50, 5, None])
+    build_gpt_datasets(_config([prefix], tmp_path, vocab_size=200, cache_dir=None), [50, 5, None])
+    assert scans == [prefix] * 3
