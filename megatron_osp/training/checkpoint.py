@@ -18,13 +18,18 @@ On-disk layout::
                               optimizer hyperparameters
         run_config.yaml       the RunConfig of the run that saved it (read_run_config)
         train_state.json      iteration, consumed samples, contents, the saving layout (human-readable)
+        checksums.json        size and SHA-256 of every file above (checkpoint_integrity.py), written
+                              last inside iter_N.tmp/; verified before anything is loaded
       iter_0000300.tmp/       a save in progress (or killed half way): never loaded, removed by the
                               next save
 
-A save writes everything into ``iter_N.tmp/``, renames it to ``iter_N/`` once every rank has finished,
-then moves ``latest``; with ``keep_last=K`` the older ``iter_*`` directories are deleted after that.
+A save writes everything into ``iter_N.tmp/``, hashes it into ``checksums.json``, renames it to
+``iter_N/`` once every rank has finished, then moves ``latest``; with ``keep_last=K`` the older
+``iter_*`` directories are deleted after that.
 Loading takes either ``<save_dir>`` (follows ``latest``) or one ``iter_N`` directory. Like
 ``dist_checkpointing`` itself, this needs ``save_dir`` on a filesystem that every rank sees.
+Every open verifies the manifest and the small files; ``load_checkpoint`` (resume, export) all
+shards too, before reading any weights. A mismatch is a CheckpointError naming the file.
 
 Public API (all ranks call the save/load functions; the parallel state must be initialised):
 ``save_checkpoint``, ``load_checkpoint`` (full training state), ``load_model_weights`` (weights only,
@@ -47,6 +52,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_osp.fileio import atomic_write_json, atomic_write_text, fsync_dir
+from megatron_osp.training import checkpoint_integrity as integrity
+from megatron_osp.training.checkpoint_integrity import CheckpointError
 
 LATEST = "latest"
 RUN_CONFIG = "run_config.yaml"
@@ -63,10 +70,6 @@ _GROUP_KEYS_DEFAULTS = {"lr_mult": 1.0, "is_expert_parallel": False, "is_decoupl
 _LAYOUT_GROUP_KEYS = ("blocks",)
 
 
-class CheckpointError(RuntimeError):
-    """A path that is not a (complete) checkpoint, or a checkpoint that cannot be loaded here."""
-
-
 def iteration_dir_name(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 
@@ -79,7 +82,15 @@ def has_checkpoint(save_dir: str | os.PathLike) -> bool:
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """The complete iteration directory that ``path`` names (a save dir, following ``latest``, or one
-    ``iter_N`` directory); CheckpointError naming the path otherwise. Checks every shard is present."""
+    ``iter_N`` directory); CheckpointError naming the path otherwise. Checks every file's presence
+    and size and all but the shards' checksums (``load_checkpoint`` checks the shards')."""
+    path = find_iteration_dir(path)
+    integrity.check_complete(path, _REQUIRED)
+    return path
+
+
+def find_iteration_dir(path: str | os.PathLike) -> Path:
+    """The iteration directory ``path`` names, without checking its files."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -101,34 +112,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
             f"{path} is not a checkpoint: it has neither a '{LATEST}' pointer file nor the "
             f"checkpoint files of one iteration directory (metadata.json){hint}"
         )
-    _check_complete(path)
     return path
-
-
-def _check_complete(path: Path) -> None:
-    """Every file the checkpoint's index names exists and is long enough (a missing or truncated
-    shard is reported by name before dist_checkpointing fails somewhere inside torch)."""
-    missing = [name for name in _REQUIRED if not (path / name).is_file()]
-    if missing:
-        raise CheckpointError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
-    from torch.distributed.checkpoint import FileSystemReader
-
-    try:
-        metadata = FileSystemReader(str(path)).read_metadata()
-    except Exception as e:  # noqa: BLE001 - any failure to parse the index is a damaged checkpoint
-        raise CheckpointError(f"checkpoint {path}: cannot read its shard index .metadata: {e}") from e
-    needed: dict[str, int] = {}
-    for info in (metadata.storage_data or {}).values():
-        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
-    for name, size in sorted(needed.items()):
-        shard = path / name
-        if not shard.is_file():
-            raise CheckpointError(f"checkpoint {path} is missing shard file {shard}")
-        if shard.stat().st_size < size:
-            raise CheckpointError(
-                f"checkpoint shard {shard} is truncated: {shard.stat().st_size} bytes, the index "
-                f"needs {size}"
-            )
 
 
 def read_train_state(path: str | os.PathLike) -> dict:
@@ -378,6 +362,7 @@ def save_checkpoint(
             },
         )
     dist.barrier()
+    integrity.write_manifest_collective(tmp)  # collective; rank 0 writes it before publishing below
     if rank0:
         _publish(tmp, final, save_dir)
         if keep_last > 0:
@@ -427,8 +412,10 @@ def load_checkpoint(path, model_chunks, optimizer=None, scheduler=None, *, load_
     Returns the checkpoint's train state (iteration, consumed_samples, contents, layout, path).
     """
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
 
     ckpt = resolve_checkpoint(path)
+    integrity.verify_checkpoint(ckpt, collective=True)  # every shard's checksum, before any is read
     train_state = read_train_state(ckpt)
     contents = set(train_state.get("contents", ["model"]))
     _check_vocab_padding(ckpt, train_state, model_chunks)
@@ -442,8 +429,8 @@ def load_checkpoint(path, model_chunks, optimizer=None, scheduler=None, *, load_
         state["rng_state"] = _rng_sharded_object(None)
     try:
         loaded = dist_checkpointing.load(state, str(ckpt))
-    except Exception as e:  # noqa: BLE001 - name the checkpoint whatever failed inside
-        raise CheckpointError(f"loading checkpoint {ckpt} failed: {type(e).__name__}: {e}") from e
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - CheckpointException is a BaseException
+        raise CheckpointError(integrity.describe_load_failure(ckpt, e)) from e
     for key, chunk in zip(_model_keys(model_chunks), model_chunks):
         _core(chunk).load_state_dict(loaded[key], strict=True)
     if use_optimizer:
