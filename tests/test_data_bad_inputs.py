@@ -213,3 +213,31 @@ def test_merge_refuses_preprocessed_datasets_of_different_tokenizers(tmp_path, t
              "--output-prefix", tmp_path / "m")
     assert r.returncode == 1 and "tokenizer of 320 ids" in r.stderr and "300" in r.stderr, r.stderr
     assert not list(tmp_path.glob("m*"))
+
+
+@pytest.mark.parametrize("line, reason", [('{"text": 1' + "1" * 5000 + "}", "unreadable JSON (ValueError"),
+                                          ("[" * 100_000, "unreadable JSON (RecursionError")])
+def test_json_python_cannot_convert_is_a_bad_record(tmp_path, tok, line, reason):
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"text": "fine"}) + "\n" + line + "\n")
+    with pytest.raises(BadRecord, match=re.escape(f"in.jsonl:2: {reason}")):
+        preprocess([str(src)], tok, str(tmp_path / "out"), progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["in.jsonl"]
+
+
+def test_temporaries_of_killed_training_and_merge_runs_are_removed(tmp_path):
+    """A killed train_tokenizer.py or merge_datasets.py leaves PREFIX.tmp<pid>.model / PREFIX.bin.tmp<pid>;
+    the next run on that prefix removes them (pid gone), and leaves a live process's alone."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    src = _corpus(tmp_path, 40)
+    stale = [tmp_path / f"tok.tmp{dead.pid}.model", tmp_path / f"tok.tmp{dead.pid}.vocab",
+             tmp_path / f"m.bin.tmp{dead.pid}", tmp_path / f"m.idx.tmp{dead.pid}"]
+    live = tmp_path / f"m.bin.tmp{os.getpid()}"
+    for p in stale + [live]:
+        p.write_bytes(b"partial")
+    assert _cli("train_tokenizer.py", "--input", src, "--output-prefix", tmp_path / "tok", "--vocab-size", 300).returncode == 0
+    with IndexedDatasetWriter(tmp_path / "d", np.uint16) as w:
+        w.add_document(np.arange(5))
+    assert _cli("merge_datasets.py", "--input", tmp_path / "d", "--output-prefix", tmp_path / "m").returncode == 0
+    assert [p.name for p in stale if p.exists()] == [] and live.exists()
