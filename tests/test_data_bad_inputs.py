@@ -216,7 +216,8 @@ def test_merge_refuses_preprocessed_datasets_of_different_tokenizers(tmp_path, t
 
 
 @pytest.mark.parametrize("line, reason", [('{"text": 1' + "1" * 5000 + "}", "unreadable JSON (ValueError"),
-                                          ("[" * 100_000, "unreadable JSON (RecursionError")])
+                                          ("[" * 100_000, "unreadable JSON (RecursionError")],
+                         ids=["long-number", "deep-nesting"])
 def test_json_python_cannot_convert_is_a_bad_record(tmp_path, tok, line, reason):
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps({"text": "fine"}) + "\n" + line + "\n")
