@@ -224,3 +224,34 @@ def test_parquet_rows_come_out_as_written(sp_model, sp, rows, chunk):
             assert os.listdir(d) == [src.name]
             return
         assert _datasets(str(Path(d) / "o_text_document")) == docs
+
+
+@settings(SETTINGS, max_examples=_DEEP or 12)
+@given(data=files, fmt=st.sampled_from(["jsonl", "jsonl.zst"]), skip=st.booleans())
+def test_tokenizer_training_names_the_bad_line_or_trains(sp, data, fmt, skip):
+    """Bad records stop training at their line (or are skipped); anything else SentencePiece refuses
+    (too little text for the vocabulary) is said in our terms, never as its internal check."""
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / f"c.{fmt}"
+        if data and not data.endswith(b"\n"):
+            data += b"\n"
+        data += b"".join(_encode_json({"text": t}, True) + b"\n" for t in FILLER)
+        src.write_bytes(_compress(data, fmt))
+        outcome, what, reason, _ = oracle(data, str(src), sp)
+        try:
+            model = train_sentencepiece(src, Path(d) / "tok", vocab_size=300, skip_bad_records=skip)
+        except ValueError as e:
+            message = str(e)
+            assert "INTERNAL" not in message and "sentences_" not in message, message
+            if outcome == "bad" and reason not in ("empty file", "no non-empty documents") and not skip:
+                assert message.startswith(what) and reason in message, (message, what, reason)
+            else:
+                assert "--vocab-size 300" in message or "no text to train on" in message, message
+            assert os.listdir(d) == [src.name]
+            return
+        assert skip or outcome == "ok", (what, reason)
+        assert SentencePieceTokenizer(model).vocab_size == 300
+
+
+# Appended after the random lines so that most examples have enough text for a 300-piece vocabulary.
+FILLER = [f"filler line {i}: abc xyz the quick brown fox jumps over the lazy dog {i * 13}" for i in range(200)]
