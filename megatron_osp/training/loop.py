@@ -31,7 +31,7 @@ from megatron.core.transformer.module import Float16Module
 
 from megatron_osp import parallel, platform
 from megatron_osp.fileio import atomic_write_json, atomic_write_text
-from megatron_osp.analysis.kurtosis import HiddenStateRecorder, KurtosisReport
+from megatron_osp.metrics.kurtosis import HiddenStateRecorder, KurtosisReport
 from megatron_osp.models.gpt import build_gpt_model, transformer_config
 from megatron_osp.optimizer.builder import ddp_config, get_osp_optimizer
 from megatron_osp.training.checkpoint import (
