@@ -238,7 +238,17 @@ def preprocess(
     for path in paths:
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist")
-    output = _ShardedOutput(output_prefix, json_keys, token_dtype_for(tokenizer.vocab_size), max_shard_tokens)
+    pool = (get_context("fork").Pool(workers, _init_worker, (tokenizer_model, eod_token, True, word_cache))
+            if workers > 1 else None)
+    try:
+        if pool is None:
+            _init_worker(tokenizer_model, eod_token, word_cache=word_cache)
+        # The stage directory: an unwritable output fails here, before any tokenizing.
+        output = _ShardedOutput(output_prefix, json_keys, token_dtype_for(tokenizer.vocab_size), max_shard_tokens)
+    except BaseException:
+        if pool is not None:
+            pool.terminate()
+        raise
     stats = PreprocessStats(notes=list(output.stage.notes))
     start = time.perf_counter()
     bar = None
@@ -246,10 +256,6 @@ def preprocess(
         from tqdm.auto import tqdm
 
         bar = tqdm(desc="tokenize", unit="doc", dynamic_ncols=True)  # its rate is docs/s
-    pool = (get_context("fork").Pool(workers, _init_worker, (tokenizer_model, eod_token, True, word_cache))
-            if workers > 1 else None)
-    if pool is None:
-        _init_worker(tokenizer_model, eod_token, word_cache=word_cache)
     try:
         for path in paths:
             chunks = (c + (append_eod,) for c in record_chunks(path, list(json_keys), chunk_lines))
