@@ -67,10 +67,10 @@ def tokenizer_input(tokenizer) -> list[tuple[str, Path, bool]]:
 def check_outside(output, inputs, action: str = "export") -> None:
     """ExportError naming both paths when ``output`` equals, contains or is inside an input."""
     out = _real(output)
-    for what, inp, inside_ok in inputs:
-        rel = _relation(out, inp)
-        if rel is None or (rel == "is inside" and inside_ok):
-            continue
+    hits = [(rel, what, inp) for what, inp, inside_ok in inputs
+            if (rel := _relation(out, inp)) is not None and not (rel == "is inside" and inside_ok)]
+    hits.sort(key=lambda h: h[0] != "is")  # name the input it is, if any, before one it contains
+    for rel, what, inp in hits[:1]:
         shown = f"{output}" + (f" ({out})" if str(out) != os.path.abspath(output) else "")
         raise ExportError(
             f"refusing to {action} into {shown}: it {rel} the {what} {inp} it reads"

@@ -1,0 +1,151 @@
+"""HF export and import never destroy their inputs (issue #14, cases 4 and 6), through the CLI tools.
+
+- ``convert_to_hf.py RUN/checkpoints RUN --overwrite`` (and outputs that are the checkpoint, inside
+  it, inside the run, contain the run, or a symlink to it) exits 2 naming both paths before anything
+  is written; the run is unchanged to the byte.
+- ``--overwrite`` replaces a previous export, never a directory that is not one (a stray file, no
+  config.json/model.safetensors) nor a file.
+- ``convert_from_hf.py`` refuses to write into its source HF directory, inside it, or into an
+  existing run; both stay unchanged.
+- An HF model with only tokenizer.json (no tokenizer.model), imported with relative paths, exports
+  from another working directory with its bos/eos ids in config.json, generation_config.json and
+  the tokenizer files.
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from hf_run_fixtures import make_run, run_tool, tool
+from test_hf_convert import _tool  # the tools' main(), in this process, for refusals (no model is built)
+
+
+def _snapshot(root: Path) -> dict:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.read_bytes() if p.stat().st_size < 1 << 16 else None)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("safety")
+    paths = make_run(root, steps=1)
+    run_tool([tool("convert_to_hf"), str(paths["checkpoints"]), str(root / "hf")])
+    paths["hf"] = root / "hf"
+    return paths
+
+
+def test_export_into_its_own_run_is_refused_and_the_run_survives(run, capsys):
+    run_dir, ckpt = run["run"], run["checkpoints"]
+    before = _snapshot(run_dir)
+    assert "config.yaml" in before and "metrics.jsonl" in before and any(k.endswith(".distcp") for k in before)
+    # The command of the issue, as a user runs it.
+    proc = run_tool([tool("convert_to_hf"), str(ckpt), str(run_dir), "--overwrite"], check=False)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    err = proc.stderr.strip().splitlines()[-1]
+    assert err.startswith("error: refusing to export into") and str(run_dir) in err and "run directory" in err, err
+    assert _snapshot(run_dir) == before
+    # Other overlapping outputs, and the checkpoint given as its iter_N directory.
+    link = run["root"] / "link_to_run"
+    link.symlink_to(run_dir, target_is_directory=True)
+    iteration = next(ckpt.glob("iter_*"))
+    to_hf = _tool("convert_to_hf")
+    for source, output in ((ckpt, link), (ckpt, ckpt), (ckpt, iteration), (ckpt, ckpt / "hf"), (ckpt, run_dir / "hf"),
+                           (ckpt, run["root"]), (iteration, run_dir), (iteration, ckpt)):
+        assert to_hf.main([str(source), str(output), "--overwrite"]) == 2, output
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("error: refusing to export into") and str(output) in err, err
+        assert str(run_dir) in err or str(ckpt) in err or str(iteration) in err, err
+        assert _snapshot(run_dir) == before, output
+    assert not list(run["root"].glob(".*.tmp-*")) and not (run_dir / "hf").exists()
+
+
+def test_overwrite_replaces_only_a_previous_export(run, tmp_path, capsys):
+    ckpt = run["checkpoints"]
+    out = tmp_path / "hf"
+    shutil.copytree(run["hf"], out)
+    (out / "model.safetensors").write_bytes(b"stale")
+    run_tool([tool("convert_to_hf"), str(ckpt), str(out), "--overwrite"])  # a previous export: replaced
+    assert (out / "model.safetensors").read_bytes() == (run["hf"] / "model.safetensors").read_bytes()
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me")
+    with_extra = tmp_path / "with_extra"
+    shutil.copytree(run["hf"], with_extra)
+    (with_extra / "eval_results.txt").write_text("keep me too")
+    (with_extra / "subdir").mkdir()
+    plain_file = tmp_path / "file.bin"
+    plain_file.write_bytes(b"data")
+    for target, words in ((notes, "todo.txt"), (with_extra, "eval_results.txt"), (plain_file, "not a directory")):
+        before = _snapshot(tmp_path)
+        assert _tool("convert_to_hf").main([str(ckpt), str(target), "--overwrite"]) == 2, target
+        err = capsys.readouterr().err
+        assert str(target) in err and words in err, err
+        assert _snapshot(tmp_path) == before
+    assert (notes / "todo.txt").read_text() == "keep me" and plain_file.read_bytes() == b"data"
+
+
+def test_import_never_writes_into_its_source_or_an_existing_run(run, capsys):
+    hf, run_dir = run["hf"], run["run"]
+    hf_before, run_before = _snapshot(hf), _snapshot(run_dir)
+    proc = run_tool([tool("convert_from_hf"), str(hf), str(hf)], check=False)
+    assert proc.returncode == 2 and "refusing to import into" in proc.stderr, (proc.stdout, proc.stderr)
+    for output, words in ((hf / "ckpt", "refusing to import into"), (run_dir, "not empty"),
+                          (run["checkpoints"], "already holds a checkpoint")):
+        assert _tool("convert_from_hf").main([str(hf), str(output)]) == 2, output
+        err = capsys.readouterr().err
+        assert words in err and str(output) in err, err
+    assert _snapshot(hf) == hf_before and _snapshot(run_dir) == run_before
+
+
+def test_tokenizer_json_only_import_keeps_bos_eos_and_exports_from_elsewhere(run, tmp_path):
+    from transformers import AutoTokenizer, GenerationConfig
+
+    work = tmp_path / "work"
+    src = work / "llama_json"
+    shutil.copytree(run["hf"], src)
+    (src / "tokenizer.model").unlink()  # an HF model with only tokenizer.json
+    config = json.loads((src / "config.json").read_text())
+    bos, eos = config["bos_token_id"], config["eos_token_id"]
+    assert (bos, eos) == (1, 2)
+    run_tool([tool("convert_from_hf"), "llama_json", "imported", "--tokenizer", "llama_json/tokenizer.json"],
+             cwd=work)  # relative paths, as typed
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.move(str(src), str(tmp_path / "moved_away"))  # the source is gone; the checkpoint suffices
+    run_tool([tool("convert_to_hf"), str(work / "imported"), "../out"], cwd=elsewhere)
+    out = tmp_path / "out"
+    exported = json.loads((out / "config.json").read_text())
+    assert (exported["bos_token_id"], exported["eos_token_id"]) == (bos, eos)
+    generation = GenerationConfig.from_pretrained(str(out))
+    assert (generation.bos_token_id, generation.eos_token_id) == (bos, eos)
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert (tok.bos_token_id, tok.eos_token_id) == (bos, eos) and tok.eos_token == "</s>"
+    original = AutoTokenizer.from_pretrained(str(run["hf"]))
+    text = "a <s> b </s> c <unk> d"
+    assert tok(text)["input_ids"] == original(text)["input_ids"]
+
+
+def test_export_finds_a_relative_tokenizer_from_another_directory(run, tmp_path):
+    """A run that recorded its tokenizer relative to where it trained exports from anywhere."""
+    import yaml
+
+    from megatron_osp.training.checkpoint import resolve_checkpoint
+
+    root = tmp_path / "project"
+    shutil.copytree(run["root"], root, symlinks=True, ignore=shutil.ignore_patterns("hf", "link_to_run"))
+    cfg_file = resolve_checkpoint(root / "run" / "checkpoints") / "run_config.yaml"
+    cfg = yaml.safe_load(cfg_file.read_text())
+    cfg["data"]["tokenizer_model"] = "tokenizer.model"  # as recorded by a run started in root
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    integrity = cfg_file.parent / "checksums.json"
+    if integrity.exists():  # a checksum manifest covers run_config.yaml: rewrite it for the edit
+        run_tool(["-m", "megatron_osp.training.checkpoint_integrity", "write", str(cfg_file.parent)])
+    proc = run_tool([tool("convert_to_hf"), str(root / "run" / "checkpoints"), str(tmp_path / "out")],
+                    cwd=os.path.dirname(tmp_path))
+    assert (tmp_path / "out" / "tokenizer.model").is_file(), proc.stdout + proc.stderr
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["eos_token_id"] == 2
