@@ -121,7 +121,7 @@ def check_published(prefix: str | os.PathLike) -> None:
     _, listed = _listed(family)
     name = os.path.basename(prefix)
     if name not in listed:
-        if name == os.path.basename(family):
+        if name == os.path.basename(family) and listed:
             shards = list(listed)
             raise FileNotFoundError(
                 f"{prefix}: this output is sharded; {manifest_path(family)} lists {len(shards)} datasets "
