@@ -107,6 +107,19 @@ class Trainer:
         n_train = train.train_steps * train.global_batch_size
         n_eval = max(train.eval_batches, train.kurtosis_batches) * train.global_batch_size
         self.train_ds, self.valid_ds = build_datasets(config, n_train, n_eval)
+        # The checkpoint this run continues from, checked against the config before the model exists.
+        # The run's own checkpoints come first, so a preempted job that started from train.load
+        # and is requeued with the same command continues its progress instead of restarting.
+        self.save_dir = Path(train.save_dir) if train.save_dir else self.run_dir / "checkpoints"
+        load_path = train.load
+        if train.auto_resume and has_checkpoint(self.save_dir):
+            load_path = self.save_dir
+        resume = False
+        if load_path is not None:
+            # A training checkpoint continues where it stopped; a weights-only one (e.g. converted
+            # from Hugging Face) starts a new run from those weights.
+            resume = "optimizer" in read_train_state(load_path)["contents"]
+            check_compatible(load_path, config, resume=resume)
 
         self.tconfig = transformer_config(
             config.model,
@@ -155,20 +168,10 @@ class Trainer:
         self.n_params = sum(p.numel() for p in self.model.parameters())
 
         # Last, so the restored RNG states are the ones the next step sees.
-        self.save_dir = Path(train.save_dir) if train.save_dir else self.run_dir / "checkpoints"
         self.last_saved_step = None
         consumed = 0
         self._checkpoint_seq_length = config.model.seq_length
-        # The run's own checkpoints come first, so a preempted job that started from train.load
-        # and is requeued with the same command continues its progress instead of restarting.
-        load_path = train.load
-        if train.auto_resume and has_checkpoint(self.save_dir):
-            load_path = self.save_dir
         if load_path is not None:
-            # A training checkpoint continues where it stopped; a weights-only one (e.g. converted
-            # from Hugging Face) starts a new run from those weights.
-            resume = "optimizer" in read_train_state(load_path)["contents"]
-            check_compatible(load_path, config, resume=resume)
             state = load_checkpoint(
                 load_path, [self.model], self.optimizer, self.scheduler, load_rng=resume, log=self._rank0_log
             )
