@@ -67,9 +67,8 @@ _RENAME_IN_INDEX = (b"\x13output_layer.weight", b"\x13output_layer.weighu")
 
 # ------------------------------------------------------------------ the saved run (one process)
 def _train_and_save_worker(rank, world, corpus, run_dir):
-    """One step of a run, saved at exit_at_step=1; checks the manifest is complete when publishing."""
+    """One step of a run, saved at exit_at_step=1; records what iter_N.tmp holds when it is published."""
     from megatron_osp.training import checkpoint
-    from megatron_osp.training.checkpoint_integrity import MANIFEST, verify_checkpoint
     from megatron_osp.training.config import load_config
     from megatron_osp.training.loop import Trainer, unwrap
 
@@ -77,8 +76,9 @@ def _train_and_save_worker(rank, world, corpus, run_dir):
     real_publish = checkpoint._publish
 
     def publish(tmp, final, save_dir):
-        verify_checkpoint(tmp)  # complete and valid while still iter_N.tmp, before latest moves
-        seen.append((tmp.name, sorted(json.loads((tmp / MANIFEST).read_text())["files"])))
+        manifest = tmp / "checksums.json"
+        listed = sorted(json.loads(manifest.read_text())["files"]) if manifest.exists() else None
+        seen.append((tmp.name, sorted(p.name for p in tmp.iterdir()), listed))
         real_publish(tmp, final, save_dir)
 
     checkpoint._publish = publish
@@ -105,14 +105,18 @@ def _env():
 
 
 def test_every_save_publishes_a_complete_manifest(saved):
+    """checksums.json is in iter_N.tmp before it is renamed and latest moves, and lists every file."""
     seen = saved[1]["seen"]
     assert len(seen) == 1 and seen[0][0] == f"{ITER}.tmp"
-    ckpt = saved[0] / "checkpoints" / ITER
-    on_disk = sorted(p.name for p in ckpt.iterdir() if p.name != "checksums.json")
-    assert seen[0][1] == on_disk
+    _, at_publish, listed = seen[0]
+    assert "checksums.json" in at_publish
+    assert listed == [name for name in at_publish if name != "checksums.json"]
     for name in (".metadata", "common.pt", "metadata.json", "run_config.yaml", "train_state.json"):
-        assert name in on_disk
-    assert any(name.endswith(".distcp") for name in on_disk)
+        assert name in listed
+    assert any(name.endswith(".distcp") for name in listed)
+    from megatron_osp.training.checkpoint_integrity import verify_checkpoint
+
+    verify_checkpoint(saved[0] / "checkpoints" / ITER)  # the published files match it
 
 
 # ------------------------------------------------------------------ the issue's operation: resume
@@ -172,8 +176,8 @@ def test_convert_to_hf_refuses_a_damaged_shard_and_writes_nothing(saved, tmp_pat
 
 # ------------------------------------------------------------------ .metadata and the small files
 def test_damaged_metadata_is_named_not_a_raw_checkpoint_exception(saved, tmp_path, megatron_single_rank):
-    """Two same-size damages of the shard index: 256 XORed bytes, and one letter of a tensor name
-    (still a valid pickle: dist_checkpointing used to fail with a bare CheckpointException)."""
+    """Two same-size damages of the shard index: one letter of a tensor name (still a valid pickle:
+    dist_checkpointing used to fail with a bare CheckpointException naming no file), 256 XORed bytes."""
     from megatron_osp.models.gpt import build_gpt_model, transformer_config
     from megatron_osp.training.checkpoint import CheckpointError, load_model_weights, model_config_for_one_process
 
@@ -182,7 +186,7 @@ def test_damaged_metadata_is_named_not_a_raw_checkpoint_exception(saved, tmp_pat
     pristine = index.read_bytes()
     mc = model_config_for_one_process(save_dir)
     model = build_gpt_model(mc, transformer_config(mc), seed=77)
-    for damage in (lambda: _xor_middle(index), lambda: _replace_once(index, *_RENAME_IN_INDEX, last=True)):
+    for damage in (lambda: _replace_once(index, *_RENAME_IN_INDEX, last=True), lambda: _xor_middle(index)):
         damage()
         assert len(index.read_bytes()) == len(pristine)
         with pytest.raises(CheckpointError, match=f"{index}"):
