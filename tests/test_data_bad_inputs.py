@@ -237,7 +237,8 @@ def test_temporaries_of_killed_training_and_merge_runs_are_removed(tmp_path):
     live = tmp_path / f"m.bin.tmp{os.getpid()}"
     for p in stale + [live]:
         p.write_bytes(b"partial")
-    assert _cli("train_tokenizer.py", "--input", src, "--output-prefix", tmp_path / "tok", "--vocab-size", 300).returncode == 0
+    r = _cli("train_tokenizer.py", "--input", src, "--output-prefix", tmp_path / "tok", "--vocab-size", 300)
+    assert r.returncode == 0, r.stderr
     with IndexedDatasetWriter(tmp_path / "d", np.uint16) as w:
         w.add_document(np.arange(5))
     assert _cli("merge_datasets.py", "--input", tmp_path / "d", "--output-prefix", tmp_path / "m").returncode == 0

@@ -34,11 +34,13 @@ any_char = st.characters(codec=None, exclude_categories=())  # surrogates and co
 texts = st.one_of(
     st.text(alphabet=any_char, max_size=30),
     st.text(alphabet="abc xyz\n\t.,é漢", max_size=60),
-    st.builds(lambda a, s, b: a + s + b, st.text(max_size=10), st.integers(0xD800, 0xDFFF).map(chr), st.text(max_size=10)),
+    st.builds(lambda a, s, b: a + s + b,
+              st.text(max_size=10), st.integers(0xD800, 0xDFFF).map(chr), st.text(max_size=10)),
 )
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | texts,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(["text", "id", "x"]), inner, max_size=3),
+    lambda inner: (st.lists(inner, max_size=3)
+                   | st.dictionaries(st.sampled_from(["text", "id", "x"]), inner, max_size=3)),
     max_leaves=6,
 )
 

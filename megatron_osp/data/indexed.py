@@ -52,8 +52,9 @@ def check_dtype_holds(dtype, vocab_size: int, where: str) -> None:
     if dtype.kind not in "iu":
         raise ValueError(f"{where}: token dtype {dtype} is not an integer type; token ids cannot be stored in it")
     if vocab_size - 1 > np.iinfo(dtype).max:
+        need = np.dtype(token_dtype_for(vocab_size))
         raise ValueError(f"{where}: token dtype {dtype} holds ids up to {np.iinfo(dtype).max}, but the vocabulary "
-                         f"has {vocab_size} (ids up to {vocab_size - 1}); it needs {np.dtype(token_dtype_for(vocab_size))}")
+                         f"has {vocab_size} (ids up to {vocab_size - 1}); it needs {need}")
 
 
 class IndexedDatasetWriter:

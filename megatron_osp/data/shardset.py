@@ -201,7 +201,8 @@ def clean_stale_temporaries(prefix: str | os.PathLike) -> list[str]:
                 notes.append(f"removed {path}, left by a run that did not finish (pid {m.group('pid')})")
             continue
         m = _WRITER_TMP.match(name)
-        if m and (m.group("name") == base or m.group("name").startswith(base + "_")) and not pid_alive(int(m.group("pid"))):
+        ours = m is not None and (m.group("name") == base or m.group("name").startswith(base + "_"))
+        if ours and not pid_alive(int(m.group("pid"))):
             os.unlink(path)
             notes.append(f"removed {path}, left by a run that did not finish (pid {m.group('pid')})")
     return notes
