@@ -322,7 +322,7 @@ class Trainer:
                     bar.close()
                 self._rank0_log(
                     f"the run already finished at step {self.step}; {self.run_dir / 'summary.json'} is kept as "
-                    "it was (evaluate a checkpoint with tools/ to measure it with other settings)"
+                    "it was (tools/evaluate_quantization.py measures a checkpoint with other settings)"
                 )
                 if self.writer is not None:
                     self.writer.close()
