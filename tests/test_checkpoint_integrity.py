@@ -1,6 +1,6 @@
 """Checkpoint integrity (issue #14, case 2): damaged bytes of the same size never load silently.
 
-Every save writes ``checksums.json`` (sizes and SHA-256 of every file) inside ``iter_N.tmp/`` before
+Every save writes ``checksums.json`` (size and CRC-32 of every file) inside ``iter_N.tmp/`` before
 it is published; resume, ``load_model_weights`` and the HF export verify it before any weights are
 used, and a mismatch is a CheckpointError naming the file. A damaged ``.metadata`` (which used to
 end in a raw ``CheckpointException``, a BaseException) is named too; ``latest`` never moves.
@@ -194,7 +194,7 @@ def test_damaged_metadata_is_named_not_a_raw_checkpoint_exception(saved, tmp_pat
         index.write_bytes(pristine)
 
 
-def test_a_load_failure_inside_dist_checkpointing_names_the_checkpoint_and_file(saved, tmp_path, megatron_single_rank):
+def test_a_load_failure_inside_dist_checkpointing_names_the_checkpoint_and_file(saved, tmp_path, megatron_single_rank, capsys):
     """A damaged index whose manifest was rewritten afterwards (the user vouched for the files):
     dist_checkpointing's CheckpointException (a BaseException) becomes a CheckpointError."""
     from megatron_osp.models.gpt import build_gpt_model, transformer_config
@@ -204,8 +204,8 @@ def test_a_load_failure_inside_dist_checkpointing_names_the_checkpoint_and_file(
     save_dir = _copy_run(saved, tmp_path) / "checkpoints"
     ckpt = save_dir / ITER
     _replace_once(ckpt / ".metadata", *_RENAME_IN_INDEX, last=True)
-    assert integrity_main(["write", str(save_dir)]) == 2  # an existing manifest is kept ...
-    assert integrity_main(["write", str(save_dir), "--replace"]) == 0  # ... unless asked
+    assert integrity_main(["write", str(save_dir)]) == 0
+    assert "files that differ from the old manifest: .metadata" in capsys.readouterr().out
     mc = model_config_for_one_process(save_dir)
     model = build_gpt_model(mc, transformer_config(mc), seed=77)
     with pytest.raises(CheckpointError, match=rf"loading checkpoint {ckpt} failed reading {ckpt / '.metadata'}.*KeyError"):

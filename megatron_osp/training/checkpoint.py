@@ -18,7 +18,7 @@ On-disk layout::
                               optimizer hyperparameters
         run_config.yaml       the RunConfig of the run that saved it (read_run_config)
         train_state.json      iteration, consumed samples, contents, the saving layout (human-readable)
-        checksums.json        size and SHA-256 of every file above (checkpoint_integrity.py), written
+        checksums.json        size and CRC-32 of every file above (checkpoint_integrity.py), written
                               last inside iter_N.tmp/; verified before anything is loaded
       iter_0000300.tmp/       a save in progress (or killed half way): never loaded, removed by the
                               next save

@@ -1,6 +1,6 @@
 """Checksum manifest of a checkpoint: written with every save, verified before anything is loaded.
 
-``iter_N/checksums.json`` holds the size and SHA-256 of every file of the checkpoint (the
+``iter_N/checksums.json`` holds the size and CRC-32 of every file of the checkpoint (the
 ``.distcp`` shards, ``.metadata``, ``common.pt``, ``metadata.json``, ``run_config.yaml``,
 ``train_state.json``) and a SHA-256 of that list itself, so a damaged manifest is told apart from a
 damaged data file. It is written inside ``iter_N.tmp/`` before the directory is renamed and
@@ -11,15 +11,17 @@ still in its page cache, and the work is spread over the ranks like the writing 
 the files only it writes and anything else it finds, gathers the rest and writes the manifest.
 Loading: the files are split over the loading ranks by size, each hashes its share, and the
 failures are gathered so that every rank raises the same CheckpointError before any weights are
-read. SHA-256 because it is cryptographic (no damage pattern slips through), checkable by hand with
-``sha256sum`` and, with the SHA extensions of current x86 and ARM CPUs, faster in CPython's hashlib
-than blake2b; its measured cost is in docs/benchmarks.md.
+read. CRC-32 (zlib's, as zip, gzip and PNG use) because the threat is accidental damage, not an
+adversary: it catches every burst of up to 32 bits and any other damage but one time in 2^32, at
+about twice the speed of SHA-256 (the fastest cryptographic hash in CPython's hashlib with the CPU's
+SHA extensions) and three times that of blake2b; measured in docs/benchmarks.md. The manifest
+names its algorithm, and any hashlib algorithm is accepted when reading.
 
 Checkpoints without a manifest (written before checksums existed) are refused with the command that
 writes one for a checkpoint the user trusts; a silent unverified load is what this module prevents.
 
     python -m megatron_osp.training.checkpoint_integrity verify CHECKPOINT
-    python -m megatron_osp.training.checkpoint_integrity write CHECKPOINT   # trust its files as they are
+    python -m megatron_osp.training.checkpoint_integrity write CHECKPOINT   # vouch for its files as they are
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import hashlib
 import json
 import os
 import re
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -36,9 +39,9 @@ from megatron_osp.fileio import atomic_write_json
 MANIFEST = "checksums.json"
 MANIFEST_FORMAT = "megatron-osp/checksums"
 MANIFEST_VERSION = 1
-ALGORITHM = "sha256"
+ALGORITHM = "crc32"
 _BLOCK = 8 << 20  # bytes read per call: large blocks keep Python's per-call cost negligible
-_MAX_THREADS = 4  # hashlib releases the GIL on large buffers, so files hash in parallel
+_MAX_THREADS = 4  # zlib and hashlib release the GIL on large buffers, so files hash in parallel
 _WRITER_RE = re.compile(r"^__(\d+)_\d+\.distcp$")
 _SHARD_SUFFIX = ".distcp"
 
@@ -49,14 +52,18 @@ class CheckpointError(RuntimeError):
 
 # ---------------------------------------------------------------------------------- hashing
 def file_digest(path: str | os.PathLike, algorithm: str = ALGORITHM) -> str:
-    """Hex digest of one file, streamed in large blocks."""
-    h = hashlib.new(algorithm)
+    """Hex digest of one file (``crc32`` or a hashlib algorithm), streamed in large blocks."""
     buf = bytearray(_BLOCK)
     view = memoryview(buf)
+    h = None if algorithm == "crc32" else hashlib.new(algorithm)
+    crc = 0
     with open(path, "rb", buffering=0) as f:
         while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
+            if h is None:
+                crc = zlib.crc32(view[:n], crc)
+            else:
+                h.update(view[:n])
+    return f"{crc:08x}" if h is None else h.hexdigest()
 
 
 def _hash_files(directory: Path, names, algorithm: str = ALGORITHM) -> dict[str, dict]:
@@ -166,7 +173,7 @@ def read_manifest(ckpt: Path) -> dict:
             f"{path}: manifest version {manifest['version']} is newer than this code's ({MANIFEST_VERSION})"
         )
     files, algorithm = manifest.get("files"), manifest.get("algorithm")
-    if algorithm not in hashlib.algorithms_available:
+    if algorithm != "crc32" and algorithm not in hashlib.algorithms_available:
         raise CheckpointError(f"{path}: unknown checksum algorithm {algorithm!r}")
     valid = isinstance(files, dict) and all(
         isinstance(e, dict) and isinstance(e.get("size"), int) and isinstance(e.get(algorithm), str)
@@ -204,7 +211,7 @@ def _check_hashes(ckpt: Path, algorithm: str, files: dict, names) -> list[str]:
     except OSError as e:
         return [f"checkpoint {ckpt}: cannot read {e.filename}: {e.strerror}"]
     return [
-        f"checkpoint file {ckpt / name} is damaged: its {algorithm} does not match the one in {MANIFEST} "
+        f"checkpoint file {ckpt / name} is damaged: its {algorithm} checksum does not match the one in {MANIFEST} "
         "(its bytes changed after the save)"
         for name in sorted(names) if found[name][algorithm] != files[name][algorithm]
     ]
@@ -329,12 +336,12 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(
         prog="python -m megatron_osp.training.checkpoint_integrity",
-        description="Verify a checkpoint against its checksum manifest, or write a manifest for a "
-        "trusted checkpoint saved without one.",
+        description="verify: check a checkpoint's files against its checksum manifest. write: hash its "
+        "files as they are now into a new manifest (for a checkpoint saved without one, or after a "
+        "deliberate edit; it replaces an existing manifest and lists the files that changed).",
     )
     p.add_argument("action", choices=["verify", "write"])
     p.add_argument("checkpoint", help="checkpoint save directory (follows latest) or one iter_N directory")
-    p.add_argument("--replace", action="store_true", help="write: replace an existing manifest")
     args = p.parse_args(argv)
     # Through the package, not this __main__ module: its CheckpointError is the one that is raised.
     from megatron_osp.training import checkpoint, checkpoint_integrity as mod
@@ -346,11 +353,17 @@ def main(argv=None) -> int:
             print(f"{ckpt}: every file matches its checksum in {MANIFEST}")
         else:
             ckpt = checkpoint.find_iteration_dir(args.checkpoint)
-            if (ckpt / MANIFEST).exists() and not args.replace:
-                raise mod.CheckpointError(
-                    f"{ckpt / MANIFEST} already exists (--replace rewrites it from the files as they are now)"
-                )
-            print(f"wrote {mod.write_manifest(ckpt)}")
+            try:
+                old = mod.read_manifest(ckpt)["files"]
+            except mod.CheckpointError:
+                old = None
+            path = mod.write_manifest(ckpt)
+            if old is None:
+                print(f"wrote {path}")
+            else:
+                new = mod.read_manifest(ckpt)["files"]
+                changed = sorted(n for n in set(old) | set(new) if old.get(n) != new.get(n))
+                print(f"replaced {path}; files that differ from the old manifest: {', '.join(changed) or 'none'}")
             checkpoint.resolve_checkpoint(ckpt)  # the other completeness checks
     except mod.CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
