@@ -7,6 +7,13 @@
 A preprocessing output is merged as its manifest (PREFIX_<key>_document.shards.json) lists it: a
 sharded output's family prefix stands for its shards, and --input-dir never takes a dataset of such a
 family that the manifest does not list, nor temporary files.
+
+    python tools/merge_datasets.py --tasks out/corpus [--output-prefix out/corpus] [--num-tasks 8]
+
+--tasks merges the outputs of `tools/preprocess_data.py --num-tasks N` (PREFIX_taskIIIIIofNNNNN_*) in
+task order into PREFIX_<key>_document (or the --output-prefix given), published with a manifest like
+a preprocessing run and byte-identical to a single unsharded run over the same inputs. It refuses,
+naming them, missing or incomplete tasks and tasks of different runs (inputs, tokenizer, keys, EOD).
 """
 
 import argparse
@@ -15,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_osp.data.merge import merge_datasets, prefixes_in  # noqa: E402
+from megatron_osp.data.merge import merge_datasets, merge_tasks, prefixes_in  # noqa: E402
 from megatron_osp.data.shardset import os_error  # noqa: E402
 
 
@@ -24,12 +31,26 @@ def main() -> int:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--input", nargs="+", help="dataset prefixes (path without .bin/.idx), in order")
     src.add_argument("--input-dir", help="merge every dataset in this directory, sorted by name")
-    p.add_argument("--output-prefix", required=True)
+    src.add_argument("--tasks", metavar="PREFIX",
+                     help="merge the array tasks preprocess_data.py --num-tasks wrote for --output-prefix PREFIX")
+    p.add_argument("--output-prefix", help="the merged dataset (with --tasks: a preprocessing prefix, default PREFIX)")
+    p.add_argument("--num-tasks", type=int, default=None,
+                   help="with --tasks: the array's size (needed only when outputs of two arrays are there)")
     p.add_argument("--tokenizer-model", default=None,
-                   help="check the dtype holds this tokenizer's ids and no input has an id outside its vocabulary")
+                   help="check the dtype holds this tokenizer's ids and no input has an id outside its vocabulary "
+                        "(with --tasks: check it is the tokenizer the tasks used)")
     args = p.parse_args()
+    if not args.tasks and not args.output_prefix:
+        p.error("--output-prefix is required with --input/--input-dir")
+    if args.num_tasks is not None and not args.tasks:
+        p.error("--num-tasks applies to --tasks")
     skipped: list[str] = []
     try:
+        if args.tasks:
+            info = merge_tasks(args.tasks, args.output_prefix, args.num_tasks, args.tokenizer_model)
+            print(f"merged {info['tasks']} tasks: {info['sequences']:,} documents, {info['tokens']:,} tokens -> "
+                  + ", ".join(f"{o}.{{bin,idx}}" for o in info["outputs"]))
+            return 0
         vocab = None
         if args.tokenizer_model:
             from megatron_osp.data.tokenizer import load_tokenizer

@@ -14,6 +14,13 @@ report); a corrupt or truncated compressed file always stops it. Exit status 1 o
 The output is published as one unit when the whole run succeeded, with a manifest
 PREFIX_<key>_document.shards.json listing its datasets; the previous run's files of that prefix
 (sharded or not) are replaced then, and a failed run leaves them as they were.
+
+Many nodes: --num-tasks N --task-index I (defaults: a SLURM array's SLURM_ARRAY_TASK_COUNT and
+SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) tokenizes only task I's share of the input files (a
+contiguous run, balanced by bytes) into PREFIX_taskIIIIIofNNNNN_<key>_document; then
+`tools/merge_datasets.py --tasks PREFIX` checks the set is one complete run and publishes
+PREFIX_<key>_document, byte-identical to a single run. examples/preprocess_slurm.sh does both.
+--num-tasks 1 is an ordinary single run (also inside an unrelated array job).
 """
 
 import argparse
@@ -23,6 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_osp.data.array_tasks import resolve_task, task_prefix  # noqa: E402
 from megatron_osp.data.preprocess import BadRecord, preprocess  # noqa: E402
 from megatron_osp.data.shardset import os_error  # noqa: E402
 
@@ -67,26 +75,37 @@ def main() -> int:
     p.add_argument("--json-keys", nargs="+", default=["text"], help="one output dataset per key")
     p.add_argument("--append-eod", action="store_true", help="end every document with the EOD token")
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--max-shard-tokens", type=shard_tokens, default=None, help="split the output into shards of ~N tokens")
+    p.add_argument("--max-shard-tokens", type=shard_tokens, default=None,
+                   help="split the output into shards of ~N tokens")
     p.add_argument("--skip-bad-records", action="store_true", help="skip and count bad records instead of stopping")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-word-cache", action="store_true",
                    help="SentencePiece: call sp.encode per chunk instead of the exact word cache (same ids, slower)")
+    p.add_argument("--num-tasks", type=int, default=None,
+                   help="split the inputs over N array tasks (default: SLURM_ARRAY_TASK_COUNT; 1: a single run)")
+    p.add_argument("--task-index", type=int, default=None,
+                   help="this task, 0..N-1 (default: SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN, or with "
+                        "--num-tasks given, SLURM_ARRAY_TASK_ID)")
     args = p.parse_args()
+    output = args.output_prefix
     try:
+        task = resolve_task(args.num_tasks, args.task_index)
+        if task is not None:
+            output = task_prefix(args.output_prefix, task[0], task[1])
+            print(f"array task {task[0]} of {task[1]} ({task[2]}): writes {output}_<key>_document", flush=True)
         stats = preprocess(
             expand_inputs(args.input), args.tokenizer_model, args.output_prefix, tuple(args.json_keys),
             args.append_eod, args.workers, args.skip_bad_records, progress=not args.no_progress,
             max_shard_tokens=args.max_shard_tokens,
-            eod_token=args.eod_token, word_cache=not args.no_word_cache,
+            eod_token=args.eod_token, word_cache=not args.no_word_cache, task=task and task[:2],
         )
     except (BadRecord, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        print(f"no output was written; any earlier output of {args.output_prefix} is untouched", file=sys.stderr)
+        print(f"no output was written; any earlier output of {output} is untouched", file=sys.stderr)
         return 1
     except OSError as e:  # unwritable output directory, unreadable input, disk full
         print(f"error: {os_error(e)}", file=sys.stderr)
-        print(f"no output was written; any earlier output of {args.output_prefix} is untouched", file=sys.stderr)
+        print(f"no output was written; any earlier output of {output} is untouched", file=sys.stderr)
         return 1
     print(stats.summary())
     return 0

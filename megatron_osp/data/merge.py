@@ -83,4 +83,56 @@ def prefixes_in(directory: str | os.PathLike, skipped: list[str] | None = None) 
     return found
 
 
-__all__ = ["merge_datasets", "prefixes_in"]
+def merge_tasks(prefix: str, output_prefix: str | None = None, num_tasks: int | None = None,
+                tokenizer_model: str | None = None) -> dict:
+    """Merge the array tasks of ``prefix`` (the ``--output-prefix`` they were given) in task order and
+    publish ``<output_prefix or prefix>_<key>_document`` as one preprocessing output (manifest and
+    all), byte-identical to a single unsharded run over the same inputs. Refuses, before writing, a
+    set with a missing or incomplete task or with tasks of different runs (array_tasks.find_task_set);
+    ``tokenizer_model``, if given, must be the file the tasks used. The tasks' outputs are kept.
+    """
+    from megatron_osp.data import array_tasks
+    from megatron_osp.data.preprocess import output_prefix_for
+
+    output_prefix = str(output_prefix or prefix)
+    found = array_tasks.find_task_set(str(prefix), num_tasks)
+    run = found["run"]
+    if tokenizer_model is not None:
+        path = str(tokenizer_model)
+        path = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+        if array_tasks._sha256_file(path) != run["options"]["tokenizer_sha256"]:
+            raise ValueError(f"--tokenizer-model {tokenizer_model}: not the tokenizer the tasks used "
+                             f"({run['tokenizer']}, sha256 {run['options']['tokenizer_sha256'][:12]})")
+    targets = {key: output_prefix_for(output_prefix, key) for key in found["keys"]}
+    families = {os.path.realpath(f) for f in found["families"]}
+    for target in targets.values():
+        if os.path.realpath(target) in families:
+            raise ValueError(f"{output_prefix}: the merged output {target} would replace one of the tasks' outputs")
+    datasets = {key: [IndexedDataset(p) for p in found["datasets"][key]] for key in found["keys"]}  # each checked
+    first = found["keys"][0]
+    if not sum(len(ds) for ds in datasets[first]):
+        raise ValueError(f"{prefix}: no task has any non-empty document (a single run over these inputs fails too)")
+    stage = shardset.Stage(output_prefix)
+    published = {}
+    try:
+        for key, target in targets.items():
+            with IndexedDatasetWriter(stage.staged(target), datasets[key][0].dtype) as writer:
+                for ds in datasets[key]:
+                    writer.add_dataset(ds)
+            published[target] = [{"name": os.path.basename(target), "documents": writer.num_documents,
+                                  "tokens": int(writer.tokens_written),
+                                  "max_token_id": max(int(d.get("max_token_id", -1)) for d in found["entries"][key])}]
+        stage.publish(published, {
+            "tokenizer": run["tokenizer"], "vocab_size": run["options"]["vocab_size"],
+            "dtype": datasets[first][0].dtype.name, "inputs": found["inputs"],
+            "append_eod": run["options"]["append_eod"],
+            "max_shard_tokens": None, "skip_bad_records": found["skip_bad_records"],
+            "merged_from": {"tasks": found["num_tasks"], "prefix": str(prefix), "run": run["run"]}})
+    except BaseException:
+        stage.abort()
+        raise
+    return {"tasks": found["num_tasks"], "outputs": list(targets.values()),
+            "sequences": sum(len(ds) for ds in datasets[first]), "tokens": sum(ds.num_tokens for ds in datasets[first])}
+
+
+__all__ = ["merge_datasets", "merge_tasks", "prefixes_in"]

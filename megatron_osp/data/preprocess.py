@@ -215,6 +215,7 @@ def preprocess(
     max_shard_tokens: int | None = None,
     eod_token: str | None = None,
     word_cache: bool = True,
+    task: tuple[int, int] | None = None,
 ) -> PreprocessStats:
     """Tokenize ``inputs`` (in order, documents in file order) into ``<output_prefix>_<key>_document``.
 
@@ -226,6 +227,11 @@ def preprocess(
     ``skip_bad_records``, and ``CorruptInput`` on an unreadable file; either way nothing is left
     written unless the whole run succeeds. ``append_eod`` defaults to True here (GPT pretraining
     needs document separators); the CLI keeps Megatron's opt-in ``--append-eod`` flag.
+
+    ``task=(index, count)``: only this array task's contiguous, byte-balanced share of ``inputs``,
+    into ``<output_prefix>_task<index>of<count>_<key>_document`` with the run's identity in its
+    manifest (megatron_osp/data/array_tasks.py; merged by ``merge.merge_tasks``). A task may have no
+    documents (its share is empty): it publishes an empty dataset; the merge refuses an empty whole.
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
@@ -238,6 +244,17 @@ def preprocess(
     for path in paths:
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist")
+    array_record = None
+    if task is not None:
+        from megatron_osp.data import array_tasks
+
+        index, count = task
+        if not 0 <= index < count:
+            raise ValueError(f"task index {index} is not in 0..{count - 1}")
+        mine, array_record = array_tasks.task_record(
+            [str(p) for p in paths], index, count, tokenizer, tokenizer.model_file, json_keys, append_eod)
+        paths = [Path(p) for p in mine]
+        output_prefix = array_tasks.task_prefix(output_prefix, index, count)
     pool = (get_context("fork").Pool(workers, _init_worker, (tokenizer_model, eod_token, True, word_cache))
             if workers > 1 else None)
     try:
@@ -276,12 +293,13 @@ def preprocess(
                     bar.update(chunk.items)
                     elapsed = time.perf_counter() - start
                     bar.set_postfix(tok_s=f"{stats.tokens / elapsed:,.0f}", MB_s=f"{stats.bytes / 1e6 / elapsed:.1f}")
-        if stats.documents == 0:
+        if stats.documents == 0 and task is None:
             raise BadRecord(f"{paths[0]}: no non-empty documents in the input")
         outputs = output.finalize({
             "tokenizer": os.path.abspath(tokenizer_model), "vocab_size": int(tokenizer.vocab_size),
             "dtype": np.dtype(output.dtype).name, "inputs": [str(p) for p in paths],
-            "append_eod": bool(append_eod), "max_shard_tokens": max_shard_tokens})
+            "append_eod": bool(append_eod), "max_shard_tokens": max_shard_tokens,
+            "skip_bad_records": bool(skip_bad_records), **({"array": array_record} if array_record else {})})
     except BaseException:
         output.abort()
         raise

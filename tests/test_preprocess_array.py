@@ -1,0 +1,253 @@
+"""Issue 18: preprocessing as N array tasks (SLURM) + one merge == the single run, byte for byte; a failed
+task leaves nothing the merge takes, and the merge refuses a set that is incomplete or mixes runs."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_osp.data.array_tasks import plan, resolve_task
+from megatron_osp.data.indexed import IndexedDataset
+from megatron_osp.data.preprocess import preprocess
+from megatron_osp.data.tokenizer import train_sentencepiece
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor".split()
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    corpus = d / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": " ".join(WORDS[i:] + WORDS[:i])}) + "\n" for i in range(12)) * 20)
+    return str(train_sentencepiece(corpus, d / "tok", vocab_size=300))
+
+
+def _corpus(directory, n_files=7, seed=0):
+    """Files of very different sizes (so the byte-balanced split is not one file per task), some empty
+    documents, a gzip file; returns the paths in order."""
+    rng = random.Random(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for f in range(n_files):
+        docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(0, 40))) for _ in range(rng.choice([3, 10, 40]))]
+        lines = "".join(json.dumps({"text": f"file {f} doc {i} " * (i % 2) + t, "title": t[:9]}) + "\n"
+                        for i, t in enumerate(docs))
+        path = directory / f"part{f}.jsonl"
+        path.write_text(lines)
+        paths.append(str(path))
+    return paths
+
+
+def _cli(tool, *args, env=None, check=True):
+    r = subprocess.run([sys.executable, str(REPO / "tools" / tool), *map(str, args)], capture_output=True,
+                       text=True, timeout=300, env={**os.environ, **(env or {})})
+    if check:
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r
+
+
+def _task(inputs, tok, prefix, *extra, env=None, check=True):
+    return _cli("preprocess_data.py", "--input", *inputs, "--tokenizer-model", tok, "--output-prefix", prefix,
+                "--append-eod", "--no-progress", *extra, env=env, check=check)
+
+
+def _bytes(prefix):
+    return {ext: Path(f"{prefix}{ext}").read_bytes() for ext in (".bin", ".idx")}
+
+
+def _no_slurm():
+    return {k: "" for k in ("SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN",
+                            "SLURM_ARRAY_TASK_MAX")}
+
+
+# --- the split ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_byte_balanced_split_is_contiguous_deterministic_and_within_one_file_of_ideal(seed):
+    rng = random.Random(seed)
+    n_files = rng.randint(0, 60)
+    sizes = [rng.choice([0, rng.randint(1, 100), rng.randint(1, 10**6), int(rng.lognormvariate(10, 2))])
+             for _ in range(n_files)]
+    for n in sorted({1, 2, 3, 7, max(1, n_files), n_files + 3, rng.randint(1, 100)}):
+        ranges = plan(sizes, n)
+        assert ranges == plan(list(sizes), n)  # deterministic
+        assert len(ranges) == n and ranges[0][0] == 0 and ranges[-1][1] == n_files
+        assert all(lo <= hi for lo, hi in ranges)
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))  # contiguous, in order
+        covered = [i for lo, hi in ranges for i in range(lo, hi)]
+        assert covered == list(range(n_files))  # every file exactly once, order kept
+        ideal = sum(sizes) / n
+        biggest = max(sizes, default=0)
+        shares = [sum(sizes[lo:hi]) for lo, hi in ranges]
+        assert max(shares) <= ideal + biggest and min(shares) >= ideal - biggest, (sizes, n, shares)
+
+
+def test_the_split_balances_bytes_not_files():
+    assert plan([10, 10, 10, 10, 40], 2) == [(0, 4), (4, 5)]
+    assert plan([100, 1, 1], 3) == [(0, 0), (0, 1), (1, 3)]  # nothing to give task 0: it is empty
+    with pytest.raises(ValueError, match="must be >= 1"):
+        plan([1], 0)
+
+
+# --- which task am I ----------------------------------------------------------------------------------
+
+def _env(count, task_id, lo=None, hi=None):
+    env = {"SLURM_ARRAY_TASK_COUNT": str(count), "SLURM_ARRAY_TASK_ID": str(task_id)}
+    if lo is not None:
+        env |= {"SLURM_ARRAY_TASK_MIN": str(lo), "SLURM_ARRAY_TASK_MAX": str(hi)}
+    return env
+
+
+def test_task_from_slurm_array_variables():
+    assert resolve_task(None, None, {}) is None  # not an array: a single run
+    assert resolve_task(None, None, _env(4, 7, 5, 8))[:2] == (2, 4)  # --array=5-8: ids from MIN
+    assert resolve_task(None, None, _env(4, 3))[:2] == (3, 4)  # no MIN/MAX: ids taken as 0-based
+    assert resolve_task(None, None, _env(1, 0, 0, 0)) is None  # an array of one: a single run
+    assert resolve_task(3, 1, _env(4, 3, 0, 3))[:2] == (1, 3)  # explicit options win
+    assert resolve_task(8, None, _env(2, 5, 2, 5))[:2] == (5, 8)  # --num-tasks + --array=2,5: ids are indices
+    assert resolve_task(1, None, _env(4, 2, 0, 3)) is None  # --num-tasks 1: a single run inside any array
+    with pytest.raises(ValueError, match=r"ids 0\.\.10 are not 6 consecutive numbers"):
+        resolve_task(None, None, _env(6, 4, 0, 10))  # --array=0-10:2
+    with pytest.raises(ValueError, match=r"task index 4 \(from SLURM_ARRAY_TASK_ID .*\) is not in 0\.\.3"):
+        resolve_task(None, None, _env(4, 4))  # 1-based ids without MIN: refused, not guessed
+    with pytest.raises(ValueError, match=r"task index 8 .* not in 0\.\.7"):
+        resolve_task(8, None, _env(8, 8, 1, 8))  # --num-tasks 8 with --array=1-8
+    with pytest.raises(ValueError, match="--task-index needs --num-tasks"):
+        resolve_task(None, 2, {})
+    with pytest.raises(ValueError, match="--num-tasks 3 needs --task-index"):
+        resolve_task(3, None, {})
+    with pytest.raises(ValueError, match="SLURM_ARRAY_TASK_ID='x' is not a whole number"):
+        resolve_task(None, None, {"SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_ID": "x"})
+
+
+# --- tasks + merge == the single run --------------------------------------------------------------------
+
+@pytest.mark.parametrize("shard", [None, 300], ids=["unsharded-tasks", "sharded-tasks"])
+def test_three_array_tasks_and_the_merge_equal_the_single_run_byte_for_byte(tmp_path, tok, shard):
+    inputs = _corpus(tmp_path / "in")
+    keys = ("--json-keys", "text", "title")
+    _task(inputs, tok, tmp_path / "single" / "c", *keys, env=_no_slurm())
+    extra = (*keys, "--max-shard-tokens", shard) if shard else keys
+    order = [2, 0, 1]
+    random.Random(shard).shuffle(order)
+    for i in order:
+        if i == 1:  # this one as a SLURM array element of --array=4-6 would see it
+            r = _task(inputs, tok, tmp_path / "out" / "c", *extra, env=_env(3, 5, 4, 6))
+            assert "array task 1 of 3 (SLURM_ARRAY_TASK_ID 5 - SLURM_ARRAY_TASK_MIN 4" in r.stdout
+        else:
+            _task(inputs, tok, tmp_path / "out" / "c", *extra, "--num-tasks", 3, "--task-index", i, env=_no_slurm())
+    out = tmp_path / "out"
+    per_task = [json.loads((out / f"c_task{i:05d}of00003_text_document.shards.json").read_text()) for i in range(3)]
+    assert [len(m["array"]["files"]) for m in per_task] != [0, 0, 7]  # the work is really split
+    assert sum(len(m["array"]["files"]) for m in per_task) == len(inputs)
+    if shard:
+        assert any(len(m["datasets"]) > 1 for m in per_task)
+    r = _cli("merge_datasets.py", "--tasks", out / "c", "--tokenizer-model", tok)
+    assert "merged 3 tasks" in r.stdout
+    for key in ("text", "title"):
+        assert _bytes(out / f"c_{key}_document") == _bytes(tmp_path / "single" / f"c_{key}_document"), key
+    merged = json.loads((out / "c_text_document.shards.json").read_text())
+    assert merged["state"] == "complete" and merged["inputs"] == [os.path.abspath(p) for p in inputs]
+    assert merged["merged_from"]["tasks"] == 3
+    assert len(IndexedDataset(out / "c_text_document")) == len(IndexedDataset(tmp_path / "single" / "c_text_document"))
+
+
+def test_more_tasks_than_files_gives_empty_tasks_and_the_same_result(tmp_path, tok):
+    inputs = _corpus(tmp_path / "in", n_files=2)
+    preprocess(inputs, tok, str(tmp_path / "single"), progress=False)
+    for i in (3, 1, 0, 2):
+        preprocess(inputs, tok, str(tmp_path / "t"), progress=False, task=(i, 4))
+    _cli("merge_datasets.py", "--tasks", tmp_path / "t")
+    assert _bytes(tmp_path / "t_text_document") == _bytes(tmp_path / "single_text_document")
+
+
+# --- failures -------------------------------------------------------------------------------------------
+
+def test_a_failed_task_leaves_nothing_and_the_merge_names_it(tmp_path, tok):
+    inputs = _corpus(tmp_path / "in", n_files=6)
+    bad = Path(inputs[3])
+    bad.write_text(bad.read_text() + "{broken\n")
+    which = next(i for i, (lo, hi) in enumerate(plan([os.path.getsize(p) for p in inputs], 3)) if lo <= 3 < hi)
+    out = tmp_path / "out"
+    for i in range(3):
+        r = _task(inputs, tok, out / "c", "--num-tasks", 3, "--task-index", i, env=_no_slurm(), check=i != which)
+        if i == which:
+            failed = r
+    r = failed
+    assert r.returncode == 1 and f"{bad}:" in r.stderr and "malformed JSON" in r.stderr
+    assert not list(out.glob(f"*task{which:05d}*")) and not list(out.glob(".*"))  # nothing of it, not even a stage
+    r = _cli("merge_datasets.py", "--tasks", out / "c", check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert f"task {which} (--task-index {which}): no complete output" in r.stderr
+    assert f"c_task{which:05d}of00003_<key>_document.shards.json is missing" in r.stderr
+    assert not list(out.glob("c_text_document*"))  # nothing merged
+    # Rerunning only that task, skipping the bad record, completes the set: == a single run that skips it.
+    _task(inputs, tok, out / "c", "--num-tasks", 3, "--task-index", which, "--skip-bad-records", env=_no_slurm())
+    _cli("merge_datasets.py", "--tasks", out / "c")
+    _task(inputs, tok, tmp_path / "single", "--skip-bad-records", env=_no_slurm())
+    assert _bytes(out / "c_text_document") == _bytes(tmp_path / "single_text_document")
+    assert json.loads((out / "c_text_document.shards.json").read_text())["skip_bad_records"] is True
+
+
+def test_an_interrupted_or_killed_task_is_refused_by_name(tmp_path, tok):
+    inputs = _corpus(tmp_path / "in", n_files=4)
+    for i in range(2):
+        preprocess(inputs, tok, str(tmp_path / "c"), progress=False, task=(i, 2))
+    manifest = tmp_path / "c_task00001of00002_text_document.shards.json"
+    good = manifest.read_text()
+    manifest.write_text(json.dumps({**json.loads(good), "state": "publishing"}))  # a publish cut short
+    r = _cli("merge_datasets.py", "--tasks", tmp_path / "c", check=False)
+    assert r.returncode == 1 and "task 1 (--task-index 1)" in r.stderr and "interrupted while publishing" in r.stderr
+    manifest.unlink()  # a killed task: its stage directory is what is left
+    stage = tmp_path / ".c_task00001of00002.stage-otherhost-123"
+    stage.mkdir()
+    r = _cli("merge_datasets.py", "--tasks", tmp_path / "c", check=False)
+    assert r.returncode == 1 and f"its unfinished stage {stage.name} is there" in r.stderr
+    assert not list(tmp_path.glob("c_text_document*"))
+
+
+def test_a_task_set_mixing_two_runs_is_refused(tmp_path, tok, tmp_path_factory):
+    inputs = _corpus(tmp_path / "in", n_files=5)
+    for i in range(3):
+        preprocess(inputs, tok, str(tmp_path / "c"), progress=False, task=(i, 3))
+    # Task 1 again, over another input list: its output is of another run.
+    extra = tmp_path / "in" / "extra.jsonl"
+    extra.write_text(json.dumps({"text": "one more"}) + "\n")
+    preprocess([*inputs, str(extra)], tok, str(tmp_path / "c"), progress=False, task=(1, 3))
+    r = _cli("merge_datasets.py", "--tasks", tmp_path / "c", check=False)
+    assert r.returncode == 1, r.stdout
+    assert "task 1 (" in r.stderr and "comes from a different run than task(s) 0, 2: input files: 6 files" in r.stderr
+    assert not list(tmp_path.glob("c_text_document*"))
+    preprocess(inputs, tok, str(tmp_path / "c"), progress=False, task=(1, 3))  # the same run again: whole
+    _cli("merge_datasets.py", "--tasks", tmp_path / "c", "--output-prefix", tmp_path / "ok" / "c")
+    # Another tokenizer for task 2.
+    other = tmp_path_factory.mktemp("tok2")
+    (other / "c.jsonl").write_text("".join(json.dumps({"text": " ".join(WORDS[:i])}) + "\n" for i in range(1, 12)) * 30)
+    tok2 = str(train_sentencepiece(other / "c.jsonl", other / "tok", vocab_size=320))
+    preprocess(inputs, tok2, str(tmp_path / "c"), progress=False, task=(2, 3))
+    r = _cli("merge_datasets.py", "--tasks", tmp_path / "c", check=False)
+    assert r.returncode == 1 and "task 2 (" in r.stderr and "tokenizer" in r.stderr and "tok2" in r.stderr
+    # A second array of another size beside the first: which one is meant must be said.
+    for i in range(2):
+        preprocess(inputs, tok, str(tmp_path / "c"), progress=False, task=(i, 2))
+    r = _cli("merge_datasets.py", "--tasks", tmp_path / "c", check=False)
+    assert r.returncode == 1 and "runs with 2 and 3 tasks" in r.stderr
+    _cli("merge_datasets.py", "--tasks", tmp_path / "c", "--num-tasks", 2)
+    r = _cli("merge_datasets.py", "--tasks", tmp_path / "c", "--num-tasks", 2, "--tokenizer-model", tok2, check=False)
+    assert r.returncode == 1 and "not the tokenizer the tasks used" in r.stderr
+
+
+def test_bad_task_options_are_refused_before_work(tmp_path, tok):
+    inputs = _corpus(tmp_path / "in", n_files=2)
+    r = _task(inputs, tok, tmp_path / "out" / "c", "--task-index", 1, env=_no_slurm(), check=False)
+    assert r.returncode == 1 and "--task-index needs --num-tasks" in r.stderr
+    r = _task(inputs, tok, tmp_path / "out" / "c", env=_env(6, 4, 0, 10), check=False)
+    assert r.returncode == 1 and "not 6 consecutive numbers" in r.stderr
+    r = _task(inputs, tok, tmp_path / "out" / "c", "--num-tasks", 3, "--task-index", 3, env=_no_slurm(), check=False)
+    assert r.returncode == 1 and "task index 3" in r.stderr and "0..2" in r.stderr
+    assert not (tmp_path / "out").exists()
