@@ -65,6 +65,9 @@ class ModelParts:
     num_kv_heads: int
     head_dim: int
     tied: bool
+    # The tokenizer's vocabulary when the output layer has padding rows past it (Megatron pads to a
+    # multiple of make_vocab_size_divisible_by x TP); None: every output row is a token.
+    vocab_size: int | None = None
 
     @property
     def decoder_layers(self) -> list[nn.Module]:
@@ -169,6 +172,7 @@ def _megatron_parts(model) -> ModelParts:
         num_kv_heads=groups,
         head_dim=head_dim,
         tied=bool(tied),
+        vocab_size=getattr(core, "unpadded_vocab_size", None),
     )
 
 
@@ -225,8 +229,13 @@ def model_parts(model: nn.Module) -> ModelParts:
 
 
 def logits(parts: ModelParts, tokens: torch.Tensor) -> torch.Tensor:
-    """Logits ``[batch, seq, vocab]`` for ``tokens [batch, seq]`` (causal, no padding)."""
+    """Logits ``[batch, seq, vocab]`` for ``tokens [batch, seq]`` (causal, no padding).
+
+    A Megatron model's padding rows are cut off, so perplexities are over the tokenizer's vocabulary,
+    as for the model's HF export (which drops those rows), not over the padded one training used.
+    """
     if parts.kind == "megatron":
         pos = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
-        return parts.model(tokens, pos, None)
+        out = parts.model(tokens, pos, None)
+        return out if parts.vocab_size is None else out[..., : parts.vocab_size]
     return parts.model(input_ids=tokens, use_cache=False).logits

@@ -158,6 +158,9 @@ def build_gpt_model(
         embedding_projection=model.embedding_projection,
         projection_seed=seed,
     )
+    # The tokenizer's vocabulary: rows past it are padding (never a target, dropped by the HF export),
+    # so whatever reads logits as a distribution over tokens slices to it (analysis.model_parts.logits).
+    gpt.unpadded_vocab_size = model.vocab_size
     if layout_independent_init:
         initialize_layout_independent(gpt, seed)
     return gpt
