@@ -113,7 +113,7 @@ def test_task_from_slurm_array_variables():
     assert resolve_task(1, None, _env(4, 2, 0, 3)) is None  # --num-tasks 1: a single run inside any array
     with pytest.raises(ValueError, match=r"ids 0\.\.10 are not 6 consecutive numbers"):
         resolve_task(None, None, _env(6, 4, 0, 10))  # --array=0-10:2
-    with pytest.raises(ValueError, match=r"task index 4 \(from SLURM_ARRAY_TASK_ID .*\) is not in 0\.\.3"):
+    with pytest.raises(ValueError, match=r"task index 4 \(from SLURM_ARRAY_TASK_ID.*0-based.*\) is not in 0\.\.3"):
         resolve_task(None, None, _env(4, 4))  # 1-based ids without MIN: refused, not guessed
     with pytest.raises(ValueError, match=r"task index 8 .* not in 0\.\.7"):
         resolve_task(8, None, _env(8, 8, 1, 8))  # --num-tasks 8 with --array=1-8
@@ -251,3 +251,105 @@ def test_bad_task_options_are_refused_before_work(tmp_path, tok):
     r = _task(inputs, tok, tmp_path / "out" / "c", "--num-tasks", 3, "--task-index", 3, env=_no_slurm(), check=False)
     assert r.returncode == 1 and "task index 3" in r.stderr and "0..2" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+# --- examples/preprocess_slurm.sh, with a stand-in sbatch that runs the jobs here -----------------------
+
+FAKE_SBATCH = r'''
+import os, random, subprocess, sys
+state = os.environ["FAKE_SLURM_STATE"]
+opts, i = {}, 1
+while i < len(sys.argv) and sys.argv[i].startswith("--"):
+    key, _, value = sys.argv[i][2:].partition("=")
+    opts[key] = value
+    i += 1
+script, args = sys.argv[i], sys.argv[i + 1:]
+job = sum(n.endswith(".submitted") for n in os.listdir(state)) + 100
+with open(os.path.join(state, f"{job}.submitted"), "w") as f:
+    f.write(repr(sys.argv[1:]))
+dep = opts.get("dependency", "")
+if dep and not os.path.exists(os.path.join(state, dep.split(":")[1] + ".ok")):
+    print(job)  # SLURM would never start it
+    sys.exit(0)
+ids = [0]
+if "array" in opts:
+    ids = []
+    for part in opts["array"].split(","):
+        lo, _, hi = part.partition("-")
+        ids += range(int(lo), int(hi or lo) + 1)
+env = {**os.environ, "SLURM_SUBMIT_DIR": os.getcwd(), "SLURM_JOB_ID": str(job)}
+if "array" in opts:
+    env |= {"SLURM_ARRAY_JOB_ID": str(job), "SLURM_ARRAY_TASK_COUNT": str(len(ids)),
+            "SLURM_ARRAY_TASK_MIN": str(min(ids)), "SLURM_ARRAY_TASK_MAX": str(max(ids))}
+ok = True
+for task in random.Random(job).sample(ids, len(ids)):  # array elements run in any order
+    log = opts["output"].replace("%x", opts.get("job-name", "job")).replace("%A", str(job))
+    log = log.replace("%a", str(task)).replace("%j", str(job))
+    with open(log, "w") as out:
+        r = subprocess.run(["bash", script, *args], env={**env, "SLURM_ARRAY_TASK_ID": str(task)},
+                           stdout=out, stderr=subprocess.STDOUT)
+    ok &= r.returncode == 0
+if ok:
+    open(os.path.join(state, f"{job}.ok"), "w").close()
+print(job)
+'''
+
+
+def _fake_slurm(tmp_path):
+    bindir, state = tmp_path / "bin", tmp_path / "slurm-state"
+    bindir.mkdir()
+    state.mkdir()
+    (bindir / "sbatch").write_text(f"#!{sys.executable}\n{FAKE_SBATCH}")
+    (bindir / "sbatch").chmod(0o755)
+    return {"PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}", "FAKE_SLURM_STATE": str(state),
+            "PYTHON": sys.executable, **_no_slurm()}, state
+
+
+def _submit(tmp_path, env, *args, check=True):
+    r = subprocess.run(["bash", str(REPO / "examples" / "preprocess_slurm.sh"), *map(str, args)], cwd=tmp_path,
+                       env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+    if check:
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r
+
+
+def test_the_slurm_example_is_valid_bash():
+    r = subprocess.run(["bash", "-n", str(REPO / "examples" / "preprocess_slurm.sh")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_the_slurm_example_runs_the_array_and_the_merge(tmp_path, tok):
+    _corpus(tmp_path / "in", n_files=5)
+    env, state = _fake_slurm(tmp_path)
+    common = ("--input", "in/*.jsonl", "--tokenizer-model", tok, "--append-eod", "--json-keys", "text", "title")
+    r = _submit(tmp_path, {**env, "TASKS": "3", "CPUS_PER_TASK": "1"}, *common, "--output-prefix", "data/c",
+                "--max-shard-tokens", 400)
+    assert "task 2:" in r.stdout and "submitted array job 100" in r.stdout and "merge job 101" in r.stdout
+    assert "--dependency=afterok:100" in (state / "101.submitted").read_text()
+    assert (state / "100.ok").exists() and (state / "101.ok").exists(), list((tmp_path / "logs").iterdir())
+    _task([tmp_path / "in" / "*.jsonl"], tok, tmp_path / "single" / "c", "--json-keys", "text", "title",
+          env=_no_slurm())
+    for key in ("text", "title"):
+        assert _bytes(tmp_path / "data" / f"c_{key}_document") == _bytes(tmp_path / "single" / f"c_{key}_document")
+
+
+def test_the_slurm_example_after_a_failed_task(tmp_path, tok):
+    inputs = _corpus(tmp_path / "in", n_files=5)
+    Path(inputs[-1]).write_text(Path(inputs[-1]).read_text() + "{broken\n")
+    env, state = _fake_slurm(tmp_path)
+    args = ("--input", "in/*.jsonl", "--tokenizer-model", tok, "--append-eod", "--output-prefix", "data/c")
+    r = _submit(tmp_path, {**env, "TASKS": "3", "CPUS_PER_TASK": "1"}, *args)
+    assert not (state / "100.ok").exists() and not (state / "101.ok").exists()  # the merge never ran
+    assert "malformed JSON" in (tmp_path / "logs" / "prep-c-100_2.out").read_text()
+    assert not list((tmp_path / "data").glob("c_task00002*")) and not list((tmp_path / "data").glob("c_text*"))
+    # Resubmit only the failed task, skipping the bad record: a merge follows it.
+    r = _submit(tmp_path, {**env, "TASKS": "3", "CPUS_PER_TASK": "1", "ARRAY": "2"}, *args, "--skip-bad-records")
+    assert "tasks 2 of 3" in r.stdout and (state / "102.ok").exists() and (state / "103.ok").exists()
+    _task([tmp_path / "in" / "*.jsonl"], tok, tmp_path / "single" / "c", "--skip-bad-records", env=_no_slurm())
+    assert _bytes(tmp_path / "data" / "c_text_document") == _bytes(tmp_path / "single" / "c_text_document")
+    # Options the script owns, and a missing file, are refused before anything is queued.
+    r = _submit(tmp_path, env, *args, "--num-tasks", 2, check=False)
+    assert r.returncode == 1 and "set TASKS" in r.stderr
+    r = _submit(tmp_path, env, *args[:2], "in/missing.jsonl", *args[2:], check=False)
+    assert r.returncode == 1 and "in/missing.jsonl does not exist" in r.stderr
+    assert len(list(state.glob("*.submitted"))) == 4

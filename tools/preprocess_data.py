@@ -20,7 +20,8 @@ SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) tokenizes only task I's share of the
 contiguous run, balanced by bytes) into PREFIX_taskIIIIIofNNNNN_<key>_document; then
 `tools/merge_datasets.py --tasks PREFIX` checks the set is one complete run and publishes
 PREFIX_<key>_document, byte-identical to a single run. examples/preprocess_slurm.sh does both.
---num-tasks 1 is an ordinary single run (also inside an unrelated array job).
+--num-tasks 1 is an ordinary single run (also inside an unrelated array job). --plan checks the
+inputs, tokenizer and output directory and prints each task's files, writing nothing.
 """
 
 import argparse
@@ -30,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_osp.data.array_tasks import resolve_task, task_prefix  # noqa: E402
+from megatron_osp.data.array_tasks import plan, resolve_task, task_prefix  # noqa: E402
 from megatron_osp.data.preprocess import BadRecord, preprocess  # noqa: E402
 from megatron_osp.data.shardset import os_error  # noqa: E402
 
@@ -66,6 +67,36 @@ def shard_tokens(value: str) -> int:
     return int(n)
 
 
+def print_plan(args) -> int:
+    """--plan: everything a task checks before its work, then the split; nothing is written."""
+    import os
+
+    from megatron_osp.data.tokenizer import load_tokenizer
+
+    files = expand_inputs(args.input)
+    for f in files:
+        if not os.path.isfile(f):
+            raise FileNotFoundError(f"{f} does not exist" if not os.path.exists(f) else f"{f} is not a file")
+    sizes = [os.path.getsize(f) for f in files]
+    tok = load_tokenizer(args.tokenizer_model, args.eod_token)
+    d = os.path.dirname(os.path.abspath(args.output_prefix))
+    while not os.path.isdir(d):
+        d = os.path.dirname(d)
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise PermissionError(13, "Permission denied (the output directory cannot be made or written)", d)
+    n = args.num_tasks or 1
+    if not 1 <= n <= 99999:
+        raise ValueError(f"--num-tasks {n}: must be 1..99999")
+    total = sum(sizes)
+    print(f"{len(files)} input files, {total:,} bytes, tokenizer {args.tokenizer_model} ({tok.vocab_size} ids); "
+          f"{n} task{'s' if n > 1 else ''}, ideally {total / n:,.0f} bytes each")
+    for i, (lo, hi) in enumerate(plan(sizes, n)):
+        what = (f"files {lo}..{hi - 1}: {files[lo]} ... {files[hi - 1]}" if hi > lo + 1 else
+                f"file {lo}: {files[lo]}" if hi > lo else "no files (an empty output)")
+        print(f"  task {i}: {sum(sizes[lo:hi]):,} bytes, {what}")
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="files, globs or directories")
@@ -86,9 +117,13 @@ def main() -> int:
     p.add_argument("--task-index", type=int, default=None,
                    help="this task, 0..N-1 (default: SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN, or with "
                         "--num-tasks given, SLURM_ARRAY_TASK_ID)")
+    p.add_argument("--plan", action="store_true",
+                   help="check inputs, tokenizer and output directory, print each of --num-tasks tasks' files, exit")
     args = p.parse_args()
     output = args.output_prefix
     try:
+        if args.plan:
+            return print_plan(args)
         task = resolve_task(args.num_tasks, args.task_index)
         if task is not None:
             output = task_prefix(args.output_prefix, task[0], task[1])

@@ -100,14 +100,14 @@ def resolve_task(num_tasks: int | None, task_index: int | None, env=os.environ) 
                     f"--array={lo_env}-{lo_env + count_env - 1}, or give --num-tasks (array ids = task indices)")
             task_index, source = id_env - lo_env, f"SLURM_ARRAY_TASK_ID {id_env} - SLURM_ARRAY_TASK_MIN {lo_env}"
         else:
-            task_index, source = id_env, "SLURM_ARRAY_TASK_ID (no SLURM_ARRAY_TASK_MIN: ids taken as 0-based)"
-        source += f", of SLURM_ARRAY_TASK_COUNT {count_env}"
+            task_index, source = id_env, "SLURM_ARRAY_TASK_ID; no SLURM_ARRAY_TASK_MIN, so ids are taken as 0-based"
+        source += f"; SLURM_ARRAY_TASK_COUNT {count_env}"
     elif num_tasks == 1 and task_index in (None, 0):
         return None
     elif task_index is None:
         if id_env is None:
             raise ValueError(f"--num-tasks {num_tasks} needs --task-index (or a SLURM array job: SLURM_ARRAY_TASK_ID)")
-        task_index, source = id_env, "SLURM_ARRAY_TASK_ID (with --num-tasks, array ids are task indices)"
+        task_index, source = id_env, "SLURM_ARRAY_TASK_ID as the index, since --num-tasks is given"
     if not 1 <= num_tasks <= MAX_TASKS:
         raise ValueError(f"--num-tasks {num_tasks}: must be 1..{MAX_TASKS}")
     if not 0 <= task_index < num_tasks:

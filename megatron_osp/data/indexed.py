@@ -119,7 +119,7 @@ class IndexedDatasetWriter:
         first = len(self._lengths)
         self._bin.write(tokens.astype(self.dtype, copy=False).tobytes(order="C"))
         self.tokens_written += int(len(tokens))
-        self._lengths.extend(lengths.astype(np.int32).tolist())
+        self._lengths.frombytes(lengths.astype(np.int32).tobytes())  # no Python int per document
         if self._doc_ends is not None:
             self._doc_ends.extend(range(first + 1, len(self._lengths) + 1))
 
@@ -142,7 +142,7 @@ class IndexedDatasetWriter:
         with open(dataset.prefix + ".bin", "rb") as src:
             shutil.copyfileobj(src, self._bin, copy_bytes)
         self.tokens_written += int(lengths.sum())
-        self._lengths.extend(np.asarray(dataset.sequence_lengths, dtype=np.int32).tolist())
+        self._lengths.frombytes(np.asarray(dataset.sequence_lengths, dtype=np.int32).tobytes())
         docs = np.asarray(dataset.document_indices, dtype=np.int64)
         one_per_sequence = len(docs) == len(dataset) + 1 and np.array_equal(docs, np.arange(len(docs)))
         if self._doc_ends is None and not one_per_sequence:
