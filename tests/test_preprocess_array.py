@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from megatron_osp.data import merge
 from megatron_osp.data.array_tasks import plan, resolve_task
 from megatron_osp.data.indexed import IndexedDataset
 from megatron_osp.data.preprocess import preprocess
@@ -155,15 +156,35 @@ def test_three_array_tasks_and_the_merge_equal_the_single_run_byte_for_byte(tmp_
     assert merged["state"] == "complete" and merged["inputs"] == [os.path.abspath(p) for p in inputs]
     assert merged["merged_from"]["tasks"] == 3
     assert len(IndexedDataset(out / "c_text_document")) == len(IndexedDataset(tmp_path / "single" / "c_text_document"))
+    # Merged with --max-shard-tokens: the same shards as a single run with it (not the tasks' shard size).
+    _task(inputs, tok, tmp_path / "single" / "s", *keys, "--max-shard-tokens", 700, env=_no_slurm())
+    r = _cli("merge_datasets.py", "--tasks", out / "c", "--output-prefix", out / "s", "--max-shard-tokens", "7e2")
+    single = sorted(p.name for p in (tmp_path / "single").glob("s_*_document_*.bin"))
+    assert len(single) > 4 and sorted(p.name for p in out.glob("s_*_document_*.bin")) == single
+    for name in single:
+        assert _bytes(out / name[:-4]) == _bytes(tmp_path / "single" / name[:-4]), name
 
 
-def test_more_tasks_than_files_gives_empty_tasks_and_the_same_result(tmp_path, tok):
+def test_more_tasks_than_files_gives_empty_tasks_and_the_same_result(tmp_path, tok, monkeypatch):
     inputs = _corpus(tmp_path / "in", n_files=2)
-    preprocess(inputs, tok, str(tmp_path / "single"), progress=False)
+    preprocess(inputs, tok, str(tmp_path / "single"), progress=False, json_keys=("text", "title"))
     for i in (3, 1, 0, 2):
-        preprocess(inputs, tok, str(tmp_path / "t"), progress=False, task=(i, 4))
+        preprocess(inputs, tok, str(tmp_path / "t"), progress=False, task=(i, 4), json_keys=("text", "title"))
+    assert sum(json.loads((tmp_path / f"t_task{i:05d}of00004_text_document.shards.json").read_text())
+               ["datasets"][0]["documents"] == 0 for i in range(4)) >= 2
     _cli("merge_datasets.py", "--tasks", tmp_path / "t")
-    assert _bytes(tmp_path / "t_text_document") == _bytes(tmp_path / "single_text_document")
+    for key in ("text", "title"):
+        assert _bytes(tmp_path / f"t_{key}_document") == _bytes(tmp_path / f"single_{key}_document")
+    # The merge streams the tasks in pieces (bounded memory); pieces of a few documents change nothing.
+    monkeypatch.setattr(merge, "CHUNK_DOCUMENTS", 3)
+    monkeypatch.setattr(merge, "CHUNK_BYTES", 100)
+    preprocess(inputs, tok, str(tmp_path / "one"), progress=False, json_keys=("text", "title"), max_shard_tokens=90)
+    merge.merge_tasks(str(tmp_path / "t"), str(tmp_path / "m"), max_shard_tokens=90)
+    shards = sorted(p.name[:-4] for p in tmp_path.glob("one_*_document_*.bin"))
+    assert len(shards) > 10 and sorted(p.name[:-4] for p in tmp_path.glob("m_*_document_*.bin")) == [
+        "m" + name[3:] for name in shards]
+    for name in shards:
+        assert _bytes(tmp_path / ("m" + name[3:])) == _bytes(tmp_path / name), name
 
 
 # --- failures -------------------------------------------------------------------------------------------

@@ -12,8 +12,9 @@ family that the manifest does not list, nor temporary files.
 
 --tasks merges the outputs of `tools/preprocess_data.py --num-tasks N` (PREFIX_taskIIIIIofNNNNN_*) in
 task order into PREFIX_<key>_document (or the --output-prefix given), published with a manifest like
-a preprocessing run and byte-identical to a single unsharded run over the same inputs. It refuses,
-naming them, missing or incomplete tasks and tasks of different runs (inputs, tokenizer, keys, EOD).
+a preprocessing run and byte-identical to a single run over the same inputs (with --max-shard-tokens,
+to a single run with that option; whatever shard size the tasks used). It refuses, naming them,
+missing or incomplete tasks and tasks of different runs (inputs, tokenizer, keys, EOD).
 """
 
 import argparse
@@ -36,20 +37,27 @@ def main() -> int:
     p.add_argument("--output-prefix", help="the merged dataset (with --tasks: a preprocessing prefix, default PREFIX)")
     p.add_argument("--num-tasks", type=int, default=None,
                    help="with --tasks: the array's size (needed only when outputs of two arrays are there)")
+    p.add_argument("--max-shard-tokens", type=float, default=None,
+                   help="with --tasks: shard the merged output as preprocess_data.py --max-shard-tokens would")
     p.add_argument("--tokenizer-model", default=None,
                    help="check the dtype holds this tokenizer's ids and no input has an id outside its vocabulary "
                         "(with --tasks: check it is the tokenizer the tasks used)")
     args = p.parse_args()
     if not args.tasks and not args.output_prefix:
         p.error("--output-prefix is required with --input/--input-dir")
-    if args.num_tasks is not None and not args.tasks:
-        p.error("--num-tasks applies to --tasks")
+    if (args.num_tasks is not None or args.max_shard_tokens is not None) and not args.tasks:
+        p.error("--num-tasks and --max-shard-tokens apply to --tasks")
+    shard = args.max_shard_tokens
+    if shard is not None and not (1 <= shard < float("inf") and shard == int(shard)):
+        p.error(f"--max-shard-tokens {shard:g}: must be a positive whole number of tokens")
     skipped: list[str] = []
     try:
         if args.tasks:
-            info = merge_tasks(args.tasks, args.output_prefix, args.num_tasks, args.tokenizer_model)
+            info = merge_tasks(args.tasks, args.output_prefix, args.num_tasks, args.tokenizer_model,
+                               None if shard is None else int(shard))
+            outs = info["outputs"]
             print(f"merged {info['tasks']} tasks: {info['sequences']:,} documents, {info['tokens']:,} tokens -> "
-                  + ", ".join(f"{o}.{{bin,idx}}" for o in info["outputs"]))
+                  + (f"{outs[0]}.{{bin,idx}}" if len(outs) == 1 else f"{len(outs)} datasets {outs[0]} ... {outs[-1]}"))
             return 0
         vocab = None
         if args.tokenizer_model:

@@ -6,8 +6,9 @@ megatron_osp/data/shardset.py) under the prefix ``PREFIX_task0000Iof0000N``. The
 sorts the tasks in order by name, and the count in the name keeps the outputs of runs with different
 N apart. Because each task's files follow the previous task's, concatenating the tasks' datasets in
 task order is the single run's document order; ``merge_tasks`` (megatron_osp/data/merge.py) does that
-and publishes ``PREFIX_<key>_document``, byte-identical (.bin and .idx) to a single unsharded run
-over the same files (whatever ``--max-shard-tokens`` the tasks used).
+through the single run's writer and publishes ``PREFIX_<key>_document``, byte-identical (.bin and
+.idx) to a single run over the same files with the merge's ``--max-shard-tokens`` (none: unsharded),
+whatever shard size the tasks used.
 
 Each task's manifest records, under ``"array"``, what the merge needs to refuse a set that is not
 one run: the task index and count, its files (absolute path, size, mtime) and their position in the
@@ -257,9 +258,7 @@ def find_task_set(output_prefix: str, num_tasks: int | None = None) -> dict:
                          f"({position} of {ref['input_count']} files); rerun the array")
     datasets = {key: [p for i in range(num_tasks) for p in shardset.expand(tasks[i][key])]
                 for key in ref["options"]["json_keys"]}
-    entries = {key: [d for i in range(num_tasks) for d in manifests[i][key]["datasets"]] for key in datasets}
     skip = any(m.get("skip_bad_records") for ms in manifests.values() for m in ms.values())
-    return {"num_tasks": num_tasks, "keys": ref["options"]["json_keys"], "datasets": datasets, "entries": entries,
-            "run": ref,
+    return {"num_tasks": num_tasks, "keys": ref["options"]["json_keys"], "datasets": datasets, "run": ref,
             "inputs": [r[0] for r in records], "skip_bad_records": skip,
             "families": [tasks[i][k] for i in range(num_tasks) for k in ref["options"]["json_keys"]]}

@@ -7,6 +7,9 @@ is written under temporary names and renamed at the end, so a failed merge leave
 A preprocessing output with a manifest (megatron_osp/data/shardset.py) is merged as its manifest
 lists it: an input that names the family (``corpus_text_document`` of a sharded run) stands for its
 shards, and a directory gives only the listed datasets of such a family, never a leftover.
+
+``merge_tasks`` joins the outputs of preprocessing array tasks (megatron_osp/data/array_tasks.py)
+into the output one single run would have published.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 
 from megatron_osp.data import shardset
 from megatron_osp.data.indexed import IndexedDataset, IndexedDatasetWriter, check_dtype_holds
@@ -84,55 +88,88 @@ def prefixes_in(directory: str | os.PathLike, skipped: list[str] | None = None) 
 
 
 def merge_tasks(prefix: str, output_prefix: str | None = None, num_tasks: int | None = None,
-                tokenizer_model: str | None = None) -> dict:
+                tokenizer_model: str | None = None, max_shard_tokens: int | None = None) -> dict:
     """Merge the array tasks of ``prefix`` (the ``--output-prefix`` they were given) in task order and
-    publish ``<output_prefix or prefix>_<key>_document`` as one preprocessing output (manifest and
-    all), byte-identical to a single unsharded run over the same inputs. Refuses, before writing, a
-    set with a missing or incomplete task or with tasks of different runs (array_tasks.find_task_set);
+    publish ``<output_prefix or prefix>_<key>_document`` as one preprocessing output (manifest and all).
+
+    The documents go through the same writer as a single run (``preprocess._ShardedOutput``), so the
+    result is byte-identical to a single run over the same inputs with the same ``max_shard_tokens``
+    (None: one unsharded dataset), whatever shard size the tasks used. Refuses, before writing, a set
+    with a missing or incomplete task or with tasks of different runs (array_tasks.find_task_set);
     ``tokenizer_model``, if given, must be the file the tasks used. The tasks' outputs are kept.
     """
     from megatron_osp.data import array_tasks
-    from megatron_osp.data.preprocess import output_prefix_for
+    from megatron_osp.data.indexed import token_dtype_for
+    from megatron_osp.data.preprocess import _ShardedOutput, output_prefix_for
 
+    if max_shard_tokens is not None and max_shard_tokens < 1:
+        raise ValueError(f"max_shard_tokens must be >= 1, got {max_shard_tokens}")
     output_prefix = str(output_prefix or prefix)
     found = array_tasks.find_task_set(str(prefix), num_tasks)
-    run = found["run"]
+    run, keys = found["run"], found["keys"]
     if tokenizer_model is not None:
         path = str(tokenizer_model)
         path = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
         if array_tasks._sha256_file(path) != run["options"]["tokenizer_sha256"]:
             raise ValueError(f"--tokenizer-model {tokenizer_model}: not the tokenizer the tasks used "
                              f"({run['tokenizer']}, sha256 {run['options']['tokenizer_sha256'][:12]})")
-    targets = {key: output_prefix_for(output_prefix, key) for key in found["keys"]}
     families = {os.path.realpath(f) for f in found["families"]}
-    for target in targets.values():
-        if os.path.realpath(target) in families:
-            raise ValueError(f"{output_prefix}: the merged output {target} would replace one of the tasks' outputs")
-    datasets = {key: [IndexedDataset(p) for p in found["datasets"][key]] for key in found["keys"]}  # each checked
-    first = found["keys"][0]
-    if not sum(len(ds) for ds in datasets[first]):
+    for key in keys:
+        if os.path.realpath(output_prefix_for(output_prefix, key)) in families:
+            raise ValueError(f"{output_prefix}: the merged output {output_prefix_for(output_prefix, key)} would "
+                             "replace one of the tasks' outputs")
+    datasets = [[IndexedDataset(p) for p in found["datasets"][key]] for key in keys]  # each checked on open
+    dtype = np.dtype(token_dtype_for(run["options"]["vocab_size"]))
+    for group in zip(*datasets):
+        for ds in group:
+            if ds.dtype != dtype:
+                raise ValueError(f"{ds.prefix}: token dtype {ds.dtype}, but the run's tokenizer needs {dtype}")
+            if len(ds) != len(group[0]):
+                raise ValueError(f"{ds.prefix}: {len(ds)} documents, but {group[0].prefix} has {len(group[0])}; "
+                                 "the keys of a task must hold the same documents")
+    if len({len(d) for d in datasets}) > 1:
+        raise ValueError(f"{prefix}: the tasks' keys {keys} do not have the same number of datasets")
+    documents = sum(len(ds) for ds in datasets[0])
+    if not documents:
         raise ValueError(f"{prefix}: no task has any non-empty document (a single run over these inputs fails too)")
-    stage = shardset.Stage(output_prefix)
-    published = {}
+    output = _ShardedOutput(output_prefix, keys, dtype, max_shard_tokens)
     try:
-        for key, target in targets.items():
-            with IndexedDatasetWriter(stage.staged(target), datasets[key][0].dtype) as writer:
-                for ds in datasets[key]:
-                    writer.add_dataset(ds)
-            published[target] = [{"name": os.path.basename(target), "documents": writer.num_documents,
-                                  "tokens": int(writer.tokens_written),
-                                  "max_token_id": max(int(d.get("max_token_id", -1)) for d in found["entries"][key])}]
-        stage.publish(published, {
-            "tokenizer": run["tokenizer"], "vocab_size": run["options"]["vocab_size"],
-            "dtype": datasets[first][0].dtype.name, "inputs": found["inputs"],
-            "append_eod": run["options"]["append_eod"],
-            "max_shard_tokens": None, "skip_bad_records": found["skip_bad_records"],
+        for group in zip(*datasets):
+            for lengths, tokens in _chunks(group):
+                output.add_documents(lengths, tokens)
+        outputs = output.finalize({
+            "tokenizer": run["tokenizer"], "vocab_size": run["options"]["vocab_size"], "dtype": dtype.name,
+            "inputs": found["inputs"], "append_eod": run["options"]["append_eod"],
+            "max_shard_tokens": max_shard_tokens, "skip_bad_records": found["skip_bad_records"],
             "merged_from": {"tasks": found["num_tasks"], "prefix": str(prefix), "run": run["run"]}})
     except BaseException:
-        stage.abort()
+        output.abort()
         raise
-    return {"tasks": found["num_tasks"], "outputs": list(targets.values()),
-            "sequences": sum(len(ds) for ds in datasets[first]), "tokens": sum(ds.num_tokens for ds in datasets[first])}
+    return {"tasks": found["num_tasks"], "outputs": outputs, "sequences": documents,
+            "tokens": sum(ds.num_tokens for ds in datasets[0])}
+
+
+CHUNK_DOCUMENTS, CHUNK_BYTES = 1 << 20, 256 << 20
+
+
+def _chunks(group):
+    """Documents of aligned datasets (one per key) as (lengths per key, tokens per key), in pieces of
+    at most ``CHUNK_DOCUMENTS`` documents starting within ``CHUNK_BYTES`` of the piece's first (memory
+    bounded, whatever the corpus size); the tokens are views of the memory-mapped .bin files."""
+    n = len(group[0])
+    pointers = group[0].sequence_pointers
+    start = 0
+    while start < n:
+        stop = int(np.searchsorted(pointers, int(pointers[start]) + CHUNK_BYTES, side="left"))
+        stop = min(n, start + CHUNK_DOCUMENTS, max(stop, start + 1))
+        lengths, tokens = [], []
+        for ds in group:
+            part = np.asarray(ds.sequence_lengths[start:stop], dtype=np.int64)
+            first = int(ds.sequence_pointers[start])
+            lengths.append(part)
+            tokens.append(ds._bin[first:first + int(part.sum()) * ds.dtype.itemsize].view(ds.dtype))
+        yield lengths, tokens
+        start = stop
 
 
 __all__ = ["merge_datasets", "merge_tasks", "prefixes_in"]
