@@ -12,10 +12,11 @@
 #     `preprocess_data.py ... --num-tasks TASKS` with SLURM_ARRAY_TASK_ID as its --task-index, takes a
 #     contiguous run of the input files balanced by bytes, and publishes PREFIX_taskIIIIIofNNNNN_* .
 #  3. It submits `sbatch --dependency=afterok:<array job>` running
-#     `tools/merge_datasets.py --tasks PREFIX --num-tasks TASKS`, which checks that every task finished
-#     and all come from this run (same inputs, tokenizer, keys), then publishes PREFIX_<key>_document,
-#     byte-identical to one `preprocess_data.py` run over all the files. The task outputs are kept
-#     (remove PREFIX_task* once the merge is done).
+#     `tools/merge_datasets.py --tasks PREFIX --num-tasks TASKS [--max-shard-tokens N]`, which checks
+#     that every task finished and all come from this run (same inputs, tokenizer, keys), then
+#     publishes PREFIX_<key>_document (or its _00000, ... shards with --max-shard-tokens),
+#     byte-identical to one `preprocess_data.py` run with these arguments over all the files. The
+#     task outputs are kept (remove PREFIX_task* once the merge is done).
 # If a task fails, SLURM never starts the merge. Fix the cause and resubmit just the failed tasks with
 # the same arguments: `ARRAY=3,7 TASKS=16 bash examples/preprocess_slurm.sh ...` (ids are task
 # indices); a merge job follows them. A merge run by hand names any task still missing.
@@ -49,13 +50,15 @@ ARRAY=${ARRAY:-0-$((TASKS - 1))}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SELF="$REPO/examples/preprocess_slurm.sh"
 
-prefix="" workers=""
+prefix="" workers="" shard=()
 args=("$@")
 for ((i = 0; i < ${#args[@]}; i++)); do
   case "${args[i]}" in
     --output-prefix) prefix=${args[i + 1]:-} ;;
     --output-prefix=*) prefix=${args[i]#*=} ;;
     --workers | --workers=*) workers=given ;;
+    --max-shard-tokens) shard=(--max-shard-tokens "${args[i + 1]:-}") ;;
+    --max-shard-tokens=*) shard=("${args[i]}") ;;
     --num-tasks* | --task-index*) echo "error: ${args[i]}: set TASKS (and ARRAY) instead" >&2; exit 1 ;;
   esac
 done
@@ -85,7 +88,7 @@ array=$(sbatch --parsable --array="$ARRAY" --job-name="$name" --cpus-per-task="$
 array=${array%%;*}  # --parsable prints "jobid[;cluster]"
 merge=$(sbatch --parsable --dependency="afterok:$array" --kill-on-invalid-dep=yes --job-name="$name-merge" \
   --cpus-per-task=1 --export=ALL --output="$LOG_DIR/%x-%j.out" "${extra[@]}" \
-  "$SELF" --run-merge --tasks "$prefix" --num-tasks "$TASKS")
+  "$SELF" --run-merge --tasks "$prefix" --num-tasks "$TASKS" "${shard[@]}")
 merge=${merge%%;*}
 echo "submitted array job $array (tasks $ARRAY of $TASKS) and merge job $merge (after all of them succeed)"
 echo "result: ${prefix}_<key>_document; logs in $LOG_DIR/"

@@ -44,9 +44,9 @@ def _corpus(directory, n_files=7, seed=0):
     return paths
 
 
-def _cli(tool, *args, env=None, check=True):
+def _cli(tool, *args, env=None, check=True, cwd=None):
     r = subprocess.run([sys.executable, str(REPO / "tools" / tool), *map(str, args)], capture_output=True,
-                       text=True, timeout=300, env={**os.environ, **(env or {})})
+                       text=True, timeout=300, env={**os.environ, **(env or {})}, cwd=cwd)
     if check:
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return r
@@ -348,10 +348,14 @@ def test_the_slurm_example_runs_the_array_and_the_merge(tmp_path, tok):
     assert "task 2:" in r.stdout and "submitted array job 100" in r.stdout and "merge job 101" in r.stdout
     assert "--dependency=afterok:100" in (state / "101.submitted").read_text()
     assert (state / "100.ok").exists() and (state / "101.ok").exists(), list((tmp_path / "logs").iterdir())
-    _task([tmp_path / "in" / "*.jsonl"], tok, tmp_path / "single" / "c", "--json-keys", "text", "title",
-          env=_no_slurm())
-    for key in ("text", "title"):
-        assert _bytes(tmp_path / "data" / f"c_{key}_document") == _bytes(tmp_path / "single" / f"c_{key}_document")
+    # == one run with the same arguments (sharded the same way), from the same directory
+    _cli("preprocess_data.py", *common, "--output-prefix", tmp_path / "single" / "c", "--max-shard-tokens", 400,
+         "--no-progress", env=_no_slurm(), cwd=tmp_path)
+    single = sorted(p.name[:-4] for p in (tmp_path / "single").glob("c_*.bin"))
+    merged = sorted(p.name[:-4] for p in (tmp_path / "data").glob("c_*.bin") if "_task" not in p.name)
+    assert len(single) > 6 and merged == single
+    for name in single:
+        assert _bytes(tmp_path / "data" / name) == _bytes(tmp_path / "single" / name), name
 
 
 def test_the_slurm_example_after_a_failed_task(tmp_path, tok):
