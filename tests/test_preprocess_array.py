@@ -378,3 +378,20 @@ def test_the_slurm_example_after_a_failed_task(tmp_path, tok):
     r = _submit(tmp_path, env, *args[:2], "in/missing.jsonl", *args[2:], check=False)
     assert r.returncode == 1 and "in/missing.jsonl does not exist" in r.stderr
     assert len(list(state.glob("*.submitted"))) == 4
+
+
+def test_tasks_with_a_hugging_face_tokenizer(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.train_from_iterator([" ".join(WORDS[i:] + WORDS[:i]) for i in range(12)] * 10, trainers.BpeTrainer(
+        vocab_size=330, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = str(tmp_path / "tokenizer.json")
+    hf.save(tok)
+    inputs = _corpus(tmp_path / "in", n_files=4)
+    preprocess(inputs, tok, str(tmp_path / "single"), progress=False)
+    for i in (1, 0):
+        preprocess(inputs, tok, str(tmp_path / "t"), progress=False, task=(i, 2))
+    merge.merge_tasks(str(tmp_path / "t"), tokenizer_model=str(tmp_path))  # a directory holding tokenizer.json
+    assert _bytes(tmp_path / "t_text_document") == _bytes(tmp_path / "single_text_document")
