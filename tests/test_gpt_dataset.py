@@ -272,8 +272,9 @@ def test_token_ids_are_checked_against_the_vocabulary_when_the_dataset_opens(tmp
     monkeypatch.setattr(token_range, "scan_token_range", lambda ds: scans.append(ds.prefix) or real_scan(ds))
     monkeypatch.setattr(token_range, "CHUNK_TOKENS", 7)  # many chunks: the chunked min/max must agree
 
+    config = _config([prefix], tmp_path, vocab_size=300, vocab_name="model.vocab_size=300")
     with pytest.raises(TokenRangeError) as e:
-        build_gpt_datasets(_config([prefix], tmp_path, vocab_size=300, vocab_name="model.vocab_size=300"), [50, 5, None])
+        build_gpt_datasets(config, [50, 5, None])
     message = str(e.value)
     assert message.startswith(f"{prefix}.bin: token ids reach {int(flat.max())}, outside model.vocab_size=300")
     assert f"first: id {int(flat[first])} in sequence {seq}, token {first - int(starts[seq])}" in message

@@ -21,5 +21,6 @@ def test_analysis_reexports_the_metric():
     from megatron_osp.analysis import kurtosis as analysis_kurtosis
     from megatron_osp.metrics import kurtosis
 
-    for name in ("HiddenStateRecorder", "KurtosisReport", "excess_kurtosis", "measure_kurtosis", "token_excess_kurtosis"):
+    names = ("HiddenStateRecorder", "KurtosisReport", "excess_kurtosis", "measure_kurtosis", "token_excess_kurtosis")
+    for name in names:
         assert getattr(analysis_kurtosis, name) is getattr(kurtosis, name)

@@ -120,9 +120,12 @@ def test_value_out_of_range_is_refused_by_name(override, message):
     [
         (["model.hidden_size=12", "model.num_attention_heads=4"], r"3 channels per head: must be even"),
         (["model.num_query_groups=3"], r"model\.num_attention_heads=4 is not divisible by model\.num_query_groups=3"),
-        (["parallel.tensor_parallel_size=3"], r"model\.num_attention_heads=4 is not divisible by parallel\.tensor_parallel_size=3"),
-        (["parallel.pipeline_parallel_size=3"], r"model\.num_layers=2 is not divisible by parallel\.pipeline_parallel_size=3"),
-        (["model.ffn_hidden_size=171", "parallel.tensor_parallel_size=2"], r"model\.ffn_hidden_size=171 is not divisible"),
+        (["parallel.tensor_parallel_size=3"],
+         r"model\.num_attention_heads=4 is not divisible by parallel\.tensor_parallel_size=3"),
+        (["parallel.pipeline_parallel_size=3"],
+         r"model\.num_layers=2 is not divisible by parallel\.pipeline_parallel_size=3"),
+        (["model.ffn_hidden_size=171", "parallel.tensor_parallel_size=2"],
+         r"model\.ffn_hidden_size=171 is not divisible"),
         (["parallel.sequence_parallel=true", "parallel.tensor_parallel_size=4", "model.seq_length=30"],
          r"model\.seq_length=30 is not divisible by parallel\.tensor_parallel_size=4"),
         (["data.eod_id=600"], r"data\.eod_id=600 is outside the vocabulary \(model\.vocab_size=512\)"),
@@ -152,11 +155,15 @@ def test_every_problem_is_reported_at_once_and_the_prefix_once(tmp_path):
 def test_world_size_relations():
     from megatron_osp.training.validation import ConfigError, check_world
 
-    config = load_config(None, ["parallel.tensor_parallel_size=2", "train.global_batch_size=8", "train.micro_batch_size=4"])
+    config = load_config(
+        None, ["parallel.tensor_parallel_size=2", "train.global_batch_size=8", "train.micro_batch_size=4"]
+    )
     check_world(config, 2)  # DP 1: 8 = 4 x 2 micro-batches
-    with pytest.raises(ConfigError, match=r"tensor_parallel_size=2 x parallel\.pipeline_parallel_size=1 = 2 does not divide the world size 3"):
+    world = r"tensor_parallel_size=2 x parallel\.pipeline_parallel_size=1 = 2 does not divide the world size 3"
+    with pytest.raises(ConfigError, match=world):
         check_world(config, 3)
-    with pytest.raises(ConfigError, match=r"global_batch_size=8 is not divisible by train\.micro_batch_size=4 x 4 data-parallel"):
+    batch = r"global_batch_size=8 is not divisible by train\.micro_batch_size=4 x 4 data-parallel"
+    with pytest.raises(ConfigError, match=batch):
         check_world(config, 8)
 
 
@@ -165,7 +172,8 @@ def test_cli_refuses_impossible_batch_parallel_and_lr_values_before_starting(toy
     """gbs 0 / -16 used to train and exit 0 (NaN loss, negative tokens); mbs 0 / -4, TP 0 and lr -1
     ended in ZeroDivisionError or library tracebacks. Now: exit 2, every field named, nothing written."""
     for bad in (
-        ["train.global_batch_size=0", "train.micro_batch_size=-4", "parallel.tensor_parallel_size=0", "optimizer.lr=-1"],
+        ["train.global_batch_size=0", "train.micro_batch_size=-4", "parallel.tensor_parallel_size=0",
+         "optimizer.lr=-1"],
         ["train.global_batch_size=-16", "train.micro_batch_size=0"],
     ):
         run_dir = tmp_path / "run"
@@ -204,7 +212,8 @@ def test_cli_refuses_vocab_smaller_than_the_tokenizer(tokenized, tmp_path):
     result = _pretrain([a for a in args if a != "data.eod_id=255"])
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
-    assert f"model.vocab_size=300 is smaller than the vocabulary of data.tokenizer_model={tokenized['tokenizer']} (350 pieces)" in result.stderr
+    expected = f"model.vocab_size=300 is smaller than the vocabulary of data.tokenizer_model={tokenized['tokenizer']}"
+    assert expected + " (350 pieces)" in result.stderr
     assert not run_dir.exists()
 
 

@@ -289,7 +289,8 @@ def relation_problems(config) -> list[str]:
         problems.append(f"train.warmup_steps={t.warmup_steps} must be smaller than train.train_steps={t.train_steps}")
     if t.global_batch_size % t.micro_batch_size:
         problems.append(
-            f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size={t.micro_batch_size}"
+            f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+            f"train.micro_batch_size={t.micro_batch_size}"
         )
     d = config.data
     if d.weights is not None and d.paths and len(d.weights) != len(d.paths):
@@ -371,7 +372,9 @@ def data_problems(config) -> list[str]:
                     f"{d.tokenizer_model} ({vocab} pieces): set model.vocab_size={vocab} (or larger)"
                 )
             if eos < 0:
-                problems.append(f"data.tokenizer_model={d.tokenizer_model} has no end-of-sequence id to separate documents")
+                problems.append(
+                    f"data.tokenizer_model={d.tokenizer_model} has no end-of-sequence id to separate documents"
+                )
     elif d.eod_id is None:
         problems.append("set data.tokenizer_model (or data.eod_id) so documents can be separated")
     return problems
