@@ -172,7 +172,9 @@ def _difference(a: dict, b: dict) -> str:
     for key in ("tokenizer_sha256", "vocab_size", "eod", "json_keys", "append_eod"):
         if a["options"].get(key) != b["options"].get(key):
             return f"{_describe(a, key)} vs {_describe(b, key)}"
-    return f"input files: {_describe(a, 'inputs')} vs {_describe(b, 'inputs')}"
+    same_size = (a["input_count"], a["input_bytes"]) == (b["input_count"], b["input_bytes"])
+    return (f"input files: {_describe(a, 'inputs')} vs {_describe(b, 'inputs')}"
+            + (" (other paths, or a file rewritten or touched between the tasks)" if same_size else ""))
 
 
 def find_task_set(output_prefix: str, num_tasks: int | None = None) -> dict:
