@@ -213,6 +213,9 @@ def test_a_failed_task_leaves_nothing_and_the_merge_names_it(tmp_path, tok):
     _task(inputs, tok, tmp_path / "single", "--skip-bad-records", env=_no_slurm())
     assert _bytes(out / "c_text_document") == _bytes(tmp_path / "single_text_document")
     assert json.loads((out / "c_text_document.shards.json").read_text())["skip_bad_records"] is True
+    # --input-dir over the directory would take the tasks beside their merged result: refused, pointing to --tasks.
+    r = _cli("merge_datasets.py", "--input-dir", out, "--output-prefix", tmp_path / "all", check=False)
+    assert r.returncode == 1 and f"merge them with --tasks {out / 'c'}" in r.stderr
 
 
 def test_an_interrupted_or_killed_task_is_refused_by_name(tmp_path, tok):

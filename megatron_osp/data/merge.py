@@ -15,6 +15,7 @@ into the output one single run would have published.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +81,12 @@ def prefixes_in(directory: str | os.PathLike, skipped: list[str] | None = None) 
     if not d.is_dir():
         raise FileNotFoundError(f"{d} is not a directory")
     found, left_out = shardset.datasets_in_directory(d)
+    tasks = [p for p in found if re.search(r"_task\d{5}of\d{5}_.+_document(_\d{5})?$", os.path.basename(p))]
+    if tasks:
+        prefix = re.sub(r"_task\d{5}of\d{5}_.+$", "", tasks[0])
+        raise ValueError(f"{d}: holds preprocessing array task outputs ({os.path.basename(tasks[0])}, ...): merge them "
+                         f"with --tasks {prefix}, which checks the set is complete and one run (--input-dir would also "
+                         "take their merged result, if it is there)")
     if skipped is not None:
         skipped += left_out
     if not found:
