@@ -274,8 +274,8 @@ def test_resumed_token_count_and_a_finished_rerun_keep_summary_right(toy_corpus,
     assert [(r["step"], r["consumed_samples"], r["tokens"]) for r in lines] == [
         (1, 8, 8 * seq), (2, 12, 12 * seq), (3, 16, 16 * seq)
     ]
-    before = (run_dir / "summary.json").read_bytes()
+    before = {name: (run_dir / name).read_bytes() for name in ("summary.json", "config.yaml", "metrics.jsonl")}
     again = _pretrain(_tiny(toy_corpus, run_dir, "train.train_steps=3", "train.global_batch_size=16"))
     assert again.returncode == 0, again.stderr[-3000:]
     assert "already finished at step 3" in again.stdout + again.stderr
-    assert (run_dir / "summary.json").read_bytes() == before
+    assert {name: (run_dir / name).read_bytes() for name in before} == before

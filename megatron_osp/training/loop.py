@@ -185,10 +185,11 @@ class Trainer:
         # Tokens consumed so far (all segments); _train refines it from metrics.jsonl on resume.
         self.tokens = consumed * self._checkpoint_seq_length
         # Written once the run has started cleanly: a start that fails (bad data, a checkpoint that
-        # does not fit) leaves an earlier run's config.yaml as it was.
-        if dist.get_rank() == 0:
+        # does not fit), or a rerun of a finished run (which trains nothing), leaves it as it was.
+        config_file = self.run_dir / "config.yaml"
+        if dist.get_rank() == 0 and (self.step < train.train_steps or not config_file.exists()):
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(config, self.run_dir / "config.yaml")
+            save_config(config, config_file)
         dist.barrier()
 
     def _rank0_log(self, msg):
