@@ -125,7 +125,7 @@ def write_manifest_collective(directory: str | os.PathLike) -> None:
     mine = [n for n in names if _writer_rank(n, world) == rank]
     try:
         hashed: dict | str = _hash_files(directory, mine)
-    except OSError as e:  # reported by rank 0 below, so no rank is left waiting in the collective
+    except OSError as e:  # gathered, then raised on every rank: no rank is left waiting in a collective
         hashed = f"rank {rank}: {e}"
     parts = [hashed]
     if distributed and world > 1:
