@@ -20,6 +20,7 @@ from megatron_osp.data.gpt_dataset import GPTDataConfig, build_gpt_datasets
 from megatron_osp.training.validation import (
     ConfigError,
     check_data_settings,
+    dataset_prefixes,
     reference_vocabulary,
     tokenizer_vocabulary,
 )
@@ -45,7 +46,7 @@ def build_datasets(config, num_train_samples: int, num_eval_samples: int):
     vocab_size, vocab_name = reference_vocabulary(config)
     cache = data.cache_dir or str(Path(train.run_dir) / "index_cache")
     ds_config = GPTDataConfig(
-        paths=list(data.paths),
+        paths=dataset_prefixes(data.paths, data.weights),  # a sharded output's prefix -> its shards
         weights=data.weights,
         split=data.split,
         sequence_length=config.model.seq_length,

@@ -26,6 +26,7 @@ import math
 import os
 from typing import Callable
 
+from megatron_osp.data.shardset import expand
 from megatron_osp.models.layer_specs import BACKENDS
 from megatron_osp.optimizer.builder import OPTIMIZERS
 from megatron_osp.optimizer.muon import LR_SCALES
@@ -356,7 +357,12 @@ def data_problems(config) -> list[str]:
     problems = []
     if not d.paths:
         problems.append("data.paths is empty: give at least one indexed dataset prefix")
-    for prefix in d.paths:
+    try:
+        prefixes = dataset_prefixes(d.paths, d.weights)
+    except (OSError, ValueError) as e:
+        problems.append(f"data.paths: {e}")
+        prefixes = []
+    for prefix in prefixes:
         missing = [prefix + ext for ext in (".bin", ".idx") if not os.path.exists(prefix + ext)]
         if missing:
             problems.append(f"data.paths: {' and '.join(missing)} does not exist")
@@ -378,6 +384,22 @@ def data_problems(config) -> list[str]:
     elif d.eod_id is None:
         problems.append("set data.tokenizer_model (or data.eod_id) so documents can be separated")
     return problems
+
+
+def dataset_prefixes(paths, weights=None) -> list[str]:
+    """``data.paths`` with each sharded preprocessing output (a prefix whose ``.shards.json`` manifest
+    lists its shards, see megatron_osp/data/shardset.py) replaced by its shards in order, as if they had
+    been listed. Without ``data.weights`` the shards are then blended by size like any list of paths;
+    with weights, a sharded prefix is refused (one weight cannot say how to split among its shards)."""
+    out = []
+    for prefix in paths:
+        shards = expand(prefix)
+        if shards != [prefix] and weights is not None:
+            raise ValueError(
+                f"{prefix} is a sharded output ({len(shards)} datasets) and data.weights is set: list its "
+                "shards in data.paths with a weight each, or merge them with tools/merge_datasets.py")
+        out += shards
+    return out
 
 
 def check_data_settings(config) -> None:

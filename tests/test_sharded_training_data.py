@@ -1,0 +1,70 @@
+"""A sharded preprocessing output is trained on by its prefix: ``data.paths=[PREFIX_text_document]``
+reads the shards its ``.shards.json`` manifest lists, exactly as if they had been listed one by one.
+(It used to stop with "PREFIX_text_document.bin does not exist".)"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(args, timeout=300):
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("MASTER_ADDR", None)
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    from megatron_osp.data.builtin_corpus import write_corpus
+    from megatron_osp.data.tokenizer import train_sentencepiece
+
+    d = tmp_path_factory.mktemp("sharded")
+    write_corpus(d / "corpus.jsonl", max_documents=80)
+    model = str(train_sentencepiece(d / "corpus.jsonl", d / "tok", vocab_size=350))
+    result = _run([str(REPO / "tools" / "preprocess_data.py"), "--input", str(d / "corpus.jsonl"),
+                   "--tokenizer-model", model, "--output-prefix", str(d / "corpus"), "--append-eod",
+                   "--max-shard-tokens", "40000", "--no-progress"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    family = str(d / "corpus_text_document")
+    shards = [str(d / d_["name"]) for d_ in json.loads(Path(family + ".shards.json").read_text())["datasets"]]
+    assert len(shards) >= 3 and not os.path.exists(family + ".bin")
+    return {"family": family, "shards": shards, "tokenizer": model}
+
+
+def _train(paths, run_dir, *extra):
+    return _run(["-m", "megatron_osp.training.pretrain", "model.preset=test", "model.vocab_size=384",
+                 f"data.paths=[{','.join(paths)}]", "data.split=70,30,0", *extra, "train.train_steps=3",
+                 "train.warmup_steps=1", "train.global_batch_size=4", "train.micro_batch_size=2",
+                 "train.log_interval=1", "train.eval_batches=1", "train.tensorboard=false",
+                 "train.progress_bar=false", "train.kurtosis_interval=0", f"train.run_dir={run_dir}"])
+
+
+def _losses(run_dir):
+    return [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def test_a_sharded_prefix_trains_on_its_shards_as_if_listed(sharded, tmp_path):
+    tok = f"data.tokenizer_model={sharded['tokenizer']}"
+    by_prefix = _train([sharded["family"]], tmp_path / "prefix", tok)
+    assert by_prefix.returncode == 0, by_prefix.stderr[-3000:]
+    listed = _train(sharded["shards"], tmp_path / "listed", tok)
+    assert listed.returncode == 0, listed.stderr[-3000:]
+    assert len(_losses(tmp_path / "prefix")) == 3
+    assert _losses(tmp_path / "prefix") == _losses(tmp_path / "listed")
+
+
+def test_a_sharded_prefix_with_one_weight_is_refused_by_name(sharded, tmp_path):
+    result = _train([sharded["family"]], tmp_path / "run", f"data.tokenizer_model={sharded['tokenizer']}",
+                    "data.weights=[1.0]")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert f"{sharded['family']} is a sharded output ({len(sharded['shards'])} datasets)" in result.stderr
+    assert not (tmp_path / "run").exists()
