@@ -74,9 +74,11 @@ class HFTokenizer:
     """A Hugging Face fast tokenizer (``tokenizer.json``), batched in Rust; no special tokens added.
 
     The EOD id is ``eod_token`` if given, else the first of ``HF_EOD_CANDIDATES`` in the vocabulary.
+    ``word_cache``: ``encode_flat`` goes through ``HFWordCache`` (megatron_osp/data/hf_fast.py: same
+    ids, faster) when the tokenizer qualifies; False always calls the library's ``encode_batch``.
     """
 
-    def __init__(self, path: str | os.PathLike, eod_token: str | None = None):
+    def __init__(self, path: str | os.PathLike, eod_token: str | None = None, word_cache: bool = True):
         from tokenizers import Tokenizer
 
         path = Path(path)
@@ -97,6 +99,7 @@ class HFTokenizer:
                 + (f"{eod_token!r} in the vocabulary" if eod_token else f"among {', '.join(HF_EOD_CANDIDATES)}; pass --eod-token")
             )
         self.eod_token, self._eod = found[0]
+        self._word_cache = None if word_cache else False  # built on first use (it holds the cache)
 
     @property
     def vocab_size(self) -> int:
@@ -117,6 +120,12 @@ class HFTokenizer:
         """As SentencePieceTokenizer's. One batched call into Rust either way; its thread pool
         follows TOKENIZERS_PARALLELISM, which preprocessing's pool workers set to false."""
         del threads
+        if self._word_cache is None:
+            from megatron_osp.data.hf_fast import HFWordCache
+
+            self._word_cache = HFWordCache.for_tokenizer(self._tok, self.model_file) or False
+        if self._word_cache:
+            return self._word_cache.encode_flat(texts)
         return _flatten([e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)])
 
     def encode_batch(self, texts: list[str], threads: int = -1) -> list[np.ndarray]:
@@ -130,7 +139,7 @@ def load_tokenizer(path: str | os.PathLike, eod_token: str | None = None, word_c
     """A SentencePiece ``.model`` or an HF ``tokenizer.json`` (or a directory holding one)."""
     p = Path(path)
     if p.suffix == ".json" or p.is_dir():
-        return HFTokenizer(p, eod_token)
+        return HFTokenizer(p, eod_token, word_cache=word_cache)
     if eod_token is not None:
         raise ValueError(f"--eod-token applies to Hugging Face tokenizers; {p} is SentencePiece (its EOD is </s>)")
     return SentencePieceTokenizer(p, word_cache=word_cache)
