@@ -198,10 +198,11 @@ def _check_sizes(ckpt: Path, files: dict) -> list[str]:
         except OSError:
             problems.append(f"checkpoint {ckpt} is missing {kind} {path} (listed in {MANIFEST})")
             continue
-        if size < entry["size"]:
-            problems.append(f"checkpoint {kind.split()[0]} {path} is truncated: {size} bytes, {MANIFEST} recorded {entry['size']}")
-        elif size > entry["size"]:
-            problems.append(f"checkpoint {kind.split()[0]} {path} has grown: {size} bytes, {MANIFEST} recorded {entry['size']}")
+        if size != entry["size"]:
+            what = "is truncated" if size < entry["size"] else "has grown"
+            if kind == "file":
+                what = f"{what} (changed after the save)"
+            problems.append(f"checkpoint {kind.split()[0]} {path} {what}: {size} bytes, {MANIFEST} recorded {entry['size']}")
     return problems
 
 
