@@ -345,6 +345,9 @@ def test_not_a_checkpoint_missing_shard_and_unrepresentable_config(converted, tm
     cfg = yaml.safe_load(cfg_file.read_text())
     cfg["model"]["qk_layernorm"] = True
     cfg_file.write_text(yaml.safe_dump(cfg))
+    from megatron_osp.training.checkpoint_integrity import write_manifest
+
+    write_manifest(cfg_file.parent)  # a deliberate edit: vouch for it, or the checksum refuses it first
     assert to_hf.main([str(qk), str(tmp_path / "o3")]) == 2
     assert "model.qk_layernorm" in capsys.readouterr().err
     assert not (tmp_path / "o3").exists()
