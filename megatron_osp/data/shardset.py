@@ -30,6 +30,8 @@ import socket
 import time
 from pathlib import Path
 
+from megatron_osp.fileio import atomic_write_json
+
 MANIFEST_SUFFIX = ".shards.json"
 FORMAT = 1
 _SHARD = re.compile(r"^(?P<family>.+)_\d{5}$")
@@ -59,21 +61,6 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
-
-
-def _write_json(path: str, data: dict) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def read_manifest(family: str) -> dict:
@@ -256,7 +243,7 @@ class Stage:
             except OSError:  # a filesystem without locks: publishing still works, unserialized
                 pass
             for family, datasets in families.items():
-                _write_json(manifest_path(family), {"format": FORMAT, "state": "publishing", "datasets": []})
+                atomic_write_json(manifest_path(family), {"format": FORMAT, "state": "publishing", "datasets": []})
             names = os.listdir(self.directory)
             for family in families:
                 member = re.compile(rf"^{re.escape(os.path.basename(family))}(_\d{{5}})?\.(bin|idx)$")
@@ -270,7 +257,7 @@ class Stage:
                     os.replace(src + ".bin", os.path.join(self.directory, ds["name"] + ".bin"))
                     os.replace(src + ".idx", os.path.join(self.directory, ds["name"] + ".idx"))
             for family, datasets in families.items():
-                _write_json(manifest_path(family), {
+                atomic_write_json(manifest_path(family), {
                     "format": FORMAT, "state": "complete", "datasets": datasets,
                     "published": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **info})
             os.fsync(fd)
