@@ -152,6 +152,26 @@ def test_pattern_that_disagrees_with_the_pre_tokenizer_is_refused(trained, caplo
     assert any("split of" in r.getMessage() and "9" in r.getMessage() for r in caplog.records)
 
 
+def test_non_ascii_characters_take_the_cache_by_their_class(trained):
+    tok = _fast(trained["path"])
+    docs = ["café ١٢٣ x\u00a0\u3000 y e\u0301 日本語 🙂!", "naïve\u2003\u2003 Ωmega ½"]
+    assert _ids(tok, docs) == _reference(trained["path"], docs)
+    shadow = tok._word_cache._shadow
+    got = {c: shadow.get(ord(c)) for c in "é١\u00a0\u3000\u0301日🙂½"}
+    assert got == {"é": "a", "١": "0", "\u00a0": "\t", "\u3000": "\t", "\u0301": "#", "日": "a", "🙂": "#",
+                   "½": "0"}
+    assert not tok._word_cache._unsupported
+
+
+def test_class_stand_in_that_disagrees_with_the_library_is_refused(trained, monkeypatch):
+    """A non-ASCII character's class is verified against the library's split in several contexts."""
+    monkeypatch.setattr(hf_fast, "_SHADOW", {"L": "0", "N": "a", "S": " ", "O": "#"})  # wrong stand-ins
+    tok = _fast(trained["path"])
+    docs = ["café", "1١1 x", "x\u00a0\u00a0 y", "naïve"]  # one non-ASCII character each
+    assert _ids(tok, docs) == _reference(trained["path"], docs)
+    assert {"é", "١", "\u00a0", "ï"} <= tok._word_cache._unsupported
+
+
 def test_word_cache_off_uses_the_library(trained):
     tok = HFTokenizer(trained["path"], word_cache=False)
     docs = trained["docs"][:5]

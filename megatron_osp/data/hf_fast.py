@@ -1,4 +1,4 @@
-"""Exact fast path for Hugging Face byte-level BPE tokenizers (GPT-2 style ``tokenizer.json``).
+r"""Exact fast path for Hugging Face byte-level BPE tokenizers (GPT-2 style ``tokenizer.json``).
 
 Where the time goes (measured on a byte-level BPE, vocabulary 8000, trained on the builtin corpus,
 one process): almost all of it is inside the Rust ``encode`` itself (~5 s for 12 MB); turning the
@@ -15,12 +15,16 @@ pre-tokenizer with its regex and no added prefix space, a BPE model without drop
 that adds ids only with special tokens (we encode without). Added tokens are matched by the library
 in the raw text before pre-tokenizing, so a document that contains one goes to the library whole.
 
-Words are found by ``re`` with the GPT-2 pattern written for ASCII with explicit character classes,
-so only ASCII documents take the cache (others are encoded by the library, batched). The classes are
-not taken on trust: at load, every ASCII character is split in several contexts by the library's own
-pre-tokenizer and by ours, and the encoder is refused unless all agree; then whole probe texts are
-encoded both ways. A word not yet cached is encoded alone by the library, and it must come back as
-one pre-tokenized word. Anything that fails logs why and falls back to ``Tokenizer.encode_batch``.
+Words are found by ``re`` with the GPT-2 pattern written for ASCII with explicit character classes.
+The classes are not taken on trust: at load, every ASCII character is split in several contexts by
+the library's own pre-tokenizer and by ours, and the encoder is refused unless all agree. A
+non-ASCII character can only be told apart by the pattern through its class (\p{L}, \p{N}, \s or
+none: it never equals one of the pattern's ASCII literals), so a document with such characters is
+split on a same-length shadow in which each is replaced by an ASCII character of its class; the
+class of each new character is read off the library's split and verified in a dozen contexts, and a
+character that fails sends its documents to the library. Then whole probe texts are encoded both
+ways. A word not yet cached is encoded alone by the library, and it must come back as one
+pre-tokenized word. Anything that fails logs why and falls back to ``Tokenizer.encode_batch``.
 """
 
 from __future__ import annotations
@@ -96,6 +100,43 @@ class _NotOneWord(Exception):
     pass
 
 
+# A non-ASCII character is never one of the pattern's literal ASCII characters, so all the pattern
+# can tell about it is which of its four disjoint classes it is in: \p{L}, \p{N}, \s, or none. Such a
+# character is replaced, in a same-length shadow of the document, by an ASCII character of the same
+# class; the shadow's split gives the document's words. The class is read off the library.
+_SHADOW = {"L": "a", "N": "0", "S": "\t", "O": "#"}
+
+
+def _classify(pre_tokenizer, c: str) -> str | None:
+    """The pattern class of the non-ASCII character ``c`` by the library's own split, verified in
+    several contexts against the shadow's split; None if it is not exactly one class or disagrees."""
+    def split(text):
+        return [text[s:e] for _, (s, e) in pre_tokenizer.pre_tokenize_str(text)]
+
+    try:
+        found = [k for k, text in (("L", "a" + c), ("N", "0" + c), ("O", c + "#"), ("S", "\t" + c + "\t"))
+                 if split(text) == [text]]
+        if len(found) != 1:
+            return None
+        r = _SHADOW[found[0]]
+        for text in (f"a{c}b", f"{c}{c}", f" {c}", f"{c} a", f"1{c}2", f"'{c}s", f"{c}  x", f"x{c}  ", f"{c}'ll",
+                     f"!{c}!", f"\n{c}\n", f" {c}{c} ", f"{c} \u00e9"):
+            shadow = text.replace(c, r)
+            if split(text) != [text[s:e] for s, e in _spans(shadow)]:
+                return None
+    except Exception:  # noqa: BLE001  (a lone surrogate: the library refuses it; so will the fallback)
+        return None
+    return found[0]
+
+
+def _spans(text: str) -> list[tuple[int, int]]:
+    out, pos = [], 0
+    for w in ASCII_PATTERN.findall(text):
+        out.append((pos, pos + len(w)))
+        pos += len(w)
+    return out
+
+
 class HFWordCache:
     """``encode_flat(texts)``: the same ids as ``tok.encode_batch(texts, add_special_tokens=False)``."""
 
@@ -111,6 +152,8 @@ class HFWordCache:
         self._added_tokens = added
         self._added = re.compile("|".join(map(re.escape, added))) if added else None
         self._cache: dict[str, tuple[int, ...]] = {}
+        self._shadow: dict[int, str] = {}  # non-ASCII code point -> its class's ASCII stand-in
+        self._unsupported: set[str] = set()  # non-ASCII characters that could not be classified
         self.disabled = False
 
     @classmethod
@@ -131,12 +174,34 @@ class HFWordCache:
             return None
         return enc
 
+    def _words(self, text: str) -> list[str] | None:
+        """The pre-tokenized words of ``text``, or None when it must go to the library whole."""
+        if self._added is not None and self._added.search(text):
+            return None  # added tokens are matched in the raw text, across words
+        if text.isascii():
+            return ASCII_PATTERN.findall(text)
+        new = {c for c in text if ord(c) > 127 and ord(c) not in self._shadow}
+        for c in new:
+            if c in self._unsupported:
+                return None
+            kind = _classify(self._tok.pre_tokenizer, c)
+            if kind is None:
+                self._unsupported.add(c)
+                return None
+            self._shadow[ord(c)] = _SHADOW[kind]
+        words, pos = [], 0
+        for w in ASCII_PATTERN.findall(text.translate(self._shadow)):
+            words.append(text[pos:pos + len(w)])
+            pos += len(w)
+        return words
+
     def _fill(self, words: set[str]) -> None:
         new = [w for w in words if w not in self._cache]
-        if not new:
-            return
         if len(self._cache) + len(new) > self.max_entries:
             self._cache.clear()
+            new = list(words)
+        if not new:
+            return
         for w, e in zip(new, self._tok.encode_batch(new, add_special_tokens=False)):
             wid = e.word_ids
             if wid and wid.count(wid[0]) != len(wid):
@@ -145,21 +210,19 @@ class HFWordCache:
 
     def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """All texts' ids (int64) concatenated, and each text's count (int64)."""
-        added = self._added
-        fast = [not self.disabled and t.isascii() and not (added and added.search(t)) for t in texts]
-        words = [ASCII_PATTERN.findall(t) if f else None for t, f in zip(texts, fast)]
+        words = [None if self.disabled else self._words(t) for t in texts]
         out: list = [None] * len(texts)
         try:
             self._fill({w for ws in words if ws for w in ws})
         except _NotOneWord as e:  # the argument above failed: say so and stop using the cache
             log.warning("%s: word %r is not one word alone; word cache disabled", self.name, str(e))
             self._cache.clear()
-            self.disabled, fast = True, [False] * len(texts)
+            self.disabled, words = True, [None] * len(texts)
         get = self._cache.__getitem__
         for i, ws in enumerate(words):
-            if fast[i]:
+            if ws is not None:
                 out[i] = list(itertools.chain.from_iterable(map(get, ws)))
-        slow = [i for i, f in enumerate(fast) if not f]
+        slow = [i for i, ws in enumerate(words) if ws is None]
         if slow:
             for i, e in zip(slow, self._tok.encode_batch([texts[i] for i in slow], add_special_tokens=False)):
                 out[i] = e.ids
