@@ -151,7 +151,8 @@ class HFWordCache:
         added = [a["content"] for a in definition.get("added_tokens") or [] if a.get("content")]
         self._added_tokens = added
         self._added = re.compile("|".join(map(re.escape, added))) if added else None
-        self._cache: dict[str, tuple[int, ...]] = {}
+        self._cache: dict[str, int] = {}  # word -> its index (see _fill)
+        self._clear()
         self._shadow: dict[int, str] = {}  # non-ASCII code point -> its class's ASCII stand-in
         self._unsupported: set[str] = set()  # non-ASCII characters that could not be classified
         self.disabled = False
@@ -180,8 +181,9 @@ class HFWordCache:
             return None  # added tokens are matched in the raw text, across words
         if text.isascii():
             return ASCII_PATTERN.findall(text)
-        new = {c for c in text if ord(c) > 127 and ord(c) not in self._shadow}
-        for c in new:
+        for c in set(text):
+            if c.isascii() or ord(c) in self._shadow:
+                continue
             if c in self._unsupported:
                 return None
             kind = _classify(self._tok.pre_tokenizer, c)
@@ -189,45 +191,67 @@ class HFWordCache:
                 self._unsupported.add(c)
                 return None
             self._shadow[ord(c)] = _SHADOW[kind]
-        words, pos = [], 0
-        for w in ASCII_PATTERN.findall(text.translate(self._shadow)):
-            words.append(text[pos:pos + len(w)])
-            pos += len(w)
-        return words
+        ends = list(itertools.accumulate(map(len, ASCII_PATTERN.findall(text.translate(self._shadow)))))
+        return list(map(text.__getitem__, map(slice, [0] + ends[:-1], ends)))
+
+    def _clear(self) -> None:
+        self._cache.clear()
+        self._store = np.zeros(1 << 16, np.int64)  # every cached word's ids, back to back
+        self._start, self._len = np.zeros(1 << 12, np.int64), np.zeros(1 << 12, np.int64)  # per word index
+        self._used = 0
 
     def _fill(self, words: set[str]) -> None:
+        """Cache the words not yet cached: word -> index; its ids are _store[_start[i]:][:_len[i]]."""
         new = [w for w in words if w not in self._cache]
         if len(self._cache) + len(new) > self.max_entries:
-            self._cache.clear()
+            self._clear()
             new = list(words)
         if not new:
             return
-        for w, e in zip(new, self._tok.encode_batch(new, add_special_tokens=False)):
+        encoded = self._tok.encode_batch(new, add_special_tokens=False)
+        for w, e in zip(new, encoded):
             wid = e.word_ids
             if wid and wid.count(wid[0]) != len(wid):
                 raise _NotOneWord(w)
-            self._cache[w] = tuple(e.ids)
+        ids = [e.ids for e in encoded]
+        lens = np.fromiter(map(len, ids), np.int64, count=len(ids))
+        first, n, need = len(self._cache), len(new), self._used + int(lens.sum())
+        if first + n > len(self._start):
+            size = max(2 * len(self._start), first + n)
+            self._start, self._len = np.resize(self._start, size), np.resize(self._len, size)
+        if need > len(self._store):
+            self._store = np.resize(self._store, max(2 * len(self._store), need))
+        self._store[self._used:need] = np.fromiter(itertools.chain.from_iterable(ids), np.int64, count=need - self._used)
+        self._start[first:first + n] = self._used + np.cumsum(lens) - lens
+        self._len[first:first + n] = lens
+        self._used = need
+        self._cache.update(zip(new, range(first, first + n)))
 
     def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """All texts' ids (int64) concatenated, and each text's count (int64)."""
         words = [None if self.disabled else self._words(t) for t in texts]
-        out: list = [None] * len(texts)
         try:
-            self._fill({w for ws in words if ws for w in ws})
+            self._fill(set(itertools.chain.from_iterable(ws for ws in words if ws)))
         except _NotOneWord as e:  # the argument above failed: say so and stop using the cache
             log.warning("%s: word %r is not one word alone; word cache disabled", self.name, str(e))
-            self._cache.clear()
+            self._clear()
             self.disabled, words = True, [None] * len(texts)
-        get = self._cache.__getitem__
-        for i, ws in enumerate(words):
-            if ws is not None:
-                out[i] = list(itertools.chain.from_iterable(map(get, ws)))
+        cached = [ws if ws is not None else () for ws in words]
+        counts = np.fromiter(map(len, cached), np.int64, count=len(cached))  # words per text
+        index = np.fromiter(map(self._cache.__getitem__, itertools.chain.from_iterable(cached)), np.int64,
+                            count=int(counts.sum()))
+        lens, starts = self._len[index], self._start[index]
+        ends = np.cumsum(lens)
+        flat = self._store[np.repeat(starts - (ends - lens), lens) + np.arange(int(ends[-1]) if len(ends) else 0)]
+        bounds = np.concatenate([[0], ends])[np.concatenate([[0], np.cumsum(counts)])]
+        lengths = np.diff(bounds)  # tokens per text (0 for the texts that go to the library)
         slow = [i for i, ws in enumerate(words) if ws is None]
         if slow:
+            parts = np.split(flat, bounds[1:-1])
             for i, e in zip(slow, self._tok.encode_batch([texts[i] for i in slow], add_special_tokens=False)):
-                out[i] = e.ids
-        lengths = np.fromiter(map(len, out), dtype=np.int64, count=len(out))
-        flat = np.fromiter(itertools.chain.from_iterable(out), dtype=np.int64, count=int(lengths.sum()))
+                parts[i] = np.asarray(e.ids, dtype=np.int64)
+            lengths = np.fromiter(map(len, parts), np.int64, count=len(parts))
+            flat = np.concatenate(parts) if parts else np.zeros(0, np.int64)
         return flat, lengths
 
     def __len__(self) -> int:
