@@ -1,7 +1,7 @@
 """Run the same Megatron-Core model on CPU (gloo) that runs on CUDA (nccl).
 
 Megatron-Core 0.16.1 assumes CUDA in its forward and pipeline paths. On a machine without a GPU
-(laptops, CI) four things break, and this module patches exactly those, nothing else:
+(laptops, CI) five things break, and this module patches exactly those, nothing else:
 
 1. ``torch.cuda.current_device()`` (rotary embedding, tensor-parallel layers, p2p buffers) now
    returns ``"cpu"``, a valid ``device=`` argument.
@@ -10,9 +10,16 @@ Megatron-Core 0.16.1 assumes CUDA in its forward and pipeline paths. On a machin
    so dropout stays reproducible per tensor-parallel rank.
 3. Hard-coded ``device="cuda"`` in the pipeline schedules is rewritten to CPU by a
    ``TorchFunctionMode`` (:class:`_CudaToCpu`), and ``torch.cuda.synchronize`` becomes a no-op.
+   The mode stays on inside backward passes, where activation recompute runs forward code again.
 4. ``clip_grad_by_total_norm_fp32`` asserts ``param.grad.type() == 'torch.cuda.FloatTensor'``; the
    optimizer's reference to it is replaced by :func:`_clip_grads_cpu`, the same scaling without the
    assertion. (The grad-norm computation itself runs on CPU once factories are rewritten.)
+5. Activation recompute (``tensor_parallel.checkpoint``, used by ``train.recompute``) saves and
+   restores the CUDA generator's state beside the CPU one and the tracker's. Its two helpers
+   ``_get_cuda_rng_state``/``_set_cuda_rng_state`` are replaced by :func:`_no_cuda_rng_state` and
+   :func:`_set_no_cuda_rng_state`: there is no CUDA generator, and the CPU generator (the one dropout
+   draws from here) and the CPU tracker's states are already saved and restored by the same code, so
+   a recomputed layer draws exactly the numbers its first forward drew.
 
 On a CUDA machine :func:`setup_platform` patches nothing and returns ``"cuda"``. The decision is made
 once per process: CPU mode when CUDA is unavailable or when ``MEGATRON_OSP_FORCE_CPU=1``.
@@ -134,6 +141,21 @@ class _CudaToCpu(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _engine_with_cuda_to_cpu(run_backward):
+    """``run_backward`` (autograd's engine entry) with the rewriting mode on.
+
+    A mode is off while its own handler runs, and ``torch.autograd.backward`` is dispatched through
+    the mode, so the engine would run the backward pass without it; with activation recompute the
+    backward pass runs forward code again (e.g. Megatron's causal mask, ``device="cuda"``)."""
+
+    def run(*args, **kwargs):
+        with _CUDA_TO_CPU_MODE:
+            return run_backward(*args, **kwargs)
+
+    run.__wrapped__ = run_backward  # type: ignore[attr-defined]
+    return run
+
+
 def _is_cuda(dev) -> bool:
     if isinstance(dev, torch.device):
         return dev.type == "cuda"
@@ -143,7 +165,7 @@ def _is_cuda(dev) -> bool:
 
 
 def _install_cpu_patches():
-    """The four CPU patches described in the module docstring."""
+    """The five CPU patches described in the module docstring."""
     global _CUDA_TO_CPU_MODE
     torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
     torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
@@ -163,6 +185,9 @@ def _install_cpu_patches():
 
     _initialize_cpu_tracker.__wrapped__ = _orig_init  # type: ignore[attr-defined]
     mcore_random.initialize_rng_tracker = _initialize_cpu_tracker
+    # Recompute's CheckpointFunction looks these up in its own module at call time.
+    mcore_random._get_cuda_rng_state = _no_cuda_rng_state
+    mcore_random._set_cuda_rng_state = _set_no_cuda_rng_state
 
     from megatron.core.optimizer import optimizer as mcore_optimizer
 
@@ -170,6 +195,17 @@ def _install_cpu_patches():
 
     _CUDA_TO_CPU_MODE = _CudaToCpu()
     _CUDA_TO_CPU_MODE.__enter__()
+    # torch.autograd.backward and torch.autograd.grad call the engine through this module global.
+    torch.autograd._engine_run_backward = _engine_with_cuda_to_cpu(torch.autograd._engine_run_backward)
+
+
+def _no_cuda_rng_state(*args, **kwargs) -> torch.Tensor:
+    """Stands for the CUDA generator's state on CPU: there is none (an empty byte tensor)."""
+    return torch.empty(0, dtype=torch.uint8)
+
+
+def _set_no_cuda_rng_state(new_state, *args, **kwargs) -> None:
+    """Restoring the CUDA generator's state on CPU: nothing to restore."""
 
 
 def _clip_grads_cpu(parameters, max_norm, total_norm, use_decoupled_grad: bool = False):

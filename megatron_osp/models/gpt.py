@@ -67,9 +67,15 @@ def transformer_config(
     sequence_parallel: bool = False,
     params_dtype: torch.dtype = torch.float32,
     use_cpu_initialization: bool | None = None,
+    recompute: str = "none",
+    recompute_method: str | None = None,
+    recompute_num_layers: int | None = None,
     **overrides,
 ) -> TransformerConfig:
-    """Megatron's TransformerConfig for a Llama-style model (RMSNorm, SwiGLU, RoPE, no biases)."""
+    """Megatron's TransformerConfig for a Llama-style model (RMSNorm, SwiGLU, RoPE, no biases).
+
+    ``recompute`` and its two options are ``train.recompute*`` (see :func:`recompute_settings`).
+    """
     on_cpu = not torch.cuda.is_available()
     groups = model.num_query_groups or model.num_attention_heads
     if groups % tensor_parallel_size:
@@ -116,8 +122,33 @@ def transformer_config(
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
     )
+    kwargs.update(recompute_settings(recompute, recompute_method, recompute_num_layers))
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
+
+
+def recompute_settings(recompute: str, method: str | None = None, num_layers: int | None = None) -> dict:
+    """``train.recompute`` as Megatron's TransformerConfig fields (validation.py checks the values).
+
+    - ``none``: every activation is kept (``recompute_granularity=None``).
+    - ``selective``: core attention (the softmax(QK^T)V part, whose activations grow with seq^2) is
+      recomputed in the backward pass; ``recompute_granularity="selective"`` with Megatron's default
+      ``recompute_modules=["core_attn"]``.
+    - ``full``: whole transformer layers are recomputed from their saved inputs;
+      ``recompute_method`` (default uniform) and ``recompute_num_layers`` (default 1) say which.
+    Recompute applies in training mode only; evaluation and kurtosis measurement never recompute.
+    """
+    if recompute == "none":
+        return {}
+    if recompute == "selective":
+        return {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]}
+    if recompute == "full":
+        return {
+            "recompute_granularity": "full",
+            "recompute_method": method or "uniform",
+            "recompute_num_layers": num_layers or 1,
+        }
+    raise ValueError(f"train.recompute must be none, selective or full, got {recompute!r}")
 
 
 def build_gpt_model(

@@ -77,6 +77,14 @@ class TrainSettings:
     auto_resume: bool = True  # continue from save_dir's latest checkpoint if any (before `load`)
     exit_at_step: int = 0  # stop (after saving) once this many steps are done; 0 = run to the end
     save_on_sigterm: bool = True  # SIGTERM: finish the step, save, exit cleanly
+    # Activation recompute (Megatron's recompute_granularity; models/gpt.py maps it): "none" keeps
+    # every activation; "selective" recomputes core attention (softmax(QK^T)V) in the backward pass;
+    # "full" recomputes whole transformer layers from their inputs. method and num_layers are for
+    # "full" only (null = uniform, 1): uniform checkpoints each chunk of num_layers layers, block
+    # checkpoints only the first num_layers layers of each pipeline stage.
+    recompute: str = "none"
+    recompute_method: str | None = None
+    recompute_num_layers: int | None = None
 
 
 @dataclass

@@ -127,6 +127,9 @@ class Trainer:
             pipeline_parallel_size=par.pipeline_parallel_size,
             sequence_parallel=par.sequence_parallel,
             params_dtype=torch.bfloat16 if self.bf16 else torch.float32,
+            recompute=train.recompute,
+            recompute_method=train.recompute_method,
+            recompute_num_layers=train.recompute_num_layers,
         )
         model = build_gpt_model(config.model, self.tconfig, seed=train.seed).to(self.device)
         if self.bf16:

@@ -36,6 +36,8 @@ from megatron_osp.optimizer.newton_schulz import COEFFICIENTS
 DECAY_STYLES = ("cosine", "linear", "wsd", "constant")
 QKV_SPLITS = ("qkv", "per_head", "none")
 NORMALIZATIONS = ("rmsnorm", "ssnorm")
+RECOMPUTE = ("none", "selective", "full")
+RECOMPUTE_METHODS = ("uniform", "block")
 _SEED_LIMIT = 2**32  # numpy's seed range
 
 
@@ -231,6 +233,9 @@ RULES: dict[str, dict[str, Rule]] = {
         "auto_resume": boolean,
         "exit_at_step": NON_NEGATIVE,
         "save_on_sigterm": boolean,
+        "recompute": choice(RECOMPUTE),
+        "recompute_method": optional(choice(RECOMPUTE_METHODS)),
+        "recompute_num_layers": optional(POSITIVE),
     },
 }
 
@@ -293,12 +298,39 @@ def relation_problems(config) -> list[str]:
             f"train.global_batch_size={t.global_batch_size} is not a multiple of "
             f"train.micro_batch_size={t.micro_batch_size}"
         )
+    problems += _recompute_problems(t, m.num_layers // pp if not m.num_layers % pp else None)
     d = config.data
     if d.weights is not None and d.paths and len(d.weights) != len(d.paths):
         problems.append(f"data.weights has {len(d.weights)} entries but data.paths has {len(d.paths)}")
     if d.eod_id is not None and d.eod_id >= m.vocab_size:
         problems.append(f"data.eod_id={d.eod_id} is outside the vocabulary (model.vocab_size={m.vocab_size})")
     return problems
+
+
+def _recompute_problems(t, layers_per_stage: int | None) -> list[str]:
+    """train.recompute_method / recompute_num_layers only with recompute=full, and a layer count that
+    fits a pipeline stage (uniform: chunks of it tile the stage's layers, as Megatron's loop needs)."""
+    if t.recompute != "full":
+        return [
+            f"train.{name}={getattr(t, name)!r} is used only with train.recompute=full "
+            f"(train.recompute={t.recompute!r}): remove it"
+            for name in ("recompute_method", "recompute_num_layers")
+            if getattr(t, name) is not None
+        ]
+    n = t.recompute_num_layers or 1
+    if layers_per_stage is None:
+        return []  # the layers/pipeline mismatch is reported on its own
+    if n > layers_per_stage:
+        return [
+            f"train.recompute_num_layers={n} is more than the {layers_per_stage} layers of a pipeline stage "
+            "(model.num_layers / parallel.pipeline_parallel_size)"
+        ]
+    if (t.recompute_method or "uniform") == "uniform" and layers_per_stage % n:
+        return [
+            f"train.recompute_num_layers={n} does not divide the {layers_per_stage} layers of a pipeline "
+            "stage (train.recompute_method=uniform recomputes chunks of that many layers)"
+        ]
+    return []
 
 
 def check_relations(config, source: str | None = None) -> None:
