@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -201,3 +202,13 @@ def test_preprocess_output_byte_identical_fast_path_on_and_off(trained):
     ids = np.fromfile(str(on) + ".bin", dtype=np.uint16)
     want = [i for ids_ in _reference(trained["path"], [d for d in docs if d]) for i in ids_ + [0]]
     assert ids.tolist() == want
+
+
+def test_bench_preprocess_hf_runs_and_checks_identical_outputs():
+    r = subprocess.run([sys.executable, "tools/bench_preprocess.py", "--tokenizer", "hf", "--corpus-mb", "0.3",
+                        "--vocab-size", "600", "--workers", "1"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "same tokens in all outputs: yes   tokenizer: HF byte-level BPE" in r.stdout
+    assert re.search(r"^\s+1\s+ours\s+[\d,]+\s", r.stdout, re.M)
+    assert re.search(r"docs/s ratio \(ours / re-enactment\): [\d.]+x; target >= 3x -> (met|NOT met)", r.stdout)

@@ -1,27 +1,34 @@
 #!/usr/bin/env python
 """Benchmark: preprocessing throughput, our tools/preprocess_data.py vs Megatron-LM's, same corpus,
-same SentencePiece model, same worker count, in one run.
+same tokenizer (SentencePiece BPE, or with --tokenizer hf a Hugging Face byte-level BPE), same worker
+count, in one run.
 
 Corpus: the builtin corpus (Python's own documentation and module sources, megatron_osp/data/
 builtin_corpus.py, ~12.9 MB of JSON lines), cut to --corpus-mb; above that it repeats, and repeated
 text flatters our word cache (every word of a second copy is a hit), so the default stays within one
-copy. Tokenizer: trained on it by our train_sentencepiece. Each side runs in
-its own subprocess, one after the other:
+copy. Tokenizer: trained on it by our train_sentencepiece, or with --tokenizer hf a GPT-2 style
+byte-level BPE (ByteLevel pre-tokenizer with its regex, ByteLevel decoder, <|endoftext|> as EOD)
+trained on it by the `tokenizers` library and saved as a directory with tokenizer.json and a
+tokenizer_config.json (what Megatron-LM's HuggingFaceTokenizer loads through transformers'
+AutoTokenizer). Each side runs in its own subprocess, one after the other:
   megatron-lm  Megatron-LM's own tools/preprocess_data.py (pass --megatron-lm DIR: a Megatron-LM
                checkout or `git archive core_v0.16.1 megatron/training megatron/legacy tools` of
                one; it is run from there with the installed megatron-core, never copied here).
                Its package __init__ (which imports triton) is bypassed by a small shim. Its rate is
                its own final "Processed N documents (X docs/s)" line (startup excluded).
   re-enactment without --megatron-lm: the same per-document logic (json.loads + SentencePiece
-               encode per line + Megatron-Core's IndexedDatasetBuilder.add_document per document,
-               Pool.imap(chunksize=32)), labelled as a re-enactment in the table.
-  ours-no-cache  megatron_osp.data.preprocess.preprocess with word_cache=False (sp.encode per chunk
-               of 256 documents); rate from its own timer, which includes pool start and finalize.
-  ours         the same with the exact word cache (megatron_osp/data/word_cache.py): the row the
-               ratio and the >= 3x target are about.
+               encode, or `tokenizers` Tokenizer.encode(...).ids, per line + Megatron-Core's
+               IndexedDatasetBuilder.add_document per document, Pool.imap(chunksize=32)), labelled
+               as a re-enactment in the table.
+  ours-no-cache  megatron_osp.data.preprocess.preprocess with word_cache=False (sp.encode or the HF
+               library's encode_batch per chunk of 256 documents); rate from its own timer, which
+               includes pool start and finalize.
+  ours         the same with the exact word cache (megatron_osp/data/word_cache.py, for HF
+               megatron_osp/data/hf_fast.py): the row the ratio and the >= 3x target are about.
 The token streams must be identical (checked: the .bin files are compared byte for byte).
 
     python tools/bench_preprocess.py --megatron-lm /tmp/mlm --workers 1 2
+    python tools/bench_preprocess.py --megatron-lm /tmp/mlm --workers 1 2 --tokenizer hf
     python tools/bench_preprocess.py --quick
 """
 
@@ -79,17 +86,48 @@ def make_corpus(path: str, target_mb: float) -> int:
 
 def _reenact_encode(line):
     data = json.loads(line)
-    ids = _REENACT_SP.encode(data["text"])  # Megatron's SentencePieceTokenizer.tokenize
+    ids = _REENACT_ENCODE(data["text"])  # Megatron's tokenizer.tokenize
     if ids:
-        ids.append(_REENACT_SP.eos_id())
+        ids.append(_REENACT_EOD)
     return ids, len(line)
 
 
 def _reenact_init(model):
-    global _REENACT_SP
+    """SentencePiece .model, or an HF directory (tokenizers' own encode, EOD <|endoftext|>)."""
+    global _REENACT_ENCODE, _REENACT_EOD, _REENACT_VOCAB
+    if os.path.isdir(model):
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(os.path.join(model, "tokenizer.json"))
+        _REENACT_ENCODE = lambda text: tok.encode(text).ids  # noqa: E731
+        _REENACT_EOD, _REENACT_VOCAB = tok.token_to_id(HF_EOD), tok.get_vocab_size(with_added_tokens=True)
+        return
     import sentencepiece as spm
 
-    _REENACT_SP = spm.SentencePieceProcessor(model_file=model)
+    sp = spm.SentencePieceProcessor(model_file=model)
+    _REENACT_ENCODE, _REENACT_EOD, _REENACT_VOCAB = sp.encode, sp.eos_id(), sp.get_piece_size()
+
+
+HF_EOD = "<|endoftext|>"
+
+
+def train_byte_level_bpe(corpus: str, out_dir: str, vocab_size: int) -> str:
+    """A GPT-2 style byte-level BPE trained on the corpus, saved where transformers can load it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    with open(corpus, encoding="utf-8") as f:
+        tok.train_from_iterator((json.loads(line)["text"] for line in f), trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=[HF_EOD], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False))
+    os.makedirs(out_dir, exist_ok=True)
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": HF_EOD, "bos_token": HF_EOD,
+                   "unk_token": HF_EOD, "model_max_length": 10**12}, f)
+    return out_dir
 
 
 def _child(args) -> None:
@@ -107,8 +145,7 @@ def _child(args) -> None:
 
     _reenact_init(args.model)
     start = time.perf_counter()
-    builder = IndexedDatasetBuilder(args.out + "_text_document.bin",
-                                    dtype=DType.optimal_dtype(_REENACT_SP.get_piece_size()))
+    builder = IndexedDatasetBuilder(args.out + "_text_document.bin", dtype=DType.optimal_dtype(_REENACT_VOCAB))
     docs = 0
     with open(args.corpus, encoding="utf-8") as fin, \
             multiprocessing.Pool(args.child_workers, _reenact_init, (args.model,)) as pool:
@@ -135,6 +172,8 @@ def main() -> None:
                         "without it a labelled re-enactment of its logic is run")
     p.add_argument("--corpus-mb", type=float, default=12.0, help="above ~12.9 the corpus repeats (see above)")
     p.add_argument("--vocab-size", type=int, default=8000)
+    p.add_argument("--tokenizer", choices=["sentencepiece", "hf"], default="sentencepiece",
+                   help="hf: a byte-level BPE tokenizer.json (Megatron-LM side: --tokenizer-type HuggingFaceTokenizer)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--quick", action="store_true", help="8 MB corpus, vocab 2000, 1 worker")
     p.add_argument("--keep", default=None, help="directory to keep the corpus/tokenizer/outputs in")
@@ -162,8 +201,14 @@ def main() -> None:
     t = time.perf_counter()
     num_docs = make_corpus(corpus, args.corpus_mb)
     mb = os.path.getsize(corpus) / 1e6
-    model = train_sentencepiece(corpus, os.path.join(tmp, "tok"), args.vocab_size, sample_documents=20000)
-    print(f"corpus: {num_docs:,} documents, {mb:.1f} MB; SentencePiece BPE vocab {args.vocab_size} "
+    if args.tokenizer == "hf":
+        model = train_byte_level_bpe(corpus, os.path.join(tmp, "hf_tok"), args.vocab_size)
+        mlm_tok = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", model]
+    else:
+        model = train_sentencepiece(corpus, os.path.join(tmp, "tok"), args.vocab_size, sample_documents=20000)
+        mlm_tok = ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", str(model)]
+    kind = "HF byte-level BPE" if args.tokenizer == "hf" else "SentencePiece BPE"
+    print(f"corpus: {num_docs:,} documents, {mb:.1f} MB; {kind} vocab {args.vocab_size} "
           f"(corpus + tokenizer in {time.perf_counter() - t:.0f} s)", flush=True)
     shim = os.path.join(tmp, "megatron_lm_shim.py")
     with open(shim, "w") as f:
@@ -185,8 +230,7 @@ def main() -> None:
                 r = json.loads(so.strip().splitlines()[-1])
             else:
                 wall, _, se = _run([sys.executable, shim, os.path.abspath(mlm), "--input", corpus,
-                                    "--output-prefix", out, "--tokenizer-type", "SentencePieceTokenizer",
-                                    "--tokenizer-model", str(model), "--workers", str(w), "--append-eod",
+                                    "--output-prefix", out, *mlm_tok, "--workers", str(w), "--append-eod",
                                     "--log-interval", str(num_docs)])
                 m = re.findall(r"Processed (\d+) documents \(([\d.e+]+) docs/s", se)
                 if not m:
@@ -203,7 +247,7 @@ def main() -> None:
                 sys.exit(f"token streams differ between {base} and {side} (workers={w})")
         rows.append((w, res))
 
-    print(f"\nsame tokens in all outputs: yes   baseline: {base}"
+    print(f"\nsame tokens in all outputs: yes   tokenizer: {kind}   baseline: {base}"
           + (f" ({mlm})" if mlm else " (Megatron-LM's per-document logic, NOT its own script)"))
     print(f"{'workers':>7} {'side':>13} {'docs/s/worker':>14} {'tokens/s/worker':>16} {'MB/s/worker':>12}"
           f" {'proc s':>8} {'wall s':>8} {'ratio':>7}")
