@@ -173,6 +173,22 @@ def test_class_stand_in_that_disagrees_with_the_library_is_refused(trained, monk
     assert {"é", "١", "\u00a0", "ï"} <= tok._word_cache._unsupported
 
 
+def test_added_words_and_a_template_post_processor_stay_exact(trained):
+    """Added (non-special) tokens match across words in the raw text: their documents go whole to the
+    library; a post-processor that adds ids only with special tokens keeps the cache."""
+    from tokenizers import Tokenizer, processors
+
+    tok = Tokenizer.from_file(str(trained["path"]))
+    tok.add_tokens(["def", " return", "x = "])
+    tok.post_processor = processors.TemplateProcessing(single=f"{EOT} $A", special_tokens=[(EOT, 0)])
+    path = trained["root"] / "added.json"
+    tok.save(str(path))
+    fast = _fast(path)
+    docs = trained["docs"][:40] + ["undefined", "x = 1", "x  = 1", "return", "café def"]
+    assert _ids(fast, docs) == [e.ids for e in tok.encode_batch(docs, add_special_tokens=False)]
+    assert tok.encode("a").ids[0] == 0  # the template is there, and used with special tokens
+
+
 def test_word_cache_off_uses_the_library(trained):
     tok = HFTokenizer(trained["path"], word_cache=False)
     docs = trained["docs"][:5]
