@@ -50,6 +50,9 @@ setup(
         "data": ["zstandard", "pyarrow", "tokenizers"],
         # Plots of tools/evaluate_quantization.py.
         "plots": ["matplotlib"],
+        # Downstream benchmarks of tools/evaluate_downstream.py: lm-evaluation-harness with its HF
+        # backend (accelerate), which scores the in-process, quantized model.
+        "eval": ["lm-eval[hf]>=0.4.13,<0.5", "transformers>=4.45", "safetensors"],
         "test": [
             "pytest>=7",
             # Property-based tests of the readers and preprocessing (tests/test_data_properties.py).
@@ -61,6 +64,8 @@ setup(
             "pyarrow",
             "tokenizers",
             "matplotlib",
+            # tests/test_downstream.py (the [eval] extra).
+            "lm-eval[hf]>=0.4.13,<0.5",
             # The symmetric Newton-Schulz kernel's tests run it in Triton's CPU interpreter. A lower
             # bound only: a CUDA torch pins its own triton, which this must not fight.
             "triton>=3.2; platform_system == 'Linux'",

@@ -1,0 +1,98 @@
+"""The downstream report: per task score ± standard error, the average and the drop from fp, models
+side by side (one column per model and setting), as JSON + Markdown (+ a PNG bar chart of the
+averages when matplotlib is installed), each written atomically."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from megatron_osp.fileio import atomic_write_json, atomic_write_text
+
+__all__ = ["format_markdown", "write_report", "columns"]
+
+
+def columns(results: list[dict]) -> list[tuple[dict, str]]:
+    return [(r, s) for r in results for s in r["settings"]]
+
+
+def _pct(v) -> str:
+    return "–" if v is None else f"{100 * v:.1f}"
+
+
+def _cell(t: dict | None) -> str:
+    if t is None or t.get("score") is None:
+        return "–"
+    err = f" ± {100 * t['stderr']:.1f}" if t.get("stderr") is not None else ""
+    return _pct(t["score"]) + err
+
+
+def format_markdown(results: list[dict], meta: dict | None = None) -> str:
+    cols = columns(results)
+    tasks = list(dict.fromkeys(t for r in results for s in r["settings"].values() for t in s["tasks"]))
+    head = ["task (metric)"] + [f"{r['label']} {s}" for r, s in cols]
+    esc = lambda c: str(c).replace("|", "\\|")  # noqa: E731
+    row = lambda cells: "| " + " | ".join(esc(c) for c in cells) + " |"  # noqa: E731
+    out = ["# Downstream evaluation", ""]
+    if meta:
+        out += [f"- {k}: {v}" for k, v in meta.items()] + [""]
+    out += ["Scores in percent ± the harness's standard error; the average is over the tasks' scores "
+            "(acc_norm where the harness gives it, else acc, else exact_match).", "",
+            "## Scores", "", row(head), "|" + "---|" * len(head)]
+    for task in tasks:
+        metric = next((s["tasks"][task]["score_metric"] for r in results for s in r["settings"].values()
+                       if task in s["tasks"] and s["tasks"][task].get("score_metric")), "?")
+        out.append(row([f"{task} ({metric})"] + [_cell(r["settings"][s]["tasks"].get(task)) for r, s in cols]))
+    out.append(row(["**average**"] + [_pct(r["settings"][s]["average"]) for r, s in cols]))
+    quant = [(r, s) for r, s in cols if s != "fp"]
+    if quant and all("fp" in r["settings"] for r in results):
+        out += ["", "## Drop from fp (percentage points, fp − setting)", "",
+                row(["task"] + [f"{r['label']} {s}" for r, s in quant]), "|" + "---|" * (len(quant) + 1)]
+        for task in tasks:
+            vals = [r["settings"][s]["tasks"].get(task, {}).get("drop") for r, s in quant]
+            out.append(row([task] + ["–" if v is None else f"{100 * v:+.1f}" for v in vals]))
+        out.append(row(["**average**"] + ["–" if r["settings"][s].get("average_drop") is None
+                                          else f"{100 * r['settings'][s]['average_drop']:+.1f}" for r, s in quant]))
+    return "\n".join(out) + "\n"
+
+
+def _plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = list(dict.fromkeys(s for r in results for s in r["settings"]))
+    width = 0.8 / max(1, len(results))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(settings) + 2), 3.6))
+    for i, r in enumerate(results):
+        xs = [j + (i - (len(results) - 1) / 2) * width for j in range(len(settings))]
+        ys = [100 * (r["settings"].get(s, {}).get("average") or 0.0) for s in settings]
+        ax.bar(xs, ys, width, label=r["label"])
+    ax.set_xticks(range(len(settings)), settings)
+    ax.set_ylabel("average score (%)")
+    ax.set_title("Downstream average by quantization setting")
+    ax.legend(fontsize=8)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_report(results: list[dict], output_dir, meta: dict | None = None, plots: bool = True,
+                 log=print) -> list[Path]:
+    """``downstream.json``, ``downstream.md`` and (with matplotlib) ``downstream_average.png``."""
+    from megatron_osp.analysis.plots import plots_available
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "downstream.json", out / "downstream.md"]
+    atomic_write_json(paths[0], {"meta": meta or {}, "models": results})
+    atomic_write_text(paths[1], format_markdown(results, meta))
+    if plots:
+        if not plots_available():
+            log(f"no plot in {out}: matplotlib is not installed (pip install -e \".[plots]\")")
+        else:
+            _plot(results, out / "downstream_average.png")
+            paths.append(out / "downstream_average.png")
+    return paths

@@ -1,0 +1,213 @@
+"""Downstream benchmarks under quantization (tools/evaluate_downstream.py, analysis/downstream.py).
+
+A tiny Megatron checkpoint with a trained SentencePiece tokenizer, its HF export, and two local
+lm-evaluation-harness tasks written here in the harness's YAML + JSONL format (a multiple-choice one
+and a generative one): no download. Skipped without the ``[eval]`` extra.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("lm_eval")
+pytest.importorskip("accelerate")
+
+from hf_run_fixtures import REPO, run_tool, tool, write_corpus  # noqa: E402
+
+WORDS = ["the", "game", "season", "of", "and", "was", "in", "to", "a", "valkyria"]
+MC_YAML = """task: toy_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+GEN_YAML = """task: toy_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{question}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 4
+  do_sample: false
+metric_list:
+  - metric: exact_match
+"""
+
+
+def write_tasks(directory: Path, missing: bool = False) -> Path:
+    """toy_mc (16 questions, 4 choices) and toy_gen (6 prompts); ``missing``: a task whose file is absent."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    mc = []
+    for _ in range(16):
+        choices = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 3))) for _ in range(4)]
+        mc.append({"question": " ".join(rng.choice(WORDS) for _ in range(6)), "choices": choices,
+                   "label": rng.randrange(4)})
+    gen = [{"question": " ".join(rng.choice(WORDS) for _ in range(5)), "answer": rng.choice(WORDS)} for _ in range(6)]
+    for name, rows in (("toy_mc", mc), ("toy_gen", gen)):
+        (directory / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (directory / "toy_mc.yaml").write_text(MC_YAML.format(data=directory / "toy_mc.jsonl"))
+    (directory / "toy_gen.yaml").write_text(GEN_YAML.format(data=directory / "toy_gen.jsonl"))
+    if missing:
+        (directory / "toy_missing.yaml").write_text(
+            MC_YAML.replace("toy_mc", "toy_missing").format(data=directory / "nowhere.jsonl"))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A Megatron checkpoint (test preset, OSP defaults, vocab 320, the run's tokenizer recorded) and its
+    HF export. Init std 0.3 so the untrained model's choices are far from ties."""
+    import torch
+
+    from megatron_osp import parallel
+    from megatron_osp.convert.hf_export import export_checkpoint
+    from megatron_osp.models import build_gpt_model, get_preset, transformer_config
+    from megatron_osp.training.checkpoint import save_checkpoint
+    from megatron_osp.training.config import RunConfig
+
+    root = tmp_path_factory.mktemp("downstream")
+    write_corpus(root / "corpus.jsonl", 80, seed=0)
+    run_tool([tool("train_tokenizer"), "--input", str(root / "corpus.jsonl"), "--output-prefix",
+              str(root / "tokenizer"), "--vocab-size", "320"])
+    parallel.init_distributed(1, 1)
+    try:
+        cfg = get_preset("test", vocab_size=320, init_method_std=0.3)
+        torch.manual_seed(0)
+        model = build_gpt_model(cfg, transformer_config(cfg), seed=11).eval()
+        config = RunConfig(model=cfg)
+        config.data.tokenizer_model = str(root / "tokenizer.model")
+        save_checkpoint(root / "run" / "checkpoints", 1, [model], config, save_rng=False)
+        export_checkpoint(root / "run" / "checkpoints", root / "hf", log=lambda *_: None)
+    finally:
+        parallel.shutdown()
+    from megatron_osp.data.indexed import IndexedDatasetWriter
+
+    gen = torch.Generator().manual_seed(0)
+    with IndexedDatasetWriter(root / "calib") as writer:
+        for _ in range(8):
+            writer.add_document(torch.randint(0, 320, (80,), generator=gen).numpy())
+    return {"root": root, "run": root / "run", "hf": root / "hf", "tasks": write_tasks(root / "tasks"),
+            "calib": root / "calib"}
+
+
+def _tool(args, check=True):
+    return run_tool([tool("evaluate_downstream"), *args], check=check, timeout=600)
+
+
+def test_tool_megatron_and_export_agree_and_match_the_harness_cli(models):
+    """(c) a Megatron checkpoint and its HF export give the same numbers in every setting; (a) the HF
+    export's fp numbers equal lm-evaluation-harness's own CLI on the same directory, to the last digit."""
+    out = models["root"] / "out"
+    _tool([str(models["run"]), str(models["hf"]), "--labels", "megatron,hf", "--settings", "fp,4-4-4,4-4-4+gptq",
+           "--tasks", "toy_mc,toy_gen", "--include-path", str(models["tasks"]), "--device", "cpu",
+           "--calibration-data", str(models["calib"]), "--calibration-windows", "4",
+           "--batch-size", "4", "--output-dir", str(out)])
+    report = json.loads((out / "downstream.json").read_text())
+    meg, hf = report["models"]
+    assert (meg["label"], meg["kind"], hf["label"], hf["kind"]) == ("megatron", "megatron", "hf", "hf")
+    assert list(hf["settings"]) == ["fp", "4-4-4", "4-4-4+gptq"]
+    for setting in ("fp", "4-4-4", "4-4-4+gptq"):
+        for task in ("toy_mc", "toy_gen"):
+            assert meg["settings"][setting]["tasks"][task]["metrics"] == hf["settings"][setting]["tasks"][task]["metrics"]
+    mc = hf["settings"]["fp"]["tasks"]["toy_mc"]
+    assert set(mc["metrics"]) == {"acc", "acc_norm"} and mc["score_metric"] == "acc_norm" and mc["n"] == 16
+    assert set(hf["settings"]["fp"]["tasks"]["toy_gen"]["metrics"]) == {"exact_match"}
+    assert "drop" in hf["settings"]["4-4-4"]["tasks"]["toy_mc"] and "average_drop" in hf["settings"]["4-4-4"]
+    md = (out / "downstream.md").read_text()
+    assert "| task (metric) | megatron fp | megatron 4-4-4 | megatron 4-4-4+gptq | hf fp |" in md and "Drop from fp" in md
+    assert (out / "downstream_average.png").read_bytes()[:4] == b"\x89PNG"
+
+    cli_out = models["root"] / "cli"
+    # a plain shell's environment (the in-process Megatron world of the fixture set torchrun's variables)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+                           f"pretrained={models['hf']}", "--tasks", "toy_mc,toy_gen", "--include_path",
+                           str(models["tasks"]), "--device", "cpu", "--batch_size", "4", "--output_path",
+                           str(cli_out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cli = json.loads(next(cli_out.rglob("results_*.json")).read_text())["results"]
+    for task in ("toy_mc", "toy_gen"):
+        ours = hf["settings"]["fp"]["tasks"][task]["metrics"]
+        for metric, v in ours.items():
+            assert v["value"] == cli[task][f"{metric},none"], (task, metric)
+            assert v["stderr"] == cli[task][f"{metric}_stderr,none"], (task, metric)
+
+
+def test_quantization_moves_an_outlier_models_loglikelihoods_much_more(models):
+    """(b) The same model with a planted outlier channel in every linear's input (the norm gain of channel
+    7 times 50, the reading linears' column 7 divided by 50: the full-precision function is unchanged):
+    under 8-8-8 its choices' log-likelihoods move far more than the unmodified model's do."""
+    import torch
+
+    from megatron_osp.analysis.downstream import check_tasks, evaluate_downstream, load_eval_model, parse_tasks
+
+    specs = parse_tasks("toy_mc")
+    tm = check_tasks(specs, str(models["tasks"]))
+    change, fp_lls = {}, {}
+    for planted in (False, True):
+        em = load_eval_model(str(models["hf"]))
+        if planted:
+            with torch.no_grad():
+                for layer in em.model.model.layers:
+                    for norm, readers in ((layer.input_layernorm, (layer.self_attn.q_proj, layer.self_attn.k_proj,
+                                                                    layer.self_attn.v_proj)),
+                                          (layer.post_attention_layernorm, (layer.mlp.gate_proj, layer.mlp.up_proj))):
+                        norm.weight[7] *= 50.0
+                        for lin in readers:
+                            lin.weight[:, 7] /= 50.0
+        res = evaluate_downstream(em, ["fp", "8-8-8"], specs, tm, batch_size=8, keep_loglikelihoods=True)
+        fp = torch.tensor(res["settings"]["fp"]["tasks"]["toy_mc"]["loglikelihoods"])
+        q = torch.tensor(res["settings"]["8-8-8"]["tasks"]["toy_mc"]["loglikelihoods"])
+        assert fp.numel() == q.numel() == 16 * 4
+        change[planted], fp_lls[planted] = float((q - fp).abs().mean()), fp
+    torch.testing.assert_close(fp_lls[True], fp_lls[False], rtol=1e-4, atol=1e-4)  # same fp model
+    assert change[True] > 3 * change[False], change
+
+
+def test_missing_dataset_is_refused_by_name_before_any_model_loads(models, tmp_path, monkeypatch, capsys):
+    """(d) A local task whose file is absent and a hub task not in the datasets cache: one error naming
+    both and what to download, and no model is loaded."""
+    import megatron_osp.analysis.downstream as downstream
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import evaluate_downstream
+
+    tasks = write_tasks(tmp_path / "tasks", missing=True)
+    calls = []
+    monkeypatch.setattr(downstream, "load_eval_model", lambda *a, **k: calls.append(a))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # an empty cache, whatever this machine holds
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_home" / "datasets"))
+    rc = evaluate_downstream.main([str(models["hf"]), "--tasks", "toy_mc,toy_missing,arc_easy", "--settings", "fp",
+                                   "--include-path", str(tasks), "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and calls == []
+    assert "task toy_missing" in err and "nowhere.jsonl" in err, err
+    assert "task arc_easy" in err and "allenai/ai2_arc" in err and "load_dataset" in err, err
+    assert "toy_mc" not in err.split("error:")[1].replace("toy_missing", ""), err
+    assert not (tmp_path / "out").exists()
+    rc = evaluate_downstream.main([str(models["hf"]), "--tasks", "no_such_task", "--settings", "fp",
+                                   "--output-dir", str(tmp_path / "o")])
+    assert rc == 2 and "no_such_task: not a task" in capsys.readouterr().err

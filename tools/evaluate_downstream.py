@@ -1,0 +1,167 @@
+#!/usr/bin/env python
+"""Downstream benchmark accuracy at full precision and under W-A-KV quantization, per model.
+
+    python tools/evaluate_downstream.py runs/quickstart/adam runs/quickstart/osp \\
+        --settings fp,4-4-4,4-4-4+had,4-4-4+quarot --tasks osp-paper --output-dir runs/quickstart/downstream
+
+Each MODEL is a Megatron checkpoint (run directory, save dir with ``latest`` or ``iter_N``; evaluated
+as its HF export, made in a temporary directory) or an HF Llama directory with its tokenizer. Each
+setting is applied with the project's quantization (as tools/evaluate_quantization.py applies it) and
+the model object is scored by lm-evaluation-harness in-process (pip install -e ".[eval]").
+
+--tasks: ``osp-paper`` (the OSP paper's suite: arc_easy, arc_challenge, commonsense_qa, gsm8k 8-shot,
+hellaswag, mmlu, openbookqa, piqa, social_iqa, triviaqa 5-shot, winogrande; 0-shot otherwise) and/or
+any harness task name, comma-separated, ``NAME:SHOTS`` to set the shots. Data is read offline: from the
+local HF datasets cache, or local files named by task YAMLs in --include-path. Every task's data is
+checked before any model is loaded. ``+gptq`` settings need --calibration-data (an indexed dataset).
+
+Writes downstream.json, downstream.md and downstream_average.png (with matplotlib) into --output-dir.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("models", nargs="+", help="Megatron checkpoint / run directories or HF model directories")
+    p.add_argument("--labels", help="comma-separated, one label per model (default: the run's optimizer/norm/EmbProj)")
+    p.add_argument("--settings", default="fp,4-4-4,4-4-4+had,4-4-4+quarot",
+                   help="comma-separated W-A-KV settings, as evaluate_quantization.py takes them (default "
+                        "fp,4-4-4,4-4-4+had,4-4-4+quarot; +gptq settings need --calibration-data)")
+    p.add_argument("--tasks", default="osp-paper", help="suite name and/or harness task names (default osp-paper)")
+    p.add_argument("--include-path", help="directory of extra harness task YAMLs (local data files)")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--limit", type=float, help="at most this many examples per task (a fraction when < 1); for tests")
+    p.add_argument("--calibration-data", help="indexed dataset prefix (PREFIX.bin/.idx) for +gptq calibration")
+    p.add_argument("--calibration-documents", default="0:1", help="fraction range LO:HI of its documents (default 0:1)")
+    p.add_argument("--calibration-windows", type=int, default=16, help="GPTQ calibration sequences (default 16)")
+    p.add_argument("--seq-length", type=int, help="calibration sequence length (default: the model's)")
+    p.add_argument("--no-plots", action="store_true")
+    return p.parse_args(argv)
+
+
+def _progress(total: int):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, unit="task", file=sys.stderr, disable=not sys.stderr.isatty())
+    except ImportError:  # pragma: no cover
+        return None
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError, ImportError) as e:  # bad input: clear lines, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _check(args):
+    """Everything that can be refused, before any model is loaded."""
+    from megatron_osp.analysis.downstream import check_model_path, check_tasks, parse_tasks, require_harness
+    from megatron_osp.analysis.evaluation import parse_document_range
+    from megatron_osp.analysis.quantization import parse_setting
+
+    settings = [parse_setting(s) for s in args.settings.split(",") if s.strip()]
+    if not settings:
+        raise ValueError("--settings: no setting given")
+    names = [s.name for s in settings]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--settings: a setting is given twice ({', '.join(names)})")
+    labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
+    if labels and len(labels) != len(args.models):
+        raise ValueError(f"--labels has {len(labels)} entries for {len(args.models)} models")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.limit is not None and args.limit <= 0:
+        raise ValueError(f"--limit must be > 0, got {args.limit}")
+    if any(s.gptq for s in settings):
+        if not args.calibration_data:
+            raise ValueError(f"--settings {','.join(n for n in names if 'gptq' in n)}: GPTQ needs "
+                             "--calibration-data (an indexed dataset prefix)")
+        for ext in (".bin", ".idx"):
+            if not Path(args.calibration_data + ext).exists():
+                raise FileNotFoundError(f"--calibration-data: {args.calibration_data + ext} does not exist")
+        parse_document_range(args.calibration_documents)
+    for m in args.models:
+        check_model_path(m)
+    require_harness()
+    specs = parse_tasks(args.tasks)
+    tm = check_tasks(specs, args.include_path)
+    return settings, labels, specs, tm
+
+
+def _run(args) -> int:
+    import warnings
+
+    for pattern in (".*Apex.*", ".*Transformer Engine.*", ".*deprecated.*", ".*TypedStorage.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+    settings, labels, specs, tm = _check(args)
+    import torch
+
+    from megatron_osp.analysis.downstream import evaluate_downstream, load_eval_model
+    from megatron_osp.analysis.downstream_report import format_markdown, write_report
+    from megatron_osp.analysis.evaluation import load_token_windows, parse_document_range
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    bar = _progress(len(args.models) * len(settings) * len(specs))
+    log = bar.write if bar is not None else print
+    results = []
+    for i, path in enumerate(args.models):
+        log(f"== {path}")
+        em = load_eval_model(path, device=device, dtype=dtype, label=labels[i] if labels else None,
+                             log=lambda *a: None)
+        try:
+            calib = None
+            if any(s.gptq for s in settings):
+                calib = load_token_windows(args.calibration_data, args.seq_length or em.seq_length,
+                                           args.calibration_windows, parse_document_range(args.calibration_documents))
+
+            def on_task(setting, task, res, label=em.label):
+                if bar is not None:
+                    bar.set_description(f"{label} {setting}")
+                    bar.update(1)
+                score = "–" if res["score"] is None else f"{100 * res['score']:.2f}"
+                log(f"  {label}: {setting:<14} {task:<16} {res['score_metric']} {score} ({res['seconds']:.1f}s)")
+
+            t0 = time.perf_counter()
+            res = evaluate_downstream(em, settings, specs, tm, batch_size=args.batch_size, limit=limit,
+                                      calibration=calib, on_task=on_task)
+            res["path"] = str(path)
+            res["seconds"] = time.perf_counter() - t0
+            results.append(res)
+        finally:
+            em.close()
+        del em
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    if bar is not None:
+        bar.close()
+    import lm_eval
+
+    meta = {"harness": f"lm-evaluation-harness {getattr(lm_eval, '__version__', '?')}",
+            "tasks": ", ".join(s.label for s in specs), "settings": ", ".join(s.name for s in settings),
+            "device": device, "dtype": args.dtype, "batch_size": args.batch_size, "limit": limit}
+    print()
+    print(format_markdown(results, meta))
+    paths = write_report(results, args.output_dir, meta, plots=not args.no_plots)
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
