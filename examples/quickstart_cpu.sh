@@ -13,6 +13,9 @@ CONFIG=megatron_osp/configs/quickstart_cpu.yaml
 VOCAB=${VOCAB:-350}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 mkdir -p "$RUN_DIR"
+# The Adam row's last digits depend on the CPU kernels' summation order (thread count, vector ISA);
+# OSP's do not (docs/results.md): say which were used.
+echo "== threads: OMP_NUM_THREADS=$OMP_NUM_THREADS, torch CPU kernels: $(python -c 'import torch; print(torch.backends.cpu.get_cpu_capability())')"
 
 echo "== 1/6 corpus: documentation shipped with Python"
 python tools/builtin_corpus.py --output "$RUN_DIR/corpus.jsonl"
