@@ -7,8 +7,10 @@ Three stages, each run as soon as what it needs is known, and all before a model
   field of every settings dataclass; a test fails when a new field has none.
 - ``check_relations`` (from ``load_config``, on the whole RunConfig): values that must agree, e.g.
   ``train.global_batch_size`` a multiple of ``train.micro_batch_size``, ``model.hidden_size``
-  divisible by ``model.num_attention_heads``, ``train.warmup_steps < train.train_steps``, and the
-  tensor/pipeline sizes against the model's heads, query groups, FFN width and layers.
+  divisible by ``model.num_attention_heads``, ``train.warmup_steps < train.train_steps``, the
+  tensor/pipeline sizes against the model's heads, query groups, FFN width and layers, and
+  ``train.recompute_method``/``recompute_num_layers`` only with ``train.recompute=full``, fitting a
+  pipeline stage's layers.
 - ``check_world`` and ``check_data_settings`` (from the Trainer, once the world size is known and
   before the process groups, datasets and model exist): TP x PP divides the world, the global batch
   divides into micro-batches x data-parallel ranks; the data files and tokenizer exist, the
