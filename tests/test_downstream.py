@@ -68,9 +68,13 @@ def write_tasks(directory: Path, missing: bool = False) -> Path:
         (directory / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (directory / "toy_mc.yaml").write_text(MC_YAML.format(data=directory / "toy_mc.jsonl"))
     (directory / "toy_gen.yaml").write_text(GEN_YAML.format(data=directory / "toy_gen.jsonl"))
-    if missing:
+    if missing:  # a local file that is absent, and a hub dataset that no cache holds
         (directory / "toy_missing.yaml").write_text(
             MC_YAML.replace("toy_mc", "toy_missing").format(data=directory / "nowhere.jsonl"))
+        local = "dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: -\n"
+        hub = MC_YAML.format(data="-").replace("task: toy_mc", "task: toy_hub")
+        assert local in hub
+        (directory / "toy_hub.yaml").write_text(hub.replace(local, "dataset_path: osp-test/never-downloaded\n"))
     return directory
 
 
@@ -189,7 +193,7 @@ def test_quantization_moves_an_outlier_models_loglikelihoods_much_more(models):
 
 def test_missing_dataset_is_refused_by_name_before_any_model_loads(models, tmp_path, monkeypatch, capsys):
     """(d) A local task whose file is absent and a hub task not in the datasets cache: one error naming
-    both and what to download, and no model is loaded."""
+    both and how to download, and no model is loaded."""
     import megatron_osp.analysis.downstream as downstream
 
     sys.path.insert(0, str(REPO / "tools"))
@@ -198,15 +202,14 @@ def test_missing_dataset_is_refused_by_name_before_any_model_loads(models, tmp_p
     tasks = write_tasks(tmp_path / "tasks", missing=True)
     calls = []
     monkeypatch.setattr(downstream, "load_eval_model", lambda *a, **k: calls.append(a))
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # an empty cache, whatever this machine holds
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_home" / "datasets"))
-    rc = evaluate_downstream.main([str(models["hf"]), "--tasks", "toy_mc,toy_missing,arc_easy", "--settings", "fp",
+    rc = evaluate_downstream.main([str(models["hf"]), "--tasks", "toy_mc,toy_missing,toy_hub", "--settings", "fp",
                                    "--include-path", str(tasks), "--output-dir", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert rc == 2 and calls == []
     assert "task toy_missing" in err and "nowhere.jsonl" in err, err
-    assert "task arc_easy" in err and "allenai/ai2_arc" in err and "load_dataset" in err, err
-    assert "toy_mc" not in err.split("error:")[1].replace("toy_missing", ""), err
+    assert "task toy_hub" in err and "osp-test/never-downloaded" in err, err
+    assert "TaskManager().load(['toy_hub'])" in err, err
+    assert "task toy_mc" not in err, err
     assert not (tmp_path / "out").exists()
     rc = evaluate_downstream.main([str(models["hf"]), "--tasks", "no_such_task", "--settings", "fp",
                                    "--output-dir", str(tmp_path / "o")])

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -130,11 +131,14 @@ def _missing_message(tm, spec: TaskSpec, err: BaseException) -> str:
     first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
     if path in ("json", "csv", "parquet", "text", "arrow"):
         return f"task {spec.name}: its local data files cannot be read ({type(err).__name__}: {first})"
-    what = f"dataset {path!r}" + (f" (config {config!r})" if config else "") if path else "its dataset"
-    how = f"datasets.load_dataset({path!r}{', ' + repr(config) if config else ''})" if path else "the dataset"
+    if path is None:  # a group (mmlu): the hub error names the dataset
+        m = re.search(r"reach '([^']+)'", first)
+        path = m.group(1) if m else None
+    what = (f"dataset {path!r}" + (f" (config {config!r})" if config else "")) if path else "its dataset"
     return (f"task {spec.name}: {what} is not in the local HF datasets cache ({type(err).__name__}: {first}); "
-            f"download it where there is network with python -c \"import datasets; {how}\" and the same "
-            f"HF_HOME / HF_DATASETS_CACHE, or give local files with a task YAML in --include-path")
+            f"download it where there is network, with the same HF_HOME / HF_DATASETS_CACHE, by "
+            f"python -c \"from lm_eval.tasks import TaskManager; TaskManager().load(['{spec.name}'])\" "
+            f"and copy that cache here, or give local files with a task YAML in --include-path")
 
 
 def check_tasks(specs: list[TaskSpec], include_path: str | None = None):
