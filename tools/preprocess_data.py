@@ -111,7 +111,8 @@ def main() -> int:
     p.add_argument("--skip-bad-records", action="store_true", help="skip and count bad records instead of stopping")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-word-cache", action="store_true",
-                   help="SentencePiece: call sp.encode per chunk instead of the exact word cache (same ids, slower)")
+                   help="call the tokenizer library per chunk (sp.encode, HF encode_batch) instead of the exact word "
+                        "cache (same ids, slower)")
     p.add_argument("--num-tasks", type=int, default=None,
                    help="split the inputs over N array tasks (default: SLURM_ARRAY_TASK_COUNT; 1: a single run)")
     p.add_argument("--task-index", type=int, default=None,

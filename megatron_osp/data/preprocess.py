@@ -220,8 +220,8 @@ def preprocess(
     """Tokenize ``inputs`` (in order, documents in file order) into ``<output_prefix>_<key>_document``.
 
     ``tokenizer_model``: a SentencePiece ``.model`` or an HF ``tokenizer.json`` (``eod_token`` picks
-    its end-of-document token; ``word_cache=False`` calls SentencePiece per chunk instead of the
-    exact word cache, megatron_osp/data/word_cache.py). ``max_shard_tokens``: split the output into shards
+    its end-of-document token; ``word_cache=False`` calls the tokenizer library per chunk instead of
+    the exact word cache: data/word_cache.py for SentencePiece BPE, data/hf_fast.py for HF byte-level BPE). ``max_shard_tokens``: split the output into shards
     ``<output_prefix>_<key>_document_00000``, ... of about that many tokens (whole documents).
     Raises ``BadRecord`` (``file:line: reason``) on the first bad record unless
     ``skip_bad_records``, and ``CorruptInput`` on an unreadable file; either way nothing is left
