@@ -5,7 +5,8 @@ full-block recompute give the per-step losses, final weights and kurtosis report
 it, bit for bit (CPU, fp32, one thread), for the Adam baseline (RMSNorm, no EmbProj, with dropout so
 the replayed random numbers are checked too) and for OSP (Muon, SSNorm, EmbProj), in one process and
 at PP=2 on 2 gloo ranks. That it really recomputes is shown by counting forward calls in training
-mode: full recompute runs each recomputed layer twice, selective runs core attention twice.
+mode: full recompute runs each recomputed layer twice, selective runs core attention twice; and by
+the bytes autograd saves for backward in one forward (none > block > selective > full uniform).
 """
 
 import numpy as np
@@ -71,6 +72,35 @@ def _count_training_calls(core):
     return counts, handles
 
 
+def _saved_activation_bytes(trainer) -> int:
+    """Bytes autograd keeps for the backward pass of one training-mode forward (parameters excluded):
+    the activation memory recompute exists to cut. A fixed synthetic micro-batch, nothing trained."""
+    cfg = trainer.config
+    core = unwrap_model(trainer.model)
+    params = {p.data_ptr() for p in core.parameters()}
+    b, s = cfg.train.micro_batch_size, cfg.model.seq_length
+    tokens = (torch.arange(b * s).reshape(b, s) * 7) % 250
+    positions = torch.arange(s).expand(b, s)
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        if t.data_ptr() not in params:
+            total += t.numel() * t.element_size()
+        return t
+
+    core.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        core(tokens, positions, None, labels=tokens)
+    return total
+
+
+def unwrap_model(model):
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
 def _variants_worker(rank, world_size, runs, run_root):
     """Train each (name, overrides) of ``runs`` in turn in this world; what each run leaves behind."""
     import json
@@ -87,6 +117,7 @@ def _variants_worker(rank, world_size, runs, run_root):
         run_dir = Path(run_root) / name
         trainer = Trainer(load_config(None, overrides + [f"train.run_dir={run_dir}"]), log=lambda *_: None)
         core = unwrap(trainer.model)
+        saved = _saved_activation_bytes(trainer) if world_size == 1 else None
         counts, handles = _count_training_calls(core)
         summary = trainer.train()
         for h in handles:
@@ -99,6 +130,7 @@ def _variants_worker(rank, world_size, runs, run_root):
             "kurtosis": json.loads(kurtosis.read_text()) if kurtosis.exists() else None,
             "weights": {k: v.detach().clone() for k, v in gather_logical(core, dict(core.named_parameters())).items()},
             "counts": counts,
+            "saved_bytes": saved,
             "recompute_granularity": trainer.tconfig.recompute_granularity,
             "last_stage": parallel_state.is_pipeline_last_stage(),
         }
@@ -157,6 +189,15 @@ def test_recompute_matches_no_recompute_single_process(toy_corpus, tmp_path):
     results = _run_all(toy_corpus, tmp_path, world=1, pp=1)
     _check_world(results, pp=1)
     assert results[0]["adam_none"]["kurtosis"] is not None  # the report was written and compared
+    # Memory: selective drops at least each layer's attention probabilities (micro-batch 2 x 4 heads
+    # x 32^2, fp32) from what the forward keeps for backward; full keeps only the layers' inputs.
+    probs = LAYERS * 2 * 4 * 32 * 32 * 4
+    for opt in OPTIMIZERS:
+        saved = {var: results[0][f"{opt}_{var}"]["saved_bytes"] for var in VARIANTS}
+        assert saved["none"] - saved["selective"] >= probs, (opt, saved)
+        assert saved["full_uniform"] < saved["selective"] / 2, (opt, saved)
+        assert saved["full_uniform2"] < saved["full_uniform"], (opt, saved)  # one input per 2 layers
+        assert saved["full_uniform"] < saved["full_block"] < saved["none"], (opt, saved)  # block: 1 of 4 layers
 
 
 def test_recompute_matches_no_recompute_pp2(toy_corpus, tmp_path):
