@@ -6,7 +6,7 @@ it, bit for bit (CPU, fp32, one thread), for the Adam baseline (RMSNorm, no EmbP
 the replayed random numbers are checked too) and for OSP (Muon, SSNorm, EmbProj), in one process and
 at PP=2 on 2 gloo ranks. That it really recomputes is shown by counting forward calls in training
 mode: full recompute runs each recomputed layer twice, selective runs core attention twice; and by
-the bytes autograd saves for backward in one forward (none > block > selective > full uniform).
+the bytes autograd saves for backward in one forward (none > selective and block > full uniform).
 """
 
 import numpy as np
