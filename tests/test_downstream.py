@@ -214,3 +214,25 @@ def test_missing_dataset_is_refused_by_name_before_any_model_loads(models, tmp_p
     rc = evaluate_downstream.main([str(models["hf"]), "--tasks", "no_such_task", "--settings", "fp",
                                    "--output-dir", str(tmp_path / "o")])
     assert rc == 2 and "no_such_task: not a task" in capsys.readouterr().err
+
+
+def test_local_tasks_example_writes_tasks_the_harness_loads(tmp_path):
+    """examples/downstream_local_tasks.py (the quickstart's local benchmark): each cloze question's
+    labelled choice is the passage's true continuation, and both tasks load offline."""
+    import importlib.util
+
+    from megatron_osp.analysis.downstream import check_tasks, parse_tasks
+
+    write_corpus(tmp_path / "corpus.jsonl", 120, seed=1)
+    docs = [json.loads(line)["text"] for line in open(tmp_path / "corpus.jsonl", encoding="utf-8")]
+    spec = importlib.util.spec_from_file_location("local_tasks", REPO / "examples" / "downstream_local_tasks.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main([str(tmp_path / "corpus.jsonl"), str(tmp_path / "tasks"), "--held-out", "0.2",
+                     "--questions", "20", "--context", "40", "--span", "8"]) == 0
+    rows = [json.loads(line) for line in open(tmp_path / "tasks" / "local_cloze.jsonl", encoding="utf-8")]
+    assert len(rows) == 20
+    held = docs[int(len(docs) * 0.8):]
+    for r in rows:
+        assert len(r["choices"]) == 4 and any(r["context"] + r["choices"][r["label"]] in d for d in held)
+    check_tasks(parse_tasks("local_cloze,local_complete"), str(tmp_path / "tasks"))
