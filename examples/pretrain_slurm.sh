@@ -13,7 +13,9 @@ set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
 CONFIG=${CONFIG:-megatron_osp/configs/osp_1.4b.yaml}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
-MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# sed reads every line: with `head -n 1`, scontrol can die of SIGPIPE on a long node list and
+# pipefail then ends the job (exit 141)
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
 MASTER_PORT=${MASTER_PORT:-29500}
 export OMP_NUM_THREADS=8 CUDA_DEVICE_MAX_CONNECTIONS=1
 mkdir -p logs

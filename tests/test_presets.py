@@ -98,7 +98,9 @@ def test_8b_slurm_example_launches_a_valid_run(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     argv_file = tmp_path / "argv"
-    _stub(bin_dir, "scontrol", "echo node001\necho node002\n")
+    # A long node list (more than a pipe buffer): a script that reads only its first line through
+    # `head -n 1` under pipefail dies with SIGPIPE (exit 141), as it would on a large allocation.
+    _stub(bin_dir, "scontrol", "for i in $(seq 1 20000); do echo node$i; done\n")
     _stub(bin_dir, "srun", f'printf "%s\\n" "$@" > {argv_file}\n')
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_SUBMIT_DIR=str(ROOT),
                SLURM_JOB_NODELIST="node[001-004]", SLURM_NNODES="4", SLURM_JOB_ID="42", SLURM_JOB_NAME="osp-8b")
