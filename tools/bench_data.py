@@ -15,6 +15,8 @@ megatron. The orders differ (our shuffles are not numpy's); the sample counts mu
     python tools/bench_data.py            # 1e8 documents, seq 4096
     python tools/bench_data.py --quick    # 1e6 documents
     python tools/bench_data.py --preprocess --megatron-lm DIR   # and preprocessing vs Megatron-LM's tool
+    python tools/bench_data.py --num-docs 1e9 --sides ours      # ours alone (Megatron-Core's path needs
+                                                                # ~33 GiB at 1e9: more than this machine)
 """
 
 from __future__ import annotations
@@ -132,6 +134,20 @@ def _run_side(side: str, sizes_path: str, args) -> dict:
     return result
 
 
+def _print_one(side: str, r: dict, args) -> None:
+    """One side alone (no baseline in this run: no ratios, no targets)."""
+    gb = 1 / 1024**2
+    print(f"{side} only (no baseline in this run); samples: {r['num_samples']}; threads: "
+          f"{args.threads or 'all usable cores'} (cpu count {os.cpu_count()})")
+    for name in ["tokens_per_epoch", "document_index", "sample_index", "shuffle_index"]:
+        print(f"{name + ' [s]':28}{r['phases'][name]:10.2f}")
+    print(f"{'index build [s]':28}{r['build_s']:10.2f}")
+    print(f"{'subprocess wall [s]':28}{r['wall_s']:10.2f}")
+    print(f"{'peak RSS [GiB]':28}{r['peak_rss_kb'] * gb:10.2f}")
+    print(f"{'peak RSS - imports [GiB]':28}{(r['peak_rss_kb'] - r['rss_after_import_kb']) * gb:10.2f}")
+    print(f"dtypes: document index {r['document_index_dtype']}, sample index {r['sample_index_dtype']}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--num-docs", type=float, default=1e8)
@@ -142,6 +158,8 @@ def main() -> None:
     p.add_argument("--preprocess", action="store_true", help="also run tools/bench_preprocess.py")
     p.add_argument("--megatron-lm", default=os.environ.get("MEGATRON_LM_DIR"),
                    help="with --preprocess: a Megatron-LM checkout whose tools/preprocess_data.py is the baseline")
+    p.add_argument("--sides", default="megatron,ours",
+                   help="which builds to run: megatron,ours (default, with ratios) or one of them alone")
     p.add_argument("--child", choices=["ours", "megatron"], help=argparse.SUPPRESS)
     p.add_argument("--sizes", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -150,6 +168,9 @@ def main() -> None:
     num_docs = 10**6 if args.quick else int(args.num_docs)
     if num_docs < 1 or args.seq_length < 1:
         p.error("--num-docs and --seq-length must be >= 1")
+    sides = [x for x in args.sides.split(",") if x]
+    if not sides or set(sides) - {"megatron", "ours"}:
+        p.error(f"--sides takes megatron, ours or both, got {args.sides!r}")
 
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
         sizes_path = os.path.join(tmp, "sizes.npy")
@@ -157,7 +178,10 @@ def main() -> None:
         tokens = make_sizes(sizes_path, num_docs, args.seed)
         print(f"{num_docs:.3g} documents, {tokens:.4g} tokens, seq {args.seq_length} "
               f"(sizes generated in {time.perf_counter() - t:.1f} s)", flush=True)
-        results = {side: _run_side(side, sizes_path, args) for side in ("megatron", "ours")}
+        results = {side: _run_side(side, sizes_path, args) for side in ("megatron", "ours") if side in sides}
+    if len(results) == 1:
+        _print_one(*next(iter(results.items())), args)
+        return
     mega, ours = results["megatron"], results["ours"]
     if mega["num_samples"] != ours["num_samples"]:
         sys.exit(f"sample counts differ: megatron {mega['num_samples']}, ours {ours['num_samples']}")
