@@ -22,6 +22,7 @@ import numpy as np
 
 from megatron_osp.data import shardset
 from megatron_osp.data.indexed import IndexedDataset, IndexedDatasetWriter, check_dtype_holds
+from megatron_osp.data.token_range import scan_token_range
 
 
 def merge_datasets(input_prefixes: list[str], output_prefix: str, vocab_size: int | None = None) -> dict:
@@ -63,7 +64,7 @@ def merge_datasets(input_prefixes: list[str], output_prefix: str, vocab_size: in
         check_dtype_holds(dtype, vocab, f"{datasets[0].prefix}.idx")
     if vocab_size is not None:  # asked for: one pass over the tokens
         for ds in datasets:
-            top = int(ds._bin.view(ds.dtype).max()) if len(ds._bin) else -1
+            _, top = scan_token_range(ds)  # chunked; (0, -1) for an empty .bin
             if top >= vocab_size:
                 raise ValueError(f"{ds.prefix}.bin: holds token id {top}, outside the vocabulary of {vocab_size}")
     shardset.clean_stale_temporaries(output_prefix)
