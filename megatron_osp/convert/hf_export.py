@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_osp.convert.hf_tokenizer import save_tokenizer
+from megatron_osp.convert.hf_tokenizer import IMPORTED_TOKENIZER, save_tokenizer
 from megatron_osp.convert.llama import ExportError, check_exportable, export_model_config, llama_config_kwargs, megatron_to_hf
 from megatron_osp.convert.output_safety import check_outside, check_replaceable_export, export_inputs, tokenizer_input
 
@@ -191,10 +191,6 @@ def export_checkpoint(ckpt_path, out_dir, *, dtype: str = "float32", max_shard_s
     log(f"exported {ckpt} (iteration {state.get('iteration')}, saved at TP={layout.get('tensor_parallel_size')} "
         f"PP={layout.get('pipeline_parallel_size')}) -> {path}")
     return path
-
-
-
-from megatron_osp.convert.hf_import import IMPORTED_TOKENIZER  # noqa: E402  (convert_from_hf's tokenizer copy)
 
 
 def find_run_tokenizer(run, ckpt: Path, log=print, _depth: int = 0):

@@ -15,7 +15,13 @@ from pathlib import Path
 
 import torch
 
-from megatron_osp.convert.hf_tokenizer import IMPORTED_IDS, SPECIAL_KEYS, copy_hf_tokenizer, special_ids_of_hf_dir
+from megatron_osp.convert.hf_tokenizer import (
+    IMPORTED_IDS,
+    IMPORTED_TOKENIZER,
+    SPECIAL_KEYS,
+    copy_hf_tokenizer,
+    special_ids_of_hf_dir,
+)
 from megatron_osp.convert.llama import hf_to_megatron, model_config_from_llama
 from megatron_osp.convert.output_safety import check_import_output
 
@@ -88,9 +94,6 @@ def import_hf(hf_dir, save_dir, *, embedding_projection: bool = False, seq_lengt
     log(f"imported {d} ({model_cfg.num_layers} layers, hidden {model_cfg.hidden_size}, vocab "
         f"{model_cfg.vocab_size}, EmbProj {'identity' if embedding_projection else 'off'}) -> {path}")
     return path
-
-
-IMPORTED_TOKENIZER = "hf_tokenizer"  # read back by hf_export.find_run_tokenizer
 
 
 def _tokenizer_source(d: Path, tokenizer_model) -> tuple[Path | None, Path | None]:

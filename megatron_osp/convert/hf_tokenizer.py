@@ -37,7 +37,7 @@ from pathlib import Path
 from megatron_osp.convert.llama import ExportError
 
 __all__ = ["save_tokenizer", "special_ids_of_hf_dir", "copy_hf_tokenizer", "check_matches_sentencepiece",
-           "SPECIAL_KEYS", "PROBE_TEXTS", "IMPORTED_IDS"]
+           "SPECIAL_KEYS", "PROBE_TEXTS", "IMPORTED_IDS", "IMPORTED_TOKENIZER"]
 
 SPECIAL_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
 _TOKEN_FIELDS = {"bos_token_id": "bos_token", "eos_token_id": "eos_token", "pad_token_id": "pad_token",
@@ -53,6 +53,7 @@ PROBE_TEXTS = (
 )
 _NEVER_SCORE = -1e9
 IMPORTED_IDS = "special_token_ids.json"  # the HF model's ids, kept by convert_from_hf with its tokenizer copy
+IMPORTED_TOKENIZER = "hf_tokenizer"  # convert_from_hf's copy of an HF tokenizer, beside the checkpoint
 
 
 def _hf_files(directory: Path) -> list[Path]:
