@@ -62,3 +62,9 @@ def _umask() -> int:
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def os_error(e: OSError) -> str:
+    """One line for an OSError: the path and the reason (no traceback)."""
+    where = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 else "") if e.filename else ""
+    return f"{where}: {e.strerror or e}" if where else str(e)

@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_osp.data.merge import merge_datasets, merge_tasks, prefixes_in  # noqa: E402
-from megatron_osp.data.shardset import os_error  # noqa: E402
+from megatron_osp.fileio import os_error  # noqa: E402
 
 
 def main() -> int:

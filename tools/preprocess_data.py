@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_osp.data.array_tasks import plan, resolve_task, task_prefix  # noqa: E402
 from megatron_osp.data.preprocess import BadRecord, preprocess  # noqa: E402
-from megatron_osp.data.shardset import os_error  # noqa: E402
+from megatron_osp.fileio import os_error  # noqa: E402
 
 SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst", ".zst", ".gz", ".parquet")
 

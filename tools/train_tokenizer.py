@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_osp.data.shardset import os_error  # noqa: E402
+from megatron_osp.fileio import os_error  # noqa: E402
 from megatron_osp.data.tokenizer import SentencePieceTokenizer, train_sentencepiece  # noqa: E402
 
 

@@ -37,12 +37,6 @@ FORMAT = 1
 _SHARD = re.compile(r"^(?P<family>.+)_\d{5}$")
 
 
-def os_error(e: OSError) -> str:
-    """One line for an OSError: the path and the reason (no traceback)."""
-    where = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 else "") if e.filename else ""
-    return f"{where}: {e.strerror or e}" if where else str(e)
-
-
 def manifest_path(family: str | os.PathLike) -> str:
     return f"{family}{MANIFEST_SUFFIX}"
 
