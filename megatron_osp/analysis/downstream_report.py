@@ -4,7 +4,6 @@ averages when matplotlib is installed), each written atomically."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from megatron_osp.fileio import atomic_write_json, atomic_write_text
@@ -56,33 +55,10 @@ def format_markdown(results: list[dict], meta: dict | None = None) -> str:
     return "\n".join(out) + "\n"
 
 
-def _plot(results: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    settings = list(dict.fromkeys(s for r in results for s in r["settings"]))
-    width = 0.8 / max(1, len(results))
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(settings) + 2), 3.6))
-    for i, r in enumerate(results):
-        xs = [j + (i - (len(results) - 1) / 2) * width for j in range(len(settings))]
-        ys = [100 * (r["settings"].get(s, {}).get("average") or 0.0) for s in settings]
-        ax.bar(xs, ys, width, label=r["label"])
-    ax.set_xticks(range(len(settings)), settings)
-    ax.set_ylabel("average score (%)")
-    ax.set_title("Downstream average by quantization setting")
-    ax.legend(fontsize=8)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
 def write_report(results: list[dict], output_dir, meta: dict | None = None, plots: bool = True,
                  log=print) -> list[Path]:
     """``downstream.json``, ``downstream.md`` and (with matplotlib) ``downstream_average.png``."""
-    from megatron_osp.analysis.plots import plots_available
+    from megatron_osp.analysis.plots import plot_downstream_average, plots_available
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -93,6 +69,6 @@ def write_report(results: list[dict], output_dir, meta: dict | None = None, plot
         if not plots_available():
             log(f"no plot in {out}: matplotlib is not installed (pip install -e \".[plots]\")")
         else:
-            _plot(results, out / "downstream_average.png")
+            plot_downstream_average(results, out / "downstream_average.png")
             paths.append(out / "downstream_average.png")
     return paths

@@ -1,4 +1,5 @@
-"""PNG figures of an evaluation: kurtosis per layer per model, perplexity per quantization setting.
+"""PNG figures of an evaluation: kurtosis per layer per model, perplexity per quantization setting,
+downstream averages per setting.
 
 Matplotlib with the Agg backend (no display needed); each figure is written to a temporary name and
 renamed, like every other output of the project.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["plot_kurtosis_per_layer", "plot_perplexity_vs_bits", "plots_available"]
+__all__ = ["plot_kurtosis_per_layer", "plot_perplexity_vs_bits", "plot_downstream_average", "plots_available"]
 
 
 def plots_available() -> bool:
@@ -76,6 +77,24 @@ def plot_perplexity_vs_bits(models: dict[str, dict[str, float]], path: str | os.
     ax.set_xlabel("weight-activation-KV bits")
     ax.set_title("Perplexity under fake quantization")
     ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_downstream_average(results: list[dict], path: str | os.PathLike) -> None:
+    """Bars of each model's downstream average (%) per quantization setting (analysis/downstream.py)."""
+    plt = _pyplot()
+    settings = list(dict.fromkeys(s for r in results for s in r["settings"]))
+    width = 0.8 / max(1, len(results))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(settings) + 2), 3.6))
+    for i, r in enumerate(results):
+        xs = [j + (i - (len(results) - 1) / 2) * width for j in range(len(settings))]
+        ys = [100 * (r["settings"].get(s, {}).get("average") or 0.0) for s in settings]
+        ax.bar(xs, ys, width, label=r["label"])
+    ax.set_xticks(range(len(settings)), settings)
+    ax.set_ylabel("average score (%)")
+    ax.set_title("Downstream average by quantization setting")
     ax.legend(fontsize=8)
     _save(fig, path)
     plt.close(fig)
