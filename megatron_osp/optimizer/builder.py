@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.distributed import DistributedDataParallelConfig
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig
 from megatron.core.optimizer.optimizer import (
     ChainedOptimizer,
@@ -30,6 +30,9 @@ from megatron_osp.optimizer.newton_schulz import coefficient_schedule
 from megatron_osp.optimizer.routing import route_parameters
 from megatron_osp.optimizer.sharded_adamw import ShardedAdamW
 from megatron_osp.optimizer.sharded_state import OwnerStateFloat16Optimizer, OwnerStateFP32Optimizer
+from megatron_osp.optimizer.zero.build import build_zero_optimizer
+from megatron_osp.optimizer.zero.exchange import GRAD_DTYPES
+from megatron_osp.optimizer.zero.ddp import OwnerDDP, finalize_owner_grads
 
 OPTIMIZERS = ("adam", "muon", "muon_only")
 
@@ -56,10 +59,17 @@ class OptimSettings:
     # torch) | "triton" (an error where it cannot run). See optimizer/newton_schulz.py. The default
     # stays torch until a GPU measurement (tools/bench_muon.py --gpu) shows the kernel is faster.
     muon_ns_backend: str = "torch"
-    # ZeRO-1: Muon momentum only on each logical matrix's NS owner (TP x DP), AdamW moments one
-    # parameter per DP rank (sharded_adamw.py). Master weights stay replicated. Checkpoints load at
-    # any TP/PP/DP layout with distributed_optimizer=true (not across the two modes for Muon).
+    # Whole-matrix ZeRO (optimizer/zero/): every Muon matrix and AdamW chunk has one owner in the
+    # stage's TP x DP domain, which alone keeps its fp32 master and optimizer state; gradients go
+    # straight to owners (no all-reduce), owners send updated parameters back. Checkpoints load at
+    # any TP/PP/DP layout with distributed_optimizer=true.
     distributed_optimizer: bool = False
+    # With distributed_optimizer: send a bucket's gradients while the backward pass still runs, and
+    # wait for returned parameters in the next forward, module by module (same numbers either way).
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    grad_reduce_dtype: str = "fp32"  # "fp32" | "bf16": the dtype gradients travel to owners in
+    bucket_size: int = 40_000_000  # parameter elements per communication bucket
 
     def __post_init__(self):
         if self.name not in OPTIMIZERS:
@@ -75,16 +85,26 @@ class OptimSettings:
                 f"optimizer.muon_ns_backend must be one of {NS_BACKENDS}, got {self.muon_ns_backend!r}"
             )
         coefficient_schedule(self.muon_coefficients, self.muon_ns_steps)  # names the bad value
+        if self.grad_reduce_dtype not in GRAD_DTYPES:
+            raise ValueError(
+                f"optimizer.grad_reduce_dtype must be one of {tuple(GRAD_DTYPES)}, got {self.grad_reduce_dtype!r}"
+            )
 
 
 def ddp_config(settings: OptimSettings) -> DistributedDataParallelConfig:
-    """The DDP wrapper's config.
+    """The DDP wrapper's config: fp32 ``main_grad`` buffers in Megatron's plain (all-reduce) mode.
 
-    Gradients are always all-reduced in full: our ZeRO-1 (``distributed_optimizer``) shards the
-    optimizer state by whole parameters / logical matrices, not DDP's flat buffers, so it needs
-    DDP's plain mode (Megatron-Core's buffer-sharded mode is for its own DistributedOptimizer).
+    Our distributed optimizer shards by whole units, not DDP's flat buffers, so DDP stays in its
+    plain mode and ``OwnerDDP`` replaces its gradient sync (optimizer/zero/ddp.py).
     """
     return DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=False)
+
+
+def ddp_wrapper(settings: OptimSettings):
+    """(DDP class, finalize_model_grads function) for the run's optimizer settings."""
+    if settings.distributed_optimizer:
+        return OwnerDDP, finalize_owner_grads
+    return DistributedDataParallel, finalize_model_grads
 
 
 def _adam_state_init(opt, config=None):
@@ -191,6 +211,8 @@ def get_osp_optimizer(settings: OptimSettings, model_chunks, *, bf16: bool = Fal
     if log is not None:
         log(f"optimizer routing (pipeline stage {parallel_state.get_pipeline_model_parallel_rank()}):\n"
             + route.table())
+    if settings.distributed_optimizer:
+        return build_zero_optimizer(settings, model_chunks, route, mcfg, log=log)
 
     def wrap(opt, init):
         if settings.distributed_optimizer:

@@ -23,8 +23,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.distributed import DistributedDataParallel
-from megatron.core.distributed import finalize_model_grads
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
@@ -33,7 +31,7 @@ from megatron_osp import parallel, platform
 from megatron_osp.fileio import atomic_write_json, atomic_write_text
 from megatron_osp.metrics.kurtosis import HiddenStateRecorder, KurtosisReport
 from megatron_osp.models.gpt import build_gpt_model, transformer_config
-from megatron_osp.optimizer.builder import ddp_config, get_osp_optimizer
+from megatron_osp.optimizer.builder import ddp_config, ddp_wrapper, get_osp_optimizer
 from megatron_osp.training.checkpoint import (
     check_compatible,
     has_checkpoint,
@@ -134,13 +132,10 @@ class Trainer:
         model = build_gpt_model(config.model, self.tconfig, seed=train.seed).to(self.device)
         if self.bf16:
             model = Float16Module(self.tconfig, model)
-        self.model = DistributedDataParallel(
-            self.tconfig,
-            ddp_config(config.optimizer),
-            model,
-        )
+        ddp_cls, finalize = ddp_wrapper(config.optimizer)
+        self.model = ddp_cls(self.tconfig, ddp_config(config.optimizer), model)
         self.tconfig.no_sync_func = self.model.no_sync
-        self.tconfig.finalize_model_grads_func = finalize_model_grads
+        self.tconfig.finalize_model_grads_func = finalize
         self.optimizer = get_osp_optimizer(
             config.optimizer, [self.model], bf16=self.bf16, log=self.log if self._is_stage_leader() else None
         )
