@@ -42,12 +42,17 @@ def param_groups(settings, route) -> tuple[list[dict], dict[int, tuple[str, int]
     return groups, kinds
 
 
-def stage_units(model_chunks, kinds, tp_size: int, qkv_split: str, ns_steps: int = 5):
-    """The stage's flat parameter list (chunk by chunk, model order) and its units."""
+def stage_units(model_chunks, kinds, tp_size: int, qkv_split: str, ns_steps: int = 5, offsets=None):
+    """The stage's flat parameter list (chunk by chunk, model order) and its units.
+
+    ``offsets``: each chunk's first global layer number (default: from the parallel state). A
+    planner passes them for chunks built outside a real layout (tools/plan_memory.py, on meta
+    tensors shaped like one TP rank's shards).
+    """
     params, units = [], []
-    for chunk in model_chunks:
+    for c, chunk in enumerate(model_chunks):
         core = _core(chunk)
-        offset = layer_offset(core)
+        offset = layer_offset(core) if offsets is None else offsets[c]
         for name, p in core.named_parameters():
             if not p.requires_grad:
                 continue
