@@ -9,7 +9,6 @@ is Megatron's, over the model-parallel (TP x PP) group, so the norm is global ac
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -28,8 +27,6 @@ from megatron_osp.optimizer.muon import LR_SCALES, Muon
 from megatron_osp.optimizer.newton_schulz import BACKENDS as NS_BACKENDS
 from megatron_osp.optimizer.newton_schulz import coefficient_schedule
 from megatron_osp.optimizer.routing import route_parameters
-from megatron_osp.optimizer.sharded_adamw import ShardedAdamW
-from megatron_osp.optimizer.sharded_state import OwnerStateFloat16Optimizer, OwnerStateFP32Optimizer
 from megatron_osp.optimizer.zero.build import build_zero_optimizer
 from megatron_osp.optimizer.zero.exchange import GRAD_DTYPES
 from megatron_osp.optimizer.zero.ddp import OwnerDDP, finalize_owner_grads
@@ -108,8 +105,6 @@ def ddp_wrapper(settings: OptimSettings):
 
 
 def _adam_state_init(opt, config=None):
-    if isinstance(opt, ShardedAdamW):
-        return opt.init_owned_state()
     for group in opt.param_groups:
         for p in group["params"]:
             if not opt.state[p]:
@@ -120,7 +115,7 @@ def _adam_state_init(opt, config=None):
 def _muon_state_init(opt, config=None):
     for group in opt.param_groups:
         for p in group["params"]:
-            if not opt.state[p] and not (opt.shard_state and p.ndim == 2):
+            if not opt.state[p]:
                 opt.state[p]["momentum_buffer"] = torch.zeros_like(p.data, dtype=torch.float32)
 
 
@@ -178,7 +173,6 @@ def build_muon(settings: OptimSettings, model_chunks, route, log=None) -> Muon:
         group=group,
         coords=coords,
         names=[n for n, _ in matrices] + [n for n, _ in vectors],
-        shard_state=settings.distributed_optimizer,
         ns_backend=settings.muon_ns_backend,
     )
     if log is not None:
@@ -215,10 +209,6 @@ def get_osp_optimizer(settings: OptimSettings, model_chunks, *, bf16: bool = Fal
         return build_zero_optimizer(settings, model_chunks, route, mcfg, log=log)
 
     def wrap(opt, init):
-        if settings.distributed_optimizer:
-            if bf16:
-                return OwnerStateFloat16Optimizer(opt, mcfg, None, init)
-            return OwnerStateFP32Optimizer(opt, mcfg, init)
         if bf16:
             return Float16OptimizerWithFloat16Params(opt, mcfg, None, init)
         return FP32Optimizer(opt, mcfg, init)
@@ -230,10 +220,7 @@ def get_osp_optimizer(settings: OptimSettings, model_chunks, *, bf16: bool = Fal
     ]
     adam_groups = [g for g in adam_groups if g["params"]]
     if adam_groups:
-        dp_group = parallel_state.get_data_parallel_group() if dist.is_initialized() else None
-        sharded = settings.distributed_optimizer and dp_group is not None and dist.get_world_size(dp_group) > 1
-        adam_cls = functools.partial(ShardedAdamW, group=dp_group) if sharded else torch.optim.AdamW
-        adam = adam_cls(
+        adam = torch.optim.AdamW(
             adam_groups,
             lr=settings.lr,
             betas=(settings.adam_beta1, settings.adam_beta2),

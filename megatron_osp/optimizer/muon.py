@@ -74,9 +74,8 @@ class Muon(torch.optim.Optimizer):
     ``group`` is the TP x DP process group of this pipeline stage (None: single process), and
     ``coords[r] = (tp_rank, dp_rank)`` of its rank r. ``blocks`` index the flat parameter list
     (all param groups in order) and must be the same list, in the same order, on every rank.
-    With ``shard_state`` (ZeRO-1) the owners receive gradients instead of momentum directions and
-    keep the momentum of their matrices only (``owner_momentum``, keyed by block, logical shape),
-    so Muon's state is spread over the TP x DP domain instead of replicated over DP.
+    (``optimizer.distributed_optimizer=true`` uses optimizer/zero/ instead, which keeps masters and
+    momentum on the owners only.)
     ``ns_backend`` picks newton_schulz's backend ("torch", "auto", "triton").
     """
 
@@ -96,7 +95,6 @@ class Muon(torch.optim.Optimizer):
         group=None,
         coords: list[tuple[int, int]] | None = None,
         names: list[str] | None = None,
-        shard_state: bool = False,
         ns_backend: str = "torch",
     ):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
@@ -131,9 +129,6 @@ class Muon(torch.optim.Optimizer):
         self.ns_flops_per_rank = assign_owners(self.blocks, self.world, ns_steps)
         self.owned = [b for b in self.blocks if b.owner == self.rank]
         self._sizes = exchange_sizes(self.blocks, self.coords, self.rank)
-        # ZeRO-1 for Muon: momentum only on each logical matrix's owner, in its logical shape.
-        self.shard_state = shard_state
-        self.owner_momentum: dict[str, torch.Tensor] = {}
         self.ns_calls = 0
         self.last_ns_keys: list[str] = []
 
@@ -153,9 +148,6 @@ class Muon(torch.optim.Optimizer):
         for i, (p, g) in enumerate(zip(flat, owner_group)):
             grad = p.grad if p.grad is not None else torch.zeros_like(p)  # keeps ranks in lockstep
             grad = grad.float()
-            if self.shard_state and p.ndim == 2:
-                directions.append(grad)  # momentum lives on the owner, on the logical matrix
-                continue
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
@@ -206,12 +198,6 @@ class Muon(torch.optim.Optimizer):
                     matrices[b.key][pc.block_rows, c0:c1] = seg[at : at + k * (c1 - c0)].view(k, c1 - c0)
                     at += k * (c1 - c0)
         self.last_ns_keys = []
-        if self.shard_state:
-            for b in self.owned:
-                g = self._groups_by_index[b.param_index]
-                if b.key not in self.owner_momentum:
-                    self.owner_momentum[b.key] = torch.zeros(b.shape, dtype=torch.float32, device=device)
-                matrices[b.key] = _nesterov(self.owner_momentum[b.key], matrices[b.key].float(), g)
         by_shape = defaultdict(list)
         for b in self.owned:
             by_shape[b.shape].append(b)
@@ -244,14 +230,6 @@ class Muon(torch.optim.Optimizer):
             u[pc.local_rows] = seg.view(k, width).float()
             at[b.owner] += k * width
         return updates
-
-    def owner_momentum_tensors(self) -> dict[str, torch.Tensor]:
-        """The momentum of the logical matrices this rank owns (zeros before the first step)."""
-        device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
-        for b in self.owned:
-            if b.key not in self.owner_momentum:
-                self.owner_momentum[b.key] = torch.zeros(b.shape, dtype=torch.float32, device=device)
-        return {b.key: self.owner_momentum[b.key] for b in self.owned}
 
     def _all_to_all(self, send, send_plan, recv_sizes, dtype, device) -> list[torch.Tensor]:
         """Packed all-to-all over the domain: send[r] (list of flat tensors) to rank r."""

@@ -200,6 +200,10 @@ RULES: dict[str, dict[str, Rule]] = {
         "muon_lr_scale": choice(LR_SCALES),
         "muon_ns_backend": choice(NS_BACKENDS),
         "distributed_optimizer": boolean,
+        "overlap_grad_reduce": boolean,
+        "overlap_param_gather": boolean,
+        "grad_reduce_dtype": choice(("fp32", "bf16")),
+        "bucket_size": POSITIVE,
     },
     "data": {
         "paths": _paths,
@@ -273,6 +277,12 @@ def relation_problems(config) -> list[str]:
             f"{m.hidden_size // m.num_attention_heads} channels per head: must be even (rotary embeddings "
             "rotate pairs of channels)"
         )
+    o = config.optimizer
+    for flag in ("overlap_grad_reduce", "overlap_param_gather"):
+        if getattr(o, flag) and not o.distributed_optimizer:
+            problems.append(f"optimizer.{flag}=true needs optimizer.distributed_optimizer=true")
+    if o.grad_reduce_dtype != "fp32" and not o.distributed_optimizer:
+        problems.append(f"optimizer.grad_reduce_dtype={o.grad_reduce_dtype} needs optimizer.distributed_optimizer=true")
     groups = m.num_query_groups or m.num_attention_heads
     if m.num_attention_heads % groups:
         problems.append(

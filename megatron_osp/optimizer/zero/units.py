@@ -163,27 +163,36 @@ def set_costs(units, ns_steps: int = 5, master_bytes: int = 4) -> None:
 def assign_owners(units, coords) -> list[tuple[int, int]]:
     """Give every unit one owner in the domain whose ranks have ``coords[r] = (tp, dp)``.
 
-    Longest-processing-time packing on memory and FLOPs together (each as a fraction of its total),
-    units in decreasing cost, each to the least-loaded rank it may live on: a unit held by one TP
-    rank only (an AdamW chunk inside a TP shard) stays in that TP rank's data-parallel group. Returns
-    each rank's (bytes, FLOPs). Deterministic: ties go by key, then rank.
+    Longest-processing-time packing on memory, with FLOPs steering every free choice: units in
+    decreasing memory (then FLOPs), each to the rank with the fewest Newton-Schulz FLOPs among those
+    it fits on without raising the largest memory load so far, or else to the rank with the least
+    memory. Memory decides what fits on a GPU; NS time is a few percent of a step. A unit held by one
+    TP rank only (an AdamW chunk inside a TP shard) stays in that TP rank's data-parallel group.
+    Returns each rank's (bytes, FLOPs). Deterministic (ties by key, then rank), so every rank
+    computes the same table without communicating.
     """
     world = len(coords)
     total_b = sum(u.cost[0] for u in units) or 1
     total_f = sum(u.cost[1] for u in units) or 1
-    weight = [u.cost[0] / total_b + u.cost[1] / total_f for u in units]
+    frac = [(u.cost[0] / total_b, u.cost[1] / total_f) for u in units]
     by_tp: dict[int, list[int]] = {}
     for r, (tp, _) in enumerate(coords):
         by_tp.setdefault(tp, []).append(r)
-    load = [0.0] * world
+    mem, flop = [0.0] * world, [0.0] * world
     result = [[0, 0] for _ in range(world)]
     everyone = list(range(world))
-    for i in sorted(range(len(units)), key=lambda i: (-weight[i], units[i].key)):
-        u = units[i]
+    for i in sorted(range(len(units)), key=lambda i: (-frac[i][0], -frac[i][1], units[i].key)):
+        u, (fm, ff) = units[i], frac[i]
         ranks = by_tp[u.holders[0]] if len(u.holders) == 1 else everyone
-        rank = min(ranks, key=lambda r: (load[r], r))
+        ceiling = max(mem[r] for r in ranks)
+        free = [r for r in ranks if mem[r] + fm <= ceiling + 1e-12]
+        if free:
+            rank = min(free, key=lambda r: (flop[r], mem[r], r))
+        else:
+            rank = min(ranks, key=lambda r: (mem[r], flop[r], r))
         u.owner = rank
-        load[rank] += weight[i]
+        mem[rank] += fm
+        flop[rank] += ff
         result[rank][0] += u.cost[0]
         result[rank][1] += u.cost[1]
     return [tuple(x) for x in result]
