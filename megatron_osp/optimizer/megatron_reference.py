@@ -174,7 +174,7 @@ def _loss(output_tensor):
 
 
 def _forward_step(data_iterator, model):
-    batch = next(data_iterator)
+    batch = {k: v.to(platform.device()) for k, v in next(data_iterator).items()}
     out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     return out, _loss
 
@@ -207,7 +207,8 @@ def build_reference(settings: DriverSettings, *, distributed: bool, overlap: boo
     tconfig = transformer_config(model_cfg, params_dtype=torch.bfloat16 if bf16 else torch.float32)
     opt = OptimSettings(name="adam", lr=s.lr, clip_grad=s.clip_grad)
     ddp_chunks, optimizer = build_megatron_distopt(
-        lambda: build_gpt_model(model_cfg, tconfig, seed=s.seed), tconfig, opt, overlap, bucket_size,
+        lambda: build_gpt_model(model_cfg, tconfig, seed=s.seed).to(platform.device()), tconfig, opt, overlap,
+        bucket_size,
         distributed=distributed,
     )
     return model_cfg, ddp_chunks, optimizer
@@ -253,7 +254,7 @@ def train_reference(
     core = ddp_chunks[0].module
     while hasattr(core, "module"):
         core = core.module
-    initial = {n: p.detach().float().clone() for n, p in core.named_parameters()}
+    initial = {n: p.detach().float().clone() for n, p in core.named_parameters()}  # this rank's copy
     losses, grad_norms, comm = [], [], None
     for step in range(s.steps):
         micro = micro_batches(synthetic_batch(step, s, model_cfg.vocab_size, model_cfg.seq_length),
@@ -270,7 +271,7 @@ def train_reference(
         if not ok:
             raise RuntimeError(f"step {step}: Megatron's optimizer skipped the update")
         scheduler.step(increment=1)
-        loss = torch.stack([o["lm loss"].float() for o in outputs]).mean().reshape(1)
+        loss = torch.stack([o["lm loss"].float() for o in outputs]).mean().reshape(1).to(platform.device())
         dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
         losses.append(loss.item() / dp_size)
         grad_norms.append(float(grad_norm))
@@ -284,7 +285,7 @@ def train_reference(
         "losses": losses,
         "grad_norms": grad_norms,
         "max_update": max_update,
-        "weights": {k: v.detach().float().clone() for k, v in weights.items()} if dist.get_rank() == 0 else {},
+        "weights": {k: v.detach().float().cpu().clone() for k, v in weights.items()} if dist.get_rank() == 0 else {},
         "state_bytes": optimizer_state_bytes(optimizer),
         "comm": comm,
         "buffer": buffer_numels(ddp_chunks),
