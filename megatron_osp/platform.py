@@ -232,3 +232,60 @@ def seed_everything(seed: int):
     np.random.seed(seed)
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------------------
+# Megatron-Core's DistributedOptimizer (and its bf16 optimizer) on CPU. Separate from the five
+# patches above: installed by optimizer/megatron_reference.py when it builds Megatron's optimizer.
+# ------------------------------------------------------------------------------------------------
+_DISTOPT_PATCHED = False
+
+
+def patch_megatron_distributed_optimizer_for_cpu() -> None:
+    """Let Megatron-Core's DistributedOptimizer / Float16OptimizerWithFloat16Params take CPU params.
+
+    Both constructors sort parameters by ``param.type()`` and accept only the CUDA type names
+    (``distrib_optimizer.py`` ``_build_model_and_main_param_groups``: ``'torch.cuda.FloatTensor'``
+    etc., else ``TypeError``; ``optimizer.py`` ``Float16OptimizerWithFloat16Params.__init__``
+    likewise). While those constructors run, ``Tensor.type()`` without arguments names a CPU tensor
+    by the CUDA name of its dtype (``torch.FloatTensor`` -> ``torch.cuda.FloatTensor``); the
+    tensors themselves stay on CPU and ``.type(dtype)`` conversions are untouched. Idempotent.
+    """
+    global _DISTOPT_PATCHED
+    if _DISTOPT_PATCHED:
+        return
+    from megatron.core.optimizer import distrib_optimizer
+    from megatron.core.optimizer import optimizer as mcore_optimizer
+
+    for cls in (distrib_optimizer.DistributedOptimizer, mcore_optimizer.Float16OptimizerWithFloat16Params):
+        cls.__init__ = _with_cuda_type_names(cls.__init__)
+    _DISTOPT_PATCHED = True
+
+
+def _with_cuda_type_names(fn):
+    def run(*args, **kwargs):
+        with _cuda_type_names():
+            return fn(*args, **kwargs)
+
+    run.__wrapped__ = fn  # type: ignore[attr-defined]
+    return run
+
+
+@contextlib.contextmanager
+def _cuda_type_names():
+    """``Tensor.type()`` (no arguments) reports CPU tensors under their CUDA type name."""
+    original = torch.Tensor.type
+
+    def type_(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs and self.device.type == "cpu":
+            # The rewriting mode (_CudaToCpu) dispatches Tensor.type back here by name, so the
+            # name may already have been rewritten once.
+            name = original(self)
+            return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
+        return original(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = type_  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original  # type: ignore[method-assign]
