@@ -7,10 +7,11 @@ pipeline stage. The owner alone keeps the unit's fp32 master weight and optimize
   because Newton-Schulz needs all of it (optimizer/logical.py defines the split and the TP slices).
 - AdamW (and the normalised vector update of the muon_only ablation): AdamW is elementwise, so a
   parameter is cut into chunks along its tensor-parallel dimension (rows for replicated parameters),
-  ``chunks_for(numel, dim)`` of them, a number that depends on the global shape only. When the number
-  of chunks is a multiple of the TP size, every chunk lies in one TP rank's shard and is owned inside
-  that rank's data-parallel group, so AdamW moves exactly what Megatron-Core's DistributedOptimizer
-  moves. Chunk keys depend on the global shape only, so checkpoints load at any layout.
+  ``chunks_for`` of them: a multiple of 8 for parameters TP can split, a number that depends on the
+  global shape only. When the TP size divides it, every chunk lies in one TP rank's shard and is
+  owned inside that rank's data-parallel group, so AdamW moves what Megatron-Core's
+  DistributedOptimizer moves. Chunk keys depend on the global shape only, so checkpoints load at any
+  layout.
 
 Every rank of the domain builds the same list from the same model description and assigns owners
 with the same deterministic longest-processing-time packing on memory and Newton-Schulz FLOPs
@@ -66,11 +67,18 @@ class Unit:
         return self.shape[0] * self.shape[1]
 
 
-def chunks_for(numel: int, dim_size: int, target: int = ADAM_CHUNK_ELEMS) -> int:
-    """How many chunks an AdamW tensor of ``numel`` elements is cut into along a dim of ``dim_size``."""
-    if numel <= target:
-        return 1
-    k = 8 * math.ceil(numel / (8 * target))
+def chunks_for(numel: int, dim_size: int, splittable: bool, target: int = ADAM_CHUNK_ELEMS) -> int:
+    """How many chunks an AdamW tensor of ``numel`` elements is cut into along a dim of ``dim_size``.
+
+    A tensor that tensor parallelism can split (``splittable``: it has a partition dim, at any TP
+    size) gets a multiple of 8 chunks, so at TP = 1, 2, 4 or 8 each chunk lies in one TP shard when
+    the dim divides by the count; others get one chunk per ``target`` elements. Only the global
+    shape decides, so the chunks (and their checkpoint keys) are the same at every layout.
+    """
+    if splittable:
+        k = 8 * math.ceil(numel / (8 * target))
+    else:
+        k = math.ceil(numel / target)
     return max(1, min(k, dim_size))
 
 
@@ -117,7 +125,7 @@ def adam_units(name, gname, param, model, param_index, group, tp_size, kind=ADAM
     chunk_cols = sharded and dim == 1
     for b, (r0, r1) in enumerate(blocks):
         along = cols if chunk_cols else r1 - r0
-        k = 1 if kind == VECTOR else chunks_for((r1 - r0) * cols, along, target)
+        k = 1 if kind == VECTOR else chunks_for((r1 - r0) * cols, along, dim is not None, target)
         for c, (a0, a1) in enumerate(_chunk_bounds(along, k)):
             ur0, ur1 = (r0, r1) if chunk_cols else (r0 + a0, r0 + a1)
             uc0, uc1 = (a0, a1) if chunk_cols else (0, cols)
