@@ -295,7 +295,8 @@ def per_layer_activation_bytes(model: ModelConfig, layout: Layout) -> float:
 
 
 def edge_activation_bytes(model: ModelConfig, layout: Layout, first: bool, last: bool) -> float:
-    """Outside the layers, one micro-batch: token ids and the EmbProj input (first stage); the final
+    """Outside the layers, one micro-batch: token ids, their vocabulary-range mask at TP > 1 and the
+    EmbProj input (first stage); the final
     norm, the EmbProj and output-layer inputs, fp32 logits 4*sb*V/T and the loss's mask and targets
     (last stage)."""
     t = layout.tp
@@ -304,8 +305,8 @@ def edge_activation_bytes(model: ModelConfig, layout: Layout, first: bool, last:
     e = torch.empty(0, dtype=layout.params_dtype).element_size()
     sb = s * b
     out = 0.0
-    if first:
-        out += 8 * sb + (e * sb * h / sp if model.embedding_projection else 0)
+    if first:  # token ids (int64), at TP > 1 the vocabulary-range mask (bool), the EmbProj input
+        out += 8 * sb + (sb if t > 1 else 0) + (e * sb * h / sp if model.embedding_projection else 0)
     if last:
         gain = 4 if e != 4 and model.normalization == "ssnorm" else 0
         out += 8 * sb * h / sp + 4 * sb / sp + gain
