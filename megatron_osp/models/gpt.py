@@ -164,9 +164,10 @@ def virtual_pipeline_settings(pipeline_parallel_size: int, virtual_pipeline_size
     """``parallel.virtual_pipeline_size`` as TransformerConfig fields (none when it is 1).
 
     Like Megatron-LM's defaults for the interleaved schedule, point-to-point transfers are posted one
-    by one and overlapped with compute (``overlap_p2p_comm``) instead of batched: with two pipeline
-    ranks, a batched exchange holds two sends to the same peer (an activation to the next stage and
-    a gradient to the previous one, which are the same rank) that the peer matches in another order.
+    by one and overlapped with compute (``overlap_p2p_comm``) instead of batched: batched, PP=2 on
+    gloo gave other losses than one process (docs/design.md, "Virtual pipeline stages"); the two
+    sends of a batch to the one peer (activation forward, gradient backward) are posted in the other
+    order than the peer's matching receives.
     """
     if virtual_pipeline_size == 1:
         return {}
