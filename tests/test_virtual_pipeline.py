@@ -235,7 +235,8 @@ def test_settings_that_cannot_work_name_the_field():
     base = ["model.preset=test", "train.global_batch_size=8", "train.micro_batch_size=2"]
     with pytest.raises(ConfigError, match=r"parallel\.virtual_pipeline_size=0: must be >= 1"):
         load_config(None, base + ["parallel.virtual_pipeline_size=0"])
-    with pytest.raises(ConfigError, match=r"parallel\.virtual_pipeline_size=2 needs parallel\.pipeline_parallel_size > 1"):
+    with pytest.raises(ConfigError, match=r"parallel\.virtual_pipeline_size=2 needs "
+                                          r"parallel\.pipeline_parallel_size > 1"):
         load_config(None, base + ["parallel.virtual_pipeline_size=2"])
     with pytest.raises(ConfigError, match=r"model\.num_layers=2 is not divisible by parallel\.pipeline_parallel_size=2 "
                                           r"x parallel\.virtual_pipeline_size=2"):
@@ -248,7 +249,8 @@ def test_settings_that_cannot_work_name_the_field():
                                      "parallel.virtual_pipeline_size=2"])
     check_world(good, 2)  # 4 micro-batches per step: a multiple of PP=2
     odd = load_config(None, ["model.preset=test", "model.num_layers=4", "parallel.pipeline_parallel_size=2",
-                             "parallel.virtual_pipeline_size=2", "train.global_batch_size=6", "train.micro_batch_size=2"])
+                             "parallel.virtual_pipeline_size=2", "train.global_batch_size=6",
+                             "train.micro_batch_size=2"])
     with pytest.raises(ConfigError, match=r"the 3 micro-batches per step .* must be a multiple of "
                                           r"parallel\.pipeline_parallel_size=2"):
         check_world(odd, 2)

@@ -2,7 +2,8 @@
 
 One step = one global batch through ``get_forward_backward_func()`` (1F1B under pipeline
 parallelism, interleaved 1F1B over model chunks with ``parallel.virtual_pipeline_size`` > 1; see
-model_setup.py), gradient reduction by Megatron's DDP (one wrapper per model chunk), then the (Muon +) AdamW step and the LR schedule.
+model_setup.py), gradient reduction by Megatron's DDP (one wrapper per model chunk), then the
+(Muon +) AdamW step and the LR schedule.
 Every ``log_interval`` steps the loss, LR, grad norm and tokens/s go to the console, to
 ``metrics.jsonl`` and to TensorBoard; every ``kurtosis_interval`` steps (and at the end) the paper's
 excess-kurtosis metric is measured on a fixed held-out batch.
@@ -40,8 +41,8 @@ from megatron_osp.training.checkpoint import (
     read_train_state,
     save_checkpoint,
 )
-from megatron_osp.training.config import RunConfig, save_config
 from megatron_osp.training import model_setup
+from megatron_osp.training.config import RunConfig, save_config
 from megatron_osp.training.data import build_datasets
 from megatron_osp.training.progress import finished_summary, tokens_at_resume
 from megatron_osp.training.sigterm import SigtermFlag
