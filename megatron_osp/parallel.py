@@ -10,12 +10,21 @@ from megatron.core import parallel_state
 from megatron_osp import platform
 
 
-def init_distributed(tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1) -> None:
+def init_distributed(
+    tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, virtual_pipeline_size: int = 1
+) -> None:
     """Initialise torch.distributed (gloo on CPU, nccl on CUDA) and Megatron's parallel groups.
 
     Works under torchrun (RANK/WORLD_SIZE/MASTER_* set) and as a plain single process, which
     becomes a world of one. Re-initialising with another layout destroys the old groups first.
+    ``virtual_pipeline_size`` > 1 (model chunks per pipeline stage) makes
+    ``get_forward_backward_func()`` pick Megatron's interleaved 1F1B schedule.
     """
+    if virtual_pipeline_size > 1 and pipeline_parallel_size == 1:
+        raise ValueError(
+            f"parallel.virtual_pipeline_size={virtual_pipeline_size} needs parallel.pipeline_parallel_size > 1"
+        )
+    vp = virtual_pipeline_size if virtual_pipeline_size > 1 else None
     platform.setup_platform()
     if not dist.is_initialized():
         if "MASTER_ADDR" not in os.environ:  # not launched by torchrun
@@ -37,6 +46,7 @@ def init_distributed(tensor_parallel_size: int = 1, pipeline_parallel_size: int 
         same = (
             parallel_state.get_tensor_model_parallel_world_size() == tensor_parallel_size
             and parallel_state.get_pipeline_model_parallel_world_size() == pipeline_parallel_size
+            and parallel_state.get_virtual_pipeline_model_parallel_world_size() == vp
         )
         if same:
             return
@@ -44,6 +54,7 @@ def init_distributed(tensor_parallel_size: int = 1, pipeline_parallel_size: int 
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_parallel_size,
         pipeline_model_parallel_size=pipeline_parallel_size,
+        virtual_pipeline_model_parallel_size=vp,
     )
 
 

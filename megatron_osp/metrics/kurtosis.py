@@ -33,6 +33,7 @@ __all__ = [
     "HiddenStateRecorder",
     "KurtosisReport",
     "measure_kurtosis",
+    "merge_rank_reports",
 ]
 
 
@@ -128,6 +129,37 @@ class KurtosisReport:
         atomic_write_json(path, self.to_dict())
 
 
+def _state_order(name: str, first_seen: int) -> tuple:
+    """The embedding output first, then layers by global number, then any other names as seen."""
+    if name == "embedding":
+        return (0, 0)
+    if name.startswith("layer_") and name[len("layer_"):].isdigit():
+        return (1, int(name[len("layer_"):]))
+    return (2, first_seen)
+
+
+def merge_rank_reports(reports: Sequence[dict]) -> KurtosisReport:
+    """One model's report from the reports (``to_dict()`` form) of the ranks that hold its parts.
+
+    Ranks holding the same hidden state (data-parallel replicas, each on its share of the batch)
+    are averaged, with the max of their max |x|; states are put in model order (embedding, then
+    ``layer_k`` by k), whichever pipeline stage or model chunk recorded them.
+    """
+    values: dict[str, list[float]] = {}
+    peaks: dict[str, list[float]] = {}
+    for report in reports:
+        for name, value, peak in zip(report["names"], report["values"], report["max_abs"]):
+            values.setdefault(name, []).append(value)
+            peaks.setdefault(name, []).append(peak)
+    seen = {name: i for i, name in enumerate(values)}
+    names = sorted(values, key=lambda n: _state_order(n, seen[n]))
+    return KurtosisReport(
+        names=names,
+        values=[sum(values[n]) / len(values[n]) for n in names],
+        max_abs=[max(peaks[n]) for n in names],
+    )
+
+
 class _Accumulator:
     """Running sums kept on the activations' device, so recording forces no host sync per layer."""
 
@@ -172,17 +204,20 @@ class HiddenStateRecorder:
 
     Records the first layer's input (``hidden_states``, positional or keyword; named "embedding")
     and every layer's output (``(hidden_states, context)`` tuple as Megatron-Core's TransformerLayer
-    returns, or a bare tensor) named ``layer_{k}`` with ``k = first_layer_offset + index + 1``.
+    returns, or a bare tensor) named ``layer_{k}`` with ``k = first_layer_offset + index + 1``, or,
+    without an offset, ``k`` = each layer's own 1-based ``layer_number``: so the layers of several
+    model chunks of a pipeline stage (virtual pipeline stages, not contiguous) are named globally.
     Hidden states are ``[seq, batch, hidden]``; only the last dim matters, so sequence-parallel
     shards are fine. Per state it keeps the sum of relu'd per-token kurtosis, the token count and
     the max |activation|, so several batches accumulate (token-weighted). Run under
     ``torch.no_grad`` and without activation recompute so each batch is counted once.
 
     Args:
-        layers: the transformer layers of this model chunk, in order.
+        layers: the transformer layers of this model chunk (or of all chunks), in order.
         first_layer_offset: number of layers before ``layers[0]`` in the whole model (a pipeline
-            stage's offset). ``None`` (default) takes ``layers[0].layer_number - 1`` when the layer
-            has a 1-based ``layer_number`` (as Megatron-Core's TransformerLayer does), else 0.
+            stage's offset); the layers are then taken as contiguous. ``None`` (default) names each
+            layer by its own 1-based ``layer_number`` when all have one (as Megatron-Core's
+            TransformerLayer does), else counts from 0.
         record_input: whether to record the first layer's input as "embedding". ``None`` (default)
             records it only when ``first_layer_offset == 0`` (the stage that holds the embedding),
             so reports of successive pipeline stages can be joined with ``KurtosisReport.merge``.
@@ -200,14 +235,15 @@ class HiddenStateRecorder:
         if not self.layers:
             raise ValueError("HiddenStateRecorder needs at least one layer")
         if first_layer_offset is None:
-            number = getattr(self.layers[0], "layer_number", None)
-            first_layer_offset = int(number) - 1 if isinstance(number, int) and number >= 1 else 0
-        self.first_layer_offset = int(first_layer_offset)
+            numbers = [getattr(layer, "layer_number", None) for layer in self.layers]
+            if not all(isinstance(n, int) and n >= 1 for n in numbers):
+                numbers = list(range(1, len(self.layers) + 1))
+        else:
+            numbers = [int(first_layer_offset) + i + 1 for i in range(len(self.layers))]
+        self.first_layer_offset = numbers[0] - 1
         self.record_input = (self.first_layer_offset == 0) if record_input is None else bool(record_input)
         if names is None:
-            names = (["embedding"] if self.record_input else []) + [
-                f"layer_{self.first_layer_offset + i + 1}" for i in range(len(self.layers))
-            ]
+            names = (["embedding"] if self.record_input else []) + [f"layer_{k}" for k in numbers]
         names = list(names)
         expected = len(self.layers) + int(self.record_input)
         if len(names) != expected:

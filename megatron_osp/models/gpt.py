@@ -64,6 +64,7 @@ def transformer_config(
     *,
     tensor_parallel_size: int = 1,
     pipeline_parallel_size: int = 1,
+    virtual_pipeline_size: int = 1,
     sequence_parallel: bool = False,
     params_dtype: torch.dtype = torch.float32,
     use_cpu_initialization: bool | None = None,
@@ -75,6 +76,8 @@ def transformer_config(
     """Megatron's TransformerConfig for a Llama-style model (RMSNorm, SwiGLU, RoPE, no biases).
 
     ``recompute`` and its two options are ``train.recompute*`` (see :func:`recompute_settings`).
+    ``virtual_pipeline_size`` > 1 splits each pipeline stage into that many model chunks
+    (interleaved 1F1B, see :func:`virtual_pipeline_settings`).
     """
     on_cpu = not torch.cuda.is_available()
     groups = model.num_query_groups or model.num_attention_heads
@@ -87,6 +90,11 @@ def transformer_config(
         raise ValueError(
             f"parallel.pipeline_parallel_size={pipeline_parallel_size} does not divide "
             f"model.num_layers={model.num_layers}"
+        )
+    if model.num_layers % (pipeline_parallel_size * virtual_pipeline_size):
+        raise ValueError(
+            f"parallel.pipeline_parallel_size={pipeline_parallel_size} x parallel.virtual_pipeline_size="
+            f"{virtual_pipeline_size} does not divide model.num_layers={model.num_layers}"
         )
     fused = not on_cpu
     # Megatron's fused softmax needs its own CUDA extension (built with Apex/Megatron-LM); without
@@ -123,6 +131,7 @@ def transformer_config(
         persist_layer_norm=False,
     )
     kwargs.update(recompute_settings(recompute, recompute_method, recompute_num_layers))
+    kwargs.update(virtual_pipeline_settings(pipeline_parallel_size, virtual_pipeline_size))
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 
@@ -151,6 +160,28 @@ def recompute_settings(recompute: str, method: str | None = None, num_layers: in
     raise ValueError(f"train.recompute must be none, selective or full, got {recompute!r}")
 
 
+def virtual_pipeline_settings(pipeline_parallel_size: int, virtual_pipeline_size: int) -> dict:
+    """``parallel.virtual_pipeline_size`` as TransformerConfig fields (none when it is 1).
+
+    Like Megatron-LM's defaults for the interleaved schedule, point-to-point transfers are posted one
+    by one and overlapped with compute (``overlap_p2p_comm``) instead of batched: batched, PP=2 on
+    gloo gave other losses than one process (docs/design.md, "Virtual pipeline stages"); the two
+    sends of a batch to the one peer (activation forward, gradient backward) are posted in the other
+    order than the peer's matching receives.
+    """
+    if virtual_pipeline_size == 1:
+        return {}
+    if pipeline_parallel_size == 1:
+        raise ValueError(
+            f"parallel.virtual_pipeline_size={virtual_pipeline_size} needs parallel.pipeline_parallel_size > 1"
+        )
+    return {
+        "virtual_pipeline_model_parallel_size": virtual_pipeline_size,
+        "overlap_p2p_comm": True,
+        "batch_p2p_comm": False,
+    }
+
+
 def build_gpt_model(
     model: ModelConfig,
     config: TransformerConfig,
@@ -159,21 +190,29 @@ def build_gpt_model(
     post_process: bool | None = None,
     seed: int = 1234,
     layout_independent_init: bool = True,
+    vp_stage: int | None = None,
 ) -> OSPGPTModel:
     """Build this rank's pipeline stage of the OSP GPT model (parallel state must be initialised).
 
     With ``layout_independent_init`` the initial weights depend only on ``seed``, not on the TP/PP
     layout (see models/init.py); otherwise Megatron-Core's own per-rank initialisation is kept.
+    With virtual pipeline stages (``config.virtual_pipeline_model_parallel_size``) this builds model
+    chunk ``vp_stage`` of the stage (see :func:`build_model_chunks`).
     """
+    if (config.virtual_pipeline_model_parallel_size is None) != (vp_stage is None):
+        raise ValueError(
+            f"vp_stage={vp_stage} with virtual_pipeline_model_parallel_size="
+            f"{config.virtual_pipeline_model_parallel_size}: give a chunk index exactly when the model has chunks"
+        )
     if pre_process is None:
-        pre_process = parallel_state.is_pipeline_first_stage()
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:
-        post_process = parallel_state.is_pipeline_last_stage()
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     backend = resolve_backend(model.transformer_impl)
     block = gpt_block_spec(
         model.normalization,
         backend,
-        num_layers_in_stage=get_num_layers_to_build(config),
+        num_layers_in_stage=get_num_layers_to_build(config, vp_stage=vp_stage),
         qk_layernorm=model.qk_layernorm,
     )
     gpt = OSPGPTModel(
@@ -188,6 +227,7 @@ def build_gpt_model(
         rotary_base=model.rotary_base,
         embedding_projection=model.embedding_projection,
         projection_seed=seed,
+        vp_stage=vp_stage,
     )
     # The tokenizer's vocabulary: rows past it are padding (never a target, dropped by the HF export),
     # so whatever reads logits as a distribution over tokens slices to it (analysis.model_parts.logits).
@@ -195,3 +235,16 @@ def build_gpt_model(
     if layout_independent_init:
         initialize_layout_independent(gpt, seed)
     return gpt
+
+
+def build_model_chunks(model: ModelConfig, config: TransformerConfig, *, seed: int = 1234) -> list[OSPGPTModel]:
+    """This rank's model chunks: one per virtual pipeline stage (a list of one without them).
+
+    Chunk ``v`` of pipeline rank ``p`` holds layers ``[(v * PP + p) * n, (v * PP + p + 1) * n)`` with
+    ``n = num_layers / (PP * V)``; the embedding is on chunk 0 of the first rank, the final norm and
+    output layer on the last chunk of the last rank.
+    """
+    vp = config.virtual_pipeline_model_parallel_size
+    if vp is None:
+        return [build_gpt_model(model, config, seed=seed)]
+    return [build_gpt_model(model, config, seed=seed, vp_stage=v) for v in range(vp)]

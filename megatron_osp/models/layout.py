@@ -2,8 +2,10 @@
 
 Tensor parallelism splits Megatron weights along ``param.partition_dim``; the fused SwiGLU
 ``linear_fc1`` is the exception: each TP shard holds [gate_r; up_r], so the logical [gate; up]
-is split per half. Pipeline parallelism renumbers layers from 0 on every stage. Tests compare
-layouts through these functions, and checkpoint conversion uses them too.
+is split per half. Pipeline parallelism renumbers layers from 0 on every stage, and on every model
+chunk of a stage with virtual pipeline stages; the global number is the local one plus
+:func:`layer_offset`. Tests compare layouts through these functions, and checkpoint conversion uses
+them too.
 """
 
 from __future__ import annotations
@@ -27,7 +29,14 @@ def _partition_dim(param) -> int | None:
 
 
 def layer_offset(model) -> int:
-    return get_transformer_layer_offset(model.config)
+    """Global number of this model chunk's first layer (0-based), at this pipeline rank.
+
+    ``model`` may be wrapped (DDP, Float16Module): the chunk index (``vp_stage``) is looked up on the
+    first module in the ``.module`` chain that has one."""
+    core = model
+    while getattr(core, "vp_stage", None) is None and hasattr(core, "module"):
+        core = core.module
+    return get_transformer_layer_offset(model.config, vp_stage=getattr(core, "vp_stage", None))
 
 
 def to_global_name(name: str, offset: int) -> str:

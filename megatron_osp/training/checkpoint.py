@@ -209,11 +209,15 @@ def _model_sharded_state_dict(model_chunks) -> dict:
 def _layout() -> dict:
     from megatron.core import parallel_state as ps
 
-    return {
+    layout = {
         "tensor_parallel_size": ps.get_tensor_model_parallel_world_size(),
         "pipeline_parallel_size": ps.get_pipeline_model_parallel_world_size(),
         "data_parallel_size": ps.get_data_parallel_world_size(),
     }
+    vp = ps.get_virtual_pipeline_model_parallel_world_size()
+    if vp is not None:  # recorded only when set, so checkpoints without it compare as before
+        layout["virtual_pipeline_size"] = vp
+    return layout
 
 
 def _rng_sharded_object(data):

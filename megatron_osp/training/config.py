@@ -1,7 +1,7 @@
 """A run's configuration: nested dataclasses, loaded from YAML and overridden from the command line.
 
     model:      ModelConfig (or `preset: tiny` plus field overrides)
-    parallel:   tensor/pipeline parallel sizes (data parallel is what remains of the world)
+    parallel:   tensor/pipeline (and virtual pipeline) sizes (data parallel is what remains of the world)
     optimizer:  OptimSettings (adam | muon, learning rates, clipping)
     data:       indexed-dataset prefixes, split, tokenizer
     train:      steps, batch sizes, schedule, logging, kurtosis cadence, run directory, checkpoints
@@ -35,6 +35,10 @@ from megatron_osp.training.validation import ConfigError, check_relations, check
 class ParallelSettings:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    # Model chunks per pipeline stage (interleaved 1F1B): 1 = one contiguous block of layers per
+    # stage; V > 1 needs pipeline_parallel_size > 1, model.num_layers divisible by PP x V and a number
+    # of micro-batches per step (global batch / (micro batch x DP)) divisible by PP.
+    virtual_pipeline_size: int = 1
     sequence_parallel: bool = False
 
 

@@ -1,7 +1,9 @@
 """The pretrain loop: Megatron-Core's schedules, DDP and optimizer around the OSP model.
 
 One step = one global batch through ``get_forward_backward_func()`` (1F1B under pipeline
-parallelism), gradient reduction by Megatron's DDP, then the (Muon +) AdamW step and the LR schedule.
+parallelism, interleaved 1F1B over model chunks with ``parallel.virtual_pipeline_size`` > 1; see
+model_setup.py), gradient reduction by Megatron's DDP (one wrapper per model chunk), then the
+(Muon +) AdamW step and the LR schedule.
 Every ``log_interval`` steps the loss, LR, grad norm and tokens/s go to the console, to
 ``metrics.jsonl`` and to TensorBoard; every ``kurtosis_interval`` steps (and at the end) the paper's
 excess-kurtosis metric is measured on a fixed held-out batch.
@@ -25,12 +27,10 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.transformer.module import Float16Module
 
 from megatron_osp import parallel, platform
 from megatron_osp.fileio import atomic_write_json, atomic_write_text
-from megatron_osp.metrics.kurtosis import HiddenStateRecorder, KurtosisReport
-from megatron_osp.models.gpt import build_gpt_model, transformer_config
+from megatron_osp.metrics.kurtosis import HiddenStateRecorder, KurtosisReport, merge_rank_reports
 from megatron_osp.optimizer.builder import ddp_config, ddp_wrapper, get_osp_optimizer
 from megatron_osp.training.checkpoint import (
     check_compatible,
@@ -40,8 +40,9 @@ from megatron_osp.training.checkpoint import (
     read_train_state,
     save_checkpoint,
 )
+from megatron_osp.training import model_setup
 from megatron_osp.training.config import RunConfig, save_config
-from megatron_osp.training.data import MicroBatchIterator, build_datasets
+from megatron_osp.training.data import build_datasets
 from megatron_osp.training.progress import finished_summary, tokens_at_resume
 from megatron_osp.training.sigterm import SigtermFlag
 from megatron_osp.training.validation import check_config, check_data_settings, check_world
@@ -97,7 +98,7 @@ class Trainer:
         check_config(config)
         check_world(config, _world_size())
         check_data_settings(config)
-        parallel.init_distributed(par.tensor_parallel_size, par.pipeline_parallel_size)
+        parallel.init_distributed(par.tensor_parallel_size, par.pipeline_parallel_size, par.virtual_pipeline_size)
         platform.seed_everything(train.seed)
         self.device = platform.device()
         self.bf16 = train.bf16 if train.bf16 is not None else not platform.is_cpu()
@@ -119,25 +120,13 @@ class Trainer:
             resume = "optimizer" in read_train_state(load_path)["contents"]
             check_compatible(load_path, config, resume=resume)
 
-        self.tconfig = transformer_config(
-            config.model,
-            tensor_parallel_size=par.tensor_parallel_size,
-            pipeline_parallel_size=par.pipeline_parallel_size,
-            sequence_parallel=par.sequence_parallel,
-            params_dtype=torch.bfloat16 if self.bf16 else torch.float32,
-            recompute=train.recompute,
-            recompute_method=train.recompute_method,
-            recompute_num_layers=train.recompute_num_layers,
-        )
-        model = build_gpt_model(config.model, self.tconfig, seed=train.seed).to(self.device)
-        if self.bf16:
-            model = Float16Module(self.tconfig, model)
-        ddp_cls, finalize = ddp_wrapper(config.optimizer)
-        self.model = ddp_cls(self.tconfig, ddp_config(config.optimizer), model)
-        self.tconfig.no_sync_func = self.model.no_sync
-        self.tconfig.finalize_model_grads_func = finalize
+        # One model chunk per virtual pipeline stage (one in all without them), each in its own DDP.
+        self.tconfig = model_setup.run_transformer_config(config, self.bf16)
+        chunks = model_setup.build_chunks(config, self.tconfig, self.device, self.bf16)
+        self.model_chunks = [self._wrap_chunk(chunk) for chunk in chunks]
+        model_setup.attach_grad_hooks(self.tconfig, self.model_chunks, ddp_wrapper(config.optimizer)[1])
         self.optimizer = get_osp_optimizer(
-            config.optimizer, [self.model], bf16=self.bf16, log=self.log if self._is_stage_leader() else None
+            config.optimizer, self.model_chunks, bf16=self.bf16, log=self.log if self._is_stage_leader() else None
         )
         opt = config.optimizer
         decay_style = "WSD" if train.decay_style == "wsd" else train.decay_style
@@ -163,7 +152,7 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
-        self.n_params = sum(p.numel() for p in self.model.parameters())
+        self.n_params = sum(p.numel() for chunk in self.model_chunks for p in chunk.parameters())
 
         # Last, so the restored RNG states are the ones the next step sees.
         self.last_saved_step = None
@@ -171,15 +160,14 @@ class Trainer:
         self._checkpoint_seq_length = config.model.seq_length
         if load_path is not None:
             state = load_checkpoint(
-                load_path, [self.model], self.optimizer, self.scheduler, load_rng=resume, log=self._rank0_log
+                load_path, self.model_chunks, self.optimizer, self.scheduler, load_rng=resume, log=self._rank0_log
             )
             if resume:
                 self.step, consumed = state["iteration"], state["consumed_samples"]
                 self.last_saved_step = self.step
                 self._checkpoint_seq_length = read_run_config(load_path).model.seq_length
-        self.train_iter = MicroBatchIterator(
-            self.train_ds, train.global_batch_size, train.micro_batch_size, consumed_samples=consumed
-        )
+        self.train_iters = model_setup.chunk_iterators(self.train_ds, train, len(self.model_chunks), consumed)
+        self.train_iter = self.train_iters[0]  # its `consumed` is the run's
         # Tokens consumed so far (all segments); _train refines it from metrics.jsonl on resume.
         self.tokens = consumed * self._checkpoint_seq_length
         # Written once the run has started cleanly: a start that fails (bad data, a checkpoint that
@@ -190,6 +178,19 @@ class Trainer:
             save_config(config, config_file)
         dist.barrier()
 
+    def _wrap_chunk(self, chunk):
+        """One model chunk in Megatron's DDP (gradient buffers; all-reduce over data-parallel ranks, or
+        with distributed_optimizer=true delivery to unit owners: optimizer/zero/ddp.py)."""
+        ddp_cls, _ = ddp_wrapper(self.config.optimizer)
+        return ddp_cls(self.tconfig, ddp_config(self.config.optimizer), chunk)
+
+    @property
+    def model(self):
+        """The model when it is one chunk (``parallel.virtual_pipeline_size=1``); else see model_chunks."""
+        if len(self.model_chunks) != 1:
+            raise AttributeError(f"the model has {len(self.model_chunks)} chunks: use Trainer.model_chunks")
+        return self.model_chunks[0]
+
     def _rank0_log(self, msg):
         if dist.get_rank() == 0:
             self.log(msg)
@@ -198,12 +199,12 @@ class Trainer:
         return parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_tensor_model_parallel_rank() == 0
 
     # ------------------------------------------------------------------ steps
-    def _run_schedule(self, data_iter, forward_only: bool) -> list[dict]:
+    def _run_schedule(self, iters: list, forward_only: bool) -> list[dict]:
         return get_forward_backward_func()(
             forward_step_func=partial(_forward_step, self.device),
-            data_iterator=data_iter,
-            model=[self.model],
-            num_microbatches=data_iter.num_microbatches,
+            data_iterator=model_setup.schedule_inputs(iters),
+            model=self.model_chunks,
+            num_microbatches=iters[0].num_microbatches,
             seq_length=self.config.model.seq_length,
             micro_batch_size=self.config.train.micro_batch_size,
             forward_only=forward_only,
@@ -218,10 +219,11 @@ class Trainer:
         return loss.item() / parallel_state.get_data_parallel_world_size()
 
     def train_step(self) -> dict:
-        self.model.train()
-        self.model.zero_grad_buffer()
+        for chunk in self.model_chunks:
+            chunk.train()
+            chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        outputs = self._run_schedule(self.train_iter, forward_only=False)
+        outputs = self._run_schedule(self.train_iters, forward_only=False)
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
             self.scheduler.step(increment=1)
@@ -236,29 +238,29 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        self.model.eval()
-        it = MicroBatchIterator(self.valid_ds, self.config.train.global_batch_size, self.config.train.micro_batch_size)
+        self._eval_mode()
+        it = model_setup.chunk_iterators(self.valid_ds, self.config.train, len(self.model_chunks))
         losses = [self._mean_loss(self._run_schedule(it, forward_only=True)) for _ in range(self.config.train.eval_batches)]
         return sum(losses) / len(losses)
 
     @torch.no_grad()
     def measure_kurtosis(self) -> KurtosisReport:
         """The paper's metric on the first held-out global batch(es); the whole model's report on every rank."""
-        self.model.eval()
-        core = unwrap(self.model)
-        it = MicroBatchIterator(self.valid_ds, self.config.train.global_batch_size, self.config.train.micro_batch_size)
-        with HiddenStateRecorder(core.decoder.layers, record_input=core.pre_process) as rec:
+        self._eval_mode()
+        first = model_setup.core_chunks(self.model_chunks)[0]
+        it = model_setup.chunk_iterators(self.valid_ds, self.config.train, len(self.model_chunks))
+        # The layers of all chunks, each named by its global number (not contiguous under interleaving).
+        with HiddenStateRecorder(model_setup.decoder_layers(self.model_chunks), record_input=first.pre_process) as rec:
             for _ in range(self.config.train.kurtosis_batches):
                 self._run_schedule(it, forward_only=True)
-        local = rec.report()
         reports = [None] * dist.get_world_size()
-        payload = (
-            parallel_state.get_pipeline_model_parallel_rank(),
-            parallel_state.get_tensor_model_parallel_rank(),
-            local.to_dict(),
-        )
-        dist.all_gather_object(reports, payload)
-        return _merge_reports(reports)
+        dist.all_gather_object(reports, (parallel_state.get_tensor_model_parallel_rank(), rec.report().to_dict()))
+        # TP ranks hold copies of the same hidden states: TP rank 0's are used.
+        return merge_rank_reports([report for tp_rank, report in reports if tp_rank == 0])
+
+    def _eval_mode(self):
+        for chunk in self.model_chunks:
+            chunk.eval()
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
@@ -266,7 +268,7 @@ class Trainer:
         path = save_checkpoint(
             self.save_dir,
             self.step,
-            [self.model],
+            self.model_chunks,
             self.config,
             optimizer=self.optimizer,
             scheduler=self.scheduler,
@@ -457,23 +459,6 @@ class Trainer:
             f"grad norm {stats['grad_norm']:.3f} | {stats['tokens_per_s']:,.0f} tokens/s"
         )
         (bar.write if bar is not None else self.log)(line)
-
-
-def _merge_reports(gathered) -> KurtosisReport:
-    """Join pipeline stages in order; average tensor-parallel copies' identical... (TP rank 0 is used)."""
-    by_stage: dict[int, list[dict]] = {}
-    for pp_rank, tp_rank, report in gathered:
-        if tp_rank == 0:
-            by_stage.setdefault(pp_rank, []).append(report)
-    merged = KurtosisReport()
-    for pp_rank in sorted(by_stage):
-        dp_reports = by_stage[pp_rank]  # one per data-parallel rank, each on its share of the batch
-        first = dp_reports[0]
-        merged.names += first["names"]
-        for i in range(len(first["names"])):
-            merged.values.append(sum(r["values"][i] for r in dp_reports) / len(dp_reports))
-            merged.max_abs.append(max(r["max_abs"][i] for r in dp_reports))
-    return merged
 
 
 def _mean_tail(history, n=3) -> float:

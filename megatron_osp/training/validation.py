@@ -8,13 +8,16 @@ Three stages, each run as soon as what it needs is known, and all before a model
 - ``check_relations`` (from ``load_config``, on the whole RunConfig): values that must agree, e.g.
   ``train.global_batch_size`` a multiple of ``train.micro_batch_size``, ``model.hidden_size``
   divisible by ``model.num_attention_heads``, ``train.warmup_steps < train.train_steps``, the
-  tensor/pipeline sizes against the model's heads, query groups, FFN width and layers, and
+  tensor/pipeline sizes against the model's heads, query groups, FFN width and layers (PP x virtual
+  pipeline size dividing the layers, a virtual pipeline only with PP > 1), and
   ``train.recompute_method``/``recompute_num_layers`` only with ``train.recompute=full``, fitting a
   pipeline stage's layers.
 - ``check_world`` and ``check_data_settings`` (from the Trainer, once the world size is known and
   before the process groups, datasets and model exist): TP x PP divides the world, the global batch
-  divides into micro-batches x data-parallel ranks; the data files and tokenizer exist, the
-  tokenizer's vocabulary fits ``model.vocab_size`` and it has an end-of-document id. The Trainer
+  divides into micro-batches x data-parallel ranks (with virtual pipeline stages, a multiple of PP
+  micro-batches per step, as Megatron-Core's interleaved schedule needs); the data files and
+  tokenizer exist, the tokenizer's vocabulary fits ``model.vocab_size`` and it has an
+  end-of-document id. The Trainer
   first runs ``check_config`` (ranges and relations) for a RunConfig built in code.
 
 Every problem found in a stage is reported at once, one line each, as a ``ConfigError`` (a
@@ -181,6 +184,7 @@ RULES: dict[str, dict[str, Rule]] = {
     "parallel": {
         "tensor_parallel_size": POSITIVE,
         "pipeline_parallel_size": POSITIVE,
+        "virtual_pipeline_size": POSITIVE,
         "sequence_parallel": boolean,
     },
     "optimizer": {
@@ -301,8 +305,19 @@ def relation_problems(config) -> list[str]:
             f"model.seq_length={m.seq_length} is not divisible by parallel.tensor_parallel_size={tp} "
             "(parallel.sequence_parallel=true splits the sequence over TP ranks)"
         )
+    vp = p.virtual_pipeline_size
     if m.num_layers % pp:
         problems.append(f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline_parallel_size={pp}")
+    elif m.num_layers % (pp * vp):
+        problems.append(
+            f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline_parallel_size={pp} x "
+            f"parallel.virtual_pipeline_size={vp} (each of the {pp * vp} model chunks gets the same number of layers)"
+        )
+    if vp > 1 and pp == 1:
+        problems.append(
+            f"parallel.virtual_pipeline_size={vp} needs parallel.pipeline_parallel_size > 1 (model chunks "
+            "interleave pipeline stages)"
+        )
     if t.warmup_steps >= t.train_steps:
         problems.append(f"train.warmup_steps={t.warmup_steps} must be smaller than train.train_steps={t.train_steps}")
     if t.global_batch_size % t.micro_batch_size:
@@ -310,7 +325,7 @@ def relation_problems(config) -> list[str]:
             f"train.global_batch_size={t.global_batch_size} is not a multiple of "
             f"train.micro_batch_size={t.micro_batch_size}"
         )
-    problems += _recompute_problems(t, m.num_layers // pp if not m.num_layers % pp else None)
+    problems += _recompute_problems(t, m.num_layers // (pp * vp) if not m.num_layers % (pp * vp) else None, vp)
     d = config.data
     if d.weights is not None and d.paths and len(d.weights) != len(d.paths):
         problems.append(f"data.weights has {len(d.weights)} entries but data.paths has {len(d.paths)}")
@@ -319,9 +334,10 @@ def relation_problems(config) -> list[str]:
     return problems
 
 
-def _recompute_problems(t, layers_per_stage: int | None) -> list[str]:
+def _recompute_problems(t, layers_per_stage: int | None, vp: int = 1) -> list[str]:
     """train.recompute_method / recompute_num_layers only with recompute=full, and a layer count that
-    fits a pipeline stage (uniform: chunks of it tile the stage's layers, as Megatron's loop needs)."""
+    fits a pipeline stage (uniform: chunks of it tile the stage's layers, as Megatron's loop needs).
+    With virtual pipeline stages, "stage" is one model chunk (Megatron recomputes per chunk)."""
     if t.recompute != "full":
         return [
             f"train.{name}={getattr(t, name)!r} is used only with train.recompute=full "
@@ -332,15 +348,14 @@ def _recompute_problems(t, layers_per_stage: int | None) -> list[str]:
     n = t.recompute_num_layers or 1
     if layers_per_stage is None:
         return []  # the layers/pipeline mismatch is reported on its own
+    stage, split = ("pipeline stage", "model.num_layers / parallel.pipeline_parallel_size") if vp == 1 else (
+        "model chunk", "model.num_layers / (parallel.pipeline_parallel_size x parallel.virtual_pipeline_size)")
     if n > layers_per_stage:
-        return [
-            f"train.recompute_num_layers={n} is more than the {layers_per_stage} layers of a pipeline stage "
-            "(model.num_layers / parallel.pipeline_parallel_size)"
-        ]
+        return [f"train.recompute_num_layers={n} is more than the {layers_per_stage} layers of a {stage} ({split})"]
     if (t.recompute_method or "uniform") == "uniform" and layers_per_stage % n:
         return [
-            f"train.recompute_num_layers={n} does not divide the {layers_per_stage} layers of a pipeline "
-            "stage (train.recompute_method=uniform recomputes chunks of that many layers)"
+            f"train.recompute_num_layers={n} does not divide the {layers_per_stage} layers of a {stage} "
+            "(train.recompute_method=uniform recomputes chunks of that many layers)"
         ]
     return []
 
@@ -374,6 +389,15 @@ def world_problems(config, world_size: int) -> list[str]:
         return [
             f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size="
             f"{t.micro_batch_size} x {dp} data-parallel ranks (world {world_size} / TP {tp} / PP {pp})"
+        ]
+    microbatches = t.global_batch_size // (t.micro_batch_size * dp)
+    if p.virtual_pipeline_size > 1 and microbatches % pp:
+        # Megatron-Core's interleaved schedule runs micro-batches in groups of PP per model chunk
+        # (microbatch_group_size_per_vp_stage); a last, smaller group would stall the pipeline.
+        return [
+            f"parallel.virtual_pipeline_size={p.virtual_pipeline_size}: the {microbatches} micro-batches per step "
+            f"(train.global_batch_size={t.global_batch_size} / train.micro_batch_size={t.micro_batch_size} / "
+            f"{dp} data-parallel ranks) must be a multiple of parallel.pipeline_parallel_size={pp}"
         ]
     return []
 
