@@ -218,14 +218,34 @@ def test_recompute_under_vp2_changes_no_loss(runs):
         assert vp[f"adam_{name}"] == vp["adam"]["losses"], name
 
 
-def _tp2_worker(rank, world, corpus, root):
-    _, run = _train(_base(corpus, "muon", tp=2, pp=2, vp=2) + ["optimizer.distributed_optimizer=true"], f"{root}/tp2")
-    return {"muon": run}
+ZERO = ["optimizer.distributed_optimizer=true", "optimizer.bucket_size=3000"]
+OVERLAP = ["optimizer.overlap_grad_reduce=true", "optimizer.overlap_param_gather=true"]
 
 
-def test_tp2_pp2_vp2_distributed_optimizer_matches_single_process(runs, tmp_path):
-    got = _merge(run_distributed(_tp2_worker, 4, runs["corpus"], str(tmp_path), timeout=600))["muon"]
-    _assert_same_run(runs["single"]["muon"], got)
+def _zero_worker(rank, world, corpus, root):
+    """PP=2 x V=2 x DP=2 with the distributed optimizer: Adam and OSP with overlap, OSP without;
+    OSP's step-5 checkpoint resumed at PP=2 x V=2 x DP=2 and at DP=4 (step 6)."""
+    out = {}
+    for name, optimizer, extra in (("adam", "adam", OVERLAP), ("muon", "muon", OVERLAP + ["train.save=true"]),
+                                   ("muon_sync", "muon", [])):
+        _, out[name] = _train(_base(corpus, optimizer, pp=2, vp=2) + ZERO + extra, f"{root}/{name}")
+    ckpt = f"{root}/muon/checkpoints"
+    for name, layout in (("resume_vp", dict(pp=2, vp=2)), ("resume_dp4", {})):
+        overrides = _base(corpus, "muon", **layout) + ZERO + OVERLAP + [f"train.load={ckpt}", "train.exit_at_step=0"]
+        trainer, _ = _train(overrides, f"{root}/{name}")
+        out[name] = [h["loss"] for h in trainer.history]
+    return out
+
+
+def test_pp2_vp2_dp2_distributed_optimizer_matches_single_process_and_resumes(runs, tmp_path):
+    got = _merge(run_distributed(_zero_worker, 4, runs["corpus"], str(tmp_path), timeout=900))
+    for optimizer in ("adam", "muon"):
+        _assert_same_run(runs["single"][optimizer], got[optimizer])
+    assert got["muon_sync"]["losses"] == got["muon"]["losses"]  # overlap on and off: identical
+    for k, w in got["muon"]["weights"].items():
+        assert torch.equal(got["muon_sync"]["weights"][k], w), k
+    assert len(got["resume_vp"]) == len(got["resume_dp4"]) == 1  # step 6 only
+    np.testing.assert_allclose(got["resume_dp4"], got["resume_vp"], rtol=2e-5)
 
 
 def test_settings_that_cannot_work_name_the_field():
