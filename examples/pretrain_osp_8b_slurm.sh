@@ -24,6 +24,8 @@ exec bash examples/pretrain_slurm.sh \
   parallel.sequence_parallel=true \
   train.recompute=selective \
   optimizer.distributed_optimizer=true \
+  optimizer.overlap_grad_reduce=true \
+  optimizer.overlap_param_gather=true \
   train.micro_batch_size=1 \
   train.global_batch_size=512 \
   train.train_steps=238419 \

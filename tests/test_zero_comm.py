@@ -14,12 +14,14 @@ gradients and an all-gather of parameters, (D-1)/D x local parameters x (4 + 4) 
 
 Order (overlap on): the first gradient bucket is sent before the backward pass reaches the
 embedding output; parameters returned by a step are waited for only inside the next forward pass,
-some of them after a later layer's forward has begun.
+some of them after a later layer's forward has begun, and all but the first WINDOW buckets are sent
+from inside that forward pass as earlier ones arrive.
 """
 
 import numpy as np
 import pytest
 
+from megatron_osp.optimizer.zero.exchange import WINDOW
 from megatron_osp.testing.distributed import run_distributed
 
 BASE = ["model.preset=test", "data.eod_id=255", "optimizer.muon_lr=0.02", "train.train_steps=5",
@@ -150,9 +152,13 @@ def test_gradients_leave_during_backward_and_parameters_arrive_during_forward(me
         last_backward = max(i for i, e in enumerate(first_step) if e == ("embedding_output_grad",))
         first_issue = first_step.index(("grad_issue", 0))
         assert first_issue < last_backward  # bucket 0 left while the backward pass still ran
-        # The step's parameters: issued before it returned, none waited for before the next forward.
-        assert sum(1 for e in first_step if e[0] == "param_issue") == buckets
+        # The step's parameters: the first WINDOW buckets leave before it returns, the rest as the
+        # next forward pass waits for the first ones; nothing is waited for before that forward.
+        last_grad_wait = max(i for i, e in enumerate(first_step) if e[0] == "grad_wait")
+        assert sum(1 for e in first_step[last_grad_wait:] if e[0] == "param_issue") == WINDOW
         begin = second.index(("forward_begin",))
         waits = [i for i, e in enumerate(second) if e[0] == "param_wait"]
+        issues = [i for i, e in enumerate(second) if e[0] == "param_issue"]
         assert len(waits) == buckets and min(waits) > begin
+        assert len([i for i in issues if begin < i < max(waits)]) == buckets - WINDOW
         assert max(waits) > second.index(("last_layer_forward",))  # waited at first use, not upfront

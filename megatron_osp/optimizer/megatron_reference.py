@@ -113,6 +113,12 @@ def optimizer_state_bytes(optimizer) -> dict[str, int]:
     the distributed optimizer these are the model's own parameters); ``state``: every tensor in its
     state (Adam's exp_avg and exp_avg_sq; a 0-dim ``step`` counts too, 4-8 bytes per tensor).
     """
+    from megatron_osp.optimizer.zero.optimizer import ZeroOptimizer
+
+    if isinstance(optimizer, ZeroOptimizer):
+        master = sum(t.numel() * t.element_size() for t in optimizer.masters.values())
+        state = sum(t.numel() * t.element_size() for st in optimizer.state_tensors.values() for t in st.values())
+        return {"master": master, "state": state, "total": master + state}
     inner = [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])]
     master = state = 0
     for opt in inner:
@@ -192,10 +198,32 @@ def forward_backward(ddp_chunks, micro_batches: list[dict], seq_length: int, mic
     )
 
 
+def build_ours(model_chunks_builder, tconfig, opt_settings: OptimSettings, overlap: bool, bucket_size: int | None):
+    """The same model under our whole-matrix ZeRO (optimizer/zero/) instead of Megatron's
+    DistributedOptimizer: OwnerDDP chunks and ``get_osp_optimizer`` with distributed_optimizer=true."""
+    import dataclasses
+
+    from megatron_osp.optimizer.builder import ddp_config, get_osp_optimizer
+    from megatron_osp.optimizer.zero.ddp import OwnerDDP, finalize_owner_grads
+
+    settings = dataclasses.replace(
+        opt_settings, distributed_optimizer=True, overlap_grad_reduce=overlap, overlap_param_gather=overlap,
+        bucket_size=bucket_size or opt_settings.bucket_size,
+    )
+    chunks = _as_chunks(model_chunks_builder)
+    if tconfig.bf16:
+        chunks = [Float16Module(tconfig, c) for c in chunks]
+    ddp_chunks = [OwnerDDP(tconfig, ddp_config(settings), c) for c in chunks]
+    tconfig.no_sync_func = ddp_chunks[0].no_sync if len(ddp_chunks) == 1 else [m.no_sync for m in ddp_chunks]
+    tconfig.finalize_model_grads_func = finalize_owner_grads
+    return ddp_chunks, get_osp_optimizer(settings, ddp_chunks, bf16=bool(tconfig.bf16), log=None)
+
+
 def build_reference(settings: DriverSettings, *, distributed: bool, overlap: bool, bf16: bool,
-                    bucket_size: int | None):
+                    bucket_size: int | None, impl: str = "megatron"):
     """Parallel state (DP = world, TP = PP = 1), seeds, the preset's GPT model, Megatron DDP and
-    optimizer, as :func:`train_reference` uses them. Returns ``(model_config, ddp_chunks, optimizer)``."""
+    optimizer (``impl="ours"``: our whole-matrix ZeRO on the same model and data), as
+    :func:`train_reference` uses them. Returns ``(model_config, ddp_chunks, optimizer)``."""
     from megatron_osp import parallel
     from megatron_osp.models.gpt import build_gpt_model, transformer_config
     from megatron_osp.models.presets import get_preset
@@ -206,6 +234,9 @@ def build_reference(settings: DriverSettings, *, distributed: bool, overlap: boo
     model_cfg = get_preset(s.preset, **(s.model_overrides or {}))
     tconfig = transformer_config(model_cfg, params_dtype=torch.bfloat16 if bf16 else torch.float32)
     opt = OptimSettings(name="adam", lr=s.lr, clip_grad=s.clip_grad)
+    if impl == "ours":
+        build = lambda: build_gpt_model(model_cfg, tconfig, seed=s.seed).to(platform.device())  # noqa: E731
+        return (model_cfg, *build_ours(build, tconfig, opt, overlap, bucket_size))
     ddp_chunks, optimizer = build_megatron_distopt(
         lambda: build_gpt_model(model_cfg, tconfig, seed=s.seed).to(platform.device()), tconfig, opt, overlap,
         bucket_size,
@@ -223,6 +254,7 @@ def train_reference(
     bf16: bool = False,
     bucket_size: int | None = None,
     settings: DriverSettings | None = None,
+    impl: str = "megatron",
 ) -> dict:
     """Train ``settings.steps`` steps at DP=world_size (TP=PP=1); run under ``run_distributed``.
 
@@ -242,7 +274,7 @@ def train_reference(
             f"micro_batch_size={s.micro_batch_size}"
         )
     model_cfg, ddp_chunks, optimizer = build_reference(
-        s, distributed=distributed, overlap=overlap, bf16=bf16, bucket_size=bucket_size
+        s, distributed=distributed, overlap=overlap, bf16=bf16, bucket_size=bucket_size, impl=impl
     )
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=s.lr, max_lr=s.lr, min_lr=s.lr, lr_warmup_steps=0, lr_decay_steps=s.steps,
@@ -279,6 +311,8 @@ def train_reference(
     for chunk in ddp_chunks:
         if chunk.ddp_config.use_distributed_optimizer:
             chunk.start_param_sync(force_sync=True)
+    if hasattr(optimizer, "finish_param_sync"):  # ours (impl="ours")
+        optimizer.finish_param_sync()
     max_update = max((p.detach().float() - initial[n]).abs().max().item() for n, p in core.named_parameters())
     weights = gather_logical(core, dict(core.named_parameters()))
     return {

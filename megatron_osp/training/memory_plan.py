@@ -14,10 +14,8 @@ Per rank (GiB):
 - masters / state: fp32 master (4 B/elem) and optimizer state (AdamW 8, Muon/vector momentum 4) of
   the units the rank owns;
 - owner grads: the fp32 reduced gradient of every owned unit (``Exchange.grads``, kept for the step);
-- comm buffers: the exchange's send + receive buffers. exchange.py issues every bucket before it
-  waits for the first, so all buckets' buffers are alive together: the larger of the gradient phase
-  (sum over buckets, ``grad_reduce_dtype``) and the parameter phase (sum over buckets, param dtype);
-  the largest single bucket is reported beside it;
+- comm buffers: the exchange's peak send + receive buffers, ``Exchange.buffer_bytes`` (at most
+  ``exchange.WINDOW`` buckets in flight per direction); the largest single bucket beside it;
 - activations: see :func:`activation_bytes`;
 - sent: bytes this rank sends to other ranks per step (gradients + parameters), ``plan_bytes``.
 
@@ -222,7 +220,8 @@ def ours(chunks, offsets, layout: Layout, settings) -> list[RankFigures]:
         sent = ex.plan_bytes(pb)
         size = lambda lists: sum(s.numel for items in lists for _, s in items)  # noqa: E731
         grad_phase = [(size(b.grad_send) + size(b.grad_recv)) * gb for b in ex.buckets]
-        param_phase = [(size(b.param_send) + size(b.param_recv)) * pb for b in ex.buckets]
+        param_phase = [(size(b.param_send) + size(b.param_recv) + sum(u.numel for u in b.broadcast)) * pb
+                       for b in ex.buckets]
         owned = [u for u in units if u.owner == rank]
         out.append(RankFigures(
             params=local * pb,
@@ -230,7 +229,7 @@ def ours(chunks, offsets, layout: Layout, settings) -> list[RankFigures]:
             masters=sum(u.numel for u in owned) * 4,
             state=sum(u.numel * 4 * len(STATE_NAMES[u.kind]) for u in owned),
             owner_grads=sum(u.numel for u in owned) * 4,
-            comm_buffers=max(sum(grad_phase), sum(param_phase)),
+            comm_buffers=ex.buffer_bytes(pb),
             largest_bucket=max(grad_phase + param_phase, default=0),
             sent_grads=sent["grads"],
             sent_params=sent["params"],

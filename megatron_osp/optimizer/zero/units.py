@@ -90,7 +90,12 @@ def _partition_dim(param):
     return param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
 
 
-def _chunk_bounds(size: int, k: int) -> list[tuple[int, int]]:
+def _chunk_bounds(size: int, k: int, octants: bool = False) -> list[tuple[int, int]]:
+    """[start, stop) of k chunks of a dim of ``size``; with ``octants`` (a TP-splittable dim that
+    divides by 8) each eighth is cut on its own, so no chunk crosses a TP shard at TP = 2, 4, 8."""
+    if octants and k % 8 == 0 and size % 8 == 0:
+        eighth = size // 8
+        return [(o * eighth + a, o * eighth + b) for o in range(8) for a, b in _chunk_bounds(eighth, k // 8)]
     step = math.ceil(size / k)
     return [(a, min(a + step, size)) for a in range(0, size, step)]
 
@@ -122,11 +127,11 @@ def adam_units(name, gname, param, model, param_index, group, tp_size, kind=ADAM
     if param.ndim == 2 and name.endswith("mlp.linear_fc1.weight") and model.config.gated_linear_unit:
         blocks = [(0, rows // 2), (rows // 2, rows)]  # gate, up: each a logical block (as for Muon)
     units = []
-    chunk_cols = sharded and dim == 1
+    chunk_cols = dim == 1 and param.ndim == 2  # along the TP dim at every TP size: layout-free keys
     for b, (r0, r1) in enumerate(blocks):
         along = cols if chunk_cols else r1 - r0
         k = 1 if kind == VECTOR else chunks_for((r1 - r0) * cols, along, dim is not None, target)
-        for c, (a0, a1) in enumerate(_chunk_bounds(along, k)):
+        for c, (a0, a1) in enumerate(_chunk_bounds(along, k, octants=dim is not None)):
             ur0, ur1 = (r0, r1) if chunk_cols else (r0 + a0, r0 + a1)
             uc0, uc1 = (a0, a1) if chunk_cols else (0, cols)
             slices, holders = [], []
