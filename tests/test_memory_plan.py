@@ -3,7 +3,8 @@
 A CPU run of the ``test`` preset (with GQA: 4 heads in 2 query groups) in bf16 with
 ``optimizer.distributed_optimizer=true`` (OSP: Muon + AdamW) at DP=2 and at TP=2 x DP=2 measures on
 every rank: bytes of the parameters, of DDP's main_grad buffers, of the ZeroOptimizer's masters and
-state tensors and of the owners' reduced gradients after one step, the bytes sent by all-to-all in
+state tensors and of the owners' reduced gradients after one step, the peak bytes of the exchange's
+live send/receive buffers during that step (Exchange.peak_buffer_bytes), the bytes sent by all-to-all in
 that step (split sizes to other ranks, every call wrapped), and the activations one micro-batch's
 forward saves for backward (saved_tensors_hooks, deduplicated by storage, parameters excluded).
 The planner, run in a separate world of one for the same layouts, must give the same figures rank
@@ -22,7 +23,7 @@ from megatron_osp.testing.distributed import run_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 MICRO, DP_GLOBAL = 2, 4  # micro-batch 2; global batch 4 per DP=2 world: one micro-batch per step
-EXACT = ("params", "grads", "masters", "state", "owner_grads", "sent_grads", "sent_params")
+EXACT = ("params", "grads", "masters", "state", "owner_grads", "comm_buffers", "sent_grads", "sent_params")
 
 
 def _overrides(corpus, run_dir, tp):
@@ -90,6 +91,7 @@ def _measure_worker(rank, world_size, overrides):
         "masters": sum(t.numel() * t.element_size() for t in opt.masters.values()),
         "state": sum(t.numel() * t.element_size() for st in opt.state_tensors.values() for t in st.values()),
         "owner_grads": sum(t.numel() * t.element_size() for t in opt.exchange.grads.values()),
+        "comm_buffers": opt.exchange.peak_buffer_bytes,
         "sent_grads": sent.get(torch.float32, 0),
         "sent_params": sent.get(torch.bfloat16, 0),
         "param_dtype": str(next(model.parameters()).dtype),

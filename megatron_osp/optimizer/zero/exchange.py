@@ -93,6 +93,7 @@ class Exchange:
         self._param_order: list[_Bucket] = []
         self._param_next = 0
         self._grads_in_flight: list[_Bucket] = []
+        self.peak_buffer_bytes = 0  # measured: see _note_buffers
         self.grads: dict[str, torch.Tensor] = {}  # owner side: the reduced gradient of each owned unit
 
     # ------------------------------------------------------------------ plan
@@ -193,6 +194,7 @@ class Exchange:
         work = self._all_to_all(recv, send, recv_sizes, _sizes(b.grad_send), async_op)
         b.grad_work = (work, send, recv, recv_sizes)
         self._grads_in_flight.append(b)
+        self._note_buffers()
         self._log("grad_issue", b.index)
 
     def _complete_grads(self, b: _Bucket):
@@ -261,6 +263,7 @@ class Exchange:
         b.param_work = (work, send, recv, recv_sizes, bcast)
         self._param_pending.add(b.index)
         self._param_next += 1
+        self._note_buffers()
         self._log("param_issue", b.index)
 
     def wait_param_bucket(self, b: _Bucket) -> None:
@@ -304,6 +307,17 @@ class Exchange:
     def finish_params(self) -> None:
         for b in getattr(self, "_param_order", []):
             self.wait_param_bucket(b)
+
+    def _note_buffers(self):
+        """Track the peak bytes of live send/receive buffers (what ``buffer_bytes`` plans)."""
+        live = 0
+        for b in self._grads_in_flight:
+            live += sum(t.numel() * t.element_size() for t in b.grad_work[1:3])
+        for b in self.buckets:
+            if b.param_work is not None and b.index in self._param_pending:
+                live += sum(t.numel() * t.element_size() for t in b.param_work[1:3])
+                live += sum(t.numel() * t.element_size() for _, t, _ in b.param_work[4])
+        self.peak_buffer_bytes = max(self.peak_buffer_bytes, live)
 
     # ------------------------------------------------------------------ collective
     def _all_to_all(self, recv, send, recv_sizes, send_sizes, async_op):
