@@ -83,7 +83,8 @@ def resumed(toy_corpus, tmp_path_factory):
     tokens = torch.randint(0, 250, (2, 16), generator=torch.Generator().manual_seed(3))
     export = run_distributed(_export_worker, 1, str(ckpt / "iter_0000004"), str(root / "hf"), tokens)[0]
     return {"full": full, "dp2": _losses(dp2, 0), "dp2_zeroed": _losses(dp2, 1), "one": _losses(one, 0),
-            "export": export, "hf": root / "hf", "tokens": tokens}
+            "export": export, "hf": root / "hf", "tokens": tokens, "step2": step2,
+            "overrides": _overrides(toy_corpus, 1, root / "plain", load)}
 
 
 @pytest.mark.parametrize("layout", ["dp2", "one"])
@@ -110,3 +111,15 @@ def test_hf_export_of_the_distributed_optimizer_checkpoint_equals_the_model(resu
     diff = (hf - logits).abs().max().item()
     assert diff <= 1e-4, f"max |HF - Megatron| logits = {diff}"
     assert logits.abs().max() > 0.1
+
+
+def test_resuming_without_the_distributed_optimizer_is_refused_naming_the_field(resumed):
+    from megatron_osp.training.checkpoint import CheckpointError, check_compatible
+    from megatron_osp.training.config import load_config
+
+    config = load_config(None, resumed["overrides"] + ["optimizer.distributed_optimizer=false",
+                                                        "optimizer.overlap_grad_reduce=false",
+                                                        "optimizer.overlap_param_gather=false"])
+    with pytest.raises(CheckpointError, match=r"optimizer\.distributed_optimizer: checkpoint True, this run False"):
+        check_compatible(resumed["step2"], config, resume=True)
+    check_compatible(resumed["step2"], config, resume=False)  # its weights load either way

@@ -1,6 +1,7 @@
 """Whole-matrix ZeRO (optimizer.distributed_optimizer=true) reproduces the single-process run.
 
-Adam and OSP (Muon + AdamW), 5 steps, at DP=4, TP=2 x DP=2 and PP=2 x DP=2 in one 4-rank world
+Adam and OSP (Muon + AdamW), 5 steps, at DP=4, TP=2 x DP=2 (also with sequence parallelism, where
+norm and EmbProj gradients are partial per TP rank) and PP=2 x DP=2 in one 4-rank world
 (the layouts run one after the other; spawning is the slow part): per-step losses and final logical
 weights equal the single-process run's within fp32 round-off (losses rtol 2e-5, weights rtol 1e-4,
 atol 2e-5, as tests/test_training_parallel.py). At TP=2 x DP=2 the same runs with overlap off, and
@@ -117,6 +118,7 @@ def runs(toy_corpus, tmp_path_factory):
             cases.append((f"{layout}_{o}", _overrides(toy_corpus, o, tp, pp, ZERO + OVERLAP)))
     for o in ("adam", "muon"):
         cases.append((f"tp2dp2_{o}_sync", _overrides(toy_corpus, o, 2, 1, ZERO)))
+        cases.append((f"tp2dp2sp_{o}", _overrides(toy_corpus, o, 2, 1, ZERO + OVERLAP + ["parallel.sequence_parallel=true"])))
     for r in ("selective", "full"):
         cases.append((f"tp2dp2_muon_{r}", _overrides(toy_corpus, "muon", 2, 1, ZERO + OVERLAP + [f"train.recompute={r}"])))
     for o in ("adam", "muon"):
@@ -128,7 +130,7 @@ def runs(toy_corpus, tmp_path_factory):
     return result
 
 
-@pytest.mark.parametrize("layout", ["dp4", "tp2dp2", "pp2dp2"])
+@pytest.mark.parametrize("layout", ["dp4", "tp2dp2", "pp2dp2", "tp2dp2sp"])
 @pytest.mark.parametrize("optimizer", ["adam", "muon"])
 def test_layout_matches_single_process(runs, layout, optimizer):
     _close(runs[f"ref_{optimizer}"], runs[f"{layout}_{optimizer}"], f"{layout} {optimizer}")

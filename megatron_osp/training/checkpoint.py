@@ -163,6 +163,10 @@ _RESUME_FIELDS = (
     ("optimizer", "lr"),
     ("optimizer", "min_lr_ratio"),
     ("optimizer", "weight_decay"),
+    # The optimizer state's form: per-shard tensors, or per-unit tensors on owners whose keys
+    # follow the Muon split (optimizer/zero/). Either loads at any layout, not as the other.
+    ("optimizer", "distributed_optimizer"),
+    ("optimizer", "muon_qkv_split"),
 )
 
 
