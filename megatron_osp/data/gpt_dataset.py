@@ -25,8 +25,8 @@ import torch
 from megatron_osp.data.blending import build_blending_indices, build_exhaustive_blending_indices, normalize_weights
 from megatron_osp.data.index_cache import cached_arrays, file_fingerprint
 from megatron_osp.data.indexed import IndexedDataset
-from megatron_osp.data.sample_index import build_sample_index
-from megatron_osp.data.shuffles import build_document_index, build_shuffle_index
+from megatron_osp.data.sample_index import build_document_and_sample_index
+from megatron_osp.data.shuffles import build_shuffle_index
 from megatron_osp.data.token_range import check_token_range
 
 SPLITS = ("train", "valid", "test")
@@ -125,9 +125,10 @@ class GPTDataset(torch.utils.data.Dataset):
         }
 
         def build() -> dict[str, np.ndarray]:
-            doc_index = build_document_index(documents, num_epochs, config.seed, separate_final_epoch, config.threads)
-            sample_index = build_sample_index(
-                sizes, doc_index, seq, num_epochs, tokens_per_epoch, drop_last, bool(extra), config.threads
+            # The same arrays as build_document_index + build_sample_index, in one pass.
+            doc_index, sample_index = build_document_and_sample_index(
+                sizes, documents, num_epochs, config.seed, seq, tokens_per_epoch, separate_final_epoch,
+                drop_last, bool(extra), config.threads,
             )
             n = len(sample_index) - 1
             first = samples_before_final if separate_final_epoch else n
