@@ -207,8 +207,9 @@ def main() -> None:
     p.add_argument("--sizes-file", help="keep the generated sizes here (.npy) and reuse them when they exist "
                    "with --num-docs entries, as this tool wrote them for the same --seed (the 1e9 file takes ~40 s "
                    "and 4 GB to write)")
-    p.add_argument("--sample-index-dtype", choices=["int64", "auto"], default="int64",
-                   help="our sample index: int64, or int32 where legal (Megatron-Core's rule)")
+    p.add_argument("--sample-index-dtype", choices=["int64", "auto"], default="auto",
+                   help="our sample index: int32 where legal (Megatron-Core's rule; what GPTDataset "
+                   "builds, the default) or int64 always")
     p.add_argument("--digest", action="store_true", help="print a sha256 of each index (dtype + bytes)")
     p.add_argument("--child", choices=["ours", "megatron"], help=argparse.SUPPRESS)
     p.add_argument("--sizes", help=argparse.SUPPRESS)
