@@ -57,6 +57,25 @@ def make_sizes(path: str, num_docs: int, seed: int) -> int:
     return total
 
 
+def first_touch(gib: int) -> None:
+    """Writes gib fresh 1 GiB arrays twice each: the first write pays for faulting the memory in.
+
+    Isolates the first-touch cost that every built index pays once (numpy asks for transparent huge
+    pages on arrays this large). Prints wall and process CPU seconds of both writes per GiB.
+    """
+    arrays = []
+    print(f"{'GiB':>4}{'first write wall':>18}{'CPU':>8}{'second write wall':>19}{'CPU':>8}")
+    for g in range(gib):
+        a = np.empty(2**28, dtype=np.int32)
+        times = []
+        for value in (1, 2):
+            t, c = time.perf_counter(), time.process_time()
+            a.fill(value)
+            times += [time.perf_counter() - t, time.process_time() - c]
+        arrays.append(a)  # keep it: the next GiB must be fresh memory, not this one recycled
+        print(f"{g:4d}{times[0]:18.2f}{times[1]:8.2f}{times[2]:19.2f}{times[3]:8.2f}", flush=True)
+
+
 def _reuse_sizes(path: str, num_docs: int) -> int | None:
     """The token count of an existing sizes file of num_docs int32 entries, else None."""
     if not os.path.exists(path):
@@ -211,11 +230,15 @@ def main() -> None:
                    help="our sample index: int32 where legal (Megatron-Core's rule; what GPTDataset "
                    "builds, the default) or int64 always")
     p.add_argument("--digest", action="store_true", help="print a sha256 of each index (dtype + bytes)")
+    p.add_argument("--first-touch", type=int, metavar="GIB",
+                   help="only measure what writing GIB fresh GiB costs the first and the second time")
     p.add_argument("--child", choices=["ours", "megatron"], help=argparse.SUPPRESS)
     p.add_argument("--sizes", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return _child(args)
+    if args.first_touch:
+        return first_touch(args.first_touch)
     num_docs = 10**6 if args.quick else int(args.num_docs)
     if num_docs < 1 or args.seq_length < 1:
         p.error("--num-docs and --seq-length must be >= 1")
