@@ -372,3 +372,28 @@ def test_fused_build_checks_its_input():
         build_document_and_sample_index(sizes, range(3), 1, 0, 4, 15, sample_index_dtype="int16")
     with pytest.raises(ValueError, match="num_epochs"):
         build_document_and_sample_index(sizes, range(3), 0, 0, 4, 15)
+
+
+def test_fused_build_with_document_ids_past_int32(tmp_path):
+    # As test_document_ids_past_int32_index_a_sparse_sizes_file: int64 ids index a sparse sizes
+    # file of 2^31 + 64 entries; the fused build must give the separate builders' arrays.
+    base = 2**31 + 5
+    path = tmp_path / "sizes.i32"
+    with open(path, "wb") as f:
+        f.truncate((base + 64) * 4)
+    sizes = np.memmap(path, dtype=np.int32, mode="r+", shape=(base + 64,))
+    sizes[base:] = np.random.default_rng(4).integers(0, 50, 64).astype(np.int32)
+    tpe = int(np.asarray(sizes[base:]).sum())
+    docs = build_document_index(range(base, base + 64), 8, seed=5, separate_final_epoch=True)
+    for drop_last in (True, False):
+        want = _index_builders_i64(sizes, docs, 16, 8, tpe, drop_last)
+        d, s = build_document_and_sample_index(sizes, range(base, base + 64), 8, 5, 16, tpe, True, drop_last)
+        assert d.dtype == np.int64 and d.min() >= base
+        np.testing.assert_array_equal(d, docs)
+        np.testing.assert_array_equal(s, want)
+
+
+def _index_builders_i64(sizes, doc_index, seq, epochs, tpe, drop_last):
+    from megatron_osp.data import _index_builders
+
+    return _index_builders.build_sample_index_i64(sizes, doc_index, seq, epochs, tpe, drop_last, True, 2)
