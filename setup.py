@@ -14,6 +14,7 @@ ext_modules = [
     Pybind11Extension(
         "megatron_osp.data._index_builders",
         sorted(glob("csrc/*.cpp")),
+        depends=sorted(glob("csrc/*.h")),  # rebuild when a shared header changes
         cxx_std=17,
         extra_compile_args=["-O3"],
     ),

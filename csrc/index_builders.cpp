@@ -3,7 +3,8 @@
 // Everything is int64: a trillion-token corpus has more than 2^31 documents and more than 2^32
 // samples, which overflow the int32 counters of Megatron-Core's helpers. The GIL is released while
 // the loops run, so data-loading threads keep going. Shuffles live in shuffle.cpp, blending in
-// blending.cpp; this file holds the sample index and the module definition.
+// blending.cpp, the fused document + sample index in document_samples.cpp; this file holds the
+// sample index and the module definition.
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -14,34 +15,20 @@
 #include <vector>
 
 #include "parallel.h"
+#include "sample_walk.h"
 
 namespace py = pybind11;
 
 namespace {
 
-// Number of samples of `sequence_length` tokens in `num_epochs * tokens_per_epoch` tokens, when a
-// sample reads `extra` more token than it consumes (the label of its last position).
-int64_t count_samples(int64_t num_epochs, int64_t tokens_per_epoch, int64_t sequence_length,
-                      bool drop_last_partial_sequence, int64_t extra) {
-  int64_t total = 0;
-  if (__builtin_mul_overflow(num_epochs, tokens_per_epoch, &total))
-    throw std::overflow_error("num_epochs * tokens_per_epoch overflows int64");
-  const int64_t usable = total - extra;
-  if (usable <= 0) return 0;
-  if (drop_last_partial_sequence) return usable / sequence_length;
-  return (usable + sequence_length - 1) / sequence_length;  // exact ceil, no float rounding
-}
-
-// Sample k starts at flat token position k * L of the concatenated documents (in document_index
-// order). Its boundary is stored as (position in document_index, offset in that document), using
-// the first position whose document ends at or after the last token the previous sample reads
-// (flat position k*L + extra - 1).
+// The sample index over a given document_index (boundaries as in sample_walk.h).
 //
 // Two passes over fixed chunks of document_index, each parallel over chunks: (A) tokens per
 // chunk, then a prefix sum gives every chunk's first flat token; (B) each chunk emits the
 // boundaries that fall inside it. The result equals the serial walk exactly, for any thread count.
 constexpr int64_t kSampleChunk = int64_t{1} << 20;  // document_index positions per chunk
-constexpr int64_t kPrefetch = 16;                    // positions ahead to prefetch sizes[]
+using osp::count_samples;
+using osp::kPrefetch;
 
 // The single-threaded walk; same result and errors as the chunked passes below.
 template <typename DocIndexT>
@@ -139,45 +126,14 @@ py::array_t<int64_t> build_sample_index(py::array_t<int32_t, py::array::c_style>
         chunk_start[c] = total_tokens;
         total_tokens += chunk_tokens[c];
       }
-      out[0] = 0;
-      out[1] = 0;
-      // First sample k >= 1 whose needed position k*L + extra exceeds `tokens`.
-      auto first_sample_beyond = [&](int64_t tokens) {
-        const int64_t r = tokens - extra;
-        return r < 0 ? int64_t{1} : std::max<int64_t>(1, r / L + 1);
-      };
       osp::parallel_for(num_chunks, threads, [&](int64_t c) {
-        const int64_t first = chunk_start[c], last = first + chunk_tokens[c];
-        const int64_t end = std::min(num_docs, (c + 1) * kSampleChunk);
-        int64_t p = c * kSampleChunk;  // position in document_index
-        int64_t doc_start = first;     // flat token position where that document starts
-        for (int64_t k = first_sample_beyond(first); k <= num_samples; ++k) {
-          const int64_t needed = k * L + extra;  // tokens that must have been read
-          if (needed > last) break;
-          for (;;) {
-            if (p + kPrefetch < end) {
-              const uint64_t ahead = static_cast<uint64_t>(static_cast<int64_t>(docs[p + kPrefetch]));
-              if (ahead < num_sizes) __builtin_prefetch(size + ahead);
-            }
-            const int64_t len = size[static_cast<int64_t>(docs[p])];
-            if (doc_start + len >= needed) break;
-            doc_start += len;
-            ++p;
-          }
-          out[2 * k] = p;
-          out[2 * k + 1] = needed - extra - doc_start;
-        }
+        const int64_t begin = c * kSampleChunk, end = std::min(num_docs, begin + kSampleChunk);
+        osp::walk_run(size, docs, begin, end, chunk_start[c], chunk_start[c] + chunk_tokens[c], L,
+                      extra, num_samples, out);
       });
-      // Samples that need more tokens than the documents hold: only the final, partial one may
-      // (it ends at the last document, as in Megatron's walk).
-      const int64_t beyond = first_sample_beyond(total_tokens);
-      if (beyond < num_samples) {
-        short_at_sample = beyond;
-      } else if (beyond == num_samples) {
-        const int64_t last_doc = static_cast<int64_t>(docs[num_docs - 1]);
-        out[2 * num_samples] = num_docs - 1;
-        out[2 * num_samples + 1] = size[last_doc] - extra;
-      }
+      short_at_sample = osp::finish_walk(total_tokens, num_docs - 1,
+                                         size[static_cast<int64_t>(docs[num_docs - 1])], L, extra,
+                                         num_samples, out);
     }
     }
   }
@@ -198,11 +154,13 @@ py::array_t<int64_t> build_sample_index(py::array_t<int32_t, py::array::c_style>
 
 void register_shuffle(py::module_& m);   // shuffle.cpp
 void register_blending(py::module_& m);  // blending.cpp
+void register_document_samples(py::module_& m);  // document_samples.cpp
 
 PYBIND11_MODULE(_index_builders, m) {
   m.doc() = "int64 data-index builders for megatron-osp";
   register_shuffle(m);
   register_blending(m);
+  register_document_samples(m);
   m.def("build_sample_index_i32", &build_sample_index<int32_t>, py::arg("sizes"),
         py::arg("document_index"), py::arg("sequence_length"), py::arg("num_epochs"),
         py::arg("tokens_per_epoch"), py::arg("drop_last_partial_sequence"),

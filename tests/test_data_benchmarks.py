@@ -35,8 +35,24 @@ def test_bench_data_runs_one_side_alone_without_ratios():
     """--sides ours: the 1e9-document run, where Megatron-Core's path does not fit in memory."""
     out = _run("tools/bench_data.py", "--num-docs", "20000", "--seq-length", "512", "--sides", "ours")
     assert "ours only (no baseline in this run)" in out
-    assert re.search(r"index build \[s\]\s+[\d.]+\n", out) and re.search(r"peak RSS \[GiB\]\s+[\d.]+\n", out)
+    assert re.search(r"index build \[s\]\s+[\d.]+\s+[\d.]+\n", out)  # wall and CPU seconds
+    assert re.search(r"peak RSS \[GiB\]\s+[\d.]+\n", out)
     assert not re.search(r"\d+\.\d+x", out) and "targets" not in out  # no ratio without a baseline
     samples = int(re.search(r"samples: (\d+)", out).group(1))
     both = _run("tools/bench_data.py", "--num-docs", "20000", "--seq-length", "512")
     assert samples == int(re.search(r"samples: (\d+)", both).group(1))
+
+
+def test_bench_data_reuses_a_sizes_file_and_digests_are_stable(tmp_path):
+    """--sizes-file: the second run reuses the file (the 1e9 one takes ~40 s to write)."""
+    path = str(tmp_path / "sizes.npy")
+    args = ("tools/bench_data.py", "--num-docs", "20000", "--seq-length", "512", "--sides", "ours",
+            "--sizes-file", path, "--digest")
+    first, second = _run(*args), _run(*args)
+    assert "sizes generated" in first and f"reused {path}" in second
+    digests = re.findall(r"sha256 of (\w+) \(dtype \+ bytes\): ([0-9a-f]{16})", first)
+    assert [d[0] for d in digests] == ["document_index", "sample_index", "shuffle_index"]
+    assert digests == re.findall(r"sha256 of (\w+) \(dtype \+ bytes\): ([0-9a-f]{16})", second)
+    wrong = subprocess.run([sys.executable, "tools/bench_data.py", "--num-docs", "30000", "--sides", "ours",
+                            "--sizes-file", path], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert wrong.returncode != 0 and "not int32 (30000,)" in wrong.stderr

@@ -122,8 +122,8 @@ def test_cache_is_reused_and_a_rewritten_file_is_not(tmp_path, monkeypatch):
     assert len(entries) == 3 and not [e for e in entries if e.startswith(".")]  # no temp dirs left
 
     calls = []
-    real = gd.build_document_index
-    monkeypatch.setattr(gd, "build_document_index", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = gd.build_document_and_sample_index
+    monkeypatch.setattr(gd, "build_document_and_sample_index", lambda *a, **k: calls.append(1) or real(*a, **k))
     again, _, _ = build_gpt_datasets(cfg, [50, 5, None])
     assert calls == []  # loaded, not rebuilt
     assert isinstance(again.sample_index, np.memmap)

@@ -267,3 +267,133 @@ def test_shuffle_arguments_are_checked():
         build_shuffle_index(5, 5, seed=1, threads=0)
     with pytest.raises(ValueError, match="num_samples"):
         build_shuffle_index(6, 5, seed=1)
+
+
+# ----------------------------------------------------------------------------- fused build
+import hashlib  # noqa: E402
+
+from megatron_osp.data.sample_index import build_document_and_sample_index  # noqa: E402
+
+
+def _separately(sizes, docs, epochs, seed, seq, tpe, sep, drop_last, extra):
+    d = build_document_index(docs, epochs, seed, sep, threads=2)
+    return d, build_sample_index(sizes, d, seq, epochs, tpe, drop_last, extra, threads=2)
+
+
+def _random_case(rng, big):
+    n_sizes = int(rng.integers(300_000, 900_000)) if big else int(rng.integers(1, 3000))
+    sizes = rng.integers(0 if rng.integers(2) else 1, int(rng.integers(2, 3000)), n_sizes).astype(np.int32)
+    lo = int(rng.integers(0, n_sizes))
+    hi = int(rng.integers(lo + 1, n_sizes + 1))
+    docs = range(lo, hi) if rng.integers(2) else np.sort(rng.choice(n_sizes, hi - lo, replace=False))
+    ids = np.arange(lo, hi) if isinstance(docs, range) else docs
+    return sizes, docs, int(sizes[ids].sum(dtype=np.int64))
+
+
+@pytest.mark.parametrize("case", range(24))
+def test_fused_build_equals_the_separate_builders(case):
+    # Ranges with an offset and id arrays, 1-3 epochs, a separate final epoch, zero-length
+    # documents, both boundary rules; "big" cases span several buckets and counting chunks.
+    rng = np.random.default_rng(1000 + case)
+    sizes, docs, tpe = _random_case(rng, big=case % 4 == 0)
+    epochs, sep = int(rng.integers(1, 4)), bool(rng.integers(2))
+    seq, drop_last, extra = int(rng.integers(1, 5000)), bool(rng.integers(2)), bool(rng.integers(2))
+    if epochs * tpe - int(extra) < 1:
+        pytest.skip("no tokens in this draw")
+    want_docs, want_samples = _separately(sizes, docs, epochs, case, seq, tpe, sep, drop_last, extra)
+    for threads in (1, 2, 5):
+        for dtype in ("int64", "auto"):
+            timings = {}
+            d, s = build_document_and_sample_index(
+                sizes, docs, epochs, case, seq, tpe, sep, drop_last, extra, threads, dtype, timings
+            )
+            assert d.dtype == want_docs.dtype and s.dtype == (np.int64 if dtype == "int64" else np.int32)
+            np.testing.assert_array_equal(d, want_docs)
+            np.testing.assert_array_equal(s, want_samples)
+            assert set(timings) >= {"plan_s", "scatter_s", "shuffle_walk_s"}
+
+
+def test_fused_build_matches_megatron_on_a_given_permutation():
+    # Megatron-Core's sample index over the document index the fused build chose.
+    rng = np.random.default_rng(5)
+    sizes = rng.integers(0, 40, 3 * 2**17 + 99).astype(np.int32)  # 4 buckets, empty documents
+    tpe = int(sizes.sum())
+    for drop_last in (True, False):
+        d, s = build_document_and_sample_index(sizes, range(len(sizes)), 2, 3, 129, tpe, True, drop_last, True)
+        np.testing.assert_array_equal(s, _megatron(sizes, d, 129, 2, tpe, drop_last, True))
+
+
+def _digest(*arrays):
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(str(a.dtype).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:32]
+
+
+def test_indices_are_byte_identical_to_the_previous_builders():
+    # Digests of (document index, sample index) and of a shuffle index computed by the builders
+    # of commit f908b90 (before the fused build and the shared scatter.h), for the same seed: any
+    # change of order, boundary or dtype fails here.
+    rng = np.random.default_rng(123)
+    sizes = rng.integers(0, 3000, 400_000).astype(np.int32)
+    docs_b = np.sort(rng.choice(400_000, 250_000, replace=False))
+    pins = {
+        "A": (range(5, 300_005), 3, True, 1000, False, True,
+              "cc93a4744d6a622e7131e95858768e91", "f415965fdb4280147622b63f5fc20f43"),
+        "B": (docs_b, 1, False, 4096, True, True,
+              "d265c1d68db7003a4ae33d7fd9c5c357", "1c766a0e8a7223c4d3a4c113033652fd"),
+        "C": (range(0, 400_000), 2, False, 333, True, False,
+              "161d0de1412150aa6c807358608a9fa1", "ce9bdf0646246d3de1ff10e26a82220e"),
+    }
+    for name, (docs, epochs, sep, seq, drop_last, extra, indices, shuffle) in pins.items():
+        ids = np.arange(docs.start, docs.stop) if isinstance(docs, range) else docs
+        tpe = int(sizes[ids].sum(dtype=np.int64))
+        assert _digest(*_separately(sizes, docs, epochs, 77, seq, tpe, sep, drop_last, extra)) == indices, name
+        fused = build_document_and_sample_index(sizes, docs, epochs, 77, seq, tpe, sep, drop_last, extra, 2)
+        assert _digest(*fused) == indices, name
+        n = len(fused[1]) - 1
+        assert _digest(build_shuffle_index(n - 1, n, 77, threads=2)) == shuffle, name
+
+
+def test_fused_build_checks_its_input():
+    sizes = np.array([5, 5, 5], dtype=np.int32)
+    with pytest.raises(ValueError, match="sizes must be a 1-D int32"):
+        build_document_and_sample_index(sizes.astype(np.int64), range(3), 1, 0, 4, 15)
+    with pytest.raises(ValueError, match="reach past the 3 entries of sizes"):
+        build_document_and_sample_index(sizes, range(1, 4), 1, 0, 4, 15)
+    with pytest.raises(ValueError, match="documents holds id 7"):
+        build_document_and_sample_index(sizes, np.array([0, 7]), 1, 0, 4, 10)
+    with pytest.raises(ValueError, match=r"sizes must be >= 0, found -2 at 1"):
+        build_document_and_sample_index(np.array([5, -2, 5], np.int32), range(3), 1, 0, 4, 8)
+    with pytest.raises(ValueError, match="runs out of tokens"):
+        build_document_and_sample_index(sizes, range(3), 1, 0, 4, 30)
+    with pytest.raises(ValueError, match="sample_index_dtype"):
+        build_document_and_sample_index(sizes, range(3), 1, 0, 4, 15, sample_index_dtype="int16")
+    with pytest.raises(ValueError, match="num_epochs"):
+        build_document_and_sample_index(sizes, range(3), 0, 0, 4, 15)
+
+
+def test_fused_build_with_document_ids_past_int32(tmp_path):
+    # As test_document_ids_past_int32_index_a_sparse_sizes_file: int64 ids index a sparse sizes
+    # file of 2^31 + 64 entries; the fused build must give the separate builders' arrays.
+    base = 2**31 + 5
+    path = tmp_path / "sizes.i32"
+    with open(path, "wb") as f:
+        f.truncate((base + 64) * 4)
+    sizes = np.memmap(path, dtype=np.int32, mode="r+", shape=(base + 64,))
+    sizes[base:] = np.random.default_rng(4).integers(0, 50, 64).astype(np.int32)
+    tpe = int(np.asarray(sizes[base:]).sum())
+    docs = build_document_index(range(base, base + 64), 8, seed=5, separate_final_epoch=True)
+    for drop_last in (True, False):
+        want = _index_builders_i64(sizes, docs, 16, 8, tpe, drop_last)
+        d, s = build_document_and_sample_index(sizes, range(base, base + 64), 8, 5, 16, tpe, True, drop_last)
+        assert d.dtype == np.int64 and d.min() >= base
+        np.testing.assert_array_equal(d, docs)
+        np.testing.assert_array_equal(s, want)
+
+
+def _index_builders_i64(sizes, doc_index, seq, epochs, tpe, drop_last):
+    from megatron_osp.data import _index_builders
+
+    return _index_builders.build_sample_index_i64(sizes, doc_index, seq, epochs, tpe, drop_last, True, 2)

@@ -57,6 +57,39 @@ def make_sizes(path: str, num_docs: int, seed: int) -> int:
     return total
 
 
+def first_touch(gib: int) -> None:
+    """Writes gib fresh 1 GiB arrays twice each: the first write pays for faulting the memory in.
+
+    Isolates the first-touch cost that every built index pays once (numpy asks for transparent huge
+    pages on arrays this large). Prints wall and process CPU seconds of both writes per GiB.
+    """
+    arrays = []
+    print(f"{'GiB':>4}{'first write wall':>18}{'CPU':>8}{'second write wall':>19}{'CPU':>8}")
+    for g in range(gib):
+        a = np.empty(2**28, dtype=np.int32)
+        times = []
+        for value in (1, 2):
+            t, c = time.perf_counter(), time.process_time()
+            a.fill(value)
+            times += [time.perf_counter() - t, time.process_time() - c]
+        arrays.append(a)  # keep it: the next GiB must be fresh memory, not this one recycled
+        print(f"{g:4d}{times[0]:18.2f}{times[1]:8.2f}{times[2]:19.2f}{times[3]:8.2f}", flush=True)
+
+
+def _reuse_sizes(path: str, num_docs: int) -> int | None:
+    """The token count of an existing sizes file of num_docs int32 entries, else None."""
+    if not os.path.exists(path):
+        return None
+    try:
+        sizes = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        sys.exit(f"--sizes-file {path}: not a readable .npy file ({e})")
+    if sizes.dtype != np.int32 or sizes.shape != (num_docs,):
+        sys.exit(f"--sizes-file {path} holds {sizes.dtype} {sizes.shape}, not int32 ({num_docs},); "
+                 "remove it or give another path")
+    return int(sizes.sum(dtype=np.int64))
+
+
 def _child(args) -> None:
     """One side of the benchmark; prints a JSON line."""
     phases = {}
@@ -64,56 +97,78 @@ def _child(args) -> None:
         from megatron.core.datasets import helpers
         from megatron.core.datasets.gpt_dataset import _build_document_index, _build_shuffle_index
     else:
-        from megatron_osp.data.sample_index import build_sample_index
-        from megatron_osp.data.shuffles import build_document_index, build_shuffle_index
+        from megatron_osp.data.sample_index import build_document_and_sample_index
+        from megatron_osp.data.shuffles import build_shuffle_index
     rss_after_import = _rss_kb()
     sizes = np.load(args.sizes, mmap_mode="r")
     n, seq = len(sizes), args.seq_length
-    t0 = time.perf_counter()
+    cpu = {}  # process CPU seconds (all threads, user + system) per phase: robust to a busy machine
+    clock = [time.perf_counter(), time.process_time()]
+
+    def lap(name: str) -> None:
+        now = [time.perf_counter(), time.process_time()]
+        phases[name], cpu[name] = now[0] - clock[0], now[1] - clock[1]
+        clock[:] = now
+
+    t0, c0 = clock
     if args.child == "megatron":
         # As BlendedMegatronDatasetBuilder / GPTDataset do for a split covering every document.
         indices = np.arange(0, n, dtype=np.int32)
         tokens_per_epoch = int(np.sum(sizes[indices]))
-        phases["tokens_per_epoch"] = time.perf_counter() - t0
-        t = time.perf_counter()
+        lap("tokens_per_epoch")
         rs = np.random.RandomState(args.seed)
         document_index = _build_document_index(indices, 1, rs, False)
-        phases["document_index"] = time.perf_counter() - t
-        t = time.perf_counter()
+        lap("document_index")
         sizes_for_cpp = sizes.copy() if len(document_index) * 2 > len(sizes) else sizes
         sample_index = helpers.build_sample_idx(sizes_for_cpp, document_index, seq, 1, tokens_per_epoch, True, True)
-        phases["sample_index"] = time.perf_counter() - t
-        t = time.perf_counter()
+        lap("sample_index")
         num_samples = sample_index.shape[0] - 1
         shuffle_index = _build_shuffle_index(num_samples, num_samples, rs)
-        phases["shuffle_index"] = time.perf_counter() - t
+        lap("shuffle_index")
     else:
         tokens_per_epoch = int(sizes.sum(dtype=np.int64))
-        phases["tokens_per_epoch"] = time.perf_counter() - t0
-        t = time.perf_counter()
-        document_index = build_document_index(range(n), 1, args.seed, False, args.threads)
-        phases["document_index"] = time.perf_counter() - t
-        t = time.perf_counter()
-        sample_index = build_sample_index(sizes, document_index, seq, 1, tokens_per_epoch, True, True, args.threads)
-        phases["sample_index"] = time.perf_counter() - t
-        t = time.perf_counter()
+        lap("tokens_per_epoch")
+        # As GPTDataset builds them: both indices in one pass (data/sample_index.py).
+        stages = {}
+        document_index, sample_index = build_document_and_sample_index(
+            sizes, range(n), 1, args.seed, seq, tokens_per_epoch, False, True, True, args.threads,
+            args.sample_index_dtype, stages,
+        )
+        lap("document_and_sample_index")
+        for label in ("plan", "scatter", "shuffle_walk"):
+            phases[f"  {label}"], cpu[f"  {label}"] = stages[f"{label}_s"], stages[f"{label}_cpu_s"]
         num_samples = sample_index.shape[0] - 1
         shuffle_index = build_shuffle_index(num_samples, num_samples, args.seed, args.threads)
-        phases["shuffle_index"] = time.perf_counter() - t
-    build = time.perf_counter() - t0
+        lap("shuffle_index")
+    build, build_cpu = time.perf_counter() - t0, time.process_time() - c0
     assert len(shuffle_index) == num_samples
+    digests = {}
+    if args.digest:  # after the timers: what the indices hold, to compare builders byte for byte
+        import hashlib
+
+        for name, a in [("document_index", document_index), ("sample_index", sample_index),
+                        ("shuffle_index", shuffle_index)]:
+            h = hashlib.sha256(str(a.dtype).encode())
+            flat = np.ascontiguousarray(a).reshape(-1)
+            for lo in range(0, len(flat), 1 << 26):
+                h.update(memoryview(flat[lo : lo + (1 << 26)]).cast("B"))
+            digests[name] = h.hexdigest()[:16]
     print(
         json.dumps(
             {
                 "side": args.child,
                 "build_s": build,
+                "build_cpu_s": build_cpu,
                 "phases": phases,
+                "cpu": cpu,
                 "num_samples": int(num_samples),
                 "tokens": tokens_per_epoch,
                 "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                "minor_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt,
                 "rss_after_import_kb": rss_after_import,
                 "document_index_dtype": str(document_index.dtype),
                 "sample_index_dtype": str(sample_index.dtype),
+                "digests": digests,
             }
         )
     )
@@ -124,6 +179,9 @@ def _run_side(side: str, sizes_path: str, args) -> dict:
            "--seq-length", str(args.seq_length), "--seed", str(args.seed)]
     if args.threads is not None:
         cmd += ["--threads", str(args.threads)]
+    if args.digest:
+        cmd += ["--digest"]
+    cmd += ["--sample-index-dtype", args.sample_index_dtype]
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t
@@ -139,13 +197,18 @@ def _print_one(side: str, r: dict, args) -> None:
     gb = 1 / 1024**2
     print(f"{side} only (no baseline in this run); samples: {r['num_samples']}; threads: "
           f"{args.threads or 'all usable cores'} (cpu count {os.cpu_count()})")
-    for name in ["tokens_per_epoch", "document_index", "sample_index", "shuffle_index"]:
-        print(f"{name + ' [s]':28}{r['phases'][name]:10.2f}")
-    print(f"{'index build [s]':28}{r['build_s']:10.2f}")
+    print(f"{'wall [s]':>38}{'CPU [s]':>10}")
+    for name, seconds in r["phases"].items():
+        print(f"{name + ' [s]':28}{seconds:10.2f}{r['cpu'][name]:10.2f}")
+    print(f"{'index build [s]':28}{r['build_s']:10.2f}{r['build_cpu_s']:10.2f}")
     print(f"{'subprocess wall [s]':28}{r['wall_s']:10.2f}")
     print(f"{'peak RSS [GiB]':28}{r['peak_rss_kb'] * gb:10.2f}")
+    print(f"{'peak RSS [GB]':28}{r['peak_rss_kb'] * 1024 / 1e9:10.2f}")
+    print(f"{'minor page faults':28}{r['minor_faults']:10d}")
     print(f"{'peak RSS - imports [GiB]':28}{(r['peak_rss_kb'] - r['rss_after_import_kb']) * gb:10.2f}")
     print(f"dtypes: document index {r['document_index_dtype']}, sample index {r['sample_index_dtype']}")
+    for name, d in r["digests"].items():
+        print(f"sha256 of {name} (dtype + bytes): {d}")
 
 
 def main() -> None:
@@ -160,11 +223,22 @@ def main() -> None:
                    help="with --preprocess: a Megatron-LM checkout whose tools/preprocess_data.py is the baseline")
     p.add_argument("--sides", default="megatron,ours",
                    help="which builds to run: megatron,ours (default, with ratios) or one of them alone")
+    p.add_argument("--sizes-file", help="keep the generated sizes here (.npy) and reuse them when they exist "
+                   "with --num-docs entries, as this tool wrote them for the same --seed (the 1e9 file takes ~40 s "
+                   "and 4 GB to write)")
+    p.add_argument("--sample-index-dtype", choices=["int64", "auto"], default="auto",
+                   help="our sample index: int32 where legal (Megatron-Core's rule; what GPTDataset "
+                   "builds, the default) or int64 always")
+    p.add_argument("--digest", action="store_true", help="print a sha256 of each index (dtype + bytes)")
+    p.add_argument("--first-touch", type=int, metavar="GIB",
+                   help="only measure what writing GIB fresh GiB costs the first and the second time")
     p.add_argument("--child", choices=["ours", "megatron"], help=argparse.SUPPRESS)
     p.add_argument("--sizes", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return _child(args)
+    if args.first_touch:
+        return first_touch(args.first_touch)
     num_docs = 10**6 if args.quick else int(args.num_docs)
     if num_docs < 1 or args.seq_length < 1:
         p.error("--num-docs and --seq-length must be >= 1")
@@ -173,14 +247,20 @@ def main() -> None:
         p.error(f"--sides takes megatron, ours or both, got {args.sides!r}")
 
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
-        sizes_path = os.path.join(tmp, "sizes.npy")
+        sizes_path = args.sizes_file or os.path.join(tmp, "sizes.npy")
         t = time.perf_counter()
-        tokens = make_sizes(sizes_path, num_docs, args.seed)
-        print(f"{num_docs:.3g} documents, {tokens:.4g} tokens, seq {args.seq_length} "
-              f"(sizes generated in {time.perf_counter() - t:.1f} s)", flush=True)
+        tokens = _reuse_sizes(sizes_path, num_docs) if args.sizes_file else None
+        how = f"reused {sizes_path}"
+        if tokens is None:
+            tokens = make_sizes(sizes_path, num_docs, args.seed)
+            how = f"sizes generated in {time.perf_counter() - t:.1f} s"
+        print(f"{num_docs:.3g} documents, {tokens:.4g} tokens, seq {args.seq_length} ({how})", flush=True)
+        load_before = os.getloadavg()[0]
         results = {side: _run_side(side, sizes_path, args) for side in ("megatron", "ours") if side in sides}
     if len(results) == 1:
         _print_one(*next(iter(results.items())), args)
+        print("load average (1 min) before / after the build: "
+              f"{load_before:.2f} / {os.getloadavg()[0]:.2f} (2 cores: above ~1.5, other work shares them)")
         return
     mega, ours = results["megatron"], results["ours"]
     if mega["num_samples"] != ours["num_samples"]:
@@ -188,19 +268,24 @@ def main() -> None:
 
     print(f"samples: {ours['num_samples']}   our threads: {args.threads or 'all usable cores'} "
           f"(cpu count {os.cpu_count()})")
-    rows = ["tokens_per_epoch", "document_index", "sample_index", "shuffle_index"]
-    print(f"{'':24}{'megatron':>12}{'ours':>12}{'ratio':>10}")
+    # Megatron-Core builds the document and sample index apart; ours in one pass (with its stages).
+    mega["phases"]["document_and_sample_index"] = mega["phases"]["document_index"] + mega["phases"]["sample_index"]
+    rows = ["tokens_per_epoch", "document_index", "sample_index", "document_and_sample_index",
+            *[k for k in ours["phases"] if k.startswith(" ")], "shuffle_index"]
+    print(f"{'':30}{'megatron':>12}{'ours':>12}{'ratio':>10}")
     for name in rows:
-        m, o = mega["phases"][name], ours["phases"][name]
-        print(f"{name + ' [s]':24}{m:12.2f}{o:12.2f}{m / max(o, 1e-9):9.1f}x")
-    print(f"{'index build [s]':24}{mega['build_s']:12.2f}{ours['build_s']:12.2f}"
+        m, o = mega["phases"].get(name), ours["phases"].get(name)
+        cells = "".join(f"{'-' if v is None else f'{v:.2f}':>12}" for v in (m, o))
+        ratio = f"{m / max(o, 1e-9):9.1f}x" if m is not None and o is not None else ""
+        print(f"{name + ' [s]':30}{cells}{ratio}")
+    print(f"{'index build [s]':30}{mega['build_s']:12.2f}{ours['build_s']:12.2f}"
           f"{mega['build_s'] / ours['build_s']:9.1f}x   (time: megatron / ours)")
-    print(f"{'subprocess wall [s]':24}{mega['wall_s']:12.2f}{ours['wall_s']:12.2f}{mega['wall_s'] / ours['wall_s']:9.1f}x")
+    print(f"{'subprocess wall [s]':30}{mega['wall_s']:12.2f}{ours['wall_s']:12.2f}{mega['wall_s'] / ours['wall_s']:9.1f}x")
     gb = 1 / 1024**2
     mp, op = mega["peak_rss_kb"] * gb, ours["peak_rss_kb"] * gb
-    print(f"{'peak RSS [GiB]':24}{mp:12.2f}{op:12.2f}{op / mp:9.2f}x   (memory: ours / megatron)")
+    print(f"{'peak RSS [GiB]':30}{mp:12.2f}{op:12.2f}{op / mp:9.2f}x   (memory: ours / megatron)")
     mi, oi = (mega["peak_rss_kb"] - mega["rss_after_import_kb"]) * gb, (ours["peak_rss_kb"] - ours["rss_after_import_kb"]) * gb
-    print(f"{'peak RSS - imports [GiB]':24}{mi:12.2f}{oi:12.2f}{oi / mi:9.2f}x")
+    print(f"{'peak RSS - imports [GiB]':30}{mi:12.2f}{oi:12.2f}{oi / mi:9.2f}x")
     print(f"dtypes: document index {mega['document_index_dtype']} / {ours['document_index_dtype']}, "
           f"sample index {mega['sample_index_dtype']} / {ours['sample_index_dtype']}")
     scope = "" if num_docs >= 10**8 else " (the targets are set for 1e8 documents; fixed costs dominate here)"

@@ -4,8 +4,9 @@ Semantics follow Megatron-Core 0.16.1's ``GPTDataset`` / ``BlendedDataset`` /
 ``BlendedMegatronDatasetBuilder`` (documents split by "969,30,1"-style shares, epochs added until
 the requested samples fit, a short final epoch shuffled separately, the same sample boundaries,
 blend choices and ``__getitem__`` dict), with three differences, each on purpose:
-- indices are built by the C++ builders in ``csrc/`` (parallel, int64), and the document and shuffle
-  orders come from our counter-based shuffle, not numpy's (a seed gives a different order);
+- indices are built by the C++ builders in ``csrc/`` (parallel, int64 arithmetic; the sample index
+  is stored as int32 when it fits, as Megatron-Core does), and the document and shuffle orders come
+  from our counter-based shuffle, not numpy's (a seed gives a different order);
 - the index cache key includes each data file's size and modification time, so a rewritten corpus
   never reuses stale indices (``index_cache.py``);
 - bad input (empty split, unknown split string, oversampled blend) is a ValueError naming it;
@@ -25,8 +26,8 @@ import torch
 from megatron_osp.data.blending import build_blending_indices, build_exhaustive_blending_indices, normalize_weights
 from megatron_osp.data.index_cache import cached_arrays, file_fingerprint
 from megatron_osp.data.indexed import IndexedDataset
-from megatron_osp.data.sample_index import build_sample_index
-from megatron_osp.data.shuffles import build_document_index, build_shuffle_index
+from megatron_osp.data.sample_index import build_document_and_sample_index
+from megatron_osp.data.shuffles import build_shuffle_index
 from megatron_osp.data.token_range import check_token_range
 
 SPLITS = ("train", "valid", "test")
@@ -125,9 +126,11 @@ class GPTDataset(torch.utils.data.Dataset):
         }
 
         def build() -> dict[str, np.ndarray]:
-            doc_index = build_document_index(documents, num_epochs, config.seed, separate_final_epoch, config.threads)
-            sample_index = build_sample_index(
-                sizes, doc_index, seq, num_epochs, tokens_per_epoch, drop_last, bool(extra), config.threads
+            # The same arrays as build_document_index + build_sample_index, in one pass; the sample
+            # index is int32 when every position fits (Megatron-Core's own rule, same values).
+            doc_index, sample_index = build_document_and_sample_index(
+                sizes, documents, num_epochs, config.seed, seq, tokens_per_epoch, separate_final_epoch,
+                drop_last, bool(extra), config.threads, sample_index_dtype="auto",
             )
             n = len(sample_index) - 1
             first = samples_before_final if separate_final_epoch else n

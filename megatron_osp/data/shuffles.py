@@ -53,6 +53,39 @@ def _threads(threads) -> int:
     return default_threads() if threads is None else _int("threads", threads, 1)
 
 
+def document_layout(documents, num_epochs: int, separate_final_epoch: bool):
+    """Checked inputs of a document index: (n, dtype, values or None, range start, split position).
+
+    ``values`` is None for a range (ids ``start .. start + n - 1``); positions before the split
+    position are shuffled with one stream, the rest (Megatron's separate final epoch) with another.
+    """
+    num_epochs = _int("num_epochs", num_epochs, 1)
+    if isinstance(documents, range):
+        if documents.step != 1:
+            raise ValueError(f"documents must be a range with step 1, got {documents!r}")
+        if len(documents) == 0:
+            raise ValueError("documents is empty")
+        if documents.start < 0:
+            raise ValueError(f"documents must be >= 0, got {documents!r}")
+        n, start = len(documents), documents.start
+        dtype = np.int32 if documents.stop <= _INT32_LIMIT else np.int64
+        values = None
+    else:
+        values = np.asarray(documents)
+        if values.ndim != 1 or not np.issubdtype(values.dtype, np.integer):
+            raise ValueError(f"documents must be a range or a 1-D integer array, got {values.dtype} {values.shape}")
+        if len(values) == 0:
+            raise ValueError("documents is empty")
+        if values.min() < 0:
+            raise ValueError(f"documents must be >= 0, found {int(values.min())}")
+        n, start = len(values), 0
+        dtype = np.int32 if int(values.max()) < _INT32_LIMIT else np.int64
+        values = np.ascontiguousarray(values, dtype=dtype)
+    total = n * num_epochs
+    split_at = n * (num_epochs - 1) if separate_final_epoch and num_epochs > 1 else total
+    return n, dtype, values, start, split_at
+
+
 def build_document_index(
     documents,
     num_epochs: int,
@@ -67,37 +100,15 @@ def build_document_index(
     epochs are shuffled together and the last one on its own, so the final partial epoch still
     covers distinct documents. int32 when every id fits, int64 otherwise.
     """
-    num_epochs = _int("num_epochs", num_epochs, 1)
+    n, dtype, values, start, split_at = document_layout(documents, num_epochs, separate_final_epoch)
     seed, threads = _seed(seed), _threads(threads)
-    if isinstance(documents, range):
-        if documents.step != 1:
-            raise ValueError(f"documents must be a range with step 1, got {documents!r}")
-        if len(documents) == 0:
-            raise ValueError("documents is empty")
-        if documents.start < 0:
-            raise ValueError(f"documents must be >= 0, got {documents!r}")
-        n = len(documents)
-        dtype = np.int32 if documents.stop <= _INT32_LIMIT else np.int64
-        values = None
-    else:
-        values = np.asarray(documents)
-        if values.ndim != 1 or not np.issubdtype(values.dtype, np.integer):
-            raise ValueError(f"documents must be a range or a 1-D integer array, got {values.dtype} {values.shape}")
-        if len(values) == 0:
-            raise ValueError("documents is empty")
-        if values.min() < 0:
-            raise ValueError(f"documents must be >= 0, found {int(values.min())}")
-        n = len(values)
-        dtype = np.int32 if int(values.max()) < _INT32_LIMIT else np.int64
-        values = np.ascontiguousarray(values, dtype=dtype)
     out = np.empty(n * num_epochs, dtype=dtype)
-    split_at = n * (num_epochs - 1) if separate_final_epoch and num_epochs > 1 else len(out)
     parts = [(out[:split_at], _STREAM_DOCUMENTS), (out[split_at:], _STREAM_DOCUMENTS_FINAL_EPOCH)]
     for part, stream in parts:
         if len(part) == 0:
             continue
         if values is None:
-            _index_builders.shuffle_range_into(part, documents.start, n, seed, stream, threads)
+            _index_builders.shuffle_range_into(part, start, n, seed, stream, threads)
         else:
             _index_builders.shuffle_tiled_into(part, values, seed, stream, threads)
     return out
