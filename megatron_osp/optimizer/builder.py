@@ -186,9 +186,11 @@ def build_muon(settings: OptimSettings, model_chunks, route, log=None) -> Muon:
     return muon
 
 
-def get_osp_optimizer(settings: OptimSettings, model_chunks, *, bf16: bool = False, log=print):
-    """A Megatron-Core optimizer over ``model_chunks`` as ``settings`` asks."""
-    mcfg = OptimizerConfig(
+def megatron_config(settings: OptimSettings, *, bf16: bool, distributed: bool = False,
+                    overlap_param_gather: bool = False) -> OptimizerConfig:
+    """Megatron's OptimizerConfig with ``settings``' AdamW hyper-parameters, clipping and dtype
+    (``distributed``: Megatron's own DistributedOptimizer, as megatron_reference.py builds it)."""
+    return OptimizerConfig(
         optimizer="adam",
         lr=settings.lr,
         min_lr=settings.lr * settings.min_lr_ratio,
@@ -199,8 +201,14 @@ def get_osp_optimizer(settings: OptimSettings, model_chunks, *, bf16: bool = Fal
         clip_grad=settings.clip_grad,
         bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
-        use_distributed_optimizer=False,
+        use_distributed_optimizer=distributed,
+        overlap_param_gather=overlap_param_gather,
     )
+
+
+def get_osp_optimizer(settings: OptimSettings, model_chunks, *, bf16: bool = False, log=print):
+    """A Megatron-Core optimizer over ``model_chunks`` as ``settings`` asks."""
+    mcfg = megatron_config(settings, bf16=bf16)
     route = route_parameters(model_chunks, settings.name)
     if log is not None:
         log(f"optimizer routing (pipeline stage {parallel_state.get_pipeline_model_parallel_rank()}):\n"

@@ -23,33 +23,21 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
 from megatron_osp import platform
-from megatron_osp.optimizer.builder import OptimSettings
+from megatron_osp.optimizer.builder import OptimSettings, megatron_config
 
 
 def megatron_optimizer_config(settings: OptimSettings, *, bf16: bool, distributed: bool, overlap: bool):
     """Megatron's OptimizerConfig for Adam(W) with ``settings``' hyper-parameters."""
     if settings.name != "adam":
         raise ValueError(f"optimizer.name={settings.name!r}: the Megatron-Core reference is Adam only")
-    return OptimizerConfig(
-        optimizer="adam",
-        lr=settings.lr,
-        min_lr=settings.lr * settings.min_lr_ratio,
-        weight_decay=settings.weight_decay,
-        adam_beta1=settings.adam_beta1,
-        adam_beta2=settings.adam_beta2,
-        adam_eps=settings.adam_eps,
-        clip_grad=settings.clip_grad,
-        bf16=bf16,
-        params_dtype=torch.bfloat16 if bf16 else torch.float32,
-        use_distributed_optimizer=distributed,
-        overlap_param_gather=distributed and overlap,
-    )
+    return megatron_config(settings, bf16=bf16, distributed=distributed,
+                           overlap_param_gather=distributed and overlap)
 
 
 def _as_chunks(model_or_builder) -> list[torch.nn.Module]:
