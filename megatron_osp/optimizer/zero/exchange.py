@@ -186,7 +186,7 @@ class Exchange:
         parts = []
         for items in b.grad_send:
             for u, s in items:
-                g = _view2d(self.params[u.param_index].main_grad)[s.local_rows, s.local_cols[0]:s.local_cols[1]]
+                g = _view2d(self.params[u.param_index].main_grad)[s.local_sel]
                 parts.append((g * self.dp_scale).to(self.grad_dtype).reshape(-1))
         send = torch.cat(parts) if parts else torch.empty(0, dtype=self.grad_dtype, device=device)
         recv_sizes = _sizes(b.grad_recv)
@@ -209,7 +209,7 @@ class Exchange:
                 g = self.grads.get(u.key)
                 if g is None:
                     g = self.grads[u.key] = torch.zeros(u.shape, dtype=torch.float32, device=recv.device)
-                g[s.unit_rows, s.unit_cols[0]:s.unit_cols[1]] += seg[at:at + k * w].view(k, w)
+                g[s.unit_sel] += seg[at:at + k * w].view(k, w)
                 at += k * w
         b.grad_work = None
 
@@ -249,7 +249,7 @@ class Exchange:
         masters = self._masters
         dtype = self.params[b.params[0]].dtype
         device = self.params[b.params[0]].device
-        parts = [masters[u.key][s.unit_rows, s.unit_cols[0]:s.unit_cols[1]].to(dtype).reshape(-1)
+        parts = [masters[u.key][s.unit_sel].to(dtype).reshape(-1)
                  for items in b.param_send for u, s in items]
         send = torch.cat(parts) if parts else torch.empty(0, dtype=dtype, device=device)
         recv_sizes = _sizes(b.param_recv)
@@ -282,7 +282,7 @@ class Exchange:
                 for u, s in items:
                     k, w = len(s.local_rows), s.local_cols[1] - s.local_cols[0]
                     p2d = _view2d(self.params[u.param_index].data)
-                    p2d[s.local_rows, s.local_cols[0]:s.local_cols[1]] = seg[at:at + k * w].view(k, w)
+                    p2d[s.local_sel] = seg[at:at + k * w].view(k, w)
                     at += k * w
             my_tp = self.coords[self.rank][0]
             for u, t, handle in bcast:
@@ -290,7 +290,7 @@ class Exchange:
                     handle.wait()
                 s = u.slices[my_tp]
                 p2d = _view2d(self.params[u.param_index].data)
-                p2d[s.local_rows, s.local_cols[0]:s.local_cols[1]] = t[s.unit_rows, s.unit_cols[0]:s.unit_cols[1]]
+                p2d[s.local_sel] = t[s.unit_sel]
         b.param_work = None
         self._param_pending.discard(b.index)
         self._fill_param_window()
@@ -349,6 +349,6 @@ class Exchange:
             at = 0
             for u, s in items:
                 k, w = len(s.unit_rows), s.unit_cols[1] - s.unit_cols[0]
-                out[u.key][s.unit_rows, s.unit_cols[0]:s.unit_cols[1]] = seg[at:at + k * w].view(k, w)
+                out[u.key][s.unit_sel] = seg[at:at + k * w].view(k, w)
                 at += k * w
         return out

@@ -56,7 +56,7 @@ class ZeroOptimizer(MegatronOptimizer):
     def _read_param(self, u, s):
         p = self.exchange.params[u.param_index].detach()
         p2d = p if p.ndim == 2 else p.view(-1, 1)
-        return p2d[s.local_rows, s.local_cols[0]:s.local_cols[1]]
+        return p2d[s.local_sel]
 
     def zero_grad(self, set_to_none: bool = True):
         self.exchange.begin_step()

@@ -43,9 +43,25 @@ class Slice:
     local_cols: tuple[int, int]
     unit_cols: tuple[int, int]
 
+    def __post_init__(self):
+        # Row selectors: a plain slice where the rows are a contiguous run (almost always), so
+        # reading and writing a slice is a view, not a gather with an index tensor.
+        object.__setattr__(self, "local_sel", (_as_slice(self.local_rows), slice(*self.local_cols)))
+        object.__setattr__(self, "unit_sel", (_as_slice(self.unit_rows), slice(*self.unit_cols)))
+
     @property
     def numel(self) -> int:
         return len(self.local_rows) * (self.local_cols[1] - self.local_cols[0])
+
+
+def _as_slice(rows: torch.Tensor):
+    n = len(rows)
+    if n == 0:
+        return slice(0, 0)
+    first = int(rows[0])
+    if int(rows[-1]) - first == n - 1 and (n < 3 or bool(torch.all(rows[1:] - rows[:-1] == 1))):
+        return slice(first, first + n)
+    return rows
 
 
 @dataclass
