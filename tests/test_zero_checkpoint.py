@@ -65,6 +65,11 @@ def _export_worker(rank, world_size, ckpt, out_dir, tokens):
     return rc, logits
 
 
+def _one_process_worker(rank, world_size, cases, ckpt, out_dir, tokens):
+    """The one-process resume, then the export (one spawn for both)."""
+    return _train_worker(rank, world_size, cases), _export_worker(rank, world_size, ckpt, out_dir, tokens)
+
+
 def _losses(per_rank, i):
     return next(r[i] for r in per_rank if not np.isnan(next(iter(r[i].values()))))
 
@@ -79,10 +84,10 @@ def resumed(toy_corpus, tmp_path_factory):
     load = [f"train.load={step2}", "train.save=false"]
     dp2 = run_distributed(_train_worker, 2, [(_overrides(toy_corpus, 1, root / "dp2", load), False),
                                             (_overrides(toy_corpus, 1, root / "dp2z", load), True)], timeout=600)
-    one = run_distributed(_train_worker, 1, [(_overrides(toy_corpus, 1, root / "one", load), False)], timeout=600)
     tokens = torch.randint(0, 250, (2, 16), generator=torch.Generator().manual_seed(3))
-    export = run_distributed(_export_worker, 1, str(ckpt / "iter_0000004"), str(root / "hf"), tokens)[0]
-    return {"full": full, "dp2": _losses(dp2, 0), "dp2_zeroed": _losses(dp2, 1), "one": _losses(one, 0),
+    one, export = run_distributed(_one_process_worker, 1, [(_overrides(toy_corpus, 1, root / "one", load), False)],
+                                  str(ckpt / "iter_0000004"), str(root / "hf"), tokens, timeout=600)[0]
+    return {"full": full, "dp2": _losses(dp2, 0), "dp2_zeroed": _losses(dp2, 1), "one": _losses([one], 0),
             "export": export, "hf": root / "hf", "tokens": tokens, "step2": step2,
             "overrides": _overrides(toy_corpus, 1, root / "plain", load)}
 
