@@ -24,7 +24,15 @@ def _is_gated_fc1(name: str, model) -> bool:
     return name.endswith("mlp.linear_fc1.weight") and model.config.gated_linear_unit
 
 
-def _partition_dim(param) -> int | None:
+def unwrap(module):
+    """The model inside DDP / Float16Module wrappers (the end of the ``.module`` chain)."""
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+def partition_dim(param) -> int | None:
+    """The dim tensor parallelism splits ``param`` along (Megatron marks it at every TP size), or None."""
     return param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
 
 
@@ -46,7 +54,7 @@ def to_global_name(name: str, offset: int) -> str:
 
 def split_for_rank(full: torch.Tensor, param, name: str, model, rank: int, size: int) -> torch.Tensor:
     """This TP rank's slice of a logical tensor."""
-    dim = _partition_dim(param)
+    dim = partition_dim(param)
     if dim is None or size == 1:
         return full
     if _is_gated_fc1(name, model):
@@ -57,7 +65,7 @@ def split_for_rank(full: torch.Tensor, param, name: str, model, rank: int, size:
 
 def merge_shards(shards: list[torch.Tensor], param, name: str, model) -> torch.Tensor:
     """The logical tensor from all TP ranks' slices (inverse of split_for_rank)."""
-    dim = _partition_dim(param)
+    dim = partition_dim(param)
     if dim is None or len(shards) == 1:
         return shards[0]
     if _is_gated_fc1(name, model):
@@ -87,7 +95,7 @@ def gather_logical(model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.T
     out = {}
     for name, param in model.named_parameters():
         local = tensors[name].detach().contiguous()
-        if size > 1 and _partition_dim(param) is not None:
+        if size > 1 and partition_dim(param) is not None:
             shards = [torch.empty_like(local) for _ in range(size)]
             dist.all_gather(shards, local, group=group)
         else:

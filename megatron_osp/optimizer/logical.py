@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_osp.models.layout import layer_offset, split_for_rank, to_global_name
+from megatron_osp.models.layout import layer_offset, partition_dim, split_for_rank, to_global_name
 from megatron_osp.optimizer.routing import logical_blocks
 
 
@@ -72,10 +72,6 @@ def check_tp_layout(name: str, param, config, tp_size: int):
             )
 
 
-def _partition_dim(param) -> int | None:
-    return param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
-
-
 def build_blocks(
     named_params, model, param_offset: int, tp_size: int, qkv_split: str = "qkv", offset: int | None = None
 ) -> list[LogicalBlock]:
@@ -96,7 +92,7 @@ def build_blocks(
                 f"2-D matrix (route it to AdamW, or use the muon_only ablation for vectors)"
             )
         check_tp_layout(name, param, config, tp_size)
-        dim = _partition_dim(param)
+        dim = partition_dim(param)
         sharded = dim is not None and tp_size > 1
         rows, cols = param.shape
         if sharded and dim == 0:

@@ -29,6 +29,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
 from megatron_osp import platform
+from megatron_osp.models.layout import unwrap
 from megatron_osp.optimizer.builder import OptimSettings, megatron_config
 
 
@@ -271,9 +272,7 @@ def train_reference(
     )
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
-    core = ddp_chunks[0].module
-    while hasattr(core, "module"):
-        core = core.module
+    core = unwrap(ddp_chunks[0])
     initial = {n: p.detach().float().clone() for n, p in core.named_parameters()}  # this rank's copy
     losses, grad_norms, comm = [], [], None
     for step in range(s.steps):

@@ -31,6 +31,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_osp import parallel, platform
 from megatron_osp.fileio import atomic_write_json, atomic_write_text
 from megatron_osp.metrics.kurtosis import HiddenStateRecorder, KurtosisReport, merge_rank_reports
+from megatron_osp.models.layout import unwrap  # noqa: F401 - the Trainer's callers (tests, tools) import it from here
 from megatron_osp.optimizer.builder import ddp_config, ddp_wrapper, get_osp_optimizer
 from megatron_osp.training.checkpoint import (
     check_compatible,
@@ -64,12 +65,6 @@ def is_logging_rank() -> bool:
         and parallel_state.get_tensor_model_parallel_rank() == 0
         and parallel_state.get_data_parallel_rank() == 0
     )
-
-
-def unwrap(model):
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def _loss_func(loss_mask, output_tensor):

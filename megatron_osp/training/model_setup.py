@@ -16,6 +16,7 @@ from megatron.core.distributed import finalize_model_grads
 from megatron.core.transformer.module import Float16Module
 
 from megatron_osp.models.gpt import build_model_chunks, transformer_config
+from megatron_osp.models.layout import unwrap
 from megatron_osp.training.data import MicroBatchIterator
 
 
@@ -69,12 +70,7 @@ def schedule_inputs(iterators: list) -> object:
 
 def core_chunks(chunks) -> list[torch.nn.Module]:
     """The GPT models inside the DDP / Float16Module wrappers, in chunk order."""
-    out = []
-    for chunk in chunks:
-        while hasattr(chunk, "module"):
-            chunk = chunk.module
-        out.append(chunk)
-    return out
+    return [unwrap(chunk) for chunk in chunks]
 
 
 def decoder_layers(chunks) -> list[torch.nn.Module]:

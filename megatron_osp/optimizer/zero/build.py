@@ -5,17 +5,11 @@ from __future__ import annotations
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_osp.models.layout import layer_offset, to_global_name
+from megatron_osp.models.layout import layer_offset, to_global_name, unwrap
 from megatron_osp.optimizer.zero.ddp import attach
 from megatron_osp.optimizer.zero.exchange import GRAD_DTYPES, Exchange
 from megatron_osp.optimizer.zero.optimizer import ZeroOptimizer, stage_domain
 from megatron_osp.optimizer.zero.units import ADAM, MUON, VECTOR, adam_units, assign_owners, muon_units, set_costs
-
-
-def _core(module):
-    while hasattr(module, "module"):
-        module = module.module
-    return module
 
 
 def param_groups(settings, route) -> tuple[list[dict], dict[int, tuple[str, int]]]:
@@ -51,7 +45,7 @@ def stage_units(model_chunks, kinds, tp_size: int, qkv_split: str, ns_steps: int
     """
     params, units = [], []
     for c, chunk in enumerate(model_chunks):
-        core = _core(chunk)
+        core = unwrap(chunk)
         offset = layer_offset(core) if offsets is None else offsets[c]
         for name, p in core.named_parameters():
             if not p.requires_grad:
@@ -69,7 +63,7 @@ def stage_units(model_chunks, kinds, tp_size: int, qkv_split: str, ns_steps: int
 
 def build_zero_optimizer(settings, model_chunks, route, mcfg, log=None) -> ZeroOptimizer:
     for chunk in model_chunks:
-        core = _core(chunk)
+        core = unwrap(chunk)
         if getattr(core, "share_embeddings_and_output_weights", False):
             raise ValueError("optimizer.distributed_optimizer=true needs untied embedding and output weights")
         if not hasattr(chunk, "exchange"):

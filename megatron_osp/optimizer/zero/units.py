@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megatron_osp.models.layout import split_for_rank
+from megatron_osp.models.layout import partition_dim, split_for_rank
 from megatron_osp.optimizer.logical import build_blocks
 from megatron_osp.optimizer.newton_schulz import ns_flops
 
@@ -102,10 +102,6 @@ def _as_2d_shape(param) -> tuple[int, int]:
     return (param.shape[0], param.shape[1]) if param.ndim == 2 else (param.numel(), 1)
 
 
-def _partition_dim(param):
-    return param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
-
-
 def _chunk_bounds(size: int, k: int, octants: bool = False) -> list[tuple[int, int]]:
     """[start, stop) of k chunks of a dim of ``size``; with ``octants`` (a TP-splittable dim that
     divides by 8) each eighth is cut on its own, so no chunk crosses a TP shard at TP = 2, 4, 8."""
@@ -119,7 +115,7 @@ def _chunk_bounds(size: int, k: int, octants: bool = False) -> list[tuple[int, i
 def adam_units(name, gname, param, model, param_index, group, tp_size, kind=ADAM, target=ADAM_CHUNK_ELEMS):
     """AdamW / vector units of one parameter (local shard ``param``) at TP size ``tp_size``."""
     rows, cols = _as_2d_shape(param)
-    dim = _partition_dim(param)
+    dim = partition_dim(param)
     sharded = dim is not None and tp_size > 1
     if sharded and dim == 0:
         rows *= tp_size
