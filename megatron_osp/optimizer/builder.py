@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig
@@ -29,6 +28,7 @@ from megatron_osp.optimizer.newton_schulz import coefficient_schedule
 from megatron_osp.optimizer.routing import route_parameters
 from megatron_osp.optimizer.zero.build import build_zero_optimizer
 from megatron_osp.optimizer.zero.exchange import GRAD_DTYPES
+from megatron_osp.optimizer.zero.optimizer import stage_domain
 from megatron_osp.optimizer.zero.ddp import OwnerDDP, finalize_owner_grads
 
 OPTIMIZERS = ("adam", "muon", "muon_only")
@@ -126,16 +126,10 @@ def _group(params, wd_mult: float, **extra) -> dict:
 
 
 def _muon_domain():
-    """The TP x DP process group of this pipeline stage and each member's (tp, dp) rank."""
-    if not dist.is_initialized():
-        return None, None
-    group = parallel_state.get_tensor_and_data_parallel_group()
-    if dist.get_world_size(group) == 1:
-        return None, None
-    coords = [None] * dist.get_world_size(group)
-    mine = (parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_data_parallel_rank())
-    dist.all_gather_object(coords, mine, group=group)
-    return group, [tuple(c) for c in coords]
+    """The TP x DP process group of this pipeline stage and each member's (tp, dp) rank; (None, None)
+    for a domain of one (Muon then runs without collectives)."""
+    group, coords, _ = stage_domain()
+    return (None, None) if group is None or len(coords) == 1 else (group, coords)
 
 
 def build_muon(settings: OptimSettings, model_chunks, route, log=None) -> Muon:
