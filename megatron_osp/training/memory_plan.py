@@ -210,7 +210,6 @@ def ours(chunks, offsets, layout: Layout, settings) -> list[RankFigures]:
     coords = domain_coords(layout.tp, layout.dp)
     assign_owners(units, coords)
     grad_dtype = GRAD_DTYPES[settings.grad_reduce_dtype]
-    gb = torch.empty(0, dtype=grad_dtype).element_size()
     pb = torch.empty(0, dtype=layout.params_dtype).element_size()
     local = sum(p.numel() for p in params)
     out = []
@@ -218,10 +217,7 @@ def ours(chunks, offsets, layout: Layout, settings) -> list[RankFigures]:
         ex = Exchange(params, units, coords, rank, None, dp_size=layout.dp, bucket_elems=settings.bucket_size,
                       grad_dtype=grad_dtype)
         sent = ex.plan_bytes(pb)
-        size = lambda lists: sum(s.numel for items in lists for _, s in items)  # noqa: E731
-        grad_phase = [(size(b.grad_send) + size(b.grad_recv)) * gb for b in ex.buckets]
-        param_phase = [(size(b.param_send) + size(b.param_recv) + sum(u.numel for u in b.broadcast)) * pb
-                       for b in ex.buckets]
+        grad_phase, param_phase = ex.bucket_buffer_bytes(pb)
         owned = [u for u in units if u.owner == rank]
         out.append(RankFigures(
             params=local * pb,

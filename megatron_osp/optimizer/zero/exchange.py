@@ -43,7 +43,7 @@ def _window_peak(sizes: list[int]) -> int:
     return max((sum(sizes[i:i + WINDOW]) for i in range(len(sizes))), default=0)
 
 
-def _view2d(t: torch.Tensor) -> torch.Tensor:
+def view2d(t: torch.Tensor) -> torch.Tensor:
     return t if t.ndim == 2 else t.view(-1, 1)
 
 
@@ -63,6 +63,16 @@ class _Bucket:
 
 def _sizes(lists) -> list[int]:
     return [sum(s.numel for _, s in items) for items in lists]
+
+
+def _unpacked(lists, recv: torch.Tensor, sizes: list[int]):
+    """(unit, slice, 2-D block) for each slice of a received packed buffer, in the plan's order."""
+    for items, seg in zip(lists, recv.split(sizes)):
+        at = 0
+        for u, s in items:
+            k, w = len(s.local_rows), s.local_cols[1] - s.local_cols[0]
+            yield u, s, seg[at:at + k * w].view(k, w)
+            at += k * w
 
 
 class Exchange:
@@ -147,12 +157,18 @@ class Exchange:
         gb = torch.empty(0, dtype=self.grad_dtype).element_size()
         return {"grads": g * gb, "params": int(p * param_bytes)}
 
-    def buffer_bytes(self, param_bytes: int) -> int:
-        """Peak bytes of send + receive buffers: at most WINDOW buckets are in flight at once."""
+    def bucket_buffer_bytes(self, param_bytes: int) -> tuple[list[int], list[int]]:
+        """Send + receive buffer bytes of each bucket: gradients (backward order), parameters
+        (forward order, broadcasts included)."""
         gb = torch.empty(0, dtype=self.grad_dtype).element_size()
         grads = [(sum(_sizes(b.grad_send)) + sum(_sizes(b.grad_recv))) * gb for b in self.buckets]
         params = [(sum(_sizes(b.param_send)) + sum(_sizes(b.param_recv)) + sum(u.numel for u in b.broadcast))
                   * param_bytes for b in reversed(self.buckets)]
+        return grads, params
+
+    def buffer_bytes(self, param_bytes: int) -> int:
+        """Peak bytes of send + receive buffers: at most WINDOW buckets are in flight at once."""
+        grads, params = self.bucket_buffer_bytes(param_bytes)
         return max(_window_peak(grads), _window_peak(params))
 
     # ------------------------------------------------------------------ gradients
@@ -186,7 +202,7 @@ class Exchange:
         parts = []
         for items in b.grad_send:
             for u, s in items:
-                g = _view2d(self.params[u.param_index].main_grad)[s.local_sel]
+                g = view2d(self.params[u.param_index].main_grad)[s.local_sel]
                 parts.append((g * self.dp_scale).to(self.grad_dtype).reshape(-1))
         send = torch.cat(parts) if parts else torch.empty(0, dtype=self.grad_dtype, device=device)
         recv_sizes = _sizes(b.grad_recv)
@@ -202,15 +218,11 @@ class Exchange:
         if work is not None:
             work.wait()
         self._log("grad_wait", b.index)
-        for items, seg in zip(b.grad_recv, recv.split(sizes)):
-            at = 0
-            for u, s in items:
-                k, w = len(s.unit_rows), s.unit_cols[1] - s.unit_cols[0]
-                g = self.grads.get(u.key)
-                if g is None:
-                    g = self.grads[u.key] = torch.zeros(u.shape, dtype=torch.float32, device=recv.device)
-                g[s.unit_sel] += seg[at:at + k * w].view(k, w)
-                at += k * w
+        for u, s, block in _unpacked(b.grad_recv, recv, sizes):
+            g = self.grads.get(u.key)
+            if g is None:
+                g = self.grads[u.key] = torch.zeros(u.shape, dtype=torch.float32, device=recv.device)
+            g[s.unit_sel] += block
         b.grad_work = None
 
     def finish_grads(self) -> None:
@@ -277,19 +289,14 @@ class Exchange:
             work.wait()
         self._log("param_wait", b.index)
         with torch.no_grad():
-            for items, seg in zip(b.param_recv, recv.split(sizes)):
-                at = 0
-                for u, s in items:
-                    k, w = len(s.local_rows), s.local_cols[1] - s.local_cols[0]
-                    p2d = _view2d(self.params[u.param_index].data)
-                    p2d[s.local_sel] = seg[at:at + k * w].view(k, w)
-                    at += k * w
+            for u, s, block in _unpacked(b.param_recv, recv, sizes):
+                view2d(self.params[u.param_index].data)[s.local_sel] = block
             my_tp = self.coords[self.rank][0]
             for u, t, handle in bcast:
                 if handle is not None:
                     handle.wait()
                 s = u.slices[my_tp]
-                p2d = _view2d(self.params[u.param_index].data)
+                p2d = view2d(self.params[u.param_index].data)
                 p2d[s.local_sel] = t[s.unit_sel]
         b.param_work = None
         self._param_pending.discard(b.index)
@@ -305,7 +312,7 @@ class Exchange:
                 self.wait_param_bucket(self.bucket_of_param[i])
 
     def finish_params(self) -> None:
-        for b in getattr(self, "_param_order", []):
+        for b in self._param_order:
             self.wait_param_bucket(b)
 
     def _note_buffers(self):
@@ -345,10 +352,6 @@ class Exchange:
         recv = torch.empty(sum(sizes), device=device)
         self._all_to_all(recv, torch.cat(send_flat), sizes, [t.numel() for t in send_flat], False)
         out = {u.key: torch.zeros(u.shape, dtype=torch.float32, device=device) for u in self.owned}
-        for items, seg in zip(recv_plan, recv.split(sizes)):
-            at = 0
-            for u, s in items:
-                k, w = len(s.unit_rows), s.unit_cols[1] - s.unit_cols[0]
-                out[u.key][s.unit_sel] = seg[at:at + k * w].view(k, w)
-                at += k * w
+        for u, s, block in _unpacked(recv_plan, recv, sizes):
+            out[u.key][s.unit_sel] = block
         return out

@@ -26,7 +26,7 @@ from megatron.core.optimizer.optimizer import MegatronOptimizer
 
 from megatron_osp.optimizer.muon import _nesterov, update_scale
 from megatron_osp.optimizer.newton_schulz import newton_schulz
-from megatron_osp.optimizer.zero.exchange import Exchange
+from megatron_osp.optimizer.zero.exchange import Exchange, view2d
 from megatron_osp.optimizer.zero.units import ADAM, MUON, VECTOR
 
 STATE_NAMES = {ADAM: ("exp_avg", "exp_avg_sq"), MUON: ("momentum",), VECTOR: ("momentum",)}
@@ -54,9 +54,7 @@ class ZeroOptimizer(MegatronOptimizer):
 
     # ------------------------------------------------------------------ Megatron's interface
     def _read_param(self, u, s):
-        p = self.exchange.params[u.param_index].detach()
-        p2d = p if p.ndim == 2 else p.view(-1, 1)
-        return p2d[s.local_sel]
+        return view2d(self.exchange.params[u.param_index].detach())[s.local_sel]
 
     def zero_grad(self, set_to_none: bool = True):
         self.exchange.begin_step()
@@ -159,35 +157,25 @@ class ZeroOptimizer(MegatronOptimizer):
         w.addcdiv_(st["exp_avg"], denom, value=-step_size)
 
     # ------------------------------------------------------------------ checkpoints
-    def _owned_tensors(self, device=None):
-        out = {}
-        for u in self.owned:
-            dev = self.masters[u.key].device
-            tensors = {"master": self.masters[u.key], **self._state(u, dev)}
-            out[u.key] = tensors
-        return out
-
-    def state_dict(self):
-        self.finish_param_sync()
-        return {
-            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
-            "adam_step": self.adam_step,
-            "zero": {k: {n: t.clone() for n, t in v.items()} for k, v in self._owned_tensors().items()},
-        }
-
-    def sharded_state_dict(self, model_sharded_state_dict=None, is_loading: bool = False, metadata=None):
+    def _state_dict_with(self, as_saved) -> dict:
+        """Hyper-parameters and step (common) and every owned unit's tensors through ``as_saved``."""
         self.finish_param_sync()
         zero = {}
-        for key, tensors in self._owned_tensors().items():
-            zero[key] = {
-                n: ShardedTensor.from_rank_offsets(f"optimizer.zero.{n}.{key}", t, replica_id=0)
-                for n, t in tensors.items()
-            }
+        for u in self.owned:
+            master = self.masters[u.key]
+            tensors = {"master": master, **self._state(u, master.device)}
+            zero[u.key] = {n: as_saved(f"optimizer.zero.{n}.{u.key}", t) for n, t in tensors.items()}
         return {
             "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
             "adam_step": self.adam_step,
             "zero": zero,
         }
+
+    def state_dict(self):
+        return self._state_dict_with(lambda key, t: t.clone())
+
+    def sharded_state_dict(self, model_sharded_state_dict=None, is_loading: bool = False, metadata=None):
+        return self._state_dict_with(lambda key, t: ShardedTensor.from_rank_offsets(key, t, replica_id=0))
 
     def load_state_dict(self, state_dict):
         saved_groups = state_dict["param_groups"]
