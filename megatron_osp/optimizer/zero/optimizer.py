@@ -50,7 +50,9 @@ class ZeroOptimizer(MegatronOptimizer):
         self.masters: dict[str, torch.Tensor] = exchange.gather_to_owners(self._read_param)
         self.state_tensors: dict[str, dict[str, torch.Tensor]] = {}
         self.adam_step = 0
-        self._scale = torch.ones(1)
+        # On the parameters' device: NCCL all-reduces device tensors only (gloo takes CPU ones).
+        self.device = exchange.params[0].device if exchange.params else torch.device("cpu")
+        self._scale = torch.ones(1, device=self.device)
 
     # ------------------------------------------------------------------ Megatron's interface
     def _read_param(self, u, s):
@@ -80,7 +82,7 @@ class ZeroOptimizer(MegatronOptimizer):
 
     def get_grad_norm(self):
         grads = self.exchange.grads
-        local = torch.zeros(1, dtype=torch.float64)
+        local = torch.zeros(1, dtype=torch.float64, device=self.device)
         for u in self.owned:
             local += grads[u.key].double().square().sum()
         if dist.is_initialized():
