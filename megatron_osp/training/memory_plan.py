@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron_osp.models.config import ModelConfig
+from megatron_osp.models.layout import partition_dim
 
 GIB = float(1 << 30)
 ATTENTIONS = ("unfused", "flash")
@@ -105,9 +106,8 @@ class _ShardedChunk:
 
 def _shard_like(param: torch.nn.Parameter, tp: int) -> torch.nn.Parameter:
     shape = list(param.shape)
-    sharded = getattr(param, "tensor_model_parallel", False)
-    if sharded and tp > 1:
-        dim = param.partition_dim
+    dim = partition_dim(param)
+    if dim is not None and tp > 1:
         if shape[dim] % tp:
             raise ValueError(f"TP={tp} does not divide dim {dim} of a parameter of shape {tuple(param.shape)}")
         shape[dim] //= tp
