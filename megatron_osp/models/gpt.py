@@ -54,6 +54,19 @@ class OSPGPTModel(GPTModel):
             self.output_projection = make(_OUTPUT_PROJECTION_SEED_OFFSET)
             attach_after(self.decoder.final_layernorm, self.output_projection)
 
+    # Top-level children in the order the forward pass runs them (EmbProj is registered last).
+    FORWARD_ORDER = ("embedding", "embedding_projection", "decoder", "output_projection", "output_layer")
+
+    def named_parameters_in_forward_order(self):
+        """``named_parameters()`` sorted by when the forward pass first uses them, so that reversed
+        it is the order their gradients become ready (what gradient buckets must follow: with
+        registration order the input EmbProj, whose gradient comes last, would hold back every
+        bucket after the output layer's). Children not in FORWARD_ORDER keep their place at the end."""
+        rank = {name: i for i, name in enumerate(self.FORWARD_ORDER)}
+        named = list(self.named_parameters())
+        order = sorted(range(len(named)), key=lambda i: (rank.get(named[i][0].split(".", 1)[0], len(rank)), i))
+        return [named[i] for i in order]
+
 
 def _importable(*modules: str) -> bool:
     return all(importlib.util.find_spec(m) is not None for m in modules)

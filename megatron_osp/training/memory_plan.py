@@ -26,7 +26,9 @@ buffers (reduce-scatter and all-gather work in place in DDP's buffers), sent per
 (a few elements per bucket) is ignored.
 
 Not counted anywhere: CUDA context and allocator fragmentation, temporary buffers inside a step
-(Newton-Schulz work, Adam's temporaries, the logits' backward), TP/PP activation communication.
+(Newton-Schulz work, Adam's temporaries, the logits' backward), TP/PP activation communication, and
+the early Newton-Schulz outputs (optimizer.early_newton_schulz: 2 B per owned Muon element in bf16,
+made during the backward pass as activations are freed, kept until the step).
 """
 
 from __future__ import annotations
@@ -93,8 +95,9 @@ def stage_chunks(num_layers: int, pp: int, vp: int = 1) -> list[list[tuple[int, 
 
 # ---------------------------------------------------------------------- stage models on meta tensors
 class _ShardedChunk:
-    """What the optimizer code reads of a model chunk: ``config`` and ``named_parameters()``, the
-    parameters being meta tensors shaped like one TP rank's shard."""
+    """What the optimizer code reads of a model chunk: ``config`` and ``named_parameters()`` (in
+    forward order, as zero/build.stage_units takes them from a real chunk), the parameters being
+    meta tensors shaped like one TP rank's shard."""
 
     def __init__(self, config, named):
         self.config = config
@@ -152,7 +155,7 @@ def build_stage(model: ModelConfig, layout: Layout, stage: int) -> tuple[list[_S
         post = stage == layout.pp - 1 and v == layout.vp - 1
         with torch.device("meta"):
             core = build_gpt_model(sub, config, pre_process=pre, post_process=post, layout_independent_init=False)
-        named = [(name, _shard_like(p, layout.tp)) for name, p in core.named_parameters()]
+        named = [(name, _shard_like(p, layout.tp)) for name, p in core.named_parameters_in_forward_order()]
         chunks.append(_ShardedChunk(core.config, named))
         offsets.append(first)
     return chunks, offsets

@@ -37,7 +37,7 @@ def param_groups(settings, route) -> tuple[list[dict], dict[int, tuple[str, int]
 
 
 def stage_units(model_chunks, kinds, tp_size: int, qkv_split: str, ns_steps: int = 5, offsets=None):
-    """The stage's flat parameter list (chunk by chunk, model order) and its units.
+    """The stage's flat parameter list (chunk by chunk, each in forward order) and its units.
 
     ``offsets``: each chunk's first global layer number (default: from the parallel state). A
     planner passes them for chunks built outside a real layout (tools/plan_memory.py, on meta
@@ -47,7 +47,8 @@ def stage_units(model_chunks, kinds, tp_size: int, qkv_split: str, ns_steps: int
     for c, chunk in enumerate(model_chunks):
         core = unwrap(chunk)
         offset = layer_offset(core) if offsets is None else offsets[c]
-        for name, p in core.named_parameters():
+        named = getattr(core, "named_parameters_in_forward_order", core.named_parameters)()
+        for name, p in named:
             if not p.requires_grad:
                 continue
             index = len(params)
