@@ -65,6 +65,10 @@ class OptimSettings:
     # wait for returned parameters in the next forward, module by module (same numbers either way).
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
+    # With overlap_grad_reduce: each owner runs Newton-Schulz on a bucket's Muon matrices as soon as
+    # the bucket's gradients are in (during the backward pass), assuming no clipping; a step whose
+    # global norm does clip computes them again in the step. The same numbers either way.
+    early_newton_schulz: bool = True
     grad_reduce_dtype: str = "fp32"  # "fp32" | "bf16": the dtype gradients travel to owners in
     bucket_size: int = 40_000_000  # parameter elements per communication bucket
 

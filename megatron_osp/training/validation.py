@@ -206,6 +206,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "distributed_optimizer": boolean,
         "overlap_grad_reduce": boolean,
         "overlap_param_gather": boolean,
+        "early_newton_schulz": boolean,
         "grad_reduce_dtype": choice(("fp32", "bf16")),
         "bucket_size": POSITIVE,
     },

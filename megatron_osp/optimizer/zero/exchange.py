@@ -105,6 +105,7 @@ class Exchange:
         self._grads_in_flight: list[_Bucket] = []
         self.peak_buffer_bytes = 0  # measured: see _note_buffers
         self.grads: dict[str, torch.Tensor] = {}  # owner side: the reduced gradient of each owned unit
+        self.on_grads = None  # called with each bucket once its owned units' gradients are summed
 
     # ------------------------------------------------------------------ plan
     def _make_buckets(self, bucket_elems):
@@ -224,6 +225,8 @@ class Exchange:
                 g = self.grads[u.key] = torch.zeros(u.shape, dtype=torch.float32, device=recv.device)
             g[s.unit_sel] += block
         b.grad_work = None
+        if self.on_grads is not None:
+            self.on_grads(b)
 
     def finish_grads(self) -> None:
         """Issue what is left, wait for every bucket, and sum each owned unit's gradient."""

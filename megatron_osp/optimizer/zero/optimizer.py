@@ -6,8 +6,15 @@ wrappers. One step, on a pipeline stage with TP x DP domain D:
   2. the global gradient norm: each owner's sum of squares over its units, one all-reduce over all
      ranks (every unit has exactly one owner in the world), clipping as Megatron does;
   3. owners update their masters: AdamW (torch's, on the owned chunks), Muon (Nesterov momentum,
-     Newton-Schulz batched by shape, the paper's scale, decoupled weight decay), muon_only vectors;
+     Newton-Schulz batched by bucket and shape, the paper's scale, decoupled weight decay),
+     muon_only vectors;
   4. owners send the new values back to every holder in the parameters' dtype (exchange.py).
+With ``overlap_grad_reduce`` and ``early_newton_schulz`` (the default), step 3's Newton-Schulz for a
+bucket runs as soon as the bucket's gradients are in, during the backward pass, on the unclipped
+gradient and without touching the momentum. The step uses those results when the global norm does
+not clip (the momentum is then advanced by the same operations), and computes them again when it
+does: Newton-Schulz is scale-invariant but momentum + clipped gradient is not a multiple of
+momentum + gradient. Either way the numbers are those of the step-time computation.
 The math is the single-process optimizers' (optimizer/muon.py, torch.optim.AdamW) on the same
 fp32 values, so a run matches the single-process run to fp32 round-off whatever the layout.
 Checkpoints save every unit's tensors under its layout-free key (see units.py), from its owner.
@@ -53,6 +60,17 @@ class ZeroOptimizer(MegatronOptimizer):
         # On the parameters' device: NCCL all-reduces device tensors only (gloo takes CPU ones).
         self.device = exchange.params[0].device if exchange.params else torch.device("cpu")
         self._scale = torch.ones(1, device=self.device)
+        # Owned Muon units, one Newton-Schulz batch per (bucket, shape), in a fixed order: the same
+        # batches whether they run early or in the step, so both give bit-identical results.
+        batches = defaultdict(list)
+        for u in self.owned:
+            if u.kind == MUON:
+                batches[(exchange.bucket_of_param[u.param_index].index, u.shape)].append(u)
+        self.ns_batches: dict[tuple, list] = dict(batches)
+        self._early: dict[tuple, torch.Tensor] = {}  # batch key -> its scaled Newton-Schulz output
+        self.early_ns = {"used": 0, "redone": 0}  # batches, over the run (clipping forces a redo)
+        if settings.overlap_grad_reduce and settings.early_newton_schulz:
+            exchange.on_grads = self._early_newton_schulz
 
     # ------------------------------------------------------------------ Megatron's interface
     def _read_param(self, u, s):
@@ -60,6 +78,7 @@ class ZeroOptimizer(MegatronOptimizer):
 
     def zero_grad(self, set_to_none: bool = True):
         self.exchange.begin_step()
+        self._early.clear()
 
     def get_loss_scale(self):
         return self._scale
@@ -109,11 +128,39 @@ class ZeroOptimizer(MegatronOptimizer):
             }
         return st
 
+    def _momentum(self):
+        return {"momentum": self.settings.muon_momentum, "nesterov": True}
+
+    def _orthogonalize(self, batch, directions) -> torch.Tensor:
+        """One batched Newton-Schulz over a batch's update directions, times the paper's scale."""
+        dtype = torch.bfloat16 if directions[0].is_cuda else torch.float32
+        stack = torch.stack([d.to(dtype) for d in directions])
+        out = newton_schulz(stack, steps=self.settings.muon_ns_steps, coefficients=self.settings.muon_coefficients,
+                            backend=self.settings.muon_ns_backend)
+        return (out * update_scale(*batch[0].shape, self.settings.muon_lr_scale)).to(dtype)
+
+    @torch.no_grad()
+    def _early_newton_schulz(self, bucket):
+        """Exchange.on_grads: orthogonalise this bucket's owned Muon batches on the unclipped
+        gradients, reading the momentum without advancing it (the step decides whether to keep it)."""
+        mu = self.settings.muon_momentum
+        grads = self.exchange.grads
+        for key, batch in self.ns_batches.items():
+            if key[0] != bucket.index or any(u.key not in grads for u in batch):
+                continue
+            directions = []
+            for u in batch:
+                g = grads[u.key]
+                buf = self._state(u, g.device)["momentum"].mul(mu).add_(g)  # what _nesterov computes in place
+                directions.append(g.add(buf, alpha=mu))
+            self._early[key] = self._orthogonalize(batch, directions)
+            if self.exchange.events is not None:
+                self.exchange.events.append(("newton_schulz", bucket.index))
+
     def _update(self, clip_coeff: float):
         groups = self.param_groups
         grads = self.exchange.grads
         self.adam_step += 1  # the same on every rank (a checkpoint's common state)
-        by_shape = defaultdict(list)
         for u in self.owned:
             g = grads[u.key]
             if clip_coeff != 1.0:
@@ -122,22 +169,25 @@ class ZeroOptimizer(MegatronOptimizer):
             st = self._state(u, g.device)
             if u.kind == ADAM:
                 self._adamw(self.masters[u.key], g, st, group)
-                continue
-            mom = {"momentum": self.settings.muon_momentum, "nesterov": True}
-            d = _nesterov(st["momentum"], g, mom)
-            if u.kind == VECTOR:
+            elif u.kind == VECTOR:
+                d = _nesterov(st["momentum"], g, self._momentum())
                 scale = update_scale(1, d.numel(), self.settings.muon_lr_scale)
                 self._apply(u, d * (scale / (d.norm() + 1e-8)), group)
+        for key, batch in self.ns_batches.items():
+            early = self._early.pop(key, None)
+            moms = [self._state(u, grads[u.key].device)["momentum"] for u in batch]
+            if early is not None and clip_coeff == 1.0:
+                for u, m in zip(batch, moms):  # advance the momentum as the early pass assumed
+                    m.mul_(self.settings.muon_momentum).add_(grads[u.key])
+                out = early
+                self.early_ns["used"] += 1
             else:
-                by_shape[u.shape].append((u, d))
-        for shape, items in by_shape.items():
-            dtype = torch.bfloat16 if items[0][1].is_cuda else torch.float32
-            stack = torch.stack([d.to(dtype) for _, d in items])
-            out = newton_schulz(stack, steps=self.settings.muon_ns_steps, coefficients=self.settings.muon_coefficients,
-                                backend=self.settings.muon_ns_backend)
-            out = (out * update_scale(*shape, self.settings.muon_lr_scale)).to(dtype)
-            for (u, _), o in zip(items, out):
+                self.early_ns["redone"] += early is not None
+                out = self._orthogonalize(batch, [_nesterov(m, grads[u.key], self._momentum())
+                                                  for u, m in zip(batch, moms)])
+            for u, o in zip(batch, out):
                 self._apply(u, o.float(), groups[u.group])
+        self._early.clear()
         self.exchange.start_params(self.masters)
 
     def _apply(self, u, update, group):
@@ -201,6 +251,7 @@ class ZeroOptimizer(MegatronOptimizer):
             self.masters[u.key].copy_(saved["master"])
             for n, t in self._state(u, self.masters[u.key].device).items():
                 t.copy_(saved[n])
+        self._early.clear()
         self.exchange.start_params(self.masters)
         self.exchange.finish_params()
 
