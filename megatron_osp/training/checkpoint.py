@@ -52,6 +52,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_osp.fileio import atomic_write_json, atomic_write_text, fsync_dir
+from megatron_osp.models.layout import unwrap
 from megatron_osp.training import checkpoint_integrity as integrity
 from megatron_osp.training.checkpoint_integrity import CheckpointError
 
@@ -196,18 +197,12 @@ def check_compatible(path, config, *, resume: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------- state dicts
-def _core(module):
-    while hasattr(module, "module"):
-        module = module.module
-    return module
-
-
 def _model_keys(model_chunks) -> list[str]:
     return ["model"] if len(model_chunks) == 1 else [f"model{i}" for i in range(len(model_chunks))]
 
 
 def _model_sharded_state_dict(model_chunks) -> dict:
-    return {key: _core(chunk).sharded_state_dict() for key, chunk in zip(_model_keys(model_chunks), model_chunks)}
+    return {key: unwrap(chunk).sharded_state_dict() for key, chunk in zip(_model_keys(model_chunks), model_chunks)}
 
 
 def _layout() -> dict:
@@ -440,7 +435,7 @@ def load_checkpoint(path, model_chunks, optimizer=None, scheduler=None, *, load_
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - CheckpointException is a BaseException
         raise CheckpointError(integrity.describe_load_failure(ckpt, e)) from e
     for key, chunk in zip(_model_keys(model_chunks), model_chunks):
-        _core(chunk).load_state_dict(loaded[key], strict=True)
+        unwrap(chunk).load_state_dict(loaded[key], strict=True)
     if use_optimizer:
         _load_optimizer(optimizer, loaded["optimizer"])
     elif optimizer is not None:
@@ -464,7 +459,7 @@ def _check_vocab_padding(ckpt: Path, train_state: dict, model_chunks) -> None:
     saved_tp = train_state.get("layout", {}).get("tensor_parallel_size", 1)
     saved_vocab = saved_model.padded_vocab_size(saved_tp)
     for chunk in model_chunks:
-        vocab = getattr(_core(chunk), "vocab_size", None)
+        vocab = getattr(unwrap(chunk), "vocab_size", None)
         if vocab is not None and vocab != saved_vocab:
             raise CheckpointError(
                 f"checkpoint {ckpt} has a vocabulary padded to {saved_vocab} (vocab_size "
