@@ -4,7 +4,7 @@
 #
 #   here, once:      bash tools/device_checks.sh prepare    (wheels into .whl/, data into .device_data/)
 #   on the device:   run(command="bash tools/device_checks.sh", carry=[".whl", ".device_data"], timeout_s=580)
-#   one stage only:  bash tools/device_checks.sh bench    (or: repro)
+#   one stage only:  bash tools/device_checks.sh bench    (or: step, repro)
 #
 # prepare (here, on the CPU machine): megatron-core & co. as Python 3.12 wheels
 #          (../shared/tools/device-wheels.sh) and the reproduction's data, tokenized here so that the
@@ -16,11 +16,16 @@
 #          machine (env.txt)
 #   bench  tools/bench_muon.py --gpu on the 1.4B model's shapes: Newton-Schulz throughput against a
 #          large bf16 matmul of the same run, optimizer step vs AdamW and Megatron-Core's Muon (issue 3)
+#   step   tools/bench_step.py --zero: a training step of the 1.4B model (osp-1.4b, seq 2048) on the
+#          one GPU, Adam + RMSNorm vs OSP vs OSP with the distributed optimizer, tokens/s over 20
+#          steps after 5 warm-up ones at the largest micro-batch the planner fits (issue 17, item 3)
 #   repro  examples/reproduce_osp_small.sh with REPRO_CONFIG (default reproduce_small.yaml): the
 #          paper's four ablation rows trained at the same time on the one GPU (PARALLEL=1), then the
 #          4-bit evaluation (issue 6)
+# The three stages do not fit one 10-minute command together (bench ~3, step ~3, repro ~5.5 min):
+# run "bench step" in one call and "repro" in another where the lease allows.
 # Everything lands in $OUT (the device tool brings back at most 8 files): env.txt, bench_muon.txt,
-# repro.txt and repro.tar.gz (summaries, kurtosis, metrics, the quantization report).
+# bench_step.txt/.json, repro.txt and repro.tar.gz (summaries, kurtosis, metrics, the quantization report).
 # REPRO_ARGS="section.field=value ..." overrides the reproduction's config (e.g. a shorter rerun).
 # Without a GPU, DEVICE_CHECKS_CPU=1 runs the same stages at smoke-test size (plumbing check).
 set -uo pipefail
@@ -32,6 +37,7 @@ STAGES=("$@")
 CPU=${DEVICE_CHECKS_CPU:-0}
 BENCH_LIMIT=${BENCH_LIMIT:-170}
 REPRO_LIMIT=${REPRO_LIMIT:-320}
+STEP_LIMIT=${STEP_LIMIT:-200}
 DEVICE_DATA=.device_data
 export PYTHONUNBUFFERED=1
 
@@ -90,6 +96,15 @@ bench() {
   timeout --signal=TERM --kill-after=10 "$BENCH_LIMIT" python3 tools/bench_muon.py "${flags[@]}" 2>&1 | tee "$OUT/bench_muon.txt"
 }
 
+step() {
+  local flags=(--zero --json "$OUT/bench_step.json")
+  [[ "$CPU" == 1 ]] && flags+=(--quick)
+  # STEP_ARGS: e.g. "--layers 12" or "--recompute selective" for a resized rerun
+  read -r -a extra <<< "${STEP_ARGS:-}"
+  timeout --signal=TERM --kill-after=10 "$STEP_LIMIT" python3 tools/bench_step.py "${flags[@]}" "${extra[@]}" 2>&1 |
+    tee "$OUT/bench_step.txt"
+}
+
 repro() {
   local run_dir=${REPRO_DIR:-/tmp/repro}
   local args=()
@@ -120,8 +135,8 @@ setup || { log "setup failed"; exit 1; }
 status=0
 for stage in "${STAGES[@]}"; do
   case "$stage" in
-    bench|repro) log "$stage"; "$stage"; rc=$?; log "$stage exit $rc"; [[ $rc == 0 ]] || status=1 ;;
-    *) echo "unknown stage '$stage' (stages: prepare alone, or bench and/or repro)" >&2; exit 2 ;;
+    bench|step|repro) log "$stage"; "$stage"; rc=$?; log "$stage exit $rc"; [[ $rc == 0 ]] || status=1 ;;
+    *) echo "unknown stage '$stage' (stages: prepare alone, or any of bench, step, repro)" >&2; exit 2 ;;
   esac
 done
 exit $status

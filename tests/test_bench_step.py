@@ -1,0 +1,39 @@
+"""tools/bench_step.py (training-step throughput, Adam vs OSP) at smoke-test size, and its input checks.
+
+The figures of a CPU smoke run mean nothing; the test checks that every arm ran the real Trainer
+(OSP has EmbProj's extra parameters, the ZeRO arm reports its early Newton-Schulz counters), that
+the rates are the step times' and that ratios are against the Adam row of the same run.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOL = [sys.executable, str(ROOT / "tools" / "bench_step.py")]
+
+
+def test_quick_run_times_every_arm_against_adam(tmp_path):
+    out = tmp_path / "rows.json"
+    done = subprocess.run(TOOL + ["--quick", "--zero", "--json", str(out)], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert list(rows) == ["adam", "osp", "osp-zero"]
+    assert rows["adam"]["ratio_vs_adam"] == 1.0
+    assert rows["osp"]["params"] == rows["osp-zero"]["params"] > rows["adam"]["params"]
+    for r in rows.values():
+        assert len(r["step_seconds"]) == 3 and r["micro_batch"] == 2
+        assert abs(r["tokens_per_s"] - 2 * 32 / sorted(r["step_seconds"])[1]) < 1e-6 * r["tokens_per_s"]
+        assert abs(r["ratio_vs_adam"] - r["tokens_per_s"] / rows["adam"]["tokens_per_s"]) < 1e-12
+    assert rows["osp"]["early_ns"] is None or sum(rows["osp"]["early_ns"].values()) == 0
+    assert sum(rows["osp-zero"]["early_ns"].values()) > 0
+    assert "vs adam" in done.stdout
+
+
+def test_bad_arguments_are_refused_before_any_work():
+    for args, message in ((["--micro-batch", "0"], "--micro-batch"), (["--data", "/nonexistent"], "--eod-id"),
+                          (["--steps", "0"], "--steps")):
+        done = subprocess.run(TOOL + args, capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert done.returncode == 2 and message in done.stderr, (args, done.stderr[-1000:])
