@@ -14,7 +14,9 @@ bucket runs as soon as the bucket's gradients are in, during the backward pass, 
 gradient and without touching the momentum. The step uses those results when the global norm does
 not clip (the momentum is then advanced by the same operations), and computes them again when it
 does: Newton-Schulz is scale-invariant but momentum + clipped gradient is not a multiple of
-momentum + gradient. Either way the numbers are those of the step-time computation.
+momentum + gradient. After a step that clipped, the next step does not try (clipping comes in runs:
+the first steps of training, loss spikes). Either way the numbers are those of the step-time
+computation.
 The math is the single-process optimizers' (optimizer/muon.py, torch.optim.AdamW) on the same
 fp32 values, so a run matches the single-process run to fp32 round-off whatever the layout.
 Checkpoints save every unit's tensors under its layout-free key (see units.py), from its owner.
@@ -69,6 +71,7 @@ class ZeroOptimizer(MegatronOptimizer):
         self.ns_batches: dict[tuple, list] = dict(batches)
         self._early: dict[tuple, torch.Tensor] = {}  # batch key -> its scaled Newton-Schulz output
         self.early_ns = {"used": 0, "redone": 0}  # batches, over the run (clipping forces a redo)
+        self._clipped = False  # did the last step clip? Then the next one does not run early NS
         if settings.overlap_grad_reduce and settings.early_newton_schulz:
             exchange.on_grads = self._early_newton_schulz
 
@@ -116,6 +119,7 @@ class ZeroOptimizer(MegatronOptimizer):
         if self.config.clip_grad > 0.0:
             c = self.config.clip_grad / (norm + 1.0e-6)
             coeff = c if c < 1.0 else 1.0
+        self._clipped = coeff != 1.0
         self._update(coeff)
         return True, norm, None
 
@@ -143,6 +147,8 @@ class ZeroOptimizer(MegatronOptimizer):
     def _early_newton_schulz(self, bucket):
         """Exchange.on_grads: orthogonalise this bucket's owned Muon batches on the unclipped
         gradients, reading the momentum without advancing it (the step decides whether to keep it)."""
+        if self._clipped:  # clipping comes in runs (early training, spikes): a redo is likely
+            return
         mu = self.settings.muon_momentum
         grads = self.exchange.grads
         for key, batch in self.ns_batches.items():
