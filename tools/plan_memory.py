@@ -110,7 +110,7 @@ def report(stages, layout: Layout, preset: str) -> str:
 
 def to_json(stages) -> dict:
     def figures(r: RankFigures) -> dict:
-        keys = RankFigures.MEMORY + ("largest_bucket", "sent_grads", "sent_params")
+        keys = RankFigures.MEMORY + ("largest_round", "sent_grads", "sent_params")
         return {"coord": list(r.coord), "total": r.total, **{k: getattr(r, k) for k in keys}}
 
     return {"stages": [{"stage": s.stage, "layers": s.layers, "local_params": s.local_params,
