@@ -216,7 +216,7 @@ def ours(chunks, offsets, layout: Layout, settings) -> list[RankFigures]:
     out, cache = [], {}  # the rounds, the same for every rank, computed once
     for rank, coord in enumerate(coords):
         ex = Exchange(params, units, coords, rank, None, dp_size=layout.dp, bucket_elems=settings.bucket_size,
-                      grad_dtype=grad_dtype, plan_cache=cache)
+                      round_elems=settings.round_size, grad_dtype=grad_dtype, plan_cache=cache)
         sent = ex.plan_bytes(pb)
         grad_phase, param_phase = ex.round_buffer_bytes(pb)
         owned = [u for u in units if u.owner == rank]

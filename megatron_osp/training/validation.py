@@ -208,6 +208,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "overlap_param_gather": boolean,
         "grad_reduce_dtype": choice(("fp32", "bf16")),
         "bucket_size": POSITIVE,
+        "round_size": optional(POSITIVE),
     },
     "data": {
         "paths": _paths,

@@ -81,6 +81,7 @@ def build_zero_optimizer(settings, model_chunks, route, mcfg, log=None) -> ZeroO
         params, units, coords, rank, group,
         dp_size=parallel_state.get_data_parallel_world_size() if dist.is_initialized() else 1,
         bucket_elems=settings.bucket_size,
+        round_elems=settings.round_size,
         grad_dtype=GRAD_DTYPES[settings.grad_reduce_dtype],
         overlap_grad=settings.overlap_grad_reduce,
         overlap_param=settings.overlap_param_gather,
