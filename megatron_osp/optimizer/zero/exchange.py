@@ -64,6 +64,7 @@ class _Round:
         self.send: dict[int, list[tuple[Unit, object]]] = send  # dst rank -> items (ranks with none left out)
         self.recv: dict[int, list[tuple[Unit, object]]] = recv  # src rank -> items
         self.send_sizes, self.recv_sizes = _sizes(send, world), _sizes(recv, world)  # elements per rank
+        self.numel = sum(self.send_sizes) + sum(self.recv_sizes)  # of both packed buffers
         self.work = None  # while in flight: (handle, send buffer, receive buffer, receive sizes[, broadcasts])
         self.position = 0  # parameter rounds: place in the forward issue order
 
@@ -81,7 +82,7 @@ class _Bucket:
 
 def _sizes(by_rank: dict, world: int) -> list[int]:
     sizes = [0] * world
-    for r, items in by_rank.items():
+    for r, items in by_rank.items():  # only the ranks with items (most rounds involve few)
         sizes[r] = sum(s.numel for _, s in items)
     return sizes
 
@@ -173,64 +174,60 @@ class Exchange:
         back by broadcast (each rank forwards it once) instead of from its owner to every rank."""
         return not u.tp_sharded and self.world > 2 and u.numel >= self.broadcast_min
 
-    def _sub(self, u: Unit, tp: int, r0: int, r1: int):
-        """Slice ``u.slices[tp]`` restricted to the unit rows [r0, r1) of a round's piece."""
-        if r0 == 0 and r1 == u.shape[0]:
-            return u.slices[tp]
-        key = (u.key, tp, r0, r1)
-        if key not in self._cache:
-            self._cache[key] = sub_slice(u.slices[tp], r0, r1)
-        return self._cache[key]
-
     def _rounds(self, b: _Bucket):
-        """The bucket's gradient and parameter rounds: lists of (unit, first row, end row) pieces."""
+        """The bucket's gradient and parameter rounds, each a list of pieces ``(unit, slices)``:
+        ``slices[t]`` is TP rank t's slice restricted to the piece's rows, None where it takes no
+        part (no slice there, or, for gradients, it does not contribute)."""
         key = ("rounds", b.index)
         if key not in self._cache:
             tps = self._ranks_per_tp.items()
-            grads = [(u, row_costs(u, {t: n for t, n in tps if self.contributes(u, t)})) for u in b.units]
-            params = [(u, row_costs(u, {t: n for t, n in tps if u.slices[t].numel}))
-                      for u in b.units if not self.broadcasts(u)]
-            self._cache[key] = plan_rounds(grads, self.round_elems), plan_rounds(params, self.round_elems)
+            sends_grad = self.contributes
+
+            def holds(u, t):
+                return u.slices[t].numel > 0
+
+            out = []
+            for takes_part, units in ((sends_grad, b.units), (holds, [u for u in b.units if not self.broadcasts(u)])):
+                costed = [(u, row_costs(u, {t: n for t, n in tps if takes_part(u, t)})) for u in units]
+                out.append([[(u, [self._sub(u, t, r0, r1) if takes_part(u, t) else None for t in range(len(u.slices))])
+                             for u, r0, r1 in pieces] for pieces in plan_rounds(costed, self.round_elems)])
+            self._cache[key] = out
         return self._cache[key]
+
+    @staticmethod
+    def _sub(u: Unit, t: int, r0: int, r1: int):
+        s = sub_slice(u.slices[t], r0, r1)
+        return s if s.numel else None
 
     def _plan(self, b: _Bucket):
         """The bucket's gradient and parameter rounds (rounds.py), as this rank's send/receive lists."""
-        my_tp = self.coords[self.rank][0]
         b.broadcast = [u for u in b.units if self.broadcasts(u)]
         grad_rounds, param_rounds = self._rounds(b)
         for k, pieces in enumerate(grad_rounds):
-            send, recv = {}, {}
-            for u, r0, r1 in pieces:
-                if self.contributes(u, my_tp):
-                    self._add(send, u.owner, u, my_tp, r0, r1)
-                if u.owner == self.rank:
-                    for r, (tp, _) in enumerate(self.coords):
-                        if self.contributes(u, tp):
-                            self._add(recv, r, u, tp, r0, r1)
+            send, recv = self._by_rank(pieces)
             b.grad_rounds.append(_Round(b, k, send, recv, self.world))
         for k, pieces in enumerate(param_rounds):
-            send, recv = {}, {}
-            for u, r0, r1 in pieces:
-                if u.slices[my_tp].numel:
-                    self._add(recv, u.owner, u, my_tp, r0, r1)
-                if u.owner == self.rank:
-                    for r, (tp, _) in enumerate(self.coords):
-                        if u.slices[tp].numel:
-                            self._add(send, r, u, tp, r0, r1)
+            recv, send = self._by_rank(pieces)
             b.param_rounds.append(_Round(b, k, send, recv, self.world))
 
-    def _add(self, by_rank: dict, rank: int, u: Unit, tp: int, r0: int, r1: int) -> None:
-        s = self._sub(u, tp, r0, r1)
-        if s.numel:
-            by_rank.setdefault(rank, []).append((u, s))
+    def _by_rank(self, pieces):
+        """(this rank's items for each owner, the items of each rank for this rank as owner)."""
+        my_tp = self.coords[self.rank][0]
+        mine, theirs = {}, {}
+        for u, slices in pieces:
+            if slices[my_tp] is not None:
+                mine.setdefault(u.owner, []).append((u, slices[my_tp]))
+            if u.owner == self.rank:
+                for r, (tp, _) in enumerate(self.coords):
+                    if slices[tp] is not None:
+                        theirs.setdefault(r, []).append((u, slices[tp]))
+        return mine, theirs
 
     def plan_bytes(self, param_bytes: int) -> dict[str, int]:
         """Bytes this rank sends to other ranks per step: gradients and parameters (broadcasts
         counted as a ring forwards them: (n - 1)/n of the tensor per rank)."""
-        g = sum(n for b in self.buckets for rd in b.grad_rounds for r, n in enumerate(rd.send_sizes)
-                if r != self.rank)
-        p = sum(n for b in self.buckets for rd in b.param_rounds for r, n in enumerate(rd.send_sizes)
-                if r != self.rank)
+        g = sum(sum(rd.send_sizes) - rd.send_sizes[self.rank] for b in self.buckets for rd in b.grad_rounds)
+        p = sum(sum(rd.send_sizes) - rd.send_sizes[self.rank] for b in self.buckets for rd in b.param_rounds)
         p += sum(u.numel for b in self.buckets for u in b.broadcast) * (self.world - 1) / self.world
         gb = torch.empty(0, dtype=self.grad_dtype).element_size()
         return {"grads": g * gb, "params": int(p * param_bytes)}
@@ -239,9 +236,8 @@ class Exchange:
         """Send + receive buffer bytes of each round, in issue order: gradients (buckets in backward
         order), parameters (buckets in forward order; a bucket's broadcasts with its first round)."""
         gb = torch.empty(0, dtype=self.grad_dtype).element_size()
-        grads = [(sum(rd.send_sizes) + sum(rd.recv_sizes)) * gb for b in self.buckets for rd in b.grad_rounds]
-        params = [(sum(rd.send_sizes) + sum(rd.recv_sizes)
-                   + (sum(u.numel for u in rd.bucket.broadcast) if rd.index == 0 else 0)) * param_bytes
+        grads = [rd.numel * gb for b in self.buckets for rd in b.grad_rounds]
+        params = [(rd.numel + (sum(u.numel for u in rd.bucket.broadcast) if rd.index == 0 else 0)) * param_bytes
                   for rd in self._param_order]
         return grads, params
 

@@ -21,6 +21,14 @@ from megatron_osp.optimizer.zero.units import Slice, Unit
 
 def sub_slice(s: Slice, r0: int, r1: int) -> Slice:
     """``s`` restricted to the unit rows [r0, r1) (same mapping, same columns)."""
+    rows = s.unit_sel[0]
+    if isinstance(rows, slice):  # a contiguous run of unit rows (almost always): cut by position
+        n = rows.stop - rows.start
+        a = min(max(r0 - rows.start, 0), n)
+        b = max(min(r1 - rows.start, n), a)
+        if a == 0 and b == n:
+            return s
+        return Slice(s.local_rows[a:b], s.unit_rows[a:b], s.local_cols, s.unit_cols)
     keep = (s.unit_rows >= r0) & (s.unit_rows < r1)
     if bool(keep.all()):
         return s
