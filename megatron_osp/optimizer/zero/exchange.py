@@ -181,13 +181,13 @@ class Exchange:
         key = ("rounds", b.index)
         if key not in self._cache:
             tps = self._ranks_per_tp.items()
-            sends_grad = self.contributes
 
             def holds(u, t):
                 return u.slices[t].numel > 0
 
-            out = []
-            for takes_part, units in ((sends_grad, b.units), (holds, [u for u in b.units if not self.broadcasts(u)])):
+            out = []  # gradients: the contributors send; parameters (not broadcast): the holders receive
+            for takes_part, units in ((self.contributes, b.units),
+                                      (holds, [u for u in b.units if not self.broadcasts(u)])):
                 costed = [(u, row_costs(u, {t: n for t, n in tps if takes_part(u, t)})) for u in units]
                 out.append([[(u, [self._sub(u, t, r0, r1) if takes_part(u, t) else None for t in range(len(u.slices))])
                              for u, r0, r1 in pieces] for pieces in plan_rounds(costed, self.round_elems)])
