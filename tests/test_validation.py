@@ -82,6 +82,7 @@ def test_shipped_configs_load_and_validate(path):
         ("optimizer.clip_grad=-1", r"optimizer\.clip_grad=-1\.0"),
         ("optimizer.muon_momentum=1.0", r"optimizer\.muon_momentum=1\.0"),
         ("optimizer.muon_ns_steps=0", r"optimizer\.muon_ns_steps=0: must be >= 1"),
+        ("optimizer.round_size=0", r"optimizer\.round_size=0: must be >= 1"),
         ("model.num_attention_heads=0", r"model\.num_attention_heads=0: must be >= 1"),
         ("model.num_query_groups=0", r"model\.num_query_groups=0: must be >= 1"),
         ("model.hidden_size=-64", r"model\.hidden_size=-64"),

@@ -10,6 +10,11 @@
 - Exchange on 4 gloo ranks (TP=2 x DP=2): owners receive exactly the DP mean of the gradients of
   their units (TP pieces assembled; a sequence-parallel parameter's TP partial sums added); every
   rank receives exactly its slices of the owners' new values, also for a unit sent by broadcast.
+- Rounds (zero/rounds.py): with a cap of 20 elements the pieces tile every unit and keep each
+  owner's share of a round within the cap (or one row alone); on the same 4 ranks, gradients and
+  returned parameters are bit-identical to the unsplit exchange, the measured peak of the buffers
+  equals the plan and is below the unsplit one, there are more all-to-alls, and an owner receives a
+  unit over several rounds.
 """
 
 from types import SimpleNamespace
@@ -110,21 +115,18 @@ def test_owners_respect_tp_groups_and_balance_memory():
     assert max(b for b, _ in load) <= mean + max(u.cost[0] for u in units)
 
 
-def _exchange_worker(rank, world):
-    import torch.distributed as dist
+SPECS = CASES + [("embproj.weight", (16, 16), None)]
 
-    from megatron_osp.optimizer.zero.exchange import Exchange
+
+def _setup(tp, rank, coords):
+    """This rank's shards of SPECS (TP=tp) and the units, owned over ``coords``."""
     from megatron_osp.optimizer.zero.units import adam_units, assign_owners, set_costs
 
-    tp, dp = 2, 2
-    coords = [(r % tp, r // tp) for r in range(world)]
-    my_tp, my_dp = coords[rank]
-    specs = CASES + [("embproj.weight", (16, 16), None)]
     g = torch.Generator().manual_seed(0)
-    fulls = [torch.randn(shape, generator=g) for _, shape, _ in specs]
+    fulls = [torch.randn(shape, generator=g) for _, shape, _ in SPECS]
     params, units = [], []
-    for i, ((name, shape, dim), full) in enumerate(zip(specs, fulls)):
-        p = _local_shard(full, name, dim, tp, my_tp).clone()
+    for i, ((name, shape, dim), full) in enumerate(zip(SPECS, fulls)):
+        p = _local_shard(full, name, dim, tp, coords[rank][0]).clone()
         if dim is not None:
             p.tensor_model_parallel, p.partition_dim = True, dim
         if name.endswith("layernorm.weight"):
@@ -133,6 +135,19 @@ def _exchange_worker(rank, world):
         units += adam_units(name, name, p, MODEL, i, 0, tp, target=64)
     set_costs(units)
     assign_owners(units, coords)
+    return params, units, fulls
+
+
+def _exchange_worker(rank, world):
+    import torch.distributed as dist
+
+    from megatron_osp.optimizer.zero.exchange import Exchange
+
+    tp, dp = 2, 2
+    coords = [(r % tp, r // tp) for r in range(world)]
+    my_tp, my_dp = coords[rank]
+    specs = SPECS
+    params, units, fulls = _setup(tp, rank, coords)
     ex = Exchange(params, units, coords, rank, dist.group.WORLD, dp_size=dp, bucket_elems=300,
                   overlap_grad=True, overlap_param=True, broadcast_min=60)
     # Gradients: a value that tells the rank apart; the expected owner sum in plain arithmetic.
@@ -176,7 +191,107 @@ def _exchange_worker(rank, world):
     return checked, sum(len(b.broadcast) for b in ex.buckets)
 
 
-def test_exchange_delivers_dp_means_to_owners_and_values_back():
-    results = run_distributed(_exchange_worker, 4)
+def _worker(rank, world):
+    """Both exchange checks in one 4-rank world (one process start-up for the two tests)."""
+    return _exchange_worker(rank, world), _rounds_worker(rank, world)
+
+
+@pytest.fixture(scope="module")
+def exchanged():
+    return run_distributed(_worker, 4)
+
+
+def test_exchange_delivers_dp_means_to_owners_and_values_back(exchanged):
+    results = [r for r, _ in exchanged]
     assert sum(c for c, _ in results) > 0
     assert all(b > 0 for _, b in results)  # the replicated embproj matrix went back by broadcast
+
+
+# ---------------------------------------------------------------------- rounds (zero/rounds.py)
+ROUND_CAP = 20  # elements: below a row of several units, so units are cut and some rows stand alone
+
+
+def test_rounds_cover_each_unit_once_and_respect_the_cap():
+    """plan_rounds on the units of SPECS (TP=2 x DP=2, gradient costs): each unit's pieces tile its
+    rows in order; no owner has more than the cap in one round unless that is one row alone; some
+    unit is split over several rounds; the same input gives the same rounds."""
+    from megatron_osp.optimizer.zero.rounds import plan_rounds, row_costs
+
+    coords = [(r % 2, r // 2) for r in range(4)]
+    _, units, _ = _setup(2, 0, coords)
+    costed = [(u, row_costs(u, {0: 2, 1: 2})) for u in units]  # every TP rank in 2 DP replicas
+    cost = {u.key: c for u, c in costed}
+    rounds = plan_rounds(costed, ROUND_CAP)
+    assert rounds == plan_rounds(costed, ROUND_CAP)
+    pieces = {}
+    for k, in_round in enumerate(rounds):
+        for u, r0, r1 in in_round:
+            pieces.setdefault(u.key, []).append((k, r0, r1))
+        for owner in {u.owner for u, _, _ in in_round}:
+            mine = [(u, r0, r1) for u, r0, r1 in in_round if u.owner == owner]
+            load = sum(int(cost[u.key][r0:r1].sum()) for u, r0, r1 in mine)
+            assert load <= ROUND_CAP or (len(mine) == 1 and mine[0][2] - mine[0][1] == 1), (k, owner, load)
+    assert pieces.keys() == {u.key for u in units}
+    for u in units:
+        got = pieces[u.key]
+        assert [r0 for _, r0, _ in got] == [0] + [r1 for _, _, r1 in got[:-1]] and got[-1][2] == u.shape[0]
+        assert [k for k, _, _ in got] == sorted({k for k, _, _ in got})  # one piece per round, in order
+    assert max(len(p) for p in pieces.values()) > 1
+
+
+def _rounds_worker(rank, world):
+    """The same gradients and new values through an unsplit exchange and one with ROUND_CAP."""
+    import torch.distributed as dist
+
+    from megatron_osp.optimizer.zero.exchange import Exchange
+
+    coords = [(r % 2, r // 2) for r in range(world)]
+    out = {}
+    for name, cap in (("whole", 10**9), ("rounds", ROUND_CAP)):
+        params, units, _ = _setup(2, rank, coords)
+        ex = Exchange(params, units, coords, rank, dist.group.WORLD, dp_size=2, bucket_elems=300,
+                      round_elems=cap, overlap_grad=True, overlap_param=True, broadcast_min=60)
+        for i, p in enumerate(params):
+            p.main_grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(100 + 10 * rank + i))
+        calls = [0]
+        original = dist.all_to_all_single
+
+        def counting(*args, **kwargs):
+            calls[0] += 1
+            return original(*args, **kwargs)
+
+        dist.all_to_all_single = counting
+        try:
+            ex.begin_step()
+            for p in reversed(params):
+                ex.grad_ready(p)
+            ex.finish_grads()
+            masters = {u.key: torch.randn(u.shape, generator=torch.Generator().manual_seed(k))
+                       for k, u in enumerate(units) if u.owner == rank}
+            ex.start_params(masters)
+            ex.finish_params()
+        finally:
+            dist.all_to_all_single = original
+        # Rounds in which this owner receives a unit, at most over its units.
+        split = max(sum(any(v is u for items in rd.recv.values() for v, _ in items) for rd in b.grad_rounds)
+                    for b in ex.buckets for u in b.units)
+        out[name] = {"grads": ex.grads, "params": [p.detach().clone() for p in params], "calls": calls[0],
+                     "peak": ex.peak_buffer_bytes, "planned": ex.buffer_bytes(4), "split": split}
+    whole, rounds = out["whole"], out["rounds"]
+    assert whole["grads"].keys() == rounds["grads"].keys()
+    for key, g in whole["grads"].items():
+        assert torch.equal(g, rounds["grads"][key]), key  # bit for bit
+    for a, b in zip(whole["params"], rounds["params"]):
+        assert torch.equal(a, b)
+    return {name: {k: v for k, v in o.items() if k not in ("grads", "params")} for name, o in out.items()}
+
+
+def test_rounds_exchange_the_same_bits_with_smaller_buffers(exchanged):
+    results = [r for _, r in exchanged]
+    for r in results:
+        whole, rounds = r["whole"], r["rounds"]
+        assert rounds["peak"] == rounds["planned"] and whole["peak"] == whole["planned"], r
+        assert rounds["peak"] < whole["peak"], r
+        assert rounds["calls"] > whole["calls"], r  # more all-to-alls: the buckets went in rounds
+    assert max(r["rounds"]["split"] for r in results) > 1  # an owner received a unit over several rounds
+    assert max(r["whole"]["split"] for r in results) == 1

@@ -57,12 +57,16 @@ def parse_args(argv=None):
     ap.add_argument("--params-dtype", choices=("bf16", "fp32"), default="bf16")
     ap.add_argument("--grad-reduce-dtype", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--bucket-size", type=int, default=40_000_000, help="parameter elements per bucket")
+    ap.add_argument("--round-size", type=int, default=None,
+                    help="elements an owner receives/sends per all-to-all round (default: the bucket size)")
     ap.add_argument("--json", default=None, help="also write every rank's figures (bytes) to this file")
     args = ap.parse_args(argv)
     if args.preset not in PRESETS:
         ap.error(f"--preset: unknown preset {args.preset!r}; known: {', '.join(sorted(PRESETS))}")
     if args.bucket_size < 1:
         ap.error(f"--bucket-size must be >= 1, got {args.bucket_size}")
+    if args.round_size is not None and args.round_size < 1:
+        ap.error(f"--round-size must be >= 1, got {args.round_size}")
     return args
 
 
@@ -110,7 +114,7 @@ def report(stages, layout: Layout, preset: str) -> str:
 
 def to_json(stages) -> dict:
     def figures(r: RankFigures) -> dict:
-        keys = RankFigures.MEMORY + ("largest_bucket", "sent_grads", "sent_params")
+        keys = RankFigures.MEMORY + ("largest_round", "sent_grads", "sent_params")
         return {"coord": list(r.coord), "total": r.total, **{k: getattr(r, k) for k in keys}}
 
     return {"stages": [{"stage": s.stage, "layers": s.layers, "local_params": s.local_params,
@@ -130,7 +134,8 @@ def main(argv=None) -> int:
         print(f"plan_memory.py: {e}", file=sys.stderr)
         return 2
     optimizers = (args.optimizer,) if args.optimizer else ("muon", "adam")
-    stages = plan(model, layout, optimizers, grad_reduce_dtype=args.grad_reduce_dtype, bucket_size=args.bucket_size)
+    stages = plan(model, layout, optimizers, grad_reduce_dtype=args.grad_reduce_dtype, bucket_size=args.bucket_size,
+                  round_size=args.round_size)
     print(report(stages, layout, args.preset))
     if args.json:
         with open(args.json, "w") as f:

@@ -71,6 +71,9 @@ class OptimSettings:
     early_newton_schulz: bool = True
     grad_reduce_dtype: str = "fp32"  # "fp32" | "bf16": the dtype gradients travel to owners in
     bucket_size: int = 40_000_000  # parameter elements per communication bucket
+    # Elements an owner may receive (gradients) or send (parameters) in one all-to-all: larger
+    # units go over several rounds of a bucket (optimizer/zero/rounds.py). None: bucket_size.
+    round_size: int | None = None
 
     def __post_init__(self):
         if self.name not in OPTIMIZERS:

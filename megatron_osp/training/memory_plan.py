@@ -15,7 +15,8 @@ Per rank (GiB):
   the units the rank owns;
 - owner grads: the fp32 reduced gradient of every owned unit (``Exchange.grads``, kept for the step);
 - comm buffers: the exchange's peak send + receive buffers, ``Exchange.buffer_bytes`` (at most
-  ``exchange.WINDOW`` buckets in flight per direction); the largest single bucket beside it;
+  ``exchange.WINDOW`` rounds in flight per direction, each round's owner buffers capped at
+  ``optimizer.round_size`` elements); the largest single round beside it;
 - activations: see :func:`activation_bytes`;
 - sent: bytes this rank sends to other ranks per step (gradients + parameters), ``plan_bytes``.
 
@@ -170,7 +171,7 @@ class RankFigures:
     state: float = 0.0
     owner_grads: float = 0.0
     comm_buffers: float = 0.0
-    largest_bucket: float = 0.0
+    largest_round: float = 0.0
     activations: float = 0.0
     sent_grads: float = 0.0
     sent_params: float = 0.0
@@ -215,12 +216,12 @@ def ours(chunks, offsets, layout: Layout, settings) -> list[RankFigures]:
     grad_dtype = GRAD_DTYPES[settings.grad_reduce_dtype]
     pb = torch.empty(0, dtype=layout.params_dtype).element_size()
     local = sum(p.numel() for p in params)
-    out = []
+    out, cache = [], {}  # the rounds, the same for every rank, computed once
     for rank, coord in enumerate(coords):
         ex = Exchange(params, units, coords, rank, None, dp_size=layout.dp, bucket_elems=settings.bucket_size,
-                      grad_dtype=grad_dtype)
+                      round_elems=settings.round_size, grad_dtype=grad_dtype, plan_cache=cache)
         sent = ex.plan_bytes(pb)
-        grad_phase, param_phase = ex.bucket_buffer_bytes(pb)
+        grad_phase, param_phase = ex.round_buffer_bytes(pb)
         owned = [u for u in units if u.owner == rank]
         out.append(RankFigures(
             params=local * pb,
@@ -229,7 +230,7 @@ def ours(chunks, offsets, layout: Layout, settings) -> list[RankFigures]:
             state=sum(u.numel * 4 * len(STATE_NAMES[u.kind]) for u in owned),
             owner_grads=sum(u.numel for u in owned) * 4,
             comm_buffers=ex.buffer_bytes(pb),
-            largest_bucket=max(grad_phase + param_phase, default=0),
+            largest_round=max(grad_phase + param_phase, default=0),
             sent_grads=sent["grads"],
             sent_params=sent["params"],
             coord=coord,

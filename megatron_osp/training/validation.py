@@ -209,6 +209,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "early_newton_schulz": boolean,
         "grad_reduce_dtype": choice(("fp32", "bf16")),
         "bucket_size": POSITIVE,
+        "round_size": optional(POSITIVE),
     },
     "data": {
         "paths": _paths,

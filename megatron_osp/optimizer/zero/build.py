@@ -82,6 +82,7 @@ def build_zero_optimizer(settings, model_chunks, route, mcfg, log=None) -> ZeroO
         params, units, coords, rank, group,
         dp_size=parallel_state.get_data_parallel_world_size() if dist.is_initialized() else 1,
         bucket_elems=settings.bucket_size,
+        round_elems=settings.round_size,
         grad_dtype=GRAD_DTYPES[settings.grad_reduce_dtype],
         overlap_grad=settings.overlap_grad_reduce,
         overlap_param=settings.overlap_param_gather,
@@ -92,7 +93,9 @@ def build_zero_optimizer(settings, model_chunks, route, mcfg, log=None) -> ZeroO
     if log is not None:
         gib = [b / 2**30 for b, _ in load]
         log(f"distributed optimizer: {len(units)} units over {len(coords)} TP x DP rank(s), "
-            f"{len(exchange.buckets)} bucket(s); fp32 masters + state per rank max {max(gib):.3g} GiB, "
+            f"{len(exchange.buckets)} bucket(s) in {sum(len(b.grad_rounds) for b in exchange.buckets)} gradient / "
+            f"{sum(len(b.param_rounds) for b in exchange.buckets)} parameter all-to-all round(s); "
+            f"fp32 masters + state per rank max {max(gib):.3g} GiB, "
             f"mean {sum(gib) / len(gib):.3g} GiB")
     return opt
 

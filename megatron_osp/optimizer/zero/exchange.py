@@ -5,26 +5,34 @@ Parameters of a pipeline stage are grouped into buckets in backward order (the l
 
 Gradients (reduce-scatter semantics, no all-reduce): once every parameter of a bucket has its
 gradient of the step's last micro-batch (a hook after Megatron DDP's own accumulation into
-``main_grad``), one all-to-all sends each owner the slices of its units that this rank holds,
-scaled by 1/DP and cast to ``grad_dtype`` (fp32 by default). A rank contributes to a unit when its
-TP slice is its own (the parameter is split over TP), when each TP rank holds a partial gradient
+``main_grad``), all-to-alls send each owner the slices of its units that this rank holds, scaled by
+1/DP and cast to ``grad_dtype`` (fp32 by default). A rank contributes to a unit when its TP slice is
+its own (the parameter is split over TP), when each TP rank holds a partial gradient
 (sequence-parallel norms: the owner sums all of them, which replaces Megatron's TP all-reduce), or,
 for replicated parameters, when it is in the owner's TP rank. Owners sum contributions in rank
-order, so results do not depend on timing. With ``overlap_grad`` the all-to-all is issued from the
-backward pass (asynchronously); without it, all buckets go at the end. At most ``WINDOW`` buckets
-are in flight: issuing one more first completes (waits for and sums) the oldest, so the packed
-send/receive buffers stay a couple of buckets large whatever the model size.
+order, so results do not depend on timing. With ``overlap_grad`` the all-to-alls are issued from the
+backward pass (asynchronously); without it, all buckets go at the end.
+
+Rounds (rounds.py): an owner receives every contributor's copy of its units' slices, D times the
+units it owns in the bucket, so each bucket is sent in one or more *rounds*, one all-to-all each,
+that cut large units into ranges of rows so that no rank receives more than ``round_elems``
+elements in one round (default: ``bucket_elems``). Each element is still summed over the same
+contributors in the same order, in one round: the results are bit-identical to one all-to-all per
+bucket. At most ``WINDOW`` rounds are in flight: issuing one more first completes (waits for and
+sums) the oldest, so the packed send/receive buffers stay a couple of rounds large whatever the
+model size.
 
 Parameters: after the step, owners send every holder its slice of each updated unit (in the
-parameters' dtype), bucket by bucket in forward order, ``WINDOW`` at a time. With ``overlap_param``
-the next forward pass waits for a bucket only in the pre-hook of the first module that uses it
-(Megatron's ``overlap_param_gather`` semantics) and each wait sends the next bucket; without it, the
+parameters' dtype), bucket by bucket in forward order, in rounds that bound what an owner sends
+(the same cap), ``WINDOW`` rounds at a time. With ``overlap_param`` the next forward pass waits for
+a bucket (all its rounds) only in the pre-hook of the first module that uses it (Megatron's
+``overlap_param_gather`` semantics) and each completed round sends the next one; without it, the
 step waits for all of them. Large units every rank holds whole (EmbProj under TP) go back by
-broadcast, so their owner does not send them to every rank alone.
+broadcast with their bucket's first round, so their owner does not send them to every rank alone.
 
 ``plan_bytes()`` (bytes each rank sends per step) and ``buffer_bytes()`` (peak send + receive
-buffers) are what tools/plan_memory.py reports; the tests measure both.
-``events`` (a list, when given) records issue/wait order for the overlap tests.
+buffers, over a window of rounds) are what tools/plan_memory.py reports; the tests measure both.
+``events`` (a list, when given) records issue/wait order of (bucket, round) for the overlap tests.
 """
 
 from __future__ import annotations
@@ -32,10 +40,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megatron_osp.optimizer.zero.rounds import plan_rounds, row_costs, sub_slice
 from megatron_osp.optimizer.zero.units import Unit
 
 GRAD_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-WINDOW = 2  # buckets in flight at once, per direction: bounds the send/receive buffers
+WINDOW = 2  # rounds in flight at once, per direction: bounds the send/receive buffers
 BROADCAST_MIN = 1 << 20  # elements: replicated units at least this large go back by broadcast
 
 
@@ -47,38 +56,64 @@ def view2d(t: torch.Tensor) -> torch.Tensor:
     return t if t.ndim == 2 else t.view(-1, 1)
 
 
+class _Round:
+    """One all-to-all of a bucket: the (unit, slice) items sent to / received from each rank."""
+
+    def __init__(self, bucket: "_Bucket", index: int, send: dict, recv: dict, world: int):
+        self.bucket, self.index = bucket, index
+        self.send: dict[int, list[tuple[Unit, object]]] = send  # dst rank -> items (ranks with none left out)
+        self.recv: dict[int, list[tuple[Unit, object]]] = recv  # src rank -> items
+        self.send_sizes, self.recv_sizes = _sizes(send, world), _sizes(recv, world)  # elements per rank
+        self.numel = sum(self.send_sizes) + sum(self.recv_sizes)  # of both packed buffers
+        self.work = None  # while in flight: (handle, send buffer, receive buffer, receive sizes[, broadcasts])
+        self.position = 0  # parameter rounds: place in the forward issue order
+
+
 class _Bucket:
     def __init__(self, index: int, params: list[int]):
         self.index = index
         self.params = params  # param indices
         self.units: list[Unit] = []
-        self.grad_send: list[list[tuple[Unit, object]]] = []  # per dst rank
-        self.grad_recv: list[list[tuple[Unit, object]]] = []  # per src rank
-        self.param_send: list[list[tuple[Unit, object]]] = []
-        self.param_recv: list[list[tuple[Unit, object]]] = []
+        self.broadcast: list[Unit] = []
+        self.grad_rounds: list[_Round] = []
+        self.param_rounds: list[_Round] = []  # the first one also carries the broadcasts
         self.pending = len(params)
-        self.grad_work = None
-        self.param_work = None
 
 
-def _sizes(lists) -> list[int]:
-    return [sum(s.numel for _, s in items) for items in lists]
+def _sizes(by_rank: dict, world: int) -> list[int]:
+    sizes = [0] * world
+    for r, items in by_rank.items():  # only the ranks with items (most rounds involve few)
+        sizes[r] = sum(s.numel for _, s in items)
+    return sizes
 
 
-def _unpacked(lists, recv: torch.Tensor, sizes: list[int]):
+def _in_rank_order(by_rank: dict):
+    for r in sorted(by_rank):
+        yield from by_rank[r]
+
+
+def _unpacked(by_rank: dict, recv: torch.Tensor, sizes: list[int]):
     """(unit, slice, 2-D block) for each slice of a received packed buffer, in the plan's order."""
-    for items, seg in zip(lists, recv.split(sizes)):
+    for r, seg in enumerate(recv.split(sizes)):
         at = 0
-        for u, s in items:
+        for u, s in by_rank.get(r, ()):
             k, w = len(s.local_rows), s.local_cols[1] - s.local_cols[0]
             yield u, s, seg[at:at + k * w].view(k, w)
             at += k * w
 
 
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 class Exchange:
     def __init__(self, params, units, coords, rank, group, *, dp_size: int, bucket_elems: int = 40_000_000,
-                 grad_dtype=torch.float32, overlap_grad: bool = False, overlap_param: bool = False,
-                 events: list | None = None, broadcast_min: int = BROADCAST_MIN):
+                 round_elems: int | None = None, grad_dtype=torch.float32, overlap_grad: bool = False,
+                 overlap_param: bool = False, events: list | None = None, broadcast_min: int = BROADCAST_MIN,
+                 plan_cache: dict | None = None):
+        """``plan_cache``: a dict shared by the Exchanges of every rank of one domain (same params,
+        units, owners, coords and settings): the rounds and their slices, which every rank computes
+        alike, are then computed once (the memory planner builds one Exchange per rank)."""
         self.params, self.units, self.coords = params, units, coords
         self.rank, self.group, self.world = rank, group, len(coords)
         self.dp_scale = 1.0 / dp_size
@@ -86,6 +121,9 @@ class Exchange:
         self.overlap_grad, self.overlap_param = overlap_grad, overlap_param
         self.events = events
         self.broadcast_min = broadcast_min
+        self.round_elems = bucket_elems if round_elems is None else round_elems
+        if self.round_elems < 1:
+            raise ValueError(f"round_elems must be >= 1, got {self.round_elems}")
         self.buckets = self._make_buckets(bucket_elems)
         self.bucket_of_param = {}
         for b in self.buckets:
@@ -93,16 +131,23 @@ class Exchange:
                 self.bucket_of_param[i] = b
         for u in units:
             self.bucket_of_param[u.param_index].units.append(u)
+        self._ranks_per_tp: dict[int, int] = {}
+        for tp, _ in coords:
+            self._ranks_per_tp[tp] = self._ranks_per_tp.get(tp, 0) + 1
+        self._cache = {} if plan_cache is None else plan_cache
         for b in self.buckets:
             self._plan(b)
+        self._cache = None
+        self._param_order = [rd for b in reversed(self.buckets) for rd in b.param_rounds]  # forward order
+        for i, rd in enumerate(self._param_order):
+            rd.position = i
         self.owned = [u for u in units if u.owner == rank]
         self.param_position = {id(p): i for i, p in enumerate(params)}
         self._next_issue = 0
         self._grads_done = False
-        self._param_pending: set[int] = set()
-        self._param_order: list[_Bucket] = []
-        self._param_next = 0
-        self._grads_in_flight: list[_Bucket] = []
+        self._grads_in_flight: list[_Round] = []
+        self._param_next = len(self._param_order)  # nothing to send before the first step
+        self._params_in_flight: list[_Round] = []
         self.peak_buffer_bytes = 0  # measured: see _note_buffers
         self.grads: dict[str, torch.Tensor] = {}  # owner side: the reduced gradient of each owned unit
         self.on_grads = None  # called with each bucket once its owned units' gradients are summed
@@ -130,46 +175,76 @@ class Exchange:
         back by broadcast (each rank forwards it once) instead of from its owner to every rank."""
         return not u.tp_sharded and self.world > 2 and u.numel >= self.broadcast_min
 
+    def _rounds(self, b: _Bucket):
+        """The bucket's gradient and parameter rounds, each a list of pieces ``(unit, slices)``:
+        ``slices[t]`` is TP rank t's slice restricted to the piece's rows, None where it takes no
+        part (no slice there, or, for gradients, it does not contribute)."""
+        key = ("rounds", b.index)
+        if key not in self._cache:
+            tps = self._ranks_per_tp.items()
+
+            def holds(u, t):
+                return u.slices[t].numel > 0
+
+            out = []  # gradients: the contributors send; parameters (not broadcast): the holders receive
+            for takes_part, units in ((self.contributes, b.units),
+                                      (holds, [u for u in b.units if not self.broadcasts(u)])):
+                costed = [(u, row_costs(u, {t: n for t, n in tps if takes_part(u, t)})) for u in units]
+                out.append([[(u, [self._sub(u, t, r0, r1) if takes_part(u, t) else None for t in range(len(u.slices))])
+                             for u, r0, r1 in pieces] for pieces in plan_rounds(costed, self.round_elems)])
+            self._cache[key] = out
+        return self._cache[key]
+
+    @staticmethod
+    def _sub(u: Unit, t: int, r0: int, r1: int):
+        s = sub_slice(u.slices[t], r0, r1)
+        return s if s.numel else None
+
     def _plan(self, b: _Bucket):
-        my_tp = self.coords[self.rank][0]
-        b.grad_send = [[] for _ in range(self.world)]
-        b.grad_recv = [[] for _ in range(self.world)]
-        b.param_send = [[] for _ in range(self.world)]
-        b.param_recv = [[] for _ in range(self.world)]
+        """The bucket's gradient and parameter rounds (rounds.py), as this rank's send/receive lists."""
         b.broadcast = [u for u in b.units if self.broadcasts(u)]
-        for u in b.units:
-            if self.contributes(u, my_tp):
-                b.grad_send[u.owner].append((u, u.slices[my_tp]))
-            if u.slices[my_tp].numel and not self.broadcasts(u):
-                b.param_recv[u.owner].append((u, u.slices[my_tp]))
+        grad_rounds, param_rounds = self._rounds(b)
+        for k, pieces in enumerate(grad_rounds):
+            send, recv = self._by_rank(pieces)
+            b.grad_rounds.append(_Round(b, k, send, recv, self.world))
+        for k, pieces in enumerate(param_rounds):
+            recv, send = self._by_rank(pieces)
+            b.param_rounds.append(_Round(b, k, send, recv, self.world))
+
+    def _by_rank(self, pieces):
+        """(this rank's items for each owner, the items of each rank for this rank as owner)."""
+        my_tp = self.coords[self.rank][0]
+        mine, theirs = {}, {}
+        for u, slices in pieces:
+            if slices[my_tp] is not None:
+                mine.setdefault(u.owner, []).append((u, slices[my_tp]))
             if u.owner == self.rank:
                 for r, (tp, _) in enumerate(self.coords):
-                    if self.contributes(u, tp):
-                        b.grad_recv[r].append((u, u.slices[tp]))
-                    if u.slices[tp].numel and not self.broadcasts(u):
-                        b.param_send[r].append((u, u.slices[tp]))
+                    if slices[tp] is not None:
+                        theirs.setdefault(r, []).append((u, slices[tp]))
+        return mine, theirs
 
     def plan_bytes(self, param_bytes: int) -> dict[str, int]:
         """Bytes this rank sends to other ranks per step: gradients and parameters (broadcasts
         counted as a ring forwards them: (n - 1)/n of the tensor per rank)."""
-        g = sum(n for b in self.buckets for r, n in enumerate(_sizes(b.grad_send)) if r != self.rank)
-        p = sum(n for b in self.buckets for r, n in enumerate(_sizes(b.param_send)) if r != self.rank)
+        g = sum(sum(rd.send_sizes) - rd.send_sizes[self.rank] for b in self.buckets for rd in b.grad_rounds)
+        p = sum(sum(rd.send_sizes) - rd.send_sizes[self.rank] for b in self.buckets for rd in b.param_rounds)
         p += sum(u.numel for b in self.buckets for u in b.broadcast) * (self.world - 1) / self.world
         gb = torch.empty(0, dtype=self.grad_dtype).element_size()
         return {"grads": g * gb, "params": int(p * param_bytes)}
 
-    def bucket_buffer_bytes(self, param_bytes: int) -> tuple[list[int], list[int]]:
-        """Send + receive buffer bytes of each bucket: gradients (backward order), parameters
-        (forward order, broadcasts included)."""
+    def round_buffer_bytes(self, param_bytes: int) -> tuple[list[int], list[int]]:
+        """Send + receive buffer bytes of each round, in issue order: gradients (buckets in backward
+        order), parameters (buckets in forward order; a bucket's broadcasts with its first round)."""
         gb = torch.empty(0, dtype=self.grad_dtype).element_size()
-        grads = [(sum(_sizes(b.grad_send)) + sum(_sizes(b.grad_recv))) * gb for b in self.buckets]
-        params = [(sum(_sizes(b.param_send)) + sum(_sizes(b.param_recv)) + sum(u.numel for u in b.broadcast))
-                  * param_bytes for b in reversed(self.buckets)]
+        grads = [rd.numel * gb for b in self.buckets for rd in b.grad_rounds]
+        params = [(rd.numel + (sum(u.numel for u in rd.bucket.broadcast) if rd.index == 0 else 0)) * param_bytes
+                  for rd in self._param_order]
         return grads, params
 
     def buffer_bytes(self, param_bytes: int) -> int:
-        """Peak bytes of send + receive buffers: at most WINDOW buckets are in flight at once."""
-        grads, params = self.bucket_buffer_bytes(param_bytes)
+        """Peak bytes of send + receive buffers: at most WINDOW rounds are in flight at once."""
+        grads, params = self.round_buffer_bytes(param_bytes)
         return max(_window_peak(grads), _window_peak(params))
 
     # ------------------------------------------------------------------ gradients
@@ -180,10 +255,11 @@ class Exchange:
     def begin_step(self):
         for b in self.buckets:
             b.pending = len(b.params)
-            b.grad_work = None
+            for rd in b.grad_rounds:
+                rd.work = None
         self._next_issue = 0
         self._grads_done = False
-        self._grads_in_flight: list[_Bucket] = []
+        self._grads_in_flight = []
         self.grads = {}
 
     def grad_ready(self, param) -> None:
@@ -197,39 +273,40 @@ class Exchange:
             self._next_issue += 1
 
     def _issue_grads(self, b: _Bucket, async_op: bool):
-        while len(self._grads_in_flight) >= WINDOW:
-            self._complete_grads(self._grads_in_flight.pop(0))
+        """All of the bucket's rounds, each after the oldest round in flight is done if WINDOW are."""
         device = self.params[0].device
-        parts = []
-        for items in b.grad_send:
-            for u, s in items:
+        for rd in b.grad_rounds:
+            while len(self._grads_in_flight) >= WINDOW:
+                self._complete_grads(self._grads_in_flight.pop(0))
+            parts = []
+            for u, s in _in_rank_order(rd.send):
                 g = view2d(self.params[u.param_index].main_grad)[s.local_sel]
                 parts.append((g * self.dp_scale).to(self.grad_dtype).reshape(-1))
-        send = torch.cat(parts) if parts else torch.empty(0, dtype=self.grad_dtype, device=device)
-        recv_sizes = _sizes(b.grad_recv)
-        recv = torch.empty(sum(recv_sizes), dtype=self.grad_dtype, device=device)
-        work = self._all_to_all(recv, send, recv_sizes, _sizes(b.grad_send), async_op)
-        b.grad_work = (work, send, recv, recv_sizes)
-        self._grads_in_flight.append(b)
-        self._note_buffers()
-        self._log("grad_issue", b.index)
+            send = torch.cat(parts) if parts else torch.empty(0, dtype=self.grad_dtype, device=device)
+            recv_sizes = rd.recv_sizes
+            recv = torch.empty(sum(recv_sizes), dtype=self.grad_dtype, device=device)
+            work = self._all_to_all(recv, send, recv_sizes, rd.send_sizes, async_op)
+            rd.work = (work, send, recv, recv_sizes)
+            self._grads_in_flight.append(rd)
+            self._note_buffers()
+            self._log("grad_issue", b.index, rd.index)
 
-    def _complete_grads(self, b: _Bucket):
-        work, _, recv, sizes = b.grad_work
+    def _complete_grads(self, rd: _Round):
+        work, _, recv, sizes = rd.work
         if work is not None:
             work.wait()
-        self._log("grad_wait", b.index)
-        for u, s, block in _unpacked(b.grad_recv, recv, sizes):
+        self._log("grad_wait", rd.bucket.index, rd.index)
+        for u, s, block in _unpacked(rd.recv, recv, sizes):
             g = self.grads.get(u.key)
             if g is None:
                 g = self.grads[u.key] = torch.zeros(u.shape, dtype=torch.float32, device=recv.device)
             g[s.unit_sel] += block
-        b.grad_work = None
-        if self.on_grads is not None:
-            self.on_grads(b)
+        rd.work = None
+        if self.on_grads is not None and rd is rd.bucket.grad_rounds[-1]:
+            self.on_grads(rd.bucket)  # rounds complete in issue order: the bucket is all in
 
     def finish_grads(self) -> None:
-        """Issue what is left, wait for every bucket, and sum each owned unit's gradient."""
+        """Issue what is left, wait for every round, and sum each owned unit's gradient."""
         if self._grads_done:
             return
         while self._next_issue < len(self.buckets):
@@ -245,54 +322,47 @@ class Exchange:
 
     # ------------------------------------------------------------------ parameters
     def start_params(self, masters: dict[str, torch.Tensor]) -> None:
-        """Send every holder its slices of the owned units' new values, bucket by bucket in forward
-        order, at most WINDOW buckets in flight; with overlap_param the rest go as the next forward
-        pass waits for the first ones."""
+        """Send every holder its slices of the owned units' new values, round by round with the
+        buckets in forward order, at most WINDOW rounds in flight; with overlap_param the rest go as
+        the next forward pass waits for the first ones."""
         self._masters = masters
-        self._param_order = list(reversed(self.buckets))
         self._param_next = 0
-        self._param_pending = set()
+        self._params_in_flight = []
         self._fill_param_window()
         if not self.overlap_param:
             self.finish_params()
 
     def _fill_param_window(self):
-        while self._param_next < len(self._param_order) and len(self._param_pending) < WINDOW:
+        while self._param_next < len(self._param_order) and len(self._params_in_flight) < WINDOW:
             self._issue_params(self._param_order[self._param_next])
 
-    def _issue_params(self, b: _Bucket):
-        masters = self._masters
+    def _issue_params(self, rd: _Round):
+        masters, b = self._masters, rd.bucket
         dtype = self.params[b.params[0]].dtype
         device = self.params[b.params[0]].device
-        parts = [masters[u.key][s.unit_sel].to(dtype).reshape(-1)
-                 for items in b.param_send for u, s in items]
+        parts = [masters[u.key][s.unit_sel].to(dtype).reshape(-1) for u, s in _in_rank_order(rd.send)]
         send = torch.cat(parts) if parts else torch.empty(0, dtype=dtype, device=device)
-        recv_sizes = _sizes(b.param_recv)
+        recv_sizes = rd.recv_sizes
         recv = torch.empty(sum(recv_sizes), dtype=dtype, device=device)
-        work = self._all_to_all(recv, send, recv_sizes, _sizes(b.param_send), self.overlap_param)
+        work = self._all_to_all(recv, send, recv_sizes, rd.send_sizes, self.overlap_param)
         bcast = []
-        for u in b.broadcast:
+        for u in b.broadcast if rd.index == 0 else ():
             t = masters[u.key].to(dtype) if u.owner == self.rank else torch.empty(u.shape, dtype=dtype, device=device)
             src = dist.get_global_rank(self.group, u.owner) if self.group is not None else 0
             bcast.append((u, t, dist.broadcast(t, src=src, group=self.group, async_op=self.overlap_param)))
-        b.param_work = (work, send, recv, recv_sizes, bcast)
-        self._param_pending.add(b.index)
+        rd.work = (work, send, recv, recv_sizes, bcast)
+        self._params_in_flight.append(rd)
         self._param_next += 1
         self._note_buffers()
-        self._log("param_issue", b.index)
+        self._log("param_issue", b.index, rd.index)
 
-    def wait_param_bucket(self, b: _Bucket) -> None:
-        if b.index not in self._param_pending:
-            if self._param_next >= len(self._param_order) or b not in self._param_order[self._param_next:]:
-                return  # done (or nothing was sent)
-            while b.index not in self._param_pending:  # keep every rank's issue order
-                self._issue_params(self._param_order[self._param_next])
-        work, _, recv, sizes, bcast = b.param_work
+    def _complete_params(self, rd: _Round):
+        work, _, recv, sizes, bcast = rd.work
         if work is not None:
             work.wait()
-        self._log("param_wait", b.index)
+        self._log("param_wait", rd.bucket.index, rd.index)
         with torch.no_grad():
-            for u, s, block in _unpacked(b.param_recv, recv, sizes):
+            for u, s, block in _unpacked(rd.recv, recv, sizes):
                 view2d(self.params[u.param_index].data)[s.local_sel] = block
             my_tp = self.coords[self.rank][0]
             for u, t, handle in bcast:
@@ -301,13 +371,21 @@ class Exchange:
                 s = u.slices[my_tp]
                 p2d = view2d(self.params[u.param_index].data)
                 p2d[s.local_sel] = t[s.unit_sel]
-        b.param_work = None
-        self._param_pending.discard(b.index)
-        self._fill_param_window()
+        rd.work = None
+
+    def wait_param_bucket(self, b: _Bucket) -> None:
+        """Complete every round of bucket ``b``. Rounds complete in issue order (the same on every
+        rank), and each completion issues the next round, so at most WINDOW are ever in flight."""
+        last = b.param_rounds[-1]
+        while last.position >= self._param_next or last.work is not None:
+            if not self._params_in_flight:
+                self._issue_params(self._param_order[self._param_next])
+            self._complete_params(self._params_in_flight.pop(0))
+            self._fill_param_window()
 
     def wait_params_of(self, module) -> None:
         """Forward pre-hook body: wait for the buckets of ``module``'s own parameters."""
-        if not self._param_pending:
+        if not self._params_in_flight:
             return
         for p in module.parameters(recurse=False):
             i = self.param_position.get(id(p))
@@ -315,18 +393,14 @@ class Exchange:
                 self.wait_param_bucket(self.bucket_of_param[i])
 
     def finish_params(self) -> None:
-        for b in self._param_order:
+        for b in reversed(self.buckets):
             self.wait_param_bucket(b)
 
     def _note_buffers(self):
         """Track the peak bytes of live send/receive buffers (what ``buffer_bytes`` plans)."""
-        live = 0
-        for b in self._grads_in_flight:
-            live += sum(t.numel() * t.element_size() for t in b.grad_work[1:3])
-        for b in self.buckets:
-            if b.param_work is not None and b.index in self._param_pending:
-                live += sum(t.numel() * t.element_size() for t in b.param_work[1:3])
-                live += sum(t.numel() * t.element_size() for _, t, _ in b.param_work[4])
+        live = sum(_nbytes(rd.work[1:3]) for rd in self._grads_in_flight)
+        for rd in self._params_in_flight:
+            live += _nbytes(rd.work[1:3]) + _nbytes(t for _, t, _ in rd.work[4])
         self.peak_buffer_bytes = max(self.peak_buffer_bytes, live)
 
     # ------------------------------------------------------------------ collective
@@ -342,16 +416,16 @@ class Exchange:
         device = self.params[0].device if self.params else torch.device("cpu")
         my_tp, my_dp = self.coords[self.rank]
         send = [[] for _ in range(self.world)]
-        recv_plan = [[] for _ in range(self.world)]
+        recv_plan: dict[int, list] = {}
         for u in self.units:
             if u.slices[my_tp].numel and my_dp == self.coords[u.owner][1] and (u.tp_sharded or my_tp == self.coords[u.owner][0]):
                 send[u.owner].append(read(u, u.slices[my_tp]).float().reshape(-1))
             if u.owner == self.rank:
                 for r, (tp, dp) in enumerate(self.coords):
                     if dp == my_dp and u.slices[tp].numel and (u.tp_sharded or tp == my_tp):
-                        recv_plan[r].append((u, u.slices[tp]))
+                        recv_plan.setdefault(r, []).append((u, u.slices[tp]))
         send_flat = [torch.cat(s) if s else torch.empty(0, device=device) for s in send]
-        sizes = _sizes(recv_plan)
+        sizes = _sizes(recv_plan, self.world)
         recv = torch.empty(sum(sizes), device=device)
         self._all_to_all(recv, torch.cat(send_flat), sizes, [t.numel() for t in send_flat], False)
         out = {u.key: torch.zeros(u.shape, dtype=torch.float32, device=device) for u in self.owned}

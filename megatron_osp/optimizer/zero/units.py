@@ -48,10 +48,8 @@ class Slice:
         # reading and writing a slice is a view, not a gather with an index tensor.
         object.__setattr__(self, "local_sel", (_as_slice(self.local_rows), slice(*self.local_cols)))
         object.__setattr__(self, "unit_sel", (_as_slice(self.unit_rows), slice(*self.unit_cols)))
-
-    @property
-    def numel(self) -> int:
-        return len(self.local_rows) * (self.local_cols[1] - self.local_cols[0])
+        # Elements: read per slice per round by the exchange's plans, so computed once.
+        object.__setattr__(self, "numel", len(self.local_rows) * (self.local_cols[1] - self.local_cols[0]))
 
 
 def _as_slice(rows: torch.Tensor):
