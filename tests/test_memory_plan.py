@@ -7,8 +7,10 @@ state tensors and of the owners' reduced gradients after one step, the peak byte
 live send/receive buffers during that step (Exchange.peak_buffer_bytes), the bytes sent by all-to-all in
 that step (split sizes to other ranks, every call wrapped), and the activations one micro-batch's
 forward saves for backward (saved_tensors_hooks, deduplicated by storage, parameters excluded).
+It also records every all-to-all's bytes to and from other ranks, from which the step's busiest
+link (per call, the most any rank sent or received, summed over calls) is taken.
 The planner, run in a separate world of one for the same layouts, must give the same figures rank
-by rank: exactly for everything but activations, within 10% for activations (its formula is the
+by rank (and the same busiest link): exactly for everything but activations, within 10% for activations (its formula is the
 local layer spec's on CPU, unfused attention; see per_layer_activation_bytes).
 """
 
@@ -66,13 +68,16 @@ def _measure_worker(rank, world_size, overrides):
     domain = parallel_state.get_tensor_and_data_parallel_group()
     me = dist.get_rank(domain)
     sent = {}  # dtype -> bytes to other ranks: fp32 = gradients, bf16 = returned parameters
+    calls = []  # per all-to-all, in issue order: (dtype, bytes sent to others, bytes received from others)
     original = dist.all_to_all_single
 
     def counting(output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False):
-        ranks = dist.get_world_size(group)
+        ranks, me = dist.get_world_size(group), dist.get_rank(group)
         sizes = input_split_sizes or [input.numel() // ranks] * ranks
-        n = sum(k for r, k in enumerate(sizes) if r != dist.get_rank(group)) * input.element_size()
+        got = output_split_sizes or [output.numel() // ranks] * ranks
+        n = sum(k for r, k in enumerate(sizes) if r != me) * input.element_size()
         sent[input.dtype] = sent.get(input.dtype, 0) + n
+        calls.append((str(input.dtype), n, sum(k for r, k in enumerate(got) if r != me) * output.element_size()))
         return original(output, input, output_split_sizes, input_split_sizes, group=group, async_op=async_op)
 
     dist.all_to_all_single = counting
@@ -95,6 +100,7 @@ def _measure_worker(rank, world_size, overrides):
         "sent_grads": sent.get(torch.float32, 0),
         "sent_params": sent.get(torch.bfloat16, 0),
         "param_dtype": str(next(model.parameters()).dtype),
+        "calls": calls,
         "activations": _saved_bytes(model, tokens),
     }
 
@@ -128,6 +134,14 @@ def _check(planned, measured):
         for key in EXACT:
             assert p[key] == m[key], (key, m["coord"], p[key], m[key])
         assert p["activations"] == pytest.approx(m["activations"], rel=0.10), (m["coord"], p["activations"], m["activations"])
+    # The busiest link: per all-to-all (the same sequence on every rank), the most any rank sent or
+    # received, summed over the step's calls: fp32 ones are gradients, bf16 ones parameters.
+    per_call = list(zip(*[m["calls"] for m in measured]))
+    link = {dtype: sum(max(max(s, r) for _, s, r in call) for call in per_call if call[0][0] == dtype)
+            for dtype in ("torch.float32", "torch.bfloat16")}
+    for p in planned:
+        assert (p["link_grads"], p["link_params"]) == (link["torch.float32"], link["torch.bfloat16"]), (p, link)
+    assert link["torch.float32"] > max(m["sent_grads"] for m in measured)  # not the mere bytes sent
     # Not trivially equal figures: ownership spreads the masters over the domain.
     assert sum(m["masters"] for m in measured) > max(m["masters"] for m in measured) > 0
 

@@ -3,7 +3,8 @@
 
 Prints, per pipeline stage and over all ranks, GiB per rank (max and mean over the ranks) of bf16
 params, fp32 grads (DDP's main_grad), fp32 masters, optimizer state, owners' reduced grads, the
-exchange's comm buffers, activations and their total, plus GiB sent per rank per step, for our
+exchange's comm buffers, activations and their total, plus GiB sent per rank per step and the
+busiest link's GiB per step (each all-to-all round's busiest rank, summed over rounds), for our
 whole-matrix ZeRO optimizer (OSP = Muon + AdamW, and AdamW alone) beside Megatron-Core's
 DistributedOptimizer + Adam at the same layout. Our figures come from the optimizer's own
 ownership and exchange plan on meta tensors (megatron_osp/training/memory_plan.py says how, and what
@@ -28,12 +29,14 @@ warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|cuda_graph
 import torch  # noqa: E402
 
 from megatron_osp.models.presets import PRESETS, get_preset  # noqa: E402
+from megatron_osp.optimizer.builder import OptimSettings  # noqa: E402
 from megatron_osp.training.memory_plan import ATTENTIONS, GIB, RECOMPUTES, Layout, RankFigures, check_layout, plan  # noqa: E402
 
 ROWS = [("params", "params"), ("grads (fp32 main_grad)", "grads"), ("masters (fp32)", "masters"),
         ("optimizer state", "state"), ("owner grads (fp32)", "owner_grads"), ("comm buffers", "comm_buffers"),
         ("activations", "activations"), ("**total**", "total"), ("sent / step: grads", "sent_grads"),
-        ("sent / step: params", "sent_params"), ("sent / step: total", "sent")]
+        ("sent / step: params", "sent_params"), ("sent / step: total", "sent"),
+        ("busiest link / step: grads", "link_grads"), ("busiest link / step: params", "link_params")]
 LABELS = {"muon": "OSP (ours)", "adam": "Adam (ours)"}
 
 
@@ -56,9 +59,10 @@ def parse_args(argv=None):
                     help="unfused: the local spec's saved scores (as on CPU); flash: GPU flash attention (estimate)")
     ap.add_argument("--params-dtype", choices=("bf16", "fp32"), default="bf16")
     ap.add_argument("--grad-reduce-dtype", choices=("fp32", "bf16"), default="fp32")
-    ap.add_argument("--bucket-size", type=int, default=40_000_000, help="parameter elements per bucket")
+    ap.add_argument("--bucket-size", type=int, default=OptimSettings.bucket_size,
+                    help=f"parameter elements per bucket (default: optimizer.bucket_size's, {OptimSettings.bucket_size:.0e})")
     ap.add_argument("--round-size", type=int, default=None,
-                    help="elements an owner receives/sends per all-to-all round (default: the bucket size)")
+                    help="elements an owner receives/sends per all-to-all round (default: the smaller of the bucket size and 4e7)")
     ap.add_argument("--json", default=None, help="also write every rank's figures (bytes) to this file")
     args = ap.parse_args(argv)
     if args.preset not in PRESETS:
@@ -114,7 +118,7 @@ def report(stages, layout: Layout, preset: str) -> str:
 
 def to_json(stages) -> dict:
     def figures(r: RankFigures) -> dict:
-        keys = RankFigures.MEMORY + ("largest_round", "sent_grads", "sent_params")
+        keys = RankFigures.MEMORY + ("largest_round", "sent_grads", "sent_params", "link_grads", "link_params")
         return {"coord": list(r.coord), "total": r.total, **{k: getattr(r, k) for k in keys}}
 
     return {"stages": [{"stage": s.stage, "layers": s.layers, "local_params": s.local_params,

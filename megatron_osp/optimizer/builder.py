@@ -70,9 +70,14 @@ class OptimSettings:
     # global norm does clip computes them again in the step. The same numbers either way.
     early_newton_schulz: bool = True
     grad_reduce_dtype: str = "fp32"  # "fp32" | "bf16": the dtype gradients travel to owners in
-    bucket_size: int = 40_000_000  # parameter elements per communication bucket
+    # Parameter elements per communication bucket. Larger than Megatron DDP's 4e7 because a bucket's
+    # gradients converge on the owners of its few whole matrices: at osp-8b TP=2 x DP=16 the busiest
+    # link carries 16x a reduce-scatter's bytes with 4e7 buckets, 4.8x with 2e8 (tools/plan_memory.py,
+    # docs/benchmarks.md); the rounds below keep the buffers small either way.
+    bucket_size: int = 200_000_000
     # Elements an owner may receive (gradients) or send (parameters) in one all-to-all: larger
-    # units go over several rounds of a bucket (optimizer/zero/rounds.py). None: bucket_size.
+    # units go over several rounds of a bucket (optimizer/zero/rounds.py). None: the smaller of
+    # bucket_size and 4e7 (zero/exchange.ROUND_ELEMS).
     round_size: int | None = None
 
     def __post_init__(self):

@@ -18,7 +18,10 @@ Per rank (GiB):
   ``exchange.WINDOW`` rounds in flight per direction, each round's owner buffers capped at
   ``optimizer.round_size`` elements); the largest single round beside it;
 - activations: see :func:`activation_bytes`;
-- sent: bytes this rank sends to other ranks per step (gradients + parameters), ``plan_bytes``.
+- sent: bytes this rank sends to other ranks per step (gradients + parameters), ``plan_bytes``;
+- busiest link: per step, the bytes of each all-to-all round's busiest rank (the most it sends or
+  receives), summed over rounds (``link_bytes``): what bounds the exchange's time when a round's
+  data converge on few owners. Megatron's reduce-scatter/all-gather spread evenly: its sent bytes.
 
 Megatron-Core's DistributedOptimizer + Adam at the same layout, by formula over the same local
 parameter count N: params N x param bytes, grads 4N, masters 4N/D, Adam state 8N/D, no extra comm
@@ -175,6 +178,10 @@ class RankFigures:
     activations: float = 0.0
     sent_grads: float = 0.0
     sent_params: float = 0.0
+    # The stage's busiest link: bytes summed over all-to-all rounds of the largest amount any one
+    # rank of the domain sends or receives in that round (see link_bytes); the same on every rank.
+    link_grads: float = 0.0
+    link_params: float = 0.0
     coord: tuple[int, int] = (0, 0)  # (tp, dp)
 
     MEMORY = ("params", "grads", "masters", "state", "owner_grads", "comm_buffers", "activations")
@@ -186,6 +193,20 @@ class RankFigures:
     @property
     def sent(self) -> float:
         return self.sent_grads + self.sent_params
+
+
+def link_bytes(traffic_per_rank: list[list[tuple[int, int]]], element_bytes: int) -> int:
+    """Sum over rounds of the most any one rank sends or receives in the round, in bytes.
+
+    ``traffic_per_rank[r][k]`` = (elements rank r sends to others, elements it receives from others)
+    in round k (``Exchange.round_traffic``). Rounds are issued in the same order everywhere and at
+    most a couple are in flight, so a round takes at least its busiest rank's bytes over one link's
+    bandwidth: an all-to-all that gathers a bucket's gradients at one owner is slow however few
+    bytes the other ranks send. A reduce-scatter or all-gather (Megatron's DistributedOptimizer)
+    spreads the same bytes evenly: its figure equals the bytes each rank sends.
+    """
+    rounds = zip(*traffic_per_rank)
+    return sum(max(max(pair) for pair in per_rank) for per_rank in rounds) * element_bytes
 
 
 def domain_coords(tp: int, dp: int) -> list[tuple[int, int]]:
@@ -217,9 +238,14 @@ def ours(chunks, offsets, layout: Layout, settings) -> list[RankFigures]:
     pb = torch.empty(0, dtype=layout.params_dtype).element_size()
     local = sum(p.numel() for p in params)
     out, cache = [], {}  # the rounds, the same for every rank, computed once
+    grad_traffic, param_traffic, broadcast = [], [], 0
     for rank, coord in enumerate(coords):
         ex = Exchange(params, units, coords, rank, None, dp_size=layout.dp, bucket_elems=settings.bucket_size,
                       round_elems=settings.round_size, grad_dtype=grad_dtype, plan_cache=cache)
+        g, p = ex.round_traffic()
+        grad_traffic.append(g)
+        param_traffic.append(p)
+        broadcast = sum(u.numel for b in ex.buckets for u in b.broadcast)  # a ring: each rank forwards it once
         sent = ex.plan_bytes(pb)
         grad_phase, param_phase = ex.round_buffer_bytes(pb)
         owned = [u for u in units if u.owner == rank]
@@ -235,6 +261,10 @@ def ours(chunks, offsets, layout: Layout, settings) -> list[RankFigures]:
             sent_params=sent["params"],
             coord=coord,
         ))
+    link_grads = link_bytes(grad_traffic, torch.empty(0, dtype=grad_dtype).element_size())
+    link_params = link_bytes(param_traffic, pb) + broadcast * pb
+    for r in out:
+        r.link_grads, r.link_params = link_grads, link_params
     return out
 
 
@@ -242,8 +272,9 @@ def megatron_distributed_optimizer(local_params: int, layout: Layout) -> RankFig
     """Megatron-Core's DistributedOptimizer + Adam at the same layout, by formula (one DP rank)."""
     pb = torch.empty(0, dtype=layout.params_dtype).element_size()
     d, n = layout.dp, local_params
+    g, p = (d - 1) / d * 4 * n, (d - 1) / d * pb * n  # reduce-scatter, all-gather: even over ranks
     return RankFigures(params=n * pb, grads=4 * n, masters=4 * n / d, state=8 * n / d,
-                       sent_grads=(d - 1) / d * 4 * n, sent_params=(d - 1) / d * pb * n)
+                       sent_grads=g, sent_params=p, link_grads=g, link_params=p)
 
 
 # ---------------------------------------------------------------------- activations

@@ -45,6 +45,7 @@ from megatron_osp.optimizer.zero.units import Unit
 
 GRAD_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 WINDOW = 2  # rounds in flight at once, per direction: bounds the send/receive buffers
+ROUND_ELEMS = 40_000_000  # default cap of one round (elements an owner receives / sends)
 BROADCAST_MIN = 1 << 20  # elements: replicated units at least this large go back by broadcast
 
 
@@ -107,7 +108,7 @@ def _nbytes(tensors) -> int:
 
 
 class Exchange:
-    def __init__(self, params, units, coords, rank, group, *, dp_size: int, bucket_elems: int = 40_000_000,
+    def __init__(self, params, units, coords, rank, group, *, dp_size: int, bucket_elems: int = 200_000_000,
                  round_elems: int | None = None, grad_dtype=torch.float32, overlap_grad: bool = False,
                  overlap_param: bool = False, events: list | None = None, broadcast_min: int = BROADCAST_MIN,
                  plan_cache: dict | None = None):
@@ -121,7 +122,7 @@ class Exchange:
         self.overlap_grad, self.overlap_param = overlap_grad, overlap_param
         self.events = events
         self.broadcast_min = broadcast_min
-        self.round_elems = bucket_elems if round_elems is None else round_elems
+        self.round_elems = min(bucket_elems, ROUND_ELEMS) if round_elems is None else round_elems
         if self.round_elems < 1:
             raise ValueError(f"round_elems must be >= 1, got {self.round_elems}")
         self.buckets = self._make_buckets(bucket_elems)
@@ -232,6 +233,16 @@ class Exchange:
         p += sum(u.numel for b in self.buckets for u in b.broadcast) * (self.world - 1) / self.world
         gb = torch.empty(0, dtype=self.grad_dtype).element_size()
         return {"grads": g * gb, "params": int(p * param_bytes)}
+
+    def round_traffic(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """Elements this rank sends to and receives from other ranks in each all-to-all round, in
+        issue order: gradients (buckets in backward order), parameters (forward order; broadcasts
+        not included). Every rank of the domain issues the same rounds in the same order."""
+        def traffic(rounds):
+            return [(sum(rd.send_sizes) - rd.send_sizes[self.rank], sum(rd.recv_sizes) - rd.recv_sizes[self.rank])
+                    for rd in rounds]
+        return (traffic(rd for b in self.buckets for rd in b.grad_rounds),
+                traffic(rd for b in reversed(self.buckets) for rd in b.param_rounds))
 
     def round_buffer_bytes(self, param_bytes: int) -> tuple[list[int], list[int]]:
         """Send + receive buffer bytes of each round, in issue order: gradients (buckets in backward
