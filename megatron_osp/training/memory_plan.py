@@ -238,14 +238,13 @@ def ours(chunks, offsets, layout: Layout, settings) -> list[RankFigures]:
     pb = torch.empty(0, dtype=layout.params_dtype).element_size()
     local = sum(p.numel() for p in params)
     out, cache = [], {}  # the rounds, the same for every rank, computed once
-    grad_traffic, param_traffic, broadcast = [], [], 0
+    grad_traffic, param_traffic = [], []
     for rank, coord in enumerate(coords):
         ex = Exchange(params, units, coords, rank, None, dp_size=layout.dp, bucket_elems=settings.bucket_size,
                       round_elems=settings.round_size, grad_dtype=grad_dtype, plan_cache=cache)
         g, p = ex.round_traffic()
         grad_traffic.append(g)
         param_traffic.append(p)
-        broadcast = sum(u.numel for b in ex.buckets for u in b.broadcast)  # a ring: each rank forwards it once
         sent = ex.plan_bytes(pb)
         grad_phase, param_phase = ex.round_buffer_bytes(pb)
         owned = [u for u in units if u.owner == rank]
@@ -262,7 +261,7 @@ def ours(chunks, offsets, layout: Layout, settings) -> list[RankFigures]:
             coord=coord,
         ))
     link_grads = link_bytes(grad_traffic, torch.empty(0, dtype=grad_dtype).element_size())
-    link_params = link_bytes(param_traffic, pb) + broadcast * pb
+    link_params = link_bytes(param_traffic, pb) + ex.broadcast_numel() * pb  # a ring: each rank forwards it once
     for r in out:
         r.link_grads, r.link_params = link_grads, link_params
     return out

@@ -228,9 +228,9 @@ class Exchange:
     def plan_bytes(self, param_bytes: int) -> dict[str, int]:
         """Bytes this rank sends to other ranks per step: gradients and parameters (broadcasts
         counted as a ring forwards them: (n - 1)/n of the tensor per rank)."""
-        g = sum(sum(rd.send_sizes) - rd.send_sizes[self.rank] for b in self.buckets for rd in b.grad_rounds)
-        p = sum(sum(rd.send_sizes) - rd.send_sizes[self.rank] for b in self.buckets for rd in b.param_rounds)
-        p += sum(u.numel for b in self.buckets for u in b.broadcast) * (self.world - 1) / self.world
+        grads, params = self.round_traffic()
+        g = sum(sent for sent, _ in grads)
+        p = sum(sent for sent, _ in params) + self.broadcast_numel() * (self.world - 1) / self.world
         gb = torch.empty(0, dtype=self.grad_dtype).element_size()
         return {"grads": g * gb, "params": int(p * param_bytes)}
 
@@ -241,8 +241,11 @@ class Exchange:
         def traffic(rounds):
             return [(sum(rd.send_sizes) - rd.send_sizes[self.rank], sum(rd.recv_sizes) - rd.recv_sizes[self.rank])
                     for rd in rounds]
-        return (traffic(rd for b in self.buckets for rd in b.grad_rounds),
-                traffic(rd for b in reversed(self.buckets) for rd in b.param_rounds))
+        return traffic(rd for b in self.buckets for rd in b.grad_rounds), traffic(self._param_order)
+
+    def broadcast_numel(self) -> int:
+        """Elements of the units that go back by broadcast (the same for every rank)."""
+        return sum(u.numel for b in self.buckets for u in b.broadcast)
 
     def round_buffer_bytes(self, param_bytes: int) -> tuple[list[int], list[int]]:
         """Send + receive buffer bytes of each round, in issue order: gradients (buckets in backward
