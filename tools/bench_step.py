@@ -52,19 +52,15 @@ def random_corpus(prefix: str, vocab: int, tokens: int, seq: int, seed: int = 0)
     """An indexed corpus of random documents (ids < vocab - 1, EOD = vocab - 1) in Megatron's format:
     documents of seq/2 to 2 x seq tokens, at least ``tokens`` and 200 documents in all (the
     train/valid split needs documents on both sides)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    from megatron_osp.data.indexed import IndexedDatasetWriter, token_dtype_for
 
     rng = np.random.default_rng(seed)
-    dtype = np.uint16 if vocab <= 65535 else np.int32
-    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
-    written = 0
-    docs = 0
-    while written < tokens or docs < 200:
-        docs += 1
-        n = int(rng.integers(max(seq // 2, 1), 2 * seq + 1))
-        builder.add_document(np.append(rng.integers(0, vocab - 1, n), vocab - 1).astype(dtype), [n + 1])
-        written += n + 1
-    builder.finalize(prefix + ".idx")
+    written = docs = 0
+    with IndexedDatasetWriter(prefix, dtype=token_dtype_for(vocab)) as writer:
+        while written < tokens or docs < 200:
+            n = int(rng.integers(max(seq // 2, 1), 2 * seq + 1))
+            writer.add_document(np.append(rng.integers(0, vocab - 1, n), vocab - 1))
+            written, docs = written + n + 1, docs + 1
     return prefix
 
 
