@@ -171,6 +171,15 @@ def test_threads_do_not_change_the_errors(three_chunks):
             build_sample_index(np.array([3], np.int32), np.array([5], np.int32), 8, 1, 3, True, True, threads=threads)
 
 
+def _sparse_sizes(path, base: int, tail: np.ndarray) -> np.memmap:
+    """An int32 sizes file of base + len(tail) entries, sparse: zeros (never written) then ``tail``."""
+    with open(path, "wb") as f:
+        f.truncate((base + len(tail)) * 4)
+    sizes = np.memmap(path, dtype=np.int32, mode="r+", shape=(base + len(tail),))
+    sizes[base:] = tail
+    return sizes
+
+
 def test_document_ids_past_int32_index_a_sparse_sizes_file(tmp_path):
     # sizes holds 2^31 + 64 entries (8 GiB) as a sparse file: only the last 64 are ever written or
     # read, so the test fits in memory while every document id is > 2^31 and the C++ must index
@@ -179,12 +188,8 @@ def test_document_ids_past_int32_index_a_sparse_sizes_file(tmp_path):
     from megatron_osp.data.shuffles import build_document_index
 
     base = 2**31 + 5
-    path = tmp_path / "sizes.i32"
-    with open(path, "wb") as f:
-        f.truncate((base + 64) * 4)
-    sizes = np.memmap(path, dtype=np.int32, mode="r+", shape=(base + 64,))
     backing = np.random.default_rng(3).integers(1, 50, 64).astype(np.int32)
-    sizes[base:] = backing
+    sizes = _sparse_sizes(tmp_path / "sizes.i32", base, backing)
     doc_index = build_document_index(range(base, base + 64), 8, seed=5)
     assert doc_index.dtype == np.int64 and doc_index.min() >= base > 2**31
     np.testing.assert_array_equal(np.sort(doc_index), np.repeat(np.arange(base, base + 64), 8))
@@ -378,11 +383,7 @@ def test_fused_build_with_document_ids_past_int32(tmp_path):
     # As test_document_ids_past_int32_index_a_sparse_sizes_file: int64 ids index a sparse sizes
     # file of 2^31 + 64 entries; the fused build must give the separate builders' arrays.
     base = 2**31 + 5
-    path = tmp_path / "sizes.i32"
-    with open(path, "wb") as f:
-        f.truncate((base + 64) * 4)
-    sizes = np.memmap(path, dtype=np.int32, mode="r+", shape=(base + 64,))
-    sizes[base:] = np.random.default_rng(4).integers(0, 50, 64).astype(np.int32)
+    sizes = _sparse_sizes(tmp_path / "sizes.i32", base, np.random.default_rng(4).integers(0, 50, 64).astype(np.int32))
     tpe = int(np.asarray(sizes[base:]).sum())
     docs = build_document_index(range(base, base + 64), 8, seed=5, separate_final_epoch=True)
     for drop_last in (True, False):
