@@ -20,6 +20,7 @@ def test_yaml_preset_and_overrides(tmp_path):
         (["model.hidden_sise=3"], "model.hidden_sise"),
         (["modle.hidden_size=3"], "modle"),
         (["optimizer.name=sgd"], "optimizer.name"),
+        (["optimizer.delivery=sideways"], "optimizer.delivery"),
         (["model.normalization=layernorm"], "model.normalization"),
         (["train.decay_style=exp"], "train.decay_style"),
         (["train.global_batch_size=10", "train.micro_batch_size=4"], "micro_batch_size"),

@@ -5,7 +5,9 @@ norm and EmbProj gradients are partial per TP rank) and PP=2 x DP=2 in one 4-ran
 (the layouts run one after the other; spawning is the slow part): per-step losses and final logical
 weights equal the single-process run's within fp32 round-off (losses rtol 2e-5, weights rtol 1e-4,
 atol 2e-5, as tests/test_training_parallel.py). At TP=2 x DP=2 the same runs with overlap off, and
-OSP with selective and full recompute, give bit-identical losses and weights to overlap on.
+OSP with selective and full recompute, give bit-identical losses and weights to overlap on, and
+relayed delivery (optimizer.delivery=relay; OSP at TP=2 x DP=2 with sequence parallelism, Adam at
+DP=4) gives bit-identical ones to direct delivery.
 A bf16 run at DP=4 holds at most 0.3x the fp32 master + optimizer-state bytes of the DP=1 run
 (which holds exactly what a plain mixed-precision run does: 12 B per AdamW element, 8 per Muon).
 Megatron's own Float16Optimizer refuses CPU bf16 parameters, so DP=1 is measured with ours.
@@ -79,13 +81,14 @@ def _runs_worker(rank, world_size, cases, run_root):
             "weights": {k: v.detach().float().clone() for k, v in weights.items()} if leader else {},
             "state_bytes": state_bytes(trainer.optimizer),
             "full_state_bytes": full_state_bytes(trainer),
+            "relayed": getattr(getattr(trainer.optimizer, "exchange", None), "relay", None),
         })
     return out
 
 
 def _merge(per_rank, i):
     merged = {"weights": {}, "state_bytes": [r[i]["state_bytes"] for r in per_rank],
-              "full_state_bytes": per_rank[0][i]["full_state_bytes"]}
+              "full_state_bytes": per_rank[0][i]["full_state_bytes"], "relayed": per_rank[0][i]["relayed"]}
     for r in per_rank:
         merged["weights"].update(r[i]["weights"])
         if not np.isnan(r[i]["losses"][0]):
@@ -119,6 +122,9 @@ def runs(toy_corpus, tmp_path_factory):
     for o in ("adam", "muon"):
         cases.append((f"tp2dp2_{o}_sync", _overrides(toy_corpus, o, 2, 1, ZERO)))
         cases.append((f"tp2dp2sp_{o}", _overrides(toy_corpus, o, 2, 1, ZERO + OVERLAP + ["parallel.sequence_parallel=true"])))
+    relay = ZERO + OVERLAP + ["optimizer.delivery=relay"]  # zero/relay.py: summed over DP before the owner
+    cases.append(("tp2dp2sp_muon_relay", _overrides(toy_corpus, "muon", 2, 1, relay + ["parallel.sequence_parallel=true"])))
+    cases.append(("dp4_adam_relay", _overrides(toy_corpus, "adam", extra=relay)))
     for r in ("selective", "full"):
         cases.append((f"tp2dp2_muon_{r}", _overrides(toy_corpus, "muon", 2, 1, ZERO + OVERLAP + [f"train.recompute={r}"])))
     for o in ("adam", "muon"):
@@ -139,6 +145,13 @@ def test_layout_matches_single_process(runs, layout, optimizer):
 @pytest.mark.parametrize("optimizer", ["adam", "muon"])
 def test_overlap_on_and_off_are_identical(runs, optimizer):
     _identical(runs[f"tp2dp2_{optimizer}"], runs[f"tp2dp2_{optimizer}_sync"], f"overlap {optimizer}")
+
+
+@pytest.mark.parametrize("run", ["tp2dp2sp_muon", "dp4_adam"])
+def test_relayed_delivery_is_identical_to_direct(runs, run):
+    """optimizer.delivery=relay sums each element over the same ranks in the same order (fp32)."""
+    assert (runs[run]["relayed"], runs[f"{run}_relay"]["relayed"]) == (False, True)  # auto: direct below DP=8
+    _identical(runs[run], runs[f"{run}_relay"], f"{run} relayed")
 
 
 @pytest.mark.parametrize("recompute", ["selective", "full"])

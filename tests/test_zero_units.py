@@ -213,13 +213,13 @@ ROUND_CAP = 20  # elements: below a row of several units, so units are cut and s
 
 def test_rounds_cover_each_unit_once_and_respect_the_cap():
     """plan_rounds on the units of SPECS (TP=2 x DP=2, gradient costs): each unit's pieces tile its
-    rows in order; no owner has more than the cap in one round unless that is one row alone; some
+    positions in order; no owner has more than the cap in one round unless that is one row alone; some
     unit is split over several rounds; the same input gives the same rounds."""
-    from megatron_osp.optimizer.zero.rounds import plan_rounds, row_costs
+    from megatron_osp.optimizer.zero.rounds import plan_rounds, position_costs, positions
 
     coords = [(r % 2, r // 2) for r in range(4)]
     _, units, _ = _setup(2, 0, coords)
-    costed = [(u, row_costs(u, {0: 2, 1: 2})) for u in units]  # every TP rank in 2 DP replicas
+    costed = [(u, position_costs(u, {0: 2, 1: 2})) for u in units]  # every TP rank in 2 DP replicas
     cost = {u.key: c for u, c in costed}
     rounds = plan_rounds(costed, ROUND_CAP)
     assert rounds == plan_rounds(costed, ROUND_CAP)
@@ -234,7 +234,7 @@ def test_rounds_cover_each_unit_once_and_respect_the_cap():
     assert pieces.keys() == {u.key for u in units}
     for u in units:
         got = pieces[u.key]
-        assert [r0 for _, r0, _ in got] == [0] + [r1 for _, _, r1 in got[:-1]] and got[-1][2] == u.shape[0]
+        assert [r0 for _, r0, _ in got] == [0] + [r1 for _, _, r1 in got[:-1]] and got[-1][2] == positions(u)
         assert [k for k, _, _ in got] == sorted({k for k, _, _ in got})  # one piece per round, in order
     assert max(len(p) for p in pieces.values()) > 1
 
@@ -247,10 +247,11 @@ def _rounds_worker(rank, world):
 
     coords = [(r % 2, r // 2) for r in range(world)]
     out = {}
-    for name, cap in (("whole", 10**9), ("rounds", ROUND_CAP)):
+    for name, cap, relay in (("whole", 10**9, False), ("rounds", ROUND_CAP, False),
+                             ("relay", 10**9, True), ("relay_rounds", ROUND_CAP, True)):
         params, units, _ = _setup(2, rank, coords)
         ex = Exchange(params, units, coords, rank, dist.group.WORLD, dp_size=2, bucket_elems=300,
-                      round_elems=cap, overlap_grad=True, overlap_param=True, broadcast_min=60)
+                      round_elems=cap, overlap_grad=True, overlap_param=True, broadcast_min=60, relay=relay)
         for i, p in enumerate(params):
             p.main_grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(100 + 10 * rank + i))
         calls = [0]
@@ -273,16 +274,22 @@ def _rounds_worker(rank, world):
         finally:
             dist.all_to_all_single = original
         # Rounds in which this owner receives a unit, at most over its units.
-        split = max(sum(any(v is u for items in rd.recv.values() for v, _ in items) for rd in b.grad_rounds)
+        split = max(sum(any(v is u for items in rd.hops[0].recv.values() for v, *_ in items) for rd in b.grad_rounds)
                     for b in ex.buckets for u in b.units)
+        # Relayed: an owner receives each element of its relayed units once, in the last hops.
+        relayed_in = sum(sum(rd.hops[-1].recv_sizes) for b in ex.buckets for rd in b.grad_rounds if len(rd.hops) == 2)
+        owned_relayed = sum(u.numel for u in ex.owned if not u.tp_sum)
         out[name] = {"grads": ex.grads, "params": [p.detach().clone() for p in params], "calls": calls[0],
-                     "peak": ex.peak_buffer_bytes, "planned": ex.buffer_bytes(4), "split": split}
-    whole, rounds = out["whole"], out["rounds"]
-    assert whole["grads"].keys() == rounds["grads"].keys()
-    for key, g in whole["grads"].items():
-        assert torch.equal(g, rounds["grads"][key]), key  # bit for bit
-    for a, b in zip(whole["params"], rounds["params"]):
-        assert torch.equal(a, b)
+                     "peak": ex.peak_buffer_bytes, "planned": ex.buffer_bytes(4), "split": split,
+                     "relayed_once": relayed_in == owned_relayed if relay else None,
+                     "hops": sum(len(rd.hops) for b in ex.buckets for rd in b.grad_rounds + b.param_rounds)}
+    whole = out["whole"]
+    for other in ("rounds", "relay", "relay_rounds"):
+        assert whole["grads"].keys() == out[other]["grads"].keys()
+        for key, g in whole["grads"].items():
+            assert torch.equal(g, out[other]["grads"][key]), (other, key)  # bit for bit
+        for a, b in zip(whole["params"], out[other]["params"]):
+            assert torch.equal(a, b), other
     return {name: {k: v for k, v in o.items() if k not in ("grads", "params")} for name, o in out.items()}
 
 
@@ -295,3 +302,16 @@ def test_rounds_exchange_the_same_bits_with_smaller_buffers(exchanged):
         assert rounds["calls"] > whole["calls"], r  # more all-to-alls: the buckets went in rounds
     assert max(r["rounds"]["split"] for r in results) > 1  # an owner received a unit over several rounds
     assert max(r["whole"]["split"] for r in results) == 1
+
+
+def test_relayed_delivery_exchanges_the_same_bits_each_element_once_at_the_owner(exchanged):
+    """optimizer.delivery=relay (zero/relay.py), unsplit and in rounds, on the same 4 ranks: the
+    same bits as direct delivery (checked in the worker), two all-to-alls per round where relayed,
+    planned buffers = measured, and owners receive each element of their relayed units once."""
+    results = [r for _, r in exchanged]
+    for r in results:
+        for name in ("relay", "relay_rounds"):
+            assert r[name]["relayed_once"] is True, (name, r)
+            assert r[name]["peak"] == r[name]["planned"], (name, r)
+            assert r[name]["calls"] == r[name]["hops"], (name, r)  # every hop one all-to-all
+        assert r["relay"]["calls"] > r["whole"]["calls"] and r["relay_rounds"]["calls"] > r["rounds"]["calls"], r

@@ -28,6 +28,7 @@ from megatron_osp.optimizer.newton_schulz import coefficient_schedule
 from megatron_osp.optimizer.routing import route_parameters
 from megatron_osp.optimizer.zero.build import build_zero_optimizer
 from megatron_osp.optimizer.zero.exchange import GRAD_DTYPES
+from megatron_osp.optimizer.zero.relay import DELIVERIES
 from megatron_osp.optimizer.zero.optimizer import stage_domain
 from megatron_osp.optimizer.zero.ddp import OwnerDDP, finalize_owner_grads
 
@@ -79,6 +80,12 @@ class OptimSettings:
     # units go over several rounds of a bucket (optimizer/zero/rounds.py). None: the smaller of
     # bucket_size and 4e7 (zero/exchange.ROUND_ELEMS).
     round_size: int | None = None
+    # How gradients reach owners and new values return (optimizer/zero/relay.py): "direct" (each
+    # contributor straight to the owner: the fewest bytes, but the link into an owner carries the D
+    # data-parallel copies of its matrices), "relay" (summed over data parallelism on the way:
+    # about 1/(D - 1) more gradient bytes, links evenly loaded) or "auto" (relay from
+    # DP >= zero/relay.AUTO_MIN_DP).
+    delivery: str = "auto"
 
     def __post_init__(self):
         if self.name not in OPTIMIZERS:
@@ -94,6 +101,8 @@ class OptimSettings:
                 f"optimizer.muon_ns_backend must be one of {NS_BACKENDS}, got {self.muon_ns_backend!r}"
             )
         coefficient_schedule(self.muon_coefficients, self.muon_ns_steps)  # names the bad value
+        if self.delivery not in DELIVERIES:
+            raise ValueError(f"optimizer.delivery must be one of {DELIVERIES}, got {self.delivery!r}")
         if self.grad_reduce_dtype not in GRAD_DTYPES:
             raise ValueError(
                 f"optimizer.grad_reduce_dtype must be one of {tuple(GRAD_DTYPES)}, got {self.grad_reduce_dtype!r}"

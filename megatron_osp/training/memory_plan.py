@@ -226,6 +226,7 @@ def ours(chunks, offsets, layout: Layout, settings) -> list[RankFigures]:
     from megatron_osp.optimizer.zero.build import param_groups, stage_units
     from megatron_osp.optimizer.zero.exchange import GRAD_DTYPES, Exchange
     from megatron_osp.optimizer.zero.optimizer import STATE_NAMES
+    from megatron_osp.optimizer.zero.relay import use_relay
     from megatron_osp.optimizer.zero.units import assign_owners
 
     route = route_parameters(chunks, settings.name)
@@ -241,7 +242,8 @@ def ours(chunks, offsets, layout: Layout, settings) -> list[RankFigures]:
     grad_traffic, param_traffic = [], []
     for rank, coord in enumerate(coords):
         ex = Exchange(params, units, coords, rank, None, dp_size=layout.dp, bucket_elems=settings.bucket_size,
-                      round_elems=settings.round_size, grad_dtype=grad_dtype, plan_cache=cache)
+                      round_elems=settings.round_size, grad_dtype=grad_dtype, plan_cache=cache,
+                      relay=use_relay(settings.delivery, layout.dp))
         g, p = ex.round_traffic()
         grad_traffic.append(g)
         param_traffic.append(p)
@@ -255,7 +257,7 @@ def ours(chunks, offsets, layout: Layout, settings) -> list[RankFigures]:
             state=sum(u.numel * 4 * len(STATE_NAMES[u.kind]) for u in owned),
             owner_grads=sum(u.numel for u in owned) * 4,
             comm_buffers=ex.buffer_bytes(pb),
-            largest_round=max(grad_phase + param_phase, default=0),
+            largest_round=max((h for rd in grad_phase + param_phase for h in rd), default=0),
             sent_grads=sent["grads"],
             sent_params=sent["params"],
             coord=coord,

@@ -9,6 +9,7 @@ from megatron_osp.models.layout import layer_offset, to_global_name, unwrap
 from megatron_osp.optimizer.zero.ddp import attach
 from megatron_osp.optimizer.zero.exchange import GRAD_DTYPES, Exchange
 from megatron_osp.optimizer.zero.optimizer import ZeroOptimizer, stage_domain
+from megatron_osp.optimizer.zero.relay import use_relay
 from megatron_osp.optimizer.zero.units import ADAM, MUON, VECTOR, adam_units, assign_owners, muon_units, set_costs
 
 
@@ -78,14 +79,16 @@ def build_zero_optimizer(settings, model_chunks, route, mcfg, log=None) -> ZeroO
     params, units = stage_units(model_chunks, kinds, tp_size, settings.muon_qkv_split, settings.muon_ns_steps)
     group, coords, rank = stage_domain()
     load = assign_owners(units, coords)
+    dp_size = parallel_state.get_data_parallel_world_size() if dist.is_initialized() else 1
     exchange = Exchange(
         params, units, coords, rank, group,
-        dp_size=parallel_state.get_data_parallel_world_size() if dist.is_initialized() else 1,
+        dp_size=dp_size,
         bucket_elems=settings.bucket_size,
         round_elems=settings.round_size,
         grad_dtype=GRAD_DTYPES[settings.grad_reduce_dtype],
         overlap_grad=settings.overlap_grad_reduce,
         overlap_param=settings.overlap_param_gather,
+        relay=use_relay(settings.delivery, dp_size),
     )
     attach(model_chunks, exchange)
     opt = ZeroOptimizer(groups, units, exchange, mcfg, settings)
@@ -94,7 +97,8 @@ def build_zero_optimizer(settings, model_chunks, route, mcfg, log=None) -> ZeroO
         gib = [b / 2**30 for b, _ in load]
         log(f"distributed optimizer: {len(units)} units over {len(coords)} TP x DP rank(s), "
             f"{len(exchange.buckets)} bucket(s) in {sum(len(b.grad_rounds) for b in exchange.buckets)} gradient / "
-            f"{sum(len(b.param_rounds) for b in exchange.buckets)} parameter all-to-all round(s); "
+            f"{sum(len(b.param_rounds) for b in exchange.buckets)} parameter all-to-all round(s), "
+            f"{'relayed' if exchange.relay else 'direct'} delivery; "
             f"fp32 masters + state per rank max {max(gib):.3g} GiB, "
             f"mean {sum(gib) / len(gib):.3g} GiB")
     return opt

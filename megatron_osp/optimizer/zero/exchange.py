@@ -14,13 +14,14 @@ order, so results do not depend on timing. With ``overlap_grad`` the all-to-alls
 backward pass (asynchronously); without it, all buckets go at the end.
 
 Rounds (rounds.py): an owner receives every contributor's copy of its units' slices, D times the
-units it owns in the bucket, so each bucket is sent in one or more *rounds*, one all-to-all each,
-that cut large units into ranges of rows so that no rank receives more than ``round_elems``
-elements in one round (default: ``bucket_elems``). Each element is still summed over the same
-contributors in the same order, in one round: the results are bit-identical to one all-to-all per
-bucket. At most ``WINDOW`` rounds are in flight: issuing one more first completes (waits for and
-sums) the oldest, so the packed send/receive buffers stay a couple of rounds large whatever the
-model size.
+units it owns in the bucket, so each bucket is sent in one or more *rounds* that cut large units
+into ranges of rows (the same fraction of every TP rank's slice) so that no rank receives more
+than ``round_elems`` elements in one round (default: ``bucket_elems``). Each element is still
+summed over the same contributors in the same order, in one round: the results are bit-identical
+to one all-to-all per bucket. A round is one all-to-all (a *hop*), or two where it is relayed
+(relay.py, ``relay``). At most ``WINDOW`` hops are in flight: issuing one more first completes
+(waits for and sums) the oldest, so the packed send/receive buffers stay a couple of rounds large
+whatever the model size.
 
 Parameters: after the step, owners send every holder its slice of each updated unit (in the
 parameters' dtype), bucket by bucket in forward order, in rounds that bound what an owner sends
@@ -40,7 +41,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megatron_osp.optimizer.zero.rounds import plan_rounds, row_costs, sub_slice
+from megatron_osp.optimizer.zero.relay import RelayPlan, relayed, split_rows
+from megatron_osp.optimizer.zero.rounds import flight_peak, plan_rounds, position_costs, positions, sub_positions
 from megatron_osp.optimizer.zero.units import Unit
 
 GRAD_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -49,24 +51,29 @@ ROUND_ELEMS = 40_000_000  # default cap of one round (elements an owner receives
 BROADCAST_MIN = 1 << 20  # elements: replicated units at least this large go back by broadcast
 
 
-def _window_peak(sizes: list[int]) -> int:
-    return max((sum(sizes[i:i + WINDOW]) for i in range(len(sizes))), default=0)
-
-
 def view2d(t: torch.Tensor) -> torch.Tensor:
     return t if t.ndim == 2 else t.view(-1, 1)
 
 
-class _Round:
-    """One all-to-all of a bucket: the (unit, slice) items sent to / received from each rank."""
+class _Hop:
+    """One all-to-all: the items sent to / received from each rank (ranks with none left out). An
+    item is ``(unit, slice, slot)``; ``slot`` numbers a relay's sums (relay.py), else None."""
 
-    def __init__(self, bucket: "_Bucket", index: int, send: dict, recv: dict, world: int):
-        self.bucket, self.index = bucket, index
-        self.send: dict[int, list[tuple[Unit, object]]] = send  # dst rank -> items (ranks with none left out)
-        self.recv: dict[int, list[tuple[Unit, object]]] = recv  # src rank -> items
+    def __init__(self, send: dict, recv: dict, world: int):
+        self.send: dict[int, list[tuple[Unit, object, int | None]]] = send  # dst rank -> items
+        self.recv: dict[int, list[tuple[Unit, object, int | None]]] = recv  # src rank -> items
         self.send_sizes, self.recv_sizes = _sizes(send, world), _sizes(recv, world)  # elements per rank
         self.numel = sum(self.send_sizes) + sum(self.recv_sizes)  # of both packed buffers
-        self.work = None  # while in flight: (handle, send buffer, receive buffer, receive sizes[, broadcasts])
+
+
+class _Round:
+    """A bucket's round: one hop (direct delivery) or two (relayed, relay.py), issued in turn."""
+
+    def __init__(self, bucket: "_Bucket", index: int, hops: list[_Hop], slots: int = 0):
+        self.bucket, self.index, self.hops = bucket, index, hops
+        self.slot_at: list[int] = _slot_offsets(hops[-1].send, slots) if slots else []
+        self.work = None  # while in flight: (hop, handle, send buffer, receive buffer, broadcasts)
+        self.sums = None  # relayed gradients between the hops: the relay's sums, packed as hop 1 sends
         self.position = 0  # parameter rounds: place in the forward issue order
 
 
@@ -84,7 +91,7 @@ class _Bucket:
 def _sizes(by_rank: dict, world: int) -> list[int]:
     sizes = [0] * world
     for r, items in by_rank.items():  # only the ranks with items (most rounds involve few)
-        sizes[r] = sum(s.numel for _, s in items)
+        sizes[r] = sum(item[1].numel for item in items)
     return sizes
 
 
@@ -93,13 +100,23 @@ def _in_rank_order(by_rank: dict):
         yield from by_rank[r]
 
 
+def _slot_offsets(send: dict, slots: int) -> list[int]:
+    """Where each relay sum starts in the packed send buffer of a relayed round's hop 1."""
+    at, out = 0, [0] * slots
+    for _, s, slot in _in_rank_order(send):
+        out[slot] = at
+        at += s.numel
+    return out
+
+
 def _unpacked(by_rank: dict, recv: torch.Tensor, sizes: list[int]):
-    """(unit, slice, 2-D block) for each slice of a received packed buffer, in the plan's order."""
+    """(item, 2-D block) for each slice of a received packed buffer, in the plan's order."""
     for r, seg in enumerate(recv.split(sizes)):
         at = 0
-        for u, s in by_rank.get(r, ()):
+        for item in by_rank.get(r, ()):
+            s = item[1]
             k, w = len(s.local_rows), s.local_cols[1] - s.local_cols[0]
-            yield u, s, seg[at:at + k * w].view(k, w)
+            yield item, seg[at:at + k * w].view(k, w)
             at += k * w
 
 
@@ -110,16 +127,18 @@ def _nbytes(tensors) -> int:
 class Exchange:
     def __init__(self, params, units, coords, rank, group, *, dp_size: int, bucket_elems: int = 200_000_000,
                  round_elems: int | None = None, grad_dtype=torch.float32, overlap_grad: bool = False,
-                 overlap_param: bool = False, events: list | None = None, broadcast_min: int = BROADCAST_MIN,
-                 plan_cache: dict | None = None):
-        """``plan_cache``: a dict shared by the Exchanges of every rank of one domain (same params,
-        units, owners, coords and settings): the rounds and their slices, which every rank computes
-        alike, are then computed once (the memory planner builds one Exchange per rank)."""
+                 overlap_param: bool = False, relay: bool = False, events: list | None = None,
+                 broadcast_min: int = BROADCAST_MIN, plan_cache: dict | None = None):
+        """``relay``: relayed delivery (relay.py) for the units it applies to. ``plan_cache``: a dict
+        shared by the Exchanges of every rank of one domain (same params, units, owners, coords and
+        settings): the rounds and their slices, which every rank computes alike, are then computed
+        once (the memory planner builds one Exchange per rank)."""
         self.params, self.units, self.coords = params, units, coords
         self.rank, self.group, self.world = rank, group, len(coords)
-        self.dp_scale = 1.0 / dp_size
+        self.dp_size, self.dp_scale = dp_size, 1.0 / dp_size
         self.grad_dtype = grad_dtype
         self.overlap_grad, self.overlap_param = overlap_grad, overlap_param
+        self.relay = relay
         self.events = events
         self.broadcast_min = broadcast_min
         self.round_elems = min(bucket_elems, ROUND_ELEMS) if round_elems is None else round_elems
@@ -135,6 +154,7 @@ class Exchange:
         self._ranks_per_tp: dict[int, int] = {}
         for tp, _ in coords:
             self._ranks_per_tp[tp] = self._ranks_per_tp.get(tp, 0) + 1
+        self._relay_plan = RelayPlan(coords, rank)
         self._cache = {} if plan_cache is None else plan_cache
         for b in self.buckets:
             self._plan(b)
@@ -177,9 +197,11 @@ class Exchange:
         return not u.tp_sharded and self.world > 2 and u.numel >= self.broadcast_min
 
     def _rounds(self, b: _Bucket):
-        """The bucket's gradient and parameter rounds, each a list of pieces ``(unit, slices)``:
-        ``slices[t]`` is TP rank t's slice restricted to the piece's rows, None where it takes no
-        part (no slice there, or, for gradients, it does not contribute)."""
+        """The bucket's gradient and parameter rounds, each a list of pieces ``(unit, slices,
+        ranges, relay)``: ``slices[t]`` is TP rank t's slice restricted to the piece's rows, None
+        where it takes no part (no slice there, or, for gradients, it does not contribute);
+        ``relay`` says whether the piece is relayed, and then ``ranges[t]`` cuts ``slices[t]`` into
+        one run of rows per relay (relay.py)."""
         key = ("rounds", b.index)
         if key not in self._cache:
             tps = self._ranks_per_tp.items()
@@ -187,42 +209,57 @@ class Exchange:
             def holds(u, t):
                 return u.slices[t].numel > 0
 
+            def piece(u, r0, r1, takes_part):
+                slices = [self._sub(u, t, r0, r1) if takes_part(u, t) else None for t in range(len(u.slices))]
+                relay = self.relay and relayed(u, self.dp_size)
+                ranges = [split_rows(s, self._ranks_per_tp.get(t, 0)) for t, s in enumerate(slices)] if relay else None
+                return u, slices, ranges, relay
+
             out = []  # gradients: the contributors send; parameters (not broadcast): the holders receive
             for takes_part, units in ((self.contributes, b.units),
                                       (holds, [u for u in b.units if not self.broadcasts(u)])):
-                costed = [(u, row_costs(u, {t: n for t, n in tps if takes_part(u, t)})) for u in units]
-                out.append([[(u, [self._sub(u, t, r0, r1) if takes_part(u, t) else None for t in range(len(u.slices))])
-                             for u, r0, r1 in pieces] for pieces in plan_rounds(costed, self.round_elems)])
+                costed = [(u, position_costs(u, {t: n for t, n in tps if takes_part(u, t)})) for u in units]
+                out.append([[piece(u, r0, r1, takes_part) for u, r0, r1 in pieces]
+                            for pieces in plan_rounds(costed, self.round_elems)])
             self._cache[key] = out
         return self._cache[key]
 
     @staticmethod
     def _sub(u: Unit, t: int, r0: int, r1: int):
-        s = sub_slice(u.slices[t], r0, r1)
+        s = sub_positions(u.slices[t], r0, r1, positions(u))
         return s if s.numel else None
 
     def _plan(self, b: _Bucket):
         """The bucket's gradient and parameter rounds (rounds.py), as this rank's send/receive lists."""
         b.broadcast = [u for u in b.units if self.broadcasts(u)]
         grad_rounds, param_rounds = self._rounds(b)
+        w = self.world
         for k, pieces in enumerate(grad_rounds):
-            send, recv = self._by_rank(pieces)
-            b.grad_rounds.append(_Round(b, k, send, recv, self.world))
+            if any(relay for *_, relay in pieces):
+                s0, r0, s1, r1, slots = self._relay_plan.grad_hops(pieces)
+                b.grad_rounds.append(_Round(b, k, [_Hop(s0, r0, w), _Hop(s1, r1, w)], slots))
+            else:
+                send, recv = self._by_rank(pieces)
+                b.grad_rounds.append(_Round(b, k, [_Hop(send, recv, w)]))
         for k, pieces in enumerate(param_rounds):
-            recv, send = self._by_rank(pieces)
-            b.param_rounds.append(_Round(b, k, send, recv, self.world))
+            if any(relay for *_, relay in pieces):
+                s0, r0, s1, r1 = self._relay_plan.param_hops(pieces)
+                b.param_rounds.append(_Round(b, k, [_Hop(s0, r0, w), _Hop(s1, r1, w)]))
+            else:
+                recv, send = self._by_rank(pieces)
+                b.param_rounds.append(_Round(b, k, [_Hop(send, recv, w)]))
 
     def _by_rank(self, pieces):
         """(this rank's items for each owner, the items of each rank for this rank as owner)."""
         my_tp = self.coords[self.rank][0]
         mine, theirs = {}, {}
-        for u, slices in pieces:
+        for u, slices, _, _ in pieces:
             if slices[my_tp] is not None:
-                mine.setdefault(u.owner, []).append((u, slices[my_tp]))
+                mine.setdefault(u.owner, []).append((u, slices[my_tp], None))
             if u.owner == self.rank:
                 for r, (tp, _) in enumerate(self.coords):
                     if slices[tp] is not None:
-                        theirs.setdefault(r, []).append((u, slices[tp]))
+                        theirs.setdefault(r, []).append((u, slices[tp], None))
         return mine, theirs
 
     def plan_bytes(self, param_bytes: int) -> dict[str, int]:
@@ -235,31 +272,45 @@ class Exchange:
         return {"grads": g * gb, "params": int(p * param_bytes)}
 
     def round_traffic(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-        """Elements this rank sends to and receives from other ranks in each all-to-all round, in
-        issue order: gradients (buckets in backward order), parameters (forward order; broadcasts
-        not included). Every rank of the domain issues the same rounds in the same order."""
+        """Elements this rank sends to and receives from other ranks in each all-to-all (a round's
+        hops in turn): gradients (buckets in backward order), parameters (forward order; broadcasts
+        not included). Every rank of the domain lists the same all-to-alls in the same order."""
         def traffic(rounds):
-            return [(sum(rd.send_sizes) - rd.send_sizes[self.rank], sum(rd.recv_sizes) - rd.recv_sizes[self.rank])
-                    for rd in rounds]
+            return [(sum(h.send_sizes) - h.send_sizes[self.rank], sum(h.recv_sizes) - h.recv_sizes[self.rank])
+                    for rd in rounds for h in rd.hops]
         return traffic(rd for b in self.buckets for rd in b.grad_rounds), traffic(self._param_order)
 
     def broadcast_numel(self) -> int:
         """Elements of the units that go back by broadcast (the same for every rank)."""
         return sum(u.numel for b in self.buckets for u in b.broadcast)
 
-    def round_buffer_bytes(self, param_bytes: int) -> tuple[list[int], list[int]]:
-        """Send + receive buffer bytes of each round, in issue order: gradients (buckets in backward
-        order), parameters (buckets in forward order; a bucket's broadcasts with its first round)."""
+    def round_buffer_bytes(self, param_bytes: int) -> tuple[list[list[int]], list[list[int]]]:
+        """Send + receive buffer bytes of each hop of each round, in issue order: gradients
+        (buckets in backward order), parameters (buckets in forward order; a bucket's broadcasts
+        with its first round's first hop)."""
         gb = torch.empty(0, dtype=self.grad_dtype).element_size()
-        grads = [rd.numel * gb for b in self.buckets for rd in b.grad_rounds]
-        params = [(rd.numel + (sum(u.numel for u in rd.bucket.broadcast) if rd.index == 0 else 0)) * param_bytes
-                  for rd in self._param_order]
+        grads = [[h.numel * gb for h in rd.hops] for b in self.buckets for rd in b.grad_rounds]
+        params = [[(h.numel + (sum(u.numel for u in rd.bucket.broadcast) if rd.index == 0 and i == 0 else 0))
+                   * param_bytes for i, h in enumerate(rd.hops)] for rd in self._param_order]
         return grads, params
 
     def buffer_bytes(self, param_bytes: int) -> int:
-        """Peak bytes of send + receive buffers: at most WINDOW rounds are in flight at once."""
+        """Peak bytes of send + receive buffers: at most WINDOW hops are in flight at once."""
         grads, params = self.round_buffer_bytes(param_bytes)
-        return max(_window_peak(grads), _window_peak(params))
+        return max(flight_peak(grads, fill=False, window=WINDOW), flight_peak(params, fill=True, window=WINDOW))
+
+    # ------------------------------------------------------------------ flight
+    def _make_room(self, queue, complete):
+        while len(queue) >= WINDOW:
+            self._pop(queue, complete)
+
+    def _pop(self, queue, complete):
+        """Complete the oldest hop in flight; a round with a hop left issues it (at the back)."""
+        rd = queue.pop(0)
+        hop = rd.work[0]
+        complete(rd)
+        if hop + 1 < len(rd.hops):
+            (self._issue_grad_hop if queue is self._grads_in_flight else self._issue_param_hop)(rd, hop + 1)
 
     # ------------------------------------------------------------------ gradients
     def _log(self, *event):
@@ -270,7 +321,7 @@ class Exchange:
         for b in self.buckets:
             b.pending = len(b.params)
             for rd in b.grad_rounds:
-                rd.work = None
+                rd.work = rd.sums = None
         self._next_issue = 0
         self._grads_done = False
         self._grads_in_flight = []
@@ -283,51 +334,61 @@ class Exchange:
         b = self.bucket_of_param[self.param_position[id(param)]]
         b.pending -= 1
         while self._next_issue < len(self.buckets) and self.buckets[self._next_issue].pending <= 0:
-            self._issue_grads(self.buckets[self._next_issue], async_op=True)
+            self._issue_grads(self.buckets[self._next_issue])
             self._next_issue += 1
 
-    def _issue_grads(self, b: _Bucket, async_op: bool):
-        """All of the bucket's rounds, each after the oldest round in flight is done if WINDOW are."""
-        device = self.params[0].device
+    def _issue_grads(self, b: _Bucket):
+        """All of the bucket's rounds, each after the oldest hops in flight are done if WINDOW are."""
         for rd in b.grad_rounds:
-            while len(self._grads_in_flight) >= WINDOW:
-                self._complete_grads(self._grads_in_flight.pop(0))
-            parts = []
-            for u, s in _in_rank_order(rd.send):
-                g = view2d(self.params[u.param_index].main_grad)[s.local_sel]
-                parts.append((g * self.dp_scale).to(self.grad_dtype).reshape(-1))
-            send = torch.cat(parts) if parts else torch.empty(0, dtype=self.grad_dtype, device=device)
-            recv_sizes = rd.recv_sizes
-            recv = torch.empty(sum(recv_sizes), dtype=self.grad_dtype, device=device)
-            work = self._all_to_all(recv, send, recv_sizes, rd.send_sizes, async_op)
-            rd.work = (work, send, recv, recv_sizes)
-            self._grads_in_flight.append(rd)
-            self._note_buffers()
-            self._log("grad_issue", b.index, rd.index)
+            self._make_room(self._grads_in_flight, self._complete_grad_hop)
+            self._issue_grad_hop(rd, 0)
 
-    def _complete_grads(self, rd: _Round):
-        work, _, recv, sizes = rd.work
+    def _issue_grad_hop(self, rd: _Round, h: int):
+        hop, device = rd.hops[h], self.params[0].device
+        if h == 0:
+            parts = [(view2d(self.params[u.param_index].main_grad)[s.local_sel] * self.dp_scale)
+                     .to(self.grad_dtype).reshape(-1) for u, s, _ in _in_rank_order(hop.send)]
+            send = torch.cat(parts) if parts else torch.empty(0, dtype=self.grad_dtype, device=device)
+        else:  # the relay's sums, packed in hop 1's send order
+            send, rd.sums = rd.sums.to(self.grad_dtype), None
+        recv = torch.empty(sum(hop.recv_sizes), dtype=self.grad_dtype, device=device)
+        work = self._all_to_all(recv, send, hop.recv_sizes, hop.send_sizes, self.overlap_grad)
+        rd.work = (h, work, send, recv, ())
+        self._grads_in_flight.append(rd)
+        self._note_buffers()
+        self._log("grad_issue" if h == 0 else "grad_relay", rd.bucket.index, rd.index)
+
+    def _complete_grad_hop(self, rd: _Round):
+        h, work, _, recv, _ = rd.work
         if work is not None:
             work.wait()
-        self._log("grad_wait", rd.bucket.index, rd.index)
-        for u, s, block in _unpacked(rd.recv, recv, sizes):
+        hop = rd.hops[h]
+        if h + 1 < len(rd.hops):  # a relay: sum each slot's contributions, in rank order, from zero
+            rd.sums = torch.zeros(sum(rd.hops[h + 1].send_sizes), dtype=torch.float32, device=recv.device)
+        for (u, s, slot), block in _unpacked(hop.recv, recv, hop.recv_sizes):
+            if slot is not None:
+                at = rd.slot_at[slot]
+                rd.sums[at:at + block.numel()].view_as(block).add_(block)
+                continue
             g = self.grads.get(u.key)
             if g is None:
                 g = self.grads[u.key] = torch.zeros(u.shape, dtype=torch.float32, device=recv.device)
             g[s.unit_sel] += block
         rd.work = None
-        if self.on_grads is not None and rd is rd.bucket.grad_rounds[-1]:
-            self.on_grads(rd.bucket)  # rounds complete in issue order: the bucket is all in
+        if h + 1 == len(rd.hops):
+            self._log("grad_wait", rd.bucket.index, rd.index)
+            if self.on_grads is not None and rd is rd.bucket.grad_rounds[-1]:
+                self.on_grads(rd.bucket)  # rounds complete in issue order: the bucket is all in
 
     def finish_grads(self) -> None:
         """Issue what is left, wait for every round, and sum each owned unit's gradient."""
         if self._grads_done:
             return
         while self._next_issue < len(self.buckets):
-            self._issue_grads(self.buckets[self._next_issue], async_op=self.overlap_grad)
+            self._issue_grads(self.buckets[self._next_issue])
             self._next_issue += 1
         while self._grads_in_flight:
-            self._complete_grads(self._grads_in_flight.pop(0))
+            self._pop(self._grads_in_flight, self._complete_grad_hop)
         device = self.params[0].device if self.params else torch.device("cpu")
         for u in self.owned:  # units no rank contributed to (none in a real model)
             if u.key not in self.grads:
@@ -337,7 +398,7 @@ class Exchange:
     # ------------------------------------------------------------------ parameters
     def start_params(self, masters: dict[str, torch.Tensor]) -> None:
         """Send every holder its slices of the owned units' new values, round by round with the
-        buckets in forward order, at most WINDOW rounds in flight; with overlap_param the rest go as
+        buckets in forward order, at most WINDOW hops in flight; with overlap_param the rest go as
         the next forward pass waits for the first ones."""
         self._masters = masters
         self._param_next = 0
@@ -348,35 +409,37 @@ class Exchange:
 
     def _fill_param_window(self):
         while self._param_next < len(self._param_order) and len(self._params_in_flight) < WINDOW:
-            self._issue_params(self._param_order[self._param_next])
+            self._issue_param_hop(self._param_order[self._param_next], 0)
+            self._param_next += 1
 
-    def _issue_params(self, rd: _Round):
-        masters, b = self._masters, rd.bucket
-        dtype = self.params[b.params[0]].dtype
-        device = self.params[b.params[0]].device
-        parts = [masters[u.key][s.unit_sel].to(dtype).reshape(-1) for u, s in _in_rank_order(rd.send)]
+    def _issue_param_hop(self, rd: _Round, h: int):
+        b, hop = rd.bucket, rd.hops[h]
+        dtype, device = self.params[b.params[0]].dtype, self.params[b.params[0]].device
+        if h == 0:
+            parts = [self._masters[u.key][s.unit_sel].to(dtype).reshape(-1) for u, s, _ in _in_rank_order(hop.send)]
+        else:  # a relay forwards the values hop 0 wrote into its own parameters
+            parts = [view2d(self.params[u.param_index].data)[s.local_sel].reshape(-1)
+                     for u, s, _ in _in_rank_order(hop.send)]
         send = torch.cat(parts) if parts else torch.empty(0, dtype=dtype, device=device)
-        recv_sizes = rd.recv_sizes
-        recv = torch.empty(sum(recv_sizes), dtype=dtype, device=device)
-        work = self._all_to_all(recv, send, recv_sizes, rd.send_sizes, self.overlap_param)
+        recv = torch.empty(sum(hop.recv_sizes), dtype=dtype, device=device)
+        work = self._all_to_all(recv, send, hop.recv_sizes, hop.send_sizes, self.overlap_param)
         bcast = []
-        for u in b.broadcast if rd.index == 0 else ():
-            t = masters[u.key].to(dtype) if u.owner == self.rank else torch.empty(u.shape, dtype=dtype, device=device)
+        for u in b.broadcast if rd.index == 0 and h == 0 else ():
+            t = self._masters[u.key].to(dtype) if u.owner == self.rank else torch.empty(u.shape, dtype=dtype, device=device)
             src = dist.get_global_rank(self.group, u.owner) if self.group is not None else 0
             bcast.append((u, t, dist.broadcast(t, src=src, group=self.group, async_op=self.overlap_param)))
-        rd.work = (work, send, recv, recv_sizes, bcast)
+        rd.work = (h, work, send, recv, bcast)
         self._params_in_flight.append(rd)
-        self._param_next += 1
         self._note_buffers()
-        self._log("param_issue", b.index, rd.index)
+        self._log("param_issue" if h == 0 else "param_relay", b.index, rd.index)
 
-    def _complete_params(self, rd: _Round):
-        work, _, recv, sizes, bcast = rd.work
+    def _complete_param_hop(self, rd: _Round):
+        h, work, _, recv, bcast = rd.work
         if work is not None:
             work.wait()
-        self._log("param_wait", rd.bucket.index, rd.index)
+        hop = rd.hops[h]
         with torch.no_grad():
-            for u, s, block in _unpacked(rd.recv, recv, sizes):
+            for (u, s, _), block in _unpacked(hop.recv, recv, hop.recv_sizes):
                 view2d(self.params[u.param_index].data)[s.local_sel] = block
             my_tp = self.coords[self.rank][0]
             for u, t, handle in bcast:
@@ -386,15 +449,19 @@ class Exchange:
                 p2d = view2d(self.params[u.param_index].data)
                 p2d[s.local_sel] = t[s.unit_sel]
         rd.work = None
+        if h + 1 == len(rd.hops):
+            self._log("param_wait", rd.bucket.index, rd.index)
 
     def wait_param_bucket(self, b: _Bucket) -> None:
-        """Complete every round of bucket ``b``. Rounds complete in issue order (the same on every
-        rank), and each completion issues the next round, so at most WINDOW are ever in flight."""
+        """Complete every round of bucket ``b``. Hops complete in issue order (the same on every
+        rank), and each completion issues the round's next hop or the next round, so at most
+        WINDOW hops are ever in flight."""
         last = b.param_rounds[-1]
         while last.position >= self._param_next or last.work is not None:
             if not self._params_in_flight:
-                self._issue_params(self._param_order[self._param_next])
-            self._complete_params(self._params_in_flight.pop(0))
+                self._issue_param_hop(self._param_order[self._param_next], 0)
+                self._param_next += 1
+            self._pop(self._params_in_flight, self._complete_param_hop)
             self._fill_param_window()
 
     def wait_params_of(self, module) -> None:
@@ -412,9 +479,8 @@ class Exchange:
 
     def _note_buffers(self):
         """Track the peak bytes of live send/receive buffers (what ``buffer_bytes`` plans)."""
-        live = sum(_nbytes(rd.work[1:3]) for rd in self._grads_in_flight)
-        for rd in self._params_in_flight:
-            live += _nbytes(rd.work[1:3]) + _nbytes(t for _, t, _ in rd.work[4])
+        live = sum(_nbytes(rd.work[2:4]) + _nbytes(t for _, t, _ in rd.work[4])
+                   for rd in self._grads_in_flight + self._params_in_flight)
         self.peak_buffer_bytes = max(self.peak_buffer_bytes, live)
 
     # ------------------------------------------------------------------ collective
@@ -443,6 +509,6 @@ class Exchange:
         recv = torch.empty(sum(sizes), device=device)
         self._all_to_all(recv, torch.cat(send_flat), sizes, [t.numel() for t in send_flat], False)
         out = {u.key: torch.zeros(u.shape, dtype=torch.float32, device=device) for u in self.owned}
-        for u, s, block in _unpacked(recv_plan, recv, sizes):
+        for (u, s), block in _unpacked(recv_plan, recv, sizes):
             out[u.key][s.unit_sel] = block
         return out

@@ -2,12 +2,19 @@
 
 An owner receives every contributor's slice of its units' gradients (D data-parallel copies of each
 TP piece) and sends every holder its slice of their new values, so its packed buffer for a bucket
-is about D times the units it owns there. Rounds bound it: each bucket's units are cut into ranges
-of unit rows, and the pieces are packed into rounds so that no rank's share of one round (the
-elements it receives, for gradients, or sends, for parameters, as owner) exceeds ``cap`` elements.
-A single row larger than the cap is a piece on its own (its round holds nothing else of that
-owner). A piece keeps every contributor's slice restricted to its rows (``sub_slice``), so each
-element of a unit is still summed over the same contributors, in the same order, in one round.
+is about D times the units it owns there. Rounds bound it: each bucket's units are cut into
+*pieces*, and the pieces are packed into rounds so that no rank's share of one round (the elements
+it receives, for gradients, or sends, for parameters, as owner) exceeds ``cap`` elements.
+
+A piece is a range of *positions*: position i of a unit is row i of every TP rank's slice (its
+i-th row in the slice's order; where slices differ in length, the rows whose scaled position
+falls at i). Cutting every TP rank's slice at the same fraction keeps the TP ranks' loads in a
+round even (cutting unit rows would give a column-parallel matrix's first rounds to TP rank 0
+alone). A single position larger than the cap is a piece on its own (its round holds nothing else
+of that owner). Each element of a unit has one position, and every contributor of that element
+(the D copies of its TP slice; for sequence-parallel norms, every TP rank, whose slices are the
+whole unit in the same order) sends it in the same round: each element is still summed over the
+same contributors, in the same order, in one round.
 
 Every rank computes the same rounds from the same units, owners and coordinates: no communication.
 """
@@ -19,36 +26,34 @@ import torch
 from megatron_osp.optimizer.zero.units import Slice, Unit
 
 
-def sub_slice(s: Slice, r0: int, r1: int) -> Slice:
-    """``s`` restricted to the unit rows [r0, r1) (same mapping, same columns)."""
-    rows = s.unit_sel[0]
-    if isinstance(rows, slice):  # a contiguous run of unit rows (almost always): cut by position
-        n = rows.stop - rows.start
-        a = min(max(r0 - rows.start, 0), n)
-        b = max(min(r1 - rows.start, n), a)
-        if a == 0 and b == n:
-            return s
-        return Slice(s.local_rows[a:b], s.unit_rows[a:b], s.local_cols, s.unit_cols)
-    keep = (s.unit_rows >= r0) & (s.unit_rows < r1)
-    if bool(keep.all()):
-        return s
-    return Slice(s.local_rows[keep], s.unit_rows[keep], s.local_cols, s.unit_cols)
+def positions(u: Unit) -> int:
+    """The unit's number of positions: its longest TP slice's rows."""
+    return max(len(s.local_rows) for s in u.slices)
 
 
-def row_costs(u: Unit, ranks_per_tp: dict[int, int]) -> torch.Tensor:
-    """Elements of each unit row in the owner's buffer: ``ranks_per_tp[t]`` ranks of TP rank ``t``
+def sub_positions(s: Slice, i0: int, i1: int, n: int) -> Slice:
+    """``s`` restricted to the positions [i0, i1) of ``n``: its rows p with p * n // len in range."""
+    k = len(s.local_rows)
+    a, b = -(-i0 * k // n), -(-i1 * k // n)  # ceil: the first row at or after each bound
+    return s if a == 0 and b == k else s.take(a, b)
+
+
+def position_costs(u: Unit, ranks_per_tp: dict[int, int]) -> torch.Tensor:
+    """Elements of each position in the owner's buffer: ``ranks_per_tp[t]`` ranks of TP rank ``t``
     each send (or receive) slice ``u.slices[t]``."""
-    costs = torch.zeros(u.shape[0], dtype=torch.int64)
-    for t, n in ranks_per_tp.items():
+    n = positions(u)
+    costs = torch.zeros(n, dtype=torch.int64)
+    for t, count in ranks_per_tp.items():
         s = u.slices[t]
-        if s.numel and n:
-            width = s.unit_cols[1] - s.unit_cols[0]
-            costs.index_add_(0, s.unit_rows, torch.full((len(s.unit_rows),), n * width, dtype=torch.int64))
+        k = len(s.local_rows)
+        if s.numel and count:
+            at = torch.arange(k, dtype=torch.int64) * n // k
+            costs.index_add_(0, at, torch.full((k,), count * (s.local_cols[1] - s.local_cols[0]), dtype=torch.int64))
     return costs
 
 
 def plan_rounds(costed, cap: int) -> list[list[tuple[Unit, int, int]]]:
-    """Pack ``(unit, row costs)`` pairs, in order, into rounds of ``(unit, first row, end row)``.
+    """Pack ``(unit, position costs)`` pairs, in order, into rounds of ``(unit, first, end position)``.
 
     Each owner fills its rounds one after another, cutting a unit where the round is full; rounds of
     different owners are shared. Always at least one round (maybe empty), so every rank issues the
@@ -78,3 +83,39 @@ def plan_rounds(costed, cap: int) -> list[list[tuple[Unit, int, int]]]:
             done, i = int(total[j - 1]), j
         at[u.owner] = (k, load)
     return rounds
+
+
+def flight_peak(hop_sizes: list[list[int]], *, fill: bool, window: int) -> int:
+    """The most bytes in flight at once when hops of ``hop_sizes`` (per round, its hops' buffer
+    bytes, in issue order) go as exchange.Exchange sends them: at most ``window`` hops in flight,
+    the oldest completed first, a completed hop issuing its round's next one at the back. Gradients
+    (``fill=False``) make room before each round; parameters (``fill=True``) fill the window, then
+    complete the oldest and fill again."""
+    queue: list[tuple[int, int]] = []
+    peak, nxt, n = 0, 0, len(hop_sizes)
+
+    def issue(r, h):
+        nonlocal peak
+        queue.append((r, h))
+        peak = max(peak, sum(hop_sizes[a][b] for a, b in queue))
+
+    def pop():
+        r, h = queue.pop(0)
+        if h + 1 < len(hop_sizes[r]):
+            issue(r, h + 1)
+
+    if not fill:
+        for r in range(n):
+            while len(queue) >= window:
+                pop()
+            issue(r, 0)
+        while queue:
+            pop()
+        return peak
+    while queue or nxt < n:
+        while nxt < n and len(queue) < window:
+            issue(nxt, 0)
+            nxt += 1
+        if queue:
+            pop()
+    return peak

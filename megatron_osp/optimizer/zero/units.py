@@ -51,6 +51,21 @@ class Slice:
         # Elements: read per slice per round by the exchange's plans, so computed once.
         object.__setattr__(self, "numel", len(self.local_rows) * (self.local_cols[1] - self.local_cols[0]))
 
+    def take(self, a: int, b: int) -> "Slice":
+        """Rows a..b-1 of this slice, by position (the exchange's round and relay pieces). Runs of
+        contiguous rows stay runs without looking at the row tensors again."""
+        local, unit = self.local_sel[0], self.unit_sel[0]
+        if not (isinstance(local, slice) and isinstance(unit, slice)):
+            return Slice(self.local_rows[a:b], self.unit_rows[a:b], self.local_cols, self.unit_cols)
+        out = object.__new__(Slice)
+        for name, value in (("local_rows", self.local_rows[a:b]), ("unit_rows", self.unit_rows[a:b]),
+                            ("local_cols", self.local_cols), ("unit_cols", self.unit_cols),
+                            ("local_sel", (slice(local.start + a, local.start + b), self.local_sel[1])),
+                            ("unit_sel", (slice(unit.start + a, unit.start + b), self.unit_sel[1])),
+                            ("numel", (b - a) * (self.local_cols[1] - self.local_cols[0]))):
+            object.__setattr__(out, name, value)
+        return out
+
 
 def _as_slice(rows: torch.Tensor):
     n = len(rows)
