@@ -1,7 +1,8 @@
 """The memory planner (training/memory_plan.py, tools/plan_memory.py) against real multi-rank runs.
 
 A CPU run of the ``test`` preset (with GQA: 4 heads in 2 query groups) in bf16 with
-``optimizer.distributed_optimizer=true`` (OSP: Muon + AdamW) at DP=2 and at TP=2 x DP=2 measures on
+``optimizer.distributed_optimizer=true`` (OSP: Muon + AdamW) at DP=2 and at TP=2 x DP=2 (there with
+relayed delivery, optimizer.delivery=relay) measures on
 every rank: bytes of the parameters, of DDP's main_grad buffers, of the ZeroOptimizer's masters and
 state tensors and of the owners' reduced gradients after one step, the peak bytes of the exchange's
 live send/receive buffers during that step (Exchange.peak_buffer_bytes), the bytes sent by all-to-all in
@@ -28,8 +29,8 @@ MICRO, DP_GLOBAL = 2, 4  # micro-batch 2; global batch 4 per DP=2 world: one mic
 EXACT = ("params", "grads", "masters", "state", "owner_grads", "comm_buffers", "sent_grads", "sent_params")
 
 
-def _overrides(corpus, run_dir, tp):
-    return [
+def _overrides(corpus, run_dir, tp, delivery="auto"):
+    return [f"optimizer.delivery={delivery}",
         "model.preset=test", "model.num_query_groups=2", f"data.paths=[{corpus}]", "data.eod_id=255",
         "optimizer.name=muon", "optimizer.muon_lr=0.02", "optimizer.distributed_optimizer=true",
         "optimizer.bucket_size=20000", f"parallel.tensor_parallel_size={tp}", "train.bf16=true",
@@ -106,7 +107,7 @@ def _measure_worker(rank, world_size, overrides):
 
 
 def _plan(layouts):
-    """Our planner's per-rank figures (as dicts) for each (tp, dp), OSP, the run's bucket size."""
+    """Our planner's per-rank figures (as dicts) for each (tp, dp, delivery), OSP, the run's bucket size."""
     import dataclasses
 
     from megatron_osp.models.presets import get_preset
@@ -114,15 +115,15 @@ def _plan(layouts):
 
     model = get_preset("test", num_query_groups=2)
     out = []
-    for tp, dp in layouts:
-        stages = plan(model, Layout(tp=tp, dp=dp, micro_batch=MICRO), ("muon",), bucket_size=20000)
+    for tp, dp, delivery in layouts:
+        stages = plan(model, Layout(tp=tp, dp=dp, micro_batch=MICRO), ("muon",), bucket_size=20000, delivery=delivery)
         out.append([dataclasses.asdict(r) for r in stages[0].ours["muon"]])
     return out
 
 
 def _dp2_worker(rank, world_size, overrides):
     """The DP=2 run; its rank 0 (TP=1, PP=1, as the planner needs) also plans both layouts."""
-    return _measure_worker(rank, world_size, overrides), _plan([(1, 2), (2, 2)]) if rank == 0 else None
+    return _measure_worker(rank, world_size, overrides), _plan([(1, 2, "auto"), (2, 2, "relay")]) if rank == 0 else None
 
 
 def _check(planned, measured):
@@ -147,11 +148,12 @@ def _check(planned, measured):
 
 
 def test_planner_matches_real_zero_runs_rank_by_rank(toy_corpus, tmp_path):
-    """DP=2, then TP=2 x DP=2: the planner's figures are the measured ones on every rank."""
+    """DP=2 (direct delivery), then TP=2 x DP=2 relayed (zero/relay.py): the planner's figures are
+    the measured ones on every rank."""
     dp2 = run_distributed(_dp2_worker, 2, _overrides(toy_corpus, str(tmp_path / "dp2"), 1))
     planned = dp2[0][1]
     _check(planned[0], [m for m, _ in dp2])
-    _check(planned[1], run_distributed(_measure_worker, 4, _overrides(toy_corpus, str(tmp_path / "tp2"), 2)))
+    _check(planned[1], run_distributed(_measure_worker, 4, _overrides(toy_corpus, str(tmp_path / "tp2"), 2, "relay")))
 
 
 def test_bad_layouts_are_refused_naming_the_option():
