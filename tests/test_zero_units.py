@@ -251,7 +251,7 @@ def _rounds_worker(rank, world):
                              ("relay", 10**9, True), ("relay_rounds", ROUND_CAP, True)):
         params, units, _ = _setup(2, rank, coords)
         ex = Exchange(params, units, coords, rank, dist.group.WORLD, dp_size=2, bucket_elems=300,
-                      round_elems=cap, overlap_grad=True, overlap_param=True, broadcast_min=60, relay=relay)
+                      round_elems=cap, overlap_grad=True, overlap_param=True, broadcast_min=60, delivery="relay" if relay else "direct")
         for i, p in enumerate(params):
             p.main_grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(100 + 10 * rank + i))
         calls = [0]

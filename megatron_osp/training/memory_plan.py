@@ -226,7 +226,6 @@ def ours(chunks, offsets, layout: Layout, settings) -> list[RankFigures]:
     from megatron_osp.optimizer.zero.build import param_groups, stage_units
     from megatron_osp.optimizer.zero.exchange import GRAD_DTYPES, Exchange
     from megatron_osp.optimizer.zero.optimizer import STATE_NAMES
-    from megatron_osp.optimizer.zero.relay import use_relay
     from megatron_osp.optimizer.zero.units import assign_owners
 
     route = route_parameters(chunks, settings.name)
@@ -243,7 +242,7 @@ def ours(chunks, offsets, layout: Layout, settings) -> list[RankFigures]:
     for rank, coord in enumerate(coords):
         ex = Exchange(params, units, coords, rank, None, dp_size=layout.dp, bucket_elems=settings.bucket_size,
                       round_elems=settings.round_size, grad_dtype=grad_dtype, plan_cache=cache,
-                      relay=use_relay(settings.delivery, layout.dp))
+                      delivery=settings.delivery)
         g, p = ex.round_traffic()
         grad_traffic.append(g)
         param_traffic.append(p)

@@ -9,7 +9,6 @@ from megatron_osp.models.layout import layer_offset, to_global_name, unwrap
 from megatron_osp.optimizer.zero.ddp import attach
 from megatron_osp.optimizer.zero.exchange import GRAD_DTYPES, Exchange
 from megatron_osp.optimizer.zero.optimizer import ZeroOptimizer, stage_domain
-from megatron_osp.optimizer.zero.relay import use_relay
 from megatron_osp.optimizer.zero.units import ADAM, MUON, VECTOR, adam_units, assign_owners, muon_units, set_costs
 
 
@@ -88,7 +87,7 @@ def build_zero_optimizer(settings, model_chunks, route, mcfg, log=None) -> ZeroO
         grad_dtype=GRAD_DTYPES[settings.grad_reduce_dtype],
         overlap_grad=settings.overlap_grad_reduce,
         overlap_param=settings.overlap_param_gather,
-        relay=use_relay(settings.delivery, dp_size),
+        delivery=settings.delivery,
     )
     attach(model_chunks, exchange)
     opt = ZeroOptimizer(groups, units, exchange, mcfg, settings)

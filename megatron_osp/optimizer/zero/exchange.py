@@ -19,7 +19,7 @@ into ranges of rows (the same fraction of every TP rank's slice) so that no rank
 than ``round_elems`` elements in one round (default: ``bucket_elems``). Each element is still
 summed over the same contributors in the same order, in one round: the results are bit-identical
 to one all-to-all per bucket. A round is one all-to-all (a *hop*), or two where it is relayed
-(relay.py, ``relay``). At most ``WINDOW`` hops are in flight: issuing one more first completes
+(relay.py, ``delivery``). At most ``WINDOW`` hops are in flight: issuing one more first completes
 (waits for and sums) the oldest, so the packed send/receive buffers stay a couple of rounds large
 whatever the model size.
 
@@ -127,9 +127,9 @@ def _nbytes(tensors) -> int:
 class Exchange:
     def __init__(self, params, units, coords, rank, group, *, dp_size: int, bucket_elems: int = 200_000_000,
                  round_elems: int | None = None, grad_dtype=torch.float32, overlap_grad: bool = False,
-                 overlap_param: bool = False, relay: bool = False, events: list | None = None,
+                 overlap_param: bool = False, delivery: str = "direct", events: list | None = None,
                  broadcast_min: int = BROADCAST_MIN, plan_cache: dict | None = None):
-        """``relay``: relayed delivery (relay.py) for the units it applies to. ``plan_cache``: a dict
+        """``delivery``: "direct", "relay" or "auto" (relay.py: which units are relayed). ``plan_cache``: a dict
         shared by the Exchanges of every rank of one domain (same params, units, owners, coords and
         settings): the rounds and their slices, which every rank computes alike, are then computed
         once (the memory planner builds one Exchange per rank)."""
@@ -138,7 +138,7 @@ class Exchange:
         self.dp_size, self.dp_scale = dp_size, 1.0 / dp_size
         self.grad_dtype = grad_dtype
         self.overlap_grad, self.overlap_param = overlap_grad, overlap_param
-        self.relay = relay
+        self.delivery = delivery
         self.events = events
         self.broadcast_min = broadcast_min
         self.round_elems = min(bucket_elems, ROUND_ELEMS) if round_elems is None else round_elems
@@ -159,6 +159,7 @@ class Exchange:
         for b in self.buckets:
             self._plan(b)
         self._cache = None
+        self.relay = any(len(rd.hops) > 1 for b in self.buckets for rd in b.grad_rounds + b.param_rounds)
         self._param_order = [rd for b in reversed(self.buckets) for rd in b.param_rounds]  # forward order
         for i, rd in enumerate(self._param_order):
             rd.position = i
@@ -211,7 +212,7 @@ class Exchange:
 
             def piece(u, r0, r1, takes_part):
                 slices = [self._sub(u, t, r0, r1) if takes_part(u, t) else None for t in range(len(u.slices))]
-                relay = self.relay and relayed(u, self.dp_size)
+                relay = relayed(u, self.dp_size, self.delivery)
                 ranges = [split_rows(s, self._ranks_per_tp.get(t, 0)) for t, s in enumerate(slices)] if relay else None
                 return u, slices, ranges, relay
 

@@ -33,15 +33,14 @@ Every rank computes the same plan from the same units, owners and coordinates.
 
 from __future__ import annotations
 
-from megatron_osp.optimizer.zero.units import Slice, Unit
+from megatron_osp.optimizer.zero.units import ADAM, Slice, Unit
 
 DELIVERIES = ("direct", "relay", "auto")
-AUTO_MIN_DP = 8  # "auto" relays from this data-parallel size up (docs/benchmarks.md, "Relayed delivery")
-
-
-def use_relay(delivery: str, dp_size: int) -> bool:
-    """Whether ``optimizer.delivery`` relays at this data-parallel size."""
-    return dp_size > 1 and (delivery == "relay" or (delivery == "auto" and dp_size >= AUTO_MIN_DP))
+# "auto" relays a unit once its owner would receive this many data-parallel copies of it: whole
+# matrices from DP 8, AdamW chunks (spread over owners already) from DP 16 (docs/benchmarks.md,
+# "Relayed delivery": below these, direct delivery's busiest link is as low or lower, in fewer bytes).
+AUTO_MIN_DP = 8
+AUTO_MIN_DP_ADAM = 16
 
 
 def split_rows(s: Slice | None, n: int) -> list[Slice | None]:
@@ -56,8 +55,11 @@ def split_rows(s: Slice | None, n: int) -> list[Slice | None]:
     return out
 
 
-def relayed(u: Unit, dp_size: int) -> bool:
-    return dp_size > 1 and not u.tp_sum
+def relayed(u: Unit, dp_size: int, delivery: str) -> bool:
+    """Whether ``optimizer.delivery`` relays unit ``u`` at this data-parallel size."""
+    if delivery == "direct" or dp_size < 2 or u.tp_sum:
+        return False
+    return delivery == "relay" or dp_size >= (AUTO_MIN_DP_ADAM if u.kind == ADAM else AUTO_MIN_DP)
 
 
 class RelayPlan:
