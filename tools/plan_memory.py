@@ -30,7 +30,7 @@ import torch  # noqa: E402
 
 from megatron_osp.models.presets import PRESETS, get_preset  # noqa: E402
 from megatron_osp.optimizer.builder import OptimSettings  # noqa: E402
-from megatron_osp.optimizer.zero.relay import AUTO_MIN_DP, AUTO_MIN_DP_ADAM, DELIVERIES  # noqa: E402
+from megatron_osp.optimizer.zero.relay import AUTO_MIN_DP, DELIVERIES  # noqa: E402
 from megatron_osp.training.memory_plan import ATTENTIONS, GIB, RECOMPUTES, Layout, RankFigures, check_layout, plan  # noqa: E402
 
 ROWS = [("params", "params"), ("grads (fp32 main_grad)", "grads"), ("masters (fp32)", "masters"),
@@ -66,8 +66,7 @@ def parse_args(argv=None):
                     help="elements an owner receives/sends per all-to-all round (default: the smaller of the bucket size and 4e7)")
     ap.add_argument("--delivery", choices=DELIVERIES, default=OptimSettings.delivery,
                     help="how gradients reach owners (optimizer.delivery): direct, relay (summed over DP on the way) "
-                         f"or auto (whole matrices from DP {AUTO_MIN_DP}, AdamW chunks from DP {AUTO_MIN_DP_ADAM}); "
-                         f"default {OptimSettings.delivery}")
+                         f"or auto (relay from DP {AUTO_MIN_DP}); default {OptimSettings.delivery}")
     ap.add_argument("--json", default=None, help="also write every rank's figures (bytes) to this file")
     args = ap.parse_args(argv)
     if args.preset not in PRESETS:

@@ -83,8 +83,8 @@ class OptimSettings:
     # How gradients reach owners and new values return (optimizer/zero/relay.py): "direct" (each
     # contributor straight to the owner: the fewest bytes, but the link into an owner carries the D
     # data-parallel copies of its matrices), "relay" (summed over data parallelism on the way:
-    # about 1/(D - 1) more gradient bytes, links evenly loaded) or "auto" (whole matrices relayed
-    # from DP 8, AdamW chunks from DP 16: zero/relay.AUTO_MIN_DP*).
+    # about 1/(D - 1) more gradient bytes, links evenly loaded) or "auto" (relay from DP 8,
+    # zero/relay.AUTO_MIN_DP).
     delivery: str = "auto"
 
     def __post_init__(self):

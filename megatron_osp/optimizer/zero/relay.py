@@ -33,14 +33,12 @@ Every rank computes the same plan from the same units, owners and coordinates.
 
 from __future__ import annotations
 
-from megatron_osp.optimizer.zero.units import ADAM, Slice, Unit
+from megatron_osp.optimizer.zero.units import Slice, Unit
 
 DELIVERIES = ("direct", "relay", "auto")
-# "auto" relays a unit once its owner would receive this many data-parallel copies of it: whole
-# matrices from DP 8, AdamW chunks (spread over owners already) from DP 16 (docs/benchmarks.md,
-# "Relayed delivery": below these, direct delivery's busiest link is as low or lower, in fewer bytes).
+# "auto" relays from this data-parallel size up: there the planner's busiest link is lower relayed
+# for OSP at every layout it was run at, Adam's within 7% (docs/benchmarks.md, "Relayed delivery").
 AUTO_MIN_DP = 8
-AUTO_MIN_DP_ADAM = 16
 
 
 def split_rows(s: Slice | None, n: int) -> list[Slice | None]:
@@ -59,7 +57,7 @@ def relayed(u: Unit, dp_size: int, delivery: str) -> bool:
     """Whether ``optimizer.delivery`` relays unit ``u`` at this data-parallel size."""
     if delivery == "direct" or dp_size < 2 or u.tp_sum:
         return False
-    return delivery == "relay" or dp_size >= (AUTO_MIN_DP_ADAM if u.kind == ADAM else AUTO_MIN_DP)
+    return delivery == "relay" or dp_size >= AUTO_MIN_DP
 
 
 class RelayPlan:
