@@ -14,7 +14,9 @@
   owner's share of a round within the cap (or one row alone); on the same 4 ranks, gradients and
   returned parameters are bit-identical to the unsplit exchange, the measured peak of the buffers
   equals the plan and is below the unsplit one, there are more all-to-alls, and an owner receives a
-  unit over several rounds.
+  unit over several rounds. A piece is the same fraction of every TP rank's slice.
+- Relayed delivery (zero/relay.py), unsplit and in rounds: the same bits as direct delivery, one
+  all-to-all per hop, planned buffers = measured, each relayed element received once by its owner.
 """
 
 from types import SimpleNamespace
@@ -215,7 +217,7 @@ def test_rounds_cover_each_unit_once_and_respect_the_cap():
     """plan_rounds on the units of SPECS (TP=2 x DP=2, gradient costs): each unit's pieces tile its
     positions in order; no owner has more than the cap in one round unless that is one row alone; some
     unit is split over several rounds; the same input gives the same rounds."""
-    from megatron_osp.optimizer.zero.rounds import plan_rounds, position_costs, positions
+    from megatron_osp.optimizer.zero.rounds import plan_rounds, position_costs, positions, sub_positions
 
     coords = [(r % 2, r // 2) for r in range(4)]
     _, units, _ = _setup(2, 0, coords)
@@ -236,7 +238,34 @@ def test_rounds_cover_each_unit_once_and_respect_the_cap():
         got = pieces[u.key]
         assert [r0 for _, r0, _ in got] == [0] + [r1 for _, _, r1 in got[:-1]] and got[-1][2] == positions(u)
         assert [k for k, _, _ in got] == sorted({k for k, _, _ in got})  # one piece per round, in order
+        # A piece is the same fraction of every TP slice: the slices' pieces tile them in order, a
+        # piece's cost is what its sub-slices hold, and equal slices are cut equally.
+        subs = [[sub_positions(u.slices[t], r0, r1, positions(u)) for _, r0, r1 in got] for t in (0, 1)]
+        for t in (0, 1):
+            assert torch.equal(torch.cat([x.local_rows for x in subs[t]]), u.slices[t].local_rows), u.key
+            assert torch.equal(torch.cat([x.unit_rows for x in subs[t]]), u.slices[t].unit_rows), u.key
+        for (_, r0, r1), a, b in zip(got, *subs):
+            assert int(cost[u.key][r0:r1].sum()) == 2 * (a.numel + b.numel), u.key
+            if len(u.slices[0].local_rows) == len(u.slices[1].local_rows):
+                assert len(a.local_rows) == len(b.local_rows), u.key
     assert max(len(p) for p in pieces.values()) > 1
+
+
+def test_rounds_cut_every_tp_slice_at_the_same_fraction():
+    """A whole column-parallel matrix (TP rank t holds unit rows [4t, 4t + 4)) cut into rounds of
+    at most 12 elements per owner: every piece holds as many rows of TP rank 0 as of TP rank 1,
+    so a round loads both TP ranks alike (cutting unit rows would send TP rank 0's rows first)."""
+    from megatron_osp.optimizer.zero.rounds import plan_rounds, position_costs, positions, sub_positions
+    from megatron_osp.optimizer.zero.units import MUON, Slice, Unit
+
+    local = torch.arange(4)
+    slices = [Slice(local, local + 4 * t, (0, 3), (0, 3)) for t in (0, 1)]
+    u = Unit("w", MUON, 0, 0, (8, 3), slices, tp_sharded=True, owner=0)
+    rounds = plan_rounds([(u, position_costs(u, {0: 2, 1: 2}))], 12)
+    assert len(rounds) == 4 and positions(u) == 4
+    for (piece,) in rounds:
+        a, b = (sub_positions(s, piece[1], piece[2], 4) for s in slices)
+        assert len(a.local_rows) == len(b.local_rows) == 1, piece
 
 
 def _rounds_worker(rank, world):
