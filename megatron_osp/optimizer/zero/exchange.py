@@ -42,7 +42,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_osp.optimizer.zero.relay import RelayPlan, relayed, split_rows
-from megatron_osp.optimizer.zero.rounds import flight_peak, plan_rounds, position_costs, positions, sub_positions
+from megatron_osp.optimizer.zero.rounds import (Bucket, Hop, Round, flight_peak, in_rank_order, plan_rounds, position_costs,
+                                                positions, split_sizes, sub_positions, unpacked)
 from megatron_osp.optimizer.zero.units import Unit
 
 GRAD_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -53,71 +54,6 @@ BROADCAST_MIN = 1 << 20  # elements: replicated units at least this large go bac
 
 def view2d(t: torch.Tensor) -> torch.Tensor:
     return t if t.ndim == 2 else t.view(-1, 1)
-
-
-class _Hop:
-    """One all-to-all: the items sent to / received from each rank (ranks with none left out). An
-    item is ``(unit, slice, slot)``; ``slot`` numbers a relay's sums (relay.py), else None."""
-
-    def __init__(self, send: dict, recv: dict, world: int):
-        self.send: dict[int, list[tuple[Unit, object, int | None]]] = send  # dst rank -> items
-        self.recv: dict[int, list[tuple[Unit, object, int | None]]] = recv  # src rank -> items
-        self.send_sizes, self.recv_sizes = _sizes(send, world), _sizes(recv, world)  # elements per rank
-        self.numel = sum(self.send_sizes) + sum(self.recv_sizes)  # of both packed buffers
-
-
-class _Round:
-    """A bucket's round: one hop (direct delivery) or two (relayed, relay.py), issued in turn."""
-
-    def __init__(self, bucket: "_Bucket", index: int, hops: list[_Hop], slots: int = 0):
-        self.bucket, self.index, self.hops = bucket, index, hops
-        self.slot_at: list[int] = _slot_offsets(hops[-1].send, slots) if slots else []
-        self.work = None  # while in flight: (hop, handle, send buffer, receive buffer, broadcasts)
-        self.sums = None  # relayed gradients between the hops: the relay's sums, packed as hop 1 sends
-        self.position = 0  # parameter rounds: place in the forward issue order
-
-
-class _Bucket:
-    def __init__(self, index: int, params: list[int]):
-        self.index = index
-        self.params = params  # param indices
-        self.units: list[Unit] = []
-        self.broadcast: list[Unit] = []
-        self.grad_rounds: list[_Round] = []
-        self.param_rounds: list[_Round] = []  # the first one also carries the broadcasts
-        self.pending = len(params)
-
-
-def _sizes(by_rank: dict, world: int) -> list[int]:
-    sizes = [0] * world
-    for r, items in by_rank.items():  # only the ranks with items (most rounds involve few)
-        sizes[r] = sum(item[1].numel for item in items)
-    return sizes
-
-
-def _in_rank_order(by_rank: dict):
-    for r in sorted(by_rank):
-        yield from by_rank[r]
-
-
-def _slot_offsets(send: dict, slots: int) -> list[int]:
-    """Where each relay sum starts in the packed send buffer of a relayed round's hop 1."""
-    at, out = 0, [0] * slots
-    for _, s, slot in _in_rank_order(send):
-        out[slot] = at
-        at += s.numel
-    return out
-
-
-def _unpacked(by_rank: dict, recv: torch.Tensor, sizes: list[int]):
-    """(item, 2-D block) for each slice of a received packed buffer, in the plan's order."""
-    for r, seg in enumerate(recv.split(sizes)):
-        at = 0
-        for item in by_rank.get(r, ()):
-            s = item[1]
-            k, w = len(s.local_rows), s.local_cols[1] - s.local_cols[0]
-            yield item, seg[at:at + k * w].view(k, w)
-            at += k * w
 
 
 def _nbytes(tensors) -> int:
@@ -167,9 +103,9 @@ class Exchange:
         self.param_position = {id(p): i for i, p in enumerate(params)}
         self._next_issue = 0
         self._grads_done = False
-        self._grads_in_flight: list[_Round] = []
+        self._grads_in_flight: list[Round] = []
         self._param_next = len(self._param_order)  # nothing to send before the first step
-        self._params_in_flight: list[_Round] = []
+        self._params_in_flight: list[Round] = []
         self.peak_buffer_bytes = 0  # measured: see _note_buffers
         self.grads: dict[str, torch.Tensor] = {}  # owner side: the reduced gradient of each owned unit
         self.on_grads = None  # called with each bucket once its owned units' gradients are summed
@@ -181,10 +117,10 @@ class Exchange:
             current.append(i)
             size += self.params[i].numel()
             if size >= bucket_elems:
-                buckets.append(_Bucket(len(buckets), current))
+                buckets.append(Bucket(len(buckets), current))
                 current, size = [], 0
         if current:
-            buckets.append(_Bucket(len(buckets), current))
+            buckets.append(Bucket(len(buckets), current))
         return buckets
 
     def contributes(self, u: Unit, tp: int) -> bool:
@@ -197,7 +133,7 @@ class Exchange:
         back by broadcast (each rank forwards it once) instead of from its owner to every rank."""
         return not u.tp_sharded and self.world > 2 and u.numel >= self.broadcast_min
 
-    def _rounds(self, b: _Bucket):
+    def _rounds(self, b: Bucket):
         """The bucket's gradient and parameter rounds, each a list of pieces ``(unit, slices,
         ranges, relay)``: ``slices[t]`` is TP rank t's slice restricted to the piece's rows, None
         where it takes no part (no slice there, or, for gradients, it does not contribute);
@@ -230,7 +166,7 @@ class Exchange:
         s = sub_positions(u.slices[t], r0, r1, positions(u))
         return s if s.numel else None
 
-    def _plan(self, b: _Bucket):
+    def _plan(self, b: Bucket):
         """The bucket's gradient and parameter rounds (rounds.py), as this rank's send/receive lists."""
         b.broadcast = [u for u in b.units if self.broadcasts(u)]
         grad_rounds, param_rounds = self._rounds(b)
@@ -238,17 +174,17 @@ class Exchange:
         for k, pieces in enumerate(grad_rounds):
             if any(relay for *_, relay in pieces):
                 s0, r0, s1, r1, slots = self._relay_plan.grad_hops(pieces)
-                b.grad_rounds.append(_Round(b, k, [_Hop(s0, r0, w), _Hop(s1, r1, w)], slots))
+                b.grad_rounds.append(Round(b, k, [Hop(s0, r0, w), Hop(s1, r1, w)], slots))
             else:
                 send, recv = self._by_rank(pieces)
-                b.grad_rounds.append(_Round(b, k, [_Hop(send, recv, w)]))
+                b.grad_rounds.append(Round(b, k, [Hop(send, recv, w)]))
         for k, pieces in enumerate(param_rounds):
             if any(relay for *_, relay in pieces):
                 s0, r0, s1, r1 = self._relay_plan.param_hops(pieces)
-                b.param_rounds.append(_Round(b, k, [_Hop(s0, r0, w), _Hop(s1, r1, w)]))
+                b.param_rounds.append(Round(b, k, [Hop(s0, r0, w), Hop(s1, r1, w)]))
             else:
                 recv, send = self._by_rank(pieces)
-                b.param_rounds.append(_Round(b, k, [_Hop(send, recv, w)]))
+                b.param_rounds.append(Round(b, k, [Hop(send, recv, w)]))
 
     def _by_rank(self, pieces):
         """(this rank's items for each owner, the items of each rank for this rank as owner)."""
@@ -338,17 +274,17 @@ class Exchange:
             self._issue_grads(self.buckets[self._next_issue])
             self._next_issue += 1
 
-    def _issue_grads(self, b: _Bucket):
+    def _issue_grads(self, b: Bucket):
         """All of the bucket's rounds, each after the oldest hops in flight are done if WINDOW are."""
         for rd in b.grad_rounds:
             self._make_room(self._grads_in_flight, self._complete_grad_hop)
             self._issue_grad_hop(rd, 0)
 
-    def _issue_grad_hop(self, rd: _Round, h: int):
+    def _issue_grad_hop(self, rd: Round, h: int):
         hop, device = rd.hops[h], self.params[0].device
         if h == 0:
             parts = [(view2d(self.params[u.param_index].main_grad)[s.local_sel] * self.dp_scale)
-                     .to(self.grad_dtype).reshape(-1) for u, s, _ in _in_rank_order(hop.send)]
+                     .to(self.grad_dtype).reshape(-1) for u, s, _ in in_rank_order(hop.send)]
             send = torch.cat(parts) if parts else torch.empty(0, dtype=self.grad_dtype, device=device)
         else:  # the relay's sums, packed in hop 1's send order
             send, rd.sums = rd.sums.to(self.grad_dtype), None
@@ -359,14 +295,14 @@ class Exchange:
         self._note_buffers()
         self._log("grad_issue" if h == 0 else "grad_relay", rd.bucket.index, rd.index)
 
-    def _complete_grad_hop(self, rd: _Round):
+    def _complete_grad_hop(self, rd: Round):
         h, work, _, recv, _ = rd.work
         if work is not None:
             work.wait()
         hop = rd.hops[h]
         if h + 1 < len(rd.hops):  # a relay: sum each slot's contributions, in rank order, from zero
             rd.sums = torch.zeros(sum(rd.hops[h + 1].send_sizes), dtype=torch.float32, device=recv.device)
-        for (u, s, slot), block in _unpacked(hop.recv, recv, hop.recv_sizes):
+        for (u, s, slot), block in unpacked(hop.recv, recv, hop.recv_sizes):
             if slot is not None:
                 at = rd.slot_at[slot]
                 rd.sums[at:at + block.numel()].view_as(block).add_(block)
@@ -413,14 +349,14 @@ class Exchange:
             self._issue_param_hop(self._param_order[self._param_next], 0)
             self._param_next += 1
 
-    def _issue_param_hop(self, rd: _Round, h: int):
+    def _issue_param_hop(self, rd: Round, h: int):
         b, hop = rd.bucket, rd.hops[h]
         dtype, device = self.params[b.params[0]].dtype, self.params[b.params[0]].device
         if h == 0:
-            parts = [self._masters[u.key][s.unit_sel].to(dtype).reshape(-1) for u, s, _ in _in_rank_order(hop.send)]
+            parts = [self._masters[u.key][s.unit_sel].to(dtype).reshape(-1) for u, s, _ in in_rank_order(hop.send)]
         else:  # a relay forwards the values hop 0 wrote into its own parameters
             parts = [view2d(self.params[u.param_index].data)[s.local_sel].reshape(-1)
-                     for u, s, _ in _in_rank_order(hop.send)]
+                     for u, s, _ in in_rank_order(hop.send)]
         send = torch.cat(parts) if parts else torch.empty(0, dtype=dtype, device=device)
         recv = torch.empty(sum(hop.recv_sizes), dtype=dtype, device=device)
         work = self._all_to_all(recv, send, hop.recv_sizes, hop.send_sizes, self.overlap_param)
@@ -434,13 +370,13 @@ class Exchange:
         self._note_buffers()
         self._log("param_issue" if h == 0 else "param_relay", b.index, rd.index)
 
-    def _complete_param_hop(self, rd: _Round):
+    def _complete_param_hop(self, rd: Round):
         h, work, _, recv, bcast = rd.work
         if work is not None:
             work.wait()
         hop = rd.hops[h]
         with torch.no_grad():
-            for (u, s, _), block in _unpacked(hop.recv, recv, hop.recv_sizes):
+            for (u, s, _), block in unpacked(hop.recv, recv, hop.recv_sizes):
                 view2d(self.params[u.param_index].data)[s.local_sel] = block
             my_tp = self.coords[self.rank][0]
             for u, t, handle in bcast:
@@ -453,7 +389,7 @@ class Exchange:
         if h + 1 == len(rd.hops):
             self._log("param_wait", rd.bucket.index, rd.index)
 
-    def wait_param_bucket(self, b: _Bucket) -> None:
+    def wait_param_bucket(self, b: Bucket) -> None:
         """Complete every round of bucket ``b``. Hops complete in issue order (the same on every
         rank), and each completion issues the round's next hop or the next round, so at most
         WINDOW hops are ever in flight."""
@@ -506,10 +442,10 @@ class Exchange:
                     if dp == my_dp and u.slices[tp].numel and (u.tp_sharded or tp == my_tp):
                         recv_plan.setdefault(r, []).append((u, u.slices[tp]))
         send_flat = [torch.cat(s) if s else torch.empty(0, device=device) for s in send]
-        sizes = _sizes(recv_plan, self.world)
+        sizes = split_sizes(recv_plan, self.world)
         recv = torch.empty(sum(sizes), device=device)
         self._all_to_all(recv, torch.cat(send_flat), sizes, [t.numel() for t in send_flat], False)
         out = {u.key: torch.zeros(u.shape, dtype=torch.float32, device=device) for u in self.owned}
-        for (u, s), block in _unpacked(recv_plan, recv, sizes):
+        for (u, s), block in unpacked(recv_plan, recv, sizes):
             out[u.key][s.unit_sel] = block
         return out

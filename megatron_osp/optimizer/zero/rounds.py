@@ -17,6 +17,8 @@ whole unit in the same order) sends it in the same round: each element is still 
 same contributors, in the same order, in one round.
 
 Every rank computes the same rounds from the same units, owners and coordinates: no communication.
+A ``Round`` is one all-to-all (``Hop``) or two where it is relayed (relay.py); a hop lists the
+(unit, slice, slot) items this rank sends to and receives from each rank, packed in rank order.
 """
 
 from __future__ import annotations
@@ -24,6 +26,71 @@ from __future__ import annotations
 import torch
 
 from megatron_osp.optimizer.zero.units import Slice, Unit
+
+
+class Hop:
+    """One all-to-all: the items sent to / received from each rank (ranks with none left out). An
+    item is ``(unit, slice, slot)``; ``slot`` numbers a relay's sums (relay.py), else None."""
+
+    def __init__(self, send: dict, recv: dict, world: int):
+        self.send: dict[int, list[tuple[Unit, object, int | None]]] = send  # dst rank -> items
+        self.recv: dict[int, list[tuple[Unit, object, int | None]]] = recv  # src rank -> items
+        self.send_sizes, self.recv_sizes = split_sizes(send, world), split_sizes(recv, world)  # elements per rank
+        self.numel = sum(self.send_sizes) + sum(self.recv_sizes)  # of both packed buffers
+
+
+class Round:
+    """A bucket's round: one hop (direct delivery) or two (relayed, relay.py), issued in turn."""
+
+    def __init__(self, bucket: "Bucket", index: int, hops: list[Hop], slots: int = 0):
+        self.bucket, self.index, self.hops = bucket, index, hops
+        self.slot_at: list[int] = slot_offsets(hops[-1].send, slots) if slots else []
+        self.work = None  # while in flight: (hop, handle, send buffer, receive buffer, broadcasts)
+        self.sums = None  # relayed gradients between the hops: the relay's sums, packed as hop 1 sends
+        self.position = 0  # parameter rounds: place in the forward issue order
+
+
+class Bucket:
+    def __init__(self, index: int, params: list[int]):
+        self.index = index
+        self.params = params  # param indices
+        self.units: list[Unit] = []
+        self.broadcast: list[Unit] = []
+        self.grad_rounds: list[Round] = []
+        self.param_rounds: list[Round] = []  # the first one also carries the broadcasts
+        self.pending = len(params)
+
+
+def split_sizes(by_rank: dict, world: int) -> list[int]:
+    sizes = [0] * world
+    for r, items in by_rank.items():  # only the ranks with items (most rounds involve few)
+        sizes[r] = sum(item[1].numel for item in items)
+    return sizes
+
+
+def in_rank_order(by_rank: dict):
+    for r in sorted(by_rank):
+        yield from by_rank[r]
+
+
+def slot_offsets(send: dict, slots: int) -> list[int]:
+    """Where each relay sum starts in the packed send buffer of a relayed round's hop 1."""
+    at, out = 0, [0] * slots
+    for _, s, slot in in_rank_order(send):
+        out[slot] = at
+        at += s.numel
+    return out
+
+
+def unpacked(by_rank: dict, recv: torch.Tensor, sizes: list[int]):
+    """(item, 2-D block) for each slice of a received packed buffer, in the plan's order."""
+    for r, seg in enumerate(recv.split(sizes)):
+        at = 0
+        for item in by_rank.get(r, ()):
+            s = item[1]
+            k, w = len(s.local_rows), s.local_cols[1] - s.local_cols[0]
+            yield item, seg[at:at + k * w].view(k, w)
+            at += k * w
 
 
 def positions(u: Unit) -> int:
