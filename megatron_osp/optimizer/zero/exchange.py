@@ -237,17 +237,20 @@ class Exchange:
         return max(flight_peak(grads, fill=False, window=WINDOW), flight_peak(params, fill=True, window=WINDOW))
 
     # ------------------------------------------------------------------ flight
-    def _make_room(self, queue, complete):
-        while len(queue) >= WINDOW:
-            self._pop(queue, complete)
+    def _pop_grads(self):
+        self._pop(self._grads_in_flight, self._complete_grad_hop, self._issue_grad_hop)
 
-    def _pop(self, queue, complete):
+    def _pop_params(self):
+        self._pop(self._params_in_flight, self._complete_param_hop, self._issue_param_hop)
+
+    @staticmethod
+    def _pop(queue, complete, issue):
         """Complete the oldest hop in flight; a round with a hop left issues it (at the back)."""
         rd = queue.pop(0)
         hop = rd.work[0]
         complete(rd)
         if hop + 1 < len(rd.hops):
-            (self._issue_grad_hop if queue is self._grads_in_flight else self._issue_param_hop)(rd, hop + 1)
+            issue(rd, hop + 1)
 
     # ------------------------------------------------------------------ gradients
     def _log(self, *event):
@@ -277,7 +280,8 @@ class Exchange:
     def _issue_grads(self, b: Bucket):
         """All of the bucket's rounds, each after the oldest hops in flight are done if WINDOW are."""
         for rd in b.grad_rounds:
-            self._make_room(self._grads_in_flight, self._complete_grad_hop)
+            while len(self._grads_in_flight) >= WINDOW:
+                self._pop_grads()
             self._issue_grad_hop(rd, 0)
 
     def _issue_grad_hop(self, rd: Round, h: int):
@@ -325,7 +329,7 @@ class Exchange:
             self._issue_grads(self.buckets[self._next_issue])
             self._next_issue += 1
         while self._grads_in_flight:
-            self._pop(self._grads_in_flight, self._complete_grad_hop)
+            self._pop_grads()
         device = self.params[0].device if self.params else torch.device("cpu")
         for u in self.owned:  # units no rank contributed to (none in a real model)
             if u.key not in self.grads:
@@ -398,7 +402,7 @@ class Exchange:
             if not self._params_in_flight:
                 self._issue_param_hop(self._param_order[self._param_next], 0)
                 self._param_next += 1
-            self._pop(self._params_in_flight, self._complete_param_hop)
+            self._pop_params()
             self._fill_param_window()
 
     def wait_params_of(self, module) -> None:
