@@ -17,7 +17,7 @@ EmbProj's) is sent before the backward pass reaches the embedding output, in buc
 owner runs a bucket's Newton-Schulz then; parameters returned by a step are waited for only inside
 the next forward pass, some of them after a later layer's forward has begun, and all but the first
 WINDOW rounds (a bucket goes in one or more all-to-all rounds) are sent from inside that forward
-pass as earlier ones arrive.
+pass as earlier ones arrive. The same holds with relayed delivery (optimizer.delivery=relay).
 """
 
 import numpy as np
@@ -43,7 +43,7 @@ def _worker(rank, world_size, cases, root):
     for name, overrides in cases:
         trainer = Trainer(load_config(None, overrides + [f"train.run_dir={root}/{name}"]), log=lambda *_: None)
         trainer.train_step()
-        if name != "events":
+        if not name.startswith("events"):
             with CommCounter() as counter:
                 trainer.train_step()
             out[name] = {"by_op": dict(counter.by_op), "total": counter.bytes_sent,
@@ -88,6 +88,8 @@ def measured(toy_corpus, tmp_path_factory):
                     f"optimizer.name={opt}", f"parallel.tensor_parallel_size={tp}",
                     f"optimizer.distributed_optimizer={zero}"] + (OVERLAP if zero == "true" else [])))
     cases.append(("events", base + ["optimizer.name=muon", "optimizer.distributed_optimizer=true"] + OVERLAP))
+    cases.append(("events_relay", base + ["optimizer.name=muon", "optimizer.distributed_optimizer=true",
+                                          "optimizer.delivery=relay"] + OVERLAP))
     return run_distributed(_worker, 4, cases, str(tmp_path_factory.mktemp("zero_comm")), timeout=900)
 
 
@@ -146,9 +148,14 @@ def test_osp_at_tp2_dp2_pays_only_the_whole_matrix_assembly(measured):
     assert ours.mean() > 1.05 * np.mean([_distopt_volume(r["tp2_muon_true"]) for r in measured])
 
 
-def test_gradients_leave_during_backward_and_parameters_arrive_during_forward(measured):
+@pytest.mark.parametrize("case", ["events", "events_relay"])
+def test_gradients_leave_during_backward_and_parameters_arrive_during_forward(measured, case):
+    """Direct delivery, and relayed (zero/relay.py: each round's second all-to-all goes when its
+    first arrives; "grad_wait"/"param_wait" mark a round's last hop)."""
     for r in measured:
-        ev, buckets, rounds = r["events"]["events"], r["events"]["buckets"], r["events"]["rounds"]
+        ev, buckets, rounds = r[case]["events"], r[case]["buckets"], r[case]["rounds"]
+        relayed = [e for e in ev if e[0] in ("grad_relay", "param_relay")]
+        assert bool(relayed) == (case == "events_relay"), ev
         assert buckets > 2 and rounds >= buckets
         first_step = ev[: ev.index(("step_returned",))]
         second = ev[ev.index(("step_returned",)) :]
