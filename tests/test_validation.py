@@ -131,6 +131,7 @@ def test_value_out_of_range_is_refused_by_name(override, message):
          r"model\.seq_length=30 is not divisible by parallel\.tensor_parallel_size=4"),
         (["data.eod_id=600"], r"data\.eod_id=600 is outside the vocabulary \(model\.vocab_size=512\)"),
         (["data.paths=[a]", "data.weights=[1, 2]"], r"data\.weights has 2 entries but data\.paths has 1"),
+        (["optimizer.delivery=relay"], r"optimizer\.delivery=relay needs optimizer\.distributed_optimizer=true"),
     ],
 )
 def test_values_that_do_not_fit_together_are_refused(overrides, message):

@@ -210,6 +210,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "grad_reduce_dtype": choice(("fp32", "bf16")),
         "bucket_size": POSITIVE,
         "round_size": optional(POSITIVE),
+        "delivery": choice(("direct", "relay", "auto")),
     },
     "data": {
         "paths": _paths,
@@ -289,6 +290,8 @@ def relation_problems(config) -> list[str]:
             problems.append(f"optimizer.{flag}=true needs optimizer.distributed_optimizer=true")
     if o.grad_reduce_dtype != "fp32" and not o.distributed_optimizer:
         problems.append(f"optimizer.grad_reduce_dtype={o.grad_reduce_dtype} needs optimizer.distributed_optimizer=true")
+    if o.delivery == "relay" and not o.distributed_optimizer:
+        problems.append("optimizer.delivery=relay needs optimizer.distributed_optimizer=true")
     groups = m.num_query_groups or m.num_attention_heads
     if m.num_attention_heads % groups:
         problems.append(
