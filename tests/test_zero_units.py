@@ -17,6 +17,8 @@
   unit over several rounds. A piece is the same fraction of every TP rank's slice.
 - Relayed delivery (zero/relay.py), unsplit and in rounds: the same bits as direct delivery, one
   all-to-all per hop, planned buffers = measured, each relayed element received once by its owner.
+- bf16 gradients on the way (grad_reduce_dtype=bf16), direct and relayed: the fp32 sums within
+  bf16 rounding, planned buffers = measured.
 """
 
 from types import SimpleNamespace
@@ -276,11 +278,13 @@ def _rounds_worker(rank, world):
 
     coords = [(r % 2, r // 2) for r in range(world)]
     out = {}
-    for name, cap, relay in (("whole", 10**9, False), ("rounds", ROUND_CAP, False),
-                             ("relay", 10**9, True), ("relay_rounds", ROUND_CAP, True)):
+    for name, cap, relay, dtype in (("whole", 10**9, False, torch.float32), ("rounds", ROUND_CAP, False, torch.float32),
+                                    ("relay", 10**9, True, torch.float32), ("relay_rounds", ROUND_CAP, True, torch.float32),
+                                    ("bf16", ROUND_CAP, False, torch.bfloat16), ("bf16_relay", ROUND_CAP, True, torch.bfloat16)):
         params, units, _ = _setup(2, rank, coords)
-        ex = Exchange(params, units, coords, rank, dist.group.WORLD, dp_size=2, bucket_elems=300,
-                      round_elems=cap, overlap_grad=True, overlap_param=True, broadcast_min=60, delivery="relay" if relay else "direct")
+        ex = Exchange(params, units, coords, rank, dist.group.WORLD, dp_size=2, bucket_elems=300, round_elems=cap,
+                      grad_dtype=dtype, overlap_grad=True, overlap_param=True, broadcast_min=60,
+                      delivery="relay" if relay else "direct")
         for i, p in enumerate(params):
             p.main_grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(100 + 10 * rank + i))
         calls = [0]
@@ -313,6 +317,14 @@ def _rounds_worker(rank, world):
                      "relayed_once": relayed_in == owned_relayed if relay else None,
                      "hops": sum(len(rd.hops) for b in ex.buckets for rd in b.grad_rounds + b.param_rounds)}
     whole = out["whole"]
+    # bf16 gradients on the way (optimizer.grad_reduce_dtype=bf16), direct and relayed (where the
+    # relay's fp32 sum is rounded to bf16 once more): the fp32 sums within bf16 rounding of the
+    # contributions (each |g| < 5: a few ulps at 2^-8 relative). Parameters go as before.
+    for name in ("bf16", "bf16_relay"):
+        assert out[name]["grads"].keys() == whole["grads"].keys()
+        for key, g in whole["grads"].items():
+            torch.testing.assert_close(out[name]["grads"][key], g, rtol=0, atol=0.05, msg=lambda m: f"{name} {key}: {m}")
+        assert any(not torch.equal(out[name]["grads"][k], g) for k, g in whole["grads"].items()), name  # bf16 did travel
     for other in ("rounds", "relay", "relay_rounds"):
         assert whole["grads"].keys() == out[other]["grads"].keys()
         for key, g in whole["grads"].items():
@@ -339,7 +351,8 @@ def test_relayed_delivery_exchanges_the_same_bits_each_element_once_at_the_owner
     planned buffers = measured, and owners receive each element of their relayed units once."""
     results = [r for _, r in exchanged]
     for r in results:
-        for name in ("relay", "relay_rounds"):
+        assert r["bf16"]["peak"] == r["bf16"]["planned"] and r["bf16_relay"]["peak"] == r["bf16_relay"]["planned"], r
+        for name in ("relay", "relay_rounds", "bf16_relay"):
             assert r[name]["relayed_once"] is True, (name, r)
             assert r[name]["peak"] == r[name]["planned"], (name, r)
             assert r[name]["calls"] == r[name]["hops"], (name, r)  # every hop one all-to-all
