@@ -6,6 +6,8 @@
 # Arguments after the script override these settings (the last value of a field wins), e.g.
 #   parallel.pipeline_parallel_size=2 (TP=2 x PP=2 x DP=8 on the same nodes), train.recompute=full.
 # Submit from the repository root (sbatch runs a copy of this file; SLURM_SUBMIT_DIR finds the rest).
+# At DP=16 the distributed optimizer relays gradients over DP on the way to each matrix's owner
+# (optimizer.delivery=auto; =direct sends them straight: 4% fewer bytes, a 3.5x busier link in the plan).
 #SBATCH --job-name=osp-8b
 #SBATCH --nodes=4
 #SBATCH --ntasks-per-node=1
