@@ -15,13 +15,15 @@ Per rank (GiB):
   the units the rank owns;
 - owner grads: the fp32 reduced gradient of every owned unit (``Exchange.grads``, kept for the step);
 - comm buffers: the exchange's peak send + receive buffers, ``Exchange.buffer_bytes`` (at most
-  ``exchange.WINDOW`` rounds in flight per direction, each round's owner buffers capped at
-  ``optimizer.round_size`` elements); the largest single round beside it;
+  ``exchange.WINDOW`` all-to-alls in flight per direction, each round's owner buffers capped at
+  ``optimizer.round_size`` elements; a relayed round is two all-to-alls, relay.py); the largest
+  single all-to-all beside it (``largest_round``);
 - activations: see :func:`activation_bytes`;
 - sent: bytes this rank sends to other ranks per step (gradients + parameters), ``plan_bytes``;
-- busiest link: per step, the bytes of each all-to-all round's busiest rank (the most it sends or
-  receives), summed over rounds (``link_bytes``): what bounds the exchange's time when a round's
-  data converge on few owners. Megatron's reduce-scatter/all-gather spread evenly: its sent bytes.
+- busiest link: per step, the bytes of each all-to-all's busiest rank (the most it sends or
+  receives), summed over the all-to-alls (``link_bytes``): what bounds the exchange's time when a
+  round's data converge on few owners (direct delivery; relayed delivery spreads them, for more
+  bytes sent). Megatron's reduce-scatter/all-gather spread evenly: its sent bytes.
 
 Megatron-Core's DistributedOptimizer + Adam at the same layout, by formula over the same local
 parameter count N: params N x param bytes, grads 4N, masters 4N/D, Adam state 8N/D, no extra comm
