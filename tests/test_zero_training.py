@@ -6,8 +6,8 @@ norm and EmbProj gradients are partial per TP rank) and PP=2 x DP=2 in one 4-ran
 weights equal the single-process run's within fp32 round-off (losses rtol 2e-5, weights rtol 1e-4,
 atol 2e-5, as tests/test_training_parallel.py). At TP=2 x DP=2 the same runs with overlap off, and
 OSP with selective and full recompute, give bit-identical losses and weights to overlap on, and
-relayed delivery (optimizer.delivery=relay; OSP at TP=2 x DP=2 with sequence parallelism, Adam at
-DP=4) gives bit-identical ones to direct delivery.
+relayed delivery (optimizer.delivery=relay; OSP at TP=2 x DP=2 with sequence parallelism, Adam and
+OSP at DP=4, the latter in rounds of 300 elements) gives bit-identical ones to direct delivery.
 A bf16 run at DP=4 holds at most 0.3x the fp32 master + optimizer-state bytes of the DP=1 run
 (which holds exactly what a plain mixed-precision run does: 12 B per AdamW element, 8 per Muon).
 Megatron's own Float16Optimizer refuses CPU bf16 parameters, so DP=1 is measured with ours.
@@ -125,6 +125,8 @@ def runs(toy_corpus, tmp_path_factory):
     relay = ZERO + OVERLAP + ["optimizer.delivery=relay"]  # zero/relay.py: summed over DP before the owner
     cases.append(("tp2dp2sp_muon_relay", _overrides(toy_corpus, "muon", 2, 1, relay + ["parallel.sequence_parallel=true"])))
     cases.append(("dp4_adam_relay", _overrides(toy_corpus, "adam", extra=relay)))
+    # D=4 with rounds of 300 elements: units of fewer rows than relays (SSNorm's gain), cut units
+    cases.append(("dp4_muon_relay", _overrides(toy_corpus, "muon", extra=relay + ["optimizer.round_size=300"])))
     for r in ("selective", "full"):
         cases.append((f"tp2dp2_muon_{r}", _overrides(toy_corpus, "muon", 2, 1, ZERO + OVERLAP + [f"train.recompute={r}"])))
     for o in ("adam", "muon"):
@@ -147,7 +149,7 @@ def test_overlap_on_and_off_are_identical(runs, optimizer):
     _identical(runs[f"tp2dp2_{optimizer}"], runs[f"tp2dp2_{optimizer}_sync"], f"overlap {optimizer}")
 
 
-@pytest.mark.parametrize("run", ["tp2dp2sp_muon", "dp4_adam"])
+@pytest.mark.parametrize("run", ["tp2dp2sp_muon", "dp4_adam", "dp4_muon"])
 def test_relayed_delivery_is_identical_to_direct(runs, run):
     """optimizer.delivery=relay sums each element over the same ranks in the same order (fp32)."""
     assert (runs[run]["relayed"], runs[f"{run}_relay"]["relayed"]) == (False, True)  # auto: direct below DP=8
