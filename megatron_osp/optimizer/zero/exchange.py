@@ -188,15 +188,9 @@ class Exchange:
 
     def _by_rank(self, pieces):
         """(this rank's items for each owner, the items of each rank for this rank as owner)."""
-        my_tp = self.coords[self.rank][0]
         mine, theirs = {}, {}
         for u, slices, _, _ in pieces:
-            if slices[my_tp] is not None:
-                mine.setdefault(u.owner, []).append((u, slices[my_tp], None))
-            if u.owner == self.rank:
-                for r, (tp, _) in enumerate(self.coords):
-                    if slices[tp] is not None:
-                        theirs.setdefault(r, []).append((u, slices[tp], None))
+            self._relay_plan.direct(u, slices, mine, theirs)
         return mine, theirs
 
     def plan_bytes(self, param_bytes: int) -> dict[str, int]:

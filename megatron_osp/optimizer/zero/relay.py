@@ -1,4 +1,4 @@
-"""Relayed delivery: sum over data parallelism before the owner hop (``optimizer.exchange=relay``).
+"""Relayed delivery: sum over data parallelism before the owner hop (``optimizer.delivery=relay``).
 
 Direct delivery (exchange.py) sends an owner every contributor's copy of its units: the D
 data-parallel copies of each TP piece of a whole matrix. The link into an owner then carries about
@@ -61,7 +61,7 @@ def relayed(u: Unit, dp_size: int, delivery: str) -> bool:
 
 
 class RelayPlan:
-    """This rank's items of each hop of a relayed round; an item is ``(unit, slice, slot)``."""
+    """This rank's items of each hop of a round, relayed or direct; an item is ``(unit, slice, slot)``."""
 
     def __init__(self, coords: list[tuple[int, int]], rank: int):
         self.rank, self.coords = rank, coords
@@ -73,8 +73,8 @@ class RelayPlan:
         self.j = self.group.index(rank)  # this rank is relay j of its TP rank's group
         self.relay_order = sorted(self.relays.items())
 
-    def _direct(self, u, slices, to_owner, from_holders):
-        """A piece that is not relayed: this rank's slice to / from the owner, as exchange.py does."""
+    def direct(self, u, slices, to_owner, from_holders):
+        """A piece that is not relayed: this rank's slice to its owner and, as owner, every rank's."""
         if slices[self.tp] is not None:
             to_owner.setdefault(u.owner, []).append((u, slices[self.tp], None))
         if u.owner == self.rank:
@@ -100,7 +100,7 @@ class RelayPlan:
         slots = 0
         for u, slices, ranges, relay in pieces:
             if not relay:
-                self._direct(u, slices, s0, r0)
+                self.direct(u, slices, s0, r0)
                 continue
             if slices[self.tp] is not None:
                 mine = ranges[self.tp]
@@ -124,7 +124,7 @@ class RelayPlan:
         s0, r0, s1, r1 = {}, {}, {}, {}
         for u, slices, ranges, relay in pieces:
             if not relay:
-                self._direct(u, slices, r0, s0)
+                self.direct(u, slices, r0, s0)
                 continue
             if u.owner == me:
                 self._owner_side(u, slices, ranges, s0)
