@@ -63,8 +63,13 @@ def whole_matrix_blocks(params, row_sets=None) -> list[LogicalBlock]:
     return blocks
 
 
+def advance_momentum(buf: torch.Tensor, grad: torch.Tensor, momentum: float) -> torch.Tensor:
+    """buf = momentum * buf + grad, in place."""
+    return buf.mul_(momentum).add_(grad)
+
+
 def _nesterov(buf: torch.Tensor, grad: torch.Tensor, group) -> torch.Tensor:
-    buf.mul_(group["momentum"]).add_(grad)
+    advance_momentum(buf, grad, group["momentum"])
     return grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf.clone()
 
 

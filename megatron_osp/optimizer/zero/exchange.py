@@ -87,10 +87,8 @@ class Exchange:
                 self.bucket_of_param[i] = b
         for u in units:
             self.bucket_of_param[u.param_index].units.append(u)
-        self._ranks_per_tp: dict[int, int] = {}
-        for tp, _ in coords:
-            self._ranks_per_tp[tp] = self._ranks_per_tp.get(tp, 0) + 1
         self._relay_plan = RelayPlan(coords, rank)
+        self._ranks_per_tp = {t: len(group) for t, group in self._relay_plan.relays.items()}
         self._cache = {} if plan_cache is None else plan_cache
         for b in self.buckets:
             self._plan(b)

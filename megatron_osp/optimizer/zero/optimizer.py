@@ -33,7 +33,7 @@ from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.optimizer.optimizer import MegatronOptimizer
 
-from megatron_osp.optimizer.muon import _nesterov, update_scale
+from megatron_osp.optimizer.muon import _nesterov, advance_momentum, update_scale
 from megatron_osp.optimizer.newton_schulz import newton_schulz
 from megatron_osp.optimizer.zero.exchange import Exchange, view2d
 from megatron_osp.optimizer.zero.units import ADAM, MUON, VECTOR
@@ -149,16 +149,13 @@ class ZeroOptimizer(MegatronOptimizer):
         gradients, reading the momentum without advancing it (the step decides whether to keep it)."""
         if self._clipped:  # clipping comes in runs (early training, spikes): a redo is likely
             return
-        mu = self.settings.muon_momentum
         grads = self.exchange.grads
         for key, batch in self.ns_batches.items():
             if key[0] != bucket.index or any(u.key not in grads for u in batch):
                 continue
-            directions = []
-            for u in batch:
-                g = grads[u.key]
-                buf = self._state(u, g.device)["momentum"].mul(mu).add_(g)  # what _nesterov computes in place
-                directions.append(g.add(buf, alpha=mu))
+            # On a copy of the momentum: the step advances the real one if it keeps these results.
+            moms = [self._state(u, grads[u.key].device)["momentum"].clone() for u in batch]
+            directions = [_nesterov(m, grads[u.key], self._momentum()) for u, m in zip(batch, moms)]
             self._early[key] = self._orthogonalize(batch, directions)
             if self.exchange.events is not None:
                 self.exchange.events.append(("newton_schulz", bucket.index))
@@ -184,7 +181,7 @@ class ZeroOptimizer(MegatronOptimizer):
             moms = [self._state(u, grads[u.key].device)["momentum"] for u in batch]
             if early is not None and clip_coeff == 1.0:
                 for u, m in zip(batch, moms):  # advance the momentum as the early pass assumed
-                    m.mul_(self.settings.muon_momentum).add_(grads[u.key])
+                    advance_momentum(m, grads[u.key], self.settings.muon_momentum)
                 out = early
                 self.early_ns["used"] += 1
             else:
