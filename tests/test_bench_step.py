@@ -16,17 +16,29 @@ TOOL = [sys.executable, str(ROOT / "tools" / "bench_step.py")]
 
 def test_quick_run_times_every_arm_against_adam(tmp_path):
     out = tmp_path / "rows.json"
-    done = subprocess.run(TOOL + ["--quick", "--zero", "--json", str(out)], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT)
+    done = subprocess.run(TOOL + ["--quick", "--zero", "--accumulate", "2", "--project-to", "64", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = json.loads(out.read_text())["rows"]
+    report = json.loads(out.read_text())
+    rows = report["rows"]
     assert list(rows) == ["adam", "osp", "osp-zero"]
     assert rows["adam"]["ratio_vs_adam"] == 1.0
     assert rows["osp"]["params"] == rows["osp-zero"]["params"] > rows["adam"]["params"]
     for r in rows.values():
-        assert len(r["step_seconds"]) == 3 and r["micro_batch"] == 2
-        assert abs(r["tokens_per_s"] - 2 * 32 / sorted(r["step_seconds"])[1]) < 1e-6 * r["tokens_per_s"]
+        assert len(r["step_seconds"]) == len(r["optimizer_seconds"]) == 3 and r["micro_batch"] == 2
+        # a step is 2 micro-batches of 2 sequences of 32 tokens
+        assert abs(r["tokens_per_s"] - 2 * 2 * 32 / sorted(r["step_seconds"])[1]) < 1e-6 * r["tokens_per_s"]
         assert abs(r["ratio_vs_adam"] - r["tokens_per_s"] / rows["adam"]["tokens_per_s"]) < 1e-12
+        # the optimizer step is timed inside each step
+        assert all(0 < o < s for o, s in zip(r["optimizer_seconds"], r["step_seconds"]))
+    # projection to 64 sequences = 32 micro-batches of 2: 32 x (step - optimizer) / 2 + optimizer
+    projected = report["projected"]
+    assert projected["sequences_per_step"] == 64
+    for arm, r in rows.items():
+        ms = 32 * (r["ms_per_step"] - r["optimizer_ms"]) / 2 + r["optimizer_ms"]
+        p = projected["rows"][arm]
+        assert abs(p["ms_per_step"] - ms) < 1e-9 * ms and abs(p["tokens_per_s"] - 64 * 32 / (ms / 1000)) < 1e-6 * p["tokens_per_s"]
+        assert abs(p["ratio_vs_adam"] - p["tokens_per_s"] / projected["rows"]["adam"]["tokens_per_s"]) < 1e-12
     assert rows["osp"]["early_ns"] is None or sum(rows["osp"]["early_ns"].values()) == 0
     assert sum(rows["osp-zero"]["early_ns"].values()) > 0
     assert "vs adam" in done.stdout
@@ -34,6 +46,6 @@ def test_quick_run_times_every_arm_against_adam(tmp_path):
 
 def test_bad_arguments_are_refused_before_any_work():
     for args, message in ((["--micro-batch", "0"], "--micro-batch"), (["--data", "/nonexistent"], "--eod-id"),
-                          (["--steps", "0"], "--steps")):
+                          (["--steps", "0"], "--steps"), (["--accumulate", "0"], "--accumulate")):
         done = subprocess.run(TOOL + args, capture_output=True, text=True, timeout=120, cwd=ROOT)
         assert done.returncode == 2 and message in done.stderr, (args, done.stderr[-1000:])

@@ -10,8 +10,17 @@ ones, each step on its own (the device synchronised after it); rates use the med
   osp-zero   OSP with optimizer.distributed_optimizer=true and both overlaps on (``--zero``): on one
              device nothing travels, so this times the whole-matrix ZeRO code path itself (bucketed
              exchange, early Newton-Schulz) and checks that it runs on the device.
-Prints one row per arm (tokens/s, ms/step, peak device memory) and each arm's tokens/s as a ratio
-of Adam's measured in the same run (the paper: OSP ~2% slower; issue target >= 0.95x).
+Prints one row per arm (tokens/s, ms/step, of which the optimizer step, peak device memory) and each
+arm's tokens/s as a ratio of Adam's measured in the same run (the paper: OSP ~2% slower; issue target
+>= 0.95x).
+
+A step is ``--accumulate`` micro-batches (default 1) and one optimizer step. At one micro-batch per
+step the optimizer's cost (OSP: Newton-Schulz on every hidden matrix) is paid on every micro-batch,
+the worst case; a real run pays it once per global batch (osp_1.4b.yaml: 1,024 sequences, 64+
+micro-batches on one device). The optimizer step is timed on its own inside each timed step (the
+device synchronised before and after it), so each row also gives a projection to ``--project-to``
+sequences per step: micro-batches x (step - optimizer) / accumulate + optimizer, from the medians.
+That line is arithmetic on measured parts, not a measured step; ``--accumulate N`` measures one.
 
 --micro-batch auto (the default) takes the largest power of two that tools/plan_memory.py's planner
 (training/memory_plan.py: parameters, gradients, fp32 masters, optimizer state, activations) puts
@@ -79,6 +88,22 @@ def planned_micro_batch(model, seq: int, recompute: str, budget_bytes: float, ar
     return best
 
 
+def timed_optimizer_step(optimizer, sync, seconds: list):
+    """Wrap ``optimizer.step`` (on the instance) so that each call's time, device synchronised before
+    and after, is appended to ``seconds``."""
+    inner = optimizer.step
+
+    def step(*args, **kwargs):
+        sync()
+        start = time.perf_counter()
+        out = inner(*args, **kwargs)
+        sync()
+        seconds.append(time.perf_counter() - start)
+        return out
+
+    optimizer.step = step
+
+
 def run_arm(overrides: list[str], warmup: int, steps: int) -> dict:
     from megatron_osp.training.config import load_config
     from megatron_osp.training.loop import Trainer
@@ -86,12 +111,15 @@ def run_arm(overrides: list[str], warmup: int, steps: int) -> dict:
     trainer = Trainer(load_config(None, overrides), log=lambda *_: None)
     cuda = trainer.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    opt_times: list[float] = []
+    timed_optimizer_step(trainer.optimizer, sync, opt_times)
     for _ in range(warmup):
         trainer.train_step()
     sync()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
+    del opt_times[:]
     for _ in range(steps):
         start = time.perf_counter()
         losses.append(trainer.train_step()["loss"])
@@ -102,9 +130,11 @@ def run_arm(overrides: list[str], warmup: int, steps: int) -> dict:
     out = {
         "params": sum(p.numel() for p in trainer.model.parameters()),
         "step_seconds": times,
+        "optimizer_seconds": list(opt_times),
         "tokens_per_s": cfg.train.global_batch_size * cfg.model.seq_length / median,
         "ms_per_step": 1000 * median,
         "ms_per_step_mean": 1000 * statistics.fmean(times),
+        "optimizer_ms": 1000 * statistics.median(opt_times),
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
         "last_loss": losses[-1],
         "early_ns": dict(getattr(trainer.optimizer, "early_ns", {})) or None,
@@ -116,12 +146,33 @@ def run_arm(overrides: list[str], warmup: int, steps: int) -> dict:
     return out
 
 
+def default_projection() -> int:
+    """The global batch (sequences) of the 1.4B recipe, configs/osp_1.4b.yaml."""
+    from megatron_osp.training.config import load_config
+
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    return load_config(os.path.join(root, "megatron_osp", "configs", "osp_1.4b.yaml")).train.global_batch_size
+
+
+def project(rows: dict, sequences: int, mb: int, accumulate: int, seq: int) -> dict:
+    """Tokens/s at ``sequences`` per optimizer step from each arm's median step and optimizer times:
+    (sequences / mb) micro-batches of (step - optimizer) / accumulate each, plus one optimizer step."""
+    out = {}
+    for arm, r in rows.items():
+        per_micro = (r["ms_per_step"] - r["optimizer_ms"]) / accumulate
+        ms = sequences / mb * per_micro + r["optimizer_ms"]
+        out[arm] = {"ms_per_step": ms, "tokens_per_s": sequences * seq / (ms / 1000)}
+    for p in out.values():
+        p["ratio_vs_adam"] = p["tokens_per_s"] / out["adam"]["tokens_per_s"]
+    return out
+
+
 def arm_overrides(args, extra: dict, arm: str, data: str, eod: int, mb: int, tmp: str) -> list[str]:
     return [
         f"model.preset={args.preset}", *(f"model.{k}={v}" for k, v in extra.items()),
         *ARMS["adam" if arm == "adam" else "osp"], *(ZERO if arm == "osp-zero" else []),
         f"data.paths=[{data}]", f"data.eod_id={eod}",
-        f"train.micro_batch_size={mb}", f"train.global_batch_size={mb}",
+        f"train.micro_batch_size={mb}", f"train.global_batch_size={mb * args.accumulate}",
         f"train.train_steps={args.warmup + args.steps}", "train.warmup_steps=1",
         f"train.recompute={args.recompute}", "train.save=false", "train.tensorboard=false",
         "train.progress_bar=false", "train.eval_batches=1", "train.kurtosis_batches=1",
@@ -136,6 +187,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=None, help="sequence length (default: the preset's)")
     ap.add_argument("--micro-batch", default="auto", help="an integer, or auto (planner; see above)")
     ap.add_argument("--recompute", default="none", choices=["none", "selective", "full"])
+    ap.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    ap.add_argument("--project-to", type=int, default=None,
+                    help="sequences per step to project to (default: configs/osp_1.4b.yaml's global batch)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--memory-fraction", type=float, default=0.85)
@@ -147,6 +201,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.warmup < 0 or args.steps < 1:
         ap.error("--warmup must be >= 0 and --steps >= 1")
+    if args.accumulate < 1 or (args.project_to is not None and args.project_to < 1):
+        ap.error("--accumulate and --project-to must be >= 1")
     if args.micro_batch != "auto" and not (args.micro_batch.isdigit() and int(args.micro_batch) > 0):
         ap.error(f"--micro-batch must be a positive integer or auto, got {args.micro_batch!r}")
     if args.data and args.eod_id is None:
@@ -173,7 +229,7 @@ def main(argv=None) -> int:
         mb = int(args.micro_batch)
 
     with tempfile.TemporaryDirectory() as tmp:
-        tokens = (args.warmup + args.steps) * mb * (model.seq_length + 1) * 2
+        tokens = (args.warmup + args.steps) * args.accumulate * mb * (model.seq_length + 1) * 2
         data = args.data or random_corpus(os.path.join(tmp, "random"), model.vocab_size, tokens, model.seq_length)
         eod = args.eod_id if args.data else model.vocab_size - 1
         while True:  # every arm at the same micro-batch: on out-of-memory, halve it and start again
@@ -190,21 +246,29 @@ def main(argv=None) -> int:
                 mb //= 2
 
     device = torch.cuda.get_device_name() if on_gpu else "cpu"
+    per_step = "one micro-batch per step" if args.accumulate == 1 else f"{args.accumulate} micro-batches per step"
     print(f"\n{args.preset}: {model.num_layers} layers x {model.hidden_size}, seq {model.seq_length}, "
-          f"micro-batch {mb} (= global batch, one micro-batch per step), recompute {args.recompute}, "
+          f"micro-batch {mb}, global batch {mb * args.accumulate} ({per_step}), recompute {args.recompute}, "
           f"{args.warmup} warm-up + {args.steps} timed steps, {device}, torch {torch.__version__}")
-    print(f"{'arm':10} {'params':>14} {'ms/step':>10} {'mean':>8} {'tokens/s':>12} {'vs adam':>8} {'peak GiB':>9}")
+    print(f"{'arm':10} {'params':>14} {'ms/step':>10} {'mean':>8} {'opt ms':>8} {'tokens/s':>12} {'vs adam':>8} "
+          f"{'peak GiB':>9}")
     base = rows["adam"]["tokens_per_s"]
     for arm, r in rows.items():
         r["ratio_vs_adam"] = r["tokens_per_s"] / base
-        print(f"{arm:10} {r['params']:>14,} {r['ms_per_step']:>10.1f} {r['ms_per_step_mean']:>8.1f} {r['tokens_per_s']:>12,.0f} "
-              f"{r['ratio_vs_adam']:>7.3f}x {r['peak_gib']:>9.2f}")
+        print(f"{arm:10} {r['params']:>14,} {r['ms_per_step']:>10.1f} {r['ms_per_step_mean']:>8.1f} "
+              f"{r['optimizer_ms']:>8.1f} {r['tokens_per_s']:>12,.0f} {r['ratio_vs_adam']:>7.3f}x {r['peak_gib']:>9.2f}")
         if r["early_ns"]:
             print(f"{'':10} early Newton-Schulz batches used {r['early_ns']['used']}, redone {r['early_ns']['redone']}")
+    target = args.project_to or default_projection()
+    projected = project(rows, target, mb, args.accumulate, model.seq_length)
+    print(f"projected to {target} sequences per step ({target / mb:g} micro-batches of {mb}), from the medians "
+          f"above (not a measured step): " + ", ".join(f"{arm} {p['tokens_per_s']:,.0f} tokens/s "
+                                                        f"({p['ratio_vs_adam']:.3f}x)" for arm, p in projected.items()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"preset": args.preset, "layers": model.num_layers, "seq": model.seq_length,
-                       "recompute": args.recompute, "device": device, "rows": rows}, f, indent=1)
+                       "recompute": args.recompute, "accumulate": args.accumulate, "device": device, "rows": rows,
+                       "projected": {"sequences_per_step": target, "rows": projected}}, f, indent=1)
     return 0
 
 

@@ -18,7 +18,10 @@
 #          large bf16 matmul of the same run, optimizer step vs AdamW and Megatron-Core's Muon (issue 3)
 #   step   tools/bench_step.py --zero: a training step of the 1.4B model (osp-1.4b, seq 2048) on the
 #          one GPU, Adam + RMSNorm vs OSP vs OSP with the distributed optimizer, tokens/s over 20
-#          steps after 5 warm-up ones at the largest micro-batch the planner fits (issue 17, item 3)
+#          steps after 5 warm-up ones at the largest micro-batch the planner fits, one micro-batch per
+#          step (the optimizer's worst case); the optimizer step is timed apart, and the tool projects
+#          to osp_1.4b.yaml's 1,024 sequences per step (issue 17, item 3). STEP_ARGS="--accumulate 4
+#          --steps 5" measures a step of 4 micro-batches, to check the projection.
 #   repro  examples/reproduce_osp_small.sh with REPRO_CONFIG (default reproduce_small.yaml): the
 #          paper's four ablation rows trained at the same time on the one GPU (PARALLEL=1), then the
 #          4-bit evaluation (issue 6)
