@@ -27,7 +27,7 @@ from megatron_osp.data.readers import BadRecord, CorruptInput, parse_json_record
 from megatron_osp.data.shardset import Stage
 from megatron_osp.data.tokenizer import load_tokenizer
 
-__all__ = ["BadRecord", "CorruptInput", "PreprocessStats", "output_prefix_for", "preprocess"]
+__all__ = ["BadRecord", "CorruptInput", "PreprocessStats", "check_json_keys", "output_prefix_for", "preprocess"]
 
 
 @dataclass
@@ -95,6 +95,11 @@ def _tokenize_chunk(args) -> _Chunk:
     good = [p for p in parsed if not isinstance(p, BadRecord)] if bad else parsed
     dtype = token_dtype_for(_TOKENIZER.vocab_size)
     encoded = [_TOKENIZER.encode_flat([p[k] for p in good], threads=1) for k in range(len(keys))]
+    for ids, _ in encoded:  # a cast to the output dtype must never wrap an id silently
+        if ids.size and (ids.min() < 0 or ids.max() > np.iinfo(dtype).max):
+            raise ValueError(f"{_TOKENIZER.model_file}: gave token id {int(ids.max())} (lowest {int(ids.min())}) "
+                             f"in {path}:{first}..{first + len(items) - 1}, which {np.dtype(dtype)} (chosen for "
+                             f"its vocabulary of {_TOKENIZER.vocab_size}) cannot hold")
     keep = np.sum([lengths for _, lengths in encoded], axis=0) > 0 if good else np.zeros(0, bool)
     out_lengths, out_tokens = [], []
     for ids, lengths in encoded:
@@ -122,6 +127,19 @@ def _ordered_bounded(pool, chunks, max_in_flight: int):
             yield pending.popleft().get()
     while pending:
         yield pending.popleft().get()
+
+
+def check_json_keys(json_keys) -> None:
+    """Each key names one output dataset, ``<prefix>_<key>_document``: refuse none, a repeated key (its
+    documents would be written twice into one dataset) and a key that is not a plain file-name part."""
+    if not json_keys:
+        raise ValueError("json_keys is empty")
+    for i, key in enumerate(json_keys):
+        if not isinstance(key, str) or not key or "/" in key or os.sep in key or "\0" in key:
+            raise ValueError(f"--json-keys {key!r}: a key names its output dataset PREFIX_<key>_document, so it "
+                             "must be a non-empty name without a path separator")
+        if key in json_keys[:i]:
+            raise ValueError(f"--json-keys {key!r} is given twice (each key is one output dataset)")
 
 
 def output_prefix_for(output_prefix: str, key: str, shard: int | None = None) -> str:
@@ -235,11 +253,14 @@ def preprocess(
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    if not json_keys:
-        raise ValueError("json_keys is empty")
+    check_json_keys(json_keys)
     if max_shard_tokens is not None and max_shard_tokens < 1:
         raise ValueError(f"max_shard_tokens must be >= 1, got {max_shard_tokens}")
     tokenizer = load_tokenizer(tokenizer_model, eod_token)
+    if append_eod and tokenizer.eod < 0:
+        raise ValueError(f"{tokenizer_model}: has no end-of-document token (its end-of-sequence id is "
+                         f"{tokenizer.eod}), so documents cannot end with one; use a tokenizer with an EOS "
+                         "piece (tools/train_tokenizer.py makes </s> id 2) or leave out --append-eod")
     paths = [Path(p) for p in inputs]
     for path in paths:
         if not path.exists():

@@ -1,0 +1,95 @@
+"""Tokenizers and options that used to give silently wrong preprocessing output: a SentencePiece model
+without an EOS piece under --append-eod (the EOD -1 was cast to 65535), a tokenizer.json whose ids have
+a gap (an id past the token count wrapped around in uint16), and --json-keys given twice (every document
+written twice into one dataset) or holding a path separator (the data files were lost, a manifest
+published alone)."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+from megatron_osp.data.indexed import IndexedDataset
+from megatron_osp.data.preprocess import preprocess
+from megatron_osp.data.tokenizer import HFTokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+TEXTS = [f"document {i}: hello world, the quick brown fox" * (1 + i % 3) for i in range(60)]
+
+
+def _corpus(tmp_path):
+    src = tmp_path / "c.jsonl"
+    src.write_text("".join(json.dumps({"text": t, "title": t[:12]}) + "\n" for t in TEXTS))
+    return src
+
+
+def _preprocess_cli(*args):
+    return subprocess.run([sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--no-progress",
+                           *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def test_append_eod_with_a_tokenizer_without_eos_is_refused(tmp_path):
+    src = _corpus(tmp_path)
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXTS), model_prefix=str(tmp_path / "noeos"),
+                                   vocab_size=120, eos_id=-1, model_type="bpe", minloglevel=2)
+    model = tmp_path / "noeos.model"
+    r = _preprocess_cli("--input", src, "--tokenizer-model", model, "--output-prefix", tmp_path / "out", "--append-eod")
+    assert r.returncode == 1 and f"{model}: has no end-of-document token" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert not list(tmp_path.glob("out*"))
+    # Without --append-eod the model is fine: no EOD is written.
+    stats = preprocess([str(src)], str(model), str(tmp_path / "out"), append_eod=False, progress=False)
+    ds = IndexedDataset(tmp_path / "out_text_document")
+    assert stats.documents == len(ds) == len(TEXTS) and int(ds[0].max()) < 120
+
+
+def _gap_tokenizer(path: Path) -> Path:
+    """A word-level tokenizer.json of 6 tokens: "zebra" is id 69999, the EOD 70000 (ids 4..69998 unused)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, "hello": 1, "world": 2, "fox": 3, "zebra": 69999, "<|endoftext|>": 70000}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path))
+    return path
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_hf_ids_past_the_token_count_are_stored_in_a_dtype_that_holds_them(tmp_path, workers):
+    tok = _gap_tokenizer(tmp_path / "tokenizer.json")
+    assert HFTokenizer(tok).vocab_size == 70001
+    src = tmp_path / "c.jsonl"
+    src.write_text('{"text": "hello world"}\n{"text": "fox zebra"}\n')
+    preprocess([str(src)], str(tok), str(tmp_path / "out"), workers=workers, progress=False)
+    ds = IndexedDataset(tmp_path / "out_text_document")
+    assert ds.dtype == np.int32
+    assert [ds[i].tolist() for i in range(len(ds))] == [[1, 2, 70000], [3, 69999, 70000]]
+
+
+def test_an_id_the_output_dtype_cannot_hold_stops_the_run(tmp_path, monkeypatch):
+    """The cast to the output dtype is checked: a tokenizer that reports too small a vocabulary gives
+    an error naming it, not wrapped ids."""
+    tok = _gap_tokenizer(tmp_path / "tokenizer.json")
+    monkeypatch.setattr(HFTokenizer, "vocab_size", property(lambda self: self._tok.get_vocab_size(True)))
+    src = tmp_path / "c.jsonl"
+    src.write_text('{"text": "hello world"}\n{"text": "zebra"}\n')
+    with pytest.raises(ValueError, match=r"tokenizer\.json: gave token id 69999 .*c\.jsonl:1\.\.2, which uint16"):
+        preprocess([str(src)], str(tok), str(tmp_path / "out"), append_eod=False, progress=False)
+    assert not list(tmp_path.glob("out*"))
+
+
+@pytest.mark.parametrize("keys, message", [(["text", "title", "text"], "--json-keys 'text' is given twice"),
+                                           (["text", "meta/title"], "--json-keys 'meta/title': a key names"),
+                                           (["text", ""], "--json-keys '': a key names")],
+                         ids=["repeated", "path", "empty"])
+def test_json_keys_that_cannot_name_one_dataset_each_are_refused(tmp_path, keys, message):
+    src = _corpus(tmp_path)
+    tok = _gap_tokenizer(tmp_path / "tokenizer.json")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        preprocess([str(src)], str(tok), str(tmp_path / "out"), json_keys=tuple(keys), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl", "tokenizer.json"]
