@@ -25,11 +25,14 @@ from megatron_osp.data.indexed import IndexedDataset, IndexedDatasetWriter, chec
 from megatron_osp.data.token_range import scan_token_range
 
 
-def merge_datasets(input_prefixes: list[str], output_prefix: str, vocab_size: int | None = None) -> dict:
-    """Write ``output_prefix``.{bin,idx} = the inputs in order. All inputs must share a dtype.
+def merge_datasets(input_prefixes: list[str], output_prefix: str, vocab_size: int | None = None,
+                   tokenizer_sha256: str | None = None) -> dict:
+    """Write ``output_prefix``.{bin,idx} = the inputs in order. All inputs must share a dtype, and the
+    preprocessing outputs among them (those with a manifest) a tokenizer and EOD setting.
 
     ``vocab_size``: also refuse a dtype that cannot hold that vocabulary's ids, and any input holding
-    an id outside it (one pass over the tokens), naming the dataset.
+    an id outside it (one pass over the tokens), naming the dataset. ``tokenizer_sha256``: refuse an
+    input whose manifest records another tokenizer file.
     """
     if not input_prefixes:
         raise ValueError("no input datasets to merge")
@@ -51,14 +54,17 @@ def merge_datasets(input_prefixes: list[str], output_prefix: str, vocab_size: in
                 "datasets from tokenizers of different sizes cannot be merged"
             )
     check_dtype_holds(dtype, 1, f"{datasets[0].prefix}.idx")  # an integer type at all
-    vocabs = {p: v for p in input_prefixes if (v := shardset.recorded_vocab_size(p)) is not None}
-    if len(set(vocabs.values())) > 1:
-        (a, va), (b, vb) = next(((x, y) for x in vocabs.items() for y in vocabs.items() if x[1] != y[1]))
-        raise ValueError(f"{b}: made with a tokenizer of {vb} ids, {a} with one of {va} (their manifests); "
-                         "datasets of different tokenizers cannot be merged")
+    recorded = {p: shardset.recorded_tokens(p) for p in input_prefixes}
+    _check_same_tokens(recorded)
+    vocabs = {p: r["vocab_size"] for p, r in recorded.items() if "vocab_size" in r}
     if vocab_size is not None and vocabs and vocab_size != next(iter(vocabs.values())):
         p, v = next(iter(vocabs.items()))
         raise ValueError(f"{p}: made with a tokenizer of {v} ids (its manifest), not {vocab_size}")
+    shas = {p: r["tokenizer_sha256"] for p, r in recorded.items() if "tokenizer_sha256" in r}
+    if tokenizer_sha256 is not None and shas and tokenizer_sha256 != next(iter(shas.values())):
+        p, v = next(iter(shas.items()))
+        raise ValueError(f"{p}: made with another tokenizer (its manifest records sha256 {v[:12]}, the given "
+                         f"one has {tokenizer_sha256[:12]})")
     vocab = vocab_size if vocab_size is not None else next(iter(vocabs.values()), None)
     if vocab is not None:
         check_dtype_holds(dtype, vocab, f"{datasets[0].prefix}.idx")
@@ -73,6 +79,32 @@ def merge_datasets(input_prefixes: list[str], output_prefix: str, vocab_size: in
             writer.add_dataset(ds)
     merged = IndexedDataset(output_prefix)
     return {"datasets": len(datasets), "sequences": len(merged), "tokens": merged.num_tokens}
+
+
+def _check_same_tokens(recorded: dict[str, dict]) -> None:
+    """Refuse inputs whose manifests say their ids came from different tokenizers (files, sizes) or
+    different EOD settings (one ends documents with EOD, another not, or with another id), naming two."""
+    def first_difference(key, value=lambda r, k: r.get(k), applies=lambda r: True):
+        seen = [(p, value(r, key)) for p, r in recorded.items() if key in r and applies(r)]
+        return next(((a, b) for a in seen for b in seen if a[1] != b[1]), None)
+
+    if d := first_difference("vocab_size"):
+        (a, va), (b, vb) = d
+        raise ValueError(f"{b}: made with a tokenizer of {vb} ids, {a} with one of {va} (their manifests); "
+                         "datasets of different tokenizers cannot be merged")
+    if d := first_difference("tokenizer_sha256"):
+        (a, va), (b, vb) = d
+        raise ValueError(f"{b}: made with another tokenizer than {a} (their manifests record tokenizer files of "
+                         f"sha256 {vb[:12]} and {va[:12]}); datasets of different tokenizers cannot be merged")
+    if d := first_difference("append_eod"):
+        (a, va), (b, vb) = d
+        raise ValueError(f"{b}: its documents {'end' if vb else 'do not end'} with an EOD token, {a}'s "
+                         f"{'do' if va else 'do not'} (their manifests: append_eod); merged, documents would "
+                         "run together in part of the data")
+    if d := first_difference("eod", applies=lambda r: r.get("append_eod") is True):
+        (a, va), (b, vb) = d
+        raise ValueError(f"{b}: its documents end with EOD id {vb}, {a}'s with {va} (their manifests); "
+                         "datasets of different EOD tokens cannot be merged")
 
 
 def prefixes_in(directory: str | os.PathLike, skipped: list[str] | None = None) -> list[str]:
@@ -146,7 +178,8 @@ def merge_tasks(prefix: str, output_prefix: str | None = None, num_tasks: int | 
             for lengths, tokens in _chunks(group):
                 output.add_documents(lengths, tokens)
         outputs = output.finalize({
-            "tokenizer": run["tokenizer"], "vocab_size": run["options"]["vocab_size"], "dtype": dtype.name,
+            "tokenizer": run["tokenizer"], "vocab_size": run["options"]["vocab_size"],
+            "tokenizer_sha256": run["options"]["tokenizer_sha256"], "eod": run["options"]["eod"], "dtype": dtype.name,
             "inputs": found["inputs"], "append_eod": run["options"]["append_eod"],
             "max_shard_tokens": max_shard_tokens, "skip_bad_records": found["skip_bad_records"],
             "merged_from": {"tasks": found["num_tasks"], "prefix": str(prefix), "run": run["run"]}})

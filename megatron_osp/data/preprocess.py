@@ -24,7 +24,7 @@ import numpy as np
 
 from megatron_osp.data.indexed import IndexedDatasetWriter, token_dtype_for
 from megatron_osp.data.readers import BadRecord, CorruptInput, parse_json_record, record_chunks
-from megatron_osp.data.shardset import Stage
+from megatron_osp.data.shardset import Stage, sha256_file
 from megatron_osp.data.tokenizer import load_tokenizer
 
 __all__ = ["BadRecord", "CorruptInput", "PreprocessStats", "check_json_keys", "output_prefix_for", "preprocess"]
@@ -318,6 +318,7 @@ def preprocess(
             raise BadRecord(f"{paths[0]}: no non-empty documents in the input")
         outputs = output.finalize({
             "tokenizer": os.path.abspath(tokenizer_model), "vocab_size": int(tokenizer.vocab_size),
+            "tokenizer_sha256": sha256_file(tokenizer.model_file), "eod": int(tokenizer.eod),
             "dtype": np.dtype(output.dtype).name, "inputs": [str(p) for p in paths],
             "append_eod": bool(append_eod), "max_shard_tokens": max_shard_tokens,
             "skip_bad_records": bool(skip_bad_records), **({"array": array_record} if array_record else {})})

@@ -22,6 +22,7 @@ removed when the next run or merge on that prefix starts; ones from another host
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -125,13 +126,36 @@ def expand(prefix: str | os.PathLike) -> list[str]:
     return [os.path.join(os.path.dirname(prefix), name) for name in listed]
 
 
+def sha256_file(path: str | os.PathLike) -> str:
+    """A file's SHA-256 (hex): how a manifest names the tokenizer its ids came from."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def recorded_vocab_size(prefix: str | os.PathLike) -> int | None:
     """The tokenizer vocabulary size the manifest of ``prefix``'s family records, if any."""
+    return recorded_tokens(prefix).get("vocab_size")
+
+
+def recorded_tokens(prefix: str | os.PathLike) -> dict:
+    """What the manifest of ``prefix``'s family records about how its ids were made: ``vocab_size``,
+    ``tokenizer_sha256``, ``eod``, ``append_eod`` (those it has; an array task's come from its run's
+    options); {} without a manifest."""
     family = family_of(prefix)
     if family is None:
-        return None
-    v = _listed(family)[0].get("vocab_size")
-    return v if isinstance(v, int) else None
+        return {}
+    m = _listed(family)[0]
+    array = m.get("array")
+    options = array.get("options", {}) if isinstance(array, dict) else {}
+    out = {}
+    for key, kind in (("vocab_size", int), ("tokenizer_sha256", str), ("eod", int), ("append_eod", bool)):
+        v = m.get(key, options.get(key))
+        if isinstance(v, kind) and (kind is bool or not isinstance(v, bool)):
+            out[key] = v
+    return out
 
 
 def datasets_in_directory(directory: str | os.PathLike) -> tuple[list[str], list[str]]:
