@@ -55,7 +55,7 @@ def merge_datasets(input_prefixes: list[str], output_prefix: str, vocab_size: in
             )
     check_dtype_holds(dtype, 1, f"{datasets[0].prefix}.idx")  # an integer type at all
     recorded = {p: shardset.recorded_tokens(p) for p in input_prefixes}
-    _check_same_tokens(recorded)
+    shardset.check_same_tokens(recorded)
     vocabs = {p: r["vocab_size"] for p, r in recorded.items() if "vocab_size" in r}
     if vocab_size is not None and vocabs and vocab_size != next(iter(vocabs.values())):
         p, v = next(iter(vocabs.items()))
@@ -79,32 +79,6 @@ def merge_datasets(input_prefixes: list[str], output_prefix: str, vocab_size: in
             writer.add_dataset(ds)
     merged = IndexedDataset(output_prefix)
     return {"datasets": len(datasets), "sequences": len(merged), "tokens": merged.num_tokens}
-
-
-def _check_same_tokens(recorded: dict[str, dict]) -> None:
-    """Refuse inputs whose manifests say their ids came from different tokenizers (files, sizes) or
-    different EOD settings (one ends documents with EOD, another not, or with another id), naming two."""
-    def first_difference(key, value=lambda r, k: r.get(k), applies=lambda r: True):
-        seen = [(p, value(r, key)) for p, r in recorded.items() if key in r and applies(r)]
-        return next(((a, b) for a in seen for b in seen if a[1] != b[1]), None)
-
-    if d := first_difference("vocab_size"):
-        (a, va), (b, vb) = d
-        raise ValueError(f"{b}: made with a tokenizer of {vb} ids, {a} with one of {va} (their manifests); "
-                         "datasets of different tokenizers cannot be merged")
-    if d := first_difference("tokenizer_sha256"):
-        (a, va), (b, vb) = d
-        raise ValueError(f"{b}: made with another tokenizer than {a} (their manifests record tokenizer files of "
-                         f"sha256 {vb[:12]} and {va[:12]}); datasets of different tokenizers cannot be merged")
-    if d := first_difference("append_eod"):
-        (a, va), (b, vb) = d
-        raise ValueError(f"{b}: its documents {'end' if vb else 'do not end'} with an EOD token, {a}'s "
-                         f"{'do' if va else 'do not'} (their manifests: append_eod); merged, documents would "
-                         "run together in part of the data")
-    if d := first_difference("eod", applies=lambda r: r.get("append_eod") is True):
-        (a, va), (b, vb) = d
-        raise ValueError(f"{b}: its documents end with EOD id {vb}, {a}'s with {va} (their manifests); "
-                         "datasets of different EOD tokens cannot be merged")
 
 
 def prefixes_in(directory: str | os.PathLike, skipped: list[str] | None = None) -> list[str]:

@@ -158,6 +158,36 @@ def recorded_tokens(prefix: str | os.PathLike) -> dict:
     return out
 
 
+def check_same_tokens(recorded: dict[str, dict], eod: bool = True) -> None:
+    """Refuse datasets whose manifests say their ids came from different tokenizers (files, sizes) or,
+    with ``eod``, different EOD settings (one ends documents with EOD, another not, or with another id),
+    naming two. ``recorded``: dataset prefix -> its ``recorded_tokens``."""
+    def first_difference(key, applies=lambda r: True):
+        seen = [(p, r[key]) for p, r in recorded.items() if key in r and applies(r)]
+        return next(((a, b) for a in seen for b in seen if a[1] != b[1]), None)
+
+    if d := first_difference("vocab_size"):
+        (a, va), (b, vb) = d
+        raise ValueError(f"{b}: made with a tokenizer of {vb} ids, {a} with one of {va} (their manifests); "
+                         "datasets of different tokenizers cannot be merged or trained on together")
+    if d := first_difference("tokenizer_sha256"):
+        (a, va), (b, vb) = d
+        raise ValueError(f"{b}: made with another tokenizer than {a} (their manifests record tokenizer files of "
+                         f"sha256 {vb[:12]} and {va[:12]}); datasets of different tokenizers cannot be merged "
+                         "or trained on together")
+    if not eod:
+        return
+    if d := first_difference("append_eod"):
+        (a, va), (b, vb) = d
+        raise ValueError(f"{b}: its documents {'end' if vb else 'do not end'} with an EOD token, {a}'s "
+                         f"{'do' if va else 'do not'} (their manifests: append_eod); merged, documents would "
+                         "run together in part of the data")
+    if d := first_difference("eod", applies=lambda r: r.get("append_eod") is True):
+        (a, va), (b, vb) = d
+        raise ValueError(f"{b}: its documents end with EOD id {vb}, {a}'s with {va} (their manifests); "
+                         "datasets of different EOD tokens cannot be merged")
+
+
 def datasets_in_directory(directory: str | os.PathLike) -> tuple[list[str], list[str]]:
     """Every dataset (``*.idx``) of a directory, sorted by name, where a manifest decides for its
     family: listed datasets only. Returns (datasets, family files skipped as not listed)."""
