@@ -142,9 +142,9 @@ def _weights(v):
     if not isinstance(v, list) or not v:
         return "must be a non-empty list of numbers (or null for weights by size)"
     for i, w in enumerate(v):
-        if not _is_number(w) or not math.isfinite(w) or w < 0:
-            return f"entry {i} ({w!r}) must be a finite number >= 0"
-    return None if sum(v) > 0 else "must have a positive sum"
+        if not _is_number(w) or not math.isfinite(w) or w <= 0:  # the blend refuses 0 (normalize_weights)
+            return f"entry {i} ({w!r}) must be a finite number > 0 (leave a dataset out of data.paths to skip it)"
+    return None
 
 
 def _split(v):
