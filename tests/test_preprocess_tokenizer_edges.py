@@ -1,8 +1,8 @@
-"""Tokenizers and options that used to give silently wrong preprocessing output: a SentencePiece model
-without an EOS piece under --append-eod (the EOD -1 was cast to 65535), a tokenizer.json whose ids have
-a gap (an id past the token count wrapped around in uint16), and --json-keys given twice (every document
-written twice into one dataset) or holding a path separator (the data files were lost, a manifest
-published alone)."""
+"""Inputs and options that used to give silently wrong preprocessing output: an input given twice (its
+documents written twice), a SentencePiece model without an EOS piece under --append-eod (the EOD -1 was
+cast to 65535), a tokenizer.json whose ids have a gap (an id past the token count wrapped around in
+uint16), and --json-keys given twice (every document written twice into one dataset) or holding a path
+separator (the data files were lost, a manifest published alone)."""
 
 import json
 import re
@@ -93,3 +93,21 @@ def test_json_keys_that_cannot_name_one_dataset_each_are_refused(tmp_path, keys,
     with pytest.raises(ValueError, match=re.escape(message)):
         preprocess([str(src)], str(tok), str(tmp_path / "out"), json_keys=tuple(keys), progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl", "tokenizer.json"]
+
+
+@pytest.mark.parametrize("inputs", [["c*.jsonl", "c1.jsonl"], ["d", "d/c0.jsonl"], ["c0.jsonl", "./c0.jsonl"]],
+                         ids=["glob-and-file", "directory-and-file", "two-spellings"])
+def test_an_input_given_twice_is_refused(tmp_path, inputs):
+    """Its documents used to go into the output twice."""
+    tok = _gap_tokenizer(tmp_path / "tokenizer.json")
+    (tmp_path / "d").mkdir()
+    for name in ("c0.jsonl", "c1.jsonl", "d/c0.jsonl"):
+        (tmp_path / name).write_text('{"text": "hello world"}\n')
+    twice = Path(inputs[1])
+    for plan in ([], ["--plan"]):
+        r = subprocess.run([sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--no-progress", "--input",
+                            *inputs, "--tokenizer-model", str(tok), "--output-prefix", "out", *plan],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 1 and f"{twice}: given twice as input" in r.stderr, r.stderr[-2000:]
+        assert "Traceback" not in r.stderr
+    assert not list(tmp_path.glob("out*")) and not list(tmp_path.glob(".out*"))

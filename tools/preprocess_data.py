@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_osp.data.array_tasks import plan, resolve_task, task_prefix  # noqa: E402
-from megatron_osp.data.preprocess import BadRecord, preprocess  # noqa: E402
+from megatron_osp.data.preprocess import BadRecord, check_inputs, check_json_keys, preprocess  # noqa: E402
 from megatron_osp.fileio import os_error  # noqa: E402
 
 SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst", ".zst", ".gz", ".parquet")
@@ -77,6 +77,8 @@ def print_plan(args) -> int:
     for f in files:
         if not os.path.isfile(f):
             raise FileNotFoundError(f"{f} does not exist" if not os.path.exists(f) else f"{f} is not a file")
+    check_inputs(files)
+    check_json_keys(args.json_keys)
     sizes = [os.path.getsize(f) for f in files]
     tok = load_tokenizer(args.tokenizer_model, args.eod_token)
     d = os.path.dirname(os.path.abspath(args.output_prefix))

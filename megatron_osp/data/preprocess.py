@@ -27,7 +27,7 @@ from megatron_osp.data.readers import BadRecord, CorruptInput, parse_json_record
 from megatron_osp.data.shardset import Stage, sha256_file
 from megatron_osp.data.tokenizer import load_tokenizer
 
-__all__ = ["BadRecord", "CorruptInput", "PreprocessStats", "check_json_keys", "output_prefix_for", "preprocess"]
+__all__ = ["BadRecord", "CorruptInput", "PreprocessStats", "check_inputs", "check_json_keys", "output_prefix_for", "preprocess"]
 
 
 @dataclass
@@ -127,6 +127,20 @@ def _ordered_bounded(pool, chunks, max_in_flight: int):
             yield pending.popleft().get()
     while pending:
         yield pending.popleft().get()
+
+
+def check_inputs(paths) -> None:
+    """Every input exists, and none is given twice (a glob and a file, two globs or a directory that
+    overlap): its documents would be in the output twice."""
+    seen: dict[str, Path] = {}
+    for path in map(Path, paths):
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist")
+        real = os.path.realpath(path)
+        if real in seen:
+            same = "" if str(seen[real]) == str(path) else f" (as {seen[real]})"
+            raise ValueError(f"{path}: given twice as input{same}; its documents would be in the output twice")
+        seen[real] = path
 
 
 def check_json_keys(json_keys) -> None:
@@ -262,9 +276,7 @@ def preprocess(
                          f"{tokenizer.eod}), so documents cannot end with one; use a tokenizer with an EOS "
                          "piece (tools/train_tokenizer.py makes </s> id 2) or leave out --append-eod")
     paths = [Path(p) for p in inputs]
-    for path in paths:
-        if not path.exists():
-            raise FileNotFoundError(f"{path} does not exist")
+    check_inputs(paths)
     array_record = None
     if task is not None:
         from megatron_osp.data import array_tasks
