@@ -1,5 +1,6 @@
 """merge_datasets equals Megatron-Core's own merge byte for byte; bad merges are named and leave nothing."""
 
+import os
 import re
 import subprocess
 import sys
@@ -136,3 +137,22 @@ def test_preprocessed_inputs_of_other_tokenizers_or_eod_settings_are_refused_by_
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and f"{base}: made with another tokenizer (its manifest" in r.stderr, r.stderr
     assert not list(tmp_path.glob("m2*"))
+
+
+def test_a_dataset_given_twice_is_refused(tmp_path):
+    """Directly, or as a shard of a sharded output's prefix and by its own name: its documents used to be
+    merged twice."""
+    from megatron_osp.data.preprocess import preprocess
+
+    src = tmp_path / "c.jsonl"
+    src.write_text("".join(f'{{"text": "hello world {i % 3 * "fox "}"}}\n' for i in range(12)))
+    tok = _word_tokenizer(tmp_path / "a.json", ["hello", "world", "fox"])
+    preprocess([str(src)], tok, str(tmp_path / "s"), progress=False, max_shard_tokens=10)
+    family = str(tmp_path / "s_text_document")
+    shard = family + "_00001"
+    assert os.path.exists(shard + ".bin")
+    for inputs, message in (([shard, shard], f"{shard}: given twice as input;"),
+                            ([family, shard], f"{shard}: given twice as input (as {family} and as {shard})")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            merge_datasets(inputs, str(tmp_path / "m"))
+        assert not list(tmp_path.glob("m*"))

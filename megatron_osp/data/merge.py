@@ -36,11 +36,18 @@ def merge_datasets(input_prefixes: list[str], output_prefix: str, vocab_size: in
     """
     if not input_prefixes:
         raise ValueError("no input datasets to merge")
-    input_prefixes = [p for prefix in input_prefixes for p in shardset.expand(prefix)]
+    expanded = [(p, given) for given in input_prefixes for p in shardset.expand(given)]
+    input_prefixes = [p for p, _ in expanded]
     out = os.path.realpath(output_prefix)
-    for prefix in input_prefixes:
-        if os.path.realpath(prefix) == out:
+    seen: dict[str, str] = {}
+    for prefix, given in expanded:
+        real = os.path.realpath(prefix)
+        if real == out:
             raise ValueError(f"{prefix}: the output prefix is also an input")
+        if real in seen:
+            how = "" if seen[real] == given else f" (as {seen[real]} and as {given})"
+            raise ValueError(f"{prefix}: given twice as input{how}; its documents would be in the output twice")
+        seen[real] = given
     family = shardset.family_of(output_prefix)
     if family is not None:
         raise ValueError(f"{output_prefix}: belongs to the preprocessing output {shardset.manifest_path(family)} "
