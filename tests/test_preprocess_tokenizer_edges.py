@@ -2,7 +2,8 @@
 documents written twice), a SentencePiece model without an EOS piece under --append-eod (the EOD -1 was
 cast to 65535), a tokenizer.json whose ids have a gap (an id past the token count wrapped around in
 uint16), and --json-keys given twice (every document written twice into one dataset) or holding a path
-separator (the data files were lost, a manifest published alone)."""
+separator (the data files were lost, a manifest published alone); and a --tokenizer-model that is not a
+SentencePiece model, which ended in a traceback."""
 
 import json
 import re
@@ -111,3 +112,18 @@ def test_an_input_given_twice_is_refused(tmp_path, inputs):
         assert r.returncode == 1 and f"{twice}: given twice as input" in r.stderr, r.stderr[-2000:]
         assert "Traceback" not in r.stderr
     assert not list(tmp_path.glob("out*")) and not list(tmp_path.glob(".out*"))
+
+
+@pytest.mark.parametrize("tool", ["preprocess_data.py", "merge_datasets.py"])
+def test_a_file_that_is_not_a_sentencepiece_model_is_named(tmp_path, tool):
+    """E.g. the .vocab beside the .model: it used to end in a traceback from SentencePiece's C++."""
+    src = _corpus(tmp_path)
+    wrong = tmp_path / "tok.vocab"
+    wrong.write_text("<unk>\t0\n<s>\t0\n</s>\t0\n")
+    args = (["--input", src, "--no-progress"] if tool == "preprocess_data.py" else
+            ["--input", tmp_path / "none_text_document"])
+    r = subprocess.run([sys.executable, str(REPO / "tools" / tool), *map(str, args), "--tokenizer-model", str(wrong),
+                        "--output-prefix", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and f"error: {wrong}: not a SentencePiece model" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert not list(tmp_path.glob("out*"))

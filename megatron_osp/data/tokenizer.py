@@ -30,7 +30,11 @@ class SentencePieceTokenizer:
         if not os.path.exists(model_file):
             raise FileNotFoundError(f"tokenizer model {model_file} does not exist")
         self.model_file = str(model_file)
-        self._sp = spm.SentencePieceProcessor(model_file=self.model_file)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=self.model_file)
+        except Exception as e:  # noqa: BLE001  (SentencePiece raises RuntimeError/OSError variants)
+            raise ValueError(f"{model_file}: not a SentencePiece model ({str(e).strip()}); a Hugging Face tokenizer "
+                             "is given as its tokenizer.json (or the directory holding it)") from None
         self._word_cache = None if word_cache else False  # built on first use (it holds the cache)
 
     @property
