@@ -127,3 +127,37 @@ def test_a_file_that_is_not_a_sentencepiece_model_is_named(tmp_path, tool):
     assert r.returncode == 1 and f"error: {wrong}: not a SentencePiece model" in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     assert not list(tmp_path.glob("out*"))
+
+
+_KILL_A_WORKER = """
+import os, signal, sys
+from megatron_osp.data.preprocess import preprocess
+from megatron_osp.data.tokenizer import HFTokenizer
+
+encode, parent = HFTokenizer.encode_flat, os.getpid()
+
+def encode_or_die(self, texts, threads=-1):
+    if os.getpid() != parent and any("fox" in t for t in texts):
+        os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer would
+    return encode(self, texts, threads)
+
+HFTokenizer.encode_flat = encode_or_die
+src, tok, out = sys.argv[1:]
+try:
+    preprocess([src], tok, out, workers=2, chunk_lines=4, progress=False)
+except Exception as e:
+    print(f"{type(e).__name__}: {e}")
+"""
+
+
+def test_a_killed_worker_stops_the_run_with_its_lines_named(tmp_path):
+    """multiprocessing.Pool replaced a killed worker and waited forever for the chunk it held."""
+    tok = _gap_tokenizer(tmp_path / "tokenizer.json")
+    src = tmp_path / "c.jsonl"
+    src.write_text('{"text": "hello world"}\n' * 10 + '{"text": "fox"}\n' + '{"text": "world"}\n' * 10)
+    r = subprocess.run([sys.executable, "-c", _KILL_A_WORKER, str(src), str(tok), str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=60)
+    m = re.search(rf"WorkerDied: {re.escape(str(src))}:(\d+)\.\.(\d+): a tokenizing worker process died", r.stdout)
+    assert r.returncode == 0 and m, r.stdout + r.stderr[-2000:]
+    assert int(m.group(1)) <= 11 <= int(m.group(2))  # the lines in flight include the fatal one
+    assert not list(tmp_path.glob("out*")) and not list(tmp_path.glob(".out*"))

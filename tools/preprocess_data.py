@@ -32,7 +32,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_osp.data.array_tasks import plan, resolve_task, task_prefix  # noqa: E402
-from megatron_osp.data.preprocess import BadRecord, check_inputs, check_json_keys, preprocess  # noqa: E402
+from megatron_osp.data.preprocess import (  # noqa: E402
+    BadRecord, WorkerDied, check_inputs, check_json_keys, preprocess)
 from megatron_osp.fileio import os_error  # noqa: E402
 
 SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst", ".zst", ".gz", ".parquet")
@@ -137,7 +138,7 @@ def main() -> int:
             max_shard_tokens=args.max_shard_tokens,
             eod_token=args.eod_token, word_cache=not args.no_word_cache, task=task and task[:2],
         )
-    except (BadRecord, FileNotFoundError, ValueError) as e:
+    except (BadRecord, FileNotFoundError, ValueError, WorkerDied) as e:
         print(f"error: {e}", file=sys.stderr)
         print(f"no output was written; any earlier output of {output} is untouched", file=sys.stderr)
         return 1

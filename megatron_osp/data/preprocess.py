@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -27,7 +28,7 @@ from megatron_osp.data.readers import BadRecord, CorruptInput, parse_json_record
 from megatron_osp.data.shardset import Stage, sha256_file
 from megatron_osp.data.tokenizer import load_tokenizer
 
-__all__ = ["BadRecord", "CorruptInput", "PreprocessStats", "check_inputs", "check_json_keys", "output_prefix_for", "preprocess"]
+__all__ = ["BadRecord", "CorruptInput", "PreprocessStats", "WorkerDied", "check_inputs", "check_json_keys", "output_prefix_for", "preprocess"]
 
 
 @dataclass
@@ -113,20 +114,48 @@ def _tokenize_chunk(args) -> _Chunk:
     return _Chunk(len(items), bad, int(len(keep) - keep.sum()), out_lengths, out_tokens, nbytes)
 
 
+class WorkerDied(RuntimeError):
+    """A tokenizing worker process ended abruptly (killed by a signal, e.g. the out-of-memory killer)."""
+
+
 def _ordered_bounded(pool, chunks, max_in_flight: int):
     """Like ``pool.imap`` (ordered), but reads ahead at most ``max_in_flight`` chunks.
 
     ``Pool.imap`` drains its input iterator as fast as it can, so a 100 GB file would be read into
     the task queue; this keeps memory bounded, and an error raised while reading (an empty file)
-    surfaces here in the main process.
+    surfaces here in the main process. ``pool`` is a ``ProcessPoolExecutor``: a worker that dies
+    breaks it and every pending chunk raises, where ``multiprocessing.Pool`` replaced the worker and
+    waited forever for the chunk it had taken.
     """
+    from concurrent.futures.process import BrokenProcessPool
+
     pending: deque = deque()
+
+    def next_result():
+        future, chunk = pending.popleft()
+        try:
+            return future.result()
+        except BrokenProcessPool:  # every chunk in flight fails with it: name all their lines
+            path, first = chunk[0], chunk[1]
+            last = pending[-1][1] if pending else chunk
+            raise WorkerDied(f"{path}:{first}..{last[1] + len(last[2]) - 1}: a tokenizing worker process died on "
+                             "these lines (killed by a signal; the out-of-memory killer? try fewer --workers)") from None
+
     for chunk in chunks:
-        pending.append(pool.apply_async(_tokenize_chunk, (chunk,)))
+        pending.append((pool.submit(_tokenize_chunk, chunk), chunk))
         if len(pending) >= max_in_flight:
-            yield pending.popleft().get()
+            yield next_result()
     while pending:
-        yield pending.popleft().get()
+        yield next_result()
+
+
+def _stop(pool) -> None:
+    """End the workers now: chunks in flight are not waited for (an error or interrupt stops the run)."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
 
 
 def check_inputs(paths) -> None:
@@ -288,8 +317,8 @@ def preprocess(
             [str(p) for p in paths], index, count, tokenizer, tokenizer.model_file, json_keys, append_eod)
         paths = [Path(p) for p in mine]
         output_prefix = array_tasks.task_prefix(output_prefix, index, count)
-    pool = (get_context("fork").Pool(workers, _init_worker, (tokenizer_model, eod_token, True, word_cache))
-            if workers > 1 else None)
+    pool = (ProcessPoolExecutor(workers, mp_context=get_context("fork"), initializer=_init_worker,
+                                initargs=(tokenizer_model, eod_token, True, word_cache)) if workers > 1 else None)
     try:
         if pool is None:
             _init_worker(tokenizer_model, eod_token, word_cache=word_cache)
@@ -297,7 +326,7 @@ def preprocess(
         output = _ShardedOutput(output_prefix, json_keys, token_dtype_for(tokenizer.vocab_size), max_shard_tokens)
     except BaseException:
         if pool is not None:
-            pool.terminate()
+            _stop(pool)
         raise
     stats = PreprocessStats(notes=list(output.stage.notes))
     start = time.perf_counter()
@@ -336,10 +365,12 @@ def preprocess(
             "skip_bad_records": bool(skip_bad_records), **({"array": array_record} if array_record else {})})
     except BaseException:
         output.abort()
+        if pool is not None:
+            _stop(pool)
         raise
     finally:
         if pool is not None:
-            pool.terminate()
+            pool.shutdown(wait=True)  # after _stop, only joins
         if bar is not None:
             bar.close()
     stats.seconds = time.perf_counter() - start
