@@ -3,7 +3,7 @@ documents written twice), a SentencePiece model without an EOS piece under --app
 cast to 65535), a tokenizer.json whose ids have a gap (an id past the token count wrapped around in
 uint16), and --json-keys given twice (every document written twice into one dataset) or holding a path
 separator (the data files were lost, a manifest published alone); and a --tokenizer-model that is not a
-SentencePiece model, which ended in a traceback."""
+SentencePiece model, which ended in a traceback; a worker killed mid-run, which hung the run forever."""
 
 import json
 import re
