@@ -68,6 +68,8 @@ def test_dtype_mismatch_and_self_merge_are_named_and_leave_nothing(tmp_path):
         merge_datasets([a, b], str(tmp_path / "out"))
     with pytest.raises(ValueError, match=r"a: the output prefix is also an input"):
         merge_datasets([a, str(tmp_path / "c")], a)
+    with pytest.raises(ValueError, match=r"names a directory, not a file prefix"):  # wrote tmp_path/.bin, .idx
+        merge_datasets([a], str(tmp_path) + os.sep)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 

@@ -36,6 +36,8 @@ def merge_datasets(input_prefixes: list[str], output_prefix: str, vocab_size: in
     """
     if not input_prefixes:
         raise ValueError("no input datasets to merge")
+    if not os.path.basename(str(output_prefix)):  # "out/" would write the hidden files out/.bin, out/.idx
+        raise ValueError(f"output prefix {str(output_prefix)!r} names a directory, not a file prefix")
     expanded = [(p, given) for given in input_prefixes for p in shardset.expand(given)]
     input_prefixes = [p for p, _ in expanded]
     out = os.path.realpath(output_prefix)
