@@ -39,9 +39,11 @@ def test_append_eod_with_a_tokenizer_without_eos_is_refused(tmp_path):
     spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXTS), model_prefix=str(tmp_path / "noeos"),
                                    vocab_size=120, eos_id=-1, model_type="bpe", minloglevel=2)
     model = tmp_path / "noeos.model"
-    r = _preprocess_cli("--input", src, "--tokenizer-model", model, "--output-prefix", tmp_path / "out", "--append-eod")
-    assert r.returncode == 1 and f"{model}: has no end-of-document token" in r.stderr, r.stderr[-2000:]
-    assert "Traceback" not in r.stderr
+    for plan in ([], ["--plan"]):
+        r = _preprocess_cli("--input", src, "--tokenizer-model", model, "--output-prefix", tmp_path / "out",
+                            "--append-eod", *plan)
+        assert r.returncode == 1 and f"{model}: has no end-of-document token" in r.stderr, r.stderr[-2000:]
+        assert "Traceback" not in r.stderr
     assert not list(tmp_path.glob("out*"))
     # Without --append-eod the model is fine: no EOD is written.
     stats = preprocess([str(src)], str(model), str(tmp_path / "out"), append_eod=False, progress=False)

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_osp.data.array_tasks import plan, resolve_task, task_prefix  # noqa: E402
 from megatron_osp.data.preprocess import (  # noqa: E402
-    BadRecord, WorkerDied, check_inputs, check_json_keys, preprocess)
+    BadRecord, WorkerDied, check_eod, check_inputs, check_json_keys, preprocess)
 from megatron_osp.fileio import os_error  # noqa: E402
 
 SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst", ".zst", ".gz", ".parquet")
@@ -82,6 +82,7 @@ def print_plan(args) -> int:
     check_json_keys(args.json_keys)
     sizes = [os.path.getsize(f) for f in files]
     tok = load_tokenizer(args.tokenizer_model, args.eod_token)
+    check_eod(tok, args.tokenizer_model, args.append_eod)
     d = os.path.dirname(os.path.abspath(args.output_prefix))
     while not os.path.isdir(d):
         d = os.path.dirname(d)

@@ -28,7 +28,8 @@ from megatron_osp.data.readers import BadRecord, CorruptInput, parse_json_record
 from megatron_osp.data.shardset import Stage, sha256_file
 from megatron_osp.data.tokenizer import load_tokenizer
 
-__all__ = ["BadRecord", "CorruptInput", "PreprocessStats", "WorkerDied", "check_inputs", "check_json_keys", "output_prefix_for", "preprocess"]
+__all__ = ["BadRecord", "CorruptInput", "PreprocessStats", "WorkerDied", "check_eod", "check_inputs", "check_json_keys",
+           "output_prefix_for", "preprocess"]
 
 
 @dataclass
@@ -156,6 +157,15 @@ def _stop(pool) -> None:
     for process in processes:
         if process.is_alive():
             process.terminate()
+
+
+def check_eod(tokenizer, tokenizer_model: str, append_eod: bool) -> None:
+    """``append_eod`` needs an EOD id: a SentencePiece model trained without EOS has -1, which the cast
+    to the output dtype turned into 65535."""
+    if append_eod and tokenizer.eod < 0:
+        raise ValueError(f"{tokenizer_model}: has no end-of-document token (its end-of-sequence id is "
+                         f"{tokenizer.eod}), so documents cannot end with one; use a tokenizer with an EOS "
+                         "piece (tools/train_tokenizer.py makes </s> id 2) or leave out --append-eod")
 
 
 def check_inputs(paths) -> None:
@@ -300,10 +310,7 @@ def preprocess(
     if max_shard_tokens is not None and max_shard_tokens < 1:
         raise ValueError(f"max_shard_tokens must be >= 1, got {max_shard_tokens}")
     tokenizer = load_tokenizer(tokenizer_model, eod_token)
-    if append_eod and tokenizer.eod < 0:
-        raise ValueError(f"{tokenizer_model}: has no end-of-document token (its end-of-sequence id is "
-                         f"{tokenizer.eod}), so documents cannot end with one; use a tokenizer with an EOS "
-                         "piece (tools/train_tokenizer.py makes </s> id 2) or leave out --append-eod")
+    check_eod(tokenizer, tokenizer_model, append_eod)
     paths = [Path(p) for p in inputs]
     check_inputs(paths)
     array_record = None
