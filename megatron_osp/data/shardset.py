@@ -164,7 +164,7 @@ def check_same_tokens(recorded: dict[str, dict], eod: bool = True) -> None:
     naming two. ``recorded``: dataset prefix -> its ``recorded_tokens``."""
     def first_difference(key, applies=lambda r: True):
         seen = [(p, r[key]) for p, r in recorded.items() if key in r and applies(r)]
-        return next(((a, b) for a in seen for b in seen if a[1] != b[1]), None)
+        return next(((seen[0], b) for b in seen[1:] if b[1] != seen[0][1]), None)
 
     if d := first_difference("vocab_size"):
         (a, va), (b, vb) = d
