@@ -85,7 +85,29 @@ def family_of(prefix: str | os.PathLike) -> str | None:
     return None
 
 
+_LISTED: dict[str, tuple[tuple, tuple[dict, dict[str, dict]]]] = {}  # manifest path -> (its stat, _listed)
+
+
 def _listed(family: str) -> tuple[dict, dict[str, dict]]:
+    """The complete manifest of ``family`` and its datasets by name. Kept while the file is unchanged
+    (same inode, size and mtime; publishing replaces it): every shard of a family asks for it, and
+    reading it each time made opening N shards cost N^2."""
+    path = os.path.abspath(manifest_path(family))
+    try:
+        st = os.stat(path)
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    except OSError:
+        key = None
+    cached = _LISTED.get(path)
+    if key is not None and cached is not None and cached[0] == key:
+        return cached[1]
+    result = _read_listed(family)
+    if key is not None:
+        _LISTED[path] = (key, result)
+    return result
+
+
+def _read_listed(family: str) -> tuple[dict, dict[str, dict]]:
     m = read_manifest(family)
     if m["state"] != "complete":
         raise ValueError(
