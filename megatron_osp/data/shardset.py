@@ -157,11 +157,6 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def recorded_vocab_size(prefix: str | os.PathLike) -> int | None:
-    """The tokenizer vocabulary size the manifest of ``prefix``'s family records, if any."""
-    return recorded_tokens(prefix).get("vocab_size")
-
-
 def recorded_tokens(prefix: str | os.PathLike) -> dict:
     """What the manifest of ``prefix``'s family records about how its ids were made: ``vocab_size``,
     ``tokenizer_sha256``, ``eod``, ``append_eod`` (those it has; an array task's come from its run's
