@@ -3,9 +3,11 @@ documents written twice), a SentencePiece model without an EOS piece under --app
 cast to 65535), a tokenizer.json whose ids have a gap (an id past the token count wrapped around in
 uint16), and --json-keys given twice (every document written twice into one dataset) or holding a path
 separator (the data files were lost, a manifest published alone); and a --tokenizer-model that is not a
-SentencePiece model, which ended in a traceback; a worker killed mid-run, which hung the run forever."""
+SentencePiece model, which ended in a traceback; a worker killed mid-run, which hung the run forever, and
+workers that outlived a killed main process."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -163,3 +165,55 @@ def test_a_killed_worker_stops_the_run_with_its_lines_named(tmp_path):
     assert r.returncode == 0 and m, r.stdout + r.stderr[-2000:]
     assert int(m.group(1)) <= 11 <= int(m.group(2))  # the lines in flight include the fatal one
     assert not list(tmp_path.glob("out*")) and not list(tmp_path.glob(".out*"))
+
+
+_HANG_IN_WORKERS = """
+import os, sys, time
+from megatron_osp.data.preprocess import preprocess
+from megatron_osp.data.tokenizer import HFTokenizer
+
+parent = os.getpid()
+
+def encode_slowly(self, texts, threads=-1):
+    time.sleep(300 if os.getpid() != parent else 0)
+
+HFTokenizer.encode_flat = encode_slowly
+preprocess(sys.argv[1:2], sys.argv[2], sys.argv[3], workers=2, chunk_lines=4, progress=False)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads /proc")
+def test_workers_end_when_the_main_process_is_killed(tmp_path):
+    """SIGKILL (or a SLURM time limit's SIGTERM) of the main process used to leave its workers running."""
+    import signal
+    import time
+
+    tok = _gap_tokenizer(tmp_path / "tokenizer.json")
+    src = tmp_path / "c.jsonl"
+    src.write_text('{"text": "hello world"}\n' * 40)
+    main = subprocess.Popen([sys.executable, "-c", _HANG_IN_WORKERS, str(src), str(tok), str(tmp_path / "out")])
+    try:
+        children: list[int] = []
+        deadline = time.monotonic() + 60
+        while len(children) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            children = [int(c) for c in Path(f"/proc/{main.pid}/task/{main.pid}/children").read_text().split()]
+        assert len(children) == 2, children
+        main.send_signal(signal.SIGKILL)
+        main.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while any(map(_alive, children)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(map(_alive, children)), [c for c in children if _alive(c)]
+    finally:
+        main.kill()
+        for c in children:
+            if _alive(c):
+                os.kill(c, signal.SIGKILL)

@@ -67,7 +67,23 @@ def _init_worker(model_file: str, eod_token: str | None, in_pool: bool = False, 
     global _TOKENIZER
     if in_pool:  # one process per worker already; Rust threads on top would oversubscribe the cores
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        _exit_with_parent()
     _TOKENIZER = load_tokenizer(model_file, eod_token, word_cache)
+
+
+def _exit_with_parent(interval: float = 0.5) -> None:
+    """Worker: end when the main process is gone (killed: SIGTERM at a SLURM time limit, SIGKILL). The
+    executor's task queue gives its workers no end-of-file then, so they would live on, orphaned."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 @dataclass
