@@ -147,23 +147,19 @@ def _ordered_bounded(pool, chunks, max_in_flight: int):
     from concurrent.futures.process import BrokenProcessPool
 
     pending: deque = deque()
-
-    def next_result():
-        future, chunk = pending.popleft()
-        try:
-            return future.result()
-        except BrokenProcessPool:  # every chunk in flight fails with it: name all their lines
-            path, first = chunk[0], chunk[1]
-            last = pending[-1][1] if pending else chunk
-            raise WorkerDied(f"{path}:{first}..{last[1] + len(last[2]) - 1}: a tokenizing worker process died on "
-                             "these lines (killed by a signal; the out-of-memory killer? try fewer --workers)") from None
-
-    for chunk in chunks:
-        pending.append((pool.submit(_tokenize_chunk, chunk), chunk))
-        if len(pending) >= max_in_flight:
-            yield next_result()
-    while pending:
-        yield next_result()
+    try:
+        for chunk in chunks:
+            pending.append((pool.submit(_tokenize_chunk, chunk), chunk))
+            if len(pending) >= max_in_flight:
+                yield pending[0][0].result()
+                pending.popleft()
+        while pending:
+            yield pending[0][0].result()
+            pending.popleft()
+    except BrokenProcessPool:  # from result() or submit(): name the lines of every chunk in flight
+        path, first, last = pending[0][1][0], pending[0][1][1], pending[-1][1]
+        raise WorkerDied(f"{path}:{first}..{last[1] + len(last[2]) - 1}: a tokenizing worker process died on "
+                         "these lines (killed by a signal; the out-of-memory killer? try fewer --workers)") from None
 
 
 def _stop(pool) -> None:
