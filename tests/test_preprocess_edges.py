@@ -3,8 +3,8 @@ documents written twice), a SentencePiece model without an EOS piece under --app
 cast to 65535), a tokenizer.json whose ids have a gap (an id past the token count wrapped around in
 uint16), and --json-keys given twice (every document written twice into one dataset) or holding a path
 separator (the data files were lost, a manifest published alone); and a --tokenizer-model that is not a
-SentencePiece model, which ended in a traceback; a worker killed mid-run, which hung the run forever, and
-workers that outlived a killed main process."""
+SentencePiece model, which ended in a traceback; a worker killed mid-run, which hung the run forever,
+workers that outlived a killed main process, and an input directory holding an earlier output's manifest."""
 
 import json
 import os
@@ -217,3 +217,17 @@ def test_workers_end_when_the_main_process_is_killed(tmp_path):
         for c in children:
             if _alive(c):
                 os.kill(c, signal.SIGKILL)
+
+
+def test_a_directory_input_holding_an_earlier_output_is_read_again_alike(tmp_path):
+    """The output's manifest (PREFIX_text_document.shards.json) was taken as a corpus file, so running
+    the same command again failed on its first line."""
+    tok = _gap_tokenizer(tmp_path / "tokenizer.json")
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.jsonl").write_text('{"text": "hello world"}\n{"text": "fox"}\n')
+    for _ in range(2):
+        r = _preprocess_cli("--input", tmp_path / "corpus", "--tokenizer-model", tok, "--output-prefix",
+                            tmp_path / "corpus" / "out", "--append-eod")
+        assert r.returncode == 0, r.stderr[-2000:]
+        ds = IndexedDataset(tmp_path / "corpus" / "out_text_document")
+        assert [ds[i].tolist() for i in range(len(ds))] == [[1, 2, 70000], [3, 70000]]

@@ -44,8 +44,9 @@ def expand_inputs(specs: list[str]) -> list[str]:
     out = []
     for spec in specs:
         p = Path(spec)
-        if p.is_dir():
-            found = sorted(str(f) for f in p.rglob("*") if f.is_file() and f.name.endswith(SUFFIXES))
+        if p.is_dir():  # not the manifests of outputs written there (PREFIX_<key>_document.shards.json)
+            found = sorted(str(f) for f in p.rglob("*") if f.is_file() and f.name.endswith(SUFFIXES)
+                           and not f.name.endswith(".shards.json"))
         elif any(c in spec for c in "*?["):
             found = sorted(glob.glob(spec, recursive=True))
         else:
