@@ -134,6 +134,15 @@ def test_a_json_key_no_record_has_is_named(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["c.jsonl"]
 
 
+def test_a_tokenizer_output_prefix_naming_a_directory_is_refused(tmp_path):
+    """"tok/" used to write tok.model and tok.vocab beside the directory."""
+    src = _corpus(tmp_path, 20)
+    (tmp_path / "tok").mkdir()
+    with pytest.raises(ValueError, match="names a directory, not a file prefix"):
+        train_sentencepiece(src, f"{tmp_path / 'tok'}/", vocab_size=300)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl", "tok"] and not list((tmp_path / "tok").iterdir())
+
+
 @pytest.mark.parametrize("value", ["0", "-100", "0.5", "-1.5"])
 def test_max_shard_tokens_must_be_a_positive_count(tmp_path, tok, value):
     src = _corpus(tmp_path, 10)

@@ -1,5 +1,7 @@
 """merge_datasets equals Megatron-Core's own merge byte for byte; bad merges are named and leave nothing."""
 
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -66,6 +68,8 @@ def test_dtype_mismatch_and_self_merge_are_named_and_leave_nothing(tmp_path):
         merge_datasets([a, b], str(tmp_path / "out"))
     with pytest.raises(ValueError, match=r"a: the output prefix is also an input"):
         merge_datasets([a, str(tmp_path / "c")], a)
+    with pytest.raises(ValueError, match=r"names a directory, not a file prefix"):  # wrote tmp_path/.bin, .idx
+        merge_datasets([a], str(tmp_path) + os.sep)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
@@ -93,3 +97,64 @@ def test_cli_merges_a_directory_in_name_order(tmp_path):
     r = subprocess.run([sys.executable, str(REPO / "tools/merge_datasets.py"), "--input-dir", str(tmp_path / "none"),
                         "--output-prefix", str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "is not a directory" in r.stderr
+
+
+def _word_tokenizer(path, words):
+    """A word-level tokenizer.json: ids in the order of ``words``; "<|endoftext|>" and "</s>" end it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(["[UNK]", *words, "<|endoftext|>", "</s>"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path))
+    return str(path)
+
+
+def test_preprocessed_inputs_of_other_tokenizers_or_eod_settings_are_refused_by_name(tmp_path):
+    """Same vocabulary size, so the dtype and size checks pass: the manifests' tokenizer hash, EOD id and
+    append_eod tell them apart."""
+    from megatron_osp.data.preprocess import preprocess
+
+    src = tmp_path / "c.jsonl"
+    src.write_text('{"text": "hello world"}\n{"text": "world fox"}\n')
+    a = _word_tokenizer(tmp_path / "a.json", ["hello", "world", "fox"])
+    b = _word_tokenizer(tmp_path / "b.json", ["fox", "world", "hello"])
+
+    def run(name, tok, **kw):
+        preprocess([str(src)], tok, str(tmp_path / name), progress=False, **kw)
+        return str(tmp_path / f"{name}_text_document")
+
+    base, again = run("base", a), run("again", a)
+    cases = [(run("other", b), "made with another tokenizer than"),
+             (run("noeod", a, append_eod=False), "its documents do not end with an EOD token"),
+             (run("s", a, eod_token="</s>"), "its documents end with EOD id 5, ")]
+    for other, message in cases:
+        with pytest.raises(ValueError, match=re.escape(f"{other}: {message}")):
+            merge_datasets([base, other], str(tmp_path / "m"))
+        assert not list(tmp_path.glob("m*"))
+    merge_datasets([base, again], str(tmp_path / "m"))  # the same tokenizer and settings merge
+    assert len(IndexedDataset(str(tmp_path / "m"))) == 4
+    r = subprocess.run([sys.executable, str(REPO / "tools/merge_datasets.py"), "--input", base,
+                        "--output-prefix", str(tmp_path / "m2"), "--tokenizer-model", b],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and f"{base}: made with another tokenizer (its manifest" in r.stderr, r.stderr
+    assert not list(tmp_path.glob("m2*"))
+
+
+def test_a_dataset_given_twice_is_refused(tmp_path):
+    """Directly, or as a shard of a sharded output's prefix and by its own name: its documents used to be
+    merged twice."""
+    from megatron_osp.data.preprocess import preprocess
+
+    src = tmp_path / "c.jsonl"
+    src.write_text("".join(f'{{"text": "hello world {i % 3 * "fox "}"}}\n' for i in range(12)))
+    tok = _word_tokenizer(tmp_path / "a.json", ["hello", "world", "fox"])
+    preprocess([str(src)], tok, str(tmp_path / "s"), progress=False, max_shard_tokens=10)
+    family = str(tmp_path / "s_text_document")
+    shard = family + "_00001"
+    assert os.path.exists(shard + ".bin")
+    for inputs, message in (([shard, shard], f"{shard}: given twice as input;"),
+                            ([family, shard], f"{shard}: given twice as input (as {family} and as {shard})")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            merge_datasets(inputs, str(tmp_path / "m"))
+        assert not list(tmp_path.glob("m*"))

@@ -190,3 +190,26 @@ def test_every_key_of_a_kept_document_ends_with_eod(tmp_path, tokenizer_model):
         ds = IndexedDataset(str(tmp_path / f"o_{key}_document"))
         expected = [tok.encode(r[key]) + [tok.eod] for r in records if r["text"] or r["title"]]
         assert [ds[i].tolist() for i in range(len(ds))] == expected
+
+
+def test_builtin_corpus_options_that_leave_no_document_write_nothing(tmp_path, monkeypatch):
+    """They used to write an empty corpus (exit 0) over an earlier one, which preprocessing then refused;
+    an output that is a directory or cannot be made ended in a traceback."""
+    import subprocess
+    import sys
+
+    from megatron_osp.data import builtin_corpus
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "earlier corpus"}\n')
+    (tmp_path / "d").mkdir()
+    for output, options, message in ((corpus, ["--max-documents", "0"], "max_documents must be >= 1"),
+                                     (tmp_path / "d", [], "d: Is a directory")):
+        r = subprocess.run([sys.executable, "tools/builtin_corpus.py", "--output", str(output), *options],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    monkeypatch.setattr(builtin_corpus, "iter_documents", lambda *a: iter(()))  # a --min-chars nothing reaches
+    with pytest.raises(ValueError, match="no docstring of this Python has 1000 characters or more"):
+        builtin_corpus.write_corpus(corpus, min_chars=1000)
+    assert corpus.read_text() == '{"text": "earlier corpus"}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.jsonl", "d"] and not list((tmp_path / "d").iterdir())

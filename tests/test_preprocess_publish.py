@@ -217,3 +217,24 @@ def test_two_keys_are_published_together(tmp_path, tok):
     for key in ("text", "title"):
         manifest = json.loads((out / f"c_{key}_document.shards.json").read_text())
         assert manifest["state"] == "complete" and sum(d["documents"] for d in manifest["datasets"]) == N_DOCS
+
+
+def test_a_family_manifest_is_read_once_for_all_its_shards_and_again_when_replaced(tmp_path, tok, corpus,
+                                                                                  monkeypatch):
+    """Opening each of N shards used to read (and parse) the N-entry manifest again: N^2 work, seconds
+    at a few thousand shards before training or a merge started."""
+    from megatron_osp.data import shardset
+    from megatron_osp.data.merge import merge_datasets
+
+    prefix = str(tmp_path / "out")
+    _preprocess(corpus, tok, prefix, "--max-shard-tokens", "500")
+    family = prefix + "_text_document"
+    shards = shardset.expand(family)
+    assert len(shards) >= 5
+    reads = []
+    real = shardset.read_manifest
+    monkeypatch.setattr(shardset, "read_manifest", lambda f: reads.append(f) or real(f))
+    merge_datasets([family], str(tmp_path / "m"))
+    assert reads == []  # expand() above already read it
+    _preprocess(corpus, tok, prefix, "--max-shard-tokens", "800")  # replaces the manifest
+    assert shardset.expand(family) != shards and len(reads) == 1

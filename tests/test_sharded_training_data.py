@@ -68,3 +68,36 @@ def test_a_sharded_prefix_with_one_weight_is_refused_by_name(sharded, tmp_path):
     assert "Traceback" not in result.stderr
     assert f"{sharded['family']} is a sharded output ({len(sharded['shards'])} datasets)" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_data_of_another_tokenizer_of_the_same_size_is_refused_by_name(sharded, tmp_path):
+    """Two tokenizers of 350 pieces give the same dtype and id range, so nothing else tells their data
+    apart: the manifests' tokenizer hashes do (it used to train on the mix)."""
+    from megatron_osp.data.preprocess import preprocess
+    from megatron_osp.data.tokenizer import train_sentencepiece
+    from megatron_osp.training.config import load_config
+    from megatron_osp.training.validation import data_problems
+
+    corpus = Path(sharded["tokenizer"]).parent / "corpus.jsonl"
+    other = str(train_sentencepiece(corpus, tmp_path / "other", vocab_size=350, sample_documents=60))
+    preprocess([str(corpus)], other, str(tmp_path / "o"), progress=False)
+    mine, theirs = sharded["shards"][0], str(tmp_path / "o_text_document")
+
+    def problems(paths, tokenizer):
+        return data_problems(load_config(None, ["model.vocab_size=384", f"data.paths=[{','.join(paths)}]",
+                                                f"data.tokenizer_model={tokenizer}"]))
+
+    assert problems([sharded["family"]], sharded["tokenizer"]) == []
+    assert problems([mine, theirs], sharded["tokenizer"]) == [
+        f"data.paths: {theirs}: made with another tokenizer than {mine} (their manifests record tokenizer files "
+        f"of sha256 {_sha(other)[:12]} and {_sha(sharded['tokenizer'])[:12]}); datasets of different tokenizers "
+        "cannot be merged or trained on together"]
+    assert problems([theirs], sharded["tokenizer"]) == [
+        f"data.paths: {theirs} was made with another tokenizer than data.tokenizer_model={sharded['tokenizer']} "
+        f"(its manifest records a tokenizer file of sha256 {_sha(other)[:12]})"]
+
+
+def _sha(path):
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

@@ -106,6 +106,8 @@ def test_shipped_configs_load_and_validate(path):
         ("data.eod_id=-1", r"data\.eod_id=-1"),
         ("data.split=abc", r"data\.split='abc'"),
         ("data.weights=[1, -1]", r"data\.weights=\[1\.0, -1\.0\]: entry 1"),
+        ("data.weights=[1, 0]", r"data\.weights=\[1\.0, 0\.0\]: entry 1 \(0\.0\) must be a finite number > 0"),
+        ("data.weights=[1, nan]", r"data\.weights=\[1\.0, nan\]: entry 1"),
         ("data.num_workers=-1", r"data\.num_workers=-1"),
     ],
 )

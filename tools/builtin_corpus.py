@@ -8,6 +8,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_osp.data.builtin_corpus import write_corpus  # noqa: E402
+from megatron_osp.fileio import os_error  # noqa: E402
 
 
 def main() -> int:
@@ -18,7 +19,14 @@ def main() -> int:
     parser.add_argument("--include-source", action="store_true",
                         help="also add the standard library's .py files as documents (much larger)")
     args = parser.parse_args()
-    n_docs, n_chars = write_corpus(args.output, args.max_documents, args.min_chars, args.include_source)
+    try:
+        n_docs, n_chars = write_corpus(args.output, args.max_documents, args.min_chars, args.include_source)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # an output that is a directory or cannot be made
+        print(f"error: {os_error(e)}", file=sys.stderr)
+        return 1
     print(f"wrote {n_docs:,} documents ({n_chars / 1e6:.1f} M characters) to {args.output}")
     return 0
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Merge Megatron indexed datasets into one (atomic; inputs must share a token dtype).
+"""Merge Megatron indexed datasets into one (atomic; inputs must share a token dtype, and those with a
+preprocessing manifest the tokenizer file and EOD setting it records).
 
     python tools/merge_datasets.py --input a_text_document b_text_document --output-prefix all_text_document
     python tools/merge_datasets.py --input-dir shards/ --output-prefix all_text_document
@@ -40,8 +41,8 @@ def main() -> int:
     p.add_argument("--max-shard-tokens", type=float, default=None,
                    help="with --tasks: shard the merged output as preprocess_data.py --max-shard-tokens would")
     p.add_argument("--tokenizer-model", default=None,
-                   help="check the dtype holds this tokenizer's ids and no input has an id outside its vocabulary "
-                        "(with --tasks: check it is the tokenizer the tasks used)")
+                   help="check the dtype holds this tokenizer's ids, no input has an id outside its vocabulary and "
+                        "every input's manifest (if any) names this tokenizer (with --tasks: the tasks used it)")
     args = p.parse_args()
     if not args.tasks and not args.output_prefix:
         p.error("--output-prefix is required with --input/--input-dir")
@@ -59,13 +60,15 @@ def main() -> int:
             print(f"merged {info['tasks']} tasks: {info['sequences']:,} documents, {info['tokens']:,} tokens -> "
                   + (f"{outs[0]}.{{bin,idx}}" if len(outs) == 1 else f"{len(outs)} datasets {outs[0]} ... {outs[-1]}"))
             return 0
-        vocab = None
+        vocab = sha = None
         if args.tokenizer_model:
+            from megatron_osp.data.shardset import sha256_file
             from megatron_osp.data.tokenizer import load_tokenizer
 
-            vocab = load_tokenizer(args.tokenizer_model).vocab_size
+            tok = load_tokenizer(args.tokenizer_model)
+            vocab, sha = tok.vocab_size, sha256_file(tok.model_file)
         inputs = args.input or prefixes_in(args.input_dir, skipped)
-        info = merge_datasets(inputs, args.output_prefix, vocab_size=vocab)
+        info = merge_datasets(inputs, args.output_prefix, vocab_size=vocab, tokenizer_sha256=sha)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         print("no output was written", file=sys.stderr)

@@ -32,7 +32,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_osp.data.array_tasks import plan, resolve_task, task_prefix  # noqa: E402
-from megatron_osp.data.preprocess import BadRecord, preprocess  # noqa: E402
+from megatron_osp.data.preprocess import (  # noqa: E402
+    BadRecord, WorkerDied, check_eod, check_inputs, check_json_keys, preprocess)
 from megatron_osp.fileio import os_error  # noqa: E402
 
 SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst", ".zst", ".gz", ".parquet")
@@ -43,8 +44,9 @@ def expand_inputs(specs: list[str]) -> list[str]:
     out = []
     for spec in specs:
         p = Path(spec)
-        if p.is_dir():
-            found = sorted(str(f) for f in p.rglob("*") if f.is_file() and f.name.endswith(SUFFIXES))
+        if p.is_dir():  # not the manifests of outputs written there (PREFIX_<key>_document.shards.json)
+            found = sorted(str(f) for f in p.rglob("*") if f.is_file() and f.name.endswith(SUFFIXES)
+                           and not f.name.endswith(".shards.json"))
         elif any(c in spec for c in "*?["):
             found = sorted(glob.glob(spec, recursive=True))
         else:
@@ -77,8 +79,11 @@ def print_plan(args) -> int:
     for f in files:
         if not os.path.isfile(f):
             raise FileNotFoundError(f"{f} does not exist" if not os.path.exists(f) else f"{f} is not a file")
+    check_inputs(files)
+    check_json_keys(args.json_keys)
     sizes = [os.path.getsize(f) for f in files]
     tok = load_tokenizer(args.tokenizer_model, args.eod_token)
+    check_eod(tok, args.tokenizer_model, args.append_eod)
     d = os.path.dirname(os.path.abspath(args.output_prefix))
     while not os.path.isdir(d):
         d = os.path.dirname(d)
@@ -135,7 +140,7 @@ def main() -> int:
             max_shard_tokens=args.max_shard_tokens,
             eod_token=args.eod_token, word_cache=not args.no_word_cache, task=task and task[:2],
         )
-    except (BadRecord, FileNotFoundError, ValueError) as e:
+    except (BadRecord, FileNotFoundError, ValueError, WorkerDied) as e:
         print(f"error: {e}", file=sys.stderr)
         print(f"no output was written; any earlier output of {output} is untouched", file=sys.stderr)
         return 1

@@ -118,12 +118,7 @@ def resolve_task(num_tasks: int | None, task_index: int | None, env=os.environ) 
     return task_index, num_tasks, source
 
 
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+_sha256_file = shardset.sha256_file
 
 
 def _digest(data) -> str:

@@ -127,8 +127,13 @@ def write_corpus(
     min_chars: int = 200,
     include_source: bool = False,
 ) -> tuple[int, int]:
-    """Write the corpus as JSONL ({"text": ...} per line), atomically. Returns (documents, characters)."""
+    """Write the corpus as JSONL ({"text": ...} per line), atomically. Returns (documents, characters).
+    Refuses, writing nothing, options that leave no document (preprocessing refuses an empty corpus)."""
+    if max_documents is not None and max_documents < 1:
+        raise ValueError(f"max_documents must be >= 1, got {max_documents}")
     output = Path(output)
+    if output.is_dir():
+        raise IsADirectoryError(21, "Is a directory (give the corpus file to write)", str(output))
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + f".tmp{os.getpid()}")
     n_docs = n_chars = 0
@@ -140,6 +145,8 @@ def write_corpus(
                 f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
                 n_docs += 1
                 n_chars += len(text)
+        if not n_docs:
+            raise ValueError(f"no docstring of this Python has {min_chars} characters or more; lower min_chars")
         os.replace(tmp, output)
     finally:
         if tmp.exists():

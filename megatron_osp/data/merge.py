@@ -25,19 +25,31 @@ from megatron_osp.data.indexed import IndexedDataset, IndexedDatasetWriter, chec
 from megatron_osp.data.token_range import scan_token_range
 
 
-def merge_datasets(input_prefixes: list[str], output_prefix: str, vocab_size: int | None = None) -> dict:
-    """Write ``output_prefix``.{bin,idx} = the inputs in order. All inputs must share a dtype.
+def merge_datasets(input_prefixes: list[str], output_prefix: str, vocab_size: int | None = None,
+                   tokenizer_sha256: str | None = None) -> dict:
+    """Write ``output_prefix``.{bin,idx} = the inputs in order. All inputs must share a dtype, and the
+    preprocessing outputs among them (those with a manifest) a tokenizer and EOD setting.
 
     ``vocab_size``: also refuse a dtype that cannot hold that vocabulary's ids, and any input holding
-    an id outside it (one pass over the tokens), naming the dataset.
+    an id outside it (one pass over the tokens), naming the dataset. ``tokenizer_sha256``: refuse an
+    input whose manifest records another tokenizer file.
     """
     if not input_prefixes:
         raise ValueError("no input datasets to merge")
-    input_prefixes = [p for prefix in input_prefixes for p in shardset.expand(prefix)]
+    if not os.path.basename(str(output_prefix)):  # "out/" would write the hidden files out/.bin, out/.idx
+        raise ValueError(f"output prefix {str(output_prefix)!r} names a directory, not a file prefix")
+    expanded = [(p, given) for given in input_prefixes for p in shardset.expand(given)]
+    input_prefixes = [p for p, _ in expanded]
     out = os.path.realpath(output_prefix)
-    for prefix in input_prefixes:
-        if os.path.realpath(prefix) == out:
+    seen: dict[str, str] = {}
+    for prefix, given in expanded:
+        real = os.path.realpath(prefix)
+        if real == out:
             raise ValueError(f"{prefix}: the output prefix is also an input")
+        if real in seen:
+            how = "" if seen[real] == given else f" (as {seen[real]} and as {given})"
+            raise ValueError(f"{prefix}: given twice as input{how}; its documents would be in the output twice")
+        seen[real] = given
     family = shardset.family_of(output_prefix)
     if family is not None:
         raise ValueError(f"{output_prefix}: belongs to the preprocessing output {shardset.manifest_path(family)} "
@@ -51,14 +63,17 @@ def merge_datasets(input_prefixes: list[str], output_prefix: str, vocab_size: in
                 "datasets from tokenizers of different sizes cannot be merged"
             )
     check_dtype_holds(dtype, 1, f"{datasets[0].prefix}.idx")  # an integer type at all
-    vocabs = {p: v for p in input_prefixes if (v := shardset.recorded_vocab_size(p)) is not None}
-    if len(set(vocabs.values())) > 1:
-        (a, va), (b, vb) = next(((x, y) for x in vocabs.items() for y in vocabs.items() if x[1] != y[1]))
-        raise ValueError(f"{b}: made with a tokenizer of {vb} ids, {a} with one of {va} (their manifests); "
-                         "datasets of different tokenizers cannot be merged")
+    recorded = {p: shardset.recorded_tokens(p) for p in input_prefixes}
+    shardset.check_same_tokens(recorded)
+    vocabs = {p: r["vocab_size"] for p, r in recorded.items() if "vocab_size" in r}
     if vocab_size is not None and vocabs and vocab_size != next(iter(vocabs.values())):
         p, v = next(iter(vocabs.items()))
         raise ValueError(f"{p}: made with a tokenizer of {v} ids (its manifest), not {vocab_size}")
+    shas = {p: r["tokenizer_sha256"] for p, r in recorded.items() if "tokenizer_sha256" in r}
+    if tokenizer_sha256 is not None and shas and tokenizer_sha256 != next(iter(shas.values())):
+        p, v = next(iter(shas.items()))
+        raise ValueError(f"{p}: made with another tokenizer (its manifest records sha256 {v[:12]}, the given "
+                         f"one has {tokenizer_sha256[:12]})")
     vocab = vocab_size if vocab_size is not None else next(iter(vocabs.values()), None)
     if vocab is not None:
         check_dtype_holds(dtype, vocab, f"{datasets[0].prefix}.idx")
@@ -146,7 +161,8 @@ def merge_tasks(prefix: str, output_prefix: str | None = None, num_tasks: int | 
             for lengths, tokens in _chunks(group):
                 output.add_documents(lengths, tokens)
         outputs = output.finalize({
-            "tokenizer": run["tokenizer"], "vocab_size": run["options"]["vocab_size"], "dtype": dtype.name,
+            "tokenizer": run["tokenizer"], "vocab_size": run["options"]["vocab_size"],
+            "tokenizer_sha256": run["options"]["tokenizer_sha256"], "eod": run["options"]["eod"], "dtype": dtype.name,
             "inputs": found["inputs"], "append_eod": run["options"]["append_eod"],
             "max_shard_tokens": max_shard_tokens, "skip_bad_records": found["skip_bad_records"],
             "merged_from": {"tasks": found["num_tasks"], "prefix": str(prefix), "run": run["run"]}})

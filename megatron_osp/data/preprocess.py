@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -24,10 +25,11 @@ import numpy as np
 
 from megatron_osp.data.indexed import IndexedDatasetWriter, token_dtype_for
 from megatron_osp.data.readers import BadRecord, CorruptInput, parse_json_record, record_chunks
-from megatron_osp.data.shardset import Stage
+from megatron_osp.data.shardset import Stage, sha256_file
 from megatron_osp.data.tokenizer import load_tokenizer
 
-__all__ = ["BadRecord", "CorruptInput", "PreprocessStats", "output_prefix_for", "preprocess"]
+__all__ = ["BadRecord", "CorruptInput", "PreprocessStats", "WorkerDied", "check_eod", "check_inputs", "check_json_keys",
+           "output_prefix_for", "preprocess"]
 
 
 @dataclass
@@ -65,7 +67,23 @@ def _init_worker(model_file: str, eod_token: str | None, in_pool: bool = False, 
     global _TOKENIZER
     if in_pool:  # one process per worker already; Rust threads on top would oversubscribe the cores
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        _exit_with_parent()
     _TOKENIZER = load_tokenizer(model_file, eod_token, word_cache)
+
+
+def _exit_with_parent(interval: float = 0.5) -> None:
+    """Worker: end when the main process is gone (killed: SIGTERM at a SLURM time limit, SIGKILL). The
+    executor's task queue gives its workers no end-of-file then, so they would live on, orphaned."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 @dataclass
@@ -95,6 +113,11 @@ def _tokenize_chunk(args) -> _Chunk:
     good = [p for p in parsed if not isinstance(p, BadRecord)] if bad else parsed
     dtype = token_dtype_for(_TOKENIZER.vocab_size)
     encoded = [_TOKENIZER.encode_flat([p[k] for p in good], threads=1) for k in range(len(keys))]
+    for ids, _ in encoded:  # a cast to the output dtype must never wrap an id silently
+        if ids.size and (ids.min() < 0 or ids.max() > np.iinfo(dtype).max):
+            raise ValueError(f"{_TOKENIZER.model_file}: gave token id {int(ids.max())} (lowest {int(ids.min())}) "
+                             f"in {path}:{first}..{first + len(items) - 1}, which {np.dtype(dtype)} (chosen for "
+                             f"its vocabulary of {_TOKENIZER.vocab_size}) cannot hold")
     keep = np.sum([lengths for _, lengths in encoded], axis=0) > 0 if good else np.zeros(0, bool)
     out_lengths, out_tokens = [], []
     for ids, lengths in encoded:
@@ -108,20 +131,80 @@ def _tokenize_chunk(args) -> _Chunk:
     return _Chunk(len(items), bad, int(len(keep) - keep.sum()), out_lengths, out_tokens, nbytes)
 
 
+class WorkerDied(RuntimeError):
+    """A tokenizing worker process ended abruptly (killed by a signal, e.g. the out-of-memory killer)."""
+
+
 def _ordered_bounded(pool, chunks, max_in_flight: int):
     """Like ``pool.imap`` (ordered), but reads ahead at most ``max_in_flight`` chunks.
 
     ``Pool.imap`` drains its input iterator as fast as it can, so a 100 GB file would be read into
     the task queue; this keeps memory bounded, and an error raised while reading (an empty file)
-    surfaces here in the main process.
+    surfaces here in the main process. ``pool`` is a ``ProcessPoolExecutor``: a worker that dies
+    breaks it and every pending chunk raises, where ``multiprocessing.Pool`` replaced the worker and
+    waited forever for the chunk it had taken.
     """
+    from concurrent.futures.process import BrokenProcessPool
+
     pending: deque = deque()
-    for chunk in chunks:
-        pending.append(pool.apply_async(_tokenize_chunk, (chunk,)))
-        if len(pending) >= max_in_flight:
-            yield pending.popleft().get()
-    while pending:
-        yield pending.popleft().get()
+    try:
+        for chunk in chunks:
+            pending.append((pool.submit(_tokenize_chunk, chunk), chunk))
+            if len(pending) >= max_in_flight:
+                yield pending[0][0].result()
+                pending.popleft()
+        while pending:
+            yield pending[0][0].result()
+            pending.popleft()
+    except BrokenProcessPool:  # from result() or submit(): name the lines of every chunk in flight
+        path, first, last = pending[0][1][0], pending[0][1][1], pending[-1][1]
+        raise WorkerDied(f"{path}:{first}..{last[1] + len(last[2]) - 1}: a tokenizing worker process died on "
+                         "these lines (killed by a signal; the out-of-memory killer? try fewer --workers)") from None
+
+
+def _stop(pool) -> None:
+    """End the workers now: chunks in flight are not waited for (an error or interrupt stops the run)."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+
+
+def check_eod(tokenizer, tokenizer_model: str, append_eod: bool) -> None:
+    """``append_eod`` needs an EOD id: a SentencePiece model trained without EOS has -1, which the cast
+    to the output dtype turned into 65535."""
+    if append_eod and tokenizer.eod < 0:
+        raise ValueError(f"{tokenizer_model}: has no end-of-document token (its end-of-sequence id is "
+                         f"{tokenizer.eod}), so documents cannot end with one; use a tokenizer with an EOS "
+                         "piece (tools/train_tokenizer.py makes </s> id 2) or leave out --append-eod")
+
+
+def check_inputs(paths) -> None:
+    """Every input exists, and none is given twice (a glob and a file, two globs or a directory that
+    overlap): its documents would be in the output twice."""
+    seen: dict[str, Path] = {}
+    for path in map(Path, paths):
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist")
+        real = os.path.realpath(path)
+        if real in seen:
+            same = "" if str(seen[real]) == str(path) else f" (as {seen[real]})"
+            raise ValueError(f"{path}: given twice as input{same}; its documents would be in the output twice")
+        seen[real] = path
+
+
+def check_json_keys(json_keys) -> None:
+    """Each key names one output dataset, ``<prefix>_<key>_document``: refuse none, a repeated key (its
+    documents would be written twice into one dataset) and a key that is not a plain file-name part."""
+    if not json_keys:
+        raise ValueError("json_keys is empty")
+    for i, key in enumerate(json_keys):
+        if not isinstance(key, str) or not key or "/" in key or os.sep in key or "\0" in key:
+            raise ValueError(f"--json-keys {key!r}: a key names its output dataset PREFIX_<key>_document, so it "
+                             "must be a non-empty name without a path separator")
+        if key in json_keys[:i]:
+            raise ValueError(f"--json-keys {key!r} is given twice (each key is one output dataset)")
 
 
 def output_prefix_for(output_prefix: str, key: str, shard: int | None = None) -> str:
@@ -235,15 +318,13 @@ def preprocess(
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    if not json_keys:
-        raise ValueError("json_keys is empty")
+    check_json_keys(json_keys)
     if max_shard_tokens is not None and max_shard_tokens < 1:
         raise ValueError(f"max_shard_tokens must be >= 1, got {max_shard_tokens}")
     tokenizer = load_tokenizer(tokenizer_model, eod_token)
+    check_eod(tokenizer, tokenizer_model, append_eod)
     paths = [Path(p) for p in inputs]
-    for path in paths:
-        if not path.exists():
-            raise FileNotFoundError(f"{path} does not exist")
+    check_inputs(paths)
     array_record = None
     if task is not None:
         from megatron_osp.data import array_tasks
@@ -255,8 +336,8 @@ def preprocess(
             [str(p) for p in paths], index, count, tokenizer, tokenizer.model_file, json_keys, append_eod)
         paths = [Path(p) for p in mine]
         output_prefix = array_tasks.task_prefix(output_prefix, index, count)
-    pool = (get_context("fork").Pool(workers, _init_worker, (tokenizer_model, eod_token, True, word_cache))
-            if workers > 1 else None)
+    pool = (ProcessPoolExecutor(workers, mp_context=get_context("fork"), initializer=_init_worker,
+                                initargs=(tokenizer_model, eod_token, True, word_cache)) if workers > 1 else None)
     try:
         if pool is None:
             _init_worker(tokenizer_model, eod_token, word_cache=word_cache)
@@ -264,7 +345,7 @@ def preprocess(
         output = _ShardedOutput(output_prefix, json_keys, token_dtype_for(tokenizer.vocab_size), max_shard_tokens)
     except BaseException:
         if pool is not None:
-            pool.terminate()
+            _stop(pool)
         raise
     stats = PreprocessStats(notes=list(output.stage.notes))
     start = time.perf_counter()
@@ -297,15 +378,18 @@ def preprocess(
             raise BadRecord(f"{paths[0]}: no non-empty documents in the input")
         outputs = output.finalize({
             "tokenizer": os.path.abspath(tokenizer_model), "vocab_size": int(tokenizer.vocab_size),
+            "tokenizer_sha256": sha256_file(tokenizer.model_file), "eod": int(tokenizer.eod),
             "dtype": np.dtype(output.dtype).name, "inputs": [str(p) for p in paths],
             "append_eod": bool(append_eod), "max_shard_tokens": max_shard_tokens,
             "skip_bad_records": bool(skip_bad_records), **({"array": array_record} if array_record else {})})
     except BaseException:
         output.abort()
+        if pool is not None:
+            _stop(pool)
         raise
     finally:
         if pool is not None:
-            pool.terminate()
+            pool.shutdown(wait=True)  # after _stop, only joins
         if bar is not None:
             bar.close()
     stats.seconds = time.perf_counter() - start

@@ -22,6 +22,7 @@ removed when the next run or merge on that prefix starts; ones from another host
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -84,7 +85,29 @@ def family_of(prefix: str | os.PathLike) -> str | None:
     return None
 
 
+_LISTED: dict[str, tuple[tuple, tuple[dict, dict[str, dict]]]] = {}  # manifest path -> (its stat, _listed)
+
+
 def _listed(family: str) -> tuple[dict, dict[str, dict]]:
+    """The complete manifest of ``family`` and its datasets by name. Kept while the file is unchanged
+    (same inode, size and mtime; publishing replaces it): every shard of a family asks for it, and
+    reading it each time made opening N shards cost N^2."""
+    path = os.path.abspath(manifest_path(family))
+    try:
+        st = os.stat(path)
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    except OSError:
+        key = None
+    cached = _LISTED.get(path)
+    if key is not None and cached is not None and cached[0] == key:
+        return cached[1]
+    result = _read_listed(family)
+    if key is not None:
+        _LISTED[path] = (key, result)
+    return result
+
+
+def _read_listed(family: str) -> tuple[dict, dict[str, dict]]:
     m = read_manifest(family)
     if m["state"] != "complete":
         raise ValueError(
@@ -125,13 +148,61 @@ def expand(prefix: str | os.PathLike) -> list[str]:
     return [os.path.join(os.path.dirname(prefix), name) for name in listed]
 
 
-def recorded_vocab_size(prefix: str | os.PathLike) -> int | None:
-    """The tokenizer vocabulary size the manifest of ``prefix``'s family records, if any."""
+def sha256_file(path: str | os.PathLike) -> str:
+    """A file's SHA-256 (hex): how a manifest names the tokenizer its ids came from."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def recorded_tokens(prefix: str | os.PathLike) -> dict:
+    """What the manifest of ``prefix``'s family records about how its ids were made: ``vocab_size``,
+    ``tokenizer_sha256``, ``eod``, ``append_eod`` (those it has; an array task's come from its run's
+    options); {} without a manifest."""
     family = family_of(prefix)
     if family is None:
-        return None
-    v = _listed(family)[0].get("vocab_size")
-    return v if isinstance(v, int) else None
+        return {}
+    m = _listed(family)[0]
+    array = m.get("array")
+    options = array.get("options", {}) if isinstance(array, dict) else {}
+    out = {}
+    for key, kind in (("vocab_size", int), ("tokenizer_sha256", str), ("eod", int), ("append_eod", bool)):
+        v = m.get(key, options.get(key))
+        if isinstance(v, kind) and (kind is bool or not isinstance(v, bool)):
+            out[key] = v
+    return out
+
+
+def check_same_tokens(recorded: dict[str, dict], eod: bool = True) -> None:
+    """Refuse datasets whose manifests say their ids came from different tokenizers (files, sizes) or,
+    with ``eod``, different EOD settings (one ends documents with EOD, another not, or with another id),
+    naming two. ``recorded``: dataset prefix -> its ``recorded_tokens``."""
+    def first_difference(key, applies=lambda r: True):
+        seen = [(p, r[key]) for p, r in recorded.items() if key in r and applies(r)]
+        return next(((seen[0], b) for b in seen[1:] if b[1] != seen[0][1]), None)
+
+    if d := first_difference("vocab_size"):
+        (a, va), (b, vb) = d
+        raise ValueError(f"{b}: made with a tokenizer of {vb} ids, {a} with one of {va} (their manifests); "
+                         "datasets of different tokenizers cannot be merged or trained on together")
+    if d := first_difference("tokenizer_sha256"):
+        (a, va), (b, vb) = d
+        raise ValueError(f"{b}: made with another tokenizer than {a} (their manifests record tokenizer files of "
+                         f"sha256 {vb[:12]} and {va[:12]}); datasets of different tokenizers cannot be merged "
+                         "or trained on together")
+    if not eod:
+        return
+    if d := first_difference("append_eod"):
+        (a, va), (b, vb) = d
+        raise ValueError(f"{b}: its documents {'end' if vb else 'do not end'} with an EOD token, {a}'s "
+                         f"{'do' if va else 'do not'} (their manifests: append_eod); merged, documents would "
+                         "run together in part of the data")
+    if d := first_difference("eod", applies=lambda r: r.get("append_eod") is True):
+        (a, va), (b, vb) = d
+        raise ValueError(f"{b}: its documents end with EOD id {vb}, {a}'s with {va} (their manifests); "
+                         "datasets of different EOD tokens cannot be merged")
 
 
 def datasets_in_directory(directory: str | os.PathLike) -> tuple[list[str], list[str]]:

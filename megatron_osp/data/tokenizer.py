@@ -30,7 +30,11 @@ class SentencePieceTokenizer:
         if not os.path.exists(model_file):
             raise FileNotFoundError(f"tokenizer model {model_file} does not exist")
         self.model_file = str(model_file)
-        self._sp = spm.SentencePieceProcessor(model_file=self.model_file)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=self.model_file)
+        except Exception as e:  # noqa: BLE001  (SentencePiece raises RuntimeError/OSError variants)
+            raise ValueError(f"{model_file}: not a SentencePiece model ({str(e).strip()}); a Hugging Face tokenizer "
+                             "is given as its tokenizer.json (or the directory holding it)") from None
         self._word_cache = None if word_cache else False  # built on first use (it holds the cache)
 
     @property
@@ -99,11 +103,16 @@ class HFTokenizer:
                 + (f"{eod_token!r} in the vocabulary" if eod_token else f"among {', '.join(HF_EOD_CANDIDATES)}; pass --eod-token")
             )
         self.eod_token, self._eod = found[0]
+        # One more than the largest id: the count of tokens falls short when the ids have gaps (an added
+        # token at an id past the rest), and the output dtype and range checks need every id to fit.
+        ids = self._tok.get_vocab(with_added_tokens=True).values()
+        self._id_bound = max(self._tok.get_vocab_size(with_added_tokens=True), max(ids, default=-1) + 1)
         self._word_cache = None if word_cache else False  # built on first use (it holds the cache)
 
     @property
     def vocab_size(self) -> int:
-        return self._tok.get_vocab_size(with_added_tokens=True)
+        """One more than the largest id (the number of tokens when the ids have no gaps)."""
+        return self._id_bound
 
     @property
     def eod(self) -> int:

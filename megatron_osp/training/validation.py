@@ -31,6 +31,7 @@ import math
 import os
 from typing import Callable
 
+from megatron_osp.data import shardset
 from megatron_osp.data.shardset import expand
 from megatron_osp.models.layer_specs import BACKENDS
 from megatron_osp.optimizer.builder import OPTIMIZERS
@@ -141,9 +142,9 @@ def _weights(v):
     if not isinstance(v, list) or not v:
         return "must be a non-empty list of numbers (or null for weights by size)"
     for i, w in enumerate(v):
-        if not _is_number(w) or not math.isfinite(w) or w < 0:
-            return f"entry {i} ({w!r}) must be a finite number >= 0"
-    return None if sum(v) > 0 else "must have a positive sum"
+        if not _is_number(w) or not math.isfinite(w) or w <= 0:  # the blend refuses 0 (normalize_weights)
+            return f"entry {i} ({w!r}) must be a finite number > 0 (leave a dataset out of data.paths to skip it)"
+    return None
 
 
 def _split(v):
@@ -456,7 +457,30 @@ def data_problems(config) -> list[str]:
                 )
     elif d.eod_id is None:
         problems.append("set data.tokenizer_model (or data.eod_id) so documents can be separated")
+    problems += _tokenizer_mix_problems(d, prefixes)
     return problems
+
+
+def _tokenizer_mix_problems(d, prefixes: list[str]) -> list[str]:
+    """Preprocessing outputs in ``data.paths`` made with different tokenizers (their manifests say so;
+    two tokenizers of one size pass every size and dtype check), or with another tokenizer than
+    ``data.tokenizer_model``."""
+    try:
+        recorded = {p: shardset.recorded_tokens(p) for p in prefixes}
+    except (OSError, ValueError):  # an unreadable or interrupted manifest is named when the dataset opens
+        return []
+    try:
+        shardset.check_same_tokens(recorded, eod=False)
+    except ValueError as e:
+        return [f"data.paths: {e}"]
+    if not d.tokenizer_model or not os.path.isfile(d.tokenizer_model):
+        return []
+    made = {p: r["tokenizer_sha256"] for p, r in recorded.items() if "tokenizer_sha256" in r}
+    if made and shardset.sha256_file(d.tokenizer_model) not in made.values():
+        p = next(iter(made))
+        return [f"data.paths: {p} was made with another tokenizer than data.tokenizer_model={d.tokenizer_model} "
+                f"(its manifest records a tokenizer file of sha256 {made[p][:12]})"]
+    return []
 
 
 def dataset_prefixes(paths, weights=None) -> list[str]:
