@@ -416,6 +416,33 @@ def test_options_llama_cannot_represent_are_named():
             model_config_from_llama(LlamaConfig(hidden_size=64, num_attention_heads=4, **kwargs))
 
 
+def test_import_names_a_tensor_that_does_not_match_config_json(tmp_path, capsys):
+    """An HF directory whose config.json disagrees with its weights (intermediate_size or
+    num_key_value_heads edited) used to stop with a bare reshape RuntimeError traceback; now the
+    tensor, its shape and the config fields are named, exit 2, nothing written."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=16)
+    LlamaForCausalLM(cfg).save_pretrained(str(tmp_path / "llama"))
+    from_hf = _tool("convert_from_hf")
+    for field, value, words in (
+        ("intermediate_size", 128, "layers.0.mlp.gate_proj.weight has shape (96, 64), but config.json implies "
+                                   "(intermediate_size=128, hidden_size=64)"),
+        ("num_key_value_heads", 2, "layers.0.self_attn.k_proj.weight has shape (64, 64), but config.json implies "
+                                   "(num_key_value_heads*head_dim=32, hidden_size=64)"),
+    ):
+        edited = tmp_path / field
+        shutil.copytree(tmp_path / "llama", edited)
+        data = json.loads((edited / "config.json").read_text())
+        data[field] = value
+        (edited / "config.json").write_text(json.dumps(data))
+        assert from_hf.main([str(edited), str(tmp_path / f"out_{field}")]) == 2
+        err = capsys.readouterr().err
+        assert words in err, err
+        assert not (tmp_path / f"out_{field}").exists()
+
+
 def _logical_for(mc):
     h, f, v = mc.hidden_size, mc.ffn_hidden_size, mc.padded_vocab_size()
     out = {"embedding.word_embeddings.weight": torch.randn(v, h), "output_layer.weight": torch.randn(v, h),

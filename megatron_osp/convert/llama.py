@@ -183,11 +183,17 @@ def hf_to_megatron(hf: dict[str, torch.Tensor], model: ModelConfig, padded_vocab
         raise ValueError("importing from Llama needs model.normalization='rmsnorm' (a vector gain per norm)")
     src = {k.removeprefix("model."): t for k, t in hf.items()}
     used: set[str] = set()
+    shapes = _llama_shapes(model)
 
     def take(name: str) -> torch.Tensor:
         if name not in src:
             raise ValueError(f"the Hugging Face model has no tensor {name!r}")
         used.add(name)
+        dims = shapes.get(name.split(".", 2)[-1] if name.startswith("layers.") else name)
+        if dims is not None and tuple(src[name].shape) != tuple(v for v, _ in dims):
+            raise ValueError(
+                f"the Hugging Face tensor {name} has shape {tuple(src[name].shape)}, but config.json implies "
+                f"({', '.join(f'{field}={v}' for v, field in dims)}): the weights and config.json do not match")
         return src[name]
 
     def pad(t: torch.Tensor, name: str) -> torch.Tensor:
@@ -220,6 +226,18 @@ def hf_to_megatron(hf: dict[str, torch.Tensor], model: ModelConfig, padded_vocab
         eye = torch.eye(model.hidden_size, dtype=out[_EMB].dtype)
         out[_P_IN], out[_P_OUT] = eye.clone(), eye.clone()
     return out
+
+
+def _llama_shapes(model: ModelConfig) -> dict[str, tuple[tuple[int, str], ...]]:
+    """HF tensor name (``layers.N.`` removed) -> its shape as (size, config.json field) pairs."""
+    h, f, heads, groups, d = (model.hidden_size, model.ffn_hidden_size, model.num_attention_heads,
+                              _groups(model), _head_dim(model))
+    hid, ffn = (h, "hidden_size"), (f, "intermediate_size")
+    q, kv = (heads * d, "num_attention_heads*head_dim"), (groups * d, "num_key_value_heads*head_dim")
+    return {"norm.weight": (hid,), "input_layernorm.weight": (hid,), "post_attention_layernorm.weight": (hid,),
+            "self_attn.q_proj.weight": (q, hid), "self_attn.k_proj.weight": (kv, hid),
+            "self_attn.v_proj.weight": (kv, hid), "self_attn.o_proj.weight": (hid, q),
+            "mlp.gate_proj.weight": (ffn, hid), "mlp.up_proj.weight": (ffn, hid), "mlp.down_proj.weight": (hid, ffn)}
 
 
 # ---------------------------------------------------------------------------------- configs
