@@ -149,3 +149,20 @@ def test_export_finds_a_relative_tokenizer_from_another_directory(run, tmp_path)
                     cwd=os.path.dirname(tmp_path))
     assert (tmp_path / "out" / "tokenizer.model").is_file(), proc.stdout + proc.stderr
     assert json.loads((tmp_path / "out" / "config.json").read_text())["eos_token_id"] == 2
+
+
+def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(run, tmp_path, capsys):
+    """--tokenizer with more pieces than model.vocab_size (another model's tokenizer) used to export
+    without complaint; its ids past the vocabulary have no embedding row. Now refused before any
+    model is built, naming both sizes; nothing is written."""
+    import sentencepiece as spm
+
+    texts = [json.loads(line)["text"] for line in open(run["corpus"], encoding="utf-8")]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_prefix=str(tmp_path / "big"),
+                                   vocab_size=400, model_type="bpe", byte_fallback=True, minloglevel=2)
+    out = tmp_path / "hf"
+    assert _tool("convert_to_hf").main([str(run["checkpoints"]), str(out), "--tokenizer",
+                                        str(tmp_path / "big.model")]) == 2
+    err = capsys.readouterr().err
+    assert "big.model has 400 tokens, more than the model's vocabulary of 320" in err, err
+    assert not out.exists() and not list(tmp_path.glob(".hf.tmp-*"))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_osp.convert.hf_tokenizer import IMPORTED_TOKENIZER, save_tokenizer
+from megatron_osp.convert.hf_tokenizer import IMPORTED_TOKENIZER, save_tokenizer, tokenizer_vocab_size
 from megatron_osp.convert.llama import ExportError, check_exportable, export_model_config, llama_config_kwargs, megatron_to_hf
 from megatron_osp.convert.output_safety import check_outside, check_replaceable_export, export_inputs, tokenizer_input
 
@@ -171,6 +171,10 @@ def export_checkpoint(ckpt_path, out_dir, *, dtype: str = "float32", max_shard_s
         tokenizer_model = find_run_tokenizer(run, ckpt, log)
     elif not Path(tokenizer_model).exists():
         raise FileNotFoundError(f"--tokenizer: {tokenizer_model} does not exist")
+    if tokenizer_model is not None and (pieces := tokenizer_vocab_size(tokenizer_model)) > model_cfg.vocab_size:
+        # Its ids above the vocabulary would index rows the exported embedding does not have.
+        raise ExportError(f"tokenizer {tokenizer_model} has {pieces} tokens, more than the model's vocabulary of "
+                          f"{model_cfg.vocab_size} (model.vocab_size of {ckpt}): it is not this model's tokenizer")
     # Before anything is built or written: the output may not overlap what the export reads, and
     # --overwrite replaces only a previous export.
     check_outside(out_dir, export_inputs(ckpt_path, ckpt, tokenizer_model))
