@@ -236,3 +236,54 @@ def test_local_tasks_example_writes_tasks_the_harness_loads(tmp_path):
     for r in rows:
         assert len(r["choices"]) == 4 and any(r["context"] + r["choices"][r["label"]] in d for d in held)
     check_tasks(parse_tasks("local_cloze,local_complete"), str(tmp_path / "tasks"))
+
+
+def test_malformed_local_tasks_are_refused_by_document_before_any_model_loads(tmp_path, monkeypatch, capsys):
+    """Local task files the harness would have scored wrongly without a word (an answer index past the
+    choices, an answer that is not a choice, a record without its label or answer field: all counted
+    as wrong answers) or stopped on only after the model had loaded (a document with no choices: "not
+    enough values to unpack"; more shots than examples: "Sample larger than population"). One error
+    names each task, file, document and field; no model loads, nothing is written. Well-formed tasks
+    (a null field that the template only tests, 4 shots from 5 examples) pass."""
+    import megatron_osp.analysis.downstream as downstream
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import evaluate_downstream
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    good = [{"question": f"q{i}", "choices": ["a", "b", "c"], "label": i % 3} for i in range(5)]
+    bad = {"bad_range": [{"question": "q", "choices": ["a", "b"], "label": 5}],
+           "bad_string": [{"question": "q", "choices": ["a", "b"], "label": "c"}],
+           "bad_empty": [{"question": "q", "choices": [], "label": 0}],
+           "bad_nolabel": [{"question": "q", "choices": ["a", "b"]}]}
+    for name, rows in {"fine": good, "few": good[:3], **{k: good[:2] + v for k, v in bad.items()}}.items():
+        (tasks / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (tasks / f"{name}.yaml").write_text(MC_YAML.replace("toy_mc", name).format(data=tasks / f"{name}.jsonl"))
+    gen = GEN_YAML.replace("toy_gen", "gen").replace('"{{{{question}}}}"', '"{{{{question}}}}{{% if hint %}} {{{{hint}}}}{{% endif %}}"')
+    (tasks / "gen.yaml").write_text(gen.format(data=tasks / "gen.jsonl"))
+    (tasks / "gen.jsonl").write_text(json.dumps({"question": "q", "answer": "a", "hint": None}) + "\n"
+                                     + json.dumps({"question": "q", "hint": "h"}) + "\n")
+    model = tmp_path / "hf"  # never loaded
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "tokenizer.json").write_text("{}")
+    calls = []
+    monkeypatch.setattr(downstream, "load_eval_model", lambda *a, **k: calls.append(a))
+    rc = evaluate_downstream.main([str(model), "--tasks", "fine:4,bad_range,bad_string,bad_empty,bad_nolabel,gen,"
+                                   "few:5", "--settings", "fp", "--include-path", str(tasks),
+                                   "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and calls == [] and not (tmp_path / "out").exists(), err
+    lines = [line.strip() for line in err.splitlines()]
+    expected = [
+        f"task bad_range: {tasks / 'bad_range.jsonl'}: document 3: answer index 5 is outside its 2 choices (0..1)",
+        f"task bad_string: {tasks / 'bad_string.jsonl'}: document 3: answer 'c' is not one of its choices ['a', 'b']",
+        f"task bad_empty: {tasks / 'bad_empty.jsonl'}: document 3: has no answer choices (doc_to_choice gives [])",
+        f"task bad_nolabel: {tasks / 'bad_nolabel.jsonl'}: document 3: field 'label' is missing or null",
+        f"task gen: {tasks / 'gen.jsonl'}: document 2: field 'answer' is missing or null",
+        "task few: 5-shot needs 5 few-shot examples, but its few-shot pool has 3",
+    ]
+    for line in expected:
+        assert line in lines, err
+    assert not any(line.startswith("task fine") for line in lines) and "document 1" not in err, err

@@ -14,7 +14,9 @@ same linear inputs, tested in tests/test_quantization.py).
 
 Data: tasks run offline (``offline()`` sets HF_DATASETS_OFFLINE / HF_HUB_OFFLINE); ``check_tasks``
 builds every task once before any model is loaded, so a dataset that is neither in the local HF
-datasets cache nor a local file of an ``--include-path`` YAML is refused by task name.
+datasets cache nor a local file of an ``--include-path`` YAML is refused by task name, and so is a
+task the harness would stop on or silently mis-score (``task_checks.py``: malformed local documents,
+too few few-shot examples).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from megatron_osp.analysis.task_checks import task_problems
 
 __all__ = ["SUITES", "TaskSpec", "parse_tasks", "offline", "check_tasks", "check_model_path", "load_eval_model",
            "evaluate_downstream", "summarize", "require_harness"]
@@ -156,14 +160,20 @@ def check_tasks(specs: list[TaskSpec], include_path: str | None = None):
             raise ValueError(f"--tasks: {', '.join(unknown)}: not a task of lm-evaluation-harness"
                              + (f" nor of --include-path {include_path}" if include_path else "")
                              + " (python -m lm_eval ls tasks lists them)")
-        problems = []
+        problems, built = [], []
         for spec in specs:
             try:
-                tm.load([spec.name])
+                built.append((spec, tm.load([spec.name])["tasks"]))
             except Exception as e:  # noqa: BLE001  (any failure to build the task is reported by name)
                 problems.append(_missing_message(tm, spec, e))
         if problems:
             raise ValueError("task data not available offline:\n  " + "\n  ".join(problems))
+        for spec, tasks in built:  # what the harness would find only while scoring (task_checks.py)
+            for leaf, task in tasks.items():
+                name = spec.name if leaf == spec.name else f"{spec.name}/{leaf}"
+                problems += task_problems(name, task, spec.num_fewshot)
+        if problems:
+            raise ValueError("tasks the harness would stop on or mis-score:\n  " + "\n  ".join(problems))
     return tm
 
 
