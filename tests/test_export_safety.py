@@ -166,3 +166,19 @@ def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(run, tmp_path,
     err = capsys.readouterr().err
     assert "big.model has 400 tokens, more than the model's vocabulary of 320" in err, err
     assert not out.exists() and not list(tmp_path.glob(".hf.tmp-*"))
+
+
+def test_evaluate_quantization_names_a_damaged_checkpoint_in_one_line(run, tmp_path):
+    """A checkpoint with a missing shard used to end evaluate_quantization.py in a CheckpointError
+    traceback; now exit 2 with the one line naming the file, and no report is written."""
+    ckpt = tmp_path / "checkpoints"
+    shutil.copytree(run["checkpoints"], ckpt)
+    shard = sorted(ckpt.glob("iter_*/*.distcp"))[0]
+    shard.unlink()
+    proc = run_tool([tool("evaluate_quantization"), str(ckpt), "--data", run["data"], "--settings", "fp",
+                     "--num-windows", "2", "--output-dir", str(tmp_path / "out")], check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: checkpoint") and f"missing shard file {shard}" in last, last
+    assert not (tmp_path / "out").exists()

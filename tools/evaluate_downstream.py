@@ -59,9 +59,11 @@ def _progress(total: int):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from megatron_osp.training.checkpoint_integrity import CheckpointError
+
     try:
         return _run(args)
-    except (ValueError, FileNotFoundError, ImportError) as e:  # bad input: clear lines, no traceback
+    except (ValueError, FileNotFoundError, ImportError, CheckpointError) as e:  # bad input: clear lines, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -65,9 +65,12 @@ def _progress(total: int, desc: str):
 
 
 def main(argv=None) -> int:
+    args = parse_args(argv)
+    from megatron_osp.training.checkpoint_integrity import CheckpointError
+
     try:
-        return _run(parse_args(argv))
-    except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
+        return _run(args)
+    except (ValueError, FileNotFoundError, CheckpointError) as e:  # bad input: one clear line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
 
