@@ -443,6 +443,25 @@ def test_import_names_a_tensor_that_does_not_match_config_json(tmp_path, capsys)
         assert not (tmp_path / f"out_{field}").exists()
 
 
+def test_import_refuses_options_training_would_refuse(tmp_path, capsys):
+    """--seq-length 0 or -5 used to write a checkpoint whose run config no run can load (and whose export
+    has max_position_embeddings=-5); --make-vocab-size-divisible-by 0 ended in a ZeroDivisionError
+    traceback. Now the field is named, exit 2, nothing written."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                 num_attention_heads=4, max_position_embeddings=16)).save_pretrained(str(tmp_path / "llama"))
+    from_hf = _tool("convert_from_hf")
+    for option, value, words in (("--seq-length", "-5", "model.seq_length=-5: must be >= 1"),
+                                 ("--seq-length", "0", "model.seq_length=0: must be >= 1"),
+                                 ("--make-vocab-size-divisible-by", "0", "model.make_vocab_size_divisible_by=0: must be >= 1")):
+        out = tmp_path / f"out{option}{value}"
+        assert from_hf.main([str(tmp_path / "llama"), str(out), option, value]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err, err
+        assert not out.exists()
+
+
 def _logical_for(mc):
     h, f, v = mc.hidden_size, mc.ffn_hidden_size, mc.padded_vocab_size()
     out = {"embedding.word_embeddings.weight": torch.randn(v, h), "output_layer.weight": torch.randn(v, h),

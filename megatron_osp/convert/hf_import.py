@@ -63,6 +63,7 @@ def import_hf(hf_dir, save_dir, *, embedding_projection: bool = False, seq_lengt
     from megatron_osp.models.layout import load_logical_state_dict
     from megatron_osp.training.checkpoint import save_checkpoint
     from megatron_osp.training.config import DataSettings, RunConfig, TrainSettings
+    from megatron_osp.training.validation import check_config
 
     d = Path(hf_dir)
     if not (d / "config.json").is_file():
@@ -76,6 +77,13 @@ def import_hf(hf_dir, save_dir, *, embedding_projection: bool = False, seq_lengt
     model_cfg = model_config_from_llama(hf_cfg, embedding_projection=embedding_projection,
                                         seq_length=seq_length,
                                         make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    # Absolute paths: the checkpoint is used from other directories (training, export).
+    data = DataSettings(tokenizer_model=str(sp_model) if sp_model else None,
+                        eod_id=eod_id if sp_model is None and isinstance(eod_id, int) else None)
+    run = RunConfig(model=model_cfg, data=data, train=TrainSettings(seed=seed))
+    # What training would refuse (--seq-length 0, --make-vocab-size-divisible-by 0, ...), refused now,
+    # by field, before anything is read or written.
+    check_config(run, source=f"the model imported from {d}")
     hf = read_hf_state_dict(d)
     logical = hf_to_megatron(hf, model_cfg, model_cfg.padded_vocab_size(1))
 
@@ -84,10 +92,6 @@ def import_hf(hf_dir, save_dir, *, embedding_projection: bool = False, seq_lengt
     model = build_gpt_model(model_cfg, transformer_config(model_cfg, params_dtype=torch.float32),
                             pre_process=True, post_process=True, seed=seed, layout_independent_init=False)
     load_logical_state_dict(model, logical)
-    # Absolute paths: the checkpoint is used from other directories (training, export).
-    data = DataSettings(tokenizer_model=str(sp_model) if sp_model else None,
-                        eod_id=eod_id if sp_model is None and isinstance(eod_id, int) else None)
-    run = RunConfig(model=model_cfg, data=data, train=TrainSettings(seed=seed))
     path = save_checkpoint(save_dir, 0, [model], run, save_rng=False)
     if hf_tokenizer is not None:
         _store_hf_tokenizer(hf_tokenizer, ids, Path(save_dir))
