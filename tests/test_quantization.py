@@ -257,6 +257,57 @@ def test_evaluate_quantization_tool_on_hf_directories(tmp_path):
     assert "weight rounding costs" not in (tmp_path / "o4" / "quantization.md").read_text()
 
 
+def test_settings_that_cannot_apply_are_refused_before_any_evaluation(tmp_path, capsys):
+    """A weight group size of 0, or one that does not divide a linear's input width, and QuaRot on tied
+    embeddings used to fail only when that setting's turn came, after the settings (and models) before
+    it had been evaluated, and the run then wrote nothing. Now: refused first, naming the setting and
+    the model (evaluate_quantization.py: before any model loads), as are window/batch counts below 1."""
+    import sys
+    from pathlib import Path
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from megatron_osp.data.indexed import IndexedDatasetWriter
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import evaluate_quantization
+
+    _tiny_llama(0).save_pretrained(tmp_path / "m0")
+    LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                 num_attention_heads=4)).save_pretrained(tmp_path / "m1")
+    with IndexedDatasetWriter(tmp_path / "held") as writer:
+        writer.add_document(np.arange(90) % 96)
+    capsys.readouterr()
+    rc = evaluate_quantization.main([str(tmp_path / "m0"), str(tmp_path / "m1"), "--data", str(tmp_path / "held"),
+                                     "--seq-length", "8", "--device", "cpu", "--settings", "fp", "4-4-4-g32",
+                                     "--output-dir", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    assert rc == 2 and "== " not in out, out  # no model was loaded
+    assert f"{tmp_path / 'm1'}: setting 4-4-4-g32: weight group size 32 does not divide" in err and "48" in err, err
+    assert not (tmp_path / "out").exists()
+    # Counts below 1 used to fail after the model loaded (--batch-size 0: "range() arg 3 must not be zero";
+    # --stats-windows 0, --num-windows -3: a RuntimeError traceback) or be ignored (--seq-length 0).
+    for option in ("--num-windows", "--batch-size", "--seq-length", "--stats-windows", "--calibration-windows"):
+        rc = evaluate_quantization.main([str(tmp_path / "m0"), "--data", str(tmp_path / "held"), "--settings", "fp",
+                                         option, "0", "--output-dir", str(tmp_path / "out")])
+        out, err = capsys.readouterr()
+        assert rc == 2 and f"{option} must be >= 1, got 0" in err and "== " not in out, err
+    assert not (tmp_path / "out").exists()
+
+    with pytest.raises(ValueError, match="group size .* must be >= 1"):
+        parse_setting("4-4-4-g0")
+    from megatron_osp.analysis.evaluation import check_settings
+
+    with pytest.raises(ValueError, match="setting 4-4-4-g24: weight group size 24 does not divide the 32 input "
+                                         "columns of layer_1"):
+        check_settings(_tiny_llama(), [parse_setting("4-4-4-g24")])
+    check_settings(_tiny_llama(), [parse_setting("4-4-4-g32"), parse_setting("4-4-4+quarot")])
+    tied = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=4, tie_word_embeddings=True))
+    with pytest.raises(ValueError, match="setting 4-4-4\\+quarot: QuaRot .* ties it to the embedding"):
+        check_settings(tied, [parse_setting("4-4-4+quarot")])
+
+
 def test_compare_runs_table_gets_the_quantization_columns(tmp_path):
     import json
 

@@ -72,6 +72,7 @@ def _check(args):
     """Everything that can be refused, before any model is loaded."""
     from megatron_osp.analysis.downstream import check_model_path, check_tasks, parse_tasks, require_harness
     from megatron_osp.analysis.evaluation import parse_document_range
+    from megatron_osp.analysis.loading import check_group_sizes
     from megatron_osp.analysis.quantization import parse_setting
 
     settings = [parse_setting(s) for s in args.settings.split(",") if s.strip()]
@@ -83,8 +84,10 @@ def _check(args):
     labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
     if labels and len(labels) != len(args.models):
         raise ValueError(f"--labels has {len(labels)} entries for {len(args.models)} models")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    for option, value in (("--batch-size", args.batch_size), ("--calibration-windows", args.calibration_windows),
+                          ("--seq-length", args.seq_length)):
+        if value is not None and value < 1:
+            raise ValueError(f"{option} must be >= 1, got {value}")
     if args.limit is not None and args.limit <= 0:
         raise ValueError(f"--limit must be > 0, got {args.limit}")
     if any(s.gptq for s in settings):
@@ -97,6 +100,7 @@ def _check(args):
         parse_document_range(args.calibration_documents)
     for m in args.models:
         check_model_path(m)
+        check_group_sizes(m, settings)
     require_harness()
     specs = parse_tasks(args.tasks)
     tm = check_tasks(specs, args.include_path)

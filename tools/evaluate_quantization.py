@@ -84,7 +84,7 @@ def _run(args) -> int:
     import torch
 
     from megatron_osp.analysis.evaluation import load_token_windows, parse_document_range
-    from megatron_osp.analysis.loading import load_for_analysis
+    from megatron_osp.analysis.loading import check_group_sizes, load_for_analysis
     from megatron_osp.analysis.quant_report import DEFAULT_SETTINGS, evaluate_model, format_table, write_report
     from megatron_osp.analysis.quantization import parse_setting
     from megatron_osp.analysis.weight_error import roles_of
@@ -94,6 +94,11 @@ def _run(args) -> int:
         return 2
     try:
         settings = [parse_setting(s) for s in (args.settings or DEFAULT_SETTINGS)]
+        for option, value in (("--num-windows", args.num_windows), ("--batch-size", args.batch_size),
+                              ("--seq-length", args.seq_length), ("--stats-windows", args.stats_windows),
+                              ("--calibration-windows", args.calibration_windows)):
+            if value is not None and value < 1:
+                raise ValueError(f"{option} must be >= 1, got {value}")
         if args.weight_error_windows < 0:
             raise ValueError(f"--weight-error-windows must be >= 0, got {args.weight_error_windows}")
         if not 2 <= args.weight_error_bits < 16:
@@ -101,6 +106,10 @@ def _run(args) -> int:
         for prefix_ext in (".bin", ".idx"):
             if not Path(args.data + prefix_ext).exists():
                 raise FileNotFoundError(f"--data: {args.data + prefix_ext} does not exist")
+        for path in args.models:
+            if not Path(path).exists():
+                raise FileNotFoundError(f"{path} does not exist")
+            check_group_sizes(path, settings)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

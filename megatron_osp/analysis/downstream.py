@@ -298,15 +298,16 @@ def evaluate_downstream(em: EvalModel, settings, specs: list[TaskSpec], tm, batc
     each setting is applied in place with ``evaluation.apply_setting`` and undone afterwards."""
     from lm_eval.models.huggingface import HFLM
 
-    from megatron_osp.analysis.evaluation import apply_setting
+    from megatron_osp.analysis.evaluation import apply_setting, check_settings
     from megatron_osp.analysis.model_parts import model_parts
     from megatron_osp.analysis.quantization import parse_setting
 
-    lm = HFLM(pretrained=em.model, tokenizer=em.tokenizer_dir, batch_size=batch_size)
     parts = model_parts(em.model)
+    settings = [parse_setting(s) if isinstance(s, str) else s for s in settings]
+    check_settings(parts, settings, em.label)  # before any task runs: a late refusal would lose them all
+    lm = HFLM(pretrained=em.model, tokenizer=em.tokenizer_dir, batch_size=batch_size)
     res = {"label": em.label, "kind": em.kind, "settings": {}}
     for setting in settings:
-        setting = parse_setting(setting) if isinstance(setting, str) else setting
         tasks = {}
         with apply_setting(parts, setting, calibration=calibration, batch_size=batch_size):
             for spec in specs:
