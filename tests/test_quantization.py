@@ -308,6 +308,44 @@ def test_settings_that_cannot_apply_are_refused_before_any_evaluation(tmp_path, 
         check_settings(tied, [parse_setting("4-4-4+quarot")])
 
 
+def test_models_with_the_same_default_label_stay_apart(tmp_path, capsys):
+    """Two models whose default labels agree (two HF directories both named "model"; two checkpoints of
+    one run) used to share one label: the plots, keyed by label, silently drew only the second, and the
+    tables had two indistinguishable rows. Now the second is labelled with its path; --labels naming a
+    model twice is refused."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from megatron_osp.analysis import plots
+    from megatron_osp.data.indexed import IndexedDatasetWriter
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import evaluate_quantization
+
+    for seed, parent in ((0, "a"), (1, "b")):
+        _tiny_llama(seed).save_pretrained(tmp_path / parent / "model")
+    with IndexedDatasetWriter(tmp_path / "held") as writer:
+        writer.add_document(np.arange(90) % 96)
+    drawn = []
+    real = plots.plot_perplexity_vs_bits
+    plots.plot_perplexity_vs_bits = lambda models, path: (drawn.append(list(models)), real(models, path))
+    try:
+        common = ["--data", str(tmp_path / "held"), "--seq-length", "8", "--num-windows", "2", "--documents", "0:1",
+                  "--device", "cpu", "--settings", "fp", "--weight-error-windows", "0", "--stats-windows", "1"]
+        models = [str(tmp_path / "a" / "model"), str(tmp_path / "b" / "model")]
+        assert evaluate_quantization.main(models + common + ["--output-dir", str(tmp_path / "out")]) == 0
+    finally:
+        plots.plot_perplexity_vs_bits = real
+    labels = [m["label"] for m in json.loads((tmp_path / "out" / "quantization.json").read_text())["models"]]
+    assert labels == ["model", f"model ({models[1]})"], labels
+    if plots.plots_available():
+        assert drawn == [labels]
+    capsys.readouterr()
+    assert evaluate_quantization.main(models + common + ["--labels", "x", "x", "--output-dir", str(tmp_path / "o2")]) == 2
+    assert "--labels names a model twice" in capsys.readouterr().err and not (tmp_path / "o2").exists()
+
+
 def test_compare_runs_table_gets_the_quantization_columns(tmp_path):
     import json
 

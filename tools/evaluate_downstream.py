@@ -84,6 +84,8 @@ def _check(args):
     labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
     if labels and len(labels) != len(args.models):
         raise ValueError(f"--labels has {len(labels)} entries for {len(args.models)} models")
+    if labels and len(set(labels)) != len(labels):
+        raise ValueError(f"--labels names a model twice ({', '.join(labels)}): the report keys models by label")
     for option, value in (("--batch-size", args.batch_size), ("--calibration-windows", args.calibration_windows),
                           ("--seq-length", args.seq_length)):
         if value is not None and value < 1:
@@ -131,6 +133,8 @@ def _run(args) -> int:
         log(f"== {path}")
         em = load_eval_model(path, device=device, dtype=dtype, label=labels[i] if labels else None,
                              log=lambda *a: None)
+        if any(r["label"] == em.label for r in results):  # default labels (optimizer/norms, directory name)
+            em.label = f"{em.label} ({path})"
         try:
             calib = None
             if any(s.gptq for s in settings):

@@ -92,6 +92,10 @@ def _run(args) -> int:
     if args.labels and len(args.labels) != len(args.models):
         print(f"error: --labels has {len(args.labels)} entries for {len(args.models)} models", file=sys.stderr)
         return 2
+    if args.labels and len(set(args.labels)) != len(args.labels):
+        print(f"error: --labels names a model twice ({', '.join(args.labels)}): the report and plots key "
+              "models by label", file=sys.stderr)
+        return 2
     try:
         settings = [parse_setting(s) for s in (args.settings or DEFAULT_SETTINGS)]
         for option, value in (("--num-windows", args.num_windows), ("--batch-size", args.batch_size),
@@ -122,6 +126,8 @@ def _run(args) -> int:
         label = args.labels[i] if args.labels else None
         print(f"== {path}", flush=True)
         loaded = load_for_analysis(path, device=device, dtype=dtype, label=label)
+        if any(r["label"] == loaded.label for r in results):  # default labels (optimizer/norms, directory name)
+            loaded.label = f"{loaded.label} ({path})"  # the plots would draw only one of the two
         if windows is None:
             seq = args.seq_length or loaded.seq_length
             if args.documents:
