@@ -346,6 +346,28 @@ def test_models_with_the_same_default_label_stay_apart(tmp_path, capsys):
     assert "--labels names a model twice" in capsys.readouterr().err and not (tmp_path / "o2").exists()
 
 
+def test_held_out_tokens_outside_the_vocabulary_are_named(tmp_path, capsys):
+    """--data tokenized by another (larger) tokenizer used to end in "IndexError: index out of range in
+    self" from the embedding, a traceback; now one line naming the data, the id and the vocabulary."""
+    import sys
+    from pathlib import Path
+
+    from megatron_osp.data.indexed import IndexedDatasetWriter
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import evaluate_quantization
+
+    _tiny_llama(0).save_pretrained(tmp_path / "m")  # vocabulary 96
+    with IndexedDatasetWriter(tmp_path / "held") as writer:
+        writer.add_document((np.arange(90) * 7) % 100)  # ids up to 99 (98 is the 15th token)
+    rc = evaluate_quantization.main([str(tmp_path / "m"), "--data", str(tmp_path / "held"), "--documents", "0:1",
+                                     "--seq-length", "8", "--num-windows", "4", "--device", "cpu", "--settings", "fp",
+                                     "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"--data {tmp_path / 'held'}: token id" in err and "outside the model's vocabulary of 96" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_compare_runs_table_gets_the_quantization_columns(tmp_path):
     import json
 

@@ -119,7 +119,7 @@ def _run(args) -> int:
 
     from megatron_osp.analysis.downstream import evaluate_downstream, load_eval_model
     from megatron_osp.analysis.downstream_report import format_markdown, write_report
-    from megatron_osp.analysis.evaluation import load_token_windows, parse_document_range
+    from megatron_osp.analysis.evaluation import check_token_ids, load_token_windows, parse_document_range
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -140,6 +140,7 @@ def _run(args) -> int:
             if any(s.gptq for s in settings):
                 calib = load_token_windows(args.calibration_data, args.seq_length or em.seq_length,
                                            args.calibration_windows, parse_document_range(args.calibration_documents))
+                check_token_ids(em.model, calib, f"{em.label}: --calibration-data {args.calibration_data}")
 
             def on_task(setting, task, res, label=em.label):
                 if bar is not None:

@@ -83,7 +83,7 @@ def _run(args) -> int:
         warnings.filterwarnings("ignore", message=pattern)
     import torch
 
-    from megatron_osp.analysis.evaluation import load_token_windows, parse_document_range
+    from megatron_osp.analysis.evaluation import check_token_ids, load_token_windows, parse_document_range
     from megatron_osp.analysis.loading import check_group_sizes, load_for_analysis
     from megatron_osp.analysis.quant_report import DEFAULT_SETTINGS, evaluate_model, format_table, write_report
     from megatron_osp.analysis.quantization import parse_setting
@@ -153,6 +153,8 @@ def _run(args) -> int:
                 "settings": [s.name for s in settings],
             }
             print(f"held-out: {windows.shape[0]} x {seq} tokens from documents {held[0]}:{held[1]} of {args.data}")
+        check_token_ids(loaded.model, windows, f"{loaded.label}: --data {args.data}")
+        check_token_ids(loaded.model, calib, f"{loaded.label}: the GPTQ calibration windows of --data {args.data}")
         passes = len(settings) + (len(roles_of(loaded.model)) if args.weight_error_windows > 0 else 0)
         bar = _progress(passes * windows.shape[0], loaded.label)
         t0 = time.perf_counter()

@@ -298,13 +298,15 @@ def evaluate_downstream(em: EvalModel, settings, specs: list[TaskSpec], tm, batc
     each setting is applied in place with ``evaluation.apply_setting`` and undone afterwards."""
     from lm_eval.models.huggingface import HFLM
 
-    from megatron_osp.analysis.evaluation import apply_setting, check_settings
+    from megatron_osp.analysis.evaluation import apply_setting, check_settings, check_token_ids
     from megatron_osp.analysis.model_parts import model_parts
     from megatron_osp.analysis.quantization import parse_setting
 
     parts = model_parts(em.model)
     settings = [parse_setting(s) if isinstance(s, str) else s for s in settings]
     check_settings(parts, settings, em.label)  # before any task runs: a late refusal would lose them all
+    if any(s.gptq for s in settings):
+        check_token_ids(parts, calibration, f"{em.label}: the GPTQ calibration windows")
     lm = HFLM(pretrained=em.model, tokenizer=em.tokenizer_dir, batch_size=batch_size)
     res = {"label": em.label, "kind": em.kind, "settings": {}}
     for setting in settings:

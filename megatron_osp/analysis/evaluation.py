@@ -39,6 +39,7 @@ __all__ = [
     "apply_setting",
     "evaluate_settings",
     "check_settings",
+    "check_token_ids",
     "PerplexityResult",
 ]
 
@@ -194,6 +195,21 @@ def apply_setting(
         finally:
             stack.close()
             _restore(parts.model, snap)
+
+
+def check_token_ids(model: nn.Module | ModelParts, windows: Tensor | None, what: str) -> None:
+    """ValueError when ``windows`` hold a token id outside the model's vocabulary (data tokenized by
+    another tokenizer): the embedding lookup would otherwise fail with a bare IndexError, or, for a
+    Megatron model's padding rows, read rows no token was trained on."""
+    if windows is None or windows.numel() == 0:
+        return
+    parts = model_parts(model)
+    vocab = parts.vocab_size or parts.embedding.weight.shape[0]
+    top = int(windows.max())
+    if top >= vocab or int(windows.min()) < 0:
+        bad = top if top >= vocab else int(windows.min())
+        raise ValueError(f"{what}: token id {bad} is outside the model's vocabulary of {vocab} (tokenized with "
+                         "another model's tokenizer?)")
 
 
 def check_settings(model: nn.Module | ModelParts, settings: Iterable[QuantSetting], what: str = "the model") -> None:
