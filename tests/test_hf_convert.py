@@ -462,6 +462,34 @@ def test_import_refuses_options_training_would_refuse(tmp_path, capsys):
         assert not out.exists()
 
 
+def test_truncated_safetensors_is_named_by_import_and_evaluation(tmp_path, capsys):
+    """A model.safetensors cut short (an interrupted download) used to end convert_from_hf.py and
+    evaluate_quantization.py in a SafetensorError traceback that names no file; now one line naming the
+    file or model, exit 2, nothing written."""
+    import os
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from megatron_osp.data.indexed import IndexedDatasetWriter
+
+    d = tmp_path / "llama"
+    LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                 num_attention_heads=4, max_position_embeddings=16)).save_pretrained(str(d))
+    weights = d / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+    assert _tool("convert_from_hf").main([str(d), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{weights} cannot be read as safetensors" in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+    with IndexedDatasetWriter(tmp_path / "held") as writer:
+        writer.add_document(np.arange(60) % 100)
+    assert _tool("evaluate_quantization").main([str(d), "--data", str(tmp_path / "held"), "--documents", "0:1",
+                                                "--output-dir", str(tmp_path / "q")]) == 2
+    err = capsys.readouterr().err
+    assert f"{d}: its safetensors weights cannot be read" in err, err
+    assert not (tmp_path / "q").exists()
+
+
 def _logical_for(mc):
     h, f, v = mc.hidden_size, mc.ffn_hidden_size, mc.padded_vocab_size()
     out = {"embedding.word_embeddings.weight": torch.randn(v, h), "output_layer.weight": torch.randn(v, h),

@@ -68,7 +68,13 @@ def _load_megatron(path: Path, device: torch.device, dtype: torch.dtype, label: 
 def _load_hf(path: Path, device: torch.device, dtype: torch.dtype, label: str | None) -> LoadedModel:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="eager")
+    from safetensors import SafetensorError
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="eager")
+    except SafetensorError as e:  # a truncated or damaged weights file: name the model, not a traceback
+        raise ValueError(f"{path}: its safetensors weights cannot be read ({e}): a damaged or incomplete "
+                         "download?") from None
     model = model.to(device).eval()
     seq = int(getattr(model.config, "max_position_embeddings", 2048))
     return LoadedModel(model, "hf", label or path.name, seq)

@@ -31,6 +31,7 @@ __all__ = ["read_hf_state_dict", "import_hf"]
 def read_hf_state_dict(hf_dir) -> dict[str, torch.Tensor]:
     """All tensors of an HF directory (``model.safetensors`` or a sharded index); names the file
     that is missing."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     d = Path(hf_dir)
@@ -45,7 +46,11 @@ def read_hf_state_dict(hf_dir) -> dict[str, torch.Tensor]:
     for name in files:
         if not (d / name).is_file():
             raise FileNotFoundError(f"{index} names {name}, which is missing from {d}")
-        out.update(load_file(str(d / name)))
+        try:
+            out.update(load_file(str(d / name)))
+        except SafetensorError as e:  # truncated or not a safetensors file
+            raise ValueError(f"{d / name} cannot be read as safetensors ({e}): a damaged or incomplete "
+                             "download?") from None
     return out
 
 
