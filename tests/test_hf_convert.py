@@ -464,8 +464,8 @@ def test_import_refuses_options_training_would_refuse(tmp_path, capsys):
 
 def test_truncated_safetensors_is_named_by_import_and_evaluation(tmp_path, capsys):
     """A model.safetensors cut short (an interrupted download) used to end convert_from_hf.py and
-    evaluate_quantization.py in a SafetensorError traceback that names no file; now one line naming the
-    file or model, exit 2, nothing written."""
+    evaluate_quantization.py in a SafetensorError traceback that names no file, a config.json cut short
+    in an OSError traceback; now one line naming the file or model, exit 2, nothing written."""
     import os
 
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -488,6 +488,14 @@ def test_truncated_safetensors_is_named_by_import_and_evaluation(tmp_path, capsy
     err = capsys.readouterr().err
     assert f"{d}: its safetensors weights cannot be read" in err, err
     assert not (tmp_path / "q").exists()
+    (d / "config.json").write_text("{")  # and a config.json cut short: an OSError traceback before
+    assert _tool("convert_from_hf").main([str(d), str(tmp_path / "out")]) == 2
+    assert_line = capsys.readouterr().err
+    assert "config.json' is not a valid JSON file" in assert_line and "Traceback" not in assert_line, assert_line
+    assert _tool("evaluate_quantization").main([str(d), "--data", str(tmp_path / "held"), "--documents", "0:1",
+                                                "--output-dir", str(tmp_path / "q")]) == 2
+    assert "config.json' is not a valid JSON file" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "q").exists()
 
 
 def _logical_for(mc):

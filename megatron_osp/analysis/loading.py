@@ -75,6 +75,8 @@ def _load_hf(path: Path, device: torch.device, dtype: torch.dtype, label: str | 
     except SafetensorError as e:  # a truncated or damaged weights file: name the model, not a traceback
         raise ValueError(f"{path}: its safetensors weights cannot be read ({e}): a damaged or incomplete "
                          "download?") from None
+    except OSError as e:  # transformers' word for a config.json that is not JSON, a missing weights file
+        raise ValueError(f"{path}: {e}") from None
     model = model.to(device).eval()
     seq = int(getattr(model.config, "max_position_embeddings", 2048))
     return LoadedModel(model, "hf", label or path.name, seq)
@@ -87,11 +89,13 @@ def linear_input_widths(path: str) -> dict[str, int]:
 
     p = Path(path)
     if (p / "config.json").exists():
-        cfg = json.loads((p / "config.json").read_text())
         try:
+            cfg = json.loads((p / "config.json").read_text())
             h, heads, ffn = cfg["hidden_size"], cfg["num_attention_heads"], cfg["intermediate_size"]
         except KeyError as e:
             raise ValueError(f"{p / 'config.json'} has no {e.args[0]}: not a Llama-style config") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{p / 'config.json'} is not valid JSON ({e})") from None
         return {"qkv/fc1": h, "o_proj": heads * (cfg.get("head_dim") or h // heads), "down_proj": ffn}
     from megatron_osp.training.checkpoint import read_run_config
 

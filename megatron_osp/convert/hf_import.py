@@ -78,7 +78,10 @@ def import_hf(hf_dir, save_dir, *, embedding_projection: bool = False, seq_lengt
     ids = _special_ids(d, hf_tokenizer)
     eos = ids.get("eos_token_id")
     eod_id = eos[0] if isinstance(eos, list) and eos else eos
-    hf_cfg = AutoConfig.from_pretrained(str(d), local_files_only=True)
+    try:
+        hf_cfg = AutoConfig.from_pretrained(str(d), local_files_only=True)
+    except OSError as e:  # transformers' word for a config.json that is not JSON
+        raise ValueError(str(e)) from None
     model_cfg = model_config_from_llama(hf_cfg, embedding_projection=embedding_projection,
                                         seq_length=seq_length,
                                         make_vocab_size_divisible_by=make_vocab_size_divisible_by)
