@@ -182,3 +182,29 @@ def test_evaluate_quantization_names_a_damaged_checkpoint_in_one_line(run, tmp_p
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: checkpoint") and f"missing shard file {shard}" in last, last
     assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_run_tokenizer_stops_the_export_unless_no_tokenizer(run, tmp_path, capsys):
+    """A run whose recorded tokenizer is not on this machine used to export with only a warning line and
+    no tokenizer files: an export AutoTokenizer cannot load, found out later. Now refused, naming the
+    path and the two ways on; --no-tokenizer exports the model alone."""
+    import yaml
+
+    from megatron_osp.training.checkpoint import resolve_checkpoint
+    from megatron_osp.training.checkpoint_integrity import write_manifest
+
+    ckpt = tmp_path / "checkpoints"
+    shutil.copytree(run["checkpoints"], ckpt)
+    cfg_file = resolve_checkpoint(ckpt) / "run_config.yaml"
+    cfg = yaml.safe_load(cfg_file.read_text())
+    cfg["data"]["tokenizer_model"] = str(tmp_path / "elsewhere" / "tokenizer.model")
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    write_manifest(cfg_file.parent)  # a deliberate edit: vouch for it
+    to_hf = _tool("convert_to_hf")
+    assert to_hf.main([str(ckpt), str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert f"the run's tokenizer {tmp_path / 'elsewhere' / 'tokenizer.model'}" in err and "--no-tokenizer" in err, err
+    assert not (tmp_path / "hf").exists()
+    assert to_hf.main([str(ckpt), str(tmp_path / "hf"), "--no-tokenizer"]) == 0
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "generation_config.json",
+                                                                   "model.safetensors"]

@@ -219,7 +219,7 @@ def load_eval_model(path: str, device="cpu", dtype=None, label: str | None = Non
     if check_model_path(path) == "hf":
         loaded = load_for_analysis(path, device=device, dtype=dtype, label=label)
         return EvalModel(loaded.model, str(path), loaded.label, "hf", loaded.seq_length)
-    from megatron_osp.convert.hf_export import export_checkpoint
+    from megatron_osp.convert.hf_export import export_checkpoint, find_run_tokenizer
     from megatron_osp.training.checkpoint import read_run_config, resolve_checkpoint
 
     p = Path(path)
@@ -227,12 +227,13 @@ def load_eval_model(path: str, device="cpu", dtype=None, label: str | None = Non
         p = p / "checkpoints"
     ckpt = resolve_checkpoint(p)
     run = read_run_config(ckpt)
+    tokenizer = find_run_tokenizer(run, ckpt, log=lambda *_: None)
+    if tokenizer is None:
+        raise ValueError(f"{path}: the run's tokenizer was not found (data.tokenizer_model), so its export "
+                         "would have none; export it with tools/convert_to_hf.py --tokenizer and pass that directory")
     tmp = tempfile.TemporaryDirectory(prefix="osp-downstream-")
     try:
-        out = export_checkpoint(ckpt, Path(tmp.name) / "hf", dtype="float32", log=log)
-        if not any((out / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
-            raise ValueError(f"{path}: the run's tokenizer was not found (data.tokenizer_model), so its export "
-                             "has none; export it with tools/convert_to_hf.py --tokenizer and pass that directory")
+        out = export_checkpoint(ckpt, Path(tmp.name) / "hf", dtype="float32", tokenizer_model=tokenizer, log=log)
         loaded = load_for_analysis(str(out), device=device, dtype=dtype)
     except BaseException:
         tmp.cleanup()
