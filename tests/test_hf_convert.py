@@ -498,6 +498,25 @@ def test_truncated_safetensors_is_named_by_import_and_evaluation(tmp_path, capsy
     assert not (tmp_path / "out").exists() and not (tmp_path / "q").exists()
 
 
+def test_export_refuses_to_write_nan_or_inf():
+    """A checkpoint holding NaN (a diverged run) or weights beyond the export dtype's range (1e6 in
+    float16) used to export without a word, as NaN/inf tensors; now ExportError names the tensor and
+    the reason."""
+    from megatron_osp.convert.llama import ExportError, megatron_to_hf
+    from megatron_osp.models.presets import get_preset
+
+    mc = get_preset("test", normalization="rmsnorm", embedding_projection=False)
+    logical = _logical_for(mc)
+    megatron_to_hf(logical, mc, torch.float16)  # finite and in range: fine
+    logical["decoder.layers.1.mlp.linear_fc2.weight"][3, 4] = 1e6
+    with pytest.raises(ExportError, match=r"model\.layers\.1\.mlp\.down_proj\.weight would be written with NaN or inf: "
+                                          r"values exceed the range of float16"):
+        megatron_to_hf(logical, mc, torch.float16)
+    logical["decoder.layers.1.mlp.linear_fc2.weight"][3, 4] = float("nan")
+    with pytest.raises(ExportError, match=r"the checkpoint's decoder\.layers\.1\.mlp\.linear_fc2\.weight already hold"):
+        megatron_to_hf(logical, mc, torch.float32)
+
+
 def _logical_for(mc):
     h, f, v = mc.hidden_size, mc.ffn_hidden_size, mc.padded_vocab_size()
     out = {"embedding.word_embeddings.weight": torch.randn(v, h), "output_layer.weight": torch.randn(v, h),

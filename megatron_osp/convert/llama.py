@@ -172,6 +172,13 @@ def megatron_to_hf(logical: dict[str, torch.Tensor], model: ModelConfig,
     left = sorted(set(src) - used - ({_OUT} if not model.untie_embeddings_and_output_weights else set()))
     if left:
         raise ExportError(f"cannot export to LlamaForCausalLM: no Llama tensor for {', '.join(left)}")
+    bad = [k for k, t in out.items() if not bool(torch.isfinite(t).all())]
+    if bad:
+        source_bad = [k for k, t in src.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        why = (f"the checkpoint's {', '.join(source_bad[:3])} already hold NaN or inf (a diverged run?)" if source_bad
+               else f"values exceed the range of {str(dtype).removeprefix('torch.')} (export in a wider --dtype)")
+        raise ExportError(f"{', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} would be written with NaN or inf: "
+                          f"{why}")
     return {k: t.contiguous() for k, t in out.items()}, tied
 
 
