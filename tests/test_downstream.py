@@ -314,3 +314,27 @@ def test_damaged_checkpoint_is_named_in_one_line(models, tmp_path, monkeypatch, 
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith("error: checkpoint") and f"missing shard file {shard}" in err[-1], err
     assert not (tmp_path / "out").exists()
+
+
+def test_hf_model_with_a_larger_tokenizer_is_refused_before_loading(models, tmp_path, monkeypatch, capsys):
+    """An HF directory whose tokenizer has more tokens than config.json's vocab_size (another model's
+    tokenizer) used to reach the harness, which stops with an IndexError from the embedding as soon as
+    a prompt holds such an id; now refused by file before any task or model loads."""
+    import shutil
+
+    import megatron_osp.analysis.downstream as downstream
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import evaluate_downstream
+
+    hf = tmp_path / "hf"
+    shutil.copytree(models["hf"], hf)
+    config = json.loads((hf / "config.json").read_text())
+    config["vocab_size"] = 300  # the tokenizer has 320
+    (hf / "config.json").write_text(json.dumps(config))
+    calls = []
+    monkeypatch.setattr(downstream, "check_tasks", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(downstream, "load_eval_model", lambda *a, **k: calls.append(a))
+    rc = evaluate_downstream.main([str(hf), "--tasks", "toy_mc", "--settings", "fp", "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and calls == [] and f"{hf / 'tokenizer.json'} has 320 tokens, more than the vocab_size 300" in err, err

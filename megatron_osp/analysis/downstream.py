@@ -188,11 +188,29 @@ def check_model_path(path: str) -> str:
         if not any((p / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
             raise ValueError(f"{path}: an HF model directory without a tokenizer (tokenizer.json / "
                              "tokenizer.model): the harness needs one")
+        _check_tokenizer_fits(p)
         return "hf"
     if _is_megatron_checkpoint(p):
         return "megatron"
     raise ValueError(f"{path}: neither an HF model directory (config.json) nor a Megatron checkpoint "
                      "(latest / train_state.json, or a run directory with checkpoints/)")
+
+
+def _check_tokenizer_fits(p: Path) -> None:
+    """A tokenizer with more tokens than config.json's vocab_size (another model's) gives ids that have
+    no embedding row: the harness would stop with an IndexError in the middle of a task."""
+    import json
+
+    from megatron_osp.convert.hf_tokenizer import tokenizer_vocab_size
+
+    tok = next((p / f for f in ("tokenizer.json", "tokenizer.model") if (p / f).is_file()), None)
+    try:
+        vocab = json.loads((p / "config.json").read_text()).get("vocab_size")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{p / 'config.json'} is not valid JSON ({e})") from None
+    if tok is not None and isinstance(vocab, int) and (size := tokenizer_vocab_size(tok)) > vocab:
+        raise ValueError(f"{tok} has {size} tokens, more than the vocab_size {vocab} of {p / 'config.json'}: "
+                         "it is not this model's tokenizer")
 
 
 @dataclass
