@@ -208,3 +208,18 @@ def test_a_missing_run_tokenizer_stops_the_export_unless_no_tokenizer(run, tmp_p
     assert to_hf.main([str(ckpt), str(tmp_path / "hf"), "--no-tokenizer"]) == 0
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "generation_config.json",
                                                                    "model.safetensors"]
+
+
+def test_overwrite_through_a_symlink_replaces_the_export_it_names(run, tmp_path):
+    """--overwrite on a symlink to a previous export used to publish the new export in place of the link,
+    then crash with "Cannot call rmtree on a symbolic link" (exit 1, a traceback) and leave a stray
+    .link.old-PID link. Now the export behind the link is replaced and the link kept."""
+    real, link = tmp_path / "real", tmp_path / "link"
+    shutil.copytree(run["hf"], real)
+    (real / "model.safetensors").write_bytes(b"stale")
+    link.symlink_to(real, target_is_directory=True)
+    proc = run_tool([tool("convert_to_hf"), str(run["checkpoints"]), str(link), "--overwrite"], check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert link.is_symlink() and os.path.realpath(link) == str(real.resolve())
+    assert (real / "model.safetensors").read_bytes() == (run["hf"] / "model.safetensors").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]

@@ -92,6 +92,8 @@ def write_hf_directory(out_dir, tensors, model_cfg, *, tie_word_embeddings: bool
     if tokenizer_model is not None:
         check_outside(out, tokenizer_input(tokenizer_model))
     check_replaceable_export(out, overwrite)
+    if out.is_symlink():  # a link to a previous export: replace the export it names and keep the link
+        out = Path(os.path.realpath(out))
     max_bytes = parse_size(max_shard_size)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
