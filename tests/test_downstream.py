@@ -236,3 +236,105 @@ def test_local_tasks_example_writes_tasks_the_harness_loads(tmp_path):
     for r in rows:
         assert len(r["choices"]) == 4 and any(r["context"] + r["choices"][r["label"]] in d for d in held)
     check_tasks(parse_tasks("local_cloze,local_complete"), str(tmp_path / "tasks"))
+
+
+def test_malformed_local_tasks_are_refused_by_document_before_any_model_loads(tmp_path, monkeypatch, capsys):
+    """Local task files the harness would have scored wrongly without a word (an answer index past the
+    choices, an answer that is not a choice, a record without its label or answer field: all counted
+    as wrong answers) or stopped on only after the model had loaded (a document with no choices: "not
+    enough values to unpack"; more shots than examples: "Sample larger than population"). One error
+    names each task, file, document and field; no model loads, nothing is written. Well-formed tasks
+    (a null field that the template only tests, 4 shots from 5 examples) pass."""
+    import megatron_osp.analysis.downstream as downstream
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import evaluate_downstream
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    good = [{"question": f"q{i}", "choices": ["a", "b", "c"], "label": i % 3} for i in range(5)]
+    bad = {"bad_range": [{"question": "q", "choices": ["a", "b"], "label": 5}],
+           "bad_string": [{"question": "q", "choices": ["a", "b"], "label": "c"}],
+           "bad_empty": [{"question": "q", "choices": [], "label": 0}],
+           "bad_nolabel": [{"question": "q", "choices": ["a", "b"]}]}
+    for name, rows in {"fine": good, "few": good[:3], **{k: good[:2] + v for k, v in bad.items()}}.items():
+        (tasks / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (tasks / f"{name}.yaml").write_text(MC_YAML.replace("toy_mc", name).format(data=tasks / f"{name}.jsonl"))
+    gen = GEN_YAML.replace("toy_gen", "gen").replace('"{{{{question}}}}"', '"{{{{question}}}}{{% if hint %}} {{{{hint}}}}{{% endif %}}"')
+    (tasks / "gen.yaml").write_text(gen.format(data=tasks / "gen.jsonl"))
+    (tasks / "gen.jsonl").write_text(json.dumps({"question": "q", "answer": "a", "hint": None}) + "\n"
+                                     + json.dumps({"question": "q", "hint": "h"}) + "\n")
+    model = tmp_path / "hf"  # never loaded
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "tokenizer.json").write_text("{}")
+    calls = []
+    monkeypatch.setattr(downstream, "load_eval_model", lambda *a, **k: calls.append(a))
+    rc = evaluate_downstream.main([str(model), "--tasks", "fine:4,bad_range,bad_string,bad_empty,bad_nolabel,gen,"
+                                   "few:5", "--settings", "fp", "--include-path", str(tasks),
+                                   "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and calls == [] and not (tmp_path / "out").exists(), err
+    lines = [line.strip() for line in err.splitlines()]
+    expected = [
+        f"task bad_range: {tasks / 'bad_range.jsonl'}: document 3: answer index 5 is outside its 2 choices (0..1)",
+        f"task bad_string: {tasks / 'bad_string.jsonl'}: document 3: answer 'c' is not one of its choices ['a', 'b']",
+        f"task bad_empty: {tasks / 'bad_empty.jsonl'}: document 3: has no answer choices (doc_to_choice gives [])",
+        f"task bad_nolabel: {tasks / 'bad_nolabel.jsonl'}: document 3: field 'label' is missing or null",
+        f"task gen: {tasks / 'gen.jsonl'}: document 2: field 'answer' is missing or null",
+        "task few: 5-shot needs 5 few-shot examples, but its few-shot pool has 3",
+    ]
+    for line in expected:
+        assert line in lines, err
+    assert not any(line.startswith("task fine") for line in lines) and "document 1" not in err, err
+
+
+def test_damaged_checkpoint_is_named_in_one_line(models, tmp_path, monkeypatch, capsys):
+    """A Megatron checkpoint with a missing shard used to end evaluate_downstream.py in a CheckpointError
+    traceback (from its export); now exit 2 with the line naming the file. (Task checks are not the
+    subject here: skipped.)"""
+    import shutil
+
+    import megatron_osp.analysis.downstream as downstream
+    from megatron_osp import parallel
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import evaluate_downstream
+
+    run = tmp_path / "run"
+    shutil.copytree(models["run"], run)
+    shard = sorted(run.glob("checkpoints/iter_*/*.distcp"))[0]
+    shard.unlink()
+    monkeypatch.setattr(downstream, "check_tasks", lambda *a, **k: None)
+    try:
+        rc = evaluate_downstream.main([str(run), "--tasks", "toy_mc", "--settings", "fp", "--device", "cpu",
+                                       "--output-dir", str(tmp_path / "out")])
+    finally:
+        parallel.shutdown()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("error: checkpoint") and f"missing shard file {shard}" in err[-1], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_hf_model_with_a_larger_tokenizer_is_refused_before_loading(models, tmp_path, monkeypatch, capsys):
+    """An HF directory whose tokenizer has more tokens than config.json's vocab_size (another model's
+    tokenizer) used to reach the harness, which stops with an IndexError from the embedding as soon as
+    a prompt holds such an id; now refused by file before any task or model loads."""
+    import shutil
+
+    import megatron_osp.analysis.downstream as downstream
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import evaluate_downstream
+
+    hf = tmp_path / "hf"
+    shutil.copytree(models["hf"], hf)
+    config = json.loads((hf / "config.json").read_text())
+    config["vocab_size"] = 300  # the tokenizer has 320
+    (hf / "config.json").write_text(json.dumps(config))
+    calls = []
+    monkeypatch.setattr(downstream, "check_tasks", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(downstream, "load_eval_model", lambda *a, **k: calls.append(a))
+    rc = evaluate_downstream.main([str(hf), "--tasks", "toy_mc", "--settings", "fp", "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and calls == [] and f"{hf / 'tokenizer.json'} has 320 tokens, more than the vocab_size 300" in err, err

@@ -149,3 +149,76 @@ def test_export_finds_a_relative_tokenizer_from_another_directory(run, tmp_path)
                     cwd=os.path.dirname(tmp_path))
     assert (tmp_path / "out" / "tokenizer.model").is_file(), proc.stdout + proc.stderr
     assert json.loads((tmp_path / "out" / "config.json").read_text())["eos_token_id"] == 2
+
+
+def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(run, tmp_path, capsys):
+    """--tokenizer with more pieces than model.vocab_size (another model's tokenizer) used to export
+    without complaint; its ids past the vocabulary have no embedding row. Now refused before any
+    model is built, naming both sizes; nothing is written."""
+    import sentencepiece as spm
+
+    texts = [json.loads(line)["text"] for line in open(run["corpus"], encoding="utf-8")]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_prefix=str(tmp_path / "big"),
+                                   vocab_size=400, model_type="bpe", byte_fallback=True, minloglevel=2)
+    out = tmp_path / "hf"
+    assert _tool("convert_to_hf").main([str(run["checkpoints"]), str(out), "--tokenizer",
+                                        str(tmp_path / "big.model")]) == 2
+    err = capsys.readouterr().err
+    assert "big.model has 400 tokens, more than the model's vocabulary of 320" in err, err
+    assert not out.exists() and not list(tmp_path.glob(".hf.tmp-*"))
+
+
+def test_evaluate_quantization_names_a_damaged_checkpoint_in_one_line(run, tmp_path, capsys):
+    """A checkpoint with a missing shard used to end evaluate_quantization.py in a CheckpointError
+    traceback; now exit 2 with the one line naming the file, and no report is written."""
+    ckpt = tmp_path / "checkpoints"
+    shutil.copytree(run["checkpoints"], ckpt)
+    shard = sorted(ckpt.glob("iter_*/*.distcp"))[0]
+    shard.unlink()
+    rc = _tool("evaluate_quantization").main([str(ckpt), "--data", run["data"], "--settings", "fp",
+                                              "--num-windows", "2", "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: checkpoint") and f"missing shard file {shard}" in last, last
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_run_tokenizer_stops_the_export_unless_no_tokenizer(run, tmp_path, capsys):
+    """A run whose recorded tokenizer is not on this machine used to export with only a warning line and
+    no tokenizer files: an export AutoTokenizer cannot load, found out later. Now refused, naming the
+    path and the two ways on; --no-tokenizer exports the model alone."""
+    import yaml
+
+    from megatron_osp.training.checkpoint import resolve_checkpoint
+    from megatron_osp.training.checkpoint_integrity import write_manifest
+
+    ckpt = tmp_path / "checkpoints"
+    shutil.copytree(run["checkpoints"], ckpt)
+    cfg_file = resolve_checkpoint(ckpt) / "run_config.yaml"
+    cfg = yaml.safe_load(cfg_file.read_text())
+    cfg["data"]["tokenizer_model"] = str(tmp_path / "elsewhere" / "tokenizer.model")
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    write_manifest(cfg_file.parent)  # a deliberate edit: vouch for it
+    to_hf = _tool("convert_to_hf")
+    assert to_hf.main([str(ckpt), str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert f"the run's tokenizer {tmp_path / 'elsewhere' / 'tokenizer.model'}" in err and "--no-tokenizer" in err, err
+    assert not (tmp_path / "hf").exists()
+    assert to_hf.main([str(ckpt), str(tmp_path / "hf"), "--no-tokenizer"]) == 0
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "generation_config.json",
+                                                                   "model.safetensors"]
+
+
+def test_overwrite_through_a_symlink_replaces_the_export_it_names(run, tmp_path):
+    """--overwrite on a symlink to a previous export used to publish the new export in place of the link,
+    then crash with "Cannot call rmtree on a symbolic link" (exit 1, a traceback) and leave a stray
+    .link.old-PID link. Now the export behind the link is replaced and the link kept."""
+    real, link = tmp_path / "real", tmp_path / "link"
+    shutil.copytree(run["hf"], real)
+    (real / "model.safetensors").write_bytes(b"stale")
+    link.symlink_to(real, target_is_directory=True)
+    assert _tool("convert_to_hf").main([str(run["checkpoints"]), str(link), "--overwrite"]) == 0
+    assert link.is_symlink() and os.path.realpath(link) == str(real.resolve())
+    assert (real / "model.safetensors").read_bytes() == (run["hf"] / "model.safetensors").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]

@@ -6,7 +6,8 @@
 CHECKPOINT is a save directory (follows ``latest``) or one ``iter_N`` directory. SSNorm gains and
 EmbProj maps are folded into plain Llama weights, so the output loads in stock transformers, vLLM
 and llama.cpp. Writes config.json, generation_config.json, model.safetensors (sharded with an index
-above --max-shard-size) and, when the run had one (or --tokenizer is given), the tokenizer.
+above --max-shard-size) and, when the run had one (or --tokenizer is given), the tokenizer; a tokenizer
+the run recorded that is not here is an error (--tokenizer PATH, or --no-tokenizer to export without).
 Runs in one CPU process. Exit status 2 with one error line for bad input.
 """
 
@@ -25,8 +26,11 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="dtype of the exported weights (default float32)")
     p.add_argument("--max-shard-size", default="5GB", help="split model.safetensors above this size (default 5GB)")
-    p.add_argument("--tokenizer", help="SentencePiece .model, tokenizer.json or HF tokenizer directory "
+    tok = p.add_mutually_exclusive_group()
+    tok.add_argument("--tokenizer", help="SentencePiece .model, tokenizer.json or HF tokenizer directory "
                    "(default: the run's data.tokenizer_model)")
+    tok.add_argument("--no-tokenizer", action="store_true",
+                   help="export without a tokenizer (when the run's is not available here)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
     return p.parse_args(argv)
 
@@ -43,7 +47,8 @@ def main(argv=None) -> int:
 
     try:
         export_checkpoint(args.checkpoint, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                          tokenizer_model=args.tokenizer, overwrite=args.overwrite)
+                          tokenizer_model=args.tokenizer, overwrite=args.overwrite,
+                          write_tokenizer=not args.no_tokenizer)
     except (CheckpointError, ValueError, FileNotFoundError, FileExistsError, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -59,9 +59,11 @@ def _progress(total: int):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from megatron_osp.training.checkpoint_integrity import CheckpointError
+
     try:
         return _run(args)
-    except (ValueError, FileNotFoundError, ImportError) as e:  # bad input: clear lines, no traceback
+    except (ValueError, FileNotFoundError, ImportError, CheckpointError) as e:  # bad input: clear lines, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -70,6 +72,7 @@ def _check(args):
     """Everything that can be refused, before any model is loaded."""
     from megatron_osp.analysis.downstream import check_model_path, check_tasks, parse_tasks, require_harness
     from megatron_osp.analysis.evaluation import parse_document_range
+    from megatron_osp.analysis.loading import check_group_sizes
     from megatron_osp.analysis.quantization import parse_setting
 
     settings = [parse_setting(s) for s in args.settings.split(",") if s.strip()]
@@ -81,8 +84,12 @@ def _check(args):
     labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
     if labels and len(labels) != len(args.models):
         raise ValueError(f"--labels has {len(labels)} entries for {len(args.models)} models")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if labels and len(set(labels)) != len(labels):
+        raise ValueError(f"--labels names a model twice ({', '.join(labels)}): the report keys models by label")
+    for option, value in (("--batch-size", args.batch_size), ("--calibration-windows", args.calibration_windows),
+                          ("--seq-length", args.seq_length)):
+        if value is not None and value < 1:
+            raise ValueError(f"{option} must be >= 1, got {value}")
     if args.limit is not None and args.limit <= 0:
         raise ValueError(f"--limit must be > 0, got {args.limit}")
     if any(s.gptq for s in settings):
@@ -95,6 +102,7 @@ def _check(args):
         parse_document_range(args.calibration_documents)
     for m in args.models:
         check_model_path(m)
+        check_group_sizes(m, settings)
     require_harness()
     specs = parse_tasks(args.tasks)
     tm = check_tasks(specs, args.include_path)
@@ -111,7 +119,7 @@ def _run(args) -> int:
 
     from megatron_osp.analysis.downstream import evaluate_downstream, load_eval_model
     from megatron_osp.analysis.downstream_report import format_markdown, write_report
-    from megatron_osp.analysis.evaluation import load_token_windows, parse_document_range
+    from megatron_osp.analysis.evaluation import check_token_ids, load_token_windows, parse_document_range
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -125,11 +133,14 @@ def _run(args) -> int:
         log(f"== {path}")
         em = load_eval_model(path, device=device, dtype=dtype, label=labels[i] if labels else None,
                              log=lambda *a: None)
+        if any(r["label"] == em.label for r in results):  # default labels (optimizer/norms, directory name)
+            em.label = f"{em.label} ({path})"
         try:
             calib = None
             if any(s.gptq for s in settings):
                 calib = load_token_windows(args.calibration_data, args.seq_length or em.seq_length,
                                            args.calibration_windows, parse_document_range(args.calibration_documents))
+                check_token_ids(em.model, calib, f"{em.label}: --calibration-data {args.calibration_data}")
 
             def on_task(setting, task, res, label=em.label):
                 if bar is not None:

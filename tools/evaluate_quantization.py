@@ -65,9 +65,12 @@ def _progress(total: int, desc: str):
 
 
 def main(argv=None) -> int:
+    args = parse_args(argv)
+    from megatron_osp.training.checkpoint_integrity import CheckpointError
+
     try:
-        return _run(parse_args(argv))
-    except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
+        return _run(args)
+    except (ValueError, FileNotFoundError, CheckpointError) as e:  # bad input: one clear line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -80,8 +83,8 @@ def _run(args) -> int:
         warnings.filterwarnings("ignore", message=pattern)
     import torch
 
-    from megatron_osp.analysis.evaluation import load_token_windows, parse_document_range
-    from megatron_osp.analysis.loading import load_for_analysis
+    from megatron_osp.analysis.evaluation import check_token_ids, load_token_windows, parse_document_range
+    from megatron_osp.analysis.loading import check_group_sizes, load_for_analysis
     from megatron_osp.analysis.quant_report import DEFAULT_SETTINGS, evaluate_model, format_table, write_report
     from megatron_osp.analysis.quantization import parse_setting
     from megatron_osp.analysis.weight_error import roles_of
@@ -89,8 +92,17 @@ def _run(args) -> int:
     if args.labels and len(args.labels) != len(args.models):
         print(f"error: --labels has {len(args.labels)} entries for {len(args.models)} models", file=sys.stderr)
         return 2
+    if args.labels and len(set(args.labels)) != len(args.labels):
+        print(f"error: --labels names a model twice ({', '.join(args.labels)}): the report and plots key "
+              "models by label", file=sys.stderr)
+        return 2
     try:
         settings = [parse_setting(s) for s in (args.settings or DEFAULT_SETTINGS)]
+        for option, value in (("--num-windows", args.num_windows), ("--batch-size", args.batch_size),
+                              ("--seq-length", args.seq_length), ("--stats-windows", args.stats_windows),
+                              ("--calibration-windows", args.calibration_windows)):
+            if value is not None and value < 1:
+                raise ValueError(f"{option} must be >= 1, got {value}")
         if args.weight_error_windows < 0:
             raise ValueError(f"--weight-error-windows must be >= 0, got {args.weight_error_windows}")
         if not 2 <= args.weight_error_bits < 16:
@@ -98,6 +110,10 @@ def _run(args) -> int:
         for prefix_ext in (".bin", ".idx"):
             if not Path(args.data + prefix_ext).exists():
                 raise FileNotFoundError(f"--data: {args.data + prefix_ext} does not exist")
+        for path in args.models:
+            if not Path(path).exists():
+                raise FileNotFoundError(f"{path} does not exist")
+            check_group_sizes(path, settings)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -110,6 +126,8 @@ def _run(args) -> int:
         label = args.labels[i] if args.labels else None
         print(f"== {path}", flush=True)
         loaded = load_for_analysis(path, device=device, dtype=dtype, label=label)
+        if any(r["label"] == loaded.label for r in results):  # default labels (optimizer/norms, directory name)
+            loaded.label = f"{loaded.label} ({path})"  # the plots would draw only one of the two
         if windows is None:
             seq = args.seq_length or loaded.seq_length
             if args.documents:
@@ -135,6 +153,8 @@ def _run(args) -> int:
                 "settings": [s.name for s in settings],
             }
             print(f"held-out: {windows.shape[0]} x {seq} tokens from documents {held[0]}:{held[1]} of {args.data}")
+        check_token_ids(loaded.model, windows, f"{loaded.label}: --data {args.data}")
+        check_token_ids(loaded.model, calib, f"{loaded.label}: the GPTQ calibration windows of --data {args.data}")
         passes = len(settings) + (len(roles_of(loaded.model)) if args.weight_error_windows > 0 else 0)
         bar = _progress(passes * windows.shape[0], loaded.label)
         t0 = time.perf_counter()

@@ -14,7 +14,9 @@ same linear inputs, tested in tests/test_quantization.py).
 
 Data: tasks run offline (``offline()`` sets HF_DATASETS_OFFLINE / HF_HUB_OFFLINE); ``check_tasks``
 builds every task once before any model is loaded, so a dataset that is neither in the local HF
-datasets cache nor a local file of an ``--include-path`` YAML is refused by task name.
+datasets cache nor a local file of an ``--include-path`` YAML is refused by task name, and so is a
+task the harness would stop on or silently mis-score (``task_checks.py``: malformed local documents,
+too few few-shot examples).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from megatron_osp.analysis.task_checks import task_problems
 
 __all__ = ["SUITES", "TaskSpec", "parse_tasks", "offline", "check_tasks", "check_model_path", "load_eval_model",
            "evaluate_downstream", "summarize", "require_harness"]
@@ -156,14 +160,20 @@ def check_tasks(specs: list[TaskSpec], include_path: str | None = None):
             raise ValueError(f"--tasks: {', '.join(unknown)}: not a task of lm-evaluation-harness"
                              + (f" nor of --include-path {include_path}" if include_path else "")
                              + " (python -m lm_eval ls tasks lists them)")
-        problems = []
+        problems, built = [], []
         for spec in specs:
             try:
-                tm.load([spec.name])
+                built.append((spec, tm.load([spec.name])["tasks"]))
             except Exception as e:  # noqa: BLE001  (any failure to build the task is reported by name)
                 problems.append(_missing_message(tm, spec, e))
         if problems:
             raise ValueError("task data not available offline:\n  " + "\n  ".join(problems))
+        for spec, tasks in built:  # what the harness would find only while scoring (task_checks.py)
+            for leaf, task in tasks.items():
+                name = spec.name if leaf == spec.name else f"{spec.name}/{leaf}"
+                problems += task_problems(name, task, spec.num_fewshot)
+        if problems:
+            raise ValueError("tasks the harness would stop on or mis-score:\n  " + "\n  ".join(problems))
     return tm
 
 
@@ -178,11 +188,29 @@ def check_model_path(path: str) -> str:
         if not any((p / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
             raise ValueError(f"{path}: an HF model directory without a tokenizer (tokenizer.json / "
                              "tokenizer.model): the harness needs one")
+        _check_tokenizer_fits(p)
         return "hf"
     if _is_megatron_checkpoint(p):
         return "megatron"
     raise ValueError(f"{path}: neither an HF model directory (config.json) nor a Megatron checkpoint "
                      "(latest / train_state.json, or a run directory with checkpoints/)")
+
+
+def _check_tokenizer_fits(p: Path) -> None:
+    """A tokenizer with more tokens than config.json's vocab_size (another model's) gives ids that have
+    no embedding row: the harness would stop with an IndexError in the middle of a task."""
+    import json
+
+    from megatron_osp.convert.hf_tokenizer import tokenizer_vocab_size
+
+    tok = next((p / f for f in ("tokenizer.json", "tokenizer.model") if (p / f).is_file()), None)
+    try:
+        vocab = json.loads((p / "config.json").read_text()).get("vocab_size")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{p / 'config.json'} is not valid JSON ({e})") from None
+    if tok is not None and isinstance(vocab, int) and (size := tokenizer_vocab_size(tok)) > vocab:
+        raise ValueError(f"{tok} has {size} tokens, more than the vocab_size {vocab} of {p / 'config.json'}: "
+                         "it is not this model's tokenizer")
 
 
 @dataclass
@@ -209,7 +237,7 @@ def load_eval_model(path: str, device="cpu", dtype=None, label: str | None = Non
     if check_model_path(path) == "hf":
         loaded = load_for_analysis(path, device=device, dtype=dtype, label=label)
         return EvalModel(loaded.model, str(path), loaded.label, "hf", loaded.seq_length)
-    from megatron_osp.convert.hf_export import export_checkpoint
+    from megatron_osp.convert.hf_export import export_checkpoint, find_run_tokenizer
     from megatron_osp.training.checkpoint import read_run_config, resolve_checkpoint
 
     p = Path(path)
@@ -217,12 +245,13 @@ def load_eval_model(path: str, device="cpu", dtype=None, label: str | None = Non
         p = p / "checkpoints"
     ckpt = resolve_checkpoint(p)
     run = read_run_config(ckpt)
+    tokenizer = find_run_tokenizer(run, ckpt, log=lambda *_: None)
+    if tokenizer is None:
+        raise ValueError(f"{path}: the run's tokenizer was not found (data.tokenizer_model), so its export "
+                         "would have none; export it with tools/convert_to_hf.py --tokenizer and pass that directory")
     tmp = tempfile.TemporaryDirectory(prefix="osp-downstream-")
     try:
-        out = export_checkpoint(ckpt, Path(tmp.name) / "hf", dtype="float32", log=log)
-        if not any((out / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
-            raise ValueError(f"{path}: the run's tokenizer was not found (data.tokenizer_model), so its export "
-                             "has none; export it with tools/convert_to_hf.py --tokenizer and pass that directory")
+        out = export_checkpoint(ckpt, Path(tmp.name) / "hf", dtype="float32", tokenizer_model=tokenizer, log=log)
         loaded = load_for_analysis(str(out), device=device, dtype=dtype)
     except BaseException:
         tmp.cleanup()
@@ -288,15 +317,18 @@ def evaluate_downstream(em: EvalModel, settings, specs: list[TaskSpec], tm, batc
     each setting is applied in place with ``evaluation.apply_setting`` and undone afterwards."""
     from lm_eval.models.huggingface import HFLM
 
-    from megatron_osp.analysis.evaluation import apply_setting
+    from megatron_osp.analysis.evaluation import apply_setting, check_settings, check_token_ids
     from megatron_osp.analysis.model_parts import model_parts
     from megatron_osp.analysis.quantization import parse_setting
 
-    lm = HFLM(pretrained=em.model, tokenizer=em.tokenizer_dir, batch_size=batch_size)
     parts = model_parts(em.model)
+    settings = [parse_setting(s) if isinstance(s, str) else s for s in settings]
+    check_settings(parts, settings, em.label)  # before any task runs: a late refusal would lose them all
+    if any(s.gptq for s in settings):
+        check_token_ids(parts, calibration, f"{em.label}: the GPTQ calibration windows")
+    lm = HFLM(pretrained=em.model, tokenizer=em.tokenizer_dir, batch_size=batch_size)
     res = {"label": em.label, "kind": em.kind, "settings": {}}
     for setting in settings:
-        setting = parse_setting(setting) if isinstance(setting, str) else setting
         tasks = {}
         with apply_setting(parts, setting, calibration=calibration, batch_size=batch_size):
             for spec in specs:

@@ -38,6 +38,8 @@ __all__ = [
     "perplexity",
     "apply_setting",
     "evaluate_settings",
+    "check_settings",
+    "check_token_ids",
     "PerplexityResult",
 ]
 
@@ -193,6 +195,48 @@ def apply_setting(
         finally:
             stack.close()
             _restore(parts.model, snap)
+
+
+def check_token_ids(model: nn.Module | ModelParts, windows: Tensor | None, what: str) -> None:
+    """ValueError when ``windows`` hold a token id outside the model's vocabulary (data tokenized by
+    another tokenizer): the embedding lookup would otherwise fail with a bare IndexError, or, for a
+    Megatron model's padding rows, read rows no token was trained on."""
+    if windows is None or windows.numel() == 0:
+        return
+    parts = model_parts(model)
+    vocab = parts.vocab_size or parts.embedding.weight.shape[0]
+    top = int(windows.max())
+    if top >= vocab or int(windows.min()) < 0:
+        bad = top if top >= vocab else int(windows.min())
+        raise ValueError(f"{what}: token id {bad} is outside the model's vocabulary of {vocab} (tokenized with "
+                         "another model's tokenizer?)")
+
+
+def check_settings(model: nn.Module | ModelParts, settings: Iterable[QuantSetting], what: str = "the model") -> None:
+    """ValueError naming every setting ``apply_setting`` would refuse on this model, so that it is
+    refused before any setting is evaluated rather than after the ones before it (whose results a
+    failing run never writes): a weight group size that does not divide a quantized linear's input
+    width, QuaRot on tied embeddings, input hooks on fused norms."""
+    parts = model_parts(model)
+    problems = []
+    for s in settings:
+        if s.w_group_size and s.w_bits < 16:
+            for name, lin in parts.named_linears():
+                width = lin.weight.shape[1]
+                if width % s.w_group_size:
+                    problems.append(f"setting {s.name}: weight group size {s.w_group_size} does not divide the "
+                                    f"{width} input columns of {name}")
+                    break
+        if s.rotate and parts.tied:
+            problems.append(f"setting {s.name}: QuaRot folds the final norm into the output layer, but "
+                            f"{what} ties it to the embedding")
+        if s.a_bits < 16 or (s.gptq and s.w_bits < 16):
+            try:
+                parts.require_unfused_norms(f"setting {s.name} (it hooks the linears' inputs)")
+            except ValueError as e:
+                problems.append(str(e))
+    if problems:
+        raise ValueError(f"{what}: " + "; ".join(problems))
 
 
 def evaluate_settings(

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["LoadedModel", "load_for_analysis", "describe_run"]
+__all__ = ["LoadedModel", "load_for_analysis", "describe_run", "linear_input_widths", "check_group_sizes"]
 
 
 @dataclass
@@ -68,10 +68,53 @@ def _load_megatron(path: Path, device: torch.device, dtype: torch.dtype, label: 
 def _load_hf(path: Path, device: torch.device, dtype: torch.dtype, label: str | None) -> LoadedModel:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="eager")
+    from safetensors import SafetensorError
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="eager")
+    except SafetensorError as e:  # a truncated or damaged weights file: name the model, not a traceback
+        raise ValueError(f"{path}: its safetensors weights cannot be read ({e}): a damaged or incomplete "
+                         "download?") from None
+    except OSError as e:  # transformers' word for a config.json that is not JSON, a missing weights file
+        raise ValueError(f"{path}: {e}") from None
     model = model.to(device).eval()
     seq = int(getattr(model.config, "max_position_embeddings", 2048))
     return LoadedModel(model, "hf", label or path.name, seq)
+
+
+def linear_input_widths(path: str) -> dict[str, int]:
+    """The input widths of a model's decoder linears, from its config alone (no weights loaded):
+    ``{"qkv/fc1": hidden, "o_proj": heads x head_dim, "down_proj": ffn}``."""
+    import json
+
+    p = Path(path)
+    if (p / "config.json").exists():
+        try:
+            cfg = json.loads((p / "config.json").read_text())
+            h, heads, ffn = cfg["hidden_size"], cfg["num_attention_heads"], cfg["intermediate_size"]
+        except KeyError as e:
+            raise ValueError(f"{p / 'config.json'} has no {e.args[0]}: not a Llama-style config") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{p / 'config.json'} is not valid JSON ({e})") from None
+        return {"qkv/fc1": h, "o_proj": heads * (cfg.get("head_dim") or h // heads), "down_proj": ffn}
+    from megatron_osp.training.checkpoint import read_run_config
+
+    if (p / "checkpoints").is_dir() and not (p / "latest").exists():
+        p = p / "checkpoints"
+    m = read_run_config(p).model
+    return {"qkv/fc1": m.hidden_size, "o_proj": m.hidden_size, "down_proj": m.ffn_hidden_size}
+
+
+def check_group_sizes(path: str, settings) -> None:
+    """ValueError naming the model and setting whose weight group size does not divide a linear's input
+    width: checked for every model before the first is evaluated (a refusal later loses the results)."""
+    grouped = [s for s in settings if s.w_group_size and s.w_bits < 16]
+    widths = linear_input_widths(path) if grouped else {}
+    for s in grouped:
+        bad = [f"{w} ({name})" for name, w in widths.items() if w % s.w_group_size]
+        if bad:
+            raise ValueError(f"{path}: setting {s.name}: weight group size {s.w_group_size} does not divide "
+                             f"the linears' input widths {', '.join(bad)}")
 
 
 def load_for_analysis(path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,

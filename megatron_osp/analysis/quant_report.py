@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from megatron_osp.analysis.activation_stats import ActivationStatsRecorder
-from megatron_osp.analysis.evaluation import evaluate_settings
+from megatron_osp.analysis.evaluation import check_settings, check_token_ids, evaluate_settings
 from megatron_osp.analysis.gptq import iterate_batches
 from megatron_osp.analysis.model_parts import logits, model_parts
 from megatron_osp.analysis.quantization import QuantSetting, parse_setting
@@ -50,6 +50,10 @@ def evaluate_model(
     settings = [parse_setting(s) if isinstance(s, str) else s for s in settings]
     if not any(s.name == "fp" for s in settings):
         settings = [QuantSetting()] + settings
+    check_settings(parts, settings, label)
+    check_token_ids(parts, windows, f"{label}: the held-out windows")
+    if any(s.gptq for s in settings):
+        check_token_ids(parts, calibration, f"{label}: the GPTQ calibration windows")
     device = next(parts.model.parameters()).device
     t0 = time.perf_counter()
     with torch.no_grad(), ActivationStatsRecorder(parts) as rec:

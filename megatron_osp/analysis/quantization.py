@@ -136,6 +136,8 @@ def parse_setting(text: str) -> QuantSetting:
     for label, bits in (("weight", w), ("activation", a), ("KV", kv)):
         if bits < 2:
             raise ValueError(f"quantization setting {text!r}: {label} bits must be >= 2")
+    if m.group(4) is not None and int(m.group(4)) < 1:
+        raise ValueError(f"quantization setting {text!r}: the weight group size (-g) must be >= 1")
     flags = set(filter(None, m.group(5).split("+")))
     return QuantSetting(
         w_bits=w,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_osp.convert.hf_tokenizer import IMPORTED_TOKENIZER, save_tokenizer
+from megatron_osp.convert.hf_tokenizer import IMPORTED_TOKENIZER, save_tokenizer, tokenizer_vocab_size
 from megatron_osp.convert.llama import ExportError, check_exportable, export_model_config, llama_config_kwargs, megatron_to_hf
 from megatron_osp.convert.output_safety import check_outside, check_replaceable_export, export_inputs, tokenizer_input
 
@@ -92,6 +92,8 @@ def write_hf_directory(out_dir, tensors, model_cfg, *, tie_word_embeddings: bool
     if tokenizer_model is not None:
         check_outside(out, tokenizer_input(tokenizer_model))
     check_replaceable_export(out, overwrite)
+    if out.is_symlink():  # a link to a previous export: replace the export it names and keep the link
+        out = Path(os.path.realpath(out))
     max_bytes = parse_size(max_shard_size)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -146,10 +148,13 @@ def _readable_by_all(directory: Path) -> None:
 
 # ---------------------------------------------------------------------------------- export
 def export_checkpoint(ckpt_path, out_dir, *, dtype: str = "float32", max_shard_size: str | int = "5GB",
-                      tokenizer_model=None, overwrite: bool = False, log=print) -> Path:
+                      tokenizer_model=None, overwrite: bool = False, write_tokenizer: bool = True,
+                      log=print) -> Path:
     """Export a megatron-osp checkpoint (save dir or ``iter_N``) to an HF Llama directory.
 
-    ``tokenizer_model`` defaults to the run's tokenizer (``find_run_tokenizer``). Raises
+    ``tokenizer_model`` defaults to the run's tokenizer (``find_run_tokenizer``); a tokenizer the run
+    recorded but that is not here is a FileNotFoundError (``write_tokenizer=False`` exports without
+    one). Raises
     CheckpointError (not a checkpoint, missing shard), ExportError (unrepresentable config, an output
     that overlaps the input or is not a previous export) or FileExistsError before any model is built. Initialises a one-process world (TP=1, PP=1) if none is.
     """
@@ -167,10 +172,16 @@ def export_checkpoint(ckpt_path, out_dir, *, dtype: str = "float32", max_shard_s
     model_cfg = export_model_config(model_config_for_one_process(ckpt))
     tconfig = transformer_config(model_cfg, params_dtype=torch.float32, use_cpu_initialization=True)
     check_exportable(model_cfg, tconfig)
-    if tokenizer_model is None:
-        tokenizer_model = find_run_tokenizer(run, ckpt, log)
+    if not write_tokenizer:
+        tokenizer_model = None
+    elif tokenizer_model is None:
+        tokenizer_model = find_run_tokenizer(run, ckpt, log, missing_ok=False)
     elif not Path(tokenizer_model).exists():
         raise FileNotFoundError(f"--tokenizer: {tokenizer_model} does not exist")
+    if tokenizer_model is not None and (pieces := tokenizer_vocab_size(tokenizer_model)) > model_cfg.vocab_size:
+        # Its ids above the vocabulary would index rows the exported embedding does not have.
+        raise ExportError(f"tokenizer {tokenizer_model} has {pieces} tokens, more than the model's vocabulary of "
+                          f"{model_cfg.vocab_size} (model.vocab_size of {ckpt}): it is not this model's tokenizer")
     # Before anything is built or written: the output may not overlap what the export reads, and
     # --overwrite replaces only a previous export.
     check_outside(out_dir, export_inputs(ckpt_path, ckpt, tokenizer_model))
@@ -193,11 +204,12 @@ def export_checkpoint(ckpt_path, out_dir, *, dtype: str = "float32", max_shard_s
     return path
 
 
-def find_run_tokenizer(run, ckpt: Path, log=print, _depth: int = 0):
+def find_run_tokenizer(run, ckpt: Path, log=print, _depth: int = 0, missing_ok: bool = True):
     """The tokenizer a run trained with: ``data.tokenizer_model`` (a relative path recorded by a run
     started elsewhere is also looked up under the checkpoint's parent directories), else the HF
     tokenizer that ``convert_from_hf`` stored with the checkpoint this run started from (followed
-    through ``train.load``). None, with a warning, when there is none."""
+    through ``train.load``). None when the run has none; when it recorded one that is not here, None
+    with a warning (``missing_ok``) or FileNotFoundError: an export without it would be incomplete."""
     from megatron_osp.training.checkpoint import CheckpointError, read_run_config, resolve_checkpoint
 
     recorded = run.data.tokenizer_model
@@ -210,6 +222,10 @@ def find_run_tokenizer(run, ckpt: Path, log=print, _depth: int = 0):
                 if (parent / p).exists():
                     log(f"the run recorded the relative tokenizer path {recorded}; using {parent / p}")
                     return str(parent / p)
+        if not missing_ok:
+            raise FileNotFoundError(
+                f"the run's tokenizer {recorded} (data.tokenizer_model of {ckpt}) does not exist here: pass "
+                "--tokenizer PATH, or --no-tokenizer to export the model without one")
         log(f"warning: the run's tokenizer {recorded} does not exist here; exporting without a tokenizer "
             "(pass --tokenizer)")
         return None
@@ -219,7 +235,7 @@ def find_run_tokenizer(run, ckpt: Path, log=print, _depth: int = 0):
     if run.train.load and _depth < 8:
         try:
             start = resolve_checkpoint(run.train.load)
-            return find_run_tokenizer(read_run_config(start), start, log, _depth + 1)
+            return find_run_tokenizer(read_run_config(start), start, log, _depth + 1, missing_ok)
         except CheckpointError:
             pass
     return None

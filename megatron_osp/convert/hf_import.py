@@ -31,6 +31,7 @@ __all__ = ["read_hf_state_dict", "import_hf"]
 def read_hf_state_dict(hf_dir) -> dict[str, torch.Tensor]:
     """All tensors of an HF directory (``model.safetensors`` or a sharded index); names the file
     that is missing."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     d = Path(hf_dir)
@@ -45,7 +46,11 @@ def read_hf_state_dict(hf_dir) -> dict[str, torch.Tensor]:
     for name in files:
         if not (d / name).is_file():
             raise FileNotFoundError(f"{index} names {name}, which is missing from {d}")
-        out.update(load_file(str(d / name)))
+        try:
+            out.update(load_file(str(d / name)))
+        except SafetensorError as e:  # truncated or not a safetensors file
+            raise ValueError(f"{d / name} cannot be read as safetensors ({e}): a damaged or incomplete "
+                             "download?") from None
     return out
 
 
@@ -63,6 +68,7 @@ def import_hf(hf_dir, save_dir, *, embedding_projection: bool = False, seq_lengt
     from megatron_osp.models.layout import load_logical_state_dict
     from megatron_osp.training.checkpoint import save_checkpoint
     from megatron_osp.training.config import DataSettings, RunConfig, TrainSettings
+    from megatron_osp.training.validation import check_config
 
     d = Path(hf_dir)
     if not (d / "config.json").is_file():
@@ -72,10 +78,20 @@ def import_hf(hf_dir, save_dir, *, embedding_projection: bool = False, seq_lengt
     ids = _special_ids(d, hf_tokenizer)
     eos = ids.get("eos_token_id")
     eod_id = eos[0] if isinstance(eos, list) and eos else eos
-    hf_cfg = AutoConfig.from_pretrained(str(d), local_files_only=True)
+    try:
+        hf_cfg = AutoConfig.from_pretrained(str(d), local_files_only=True)
+    except OSError as e:  # transformers' word for a config.json that is not JSON
+        raise ValueError(str(e)) from None
     model_cfg = model_config_from_llama(hf_cfg, embedding_projection=embedding_projection,
                                         seq_length=seq_length,
                                         make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    # Absolute paths: the checkpoint is used from other directories (training, export).
+    data = DataSettings(tokenizer_model=str(sp_model) if sp_model else None,
+                        eod_id=eod_id if sp_model is None and isinstance(eod_id, int) else None)
+    run = RunConfig(model=model_cfg, data=data, train=TrainSettings(seed=seed))
+    # What training would refuse (--seq-length 0, --make-vocab-size-divisible-by 0, ...), refused now,
+    # by field, before anything is read or written.
+    check_config(run, source=f"the model imported from {d}")
     hf = read_hf_state_dict(d)
     logical = hf_to_megatron(hf, model_cfg, model_cfg.padded_vocab_size(1))
 
@@ -84,10 +100,6 @@ def import_hf(hf_dir, save_dir, *, embedding_projection: bool = False, seq_lengt
     model = build_gpt_model(model_cfg, transformer_config(model_cfg, params_dtype=torch.float32),
                             pre_process=True, post_process=True, seed=seed, layout_independent_init=False)
     load_logical_state_dict(model, logical)
-    # Absolute paths: the checkpoint is used from other directories (training, export).
-    data = DataSettings(tokenizer_model=str(sp_model) if sp_model else None,
-                        eod_id=eod_id if sp_model is None and isinstance(eod_id, int) else None)
-    run = RunConfig(model=model_cfg, data=data, train=TrainSettings(seed=seed))
     path = save_checkpoint(save_dir, 0, [model], run, save_rng=False)
     if hf_tokenizer is not None:
         _store_hf_tokenizer(hf_tokenizer, ids, Path(save_dir))

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from megatron_osp.convert.llama import ExportError
 
-__all__ = ["save_tokenizer", "special_ids_of_hf_dir", "copy_hf_tokenizer", "check_matches_sentencepiece",
+__all__ = ["save_tokenizer", "tokenizer_vocab_size", "special_ids_of_hf_dir", "copy_hf_tokenizer", "check_matches_sentencepiece",
            "SPECIAL_KEYS", "PROBE_TEXTS", "IMPORTED_IDS", "IMPORTED_TOKENIZER"]
 
 SPECIAL_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
@@ -249,6 +249,23 @@ def _training_splits(src: Path, token: str, token_id) -> bool:
 
 
 # ---------------------------------------------------------------------------------- entry point
+def tokenizer_vocab_size(tokenizer_model) -> int:
+    """How many ids the tokenizer can produce: a SentencePiece model's pieces, or an HF tokenizer's
+    vocabulary with its added tokens; ValueError naming the file when it cannot be read."""
+    src = Path(tokenizer_model)
+    try:
+        if src.is_dir() or src.suffix == ".json":
+            from tokenizers import Tokenizer
+
+            return Tokenizer.from_file(str(src / "tokenizer.json" if src.is_dir() else src)).get_vocab_size(
+                with_added_tokens=True)
+        import sentencepiece as spm
+
+        return spm.SentencePieceProcessor(model_file=str(src)).get_piece_size()
+    except Exception as e:  # noqa: BLE001 - both libraries raise plain Exception/OSError/RuntimeError variants
+        raise ValueError(f"tokenizer {src} cannot be read: {e}") from None
+
+
 def save_tokenizer(tokenizer_model, directory, *, eod_id: int | None = None, log=print) -> dict:
     """Write the tokenizer files into ``directory``; returns the special ids (bos/eos/pad/unk, None
     where undefined) for config.json and generation_config.json."""

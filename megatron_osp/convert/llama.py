@@ -172,6 +172,13 @@ def megatron_to_hf(logical: dict[str, torch.Tensor], model: ModelConfig,
     left = sorted(set(src) - used - ({_OUT} if not model.untie_embeddings_and_output_weights else set()))
     if left:
         raise ExportError(f"cannot export to LlamaForCausalLM: no Llama tensor for {', '.join(left)}")
+    bad = [k for k, t in out.items() if not bool(torch.isfinite(t).all())]
+    if bad:
+        source_bad = [k for k, t in src.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        why = (f"the checkpoint's {', '.join(source_bad[:3])} already hold NaN or inf (a diverged run?)" if source_bad
+               else f"values exceed the range of {str(dtype).removeprefix('torch.')} (export in a wider --dtype)")
+        raise ExportError(f"{', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} would be written with NaN or inf: "
+                          f"{why}")
     return {k: t.contiguous() for k, t in out.items()}, tied
 
 
@@ -183,11 +190,17 @@ def hf_to_megatron(hf: dict[str, torch.Tensor], model: ModelConfig, padded_vocab
         raise ValueError("importing from Llama needs model.normalization='rmsnorm' (a vector gain per norm)")
     src = {k.removeprefix("model."): t for k, t in hf.items()}
     used: set[str] = set()
+    shapes = _llama_shapes(model)
 
     def take(name: str) -> torch.Tensor:
         if name not in src:
             raise ValueError(f"the Hugging Face model has no tensor {name!r}")
         used.add(name)
+        dims = shapes.get(name.split(".", 2)[-1] if name.startswith("layers.") else name)
+        if dims is not None and tuple(src[name].shape) != tuple(v for v, _ in dims):
+            raise ValueError(
+                f"the Hugging Face tensor {name} has shape {tuple(src[name].shape)}, but config.json implies "
+                f"({', '.join(f'{field}={v}' for v, field in dims)}): the weights and config.json do not match")
         return src[name]
 
     def pad(t: torch.Tensor, name: str) -> torch.Tensor:
@@ -220,6 +233,18 @@ def hf_to_megatron(hf: dict[str, torch.Tensor], model: ModelConfig, padded_vocab
         eye = torch.eye(model.hidden_size, dtype=out[_EMB].dtype)
         out[_P_IN], out[_P_OUT] = eye.clone(), eye.clone()
     return out
+
+
+def _llama_shapes(model: ModelConfig) -> dict[str, tuple[tuple[int, str], ...]]:
+    """HF tensor name (``layers.N.`` removed) -> its shape as (size, config.json field) pairs."""
+    h, f, heads, groups, d = (model.hidden_size, model.ffn_hidden_size, model.num_attention_heads,
+                              _groups(model), _head_dim(model))
+    hid, ffn = (h, "hidden_size"), (f, "intermediate_size")
+    q, kv = (heads * d, "num_attention_heads*head_dim"), (groups * d, "num_key_value_heads*head_dim")
+    return {"norm.weight": (hid,), "input_layernorm.weight": (hid,), "post_attention_layernorm.weight": (hid,),
+            "self_attn.q_proj.weight": (q, hid), "self_attn.k_proj.weight": (kv, hid),
+            "self_attn.v_proj.weight": (kv, hid), "self_attn.o_proj.weight": (hid, q),
+            "mlp.gate_proj.weight": (ffn, hid), "mlp.up_proj.weight": (ffn, hid), "mlp.down_proj.weight": (hid, ffn)}
 
 
 # ---------------------------------------------------------------------------------- configs
@@ -277,7 +302,7 @@ def model_config_from_llama(cfg, *, embedding_projection: bool = False, seq_leng
         ffn_hidden_size=cfg.intermediate_size,
         vocab_size=cfg.vocab_size,
         make_vocab_size_divisible_by=make_vocab_size_divisible_by,
-        seq_length=seq_length or cfg.max_position_embeddings,
+        seq_length=cfg.max_position_embeddings if seq_length is None else seq_length,
         rotary_base=int(theta) if float(theta).is_integer() else theta,
         normalization="rmsnorm",
         embedding_projection=embedding_projection,

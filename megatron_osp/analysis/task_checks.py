@@ -1,0 +1,140 @@
+"""What lm-evaluation-harness would only find out while scoring a model, checked before any model loads.
+
+The harness builds a task from its YAML and data without looking at most documents; a malformed one
+surfaces only when the task runs, after the model is loaded and every earlier task and setting has
+been scored, and some never surface:
+
+- a multiple-choice answer index past the choices, or an answer string that is not one of them, is
+  scored as a wrong answer (a warning in the log), and so is a missing answer field (a JSON lines file
+  whose record lacks ``label`` reads as ``None``): silently lower accuracy;
+- a document with no choices stops the run with ``not enough values to unpack``;
+- more few-shot examples than the task's few-shot pool holds stop it with ``Sample larger than
+  population``.
+
+``task_problems`` returns one line per problem (task, data file, document number, field). Documents
+are checked for tasks whose data are local files (``dataset_path: json``, ``csv``, ...), the few-shot
+pool for every task.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["task_problems", "LOCAL_FORMATS"]
+
+LOCAL_FORMATS = ("json", "csv", "parquet", "text", "arrow")
+MAX_PER_TASK = 5
+
+
+def _fields_of(template) -> set[str]:
+    """The document fields a Jinja template (or a bare field name) reads."""
+    if not isinstance(template, str):
+        return set()
+    if "{" not in template:
+        return {template}
+    from jinja2 import Environment, meta
+
+    try:
+        return set(meta.find_undeclared_variables(Environment().parse(template)))
+    except Exception:  # noqa: BLE001 - the harness reports a template it cannot parse itself
+        return set()
+
+
+def _where(task, index: int) -> str:
+    cfg = task.config
+    split = cfg.test_split if task.has_test_docs() else cfg.validation_split
+    files = (cfg.dataset_kwargs or {}).get("data_files")
+    if isinstance(files, dict):
+        files = files.get(split)
+    if isinstance(files, (list, tuple)) and len(files) == 1:
+        files = files[0]
+    source = f"{files}" if isinstance(files, (str, Path)) else f"split {split!r}"
+    return f"{source}: document {index + 1}"
+
+
+def _null_fields_used(templates, doc) -> list[str]:
+    """Fields that are null in ``doc`` (a JSON lines record without them reads as None) and that a
+    template would print (as the text ``None``): its output changes when the null becomes an empty
+    string, which a test like ``{% if f %}`` treats the same."""
+    from lm_eval.utils import apply_template
+
+    used = set()
+    for template in templates:
+        nulls = [f for f in _fields_of(template) if f in doc and doc[f] is None]
+        if not nulls:
+            continue
+        if "{" not in template:
+            used.update(nulls)
+            continue
+        for f in nulls:
+            try:
+                if apply_template(template, doc) != apply_template(template, {**doc, f: ""}):
+                    used.add(f)
+            except Exception:  # noqa: BLE001 - reported when the document is formatted
+                pass
+    return sorted(used)
+
+
+def _doc_problem(task, doc, templates) -> str | None:
+    missing = _null_fields_used(templates, doc)
+    if missing:
+        return f"field {', '.join(repr(f) for f in missing)} is missing or null"
+    try:
+        text = task.doc_to_text(doc)
+        target = task.doc_to_target(doc)
+        if task.config.output_type != "multiple_choice":
+            return None
+        choices = task.doc_to_choice(doc)
+    except Exception as e:  # noqa: BLE001 - a template that cannot render this document
+        return f"cannot be formatted ({type(e).__name__}: {e})"
+    if not isinstance(choices, (list, tuple)) or not choices:
+        return f"has no answer choices (doc_to_choice gives {choices!r})"
+    golds = text if isinstance(text, int) else target  # multiple-input tasks: the text picks the choice
+    for gold in golds if isinstance(golds, list) else [golds]:
+        if isinstance(gold, bool) or not isinstance(gold, (int, str)):
+            return f"answer {gold!r} is neither a choice index nor a choice"
+        if isinstance(gold, int) and not 0 <= gold < len(choices):
+            return f"answer index {gold} is outside its {len(choices)} choices (0..{len(choices) - 1})"
+        if isinstance(gold, str) and gold not in choices:
+            return f"answer {gold!r} is not one of its choices {list(choices)!r}"
+    return None
+
+
+def _fewshot_problem(task, shots: int) -> str | None:
+    sampler = getattr(task, "sampler", None)
+    if shots <= 0 or sampler is None:
+        return None
+    pool = len(sampler.fewshot_docs())
+    fewshot_split = getattr(getattr(task, "fewshot_cfg", None), "split", None)
+    # Drawn from the evaluated split, the harness samples one more and drops the document being asked.
+    need = shots + (1 if fewshot_split is not None and fewshot_split == task.config.test_split else 0)
+    if pool < need:
+        return (f"{shots}-shot needs {need} few-shot examples, but its few-shot pool has {pool}"
+                + (" (the evaluated document itself is left out)" if need > shots else ""))
+    return None
+
+
+def task_problems(name: str, task, num_fewshot: int | None) -> list[str]:
+    """Problems of one built harness task (``name`` as the user gave it), one line each."""
+    shots = num_fewshot if num_fewshot is not None else (task.config.num_fewshot or 0)
+    problems = []
+    if (p := _fewshot_problem(task, shots)) is not None:
+        problems.append(f"task {name}: {p}")
+    if task.config.dataset_path not in LOCAL_FORMATS:
+        return problems
+    cfg = task.config
+    templates = [t for t in (cfg.doc_to_text, cfg.doc_to_target, cfg.doc_to_choice) if isinstance(t, str)]
+    found = 0
+    docs = task.eval_docs
+    for i, doc in enumerate(docs):
+        p = _doc_problem(task, doc, templates)
+        if p is None:
+            continue
+        found += 1
+        if found <= MAX_PER_TASK:
+            problems.append(f"task {name}: {_where(task, i)}: {p}")
+    if found > MAX_PER_TASK:
+        problems.append(f"task {name}: ... {found - MAX_PER_TASK} more documents with problems")
+    if len(docs) == 0:
+        problems.append(f"task {name}: {_where(task, 0).rsplit(':', 1)[0]} has no documents")
+    return problems

@@ -1,0 +1,121 @@
+"""Bad input to tools/evaluate_quantization.py (and the checks evaluate_downstream.py shares), refused
+before any model is evaluated, on tiny saved HF Llamas: settings that cannot apply, counts below 1,
+labels that collide, held-out tokens outside the vocabulary.
+"""
+
+import numpy as np
+import pytest
+
+from megatron_osp.analysis.quantization import parse_setting
+from test_quantization import _tiny_llama
+
+
+def test_settings_that_cannot_apply_are_refused_before_any_evaluation(tmp_path, capsys):
+    """A weight group size of 0, or one that does not divide a linear's input width, and QuaRot on tied
+    embeddings used to fail only when that setting's turn came, after the settings (and models) before
+    it had been evaluated, and the run then wrote nothing. Now: refused first, naming the setting and
+    the model (evaluate_quantization.py: before any model loads), as are window/batch counts below 1."""
+    import sys
+    from pathlib import Path
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from megatron_osp.data.indexed import IndexedDatasetWriter
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import evaluate_quantization
+
+    _tiny_llama(0).save_pretrained(tmp_path / "m0")
+    LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                 num_attention_heads=4)).save_pretrained(tmp_path / "m1")
+    with IndexedDatasetWriter(tmp_path / "held") as writer:
+        writer.add_document(np.arange(90) % 96)
+    capsys.readouterr()
+    rc = evaluate_quantization.main([str(tmp_path / "m0"), str(tmp_path / "m1"), "--data", str(tmp_path / "held"),
+                                     "--seq-length", "8", "--device", "cpu", "--settings", "fp", "4-4-4-g32",
+                                     "--output-dir", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    assert rc == 2 and "== " not in out, out  # no model was loaded
+    assert f"{tmp_path / 'm1'}: setting 4-4-4-g32: weight group size 32 does not divide" in err and "48" in err, err
+    assert not (tmp_path / "out").exists()
+    # Counts below 1 used to fail after the model loaded (--batch-size 0: "range() arg 3 must not be zero";
+    # --stats-windows 0, --num-windows -3: a RuntimeError traceback) or be ignored (--seq-length 0).
+    for option in ("--num-windows", "--batch-size", "--seq-length", "--stats-windows", "--calibration-windows"):
+        rc = evaluate_quantization.main([str(tmp_path / "m0"), "--data", str(tmp_path / "held"), "--settings", "fp",
+                                         option, "0", "--output-dir", str(tmp_path / "out")])
+        out, err = capsys.readouterr()
+        assert rc == 2 and f"{option} must be >= 1, got 0" in err and "== " not in out, err
+    assert not (tmp_path / "out").exists()
+
+    with pytest.raises(ValueError, match="group size .* must be >= 1"):
+        parse_setting("4-4-4-g0")
+    from megatron_osp.analysis.evaluation import check_settings
+
+    with pytest.raises(ValueError, match="setting 4-4-4-g24: weight group size 24 does not divide the 32 input "
+                                         "columns of layer_1"):
+        check_settings(_tiny_llama(), [parse_setting("4-4-4-g24")])
+    check_settings(_tiny_llama(), [parse_setting("4-4-4-g32"), parse_setting("4-4-4+quarot")])
+    tied = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=4, tie_word_embeddings=True))
+    with pytest.raises(ValueError, match="setting 4-4-4\\+quarot: QuaRot .* ties it to the embedding"):
+        check_settings(tied, [parse_setting("4-4-4+quarot")])
+
+
+def test_models_with_the_same_default_label_stay_apart(tmp_path, capsys):
+    """Two models whose default labels agree (two HF directories both named "model"; two checkpoints of
+    one run) used to share one label: the plots, keyed by label, silently drew only the second, and the
+    tables had two indistinguishable rows. Now the second is labelled with its path; --labels naming a
+    model twice is refused."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from megatron_osp.analysis import plots
+    from megatron_osp.data.indexed import IndexedDatasetWriter
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import evaluate_quantization
+
+    for seed, parent in ((0, "a"), (1, "b")):
+        _tiny_llama(seed).save_pretrained(tmp_path / parent / "model")
+    with IndexedDatasetWriter(tmp_path / "held") as writer:
+        writer.add_document(np.arange(90) % 96)
+    drawn = []
+    real = plots.plot_perplexity_vs_bits
+    plots.plot_perplexity_vs_bits = lambda models, path: (drawn.append(list(models)), real(models, path))
+    try:
+        common = ["--data", str(tmp_path / "held"), "--seq-length", "8", "--num-windows", "2", "--documents", "0:1",
+                  "--device", "cpu", "--settings", "fp", "--weight-error-windows", "0", "--stats-windows", "1"]
+        models = [str(tmp_path / "a" / "model"), str(tmp_path / "b" / "model")]
+        assert evaluate_quantization.main(models + common + ["--output-dir", str(tmp_path / "out")]) == 0
+    finally:
+        plots.plot_perplexity_vs_bits = real
+    labels = [m["label"] for m in json.loads((tmp_path / "out" / "quantization.json").read_text())["models"]]
+    assert labels == ["model", f"model ({models[1]})"], labels
+    if plots.plots_available():
+        assert drawn == [labels]
+    capsys.readouterr()
+    assert evaluate_quantization.main(models + common + ["--labels", "x", "x", "--output-dir", str(tmp_path / "o2")]) == 2
+    assert "--labels names a model twice" in capsys.readouterr().err and not (tmp_path / "o2").exists()
+
+
+def test_held_out_tokens_outside_the_vocabulary_are_named(tmp_path, capsys):
+    """--data tokenized by another (larger) tokenizer used to end in "IndexError: index out of range in
+    self" from the embedding, a traceback; now one line naming the data, the id and the vocabulary."""
+    import sys
+    from pathlib import Path
+
+    from megatron_osp.data.indexed import IndexedDatasetWriter
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import evaluate_quantization
+
+    _tiny_llama(0).save_pretrained(tmp_path / "m")  # vocabulary 96
+    with IndexedDatasetWriter(tmp_path / "held") as writer:
+        writer.add_document((np.arange(90) * 7) % 100)  # ids up to 99 (98 is the 15th token)
+    rc = evaluate_quantization.main([str(tmp_path / "m"), "--data", str(tmp_path / "held"), "--documents", "0:1",
+                                     "--seq-length", "8", "--num-windows", "4", "--device", "cpu", "--settings", "fp",
+                                     "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"--data {tmp_path / 'held'}: token id" in err and "outside the model's vocabulary of 96" in err, err
+    assert not (tmp_path / "out").exists()
