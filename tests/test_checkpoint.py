@@ -374,3 +374,31 @@ def test_a_checkpoint_that_does_not_fit_the_run_is_refused_by_field(split_runs):
     check_compatible(save_dir, load_config(None, base + ["optimizer.name=muon"]), resume=False)  # weights only
     with pytest.raises(CheckpointError, match="padded to 256 .* this model to 384"):
         load_model_weights(save_dir, [types.SimpleNamespace(vocab_size=384)])
+
+
+def test_a_resume_with_other_optimizer_state_hyperparameters_is_refused(split_runs):
+    """Adam's betas and eps and Muon's momentum and LR live in the optimizer state's param groups;
+    loading it used to put the checkpoint's values back over the ones given, silently (a resume with
+    optimizer.muon_momentum=0.5 kept 0.95). Now such a resume is refused naming the field."""
+    from megatron_osp.training.checkpoint import CheckpointError, check_compatible
+    from megatron_osp.training.config import load_config
+
+    root = split_runs[2]
+    for opt, override, message in (
+        ("adam", "optimizer.adam_beta1=0.8", r"optimizer.adam_beta1: checkpoint 0.9, this run 0.8"),
+        ("adam", "optimizer.adam_beta2=0.99", r"optimizer.adam_beta2: checkpoint 0.95, this run 0.99"),
+        ("adam", "optimizer.adam_eps=1e-6", r"optimizer.adam_eps: checkpoint 1e-08, this run 1e-06"),
+        ("muon", "optimizer.muon_momentum=0.5", r"optimizer.muon_momentum: checkpoint 0.95, this run 0.5"),
+        ("muon", "optimizer.muon_lr=0.05", r"optimizer.muon_lr: checkpoint 0.003, this run 0.05"),
+        ("muon", "optimizer.adam_beta2=0.99", r"optimizer.adam_beta2: checkpoint 0.95, this run 0.99"),
+    ):
+        save_dir = root / f"{opt}_split" / "checkpoints"
+        config = load_config(None, _overrides("unused", "unused", opt) + [override])
+        with pytest.raises(CheckpointError, match=message):
+            check_compatible(save_dir, config, resume=True)
+        check_compatible(save_dir, config, resume=False)  # its weights load either way
+    base = _overrides("unused", "unused", "muon")
+    # The LR Muon used (muon_lr unset = lr) given explicitly, and Muon settings of an Adam run: accepted.
+    check_compatible(root / "muon_split" / "checkpoints", load_config(None, base + ["optimizer.muon_lr=0.003"]), resume=True)
+    adam = _overrides("unused", "unused", "adam") + ["optimizer.muon_momentum=0.5"]
+    check_compatible(root / "adam_split" / "checkpoints", load_config(None, adam), resume=True)

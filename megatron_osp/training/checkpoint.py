@@ -169,12 +169,22 @@ _RESUME_FIELDS = (
     ("optimizer", "distributed_optimizer"),
     ("optimizer", "muon_qkv_split"),
 )
+# Hyperparameters that the optimizer state carries in its param groups: loading it (torch's
+# load_state_dict) would put the checkpoint's values back over other ones of this run, silently.
+_ADAM_STATE_FIELDS = ("adam_beta1", "adam_beta2", "adam_eps")  # optimizer.name adam and muon
+_MUON_STATE_FIELDS = ("muon_momentum", "muon_lr")  # muon and muon_only; muon_lr as used (None = lr)
+
+
+def _state_hyperparameters(opt) -> dict:
+    names = (_ADAM_STATE_FIELDS if opt.name != "muon_only" else ()) + (_MUON_STATE_FIELDS if opt.name != "adam" else ())
+    return {f"optimizer.{n}": opt.lr if n == "muon_lr" and opt.muon_lr is None else getattr(opt, n) for n in names}
 
 
 def check_compatible(path, config, *, resume: bool) -> None:
     """CheckpointError naming every field where ``config`` cannot continue the checkpoint's run:
     a different architecture (any load), or, when resuming the optimizer and LR schedule, another
-    optimizer, schedule length or learning rate. Parallel layout and batch sizes may change."""
+    optimizer, schedule length, learning rate or a hyperparameter the optimizer state carries (Adam's
+    betas and eps, Muon's momentum and LR). Parallel layout and batch sizes may change."""
     saved = read_run_config(path)
     diffs = []
     for name in vars(saved.model):
@@ -188,6 +198,11 @@ def check_compatible(path, config, *, resume: bool) -> None:
             old, new = getattr(getattr(saved, section), name), getattr(getattr(config, section), name)
             if old != new:
                 diffs.append(f"{section}.{name}: checkpoint {old!r}, this run {new!r}")
+        if saved.optimizer.name == config.optimizer.name:
+            old_values = _state_hyperparameters(saved.optimizer)
+            for name, new in _state_hyperparameters(config.optimizer).items():
+                if old_values[name] != new:
+                    diffs.append(f"{name}: checkpoint {old_values[name]!r}, this run {new!r}")
     if diffs:
         raise CheckpointError(
             f"checkpoint {resolve_checkpoint(path)} does not fit this run:\n  " + "\n  ".join(diffs)
