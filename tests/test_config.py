@@ -77,3 +77,18 @@ def test_bad_files_are_named(tmp_path):
 def test_unknown_preset_is_named():
     with pytest.raises(KeyError, match="huge"):
         load_config(None, ["model.preset=huge"])
+
+
+def test_a_key_given_twice_in_a_config_file_is_refused_with_its_lines(tmp_path):
+    """PyYAML keeps the last of two equal keys: a second `train:` section used to drop every field
+    of the first (this file trained 100 steps at batch 16), a field given twice kept the last value."""
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  train_steps: 500\n  global_batch_size: 64\noptimizer:\n  name: muon\ntrain:\n  micro_batch_size: 2\n")
+    with pytest.raises(ValueError, match=r"run.yaml: invalid YAML: 'train' is given twice in one mapping \(first on line 1\)"
+                                         r"\n  in \".*run.yaml\", line 6"):
+        load_config(path)
+    path.write_text("model:\n  preset: tiny\n  hidden_size: 256\n  hidden_size: 512\n")
+    with pytest.raises(ValueError, match=r"(?s)'hidden_size' is given twice in one mapping \(first on line 3\).*line 4"):
+        load_config(path)
+    with pytest.raises(ValueError, match=f"config file {tmp_path}: Is a directory"):
+        load_config(tmp_path)
