@@ -361,7 +361,8 @@ def test_sigterm_saves_and_the_next_run_continues(toy_corpus, tmp_path):
 def test_a_checkpoint_that_does_not_fit_the_run_is_refused_by_field(split_runs):
     import types
 
-    from megatron_osp.training.checkpoint import CheckpointError, check_compatible, load_model_weights
+    from megatron_osp.training.checkpoint import CheckpointError, load_model_weights
+    from megatron_osp.training.resume_check import check_compatible
     from megatron_osp.training.config import load_config
 
     save_dir = split_runs[2] / "adam_split" / "checkpoints"
@@ -380,7 +381,8 @@ def test_a_resume_with_other_optimizer_state_hyperparameters_is_refused(split_ru
     """Adam's betas and eps and Muon's momentum and LR live in the optimizer state's param groups;
     loading it used to put the checkpoint's values back over the ones given, silently (a resume with
     optimizer.muon_momentum=0.5 kept 0.95). Now such a resume is refused naming the field."""
-    from megatron_osp.training.checkpoint import CheckpointError, check_compatible
+    from megatron_osp.training.checkpoint import CheckpointError
+    from megatron_osp.training.resume_check import check_compatible
     from megatron_osp.training.config import load_config
 
     root = split_runs[2]
@@ -402,3 +404,39 @@ def test_a_resume_with_other_optimizer_state_hyperparameters_is_refused(split_ru
     check_compatible(root / "muon_split" / "checkpoints", load_config(None, base + ["optimizer.muon_lr=0.003"]), resume=True)
     adam = _overrides("unused", "unused", "adam") + ["optimizer.muon_momentum=0.5"]
     check_compatible(root / "adam_split" / "checkpoints", load_config(None, adam), resume=True)
+
+
+def test_rerunning_into_a_run_directory_with_other_data_or_seed_is_refused(toy_corpus, split_runs, tmp_path):
+    """A second run with other data or another seed in the same run directory (e.g. two jobs of
+    pretrain_slurm.sh, whose run_dir is the job name) used to auto-resume the first run's checkpoint:
+    it continued the first run on another sample order, or, the first run being finished, trained
+    nothing, exited 0 and reported the first run's results. Now it is refused naming the fields,
+    and train.load (a new run from that checkpoint, on purpose) still may change them."""
+    from megatron_osp.training.checkpoint import CheckpointError
+    from megatron_osp.training.config import load_config
+    from megatron_osp.training.resume_check import check_compatible
+
+    root = split_runs[2]
+    save_dir = root / "muon_split" / "checkpoints"
+    latest = (save_dir / "latest").read_text().strip()
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env.pop("MASTER_ADDR", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "megatron_osp.training.pretrain", *_split(toy_corpus, root, "muon"), "train.seed=99",
+         f"data.paths=[{toy_corpus},{toy_corpus}]"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "does not fit this run" in result.stderr and "train.seed: checkpoint 1234, this run 99" in result.stderr
+    assert f"data.paths: checkpoint ['{toy_corpus}'], this run ['{toy_corpus}', '{toy_corpus}']" in result.stderr
+    assert f"train.load={save_dir / latest} with another train.save_dir" in result.stderr
+    assert (save_dir / "latest").read_text().strip() == latest
+
+    base = _overrides(toy_corpus, "unused", "muon")
+    for override, field in (("data.split=90,10", "data.split"), ("data.weights=[2]", "data.weights")):
+        with pytest.raises(CheckpointError, match=rf"{field}: checkpoint"):
+            check_compatible(save_dir, load_config(None, base + [override]), resume=True, same_run=True)
+        check_compatible(save_dir, load_config(None, base + [override]), resume=True)  # train.load
+    # The same data named another way, and the same split written shorter, are the same run.
+    relative = os.path.relpath(toy_corpus)
+    same = base + [f"data.paths=[{relative}]", "data.split=98,2"]
+    check_compatible(save_dir, load_config(None, same), resume=True, same_run=True)

@@ -34,7 +34,6 @@ from megatron_osp.metrics.kurtosis import HiddenStateRecorder, KurtosisReport, m
 from megatron_osp.models.layout import unwrap  # noqa: F401 - the Trainer's callers (tests, tools) import it from here
 from megatron_osp.optimizer.builder import ddp_config, ddp_wrapper, get_osp_optimizer
 from megatron_osp.training.checkpoint import (
-    check_compatible,
     has_checkpoint,
     load_checkpoint,
     read_run_config,
@@ -45,6 +44,7 @@ from megatron_osp.training import model_setup
 from megatron_osp.training.config import RunConfig, save_config
 from megatron_osp.training.data import build_datasets
 from megatron_osp.training.progress import finished_summary, tokens_at_resume
+from megatron_osp.training.resume_check import check_compatible
 from megatron_osp.training.sigterm import SigtermFlag
 from megatron_osp.training.validation import check_config, check_data_settings, check_world
 
@@ -106,14 +106,15 @@ class Trainer:
         # and is requeued with the same command continues its progress instead of restarting.
         self.save_dir = Path(train.save_dir) if train.save_dir else self.run_dir / "checkpoints"
         load_path = train.load
-        if train.auto_resume and has_checkpoint(self.save_dir):
+        same_run = train.auto_resume and has_checkpoint(self.save_dir)
+        if same_run:
             load_path = self.save_dir
         resume = False
         if load_path is not None:
             # A training checkpoint continues where it stopped; a weights-only one (e.g. converted
             # from Hugging Face) starts a new run from those weights.
             resume = "optimizer" in read_train_state(load_path)["contents"]
-            check_compatible(load_path, config, resume=resume)
+            check_compatible(load_path, config, resume=resume, same_run=same_run)
 
         # One model chunk per virtual pipeline stage (one in all without them), each in its own DDP.
         self.tconfig = model_setup.run_transformer_config(config, self.bf16)
