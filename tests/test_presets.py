@@ -128,3 +128,13 @@ def test_8b_slurm_example_launches_a_valid_run(tmp_path):
     assert config.parallel.sequence_parallel and config.optimizer.distributed_optimizer
     assert config.train.recompute == "selective" and config.train.micro_batch_size == 2
     check_world(config, 4 * 8)  # DP = 16: 512 sequences = 2 per micro-batch x 16 micro-batches x 16 ranks
+
+
+def test_the_slurm_examples_output_directories_are_in_the_repository():
+    """sbatch opens #SBATCH --output before the script runs (its `mkdir -p logs` comes too late), and
+    SLURM does not create the directory: from a fresh checkout the first job failed writing nothing."""
+    import re
+
+    for script in sorted((ROOT / "examples").glob("*.sh")):
+        for directory in re.findall(r"^#SBATCH --output=(.+)/[^/]+$", script.read_text(), flags=re.M):
+            assert (ROOT / directory / ".gitignore").is_file(), f"{script.name}: {directory}/ is not in the repository"
