@@ -79,6 +79,11 @@ def _split(corpus, root, opt):
 def _first_half_worker(rank, world, corpus, root):
     """Uninterrupted reference runs and the first halves of the split runs (Adam and Muon)."""
     out = {}
+    # What an attempt killed before its first checkpoint leaves: the rerun starts fresh and must
+    # not append to these lines (test_a_fresh_start_drops_the_metrics_of_an_attempt_without_checkpoint).
+    Path(f"{root}/adam_ref").mkdir(parents=True)
+    Path(f"{root}/adam_ref/metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "loss": 99.0}) + "\n" for s in range(1, 7)))
     for opt in ("adam", "muon"):
         out[f"{opt}_ref"] = _losses(_train(_overrides(corpus, f"{root}/{opt}_ref", opt) + _SAVING[opt]))
         out[f"{opt}_first"] = _losses(_train(_split(corpus, root, opt) + [f"train.exit_at_step={STOP}"]))
@@ -440,3 +445,41 @@ def test_rerunning_into_a_run_directory_with_other_data_or_seed_is_refused(toy_c
     relative = os.path.relpath(toy_corpus)
     same = base + [f"data.paths=[{relative}]", "data.split=98,2"]
     check_compatible(save_dir, load_config(None, same), resume=True, same_run=True)
+
+
+def test_a_fresh_start_drops_the_metrics_of_an_attempt_without_checkpoint(split_runs):
+    """A run killed before its first checkpoint and started again used to append to its metrics.jsonl
+    (steps 1, 2, ..., 6, 1, 2, 3, 4). A fresh start keeps no step lines, as a resume keeps none past
+    its checkpoint."""
+    rows = [json.loads(line) for line in (split_runs[2] / "adam_ref" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert [r["loss"] for r in rows] == split_runs[0]["adam_ref"]
+
+
+def test_a_run_that_would_save_over_checkpoints_it_does_not_continue_is_refused(split_runs):
+    """train.auto_resume=false (which the refusal message used to suggest "to start fresh") made a run
+    save into a save_dir holding an earlier run's checkpoints: its iter_2 replaced theirs, latest moved
+    and keep_last pruned the rest. Now refused before anything is built; loading a checkpoint of the
+    save_dir itself (going back to an earlier step) or not saving is still allowed."""
+    import types
+
+    from megatron_osp.training.checkpoint import CheckpointError
+    from megatron_osp.training.resume_check import checkpoint_to_load
+
+    save_dir = split_runs[2] / "muon_split" / "checkpoints"
+    listing = sorted(p.name for p in save_dir.iterdir())
+
+    def train(**values):
+        return types.SimpleNamespace(**{"auto_resume": False, "load": None, "save": True, **values})
+
+    assert checkpoint_to_load(train(auto_resume=True), save_dir) == (save_dir, True)
+    for settings, started in ((train(), "from scratch"), (train(load=str(split_runs[2] / "adam_split" / "checkpoints")),
+                                                          "from train.load=")):
+        with pytest.raises(CheckpointError, match=rf"train.save_dir={save_dir} holds the checkpoints of an earlier "
+                                                  rf"run \(latest: iter_0000004\); this run starts {started}"):
+            checkpoint_to_load(settings, save_dir)
+    older = str(save_dir / "iter_0000002")
+    assert checkpoint_to_load(train(load=older), save_dir) == (older, True)
+    assert checkpoint_to_load(train(save=False), save_dir) == (None, False)
+    assert checkpoint_to_load(train(), save_dir.parent / "elsewhere") == (None, False)
+    assert sorted(p.name for p in save_dir.iterdir()) == listing

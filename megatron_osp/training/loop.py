@@ -34,7 +34,6 @@ from megatron_osp.metrics.kurtosis import HiddenStateRecorder, KurtosisReport, m
 from megatron_osp.models.layout import unwrap  # noqa: F401 - the Trainer's callers (tests, tools) import it from here
 from megatron_osp.optimizer.builder import ddp_config, ddp_wrapper, get_osp_optimizer
 from megatron_osp.training.checkpoint import (
-    has_checkpoint,
     load_checkpoint,
     read_run_config,
     read_train_state,
@@ -44,7 +43,7 @@ from megatron_osp.training import model_setup
 from megatron_osp.training.config import RunConfig, save_config
 from megatron_osp.training.data import build_datasets
 from megatron_osp.training.progress import finished_summary, tokens_at_resume
-from megatron_osp.training.resume_check import check_compatible
+from megatron_osp.training.resume_check import check_compatible, checkpoint_to_load
 from megatron_osp.training.sigterm import SigtermFlag
 from megatron_osp.training.validation import check_config, check_data_settings, check_world
 
@@ -105,10 +104,7 @@ class Trainer:
         # The run's own checkpoints come first, so a preempted job that started from train.load
         # and is requeued with the same command continues its progress instead of restarting.
         self.save_dir = Path(train.save_dir) if train.save_dir else self.run_dir / "checkpoints"
-        load_path = train.load
-        same_run = train.auto_resume and has_checkpoint(self.save_dir)
-        if same_run:
-            load_path = self.save_dir
+        load_path, same_run = checkpoint_to_load(train, self.save_dir)
         resume = False
         if load_path is not None:
             # A training checkpoint continues where it stopped; a weights-only one (e.g. converted
@@ -309,7 +305,8 @@ class Trainer:
         bar = _progress_bar(train.train_steps, initial=self.step) if (is_logging_rank() and train.progress_bar) else None
         metrics_path = self.run_dir / "metrics.jsonl"
         history = self.history = []  # this session's logged steps
-        earlier = self._earlier_metrics(metrics_path) if self.step else []
+        # A fresh start drops the lines of an attempt killed before its first checkpoint.
+        earlier = self._earlier_metrics(metrics_path)
         if earlier:
             self.tokens = tokens_at_resume(earlier, self.train_iter.consumed, self._checkpoint_seq_length)
         if self.step and self.step >= train.train_steps:
@@ -399,8 +396,9 @@ class Trainer:
         return summary
 
     def _earlier_metrics(self, path: Path) -> list[dict]:
-        """On resume: the logged steps up to the checkpoint. Lines of later steps (a run that went
-        on past the checkpoint it is resumed from) are dropped from metrics.jsonl."""
+        """The logged steps up to the checkpoint resumed from (none at a fresh start). Lines of later
+        steps (a run that went on past that checkpoint, or was killed before its first one) are
+        dropped from metrics.jsonl."""
         if not is_logging_rank() or not path.exists():
             return []
         lines = [line for line in path.read_text().splitlines() if line.strip()]

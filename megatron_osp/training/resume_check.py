@@ -13,13 +13,25 @@ field with both values:
   continue a checkpoint on other data on purpose, start a new run from it with ``train.load``.
 
 Parallel layout, batch sizes and the sequence length may change (progress.py counts the tokens).
+
+``checkpoint_to_load`` picks the checkpoint (the run's own latest first) and refuses a run that
+would save into a ``train.save_dir`` holding checkpoints it does not continue: its saves of the
+same steps would replace them, ``latest`` would move to it and ``keep_last`` prune the rest.
 """
 
 from __future__ import annotations
 
 import os
 
-from megatron_osp.training.checkpoint import CheckpointError, read_run_config, resolve_checkpoint
+from pathlib import Path
+
+from megatron_osp.training.checkpoint import (
+    LATEST,
+    CheckpointError,
+    has_checkpoint,
+    read_run_config,
+    resolve_checkpoint,
+)
 
 # Model fields that may differ between the run that saved a checkpoint and the run that loads it.
 _FREE_MODEL_FIELDS = {"transformer_impl", "hidden_dropout", "attention_dropout", "seq_length", "make_vocab_size_divisible_by"}
@@ -94,10 +106,7 @@ def check_compatible(path, config, *, resume: bool, same_run: bool = False) -> N
                 data_diffs.append(f"{name}: checkpoint {old!r}, this run {new!r}")
     if diffs or data_diffs:
         ckpt = resolve_checkpoint(path)
-        way_out = (
-            "\n(set train.load to another checkpoint, or use a new train.save_dir / "
-            "train.auto_resume=false to start fresh)" if diffs else ""
-        )
+        way_out = "\n(to start a new run instead, use another train.run_dir or train.save_dir)" if diffs else ""
         if data_diffs:
             way_out += (
                 f"\n(a resume continues the run in {ckpt.parent} on its data and seed; to continue this "
@@ -107,3 +116,28 @@ def check_compatible(path, config, *, resume: bool, same_run: bool = False) -> N
         raise CheckpointError(
             f"checkpoint {ckpt} does not fit this run:\n  " + "\n  ".join(diffs + data_diffs) + way_out
         )
+
+
+def _in_save_dir(load, save_dir: Path) -> bool:
+    path, save_dir = Path(load).resolve(), save_dir.resolve()
+    return path == save_dir or path.parent == save_dir
+
+
+def checkpoint_to_load(train, save_dir: Path) -> tuple:
+    """(the checkpoint this run starts from or None, whether it is the run's own: in its save_dir).
+
+    The save_dir's latest with ``train.auto_resume``, else ``train.load``. CheckpointError when the
+    run would save into a save_dir whose checkpoints it does not continue."""
+    own = has_checkpoint(save_dir)
+    if train.auto_resume and own:
+        return save_dir, True
+    inside = train.load is not None and _in_save_dir(train.load, save_dir)
+    if own and train.save and not inside:
+        latest = (save_dir / LATEST).read_text().strip()
+        started = f"from train.load={train.load}" if train.load is not None else "from scratch"
+        raise CheckpointError(
+            f"train.save_dir={save_dir} holds the checkpoints of an earlier run (latest: {latest}); this run "
+            f"starts {started} (train.auto_resume=false), and its saves would replace and prune them. "
+            "Use another train.save_dir or train.run_dir, or remove that directory to start over"
+        )
+    return train.load, inside
