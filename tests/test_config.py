@@ -92,3 +92,23 @@ def test_a_key_given_twice_in_a_config_file_is_refused_with_its_lines(tmp_path):
         load_config(path)
     with pytest.raises(ValueError, match=f"config file {tmp_path}: Is a directory"):
         load_config(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "text, overrides, message",
+    [
+        ("train: [1, 2]\n", [], r"run.yaml: train must be a mapping of its fields \(field: value\), got \[1, 2\]"),
+        ("train:\n  - train_steps: 5\n", ["train.seed=3"], r"train must be a mapping of its fields"),
+        ("optimizer: adam\n", [], r"optimizer must be a mapping of its fields .* got 'adam'"),
+        ("model:\n  preset: [tiny]\n", [], r"model.preset must be a preset name, got \['tiny'\]"),
+        ("train:\n  5: 3\n  x: 1\n", [], r"unknown field\(s\) train.5, train.x"),
+        ("1: {}\nfoo: {}\n", [], r"unknown section\(s\) \[1, 'foo'\]"),
+    ],
+)
+def test_a_config_file_of_the_wrong_shape_is_named_not_a_type_error(tmp_path, text, overrides, message):
+    """A section that is a list or a scalar, a preset that is a list, or a key that is a number used to
+    end in a bare TypeError from inside load_config."""
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_config(path, overrides)

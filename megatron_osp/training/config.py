@@ -166,7 +166,9 @@ def _build_section(name: str, values: dict, source: str):
     values = dict(values or {})
     known = {f.name for f in dataclasses.fields(cls)}
     preset = values.pop("preset", None) if name == "model" else None
-    unknown = sorted(set(values) - known)
+    if preset is not None and not isinstance(preset, str):
+        raise ValueError(f"{source}: model.preset must be a preset name, got {preset!r}")
+    unknown = sorted(map(str, set(values) - known))
     if unknown:
         raise ValueError(f"{source}: unknown field(s) {', '.join(name + '.' + u for u in unknown)}")
     hints = typing.get_type_hints(cls)
@@ -235,9 +237,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
             raise ValueError(f"{path}: invalid YAML: {e}") from None
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: the top level must be a mapping of sections")
-        unknown = sorted(set(raw) - set(_SECTIONS))
+        unknown = sorted(set(raw) - set(_SECTIONS), key=str)
         if unknown:
             raise ValueError(f"{path}: unknown section(s) {unknown}; known: {sorted(_SECTIONS)}")
+        for name, values in raw.items():
+            if values is not None and not isinstance(values, dict):
+                raise ValueError(f"{path}: {name} must be a mapping of its fields (field: value), got {values!r}")
     tree = parse_overrides(list(overrides))
     for section, values in tree.items():
         merged = dict(raw.get(section) or {})
