@@ -56,11 +56,11 @@ def _losses(trainer):
     return [h["loss"] for h in trainer.history]
 
 
-def _train(overrides):
+def _train(overrides, log=lambda *_: None):
     from megatron_osp.training.config import load_config
     from megatron_osp.training.loop import Trainer
 
-    trainer = Trainer(load_config(None, overrides), log=lambda *_: None)
+    trainer = Trainer(load_config(None, overrides), log=log)
     trainer.train()
     return trainer
 
@@ -86,7 +86,8 @@ def _first_half_worker(rank, world, corpus, root):
         "".join(json.dumps({"step": s, "loss": 99.0}) + "\n" for s in range(1, 7)))
     for opt in ("adam", "muon"):
         out[f"{opt}_ref"] = _losses(_train(_overrides(corpus, f"{root}/{opt}_ref", opt) + _SAVING[opt]))
-        out[f"{opt}_first"] = _losses(_train(_split(corpus, root, opt) + [f"train.exit_at_step={STOP}"]))
+        lines = out.setdefault("first_log", [])
+        out[f"{opt}_first"] = _losses(_train(_split(corpus, root, opt) + [f"train.exit_at_step={STOP}"], log=lines.append))
     return out
 
 
@@ -483,3 +484,11 @@ def test_a_run_that_would_save_over_checkpoints_it_does_not_continue_is_refused(
     assert checkpoint_to_load(train(save=False), save_dir) == (None, False)
     assert checkpoint_to_load(train(), save_dir.parent / "elsewhere") == (None, False)
     assert sorted(p.name for p in save_dir.iterdir()) == listing
+
+
+def test_a_run_stopped_by_exit_at_step_says_how_to_continue(split_runs):
+    """It used to say "Run the same command again to continue": that command stops again at once."""
+    stops = [line for line in split_runs[0]["first_log"] if "stopped after step" in line]
+    assert len(stops) == 2, split_runs[0]["first_log"][-5:]
+    for line in stops:
+        assert line.endswith("Run it again without train.exit_at_step (or with a larger one) to continue."), line

@@ -412,10 +412,10 @@ class Trainer:
         saved = None
         if self.config.train.save:
             saved = self.save() if self.last_saved_step != self.step else self.save_dir
-        where = (
-            f"checkpoint of step {self.step} in {self.save_dir}. Run the same command again to continue."
-            if saved else "no checkpoint was written (train.save=false)."
-        )
+        again = ("Run it again without train.exit_at_step (or with a larger one) to continue."
+                 if reason.startswith("train.exit_at_step") else "Run the same command again to continue.")
+        where = f"checkpoint of step {self.step} in {self.save_dir}. {again}" if saved else (
+            "no checkpoint was written (train.save=false).")
         self._rank0_log(f"{reason}: stopped after step {self.step} of {self.config.train.train_steps}; {where}")
         if self.writer is not None:
             self.writer.close()
