@@ -281,3 +281,33 @@ def test_resumed_token_count_and_a_finished_rerun_keep_summary_right(toy_corpus,
     assert again.returncode == 0, again.stderr[-3000:]
     assert "already finished at step 3" in again.stdout + again.stderr
     assert {name: (run_dir / name).read_bytes() for name in before} == before
+
+
+def test_settings_this_machine_cannot_run_are_refused_before_the_model_is_built(toy_corpus, tmp_path):
+    """On CPU, train.bf16=true (without the distributed optimizer) used to fail inside Megatron's
+    optimizer once the model was built (TypeError: Wrapped parameters must be one of
+    torch.cuda.FloatTensor ...), transformer_impl=transformer_engine without TE with an ImportError
+    traceback, and muon_ns_backend=triton at the first step. Now all three are named at once when
+    the Trainer starts, before the process group, datasets or model exist."""
+    from megatron_osp.models.layer_specs import transformer_engine_available
+    from megatron_osp.training.loop import Trainer
+    from megatron_osp.training.platform_checks import platform_problems
+    from megatron_osp.training.validation import ConfigError
+
+    bad = ["train.bf16=true", "model.transformer_impl=transformer_engine", "optimizer.name=muon",
+           "optimizer.muon_ns_backend=triton"]
+    config = load_config(None, _tiny(toy_corpus, tmp_path / "run", *bad))
+    problems = platform_problems(config, on_cpu=True)
+    assert problems[0].startswith("train.bf16=true on CPU needs optimizer.distributed_optimizer=true")
+    assert any(p.startswith("optimizer.muon_ns_backend=triton cannot run here") for p in problems)
+    if not transformer_engine_available():
+        assert any(p.startswith("model.transformer_impl=transformer_engine: Transformer Engine is not installed")
+                   for p in problems)
+    with pytest.raises(ConfigError, match=r"invalid settings:\n  train\.bf16=true on CPU"):
+        Trainer(config, log=lambda *_: None)
+    assert not (tmp_path / "run").exists()
+    # What runs: bf16 with our distributed optimizer, Adam with any Newton-Schulz backend, a GPU.
+    fine = load_config(None, _tiny(toy_corpus, tmp_path / "run", "train.bf16=true", "optimizer.distributed_optimizer=true",
+                                   "optimizer.muon_ns_backend=triton"))
+    assert platform_problems(fine, on_cpu=True) == []
+    assert not [p for p in platform_problems(config, on_cpu=False) if p.startswith("train.bf16")]

@@ -42,6 +42,7 @@ from megatron_osp.training.checkpoint import (
 from megatron_osp.training import model_setup
 from megatron_osp.training.config import RunConfig, save_config
 from megatron_osp.training.data import build_datasets
+from megatron_osp.training.platform_checks import check_platform
 from megatron_osp.training.progress import finished_summary, tokens_at_resume
 from megatron_osp.training.resume_check import check_compatible, checkpoint_to_load
 from megatron_osp.training.sigterm import SigtermFlag
@@ -92,6 +93,7 @@ class Trainer:
         check_config(config)
         check_world(config, _world_size())
         check_data_settings(config)
+        check_platform(config, on_cpu=platform.cpu_mode_requested())
         parallel.init_distributed(par.tensor_parallel_size, par.pipeline_parallel_size, par.virtual_pipeline_size)
         platform.seed_everything(train.seed)
         self.device = platform.device()

@@ -18,7 +18,8 @@ Three stages, each run as soon as what it needs is known, and all before a model
   micro-batches per step, as Megatron-Core's interleaved schedule needs); the data files and
   tokenizer exist, the tokenizer's vocabulary fits ``model.vocab_size`` and it has an
   end-of-document id. The Trainer
-  first runs ``check_config`` (ranges and relations) for a RunConfig built in code.
+  first runs ``check_config`` (ranges and relations) for a RunConfig built in code. What the machine
+  cannot run (bf16 on CPU, a missing Transformer Engine or Triton) is platform_checks.py's.
 
 Every problem found in a stage is reported at once, one line each, as a ``ConfigError`` (a
 ValueError), so a user fixes a config in one round. The token ids inside the data files are checked

@@ -1,0 +1,55 @@
+"""Settings this machine cannot run, refused when the Trainer starts (before any model is built).
+
+validation.py checks values against each other, the world size and the data; these need to know
+the machine: whether it trains on CPU, and what is installed. Without them each failed only once
+the model or optimizer was built, or at the first step, with a library's traceback:
+
+- ``train.bf16=true`` on CPU without the distributed optimizer (Megatron's mixed-precision
+  optimizer wraps only CUDA tensors; ours, optimizer/zero/, runs bf16 on CPU too);
+- ``model.transformer_impl=transformer_engine`` without Transformer Engine;
+- ``optimizer.muon_ns_backend=triton`` where the Triton kernel cannot run (no triton, or CPU
+  without its interpreter) for an optimizer with Muon.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from megatron_osp.models.layer_specs import transformer_engine_available
+from megatron_osp.training.validation import ConfigError
+
+
+def platform_problems(config, on_cpu: bool) -> list[str]:
+    problems = []
+    if config.train.bf16 and on_cpu and not config.optimizer.distributed_optimizer:
+        problems.append(
+            "train.bf16=true on CPU needs optimizer.distributed_optimizer=true (Megatron's mixed-precision "
+            "optimizer, used without it, wraps CUDA tensors only); or leave train.bf16 null (fp32 on CPU)"
+        )
+    if config.model.transformer_impl == "transformer_engine" and not transformer_engine_available():
+        problems.append(
+            "model.transformer_impl=transformer_engine: Transformer Engine is not installed (install "
+            "megatron-osp[te], or use local; auto takes it when it is importable)"
+        )
+    if config.optimizer.muon_ns_backend == "triton" and config.optimizer.name != "adam":
+        reason = _triton_unavailable(on_cpu)
+        if reason is not None:
+            problems.append(f"optimizer.muon_ns_backend=triton cannot run here: {reason} (use torch or auto)")
+    return problems
+
+
+def _triton_unavailable(on_cpu: bool) -> str | None:
+    """Why the Newton-Schulz Triton kernel cannot run on this machine at all (None: it may; the
+    optimizer checks dtype and compute capability on its tensors)."""
+    nt = importlib.import_module("megatron_osp.optimizer.ns_triton")
+    if nt.triton is None:
+        return f"triton is not importable ({nt._IMPORT_ERROR})"
+    if on_cpu and not nt.INTERPRET:
+        return "training runs on CPU and the Triton kernel needs CUDA (or TRITON_INTERPRET=1 for its interpreter)"
+    return None
+
+
+def check_platform(config, on_cpu: bool) -> None:
+    problems = platform_problems(config, on_cpu)
+    if problems:
+        raise ConfigError(problems)
