@@ -434,7 +434,7 @@ def test_rerunning_into_a_run_directory_with_other_data_or_seed_is_refused(toy_c
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert "does not fit this run" in result.stderr and "train.seed: checkpoint 1234, this run 99" in result.stderr
     assert f"data.paths: checkpoint ['{toy_corpus}'], this run ['{toy_corpus}', '{toy_corpus}']" in result.stderr
-    assert f"train.load={save_dir / latest} with another train.save_dir" in result.stderr
+    assert f"train.load={save_dir / latest} with another train.run_dir" in result.stderr
     assert (save_dir / "latest").read_text().strip() == latest
 
     base = _overrides(toy_corpus, "unused", "muon")

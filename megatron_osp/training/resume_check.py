@@ -111,7 +111,7 @@ def check_compatible(path, config, *, resume: bool, same_run: bool = False) -> N
             way_out += (
                 f"\n(a resume continues the run in {ckpt.parent} on its data and seed; to continue this "
                 f"checkpoint on other data or with another seed, start a new run from it: "
-                f"train.load={ckpt} with another train.save_dir)"
+                f"train.load={ckpt} with another train.run_dir)"
             )
         raise CheckpointError(
             f"checkpoint {ckpt} does not fit this run:\n  " + "\n  ".join(diffs + data_diffs) + way_out
