@@ -12,7 +12,9 @@ field with both values:
   sample order, and a finished run would train nothing and report the earlier run's results. To
   continue a checkpoint on other data on purpose, start a new run from it with ``train.load``.
 
-Parallel layout, batch sizes and the sequence length may change (progress.py counts the tokens).
+Parallel layout, batch sizes and the sequence length may change (progress.py counts the tokens),
+and so may what the optimizer and schedule read from the config at every step (clip_grad, the
+Newton-Schulz steps, coefficients, backend and LR scale, wsd_decay_fraction): the new values apply.
 
 ``checkpoint_to_load`` picks the checkpoint (the run's own latest first) and refuses a run that
 would save into a ``train.save_dir`` holding checkpoints it does not continue: its saves of the
