@@ -1,5 +1,7 @@
 """Run configuration: YAML + overrides, presets, and errors that name the bad field."""
 
+from pathlib import Path
+
 import pytest
 
 from megatron_osp.training.config import load_config
@@ -112,3 +114,19 @@ def test_a_config_file_of_the_wrong_shape_is_named_not_a_type_error(tmp_path, te
     path.write_text(text)
     with pytest.raises(ValueError, match=message):
         load_config(path, overrides)
+
+
+def test_the_entry_point_takes_a_config_after_overrides(tmp_path, capsys):
+    """pretrain_slurm.sh runs `--config CONFIG train.run_dir=... "$@"`: a user's `--config mine.yaml`
+    among "$@" used to stop argparse with "unrecognized arguments: <the next override>". Now the last
+    --config counts and every override is kept."""
+    from megatron_osp.training.pretrain import main
+
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("train:\n  global_batch_size: 0\n")
+    shipped = Path(__file__).resolve().parents[1] / "megatron_osp" / "configs" / "osp_1.4b.yaml"
+    assert main(["--config", str(shipped), "train.run_dir=x", "--config", str(mine),
+                 "train.micro_batch_size=-1"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {mine} + command line: 2 invalid settings" in err
+    assert "train.global_batch_size=0" in err and "train.micro_batch_size=-1" in err
