@@ -311,3 +311,23 @@ def test_settings_this_machine_cannot_run_are_refused_before_the_model_is_built(
                                    "optimizer.muon_ns_backend=triton"))
     assert platform_problems(fine, on_cpu=True) == []
     assert not [p for p in platform_problems(config, on_cpu=False) if p.startswith("train.bf16")]
+
+
+def test_several_tasks_not_started_by_torchrun_are_refused(toy_corpus, tmp_path, monkeypatch):
+    """`srun -n 8 python -m megatron_osp.training.pretrain ...` (no torchrun) made every task a world
+    of one: eight runs trained alone and raced on one run directory and its checkpoints."""
+    from megatron_osp.training.loop import Trainer
+    from megatron_osp.training.platform_checks import check_launch
+    from megatron_osp.training.validation import ConfigError
+
+    for env, message in (({"SLURM_STEP_NUM_TASKS": "8"}, r"one of 8 tasks started by srun \(SLURM_STEP_NUM_TASKS=8\)"),
+                         ({"OMPI_COMM_WORLD_SIZE": "2"}, r"one of 2 tasks started by mpirun")):
+        with pytest.raises(ConfigError, match=message):
+            check_launch(env)
+    check_launch({"SLURM_STEP_NUM_TASKS": "1", "SLURM_NTASKS": "4"})  # one task (or a batch script)
+    check_launch({"SLURM_STEP_NUM_TASKS": "4", "MASTER_ADDR": "node1"})  # torchrun's workers
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
+    with pytest.raises(ConfigError, match="not by torchrun"):
+        Trainer(load_config(None, _tiny(toy_corpus, tmp_path / "run")), log=lambda *_: None)
+    assert not (tmp_path / "run").exists()

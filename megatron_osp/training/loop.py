@@ -42,7 +42,7 @@ from megatron_osp.training.checkpoint import (
 from megatron_osp.training import model_setup
 from megatron_osp.training.config import RunConfig, save_config
 from megatron_osp.training.data import build_datasets
-from megatron_osp.training.platform_checks import check_platform
+from megatron_osp.training.platform_checks import check_launch, check_platform
 from megatron_osp.training.progress import finished_summary, tokens_at_resume
 from megatron_osp.training.resume_check import check_compatible, checkpoint_to_load
 from megatron_osp.training.sigterm import SigtermFlag
@@ -91,6 +91,7 @@ class Trainer:
         # built or written (validation.py); the datasets (whose token ids are checked when they
         # open) are built before the model.
         check_config(config)
+        check_launch(os.environ)
         check_world(config, _world_size())
         check_data_settings(config)
         check_platform(config, on_cpu=platform.cpu_mode_requested())

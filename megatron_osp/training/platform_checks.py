@@ -9,6 +9,10 @@ the model or optimizer was built, or at the first step, with a library's traceba
 - ``model.transformer_impl=transformer_engine`` without Transformer Engine;
 - ``optimizer.muon_ns_backend=triton`` where the Triton kernel cannot run (no triton, or CPU
   without its interpreter) for an optimizer with Muon.
+
+``check_launch``: a process that is one of several tasks of an ``srun`` step or an MPI launch but
+was not started by torchrun (no MASTER_ADDR) would become a world of one; every task would train
+alone and all would write the same run directory and checkpoints.
 """
 
 from __future__ import annotations
@@ -53,3 +57,21 @@ def check_platform(config, on_cpu: bool) -> None:
     problems = platform_problems(config, on_cpu)
     if problems:
         raise ConfigError(problems)
+
+
+# Launchers that start several copies of a command, and the variable that says how many.
+_TASK_COUNTS = (("SLURM_STEP_NUM_TASKS", "srun"), ("OMPI_COMM_WORLD_SIZE", "mpirun"), ("PMI_SIZE", "an MPI launcher"))
+
+
+def check_launch(environ) -> None:
+    """ConfigError when this process is one of several tasks that torchrun did not start."""
+    if "MASTER_ADDR" in environ:
+        return
+    for name, launcher in _TASK_COUNTS:
+        count = environ.get(name, "")
+        if count.isdigit() and int(count) > 1:
+            raise ConfigError(
+                f"this process is one of {count} tasks started by {launcher} ({name}={count}) but not by "
+                "torchrun (no MASTER_ADDR): each would train alone and all would write the same run "
+                "directory. Start one torchrun per node (examples/pretrain_slurm.sh), or a single task"
+            )
