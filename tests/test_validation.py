@@ -331,3 +331,24 @@ def test_several_tasks_not_started_by_torchrun_are_refused(toy_corpus, tmp_path,
     with pytest.raises(ConfigError, match="not by torchrun"):
         Trainer(load_config(None, _tiny(toy_corpus, tmp_path / "run")), log=lambda *_: None)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_save_dir_that_cannot_be_written_is_refused_before_training(toy_corpus, tmp_path):
+    """train.save_dir under a file (or anywhere it cannot be created) used to train every step and
+    then fail at the first save with FileExistsError: with save_interval=0 the whole run was lost."""
+    from megatron_osp.training.loop import Trainer
+    from megatron_osp.training.platform_checks import platform_problems
+    from megatron_osp.training.validation import ConfigError
+
+    a_file = toy_corpus + ".bin"
+    config = load_config(None, _tiny(toy_corpus, tmp_path / "run", f"train.save_dir={a_file}/checkpoints"))
+    with pytest.raises(ConfigError, match=rf"train\.save_dir={a_file}/checkpoints: {a_file} is not a directory"):
+        Trainer(config, log=lambda *_: None)
+    assert not (tmp_path / "run").exists()
+    inside = load_config(None, _tiny(toy_corpus, f"{a_file}/run"))
+    assert platform_problems(inside, on_cpu=True) == [
+        f"train.run_dir={a_file}/run: {a_file} is not a directory",
+        f"train.save_dir={a_file}/run/checkpoints: {a_file} is not a directory"]
+    # Not saving: only the run directory matters; a directory still to be made is fine.
+    assert platform_problems(load_config(None, _tiny(toy_corpus, tmp_path / "a" / "b", "train.save=false",
+                                                     f"train.save_dir={a_file}")), on_cpu=True) == []

@@ -10,6 +10,9 @@ the model or optimizer was built, or at the first step, with a library's traceba
 - ``optimizer.muon_ns_backend=triton`` where the Triton kernel cannot run (no triton, or CPU
   without its interpreter) for an optimizer with Muon.
 
+- a ``train.run_dir`` or (when saving) ``train.save_dir`` that cannot be created or written: the
+  first save failed only after the training it was to keep (with ``save_interval=0``, all of it).
+
 ``check_launch``: a process that is one of several tasks of an ``srun`` step or an MPI launch but
 was not started by torchrun (no MASTER_ADDR) would become a world of one; every task would train
 alone and all would write the same run directory and checkpoints.
@@ -18,6 +21,8 @@ alone and all would write the same run directory and checkpoints.
 from __future__ import annotations
 
 import importlib
+import os
+from pathlib import Path
 
 from megatron_osp.models.layer_specs import transformer_engine_available
 from megatron_osp.training.validation import ConfigError
@@ -39,7 +44,27 @@ def platform_problems(config, on_cpu: bool) -> list[str]:
         reason = _triton_unavailable(on_cpu)
         if reason is not None:
             problems.append(f"optimizer.muon_ns_backend=triton cannot run here: {reason} (use torch or auto)")
+    t = config.train
+    dirs = [("train.run_dir", Path(t.run_dir))]
+    if t.save:
+        dirs.append(("train.save_dir", Path(t.save_dir) if t.save_dir else Path(t.run_dir) / "checkpoints"))
+    for name, path in dirs:
+        reason = _unwritable(path)
+        if reason is not None:
+            problems.append(f"{name}={path}: {reason}")
     return problems
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why directory ``path`` cannot be created or written (None: it can), without creating it."""
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
 
 
 def _triton_unavailable(on_cpu: bool) -> str | None:
