@@ -349,6 +349,8 @@ def test_a_save_dir_that_cannot_be_written_is_refused_before_training(toy_corpus
     assert platform_problems(inside, on_cpu=True) == [
         f"train.run_dir={a_file}/run: {a_file} is not a directory",
         f"train.save_dir={a_file}/run/checkpoints: {a_file} is not a directory"]
+    cache = load_config(None, _tiny(toy_corpus, tmp_path / "run", f"data.cache_dir={a_file}/cache"))
+    assert platform_problems(cache, on_cpu=True) == [f"data.cache_dir={a_file}/cache: {a_file} is not a directory"]
     # Not saving: only the run directory matters; a directory still to be made is fine.
     assert platform_problems(load_config(None, _tiny(toy_corpus, tmp_path / "a" / "b", "train.save=false",
                                                      f"train.save_dir={a_file}")), on_cpu=True) == []

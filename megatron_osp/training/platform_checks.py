@@ -10,8 +10,9 @@ the model or optimizer was built, or at the first step, with a library's traceba
 - ``optimizer.muon_ns_backend=triton`` where the Triton kernel cannot run (no triton, or CPU
   without its interpreter) for an optimizer with Muon.
 
-- a ``train.run_dir`` or (when saving) ``train.save_dir`` that cannot be created or written: the
-  first save failed only after the training it was to keep (with ``save_interval=0``, all of it).
+- a ``train.run_dir``, ``data.cache_dir`` or (when saving) ``train.save_dir`` that cannot be
+  created or written: the first save failed only after the training it was to keep (with
+  ``save_interval=0``, all of it).
 
 ``check_launch``: a process that is one of several tasks of an ``srun`` step or an MPI launch but
 was not started by torchrun (no MASTER_ADDR) would become a world of one; every task would train
@@ -48,6 +49,8 @@ def platform_problems(config, on_cpu: bool) -> list[str]:
     dirs = [("train.run_dir", Path(t.run_dir))]
     if t.save:
         dirs.append(("train.save_dir", Path(t.save_dir) if t.save_dir else Path(t.run_dir) / "checkpoints"))
+    if config.data.cache_dir:
+        dirs.append(("data.cache_dir", Path(config.data.cache_dir)))
     for name, path in dirs:
         reason = _unwritable(path)
         if reason is not None:
