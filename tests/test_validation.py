@@ -107,6 +107,7 @@ def test_shipped_configs_load_and_validate(path):
         ("data.split=abc", r"data\.split='abc'"),
         ("data.weights=[1, -1]", r"data\.weights=\[1\.0, -1\.0\]: entry 1"),
         ("data.num_workers=-1", r"data\.num_workers=-1"),
+        ("data.num_workers=4", r"data\.num_workers=4: must be 0 \(samples are read by the training process\)"),  # was accepted and never used
     ],
 )
 def test_value_out_of_range_is_refused_by_name(override, message):

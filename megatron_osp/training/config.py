@@ -52,7 +52,7 @@ class DataSettings:
     tokenizer_model: str | None = None  # SentencePiece .model (its EOD id separates documents)
     eod_id: int | None = None  # used when no tokenizer model is given
     cache_dir: str | None = None  # index cache; default <run_dir>/index_cache
-    num_workers: int = 0
+    num_workers: int = 0  # must be 0: samples are read by the training process (kept so older run configs load)
 
 
 @dataclass

@@ -220,7 +220,8 @@ RULES: dict[str, dict[str, Rule]] = {
         "tokenizer_model": optional(text),
         "eod_id": optional(NON_NEGATIVE),
         "cache_dir": optional(text),
-        "num_workers": NON_NEGATIVE,
+        # Never used: samples are read by the training process (kept so older run configs load).
+        "num_workers": lambda v: None if v == 0 and v is not False else "must be 0 (samples are read by the training process)",
     },
     "train": {
         "train_steps": POSITIVE,
