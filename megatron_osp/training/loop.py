@@ -95,15 +95,9 @@ class Trainer:
         check_world(config, _world_size())
         check_data_settings(config)
         check_platform(config, on_cpu=platform.cpu_mode_requested())
-        parallel.init_distributed(par.tensor_parallel_size, par.pipeline_parallel_size, par.virtual_pipeline_size)
-        platform.seed_everything(train.seed)
-        self.device = platform.device()
-        self.bf16 = train.bf16 if train.bf16 is not None else not platform.is_cpu()
         self.run_dir = Path(train.run_dir)
-        n_train = train.train_steps * train.global_batch_size
-        n_eval = max(train.eval_batches, train.kurtosis_batches) * train.global_batch_size
-        self.train_ds, self.valid_ds = build_datasets(config, n_train, n_eval)
-        # The checkpoint this run continues from, checked against the config before the model exists.
+        # The checkpoint this run continues from, checked against the config before anything starts
+        # (a data index build can take minutes).
         # The run's own checkpoints come first, so a preempted job that started from train.load
         # and is requeued with the same command continues its progress instead of restarting.
         self.save_dir = Path(train.save_dir) if train.save_dir else self.run_dir / "checkpoints"
@@ -114,6 +108,13 @@ class Trainer:
             # from Hugging Face) starts a new run from those weights.
             resume = "optimizer" in read_train_state(load_path)["contents"]
             check_compatible(load_path, config, resume=resume, same_run=same_run)
+        parallel.init_distributed(par.tensor_parallel_size, par.pipeline_parallel_size, par.virtual_pipeline_size)
+        platform.seed_everything(train.seed)
+        self.device = platform.device()
+        self.bf16 = train.bf16 if train.bf16 is not None else not platform.is_cpu()
+        n_train = train.train_steps * train.global_batch_size
+        n_eval = max(train.eval_batches, train.kurtosis_batches) * train.global_batch_size
+        self.train_ds, self.valid_ds = build_datasets(config, n_train, n_eval)
 
         # One model chunk per virtual pipeline stage (one in all without them), each in its own DDP.
         self.tconfig = model_setup.run_transformer_config(config, self.bf16)
