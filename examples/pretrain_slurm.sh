@@ -18,6 +18,10 @@ GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
 MASTER_PORT=${MASTER_PORT:-29500}
 export OMP_NUM_THREADS=8 CUDA_DEVICE_MAX_CONNECTIONS=1
+# --signal=TERM@120 above: the run finishes its step and saves. torchrun, also sent SIGTERM, kills
+# its workers 30 s later by default, which can cut that save short (and with save_interval=0 it is
+# the job's only checkpoint): give them most of the 120 s before the time limit.
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-110}
 mkdir -p logs
 srun --kill-on-bad-exit=1 torchrun \
   --nnodes "$SLURM_NNODES" --nproc-per-node "$GPUS_PER_NODE" \

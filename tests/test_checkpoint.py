@@ -56,11 +56,11 @@ def _losses(trainer):
     return [h["loss"] for h in trainer.history]
 
 
-def _train(overrides):
+def _train(overrides, log=lambda *_: None):
     from megatron_osp.training.config import load_config
     from megatron_osp.training.loop import Trainer
 
-    trainer = Trainer(load_config(None, overrides), log=lambda *_: None)
+    trainer = Trainer(load_config(None, overrides), log=log)
     trainer.train()
     return trainer
 
@@ -79,9 +79,15 @@ def _split(corpus, root, opt):
 def _first_half_worker(rank, world, corpus, root):
     """Uninterrupted reference runs and the first halves of the split runs (Adam and Muon)."""
     out = {}
+    # What an attempt killed before its first checkpoint leaves: the rerun starts fresh and must
+    # not append to these lines (test_a_fresh_start_drops_the_metrics_of_an_attempt_without_checkpoint).
+    Path(f"{root}/adam_ref").mkdir(parents=True)
+    Path(f"{root}/adam_ref/metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "loss": 99.0}) + "\n" for s in range(1, 7)))
     for opt in ("adam", "muon"):
         out[f"{opt}_ref"] = _losses(_train(_overrides(corpus, f"{root}/{opt}_ref", opt) + _SAVING[opt]))
-        out[f"{opt}_first"] = _losses(_train(_split(corpus, root, opt) + [f"train.exit_at_step={STOP}"]))
+        lines = out.setdefault("first_log", [])
+        out[f"{opt}_first"] = _losses(_train(_split(corpus, root, opt) + [f"train.exit_at_step={STOP}"], log=lines.append))
     return out
 
 
@@ -361,7 +367,8 @@ def test_sigterm_saves_and_the_next_run_continues(toy_corpus, tmp_path):
 def test_a_checkpoint_that_does_not_fit_the_run_is_refused_by_field(split_runs):
     import types
 
-    from megatron_osp.training.checkpoint import CheckpointError, check_compatible, load_model_weights
+    from megatron_osp.training.checkpoint import CheckpointError, load_model_weights
+    from megatron_osp.training.resume_check import check_compatible
     from megatron_osp.training.config import load_config
 
     save_dir = split_runs[2] / "adam_split" / "checkpoints"
@@ -374,3 +381,114 @@ def test_a_checkpoint_that_does_not_fit_the_run_is_refused_by_field(split_runs):
     check_compatible(save_dir, load_config(None, base + ["optimizer.name=muon"]), resume=False)  # weights only
     with pytest.raises(CheckpointError, match="padded to 256 .* this model to 384"):
         load_model_weights(save_dir, [types.SimpleNamespace(vocab_size=384)])
+
+
+def test_a_resume_with_other_optimizer_state_hyperparameters_is_refused(split_runs):
+    """Adam's betas and eps and Muon's momentum and LR live in the optimizer state's param groups;
+    loading it used to put the checkpoint's values back over the ones given, silently (a resume with
+    optimizer.muon_momentum=0.5 kept 0.95). Now such a resume is refused naming the field."""
+    from megatron_osp.training.checkpoint import CheckpointError
+    from megatron_osp.training.resume_check import check_compatible
+    from megatron_osp.training.config import load_config
+
+    root = split_runs[2]
+    for opt, override, message in (
+        ("adam", "optimizer.adam_beta1=0.8", r"optimizer.adam_beta1: checkpoint 0.9, this run 0.8"),
+        ("adam", "optimizer.adam_beta2=0.99", r"optimizer.adam_beta2: checkpoint 0.95, this run 0.99"),
+        ("adam", "optimizer.adam_eps=1e-6", r"optimizer.adam_eps: checkpoint 1e-08, this run 1e-06"),
+        ("muon", "optimizer.muon_momentum=0.5", r"optimizer.muon_momentum: checkpoint 0.95, this run 0.5"),
+        ("muon", "optimizer.muon_lr=0.05", r"optimizer.muon_lr: checkpoint 0.003, this run 0.05"),
+        ("muon", "optimizer.adam_beta2=0.99", r"optimizer.adam_beta2: checkpoint 0.95, this run 0.99"),
+    ):
+        save_dir = root / f"{opt}_split" / "checkpoints"
+        config = load_config(None, _overrides("unused", "unused", opt) + [override])
+        with pytest.raises(CheckpointError, match=message):
+            check_compatible(save_dir, config, resume=True)
+        check_compatible(save_dir, config, resume=False)  # its weights load either way
+    base = _overrides("unused", "unused", "muon")
+    # The LR Muon used (muon_lr unset = lr) given explicitly, and Muon settings of an Adam run: accepted.
+    check_compatible(root / "muon_split" / "checkpoints", load_config(None, base + ["optimizer.muon_lr=0.003"]), resume=True)
+    adam = _overrides("unused", "unused", "adam") + ["optimizer.muon_momentum=0.5"]
+    check_compatible(root / "adam_split" / "checkpoints", load_config(None, adam), resume=True)
+
+
+def test_rerunning_into_a_run_directory_with_other_data_or_seed_is_refused(toy_corpus, split_runs, tmp_path):
+    """A second run with other data or another seed in the same run directory (e.g. two jobs of
+    pretrain_slurm.sh, whose run_dir is the job name) used to auto-resume the first run's checkpoint:
+    it continued the first run on another sample order, or, the first run being finished, trained
+    nothing, exited 0 and reported the first run's results. Now it is refused naming the fields,
+    and train.load (a new run from that checkpoint, on purpose) still may change them."""
+    from megatron_osp.training.checkpoint import CheckpointError
+    from megatron_osp.training.config import load_config
+    from megatron_osp.training.resume_check import check_compatible
+
+    root = split_runs[2]
+    save_dir = root / "muon_split" / "checkpoints"
+    latest = (save_dir / "latest").read_text().strip()
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env.pop("MASTER_ADDR", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "megatron_osp.training.pretrain", *_split(toy_corpus, root, "muon"), "train.seed=99",
+         f"data.paths=[{toy_corpus},{toy_corpus}]"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "does not fit this run" in result.stderr and "train.seed: checkpoint 1234, this run 99" in result.stderr
+    assert f"data.paths: checkpoint ['{toy_corpus}'], this run ['{toy_corpus}', '{toy_corpus}']" in result.stderr
+    assert f"train.load={save_dir / latest} with another train.run_dir" in result.stderr
+    assert (save_dir / "latest").read_text().strip() == latest
+
+    base = _overrides(toy_corpus, "unused", "muon")
+    for override, field in (("data.split=90,10", "data.split"), ("data.weights=[2]", "data.weights")):
+        with pytest.raises(CheckpointError, match=rf"{field}: checkpoint"):
+            check_compatible(save_dir, load_config(None, base + [override]), resume=True, same_run=True)
+        check_compatible(save_dir, load_config(None, base + [override]), resume=True)  # train.load
+    # The same data named another way, and the same split written shorter, are the same run.
+    relative = os.path.relpath(toy_corpus)
+    same = base + [f"data.paths=[{relative}]", "data.split=98,2"]
+    check_compatible(save_dir, load_config(None, same), resume=True, same_run=True)
+
+
+def test_a_fresh_start_drops_the_metrics_of_an_attempt_without_checkpoint(split_runs):
+    """A run killed before its first checkpoint and started again used to append to its metrics.jsonl
+    (steps 1, 2, ..., 6, 1, 2, 3, 4). A fresh start keeps no step lines, as a resume keeps none past
+    its checkpoint."""
+    rows = [json.loads(line) for line in (split_runs[2] / "adam_ref" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert [r["loss"] for r in rows] == split_runs[0]["adam_ref"]
+
+
+def test_a_run_that_would_save_over_checkpoints_it_does_not_continue_is_refused(split_runs):
+    """train.auto_resume=false (which the refusal message used to suggest "to start fresh") made a run
+    save into a save_dir holding an earlier run's checkpoints: its iter_2 replaced theirs, latest moved
+    and keep_last pruned the rest. Now refused before anything is built; loading a checkpoint of the
+    save_dir itself (going back to an earlier step) or not saving is still allowed."""
+    import types
+
+    from megatron_osp.training.checkpoint import CheckpointError
+    from megatron_osp.training.resume_check import checkpoint_to_load
+
+    save_dir = split_runs[2] / "muon_split" / "checkpoints"
+    listing = sorted(p.name for p in save_dir.iterdir())
+
+    def train(**values):
+        return types.SimpleNamespace(**{"auto_resume": False, "load": None, "save": True, **values})
+
+    assert checkpoint_to_load(train(auto_resume=True), save_dir) == (save_dir, True)
+    for settings, started in ((train(), "from scratch"), (train(load=str(split_runs[2] / "adam_split" / "checkpoints")),
+                                                          "from train.load=")):
+        with pytest.raises(CheckpointError, match=rf"train.save_dir={save_dir} holds the checkpoints of an earlier "
+                                                  rf"run \(latest: iter_0000004\); this run starts {started}"):
+            checkpoint_to_load(settings, save_dir)
+    older = str(save_dir / "iter_0000002")
+    assert checkpoint_to_load(train(load=older), save_dir) == (older, True)
+    assert checkpoint_to_load(train(save=False), save_dir) == (None, False)
+    assert checkpoint_to_load(train(), save_dir.parent / "elsewhere") == (None, False)
+    assert sorted(p.name for p in save_dir.iterdir()) == listing
+
+
+def test_a_run_stopped_by_exit_at_step_says_how_to_continue(split_runs):
+    """It used to say "Run the same command again to continue": that command stops again at once."""
+    stops = [line for line in split_runs[0]["first_log"] if "stopped after step" in line]
+    assert len(stops) == 2, split_runs[0]["first_log"][-5:]
+    for line in stops:
+        assert line.endswith("Run it again without train.exit_at_step (or with a larger one) to continue."), line

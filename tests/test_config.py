@@ -1,5 +1,7 @@
 """Run configuration: YAML + overrides, presets, and errors that name the bad field."""
 
+from pathlib import Path
+
 import pytest
 
 from megatron_osp.training.config import load_config
@@ -77,3 +79,54 @@ def test_bad_files_are_named(tmp_path):
 def test_unknown_preset_is_named():
     with pytest.raises(KeyError, match="huge"):
         load_config(None, ["model.preset=huge"])
+
+
+def test_a_key_given_twice_in_a_config_file_is_refused_with_its_lines(tmp_path):
+    """PyYAML keeps the last of two equal keys: a second `train:` section used to drop every field
+    of the first (this file trained 100 steps at batch 16), a field given twice kept the last value."""
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  train_steps: 500\n  global_batch_size: 64\noptimizer:\n  name: muon\ntrain:\n  micro_batch_size: 2\n")
+    with pytest.raises(ValueError, match=r"run.yaml: invalid YAML: 'train' is given twice in one mapping \(first on line 1\)"
+                                         r"\n  in \".*run.yaml\", line 6"):
+        load_config(path)
+    path.write_text("model:\n  preset: tiny\n  hidden_size: 256\n  hidden_size: 512\n")
+    with pytest.raises(ValueError, match=r"(?s)'hidden_size' is given twice in one mapping \(first on line 3\).*line 4"):
+        load_config(path)
+    with pytest.raises(ValueError, match=f"config file {tmp_path}: Is a directory"):
+        load_config(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "text, overrides, message",
+    [
+        ("train: [1, 2]\n", [], r"run.yaml: train must be a mapping of its fields \(field: value\), got \[1, 2\]"),
+        ("train:\n  - train_steps: 5\n", ["train.seed=3"], r"train must be a mapping of its fields"),
+        ("optimizer: adam\n", [], r"optimizer must be a mapping of its fields .* got 'adam'"),
+        ("model:\n  preset: [tiny]\n", [], r"model.preset must be a preset name, got \['tiny'\]"),
+        ("train:\n  5: 3\n  x: 1\n", [], r"unknown field\(s\) train.5, train.x"),
+        ("1: {}\nfoo: {}\n", [], r"unknown section\(s\) \[1, 'foo'\]"),
+    ],
+)
+def test_a_config_file_of_the_wrong_shape_is_named_not_a_type_error(tmp_path, text, overrides, message):
+    """A section that is a list or a scalar, a preset that is a list, or a key that is a number used to
+    end in a bare TypeError from inside load_config."""
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_config(path, overrides)
+
+
+def test_the_entry_point_takes_a_config_after_overrides(tmp_path, capsys):
+    """pretrain_slurm.sh runs `--config CONFIG train.run_dir=... "$@"`: a user's `--config mine.yaml`
+    among "$@" used to stop argparse with "unrecognized arguments: <the next override>". Now the last
+    --config counts and every override is kept."""
+    from megatron_osp.training.pretrain import main
+
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("train:\n  global_batch_size: 0\n")
+    shipped = Path(__file__).resolve().parents[1] / "megatron_osp" / "configs" / "osp_1.4b.yaml"
+    assert main(["--config", str(shipped), "train.run_dir=x", "--config", str(mine),
+                 "train.micro_batch_size=-1"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {mine} + command line: 2 invalid settings" in err
+    assert "train.global_batch_size=0" in err and "train.micro_batch_size=-1" in err

@@ -168,6 +168,22 @@ def test_bad_layouts_are_refused_naming_the_option():
     check_layout(model, Layout(tp=8, pp=4, vp=2, dp=8))
 
 
+def test_micro_batch_counts_that_cannot_run_are_refused():
+    """--microbatches 0 used to plan as if unset and -3 to plan negative activations; 3 with PP=2 and
+    virtual stages, a step training refuses, was planned."""
+    from megatron_osp.models.presets import get_preset
+    from megatron_osp.training.memory_plan import Layout, check_layout
+
+    model = get_preset("tiny")
+    for layout, message in ((Layout(microbatches=0), "--microbatches must be >= 1, got 0"),
+                            (Layout(pp=2, microbatches=-3), "--microbatches must be >= 1, got -3"),
+                            (Layout(pp=2, vp=2, microbatches=3), "--microbatches 3 must be a multiple of --pp 2")):
+        with pytest.raises(ValueError, match=message):
+            check_layout(model, layout)
+    check_layout(model, Layout(pp=2, vp=2, microbatches=4))
+    check_layout(model, Layout(pp=2, microbatches=3))
+
+
 def test_tool_refuses_a_layout_before_any_work():
     done = subprocess.run([sys.executable, str(ROOT / "tools" / "plan_memory.py"), "--preset", "osp-8b", "--tp", "3"],
                           capture_output=True, text=True, timeout=300)

@@ -128,3 +128,38 @@ def test_8b_slurm_example_launches_a_valid_run(tmp_path):
     assert config.parallel.sequence_parallel and config.optimizer.distributed_optimizer
     assert config.train.recompute == "selective" and config.train.micro_batch_size == 2
     check_world(config, 4 * 8)  # DP = 16: 512 sequences = 2 per micro-batch x 16 micro-batches x 16 ranks
+
+
+def test_the_slurm_examples_output_directories_are_in_the_repository():
+    """sbatch opens #SBATCH --output before the script runs (its `mkdir -p logs` comes too late), and
+    SLURM does not create the directory: from a fresh checkout the first job failed writing nothing."""
+    import re
+
+    for script in sorted((ROOT / "examples").glob("*.sh")):
+        for directory in re.findall(r"^#SBATCH --output=(.+)/[^/]+$", script.read_text(), flags=re.M):
+            assert (ROOT / directory / ".gitignore").is_file(), f"{script.name}: {directory}/ is not in the repository"
+
+
+def test_launchers_give_the_sigterm_save_time_before_torchrun_kills_the_workers(tmp_path):
+    """On SIGTERM the run finishes its step and saves, but torchrun SIGKILLs its workers 30 s after
+    the signal unless TORCH_ELASTIC_SHUTDOWN_TIMEOUT says otherwise: a save longer than that (a
+    large model's; with save_interval=0 the job's only checkpoint) was cut short. The SLURM script
+    waits most of its --signal lead time, the single-node one a few minutes."""
+    import re
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    seen = tmp_path / "timeout"
+    for launcher in ("srun", "torchrun"):
+        _stub(bin_dir, launcher, f'echo "$TORCH_ELASTIC_SHUTDOWN_TIMEOUT" > {seen}\n')
+    _stub(bin_dir, "scontrol", "echo node1\n")
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"}
+    env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_SUBMIT_DIR=str(tmp_path), SLURM_JOB_NODELIST="node1",
+               SLURM_NNODES="1", SLURM_JOB_ID="1", SLURM_JOB_NAME="x", NPROC="1")
+    slurm = ROOT / "examples" / "pretrain_slurm.sh"
+    lead = int(re.search(r"^#SBATCH --signal=TERM@(\d+)$", slurm.read_text(), flags=re.M).group(1))
+    for script, low, high in ((slurm, 60, lead - 1), (ROOT / "examples" / "pretrain_single_node.sh", 120, 3600)):
+        seen.unlink(missing_ok=True)
+        done = subprocess.run(["bash", str(script)], env=env, cwd=tmp_path, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert low <= int(seen.read_text()) <= high, (script.name, seen.read_text())

@@ -109,6 +109,7 @@ def test_shipped_configs_load_and_validate(path):
         ("data.weights=[1, 0]", r"data\.weights=\[1\.0, 0\.0\]: entry 1 \(0\.0\) must be a finite number > 0"),
         ("data.weights=[1, nan]", r"data\.weights=\[1\.0, nan\]: entry 1"),
         ("data.num_workers=-1", r"data\.num_workers=-1"),
+        ("data.num_workers=4", r"data\.num_workers=4: must be 0 \(samples are read by the training process\)"),  # was accepted and never used
     ],
 )
 def test_value_out_of_range_is_refused_by_name(override, message):
@@ -283,3 +284,76 @@ def test_resumed_token_count_and_a_finished_rerun_keep_summary_right(toy_corpus,
     assert again.returncode == 0, again.stderr[-3000:]
     assert "already finished at step 3" in again.stdout + again.stderr
     assert {name: (run_dir / name).read_bytes() for name in before} == before
+
+
+def test_settings_this_machine_cannot_run_are_refused_before_the_model_is_built(toy_corpus, tmp_path):
+    """On CPU, train.bf16=true (without the distributed optimizer) used to fail inside Megatron's
+    optimizer once the model was built (TypeError: Wrapped parameters must be one of
+    torch.cuda.FloatTensor ...), transformer_impl=transformer_engine without TE with an ImportError
+    traceback, and muon_ns_backend=triton at the first step. Now all three are named at once when
+    the Trainer starts, before the process group, datasets or model exist."""
+    from megatron_osp.models.layer_specs import transformer_engine_available
+    from megatron_osp.training.loop import Trainer
+    from megatron_osp.training.platform_checks import platform_problems
+    from megatron_osp.training.validation import ConfigError
+
+    bad = ["train.bf16=true", "model.transformer_impl=transformer_engine", "optimizer.name=muon",
+           "optimizer.muon_ns_backend=triton"]
+    config = load_config(None, _tiny(toy_corpus, tmp_path / "run", *bad))
+    problems = platform_problems(config, on_cpu=True)
+    assert problems[0].startswith("train.bf16=true on CPU needs optimizer.distributed_optimizer=true")
+    assert any(p.startswith("optimizer.muon_ns_backend=triton cannot run here") for p in problems)
+    if not transformer_engine_available():
+        assert any(p.startswith("model.transformer_impl=transformer_engine: Transformer Engine is not installed")
+                   for p in problems)
+    with pytest.raises(ConfigError, match=r"invalid settings:\n  train\.bf16=true on CPU"):
+        Trainer(config, log=lambda *_: None)
+    assert not (tmp_path / "run").exists()
+    # What runs: bf16 with our distributed optimizer, Adam with any Newton-Schulz backend, a GPU.
+    fine = load_config(None, _tiny(toy_corpus, tmp_path / "run", "train.bf16=true", "optimizer.distributed_optimizer=true",
+                                   "optimizer.muon_ns_backend=triton"))
+    assert platform_problems(fine, on_cpu=True) == []
+    assert not [p for p in platform_problems(config, on_cpu=False) if p.startswith("train.bf16")]
+
+
+def test_several_tasks_not_started_by_torchrun_are_refused(toy_corpus, tmp_path, monkeypatch):
+    """`srun -n 8 python -m megatron_osp.training.pretrain ...` (no torchrun) made every task a world
+    of one: eight runs trained alone and raced on one run directory and its checkpoints."""
+    from megatron_osp.training.loop import Trainer
+    from megatron_osp.training.platform_checks import check_launch
+    from megatron_osp.training.validation import ConfigError
+
+    for env, message in (({"SLURM_STEP_NUM_TASKS": "8"}, r"one of 8 tasks started by srun \(SLURM_STEP_NUM_TASKS=8\)"),
+                         ({"OMPI_COMM_WORLD_SIZE": "2"}, r"one of 2 tasks started by mpirun")):
+        with pytest.raises(ConfigError, match=message):
+            check_launch(env)
+    check_launch({"SLURM_STEP_NUM_TASKS": "1", "SLURM_NTASKS": "4"})  # one task (or a batch script)
+    check_launch({"SLURM_STEP_NUM_TASKS": "4", "MASTER_ADDR": "node1"})  # torchrun's workers
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
+    with pytest.raises(ConfigError, match="not by torchrun"):
+        Trainer(load_config(None, _tiny(toy_corpus, tmp_path / "run")), log=lambda *_: None)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_save_dir_that_cannot_be_written_is_refused_before_training(toy_corpus, tmp_path):
+    """train.save_dir under a file (or anywhere it cannot be created) used to train every step and
+    then fail at the first save with FileExistsError: with save_interval=0 the whole run was lost."""
+    from megatron_osp.training.loop import Trainer
+    from megatron_osp.training.platform_checks import platform_problems
+    from megatron_osp.training.validation import ConfigError
+
+    a_file = toy_corpus + ".bin"
+    config = load_config(None, _tiny(toy_corpus, tmp_path / "run", f"train.save_dir={a_file}/checkpoints"))
+    with pytest.raises(ConfigError, match=rf"train\.save_dir={a_file}/checkpoints: {a_file} is not a directory"):
+        Trainer(config, log=lambda *_: None)
+    assert not (tmp_path / "run").exists()
+    inside = load_config(None, _tiny(toy_corpus, f"{a_file}/run"))
+    assert platform_problems(inside, on_cpu=True) == [
+        f"train.run_dir={a_file}/run: {a_file} is not a directory",
+        f"train.save_dir={a_file}/run/checkpoints: {a_file} is not a directory"]
+    cache = load_config(None, _tiny(toy_corpus, tmp_path / "run", f"data.cache_dir={a_file}/cache"))
+    assert platform_problems(cache, on_cpu=True) == [f"data.cache_dir={a_file}/cache: {a_file} is not a directory"]
+    # Not saving: only the run directory matters; a directory still to be made is fine.
+    assert platform_problems(load_config(None, _tiny(toy_corpus, tmp_path / "a" / "b", "train.save=false",
+                                                     f"train.save_dir={a_file}")), on_cpu=True) == []

@@ -119,7 +119,8 @@ def test_hf_export_of_the_distributed_optimizer_checkpoint_equals_the_model(resu
 
 
 def test_resuming_without_the_distributed_optimizer_is_refused_naming_the_field(resumed):
-    from megatron_osp.training.checkpoint import CheckpointError, check_compatible
+    from megatron_osp.training.checkpoint import CheckpointError
+    from megatron_osp.training.resume_check import check_compatible
     from megatron_osp.training.config import load_config
 
     config = load_config(None, resumed["overrides"] + ["optimizer.distributed_optimizer=false",

@@ -138,6 +138,8 @@ def main(argv=None) -> int:
         layout = dataclasses.replace(layout, seq=model.seq_length)
     try:
         check_layout(model, layout)
+        if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+            raise ValueError(f"--json {args.json}: its directory does not exist")
     except ValueError as e:
         print(f"plan_memory.py: {e}", file=sys.stderr)
         return 2

@@ -34,7 +34,7 @@ shards too, before reading any weights. A mismatch is a CheckpointError naming t
 Public API (all ranks call the save/load functions; the parallel state must be initialised):
 ``save_checkpoint``, ``load_checkpoint`` (full training state), ``load_model_weights`` (weights only,
 for export and evaluation), ``read_run_config``, ``read_train_state``, ``resolve_checkpoint``,
-``has_checkpoint``.
+``has_checkpoint``. Whether a run may load or continue a checkpoint: resume_check.py.
 """
 
 from __future__ import annotations
@@ -151,49 +151,6 @@ def model_config_for_one_process(path: str | os.PathLike):
     return dataclasses.replace(
         model, make_vocab_size_divisible_by=model.make_vocab_size_divisible_by * saved_tp
     )
-
-
-# Model fields that may differ between the run that saved a checkpoint and the run that loads it.
-_FREE_MODEL_FIELDS = {"transformer_impl", "hidden_dropout", "attention_dropout", "seq_length", "make_vocab_size_divisible_by"}
-# What a resumed run (optimizer and schedule state loaded) must share with the run that saved it.
-_RESUME_FIELDS = (
-    ("optimizer", "name"),
-    ("train", "train_steps"),
-    ("train", "warmup_steps"),
-    ("train", "decay_style"),
-    ("optimizer", "lr"),
-    ("optimizer", "min_lr_ratio"),
-    ("optimizer", "weight_decay"),
-    # The optimizer state's form: per-shard tensors, or per-unit tensors on owners whose keys
-    # follow the Muon split (optimizer/zero/). Either loads at any layout, not as the other.
-    ("optimizer", "distributed_optimizer"),
-    ("optimizer", "muon_qkv_split"),
-)
-
-
-def check_compatible(path, config, *, resume: bool) -> None:
-    """CheckpointError naming every field where ``config`` cannot continue the checkpoint's run:
-    a different architecture (any load), or, when resuming the optimizer and LR schedule, another
-    optimizer, schedule length or learning rate. Parallel layout and batch sizes may change."""
-    saved = read_run_config(path)
-    diffs = []
-    for name in vars(saved.model):
-        if name in _FREE_MODEL_FIELDS:
-            continue
-        old, new = getattr(saved.model, name), getattr(config.model, name)
-        if old != new:
-            diffs.append(f"model.{name}: checkpoint {old!r}, this run {new!r}")
-    if resume:
-        for section, name in _RESUME_FIELDS:
-            old, new = getattr(getattr(saved, section), name), getattr(getattr(config, section), name)
-            if old != new:
-                diffs.append(f"{section}.{name}: checkpoint {old!r}, this run {new!r}")
-    if diffs:
-        raise CheckpointError(
-            f"checkpoint {resolve_checkpoint(path)} does not fit this run:\n  " + "\n  ".join(diffs)
-            + "\n(set train.load to another checkpoint, or use a new train.save_dir / "
-            "train.auto_resume=false to start fresh)"
-        )
 
 
 # ---------------------------------------------------------------------------------- state dicts

@@ -8,7 +8,8 @@
 
 Overrides are `section.field=value` strings (value parsed as YAML), e.g. `optimizer.name=muon`.
 An unknown section or field is an error that names it, never silently ignored; so is a value of the
-wrong type (every value is checked against its field's annotation, from YAML and command line alike).
+wrong type (every value is checked against its field's annotation, from YAML and command line alike),
+and so is a key given twice in one YAML mapping (PyYAML would keep the last silently).
 YAML 1.1 reads `1e-3` (no decimal point) as a string: float fields take it as the number it spells.
 Then every value's range and the relations between values are checked (training/validation.py):
 `train.global_batch_size=0` is refused here, naming the field, the value and the file.
@@ -51,7 +52,7 @@ class DataSettings:
     tokenizer_model: str | None = None  # SentencePiece .model (its EOD id separates documents)
     eod_id: int | None = None  # used when no tokenizer model is given
     cache_dir: str | None = None  # index cache; default <run_dir>/index_cache
-    num_workers: int = 0
+    num_workers: int = 0  # must be 0: samples are read by the training process (kept so older run configs load)
 
 
 @dataclass
@@ -165,7 +166,9 @@ def _build_section(name: str, values: dict, source: str):
     values = dict(values or {})
     known = {f.name for f in dataclasses.fields(cls)}
     preset = values.pop("preset", None) if name == "model" else None
-    unknown = sorted(set(values) - known)
+    if preset is not None and not isinstance(preset, str):
+        raise ValueError(f"{source}: model.preset must be a preset name, got {preset!r}")
+    unknown = sorted(map(str, set(values) - known))
     if unknown:
         raise ValueError(f"{source}: unknown field(s) {', '.join(name + '.' + u for u in unknown)}")
     hints = typing.get_type_hints(cls)
@@ -198,22 +201,48 @@ def parse_overrides(overrides: list[str]) -> dict:
     return tree
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last one
+    silently, so a second ``train:`` section would drop every field of the first."""
+
+    def construct_mapping(self, node, deep=False):
+        first: dict = {}
+        for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else ():
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key = self.construct_scalar(key_node)
+            if key in first:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} is given twice in one mapping (first on line {first[key] + 1})",
+                    key_node.start_mark)
+            first[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
     raw: dict = {}
     source = "defaults"
     if path is not None:
         source = str(path)
         try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
+            with open(path) as stream:  # YAML errors then name the file with the line
+                raw = yaml.load(stream, Loader=_UniqueKeyLoader) or {}
         except FileNotFoundError:
             raise FileNotFoundError(f"config file {path} does not exist") from None
+        except OSError as e:  # a directory, no permission
+            raise ValueError(f"config file {path}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not a text file ({e.reason} at byte {e.start})") from None
         except yaml.YAMLError as e:
             raise ValueError(f"{path}: invalid YAML: {e}") from None
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: the top level must be a mapping of sections")
-        unknown = sorted(set(raw) - set(_SECTIONS))
+        unknown = sorted(set(raw) - set(_SECTIONS), key=str)
         if unknown:
             raise ValueError(f"{path}: unknown section(s) {unknown}; known: {sorted(_SECTIONS)}")
+        for name, values in raw.items():
+            if values is not None and not isinstance(values, dict):
+                raise ValueError(f"{path}: {name} must be a mapping of its fields (field: value), got {values!r}")
     tree = parse_overrides(list(overrides))
     for section, values in tree.items():
         merged = dict(raw.get(section) or {})

@@ -34,8 +34,6 @@ from megatron_osp.metrics.kurtosis import HiddenStateRecorder, KurtosisReport, m
 from megatron_osp.models.layout import unwrap  # noqa: F401 - the Trainer's callers (tests, tools) import it from here
 from megatron_osp.optimizer.builder import ddp_config, ddp_wrapper, get_osp_optimizer
 from megatron_osp.training.checkpoint import (
-    check_compatible,
-    has_checkpoint,
     load_checkpoint,
     read_run_config,
     read_train_state,
@@ -44,7 +42,9 @@ from megatron_osp.training.checkpoint import (
 from megatron_osp.training import model_setup
 from megatron_osp.training.config import RunConfig, save_config
 from megatron_osp.training.data import build_datasets
+from megatron_osp.training.platform_checks import check_launch, check_platform
 from megatron_osp.training.progress import finished_summary, tokens_at_resume
+from megatron_osp.training.resume_check import check_compatible, checkpoint_to_load
 from megatron_osp.training.sigterm import SigtermFlag
 from megatron_osp.training.validation import check_config, check_data_settings, check_world
 
@@ -91,29 +91,30 @@ class Trainer:
         # built or written (validation.py); the datasets (whose token ids are checked when they
         # open) are built before the model.
         check_config(config)
+        check_launch(os.environ)
         check_world(config, _world_size())
         check_data_settings(config)
-        parallel.init_distributed(par.tensor_parallel_size, par.pipeline_parallel_size, par.virtual_pipeline_size)
-        platform.seed_everything(train.seed)
-        self.device = platform.device()
-        self.bf16 = train.bf16 if train.bf16 is not None else not platform.is_cpu()
+        check_platform(config, on_cpu=platform.cpu_mode_requested())
         self.run_dir = Path(train.run_dir)
-        n_train = train.train_steps * train.global_batch_size
-        n_eval = max(train.eval_batches, train.kurtosis_batches) * train.global_batch_size
-        self.train_ds, self.valid_ds = build_datasets(config, n_train, n_eval)
-        # The checkpoint this run continues from, checked against the config before the model exists.
+        # The checkpoint this run continues from, checked against the config before anything starts
+        # (a data index build can take minutes).
         # The run's own checkpoints come first, so a preempted job that started from train.load
         # and is requeued with the same command continues its progress instead of restarting.
         self.save_dir = Path(train.save_dir) if train.save_dir else self.run_dir / "checkpoints"
-        load_path = train.load
-        if train.auto_resume and has_checkpoint(self.save_dir):
-            load_path = self.save_dir
+        load_path, same_run = checkpoint_to_load(train, self.save_dir)
         resume = False
         if load_path is not None:
             # A training checkpoint continues where it stopped; a weights-only one (e.g. converted
             # from Hugging Face) starts a new run from those weights.
             resume = "optimizer" in read_train_state(load_path)["contents"]
-            check_compatible(load_path, config, resume=resume)
+            check_compatible(load_path, config, resume=resume, same_run=same_run)
+        parallel.init_distributed(par.tensor_parallel_size, par.pipeline_parallel_size, par.virtual_pipeline_size)
+        platform.seed_everything(train.seed)
+        self.device = platform.device()
+        self.bf16 = train.bf16 if train.bf16 is not None else not platform.is_cpu()
+        n_train = train.train_steps * train.global_batch_size
+        n_eval = max(train.eval_batches, train.kurtosis_batches) * train.global_batch_size
+        self.train_ds, self.valid_ds = build_datasets(config, n_train, n_eval)
 
         # One model chunk per virtual pipeline stage (one in all without them), each in its own DDP.
         self.tconfig = model_setup.run_transformer_config(config, self.bf16)
@@ -308,7 +309,8 @@ class Trainer:
         bar = _progress_bar(train.train_steps, initial=self.step) if (is_logging_rank() and train.progress_bar) else None
         metrics_path = self.run_dir / "metrics.jsonl"
         history = self.history = []  # this session's logged steps
-        earlier = self._earlier_metrics(metrics_path) if self.step else []
+        # A fresh start drops the lines of an attempt killed before its first checkpoint.
+        earlier = self._earlier_metrics(metrics_path)
         if earlier:
             self.tokens = tokens_at_resume(earlier, self.train_iter.consumed, self._checkpoint_seq_length)
         if self.step and self.step >= train.train_steps:
@@ -398,8 +400,9 @@ class Trainer:
         return summary
 
     def _earlier_metrics(self, path: Path) -> list[dict]:
-        """On resume: the logged steps up to the checkpoint. Lines of later steps (a run that went
-        on past the checkpoint it is resumed from) are dropped from metrics.jsonl."""
+        """The logged steps up to the checkpoint resumed from (none at a fresh start). Lines of later
+        steps (a run that went on past that checkpoint, or was killed before its first one) are
+        dropped from metrics.jsonl."""
         if not is_logging_rank() or not path.exists():
             return []
         lines = [line for line in path.read_text().splitlines() if line.strip()]
@@ -413,10 +416,10 @@ class Trainer:
         saved = None
         if self.config.train.save:
             saved = self.save() if self.last_saved_step != self.step else self.save_dir
-        where = (
-            f"checkpoint of step {self.step} in {self.save_dir}. Run the same command again to continue."
-            if saved else "no checkpoint was written (train.save=false)."
-        )
+        again = ("Run it again without train.exit_at_step (or with a larger one) to continue."
+                 if reason.startswith("train.exit_at_step") else "Run the same command again to continue.")
+        where = f"checkpoint of step {self.step} in {self.save_dir}. {again}" if saved else (
+            "no checkpoint was written (train.save=false).")
         self._rank0_log(f"{reason}: stopped after step {self.step} of {self.config.train.train_steps}; {where}")
         if self.writer is not None:
             self.writer.close()

@@ -76,6 +76,8 @@ def check_layout(model: ModelConfig, layout: Layout) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(layout, name)}")
     if layout.seq is not None and layout.seq < 1:
         raise ValueError(f"--seq must be >= 1, got {layout.seq}")
+    if layout.microbatches is not None and layout.microbatches < 1:
+        raise ValueError(f"--microbatches must be >= 1, got {layout.microbatches}")
     if layout.recompute not in RECOMPUTES:
         raise ValueError(f"--recompute must be one of {RECOMPUTES}, got {layout.recompute!r}")
     if layout.attention not in ATTENTIONS:
@@ -90,6 +92,9 @@ def check_layout(model: ModelConfig, layout: Layout) -> None:
                          f"{model.num_layers} layers")
     if layout.vp > 1 and layout.pp < 2:
         raise ValueError("--virtual-pipeline > 1 needs --pp >= 2")
+    if layout.vp > 1 and layout.microbatches is not None and layout.microbatches % layout.pp:
+        raise ValueError(f"--microbatches {layout.microbatches} must be a multiple of --pp {layout.pp} with "
+                         "--virtual-pipeline > 1 (as training requires: Megatron's interleaved schedule)")
     if layout.sequence_parallel and layout.tp > 1 and (layout.seq or model.seq_length) % t:
         raise ValueError(f"--sequence-parallel: --tp {t} must divide the sequence length")
 

@@ -13,9 +13,11 @@ import sys
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML run config (see megatron_osp/configs/)")
+    parser.add_argument("--config", help="YAML run config (see megatron_osp/configs/); the last one given counts")
     parser.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. optimizer.name=muon")
-    args = parser.parse_args(argv)
+    # Intermixed: the launch scripts put --config CONFIG and their own overrides before the user's
+    # arguments, which may hold a --config of their own after those overrides.
+    args = parser.parse_intermixed_args(argv)
 
     from megatron_osp.training.config import load_config
 

@@ -18,7 +18,8 @@ Three stages, each run as soon as what it needs is known, and all before a model
   micro-batches per step, as Megatron-Core's interleaved schedule needs); the data files and
   tokenizer exist, the tokenizer's vocabulary fits ``model.vocab_size`` and it has an
   end-of-document id. The Trainer
-  first runs ``check_config`` (ranges and relations) for a RunConfig built in code.
+  first runs ``check_config`` (ranges and relations) for a RunConfig built in code. What the machine
+  cannot run (bf16 on CPU, a missing Transformer Engine or Triton) is platform_checks.py's.
 
 Every problem found in a stage is reported at once, one line each, as a ``ConfigError`` (a
 ValueError), so a user fixes a config in one round. The token ids inside the data files are checked
@@ -220,7 +221,8 @@ RULES: dict[str, dict[str, Rule]] = {
         "tokenizer_model": optional(text),
         "eod_id": optional(NON_NEGATIVE),
         "cache_dir": optional(text),
-        "num_workers": NON_NEGATIVE,
+        # Never used: samples are read by the training process (kept so older run configs load).
+        "num_workers": lambda v: None if v == 0 and v is not False else "must be 0 (samples are read by the training process)",
     },
     "train": {
         "train_steps": POSITIVE,

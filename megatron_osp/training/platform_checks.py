@@ -1,0 +1,105 @@
+"""Settings this machine cannot run, refused when the Trainer starts (before any model is built).
+
+validation.py checks values against each other, the world size and the data; these need to know
+the machine: whether it trains on CPU, and what is installed. Without them each failed only once
+the model or optimizer was built, or at the first step, with a library's traceback:
+
+- ``train.bf16=true`` on CPU without the distributed optimizer (Megatron's mixed-precision
+  optimizer wraps only CUDA tensors; ours, optimizer/zero/, runs bf16 on CPU too);
+- ``model.transformer_impl=transformer_engine`` without Transformer Engine;
+- ``optimizer.muon_ns_backend=triton`` where the Triton kernel cannot run (no triton, or CPU
+  without its interpreter) for an optimizer with Muon.
+
+- a ``train.run_dir``, ``data.cache_dir`` or (when saving) ``train.save_dir`` that cannot be
+  created or written: the first save failed only after the training it was to keep (with
+  ``save_interval=0``, all of it).
+
+``check_launch``: a process that is one of several tasks of an ``srun`` step or an MPI launch but
+was not started by torchrun (no MASTER_ADDR) would become a world of one; every task would train
+alone and all would write the same run directory and checkpoints.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+
+from megatron_osp.models.layer_specs import transformer_engine_available
+from megatron_osp.training.validation import ConfigError
+
+
+def platform_problems(config, on_cpu: bool) -> list[str]:
+    problems = []
+    if config.train.bf16 and on_cpu and not config.optimizer.distributed_optimizer:
+        problems.append(
+            "train.bf16=true on CPU needs optimizer.distributed_optimizer=true (Megatron's mixed-precision "
+            "optimizer, used without it, wraps CUDA tensors only); or leave train.bf16 null (fp32 on CPU)"
+        )
+    if config.model.transformer_impl == "transformer_engine" and not transformer_engine_available():
+        problems.append(
+            "model.transformer_impl=transformer_engine: Transformer Engine is not installed (install "
+            "megatron-osp[te], or use local; auto takes it when it is importable)"
+        )
+    if config.optimizer.muon_ns_backend == "triton" and config.optimizer.name != "adam":
+        reason = _triton_unavailable(on_cpu)
+        if reason is not None:
+            problems.append(f"optimizer.muon_ns_backend=triton cannot run here: {reason} (use torch or auto)")
+    t = config.train
+    dirs = [("train.run_dir", Path(t.run_dir))]
+    if t.save:
+        dirs.append(("train.save_dir", Path(t.save_dir) if t.save_dir else Path(t.run_dir) / "checkpoints"))
+    if config.data.cache_dir:
+        dirs.append(("data.cache_dir", Path(config.data.cache_dir)))
+    for name, path in dirs:
+        reason = _unwritable(path)
+        if reason is not None:
+            problems.append(f"{name}={path}: {reason}")
+    return problems
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why directory ``path`` cannot be created or written (None: it can), without creating it."""
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
+def _triton_unavailable(on_cpu: bool) -> str | None:
+    """Why the Newton-Schulz Triton kernel cannot run on this machine at all (None: it may; the
+    optimizer checks dtype and compute capability on its tensors)."""
+    nt = importlib.import_module("megatron_osp.optimizer.ns_triton")
+    if nt.triton is None:
+        return f"triton is not importable ({nt._IMPORT_ERROR})"
+    if on_cpu and not nt.INTERPRET:
+        return "training runs on CPU and the Triton kernel needs CUDA (or TRITON_INTERPRET=1 for its interpreter)"
+    return None
+
+
+def check_platform(config, on_cpu: bool) -> None:
+    problems = platform_problems(config, on_cpu)
+    if problems:
+        raise ConfigError(problems)
+
+
+# Launchers that start several copies of a command, and the variable that says how many.
+_TASK_COUNTS = (("SLURM_STEP_NUM_TASKS", "srun"), ("OMPI_COMM_WORLD_SIZE", "mpirun"), ("PMI_SIZE", "an MPI launcher"))
+
+
+def check_launch(environ) -> None:
+    """ConfigError when this process is one of several tasks that torchrun did not start."""
+    if "MASTER_ADDR" in environ:
+        return
+    for name, launcher in _TASK_COUNTS:
+        count = environ.get(name, "")
+        if count.isdigit() and int(count) > 1:
+            raise ConfigError(
+                f"this process is one of {count} tasks started by {launcher} ({name}={count}) but not by "
+                "torchrun (no MASTER_ADDR): each would train alone and all would write the same run "
+                "directory. Start one torchrun per node (examples/pretrain_slurm.sh), or a single task"
+            )

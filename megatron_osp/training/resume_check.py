@@ -1,0 +1,145 @@
+"""Whether a run may load a checkpoint (its weights) or continue it (optimizer, schedule, samples).
+
+``check_compatible`` is called by the Trainer before the model is built. It refuses, naming every
+field with both values:
+
+- any load: another architecture (model fields but those that only change how it runs);
+- a resume (the checkpoint has optimizer state): another optimizer or LR schedule, or another
+  value of a hyperparameter the optimizer state carries in its param groups (loading them would
+  silently put the checkpoint's values back);
+- a resume from the run's own ``train.save_dir`` (auto-resume, "the same command again"): other
+  data or another seed. The run would continue at the checkpoint's consumed samples of another
+  sample order, and a finished run would train nothing and report the earlier run's results. To
+  continue a checkpoint on other data on purpose, start a new run from it with ``train.load``.
+
+Parallel layout, batch sizes and the sequence length may change (progress.py counts the tokens),
+and so may what the optimizer and schedule read from the config at every step (clip_grad, the
+Newton-Schulz steps, coefficients, backend and LR scale, wsd_decay_fraction): the new values apply.
+
+``checkpoint_to_load`` picks the checkpoint (the run's own latest first) and refuses a run that
+would save into a ``train.save_dir`` holding checkpoints it does not continue: its saves of the
+same steps would replace them, ``latest`` would move to it and ``keep_last`` prune the rest.
+"""
+
+from __future__ import annotations
+
+import os
+
+from pathlib import Path
+
+from megatron_osp.training.checkpoint import (
+    LATEST,
+    CheckpointError,
+    has_checkpoint,
+    read_run_config,
+    resolve_checkpoint,
+)
+
+# Model fields that may differ between the run that saved a checkpoint and the run that loads it.
+_FREE_MODEL_FIELDS = {"transformer_impl", "hidden_dropout", "attention_dropout", "seq_length", "make_vocab_size_divisible_by"}
+# What a resumed run (optimizer and schedule state loaded) must share with the run that saved it.
+_RESUME_FIELDS = (
+    ("optimizer", "name"),
+    ("train", "train_steps"),
+    ("train", "warmup_steps"),
+    ("train", "decay_style"),
+    ("optimizer", "lr"),
+    ("optimizer", "min_lr_ratio"),
+    ("optimizer", "weight_decay"),
+    # The optimizer state's form: per-shard tensors, or per-unit tensors on owners whose keys
+    # follow the Muon split (optimizer/zero/). Either loads at any layout, not as the other.
+    ("optimizer", "distributed_optimizer"),
+    ("optimizer", "muon_qkv_split"),
+)
+# Hyperparameters that the optimizer state carries in its param groups: loading it (torch's
+# load_state_dict) would put the checkpoint's values back over other ones of this run, silently.
+_ADAM_STATE_FIELDS = ("adam_beta1", "adam_beta2", "adam_eps")  # optimizer.name adam and muon
+_MUON_STATE_FIELDS = ("muon_momentum", "muon_lr")  # muon and muon_only; muon_lr as used (None = lr)
+
+
+def _state_hyperparameters(opt) -> dict:
+    names = (_ADAM_STATE_FIELDS if opt.name != "muon_only" else ()) + (_MUON_STATE_FIELDS if opt.name != "adam" else ())
+    return {f"optimizer.{n}": opt.lr if n == "muon_lr" and opt.muon_lr is None else getattr(opt, n) for n in names}
+
+
+def _sample_order(config) -> dict:
+    """What decides which samples a run reads, in which order: the datasets (by real path), their
+    weights, the split (by its shares: '98,2' is '98,2,0') and the seed."""
+    from megatron_osp.data.gpt_dataset import parse_split
+
+    d = config.data
+    return {
+        "data.paths": [os.path.realpath(p) for p in d.paths],
+        "data.weights": d.weights,
+        "data.split": parse_split(d.split),
+        "train.seed": config.train.seed,
+    }
+
+
+def check_compatible(path, config, *, resume: bool, same_run: bool = False) -> None:
+    """CheckpointError naming every field where ``config`` cannot load (``resume=False``) or
+    continue (``resume=True``) the checkpoint at ``path``; ``same_run``: it is this run's own
+    ``train.save_dir`` (auto-resume), so the data and seed must be the checkpoint's too."""
+    saved = read_run_config(path)
+    diffs = []
+    for name in vars(saved.model):
+        if name in _FREE_MODEL_FIELDS:
+            continue
+        old, new = getattr(saved.model, name), getattr(config.model, name)
+        if old != new:
+            diffs.append(f"model.{name}: checkpoint {old!r}, this run {new!r}")
+    if resume:
+        for section, name in _RESUME_FIELDS:
+            old, new = getattr(getattr(saved, section), name), getattr(getattr(config, section), name)
+            if old != new:
+                diffs.append(f"{section}.{name}: checkpoint {old!r}, this run {new!r}")
+        if saved.optimizer.name == config.optimizer.name:
+            old_values = _state_hyperparameters(saved.optimizer)
+            for name, new in _state_hyperparameters(config.optimizer).items():
+                if old_values[name] != new:
+                    diffs.append(f"{name}: checkpoint {old_values[name]!r}, this run {new!r}")
+    data_diffs = []
+    if resume and same_run:
+        old_order, new_order = _sample_order(saved), _sample_order(config)
+        for name in old_order:
+            if old_order[name] != new_order[name]:
+                section, field = name.split(".")
+                old, new = getattr(getattr(saved, section), field), getattr(getattr(config, section), field)
+                data_diffs.append(f"{name}: checkpoint {old!r}, this run {new!r}")
+    if diffs or data_diffs:
+        ckpt = resolve_checkpoint(path)
+        way_out = "\n(to start a new run instead, use another train.run_dir or train.save_dir)" if diffs else ""
+        if data_diffs:
+            way_out += (
+                f"\n(a resume continues the run in {ckpt.parent} on its data and seed; to continue this "
+                f"checkpoint on other data or with another seed, start a new run from it: "
+                f"train.load={ckpt} with another train.run_dir)"
+            )
+        raise CheckpointError(
+            f"checkpoint {ckpt} does not fit this run:\n  " + "\n  ".join(diffs + data_diffs) + way_out
+        )
+
+
+def _in_save_dir(load, save_dir: Path) -> bool:
+    path, save_dir = Path(load).resolve(), save_dir.resolve()
+    return path == save_dir or path.parent == save_dir
+
+
+def checkpoint_to_load(train, save_dir: Path) -> tuple:
+    """(the checkpoint this run starts from or None, whether it is the run's own: in its save_dir).
+
+    The save_dir's latest with ``train.auto_resume``, else ``train.load``. CheckpointError when the
+    run would save into a save_dir whose checkpoints it does not continue."""
+    own = has_checkpoint(save_dir)
+    if train.auto_resume and own:
+        return save_dir, True
+    inside = train.load is not None and _in_save_dir(train.load, save_dir)
+    if own and train.save and not inside:
+        latest = (save_dir / LATEST).read_text().strip()
+        started = f"from train.load={train.load}" if train.load is not None else "from scratch"
+        raise CheckpointError(
+            f"train.save_dir={save_dir} holds the checkpoints of an earlier run (latest: {latest}); this run "
+            f"starts {started} (train.auto_resume=false), and its saves would replace and prune them. "
+            "Use another train.save_dir or train.run_dir, or remove that directory to start over"
+        )
+    return train.load, inside
