@@ -76,7 +76,7 @@ def test_data_of_another_tokenizer_of_the_same_size_is_refused_by_name(sharded, 
     from megatron_osp.data.preprocess import preprocess
     from megatron_osp.data.tokenizer import train_sentencepiece
     from megatron_osp.training.config import load_config
-    from megatron_osp.training.validation import data_problems
+    from megatron_osp.training.data_checks import data_problems
 
     corpus = Path(sharded["tokenizer"]).parent / "corpus.jsonl"
     other = str(train_sentencepiece(corpus, tmp_path / "other", vocab_size=350, sample_documents=60))

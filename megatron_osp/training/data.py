@@ -17,13 +17,13 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_osp.data.gpt_dataset import GPTDataConfig, build_gpt_datasets
-from megatron_osp.training.validation import (
-    ConfigError,
+from megatron_osp.training.data_checks import (
     check_data_settings,
     dataset_prefixes,
     reference_vocabulary,
     tokenizer_vocabulary,
 )
+from megatron_osp.training.validation import ConfigError
 
 
 def _eod_id(data) -> int:

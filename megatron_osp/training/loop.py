@@ -46,7 +46,8 @@ from megatron_osp.training.platform_checks import check_launch, check_platform
 from megatron_osp.training.progress import finished_summary, tokens_at_resume
 from megatron_osp.training.resume_check import check_compatible, checkpoint_to_load
 from megatron_osp.training.sigterm import SigtermFlag
-from megatron_osp.training.validation import check_config, check_data_settings, check_world
+from megatron_osp.training.data_checks import check_data_settings
+from megatron_osp.training.validation import check_config, check_world
 
 
 def _world_size() -> int:

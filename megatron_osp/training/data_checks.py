@@ -1,0 +1,112 @@
+"""The data section as training needs it, checked before any dataset, process group or model exists:
+the data files and tokenizer are there, the tokenizer's vocabulary fits ``model.vocab_size`` and it
+has an end-of-document id, and the preprocessing outputs were made with one tokenizer (this one).
+Problems come as validation.py's ``ConfigError``, one line each, all at once."""
+
+from __future__ import annotations
+
+import os
+
+from megatron_osp.data import shardset
+from megatron_osp.data.shardset import expand
+from megatron_osp.training.validation import ConfigError, _fail
+
+
+def tokenizer_vocabulary(path: str) -> tuple[int, int]:
+    """(vocabulary size, end-of-sequence id) of a SentencePiece model; ConfigError naming the file."""
+    import sentencepiece as spm
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"data.tokenizer_model={path!r}: the file does not exist")
+    try:
+        sp = spm.SentencePieceProcessor(model_file=path)
+    except Exception as e:  # noqa: BLE001 - SentencePiece raises OSError/RuntimeError variants
+        raise ConfigError(f"data.tokenizer_model={path!r}: not a SentencePiece model ({e})") from None
+    return sp.get_piece_size(), sp.eos_id()
+
+
+def data_problems(config) -> list[str]:
+    """The data section as training needs it: files present, tokenizer vocabulary within the model's."""
+    d, m = config.data, config.model
+    problems = []
+    if not d.paths:
+        problems.append("data.paths is empty: give at least one indexed dataset prefix")
+    try:
+        prefixes = dataset_prefixes(d.paths, d.weights)
+    except (OSError, ValueError) as e:
+        problems.append(f"data.paths: {e}")
+        prefixes = []
+    for prefix in prefixes:
+        missing = [prefix + ext for ext in (".bin", ".idx") if not os.path.exists(prefix + ext)]
+        if missing:
+            problems.append(f"data.paths: {' and '.join(missing)} does not exist")
+    if d.tokenizer_model:
+        try:
+            vocab, eos = tokenizer_vocabulary(d.tokenizer_model)
+        except ConfigError as e:
+            problems += e.problems
+        else:
+            if vocab > m.vocab_size:
+                problems.append(
+                    f"model.vocab_size={m.vocab_size} is smaller than the vocabulary of data.tokenizer_model="
+                    f"{d.tokenizer_model} ({vocab} pieces): set model.vocab_size={vocab} (or larger)"
+                )
+            if eos < 0:
+                problems.append(
+                    f"data.tokenizer_model={d.tokenizer_model} has no end-of-sequence id to separate documents"
+                )
+    elif d.eod_id is None:
+        problems.append("set data.tokenizer_model (or data.eod_id) so documents can be separated")
+    problems += _tokenizer_mix_problems(d, prefixes)
+    return problems
+
+
+def _tokenizer_mix_problems(d, prefixes: list[str]) -> list[str]:
+    """Preprocessing outputs in ``data.paths`` made with different tokenizers (their manifests say so;
+    two tokenizers of one size pass every size and dtype check), or with another tokenizer than
+    ``data.tokenizer_model``."""
+    try:
+        recorded = {p: shardset.recorded_tokens(p) for p in prefixes}
+    except (OSError, ValueError):  # an unreadable or interrupted manifest is named when the dataset opens
+        return []
+    try:
+        shardset.check_same_tokens(recorded, eod=False)
+    except ValueError as e:
+        return [f"data.paths: {e}"]
+    if not d.tokenizer_model or not os.path.isfile(d.tokenizer_model):
+        return []
+    made = {p: r["tokenizer_sha256"] for p, r in recorded.items() if "tokenizer_sha256" in r}
+    if made and shardset.sha256_file(d.tokenizer_model) not in made.values():
+        p = next(iter(made))
+        return [f"data.paths: {p} was made with another tokenizer than data.tokenizer_model={d.tokenizer_model} "
+                f"(its manifest records a tokenizer file of sha256 {made[p][:12]})"]
+    return []
+
+
+def dataset_prefixes(paths, weights=None) -> list[str]:
+    """``data.paths`` with each sharded preprocessing output (a prefix whose ``.shards.json`` manifest
+    lists its shards, see megatron_osp/data/shardset.py) replaced by its shards in order, as if they had
+    been listed. Without ``data.weights`` the shards are then blended by size like any list of paths;
+    with weights, a sharded prefix is refused (one weight cannot say how to split among its shards)."""
+    out = []
+    for prefix in paths:
+        shards = expand(prefix)
+        if shards != [prefix] and weights is not None:
+            raise ValueError(
+                f"{prefix} is a sharded output ({len(shards)} datasets) and data.weights is set: list its "
+                "shards in data.paths with a weight each, or merge them with tools/merge_datasets.py")
+        out += shards
+    return out
+
+
+def check_data_settings(config) -> None:
+    _fail(data_problems(config))
+
+
+def reference_vocabulary(config) -> tuple[int, str]:
+    """The vocabulary the data's ids must come from, and what it is called in messages: the
+    tokenizer's when ``data.tokenizer_model`` is set (checked to fit the model), else the model's."""
+    if config.data.tokenizer_model:
+        vocab, _ = tokenizer_vocabulary(config.data.tokenizer_model)
+        return vocab, f"the tokenizer {config.data.tokenizer_model} ({vocab} pieces)"
+    return config.model.vocab_size, f"model.vocab_size={config.model.vocab_size}"
