@@ -451,10 +451,13 @@ def test_rerunning_into_a_run_directory_with_other_data_or_seed_is_refused(toy_c
 def test_a_fresh_start_drops_the_metrics_of_an_attempt_without_checkpoint(split_runs):
     """A run killed before its first checkpoint and started again used to append to its metrics.jsonl
     (steps 1, 2, ..., 6, 1, 2, 3, 4). A fresh start keeps no step lines, as a resume keeps none past
-    its checkpoint."""
+    its checkpoint; the dropped lines go to metrics.dropped.jsonl."""
     rows = [json.loads(line) for line in (split_runs[2] / "adam_ref" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     assert [r["loss"] for r in rows] == split_runs[0]["adam_ref"]
+    # the earlier attempt's lines are kept aside, not lost
+    aside = [json.loads(line) for line in (split_runs[2] / "adam_ref" / "metrics.dropped.jsonl").read_text().splitlines()]
+    assert aside == [{"step": s, "loss": 99.0} for s in range(1, 7)]
 
 
 def test_a_run_that_would_save_over_checkpoints_it_does_not_continue_is_refused(split_runs):

@@ -402,13 +402,17 @@ class Trainer:
 
     def _earlier_metrics(self, path: Path) -> list[dict]:
         """The logged steps up to the checkpoint resumed from (none at a fresh start). Lines of later
-        steps (a run that went on past that checkpoint, or was killed before its first one) are
-        dropped from metrics.jsonl."""
+        steps (a run that went on past that checkpoint, or an earlier run in this run_dir without a
+        checkpoint: killed before its first one, or train.save=false) leave metrics.jsonl for
+        metrics.dropped.jsonl (appended), so they are neither mixed into this run nor lost."""
         if not is_logging_rank() or not path.exists():
             return []
         lines = [line for line in path.read_text().splitlines() if line.strip()]
         kept = [line for line in lines if json.loads(line).get("step", 0) <= self.step]
         if len(kept) != len(lines):
+            dropped = [line for line in lines if json.loads(line).get("step", 0) > self.step]
+            with open(path.with_name("metrics.dropped.jsonl"), "a") as f:
+                f.write("".join(line + "\n" for line in dropped))
             atomic_write_text(path, "".join(line + "\n" for line in kept))
         return [json.loads(line) for line in kept]
 
