@@ -323,6 +323,11 @@ def relation_problems(config) -> list[str]:
             f"parallel.virtual_pipeline_size={vp} needs parallel.pipeline_parallel_size > 1 (model chunks "
             "interleave pipeline stages)"
         )
+    if t.exit_at_step > t.train_steps:
+        problems.append(
+            f"train.exit_at_step={t.exit_at_step} is past train.train_steps={t.train_steps}, so it would never "
+            f"stop the run: set train.exit_at_step to at most {t.train_steps} (or 0 to run to the end)"
+        )
     if t.warmup_steps >= t.train_steps:
         problems.append(f"train.warmup_steps={t.warmup_steps} must be smaller than train.train_steps={t.train_steps}")
     if t.global_batch_size % t.micro_batch_size:
