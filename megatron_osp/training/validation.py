@@ -305,7 +305,15 @@ def relation_problems(config) -> list[str]:
     ):
         if value % tp:
             problems.append(f"{name}={value} is not divisible by parallel.tensor_parallel_size={tp}")
-    if p.sequence_parallel and m.seq_length % tp:
+    if p.sequence_parallel and tp == 1:
+        # Megatron-Core's ModelParallelConfig refuses it ("Cannot use sequence parallelism without
+        # tensor parallelism"); models/gpt.py passed it on only for TP > 1, so it did nothing.
+        problems.append(
+            "parallel.sequence_parallel=true needs parallel.tensor_parallel_size > 1 (it splits activations "
+            "over the TP ranks; with parallel.tensor_parallel_size=1 it does nothing): set "
+            "parallel.sequence_parallel=false or parallel.tensor_parallel_size >= 2"
+        )
+    elif p.sequence_parallel and m.seq_length % tp:
         problems.append(
             f"model.seq_length={m.seq_length} is not divisible by parallel.tensor_parallel_size={tp} "
             "(parallel.sequence_parallel=true splits the sequence over TP ranks)"
