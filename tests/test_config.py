@@ -16,6 +16,18 @@ def test_yaml_preset_and_overrides(tmp_path):
     assert cfg.data.paths == ["a", "b"]
 
 
+def test_a_saved_run_config_with_the_default_wsd_fraction_loads(tmp_path):
+    """A saved config holds every field, the default train.wsd_decay_fraction under decay_style=cosine
+    too: only another value is refused with a non-wsd schedule (tests/test_validation.py)."""
+    from megatron_osp.training.config import save_config
+
+    save_config(load_config(None, ["train.decay_style=cosine"]), tmp_path / "config.yaml")
+    assert "wsd_decay_fraction: 0.2" in (tmp_path / "config.yaml").read_text()
+    assert load_config(tmp_path / "config.yaml").train.decay_style == "cosine"
+    osp = Path(__file__).parents[1] / "megatron_osp" / "configs" / "osp_1.4b.yaml"  # wsd, fraction 0.2
+    assert load_config(osp, ["train.decay_style=cosine"]).train.wsd_decay_fraction == 0.2
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

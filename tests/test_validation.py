@@ -137,6 +137,8 @@ def test_value_out_of_range_is_refused_by_name(override, message):
         (["optimizer.delivery=relay"], r"optimizer\.delivery=relay needs optimizer\.distributed_optimizer=true"),
         (["parallel.sequence_parallel=true"],  # TP 1: silently off (Megatron-Core refuses it)
          r"parallel\.sequence_parallel=true needs parallel\.tensor_parallel_size > 1.*set parallel\.sequence_parallel=false"),
+        (["train.wsd_decay_fraction=0.3"],  # decay_style cosine: the fraction was never used
+         r"train\.wsd_decay_fraction=0\.3 is used only with train\.decay_style=wsd \(train\.decay_style='cosine'\)"),
         (["train.train_steps=100", "train.exit_at_step=150"],  # ran to the end: exit_at_step never triggered
          r"train\.exit_at_step=150 is past train\.train_steps=100.*at most 100"),
     ],

@@ -29,7 +29,7 @@ from megatron_osp.fileio import atomic_write_text
 from megatron_osp.models.config import ModelConfig
 from megatron_osp.models.presets import get_preset
 from megatron_osp.optimizer.builder import OptimSettings
-from megatron_osp.training.validation import ConfigError, check_relations, check_section
+from megatron_osp.training.validation import WSD_DECAY_FRACTION, ConfigError, check_relations, check_section
 
 
 @dataclass
@@ -62,7 +62,8 @@ class TrainSettings:
     micro_batch_size: int = 4
     warmup_steps: int = 10
     decay_style: str = "cosine"
-    wsd_decay_fraction: float = 0.2  # WSD: share of the steps spent in the final decay
+    # WSD: share of the steps spent in the final decay; another value with another decay_style is refused
+    wsd_decay_fraction: float = WSD_DECAY_FRACTION
     seed: int = 1234
     bf16: bool | None = None  # None = bf16 on CUDA, fp32 on CPU
     log_interval: int = 10

@@ -42,6 +42,9 @@ QKV_SPLITS = ("qkv", "per_head", "none")
 NORMALIZATIONS = ("rmsnorm", "ssnorm")
 RECOMPUTE = ("none", "selective", "full")
 RECOMPUTE_METHODS = ("uniform", "block")
+# train.wsd_decay_fraction's default (config.py uses it). Saved run configs hold every field, so a
+# value equal to it cannot be told from the default; any other value was set on purpose.
+WSD_DECAY_FRACTION = 0.2
 _SEED_LIMIT = 2**32  # numpy's seed range
 
 
@@ -335,6 +338,11 @@ def relation_problems(config) -> list[str]:
         problems.append(
             f"train.exit_at_step={t.exit_at_step} is past train.train_steps={t.train_steps}, so it would never "
             f"stop the run: set train.exit_at_step to at most {t.train_steps} (or 0 to run to the end)"
+        )
+    if t.decay_style != "wsd" and t.wsd_decay_fraction != WSD_DECAY_FRACTION:
+        problems.append(
+            f"train.wsd_decay_fraction={t.wsd_decay_fraction} is used only with train.decay_style=wsd "
+            f"(train.decay_style={t.decay_style!r}): remove it, or set train.decay_style=wsd"
         )
     if t.warmup_steps >= t.train_steps:
         problems.append(f"train.warmup_steps={t.warmup_steps} must be smaller than train.train_steps={t.train_steps}")
