@@ -101,3 +101,21 @@ def _sha(path):
     import hashlib
 
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+
+def _problems(paths, tokenizer):
+    from megatron_osp.training.config import load_config
+    from megatron_osp.training.data_checks import data_problems
+
+    return data_problems(load_config(None, ["model.vocab_size=384", f"data.paths=[{','.join(map(str, paths))}]",
+                                            f"data.tokenizer_model={tokenizer}"]))
+
+
+@pytest.mark.parametrize("ext", [".bin", ".idx"])
+def test_a_data_path_with_its_extension_is_refused_naming_the_prefix(sharded, ext):
+    """It said "X.bin.bin and X.bin.idx does not exist"."""
+    shard = sharded["shards"][0]
+    assert _problems([shard + ext], sharded["tokenizer"]) == [
+        f"data.paths: {shard}{ext} is a file name, not a dataset prefix: give the prefix without {ext}, {shard}"]
+

@@ -38,7 +38,10 @@ def data_problems(config) -> list[str]:
         prefixes = []
     for prefix in prefixes:
         missing = [prefix + ext for ext in (".bin", ".idx") if not os.path.exists(prefix + ext)]
-        if missing:
+        if missing and prefix.endswith((".bin", ".idx")):
+            problems.append(f"data.paths: {prefix} is a file name, not a dataset prefix: give the prefix "
+                            f"without {prefix[-4:]}, {prefix[:-4]}")
+        elif missing:
             problems.append(f"data.paths: {' and '.join(missing)} does not exist")
     if d.tokenizer_model:
         try:
