@@ -119,3 +119,20 @@ def test_a_data_path_with_its_extension_is_refused_naming_the_prefix(sharded, ex
     assert _problems([shard + ext], sharded["tokenizer"]) == [
         f"data.paths: {shard}{ext} is a file name, not a dataset prefix: give the prefix without {ext}, {shard}"]
 
+
+def test_a_hugging_face_tokenizer_as_tokenizer_model_is_refused_with_the_settings_to_use(sharded, tmp_path):
+    """It said "not a SentencePiece model": training takes data.eod_id (and model.vocab_size) instead."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, "hello": 1, "<|endoftext|>": 7}
+    hf = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf.save(str(tmp_path / "tokenizer.json"))
+    way_out = (f"data.tokenizer_model='{tmp_path / 'tokenizer.json'}' is a Hugging Face tokenizer.json, but training "
+               "reads only SentencePiece .model files: leave data.tokenizer_model unset and set data.eod_id=")
+    assert _problems([sharded["family"]], tmp_path / "tokenizer.json")[0] == (
+        way_out + "2 (the id the data's manifest records) and model.vocab_size >= 8")
+    os.rename(tmp_path / "tokenizer.json", tmp_path / "tok.model")  # the name does not matter; no data: its guess
+    assert _problems([], tmp_path / "tok.model")[1] == (
+        way_out.replace("tokenizer.json'", "tok.model'") + "7 (its '<|endoftext|>', if that is the token "
+        "preprocessing used) and model.vocab_size >= 8")

@@ -12,8 +12,9 @@ from megatron_osp.data.shardset import expand
 from megatron_osp.training.validation import ConfigError, _fail
 
 
-def tokenizer_vocabulary(path: str) -> tuple[int, int]:
-    """(vocabulary size, end-of-sequence id) of a SentencePiece model; ConfigError naming the file."""
+def tokenizer_vocabulary(path: str, eod: int | None = None) -> tuple[int, int]:
+    """(vocabulary size, end-of-sequence id) of a SentencePiece model; ConfigError naming the file (a
+    Hugging Face tokenizer.json: what to set instead; ``eod``, the EOD id the data record, goes in it)."""
     import sentencepiece as spm
 
     if not os.path.isfile(path):
@@ -21,8 +22,37 @@ def tokenizer_vocabulary(path: str) -> tuple[int, int]:
     try:
         sp = spm.SentencePieceProcessor(model_file=path)
     except Exception as e:  # noqa: BLE001 - SentencePiece raises OSError/RuntimeError variants
-        raise ConfigError(f"data.tokenizer_model={path!r}: not a SentencePiece model ({e})") from None
+        hf = _hugging_face_tokenizer(path, eod)
+        raise ConfigError(hf or f"data.tokenizer_model={path!r}: not a SentencePiece model ({e})") from None
     return sp.get_piece_size(), sp.eos_id()
+
+
+def _hugging_face_tokenizer(path: str, eod: int | None) -> str | None:
+    """The way out when ``path`` is a Hugging Face tokenizer.json (preprocessing takes one, training
+    reads only SentencePiece): data.eod_id instead. ``eod``: the id the data's manifest records."""
+    import json
+
+    from megatron_osp.data.tokenizer import HFTokenizer
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            if not isinstance(json.load(f).get("model"), dict):
+                return None
+    except (OSError, ValueError, AttributeError):  # not JSON (UnicodeDecodeError is a ValueError), not a mapping
+        return None
+    try:
+        tok = HFTokenizer(path, word_cache=False)
+    except Exception:  # noqa: BLE001 - no EOD among the usual tokens, or the library refuses the file
+        tok = None
+    if eod is not None:
+        which = f"data.eod_id={eod} (the id the data's manifest records)"
+    elif tok is not None:
+        which = f"data.eod_id={tok.eod} (its {tok.eod_token!r}, if that is the token preprocessing used)"
+    else:
+        which = "data.eod_id=<the end-of-document id preprocessing used>"
+    size = f" and model.vocab_size >= {tok.vocab_size}" if tok is not None else ""
+    return (f"data.tokenizer_model={path!r} is a Hugging Face tokenizer.json, but training reads only "
+            f"SentencePiece .model files: leave data.tokenizer_model unset and set {which}{size}")
 
 
 def data_problems(config) -> list[str]:
@@ -45,7 +75,7 @@ def data_problems(config) -> list[str]:
             problems.append(f"data.paths: {' and '.join(missing)} does not exist")
     if d.tokenizer_model:
         try:
-            vocab, eos = tokenizer_vocabulary(d.tokenizer_model)
+            vocab, eos = tokenizer_vocabulary(d.tokenizer_model, _recorded_eod(prefixes))
         except ConfigError as e:
             problems += e.problems
         else:
@@ -62,6 +92,15 @@ def data_problems(config) -> list[str]:
         problems.append("set data.tokenizer_model (or data.eod_id) so documents can be separated")
     problems += _tokenizer_mix_problems(d, prefixes)
     return problems
+
+
+def _recorded_eod(prefixes: list[str]) -> int | None:
+    """The EOD id the datasets' manifests record, when they record one."""
+    try:
+        eods = {shardset.recorded_tokens(p).get("eod") for p in prefixes} - {None}
+    except (OSError, ValueError):
+        return None
+    return eods.pop() if len(eods) == 1 else None
 
 
 def _tokenizer_mix_problems(d, prefixes: list[str]) -> list[str]:
