@@ -229,5 +229,9 @@ def test_a_directory_input_holding_an_earlier_output_is_read_again_alike(tmp_pat
         r = _preprocess_cli("--input", tmp_path / "corpus", "--tokenizer-model", tok, "--output-prefix",
                             tmp_path / "corpus" / "out", "--append-eod")
         assert r.returncode == 0, r.stderr[-2000:]
+        # the guessed EOD, once, before the work (a wrong guess used to show only in the output's ids)
+        assert r.stdout.count("end-of-document token") == 1, r.stdout
+        assert r.stdout.startswith("end-of-document token '<|endoftext|>', id 70000 (guessed from the vocabulary; "
+                                   "--eod-token picks another)\n"), r.stdout
         ds = IndexedDataset(tmp_path / "corpus" / "out_text_document")
         assert [ds[i].tolist() for i in range(len(ds))] == [[1, 2, 70000], [3, 70000]]

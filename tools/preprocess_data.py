@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_osp.data.array_tasks import plan, resolve_task, task_prefix  # noqa: E402
 from megatron_osp.data.preprocess import (  # noqa: E402
-    BadRecord, WorkerDied, check_eod, check_inputs, check_json_keys, preprocess)
+    BadRecord, WorkerDied, check_eod, check_inputs, check_json_keys, eod_note, preprocess)
 from megatron_osp.fileio import os_error  # noqa: E402
 
 SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst", ".zst", ".gz", ".parquet")
@@ -84,6 +84,8 @@ def print_plan(args) -> int:
     sizes = [os.path.getsize(f) for f in files]
     tok = load_tokenizer(args.tokenizer_model, args.eod_token)
     check_eod(tok, args.tokenizer_model, args.append_eod)
+    if eod_note(tok, args.eod_token):
+        print(eod_note(tok, args.eod_token))
     d = os.path.dirname(os.path.abspath(args.output_prefix))
     while not os.path.isdir(d):
         d = os.path.dirname(d)
@@ -139,6 +141,7 @@ def main() -> int:
             args.append_eod, args.workers, args.skip_bad_records, progress=not args.no_progress,
             max_shard_tokens=args.max_shard_tokens,
             eod_token=args.eod_token, word_cache=not args.no_word_cache, task=task and task[:2],
+            log=lambda line: print(line, flush=True),
         )
     except (BadRecord, FileNotFoundError, ValueError, WorkerDied) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -29,7 +29,7 @@ from megatron_osp.data.shardset import Stage, sha256_file
 from megatron_osp.data.tokenizer import load_tokenizer
 
 __all__ = ["BadRecord", "CorruptInput", "PreprocessStats", "WorkerDied", "check_eod", "check_inputs", "check_json_keys",
-           "output_prefix_for", "preprocess"]
+           "eod_note", "output_prefix_for", "preprocess"]
 
 
 @dataclass
@@ -180,6 +180,17 @@ def check_eod(tokenizer, tokenizer_model: str, append_eod: bool) -> None:
                          "piece (tools/train_tokenizer.py makes </s> id 2) or leave out --append-eod")
 
 
+def eod_note(tokenizer, eod_token: str | None) -> str | None:
+    """The line naming a Hugging Face tokenizer's end-of-document token and id (guessed unless
+    ``eod_token`` named it), shown before any tokenizing, so a wrong guess is seen at once and not
+    after hours of work. None for SentencePiece (its EOS piece)."""
+    token = getattr(tokenizer, "eod_token", None)
+    if token is None:
+        return None
+    how = "given by --eod-token" if eod_token else "guessed from the vocabulary; --eod-token picks another"
+    return f"end-of-document token {token!r}, id {tokenizer.eod} ({how})"
+
+
 def check_inputs(paths) -> None:
     """Every input exists, and none is given twice (a glob and a file, two globs or a directory that
     overlap): its documents would be in the output twice."""
@@ -299,6 +310,7 @@ def preprocess(
     eod_token: str | None = None,
     word_cache: bool = True,
     task: tuple[int, int] | None = None,
+    log=None,
 ) -> PreprocessStats:
     """Tokenize ``inputs`` (in order, documents in file order) into ``<output_prefix>_<key>_document``.
 
@@ -315,6 +327,7 @@ def preprocess(
     into ``<output_prefix>_task<index>of<count>_<key>_document`` with the run's identity in its
     manifest (megatron_osp/data/array_tasks.py; merged by ``merge.merge_tasks``). A task may have no
     documents (its share is empty): it publishes an empty dataset; the merge refuses an empty whole.
+    ``log``: called once, before any work, with ``eod_note``'s line (a Hugging Face tokenizer).
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
@@ -323,6 +336,9 @@ def preprocess(
         raise ValueError(f"max_shard_tokens must be >= 1, got {max_shard_tokens}")
     tokenizer = load_tokenizer(tokenizer_model, eod_token)
     check_eod(tokenizer, tokenizer_model, append_eod)
+    note = eod_note(tokenizer, eod_token)
+    if log is not None and note:
+        log(note)
     paths = [Path(p) for p in inputs]
     check_inputs(paths)
     array_record = None
