@@ -134,6 +134,35 @@ def test_a_json_key_no_record_has_is_named(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["c.jsonl"]
 
 
+@pytest.mark.parametrize("crash_at", [1, 2])
+def test_a_crash_while_publishing_a_tokenizer_never_leaves_a_mismatched_pair(tmp_path, monkeypatch, crash_at):
+    """.vocab was replaced, then .model: a crash between left the new .vocab beside the old .model."""
+    import sentencepiece as spm
+
+    from megatron_osp.data import sp_training
+
+    src = _corpus(tmp_path, 40)
+    train_sentencepiece(src, tmp_path / "tok", vocab_size=300)
+    replace, calls = os.replace, []
+
+    def crashing(a, b):
+        calls.append(b)
+        if len(calls) == crash_at:
+            raise KeyboardInterrupt("killed")
+        replace(a, b)
+
+    monkeypatch.setattr(sp_training.os, "replace", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        train_sentencepiece(src, tmp_path / "tok", vocab_size=310)
+    monkeypatch.undo()
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tok.model"))
+    assert sp.get_piece_size() in (300, 310)
+    vocab = tmp_path / "tok.vocab"
+    if vocab.exists():
+        pieces = [line.split("\t")[0] for line in vocab.read_text().splitlines()]
+        assert pieces == [sp.id_to_piece(i) for i in range(sp.get_piece_size())], (crash_at, len(pieces))
+
+
 def test_a_tokenizer_output_prefix_naming_a_directory_is_refused(tmp_path):
     """"tok/" used to write tok.model and tok.vocab beside the directory."""
     src = _corpus(tmp_path, 20)

@@ -119,8 +119,12 @@ def train_sentencepiece(
             skipped += reading.bad
         # Not with_suffix(): a prefix such as "tok.v2" must give "tok.v2.model".
         model = Path(f"{output_prefix}.model")
-        os.replace(f"{tmp_prefix}.vocab", f"{output_prefix}.vocab")
+        # Two renames cannot swap a pair at once, and either order left one new and one old file after
+        # a crash between them. So the old .vocab goes first: at every moment the .model (what is read)
+        # has its own .vocab or none, never another model's; a rerun writes both.
+        Path(f"{output_prefix}.vocab").unlink(missing_ok=True)
         os.replace(f"{tmp_prefix}.model", model)
+        os.replace(f"{tmp_prefix}.vocab", f"{output_prefix}.vocab")
     finally:
         for ext in (".model", ".vocab"):
             if os.path.exists(f"{tmp_prefix}{ext}"):
