@@ -163,6 +163,21 @@ def test_a_crash_while_publishing_a_tokenizer_never_leaves_a_mismatched_pair(tmp
         assert pieces == [sp.id_to_piece(i) for i in range(sp.get_piece_size())], (crash_at, len(pieces))
 
 
+def test_the_builtin_corpus_removes_the_temporary_a_killed_run_left(tmp_path):
+    """A kill during write_corpus left <output>.tmp<pid> for good; the next run removes those whose
+    process is gone, and keeps a live process's (one writing now)."""
+    from megatron_osp.data.builtin_corpus import write_corpus
+
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    for pid in (dead.pid, os.getppid()):
+        (tmp_path / f"corpus.jsonl.tmp{pid}").write_text('{"text": "half')
+    (tmp_path / "other.jsonl.tmp1").write_text("not ours")
+    assert write_corpus(tmp_path / "corpus.jsonl", max_documents=2)[0] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["corpus.jsonl", f"corpus.jsonl.tmp{os.getppid()}", "other.jsonl.tmp1"])
+
+
 def test_a_tokenizer_output_prefix_naming_a_directory_is_refused(tmp_path):
     """"tok/" used to write tok.model and tok.vocab beside the directory."""
     src = _corpus(tmp_path, 20)

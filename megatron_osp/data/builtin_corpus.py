@@ -14,6 +14,7 @@ import importlib
 import inspect
 import json
 import os
+import re
 import sysconfig
 import warnings
 from pathlib import Path
@@ -121,13 +122,25 @@ def iter_documents(min_chars: int = 200, include_source: bool = False):
                 yield text
 
 
+def _remove_stale_temporaries(output: Path) -> None:
+    """Remove ``<output>.tmp<pid>`` files that a write killed midway left (their process is gone)."""
+    from megatron_osp.data.shardset import pid_alive
+
+    stale = re.compile(rf"^{re.escape(output.name)}\.tmp(\d+)$")
+    for p in output.parent.iterdir():
+        m = stale.match(p.name)
+        if m and p.is_file() and not pid_alive(int(m.group(1))):
+            p.unlink(missing_ok=True)
+
+
 def write_corpus(
     output: str | os.PathLike,
     max_documents: int | None = None,
     min_chars: int = 200,
     include_source: bool = False,
 ) -> tuple[int, int]:
-    """Write the corpus as JSONL ({"text": ...} per line), atomically. Returns (documents, characters).
+    """Write the corpus as JSONL ({"text": ...} per line), atomically (through ``<output>.tmp<pid>``; one
+    a killed run left is removed by the next). Returns (documents, characters).
     Refuses, writing nothing, options that leave no document (preprocessing refuses an empty corpus)."""
     if max_documents is not None and max_documents < 1:
         raise ValueError(f"max_documents must be >= 1, got {max_documents}")
@@ -135,6 +148,7 @@ def write_corpus(
     if output.is_dir():
         raise IsADirectoryError(21, "Is a directory (give the corpus file to write)", str(output))
     output.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(output)
     tmp = output.with_name(output.name + f".tmp{os.getpid()}")
     n_docs = n_chars = 0
     try:
