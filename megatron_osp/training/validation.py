@@ -11,7 +11,9 @@ Three stages, each run as soon as what it needs is known, and all before a model
   tensor/pipeline sizes against the model's heads, query groups, FFN width and layers (PP x virtual
   pipeline size dividing the layers, a virtual pipeline only with PP > 1), and
   ``train.recompute_method``/``recompute_num_layers`` only with ``train.recompute=full``, fitting a
-  pipeline stage's layers.
+  pipeline stage's layers; settings that would do nothing are refused too (``train.exit_at_step``
+  past ``train.train_steps``, sequence parallelism at TP 1, a non-default ``train.wsd_decay_fraction``
+  without ``train.decay_style=wsd``).
 - ``check_world`` and data_checks.py's ``check_data_settings`` (from the Trainer, once the world size
   is known and before the process groups, datasets and model exist): TP x PP divides the world, the
   global batch divides into micro-batches x data-parallel ranks (with virtual pipeline stages, a
