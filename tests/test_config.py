@@ -142,3 +142,40 @@ def test_the_entry_point_takes_a_config_after_overrides(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"error: {mine} + command line: 2 invalid settings" in err
     assert "train.global_batch_size=0" in err and "train.micro_batch_size=-1" in err
+
+
+def test_a_saved_run_config_with_settings_that_did_nothing_still_loads_as_it_ran(tmp_path):
+    """Settings refused for a new run because they do nothing (data.num_workers, sequence parallelism
+    at TP 1, a wsd fraction without wsd, exit_at_step past the end) were accepted before; a checkpoint's
+    run_config.yaml holding them must still load (resume, export, evaluation), as what the run did."""
+    import pytest
+    import yaml
+
+    from megatron_osp.training.checkpoint import load_config_file
+    from megatron_osp.training.config import load_config
+    from megatron_osp.training.validation import ConfigError
+
+    changes = {"data.num_workers": ("data", {"num_workers": 4}),
+               "parallel.sequence_parallel": ("parallel", {"sequence_parallel": True}),
+               "train.wsd_decay_fraction": ("train", {"decay_style": "cosine", "wsd_decay_fraction": 0.5}),
+               "train.exit_at_step": ("train", {"train_steps": 100, "exit_at_step": 500})}
+    path = tmp_path / "run_config.yaml"
+    for name, (section, values) in changes.items():  # a new run with any of these is refused by name
+        raw = load_config(None).to_dict()
+        raw[section].update(values)
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        with pytest.raises(ConfigError, match=name.replace(".", r"\.")):
+            load_config(path)
+    raw = load_config(None).to_dict()
+    for section, values in changes.values():
+        raw[section].update(values)
+    raw["train"]["seed"] = 7
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    for config in (load_config(path, saved=True), load_config_file(path)):
+        assert config.data.num_workers == 0 and config.parallel.sequence_parallel is False
+        assert config.train.wsd_decay_fraction == 0.2 and config.train.exit_at_step == 0
+        assert config.train.train_steps == 100 and config.train.seed == 7 and config.train.decay_style == "cosine"
+    # at TP 2 sequence parallelism did something: kept
+    raw["parallel"].update(sequence_parallel=True, tensor_parallel_size=2)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert load_config(path, saved=True).parallel.sequence_parallel is True

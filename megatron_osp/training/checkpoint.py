@@ -428,7 +428,7 @@ def _check_vocab_padding(ckpt: Path, train_state: dict, model_chunks) -> None:
 def load_config_file(path: Path):
     from megatron_osp.training.config import load_config
 
-    return load_config(path)
+    return load_config(path, saved=True)
 
 
 def load_model_weights(path, model_chunks) -> dict:

@@ -220,7 +220,34 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+def _as_it_ran(raw: dict) -> dict:
+    """A run config saved with a checkpoint, with each setting that did nothing in that run set to
+    what the run did. Earlier versions accepted these settings; validation.py now refuses them for a
+    new run, and a checkpoint's run_config.yaml (covered by its checksums) cannot be edited, so
+    without this its checkpoints could no longer be resumed, exported or evaluated."""
+    def section(name):
+        values = raw.get(name)
+        return values if isinstance(values, dict) else {}
+
+    def field_value(name, key):
+        return section(name).get(key, getattr(_section_class(name)(), key))
+
+    data, parallel, train = section("data"), section("parallel"), section("train")
+    if data.get("num_workers"):  # never used: samples were read by the training process
+        data["num_workers"] = 0
+    if parallel.get("sequence_parallel") and field_value("parallel", "tensor_parallel_size") == 1:
+        parallel["sequence_parallel"] = False  # models/gpt.py passed it on only at TP > 1
+    if field_value("train", "decay_style") != "wsd" and "wsd_decay_fraction" in train:
+        train["wsd_decay_fraction"] = WSD_DECAY_FRACTION  # read only by the wsd schedule
+    if field_value("train", "exit_at_step") > field_value("train", "train_steps"):
+        train["exit_at_step"] = 0  # past the end: it never stopped the run
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), *, saved: bool = False) -> RunConfig:
+    """The RunConfig of a YAML file (or the defaults) with ``section.field=value`` overrides, every
+    value checked (validation.py). ``saved``: the file is a run config saved with a checkpoint; the
+    settings that did nothing in that run are read as what the run did (``_as_it_ran``)."""
     raw: dict = {}
     source = "defaults"
     if path is not None:
@@ -244,6 +271,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         for name, values in raw.items():
             if values is not None and not isinstance(values, dict):
                 raise ValueError(f"{path}: {name} must be a mapping of its fields (field: value), got {values!r}")
+        if saved:
+            raw = _as_it_ran(raw)
     tree = parse_overrides(list(overrides))
     for section, values in tree.items():
         merged = dict(raw.get(section) or {})
