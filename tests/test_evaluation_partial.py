@@ -37,6 +37,8 @@ def test_a_failing_model_leaves_the_earlier_ones_in_a_partial_report(tmp_path, c
               "--weight-error-windows", "1", "--no-plots"]
     good, bad = str(tmp_path / "good"), str(tmp_path / "bad")
 
+    (tmp_path / "partial").mkdir()
+    (tmp_path / "partial" / "perplexity_vs_bits.png").write_bytes(b"an earlier run's plot")
     rc = evaluate_quantization.main([good, bad, *common, "--output-dir", str(tmp_path / "partial")])
     err = capsys.readouterr().err
     assert rc == 2 and f"error: {bad}: its safetensors weights cannot be read" in err, err  # the error, as before
@@ -49,6 +51,7 @@ def test_a_failing_model_leaves_the_earlier_ones_in_a_partial_report(tmp_path, c
     md = (tmp_path / "partial" / "quantization.md").read_text()
     assert "**Partial report**" in md and f"Not done: {bad} (fp, 4-4-4, weight rounding)" in md, md
     assert "| good |" in md
+    assert not (tmp_path / "partial" / "perplexity_vs_bits.png").exists()  # plots come with the complete report
 
     assert evaluate_quantization.main([good, *common, "--output-dir", str(tmp_path / "full")]) == 0
     full = json.loads((tmp_path / "full" / "quantization.json").read_text())

@@ -68,6 +68,8 @@ def write_report(results: list[dict], output_dir, meta: dict | None = None, plot
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "downstream.json", out / "downstream.md"]
+    if progress is not None and not progress["complete"]:  # the plot is drawn at the end, not an earlier run's
+        (out / "downstream_average.png").unlink(missing_ok=True)
     atomic_write_json(paths[0], {**(progress or {"complete": True}), "meta": meta or {}, "models": results})
     atomic_write_text(paths[1], format_markdown(results, meta, progress))
     if plots:

@@ -225,6 +225,9 @@ def write_report(results: list[dict], output_dir: str | Path, meta: dict | None 
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "quantization.json", out / "quantization.md"]
     status = progress or {"complete": True}
+    if not status["complete"]:  # plots are drawn at the end: an earlier run's would sit beside this report
+        for png in ("kurtosis_per_layer.png", "perplexity_vs_bits.png"):
+            (out / png).unlink(missing_ok=True)
     atomic_write_json(paths[0], {**status, "meta": meta or {}, "models": results})
     atomic_write_text(paths[1], format_markdown(results, meta, progress))
     if plots:
