@@ -166,12 +166,12 @@ def _run(args) -> int:
 
             t0 = time.perf_counter()
 
-            def on_setting(setting, res, path=path):  # the report so far, marked partial until the last one
+            def on_setting(setting, res, i=i, path=path):  # the report so far, marked partial until the last one
                 res["path"] = str(path)
                 res["seconds"] = time.perf_counter() - t0
                 if not any(r is res for r in results):
                     results.append(res)
-                progress.mark(path, setting)
+                progress.mark(i, setting)
                 if not progress.complete:
                     write_report(results, args.output_dir, meta, plots=False, log=log, progress=progress.status())
 

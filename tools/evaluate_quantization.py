@@ -175,11 +175,11 @@ def _run(args) -> int:
         passes = len(settings) + (len(roles_of(loaded.model)) if args.weight_error_windows > 0 else 0)
         bar = _progress(passes * windows.shape[0], loaded.label)
 
-        def on_unit(unit, res, path=path):  # the report so far, marked partial until the last unit
+        def on_unit(unit, res, i=i, path=path):  # the report so far, marked partial until the last unit
             res["path"] = str(path)
             if not any(r is res for r in results):
                 results.append(res)
-            progress.mark(path, unit)
+            progress.mark(i, unit)
             if not progress.complete:
                 write_report(results, args.output_dir, meta, plots=False, progress=progress.status())
 

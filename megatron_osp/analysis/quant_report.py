@@ -26,7 +26,8 @@ from megatron_osp.analysis.report_progress import markdown_line
 from megatron_osp.analysis.weight_error import weight_error_report
 from megatron_osp.fileio import atomic_write_json, atomic_write_text
 
-__all__ = ["DEFAULT_SETTINGS", "WEIGHT_ROUNDING", "with_fp", "evaluate_model", "format_table", "format_markdown", "write_report"]
+__all__ = ["DEFAULT_SETTINGS", "WEIGHT_ROUNDING", "with_fp", "evaluate_model", "format_table", "format_markdown",
+           "write_report"]
 
 # The paper's table: full precision, the four W-A-KV settings, then the fixes at 4-4-4.
 DEFAULT_SETTINGS = ["fp", "8-8-8", "4-16-16", "4-8-8", "4-4-4", "4-4-4+had", "4-4-4+gptq", "4-4-4+quarot"]

@@ -13,26 +13,28 @@ __all__ = ["ReportProgress"]
 
 
 class ReportProgress:
-    """``models``: the paths as given on the command line; ``units``: each model's units, in order."""
+    """``models``: the paths as given on the command line (by position: a path may come twice);
+    ``units``: each model's units, in order."""
 
     def __init__(self, models: list[str], units: list[str]):
         self.models = [str(m) for m in models]
         self.units = list(units)
-        self.done: dict[str, list[str]] = {m: [] for m in self.models}
+        self.done: list[list[str]] = [[] for _ in self.models]
 
-    def mark(self, model: str, unit: str) -> None:
-        if unit not in self.done[str(model)]:
-            self.done[str(model)].append(unit)
+    def mark(self, index: int, unit: str) -> None:
+        """Model ``index`` (its position in ``models``) has finished ``unit``."""
+        if unit not in self.done[index]:
+            self.done[index].append(unit)
 
     @property
     def complete(self) -> bool:
-        return all(len(self.done[m]) == len(self.units) for m in self.models)
+        return all(len(done) == len(self.units) for done in self.done)
 
     def status(self) -> dict:
         return {
             "complete": self.complete,
-            "progress": [{"model": m, "done": list(self.done[m]),
-                          "pending": [u for u in self.units if u not in self.done[m]]} for m in self.models],
+            "progress": [{"model": m, "done": list(done), "pending": [u for u in self.units if u not in done]}
+                         for m, done in zip(self.models, self.done)],
         }
 
     def markdown(self) -> str:
