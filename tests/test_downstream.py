@@ -338,3 +338,67 @@ def test_hf_model_with_a_larger_tokenizer_is_refused_before_loading(models, tmp_
     rc = evaluate_downstream.main([str(hf), "--tasks", "toy_mc", "--settings", "fp", "--output-dir", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert rc == 2 and calls == [] and f"{hf / 'tokenizer.json'} has 320 tokens, more than the vocab_size 300" in err, err
+
+
+def _without_seconds(value):
+    if isinstance(value, dict):
+        return {k: _without_seconds(v) for k, v in value.items() if k != "seconds"}
+    if isinstance(value, list):
+        return [_without_seconds(v) for v in value]
+    return value
+
+
+def test_a_failing_model_leaves_the_earlier_ones_in_a_partial_report(models, tmp_path, monkeypatch, capsys):
+    """The report used to be written only at the end: a model that failed to load (here: its weights
+    cut short) lost every earlier model's scores. Now downstream.json/.md are rewritten after every
+    (model, setting), marked partial, and the failure still stops the run with its error. The harness
+    is not the subject (its TaskManager alone takes seconds): a task's score here is a function of the
+    quantized weights the harness model holds."""
+    import shutil
+
+    import megatron_osp.analysis.downstream as downstream
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import evaluate_downstream
+
+    def fake_task(lm, spec, tm, limit=None, keep_loglikelihoods=False):
+        total = sum(float(p.double().abs().sum()) for p in lm.model.parameters())
+        score = (total * 1000) % 1
+        return {"metrics": {"acc": {"value": score, "stderr": 0.01}}, "score_metric": "acc", "score": score,
+                "stderr": 0.01, "num_fewshot": spec.num_fewshot, "n": limit, "seconds": 0.0}
+
+    monkeypatch.setattr(downstream, "check_tasks", lambda *a, **k: None)
+    monkeypatch.setattr(downstream, "evaluate_task", fake_task)
+    bad = tmp_path / "bad"
+    shutil.copytree(models["hf"], bad)
+    weights = bad / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    good = str(models["hf"])
+    common = ["--labels", "good,bad", "--tasks", "toy_mc,toy_gen", "--settings", "fp,4-4-4", "--limit", "4",
+              "--device", "cpu", "--no-plots"]
+    rc = evaluate_downstream.main([good, str(bad), *common, "--output-dir", str(tmp_path / "partial")])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"error: {bad}: its safetensors weights cannot be read" in err, err
+    partial = json.loads((tmp_path / "partial" / "downstream.json").read_text())
+    assert partial["complete"] is False and partial["progress"] == [
+        {"model": good, "done": ["fp", "4-4-4"], "pending": []},
+        {"model": str(bad), "done": [], "pending": ["fp", "4-4-4"]}]
+    md = (tmp_path / "partial" / "downstream.md").read_text()
+    assert "**Partial report**" in md and f"Not done: {bad} (fp, 4-4-4)" in md and "good 4-4-4" in md, md
+
+    common[1] = "good"
+    assert evaluate_downstream.main([good, *common, "--output-dir", str(tmp_path / "full")]) == 0
+    full = json.loads((tmp_path / "full" / "downstream.json").read_text())
+    assert full["complete"] is True and "Complete:" in (tmp_path / "full" / "downstream.md").read_text()
+    scores = [s["tasks"]["toy_mc"]["score"] for s in full["models"][0]["settings"].values()]
+    assert scores[0] != scores[1]  # the fake score sees the quantized weights
+    assert _without_seconds(partial["models"]) == _without_seconds(full["models"])
+    assert partial["meta"] == full["meta"]
+    # more GPTQ calibration windows than --calibration-documents hold: refused before any model loads
+    capsys.readouterr()
+    rc = evaluate_downstream.main([good, *common[:4], "--settings", "fp,4-4-4+gptq", "--seq-length", "15",
+                                   "--calibration-data", str(models["calib"]), "--calibration-windows", "41",
+                                   "--output-dir", str(tmp_path / "gptq")])
+    out, err = capsys.readouterr()
+    assert rc == 2 and "== " not in out + err, out + err
+    assert f"--calibration-windows 41: documents 0..7 of {models['calib']} hold only 40 windows of 16" in err, err

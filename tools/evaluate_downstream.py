@@ -16,6 +16,10 @@ local HF datasets cache, or local files named by task YAMLs in --include-path. E
 checked before any model is loaded. ``+gptq`` settings need --calibration-data (an indexed dataset).
 
 Writes downstream.json, downstream.md and downstream_average.png (with matplotlib) into --output-dir.
+The JSON and Markdown are rewritten after every finished setting of every model, marked partial
+("complete": false, and which models/settings are done and which are not) until the last one; the plot
+is drawn when the run completes. A model that fails stops the run with its error, and what was done
+before stays in the report.
 """
 
 import argparse
@@ -42,7 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=float, help="at most this many examples per task (a fraction when < 1); for tests")
     p.add_argument("--calibration-data", help="indexed dataset prefix (PREFIX.bin/.idx) for +gptq calibration")
     p.add_argument("--calibration-documents", default="0:1", help="fraction range LO:HI of its documents (default 0:1)")
-    p.add_argument("--calibration-windows", type=int, default=16, help="GPTQ calibration sequences (default 16)")
+    p.add_argument("--calibration-windows", type=int, default=16,
+                   help="GPTQ calibration sequences (default 16); refused when --calibration-documents hold fewer")
     p.add_argument("--seq-length", type=int, help="calibration sequence length (default: the model's)")
     p.add_argument("--no-plots", action="store_true")
     return p.parse_args(argv)
@@ -71,8 +76,8 @@ def main(argv=None) -> int:
 def _check(args):
     """Everything that can be refused, before any model is loaded."""
     from megatron_osp.analysis.downstream import check_model_path, check_tasks, parse_tasks, require_harness
-    from megatron_osp.analysis.evaluation import parse_document_range
-    from megatron_osp.analysis.loading import check_group_sizes
+    from megatron_osp.analysis.evaluation import check_window_count, parse_document_range
+    from megatron_osp.analysis.loading import check_group_sizes, config_facts
     from megatron_osp.analysis.quantization import parse_setting
 
     settings = [parse_setting(s) for s in args.settings.split(",") if s.strip()]
@@ -99,10 +104,13 @@ def _check(args):
         for ext in (".bin", ".idx"):
             if not Path(args.calibration_data + ext).exists():
                 raise FileNotFoundError(f"--calibration-data: {args.calibration_data + ext} does not exist")
-        parse_document_range(args.calibration_documents)
+        docs = parse_document_range(args.calibration_documents)
     for m in args.models:
         check_model_path(m)
         check_group_sizes(m, settings)
+        if any(s.gptq for s in settings):  # each model's calibration windows are of its sequence length
+            check_window_count(args.calibration_data, args.seq_length or config_facts(m)[0],
+                               args.calibration_windows, docs, "--calibration-windows")
     require_harness()
     specs = parse_tasks(args.tasks)
     tm = check_tasks(specs, args.include_path)
@@ -120,14 +128,21 @@ def _run(args) -> int:
     from megatron_osp.analysis.downstream import evaluate_downstream, load_eval_model
     from megatron_osp.analysis.downstream_report import format_markdown, write_report
     from megatron_osp.analysis.evaluation import check_token_ids, load_token_windows, parse_document_range
+    from megatron_osp.analysis.report_progress import ReportProgress
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    import lm_eval
+
+    meta = {"harness": f"lm-evaluation-harness {getattr(lm_eval, '__version__', '?')}",
+            "tasks": ", ".join(s.label for s in specs), "settings": ", ".join(s.name for s in settings),
+            "device": device, "dtype": args.dtype, "batch_size": args.batch_size, "limit": limit}
     bar = _progress(len(args.models) * len(settings) * len(specs))
     log = bar.write if bar is not None else print
+    progress = ReportProgress(args.models, [s.name for s in settings])
     results = []
     for i, path in enumerate(args.models):
         log(f"== {path}")
@@ -150,11 +165,19 @@ def _run(args) -> int:
                 log(f"  {label}: {setting:<14} {task:<16} {res['score_metric']} {score} ({res['seconds']:.1f}s)")
 
             t0 = time.perf_counter()
+
+            def on_setting(setting, res, i=i, path=path):  # the report so far, marked partial until the last one
+                res["path"] = str(path)
+                res["seconds"] = time.perf_counter() - t0
+                if not any(r is res for r in results):
+                    results.append(res)
+                progress.mark(i, setting)
+                if not progress.complete:
+                    write_report(results, args.output_dir, meta, plots=False, log=log, progress=progress.status())
+
             res = evaluate_downstream(em, settings, specs, tm, batch_size=args.batch_size, limit=limit,
-                                      calibration=calib, on_task=on_task)
-            res["path"] = str(path)
+                                      calibration=calib, on_task=on_task, on_setting=on_setting)
             res["seconds"] = time.perf_counter() - t0
-            results.append(res)
         finally:
             em.close()
         del em
@@ -162,14 +185,9 @@ def _run(args) -> int:
             torch.cuda.empty_cache()
     if bar is not None:
         bar.close()
-    import lm_eval
-
-    meta = {"harness": f"lm-evaluation-harness {getattr(lm_eval, '__version__', '?')}",
-            "tasks": ", ".join(s.label for s in specs), "settings": ", ".join(s.name for s in settings),
-            "device": device, "dtype": args.dtype, "batch_size": args.batch_size, "limit": limit}
     print()
-    print(format_markdown(results, meta))
-    paths = write_report(results, args.output_dir, meta, plots=not args.no_plots)
+    print(format_markdown(results, meta, progress.status()))
+    paths = write_report(results, args.output_dir, meta, plots=not args.no_plots, progress=progress.status())
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 

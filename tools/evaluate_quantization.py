@@ -11,6 +11,11 @@ else to the last 5% of the documents (``--documents LO:HI`` to choose). Writes q
 quantization.md, kurtosis_per_layer.png and perplexity_vs_bits.png into --output-dir. The report ends
 with a per-role table of 4-bit weight rounding (perplexity with one role rounded, the relative weight
 and output errors, the inputs' gain, the stable rank: megatron_osp/analysis/weight_error.py).
+
+The JSON and Markdown are rewritten after every finished setting (and weight-rounding table) of every
+model, marked partial ("complete": false, and which models/settings are done and which are not) until
+the last one; the plots are drawn when the run completes. A model that fails stops the run with its
+error, and what was done before stays in the report.
 """
 
 import argparse
@@ -28,11 +33,14 @@ def parse_args(argv=None):
     p.add_argument("--data", required=True, help="held-out indexed dataset prefix (PREFIX.bin / PREFIX.idx)")
     p.add_argument("--documents", help="fraction range LO:HI of the documents (default: the run's validation split)")
     p.add_argument("--seq-length", type=int, help="tokens per sequence (default: the model's training length)")
-    p.add_argument("--num-windows", type=int, default=64, help="held-out sequences to evaluate (default 64)")
+    p.add_argument("--num-windows", type=int, default=64,
+                   help="held-out sequences to evaluate, at most (default 64; fewer when the held-out documents "
+                        "hold fewer: the report's meta.sequences says how many)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--settings", nargs="+", help="W-A-KV settings, e.g. fp 4-4-4 4-8-8 4-4-4+had 4-4-4+quarot 4-4-4+gptq")
     p.add_argument("--calibration-windows", type=int, default=16,
-                   help="GPTQ calibration sequences, taken from the training share of the documents (default 16)")
+                   help="GPTQ calibration sequences, taken from the training share of the documents (default "
+                        "16); refused when those documents hold fewer")
     p.add_argument("--stats-windows", type=int, default=8, help="sequences for the activation statistics (default 8)")
     p.add_argument("--weight-error-windows", type=int, default=8,
                    help="sequences for the per-role weight-rounding table (inputs of each linear; the role "
@@ -83,9 +91,12 @@ def _run(args) -> int:
         warnings.filterwarnings("ignore", message=pattern)
     import torch
 
-    from megatron_osp.analysis.evaluation import check_token_ids, load_token_windows, parse_document_range
-    from megatron_osp.analysis.loading import check_group_sizes, load_for_analysis
-    from megatron_osp.analysis.quant_report import DEFAULT_SETTINGS, evaluate_model, format_table, write_report
+    from megatron_osp.analysis.evaluation import (check_token_ids, check_window_count, load_token_windows,
+                                                  parse_document_range)
+    from megatron_osp.analysis.loading import check_group_sizes, config_facts, load_for_analysis
+    from megatron_osp.analysis.quant_report import (DEFAULT_SETTINGS, WEIGHT_ROUNDING, evaluate_model, format_table,
+                                                    with_fp, write_report)
+    from megatron_osp.analysis.report_progress import ReportProgress
     from megatron_osp.analysis.quantization import parse_setting
     from megatron_osp.analysis.weight_error import roles_of
 
@@ -114,69 +125,82 @@ def _run(args) -> int:
             if not Path(path).exists():
                 raise FileNotFoundError(f"{path} does not exist")
             check_group_sizes(path, settings)
+        # The held-out and calibration windows come from the first model's config (its sequence length,
+        # its run's data.split): read before any model loads, so too few calibration windows is refused.
+        first_seq, first_split = config_facts(args.models[0])
+        seq = args.seq_length or first_seq
+        if args.documents:
+            held = parse_document_range(args.documents)
+            train_docs = (0.0, held[0]) if held[0] > 0 else None
+        elif first_split:
+            train_docs, held = _split_ranges(first_split)
+        else:
+            held, train_docs = (0.95, 1.0), (0.0, 0.95)
+        if any(s.gptq for s in settings):
+            if train_docs is None:
+                raise ValueError("GPTQ needs calibration documents outside the held-out range")
+            check_window_count(args.data, seq, args.calibration_windows, train_docs, "--calibration-windows")
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
 
-    results, meta = [], None
-    windows = calib = None
+    windows = load_token_windows(args.data, seq, args.num_windows, documents=held)
+    calib = None
+    if any(s.gptq for s in settings):
+        calib = load_token_windows(args.data, seq, args.calibration_windows, documents=train_docs)
+    meta = {
+        "data": args.data,
+        "documents": f"{held[0]}:{held[1]}",
+        "sequences": int(windows.shape[0]),
+        "seq_length": seq,
+        "tokens": int(windows.shape[0] * seq),
+        "device": device,
+        "dtype": args.dtype,
+        "settings": [s.name for s in settings],
+    }
+    print(f"held-out: {windows.shape[0]} x {seq} tokens from documents {held[0]}:{held[1]} of {args.data}")
+    units = [s.name for s in with_fp(settings)] + ([WEIGHT_ROUNDING] if args.weight_error_windows > 0 else [])
+    progress = ReportProgress(args.models, units)
+    results = []
     for i, path in enumerate(args.models):
         label = args.labels[i] if args.labels else None
         print(f"== {path}", flush=True)
         loaded = load_for_analysis(path, device=device, dtype=dtype, label=label)
         if any(r["label"] == loaded.label for r in results):  # default labels (optimizer/norms, directory name)
             loaded.label = f"{loaded.label} ({path})"  # the plots would draw only one of the two
-        if windows is None:
-            seq = args.seq_length or loaded.seq_length
-            if args.documents:
-                held = parse_document_range(args.documents)
-                train_docs = (0.0, held[0]) if held[0] > 0 else None
-            elif loaded.data_split:
-                train_docs, held = _split_ranges(loaded.data_split)
-            else:
-                held, train_docs = (0.95, 1.0), (0.0, 0.95)
-            windows = load_token_windows(args.data, seq, args.num_windows, documents=held)
-            if any(s.gptq for s in settings):
-                if train_docs is None:
-                    raise ValueError("GPTQ needs calibration documents outside the held-out range")
-                calib = load_token_windows(args.data, seq, args.calibration_windows, documents=train_docs)
-            meta = {
-                "data": args.data,
-                "documents": f"{held[0]}:{held[1]}",
-                "sequences": int(windows.shape[0]),
-                "seq_length": seq,
-                "tokens": int(windows.shape[0] * seq),
-                "device": device,
-                "dtype": args.dtype,
-                "settings": [s.name for s in settings],
-            }
-            print(f"held-out: {windows.shape[0]} x {seq} tokens from documents {held[0]}:{held[1]} of {args.data}")
         check_token_ids(loaded.model, windows, f"{loaded.label}: --data {args.data}")
         check_token_ids(loaded.model, calib, f"{loaded.label}: the GPTQ calibration windows of --data {args.data}")
         passes = len(settings) + (len(roles_of(loaded.model)) if args.weight_error_windows > 0 else 0)
         bar = _progress(passes * windows.shape[0], loaded.label)
+
+        def on_unit(unit, res, i=i, path=path):  # the report so far, marked partial until the last unit
+            res["path"] = str(path)
+            if not any(r is res for r in results):
+                results.append(res)
+            progress.mark(i, unit)
+            if not progress.complete:
+                write_report(results, args.output_dir, meta, plots=False, progress=progress.status())
+
         t0 = time.perf_counter()
-        res = evaluate_model(
+        evaluate_model(
             loaded.model, loaded.label, windows, settings,
             batch_size=args.batch_size, stats_windows=args.stats_windows, calibration=calib,
             weight_error_bits=args.weight_error_bits, weight_error_windows=args.weight_error_windows,
             progress=(bar.update if bar is not None else None),
-            log=(bar.write if bar is not None else print),
+            log=(bar.write if bar is not None else print), on_unit=on_unit,
         )
         if bar is not None:
             bar.close()
-        res["path"] = str(path)
         print(f"  done in {time.perf_counter() - t0:.1f}s", flush=True)
-        results.append(res)
         del loaded
         if device == "cuda":
             torch.cuda.empty_cache()
 
     print()
     print(format_table(results))
-    paths = write_report(results, args.output_dir, meta, plots=not args.no_plots)
+    paths = write_report(results, args.output_dir, meta, plots=not args.no_plots, progress=progress.status())
     print("\nwrote " + ", ".join(str(p) for p in paths))
     return 0
 

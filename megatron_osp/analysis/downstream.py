@@ -312,9 +312,11 @@ def evaluate_task(lm, spec: TaskSpec, tm, limit=None, keep_loglikelihoods=False)
 
 def evaluate_downstream(em: EvalModel, settings, specs: list[TaskSpec], tm, batch_size: int = 8, limit=None,
                         calibration=None, keep_loglikelihoods: bool = False,
-                        on_task: Callable[[str, str, dict], None] | None = None) -> dict:
+                        on_task: Callable[[str, str, dict], None] | None = None,
+                        on_setting: Callable[[str, dict], None] | None = None) -> dict:
     """``{"label", "kind", "settings": {setting: {"tasks": {task: ...}, "average"}}}`` for one model;
-    each setting is applied in place with ``evaluation.apply_setting`` and undone afterwards."""
+    each setting is applied in place with ``evaluation.apply_setting`` and undone afterwards.
+    ``on_setting(name, result)``: after each setting, with the result so far (the same dict, summarized)."""
     from lm_eval.models.huggingface import HFLM
 
     from megatron_osp.analysis.evaluation import apply_setting, check_settings, check_token_ids
@@ -337,6 +339,8 @@ def evaluate_downstream(em: EvalModel, settings, specs: list[TaskSpec], tm, batc
                     on_task(setting.name, spec.name, tasks[spec.name])
         scores = [t["score"] for t in tasks.values() if t["score"] is not None]
         res["settings"][setting.name] = {"tasks": tasks, "average": sum(scores) / len(scores) if scores else None}
+        if on_setting is not None:
+            on_setting(setting.name, summarize(res))
     return summarize(res)
 
 

@@ -1,11 +1,13 @@
 """The downstream report: per task score ± standard error, the average and the drop from fp, models
 side by side (one column per model and setting), as JSON + Markdown (+ a PNG bar chart of the
-averages when matplotlib is installed), each written atomically."""
+averages when matplotlib is installed), each written atomically. A report written before the run ends
+(``progress``, report_progress.py) says so in both files and lists what is missing."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from megatron_osp.analysis.report_progress import markdown_line
 from megatron_osp.fileio import atomic_write_json, atomic_write_text
 
 __all__ = ["format_markdown", "write_report", "columns"]
@@ -26,13 +28,14 @@ def _cell(t: dict | None) -> str:
     return _pct(t["score"]) + err
 
 
-def format_markdown(results: list[dict], meta: dict | None = None) -> str:
+def format_markdown(results: list[dict], meta: dict | None = None, progress: dict | None = None) -> str:
+    """``progress``: ReportProgress.status() of the run (None: complete)."""
     cols = columns(results)
     tasks = list(dict.fromkeys(t for r in results for s in r["settings"].values() for t in s["tasks"]))
     head = ["task (metric)"] + [f"{r['label']} {s}" for r, s in cols]
     esc = lambda c: str(c).replace("|", "\\|")  # noqa: E731
     row = lambda cells: "| " + " | ".join(esc(c) for c in cells) + " |"  # noqa: E731
-    out = ["# Downstream evaluation", ""]
+    out = ["# Downstream evaluation", "", markdown_line(progress), ""]
     if meta:
         out += [f"- {k}: {v}" for k, v in meta.items()] + [""]
     out += ["Scores in percent ± the harness's standard error; the average is over the tasks' scores "
@@ -56,15 +59,19 @@ def format_markdown(results: list[dict], meta: dict | None = None) -> str:
 
 
 def write_report(results: list[dict], output_dir, meta: dict | None = None, plots: bool = True,
-                 log=print) -> list[Path]:
-    """``downstream.json``, ``downstream.md`` and (with matplotlib) ``downstream_average.png``."""
+                 log=print, progress: dict | None = None) -> list[Path]:
+    """``downstream.json``, ``downstream.md`` and (with matplotlib) ``downstream_average.png``.
+    ``progress`` (ReportProgress.status()) marks a report of a run that has not finished:
+    ``"complete": false`` in the JSON, a line in the Markdown; None: complete."""
     from megatron_osp.analysis.plots import plot_downstream_average, plots_available
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "downstream.json", out / "downstream.md"]
-    atomic_write_json(paths[0], {"meta": meta or {}, "models": results})
-    atomic_write_text(paths[1], format_markdown(results, meta))
+    if progress is not None and not progress["complete"]:  # the plot is drawn at the end, not an earlier run's
+        (out / "downstream_average.png").unlink(missing_ok=True)
+    atomic_write_json(paths[0], {**(progress or {"complete": True}), "meta": meta or {}, "models": results})
+    atomic_write_text(paths[1], format_markdown(results, meta, progress))
     if plots:
         if not plots_available():
             log(f"no plot in {out}: matplotlib is not installed (pip install -e \".[plots]\")")

@@ -40,6 +40,7 @@ __all__ = [
     "evaluate_settings",
     "check_settings",
     "check_token_ids",
+    "check_window_count",
     "PerplexityResult",
 ]
 
@@ -92,6 +93,20 @@ def load_token_windows(
             f"{window} (seq_length + 1)"
         )
     return torch.from_numpy(tokens[: n * window].reshape(n, window).copy())
+
+
+def check_window_count(prefix: str, seq_length: int, num_windows: int, documents: tuple[float, float],
+                       option: str) -> None:
+    """ValueError naming ``option`` when the documents hold fewer than ``num_windows`` windows of
+    ``seq_length + 1`` tokens (``load_token_windows`` would return fewer); reads only the index."""
+    from megatron_osp.data.indexed import IndexedDataset
+
+    ds = IndexedDataset(prefix)
+    lo, hi = int(round(documents[0] * len(ds))), int(round(documents[1] * len(ds)))
+    have = int(ds.sequence_lengths[lo:hi].sum(dtype=np.int64)) // (seq_length + 1)
+    if have < num_windows:
+        raise ValueError(f"{option} {num_windows}: documents {lo}..{hi - 1} of {prefix} hold only {have} windows "
+                         f"of {seq_length + 1} tokens (seq_length + 1); ask for at most {have} or give more data")
 
 
 @dataclass

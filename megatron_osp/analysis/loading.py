@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["LoadedModel", "load_for_analysis", "describe_run", "linear_input_widths", "check_group_sizes"]
+__all__ = ["LoadedModel", "load_for_analysis", "describe_run", "linear_input_widths", "check_group_sizes",
+           "config_facts"]
 
 
 @dataclass
@@ -103,6 +104,26 @@ def linear_input_widths(path: str) -> dict[str, int]:
         p = p / "checkpoints"
     m = read_run_config(p).model
     return {"qkv/fc1": m.hidden_size, "o_proj": m.hidden_size, "down_proj": m.ffn_hidden_size}
+
+
+def config_facts(path: str) -> tuple[int, str | None]:
+    """(sequence length, the run's data.split or None) from a model's config alone, as
+    ``load_for_analysis`` will report them (``seq_length``, ``data_split``), before any weight loads."""
+    import json
+
+    p = Path(path)
+    if (p / "config.json").exists():
+        try:
+            cfg = json.loads((p / "config.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{p / 'config.json'} is not valid JSON ({e})") from None
+        return int(cfg.get("max_position_embeddings", 2048)), None
+    from megatron_osp.training.checkpoint import read_run_config
+
+    if (p / "checkpoints").is_dir() and not (p / "latest").exists():
+        p = p / "checkpoints"
+    run = read_run_config(p)
+    return run.model.seq_length, getattr(run.data, "split", None)
 
 
 def check_group_sizes(path: str, settings) -> None:

@@ -3,7 +3,8 @@
 ``evaluate_model`` measures one loaded model (activation statistics on the first held-out windows,
 then perplexity under every setting); ``format_table`` / ``format_markdown`` lay several models out
 side by side with the degradation ``ppl(setting) - ppl(fp)``; ``write_report`` saves JSON + Markdown
-atomically and draws the two PNG figures.
+atomically and draws the two PNG figures. A report written before the run ends (``progress``: after each
+setting and weight-rounding table, report_progress.py) says so in both files and lists what is missing.
 """
 
 from __future__ import annotations
@@ -21,13 +22,23 @@ from megatron_osp.analysis.evaluation import check_settings, check_token_ids, ev
 from megatron_osp.analysis.gptq import iterate_batches
 from megatron_osp.analysis.model_parts import logits, model_parts
 from megatron_osp.analysis.quantization import QuantSetting, parse_setting
+from megatron_osp.analysis.report_progress import markdown_line
 from megatron_osp.analysis.weight_error import weight_error_report
 from megatron_osp.fileio import atomic_write_json, atomic_write_text
 
-__all__ = ["DEFAULT_SETTINGS", "evaluate_model", "format_table", "format_markdown", "write_report"]
+__all__ = ["DEFAULT_SETTINGS", "WEIGHT_ROUNDING", "with_fp", "evaluate_model", "format_table", "format_markdown",
+           "write_report"]
 
 # The paper's table: full precision, the four W-A-KV settings, then the fixes at 4-4-4.
 DEFAULT_SETTINGS = ["fp", "8-8-8", "4-16-16", "4-8-8", "4-4-4", "4-4-4+had", "4-4-4+gptq", "4-4-4+quarot"]
+# The name of the per-role weight-rounding table as a unit of work (after the settings).
+WEIGHT_ROUNDING = "weight rounding"
+
+
+def with_fp(settings: list[QuantSetting | str]) -> list[QuantSetting]:
+    """The settings evaluate_model runs, in order: full precision first unless it is among them."""
+    settings = [parse_setting(s) if isinstance(s, str) else s for s in settings]
+    return settings if any(s.name == "fp" for s in settings) else [QuantSetting()] + settings
 
 
 def evaluate_model(
@@ -42,14 +53,15 @@ def evaluate_model(
     log: Callable[[str], None] = print,
     weight_error_bits: int = 4,
     weight_error_windows: int = 8,
+    on_unit: Callable[[str, dict], None] | None = None,
 ) -> dict:
     """One model's results: ``{"label", "kurtosis": {...}, "activation_stats": {...}, "perplexity": {...},
     "weight_error": {...}}``; the last (weight_error.py: which roles' rounding costs what, and why) is
-    measured at ``weight_error_bits`` on ``weight_error_windows`` windows, and skipped when that is 0."""
+    measured at ``weight_error_windows`` windows, and skipped when that is 0. ``on_unit(name, result)``
+    is called after each setting (its name) and the weight-rounding table (``WEIGHT_ROUNDING``) with the
+    result so far (the same dict, filled in)."""
     parts = model_parts(model)
-    settings = [parse_setting(s) if isinstance(s, str) else s for s in settings]
-    if not any(s.name == "fp" for s in settings):
-        settings = [QuantSetting()] + settings
+    settings = with_fp(settings)
     check_settings(parts, settings, label)
     check_token_ids(parts, windows, f"{label}: the held-out windows")
     if any(s.gptq for s in settings):
@@ -70,31 +82,44 @@ def evaluate_model(
     }
     linear = stats.of_kind("linear_input")
     kurt["gaussian_floor"] = gaussian_floor(parts.hidden_size)
+    result = {
+        "label": label,
+        "kurtosis": kurt,
+        "weight_error": None,
+        "linear_input_kurtosis_max": max(p.kurtosis for p in linear),
+        "linear_input_max_abs": max(p.max_abs for p in linear),
+        "activation_stats": stats.to_dict(),
+        "perplexity": {},
+        "nll": {},
+        "eval_tokens": None,
+        "seconds": 0.0,
+    }
+
+    def finished(unit: str) -> None:
+        result["seconds"] = time.perf_counter() - t0
+        if on_unit is not None:
+            on_unit(unit, result)
 
     def done(setting, res):
         log(f"  {label}: {setting.name:<16} ppl {res.perplexity:.4g}")
+        result["perplexity"][setting.name] = res.perplexity
+        result["nll"][setting.name] = res.nll
+        if result["eval_tokens"] is None:
+            result["eval_tokens"] = res.tokens
+        finished(setting.name)
 
-    results = evaluate_settings(
+    evaluate_settings(
         parts, windows, settings, batch_size=batch_size, calibration=calibration, on_done=done, progress=progress
     )
-    weight_error = None
     if weight_error_windows > 0:
         weight_error = weight_error_report(parts, windows, weight_error_bits, batch_size=batch_size,
                                            input_windows=weight_error_windows, progress=progress)
         log(f"  {label}: weight rounding at {weight_error_bits} bits, one role at a time: "
             + ", ".join(f"{role} ppl {r['ppl']:.4g}" for role, r in weight_error["roles"].items()))
-    return {
-        "label": label,
-        "kurtosis": kurt,
-        "weight_error": weight_error,
-        "linear_input_kurtosis_max": max(p.kurtosis for p in linear),
-        "linear_input_max_abs": max(p.max_abs for p in linear),
-        "activation_stats": stats.to_dict(),
-        "perplexity": {name: r.perplexity for name, r in results.items()},
-        "nll": {name: r.nll for name, r in results.items()},
-        "eval_tokens": next(iter(results.values())).tokens,
-        "seconds": time.perf_counter() - t0,
-    }
+        result["weight_error"] = weight_error
+        finished(WEIGHT_ROUNDING)
+    result["seconds"] = time.perf_counter() - t0
+    return result
 
 
 def gaussian_floor(hidden_size: int, tokens: int = 16384, seed: int = 0) -> float:
@@ -112,17 +137,23 @@ def _fmt(v: float) -> str:
     return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
 
 
+def _delta(ppl: dict, s: str) -> str:
+    if s not in ppl or "fp" not in ppl:  # not evaluated (yet): a partial report
+        return "–"
+    d = ppl[s] - ppl["fp"]
+    return ("+" if d >= 0 else "") + _fmt(d)
+
+
 def _rows(results: list[dict]) -> tuple[list[str], list[list[str]]]:
-    settings = list(results[0]["perplexity"].keys())
+    settings = list(dict.fromkeys(s for r in results for s in r["perplexity"]))
     header = ["model", "kurt. mean", "kurt. max", "max |act|"] + [f"ppl {s}" for s in settings]
     header += [f"Δ {s}" for s in settings if s != "fp"]
     rows = []
     for r in results:
         ppl = r["perplexity"]
-        fp = ppl["fp"]
         row = [r["label"], f"{r['kurtosis']['mean']:.4f}", f"{r['kurtosis']['max']:.4f}", _fmt(max(r["kurtosis"]["max_abs"]))]
-        row += [_fmt(ppl.get(s, float("nan"))) for s in settings]
-        row += [("+" if ppl.get(s, math.nan) - fp >= 0 else "") + _fmt(ppl.get(s, math.nan) - fp) for s in settings if s != "fp"]
+        row += [_fmt(ppl[s]) if s in ppl else "–" for s in settings]
+        row += [_delta(ppl, s) for s in settings if s != "fp"]
         rows.append(row)
     return header, rows
 
@@ -135,9 +166,10 @@ def format_table(results: list[dict]) -> str:
     return "\n".join([fmt(header), "-" * len(fmt(header))] + [fmt(r) for r in rows])
 
 
-def format_markdown(results: list[dict], meta: dict | None = None) -> str:
+def format_markdown(results: list[dict], meta: dict | None = None, progress: dict | None = None) -> str:
+    """``progress``: ReportProgress.status() of the run (None: complete)."""
     header, rows = _rows(results)
-    out = ["# Quantization evaluation", ""]
+    out = ["# Quantization evaluation", "", markdown_line(progress), ""]
     if meta:
         out += [f"- {k}: {v}" for k, v in meta.items()] + [""]
     cell = lambda c: c.replace("|", "\\|")  # noqa: E731  (a bare | would split the Markdown cell)
@@ -185,14 +217,20 @@ def _weight_error_markdown(results: list[dict]) -> list[str]:
     return out
 
 
-def write_report(results: list[dict], output_dir: str | Path, meta: dict | None = None, plots: bool = True) -> list[Path]:
+def write_report(results: list[dict], output_dir: str | Path, meta: dict | None = None, plots: bool = True,
+                 progress: dict | None = None) -> list[Path]:
     """``quantization.json``, ``quantization.md`` and (with ``plots``, and matplotlib installed) the
-    two PNGs; returns the paths."""
+    two PNGs; returns the paths. ``progress`` (ReportProgress.status()) marks a report of a run that
+    has not finished: ``"complete": false`` in the JSON, a line in the Markdown; None: complete."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "quantization.json", out / "quantization.md"]
-    atomic_write_json(paths[0], {"meta": meta or {}, "models": results})
-    atomic_write_text(paths[1], format_markdown(results, meta))
+    status = progress or {"complete": True}
+    if not status["complete"]:  # plots are drawn at the end: an earlier run's would sit beside this report
+        for png in ("kurtosis_per_layer.png", "perplexity_vs_bits.png"):
+            (out / png).unlink(missing_ok=True)
+    atomic_write_json(paths[0], {**status, "meta": meta or {}, "models": results})
+    atomic_write_text(paths[1], format_markdown(results, meta, progress))
     if plots:
         from megatron_osp.analysis.plots import plot_kurtosis_per_layer, plot_perplexity_vs_bits, plots_available
 

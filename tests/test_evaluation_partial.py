@@ -1,0 +1,82 @@
+"""tools/evaluate_quantization.py keeps what it has done: the report is rewritten after every finished
+(model, setting) unit, marked partial, so a model that fails (here: damaged weights) stops the run
+with its error but leaves the earlier models' results on disk, equal to what a complete run writes.
+Too many --calibration-windows is refused before any model loads. On tiny saved HF Llamas, in-process.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from test_quantization import _tiny_llama
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+
+
+def _without_seconds(model: dict) -> dict:
+    return {k: v for k, v in model.items() if k != "seconds"}
+
+
+def test_a_failing_model_leaves_the_earlier_ones_in_a_partial_report(tmp_path, capsys):
+    import evaluate_quantization
+
+    from megatron_osp.data.indexed import IndexedDatasetWriter
+
+    _tiny_llama(0).save_pretrained(tmp_path / "good")
+    _tiny_llama(1).save_pretrained(tmp_path / "bad")
+    weights = tmp_path / "bad" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a download cut short
+    rng = np.random.default_rng(0)
+    with IndexedDatasetWriter(tmp_path / "held") as writer:
+        for _ in range(10):
+            writer.add_document(rng.integers(0, 96, 40))
+    common = ["--data", str(tmp_path / "held"), "--seq-length", "8", "--num-windows", "2", "--batch-size", "2",
+              "--documents", "0.5:1", "--device", "cpu", "--settings", "fp", "4-4-4", "--stats-windows", "1",
+              "--weight-error-windows", "1", "--no-plots"]
+    good, bad = str(tmp_path / "good"), str(tmp_path / "bad")
+
+    (tmp_path / "partial").mkdir()
+    (tmp_path / "partial" / "perplexity_vs_bits.png").write_bytes(b"an earlier run's plot")
+    rc = evaluate_quantization.main([good, bad, *common, "--output-dir", str(tmp_path / "partial")])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"error: {bad}: its safetensors weights cannot be read" in err, err  # the error, as before
+    partial = json.loads((tmp_path / "partial" / "quantization.json").read_text())
+    assert partial["complete"] is False
+    assert partial["progress"] == [
+        {"model": good, "done": ["fp", "4-4-4", "weight rounding"], "pending": []},
+        {"model": bad, "done": [], "pending": ["fp", "4-4-4", "weight rounding"]},
+    ]
+    md = (tmp_path / "partial" / "quantization.md").read_text()
+    assert "**Partial report**" in md and f"Not done: {bad} (fp, 4-4-4, weight rounding)" in md, md
+    assert "| good |" in md
+    assert not (tmp_path / "partial" / "perplexity_vs_bits.png").exists()  # plots come with the complete report
+
+    assert evaluate_quantization.main([good, *common, "--output-dir", str(tmp_path / "full")]) == 0
+    full = json.loads((tmp_path / "full" / "quantization.json").read_text())
+    assert full["complete"] is True and full["progress"][0]["pending"] == []
+    assert "Complete:" in (tmp_path / "full" / "quantization.md").read_text()
+    assert [_without_seconds(m) for m in partial["models"]] == [_without_seconds(m) for m in full["models"]]
+    assert partial["meta"] == full["meta"]
+
+
+def test_too_many_calibration_windows_are_refused_before_any_model_loads(tmp_path, capsys):
+    """GPTQ used to calibrate on fewer sequences than --calibration-windows asked for, without a word,
+    when the calibration documents held fewer."""
+    import evaluate_quantization
+
+    from megatron_osp.data.indexed import IndexedDatasetWriter
+
+    _tiny_llama(0).save_pretrained(tmp_path / "m")
+    with IndexedDatasetWriter(tmp_path / "held") as writer:
+        for _ in range(10):
+            writer.add_document(np.arange(40) % 96)
+    rc = evaluate_quantization.main([str(tmp_path / "m"), "--data", str(tmp_path / "held"), "--seq-length", "8",
+                                     "--documents", "0.5:1", "--settings", "fp", "4-4-4+gptq", "--device", "cpu",
+                                     "--calibration-windows", "30", "--output-dir", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    # documents 0..4 (the share before the held-out 0.5:1) hold 200 tokens: 22 windows of 9
+    assert rc == 2 and "== " not in out, out
+    assert f"--calibration-windows 30: documents 0..4 of {tmp_path / 'held'} hold only 22 windows of 9" in err, err
+    assert not (tmp_path / "out").exists()
