@@ -14,7 +14,6 @@ import importlib
 import inspect
 import json
 import os
-import re
 import sysconfig
 import warnings
 from pathlib import Path
@@ -122,17 +121,6 @@ def iter_documents(min_chars: int = 200, include_source: bool = False):
                 yield text
 
 
-def _remove_stale_temporaries(output: Path) -> None:
-    """Remove ``<output>.tmp<pid>`` files that a write killed midway left (their process is gone)."""
-    from megatron_osp.data.shardset import pid_alive
-
-    stale = re.compile(rf"^{re.escape(output.name)}\.tmp(\d+)$")
-    for p in output.parent.iterdir():
-        m = stale.match(p.name)
-        if m and p.is_file() and not pid_alive(int(m.group(1))):
-            p.unlink(missing_ok=True)
-
-
 def write_corpus(
     output: str | os.PathLike,
     max_documents: int | None = None,
@@ -148,7 +136,9 @@ def write_corpus(
     if output.is_dir():
         raise IsADirectoryError(21, "Is a directory (give the corpus file to write)", str(output))
     output.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(output)
+    from megatron_osp.data.shardset import remove_stale_temporaries
+
+    remove_stale_temporaries(output.parent, output.name)
     tmp = output.with_name(output.name + f".tmp{os.getpid()}")
     n_docs = n_chars = 0
     try:

@@ -58,6 +58,16 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def remove_stale_temporaries(directory: Path, name: str, suffix: str = "") -> None:
+    """Remove the files ``<name>.tmp<pid><suffix>`` in ``directory`` (``suffix`` a regex) whose writing
+    process is gone: what a write killed midway left."""
+    stale = re.compile(rf"^{re.escape(name)}\.tmp(\d+){suffix}$")
+    for p in Path(directory).iterdir():
+        m = stale.match(p.name)
+        if m and p.is_file() and not pid_alive(int(m.group(1))):
+            p.unlink(missing_ok=True)
+
+
 def read_manifest(family: str) -> dict:
     """The manifest of ``family``, checked for form; errors name the file."""
     path = manifest_path(family)

@@ -69,17 +69,6 @@ def _check_writable(directory: Path) -> None:
         pass
 
 
-def _clean_stale(output_prefix: Path) -> None:
-    """Remove ``PREFIX.tmp<pid>.{model,vocab}`` left by a training run that was killed while writing."""
-    from megatron_osp.data.shardset import pid_alive
-
-    stale = re.compile(rf"^{re.escape(output_prefix.name)}\.tmp(\d+)\.(model|vocab)$")
-    for p in output_prefix.parent.iterdir():
-        m = stale.match(p.name)
-        if m and not pid_alive(int(m.group(1))):
-            p.unlink(missing_ok=True)
-
-
 def train_sentencepiece(
     input_jsonl: str | os.PathLike,
     output_prefix: str | os.PathLike,
@@ -110,7 +99,9 @@ def train_sentencepiece(
     if sample_documents is not None and sample_documents < 1:
         raise ValueError(f"sample_documents must be >= 1, got {sample_documents}")
     _check_writable(output_prefix.parent)
-    _clean_stale(output_prefix)
+    from megatron_osp.data.shardset import remove_stale_temporaries
+
+    remove_stale_temporaries(output_prefix.parent, output_prefix.name, r"\.(model|vocab)")
     tmp_prefix = output_prefix.with_name(output_prefix.name + f".tmp{os.getpid()}")
     try:
         reading = _Reading(input_jsonl, json_key, sample_documents, skip_bad_records)
