@@ -118,9 +118,6 @@ def resolve_task(num_tasks: int | None, task_index: int | None, env=os.environ) 
     return task_index, num_tasks, source
 
 
-_sha256_file = shardset.sha256_file
-
-
 def _digest(data) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
@@ -139,7 +136,7 @@ def task_record(paths: list[str], index: int, count: int, tokenizer, tokenizer_f
     """This task's share of ``paths`` and the ``"array"`` record for its manifest."""
     records = file_records(paths)
     lo, hi = plan([r[1] for r in records], count)[index]
-    options = {"tokenizer_sha256": _sha256_file(tokenizer_file), "vocab_size": int(tokenizer.vocab_size),
+    options = {"tokenizer_sha256": shardset.sha256_file(tokenizer_file), "vocab_size": int(tokenizer.vocab_size),
                "eod": int(tokenizer.eod), "json_keys": list(json_keys), "append_eod": bool(append_eod)}
     run = {"options": options, "num_tasks": count, "input_count": len(records),
            "input_bytes": sum(r[1] for r in records), "inputs_sha256": _digest(records)}

@@ -133,7 +133,7 @@ def merge_tasks(prefix: str, output_prefix: str | None = None, num_tasks: int | 
     if tokenizer_model is not None:
         path = str(tokenizer_model)
         path = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
-        if array_tasks._sha256_file(path) != run["options"]["tokenizer_sha256"]:
+        if shardset.sha256_file(path) != run["options"]["tokenizer_sha256"]:
             raise ValueError(f"--tokenizer-model {tokenizer_model}: not the tokenizer the tasks used "
                              f"({run['tokenizer']}, sha256 {run['options']['tokenizer_sha256'][:12]})")
     families = {os.path.realpath(f) for f in found["families"]}
