@@ -93,7 +93,7 @@ done
 
 echo "== 4-bit evaluation on the held-out (validation) documents"
 python tools/evaluate_quantization.py "${DIRS[@]}" --labels "${LABELS[@]}" --data "$DATA" "${EVAL[@]}" \
-  --output-dir "$RUN_DIR/quantization"
+  --output-dir "$RUN_DIR/quantization" --resume  # a rerun keeps what was measured on the same checkpoints
 echo
 python tools/compare_runs.py "${DIRS[@]}" --quantization "$RUN_DIR/quantization/quantization.json" \
   --output "$RUN_DIR/comparison.txt"

@@ -348,14 +348,9 @@ def _without_seconds(value):
     return value
 
 
-def test_a_failing_model_leaves_the_earlier_ones_in_a_partial_report(models, tmp_path, monkeypatch, capsys):
-    """The report used to be written only at the end: a model that failed to load (here: its weights
-    cut short) lost every earlier model's scores. Now downstream.json/.md are rewritten after every
-    (model, setting), marked partial, and the failure still stops the run with its error. The harness
-    is not the subject (its TaskManager alone takes seconds): a task's score here is a function of the
-    quantized weights the harness model holds."""
-    import shutil
-
+def _fake_harness(monkeypatch):
+    """evaluate_downstream.py's module, with a task whose score is a function of the (quantized) weights
+    the harness model holds: the harness is not the subject (its TaskManager alone takes seconds)."""
     import megatron_osp.analysis.downstream as downstream
 
     sys.path.insert(0, str(REPO / "tools"))
@@ -369,6 +364,18 @@ def test_a_failing_model_leaves_the_earlier_ones_in_a_partial_report(models, tmp
 
     monkeypatch.setattr(downstream, "check_tasks", lambda *a, **k: None)
     monkeypatch.setattr(downstream, "evaluate_task", fake_task)
+    return evaluate_downstream
+
+
+def test_a_failing_model_leaves_the_earlier_ones_in_a_partial_report(models, tmp_path, monkeypatch, capsys):
+    """The report used to be written only at the end: a model that failed to load (here: its weights
+    cut short) lost every earlier model's scores. Now downstream.json/.md are rewritten after every
+    (model, setting), marked partial, and the failure still stops the run with its error. The harness
+    is not the subject (its TaskManager alone takes seconds): a task's score here is a function of the
+    quantized weights the harness model holds."""
+    import shutil
+
+    evaluate_downstream = _fake_harness(monkeypatch)
     bad = tmp_path / "bad"
     shutil.copytree(models["hf"], bad)
     weights = bad / "model.safetensors"
@@ -402,3 +409,46 @@ def test_a_failing_model_leaves_the_earlier_ones_in_a_partial_report(models, tmp
     out, err = capsys.readouterr()
     assert rc == 2 and "== " not in out + err, out + err
     assert f"--calibration-windows 41: documents 0..7 of {models['calib']} hold only 40 windows of 16" in err, err
+
+
+def test_an_earlier_report_is_kept_and_resumed(models, tmp_path, monkeypatch, capsys):
+    """A second run into the same --output-dir used to replace the earlier report as soon as it finished
+    its first setting. Now it is refused unless --overwrite; --resume keeps what the report holds and
+    evaluates only the rest, here after a damaged model was replaced, and gives the report a complete
+    run writes; a model whose kept results were made from other files is refused."""
+    import shutil
+
+    evaluate_downstream = _fake_harness(monkeypatch)
+    good, bad, out = models["hf"], tmp_path / "bad", tmp_path / "out"
+    shutil.copytree(good, bad)
+    weights = bad / "model.safetensors"
+    intact = weights.read_bytes()
+    weights.write_bytes(intact[: len(intact) // 2])
+    common = [str(good), str(bad), "--labels", "good,bad", "--tasks", "toy_mc,toy_gen", "--settings", "fp,4-4-4",
+              "--limit", "4", "--device", "cpu", "--no-plots"]
+    assert evaluate_downstream.main([*common, "--output-dir", str(out)]) == 2
+    partial = (out / "downstream.json").read_text()
+    capsys.readouterr()
+
+    assert evaluate_downstream.main([*common, "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'downstream.json'} already holds a partial report (2 of 4 units done)" in err, err
+    assert "--resume" in err and (out / "downstream.json").read_text() == partial
+    other = [("fp,8-8-8" if a == "fp,4-4-4" else a) for a in common]
+    assert evaluate_downstream.main([*other, "--output-dir", str(out), "--resume"]) == 2
+    assert "was made with options =" in capsys.readouterr().err
+
+    weights.write_bytes(intact)  # the damaged model is replaced: nothing of it was kept, so it may change
+    assert evaluate_downstream.main([*common, "--output-dir", str(out), "--resume"]) == 0
+    assert f"== {good}: done in the earlier run" in capsys.readouterr().out
+    resumed = json.loads((out / "downstream.json").read_text())
+    assert resumed["complete"] is True
+    assert resumed["models"][0] == json.loads(partial)["models"][0]  # kept as it was, seconds included
+    assert evaluate_downstream.main([*common, "--output-dir", str(tmp_path / "fresh")]) == 0
+    fresh = json.loads((tmp_path / "fresh" / "downstream.json").read_text())
+    assert _without_seconds(resumed["models"]) == _without_seconds(fresh["models"])
+
+    weights.write_bytes(intact)  # rewritten after its results were kept: resuming would mix two models
+    assert evaluate_downstream.main([*common, "--output-dir", str(out), "--resume"]) == 2
+    assert f"model 2 ({bad}) has changed since the report's results for it were made" in capsys.readouterr().err
+    assert evaluate_downstream.main([*common, "--output-dir", str(out), "--overwrite"]) == 0

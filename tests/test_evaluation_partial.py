@@ -80,3 +80,64 @@ def test_too_many_calibration_windows_are_refused_before_any_model_loads(tmp_pat
     assert rc == 2 and "== " not in out, out
     assert f"--calibration-windows 30: documents 0..4 of {tmp_path / 'held'} hold only 22 windows of 9" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_resume_evaluates_only_what_the_report_lacks(tmp_path, capsys):
+    """--resume keeps the settings a report holds (a sentinel perplexity stays as it was: not measured
+    again) and measures the rest, to the values a complete run gives; a run without --resume or
+    --overwrite leaves an earlier report alone; other options, or a model rewritten since, are refused."""
+    import evaluate_quantization
+
+    from megatron_osp.data.indexed import IndexedDatasetWriter
+
+    for seed in (0, 1):
+        _tiny_llama(seed).save_pretrained(tmp_path / f"m{seed}")
+    rng = np.random.default_rng(0)
+    with IndexedDatasetWriter(tmp_path / "held") as writer:
+        for _ in range(10):
+            writer.add_document(rng.integers(0, 96, 40))
+    common = [str(tmp_path / "m0"), str(tmp_path / "m1"), "--data", str(tmp_path / "held"), "--seq-length", "8",
+              "--num-windows", "2", "--batch-size", "2", "--documents", "0.5:1", "--device", "cpu", "--settings",
+              "fp", "4-4-4", "--stats-windows", "1", "--weight-error-windows", "1", "--no-plots"]
+    full_dir, out = tmp_path / "full", tmp_path / "out"
+    assert evaluate_quantization.main([*common, "--output-dir", str(full_dir)]) == 0
+    full = json.loads((full_dir / "quantization.json").read_text())
+
+    # what a run stopped after m0's fp leaves (m0: fp done; m1: nothing), with a sentinel fp perplexity
+    cut = json.loads(json.dumps(full))
+    m0 = cut["models"][0]
+    m0["perplexity"] = {"fp": 123.0}
+    m0["nll"] = {"fp": m0["nll"]["fp"]}
+    m0["weight_error"] = None
+    cut["models"] = [m0]
+    cut["complete"] = False
+    cut["progress"][0].update(done=["fp"], pending=["4-4-4", "weight rounding"])
+    cut["progress"][1].update(done=[], pending=["fp", "4-4-4", "weight rounding"])
+    out.mkdir()
+    (out / "quantization.json").write_text(json.dumps(cut))
+    capsys.readouterr()
+
+    assert evaluate_quantization.main([*common, "--output-dir", str(out)]) == 2
+    assert "already holds a partial report (1 of 6 units done)" in capsys.readouterr().err
+    assert json.loads((out / "quantization.json").read_text()) == cut
+    other = [("16" if a == "1" and common[i - 1] == "--weight-error-windows" else a) for i, a in enumerate(common)]
+    assert evaluate_quantization.main([*other, "--output-dir", str(out), "--resume"]) == 2
+    assert "was made with options =" in capsys.readouterr().err
+    other = [("0.4:1" if a == "0.5:1" else a) for a in common]  # other held-out tokens
+    assert evaluate_quantization.main([*other, "--output-dir", str(out), "--resume"]) == 2
+    assert "was made with tokens =" in capsys.readouterr().err
+
+    assert evaluate_quantization.main([*common, "--output-dir", str(out), "--resume"]) == 0
+    resumed = json.loads((out / "quantization.json").read_text())
+    assert resumed["complete"] is True
+    assert resumed["models"][0]["perplexity"]["fp"] == 123.0  # kept, not measured again
+    resumed["models"][0]["perplexity"]["fp"] = full["models"][0]["perplexity"]["fp"]
+    assert [_without_seconds(m) for m in resumed["models"]] == [_without_seconds(m) for m in full["models"]]
+    assert resumed["meta"] == full["meta"]
+
+    capsys.readouterr()  # a complete report resumed: nothing to do, no model loads
+    assert evaluate_quantization.main([*common, "--output-dir", str(out), "--resume"]) == 0
+    assert capsys.readouterr().out.count("done in the earlier run") == 2
+    _tiny_llama(0).save_pretrained(tmp_path / "m0")  # rewritten after its results were kept
+    assert evaluate_quantization.main([*common, "--output-dir", str(out), "--resume"]) == 2
+    assert "model 1 (" in capsys.readouterr().err

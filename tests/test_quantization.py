@@ -287,6 +287,21 @@ def test_compare_runs_table_gets_the_quantization_columns(tmp_path):
                               load_quantization(tmp_path / "q.json")).splitlines()
     assert lines[0].rstrip().endswith("4-4-4 degradation  4-16-16 degradation")
     assert lines[2].split()[-2:] == ["+30.5", "+1.5"] and lines[3].split()[-2:] == ["+1.25", "-"]
+    # a partial report (the evaluation stopped before osp's 4-4-4): '-', not nan, and a note saying so
+    del runs[1]["perplexity"]["4-4-4"]
+    progress = [{"model": r["path"], "done": list(r["perplexity"]), "pending": ["4-4-4"] * ("4-4-4" not in
+                r["perplexity"])} for r in runs]
+    (tmp_path / "q.json").write_text(json.dumps({"complete": False, "progress": progress, "meta": {}, "models": runs}))
+    from megatron_osp.analysis.compare import partial_note
+
+    lines = format_comparison([load_run(tmp_path / "adam"), load_run(tmp_path / "osp")],
+                              load_quantization(tmp_path / "q.json")).splitlines()
+    assert lines[3].split()[-4:] == ["60.00", "-", "-", "-"] and "nan" not in lines[3], lines[3]
+    note = partial_note(tmp_path / "q.json")
+    assert "is a partial report" in note and f"Not done: {runs[1]['path']} (4-4-4)" in note, note
+    progress[1]["pending"] = []
+    (tmp_path / "q.json").write_text(json.dumps({"complete": True, "progress": progress, "meta": {}, "models": runs}))
+    assert partial_note(tmp_path / "q.json") is None
     from megatron_osp.analysis.compare import _weights_only
 
     assert [_weights_only(s) for s in ("4-4-4", "4-8-8-g32", "4-16-16", "4-4-4+had", "fp", "8-8-8")] == [

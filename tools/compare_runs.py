@@ -3,7 +3,8 @@
 
 With --quantization EVAL_DIR/quantization.json (tools/evaluate_quantization.py on the same runs) the
 table adds held-out perplexity at full precision and at --setting (default 4-4-4) and the degradation
-(and, when the evaluation measured it, the weights-only part of it, e.g. 4-16-16).
+(and, when the evaluation measured it, the weights-only part of it, e.g. 4-16-16). A report of an
+evaluation that has not finished is shown with '-' where it lacks a figure and a note saying so.
 """
 
 import argparse
@@ -12,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_osp.analysis.compare import format_comparison, load_quantization, load_run  # noqa: E402
+from megatron_osp.analysis.compare import format_comparison, load_quantization, load_run, partial_note  # noqa: E402,E501
 from megatron_osp.fileio import atomic_write_text  # noqa: E402
 
 
@@ -26,7 +27,10 @@ def main() -> int:
     try:
         quant = load_quantization(args.quantization) if args.quantization else None
         table = format_comparison([load_run(r) for r in args.runs], quant, args.setting)
-    except FileNotFoundError as e:
+        note = partial_note(args.quantization) if args.quantization else None
+        if note:
+            table += "\n\n" + note
+    except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(table)

@@ -19,7 +19,9 @@ Writes downstream.json, downstream.md and downstream_average.png (with matplotli
 The JSON and Markdown are rewritten after every finished setting of every model, marked partial
 ("complete": false, and which models/settings are done and which are not) until the last one; the plot
 is drawn when the run completes. A model that fails stops the run with its error, and what was done
-before stays in the report.
+before stays in the report. A report already in --output-dir is not replaced unless --overwrite says
+so; --resume continues it, evaluating only the (model, setting) pairs it lacks (refused, naming the
+difference, if the models or options are not the ones it was made with).
 """
 
 import argparse
@@ -50,6 +52,10 @@ def parse_args(argv=None):
                    help="GPTQ calibration sequences (default 16); refused when --calibration-documents hold fewer")
     p.add_argument("--seq-length", type=int, help="calibration sequence length (default: the model's)")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the report already in --output-dir (same models, tasks and options): its "
+                        "finished settings are kept, the rest are evaluated; without one, start anew")
+    p.add_argument("--overwrite", action="store_true", help="replace a report already in --output-dir")
     return p.parse_args(argv)
 
 
@@ -117,12 +123,36 @@ def _check(args):
     return settings, labels, specs, tm
 
 
+def _request(args, settings, labels, specs) -> dict:
+    """What decides the report's numbers, for --resume (analysis/report_resume.py)."""
+    from megatron_osp.analysis.evaluation import load_token_windows, parse_document_range
+    from megatron_osp.analysis.loading import config_facts
+    from megatron_osp.analysis.report_resume import model_identity, tokens_identity
+
+    calibration = None
+    if any(s.gptq for s in settings):  # the tokens each model calibrates on (windows of its sequence length)
+        docs = parse_document_range(args.calibration_documents)
+        calibration = [tokens_identity(load_token_windows(args.calibration_data, args.seq_length or config_facts(m)[0],
+                                                          args.calibration_windows, docs)) for m in args.models]
+    return {
+        "models": [{"path": str(m), "identity": model_identity(m)} for m in args.models],
+        "options": {"labels": labels, "settings": [s.name for s in settings], "tasks": [s.label for s in specs],
+                    "include_path": args.include_path, "batch_size": args.batch_size, "limit": args.limit,
+                    "dtype": args.dtype},
+        "calibration": calibration,
+    }
+
+
 def _run(args) -> int:
     import warnings
 
     for pattern in (".*Apex.*", ".*Transformer Engine.*", ".*deprecated.*", ".*TypedStorage.*"):
         warnings.filterwarnings("ignore", message=pattern)
     settings, labels, specs, tm = _check(args)
+    from megatron_osp.analysis.report_resume import open_report
+
+    request = _request(args, settings, labels, specs)
+    earlier = open_report(Path(args.output_dir) / "downstream.json", args.resume, args.overwrite, request)
     import torch
 
     from megatron_osp.analysis.downstream import evaluate_downstream, load_eval_model
@@ -142,14 +172,27 @@ def _run(args) -> int:
             "device": device, "dtype": args.dtype, "batch_size": args.batch_size, "limit": limit}
     bar = _progress(len(args.models) * len(settings) * len(specs))
     log = bar.write if bar is not None else print
-    progress = ReportProgress(args.models, [s.name for s in settings])
-    results = []
+    progress = ReportProgress(args.models, [s.name for s in settings], request)
+    results = []  # in model order; an earlier run's entries (--resume) are filled in where they stand
+    if earlier is not None:
+        log(f"resuming {earlier.path}: {earlier.summary()}")
+        for i in range(len(args.models)):
+            for unit in earlier.done(i):
+                progress.mark(i, unit)
+            if earlier.result(i) is not None:
+                results.append(earlier.result(i))
+        if bar is not None:
+            bar.update(len(specs) * sum(len(d) for d in progress.done))
     for i, path in enumerate(args.models):
+        prior = earlier.result(i) if earlier is not None else None
+        if prior is not None and len(progress.done[i]) == len(settings):
+            log(f"== {path}: done in the earlier run")
+            continue
         log(f"== {path}")
-        em = load_eval_model(path, device=device, dtype=dtype, label=labels[i] if labels else None,
-                             log=lambda *a: None)
-        if any(r["label"] == em.label for r in results):  # default labels (optimizer/norms, directory name)
-            em.label = f"{em.label} ({path})"
+        label = prior["label"] if prior is not None else (labels[i] if labels else None)
+        em = load_eval_model(path, device=device, dtype=dtype, label=label, log=lambda *a: None)
+        if any(r["label"] == em.label for r in results if r is not prior):  # default labels (optimizer/norms,
+            em.label = f"{em.label} ({path})"  # directory name)
         try:
             calib = None
             if any(s.gptq for s in settings):
@@ -166,18 +209,21 @@ def _run(args) -> int:
 
             t0 = time.perf_counter()
 
+            seconds0 = prior.get("seconds", 0.0) if prior is not None else 0.0
+
             def on_setting(setting, res, i=i, path=path):  # the report so far, marked partial until the last one
-                res["path"] = str(path)
-                res["seconds"] = time.perf_counter() - t0
+                res["path"], res["model_index"] = str(path), i
+                res["seconds"] = seconds0 + time.perf_counter() - t0
                 if not any(r is res for r in results):
                     results.append(res)
+                    results.sort(key=lambda r: r["model_index"])
                 progress.mark(i, setting)
                 if not progress.complete:
                     write_report(results, args.output_dir, meta, plots=False, log=log, progress=progress.status())
 
             res = evaluate_downstream(em, settings, specs, tm, batch_size=args.batch_size, limit=limit,
-                                      calibration=calib, on_task=on_task, on_setting=on_setting)
-            res["seconds"] = time.perf_counter() - t0
+                                      calibration=calib, on_task=on_task, on_setting=on_setting, earlier=prior)
+            res["seconds"] = seconds0 + time.perf_counter() - t0
         finally:
             em.close()
         del em

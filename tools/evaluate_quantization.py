@@ -15,7 +15,9 @@ and output errors, the inputs' gain, the stable rank: megatron_osp/analysis/weig
 The JSON and Markdown are rewritten after every finished setting (and weight-rounding table) of every
 model, marked partial ("complete": false, and which models/settings are done and which are not) until
 the last one; the plots are drawn when the run completes. A model that fails stops the run with its
-error, and what was done before stays in the report.
+error, and what was done before stays in the report. A report already in --output-dir is not replaced
+unless --overwrite says so; --resume continues it, evaluating only what it lacks (refused, naming the
+difference, if the models or options are not the ones it was made with).
 """
 
 import argparse
@@ -50,6 +52,10 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the report already in --output-dir (same models, data and options): its finished "
+                        "settings are kept, the rest are evaluated; without one, start anew")
+    p.add_argument("--overwrite", action="store_true", help="replace a report already in --output-dir")
     return p.parse_args(argv)
 
 
@@ -97,6 +103,7 @@ def _run(args) -> int:
     from megatron_osp.analysis.quant_report import (DEFAULT_SETTINGS, WEIGHT_ROUNDING, evaluate_model, format_table,
                                                     with_fp, write_report)
     from megatron_osp.analysis.report_progress import ReportProgress
+    from megatron_osp.analysis.report_resume import model_identity, open_report, tokens_identity
     from megatron_osp.analysis.quantization import parse_setting
     from megatron_osp.analysis.weight_error import roles_of
 
@@ -140,16 +147,23 @@ def _run(args) -> int:
             if train_docs is None:
                 raise ValueError("GPTQ needs calibration documents outside the held-out range")
             check_window_count(args.data, seq, args.calibration_windows, train_docs, "--calibration-windows")
+        windows = load_token_windows(args.data, seq, args.num_windows, documents=held)
+        calib = None
+        if any(s.gptq for s in settings):
+            calib = load_token_windows(args.data, seq, args.calibration_windows, documents=train_docs)
+        request = {
+            "models": [{"path": str(m), "identity": model_identity(m)} for m in args.models],
+            "tokens": {"held_out": tokens_identity(windows), "calibration": tokens_identity(calib)},
+            "options": {"labels": args.labels, "settings": [s.name for s in settings], "batch_size": args.batch_size,
+                        "stats_windows": args.stats_windows, "weight_error_windows": args.weight_error_windows,
+                        "weight_error_bits": args.weight_error_bits, "dtype": args.dtype},
+        }
+        earlier = open_report(Path(args.output_dir) / "quantization.json", args.resume, args.overwrite, request)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-
-    windows = load_token_windows(args.data, seq, args.num_windows, documents=held)
-    calib = None
-    if any(s.gptq for s in settings):
-        calib = load_token_windows(args.data, seq, args.calibration_windows, documents=train_docs)
     meta = {
         "data": args.data,
         "documents": f"{held[0]}:{held[1]}",
@@ -162,23 +176,35 @@ def _run(args) -> int:
     }
     print(f"held-out: {windows.shape[0]} x {seq} tokens from documents {held[0]}:{held[1]} of {args.data}")
     units = [s.name for s in with_fp(settings)] + ([WEIGHT_ROUNDING] if args.weight_error_windows > 0 else [])
-    progress = ReportProgress(args.models, units)
-    results = []
+    progress = ReportProgress(args.models, units, request)
+    results = []  # in model order; an earlier run's entries (--resume) are filled in where they stand
+    if earlier is not None:
+        print(f"resuming {earlier.path}: {earlier.summary()}")
+        for i in range(len(args.models)):
+            for unit in earlier.done(i):
+                progress.mark(i, unit)
+            if earlier.result(i) is not None:
+                results.append(earlier.result(i))
     for i, path in enumerate(args.models):
-        label = args.labels[i] if args.labels else None
+        prior = earlier.result(i) if earlier is not None else None
+        if prior is not None and len(progress.done[i]) == len(units):
+            print(f"== {path}: done in the earlier run", flush=True)
+            continue
+        label = prior["label"] if prior is not None else (args.labels[i] if args.labels else None)
         print(f"== {path}", flush=True)
         loaded = load_for_analysis(path, device=device, dtype=dtype, label=label)
-        if any(r["label"] == loaded.label for r in results):  # default labels (optimizer/norms, directory name)
-            loaded.label = f"{loaded.label} ({path})"  # the plots would draw only one of the two
+        if any(r["label"] == loaded.label for r in results if r is not prior):  # default labels (optimizer/norms,
+            loaded.label = f"{loaded.label} ({path})"  # directory name): the plots would draw only one of the two
         check_token_ids(loaded.model, windows, f"{loaded.label}: --data {args.data}")
         check_token_ids(loaded.model, calib, f"{loaded.label}: the GPTQ calibration windows of --data {args.data}")
         passes = len(settings) + (len(roles_of(loaded.model)) if args.weight_error_windows > 0 else 0)
         bar = _progress(passes * windows.shape[0], loaded.label)
 
         def on_unit(unit, res, i=i, path=path):  # the report so far, marked partial until the last unit
-            res["path"] = str(path)
+            res["path"], res["model_index"] = str(path), i
             if not any(r is res for r in results):
                 results.append(res)
+                results.sort(key=lambda r: r["model_index"])
             progress.mark(i, unit)
             if not progress.complete:
                 write_report(results, args.output_dir, meta, plots=False, progress=progress.status())
@@ -189,7 +215,7 @@ def _run(args) -> int:
             batch_size=args.batch_size, stats_windows=args.stats_windows, calibration=calib,
             weight_error_bits=args.weight_error_bits, weight_error_windows=args.weight_error_windows,
             progress=(bar.update if bar is not None else None),
-            log=(bar.write if bar is not None else print), on_unit=on_unit,
+            log=(bar.write if bar is not None else print), on_unit=on_unit, earlier=prior,
         )
         if bar is not None:
             bar.close()

@@ -46,11 +46,28 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 def load_quantization(path: str | Path) -> dict[str, dict]:
     """The evaluation JSON's per-model results, keyed by each model's resolved path."""
+    return {str(Path(m["path"]).resolve()): m for m in _read_quantization(path)["models"]}
+
+
+def _read_quantization(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: run tools/evaluate_quantization.py first")
-    data = json.loads(path.read_text())
-    return {str(Path(m["path"]).resolve()): m for m in data["models"]}
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not a readable quantization report ({e})") from None
+
+
+def partial_note(path: str | Path) -> str | None:
+    """A line saying the report is of an evaluation that has not finished (tools/evaluate_quantization.py
+    writes one after every unit), with what it lacks; None for a complete report."""
+    from megatron_osp.analysis.report_progress import markdown_line
+
+    data = _read_quantization(path)
+    if data.get("complete", True):
+        return None
+    return f"note: {path} is a partial report, '-' marks what it lacks. " + markdown_line(data).replace("**", "")
 
 
 def _weights_only(setting: str) -> str | None:
@@ -72,9 +89,10 @@ def _quant_cells(run: dict, quant: dict[str, dict] | None, settings: list[str]) 
     if model is None:
         return ["-"] * (len(settings) + 2)
     ppl = model["perplexity"]
-    fp, q = ppl.get("fp", float("nan")), ppl.get(settings[0], float("nan"))
-    cells = [f"{fp:.2f}", f"{q:.4g}", f"{q - fp:+.4g}"]
-    return cells + [f"{ppl[s] - fp:+.4g}" if s in ppl else "-" for s in settings[1:]]
+    fp, q = ppl.get("fp"), ppl.get(settings[0])  # a partial report may lack either
+    cells = ["-" if fp is None else f"{fp:.2f}", "-" if q is None else f"{q:.4g}",
+             "-" if fp is None or q is None else f"{q - fp:+.4g}"]
+    return cells + [f"{ppl[s] - fp:+.4g}" if s in ppl and fp is not None else "-" for s in settings[1:]]
 
 
 def format_comparison(runs: list[dict], quant: dict[str, dict] | None = None, setting: str = "4-4-4") -> str:

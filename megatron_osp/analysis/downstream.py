@@ -313,10 +313,12 @@ def evaluate_task(lm, spec: TaskSpec, tm, limit=None, keep_loglikelihoods=False)
 def evaluate_downstream(em: EvalModel, settings, specs: list[TaskSpec], tm, batch_size: int = 8, limit=None,
                         calibration=None, keep_loglikelihoods: bool = False,
                         on_task: Callable[[str, str, dict], None] | None = None,
-                        on_setting: Callable[[str, dict], None] | None = None) -> dict:
+                        on_setting: Callable[[str, dict], None] | None = None, earlier: dict | None = None) -> dict:
     """``{"label", "kind", "settings": {setting: {"tasks": {task: ...}, "average"}}}`` for one model;
     each setting is applied in place with ``evaluation.apply_setting`` and undone afterwards.
-    ``on_setting(name, result)``: after each setting, with the result so far (the same dict, summarized)."""
+    ``on_setting(name, result)``: after each setting, with the result so far (the same dict, summarized).
+    ``earlier``: this model's result from an earlier run of the same request (``--resume``), filled in
+    place; the settings it has are kept, not evaluated again."""
     from lm_eval.models.huggingface import HFLM
 
     from megatron_osp.analysis.evaluation import apply_setting, check_settings, check_token_ids
@@ -329,8 +331,8 @@ def evaluate_downstream(em: EvalModel, settings, specs: list[TaskSpec], tm, batc
     if any(s.gptq for s in settings):
         check_token_ids(parts, calibration, f"{em.label}: the GPTQ calibration windows")
     lm = HFLM(pretrained=em.model, tokenizer=em.tokenizer_dir, batch_size=batch_size)
-    res = {"label": em.label, "kind": em.kind, "settings": {}}
-    for setting in settings:
+    res = earlier if earlier is not None else {"label": em.label, "kind": em.kind, "settings": {}}
+    for setting in [s for s in settings if s.name not in res["settings"]]:
         tasks = {}
         with apply_setting(parts, setting, calibration=calibration, batch_size=batch_size):
             for spec in specs:

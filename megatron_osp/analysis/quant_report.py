@@ -54,12 +54,15 @@ def evaluate_model(
     weight_error_bits: int = 4,
     weight_error_windows: int = 8,
     on_unit: Callable[[str, dict], None] | None = None,
+    earlier: dict | None = None,
 ) -> dict:
     """One model's results: ``{"label", "kurtosis": {...}, "activation_stats": {...}, "perplexity": {...},
     "weight_error": {...}}``; the last (weight_error.py: which roles' rounding costs what, and why) is
     measured at ``weight_error_windows`` windows, and skipped when that is 0. ``on_unit(name, result)``
     is called after each setting (its name) and the weight-rounding table (``WEIGHT_ROUNDING``) with the
-    result so far (the same dict, filled in)."""
+    result so far (the same dict, filled in). ``earlier``: this model's result from an earlier run of the
+    same request (``--resume``), filled in place: the settings it has and its weight-rounding table are
+    kept, not measured again, and nor are the activation statistics."""
     parts = model_parts(model)
     settings = with_fp(settings)
     check_settings(parts, settings, label)
@@ -68,6 +71,42 @@ def evaluate_model(
         check_token_ids(parts, calibration, f"{label}: the GPTQ calibration windows")
     device = next(parts.model.parameters()).device
     t0 = time.perf_counter()
+    if earlier is not None:
+        result = earlier
+        seconds0 = result.get("seconds") or 0.0
+        settings = [s for s in settings if s.name not in result["perplexity"]]
+    else:
+        result, seconds0 = _measure_stats(parts, label, windows, stats_windows, batch_size, device), 0.0
+
+    def finished(unit: str) -> None:
+        result["seconds"] = seconds0 + time.perf_counter() - t0
+        if on_unit is not None:
+            on_unit(unit, result)
+
+    def done(setting, res):
+        log(f"  {label}: {setting.name:<16} ppl {res.perplexity:.4g}")
+        result["perplexity"][setting.name] = res.perplexity
+        result["nll"][setting.name] = res.nll
+        if result["eval_tokens"] is None:
+            result["eval_tokens"] = res.tokens
+        finished(setting.name)
+
+    evaluate_settings(
+        parts, windows, settings, batch_size=batch_size, calibration=calibration, on_done=done, progress=progress
+    )
+    if weight_error_windows > 0 and result.get("weight_error") is None:
+        weight_error = weight_error_report(parts, windows, weight_error_bits, batch_size=batch_size,
+                                           input_windows=weight_error_windows, progress=progress)
+        log(f"  {label}: weight rounding at {weight_error_bits} bits, one role at a time: "
+            + ", ".join(f"{role} ppl {r['ppl']:.4g}" for role, r in weight_error["roles"].items()))
+        result["weight_error"] = weight_error
+        finished(WEIGHT_ROUNDING)
+    result["seconds"] = seconds0 + time.perf_counter() - t0
+    return result
+
+
+def _measure_stats(parts, label: str, windows: Tensor, stats_windows: int, batch_size: int, device) -> dict:
+    """A model's result before any setting: its activation statistics on ``stats_windows`` windows."""
     with torch.no_grad(), ActivationStatsRecorder(parts) as rec:
         for batch in iterate_batches(windows[:stats_windows], batch_size):
             logits(parts, batch[:, :-1].to(device))
@@ -94,31 +133,6 @@ def evaluate_model(
         "eval_tokens": None,
         "seconds": 0.0,
     }
-
-    def finished(unit: str) -> None:
-        result["seconds"] = time.perf_counter() - t0
-        if on_unit is not None:
-            on_unit(unit, result)
-
-    def done(setting, res):
-        log(f"  {label}: {setting.name:<16} ppl {res.perplexity:.4g}")
-        result["perplexity"][setting.name] = res.perplexity
-        result["nll"][setting.name] = res.nll
-        if result["eval_tokens"] is None:
-            result["eval_tokens"] = res.tokens
-        finished(setting.name)
-
-    evaluate_settings(
-        parts, windows, settings, batch_size=batch_size, calibration=calibration, on_done=done, progress=progress
-    )
-    if weight_error_windows > 0:
-        weight_error = weight_error_report(parts, windows, weight_error_bits, batch_size=batch_size,
-                                           input_windows=weight_error_windows, progress=progress)
-        log(f"  {label}: weight rounding at {weight_error_bits} bits, one role at a time: "
-            + ", ".join(f"{role} ppl {r['ppl']:.4g}" for role, r in weight_error["roles"].items()))
-        result["weight_error"] = weight_error
-        finished(WEIGHT_ROUNDING)
-    result["seconds"] = time.perf_counter() - t0
     return result
 
 

@@ -14,12 +14,14 @@ __all__ = ["ReportProgress"]
 
 class ReportProgress:
     """``models``: the paths as given on the command line (by position: a path may come twice);
-    ``units``: each model's units, in order."""
+    ``units``: each model's units, in order; ``request``: what decides the numbers, recorded in the
+    report for ``--resume`` (report_resume.py)."""
 
-    def __init__(self, models: list[str], units: list[str]):
+    def __init__(self, models: list[str], units: list[str], request: dict | None = None):
         self.models = [str(m) for m in models]
         self.units = list(units)
         self.done: list[list[str]] = [[] for _ in self.models]
+        self.request = request
 
     def mark(self, index: int, unit: str) -> None:
         """Model ``index`` (its position in ``models``) has finished ``unit``."""
@@ -31,11 +33,16 @@ class ReportProgress:
         return all(len(done) == len(self.units) for done in self.done)
 
     def status(self) -> dict:
-        return {
+        from megatron_osp.analysis.report_resume import REQUEST_VERSION
+
+        status = {
             "complete": self.complete,
             "progress": [{"model": m, "done": list(done), "pending": [u for u in self.units if u not in done]}
                          for m, done in zip(self.models, self.done)],
         }
+        if self.request is not None:
+            status["request"] = {"version": REQUEST_VERSION, **self.request}
+        return status
 
     def markdown(self) -> str:
         return markdown_line(self.status())

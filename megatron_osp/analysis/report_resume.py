@@ -1,0 +1,147 @@
+"""An evaluation report already in --output-dir: kept, continued (``--resume``) or replaced (``--overwrite``).
+
+tools/evaluate_quantization.py and tools/evaluate_downstream.py rewrite their report after every finished
+unit (report_progress.py). A second run into the same directory would replace an earlier report as soon as
+its first unit finished, and lose it for good if that run then failed. So a report already there is:
+
+- refused by default, naming it and how far it got;
+- continued with ``--resume``: the report must be of the same request (the options that decide the numbers,
+  the token windows measured on, the models by position, and what each model with results in the report
+  is: the checkpoint a Megatron path resolves to and its checksum manifest, or an HF directory's files by
+  name, size and time). Its finished units are kept as they are and only the others are evaluated, so a
+  run stopped by a job time limit or a failing model goes on where it stopped; a model with nothing done
+  may have changed (a damaged download replaced). ``--resume`` with no report there starts a new one;
+- replaced with ``--overwrite``.
+
+A report is only ever replaced by a later write of the same atomic kind, so nothing here deletes one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+__all__ = ["model_identity", "files_identity", "tokens_identity", "EarlierReport", "open_report"]
+
+REQUEST_VERSION = 1
+
+
+def files_identity(paths) -> str:
+    """A digest of the files' names, sizes and modification times: changes when any is rewritten."""
+    h = hashlib.sha256()
+    for p in sorted(Path(p) for p in paths):
+        st = p.stat()
+        h.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def tokens_identity(windows) -> str | None:
+    """sha256 of token windows (a tensor or array) and their shape: the data a report's numbers were
+    measured on, whatever files it came from (a re-tokenized corpus with the same tokens is the same)."""
+    if windows is None:
+        return None
+    import numpy as np
+
+    a = np.ascontiguousarray(windows.cpu().numpy() if hasattr(windows, "cpu") else windows).astype(np.int64)
+    return hashlib.sha256(repr(a.shape).encode() + a.tobytes()).hexdigest()
+
+
+def model_identity(path: str) -> dict:
+    """What ``path`` holds now, cheaply (no weights read): a Megatron checkpoint as the iteration directory
+    it resolves to (``latest`` moves when training goes on) and the sha256 of that iteration's checksum
+    manifest; an HF directory as ``files_identity`` of its files."""
+    p = Path(path)
+    if (p / "config.json").exists():
+        return {"kind": "hf", "files": files_identity(f for f in p.iterdir() if f.is_file())}
+    from megatron_osp.training.checkpoint import find_iteration_dir
+    from megatron_osp.training.checkpoint_integrity import MANIFEST
+
+    if (p / "checkpoints").is_dir() and not (p / "latest").exists():
+        p = p / "checkpoints"  # a run directory
+    it = find_iteration_dir(p)
+    manifest = it / MANIFEST
+    digest = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
+    return {"kind": "megatron", "iteration": it.name, "manifest_sha256": digest}
+
+
+def _describe(value) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+class EarlierReport:
+    """The units an earlier run finished, per model position, with its result entries."""
+
+    def __init__(self, path: Path, data: dict):
+        self.path = path
+        self.data = data
+        self.results = {int(r["model_index"]): r for r in data.get("models", [])}
+
+    def done(self, index: int) -> list[str]:
+        return list(self.data["progress"][index]["done"])
+
+    def result(self, index: int) -> dict | None:
+        return self.results.get(index)
+
+    def summary(self) -> str:
+        if self.data.get("complete"):
+            return "a complete report"
+        done = sum(len(p["done"]) for p in self.data["progress"])
+        total = done + sum(len(p["pending"]) for p in self.data["progress"])
+        return f"a partial report ({done} of {total} units done)"
+
+
+def _read(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not a readable report ({e}): move it away or pass --overwrite") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a report of this tool: move it away or pass --overwrite")
+    return data
+
+
+def _check_same_request(path: Path, data: dict, request: dict) -> None:
+    earlier = data.get("request")
+    if not isinstance(earlier, dict) or earlier.get("version") != REQUEST_VERSION or "progress" not in data:
+        raise ValueError(f"--resume: {path} was written by an earlier version of this tool, without what "
+                         "resuming checks: pass --overwrite to evaluate anew, or choose another --output-dir")
+    for key in request:
+        if key != "models" and earlier.get(key) != request[key]:
+            raise ValueError(f"--resume: {path} was made with {key} = {_describe(earlier.get(key))}, this run "
+                             f"asks for {_describe(request[key])}: resume with the same options, or pass "
+                             "--overwrite to evaluate anew")
+    ours, theirs = request["models"], earlier.get("models") or []
+    if [m["path"] for m in ours] != [m["path"] for m in theirs]:
+        raise ValueError(f"--resume: {path} is of the models {', '.join(m['path'] for m in theirs)}; this run asks "
+                         f"for {', '.join(m['path'] for m in ours)}: give the same models in the same order")
+    for i, (now, then) in enumerate(zip(ours, theirs)):
+        # A model with nothing done in the report may have changed (a damaged download replaced, say):
+        # nothing of it is kept. One whose results are kept must be what was evaluated.
+        if data["progress"][i]["done"] and now["identity"] != then["identity"]:
+            raise ValueError(f"--resume: model {i + 1} ({now['path']}) has changed since the report's results for "
+                             f"it were made (another checkpoint, or rewritten files): it was "
+                             f"{_describe(then['identity'])}, it is now {_describe(now['identity'])}. Pass "
+                             "--overwrite to evaluate anew, or choose another --output-dir")
+
+
+def open_report(path: str | Path, resume: bool, overwrite: bool, request: dict) -> EarlierReport | None:
+    """The earlier report at ``path`` to continue (``resume``), or None to start anew; ValueError, before
+    anything is evaluated, when a report is there and neither flag allows it, or it cannot be resumed.
+    ``request``: JSON-able dict of what decides the numbers, with ``"models"``: [{"path", "identity"}, ...]
+    by position; written into the report (``"request"``) by the caller."""
+    path = Path(path)
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite: choose one")
+    if not path.exists():
+        return None
+    if overwrite:
+        return None
+    data = _read(path)
+    if not resume:
+        state = EarlierReport(path, data).summary() if "progress" in data else "a report"
+        raise ValueError(f"{path} already holds {state} of an earlier run: --resume continues it "
+                         "(same models and options), --overwrite replaces it, or choose another --output-dir")
+    _check_same_request(path, data, {"version": REQUEST_VERSION, **request})
+    return EarlierReport(path, data)
