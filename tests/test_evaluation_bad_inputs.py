@@ -3,8 +3,11 @@ before any model is evaluated, on tiny saved HF Llamas: settings that cannot app
 labels that collide, held-out tokens outside the vocabulary.
 """
 
+import re
+
 import numpy as np
 import pytest
+import torch
 
 from megatron_osp.analysis.quantization import parse_setting
 from test_quantization import _tiny_llama
@@ -59,6 +62,16 @@ def test_settings_that_cannot_apply_are_refused_before_any_evaluation(tmp_path, 
                                         num_attention_heads=4, tie_word_embeddings=True))
     with pytest.raises(ValueError, match="setting 4-4-4\\+quarot: QuaRot .* ties it to the embedding"):
         check_settings(tied, [parse_setting("4-4-4+quarot")])
+    # apply_setting refuses by the same check, before it changes any weight
+    from megatron_osp.analysis.evaluation import apply_setting
+
+    model = _tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for bad, m in ((parse_setting("4-4-4-g24"), model), (parse_setting("4-4-4+quarot"), tied)):
+        with pytest.raises(ValueError, match=f"setting {re.escape(bad.name)}: "):
+            with apply_setting(m, bad):
+                pass
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
 def test_models_with_the_same_default_label_stay_apart(tmp_path, capsys):

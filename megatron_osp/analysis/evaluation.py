@@ -175,8 +175,7 @@ def apply_setting(
     rotates Q and K per head under QuaRot).
     """
     parts = model_parts(model)
-    if setting.a_bits < 16 or (setting.gptq and setting.w_bits < 16):
-        parts.require_unfused_norms(f"setting {setting.name} (it hooks the linears' inputs)")
+    check_settings(parts, [setting])  # the one statement of what a setting needs of the model
     snap = _snapshot(parts.model)
     with contextlib.ExitStack() as stack:
         try:
