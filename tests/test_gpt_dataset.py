@@ -290,3 +290,23 @@ def test_token_ids_are_checked_against_the_vocabulary_when_the_dataset_opens(tmp
     build_gpt_datasets(_config([prefix], tmp_path, vocab_size=200), [50, 5, None])
     build_gpt_datasets(_config([prefix], tmp_path, vocab_size=200, cache_dir=None), [50, 5, None])
     assert scans == [prefix] * 3
+
+
+@pytest.mark.parametrize("split,n_docs", [("8,1,1", 60), ("949,50,1", 57), ("98,2", 45), ("1,1", 7)])
+def test_evaluation_reads_exactly_the_validation_documents(tmp_path, split, n_docs):
+    """tools/evaluate_quantization.py takes a run's validation fractions (parse_split) as its held-out
+    documents: its windows must be the validation documents' tokens, neither a document more nor one
+    less, however the fractions round (one rule: gpt_dataset.split_documents)."""
+    from megatron_osp.analysis.evaluation import check_window_count, load_token_windows
+
+    prefix = _corpus(tmp_path / "a", 3, n_docs=n_docs)
+    _, valid, _ = build_gpt_datasets(_config([prefix], tmp_path, split=split), [10, 1, None], skip=("test",))
+    fractions = parse_split(split)[1]
+    raw = IndexedDataset(prefix)
+    want = np.concatenate([raw[d] for d in valid.documents]).astype(np.int64)
+    n = len(want) // (SEQ + 1)
+    windows = load_token_windows(prefix, SEQ, None, documents=fractions)
+    np.testing.assert_array_equal(windows.numpy().ravel(), want[: n * (SEQ + 1)])
+    check_window_count(prefix, SEQ, n, fractions, "--num-windows")
+    with pytest.raises(ValueError, match=f"hold only {n} windows"):
+        check_window_count(prefix, SEQ, n + 1, fractions, "--num-windows")

@@ -69,15 +69,16 @@ def load_token_windows(
     Document bounds round like the training split (data.gpt_dataset), so ``documents`` taken from a
     run's split selects exactly its validation documents.
     """
+    from megatron_osp.data.gpt_dataset import split_documents
     from megatron_osp.data.indexed import IndexedDataset
 
     ds = IndexedDataset(prefix)
-    n_docs = len(ds)
-    lo, hi = int(round(documents[0] * n_docs)), int(round(documents[1] * n_docs))
+    docs = split_documents(len(ds), documents)
+    lo, hi = docs.start, docs.stop
     window = seq_length + 1
     need = None if num_windows is None else num_windows * window
     chunks, have = [], 0
-    for i in range(lo, hi):
+    for i in docs:
         doc = ds[i]
         chunks.append(np.asarray(doc, dtype=np.int64))
         have += len(doc)
@@ -99,10 +100,12 @@ def check_window_count(prefix: str, seq_length: int, num_windows: int, documents
                        option: str) -> None:
     """ValueError naming ``option`` when the documents hold fewer than ``num_windows`` windows of
     ``seq_length + 1`` tokens (``load_token_windows`` would return fewer); reads only the index."""
+    from megatron_osp.data.gpt_dataset import split_documents
     from megatron_osp.data.indexed import IndexedDataset
 
     ds = IndexedDataset(prefix)
-    lo, hi = int(round(documents[0] * len(ds))), int(round(documents[1] * len(ds)))
+    docs = split_documents(len(ds), documents)
+    lo, hi = docs.start, docs.stop
     have = int(ds.sequence_lengths[lo:hi].sum(dtype=np.int64)) // (seq_length + 1)
     if have < num_windows:
         raise ValueError(f"{option} {num_windows}: documents {lo}..{hi - 1} of {prefix} hold only {have} windows "

@@ -80,6 +80,14 @@ def parse_split(split: str) -> list[tuple[float, float] | None]:
     return [(a, b) if b > a else None for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+def split_documents(num_docs: int, fractions: tuple[float, float]) -> range:
+    """The documents ``[round(lo·D), round(hi·D))`` that a split's fractions ``(lo, hi)`` select: the one
+    rule for training splits and for evaluation (analysis/evaluation.py), so an evaluation given a run's
+    validation fractions reads exactly that run's validation documents."""
+    lo, hi = fractions
+    return range(int(round(lo * num_docs)), int(round(hi * num_docs)))
+
+
 def _num_epochs(tokens_per_epoch: int, num_samples: int | None, seq: int, extra: int) -> int:
     if num_samples is None:
         return 1
@@ -246,8 +254,7 @@ def build_gpt_datasets(
             check_token_range(ds, config.vocab_size, config.vocab_name, config.cache_dir)
 
     def docs(i: int, ds: IndexedDataset) -> range:
-        lo, hi = matrix[i]
-        return range(int(round(lo * len(ds))), int(round(hi * len(ds))))
+        return split_documents(len(ds), matrix[i])
 
     if len(indexed) == 1 and config.weights is None:
         return [
