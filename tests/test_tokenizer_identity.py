@@ -27,7 +27,7 @@ def hf_json():
     decoder, which do not change the ids preprocessing writes)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.train_from_iterator(LINES, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+    tok.train_from_iterator(LINES, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<pad>"],
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A",
                                                        special_tokens=[("<|endoftext|>", 0)])
@@ -127,7 +127,7 @@ CHANGES = {
     "two merges in the other order": _swap_merges,
     "a lowercasing normalizer": lambda d: d.update(normalizer={"type": "Lowercase"}),
     "an added special token": lambda d: d["added_tokens"].append(
-        {"id": 300, "content": "<pad>", "single_word": False, "lstrip": False, "rstrip": False,
+        {"id": 300, "content": "<mask>", "single_word": False, "lstrip": False, "rstrip": False,
          "normalized": False, "special": True}),
     "an added token's lstrip": lambda d: d["added_tokens"][0].update(lstrip=True),
     "ByteLevel add_prefix_space": lambda d: d["pre_tokenizer"].update(add_prefix_space=True),
