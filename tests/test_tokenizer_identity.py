@@ -77,7 +77,7 @@ def test_hf_reserialized_tokenizer_keeps_its_fingerprint(hf_json, tmp_path):
 
 
 def test_hf_old_metaspace_is_read_as_its_prepend_scheme(tmp_path):
-    """Before tokenizers 0.14, Metaspace had add_prefix_space; the library reads it as prepend_scheme
+    """Older tokenizers wrote Metaspace's add_prefix_space; the library reads it as prepend_scheme
     "always" and split true, and re-saves it so."""
     old = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
            "pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581", "add_prefix_space": True},

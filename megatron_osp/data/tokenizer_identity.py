@@ -85,7 +85,7 @@ def _sha(obj) -> str:
 #   decoder        ids -> text only; and newer libraries rewrite its fields (Metaspace's
 #                  add_prefix_space -> prepend_scheme), so keeping it would refuse a plain re-save.
 # Serialization differences made equal: key order and whitespace (canonical JSON), merges written as
-# "a b" strings (tokenizers < 0.20) or ["a", "b"] pairs, added_tokens order (each has its id), and a
+# "a b" strings (older tokenizers) or ["a", "b"] pairs, added_tokens order (each has its id), and a
 # field a newer library writes out with the value an older one used when it was absent (_DEFAULTS).
 
 _HF_KEPT = ("model", "normalizer", "pre_tokenizer", "added_tokens", "truncation", "padding")
@@ -138,7 +138,7 @@ def _with_defaults(section: str, value):
              for k, v in value.items()}
     kind = value.get("type")
     if section == "pre_tokenizer" and kind == "Metaspace" and "prepend_scheme" not in value:
-        # Before tokenizers 0.14: add_prefix_space (default true), read now as prepend_scheme
+        # Older tokenizers: add_prefix_space (default true), which the library reads as prepend_scheme
         # "always" (true) or "never" (false).
         value = dict(value)
         value["prepend_scheme"] = "always" if value.pop("add_prefix_space", True) else "never"
