@@ -141,6 +141,50 @@ def test_preprocessed_inputs_of_other_tokenizers_or_eod_settings_are_refused_by_
     assert not list(tmp_path.glob("m2*"))
 
 
+def test_preprocessed_inputs_of_one_tokenizer_in_byte_different_files_merge(tmp_path):
+    """The same tokenizer.json re-saved (other key order and whitespace, another padding of the JSON):
+    other sha256, same ids, so the datasets merge; one that encodes differently is still refused. A
+    manifest without a fingerprint (written before them) is held to the file's sha256."""
+    import json
+
+    from megatron_osp.data.preprocess import preprocess
+
+    src = tmp_path / "c.jsonl"
+    src.write_text('{"text": "hello world"}\n{"text": "world fox"}\n')
+    a = _word_tokenizer(tmp_path / "a.json", ["hello", "world", "fox"])
+    definition = json.loads(Path(a).read_text())
+    (tmp_path / "a2.json").write_text(json.dumps(dict(reversed(list(definition.items()))), indent=3))
+    b = _word_tokenizer(tmp_path / "b.json", ["fox", "world", "hello"])
+
+    def run(name, tok):
+        preprocess([str(src)], tok, str(tmp_path / name), progress=False)
+        return str(tmp_path / f"{name}_text_document")
+
+    base, copy, other = run("base", a), run("copy", str(tmp_path / "a2.json")), run("other", b)
+    manifests = {p: json.loads(Path(p + ".shards.json").read_text()) for p in (base, copy)}
+    assert manifests[base]["tokenizer_sha256"] != manifests[copy]["tokenizer_sha256"]
+    assert manifests[base]["tokenizer_fingerprint"] == manifests[copy]["tokenizer_fingerprint"]
+    merge_datasets([base, copy], str(tmp_path / "m"))
+    assert len(IndexedDataset(str(tmp_path / "m"))) == 4
+    with pytest.raises(ValueError, match=re.escape(f"{other}: made with another tokenizer than {base} (their "
+                                                   "manifests record tokenizer files of sha256 ")):
+        merge_datasets([base, copy, other], str(tmp_path / "m3"))
+    for tok, inputs, ok in ((tmp_path / "a2.json", [base], True), (a, [copy], True), (b, [copy], False)):
+        r = subprocess.run([sys.executable, str(REPO / "tools/merge_datasets.py"), "--input", *inputs,
+                            "--output-prefix", str(tmp_path / "m2"), "--tokenizer-model", str(tok)],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == (0 if ok else 1), r.stderr
+        if not ok:
+            assert f"{copy}: made with another tokenizer (its manifest records sha256 " in r.stderr
+            assert "which encodes differently" in r.stderr
+    m = manifests[copy]
+    del m["tokenizer_fingerprint"]
+    Path(copy + ".shards.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match=re.escape(f"{copy}: made with another tokenizer than {base}")):
+        merge_datasets([base, copy], str(tmp_path / "m4"))
+    assert not list(tmp_path.glob("m3*")) and not list(tmp_path.glob("m4*"))
+
+
 def test_a_dataset_given_twice_is_refused(tmp_path):
     """Directly, or as a shard of a sharded output's prefix and by its own name: its documents used to be
     merged twice."""

@@ -383,18 +383,41 @@ def test_the_slurm_example_after_a_failed_task(tmp_path, tok):
     assert len(list(state.glob("*.submitted"))) == 4
 
 
-def test_tasks_with_a_hugging_face_tokenizer(tmp_path):
+def _hf_tokenizer(path):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     hf = Tokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.train_from_iterator([" ".join(WORDS[i:] + WORDS[:i]) for i in range(12)] * 10, trainers.BpeTrainer(
         vocab_size=330, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = str(tmp_path / "tokenizer.json")
-    hf.save(tok)
+    hf.save(str(path))
+    return str(path)
+
+
+def test_tasks_with_a_hugging_face_tokenizer(tmp_path):
+    tok = _hf_tokenizer(tmp_path / "tokenizer.json")
     inputs = _corpus(tmp_path / "in", n_files=4)
     preprocess(inputs, tok, str(tmp_path / "single"), progress=False)
     for i in (1, 0):
         preprocess(inputs, tok, str(tmp_path / "t"), progress=False, task=(i, 2))
     merge.merge_tasks(str(tmp_path / "t"), tokenizer_model=str(tmp_path))  # a directory holding tokenizer.json
     assert _bytes(tmp_path / "t_text_document") == _bytes(tmp_path / "single_text_document")
+    manifests = [json.loads((tmp_path / f"{p}_text_document.shards.json").read_text()) for p in ("single", "t")]
+    assert manifests[0]["tokenizer_fingerprint"] == manifests[1]["tokenizer_fingerprint"]
+
+
+def test_tasks_are_one_run_by_their_tokenizer_file_not_its_fingerprint(tmp_path):
+    """A re-saved copy of the tokenizer (other bytes, same ids) passes as the merge's --tokenizer-model,
+    but a task run with it is of another run: the tasks of one run are given one file."""
+    tok = _hf_tokenizer(tmp_path / "tokenizer.json")
+    copy = tmp_path / "copy.json"
+    copy.write_text(json.dumps(json.loads(Path(tok).read_text()), indent=7))
+    inputs = _corpus(tmp_path / "in", n_files=4)
+    for i in (0, 1):
+        preprocess(inputs, tok, str(tmp_path / "t"), progress=False, task=(i, 2))
+    merge.merge_tasks(str(tmp_path / "t"), str(tmp_path / "m"), tokenizer_model=str(copy))
+    preprocess(inputs, str(copy), str(tmp_path / "t"), progress=False, task=(1, 2))
+    with pytest.raises(ValueError, match=r"task 1 \(.*\) comes from a different run than task\(s\) 0: tokenizer "
+                                         rf"{copy} \(sha256 .*\) vs tokenizer {tok}"):
+        merge.merge_tasks(str(tmp_path / "t"), str(tmp_path / "m2"))
+    assert not list(tmp_path.glob("m2*"))

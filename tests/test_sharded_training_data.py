@@ -76,6 +76,7 @@ def test_data_of_another_tokenizer_of_the_same_size_is_refused_by_name(sharded, 
     from megatron_osp.data.preprocess import preprocess
     from megatron_osp.data.tokenizer import train_sentencepiece
     from megatron_osp.training.config import load_config
+    from megatron_osp.data.tokenizer_identity import tokenizer_fingerprint
     from megatron_osp.training.data_checks import data_problems
 
     corpus = Path(sharded["tokenizer"]).parent / "corpus.jsonl"
@@ -90,11 +91,42 @@ def test_data_of_another_tokenizer_of_the_same_size_is_refused_by_name(sharded, 
     assert problems([sharded["family"]], sharded["tokenizer"]) == []
     assert problems([mine, theirs], sharded["tokenizer"]) == [
         f"data.paths: {theirs}: made with another tokenizer than {mine} (their manifests record tokenizer files "
-        f"of sha256 {_sha(other)[:12]} and {_sha(sharded['tokenizer'])[:12]}); datasets of different tokenizers "
-        "cannot be merged or trained on together"]
+        f"of sha256 {_sha(other)[:12]} and {_sha(sharded['tokenizer'])[:12]}, which encode differently: "
+        f"tokenizer_fingerprint {tokenizer_fingerprint(other)[:16]} and {tokenizer_fingerprint(sharded['tokenizer'])[:16]}"
+        "); datasets of different tokenizers cannot be merged or trained on together"]
     assert problems([theirs], sharded["tokenizer"]) == [
         f"data.paths: {theirs} was made with another tokenizer than data.tokenizer_model={sharded['tokenizer']} "
-        f"(its manifest records a tokenizer file of sha256 {_sha(other)[:12]})"]
+        f"(its manifest records a tokenizer file of sha256 {_sha(other)[:12]}, which encodes differently)"]
+
+
+def test_data_of_a_byte_different_copy_of_the_tokenizer_trains_with_it(sharded, tmp_path):
+    """A copy of the SentencePiece model whose training-only fields (input path, threads) differ has other
+    bytes but makes the same ids: its data mixes with the original's, and either file is accepted as
+    data.tokenizer_model (the sha256 refused both). Manifests without fingerprints still go by the sha256."""
+    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+    from megatron_osp.data.preprocess import preprocess
+
+    proto = model_pb2.ModelProto()
+    proto.ParseFromString(Path(sharded["tokenizer"]).read_bytes())
+    proto.trainer_spec.input[:] = ["/elsewhere/corpus.txt"]
+    proto.trainer_spec.num_threads += 7
+    copy = tmp_path / "copy.model"
+    copy.write_bytes(proto.SerializeToString())
+    assert _sha(copy) != _sha(sharded["tokenizer"])
+    corpus = Path(sharded["tokenizer"]).parent / "corpus.jsonl"
+    preprocess([str(corpus)], str(copy), str(tmp_path / "c"), progress=False)
+    mine, theirs = sharded["shards"][0], str(tmp_path / "c_text_document")
+    assert _problems([mine, theirs], sharded["tokenizer"]) == []
+    assert _problems([mine, theirs], str(copy)) == []
+    assert _problems([sharded["family"]], str(copy)) == []
+    manifest = Path(theirs + ".shards.json")
+    m = json.loads(manifest.read_text())
+    del m["tokenizer_fingerprint"]  # as written before fingerprints were
+    manifest.write_text(json.dumps(m))
+    assert _problems([theirs], str(copy)) == []  # same file: same sha256
+    assert _problems([mine, theirs], str(copy))[0].startswith(f"data.paths: {theirs}: made with another tokenizer ")
+    assert _problems([theirs], sharded["tokenizer"])[0].startswith(f"data.paths: {theirs} was made with another ")
 
 
 def _sha(path):

@@ -42,7 +42,8 @@ def main() -> int:
                    help="with --tasks: shard the merged output as preprocess_data.py --max-shard-tokens would")
     p.add_argument("--tokenizer-model", default=None,
                    help="check the dtype holds this tokenizer's ids, no input has an id outside its vocabulary and "
-                        "every input's manifest (if any) names this tokenizer (with --tasks: the tasks used it)")
+                        "every input's manifest (if any) names this tokenizer or one that makes the same ids "
+                        "(with --tasks: the tasks used it)")
     args = p.parse_args()
     if not args.tasks and not args.output_prefix:
         p.error("--output-prefix is required with --input/--input-dir")
@@ -60,15 +61,17 @@ def main() -> int:
             print(f"merged {info['tasks']} tasks: {info['sequences']:,} documents, {info['tokens']:,} tokens -> "
                   + (f"{outs[0]}.{{bin,idx}}" if len(outs) == 1 else f"{len(outs)} datasets {outs[0]} ... {outs[-1]}"))
             return 0
-        vocab = sha = None
+        vocab = sha = fingerprint = None
         if args.tokenizer_model:
             from megatron_osp.data.shardset import sha256_file
             from megatron_osp.data.tokenizer import load_tokenizer
+            from megatron_osp.data.tokenizer_identity import tokenizer_fingerprint
 
             tok = load_tokenizer(args.tokenizer_model)
-            vocab, sha = tok.vocab_size, sha256_file(tok.model_file)
+            vocab, sha, fingerprint = tok.vocab_size, sha256_file(tok.model_file), tokenizer_fingerprint(tok.model_file)
         inputs = args.input or prefixes_in(args.input_dir, skipped)
-        info = merge_datasets(inputs, args.output_prefix, vocab_size=vocab, tokenizer_sha256=sha)
+        info = merge_datasets(inputs, args.output_prefix, vocab_size=vocab, tokenizer_sha256=sha,
+                              tokenizer_fingerprint=fingerprint)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         print("no output was written", file=sys.stderr)

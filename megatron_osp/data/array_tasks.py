@@ -16,6 +16,14 @@ input list, and the run's identity: a hash of the whole input list and of every 
 changes the tokens (the tokenizer file's SHA-256, its EOD id, the keys, ``append_eod``). A failed
 task publishes nothing, so its manifest is missing (or, if it ran before, is the earlier run's: a
 different identity, refused, unless the files and options were the same, when it is the same data).
+
+The identity holds the tokenizer file's SHA-256, not its behaviour fingerprint
+(data/tokenizer_identity.py), which merging separate datasets and training go by: tasks of one run
+were given one file, so a task whose file has other bytes was started differently from the others
+(another path or version of the tokenizer), which is what this check exists to catch; and the merged
+manifest names one tokenizer file and its sha256 for all tasks, which would be wrong for some of
+them. A set refused for that alone can be merged as separate datasets (``merge_datasets.py
+--input``), which accepts tokenizers of one fingerprint.
 """
 
 from __future__ import annotations

@@ -20,19 +20,20 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_osp.data import shardset
+from megatron_osp.data import shardset, tokenizer_identity
 from megatron_osp.data.indexed import IndexedDataset, IndexedDatasetWriter, check_dtype_holds
 from megatron_osp.data.token_range import scan_token_range
 
 
 def merge_datasets(input_prefixes: list[str], output_prefix: str, vocab_size: int | None = None,
-                   tokenizer_sha256: str | None = None) -> dict:
+                   tokenizer_sha256: str | None = None, tokenizer_fingerprint: str | None = None) -> dict:
     """Write ``output_prefix``.{bin,idx} = the inputs in order. All inputs must share a dtype, and the
     preprocessing outputs among them (those with a manifest) a tokenizer and EOD setting.
 
     ``vocab_size``: also refuse a dtype that cannot hold that vocabulary's ids, and any input holding
-    an id outside it (one pass over the tokens), naming the dataset. ``tokenizer_sha256``: refuse an
-    input whose manifest records another tokenizer file.
+    an id outside it (one pass over the tokens), naming the dataset. ``tokenizer_sha256`` and
+    ``tokenizer_fingerprint`` (data/tokenizer_identity.py) of a tokenizer file: refuse an input whose
+    manifest records another tokenizer (by fingerprint where both have one, else by file sha256).
     """
     if not input_prefixes:
         raise ValueError("no input datasets to merge")
@@ -69,11 +70,14 @@ def merge_datasets(input_prefixes: list[str], output_prefix: str, vocab_size: in
     if vocab_size is not None and vocabs and vocab_size != next(iter(vocabs.values())):
         p, v = next(iter(vocabs.items()))
         raise ValueError(f"{p}: made with a tokenizer of {v} ids (its manifest), not {vocab_size}")
-    shas = {p: r["tokenizer_sha256"] for p, r in recorded.items() if "tokenizer_sha256" in r}
-    if tokenizer_sha256 is not None and shas and tokenizer_sha256 != next(iter(shas.values())):
-        p, v = next(iter(shas.items()))
-        raise ValueError(f"{p}: made with another tokenizer (its manifest records sha256 {v[:12]}, the given "
-                         f"one has {tokenizer_sha256[:12]})")
+    given = {k: v for k, v in (("tokenizer_sha256", tokenizer_sha256),
+                               ("tokenizer_fingerprint", tokenizer_fingerprint)) if v is not None}
+    for p, r in recorded.items():
+        if given and tokenizer_identity.same_tokenizer(r, given) is False:
+            how = (", which encodes differently" if "tokenizer_fingerprint" in r and tokenizer_fingerprint else "")
+            raise ValueError(f"{p}: made with another tokenizer (its manifest records sha256 "
+                             f"{r.get('tokenizer_sha256', '?')[:12]}, the given one has "
+                             f"{(tokenizer_sha256 or '?')[:12]}{how})")
     vocab = vocab_size if vocab_size is not None else next(iter(vocabs.values()), None)
     if vocab is not None:
         check_dtype_holds(dtype, vocab, f"{datasets[0].prefix}.idx")
@@ -119,7 +123,8 @@ def merge_tasks(prefix: str, output_prefix: str | None = None, num_tasks: int | 
     result is byte-identical to a single run over the same inputs with the same ``max_shard_tokens``
     (None: one unsharded dataset), whatever shard size the tasks used. Refuses, before writing, a set
     with a missing or incomplete task or with tasks of different runs (array_tasks.find_task_set);
-    ``tokenizer_model``, if given, must be the file the tasks used. The tasks' outputs are kept.
+    ``tokenizer_model``, if given, must be the file the tasks used or one of its fingerprint (the same
+    ids, data/tokenizer_identity.py). The tasks' outputs are kept.
     """
     from megatron_osp.data import array_tasks
     from megatron_osp.data.indexed import token_dtype_for
@@ -130,10 +135,19 @@ def merge_tasks(prefix: str, output_prefix: str | None = None, num_tasks: int | 
     output_prefix = str(output_prefix or prefix)
     found = array_tasks.find_task_set(str(prefix), num_tasks)
     run, keys = found["run"], found["keys"]
+    # The tasks are one run, so of one tokenizer file (its sha256 is in the run's identity), whose
+    # fingerprint their manifests record. If none does (written before fingerprints were) or they
+    # disagree (two versions of this code), the merged manifest has none: the sha256 decides, as for
+    # any old manifest.
+    recorded = {shardset.recorded_tokens(f).get("tokenizer_fingerprint") for f in found["families"]} - {None}
+    fingerprint = {"tokenizer_fingerprint": recorded.pop()} if len(recorded) == 1 else {}
     if tokenizer_model is not None:
         path = str(tokenizer_model)
         path = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
-        if shardset.sha256_file(path) != run["options"]["tokenizer_sha256"]:
+        mine = {"tokenizer_sha256": shardset.sha256_file(path),
+                "tokenizer_fingerprint": tokenizer_identity.tokenizer_fingerprint(path)}
+        theirs = {"tokenizer_sha256": run["options"]["tokenizer_sha256"], **fingerprint}
+        if not tokenizer_identity.same_tokenizer(mine, theirs):
             raise ValueError(f"--tokenizer-model {tokenizer_model}: not the tokenizer the tasks used "
                              f"({run['tokenizer']}, sha256 {run['options']['tokenizer_sha256'][:12]})")
     families = {os.path.realpath(f) for f in found["families"]}
@@ -162,7 +176,8 @@ def merge_tasks(prefix: str, output_prefix: str | None = None, num_tasks: int | 
                 output.add_documents(lengths, tokens)
         outputs = output.finalize({
             "tokenizer": run["tokenizer"], "vocab_size": run["options"]["vocab_size"],
-            "tokenizer_sha256": run["options"]["tokenizer_sha256"], "eod": run["options"]["eod"], "dtype": dtype.name,
+            "tokenizer_sha256": run["options"]["tokenizer_sha256"], **fingerprint, "eod": run["options"]["eod"],
+            "dtype": dtype.name,
             "inputs": found["inputs"], "append_eod": run["options"]["append_eod"],
             "max_shard_tokens": max_shard_tokens, "skip_bad_records": found["skip_bad_records"],
             "merged_from": {"tasks": found["num_tasks"], "prefix": str(prefix), "run": run["run"]}})

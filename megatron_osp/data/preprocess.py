@@ -27,6 +27,7 @@ from megatron_osp.data.indexed import IndexedDatasetWriter, token_dtype_for
 from megatron_osp.data.readers import BadRecord, CorruptInput, parse_json_record, record_chunks
 from megatron_osp.data.shardset import Stage, sha256_file
 from megatron_osp.data.tokenizer import load_tokenizer
+from megatron_osp.data.tokenizer_identity import tokenizer_fingerprint
 
 __all__ = ["BadRecord", "CorruptInput", "PreprocessStats", "WorkerDied", "check_eod", "check_inputs", "check_json_keys",
            "eod_note", "output_prefix_for", "preprocess"]
@@ -336,6 +337,10 @@ def preprocess(
         raise ValueError(f"max_shard_tokens must be >= 1, got {max_shard_tokens}")
     tokenizer = load_tokenizer(tokenizer_model, eod_token)
     check_eod(tokenizer, tokenizer_model, append_eod)
+    # Both go into the manifest: the sha256 says which file was used, the fingerprint which ids it
+    # makes (two files of one fingerprint encode alike, data/tokenizer_identity.py).
+    tokenizer_ids = {"tokenizer_sha256": sha256_file(tokenizer.model_file),
+                     "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer.model_file)}
     note = eod_note(tokenizer, eod_token)
     if log is not None and note:
         log(note)
@@ -394,7 +399,7 @@ def preprocess(
             raise BadRecord(f"{paths[0]}: no non-empty documents in the input")
         outputs = output.finalize({
             "tokenizer": os.path.abspath(tokenizer_model), "vocab_size": int(tokenizer.vocab_size),
-            "tokenizer_sha256": sha256_file(tokenizer.model_file), "eod": int(tokenizer.eod),
+            **tokenizer_ids, "eod": int(tokenizer.eod),
             "dtype": np.dtype(output.dtype).name, "inputs": [str(p) for p in paths],
             "append_eod": bool(append_eod), "max_shard_tokens": max_shard_tokens,
             "skip_bad_records": bool(skip_bad_records), **({"array": array_record} if array_record else {})})

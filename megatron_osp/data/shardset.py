@@ -31,6 +31,7 @@ import socket
 import time
 from pathlib import Path
 
+from megatron_osp.data.tokenizer_identity import same_tokenizer
 from megatron_osp.fileio import atomic_write_json
 
 MANIFEST_SUFFIX = ".shards.json"
@@ -169,7 +170,8 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def recorded_tokens(prefix: str | os.PathLike) -> dict:
     """What the manifest of ``prefix``'s family records about how its ids were made: ``vocab_size``,
-    ``tokenizer_sha256``, ``eod``, ``append_eod`` (those it has; an array task's come from its run's
+    ``tokenizer_sha256``, ``tokenizer_fingerprint`` (data/tokenizer_identity.py; manifests written
+    before it lack it), ``eod``, ``append_eod`` (those it has; an array task's come from its run's
     options); {} without a manifest."""
     family = family_of(prefix)
     if family is None:
@@ -178,7 +180,8 @@ def recorded_tokens(prefix: str | os.PathLike) -> dict:
     array = m.get("array")
     options = array.get("options", {}) if isinstance(array, dict) else {}
     out = {}
-    for key, kind in (("vocab_size", int), ("tokenizer_sha256", str), ("eod", int), ("append_eod", bool)):
+    for key, kind in (("vocab_size", int), ("tokenizer_sha256", str), ("tokenizer_fingerprint", str), ("eod", int),
+                      ("append_eod", bool)):
         v = m.get(key, options.get(key))
         if isinstance(v, kind) and (kind is bool or not isinstance(v, bool)):
             out[key] = v
@@ -186,9 +189,11 @@ def recorded_tokens(prefix: str | os.PathLike) -> dict:
 
 
 def check_same_tokens(recorded: dict[str, dict], eod: bool = True) -> None:
-    """Refuse datasets whose manifests say their ids came from different tokenizers (files, sizes) or,
-    with ``eod``, different EOD settings (one ends documents with EOD, another not, or with another id),
-    naming two. ``recorded``: dataset prefix -> its ``recorded_tokens``."""
+    """Refuse datasets whose manifests say their ids came from different tokenizers (sizes; then
+    fingerprints where both record one, else files) or, with ``eod``, different EOD settings (one ends
+    documents with EOD, another not, or with another id), naming two. ``recorded``: dataset prefix ->
+    its ``recorded_tokens``. Two tokenizer files of one fingerprint make the same ids
+    (data/tokenizer_identity.py), so their datasets mix."""
     def first_difference(key, applies=lambda r: True):
         seen = [(p, r[key]) for p, r in recorded.items() if key in r and applies(r)]
         return next(((seen[0], b) for b in seen[1:] if b[1] != seen[0][1]), None)
@@ -197,11 +202,13 @@ def check_same_tokens(recorded: dict[str, dict], eod: bool = True) -> None:
         (a, va), (b, vb) = d
         raise ValueError(f"{b}: made with a tokenizer of {vb} ids, {a} with one of {va} (their manifests); "
                          "datasets of different tokenizers cannot be merged or trained on together")
-    if d := first_difference("tokenizer_sha256"):
-        (a, va), (b, vb) = d
-        raise ValueError(f"{b}: made with another tokenizer than {a} (their manifests record tokenizer files of "
-                         f"sha256 {vb[:12]} and {va[:12]}); datasets of different tokenizers cannot be merged "
-                         "or trained on together")
+    known = [(p, r) for p, r in recorded.items() if "tokenizer_sha256" in r or "tokenizer_fingerprint" in r]
+    for b, rb in known[1:]:
+        a, ra = known[0]
+        if same_tokenizer(ra, rb) is False:
+            raise ValueError(f"{b}: made with another tokenizer than {a} (their manifests record tokenizer files of "
+                             f"{_tokenizer_note(rb, ra)}); datasets of different tokenizers cannot be merged "
+                             "or trained on together")
     if not eod:
         return
     if d := first_difference("append_eod"):
@@ -213,6 +220,17 @@ def check_same_tokens(recorded: dict[str, dict], eod: bool = True) -> None:
         (a, va), (b, vb) = d
         raise ValueError(f"{b}: its documents end with EOD id {vb}, {a}'s with {va} (their manifests); "
                          "datasets of different EOD tokens cannot be merged")
+
+
+def _tokenizer_note(b: dict, a: dict) -> str:
+    """How two records' tokenizers differ, for a message: their files' sha256s (which say which files
+    were used), and that they encode differently when their fingerprints said so."""
+    sb, sa = b.get("tokenizer_sha256", "?"), a.get("tokenizer_sha256", "?")
+    note = f"sha256 {sb[:12]} and {sa[:12]}"
+    fb, fa = b.get("tokenizer_fingerprint"), a.get("tokenizer_fingerprint")
+    if fb and fa and fb.split(":")[0] == fa.split(":")[0]:
+        note += f", which encode differently: tokenizer_fingerprint {fb[:16]} and {fa[:16]}"
+    return note
 
 
 def datasets_in_directory(directory: str | os.PathLike) -> tuple[list[str], list[str]]:

@@ -9,6 +9,7 @@ import os
 
 from megatron_osp.data import shardset
 from megatron_osp.data.shardset import expand
+from megatron_osp.data.tokenizer_identity import same_tokenizer, tokenizer_fingerprint
 from megatron_osp.training.validation import ConfigError, _fail
 
 
@@ -106,7 +107,8 @@ def _recorded_eod(prefixes: list[str]) -> int | None:
 def _tokenizer_mix_problems(d, prefixes: list[str]) -> list[str]:
     """Preprocessing outputs in ``data.paths`` made with different tokenizers (their manifests say so;
     two tokenizers of one size pass every size and dtype check), or with another tokenizer than
-    ``data.tokenizer_model``."""
+    ``data.tokenizer_model``. Tokenizer files of one fingerprint (the same ids, whatever their bytes,
+    data/tokenizer_identity.py) count as one; manifests without fingerprints go by the file's sha256."""
     try:
         recorded = {p: shardset.recorded_tokens(p) for p in prefixes}
     except (OSError, ValueError):  # an unreadable or interrupted manifest is named when the dataset opens
@@ -115,13 +117,19 @@ def _tokenizer_mix_problems(d, prefixes: list[str]) -> list[str]:
         shardset.check_same_tokens(recorded, eod=False)
     except ValueError as e:
         return [f"data.paths: {e}"]
-    if not d.tokenizer_model or not os.path.isfile(d.tokenizer_model):
+    made = {p: r for p, r in recorded.items() if "tokenizer_sha256" in r or "tokenizer_fingerprint" in r}
+    if not d.tokenizer_model or not os.path.isfile(d.tokenizer_model) or not made:
         return []
-    made = {p: r["tokenizer_sha256"] for p, r in recorded.items() if "tokenizer_sha256" in r}
-    if made and shardset.sha256_file(d.tokenizer_model) not in made.values():
-        p = next(iter(made))
-        return [f"data.paths: {p} was made with another tokenizer than data.tokenizer_model={d.tokenizer_model} "
-                f"(its manifest records a tokenizer file of sha256 {made[p][:12]})"]
+    mine = {"tokenizer_sha256": shardset.sha256_file(d.tokenizer_model)}
+    try:
+        mine["tokenizer_fingerprint"] = tokenizer_fingerprint(d.tokenizer_model)
+    except (OSError, ValueError):  # not readable as a tokenizer: loading it says so; the sha256 decides here
+        pass
+    for p, r in made.items():
+        if same_tokenizer(r, mine) is False:
+            how = ", which encodes differently" if "tokenizer_fingerprint" in r and len(mine) == 2 else ""
+            return [f"data.paths: {p} was made with another tokenizer than data.tokenizer_model={d.tokenizer_model} "
+                    f"(its manifest records a tokenizer file of sha256 {r.get('tokenizer_sha256', '?')[:12]}{how})"]
     return []
 
 
