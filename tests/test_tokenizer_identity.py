@@ -96,19 +96,30 @@ def test_hf_old_metaspace_is_read_as_its_prepend_scheme(tmp_path):
     assert tokenizer_fingerprint(_write(tmp_path, "never.json", json.dumps(never))) != fp
 
 
-def test_hf_padding_and_truncation_blocks_of_two_versions_are_one(hf_json, tmp_path):
-    d = json.loads(hf_json)
+def test_hf_truncation_and_padding_are_turned_off_so_they_change_no_id(hf_json, tmp_path):
+    """A tokenizer.json saved for a model's inputs with truncation (max_length 8) and padding: the
+    library's encode_batch cut every document to 8 ids and padded short ones, and preprocessing wrote
+    that without a word. HFTokenizer turns both off (and says so in the EOD line preprocessing prints),
+    so the file is the same tokenizer as the one without them, in ids and in fingerprint."""
+    from megatron_osp.data.preprocess import eod_note
+    from megatron_osp.data.tokenizer import HFTokenizer
+
     tok = Tokenizer.from_str(hf_json)
     tok.enable_truncation(8)
     tok.enable_padding(pad_id=0, pad_token="<|endoftext|>")
-    new = json.loads(tok.to_str())
-    old = json.loads(tok.to_str())
-    del old["truncation"]["direction"], old["padding"]["pad_to_multiple_of"]
-    assert _ids(json.dumps(old)) == _ids(json.dumps(new))
-    fp_new = tokenizer_fingerprint(_write(tmp_path, "new.json", json.dumps(new)))
-    assert tokenizer_fingerprint(_write(tmp_path, "old.json", json.dumps(old))) == fp_new
-    # ... and both are another tokenizer than the one without: encode_batch cuts and pads with them.
-    assert fp_new != tokenizer_fingerprint(_write(tmp_path, "plain.json", json.dumps(d)))
+    cut = _write(tmp_path, "cut.json", tok.to_str())
+    plain = _write(tmp_path, "plain.json", hf_json)
+    docs = [" ".join(PROBES) * 3, "a"]
+    assert [len(e.ids) for e in tok.encode_batch(docs, add_special_tokens=False)] == [8, 8]  # what it did
+    ours = HFTokenizer(cut, eod_token="<|endoftext|>")
+    whole = HFTokenizer(plain, eod_token="<|endoftext|>")
+    for word_cache in (True, False):
+        ours._word_cache = whole._word_cache = None if word_cache else False
+        assert [list(x) for x in ours.encode_batch(docs)] == [list(x) for x in whole.encode_batch(docs)]
+    assert len(ours.encode_batch(docs)[0]) > 8 and ours.switched_off == ["truncation to 8 tokens", "padding"]
+    assert "truncation to 8 tokens and padding turned off" in eod_note(ours, "<|endoftext|>")
+    assert whole.switched_off == [] and "turned off" not in eod_note(whole, "<|endoftext|>")
+    assert tokenizer_fingerprint(cut) == tokenizer_fingerprint(plain)
 
 
 def _swap_vocab_ids(d):
@@ -132,8 +143,6 @@ CHANGES = {
     "an added token's lstrip": lambda d: d["added_tokens"][0].update(lstrip=True),
     "ByteLevel add_prefix_space": lambda d: d["pre_tokenizer"].update(add_prefix_space=True),
     "BPE dropout": lambda d: d["model"].update(dropout=0.5),
-    "truncation": lambda d: d.update(truncation={"direction": "Right", "max_length": 4, "strategy": "LongestFirst",
-                                                 "stride": 0}),
 }
 
 

@@ -184,12 +184,17 @@ def check_eod(tokenizer, tokenizer_model: str, append_eod: bool) -> None:
 def eod_note(tokenizer, eod_token: str | None) -> str | None:
     """The line naming a Hugging Face tokenizer's end-of-document token and id (guessed unless
     ``eod_token`` named it), shown before any tokenizing, so a wrong guess is seen at once and not
-    after hours of work. None for SentencePiece (its EOS piece)."""
+    after hours of work, and the truncation or padding its tokenizer.json set and loading turned off.
+    None for SentencePiece (its EOS piece)."""
     token = getattr(tokenizer, "eod_token", None)
     if token is None:
         return None
     how = "given by --eod-token" if eod_token else "guessed from the vocabulary; --eod-token picks another"
-    return f"end-of-document token {token!r}, id {tokenizer.eod} ({how})"
+    note = f"end-of-document token {token!r}, id {tokenizer.eod} ({how})"
+    off = getattr(tokenizer, "switched_off", None)
+    if off:  # data/tokenizer.py HFTokenizer: they would cut documents or add pad ids
+        note += f"; the tokenizer.json's {' and '.join(off)} turned off: documents are written whole, without pad ids"
+    return note
 
 
 def check_inputs(paths) -> None:

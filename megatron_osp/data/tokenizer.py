@@ -103,6 +103,16 @@ class HFTokenizer:
                 + (f"{eod_token!r} in the vocabulary" if eod_token else f"among {', '.join(HF_EOD_CANDIDATES)}; pass --eod-token")
             )
         self.eod_token, self._eod = found[0]
+        # A tokenizer.json saved for a model's inputs may set truncation (encode_batch would cut every
+        # document to max_length, silently) or padding (pad ids, varying with the batch): neither has a
+        # place in pretraining data, so both are turned off. ``switched_off`` says which were set.
+        self.switched_off = []
+        if self._tok.truncation is not None:
+            self.switched_off.append(f"truncation to {self._tok.truncation.get('max_length')} tokens")
+            self._tok.no_truncation()
+        if self._tok.padding is not None:
+            self.switched_off.append("padding")
+            self._tok.no_padding()
         # One more than the largest id: the count of tokens falls short when the ids have gaps (an added
         # token at an id past the rest), and the output dtype and range checks need every id to fit.
         ids = self._tok.get_vocab(with_added_tokens=True).values()

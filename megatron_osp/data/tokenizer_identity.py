@@ -72,12 +72,10 @@ def _sha(obj) -> str:
 #   pre_tokenizer  decides the words the model sees.
 #   added_tokens   matched in the text before the model runs, with their own ids; their lstrip,
 #                  rstrip, single_word, normalized and special flags change what matches.
-#   truncation     ``Tokenizer.from_file`` turns it on and ``encode_batch`` then cuts every document
-#                  to max_length (checked: ids [1, 2] for "a b c" with max_length 2).
-#   padding        likewise turned on: ``encode_batch`` pads each document to the longest of its batch
-#                  with pad_id, ids that depend on the batch. (hf_fast.py refuses both for the same
-#                  reason.) A null block stays null; only fields newer versions add are filled in.
 # Left out (cannot change the ids preprocessing writes):
+#   truncation,    ``Tokenizer.from_file`` turns them on, and ``encode_batch`` would then cut every
+#   padding        document to max_length or pad it with pad ids that depend on the batch; HFTokenizer
+#                  turns both off when it loads (data/tokenizer.py), so they change no id it writes.
 #   version        the file format's version string, "1.0" for every current library.
 #   post_processor adds BOS/EOS or pair templates only with add_special_tokens=True; preprocessing
 #                  encodes with add_special_tokens=False (tokenizer.py), where TemplateProcessing,
@@ -88,7 +86,7 @@ def _sha(obj) -> str:
 # "a b" strings (older tokenizers) or ["a", "b"] pairs, added_tokens order (each has its id), and a
 # field a newer library writes out with the value an older one used when it was absent (_DEFAULTS).
 
-_HF_KEPT = ("model", "normalizer", "pre_tokenizer", "added_tokens", "truncation", "padding")
+_HF_KEPT = ("model", "normalizer", "pre_tokenizer", "added_tokens")
 
 # Fields older tokenizer.json files lack, with the value the library (0.23) reads when one is absent
 # and writes out on every save: a file and its re-save by the library agree (tested). A field the
@@ -99,8 +97,6 @@ _DEFAULTS = {
                       "ignore_merges": False},
               "Unigram": {"byte_fallback": False}},
     "pre_tokenizer": {"ByteLevel": {"use_regex": True}, "Metaspace": {"split": True}},
-    "truncation": {None: {"direction": "Right"}},
-    "padding": {None: {"pad_to_multiple_of": None}},
 }
 
 
