@@ -20,7 +20,8 @@ echo "== threads: OMP_NUM_THREADS=$OMP_NUM_THREADS, torch CPU kernels: $(python 
 echo "== 1/6 corpus: documentation shipped with Python"
 python tools/builtin_corpus.py --output "$RUN_DIR/corpus.jsonl"
 echo "== 2/6 tokenizer: SentencePiece BPE, vocab $VOCAB (character level)"
-python tools/train_tokenizer.py --input "$RUN_DIR/corpus.jsonl" --output-prefix "$RUN_DIR/tokenizer" --vocab-size $VOCAB
+python tools/train_tokenizer.py --input "$RUN_DIR/corpus.jsonl" --output-prefix "$RUN_DIR/tokenizer" --vocab-size $VOCAB \
+  --overwrite  # a rerun makes the same one
 echo "== 3/6 tokenize into Megatron's indexed format"
 python tools/preprocess_data.py --input "$RUN_DIR/corpus.jsonl" --tokenizer-model "$RUN_DIR/tokenizer.model" \
   --output-prefix "$RUN_DIR/corpus" --append-eod --workers 2

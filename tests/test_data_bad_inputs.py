@@ -122,6 +122,22 @@ def test_vocab_sizes_sentencepiece_refuses_are_explained(tmp_path):
         assert r.returncode == 0, r.stderr
 
 
+def test_an_existing_tokenizer_is_not_replaced_without_overwrite(tmp_path):
+    """train_tokenizer.py replaced PREFIX.model/.vocab without a word, though datasets may have been
+    tokenized with them; now refused before training, unless --overwrite."""
+    src = _corpus(tmp_path, 60)
+    args = ("train_tokenizer.py", "--input", src, "--output-prefix", tmp_path / "tok")
+    assert _cli(*args, "--vocab-size", 400).returncode == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.glob("tok.*")}
+    assert sorted(before) == ["tok.model", "tok.vocab"]
+    r = _cli(*args, "--vocab-size", 420)
+    _no_traceback(r)
+    assert r.returncode == 1 and f"{tmp_path / 'tok.model'} already exists" in r.stderr and "--overwrite" in r.stderr
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("tok.*")} == before
+    assert _cli(*args, "--vocab-size", 420, "--overwrite").returncode == 0
+    assert (tmp_path / "tok.model").read_bytes() != before["tok.model"]
+
+
 def test_a_json_key_no_record_has_is_named(tmp_path):
     src = _corpus(tmp_path, 20)
     r = _cli("train_tokenizer.py", "--input", src, "--output-prefix", tmp_path / "tok", "--vocab-size", 300,

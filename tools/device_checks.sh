@@ -53,7 +53,7 @@ prepare() {
   local vocab=${VOCAB:-350}
   python3 tools/builtin_corpus.py --include-source --output "$DEVICE_DATA/corpus.jsonl" &&
   python3 tools/train_tokenizer.py --input "$DEVICE_DATA/corpus.jsonl" --output-prefix "$DEVICE_DATA/tokenizer" \
-    --vocab-size "$vocab" &&
+    --vocab-size "$vocab" --overwrite &&
   python3 tools/preprocess_data.py --input "$DEVICE_DATA/corpus.jsonl" --tokenizer-model "$DEVICE_DATA/tokenizer.model" \
     --output-prefix "$DEVICE_DATA/corpus" --append-eod --workers 2 || return 1
   rm "$DEVICE_DATA/corpus.jsonl"  # not needed there; keeps the carried tree small

@@ -5,6 +5,8 @@
 A bad record (malformed JSON, missing --json-key, non-string text, invalid UTF-8 or a lone surrogate)
 stops training with file:line unless --skip-bad-records. --vocab-size must leave room for byte
 fallback: 259 ids (256 byte pieces + <unk>, <s>, </s>) plus one per character of the corpus.
+An existing PREFIX.model or PREFIX.vocab (a tokenizer datasets may have been made with) is refused
+before training unless --overwrite says to replace it.
 """
 
 import argparse
@@ -28,7 +30,13 @@ def main() -> int:
     p.add_argument("--sample-documents", type=int, default=None, help="train on the first N documents")
     p.add_argument("--character-coverage", type=float, default=0.9995)
     p.add_argument("--skip-bad-records", action="store_true", help="skip bad records instead of stopping")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.model / PREFIX.vocab")
     args = p.parse_args()
+    existing = [f for f in (args.output_prefix + ".model", args.output_prefix + ".vocab") if Path(f).exists()]
+    if existing and not args.overwrite:  # before training, which can take hours
+        print(f"error: {existing[0]} already exists: a tokenizer that datasets may have been made with. "
+              "--overwrite replaces it, or choose another --output-prefix", file=sys.stderr)
+        return 1
     skipped: list[str] = []
     try:
         model = train_sentencepiece(
