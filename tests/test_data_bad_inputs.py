@@ -312,3 +312,36 @@ def test_temporaries_of_killed_training_and_merge_runs_are_removed(tmp_path):
         w.add_document(np.arange(5))
     assert _cli("merge_datasets.py", "--input", tmp_path / "d", "--output-prefix", tmp_path / "m").returncode == 0
     assert [p.name for p in stale if p.exists()] == [] and live.exists()
+
+
+def test_ctrl_c_in_preprocessing_ends_cleanly(tmp_path, tok):
+    """Ctrl-C (SIGINT to the terminal's process group) ended preprocessing in a KeyboardInterrupt
+    traceback. Now: one line, exit 130, no stage directory or worker left, the earlier output as it was."""
+    import signal
+    import time
+
+    earlier = _cli("preprocess_data.py", "--input", _corpus(tmp_path, 20), "--tokenizer-model", tok,
+                   "--output-prefix", tmp_path / "out", "--no-progress")
+    assert earlier.returncode == 0, earlier.stderr
+    before = {p.name: p.read_bytes() for p in tmp_path.glob("out_*")}
+    big = tmp_path / "big.jsonl"
+    line = "".join(json.dumps({"text": t}) + "\n" for t in TEXTS)
+    big.write_text(line * max(1, 60_000_000 // len(line)))  # far more than a few seconds of work
+    proc = subprocess.Popen([sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input", str(big),
+                             "--tokenizer-model", tok, "--output-prefix", str(tmp_path / "out"), "--no-progress",
+                             "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".out.stage-*")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(1.0)  # the workers are tokenizing
+    assert proc.poll() is None, proc.communicate()
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends: every process of the group
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "interrupted: no output was written" in err, err[-3000:]
+    assert not list(tmp_path.glob(".out.stage-*"))
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("out_*")} == before
+    time.sleep(0.5)
+    left = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert left == [], left

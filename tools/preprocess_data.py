@@ -151,6 +151,9 @@ def main() -> int:
         print(f"error: {os_error(e)}", file=sys.stderr)
         print(f"no output was written; any earlier output of {output} is untouched", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: the stage is dropped on the way out (preprocess), no traceback
+        print(f"interrupted: no output was written; any earlier output of {output} is untouched", file=sys.stderr)
+        return 130
     print(stats.summary())
     return 0
 
