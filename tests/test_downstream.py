@@ -452,3 +452,46 @@ def test_an_earlier_report_is_kept_and_resumed(models, tmp_path, monkeypatch, ca
     assert evaluate_downstream.main([*common, "--output-dir", str(out), "--resume"]) == 2
     assert f"model 2 ({bad}) has changed since the report's results for it were made" in capsys.readouterr().err
     assert evaluate_downstream.main([*common, "--output-dir", str(out), "--overwrite"]) == 0
+
+
+def test_resume_keeps_the_tasks_of_a_setting_cut_short(models, tmp_path, monkeypatch, capsys):
+    """The report is written after every task, so a run stopped in the middle of a setting (here: the
+    second task of 4-4-4 raises) keeps the tasks done before; --resume evaluates only the rest (the
+    calls are counted) and writes what a complete run writes."""
+    import megatron_osp.analysis.downstream as downstream
+
+    evaluate_downstream = _fake_harness(monkeypatch)
+    score_of = downstream.evaluate_task
+    calls = []
+
+    def counted(lm, spec, tm, limit=None, keep_loglikelihoods=False):
+        calls.append(spec.name)
+        if kill_at is not None and len(calls) == kill_at:
+            raise RuntimeError("the job's time limit")
+        return score_of(lm, spec, tm, limit=limit, keep_loglikelihoods=keep_loglikelihoods)
+
+    monkeypatch.setattr(downstream, "evaluate_task", counted)
+    out = tmp_path / "out"
+    common = [str(models["hf"]), "--tasks", "toy_mc,toy_gen", "--settings", "fp,4-4-4", "--limit", "4",
+              "--device", "cpu", "--no-plots"]
+    kill_at = 4  # fp: toy_mc, toy_gen; 4-4-4: toy_mc, then killed in toy_gen
+    with pytest.raises(RuntimeError, match="time limit"):
+        evaluate_downstream.main([*common, "--output-dir", str(out)])
+    cut = json.loads((out / "downstream.json").read_text())
+    assert cut["complete"] is False and cut["progress"][0]["done"] == ["fp"]
+    assert cut["models"][0]["settings"]["4-4-4"]["partial"] is True
+    assert list(cut["models"][0]["settings"]["4-4-4"]["tasks"]) == ["toy_mc"]
+    assert "–" in (out / "downstream.md").read_text()
+
+    calls.clear()
+    kill_at = None
+    assert evaluate_downstream.main([*common, "--output-dir", str(out), "--resume"]) == 0
+    assert calls == ["toy_gen"]  # only what the report lacked
+    resumed = json.loads((out / "downstream.json").read_text())
+    assert resumed["complete"] is True and "partial" not in resumed["models"][0]["settings"]["4-4-4"]
+    assert resumed["models"][0]["settings"]["4-4-4"]["tasks"]["toy_mc"] == \
+        cut["models"][0]["settings"]["4-4-4"]["tasks"]["toy_mc"]
+    assert evaluate_downstream.main([*common, "--output-dir", str(tmp_path / "fresh")]) == 0
+    fresh = json.loads((tmp_path / "fresh" / "downstream.json").read_text())
+    assert _without_seconds(resumed["models"]) == _without_seconds(fresh["models"])
+    assert list(resumed["models"][0]["settings"]["4-4-4"]["tasks"]) == ["toy_mc", "toy_gen"]

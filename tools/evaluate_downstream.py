@@ -20,8 +20,9 @@ The JSON and Markdown are rewritten after every finished setting of every model,
 ("complete": false, and which models/settings are done and which are not) until the last one; the plot
 is drawn when the run completes. A model that fails stops the run with its error, and what was done
 before stays in the report. A report already in --output-dir is not replaced unless --overwrite says
-so; --resume continues it, evaluating only the (model, setting) pairs it lacks (refused, naming the
-difference, if the models or options are not the ones it was made with).
+so; --resume continues it, evaluating only the (model, setting, task) triples it lacks (the report is
+also written after every task), refused, naming the difference, if the models or options are not the
+ones it was made with.
 """
 
 import argparse
@@ -182,7 +183,7 @@ def _run(args) -> int:
             if earlier.result(i) is not None:
                 results.append(earlier.result(i))
         if bar is not None:
-            bar.update(len(specs) * sum(len(d) for d in progress.done))
+            bar.update(sum(len(s["tasks"]) for r in results for s in r["settings"].values()))
     for i, path in enumerate(args.models):
         prior = earlier.result(i) if earlier is not None else None
         if prior is not None and len(progress.done[i]) == len(settings):
@@ -211,18 +212,22 @@ def _run(args) -> int:
 
             seconds0 = prior.get("seconds", 0.0) if prior is not None else 0.0
 
-            def on_setting(setting, res, i=i, path=path):  # the report so far, marked partial until the last one
+            def on_partial(res, i=i, path=path):  # the report so far, marked partial until the last unit
                 res["path"], res["model_index"] = str(path), i
                 res["seconds"] = seconds0 + time.perf_counter() - t0
                 if not any(r is res for r in results):
                     results.append(res)
                     results.sort(key=lambda r: r["model_index"])
-                progress.mark(i, setting)
                 if not progress.complete:
                     write_report(results, args.output_dir, meta, plots=False, log=log, progress=progress.status())
 
+            def on_setting(setting, res, i=i):
+                progress.mark(i, setting)
+                on_partial(res)
+
             res = evaluate_downstream(em, settings, specs, tm, batch_size=args.batch_size, limit=limit,
-                                      calibration=calib, on_task=on_task, on_setting=on_setting, earlier=prior)
+                                      calibration=calib, on_task=on_task, on_setting=on_setting,
+                                      on_partial=on_partial, earlier=prior)
             res["seconds"] = seconds0 + time.perf_counter() - t0
         finally:
             em.close()

@@ -313,12 +313,15 @@ def evaluate_task(lm, spec: TaskSpec, tm, limit=None, keep_loglikelihoods=False)
 def evaluate_downstream(em: EvalModel, settings, specs: list[TaskSpec], tm, batch_size: int = 8, limit=None,
                         calibration=None, keep_loglikelihoods: bool = False,
                         on_task: Callable[[str, str, dict], None] | None = None,
-                        on_setting: Callable[[str, dict], None] | None = None, earlier: dict | None = None) -> dict:
+                        on_setting: Callable[[str, dict], None] | None = None,
+                        on_partial: Callable[[dict], None] | None = None, earlier: dict | None = None) -> dict:
     """``{"label", "kind", "settings": {setting: {"tasks": {task: ...}, "average"}}}`` for one model;
     each setting is applied in place with ``evaluation.apply_setting`` and undone afterwards.
-    ``on_setting(name, result)``: after each setting, with the result so far (the same dict, summarized).
-    ``earlier``: this model's result from an earlier run of the same request (``--resume``), filled in
-    place; the settings it has are kept, not evaluated again."""
+    ``on_setting(name, result)``: after each setting, with the result so far (the same dict, summarized);
+    ``on_partial(result)``: after each task of a setting not yet finished, which the result holds with
+    the tasks done so far and ``"partial": true``. ``earlier``: this model's result from an earlier run
+    of the same request (``--resume``), filled in place; the settings and the tasks of a partial setting
+    it has are kept, not evaluated again."""
     from lm_eval.models.huggingface import HFLM
 
     from megatron_osp.analysis.evaluation import apply_setting, check_settings, check_token_ids
@@ -332,13 +335,18 @@ def evaluate_downstream(em: EvalModel, settings, specs: list[TaskSpec], tm, batc
         check_token_ids(parts, calibration, f"{em.label}: the GPTQ calibration windows")
     lm = HFLM(pretrained=em.model, tokenizer=em.tokenizer_dir, batch_size=batch_size)
     res = earlier if earlier is not None else {"label": em.label, "kind": em.kind, "settings": {}}
-    for setting in [s for s in settings if s.name not in res["settings"]]:
-        tasks = {}
+    finished = [name for name, s in res["settings"].items() if not s.get("partial")]
+    for setting in [s for s in settings if s.name not in finished]:
+        entry = res["settings"].setdefault(setting.name, {"tasks": {}, "average": None, "partial": True})
+        tasks = entry["tasks"]
         with apply_setting(parts, setting, calibration=calibration, batch_size=batch_size):
-            for spec in specs:
+            for spec in [spec for spec in specs if spec.name not in tasks]:
                 tasks[spec.name] = evaluate_task(lm, spec, tm, limit=limit, keep_loglikelihoods=keep_loglikelihoods)
                 if on_task is not None:
                     on_task(setting.name, spec.name, tasks[spec.name])
+                if on_partial is not None and len(tasks) < len(specs):
+                    on_partial(summarize(res))
+        tasks = {spec.name: tasks[spec.name] for spec in specs}  # the suite's order, whichever ran first
         scores = [t["score"] for t in tasks.values() if t["score"] is not None]
         res["settings"][setting.name] = {"tasks": tasks, "average": sum(scores) / len(scores) if scores else None}
         if on_setting is not None:

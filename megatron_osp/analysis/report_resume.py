@@ -117,9 +117,11 @@ def _check_same_request(path: Path, data: dict, request: dict) -> None:
         raise ValueError(f"--resume: {path} is of the models {', '.join(m['path'] for m in theirs)}; this run asks "
                          f"for {', '.join(m['path'] for m in ours)}: give the same models in the same order")
     for i, (now, then) in enumerate(zip(ours, theirs)):
-        # A model with nothing done in the report may have changed (a damaged download replaced, say):
-        # nothing of it is kept. One whose results are kept must be what was evaluated.
-        if data["progress"][i]["done"] and now["identity"] != then["identity"]:
+        # A model with nothing in the report may have changed (a damaged download replaced, say):
+        # nothing of it is kept. One whose results (or a partial setting's tasks) are kept must be what
+        # was evaluated.
+        kept = data["progress"][i]["done"] or any(r.get("model_index") == i for r in data.get("models", []))
+        if kept and now["identity"] != then["identity"]:
             raise ValueError(f"--resume: model {i + 1} ({now['path']}) has changed since the report's results for "
                              f"it were made (another checkpoint, or rewritten files): it was "
                              f"{_describe(then['identity'])}, it is now {_describe(now['identity'])}. Pass "
