@@ -214,6 +214,28 @@ def test_trainer_logs_what_tensorboard_gets_and_resumes_the_same_run(toy_corpus,
     assert [wandb[key] for key in sorted(board)] == pytest.approx([board[key] for key in sorted(board)], rel=1e-6)
 
 
+def _start_failing(rank, world_size, overrides):
+    from megatron_osp.training.loop import Trainer
+    from megatron_osp.training.metric_sinks import SinkStartError
+
+    sys.modules["wandb"] = _fake_wandb([], fail=RuntimeError("no network."))
+    try:
+        Trainer(load_config(None, overrides), log=lambda *_: None)
+    except SinkStartError as e:
+        return str(e)
+    return "started"
+
+
+def test_every_rank_stops_at_start_when_wandb_fails_on_the_logging_rank(toy_corpus, tmp_path):
+    """PP=2: the logging rank is rank 1 (last stage). Rank 0 used to go on into the data index's
+    barrier and die there with a lost peer's traceback; now both stop at start with one line."""
+    overrides = _overrides(toy_corpus, "adam", pp=2) + [f"train.run_dir={tmp_path}/run", "train.wandb_project=p"]
+    first, last = run_distributed(_start_failing, 2, overrides)
+    assert first == "W&B (train.wandb_project=p) could not start on the logging rank; its error says why"
+    assert last.startswith("W&B (train.wandb_project=p) could not start: no network. Log in with `wandb login`")
+    assert not (tmp_path / "run" / "index_cache").exists()
+
+
 # ------------------------------------------------------------------ real wandb
 def _wandb_records(path: Path):
     """The protobuf records of an offline run's .wandb file (a LevelDB-style log of 32 KiB blocks

@@ -114,7 +114,7 @@ class Trainer:
         parallel.init_distributed(par.tensor_parallel_size, par.pipeline_parallel_size, par.virtual_pipeline_size)
         # TensorBoard and W&B start first: a W&B that cannot start (no login, no network) stops the run
         # before the data and model are built; a start that fails later closes them as failed.
-        self.sinks = open_sinks(config, is_logging_rank(), resume, log=self.log)
+        self.sinks = open_sinks(config, is_logging_rank(), resume, log=self.log, device=platform.device())
         try:
             self._build(load_path, resume)
         except BaseException:

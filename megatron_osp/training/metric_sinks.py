@@ -19,8 +19,8 @@ on past the checkpoint it resumes from), and those are skipped here with one mes
 warning per scalar.
 
 A W&B that cannot start (no login, no network in online mode) is a ``SinkStartError`` naming W&B
-and WANDB_MODE=offline, raised when the Trainer starts (before data or model are built), not a
-traceback in the middle of training. Whether ``wandb`` is importable at all is checked earlier,
+and WANDB_MODE=offline, raised when the Trainer starts (before data or model are built; on the
+other ranks too, which learn of it in one all-reduce), not a traceback in the middle of training. Whether ``wandb`` is importable at all is checked earlier,
 with the other settings the machine cannot run (training/platform_checks.py).
 """
 
@@ -31,6 +31,9 @@ import os
 import secrets
 import string
 from pathlib import Path
+
+import torch
+import torch.distributed as dist
 
 from megatron_osp.fileio import atomic_write_text
 
@@ -128,7 +131,7 @@ def start_wandb(config, resume: bool, log=print) -> WandbSink:
             config=config.to_dict(),
         )
     except Exception as e:  # wandb's own errors (UsageError, CommError) and what its service raises
-        reason = " ".join(str(e).split()) or type(e).__name__
+        reason = " ".join(str(e).split()).rstrip(".") or type(e).__name__
         raise SinkStartError(
             f"W&B (train.wandb_project={t.wandb_project}) could not start: {reason}. Log in with `wandb login` "
             "(or set WANDB_API_KEY); without network set WANDB_MODE=offline (upload later with `wandb sync`), "
@@ -143,18 +146,28 @@ def start_wandb(config, resume: bool, log=print) -> WandbSink:
     return WandbSink(run, first_step, log=log)
 
 
-def open_sinks(config, logging_rank: bool, resume: bool, log=print) -> MetricSinks:
-    """The sinks ``config`` asks for on the logging rank; an empty MetricSinks elsewhere."""
-    if not logging_rank:
-        return MetricSinks()
-    t = config.train
-    sinks = []
-    if t.tensorboard:
-        sinks.append(TensorBoardSink(Path(t.run_dir) / "tensorboard"))
-    if t.wandb_project:
+def open_sinks(config, logging_rank: bool, resume: bool, log=print, device=None) -> MetricSinks:
+    """The sinks ``config`` asks for on the logging rank; an empty MetricSinks elsewhere.
+
+    In a world of several processes (``device``: where this rank's tensors live) every rank learns
+    whether the logging rank's sinks started, so all stop together at start, each with one line,
+    instead of the others failing later in a collective with a lost peer's traceback."""
+    t, sinks, error = config.train, [], None
+    if logging_rank:
         try:
-            sinks.append(start_wandb(config, resume, log=log))
-        except BaseException:
+            if t.tensorboard:
+                sinks.append(TensorBoardSink(Path(t.run_dir) / "tensorboard"))
+            if t.wandb_project:
+                sinks.append(start_wandb(config, resume, log=log))
+        except Exception as e:  # noqa: BLE001 - re-raised below, once every rank knows
             MetricSinks(sinks).close(failed=True)
-            raise
+            error = e
+    if device is not None and dist.is_initialized() and dist.get_world_size() > 1:
+        failed = torch.tensor([0.0 if error is None else 1.0], device=device)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if failed.item() and error is None:
+            what = f"W&B (train.wandb_project={t.wandb_project})" if t.wandb_project else "TensorBoard"
+            raise SinkStartError(f"{what} could not start on the logging rank; its error says why")
+    if error is not None:
+        raise error
     return MetricSinks(sinks)
