@@ -51,6 +51,8 @@ setup(
         "data": ["zstandard", "pyarrow", "tokenizers"],
         # Plots of tools/evaluate_quantization.py.
         "plots": ["matplotlib"],
+        # Weights & Biases logging of training runs (train.wandb_project; training/metric_sinks.py).
+        "wandb": ["wandb>=0.16"],
         # Downstream benchmarks of tools/evaluate_downstream.py: lm-evaluation-harness with its HF
         # backend (accelerate), which scores the in-process, quantized model.
         "eval": ["lm-eval[hf]>=0.4.13,<0.5", "transformers>=4.45", "safetensors"],

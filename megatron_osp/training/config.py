@@ -73,6 +73,14 @@ class TrainSettings:
     kurtosis_batches: int = 1
     run_dir: str = "runs/default"
     tensorboard: bool = True
+    # Weights & Biases (training/metric_sinks.py; pip install megatron-osp[wandb]): on when a project
+    # is named. The name defaults to the run directory's name, the directory given to wandb.init to
+    # $WANDB_DIR or run_dir (W&B writes into its wandb/ folder). The mode is W&B's: WANDB_MODE=offline
+    # logs without network (upload later with `wandb sync`).
+    wandb_project: str | None = None
+    wandb_entity: str | None = None
+    wandb_name: str | None = None
+    wandb_dir: str | None = None
     progress_bar: bool = True
     # Checkpointing (training/checkpoint.py). A run with a checkpoint in save_dir resumes from it.
     save: bool = True  # write checkpoints (every save_interval steps, at the end, on SIGTERM)

@@ -5,8 +5,8 @@ parallelism, interleaved 1F1B over model chunks with ``parallel.virtual_pipeline
 model_setup.py), gradient reduction by Megatron's DDP (one wrapper per model chunk), then the
 (Muon +) AdamW step and the LR schedule.
 Every ``log_interval`` steps the loss, LR, grad norm and tokens/s go to the console, to
-``metrics.jsonl`` and to TensorBoard; every ``kurtosis_interval`` steps (and at the end) the paper's
-excess-kurtosis metric is measured on a fixed held-out batch.
+``metrics.jsonl`` and to TensorBoard and/or W&B (metric_sinks.py); every ``kurtosis_interval`` steps
+(and at the end) the paper's excess-kurtosis metric is measured on a fixed held-out batch.
 
 Checkpoints (training/checkpoint.py) are written every ``save_interval`` steps, at the end, at
 ``exit_at_step`` and on SIGTERM (the step in flight finishes first); a run whose ``save_dir`` holds
@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -42,6 +43,7 @@ from megatron_osp.training.checkpoint import (
 from megatron_osp.training import model_setup
 from megatron_osp.training.config import RunConfig, save_config
 from megatron_osp.training.data import build_datasets
+from megatron_osp.training.metric_sinks import open_sinks
 from megatron_osp.training.platform_checks import check_launch, check_platform
 from megatron_osp.training.progress import finished_summary, tokens_at_resume
 from megatron_osp.training.resume_check import check_compatible, checkpoint_to_load
@@ -110,6 +112,17 @@ class Trainer:
             resume = "optimizer" in read_train_state(load_path)["contents"]
             check_compatible(load_path, config, resume=resume, same_run=same_run)
         parallel.init_distributed(par.tensor_parallel_size, par.pipeline_parallel_size, par.virtual_pipeline_size)
+        # TensorBoard and W&B start first: a W&B that cannot start (no login, no network) stops the run
+        # before the data and model are built; a start that fails later closes them as failed.
+        self.sinks = open_sinks(config, is_logging_rank(), resume, log=self.log, device=platform.device())
+        try:
+            self._build(load_path, resume)
+        except BaseException:
+            self.sinks.close(failed=True)
+            raise
+
+    def _build(self, load_path, resume: bool):
+        config, train = self.config, self.config.train
         platform.seed_everything(train.seed)
         self.device = platform.device()
         self.bf16 = train.bf16 if train.bf16 is not None else not platform.is_cpu()
@@ -144,11 +157,6 @@ class Trainer:
         )
 
         self.step = 0
-        self.writer = None
-        if is_logging_rank() and train.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
         self.n_params = sum(p.numel() for chunk in self.model_chunks for p in chunk.parameters())
 
         # Last, so the restored RNG states are the ones the next step sees.
@@ -291,6 +299,7 @@ class Trainer:
         try:
             return self._train(sigterm)
         finally:
+            self.sinks.close(failed=sys.exc_info()[0] is not None)
             if sigterm is not None:
                 sigterm.uninstall()
 
@@ -323,8 +332,6 @@ class Trainer:
                     f"the run already finished at step {self.step}; {self.run_dir / 'summary.json'} is kept as "
                     "it was (tools/evaluate_quantization.py measures a checkpoint with other settings)"
                 )
-                if self.writer is not None:
-                    self.writer.close()
                 dist.barrier()
                 return done
         t0 = time.perf_counter()
@@ -353,7 +360,7 @@ class Trainer:
                 history.append(stats)
                 self._log_metrics(stats, metrics_path, bar)
             if train.eval_interval and self.step % train.eval_interval == 0 and self.step < train.train_steps:
-                self._log_scalar("val/loss", self.evaluate())
+                self.sinks.scalar("val/loss", self.evaluate(), self.step)
             if train.kurtosis_interval and self.step % train.kurtosis_interval == 0 and self.step < train.train_steps:
                 report = self.measure_kurtosis()
                 kurtosis_history.append({"step": self.step, "mean": report.mean, "max": report.max})
@@ -389,14 +396,12 @@ class Trainer:
             "tokens_per_s": (self.step - start_step) * tokens_per_step / train_time if self.step > start_step else float("nan"),
         }
         if is_logging_rank():
-            self._log_scalar("val/loss", val_loss)
+            self.sinks.scalar("val/loss", val_loss, self.step)
             self._log_kurtosis(report)
             report.save(self.run_dir / "kurtosis.json")
             atomic_write_json(self.run_dir / "summary.json", summary)
             self.log(f"\nexcess kurtosis after {self.step} steps (held-out batch):\n{report.format_table()}")
             self.log(f"val loss {val_loss:.4f} | kurtosis mean {report.mean:.4f} max {report.max:.4f}")
-        if self.writer is not None:
-            self.writer.close()
         dist.barrier()
         return summary
 
@@ -426,8 +431,6 @@ class Trainer:
         where = f"checkpoint of step {self.step} in {self.save_dir}. {again}" if saved else (
             "no checkpoint was written (train.save=false).")
         self._rank0_log(f"{reason}: stopped after step {self.step} of {self.config.train.train_steps}; {where}")
-        if self.writer is not None:
-            self.writer.close()
         dist.barrier()
         return {
             "run_dir": str(self.run_dir),
@@ -440,15 +443,11 @@ class Trainer:
     def _log_kurtosis(self, report):
         """Mean and max, and each hidden state's kurtosis and max |x|: an outlier shows up as one
         layer's curve leaving the others, which the mean alone can hide."""
-        self._log_scalar("kurtosis/mean", report.mean)
-        self._log_scalar("kurtosis/max", report.max)
+        self.sinks.scalar("kurtosis/mean", report.mean, self.step)
+        self.sinks.scalar("kurtosis/max", report.max, self.step)
         for name, value, peak in zip(report.names, report.values, report.max_abs):
-            self._log_scalar(f"kurtosis_layer/{name}", value)
-            self._log_scalar(f"max_abs_layer/{name}", peak)
-
-    def _log_scalar(self, tag, value):
-        if self.writer is not None and not math.isnan(value):
-            self.writer.add_scalar(tag, value, self.step)
+            self.sinks.scalar(f"kurtosis_layer/{name}", value, self.step)
+            self.sinks.scalar(f"max_abs_layer/{name}", peak, self.step)
 
     def _log_metrics(self, stats, path, bar):
         if not is_logging_rank():
@@ -456,7 +455,7 @@ class Trainer:
         with open(path, "a") as f:
             f.write(json.dumps(stats) + "\n")
         for key in ("loss", "grad_norm", "lr", "tokens_per_s"):
-            self._log_scalar(f"train/{key}", stats[key])
+            self.sinks.scalar(f"train/{key}", stats[key], self.step)
         line = (
             f"step {stats['step']:>6} | loss {stats['loss']:.4f} | lr {stats['lr']:.3e} | "
             f"grad norm {stats['grad_norm']:.3f} | {stats['tokens_per_s']:,.0f} tokens/s"

@@ -10,9 +10,11 @@ the model or optimizer was built, or at the first step, with a library's traceba
 - ``optimizer.muon_ns_backend=triton`` where the Triton kernel cannot run (no triton, or CPU
   without its interpreter) for an optimizer with Muon.
 
-- a ``train.run_dir``, ``data.cache_dir`` or (when saving) ``train.save_dir`` that cannot be
-  created or written: the first save failed only after the training it was to keep (with
-  ``save_interval=0``, all of it).
+- ``train.wandb_project`` without ``wandb`` installed (the W&B run would only fail to start after
+  the data and model were built);
+- a ``train.run_dir``, ``train.wandb_dir``, ``data.cache_dir`` or (when saving) ``train.save_dir``
+  that cannot be created or written: the first save failed only after the training it was to keep
+  (with ``save_interval=0``, all of it).
 
 ``check_launch``: a process that is one of several tasks of an ``srun`` step or an MPI launch but
 was not started by torchrun (no MASTER_ADDR) would become a world of one; every task would train
@@ -46,7 +48,16 @@ def platform_problems(config, on_cpu: bool) -> list[str]:
         if reason is not None:
             problems.append(f"optimizer.muon_ns_backend=triton cannot run here: {reason} (use torch or auto)")
     t = config.train
+    if t.wandb_project:
+        reason = _wandb_unavailable()
+        if reason is not None:
+            problems.append(
+                f"train.wandb_project={t.wandb_project}: {reason} (pip install wandb, or "
+                "pip install -e \".[wandb]\"; or leave train.wandb_project unset)"
+            )
     dirs = [("train.run_dir", Path(t.run_dir))]
+    if t.wandb_project and t.wandb_dir:
+        dirs.append(("train.wandb_dir", Path(t.wandb_dir)))
     if t.save:
         dirs.append(("train.save_dir", Path(t.save_dir) if t.save_dir else Path(t.run_dir) / "checkpoints"))
     if config.data.cache_dir:
@@ -67,6 +78,17 @@ def _unwritable(path: Path) -> str | None:
         return f"{existing} is not a directory"
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"{existing} is not writable"
+    return None
+
+
+def _wandb_unavailable() -> str | None:
+    """Why ``import wandb`` fails (None: it works)."""
+    try:
+        importlib.import_module("wandb")
+    except ImportError as e:
+        return "wandb is not installed" if e.name == "wandb" else f"wandb cannot be imported ({e})"
+    except Exception as e:  # noqa: BLE001 - a broken install (e.g. a dependency of another version)
+        return f"wandb cannot be imported ({type(e).__name__}: {e})"
     return None
 
 

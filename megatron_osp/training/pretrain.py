@@ -30,14 +30,16 @@ def main(argv=None) -> int:
     from megatron_osp import parallel
     from megatron_osp.training.checkpoint import CheckpointError
     from megatron_osp.training.loop import Trainer
+    from megatron_osp.training.metric_sinks import SinkStartError
 
     try:
         # Start-up: a value, data file or checkpoint that cannot work is one line naming it, and
         # nothing has been trained yet (a fault during training keeps its traceback). The data
-        # readers' errors are ValueErrors naming the file (a damaged .idx, an empty split).
+        # readers' errors are ValueErrors naming the file (a damaged .idx, an empty split); a W&B
+        # that does not start is a SinkStartError.
         try:
             trainer = Trainer(config)
-        except (ValueError, FileNotFoundError) as e:  # ConfigError, TokenRangeError among them
+        except (ValueError, FileNotFoundError, SinkStartError) as e:  # ConfigError, TokenRangeError among them
             print(f"error: {e}", file=sys.stderr)
             return 2
         trainer.train()

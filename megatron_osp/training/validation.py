@@ -132,6 +132,11 @@ def text(v):
     return None if isinstance(v, str) and v.strip() else "must be a non-empty string"
 
 
+def unset_or_text(v):
+    """Not set (null or empty: W&B off, or its default) or a non-empty string."""
+    return None if v is None or v == "" else text(v)
+
+
 def _paths(v):
     if not isinstance(v, list):
         return "must be a list of dataset prefixes"
@@ -242,6 +247,10 @@ RULES: dict[str, dict[str, Rule]] = {
         "kurtosis_batches": POSITIVE,
         "run_dir": text,
         "tensorboard": boolean,
+        "wandb_project": unset_or_text,
+        "wandb_entity": unset_or_text,
+        "wandb_name": unset_or_text,
+        "wandb_dir": unset_or_text,
         "progress_bar": boolean,
         "save": boolean,
         "save_dir": optional(text),
