@@ -35,6 +35,8 @@ from megatron_osp.metrics.kurtosis import HiddenStateRecorder, KurtosisReport, m
 from megatron_osp.models.layout import unwrap  # noqa: F401 - the Trainer's callers (tests, tools) import it from here
 from megatron_osp.optimizer.builder import ddp_config, ddp_wrapper, get_osp_optimizer
 from megatron_osp.training.checkpoint import (
+    find_iteration_dir,
+    has_checkpoint,
     load_checkpoint,
     read_run_config,
     read_train_state,
@@ -47,6 +49,7 @@ from megatron_osp.training.metric_sinks import open_sinks
 from megatron_osp.training.platform_checks import check_launch, check_platform
 from megatron_osp.training.progress import finished_summary, tokens_at_resume
 from megatron_osp.training.resume_check import check_compatible, checkpoint_to_load
+from megatron_osp.training.step_guard import check_step
 from megatron_osp.training.sigterm import SigtermFlag
 from megatron_osp.training.data_checks import check_data_settings
 from megatron_osp.training.validation import check_config, check_world
@@ -230,16 +233,21 @@ class Trainer:
         self.optimizer.zero_grad()
         outputs = self._run_schedule(self.train_iters, forward_only=False)
         ok, grad_norm, _ = self.optimizer.step()
+        loss = self._mean_loss(outputs)
+        check_step(self.step + 1, ok, loss, grad_norm, self.device, self._newest_checkpoint)  # before any save
         if ok:
             self.scheduler.step(increment=1)
         self.step += 1
         self.tokens += self.config.train.global_batch_size * self.config.model.seq_length
         return {
-            "loss": self._mean_loss(outputs),
+            "loss": loss,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "lr": self.optimizer.param_groups[0]["lr"],
             "skipped": not ok,
         }
+
+    def _newest_checkpoint(self) -> str | None:
+        return str(find_iteration_dir(self.save_dir)) if has_checkpoint(self.save_dir) else None
 
     @torch.no_grad()
     def evaluate(self) -> float:

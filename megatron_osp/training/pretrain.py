@@ -31,6 +31,7 @@ def main(argv=None) -> int:
     from megatron_osp.training.checkpoint import CheckpointError
     from megatron_osp.training.loop import Trainer
     from megatron_osp.training.metric_sinks import SinkStartError
+    from megatron_osp.training.step_guard import NonFiniteStep
 
     try:
         # Start-up: a value, data file or checkpoint that cannot work is one line naming it, and
@@ -46,6 +47,9 @@ def main(argv=None) -> int:
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteStep as e:  # a diverged step: nothing was saved after it (training/step_guard.py)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     finally:
         parallel.shutdown()
     return 0
