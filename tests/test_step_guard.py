@@ -42,12 +42,15 @@ def _worker(rank, world_size, overrides, run_dir):
     return {"error": None, "step": trainer.step}
 
 
-@pytest.mark.parametrize("clip_grad,pp", [(1.0, 1), (0.0, 2)], ids=["grad-norm", "loss-at-pp2"])
-def test_a_non_finite_step_stops_the_run_before_any_save(toy_corpus, tmp_path, clip_grad, pp):
+@pytest.mark.parametrize("clip_grad,pp,dp", [(1.0, 1, 1), (0.0, 2, 1), (1.0, 1, 2)],
+                         ids=["grad-norm", "loss-at-pp2", "grad-norm-zero-dp2"])
+def test_a_non_finite_step_stops_the_run_before_any_save(toy_corpus, tmp_path, clip_grad, pp, dp):
     overrides = _overrides(toy_corpus, "muon", pp=pp) + [
         "train.train_steps=8", "train.save_interval=2", "train.keep_last=1", f"optimizer.clip_grad={clip_grad}"]
+    if dp > 1:  # our whole-matrix ZeRO: its norm must be the same on every rank, or one rank would go on
+        overrides.append("optimizer.distributed_optimizer=true")
     run_dir = tmp_path / "run"
-    results = run_distributed(_worker, pp, overrides, str(run_dir))
+    results = run_distributed(_worker, pp * dp, overrides, str(run_dir))
     for r in results:  # every rank stopped, at the poisoned step, with the message
         assert r["step"] == POISONED_STEP - 1 and r["error"] is not None, r
         assert f"step {POISONED_STEP}: the loss or the gradient is not finite" in r["error"], r["error"]
