@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from test_quantization import _tiny_llama
+from test_quantization import _tiny_llama, _two_models_and_held_data
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
@@ -88,14 +88,7 @@ def test_resume_evaluates_only_what_the_report_lacks(tmp_path, capsys):
     --overwrite leaves an earlier report alone; other options, or a model rewritten since, are refused."""
     import evaluate_quantization
 
-    from megatron_osp.data.indexed import IndexedDatasetWriter
-
-    for seed in (0, 1):
-        _tiny_llama(seed).save_pretrained(tmp_path / f"m{seed}")
-    rng = np.random.default_rng(0)
-    with IndexedDatasetWriter(tmp_path / "held") as writer:
-        for _ in range(10):
-            writer.add_document(rng.integers(0, 96, 40))
+    _two_models_and_held_data(tmp_path, 10)
     common = [str(tmp_path / "m0"), str(tmp_path / "m1"), "--data", str(tmp_path / "held"), "--seq-length", "8",
               "--num-windows", "2", "--batch-size", "2", "--documents", "0.5:1", "--device", "cpu", "--settings",
               "fp", "4-4-4", "--stats-windows", "1", "--weight-error-windows", "1", "--no-plots"]

@@ -177,6 +177,19 @@ def _tiny_llama(seed=0, vocab=96):
     ).eval()
 
 
+def _two_models_and_held_data(tmp_path, documents: int) -> None:
+    """tmp_path/m0, m1 (tiny HF Llamas of seeds 0, 1) and tmp_path/held, ``documents`` random documents
+    of 40 tokens: what the evaluation tool tests run on."""
+    from megatron_osp.data.indexed import IndexedDatasetWriter
+
+    for seed in (0, 1):
+        _tiny_llama(seed).save_pretrained(tmp_path / f"m{seed}")
+    rng = np.random.default_rng(0)
+    with IndexedDatasetWriter(tmp_path / "held") as writer:
+        for _ in range(documents):
+            writer.add_document(rng.integers(0, 96, 40))
+
+
 def test_model_gptq_lowers_output_error_and_is_undone():
     from megatron_osp.analysis.evaluation import apply_setting
     from megatron_osp.analysis.model_parts import logits, model_parts
@@ -207,17 +220,10 @@ def test_evaluate_quantization_tool_on_hf_directories(tmp_path):
     import sys
     from pathlib import Path
 
-    from megatron_osp.data.indexed import IndexedDatasetWriter
-
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
     import evaluate_quantization
 
-    for seed in (0, 1):
-        _tiny_llama(seed).save_pretrained(tmp_path / f"m{seed}")
-    rng = np.random.default_rng(0)
-    with IndexedDatasetWriter(tmp_path / "held") as writer:
-        for _ in range(20):
-            writer.add_document(rng.integers(0, 96, 40))
+    _two_models_and_held_data(tmp_path, 20)
     rc = evaluate_quantization.main([
         str(tmp_path / "m0"), str(tmp_path / "m1"), "--labels", "a", "b", "--data", str(tmp_path / "held"),
         "--seq-length", "16", "--num-windows", "6", "--batch-size", "3", "--device", "cpu",

@@ -177,16 +177,12 @@ def _run(args) -> int:
     results = []  # in model order; an earlier run's entries (--resume) are filled in where they stand
     if earlier is not None:
         log(f"resuming {earlier.path}: {earlier.summary()}")
-        for i in range(len(args.models)):
-            for unit in earlier.done(i):
-                progress.mark(i, unit)
-            if earlier.result(i) is not None:
-                results.append(earlier.result(i))
+        results = earlier.restore(progress)
         if bar is not None:
             bar.update(sum(len(s["tasks"]) for r in results for s in r["settings"].values()))
     for i, path in enumerate(args.models):
         prior = earlier.result(i) if earlier is not None else None
-        if prior is not None and len(progress.done[i]) == len(settings):
+        if prior is not None and progress.finished(i):
             log(f"== {path}: done in the earlier run")
             continue
         log(f"== {path}")

@@ -180,14 +180,10 @@ def _run(args) -> int:
     results = []  # in model order; an earlier run's entries (--resume) are filled in where they stand
     if earlier is not None:
         print(f"resuming {earlier.path}: {earlier.summary()}")
-        for i in range(len(args.models)):
-            for unit in earlier.done(i):
-                progress.mark(i, unit)
-            if earlier.result(i) is not None:
-                results.append(earlier.result(i))
+        results = earlier.restore(progress)
     for i, path in enumerate(args.models):
         prior = earlier.result(i) if earlier is not None else None
-        if prior is not None and len(progress.done[i]) == len(units):
+        if prior is not None and progress.finished(i):
             print(f"== {path}: done in the earlier run", flush=True)
             continue
         label = prior["label"] if prior is not None else (args.labels[i] if args.labels else None)

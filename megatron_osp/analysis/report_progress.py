@@ -28,6 +28,10 @@ class ReportProgress:
         if unit not in self.done[index]:
             self.done[index].append(unit)
 
+    def finished(self, index: int) -> bool:
+        """Model ``index`` has done every unit."""
+        return len(self.done[index]) == len(self.units)
+
     @property
     def complete(self) -> bool:
         return all(len(done) == len(self.units) for done in self.done)

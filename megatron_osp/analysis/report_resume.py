@@ -84,6 +84,14 @@ class EarlierReport:
     def result(self, index: int) -> dict | None:
         return self.results.get(index)
 
+    def restore(self, progress) -> list[dict]:
+        """Marks the units this report has done in ``progress`` (a ReportProgress of the same request)
+        and returns its result entries in model order: the results a resumed run starts from."""
+        for i in range(len(progress.models)):
+            for unit in self.done(i):
+                progress.mark(i, unit)
+        return [self.results[i] for i in sorted(self.results)]
+
     def summary(self) -> str:
         if self.data.get("complete"):
             return "a complete report"
