@@ -34,3 +34,17 @@ def test_tensorboard_has_per_layer_kurtosis_and_max_abs(toy_corpus, tmp_path):
         assert kurt[-1].value == pytest.approx(value, rel=1e-5)
         assert events.Scalars(f"max_abs_layer/{name}")[-1].value == pytest.approx(peak, rel=1e-5)
     assert {"kurtosis/mean", "kurtosis/max"} <= tags
+
+    # the model-FLOPs rate beside tokens/s: models/flops.py's count per token, over the one device
+    from megatron_osp.models import get_preset
+    from megatron_osp.models.flops import training_flops_per_token
+
+    flops = training_flops_per_token(get_preset("test"))
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert lines and all(m["tflops_per_device"] == pytest.approx(m["tokens_per_s"] * flops / 1e12, rel=1e-9)
+                         for m in lines)
+    tflops = events.Scalars("train/tflops_per_device")
+    assert [e.step for e in tflops] == [m["step"] for m in lines]
+    assert tflops[-1].value == pytest.approx(lines[-1]["tflops_per_device"], rel=1e-5)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["tflops_per_device"] == pytest.approx(summary["tokens_per_s"] * flops / 1e12, rel=1e-9)

@@ -15,8 +15,6 @@ a checkpoint, or that names one in ``train.load``, continues from it on exactly 
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import sys
 import time
@@ -30,7 +28,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_osp import parallel, platform
-from megatron_osp.fileio import atomic_write_json, atomic_write_text
+from megatron_osp.fileio import atomic_write_json
 from megatron_osp.metrics.kurtosis import HiddenStateRecorder, KurtosisReport, merge_rank_reports
 from megatron_osp.models.layout import unwrap  # noqa: F401 - the Trainer's callers (tests, tools) import it from here
 from megatron_osp.optimizer.builder import ddp_config, ddp_wrapper, get_osp_optimizer
@@ -49,6 +47,7 @@ from megatron_osp.training.metric_sinks import open_sinks
 from megatron_osp.training.platform_checks import check_launch, check_platform
 from megatron_osp.training.progress import finished_summary, tokens_at_resume
 from megatron_osp.training.resume_check import check_compatible, checkpoint_to_load
+from megatron_osp.training.run_log import RunLog, mean_tail, progress_bar
 from megatron_osp.training.step_guard import check_step
 from megatron_osp.training.sigterm import SigtermFlag
 from megatron_osp.training.data_checks import check_data_settings
@@ -118,6 +117,7 @@ class Trainer:
         # TensorBoard and W&B start first: a W&B that cannot start (no login, no network) stops the run
         # before the data and model are built; a start that fails later closes them as failed.
         self.sinks = open_sinks(config, is_logging_rank(), resume, log=self.log, device=platform.device())
+        self.run_log = RunLog.for_config(config, self.sinks, self.log, _world_size(), is_logging_rank())
         try:
             self._build(load_path, resume)
         except BaseException:
@@ -324,11 +324,10 @@ class Trainer:
         start_step = self.step
         if self.step and is_logging_rank():
             self.log(f"resuming at step {self.step} ({self.train_iter.consumed} samples consumed)")
-        bar = _progress_bar(train.train_steps, initial=self.step) if (is_logging_rank() and train.progress_bar) else None
-        metrics_path = self.run_dir / "metrics.jsonl"
+        bar = progress_bar(train.train_steps, initial=self.step) if (is_logging_rank() and train.progress_bar) else None
         history = self.history = []  # this session's logged steps
         # A fresh start drops the lines of an attempt killed before its first checkpoint.
-        earlier = self._earlier_metrics(metrics_path)
+        earlier = self.run_log.earlier_metrics(self.step)
         if earlier:
             self.tokens = tokens_at_resume(earlier, self.train_iter.consumed, self._checkpoint_seq_length)
         if self.step and self.step >= train.train_steps:
@@ -361,18 +360,19 @@ class Trainer:
                 stats.update(
                     step=self.step,
                     tokens_per_s=window_steps * tokens_per_step / max(elapsed, 1e-9),
+                    tflops_per_device=self.run_log.tflops_per_device(window_steps * tokens_per_step / max(elapsed, 1e-9)),
                     consumed_samples=self.train_iter.consumed,
                     tokens=self.tokens,
                 )
                 window_start, window_steps = time.perf_counter(), 0
                 history.append(stats)
-                self._log_metrics(stats, metrics_path, bar)
+                self.run_log.metrics(stats, bar)
             if train.eval_interval and self.step % train.eval_interval == 0 and self.step < train.train_steps:
                 self.sinks.scalar("val/loss", self.evaluate(), self.step)
             if train.kurtosis_interval and self.step % train.kurtosis_interval == 0 and self.step < train.train_steps:
                 report = self.measure_kurtosis()
                 kurtosis_history.append({"step": self.step, "mean": report.mean, "max": report.max})
-                self._log_kurtosis(report)
+                self.run_log.kurtosis(report, self.step)
             if train.save and train.save_interval and self.step % train.save_interval == 0:
                 self.save()
             stop = self._stop_reason(sigterm)
@@ -395,7 +395,7 @@ class Trainer:
             "embedding_projection": self.config.model.embedding_projection,
             "steps": self.step,
             "tokens": self.tokens,
-            "train_loss": _mean_tail(earlier + history),
+            "train_loss": mean_tail(earlier + history),
             "val_loss": val_loss,
             "kurtosis_mean": report.mean,
             "kurtosis_max": report.max,
@@ -403,31 +403,16 @@ class Trainer:
             "train_time_s": train_time,
             "tokens_per_s": (self.step - start_step) * tokens_per_step / train_time if self.step > start_step else float("nan"),
         }
+        summary["tflops_per_device"] = self.run_log.tflops_per_device(summary["tokens_per_s"])
         if is_logging_rank():
             self.sinks.scalar("val/loss", val_loss, self.step)
-            self._log_kurtosis(report)
+            self.run_log.kurtosis(report, self.step)
             report.save(self.run_dir / "kurtosis.json")
             atomic_write_json(self.run_dir / "summary.json", summary)
             self.log(f"\nexcess kurtosis after {self.step} steps (held-out batch):\n{report.format_table()}")
             self.log(f"val loss {val_loss:.4f} | kurtosis mean {report.mean:.4f} max {report.max:.4f}")
         dist.barrier()
         return summary
-
-    def _earlier_metrics(self, path: Path) -> list[dict]:
-        """The logged steps up to the checkpoint resumed from (none at a fresh start). Lines of later
-        steps (a run that went on past that checkpoint, or an earlier run in this run_dir without a
-        checkpoint: killed before its first one, or train.save=false) leave metrics.jsonl for
-        metrics.dropped.jsonl (appended), so they are neither mixed into this run nor lost."""
-        if not is_logging_rank() or not path.exists():
-            return []
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-        kept = [line for line in lines if json.loads(line).get("step", 0) <= self.step]
-        if len(kept) != len(lines):
-            dropped = [line for line in lines if json.loads(line).get("step", 0) > self.step]
-            with open(path.with_name("metrics.dropped.jsonl"), "a") as f:
-                f.write("".join(line + "\n" for line in dropped))
-            atomic_write_text(path, "".join(line + "\n" for line in kept))
-        return [json.loads(line) for line in kept]
 
     def _stop_early(self, reason: str, history) -> dict:
         """Save (when checkpointing is on) and return before the end of the schedule."""
@@ -444,39 +429,6 @@ class Trainer:
             "run_dir": str(self.run_dir),
             "stopped": reason,
             "steps": self.step,
-            "train_loss": _mean_tail(history),
+            "train_loss": mean_tail(history),
             "checkpoint": str(self.save_dir) if saved else None,
         }
-
-    def _log_kurtosis(self, report):
-        """Mean and max, and each hidden state's kurtosis and max |x|: an outlier shows up as one
-        layer's curve leaving the others, which the mean alone can hide."""
-        self.sinks.scalar("kurtosis/mean", report.mean, self.step)
-        self.sinks.scalar("kurtosis/max", report.max, self.step)
-        for name, value, peak in zip(report.names, report.values, report.max_abs):
-            self.sinks.scalar(f"kurtosis_layer/{name}", value, self.step)
-            self.sinks.scalar(f"max_abs_layer/{name}", peak, self.step)
-
-    def _log_metrics(self, stats, path, bar):
-        if not is_logging_rank():
-            return
-        with open(path, "a") as f:
-            f.write(json.dumps(stats) + "\n")
-        for key in ("loss", "grad_norm", "lr", "tokens_per_s"):
-            self.sinks.scalar(f"train/{key}", stats[key], self.step)
-        line = (
-            f"step {stats['step']:>6} | loss {stats['loss']:.4f} | lr {stats['lr']:.3e} | "
-            f"grad norm {stats['grad_norm']:.3f} | {stats['tokens_per_s']:,.0f} tokens/s"
-        )
-        (bar.write if bar is not None else self.log)(line)
-
-
-def _mean_tail(history, n=3) -> float:
-    tail = [h["loss"] for h in history[-n:] if not math.isnan(h["loss"])]
-    return sum(tail) / len(tail) if tail else float("nan")
-
-
-def _progress_bar(total, initial=0):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc="pretrain", unit="step", dynamic_ncols=True)

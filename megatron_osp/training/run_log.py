@@ -1,0 +1,88 @@
+"""What a run writes about itself as it trains, on the logging rank: ``metrics.jsonl`` (one line per
+``log_interval`` steps), the metric sinks (TensorBoard, W&B: metric_sinks.py), the console line, and
+the model-FLOPs rate of its tokens/s (models/flops.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from megatron_osp.fileio import atomic_write_text
+from megatron_osp.models.flops import training_flops_per_token
+
+__all__ = ["RunLog", "mean_tail", "progress_bar"]
+
+TRAIN_SCALARS = ("loss", "grad_norm", "lr", "tokens_per_s", "tflops_per_device")
+
+
+class RunLog:
+    """``sinks``: the run's MetricSinks; ``log``: the console; ``flops_per_token``: model FLOPs per
+    trained token; ``devices``: the world size; ``writer``: whether this rank writes."""
+
+    def __init__(self, run_dir: Path, sinks, log, flops_per_token: int, devices: int, writer: bool):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.sinks, self.log = sinks, log
+        self.flops_per_token, self.devices, self.writer = flops_per_token, devices, writer
+
+    @classmethod
+    def for_config(cls, config, sinks, log, devices: int, writer: bool) -> RunLog:
+        flops = training_flops_per_token(config.model, config.parallel.tensor_parallel_size)
+        return cls(Path(config.train.run_dir), sinks, log, flops, devices, writer)
+
+    def tflops_per_device(self, tokens_per_s: float) -> float:
+        """Model TFLOP/s per device at ``tokens_per_s`` over the whole world (matmuls, forward +
+        backward, recompute not counted: MFU's numerator)."""
+        return tokens_per_s * self.flops_per_token / self.devices / 1e12
+
+    def earlier_metrics(self, step: int) -> list[dict]:
+        """The logged steps up to ``step``, the checkpoint resumed from (none at a fresh start). Lines
+        of later steps (a run that went on past that checkpoint, or an earlier run in this run_dir
+        without a checkpoint: killed before its first one, or train.save=false) leave metrics.jsonl for
+        metrics.dropped.jsonl (appended), so they are neither mixed into this run nor lost."""
+        if not self.writer or not self.path.exists():
+            return []
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+        if len(kept) != len(lines):
+            dropped = [line for line in lines if json.loads(line).get("step", 0) > step]
+            with open(self.path.with_name("metrics.dropped.jsonl"), "a") as f:
+                f.write("".join(line + "\n" for line in dropped))
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+        return [json.loads(line) for line in kept]
+
+    def metrics(self, stats: dict, bar=None) -> None:
+        """One ``log_interval`` line: metrics.jsonl, the sinks' ``train/*`` scalars, the console."""
+        if not self.writer:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(stats) + "\n")
+        for key in TRAIN_SCALARS:
+            self.sinks.scalar(f"train/{key}", stats[key], stats["step"])
+        line = (
+            f"step {stats['step']:>6} | loss {stats['loss']:.4f} | lr {stats['lr']:.3e} | "
+            f"grad norm {stats['grad_norm']:.3f} | {stats['tokens_per_s']:,.0f} tokens/s | "
+            f"{stats['tflops_per_device']:.3g} TFLOP/s per device"
+        )
+        (bar.write if bar is not None else self.log)(line)
+
+    def kurtosis(self, report, step: int) -> None:
+        """Mean and max, and each hidden state's kurtosis and max |x|: an outlier shows up as one
+        layer's curve leaving the others, which the mean alone can hide."""
+        self.sinks.scalar("kurtosis/mean", report.mean, step)
+        self.sinks.scalar("kurtosis/max", report.max, step)
+        for name, value, peak in zip(report.names, report.values, report.max_abs):
+            self.sinks.scalar(f"kurtosis_layer/{name}", value, step)
+            self.sinks.scalar(f"max_abs_layer/{name}", peak, step)
+
+
+def mean_tail(history: list[dict], n: int = 3) -> float:
+    """Mean loss of the last ``n`` logged steps that have one (NaN: none)."""
+    tail = [h["loss"] for h in history[-n:] if not math.isnan(h["loss"])]
+    return sum(tail) / len(tail) if tail else float("nan")
+
+
+def progress_bar(total: int, initial: int = 0):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="pretrain", unit="step", dynamic_ncols=True)
