@@ -29,8 +29,11 @@ def test_quick_run_times_every_arm_against_adam(tmp_path):
         # a step is 2 micro-batches of 2 sequences of 32 tokens
         assert abs(r["tokens_per_s"] - 2 * 2 * 32 / sorted(r["step_seconds"])[1]) < 1e-6 * r["tokens_per_s"]
         assert abs(r["ratio_vs_adam"] - r["tokens_per_s"] / rows["adam"]["tokens_per_s"]) < 1e-12
+        assert r["tflops"] > 0
         # the optimizer step is timed inside each step
         assert all(0 < o < s for o, s in zip(r["optimizer_seconds"], r["step_seconds"]))
+    # OSP's two EmbProj matmuls per token: more model FLOPs per token than Adam+RMSNorm's at one rate
+    assert rows["osp"]["tflops"] / rows["osp"]["tokens_per_s"] > rows["adam"]["tflops"] / rows["adam"]["tokens_per_s"]
     # projection to 64 sequences = 32 micro-batches of 2: 32 x (step - optimizer) / 2 + optimizer
     projected = report["projected"]
     assert projected["sequences_per_step"] == 64

@@ -132,6 +132,7 @@ def run_arm(overrides: list[str], warmup: int, steps: int) -> dict:
         "step_seconds": times,
         "optimizer_seconds": list(opt_times),
         "tokens_per_s": cfg.train.global_batch_size * cfg.model.seq_length / median,
+        "tflops": trainer.run_log.tflops_per_device(cfg.train.global_batch_size * cfg.model.seq_length / median),
         "ms_per_step": 1000 * median,
         "ms_per_step_mean": 1000 * statistics.fmean(times),
         "optimizer_ms": 1000 * statistics.median(opt_times),
@@ -251,14 +252,17 @@ def main(argv=None) -> int:
           f"micro-batch {mb}, global batch {mb * args.accumulate} ({per_step}), recompute {args.recompute}, "
           f"{args.warmup} warm-up + {args.steps} timed steps, {device}, torch {torch.__version__}")
     print(f"{'arm':10} {'params':>14} {'ms/step':>10} {'mean':>8} {'opt ms':>8} {'tokens/s':>12} {'vs adam':>8} "
-          f"{'peak GiB':>9}")
+          f"{'peak GiB':>9} {'TFLOP/s':>8}")
     base = rows["adam"]["tokens_per_s"]
     for arm, r in rows.items():
         r["ratio_vs_adam"] = r["tokens_per_s"] / base
         print(f"{arm:10} {r['params']:>14,} {r['ms_per_step']:>10.1f} {r['ms_per_step_mean']:>8.1f} "
-              f"{r['optimizer_ms']:>8.1f} {r['tokens_per_s']:>12,.0f} {r['ratio_vs_adam']:>7.3f}x {r['peak_gib']:>9.2f}")
+              f"{r['optimizer_ms']:>8.1f} {r['tokens_per_s']:>12,.0f} {r['ratio_vs_adam']:>7.3f}x {r['peak_gib']:>9.2f} "
+              f"{r['tflops']:>8.4g}")
         if r["early_ns"]:
             print(f"{'':10} early Newton-Schulz batches used {r['early_ns']['used']}, redone {r['early_ns']['redone']}")
+    print("TFLOP/s: model FLOPs per device (models/flops.py: matmuls, forward + backward, no recompute, no "
+          "optimizer); divided by the device's dense bf16 peak, the MFU")
     target = args.project_to or default_projection()
     projected = project(rows, target, mb, args.accumulate, model.seq_length)
     print(f"projected to {target} sequences per step ({target / mb:g} micro-batches of {mb}), from the medians "
