@@ -308,6 +308,20 @@ def test_compare_runs_table_gets_the_quantization_columns(tmp_path):
     progress[1]["pending"] = []
     (tmp_path / "q.json").write_text(json.dumps({"complete": True, "progress": progress, "meta": {}, "models": runs}))
     assert partial_note(tmp_path / "q.json") is None
+    # the downstream report's averages: fp, 4-4-4 and the drop, in percent; a model it lacks gets '-'
+    from megatron_osp.analysis.compare import load_downstream
+
+    down = {"complete": True, "models": [{"path": runs[1]["path"], "settings": {
+        "fp": {"average": 0.5, "tasks": {}}, "4-4-4": {"average": 0.46, "tasks": {}}}}]}
+    (tmp_path / "d.json").write_text(json.dumps(down))
+    lines = format_comparison([load_run(tmp_path / "adam"), load_run(tmp_path / "osp")],
+                              downstream=load_downstream(tmp_path / "d.json")).splitlines()
+    assert lines[0].rstrip().endswith("avg fp  avg 4-4-4  avg drop"), lines[0]
+    assert lines[2].split()[-3:] == ["-", "-", "-"] and lines[3].split()[-3:] == ["50.0", "46.0", "+4.0"], lines
+    down["models"][0]["settings"]["4-4-4"]["partial"] = True  # a setting cut short has no average yet
+    (tmp_path / "d.json").write_text(json.dumps(down))
+    lines = format_comparison([load_run(tmp_path / "osp")], downstream=load_downstream(tmp_path / "d.json"))
+    assert lines.splitlines()[2].split()[-3:] == ["50.0", "-", "-"]
     from megatron_osp.analysis.compare import _weights_only
 
     assert [_weights_only(s) for s in ("4-4-4", "4-8-8-g32", "4-16-16", "4-4-4+had", "fp", "8-8-8")] == [

@@ -3,8 +3,10 @@
 
 With --quantization EVAL_DIR/quantization.json (tools/evaluate_quantization.py on the same runs) the
 table adds held-out perplexity at full precision and at --setting (default 4-4-4) and the degradation
-(and, when the evaluation measured it, the weights-only part of it, e.g. 4-16-16). A report of an
-evaluation that has not finished is shown with '-' where it lacks a figure and a note saying so.
+(and, when the evaluation measured it, the weights-only part of it, e.g. 4-16-16). With --downstream
+EVAL_DIR/downstream.json (tools/evaluate_downstream.py) it adds the average benchmark score at fp and at
+--setting and the drop. A report of an evaluation that has not finished is shown with '-' where it
+lacks a figure and a note saying so.
 """
 
 import argparse
@@ -13,7 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_osp.analysis.compare import format_comparison, load_quantization, load_run, partial_note  # noqa: E402,E501
+from megatron_osp.analysis.compare import (format_comparison, load_downstream, load_quantization,  # noqa: E402
+                                          load_run, partial_note)
 from megatron_osp.fileio import atomic_write_text  # noqa: E402
 
 
@@ -22,14 +25,16 @@ def main() -> int:
     parser.add_argument("runs", nargs="+", help="run directories (with summary.json and kurtosis.json)")
     parser.add_argument("--output", help="also write the table to this file")
     parser.add_argument("--quantization", help="quantization.json written by tools/evaluate_quantization.py")
+    parser.add_argument("--downstream", help="downstream.json written by tools/evaluate_downstream.py")
     parser.add_argument("--setting", default="4-4-4", help="quantization setting to show (default 4-4-4)")
     args = parser.parse_args()
     try:
         quant = load_quantization(args.quantization) if args.quantization else None
-        table = format_comparison([load_run(r) for r in args.runs], quant, args.setting)
-        note = partial_note(args.quantization) if args.quantization else None
-        if note:
-            table += "\n\n" + note
+        down = load_downstream(args.downstream) if args.downstream else None
+        table = format_comparison([load_run(r) for r in args.runs], quant, args.setting, downstream=down)
+        notes = [partial_note(p) for p in (args.quantization, args.downstream) if p]
+        if any(notes):
+            table += "\n\n" + "\n".join(n for n in notes if n)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -4,7 +4,8 @@ This is the table the quickstart ends with: an Adam+RMSNorm baseline next to an 
 on the same tokens, with loss and the paper's excess kurtosis (mean and max over hidden states),
 and, given the quantization evaluation's JSON (tools/evaluate_quantization.py), held-out perplexity
 at full precision and at W4A4KV4 (4-4-4) with the degradation, and the part of it that 4-bit
-weights alone cause (4-16-16).
+weights alone cause (4-16-16); given the downstream evaluation's JSON (tools/evaluate_downstream.py),
+the average benchmark score at fp and at 4-4-4 and its drop (the paper's 4-bit table).
 """
 
 from __future__ import annotations
@@ -45,26 +46,31 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def load_quantization(path: str | Path) -> dict[str, dict]:
-    """The evaluation JSON's per-model results, keyed by each model's resolved path."""
-    return {str(Path(m["path"]).resolve()): m for m in _read_quantization(path)["models"]}
+    """The quantization evaluation JSON's per-model results, keyed by each model's resolved path."""
+    return {str(Path(m["path"]).resolve()): m for m in _read_report(path, "evaluate_quantization")["models"]}
 
 
-def _read_quantization(path: str | Path) -> dict:
+def load_downstream(path: str | Path) -> dict[str, dict]:
+    """The downstream evaluation JSON's per-model results, keyed by each model's resolved path."""
+    return {str(Path(m["path"]).resolve()): m for m in _read_report(path, "evaluate_downstream")["models"]}
+
+
+def _read_report(path: str | Path, tool: str) -> dict:
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: run tools/evaluate_quantization.py first")
+        raise FileNotFoundError(f"{path} does not exist: run tools/{tool}.py first")
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not a readable quantization report ({e})") from None
+        raise ValueError(f"{path} is not a readable report of tools/{tool}.py ({e})") from None
 
 
 def partial_note(path: str | Path) -> str | None:
-    """A line saying the report is of an evaluation that has not finished (tools/evaluate_quantization.py
-    writes one after every unit), with what it lacks; None for a complete report."""
+    """A line saying the report is of an evaluation that has not finished (both evaluation tools write
+    one after every unit), with what it lacks; None for a complete report."""
     from megatron_osp.analysis.report_progress import markdown_line
 
-    data = _read_quantization(path)
+    data = _read_report(path, "evaluate_quantization")
     if data.get("complete", True):
         return None
     return f"note: {path} is a partial report, '-' marks what it lacks. " + markdown_line(data).replace("**", "")
@@ -85,7 +91,7 @@ def _weights_only(setting: str) -> str | None:
 
 
 def _quant_cells(run: dict, quant: dict[str, dict] | None, settings: list[str]) -> list[str]:
-    model = (quant or {}).get(run.get("loaded_from") or str(Path(run.get("run_dir", "")).resolve()))
+    model = _model_of(run, quant)
     if model is None:
         return ["-"] * (len(settings) + 2)
     ppl = model["perplexity"]
@@ -95,9 +101,26 @@ def _quant_cells(run: dict, quant: dict[str, dict] | None, settings: list[str]) 
     return cells + [f"{ppl[s] - fp:+.4g}" if s in ppl and fp is not None else "-" for s in settings[1:]]
 
 
-def format_comparison(runs: list[dict], quant: dict[str, dict] | None = None, setting: str = "4-4-4") -> str:
+def _model_of(run: dict, report: dict[str, dict] | None) -> dict | None:
+    return (report or {}).get(run.get("loaded_from") or str(Path(run.get("run_dir", "")).resolve()))
+
+
+def _downstream_cells(run: dict, down: dict[str, dict], setting: str) -> list[str]:
+    """Average downstream score (percent) at fp and at ``setting``, and the drop; '-' for what the
+    report lacks (another model, a setting not evaluated, a partial report)."""
+    model = _model_of(run, down)
+    settings = (model or {}).get("settings", {})
+    avg = {name: s.get("average") for name, s in settings.items() if not s.get("partial")}
+    fp, q = avg.get("fp"), avg.get(setting)
+    return ["-" if fp is None else f"{100 * fp:.1f}", "-" if q is None else f"{100 * q:.1f}",
+            "-" if fp is None or q is None else f"{100 * (fp - q):+.1f}"]
+
+
+def format_comparison(runs: list[dict], quant: dict[str, dict] | None = None, setting: str = "4-4-4",
+                      downstream: dict[str, dict] | None = None) -> str:
     """Loss and kurtosis per run; with ``quant``, perplexity at fp and ``setting`` with the degradation,
-    and the weights-only degradation beside it when the evaluation measured it."""
+    and the weights-only degradation beside it when the evaluation measured it; with ``downstream``,
+    the average benchmark score at fp and at ``setting`` and its drop."""
     labels = [run_label(r) for r in runs]
     settings = [setting]
     weights_only = _weights_only(setting)
@@ -114,11 +137,14 @@ def format_comparison(runs: list[dict], quant: dict[str, dict] | None = None, se
             f"{max(r['kurtosis']['max_abs']):.3g}",
         ]
         + (_quant_cells(r, quant, settings) if quant is not None else [])
+        + (_downstream_cells(r, downstream, setting) if downstream is not None else [])
         for label, r in zip(labels, runs)
     ]
     header = ["run", "tokens", "train loss", "val loss", "kurtosis mean", "kurtosis max", "max |act|"]
     if quant is not None:
         header += ["ppl fp", f"ppl {setting}", f"{setting} degradation"] + [f"{s} degradation" for s in settings[1:]]
+    if downstream is not None:
+        header += ["avg fp", f"avg {setting}", "avg drop"]
     out = [_table(header, summary_rows)]
     names = runs[0]["kurtosis"]["names"]
     if all(r["kurtosis"]["names"] == names for r in runs):
