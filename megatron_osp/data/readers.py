@@ -7,7 +7,9 @@ file that cannot be read on (corrupt or truncated compressed stream, unreadable 
 column) raises ``CorruptInput``, which is never skippable: what follows it is unknown.
 
 zstandard's ``stream_reader`` ends silently on a truncated frame, so .zst is decoded frame by frame
-here and an unfinished frame at the end of the file is an error, not a short corpus.
+here and an unfinished frame at the end of the file is an error, not a short corpus. Frames may ask
+for any window the format allows (``zstd --long=31`` on a stream: 2 GiB), not only the library's
+default limit of 128 MiB, which refused them as "too much memory".
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import zlib
 from pathlib import Path
 
 READ_BYTES = 1 << 20
+ZSTD_MAX_WINDOW = 1 << 31  # the largest window a zstd frame may declare (ZSTD_WINDOWLOG_MAX on 64-bit)
 
 
 class BadRecord(ValueError):
@@ -80,7 +83,7 @@ def input_format(path: Path) -> str:
 def _zstd_blocks(f, path: Path):
     import zstandard
 
-    dctx = zstandard.ZstdDecompressor()
+    dctx = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
     frame, in_frame = dctx.decompressobj(), False
     while data := f.read(READ_BYTES):
         while data:

@@ -1,0 +1,101 @@
+"""Corpus files as real-world tools write them: each variant gives the documents of the same plain
+JSON-lines file, or the README's stated error.
+
+- .zst from a stream with a long window (``cat x | zstd --long=31``: the frame declares its window,
+  beyond the library's default 128 MiB limit), several frames, skippable frames (pzstd);
+- .gz of several members (``cat a.gz b.gz``);
+- Parquet with the text as large_string, dictionary-encoded, over several row groups, next to a nested
+  column.
+"""
+
+import gzip
+import io
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+
+from megatron_osp.data.indexed import IndexedDataset
+from megatron_osp.data.preprocess import preprocess
+from megatron_osp.data.tokenizer import train_sentencepiece
+
+TEXTS = [f"doc {i}: the quick brown fox é漢 " * (1 + i % 4) for i in range(40)]
+
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    corpus = d / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"line {i}: abc xyz é漢 the fox {i * 7}"}) + "\n" for i in range(200)))
+    return str(train_sentencepiece(corpus, d / "tok", vocab_size=300))
+
+
+def _lines(texts=TEXTS) -> bytes:
+    return "".join(json.dumps({"text": t}) + "\n" for t in texts).encode()
+
+
+def _docs(src, model, out, **kw):
+    preprocess([str(src)], model, str(out), progress=False, chunk_lines=16, **kw)
+    ds = IndexedDataset(f"{out}_text_document")
+    return [ds[i].tolist() for i in range(len(ds))]
+
+
+@pytest.fixture(scope="module")
+def plain(sp_model, tmp_path_factory):
+    d = tmp_path_factory.mktemp("plain")
+    (d / "c.jsonl").write_bytes(_lines())
+    return _docs(d / "c.jsonl", sp_model, d / "o")
+
+
+def _zst_stream(data: bytes, window_log: int) -> bytes:
+    """As ``cat file | zstd --long=N`` writes: the content size unknown, so the frame declares the whole window."""
+    params = zstandard.ZstdCompressionParameters(window_log=window_log)
+    out = io.BytesIO()
+    with zstandard.ZstdCompressor(compression_params=params).stream_writer(out, closefd=False) as w:
+        w.write(data)
+    return out.getvalue()
+
+
+def _skippable(payload: bytes) -> bytes:
+    return (0x184D2A50).to_bytes(4, "little") + len(payload).to_bytes(4, "little") + payload
+
+
+def _frames(data: bytes) -> bytes:
+    """pzstd-like: frames cut mid-line, each after a skippable frame, and an empty frame."""
+    c = zstandard.ZstdCompressor()
+    cut = [0, 7, len(data) // 2, len(data)]
+    return b"".join(_skippable(b"size") + c.compress(data[a:b]) for a, b in zip(cut, cut[1:])) + c.compress(b"")
+
+
+def _gz_members(data: bytes) -> bytes:
+    """``cat a.gz b.gz c.gz``, cut mid-line, with an empty member."""
+    cut = len(data) // 3
+    return gzip.compress(data[:cut]) + gzip.compress(b"") + gzip.compress(data[cut:])
+
+
+@pytest.mark.parametrize("name, make", [
+    ("long.jsonl.zst", lambda d: _zst_stream(d, 28)),
+    ("frames.jsonl.zst", _frames),
+    ("members.jsonl.gz", _gz_members),
+])
+def test_compressed_variants_give_the_plain_documents(tmp_path, sp_model, plain, name, make):
+    src = tmp_path / name
+    src.write_bytes(make(_lines()))
+    if name.startswith("long"):
+        assert zstandard.get_frame_parameters(src.read_bytes()).window_size == 1 << 28
+    assert _docs(src, sp_model, tmp_path / "o") == plain
+
+
+@pytest.mark.parametrize("column", [
+    pa.array(TEXTS, pa.large_string()),
+    pa.array(TEXTS).dictionary_encode(),
+    pa.array(TEXTS, pa.string_view()),
+])
+def test_parquet_text_columns_of_every_string_type_give_the_plain_documents(tmp_path, sp_model, plain, column):
+    nested = pa.array([{"source": "web", "tags": ["a", "b"][: i % 3]} for i in range(len(TEXTS))])
+    src = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"meta": nested, "text": column}), src, row_group_size=7)
+    assert pq.ParquetFile(src).metadata.num_row_groups == 6
+    assert _docs(src, sp_model, tmp_path / "o") == plain
