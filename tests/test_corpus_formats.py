@@ -99,3 +99,12 @@ def test_parquet_text_columns_of_every_string_type_give_the_plain_documents(tmp_
     pq.write_table(pa.table({"meta": nested, "text": column}), src, row_group_size=7)
     assert pq.ParquetFile(src).metadata.num_row_groups == 6
     assert _docs(src, sp_model, tmp_path / "o") == plain
+
+
+@pytest.mark.parametrize("name, compress", [("bom.jsonl", bytes), ("bom.jsonl.gz", gzip.compress),
+                                            ("bom.jsonl.zst", zstandard.ZstdCompressor().compress)])
+def test_a_utf8_byte_order_mark_opening_the_file_is_not_part_of_the_first_record(tmp_path, sp_model, plain, name,
+                                                                                  compress):
+    src = tmp_path / name
+    src.write_bytes(compress(b"\xef\xbb\xbf" + _lines()))
+    assert _docs(src, sp_model, tmp_path / "o") == plain

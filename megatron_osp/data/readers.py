@@ -136,10 +136,18 @@ def _raw_lines(path: Path, fmt: str):
         raise CorruptInput(f"{path}: corrupt or truncated gzip stream after line {line_no}: {e}") from None
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
 def jsonl_chunks(path: Path, keys: list[str], chunk_size: int):
-    """``(path, first line, items, keys)``: items are decoded lines or ``BadRecord``s (bad UTF-8)."""
+    """``(path, first line, items, keys)``: items are decoded lines or ``BadRecord``s (bad UTF-8).
+
+    A UTF-8 byte-order mark opening the file (Windows editors and exporters write one) is dropped: it
+    is not part of the first record, and JSON parsers refuse it."""
     first, items, line_no = 1, [], 0
     for line_no, raw in enumerate(_raw_lines(path, input_format(path)), start=1):
+        if line_no == 1 and raw.startswith(_BOM):
+            raw = raw[len(_BOM):]
         try:
             items.append(raw.decode("utf-8"))
         except UnicodeDecodeError as e:
