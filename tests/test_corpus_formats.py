@@ -18,7 +18,7 @@ import pytest
 import zstandard
 
 from megatron_osp.data.indexed import IndexedDataset
-from megatron_osp.data.preprocess import preprocess
+from megatron_osp.data.preprocess import BadRecord, preprocess
 from megatron_osp.data.tokenizer import train_sentencepiece
 
 TEXTS = [f"doc {i}: the quick brown fox é漢 " * (1 + i % 4) for i in range(40)]
@@ -108,3 +108,46 @@ def test_a_utf8_byte_order_mark_opening_the_file_is_not_part_of_the_first_record
     src = tmp_path / name
     src.write_bytes(compress(b"\xef\xbb\xbf" + _lines()))
     assert _docs(src, sp_model, tmp_path / "o") == plain
+
+
+def _with_blank_lines(data: bytes) -> bytes:
+    """CRLF endings, blank lines (empty, spaces and tabs, a lone CR) between records, two at the end,
+    the last record without a newline."""
+    lines = data.decode().splitlines()
+    blank = ["", "   ", "\t", "\r", " \t "]
+    out = [line + "\r\n" + blank[i % 5] + ("\n" if i % 3 == 0 else "") for i, line in enumerate(lines)]
+    return ("".join(out) + "\n\n" + '{"text": "last"}').encode()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_blank_lines_hold_no_record_and_are_skipped(tmp_path, sp_model, plain, workers):
+    """README: blank lines are not records (not bad records either); line numbers still count them."""
+    from megatron_osp.data.tokenizer import SentencePieceTokenizer
+
+    tok = SentencePieceTokenizer(sp_model)
+    src = tmp_path / "c.jsonl.gz"
+    src.write_bytes(gzip.compress(_with_blank_lines(_lines())))
+    assert _docs(src, sp_model, tmp_path / "o", workers=workers) == plain + [tok.encode("last") + [tok.eod]]
+    stats = preprocess([str(src)], sp_model, str(tmp_path / "s"), progress=False, skip_bad_records=True)
+    assert (stats.documents, stats.bad_records) == (len(TEXTS) + 1, 0)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"text": "a"}\n\n  \n{oops\n')
+    with pytest.raises(BadRecord, match=r"bad\.jsonl:4: malformed JSON"):
+        preprocess([str(bad)], sp_model, str(tmp_path / "b"), progress=False)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_a_file_of_blank_lines_only_is_an_empty_file(tmp_path, sp_model, skip):
+    good, blank = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    good.write_bytes(_lines())
+    blank.write_bytes(b"\xef\xbb\xbf\r\n\n   \n")
+    with pytest.raises(BadRecord, match=r"b\.jsonl:1: empty file \(blank lines only\)"):
+        preprocess([str(good), str(blank)], sp_model, str(tmp_path / "o"), progress=False, skip_bad_records=skip)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "b.jsonl"]
+
+
+def test_tokenizer_training_skips_blank_lines(tmp_path):
+    src = tmp_path / "c.jsonl"
+    src.write_bytes(_with_blank_lines(_lines()))
+    model = train_sentencepiece(src, tmp_path / "tok", vocab_size=300)
+    assert model.exists()

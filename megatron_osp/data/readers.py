@@ -137,28 +137,35 @@ def _raw_lines(path: Path, fmt: str):
 
 
 _BOM = b"\xef\xbb\xbf"
+_JSON_SPACE = b" \t\r\n"  # JSON's whitespace: a line of only these is blank
 
 
 def jsonl_chunks(path: Path, keys: list[str], chunk_size: int):
-    """``(path, first line, items, keys)``: items are decoded lines or ``BadRecord``s (bad UTF-8).
+    """``(path, first line, items, keys)``: items are decoded lines, ``BadRecord``s (bad UTF-8), or
+    None for a blank line (JSON whitespace only), which holds no record and is skipped by callers.
 
     A UTF-8 byte-order mark opening the file (Windows editors and exporters write one) is dropped: it
-    is not part of the first record, and JSON parsers refuse it."""
-    first, items, line_no = 1, [], 0
+    is not part of the first record, and JSON parsers refuse it. A file without a record (no lines,
+    or blank ones only) is an empty file."""
+    first, items, line_no, records = 1, [], 0, 0
     for line_no, raw in enumerate(_raw_lines(path, input_format(path)), start=1):
         if line_no == 1 and raw.startswith(_BOM):
             raw = raw[len(_BOM):]
-        try:
-            items.append(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            items.append(BadRecord(f"{path}:{line_no}: not valid UTF-8 ({e.reason} at byte {e.start})"))
+        if not raw.strip(_JSON_SPACE):
+            items.append(None)
+        else:
+            records += 1
+            try:
+                items.append(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                items.append(BadRecord(f"{path}:{line_no}: not valid UTF-8 ({e.reason} at byte {e.start})"))
         if len(items) == chunk_size:
             yield (str(path), first, items, keys)
             first, items = line_no + 1, []
     if items:
         yield (str(path), first, items, keys)
-    if line_no == 0:
-        raise BadRecord(f"{path}:1: empty file")
+    if records == 0:
+        raise BadRecord(f"{path}:1: empty file" + (" (blank lines only)" if line_no else ""))
 
 
 def parquet_chunks(path: Path, keys: list[str], chunk_size: int):
