@@ -191,6 +191,8 @@ def eod_note(tokenizer, eod_token: str | None) -> str | None:
         return None
     how = "given by --eod-token" if eod_token else "guessed from the vocabulary; --eod-token picks another"
     note = f"end-of-document token {token!r}, id {tokenizer.eod} ({how})"
+    if not getattr(tokenizer, "eod_special", True):
+        note += "; it is an ordinary vocabulary entry, not one of the tokenizer's special tokens"
     off = getattr(tokenizer, "switched_off", None)
     if off:  # data/tokenizer.py HFTokenizer: they would cut documents or add pad ids
         note += f"; the tokenizer.json's {' and '.join(off)} turned off: documents are written whole, without pad ids"
