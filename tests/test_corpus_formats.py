@@ -151,3 +151,19 @@ def test_tokenizer_training_skips_blank_lines(tmp_path):
     src.write_bytes(_with_blank_lines(_lines()))
     model = train_sentencepiece(src, tmp_path / "tok", vocab_size=300)
     assert model.exists()
+
+
+def test_a_key_given_twice_takes_its_last_value_and_null_or_non_objects_are_bad_records(tmp_path, sp_model):
+    """README: the last value of a repeated key (as Python's json and Megatron-LM); a null text, an
+    array or a number line are bad records, named, or skipped and counted."""
+    from megatron_osp.data.tokenizer import SentencePieceTokenizer
+
+    tok = SentencePieceTokenizer(sp_model)
+    src = tmp_path / "c.jsonl"
+    src.write_text('{"text": "first", "id": 1, "text": "second"}\n{"text": null}\n["text"]\n7\n{"text": "ok"}\n')
+    with pytest.raises(BadRecord, match=r"c\.jsonl:2: key 'text' is NoneType, not a string"):
+        preprocess([str(src)], sp_model, str(tmp_path / "o"), progress=False)
+    stats = preprocess([str(src)], sp_model, str(tmp_path / "o"), progress=False, skip_bad_records=True)
+    assert stats.bad_locations == [f"{src}:{i}" for i in (2, 3, 4)]
+    ds = IndexedDataset(tmp_path / "o_text_document")
+    assert [ds[i].tolist() for i in range(len(ds))] == [tok.encode(t) + [tok.eod] for t in ("second", "ok")]
