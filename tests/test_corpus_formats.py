@@ -167,3 +167,23 @@ def test_a_key_given_twice_takes_its_last_value_and_null_or_non_objects_are_bad_
     assert stats.bad_locations == [f"{src}:{i}" for i in (2, 3, 4)]
     ds = IndexedDataset(tmp_path / "o_text_document")
     assert [ds[i].tolist() for i in range(len(ds))] == [tok.encode(t) + [tok.eod] for t in ("second", "ok")]
+
+
+@pytest.mark.parametrize("name, encode, holds", [
+    ("c.jsonl.bz2", lambda d: __import__("bz2").compress(d), "bzip2-compressed data"),
+    ("c.jsonl.xz", lambda d: __import__("lzma").compress(d), "xz-compressed data"),
+    ("c.jsonl", gzip.compress, "gzip-compressed data"),  # downloaded without its .gz
+    ("c.json", lambda d: d.decode().encode("utf-16"), "UTF-16 text"),  # PowerShell 5's `>`
+])
+@pytest.mark.parametrize("skip", [False, True])
+def test_a_file_that_is_not_json_lines_text_is_named_not_read_as_garbage_lines(tmp_path, sp_model, name, encode, holds,
+                                                                              skip):
+    """Read as plain lines, such a file was bad UTF-8 at line 1, or with --skip-bad-records a run of
+    skipped 'bad records' and none of its documents."""
+    from megatron_osp.data.preprocess import CorruptInput
+
+    src = tmp_path / name
+    src.write_bytes(encode(_lines()))
+    with pytest.raises(CorruptInput, match=rf"{name}: holds {holds}, not JSON lines"):
+        preprocess([str(src)], sp_model, str(tmp_path / "o"), progress=False, skip_bad_records=skip)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]

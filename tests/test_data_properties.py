@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from megatron_osp.data.indexed import IndexedDataset
 from megatron_osp.data.preprocess import BadRecord, preprocess
-from megatron_osp.data.readers import record_chunks
+from megatron_osp.data.readers import _binary_kind, record_chunks
 from megatron_osp.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
 
 # Small and fixed for CI; OSP_HYPOTHESIS_EXAMPLES=500 searches further, with fresh random examples.
@@ -83,6 +83,8 @@ def _record(raw: bytes) -> bool:
 
 def oracle(data: bytes, path: str, tok):
     """('ok', documents, bad line numbers) or ('bad', location, reason words) for a JSON-lines file."""
+    if path.endswith(".jsonl") and _binary_kind(data[:8]):  # a plain file holding gzip, UTF-16, ...: refused
+        return "bad", f"{path}: ", "not JSON lines", []
     raw_lines = data.split(b"\n")
     if data.endswith(b"\n"):
         raw_lines.pop()
@@ -152,7 +154,7 @@ def test_preprocessing_gives_the_right_output_or_names_the_line(sp_model, sp, da
                 raise AssertionError(f"skipping should have kept {len(extra[0])} documents: {e}") from None
             if outcome == "ok":
                 raise AssertionError(f"good input refused: {e}") from None
-            if not skip or reason in ("empty file", "no non-empty documents"):
+            if not skip or reason in ("empty file", "no non-empty documents", "not JSON lines"):
                 assert str(e).startswith(what) and reason in str(e), (str(e), what, reason)
             else:  # every line bad or empty: nothing left to write
                 assert "no non-empty documents" in str(e)
@@ -202,6 +204,9 @@ def test_the_reader_yields_every_line_in_order_with_its_number(data, fmt, chunk)
                 numbers += range(first, first + len(items))
                 got += items
         except BadRecord as e:
+            if fmt == "jsonl" and _binary_kind(data[:8]):
+                assert str(e).startswith(f"{src}: holds ") and "not JSON lines" in str(e)
+                return
             assert not any(map(_record, expected)) and str(e).startswith(f"{src}:1: empty file")
             return
         assert numbers == list(range(1, len(expected) + 1))

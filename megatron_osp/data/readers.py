@@ -110,6 +110,20 @@ def _lines_of(blocks):
         yield rest
 
 
+# How files a plain JSON-lines reader would turn into garbage lines begin (a compressed file without
+# its suffix, a format not read here, Windows' UTF-16 text).
+_SIGNATURES = (
+    (b"\x1f\x8b", "gzip-compressed data"), (b"\x28\xb5\x2f\xfd", "zstd-compressed data"),
+    (b"BZh", "bzip2-compressed data"), (b"\xfd7zXZ\x00", "xz-compressed data"), (b"\x04\x22\x4d\x18", "lz4-compressed data"),
+    (b"PK\x03\x04", "a zip archive"), (b"7z\xbc\xaf\x27\x1c", "a 7z archive"), (b"PAR1", "Parquet data"),
+    (b"\xff\xfe", "UTF-16 text"), (b"\xfe\xff", "UTF-16 text"),
+)
+
+
+def _binary_kind(head: bytes) -> str | None:
+    return next((kind for magic, kind in _SIGNATURES if head.startswith(magic)), None)
+
+
 def _raw_lines(path: Path, fmt: str):
     """Byte lines of a JSON-lines file; decompression errors become ``CorruptInput``."""
     line_no = 0
@@ -131,6 +145,11 @@ def _raw_lines(path: Path, fmt: str):
                     raise CorruptInput(f"{path}: corrupt zstd stream after line {line_no}: {e}") from None
         else:
             with open(path, "rb") as f:
+                kind = _binary_kind(f.read(8))
+                if kind is not None:
+                    raise CorruptInput(f"{path}: holds {kind}, not JSON lines (plain UTF-8 text, or named .gz, .zst, "
+                                       ".parquet for those formats)")
+                f.seek(0)
                 yield from f
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
         raise CorruptInput(f"{path}: corrupt or truncated gzip stream after line {line_no}: {e}") from None
