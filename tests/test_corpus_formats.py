@@ -187,3 +187,17 @@ def test_a_file_that_is_not_json_lines_text_is_named_not_read_as_garbage_lines(t
     with pytest.raises(CorruptInput, match=rf"{name}: holds {holds}, not JSON lines"):
         preprocess([str(src)], sp_model, str(tmp_path / "o"), progress=False, skip_bad_records=skip)
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def test_a_directory_input_lists_every_file_the_readers_read(tmp_path):
+    """NDJSON, .zstd and upper-case names were read when named but silently left out of a directory."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("preprocess_data", Path(__file__).parents[1] / "tools/preprocess_data.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    names = ["a.jsonl", "b.ndjson", "c.jsonl.zstd", "D.JSONL.GZ", "e.ndjson.gz", "f.parquet", "g.json.zst"]
+    for name in names + ["notes.txt", "out_text_document.shards.json", "out_text_document.bin"]:
+        (tmp_path / name).touch()
+    assert tool.expand_inputs([str(tmp_path)]) == sorted(str(tmp_path / n) for n in names)
