@@ -114,7 +114,8 @@ def _lines_of(blocks):
 # its suffix, a format not read here, Windows' UTF-16 text).
 _SIGNATURES = (
     (b"\x1f\x8b", "gzip-compressed data"), (b"\x28\xb5\x2f\xfd", "zstd-compressed data"),
-    (b"BZh", "bzip2-compressed data"), (b"\xfd7zXZ\x00", "xz-compressed data"), (b"\x04\x22\x4d\x18", "lz4-compressed data"),
+    (b"BZh", "bzip2-compressed data"), (b"\xfd7zXZ\x00", "xz-compressed data"),
+    (b"\x04\x22\x4d\x18", "lz4-compressed data"),
     (b"PK\x03\x04", "a zip archive"), (b"7z\xbc\xaf\x27\x1c", "a 7z archive"), (b"PAR1", "Parquet data"),
     (b"\xff\xfe", "UTF-16 text"), (b"\xfe\xff", "UTF-16 text"),
 )
