@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from megatron_osp.data.indexed import IndexedDataset
 from megatron_osp.data.preprocess import BadRecord, preprocess
-from megatron_osp.data.readers import record_chunks
+from megatron_osp.data.readers import _binary_kind, record_chunks
 from megatron_osp.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
 
 # Small and fixed for CI; OSP_HYPOTHESIS_EXAMPLES=500 searches further, with fresh random examples.
@@ -50,14 +50,16 @@ def _encode_json(value, ascii_: bool) -> bytes:
     return json.dumps(value, ensure_ascii=ascii_).encode("utf-8", "surrogatepass")
 
 
+BOM = b"\xef\xbb\xbf"  # UTF-8 byte-order mark
 lines = st.one_of(
     st.builds(lambda t, a: _encode_json({"text": t, "id": 1}, a), texts, st.booleans()),  # usually good
     st.builds(lambda t, a: _encode_json({"text": t}, a), texts, st.booleans()),
     st.builds(_encode_json, json_values, st.booleans()),  # random JSON, mostly bad
     st.binary(max_size=24),  # random bytes
+    st.sampled_from([b"", b"  ", b"\r", b" \t\r"]),  # blank lines: no record
 )
-files = st.builds(lambda ls, nl: b"\n".join(ls) + (b"\n" if nl else b""),
-                  st.lists(lines, min_size=0, max_size=8), st.booleans())
+files = st.builds(lambda bom, ls, nl: bom + b"\n".join(ls) + (b"\n" if nl else b""),
+                  st.sampled_from([b"", b"", b"", BOM]), st.lists(lines, min_size=0, max_size=8), st.booleans())
 MAX_LINES = 8
 
 
@@ -74,15 +76,26 @@ def sp(sp_model):
     return SentencePieceTokenizer(sp_model, word_cache=False)  # SentencePiece itself: the reference
 
 
+def _record(raw: bytes) -> bool:
+    """Whether a line holds a record: one of JSON whitespace only is blank."""
+    return bool(raw.strip(b" \t\r\n"))
+
+
 def oracle(data: bytes, path: str, tok):
     """('ok', documents, bad line numbers) or ('bad', location, reason words) for a JSON-lines file."""
-    if not data:
-        return "bad", f"{path}:1: ", "empty file", []
+    if path.endswith(".jsonl") and _binary_kind(data[:8]):  # a plain file holding gzip, UTF-16, ...: refused
+        return "bad", f"{path}: ", "not JSON lines", []
     raw_lines = data.split(b"\n")
     if data.endswith(b"\n"):
         raw_lines.pop()
+    if raw_lines and raw_lines[0].startswith(BOM):  # a byte-order mark opening the file is dropped
+        raw_lines[0] = raw_lines[0][len(BOM):]
+    if not any(map(_record, raw_lines)):
+        return "bad", f"{path}:1: ", "empty file", []
     docs, bad, first_bad = [], [], None
     for i, raw in enumerate(raw_lines, start=1):
+        if not _record(raw):
+            continue
         reason = None
         try:
             line = raw.decode("utf-8")
@@ -141,7 +154,7 @@ def test_preprocessing_gives_the_right_output_or_names_the_line(sp_model, sp, da
                 raise AssertionError(f"skipping should have kept {len(extra[0])} documents: {e}") from None
             if outcome == "ok":
                 raise AssertionError(f"good input refused: {e}") from None
-            if not skip or reason in ("empty file", "no non-empty documents"):
+            if not skip or reason in ("empty file", "no non-empty documents", "not JSON lines"):
                 assert str(e).startswith(what) and reason in str(e), (str(e), what, reason)
             else:  # every line bad or empty: nothing left to write
                 assert "no non-empty documents" in str(e)
@@ -175,13 +188,15 @@ def test_a_truncated_compressed_file_is_named_and_leaves_nothing(sp_model, data,
 @SETTINGS
 @given(data=files, fmt=st.sampled_from(["jsonl", "jsonl.gz", "jsonl.zst"]), chunk=st.integers(1, 5))
 def test_the_reader_yields_every_line_in_order_with_its_number(data, fmt, chunk):
-    """Every line comes out once, in order, numbered; bad UTF-8 is a BadRecord at its line."""
+    """Every line comes out once, in order, numbered; bad UTF-8 is a BadRecord at its line, a blank line None."""
     with tempfile.TemporaryDirectory() as d:
         src = Path(d) / f"in.{fmt}"
         src.write_bytes(_compress(data, fmt))
         expected = data.split(b"\n")
         if data.endswith(b"\n"):
             expected.pop()
+        if expected and expected[0].startswith(BOM):
+            expected[0] = expected[0][len(BOM):]
         got, numbers = [], []
         try:
             for path, first, items, _ in record_chunks(src, ["text"], chunk):
@@ -189,10 +204,16 @@ def test_the_reader_yields_every_line_in_order_with_its_number(data, fmt, chunk)
                 numbers += range(first, first + len(items))
                 got += items
         except BadRecord as e:
-            assert not data and str(e) == f"{src}:1: empty file"
+            if fmt == "jsonl" and _binary_kind(data[:8]):
+                assert str(e).startswith(f"{src}: holds ") and "not JSON lines" in str(e)
+                return
+            assert not any(map(_record, expected)) and str(e).startswith(f"{src}:1: empty file")
             return
         assert numbers == list(range(1, len(expected) + 1))
         for n, item, raw in zip(numbers, got, expected):
+            if not _record(raw):
+                assert item is None, (n, item)
+                continue
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError:

@@ -232,6 +232,7 @@ def test_a_directory_input_holding_an_earlier_output_is_read_again_alike(tmp_pat
         # the guessed EOD, once, before the work (a wrong guess used to show only in the output's ids)
         assert r.stdout.count("end-of-document token") == 1, r.stdout
         assert r.stdout.startswith("end-of-document token '<|endoftext|>', id 70000 (guessed from the vocabulary; "
-                                   "--eod-token picks another)\n"), r.stdout
+                                   "--eod-token picks another); it is an ordinary vocabulary entry, not one of the "
+                                   "tokenizer's special tokens\n"), r.stdout
         ds = IndexedDataset(tmp_path / "corpus" / "out_text_document")
         assert [ds[i].tolist() for i in range(len(ds))] == [[1, 2, 70000], [3, 70000]]

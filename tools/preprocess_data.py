@@ -36,7 +36,8 @@ from megatron_osp.data.preprocess import (  # noqa: E402
     BadRecord, WorkerDied, check_eod, check_inputs, check_json_keys, eod_note, preprocess)
 from megatron_osp.fileio import os_error  # noqa: E402
 
-SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst", ".zst", ".gz", ".parquet")
+# Corpus files inside a directory input, by name, any case: what the readers read (.zstd and NDJSON too).
+SUFFIXES = (".jsonl", ".json", ".ndjson", ".gz", ".zst", ".zstd", ".parquet")
 
 
 def expand_inputs(specs: list[str]) -> list[str]:
@@ -45,7 +46,7 @@ def expand_inputs(specs: list[str]) -> list[str]:
     for spec in specs:
         p = Path(spec)
         if p.is_dir():  # not the manifests of outputs written there (PREFIX_<key>_document.shards.json)
-            found = sorted(str(f) for f in p.rglob("*") if f.is_file() and f.name.endswith(SUFFIXES)
+            found = sorted(str(f) for f in p.rglob("*") if f.is_file() and f.name.lower().endswith(SUFFIXES)
                            and not f.name.endswith(".shards.json"))
         elif any(c in spec for c in "*?["):
             found = sorted(glob.glob(spec, recursive=True))

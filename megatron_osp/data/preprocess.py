@@ -102,14 +102,14 @@ class _Chunk:
 def _tokenize_chunk(args) -> _Chunk:
     """Worker: (path, first line, items, keys, append_eod) -> ``_Chunk``.
 
-    Items are JSON lines (str), texts already taken from a Parquet row (list), or BadRecords. All
-    texts of a key go to the tokenizer in one call and come back as one array: per-call and
-    per-document overhead (SentencePiece starts a thread pool for every list it is given; pickling
-    one array per document between processes) cost more than the encoding itself.
+    Items are JSON lines (str), texts already taken from a Parquet row (list), BadRecords, or None
+    (a blank line). All texts of a key go to the tokenizer in one call and come back as one array:
+    per-call and per-document overhead (SentencePiece starts a thread pool for every list it is
+    given; pickling one array per document between processes) cost more than the encoding itself.
     """
     path, first, items, keys, append_eod = args
     parsed = [parse_json_record(f"{path}:{first + i}", item, keys) if isinstance(item, str) else item
-              for i, item in enumerate(items)]
+              for i, item in enumerate(items) if item is not None]  # None: a blank line, no record
     bad = [p for p in parsed if isinstance(p, BadRecord)]
     good = [p for p in parsed if not isinstance(p, BadRecord)] if bad else parsed
     dtype = token_dtype_for(_TOKENIZER.vocab_size)
@@ -191,6 +191,8 @@ def eod_note(tokenizer, eod_token: str | None) -> str | None:
         return None
     how = "given by --eod-token" if eod_token else "guessed from the vocabulary; --eod-token picks another"
     note = f"end-of-document token {token!r}, id {tokenizer.eod} ({how})"
+    if not getattr(tokenizer, "eod_special", True):
+        note += "; it is an ordinary vocabulary entry, not one of the tokenizer's special tokens"
     off = getattr(tokenizer, "switched_off", None)
     if off:  # data/tokenizer.py HFTokenizer: they would cut documents or add pad ids
         note += f"; the tokenizer.json's {' and '.join(off)} turned off: documents are written whole, without pad ids"

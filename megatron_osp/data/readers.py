@@ -7,7 +7,9 @@ file that cannot be read on (corrupt or truncated compressed stream, unreadable 
 column) raises ``CorruptInput``, which is never skippable: what follows it is unknown.
 
 zstandard's ``stream_reader`` ends silently on a truncated frame, so .zst is decoded frame by frame
-here and an unfinished frame at the end of the file is an error, not a short corpus.
+here and an unfinished frame at the end of the file is an error, not a short corpus. Frames may ask
+for any window the format allows (``zstd --long=31`` on a stream: 2 GiB), not only the library's
+default limit of 128 MiB, which refused them as "too much memory".
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import zlib
 from pathlib import Path
 
 READ_BYTES = 1 << 20
+ZSTD_MAX_WINDOW = 1 << 31  # the largest window a zstd frame may declare (ZSTD_WINDOWLOG_MAX on 64-bit)
 
 
 class BadRecord(ValueError):
@@ -80,7 +83,7 @@ def input_format(path: Path) -> str:
 def _zstd_blocks(f, path: Path):
     import zstandard
 
-    dctx = zstandard.ZstdDecompressor()
+    dctx = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
     frame, in_frame = dctx.decompressobj(), False
     while data := f.read(READ_BYTES):
         while data:
@@ -107,6 +110,21 @@ def _lines_of(blocks):
         yield rest
 
 
+# How files a plain JSON-lines reader would turn into garbage lines begin (a compressed file without
+# its suffix, a format not read here, Windows' UTF-16 text).
+_SIGNATURES = (
+    (b"\x1f\x8b", "gzip-compressed data"), (b"\x28\xb5\x2f\xfd", "zstd-compressed data"),
+    (b"BZh", "bzip2-compressed data"), (b"\xfd7zXZ\x00", "xz-compressed data"),
+    (b"\x04\x22\x4d\x18", "lz4-compressed data"),
+    (b"PK\x03\x04", "a zip archive"), (b"7z\xbc\xaf\x27\x1c", "a 7z archive"), (b"PAR1", "Parquet data"),
+    (b"\xff\xfe", "UTF-16 text"), (b"\xfe\xff", "UTF-16 text"),
+)
+
+
+def _binary_kind(head: bytes) -> str | None:
+    return next((kind for magic, kind in _SIGNATURES if head.startswith(magic)), None)
+
+
 def _raw_lines(path: Path, fmt: str):
     """Byte lines of a JSON-lines file; decompression errors become ``CorruptInput``."""
     line_no = 0
@@ -128,26 +146,46 @@ def _raw_lines(path: Path, fmt: str):
                     raise CorruptInput(f"{path}: corrupt zstd stream after line {line_no}: {e}") from None
         else:
             with open(path, "rb") as f:
+                kind = _binary_kind(f.read(8))
+                if kind is not None:
+                    raise CorruptInput(f"{path}: holds {kind}, not JSON lines (plain UTF-8 text, or named .gz, .zst, "
+                                       ".parquet for those formats)")
+                f.seek(0)
                 yield from f
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
         raise CorruptInput(f"{path}: corrupt or truncated gzip stream after line {line_no}: {e}") from None
 
 
+_BOM = b"\xef\xbb\xbf"
+_JSON_SPACE = b" \t\r\n"  # JSON's whitespace: a line of only these is blank
+
+
 def jsonl_chunks(path: Path, keys: list[str], chunk_size: int):
-    """``(path, first line, items, keys)``: items are decoded lines or ``BadRecord``s (bad UTF-8)."""
-    first, items, line_no = 1, [], 0
+    """``(path, first line, items, keys)``: items are decoded lines, ``BadRecord``s (bad UTF-8), or
+    None for a blank line (JSON whitespace only), which holds no record and is skipped by callers.
+
+    A UTF-8 byte-order mark opening the file (Windows editors and exporters write one) is dropped: it
+    is not part of the first record, and JSON parsers refuse it. A file without a record (no lines,
+    or blank ones only) is an empty file."""
+    first, items, line_no, records = 1, [], 0, 0
     for line_no, raw in enumerate(_raw_lines(path, input_format(path)), start=1):
-        try:
-            items.append(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            items.append(BadRecord(f"{path}:{line_no}: not valid UTF-8 ({e.reason} at byte {e.start})"))
+        if line_no == 1 and raw.startswith(_BOM):
+            raw = raw[len(_BOM):]
+        if not raw.strip(_JSON_SPACE):
+            items.append(None)
+        else:
+            records += 1
+            try:
+                items.append(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                items.append(BadRecord(f"{path}:{line_no}: not valid UTF-8 ({e.reason} at byte {e.start})"))
         if len(items) == chunk_size:
             yield (str(path), first, items, keys)
             first, items = line_no + 1, []
     if items:
         yield (str(path), first, items, keys)
-    if line_no == 0:
-        raise BadRecord(f"{path}:1: empty file")
+    if records == 0:
+        raise BadRecord(f"{path}:1: empty file" + (" (blank lines only)" if line_no else ""))
 
 
 def parquet_chunks(path: Path, keys: list[str], chunk_size: int):

@@ -42,6 +42,8 @@ class _Reading:
         try:
             for path, first, items, _ in record_chunks(self.corpus, [self.key], 256):
                 for i, item in enumerate(items):
+                    if item is None:  # a blank line: no record
+                        continue
                     if self.max_documents is not None and n >= self.max_documents:
                         return
                     n += 1

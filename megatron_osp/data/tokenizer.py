@@ -74,10 +74,27 @@ class SentencePieceTokenizer:
 HF_EOD_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eos|>")
 
 
+def guess_hf_eod(tok, file) -> tuple[str, int, bool]:
+    """(token, id, whether it is a special token) of the first of ``HF_EOD_CANDIDATES`` that is a
+    special token of ``tok``, else (older files list none as special) the first in its vocabulary. A
+    special token comes first: a vocabulary may also hold one of the other spellings as an ordinary
+    piece learned from text (HTML's ``</s>`` in a Gemma-style vocabulary whose EOS is ``<eos>``)."""
+    special = [t.content for _, t in sorted(tok.get_added_tokens_decoder().items()) if t.special]
+    present = [(t, tok.token_to_id(t)) for t in HF_EOD_CANDIDATES if tok.token_to_id(t) is not None]
+    for token, i in present:
+        if token in special:
+            return token, i, True
+    if present:
+        return present[0][0], present[0][1], False
+    raise ValueError(f"{file}: no end-of-document token among {', '.join(HF_EOD_CANDIDATES)}; pass --eod-token"
+                     + (f" (its special tokens: {', '.join(special[:12])}{', ...' if len(special) > 12 else ''})"
+                        if special else ""))
+
+
 class HFTokenizer:
     """A Hugging Face fast tokenizer (``tokenizer.json``), batched in Rust; no special tokens added.
 
-    The EOD id is ``eod_token`` if given, else the first of ``HF_EOD_CANDIDATES`` in the vocabulary.
+    The EOD id is ``eod_token``'s if given, else guessed (``guess_hf_eod``: a special token first).
     ``word_cache``: ``encode_flat`` goes through ``HFWordCache`` (megatron_osp/data/hf_fast.py: same
     ids, faster) when the tokenizer qualifies; False always calls the library's ``encode_batch``.
     """
@@ -94,15 +111,14 @@ class HFTokenizer:
             self._tok = Tokenizer.from_file(self.model_file)
         except Exception as e:  # noqa: BLE001  (the Rust library raises plain Exception)
             raise ValueError(f"{file}: not a Hugging Face tokenizer.json: {e}") from None
-        candidates = (eod_token,) if eod_token else HF_EOD_CANDIDATES
-        ids = [self._tok.token_to_id(t) for t in candidates]
-        found = [(t, i) for t, i in zip(candidates, ids) if i is not None]
-        if not found:
-            raise ValueError(
-                f"{file}: no end-of-document token "
-                + (f"{eod_token!r} in the vocabulary" if eod_token else f"among {', '.join(HF_EOD_CANDIDATES)}; pass --eod-token")
-            )
-        self.eod_token, self._eod = found[0]
+        if eod_token:
+            self.eod_token, self._eod = eod_token, self._tok.token_to_id(eod_token)
+            if self._eod is None:
+                raise ValueError(f"{file}: no end-of-document token {eod_token!r} in the vocabulary")
+            self.eod_special = any(t.special and t.content == eod_token
+                                   for t in self._tok.get_added_tokens_decoder().values())
+        else:
+            self.eod_token, self._eod, self.eod_special = guess_hf_eod(self._tok, file)
         # A tokenizer.json saved for a model's inputs may set truncation (encode_batch would cut every
         # document to max_length, silently) or padding (pad ids, varying with the batch): neither has a
         # place in pretraining data, so both are turned off. ``switched_off`` says which were set.
