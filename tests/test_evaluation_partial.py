@@ -134,3 +134,23 @@ def test_resume_evaluates_only_what_the_report_lacks(tmp_path, capsys):
     _tiny_llama(0).save_pretrained(tmp_path / "m0")  # rewritten after its results were kept
     assert evaluate_quantization.main([*common, "--output-dir", str(out), "--resume"]) == 2
     assert "model 1 (" in capsys.readouterr().err
+
+
+def test_a_foreign_report_in_the_output_dir_is_refused_in_one_line(tmp_path):
+    """A quantization.json that is JSON but not this tool's report (another tool's, with a "progress"
+    of its own shape) was refused without --resume through a TypeError/KeyError traceback from
+    counting its units; with --resume it must be refused as not resumable, not crash either."""
+    import pytest
+
+    from megatron_osp.analysis.report_resume import open_report
+
+    request = {"models": [{"path": "m", "identity": {"kind": "hf", "files": "x"}}], "options": {}}
+    path = tmp_path / "quantization.json"
+    for foreign in ({"progress": 0.5}, {"progress": [{"step": 3}]}, {"progress": [{"done": 1, "pending": []}]},
+                    {"request": {"version": 1, **request}, "progress": [{"model": "m"}]}):
+        path.write_text(json.dumps(foreign))
+        with pytest.raises(ValueError, match="already holds a report of an earlier run"):
+            open_report(path, resume=False, overwrite=False, request=request)
+        with pytest.raises(ValueError, match="--resume: .* was written by an earlier version of this tool"):
+            open_report(path, resume=True, overwrite=False, request=request)
+        assert json.loads(path.read_text()) == foreign

@@ -328,6 +328,27 @@ def test_compare_runs_table_gets_the_quantization_columns(tmp_path):
         "4-16-16", "4-16-16-g32", None, None, None, "8-16-16"]
 
 
+def test_compare_runs_refuses_the_other_tools_report(tmp_path):
+    """compare_runs.py --quantization downstream.json ended in a KeyError traceback ('perplexity'), and
+    --downstream quantization.json showed every average as '-' without a word: each flag now refuses
+    the other tool's report, naming it; an empty report of the right tool still reads."""
+    import json
+
+    from megatron_osp.analysis.compare import load_downstream, load_quantization
+
+    quant = {"complete": True, "meta": {}, "models": [{"path": "m", "perplexity": {"fp": 9.0}}]}
+    down = {"complete": True, "meta": {}, "models": [{"path": "m", "settings": {"fp": {"average": 0.5}}}]}
+    (tmp_path / "quantization.json").write_text(json.dumps(quant))
+    (tmp_path / "downstream.json").write_text(json.dumps(down))
+    with pytest.raises(ValueError, match="downstream.json is not a report of tools/evaluate_quantization.py"):
+        load_quantization(tmp_path / "downstream.json")
+    with pytest.raises(ValueError, match="quantization.json is not a report of tools/evaluate_downstream.py"):
+        load_downstream(tmp_path / "quantization.json")
+    assert list(load_quantization(tmp_path / "quantization.json").values()) == quant["models"]
+    (tmp_path / "downstream.json").write_text(json.dumps({**down, "models": []}))
+    assert load_downstream(tmp_path / "downstream.json") == {}
+
+
 def test_megatron_checkpoint_loads_for_analysis_with_the_same_logits(megatron_single_rank, tmp_path):
     """A saved OSP checkpoint is rebuilt at TP=1 from its run config (another init seed would differ)."""
     from megatron_osp.analysis.loading import load_for_analysis

@@ -47,12 +47,24 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 def load_quantization(path: str | Path) -> dict[str, dict]:
     """The quantization evaluation JSON's per-model results, keyed by each model's resolved path."""
-    return {str(Path(m["path"]).resolve()): m for m in _read_report(path, "evaluate_quantization")["models"]}
+    return {str(Path(m["path"]).resolve()): m for m in _report_models(path, "evaluate_quantization", "perplexity")}
 
 
 def load_downstream(path: str | Path) -> dict[str, dict]:
     """The downstream evaluation JSON's per-model results, keyed by each model's resolved path."""
-    return {str(Path(m["path"]).resolve()): m for m in _read_report(path, "evaluate_downstream")["models"]}
+    return {str(Path(m["path"]).resolve()): m for m in _report_models(path, "evaluate_downstream", "settings")}
+
+
+def _report_models(path: str | Path, tool: str, key: str) -> list[dict]:
+    """The report's model entries, each with its ``key`` (what ``tool`` measures); ValueError for another
+    JSON, e.g. the other evaluation tool's report given to the other flag."""
+    data = _read_report(path, tool)
+    models = data.get("models") if isinstance(data, dict) else None
+    if not isinstance(models, list) or not all(isinstance(m, dict) and "path" in m and key in m for m in models):
+        raise ValueError(f"{path} is not a report of tools/{tool}.py (its models have no {key!r}): --quantization "
+                         "takes evaluate_quantization.py's quantization.json, --downstream evaluate_downstream.py's "
+                         "downstream.json")
+    return models
 
 
 def _read_report(path: str | Path, tool: str) -> dict:

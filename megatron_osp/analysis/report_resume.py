@@ -100,6 +100,15 @@ class EarlierReport:
         return f"a partial report ({done} of {total} units done)"
 
 
+def _has_progress(data: dict) -> bool:
+    """Whether ``data`` holds this tool's progress (a list of {"done": [...], "pending": [...]}), and
+    not a ``"progress"`` of another shape (another tool's JSON under the same name)."""
+    progress = data.get("progress")
+    return isinstance(progress, list) and all(
+        isinstance(p, dict) and isinstance(p.get("done"), list) and isinstance(p.get("pending"), list)
+        for p in progress)
+
+
 def _read(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
@@ -112,7 +121,7 @@ def _read(path: Path) -> dict:
 
 def _check_same_request(path: Path, data: dict, request: dict) -> None:
     earlier = data.get("request")
-    if not isinstance(earlier, dict) or earlier.get("version") != REQUEST_VERSION or "progress" not in data:
+    if not isinstance(earlier, dict) or earlier.get("version") != REQUEST_VERSION or not _has_progress(data):
         raise ValueError(f"--resume: {path} was written by an earlier version of this tool, without what "
                          "resuming checks: pass --overwrite to evaluate anew, or choose another --output-dir")
     for key in request:
@@ -150,7 +159,7 @@ def open_report(path: str | Path, resume: bool, overwrite: bool, request: dict) 
         return None
     data = _read(path)
     if not resume:
-        state = EarlierReport(path, data).summary() if "progress" in data else "a report"
+        state = EarlierReport(path, data).summary() if _has_progress(data) else "a report"
         raise ValueError(f"{path} already holds {state} of an earlier run: --resume continues it "
                          "(same models and options), --overwrite replaces it, or choose another --output-dir")
     _check_same_request(path, data, {"version": REQUEST_VERSION, **request})
