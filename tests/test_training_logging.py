@@ -48,3 +48,35 @@ def test_tensorboard_has_per_layer_kurtosis_and_max_abs(toy_corpus, tmp_path):
     assert tflops[-1].value == pytest.approx(lines[-1]["tflops_per_device"], rel=1e-5)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["tflops_per_device"] == pytest.approx(summary["tokens_per_s"] * flops / 1e12, rel=1e-9)
+
+
+def _train_with_slow_saves(rank, world_size, overrides, run_dir):
+    import time
+
+    from megatron_osp.training.config import load_config
+    from megatron_osp.training.loop import Trainer
+
+    trainer = Trainer(load_config(None, overrides + [f"train.run_dir={run_dir}"]), log=lambda *_: None)
+    save = trainer.save
+
+    def slow_save():  # what a large model's save looks like next to a toy step
+        time.sleep(1.0)
+        return save()
+
+    trainer.save = slow_save
+    trainer.train()
+
+
+def test_tokens_per_s_of_a_window_leaves_out_saves(toy_corpus, tmp_path):
+    """A log window's tokens/s (and TFLOP/s) counted the time of a save (and of evaluations) made in
+    it: every window after a save read as a throughput drop. Saves of 1 s every 2 steps, logged every
+    2 steps: each window's time, tokens / tokens_per_s, must stay far below a save's."""
+    overrides = [o for o in _overrides(toy_corpus, "adam") if not o.startswith(("train.train_steps", "train.log_"))]
+    overrides += ["train.train_steps=6", "train.log_interval=2", "train.save_interval=2", "train.eval_interval=2"]
+    run_dir = tmp_path / "run"
+    run_distributed(_train_with_slow_saves, 1, overrides, str(run_dir))
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [2, 4, 6]
+    tokens_per_window = 2 * 8 * 32  # log_interval x global batch x the test preset's sequence length
+    seconds = [tokens_per_window / m["tokens_per_s"] for m in lines]
+    assert max(seconds) < 0.8, seconds

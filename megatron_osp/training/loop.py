@@ -342,7 +342,9 @@ class Trainer:
                 dist.barrier()
                 return done
         t0 = time.perf_counter()
-        window_start, window_steps = time.perf_counter(), 0
+        # A log window's rate is of its training steps: the time spent evaluating, measuring kurtosis
+        # and saving in it (``paused``) is not counted (a save could take minutes at scale).
+        window_start, window_steps, paused = time.perf_counter(), 0, 0.0
         kurtosis_history = []
         stop = self._stop_reason(sigterm)  # e.g. resumed at or past exit_at_step: no further step
         if stop is not None:
@@ -356,7 +358,7 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats['loss']:.3f}")
             if self.step % train.log_interval == 0 or self.step == train.train_steps:
-                elapsed = time.perf_counter() - window_start
+                elapsed = time.perf_counter() - window_start - paused
                 stats.update(
                     step=self.step,
                     tokens_per_s=window_steps * tokens_per_step / max(elapsed, 1e-9),
@@ -364,9 +366,10 @@ class Trainer:
                     consumed_samples=self.train_iter.consumed,
                     tokens=self.tokens,
                 )
-                window_start, window_steps = time.perf_counter(), 0
+                window_start, window_steps, paused = time.perf_counter(), 0, 0.0
                 history.append(stats)
                 self.run_log.metrics(stats, bar)
+            side_start = time.perf_counter()
             if train.eval_interval and self.step % train.eval_interval == 0 and self.step < train.train_steps:
                 self.sinks.scalar("val/loss", self.evaluate(), self.step)
             if train.kurtosis_interval and self.step % train.kurtosis_interval == 0 and self.step < train.train_steps:
@@ -375,6 +378,7 @@ class Trainer:
                 self.run_log.kurtosis(report, self.step)
             if train.save and train.save_interval and self.step % train.save_interval == 0:
                 self.save()
+            paused += time.perf_counter() - side_start
             stop = self._stop_reason(sigterm)
             if stop is not None:
                 if bar is not None:
