@@ -37,10 +37,10 @@ python -m megatron_osp.training.pretrain "${COMMON[@]}" "train.run_dir=$RUN_DIR/
 
 echo "== 6/6 4-bit evaluation: held-out perplexity at full precision and W-A-KV fake quantization"
 # The held-out documents are the runs' validation split; a few sequences keep this under a minute.
-# --resume: a rerun keeps what an earlier one measured on the same checkpoints and tokens, and
-# stops with the difference named if they are not the same (then: rm -r $RUN_DIR/quantization).
+# --overwrite: this script owns $RUN_DIR, and a rerun measures again (under a minute) whatever an
+# earlier run or version left there. (--resume would keep an earlier report's finished settings.)
 python tools/evaluate_quantization.py "$RUN_DIR/adam" "$RUN_DIR/osp" --data "$RUN_DIR/corpus_text_document" \
-  --num-windows "${EVAL_WINDOWS:-16}" --calibration-windows 8 --output-dir "$RUN_DIR/quantization" --resume
+  --num-windows "${EVAL_WINDOWS:-16}" --calibration-windows 8 --output-dir "$RUN_DIR/quantization" --overwrite
 
 echo
 echo "== Adam baseline vs OSP, same model size and tokens"

@@ -93,7 +93,9 @@ done
 
 echo "== 4-bit evaluation on the held-out (validation) documents"
 python tools/evaluate_quantization.py "${DIRS[@]}" --labels "${LABELS[@]}" --data "$DATA" "${EVAL[@]}" \
-  --output-dir "$RUN_DIR/quantization" --resume  # a rerun keeps what was measured on the same checkpoints
+  --output-dir "$RUN_DIR/quantization" ${EVAL_REPORT:---resume}
+# --resume: a rerun (a device stage run again) keeps what was measured on the same checkpoints and
+# tokens, and stops naming the difference otherwise: then EVAL_REPORT=--overwrite measures anew.
 echo
 python tools/compare_runs.py "${DIRS[@]}" --quantization "$RUN_DIR/quantization/quantization.json" \
   --output "$RUN_DIR/comparison.txt"
