@@ -26,6 +26,7 @@ inputs, tokenizer and output directory and prints each task's files, writing not
 
 import argparse
 import glob
+import os
 import sys
 from pathlib import Path
 
@@ -154,7 +155,11 @@ def main() -> int:
         return 1
     except KeyboardInterrupt:  # Ctrl-C: the stage is dropped on the way out (preprocess), no traceback
         print(f"interrupted: no output was written; any earlier output of {output} is untouched", file=sys.stderr)
-        return 130
+        # Exit without the interpreter's exit-time join of the worker pool's threads: with its workers
+        # ended mid-transfer (they are, by now) that join can wait forever.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
     print(stats.summary())
     return 0
 

@@ -14,6 +14,7 @@ only when the whole run succeeded; publishing removes the earlier run's files of
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -68,6 +69,12 @@ def _init_worker(model_file: str, eod_token: str | None, in_pool: bool = False, 
     global _TOKENIZER
     if in_pool:  # one process per worker already; Rust threads on top would oversubscribe the cores
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        # Ctrl-C reaches every process of the terminal's group: the main process handles it and ends
+        # the workers (_stop). A worker interrupted in the middle of a queue operation could leave the
+        # executor's queues locked and the main process waiting on them. (Forked with SIGINT blocked,
+        # _launch_workers: one arriving before this line stays pending, then is ignored.)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         _exit_with_parent()
     _TOKENIZER = load_tokenizer(model_file, eod_token, word_cache)
 
@@ -163,13 +170,32 @@ def _ordered_bounded(pool, chunks, max_in_flight: int):
                          "these lines (killed by a signal; the out-of-memory killer? try fewer --workers)") from None
 
 
-def _stop(pool) -> None:
-    """End the workers now: chunks in flight are not waited for (an error or interrupt stops the run)."""
+def _launch_workers(pool) -> None:
+    """Fork the pool's workers now (a fork-context executor starts them all at its first task), with
+    SIGINT blocked, so that a Ctrl-C during their start-up cannot interrupt one before it ignores
+    SIGINT (_init_worker); the main process gets that Ctrl-C when this returns."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        pool.submit(os.getpid).result()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _stop(pool, grace: float = 5.0) -> None:
+    """End the workers now: chunks in flight are not waited for (an error or interrupt stops the run).
+    Each is terminated, then killed if it has not ended within ``grace`` seconds; the executor itself is
+    not joined (a worker ended mid-transfer can leave its queue's feeder thread blocked for good)."""
     processes = list((getattr(pool, "_processes", None) or {}).values())
     pool.shutdown(wait=False, cancel_futures=True)
     for process in processes:
         if process.is_alive():
             process.terminate()
+    deadline = time.monotonic() + grace
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join(1.0)
 
 
 def check_eod(tokenizer, tokenizer_model: str, append_eod: bool) -> None:
@@ -369,6 +395,8 @@ def preprocess(
     try:
         if pool is None:
             _init_worker(tokenizer_model, eod_token, word_cache=word_cache)
+        else:
+            _launch_workers(pool)
         # The stage directory: an unwritable output fails here, before any tokenizing.
         output = _ShardedOutput(output_prefix, json_keys, token_dtype_for(tokenizer.vocab_size), max_shard_tokens)
     except BaseException:
@@ -414,10 +442,11 @@ def preprocess(
         output.abort()
         if pool is not None:
             _stop(pool)
+            pool = None
         raise
     finally:
         if pool is not None:
-            pool.shutdown(wait=True)  # after _stop, only joins
+            pool.shutdown(wait=True)
         if bar is not None:
             bar.close()
     stats.seconds = time.perf_counter() - start
