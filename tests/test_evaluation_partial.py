@@ -154,3 +154,43 @@ def test_a_foreign_report_in_the_output_dir_is_refused_in_one_line(tmp_path):
         with pytest.raises(ValueError, match="--resume: .* was written by an earlier version of this tool"):
             open_report(path, resume=True, overwrite=False, request=request)
         assert json.loads(path.read_text()) == foreign
+
+
+def test_the_checkpoint_evaluated_is_the_one_the_report_records(megatron_single_rank, tmp_path, monkeypatch):
+    """A Megatron run directory is pinned to the iteration ``latest`` names when the run starts: the
+    report records that iteration, and it is the one loaded, even when training saves a newer
+    checkpoint (moving ``latest``) while the evaluation runs. Before, the report recorded one iteration
+    and the model loaded could be the next."""
+    import evaluate_quantization
+
+    import megatron_osp.analysis.loading as loading
+    from megatron_osp.data.indexed import IndexedDatasetWriter
+    from megatron_osp.models import build_gpt_model, get_preset, transformer_config
+    from megatron_osp.training.checkpoint import save_checkpoint
+    from megatron_osp.training.config import RunConfig
+
+    cfg = get_preset("test")
+    config = RunConfig(model=cfg)
+    save_dir = tmp_path / "run" / "checkpoints"
+    save_checkpoint(save_dir, 1, [build_gpt_model(cfg, transformer_config(cfg), seed=1).eval()], config, save_rng=False)
+    with IndexedDatasetWriter(tmp_path / "held") as writer:
+        for _ in range(6):
+            writer.add_document(np.arange(40) % cfg.vocab_size)
+    real, loaded_from = loading.load_for_analysis, []
+
+    def training_goes_on(path, **kw):  # a newer checkpoint lands between the start and the load
+        if not (save_dir / "iter_0000002").exists():
+            save_checkpoint(save_dir, 2, [build_gpt_model(cfg, transformer_config(cfg), seed=2).eval()], config,
+                            save_rng=False)
+        loaded_from.append(path)
+        return real(path, **kw)
+
+    monkeypatch.setattr(loading, "load_for_analysis", training_goes_on)
+    rc = evaluate_quantization.main([str(tmp_path / "run"), "--data", str(tmp_path / "held"), "--documents", "0:1",
+                                     "--settings", "fp", "--num-windows", "2", "--stats-windows", "1",
+                                     "--weight-error-windows", "0", "--device", "cpu", "--no-plots",
+                                     "--output-dir", str(tmp_path / "out")])
+    assert rc == 0 and (save_dir / "latest").read_text().strip() == "iter_0000002"
+    assert loaded_from == [str(save_dir / "iter_0000001")]
+    report = json.loads((tmp_path / "out" / "quantization.json").read_text())
+    assert report["request"]["models"][0]["identity"]["iteration"] == "iter_0000001"

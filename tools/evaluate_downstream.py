@@ -124,11 +124,12 @@ def _check(args):
     return settings, labels, specs, tm
 
 
-def _request(args, settings, labels, specs) -> dict:
-    """What decides the report's numbers, for --resume (analysis/report_resume.py)."""
+def _request(args, settings, labels, specs, pinned) -> dict:
+    """What decides the report's numbers, for --resume (analysis/report_resume.py); ``pinned``: each
+    model's (path to load, identity) from report_resume.pin_model."""
     from megatron_osp.analysis.evaluation import load_token_windows, parse_document_range
     from megatron_osp.analysis.loading import config_facts
-    from megatron_osp.analysis.report_resume import model_identity, tokens_identity
+    from megatron_osp.analysis.report_resume import tokens_identity
 
     calibration = None
     if any(s.gptq for s in settings):  # the tokens each model calibrates on (windows of its sequence length)
@@ -136,7 +137,7 @@ def _request(args, settings, labels, specs) -> dict:
         calibration = [tokens_identity(load_token_windows(args.calibration_data, args.seq_length or config_facts(m)[0],
                                                           args.calibration_windows, docs)) for m in args.models]
     return {
-        "models": [{"path": str(m), "identity": model_identity(m)} for m in args.models],
+        "models": [{"path": str(m), "identity": ident} for m, (_, ident) in zip(args.models, pinned)],
         "options": {"labels": labels, "settings": [s.name for s in settings], "tasks": [s.label for s in specs],
                     "include_path": args.include_path, "batch_size": args.batch_size, "limit": args.limit,
                     "dtype": args.dtype},
@@ -150,9 +151,10 @@ def _run(args) -> int:
     for pattern in (".*Apex.*", ".*Transformer Engine.*", ".*deprecated.*", ".*TypedStorage.*"):
         warnings.filterwarnings("ignore", message=pattern)
     settings, labels, specs, tm = _check(args)
-    from megatron_osp.analysis.report_resume import open_report
+    from megatron_osp.analysis.report_resume import open_report, pin_model
 
-    request = _request(args, settings, labels, specs)
+    pinned = [pin_model(m) for m in args.models]  # (what to load, what the report records)
+    request = _request(args, settings, labels, specs, pinned)
     earlier = open_report(Path(args.output_dir) / "downstream.json", args.resume, args.overwrite, request)
     import torch
 
@@ -187,7 +189,7 @@ def _run(args) -> int:
             continue
         log(f"== {path}")
         label = prior["label"] if prior is not None else (labels[i] if labels else None)
-        em = load_eval_model(path, device=device, dtype=dtype, label=label, log=lambda *a: None)
+        em = load_eval_model(pinned[i][0], device=device, dtype=dtype, label=label, log=lambda *a: None)
         if any(r["label"] == em.label for r in results if r is not prior):  # default labels (optimizer/norms,
             em.label = f"{em.label} ({path})"  # directory name)
         try:

@@ -103,7 +103,7 @@ def _run(args) -> int:
     from megatron_osp.analysis.quant_report import (DEFAULT_SETTINGS, WEIGHT_ROUNDING, evaluate_model, format_table,
                                                     with_fp, write_report)
     from megatron_osp.analysis.report_progress import ReportProgress
-    from megatron_osp.analysis.report_resume import model_identity, open_report, tokens_identity
+    from megatron_osp.analysis.report_resume import open_report, pin_model, tokens_identity
     from megatron_osp.analysis.quantization import parse_setting
     from megatron_osp.analysis.weight_error import roles_of
 
@@ -151,8 +151,9 @@ def _run(args) -> int:
         calib = None
         if any(s.gptq for s in settings):
             calib = load_token_windows(args.data, seq, args.calibration_windows, documents=train_docs)
+        pinned = [pin_model(m) for m in args.models]  # (what to load, what the report records)
         request = {
-            "models": [{"path": str(m), "identity": model_identity(m)} for m in args.models],
+            "models": [{"path": str(m), "identity": ident} for m, (_, ident) in zip(args.models, pinned)],
             "tokens": {"held_out": tokens_identity(windows), "calibration": tokens_identity(calib)},
             "options": {"labels": args.labels, "settings": [s.name for s in settings], "batch_size": args.batch_size,
                         "stats_windows": args.stats_windows, "weight_error_windows": args.weight_error_windows,
@@ -188,7 +189,7 @@ def _run(args) -> int:
             continue
         label = prior["label"] if prior is not None else (args.labels[i] if args.labels else None)
         print(f"== {path}", flush=True)
-        loaded = load_for_analysis(path, device=device, dtype=dtype, label=label)
+        loaded = load_for_analysis(pinned[i][0], device=device, dtype=dtype, label=label)
         if any(r["label"] == loaded.label for r in results if r is not prior):  # default labels (optimizer/norms,
             loaded.label = f"{loaded.label} ({path})"  # directory name): the plots would draw only one of the two
         check_token_ids(loaded.model, windows, f"{loaded.label}: --data {args.data}")

@@ -22,7 +22,7 @@ import hashlib
 import json
 from pathlib import Path
 
-__all__ = ["model_identity", "files_identity", "tokens_identity", "EarlierReport", "open_report"]
+__all__ = ["pin_model", "files_identity", "tokens_identity", "EarlierReport", "open_report"]
 
 REQUEST_VERSION = 1
 
@@ -47,13 +47,15 @@ def tokens_identity(windows) -> str | None:
     return hashlib.sha256(repr(a.shape).encode() + a.tobytes()).hexdigest()
 
 
-def model_identity(path: str) -> dict:
-    """What ``path`` holds now, cheaply (no weights read): a Megatron checkpoint as the iteration directory
-    it resolves to (``latest`` moves when training goes on) and the sha256 of that iteration's checksum
-    manifest; an HF directory as ``files_identity`` of its files."""
+def pin_model(path: str) -> tuple[str, dict]:
+    """(the path to load, what it holds) now, cheaply (no weights read). A Megatron run or save directory
+    is pinned to the iteration directory ``latest`` names now, so that the model evaluated is the one
+    the report records even if training moves ``latest`` on while the evaluation runs; its identity is
+    that iteration and the sha256 of its checksum manifest. An HF directory is loaded as it is; its
+    identity is ``files_identity`` of its files."""
     p = Path(path)
     if (p / "config.json").exists():
-        return {"kind": "hf", "files": files_identity(f for f in p.iterdir() if f.is_file())}
+        return str(path), {"kind": "hf", "files": files_identity(f for f in p.iterdir() if f.is_file())}
     from megatron_osp.training.checkpoint import find_iteration_dir
     from megatron_osp.training.checkpoint_integrity import MANIFEST
 
@@ -62,7 +64,7 @@ def model_identity(path: str) -> dict:
     it = find_iteration_dir(p)
     manifest = it / MANIFEST
     digest = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
-    return {"kind": "megatron", "iteration": it.name, "manifest_sha256": digest}
+    return str(it), {"kind": "megatron", "iteration": it.name, "manifest_sha256": digest}
 
 
 def _describe(value) -> str:
