@@ -34,3 +34,16 @@ def toy_corpus(tmp_path_factory):
         builder.add_document(np.append(rng.integers(0, 250, n), 255).astype(np.uint16), [n + 1])
     builder.finalize(prefix + ".idx")
     return prefix
+
+
+@pytest.fixture(scope="session")
+def sp_model(tmp_path_factory):
+    """A SentencePiece BPE model of 300 pieces (byte fallback) on short mixed-script lines."""
+    import json
+
+    from megatron_osp.data.tokenizer import train_sentencepiece
+
+    d = tmp_path_factory.mktemp("tok")
+    corpus = d / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"line {i}: abc xyz é漢 the fox {i * 7}"}) + "\n" for i in range(200)))
+    return str(train_sentencepiece(corpus, d / "tok", vocab_size=300))

@@ -24,14 +24,6 @@ from megatron_osp.data.tokenizer import train_sentencepiece
 TEXTS = [f"doc {i}: the quick brown fox é漢 " * (1 + i % 4) for i in range(40)]
 
 
-@pytest.fixture(scope="module")
-def sp_model(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tok")
-    corpus = d / "c.jsonl"
-    corpus.write_text("".join(json.dumps({"text": f"line {i}: abc xyz é漢 the fox {i * 7}"}) + "\n" for i in range(200)))
-    return str(train_sentencepiece(corpus, d / "tok", vocab_size=300))
-
-
 def _lines(texts=TEXTS) -> bytes:
     return "".join(json.dumps({"text": t}) + "\n" for t in texts).encode()
 

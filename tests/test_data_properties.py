@@ -64,14 +64,6 @@ MAX_LINES = 8
 
 
 @pytest.fixture(scope="module")
-def sp_model(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tok")
-    corpus = d / "c.jsonl"
-    corpus.write_text("".join(json.dumps({"text": f"line {i}: abc xyz é漢 the fox {i * 7}"}) + "\n" for i in range(200)))
-    return str(train_sentencepiece(corpus, d / "tok", vocab_size=300))
-
-
-@pytest.fixture(scope="module")
 def sp(sp_model):
     return SentencePieceTokenizer(sp_model, word_cache=False)  # SentencePiece itself: the reference
 
