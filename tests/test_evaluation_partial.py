@@ -131,6 +131,13 @@ def test_resume_evaluates_only_what_the_report_lacks(tmp_path, capsys):
     capsys.readouterr()  # a complete report resumed: nothing to do, no model loads
     assert evaluate_quantization.main([*common, "--output-dir", str(out), "--resume"]) == 0
     assert capsys.readouterr().out.count("done in the earlier run") == 2
+    on_gpu = json.loads((out / "quantization.json").read_text())
+    on_gpu["request"]["options"]["device"] = "cuda"  # measured with another device's kernels: not mixed
+    (out / "quantization.json").write_text(json.dumps(on_gpu))
+    assert evaluate_quantization.main([*common, "--output-dir", str(out), "--resume"]) == 2
+    assert '"device": "cuda"' in capsys.readouterr().err
+    on_gpu["request"]["options"]["device"] = "cpu"
+    (out / "quantization.json").write_text(json.dumps(on_gpu))
     _tiny_llama(0).save_pretrained(tmp_path / "m0")  # rewritten after its results were kept
     assert evaluate_quantization.main([*common, "--output-dir", str(out), "--resume"]) == 2
     assert "model 1 (" in capsys.readouterr().err

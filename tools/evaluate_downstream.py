@@ -153,19 +153,21 @@ def _run(args) -> int:
     settings, labels, specs, tm = _check(args)
     from megatron_osp.analysis.report_resume import open_report, pin_model
 
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
     pinned = [pin_model(m) for m in args.models]  # (what to load, what the report records)
     request = _request(args, settings, labels, specs, pinned)
+    request["options"]["device"] = device  # numbers measured on another device's kernels differ slightly
     earlier = open_report(Path(args.output_dir) / "downstream.json", args.resume, args.overwrite, request)
-    import torch
 
     from megatron_osp.analysis.downstream import evaluate_downstream, load_eval_model
     from megatron_osp.analysis.downstream_report import format_markdown, write_report
     from megatron_osp.analysis.evaluation import check_token_ids, load_token_windows, parse_document_range
     from megatron_osp.analysis.report_progress import ReportProgress
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     import lm_eval

@@ -152,18 +152,18 @@ def _run(args) -> int:
         if any(s.gptq for s in settings):
             calib = load_token_windows(args.data, seq, args.calibration_windows, documents=train_docs)
         pinned = [pin_model(m) for m in args.models]  # (what to load, what the report records)
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")  # its kernels: in the request
         request = {
             "models": [{"path": str(m), "identity": ident} for m, (_, ident) in zip(args.models, pinned)],
             "tokens": {"held_out": tokens_identity(windows), "calibration": tokens_identity(calib)},
             "options": {"labels": args.labels, "settings": [s.name for s in settings], "batch_size": args.batch_size,
                         "stats_windows": args.stats_windows, "weight_error_windows": args.weight_error_windows,
-                        "weight_error_bits": args.weight_error_bits, "dtype": args.dtype},
+                        "weight_error_bits": args.weight_error_bits, "dtype": args.dtype, "device": device},
         }
         earlier = open_report(Path(args.output_dir) / "quantization.json", args.resume, args.overwrite, request)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     meta = {
         "data": args.data,
