@@ -90,6 +90,9 @@ class TrainSettings:
     load: str | None = None  # a new run starts from this checkpoint (a save dir or one iter_N dir)
     auto_resume: bool = True  # continue from save_dir's latest checkpoint if any (before `load`)
     exit_at_step: int = 0  # stop (after saving) once this many steps are done; 0 = run to the end
+    # Stop (after saving) at the first step ending this many minutes after the run started (the Trainer
+    # was built): a job time limit's fallback where no SIGTERM comes first; leave room for the save. 0 = off
+    exit_after_minutes: float = 0.0
     save_on_sigterm: bool = True  # SIGTERM: finish the step, save, exit cleanly
     # Activation recompute (Megatron's recompute_granularity; models/gpt.py maps it): "none" keeps
     # every activation; "selective" recomputes core attention (softmax(QK^T)V) in the backward pass;

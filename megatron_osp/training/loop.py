@@ -49,7 +49,7 @@ from megatron_osp.training.progress import finished_summary, tokens_at_resume
 from megatron_osp.training.resume_check import check_compatible, checkpoint_to_load
 from megatron_osp.training.run_log import RunLog, mean_tail, progress_bar
 from megatron_osp.training.step_guard import check_step
-from megatron_osp.training.sigterm import SigtermFlag
+from megatron_osp.training.sigterm import SigtermFlag, any_rank
 from megatron_osp.training.data_checks import check_data_settings
 from megatron_osp.training.validation import check_config, check_world
 
@@ -89,6 +89,7 @@ class Trainer:
     """Owns the model, optimizer, data and logs of one run; `train()` runs it to the end."""
 
     def __init__(self, config: RunConfig, log=print):
+        self.started = time.monotonic()  # train.exit_after_minutes counts from here
         self.config = config
         self.log = log
         par, train = config.parallel, config.train
@@ -292,10 +293,18 @@ class Trainer:
         self.last_saved_step = self.step
         return path
 
-    def _stop_reason(self, sigterm: "SigtermFlag | None") -> str | None:
+    def _stop_reason(self, sigterm: "SigtermFlag | None", clock: bool = True) -> str | None:
+        """Why the run stops after this step (None: it goes on); ``clock``: whether the time limit
+        counts (not before the first step: a job makes at least one)."""
         train = self.config.train
-        if sigterm is not None and sigterm.any_rank(self.device):
-            return "SIGTERM"
+        if sigterm is not None or train.exit_after_minutes:  # agreed on: ranks' signals and clocks differ
+            late = (clock and bool(train.exit_after_minutes)
+                    and time.monotonic() - self.started >= 60 * train.exit_after_minutes)
+            signalled, late = any_rank(self.device, sigterm is not None and sigterm.received, late)
+            if signalled:
+                return "SIGTERM"
+            if late and self.step < train.train_steps:
+                return f"train.exit_after_minutes={train.exit_after_minutes:g}"
         if train.exit_at_step and self.step >= train.exit_at_step and self.step < train.train_steps:
             return f"train.exit_at_step={train.exit_at_step}"
         return None
@@ -346,7 +355,7 @@ class Trainer:
         # and saving in it (``paused``) is not counted (a save could take minutes at scale).
         window_start, window_steps, paused = time.perf_counter(), 0, 0.0
         kurtosis_history = []
-        stop = self._stop_reason(sigterm)  # e.g. resumed at or past exit_at_step: no further step
+        stop = self._stop_reason(sigterm, clock=False)  # e.g. resumed at or past exit_at_step: no further step
         if stop is not None:
             if bar is not None:
                 bar.close()

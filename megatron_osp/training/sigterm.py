@@ -35,6 +35,11 @@ class SigtermFlag:
         signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
 
     def any_rank(self, device) -> bool:
-        flag = torch.tensor([1.0 if self.received else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return any_rank(device, self.received)[0]
+
+
+def any_rank(device, *flags: bool) -> list[bool]:
+    """Each flag, true if it is true on any rank: one all-reduce, so every rank takes the same branch."""
+    values = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in values.tolist()]

@@ -259,6 +259,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "load": optional(text),
         "auto_resume": boolean,
         "exit_at_step": NON_NEGATIVE,
+        "exit_after_minutes": number(0.0, what="must be >= 0 (0 = off)"),
         "save_on_sigterm": boolean,
         "recompute": choice(RECOMPUTE),
         "recompute_method": optional(choice(RECOMPUTE_METHODS)),
