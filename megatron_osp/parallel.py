@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
@@ -63,3 +64,11 @@ def shutdown() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def any_rank(device, *flags: bool) -> list[bool]:
+    """Each flag, true if it is true on any rank: one all-reduce over the world, so that every rank
+    takes the same branch (a stop, a refusal) whatever it saw itself."""
+    values = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in values.tolist()]

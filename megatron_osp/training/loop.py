@@ -28,6 +28,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_osp import parallel, platform
+from megatron_osp.parallel import any_rank
 from megatron_osp.fileio import atomic_write_json
 from megatron_osp.metrics.kurtosis import HiddenStateRecorder, KurtosisReport, merge_rank_reports
 from megatron_osp.models.layout import unwrap  # noqa: F401 - the Trainer's callers (tests, tools) import it from here
@@ -49,7 +50,7 @@ from megatron_osp.training.progress import finished_summary, tokens_at_resume
 from megatron_osp.training.resume_check import check_compatible, checkpoint_to_load
 from megatron_osp.training.run_log import RunLog, mean_tail, progress_bar
 from megatron_osp.training.step_guard import check_step
-from megatron_osp.training.sigterm import SigtermFlag, any_rank
+from megatron_osp.training.sigterm import SigtermFlag
 from megatron_osp.training.data_checks import check_data_settings
 from megatron_osp.training.validation import check_config, check_world
 
@@ -367,11 +368,11 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats['loss']:.3f}")
             if self.step % train.log_interval == 0 or self.step == train.train_steps:
-                elapsed = time.perf_counter() - window_start - paused
+                rate = window_steps * tokens_per_step / max(time.perf_counter() - window_start - paused, 1e-9)
                 stats.update(
                     step=self.step,
-                    tokens_per_s=window_steps * tokens_per_step / max(elapsed, 1e-9),
-                    tflops_per_device=self.run_log.tflops_per_device(window_steps * tokens_per_step / max(elapsed, 1e-9)),
+                    tokens_per_s=rate,
+                    tflops_per_device=self.run_log.tflops_per_device(rate),
                     consumed_samples=self.train_iter.consumed,
                     tokens=self.tokens,
                 )

@@ -32,10 +32,10 @@ import secrets
 import string
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from megatron_osp.fileio import atomic_write_text
+from megatron_osp.parallel import any_rank
 
 RUN_ID_FILE = "wandb_run_id"
 _ID_CHARS = string.ascii_lowercase + string.digits
@@ -163,9 +163,7 @@ def open_sinks(config, logging_rank: bool, resume: bool, log=print, device=None)
             MetricSinks(sinks).close(failed=True)
             error = e
     if device is not None and dist.is_initialized() and dist.get_world_size() > 1:
-        failed = torch.tensor([0.0 if error is None else 1.0], device=device)
-        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
-        if failed.item() and error is None:
+        if any_rank(device, error is not None)[0] and error is None:
             what = f"W&B (train.wandb_project={t.wandb_project})" if t.wandb_project else "TensorBoard"
             raise SinkStartError(f"{what} could not start on the logging rank; its error says why")
     if error is not None:

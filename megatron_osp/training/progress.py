@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
+
+from megatron_osp.parallel import any_rank
 
 
 def tokens_at_resume(earlier: list[dict], consumed_samples: int, seq_length_at_checkpoint: int) -> int:
@@ -43,9 +44,7 @@ def finished_summary(run_dir: Path, step: int, is_writer: bool, device) -> dict 
             summary = None
         if not isinstance(summary, dict) or summary.get("steps") != step:
             summary = None
-    found = torch.tensor([1.0 if summary is not None else 0.0], device=device)
-    dist.all_reduce(found, op=dist.ReduceOp.MAX)
-    if not found.item():
+    if not any_rank(device, summary is not None)[0]:
         return None
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, summary)

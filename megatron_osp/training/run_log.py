@@ -42,14 +42,14 @@ class RunLog:
         metrics.dropped.jsonl (appended), so they are neither mixed into this run nor lost."""
         if not self.writer or not self.path.exists():
             return []
-        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
-        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+        lines = [(line, json.loads(line)) for line in self.path.read_text().splitlines() if line.strip()]
+        kept = [(line, m) for line, m in lines if m.get("step", 0) <= step]
         if len(kept) != len(lines):
-            dropped = [line for line in lines if json.loads(line).get("step", 0) > step]
+            dropped = [line for line, m in lines if m.get("step", 0) > step]
             with open(self.path.with_name("metrics.dropped.jsonl"), "a") as f:
                 f.write("".join(line + "\n" for line in dropped))
-            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
-        return [json.loads(line) for line in kept]
+            atomic_write_text(self.path, "".join(line + "\n" for line, _ in kept))
+        return [m for _, m in kept]
 
     def metrics(self, stats: dict, bar=None) -> None:
         """One ``log_interval`` line: metrics.jsonl, the sinks' ``train/*`` scalars, the console."""

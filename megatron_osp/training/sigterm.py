@@ -5,8 +5,7 @@ from __future__ import annotations
 import signal
 import threading
 
-import torch
-import torch.distributed as dist
+from megatron_osp.parallel import any_rank
 
 
 class SigtermFlag:
@@ -36,10 +35,3 @@ class SigtermFlag:
 
     def any_rank(self, device) -> bool:
         return any_rank(device, self.received)[0]
-
-
-def any_rank(device, *flags: bool) -> list[bool]:
-    """Each flag, true if it is true on any rank: one all-reduce, so every rank takes the same branch."""
-    values = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
-    dist.all_reduce(values, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in values.tolist()]

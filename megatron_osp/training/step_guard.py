@@ -17,18 +17,13 @@ from __future__ import annotations
 
 import math
 
-import torch
-import torch.distributed as dist
+from megatron_osp.parallel import any_rank
 
 __all__ = ["NonFiniteStep", "check_step"]
 
 
 class NonFiniteStep(RuntimeError):
     """A step produced a non-finite loss or gradient norm; the weights are no longer usable."""
-
-
-def _finite(value) -> bool:
-    return value is None or math.isfinite(float(value))
 
 
 def check_step(step: int, ok: bool, loss: float, grad_norm, device, newest_checkpoint) -> None:
@@ -38,12 +33,9 @@ def check_step(step: int, ok: bool, loss: float, grad_norm, device, newest_check
     if not ok:  # skipped by the fp16 loss scaler: no update happened
         return
     if grad_norm is not None:
-        bad = not _finite(grad_norm)
+        bad = not math.isfinite(float(grad_norm))
     else:
-        flag = torch.tensor([0.0 if (math.isnan(loss) and not _knows_loss()) or math.isfinite(loss) else 1.0],
-                            device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        bad = bool(flag.item())
+        bad = any_rank(device, _knows_loss() and not math.isfinite(loss))[0]
     if not bad:
         return
     norm = "not computed (optimizer.clip_grad=0)" if grad_norm is None else f"{float(grad_norm)}"
