@@ -124,18 +124,24 @@ def _check(args):
     return settings, labels, specs, tm
 
 
-def _request(args, settings, labels, specs, pinned) -> dict:
-    """What decides the report's numbers, for --resume (analysis/report_resume.py); ``pinned``: each
-    model's (path to load, identity) from report_resume.pin_model."""
+def _calibration_windows(args, settings) -> list | None:
+    """Each model's GPTQ calibration windows (of its sequence length), None without a +gptq setting."""
     from megatron_osp.analysis.evaluation import load_token_windows, parse_document_range
     from megatron_osp.analysis.loading import config_facts
+
+    if not any(s.gptq for s in settings):
+        return None
+    docs = parse_document_range(args.calibration_documents)
+    return [load_token_windows(args.calibration_data, args.seq_length or config_facts(m)[0], args.calibration_windows,
+                               docs) for m in args.models]
+
+
+def _request(args, settings, labels, specs, pinned, calibs) -> dict:
+    """What decides the report's numbers, for --resume (analysis/report_resume.py); ``pinned``: each
+    model's (path to load, identity) from report_resume.pin_model; ``calibs``: _calibration_windows."""
     from megatron_osp.analysis.report_resume import tokens_identity
 
-    calibration = None
-    if any(s.gptq for s in settings):  # the tokens each model calibrates on (windows of its sequence length)
-        docs = parse_document_range(args.calibration_documents)
-        calibration = [tokens_identity(load_token_windows(args.calibration_data, args.seq_length or config_facts(m)[0],
-                                                          args.calibration_windows, docs)) for m in args.models]
+    calibration = None if calibs is None else [tokens_identity(c) for c in calibs]
     return {
         "models": [{"path": str(m), "identity": ident} for m, (_, ident) in zip(args.models, pinned)],
         "options": {"labels": labels, "settings": [s.name for s in settings], "tasks": [s.label for s in specs],
@@ -159,13 +165,14 @@ def _run(args) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
     pinned = [pin_model(m) for m in args.models]  # (what to load, what the report records)
-    request = _request(args, settings, labels, specs, pinned)
+    calibs = _calibration_windows(args, settings)
+    request = _request(args, settings, labels, specs, pinned, calibs)
     request["options"]["device"] = device  # numbers measured on another device's kernels differ slightly
     earlier = open_report(Path(args.output_dir) / "downstream.json", args.resume, args.overwrite, request)
 
     from megatron_osp.analysis.downstream import evaluate_downstream, load_eval_model
     from megatron_osp.analysis.downstream_report import format_markdown, write_report
-    from megatron_osp.analysis.evaluation import check_token_ids, load_token_windows, parse_document_range
+    from megatron_osp.analysis.evaluation import check_token_ids
     from megatron_osp.analysis.report_progress import ReportProgress
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
@@ -195,10 +202,8 @@ def _run(args) -> int:
         if any(r["label"] == em.label for r in results if r is not prior):  # default labels (optimizer/norms,
             em.label = f"{em.label} ({path})"  # directory name)
         try:
-            calib = None
-            if any(s.gptq for s in settings):
-                calib = load_token_windows(args.calibration_data, args.seq_length or em.seq_length,
-                                           args.calibration_windows, parse_document_range(args.calibration_documents))
+            calib = None if calibs is None else calibs[i]
+            if calib is not None:
                 check_token_ids(em.model, calib, f"{em.label}: --calibration-data {args.calibration_data}")
 
             def on_task(setting, task, res, label=em.label):
