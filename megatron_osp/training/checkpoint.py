@@ -45,6 +45,7 @@ import random
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -273,17 +274,41 @@ def save_checkpoint(
     training loads with a fresh optimizer. Returns the final iteration directory.
     """
     start = time.perf_counter()
+    target = begin_save(save_dir, iteration)
+    state, contents = training_state(model_chunks, optimizer, scheduler, save_rng, iteration, consumed_samples)
+    _write_shards(state, target.tmp)
+    write_small_files(target, config, consumed_samples, contents)
+    dist.barrier()
+    integrity.write_manifest_collective(target.tmp)  # collective; rank 0 writes it before publishing below
+    return finish_save(target, keep_last, log, start)
+
+
+@dataclass(frozen=True)
+class SaveTarget:
+    """Where one save writes: ``tmp`` until it is complete, then renamed to ``final``."""
+
+    save_dir: Path
+    iteration: int
+    tmp: Path
+    final: Path
+
+
+def begin_save(save_dir: str | os.PathLike, iteration: int) -> SaveTarget:
+    """Make an empty ``iter_N.tmp/`` (collective), removing saves an earlier run left unfinished."""
     save_dir = Path(save_dir)
     final = save_dir / iteration_dir_name(iteration)
-    tmp = save_dir / (final.name + ".tmp")
-    rank0 = dist.get_rank() == 0
-    if rank0:
+    target = SaveTarget(save_dir, iteration, save_dir / (final.name + ".tmp"), final)
+    if dist.get_rank() == 0:
         save_dir.mkdir(parents=True, exist_ok=True)
         for stale in save_dir.glob("iter_*.tmp"):
             shutil.rmtree(stale)
-        tmp.mkdir()
+        target.tmp.mkdir()
     dist.barrier()
+    return target
 
+
+def training_state(model_chunks, optimizer, scheduler, save_rng: bool, iteration: int, consumed_samples: int):
+    """The sharded state dict a save writes, and the names of its contents."""
     contents = ["model"]
     state = _model_sharded_state_dict(model_chunks)
     if optimizer is not None:
@@ -304,33 +329,39 @@ def save_checkpoint(
         contents.append("rng")
     state["iteration"] = iteration
     state["consumed_samples"] = consumed_samples
-    _write_shards(state, tmp)
+    return state, contents
 
-    if rank0:
-        from megatron_osp.training.config import save_config
 
-        save_config(config, tmp / RUN_CONFIG)
-        atomic_write_json(
-            tmp / TRAIN_STATE,
-            {
-                "format": FORMAT,
-                "version": FORMAT_VERSION,
-                "iteration": iteration,
-                "consumed_samples": consumed_samples,
-                "contents": contents,
-                "layout": _layout(),
-            },
-        )
-    dist.barrier()
-    integrity.write_manifest_collective(tmp)  # collective; rank 0 writes it before publishing below
-    if rank0:
-        _publish(tmp, final, save_dir)
+def write_small_files(target: SaveTarget, config, consumed_samples: int, contents: list[str]) -> None:
+    """Rank 0 writes the run config and the train state into the save's ``tmp`` directory."""
+    if dist.get_rank() != 0:
+        return
+    from megatron_osp.training.config import save_config
+
+    save_config(config, target.tmp / RUN_CONFIG)
+    atomic_write_json(
+        target.tmp / TRAIN_STATE,
+        {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "iteration": target.iteration,
+            "consumed_samples": consumed_samples,
+            "contents": contents,
+            "layout": _layout(),
+        },
+    )
+
+
+def finish_save(target: SaveTarget, keep_last: int, log, start: float, how: str = "") -> Path:
+    """Publish a save whose files and manifest are complete (collective), prune, and log."""
+    if dist.get_rank() == 0:
+        _publish(target.tmp, target.final, target.save_dir)
         if keep_last > 0:
-            _prune(save_dir, keep_last, keep=final)
+            _prune(target.save_dir, keep_last, keep=target.final)
         if log is not None:
-            log(f"saved checkpoint {final} in {time.perf_counter() - start:.2f} s")
+            log(f"saved checkpoint {target.final} in {time.perf_counter() - start:.2f} s{how}")
     dist.barrier()
-    return final
+    return target.final
 
 
 def _write_shards(state: dict, directory: Path) -> None:

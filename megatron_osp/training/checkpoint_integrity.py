@@ -112,21 +112,28 @@ def _writer_rank(name: str, world: int) -> int:
     return int(m.group(1)) if m and int(m.group(1)) < world else 0
 
 
-def write_manifest_collective(directory: str | os.PathLike) -> None:
+def own_shards(directory: str | os.PathLike, rank: int, world: int) -> dict[str, dict]:
+    """Hash the shards ``rank`` wrote into ``directory`` (what it contributes to the manifest)."""
+    directory = Path(directory)
+    return _hash_files(directory, [n for n in _checkpoint_files(directory) if _WRITER_RE.match(n)
+                                   and _writer_rank(n, world) == rank])
+
+
+def write_manifest_collective(directory: str | os.PathLike, hashed: dict | str | None = None) -> None:
     """Hash a finished save in ``directory`` and write its manifest (collective: every rank calls it,
-    after every rank's files are written). Each rank hashes its own shards; rank 0 gathers them,
-    hashes its own and any file nobody claimed, and writes ``checksums.json``."""
+    after every rank's files are written). Each rank hashes its own shards (or passes them as
+    ``hashed``, already hashed where they were written; a string: why that failed); rank 0 gathers
+    them, hashes any file nobody claimed, and writes ``checksums.json``."""
     import torch.distributed as dist
 
     directory = Path(directory)
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    names = _checkpoint_files(directory)
-    mine = [n for n in names if _writer_rank(n, world) == rank]
-    try:
-        hashed: dict | str = _hash_files(directory, mine)
-    except OSError as e:  # gathered, then raised on every rank: no rank is left waiting in a collective
-        hashed = f"rank {rank}: {e}"
+    if hashed is None:
+        try:
+            hashed = own_shards(directory, rank, world)
+        except OSError as e:  # gathered, then raised on every rank: no rank is left waiting in a collective
+            hashed = f"rank {rank}: {e}"
     parts = [hashed]
     if distributed and world > 1:
         parts = [None] * world
@@ -139,7 +146,7 @@ def write_manifest_collective(directory: str | os.PathLike) -> None:
     files: dict = {}
     for part in parts:
         files.update(part)
-    files.update(_hash_files(directory, [n for n in names if n not in files]))
+    files.update(_hash_files(directory, [n for n in _checkpoint_files(directory) if n not in files]))
     _write_manifest(directory, files)
 
 
