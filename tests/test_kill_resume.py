@@ -1,7 +1,8 @@
 """A real SIGKILL right after a save, and one in the middle of a save, then the same command again:
 the run resumes from the last complete checkpoint (whose checksum manifest verifies) and its per-step
 losses are bit-identical to an uninterrupted run's. (The other resume tests in test_checkpoint.py
-simulate the killed save by leaving an ``iter_N.tmp``; this one kills the process.)"""
+simulate the killed save by leaving an ``iter_N.tmp``; this one kills the process.) With
+``train.async_save`` the job is killed while its forked writer fills ``iter_N.tmp``."""
 
 import json
 import os
@@ -48,10 +49,12 @@ def reference(toy_corpus, tmp_path_factory):
     return losses
 
 
-@pytest.mark.parametrize("moment", ["right after a save", "during a save"])
+@pytest.mark.parametrize("moment", ["right after a save", "during a save", "during a background save"])
 def test_sigkill_then_rerun_gives_the_uninterrupted_losses(toy_corpus, tmp_path, reference, moment):
     run = tmp_path / "run"
     overrides = _overrides(toy_corpus, run, steps=STEPS) + ["train.save_interval=2"]
+    if moment == "during a background save":  # the forked writer is killed with the job
+        overrides.append("train.async_save=true")
     save_dir = run / "checkpoints"
     if moment == "right after a save":
         _kill_when(overrides, lambda: (save_dir / "latest").exists()

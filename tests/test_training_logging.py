@@ -59,9 +59,9 @@ def _train_with_slow_saves(rank, world_size, overrides, run_dir):
     trainer = Trainer(load_config(None, overrides + [f"train.run_dir={run_dir}"]), log=lambda *_: None)
     save = trainer.save
 
-    def slow_save():  # what a large model's save looks like next to a toy step
+    def slow_save(*args, **kwargs):  # what a large model's save looks like next to a toy step
         time.sleep(1.0)
-        return save()
+        return save(*args, **kwargs)
 
     trainer.save = slow_save
     trainer.train()

@@ -87,6 +87,9 @@ class TrainSettings:
     save_dir: str | None = None  # default <run_dir>/checkpoints
     save_interval: int = 0  # 0 = only at the end (and on SIGTERM / exit_at_step)
     keep_last: int = 0  # keep the K newest checkpoints in save_dir; 0 = keep all
+    # Interval saves written by a forked process while training goes on (training/async_checkpoint.py);
+    # the end-of-run, SIGTERM and time-limit saves wait for it and are written at once.
+    async_save: bool = False
     load: str | None = None  # a new run starts from this checkpoint (a save dir or one iter_N dir)
     auto_resume: bool = True  # continue from save_dir's latest checkpoint if any (before `load`)
     exit_at_step: int = 0  # stop (after saving) once this many steps are done; 0 = run to the end

@@ -33,7 +33,9 @@ from megatron_osp.fileio import atomic_write_json
 from megatron_osp.metrics.kurtosis import HiddenStateRecorder, KurtosisReport, merge_rank_reports
 from megatron_osp.models.layout import unwrap  # noqa: F401 - the Trainer's callers (tests, tools) import it from here
 from megatron_osp.optimizer.builder import ddp_config, ddp_wrapper, get_osp_optimizer
+from megatron_osp.training.async_checkpoint import AsyncSaver
 from megatron_osp.training.checkpoint import (
+    CheckpointError,
     find_iteration_dir,
     has_checkpoint,
     load_checkpoint,
@@ -166,6 +168,7 @@ class Trainer:
 
         # Last, so the restored RNG states are the ones the next step sees.
         self.last_saved_step = None
+        self.saver = AsyncSaver(self._rank0_log) if train.save and train.async_save else None
         consumed = 0
         self._checkpoint_seq_length = config.model.seq_length
         if load_path is not None:
@@ -249,6 +252,10 @@ class Trainer:
         }
 
     def _newest_checkpoint(self) -> str | None:
+        try:
+            self.finish_saves()  # a background save of an earlier, finite step is still good
+        except CheckpointError as e:
+            self._rank0_log(str(e))
         return str(find_iteration_dir(self.save_dir)) if has_checkpoint(self.save_dir) else None
 
     @torch.no_grad()
@@ -278,21 +285,22 @@ class Trainer:
             chunk.eval()
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self) -> Path:
-        """Checkpoint the full training state at the current step (collective)."""
-        path = save_checkpoint(
-            self.save_dir,
-            self.step,
-            self.model_chunks,
-            self.config,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            consumed_samples=self.train_iter.consumed,
-            keep_last=self.config.train.keep_last,
-            log=self._rank0_log,
-        )
+    def save(self, background: bool = False) -> None:
+        """Checkpoint the full training state at the current step (collective); ``background``: with
+        train.async_save, written while training goes on (any earlier one is finished first)."""
+        state = dict(optimizer=self.optimizer, scheduler=self.scheduler, consumed_samples=self.train_iter.consumed,
+                     keep_last=self.config.train.keep_last)
+        if background and self.saver is not None:
+            self.saver.start(self.save_dir, self.step, self.model_chunks, self.config, **state)
+        else:
+            self.finish_saves()
+            save_checkpoint(self.save_dir, self.step, self.model_chunks, self.config, log=self._rank0_log, **state)
         self.last_saved_step = self.step
-        return path
+
+    def finish_saves(self) -> None:
+        """Wait for a background save in flight, if any, and publish it (collective)."""
+        if self.saver is not None:
+            self.saver.wait()
 
     def _stop_reason(self, sigterm: "SigtermFlag | None", clock: bool = True) -> str | None:
         """Why the run stops after this step (None: it goes on); ``clock``: whether the time limit
@@ -387,7 +395,9 @@ class Trainer:
                 kurtosis_history.append({"step": self.step, "mean": report.mean, "max": report.max})
                 self.run_log.kurtosis(report, self.step)
             if train.save and train.save_interval and self.step % train.save_interval == 0:
-                self.save()
+                self.save(background=True)
+            elif self.saver is not None:
+                self.saver.poll()
             paused += time.perf_counter() - side_start
             stop = self._stop_reason(sigterm)
             if stop is not None:
@@ -396,6 +406,7 @@ class Trainer:
                 return self._stop_early(stop, history)
         if bar is not None:
             bar.close()
+        self.finish_saves()
         if train.save and self.last_saved_step != self.step:
             self.save()
         train_time = time.perf_counter() - t0
@@ -431,8 +442,11 @@ class Trainer:
     def _stop_early(self, reason: str, history) -> dict:
         """Save (when checkpointing is on) and return before the end of the schedule."""
         saved = None
+        self.finish_saves()
         if self.config.train.save:
-            saved = self.save() if self.last_saved_step != self.step else self.save_dir
+            if self.last_saved_step != self.step:
+                self.save()
+            saved = self.save_dir
         again = ("Run it again without train.exit_at_step (or with a larger one) to continue."
                  if reason.startswith("train.exit_at_step") else "Run the same command again to continue.")
         where = f"checkpoint of step {self.step} in {self.save_dir}. {again}" if saved else (

@@ -256,6 +256,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "save_dir": optional(text),
         "save_interval": NON_NEGATIVE,
         "keep_last": NON_NEGATIVE,
+        "async_save": boolean,
         "load": optional(text),
         "auto_resume": boolean,
         "exit_at_step": NON_NEGATIVE,
