@@ -140,6 +140,42 @@ def test_refuse_names_a_parquet_row(hf, tmp_path):
     assert not list(tmp_path.glob("p_*"))
 
 
+def test_encode_and_split_datasets_are_refused_together_naming_both(hf, tmp_path):
+    from megatron_osp.training.config import load_config
+    from megatron_osp.training.data_checks import data_problems
+
+    enc, split = _run(hf, tmp_path / "enc"), _run(hf, tmp_path / "split", special_tokens_in_text="split")
+    message = (f"{split}: made with --special-tokens-in-text split, {enc} with encode (their manifests: "
+               "special_tokens_in_text)")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        merge_datasets([enc, split], str(tmp_path / "m"))
+    assert not list(tmp_path.glob("m*"))
+    r = subprocess.run([sys.executable, str(REPO / "tools" / "merge_datasets.py"), "--input", enc, split,
+                        "--output-prefix", str(tmp_path / "m")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and message in r.stderr, r.stderr
+    problems = data_problems(load_config(None, ["model.vocab_size=512", f"data.paths=[{enc},{split}]",
+                                                f"data.eod_id={hf['eod']}"]))
+    assert [p for p in problems if "special-tokens" in p] == [f"data.paths: {message}; a special token written in "
+                                                             "a document's text (<|endoftext|> in a web page) is its "
+                                                             "id in one and ordinary text in the other: preprocess "
+                                                             "them with one setting"]
+    # A manifest without the field was made as encode: it merges with encode, not with split.
+    old = _run(hf, tmp_path / "old")
+    m = _manifest(old)
+    del m["special_tokens_in_text"]
+    Path(old + ".shards.json").write_text(json.dumps(m))
+    merge_datasets([enc, old], str(tmp_path / "m1"))
+    with pytest.raises(ValueError, match=re.escape(f"{split}: made with --special-tokens-in-text split, {old} "
+                                                   "with encode")):
+        merge_datasets([old, split], str(tmp_path / "m2"))
+    # refuse wrote only records without such text: its ids are either mode's, so it mixes with both.
+    refused = _run(hf, tmp_path / "ref", special_tokens_in_text="refuse", skip_bad_records=True)
+    merge_datasets([enc, refused], str(tmp_path / "m3"))
+    merge_datasets([refused, split], str(tmp_path / "m4"))
+    with pytest.raises(ValueError, match=re.escape(f"{split}: made with --special-tokens-in-text split, {enc}")):
+        merge_datasets([enc, refused, split], str(tmp_path / "m5"))
+
+
 def test_array_tasks_carry_the_setting_and_refuse_a_mix(hf, tmp_path):
     a = tmp_path / "a.jsonl"
     b = tmp_path / "b.jsonl"

@@ -31,6 +31,7 @@ import socket
 import time
 from pathlib import Path
 
+from megatron_osp.data import special_text
 from megatron_osp.data.tokenizer_identity import same_tokenizer
 from megatron_osp.fileio import atomic_write_json
 
@@ -172,7 +173,8 @@ def recorded_tokens(prefix: str | os.PathLike) -> dict:
     """What the manifest of ``prefix``'s family records about how its ids were made: ``vocab_size``,
     ``tokenizer_sha256``, ``tokenizer_fingerprint`` (data/tokenizer_identity.py; manifests written
     before it lack it), ``eod``, ``append_eod`` (those it has; an array task's come from its run's
-    options); {} without a manifest."""
+    options), ``special_tokens_in_text`` (data/special_text.py; "encode", what was done before the
+    option, where the manifest lacks it); {} without a manifest."""
     family = family_of(prefix)
     if family is None:
         return {}
@@ -185,6 +187,8 @@ def recorded_tokens(prefix: str | os.PathLike) -> dict:
         v = m.get(key, options.get(key))
         if isinstance(v, kind) and (kind is bool or not isinstance(v, bool)):
             out[key] = v
+    mode = m.get(special_text.FIELD, options.get(special_text.FIELD, special_text.DEFAULT))
+    out[special_text.FIELD] = mode if isinstance(mode, str) else repr(mode)
     return out
 
 
@@ -193,7 +197,9 @@ def check_same_tokens(recorded: dict[str, dict], eod: bool = True) -> None:
     fingerprints where both record one, else files; every pair, ``_different_tokenizers``) or, with
     ``eod``, different EOD settings (one ends documents with EOD, another not, or with another id),
     naming two. ``recorded``: dataset prefix -> its ``recorded_tokens``. Two tokenizer files of one
-    fingerprint make the same ids (data/tokenizer_identity.py), so their datasets mix."""
+    fingerprint make the same ids (data/tokenizer_identity.py), so their datasets mix. Datasets that
+    encoded a special token written in text differently (``special_tokens_in_text``, encode and split;
+    data/special_text.py) are refused with or without ``eod``."""
     def first_difference(key, applies=lambda r: True):
         seen = [(p, r[key]) for p, r in recorded.items() if key in r and applies(r)]
         return next(((seen[0], b) for b in seen[1:] if b[1] != seen[0][1]), None)
@@ -207,6 +213,11 @@ def check_same_tokens(recorded: dict[str, dict], eod: bool = True) -> None:
         raise ValueError(f"{b}: made with another tokenizer than {a} (their manifests record tokenizer files of "
                          f"{_tokenizer_note(rb, ra)}); datasets of different tokenizers cannot be merged "
                          "or trained on together")
+    if d := _different_special_text(recorded):
+        (a, va), (b, vb) = d
+        raise ValueError(f"{b}: made with --special-tokens-in-text {vb}, {a} with {va} (their manifests: "
+                         f"{special_text.FIELD}); a special token written in a document's text (<|endoftext|> in a "
+                         "web page) is its id in one and ordinary text in the other: preprocess them with one setting")
     if not eod:
         return
     if d := first_difference("append_eod"):
@@ -256,6 +267,23 @@ def _different_tokenizers(recorded: dict[str, dict]):
             by_fingerprint = fa is not None and fb is not None and fa.split(":")[0] == fb.split(":")[0]
             if same_tokenizer(ra, rb) is False and (by_fingerprint or root(i) != root(j)):
                 return (a, ra), (b, rb)
+    return None
+
+
+def _different_special_text(recorded: dict[str, dict]):
+    """The first pair ((earlier, mode), (later, mode)) whose ``special_tokens_in_text`` may not mix
+    (``special_text.compatible``: not transitive, refuse mixes with both, so every distinct pair)."""
+    first: dict[tuple, str] = {}  # (mode, fingerprint scheme) -> the first dataset with it
+    for p, r in recorded.items():
+        if special_text.FIELD in r:
+            scheme = r.get("tokenizer_fingerprint", "").split(":")[0] or None
+            first.setdefault((r[special_text.FIELD], scheme), p)
+    seen = list(first.items())
+    for j, ((mb, kb), b) in enumerate(seen):
+        for (ma, ka), a in seen[:j]:
+            kinds = {ka, kb} - {None}  # the pair's tokenizer kind, where a manifest says (hf1, sp1)
+            if not special_text.compatible(ma, mb, kinds.pop() if len(kinds) == 1 else None):
+                return (a, ma), (b, mb)
     return None
 
 
