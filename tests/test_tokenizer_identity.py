@@ -273,3 +273,34 @@ def test_records_compare_by_fingerprint_else_by_sha():
     assert same_tokenizer(a, {"tokenizer_sha256": "1" * 64}) is True
     assert same_tokenizer(a, {"tokenizer_sha256": "2" * 64, "tokenizer_fingerprint": "hf2:cc"}) is False
     assert same_tokenizer(a, {}) is None
+
+
+def test_a_mix_of_manifests_is_judged_pair_by_pair_in_any_order():
+    """check_same_tokens compared every dataset with the first only: A (file X, no fingerprint), B (file X,
+    fingerprint F) and C (file Y, fingerprint F) are one tokenizer, but were refused in the order A, B, C
+    (A against C: other files) and accepted in B, A, C; and with a first dataset comparable to none of
+    the others (a fingerprint alone), two of other files passed."""
+    from itertools import permutations
+
+    from megatron_osp.data.shardset import check_same_tokens
+
+    x, y, z = "1" * 64, "2" * 64, "3" * 64
+    fine = {"A": {"tokenizer_sha256": x}, "B": {"tokenizer_sha256": x, "tokenizer_fingerprint": "hf1:f"},
+            "C": {"tokenizer_sha256": y, "tokenizer_fingerprint": "hf1:f"}, "C2": {"tokenizer_sha256": y}}
+    for order in permutations(fine):
+        check_same_tokens({p: fine[p] for p in order})
+    bad = {"F": {"tokenizer_fingerprint": "hf1:f"}, "P": {"tokenizer_sha256": x}, "Q": {"tokenizer_sha256": z}}
+    for order in permutations(bad):
+        with pytest.raises(ValueError, match=r"^(Q: made with another tokenizer than P|P: made with another "
+                                             r"tokenizer than Q) \(their manifests record tokenizer files of sha256"):
+            check_same_tokens({p: bad[p] for p in order})
+    # Fingerprints of one scheme that differ are refused even where a file joins them (as same_tokenizer).
+    odd = {"A": {"tokenizer_sha256": x, "tokenizer_fingerprint": "hf1:f"},
+           "B": {"tokenizer_sha256": x, "tokenizer_fingerprint": "hf1:g"}}
+    with pytest.raises(ValueError, match=r"^B: made with another tokenizer than A .*which encode differently"):
+        check_same_tokens(odd)
+    # Nor where a chain joins them: A and B share fingerprint f, B and C a file, C's fingerprint is g.
+    with pytest.raises(ValueError, match=r"^C: made with another tokenizer than A .*which encode differently"):
+        check_same_tokens({"A": {"tokenizer_sha256": x, "tokenizer_fingerprint": "hf1:f"},
+                           "B": {"tokenizer_sha256": y, "tokenizer_fingerprint": "hf1:f"},
+                           "C": {"tokenizer_sha256": y, "tokenizer_fingerprint": "hf1:g"}})

@@ -10,6 +10,8 @@ tokenizer.json. --max-shard-tokens splits the output into PREFIX_<key>_document_
 
 A bad record stops the run with file:line and leaves no output (--skip-bad-records: skip, count,
 report); a corrupt or truncated compressed file always stops it. Exit status 1 on bad input.
+--special-tokens-in-text (encode, split, refuse) says what the text of a special token in a document
+(<|endoftext|> in a web page) becomes; see megatron_osp/data/special_text.py.
 
 The output is published as one unit when the whole run succeeded, with a manifest
 PREFIX_<key>_document.shards.json listing its datasets; the previous run's files of that prefix
@@ -35,6 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_osp.data.array_tasks import plan, resolve_task, task_prefix  # noqa: E402
 from megatron_osp.data.preprocess import (  # noqa: E402
     BadRecord, WorkerDied, check_eod, check_inputs, check_json_keys, eod_note, preprocess)
+from megatron_osp.data.special_text import HELP as SPECIAL_HELP  # noqa: E402
+from megatron_osp.data.special_text import MODES as SPECIAL_MODES  # noqa: E402
 from megatron_osp.fileio import os_error  # noqa: E402
 
 # Corpus files inside a directory input, by name, any case: what the readers read (.zstd and NDJSON too).
@@ -84,7 +88,7 @@ def print_plan(args) -> int:
     check_inputs(files)
     check_json_keys(args.json_keys)
     sizes = [os.path.getsize(f) for f in files]
-    tok = load_tokenizer(args.tokenizer_model, args.eod_token)
+    tok = load_tokenizer(args.tokenizer_model, args.eod_token, special_tokens_in_text=args.special_tokens_in_text)
     check_eod(tok, args.tokenizer_model, args.append_eod)
     if eod_note(tok, args.eod_token):
         print(eod_note(tok, args.eod_token))
@@ -118,6 +122,7 @@ def main() -> int:
     p.add_argument("--max-shard-tokens", type=shard_tokens, default=None,
                    help="split the output into shards of ~N tokens")
     p.add_argument("--skip-bad-records", action="store_true", help="skip and count bad records instead of stopping")
+    p.add_argument("--special-tokens-in-text", choices=SPECIAL_MODES, default="encode", help=SPECIAL_HELP)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-word-cache", action="store_true",
                    help="call the tokenizer library per chunk (sp.encode, HF encode_batch) instead of the exact word "
@@ -143,7 +148,7 @@ def main() -> int:
             args.append_eod, args.workers, args.skip_bad_records, progress=not args.no_progress,
             max_shard_tokens=args.max_shard_tokens,
             eod_token=args.eod_token, word_cache=not args.no_word_cache, task=task and task[:2],
-            log=lambda line: print(line, flush=True),
+            log=lambda line: print(line, flush=True), special_tokens_in_text=args.special_tokens_in_text,
         )
     except (BadRecord, FileNotFoundError, ValueError, WorkerDied) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -13,7 +13,9 @@ whatever shard size the tasks used.
 Each task's manifest records, under ``"array"``, what the merge needs to refuse a set that is not
 one run: the task index and count, its files (absolute path, size, mtime) and their position in the
 input list, and the run's identity: a hash of the whole input list and of every option that
-changes the tokens (the tokenizer file's SHA-256, its EOD id, the keys, ``append_eod``). A failed
+changes the tokens (the tokenizer file's SHA-256, its EOD id, the keys, ``append_eod``, and
+``special_tokens_in_text`` unless it is the default ``encode``, so that tasks of a run started before
+the option existed are still one run with tasks rerun after). A failed
 task publishes nothing, so its manifest is missing (or, if it ran before, is the earlier run's: a
 different identity, refused, unless the files and options were the same, when it is the same data).
 
@@ -140,12 +142,14 @@ def file_records(paths: list[str]) -> list[list]:
 
 
 def task_record(paths: list[str], index: int, count: int, tokenizer, tokenizer_file: str,
-                json_keys, append_eod: bool) -> tuple[list[str], dict]:
+                json_keys, append_eod: bool, special_tokens_in_text: str = "encode") -> tuple[list[str], dict]:
     """This task's share of ``paths`` and the ``"array"`` record for its manifest."""
     records = file_records(paths)
     lo, hi = plan([r[1] for r in records], count)[index]
     options = {"tokenizer_sha256": shardset.sha256_file(tokenizer_file), "vocab_size": int(tokenizer.vocab_size),
                "eod": int(tokenizer.eod), "json_keys": list(json_keys), "append_eod": bool(append_eod)}
+    if special_tokens_in_text != "encode":  # left out at the default: such a run's identity is as before
+        options["special_tokens_in_text"] = special_tokens_in_text
     run = {"options": options, "num_tasks": count, "input_count": len(records),
            "input_bytes": sum(r[1] for r in records), "inputs_sha256": _digest(records)}
     return paths[lo:hi], {"task_index": index, "first_file": lo, "files": records[lo:hi],
@@ -165,11 +169,13 @@ def _describe(run: dict, key: str):
         return f"{run['input_count']} files, {run['input_bytes']:,} bytes (list hash {run['inputs_sha256'][:12]})"
     if key == "tokenizer_sha256":
         return f"tokenizer {run.get('tokenizer')} (sha256 {run['options'][key][:12]})"
+    if key == "special_tokens_in_text":
+        return f"{key}={run['options'].get(key, 'encode')!r}"
     return f"{key}={run['options'][key]!r}"
 
 
 def _difference(a: dict, b: dict) -> str:
-    for key in ("tokenizer_sha256", "vocab_size", "eod", "json_keys", "append_eod"):
+    for key in ("tokenizer_sha256", "vocab_size", "eod", "json_keys", "append_eod", "special_tokens_in_text"):
         if a["options"].get(key) != b["options"].get(key):
             return f"{_describe(a, key)} vs {_describe(b, key)}"
     same_size = (a["input_count"], a["input_bytes"]) == (b["input_count"], b["input_bytes"])

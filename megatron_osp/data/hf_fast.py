@@ -13,7 +13,9 @@ alone. That holds only when nothing else looks across words; ``unsupported_reaso
 the tokenizer's own JSON definition: no normalizer, no truncation or padding, a ``ByteLevel``
 pre-tokenizer with its regex and no added prefix space, a BPE model without dropout, a post-processor
 that adds ids only with special tokens (we encode without). Added tokens are matched by the library
-in the raw text before pre-tokenizing, so a document that contains one goes to the library whole.
+in the raw text before pre-tokenizing, so a document that contains one goes to the library whole
+(with ``encode_special_tokens`` set, only one not marked special: the library then reads the special
+ones as ordinary text, and so does the cache).
 
 Words are found by ``re`` with the GPT-2 pattern written for ASCII with explicit character classes.
 The classes are not taken on trust: at load, every ASCII character is split in several contexts by
@@ -148,8 +150,12 @@ class HFWordCache:
             reason = _table_mismatch(tok.pre_tokenizer)
         if reason is not None:
             raise ValueError(f"{name}: word cache not exact for this tokenizer: {reason}")
-        added = [a["content"] for a in definition.get("added_tokens") or [] if a.get("content")]
-        self._added_tokens = added
+        # With encode_special_tokens set (--special-tokens-in-text split, data/tokenizer.py) the library
+        # matches only the added tokens not marked special; the special ones are ordinary text then.
+        split = bool(getattr(tok, "encode_special_tokens", False))
+        self._added_tokens = [a["content"] for a in definition.get("added_tokens") or [] if a.get("content")]
+        added = [a["content"] for a in definition.get("added_tokens") or []
+                 if a.get("content") and not (split and a.get("special"))]
         self._added = re.compile("|".join(map(re.escape, added))) if added else None
         self._cache: dict[str, int] = {}  # word -> its index (see _fill)
         self._clear()

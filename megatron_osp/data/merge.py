@@ -179,6 +179,7 @@ def merge_tasks(prefix: str, output_prefix: str | None = None, num_tasks: int | 
             "tokenizer_sha256": run["options"]["tokenizer_sha256"], **fingerprint, "eod": run["options"]["eod"],
             "dtype": dtype.name,
             "inputs": found["inputs"], "append_eod": run["options"]["append_eod"],
+            "special_tokens_in_text": run["options"].get("special_tokens_in_text", "encode"),
             "max_shard_tokens": max_shard_tokens, "skip_bad_records": found["skip_bad_records"],
             "merged_from": {"tasks": found["num_tasks"], "prefix": str(prefix), "run": run["run"]}})
     except BaseException:

@@ -1,6 +1,7 @@
 """Corpus (JSON lines plain/.gz/.zst, Parquet) -> tokenized indexed datasets (.bin/.idx).
 
-A bad record (malformed JSON, missing key, non-string or non-UTF-8 text) stops the run with
+A bad record (malformed JSON, missing key, non-string or non-UTF-8 text; with
+``special_tokens_in_text="refuse"``, a special token written in the text) stops the run with
 ``file:line: reason`` and leaves no output, unless ``skip_bad_records`` is set, in which case it is
 counted and the first few locations are reported. A file that cannot be read on (corrupt or
 truncated compressed stream) always stops the run. Empty documents are counted and dropped.
@@ -27,6 +28,9 @@ import numpy as np
 from megatron_osp.data.indexed import IndexedDatasetWriter, token_dtype_for
 from megatron_osp.data.readers import BadRecord, CorruptInput, parse_json_record, record_chunks
 from megatron_osp.data.shardset import Stage, sha256_file
+from megatron_osp.data.special_text import DEFAULT as SPECIAL_DEFAULT
+from megatron_osp.data.special_text import FIELD as SPECIAL_FIELD
+from megatron_osp.data.special_text import refused_record
 from megatron_osp.data.tokenizer import load_tokenizer
 from megatron_osp.data.tokenizer_identity import tokenizer_fingerprint
 
@@ -65,7 +69,8 @@ class PreprocessStats:
 _TOKENIZER = None
 
 
-def _init_worker(model_file: str, eod_token: str | None, in_pool: bool = False, word_cache: bool = True):
+def _init_worker(model_file: str, eod_token: str | None, in_pool: bool = False, word_cache: bool = True,
+                 special_tokens_in_text: str = SPECIAL_DEFAULT):
     global _TOKENIZER
     if in_pool:  # one process per worker already; Rust threads on top would oversubscribe the cores
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -76,7 +81,7 @@ def _init_worker(model_file: str, eod_token: str | None, in_pool: bool = False, 
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         _exit_with_parent()
-    _TOKENIZER = load_tokenizer(model_file, eod_token, word_cache)
+    _TOKENIZER = load_tokenizer(model_file, eod_token, word_cache, special_tokens_in_text)
 
 
 def _exit_with_parent(interval: float = 0.5) -> None:
@@ -113,10 +118,15 @@ def _tokenize_chunk(args) -> _Chunk:
     (a blank line). All texts of a key go to the tokenizer in one call and come back as one array:
     per-call and per-document overhead (SentencePiece starts a thread pool for every list it is
     given; pickling one array per document between processes) cost more than the encoding itself.
+    With ``--special-tokens-in-text refuse`` a record holding a special token's text is a BadRecord.
     """
     path, first, items, keys, append_eod = args
     parsed = [parse_json_record(f"{path}:{first + i}", item, keys) if isinstance(item, str) else item
               for i, item in enumerate(items) if item is not None]  # None: a blank line, no record
+    if _TOKENIZER.special_tokens_in_text == "refuse":
+        lines = [f"{path}:{first + i}" if isinstance(item, str) else f"{path}:row {first + i}"
+                 for i, item in enumerate(items) if item is not None]
+        parsed = [_refused(where, p, keys) if not isinstance(p, BadRecord) else p for where, p in zip(lines, parsed)]
     bad = [p for p in parsed if isinstance(p, BadRecord)]
     good = [p for p in parsed if not isinstance(p, BadRecord)] if bad else parsed
     dtype = token_dtype_for(_TOKENIZER.vocab_size)
@@ -137,6 +147,15 @@ def _tokenize_chunk(args) -> _Chunk:
         out_tokens.append(ids.astype(dtype, copy=False))
     nbytes = sum(len(t.encode("utf-8")) for p in good for t in p)
     return _Chunk(len(items), bad, int(len(keep) - keep.sum()), out_lengths, out_tokens, nbytes)
+
+
+def _refused(where: str, texts: list[str], keys) -> list[str] | BadRecord:
+    """``texts``, or the BadRecord naming the first special token written in one of them."""
+    for key, text in zip(keys, texts):
+        found = _TOKENIZER.find_special(text)
+        if found is not None:
+            return BadRecord(refused_record(where, key, found))
+    return texts
 
 
 class WorkerDied(RuntimeError):
@@ -345,6 +364,7 @@ def preprocess(
     word_cache: bool = True,
     task: tuple[int, int] | None = None,
     log=None,
+    special_tokens_in_text: str = SPECIAL_DEFAULT,
 ) -> PreprocessStats:
     """Tokenize ``inputs`` (in order, documents in file order) into ``<output_prefix>_<key>_document``.
 
@@ -362,13 +382,14 @@ def preprocess(
     manifest (megatron_osp/data/array_tasks.py; merged by ``merge.merge_tasks``). A task may have no
     documents (its share is empty): it publishes an empty dataset; the merge refuses an empty whole.
     ``log``: called once, before any work, with ``eod_note``'s line (a Hugging Face tokenizer).
+    ``special_tokens_in_text``: encode, split or refuse (data/special_text.py), recorded in the manifest.
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     check_json_keys(json_keys)
     if max_shard_tokens is not None and max_shard_tokens < 1:
         raise ValueError(f"max_shard_tokens must be >= 1, got {max_shard_tokens}")
-    tokenizer = load_tokenizer(tokenizer_model, eod_token)
+    tokenizer = load_tokenizer(tokenizer_model, eod_token, special_tokens_in_text=special_tokens_in_text)
     check_eod(tokenizer, tokenizer_model, append_eod)
     # Both go into the manifest: the sha256 says which file was used, the fingerprint which ids it
     # makes (two files of one fingerprint encode alike, data/tokenizer_identity.py).
@@ -387,14 +408,16 @@ def preprocess(
         if not 0 <= index < count:
             raise ValueError(f"task index {index} is not in 0..{count - 1}")
         mine, array_record = array_tasks.task_record(
-            [str(p) for p in paths], index, count, tokenizer, tokenizer.model_file, json_keys, append_eod)
+            [str(p) for p in paths], index, count, tokenizer, tokenizer.model_file, json_keys, append_eod,
+            special_tokens_in_text)
         paths = [Path(p) for p in mine]
         output_prefix = array_tasks.task_prefix(output_prefix, index, count)
     pool = (ProcessPoolExecutor(workers, mp_context=get_context("fork"), initializer=_init_worker,
-                                initargs=(tokenizer_model, eod_token, True, word_cache)) if workers > 1 else None)
+                                initargs=(tokenizer_model, eod_token, True, word_cache, special_tokens_in_text))
+            if workers > 1 else None)
     try:
         if pool is None:
-            _init_worker(tokenizer_model, eod_token, word_cache=word_cache)
+            _init_worker(tokenizer_model, eod_token, False, word_cache, special_tokens_in_text)
         else:
             _launch_workers(pool)
         # The stage directory: an unwritable output fails here, before any tokenizing.
@@ -436,7 +459,7 @@ def preprocess(
             "tokenizer": os.path.abspath(tokenizer_model), "vocab_size": int(tokenizer.vocab_size),
             **tokenizer_ids, "eod": int(tokenizer.eod),
             "dtype": np.dtype(output.dtype).name, "inputs": [str(p) for p in paths],
-            "append_eod": bool(append_eod), "max_shard_tokens": max_shard_tokens,
+            "append_eod": bool(append_eod), SPECIAL_FIELD: special_tokens_in_text, "max_shard_tokens": max_shard_tokens,
             "skip_bad_records": bool(skip_bad_records), **({"array": array_record} if array_record else {})})
     except BaseException:
         output.abort()

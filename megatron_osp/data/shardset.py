@@ -31,6 +31,7 @@ import socket
 import time
 from pathlib import Path
 
+from megatron_osp.data import special_text
 from megatron_osp.data.tokenizer_identity import same_tokenizer
 from megatron_osp.fileio import atomic_write_json
 
@@ -172,7 +173,8 @@ def recorded_tokens(prefix: str | os.PathLike) -> dict:
     """What the manifest of ``prefix``'s family records about how its ids were made: ``vocab_size``,
     ``tokenizer_sha256``, ``tokenizer_fingerprint`` (data/tokenizer_identity.py; manifests written
     before it lack it), ``eod``, ``append_eod`` (those it has; an array task's come from its run's
-    options); {} without a manifest."""
+    options), ``special_tokens_in_text`` (data/special_text.py; "encode", what was done before the
+    option, where the manifest lacks it); {} without a manifest."""
     family = family_of(prefix)
     if family is None:
         return {}
@@ -185,15 +187,19 @@ def recorded_tokens(prefix: str | os.PathLike) -> dict:
         v = m.get(key, options.get(key))
         if isinstance(v, kind) and (kind is bool or not isinstance(v, bool)):
             out[key] = v
+    mode = m.get(special_text.FIELD, options.get(special_text.FIELD, special_text.DEFAULT))
+    out[special_text.FIELD] = mode if isinstance(mode, str) else repr(mode)
     return out
 
 
 def check_same_tokens(recorded: dict[str, dict], eod: bool = True) -> None:
     """Refuse datasets whose manifests say their ids came from different tokenizers (sizes; then
-    fingerprints where both record one, else files) or, with ``eod``, different EOD settings (one ends
-    documents with EOD, another not, or with another id), naming two. ``recorded``: dataset prefix ->
-    its ``recorded_tokens``. Two tokenizer files of one fingerprint make the same ids
-    (data/tokenizer_identity.py), so their datasets mix."""
+    fingerprints where both record one, else files; every pair, ``_different_tokenizers``) or, with
+    ``eod``, different EOD settings (one ends documents with EOD, another not, or with another id),
+    naming two. ``recorded``: dataset prefix -> its ``recorded_tokens``. Two tokenizer files of one
+    fingerprint make the same ids (data/tokenizer_identity.py), so their datasets mix. Datasets that
+    encoded a special token written in text differently (``special_tokens_in_text``, encode and split;
+    data/special_text.py) are refused with or without ``eod``."""
     def first_difference(key, applies=lambda r: True):
         seen = [(p, r[key]) for p, r in recorded.items() if key in r and applies(r)]
         return next(((seen[0], b) for b in seen[1:] if b[1] != seen[0][1]), None)
@@ -202,13 +208,16 @@ def check_same_tokens(recorded: dict[str, dict], eod: bool = True) -> None:
         (a, va), (b, vb) = d
         raise ValueError(f"{b}: made with a tokenizer of {vb} ids, {a} with one of {va} (their manifests); "
                          "datasets of different tokenizers cannot be merged or trained on together")
-    known = [(p, r) for p, r in recorded.items() if "tokenizer_sha256" in r or "tokenizer_fingerprint" in r]
-    for b, rb in known[1:]:
-        a, ra = known[0]
-        if same_tokenizer(ra, rb) is False:
-            raise ValueError(f"{b}: made with another tokenizer than {a} (their manifests record tokenizer files of "
-                             f"{_tokenizer_note(rb, ra)}); datasets of different tokenizers cannot be merged "
-                             "or trained on together")
+    if d := _different_tokenizers(recorded):
+        (a, ra), (b, rb) = d
+        raise ValueError(f"{b}: made with another tokenizer than {a} (their manifests record tokenizer files of "
+                         f"{_tokenizer_note(rb, ra)}); datasets of different tokenizers cannot be merged "
+                         "or trained on together")
+    if d := _different_special_text(recorded):
+        (a, va), (b, vb) = d
+        raise ValueError(f"{b}: made with --special-tokens-in-text {vb}, {a} with {va} (their manifests: "
+                         f"{special_text.FIELD}); a special token written in a document's text (<|endoftext|> in a "
+                         "web page) is its id in one and ordinary text in the other: preprocess them with one setting")
     if not eod:
         return
     if d := first_difference("append_eod"):
@@ -220,6 +229,62 @@ def check_same_tokens(recorded: dict[str, dict], eod: bool = True) -> None:
         (a, va), (b, vb) = d
         raise ValueError(f"{b}: its documents end with EOD id {vb}, {a}'s with {va} (their manifests); "
                          "datasets of different EOD tokens cannot be merged")
+
+
+def _different_tokenizers(recorded: dict[str, dict]):
+    """The first pair (earlier, later) of datasets whose tokenizers are not shown to be one, or None.
+
+    Shown to be one: the same file (sha256) or the same fingerprint, directly or through other datasets
+    of the mix (a manifest of file X without a fingerprint, one of X with fingerprint F and one of
+    another file with F are one tokenizer, in any order). Refused: a pair ``same_tokenizer`` judges
+    different that no such chain joins, and two fingerprints of one scheme that differ, chain or not.
+    Every pair is judged (of the distinct records: a sharded output's datasets share one), not each
+    against the first, which made the verdict depend on the order of the mix."""
+    keys = ("tokenizer_sha256", "tokenizer_fingerprint")
+    distinct: dict[tuple, tuple[str, dict]] = {}
+    for p, r in recorded.items():
+        ident = tuple(r.get(k) if isinstance(r.get(k), str) else None for k in keys)
+        if any(ident):
+            distinct.setdefault(ident, (p, r))
+    idents = list(distinct)
+    parent = list(range(len(idents)))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[tuple[str, str], int] = {}  # (field, value) -> the first record holding it
+    for i, ident in enumerate(idents):
+        for k, v in zip(keys, ident):
+            if v is not None:
+                parent[root(i)] = root(first.setdefault((k, v), i))
+    for j in range(len(idents)):
+        for i in range(j):
+            (a, ra), (b, rb) = distinct[idents[i]], distinct[idents[j]]
+            fa, fb = idents[i][1], idents[j][1]
+            by_fingerprint = fa is not None and fb is not None and fa.split(":")[0] == fb.split(":")[0]
+            if same_tokenizer(ra, rb) is False and (by_fingerprint or root(i) != root(j)):
+                return (a, ra), (b, rb)
+    return None
+
+
+def _different_special_text(recorded: dict[str, dict]):
+    """The first pair ((earlier, mode), (later, mode)) whose ``special_tokens_in_text`` may not mix
+    (``special_text.compatible``: not transitive, refuse mixes with both, so every distinct pair)."""
+    first: dict[tuple, str] = {}  # (mode, fingerprint scheme) -> the first dataset with it
+    for p, r in recorded.items():
+        if special_text.FIELD in r:
+            scheme = r.get("tokenizer_fingerprint", "").split(":")[0] or None
+            first.setdefault((r[special_text.FIELD], scheme), p)
+    seen = list(first.items())
+    for j, ((mb, kb), b) in enumerate(seen):
+        for (ma, ka), a in seen[:j]:
+            kinds = {ka, kb} - {None}  # the pair's tokenizer kind, where a manifest says (hf1, sp1)
+            if not special_text.compatible(ma, mb, kinds.pop() if len(kinds) == 1 else None):
+                return (a, ma), (b, mb)
+    return None
 
 
 def _tokenizer_note(b: dict, a: dict) -> str:

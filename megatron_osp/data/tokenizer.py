@@ -16,6 +16,8 @@ import sentencepiece as spm
 
 from megatron_osp.data.flat import flatten as _flatten
 from megatron_osp.data.flat import split_flat
+from megatron_osp.data.special_text import DEFAULT as SPECIAL_DEFAULT
+from megatron_osp.data.special_text import SpecialTextScan, check_mode
 from megatron_osp.data.sp_training import train_sentencepiece  # noqa: F401  (its home before sp_training.py)
 
 
@@ -23,10 +25,13 @@ class SentencePieceTokenizer:
     """The few calls preprocessing and training need; ``pad`` is -1 (none defined), see above.
 
     ``word_cache``: ``encode_batch`` goes through ``WordCacheEncoder`` (same ids, several times
-    faster) when the model qualifies; False always calls SentencePiece.
+    faster) when the model qualifies; False always calls SentencePiece. ``special_tokens_in_text``
+    (data/special_text.py) changes no id: SentencePiece encodes ``</s>`` in text as characters.
     """
 
-    def __init__(self, model_file: str | os.PathLike, word_cache: bool = True):
+    def __init__(self, model_file: str | os.PathLike, word_cache: bool = True,
+                 special_tokens_in_text: str = SPECIAL_DEFAULT):
+        self.special_tokens_in_text = check_mode(special_tokens_in_text)
         if not os.path.exists(model_file):
             raise FileNotFoundError(f"tokenizer model {model_file} does not exist")
         self.model_file = str(model_file)
@@ -36,10 +41,20 @@ class SentencePieceTokenizer:
             raise ValueError(f"{model_file}: not a SentencePiece model ({str(e).strip()}); a Hugging Face tokenizer "
                              "is given as its tokenizer.json (or the directory holding it)") from None
         self._word_cache = None if word_cache else False  # built on first use (it holds the cache)
+        self._scan = None
 
     @property
     def vocab_size(self) -> int:
         return self._sp.get_piece_size()
+
+    def find_special(self, text: str):
+        """(piece, offset) of the first control or unknown piece (``<s>``, ``</s>``, ``<unk>``) written
+        in ``text``, or None; SentencePiece encodes them as characters, ``refuse`` stops on them."""
+        if self._scan is None:
+            sp = self._sp
+            self._scan = SpecialTextScan([(sp.id_to_piece(i), False) for i in range(sp.get_piece_size())
+                                          if sp.is_control(i) or sp.is_unknown(i)])
+        return self._scan.find(text)
 
     @property
     def eod(self) -> int:
@@ -97,10 +112,16 @@ class HFTokenizer:
     The EOD id is ``eod_token``'s if given, else guessed (``guess_hf_eod``: a special token first).
     ``word_cache``: ``encode_flat`` goes through ``HFWordCache`` (megatron_osp/data/hf_fast.py: same
     ids, faster) when the tokenizer qualifies; False always calls the library's ``encode_batch``.
+    ``special_tokens_in_text`` (data/special_text.py): ``split`` sets the library's
+    ``encode_special_tokens`` on the one ``Tokenizer`` every encode path here and in the word cache
+    calls, so a special token's text is encoded as ordinary text.
     """
 
-    def __init__(self, path: str | os.PathLike, eod_token: str | None = None, word_cache: bool = True):
+    def __init__(self, path: str | os.PathLike, eod_token: str | None = None, word_cache: bool = True,
+                 special_tokens_in_text: str = SPECIAL_DEFAULT):
         from tokenizers import Tokenizer
+
+        self.special_tokens_in_text = check_mode(special_tokens_in_text)
 
         path = Path(path)
         file = path / "tokenizer.json" if path.is_dir() else path
@@ -129,6 +150,14 @@ class HFTokenizer:
         if self._tok.padding is not None:
             self.switched_off.append("padding")
             self._tok.no_padding()
+        if self.special_tokens_in_text == "split":
+            if not hasattr(self._tok, "encode_special_tokens"):
+                import tokenizers
+
+                raise ValueError("--special-tokens-in-text split needs a tokenizers library with "
+                                 f"Tokenizer.encode_special_tokens; this is tokenizers {tokenizers.__version__}")
+            self._tok.encode_special_tokens = True
+        self._scan = None
         # One more than the largest id: the count of tokens falls short when the ids have gaps (an added
         # token at an id past the rest), and the output dtype and range checks need every id to fit.
         ids = self._tok.get_vocab(with_added_tokens=True).values()
@@ -143,6 +172,16 @@ class HFTokenizer:
     @property
     def eod(self) -> int:
         return self._eod
+
+    def find_special(self, text: str):
+        """(token, offset) of the first of the tokenizer's special tokens (added tokens marked special)
+        written in ``text``, or None (data/special_text.py: what ``refuse`` stops on)."""
+        if self._scan is None:
+            specials = [t for t in self._tok.get_added_tokens_decoder().values() if t.special]
+            normalizer = self._tok.normalizer
+            self._scan = SpecialTextScan([(t.content, bool(t.normalized)) for t in specials],
+                                         normalizer.normalize_str if normalizer is not None else None)
+        return self._scan.find(text)
 
     @property
     def pad(self) -> int:
@@ -170,11 +209,12 @@ class HFTokenizer:
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
 
-def load_tokenizer(path: str | os.PathLike, eod_token: str | None = None, word_cache: bool = True):
+def load_tokenizer(path: str | os.PathLike, eod_token: str | None = None, word_cache: bool = True,
+                   special_tokens_in_text: str = SPECIAL_DEFAULT):
     """A SentencePiece ``.model`` or an HF ``tokenizer.json`` (or a directory holding one)."""
     p = Path(path)
     if p.suffix == ".json" or p.is_dir():
-        return HFTokenizer(p, eod_token, word_cache=word_cache)
+        return HFTokenizer(p, eod_token, word_cache=word_cache, special_tokens_in_text=special_tokens_in_text)
     if eod_token is not None:
         raise ValueError(f"--eod-token applies to Hugging Face tokenizers; {p} is SentencePiece (its EOD is </s>)")
-    return SentencePieceTokenizer(p, word_cache=word_cache)
+    return SentencePieceTokenizer(p, word_cache=word_cache, special_tokens_in_text=special_tokens_in_text)
