@@ -239,3 +239,31 @@ def test_refuse_finds_every_text_the_library_would_turn_into_a_special_id(tmp_pa
     scan = SpecialTextScan([("<s>", False), ("<s>x", False), ("<|eot|>", False), ("<|eom|>", False)])
     assert scan.find("1 <s>x") == ("<s>x", 2) and scan.find("<s>") == ("<s>", 0)
     assert scan.find("<|eo <|eom|>") == ("<|eom|>", 5) and scan.find("<|eot|") is None
+
+
+def test_an_export_of_a_model_trained_on_split_data_splits_like_its_data(hf, tmp_path):
+    """The exported tokenizer of a run (convert/hf_export.data_special_text -> save_tokenizer) encodes
+    special-token text as the run's training data did: stock AutoTokenizer gives preprocessing's ids for
+    the document under split, and the EOD id mid-text under encode; without manifests, the default."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from megatron_osp.convert.hf_export import data_special_text
+    from megatron_osp.convert.hf_tokenizer import save_tokenizer
+
+    runs = {mode: SimpleNamespace(data=SimpleNamespace(paths=[_run(hf, tmp_path / mode, special_tokens_in_text=mode)]))
+            for mode in ("encode", "split")}
+    lines = []
+    assert data_special_text(runs["split"]) == "split"
+    assert data_special_text(runs["encode"]) is None
+    assert data_special_text(SimpleNamespace(data=SimpleNamespace(paths=[str(tmp_path / "gone")])), lines.append) is None
+    assert "no manifest" in lines[0] and "gone" in lines[0]
+    for mode, run in runs.items():
+        out = tmp_path / f"export_{mode}"
+        out.mkdir()
+        save_tokenizer(hf["tokenizer"], out, eod_id=hf["eod"], special_tokens_in_text=data_special_text(run))
+        ids = AutoTokenizer.from_pretrained(str(out))(DOC, add_special_tokens=False)["input_ids"]
+        trained = _docs(run.data.paths[0])[2][:-1]  # the document, without its appended EOD
+        assert ids == trained, mode
+        assert (hf["eod"] in ids) == (mode == "encode")

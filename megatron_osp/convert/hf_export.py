@@ -80,11 +80,12 @@ def _write_weights(tensors: dict[str, torch.Tensor], directory: Path, max_bytes:
 
 def write_hf_directory(out_dir, tensors, model_cfg, *, tie_word_embeddings: bool, dtype: torch.dtype,
                        max_shard_size: str | int = "5GB", tokenizer_model=None, overwrite: bool = False,
-                       eod_id: int | None = None, log=print) -> Path:
+                       eod_id: int | None = None, special_tokens_in_text: str | None = None, log=print) -> Path:
     """Write config, generation config, (sharded) safetensors and tokenizer atomically to ``out_dir``.
 
     The special ids (bos/eos/pad/unk) come from the tokenizer (``eod_id``, the run's end-of-document
-    id, stands in for a missing eos). An existing ``out_dir`` is replaced only with ``overwrite`` and
+    id, stands in for a missing eos); ``special_tokens_in_text``: how the training data encoded a special
+    token written in text (data/special_text.py; None: as the tokenizer's preprocessing default). An existing ``out_dir`` is replaced only with ``overwrite`` and
     only when it is a previous export; it may not hold the tokenizer."""
     from transformers import GenerationConfig, LlamaConfig
 
@@ -103,7 +104,8 @@ def write_hf_directory(out_dir, tensors, model_cfg, *, tie_word_embeddings: bool
     try:
         ids = {"bos_token_id": None, "eos_token_id": eod_id, "pad_token_id": None}
         if tokenizer_model is not None:
-            ids.update(save_tokenizer(tokenizer_model, tmp, eod_id=eod_id, log=log))
+            ids.update(save_tokenizer(tokenizer_model, tmp, eod_id=eod_id, log=log,
+                                      special_tokens_in_text=special_tokens_in_text))
         config = LlamaConfig(**llama_config_kwargs(
             model_cfg, tie_word_embeddings=tie_word_embeddings, dtype=dtype, bos_token_id=ids["bos_token_id"],
             eos_token_id=ids["eos_token_id"]))
@@ -197,11 +199,34 @@ def export_checkpoint(ckpt_path, out_dir, *, dtype: str = "float32", max_shard_s
     tensors, tied = megatron_to_hf(logical, run.model, DTYPES[dtype])
     path = write_hf_directory(out, tensors, run.model, tie_word_embeddings=tied, dtype=DTYPES[dtype],
                               max_shard_size=max_shard_size, tokenizer_model=tokenizer_model, overwrite=overwrite,
-                              eod_id=run.data.eod_id, log=log)
+                              eod_id=run.data.eod_id, special_tokens_in_text=data_special_text(run, log) if tokenizer_model else None,
+                              log=log)
     layout = state.get("layout", {})
     log(f"exported {ckpt} (iteration {state.get('iteration')}, saved at TP={layout.get('tensor_parallel_size')} "
         f"PP={layout.get('pipeline_parallel_size')}) -> {path}")
     return path
+
+
+def data_special_text(run, log=print) -> str | None:
+    """How the run's training data encoded special tokens written in its text, from the manifests of
+    ``data.paths`` (``split`` where any dataset was made with it: training refuses to mix it with
+    ``encode``); None where no manifest is here to say, which is logged."""
+    from megatron_osp.data import shardset, special_text
+
+    modes, missing = set(), []
+    for prefix in run.data.paths:
+        try:
+            recorded = shardset.recorded_tokens(prefix)
+        except (OSError, ValueError):
+            recorded = {}
+        if special_text.FIELD in recorded:
+            modes.add(recorded[special_text.FIELD])
+        else:
+            missing.append(prefix)
+    if missing:
+        log(f"no manifest of {', '.join(missing)} is here: the exported tokenizer encodes special tokens "
+            "written in text as preprocessing does by default (--special-tokens-in-text encode)")
+    return "split" if "split" in modes else None
 
 
 def find_run_tokenizer(run, ckpt: Path, log=print, _depth: int = 0, missing_ok: bool = True):

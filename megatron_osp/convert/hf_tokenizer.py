@@ -25,7 +25,9 @@ A Hugging Face tokenizer (``tokenizer.json`` or a directory with one) is copied 
 special ids come from the directory's generation_config.json / config.json (a model imported by
 ``convert_from_hf``) or its tokenizer_config.json, the end-of-sequence id falling back to the run's
 end-of-document id; ``split_special_tokens`` is set when the project's HFTokenizer (which made the
-training data) splits them too.
+training data) splits them too, or when the training data was made with ``--special-tokens-in-text
+split`` (its manifests say so): the exported tokenizer then encodes ``<|endoftext|>`` in a text as
+characters, as the model saw such text in training.
 """
 
 from __future__ import annotations
@@ -214,7 +216,7 @@ def copy_hf_tokenizer(src, dest: Path) -> None:
                     shutil.copy2(f, dest / f.name)
 
 
-def _save_hf(src: Path, directory: Path, eod_id: int | None) -> dict:
+def _save_hf(src: Path, directory: Path, eod_id: int | None, special_tokens_in_text: str | None = None) -> dict:
     from tokenizers import Tokenizer
 
     copy_hf_tokenizer(src, directory)
@@ -232,7 +234,7 @@ def _save_hf(src: Path, directory: Path, eod_id: int | None) -> dict:
         if _token_content(cfg.get(field)) is None and isinstance(value, int) and tok.id_to_token(value) is not None:
             cfg[field] = tok.id_to_token(value)
     eos = _token_content(cfg.get("eos_token"))
-    if eos is not None and _training_splits(src, eos, tok.token_to_id(eos)):
+    if special_tokens_in_text == "split" or (eos is not None and _training_splits(src, eos, tok.token_to_id(eos))):
         cfg["split_special_tokens"] = True
     cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
     return ids
@@ -266,13 +268,14 @@ def tokenizer_vocab_size(tokenizer_model) -> int:
         raise ValueError(f"tokenizer {src} cannot be read: {e}") from None
 
 
-def save_tokenizer(tokenizer_model, directory, *, eod_id: int | None = None, log=print) -> dict:
+def save_tokenizer(tokenizer_model, directory, *, eod_id: int | None = None, log=print,
+                   special_tokens_in_text: str | None = None) -> dict:
     """Write the tokenizer files into ``directory``; returns the special ids (bos/eos/pad/unk, None
     where undefined) for config.json and generation_config.json."""
     src, directory = Path(tokenizer_model), Path(directory)
     if not src.exists():
         raise FileNotFoundError(f"tokenizer {src} does not exist")
     if src.is_dir() or src.suffix == ".json":
-        return _save_hf(src, directory, eod_id)
+        return _save_hf(src, directory, eod_id, special_tokens_in_text)
     return _save_sentencepiece(src, directory, log)
 
