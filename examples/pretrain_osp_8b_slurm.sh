@@ -8,6 +8,8 @@
 # Submit from the repository root (sbatch runs a copy of this file; SLURM_SUBMIT_DIR finds the rest).
 # At DP=16 the distributed optimizer relays gradients over DP on the way to each matrix's owner
 # (optimizer.delivery=auto; =direct sends them straight: 4% fewer bytes, a 3.5x busier link in the plan).
+# train.async_save=true writes the save_interval checkpoints in the background (README, "Checkpoints";
+# not yet measured on GPUs, so it is not on here by default).
 #SBATCH --job-name=osp-8b
 #SBATCH --nodes=4
 #SBATCH --ntasks-per-node=1
