@@ -115,18 +115,38 @@ def models(tmp_path_factory):
             "calib": root / "calib"}
 
 
-def _tool(args, check=True):
-    return run_tool([tool("evaluate_downstream"), *args], check=check, timeout=600)
+def _without_env_report(monkeypatch):
+    """The harness's environment report (torch.utils.collect_env: pip, conda, nvidia-smi... in a dozen
+    subprocesses, ~0.8 s per task evaluation) left out of its results: no report or check here reads it."""
+    import lm_eval.evaluator
+
+    monkeypatch.setattr(lm_eval.evaluator, "add_env_info", lambda results: None)
 
 
-def test_tool_megatron_and_export_agree_and_match_the_harness_cli(models):
-    """(c) a Megatron checkpoint and its HF export give the same numbers in every setting; (a) the HF
-    export's fp numbers equal lm-evaluation-harness's own CLI on the same directory, to the last digit."""
+def _tool(args, monkeypatch):
+    """tools/evaluate_downstream.py's main(args), in this process (its imports are done here already;
+    a subprocess would import torch, Megatron and the harness again); asserts exit code 0."""
+    from megatron_osp import parallel
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import evaluate_downstream
+
+    _without_env_report(monkeypatch)
+    try:
+        assert evaluate_downstream.main([str(a) for a in args]) == 0
+    finally:
+        parallel.shutdown()  # the Megatron checkpoint's export started a world of one
+
+
+def test_tool_megatron_and_export_agree_and_match_the_harness_cli(models, monkeypatch):
+    """(c) a Megatron checkpoint and its HF export give the same numbers in every setting (the tool's
+    main, in process); (a) the HF export's fp numbers equal lm-evaluation-harness's own CLI (a
+    subprocess) on the same directory, to the last digit."""
     out = models["root"] / "out"
     _tool([str(models["run"]), str(models["hf"]), "--labels", "megatron,hf", "--settings", "fp,4-4-4,4-4-4+gptq",
            "--tasks", "toy_mc,toy_gen", "--include-path", str(models["tasks"]), "--device", "cpu",
            "--calibration-data", str(models["calib"]), "--calibration-windows", "4",
-           "--batch-size", "4", "--output-dir", str(out)])
+           "--batch-size", "4", "--output-dir", str(out)], monkeypatch)
     report = json.loads((out / "downstream.json").read_text())
     meg, hf = report["models"]
     assert (meg["label"], meg["kind"], hf["label"], hf["kind"]) == ("megatron", "megatron", "hf", "hf")
@@ -160,7 +180,7 @@ def test_tool_megatron_and_export_agree_and_match_the_harness_cli(models):
             assert v["stderr"] == cli[task][f"{metric}_stderr,none"], (task, metric)
 
 
-def test_quantization_moves_an_outlier_models_loglikelihoods_much_more(models):
+def test_quantization_moves_an_outlier_models_loglikelihoods_much_more(models, monkeypatch):
     """(b) The same model with a planted outlier channel in every linear's input (the norm gain of channel
     7 times 50, the reading linears' column 7 divided by 50: the full-precision function is unchanged):
     under 8-8-8 its choices' log-likelihoods move far more than the unmodified model's do."""
@@ -168,6 +188,7 @@ def test_quantization_moves_an_outlier_models_loglikelihoods_much_more(models):
 
     from megatron_osp.analysis.downstream import check_tasks, evaluate_downstream, load_eval_model, parse_tasks
 
+    _without_env_report(monkeypatch)
     specs = parse_tasks("toy_mc")
     tm = check_tasks(specs, str(models["tasks"]))
     change, fp_lls = {}, {}

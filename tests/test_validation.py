@@ -2,7 +2,9 @@
 name before any work starts (training/validation.py), token ids and token dtypes are checked when a
 dataset opens (data/token_range.py), and a resumed run's token count is what it consumed.
 
-The CLI tests run ``python -m megatron_osp.training.pretrain`` as a user does."""
+The CLI tests run ``python -m megatron_osp.training.pretrain`` as a user does; the resumed-run test
+calls the same entry point (``pretrain.main``) in a fresh process per segment forked from
+run_distributed's preloaded server, which skips each segment's ~6 s of imports."""
 
 import dataclasses
 import json
@@ -29,6 +31,32 @@ def _pretrain(args, cwd=REPO, timeout=300):
         [sys.executable, "-m", "megatron_osp.training.pretrain", *args],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
     )
+
+
+def _pretrain_worker(rank, world, args):
+    """``pretrain.main(args)`` as from a plain shell (a world of one that it starts and shuts down
+    itself, MASTER_ADDR unset as in _pretrain): (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    import torch.distributed as dist
+
+    from megatron_osp.training import pretrain
+
+    dist.destroy_process_group()  # run_distributed's world of one: pretrain starts its own
+    os.environ.pop("MASTER_ADDR", None)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = pretrain.main(args)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def _pretrain_forked(args) -> subprocess.CompletedProcess:
+    """_pretrain's result, from ``pretrain.main`` in a new process forked with the imports done."""
+    from megatron_osp.testing.distributed import run_distributed
+
+    rc, out, err = run_distributed(_pretrain_worker, 1, args, timeout=300)[0]
+    return subprocess.CompletedProcess(args, rc, out, err)
 
 
 def _tiny(corpus, run_dir, *extra):
@@ -271,12 +299,13 @@ def test_cli_refuses_an_index_whose_dtype_cannot_hold_the_tokenizer_ids(tokenize
 
 def test_resumed_token_count_and_a_finished_rerun_keep_summary_right(toy_corpus, tmp_path):
     """Tokens count what was consumed across resumed segments with different global batches, and a
-    rerun of the finished run with another global batch used to rewrite summary.json (wrong tokens)."""
+    rerun of the finished run with another global batch used to rewrite summary.json (wrong tokens).
+    Each segment is a new process running the CLI's entry point (_pretrain_forked)."""
     run_dir = tmp_path / "run"
     seq = 32  # the test preset
-    first = _pretrain(_tiny(toy_corpus, run_dir, "train.train_steps=3", "train.exit_at_step=1"))
+    first = _pretrain_forked(_tiny(toy_corpus, run_dir, "train.train_steps=3", "train.exit_at_step=1"))
     assert first.returncode == 0, first.stderr[-3000:]
-    second = _pretrain(_tiny(toy_corpus, run_dir, "train.train_steps=3", "train.global_batch_size=4"))
+    second = _pretrain_forked(_tiny(toy_corpus, run_dir, "train.train_steps=3", "train.global_batch_size=4"))
     assert second.returncode == 0, second.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 3
@@ -286,7 +315,7 @@ def test_resumed_token_count_and_a_finished_rerun_keep_summary_right(toy_corpus,
         (1, 8, 8 * seq), (2, 12, 12 * seq), (3, 16, 16 * seq)
     ]
     before = {name: (run_dir / name).read_bytes() for name in ("summary.json", "config.yaml", "metrics.jsonl")}
-    again = _pretrain(_tiny(toy_corpus, run_dir, "train.train_steps=3", "train.global_batch_size=16"))
+    again = _pretrain_forked(_tiny(toy_corpus, run_dir, "train.train_steps=3", "train.global_batch_size=16"))
     assert again.returncode == 0, again.stderr[-3000:]
     assert "already finished at step 3" in again.stdout + again.stderr
     assert {name: (run_dir / name).read_bytes() for name in before} == before
