@@ -97,6 +97,9 @@ class TrainSettings:
     # was built): a job time limit's fallback where no SIGTERM comes first; leave room for the save. 0 = off
     exit_after_minutes: float = 0.0
     save_on_sigterm: bool = True  # SIGTERM: finish the step, save, exit cleanly
+    # torch.profiler trace of these steps, "START-END" (inclusive; "N": one step), one Chrome trace per
+    # rank in <run_dir>/profile/ (training/profiling.py). null = off
+    profile_steps: str | None = None
     # Activation recompute (Megatron's recompute_granularity; models/gpt.py maps it): "none" keeps
     # every activation; "selective" recomputes core attention (softmax(QK^T)V) in the backward pass;
     # "full" recomputes whole transformer layers from their inputs. method and num_layers are for

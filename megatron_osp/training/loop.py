@@ -48,6 +48,7 @@ from megatron_osp.training.config import RunConfig, save_config
 from megatron_osp.training.data import build_datasets
 from megatron_osp.training.metric_sinks import open_sinks
 from megatron_osp.training.platform_checks import check_launch, check_platform
+from megatron_osp.training.profiling import StepProfiler
 from megatron_osp.training.progress import finished_summary, tokens_at_resume
 from megatron_osp.training.resume_check import check_compatible, checkpoint_to_load
 from megatron_osp.training.run_log import RunLog, mean_tail, progress_bar
@@ -133,6 +134,7 @@ class Trainer:
         platform.seed_everything(train.seed)
         self.device = platform.device()
         self.bf16 = train.bf16 if train.bf16 is not None else not platform.is_cpu()
+        self.profiler = StepProfiler(train.profile_steps, self.run_dir, dist.get_rank(), self.device, self._rank0_log)
         n_train = train.train_steps * train.global_batch_size
         n_eval = max(train.eval_batches, train.kurtosis_batches) * train.global_batch_size
         self.train_ds, self.valid_ds = build_datasets(config, n_train, n_eval)
@@ -211,6 +213,10 @@ class Trainer:
     def _is_stage_leader(self) -> bool:
         return parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_tensor_model_parallel_rank() == 0
 
+    def _phase(self, name: str, what: str):
+        """A part of the run (``what`` describes it): ``name``'s range in a profile."""
+        return self.profiler.range(name)
+
     # ------------------------------------------------------------------ steps
     def _run_schedule(self, iters: list, forward_only: bool) -> list[dict]:
         return get_forward_backward_func()(
@@ -232,12 +238,15 @@ class Trainer:
         return loss.item() / parallel_state.get_data_parallel_world_size()
 
     def train_step(self) -> dict:
+        self.profiler.step_begins(self.step + 1)
         for chunk in self.model_chunks:
             chunk.train()
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        outputs = self._run_schedule(self.train_iters, forward_only=False)
-        ok, grad_norm, _ = self.optimizer.step()
+        with self.profiler.range("forward_backward"):
+            outputs = self._run_schedule(self.train_iters, forward_only=False)
+        with self.profiler.range("optimizer_step"):
+            ok, grad_norm, _ = self.optimizer.step()
         loss = self._mean_loss(outputs)
         check_step(self.step + 1, ok, loss, grad_norm, self.device, self._newest_checkpoint)  # before any save
         if ok:
@@ -260,23 +269,27 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        self._eval_mode()
-        it = model_setup.chunk_iterators(self.valid_ds, self.config.train, len(self.model_chunks))
-        losses = [self._mean_loss(self._run_schedule(it, forward_only=True)) for _ in range(self.config.train.eval_batches)]
+        with self._phase("evaluate", f"the evaluation after step {self.step}"):
+            self._eval_mode()
+            it = model_setup.chunk_iterators(self.valid_ds, self.config.train, len(self.model_chunks))
+            losses = [self._mean_loss(self._run_schedule(it, forward_only=True))
+                      for _ in range(self.config.train.eval_batches)]
         return sum(losses) / len(losses)
 
     @torch.no_grad()
     def measure_kurtosis(self) -> KurtosisReport:
         """The paper's metric on the first held-out global batch(es); the whole model's report on every rank."""
-        self._eval_mode()
-        first = model_setup.core_chunks(self.model_chunks)[0]
-        it = model_setup.chunk_iterators(self.valid_ds, self.config.train, len(self.model_chunks))
-        # The layers of all chunks, each named by its global number (not contiguous under interleaving).
-        with HiddenStateRecorder(model_setup.decoder_layers(self.model_chunks), record_input=first.pre_process) as rec:
-            for _ in range(self.config.train.kurtosis_batches):
-                self._run_schedule(it, forward_only=True)
-        reports = [None] * dist.get_world_size()
-        dist.all_gather_object(reports, (parallel_state.get_tensor_model_parallel_rank(), rec.report().to_dict()))
+        with self._phase("kurtosis", f"the kurtosis measurement after step {self.step}"):
+            self._eval_mode()
+            first = model_setup.core_chunks(self.model_chunks)[0]
+            it = model_setup.chunk_iterators(self.valid_ds, self.config.train, len(self.model_chunks))
+            # The layers of all chunks, each named by its global number (not contiguous under interleaving).
+            layers = model_setup.decoder_layers(self.model_chunks)
+            with HiddenStateRecorder(layers, record_input=first.pre_process) as rec:
+                for _ in range(self.config.train.kurtosis_batches):
+                    self._run_schedule(it, forward_only=True)
+            reports = [None] * dist.get_world_size()
+            dist.all_gather_object(reports, (parallel_state.get_tensor_model_parallel_rank(), rec.report().to_dict()))
         # TP ranks hold copies of the same hidden states: TP rank 0's are used.
         return merge_rank_reports([report for tp_rank, report in reports if tp_rank == 0])
 
@@ -290,17 +303,19 @@ class Trainer:
         train.async_save, written while training goes on (any earlier one is finished first)."""
         state = dict(optimizer=self.optimizer, scheduler=self.scheduler, consumed_samples=self.train_iter.consumed,
                      keep_last=self.config.train.keep_last)
-        if background and self.saver is not None:
-            self.saver.start(self.save_dir, self.step, self.model_chunks, self.config, **state)
-        else:
-            self.finish_saves()
-            save_checkpoint(self.save_dir, self.step, self.model_chunks, self.config, log=self._rank0_log, **state)
+        self.finish_saves()
+        with self._phase("save_checkpoint", f"the checkpoint save of step {self.step}"):
+            if background and self.saver is not None:
+                self.saver.start(self.save_dir, self.step, self.model_chunks, self.config, **state)
+            else:
+                save_checkpoint(self.save_dir, self.step, self.model_chunks, self.config, log=self._rank0_log, **state)
         self.last_saved_step = self.step
 
     def finish_saves(self) -> None:
         """Wait for a background save in flight, if any, and publish it (collective)."""
-        if self.saver is not None:
-            self.saver.wait()
+        if self.saver is not None and self.saver.in_flight is not None:
+            with self._phase("save_checkpoint", f"the background save of step {self.saver.in_flight}"):
+                self.saver.wait()
 
     def _stop_reason(self, sigterm: "SigtermFlag | None", clock: bool = True) -> str | None:
         """Why the run stops after this step (None: it goes on); ``clock``: whether the time limit
@@ -325,6 +340,7 @@ class Trainer:
         try:
             return self._train(sigterm)
         finally:
+            self.profiler.close()
             self.sinks.close(failed=sys.exc_info()[0] is not None)
             if sigterm is not None:
                 sigterm.uninstall()
