@@ -46,6 +46,7 @@ from megatron_osp.training.checkpoint import (
 from megatron_osp.training import model_setup
 from megatron_osp.training.config import RunConfig, save_config
 from megatron_osp.training.data import build_datasets
+from megatron_osp.training.hang_watchdog import HangWatchdog
 from megatron_osp.training.metric_sinks import open_sinks
 from megatron_osp.training.platform_checks import check_launch, check_platform
 from megatron_osp.training.profiling import StepProfiler
@@ -134,6 +135,7 @@ class Trainer:
         platform.seed_everything(train.seed)
         self.device = platform.device()
         self.bf16 = train.bf16 if train.bf16 is not None else not platform.is_cpu()
+        self.watchdog = HangWatchdog(train.hang_timeout_minutes, dist.get_rank())
         self.profiler = StepProfiler(train.profile_steps, self.run_dir, dist.get_rank(), self.device, self._rank0_log)
         n_train = train.train_steps * train.global_batch_size
         n_eval = max(train.eval_batches, train.kurtosis_batches) * train.global_batch_size
@@ -214,7 +216,8 @@ class Trainer:
         return parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_tensor_model_parallel_rank() == 0
 
     def _phase(self, name: str, what: str):
-        """A part of the run (``what`` describes it): ``name``'s range in a profile."""
+        """A part of the run: the hang watchdog's limit starts again for ``what``; ``name``'s range in a profile."""
+        self.watchdog.arm(what)
         return self.profiler.range(name)
 
     # ------------------------------------------------------------------ steps
@@ -239,6 +242,7 @@ class Trainer:
 
     def train_step(self) -> dict:
         self.profiler.step_begins(self.step + 1)
+        self.watchdog.arm(f"step {self.step + 1}")
         for chunk in self.model_chunks:
             chunk.train()
             chunk.zero_grad_buffer()
@@ -337,9 +341,11 @@ class Trainer:
     def train(self) -> dict:
         train = self.config.train
         sigterm = SigtermFlag.install() if train.save_on_sigterm else None
+        self.watchdog.start()
         try:
             return self._train(sigterm)
         finally:
+            self.watchdog.close()
             self.profiler.close()
             self.sinks.close(failed=sys.exc_info()[0] is not None)
             if sigterm is not None:

@@ -272,6 +272,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "exit_at_step": NON_NEGATIVE,
         "exit_after_minutes": number(0.0, what="must be >= 0 (0 = off)"),
         "save_on_sigterm": boolean,
+        "hang_timeout_minutes": number(0.0, what="must be >= 0 (0 = off)"),
         "profile_steps": optional(_step_range),
         "recompute": choice(RECOMPUTE),
         "recompute_method": optional(choice(RECOMPUTE_METHODS)),
