@@ -123,7 +123,8 @@ class Trainer:
         # TensorBoard and W&B start first: a W&B that cannot start (no login, no network) stops the run
         # before the data and model are built; a start that fails later closes them as failed.
         self.sinks = open_sinks(config, is_logging_rank(), resume, log=self.log, device=platform.device())
-        self.run_log = RunLog.for_config(config, self.sinks, self.log, _world_size(), is_logging_rank())
+        self.run_log = RunLog.for_config(config, self.sinks, self.log, _world_size(), is_logging_rank(),
+                                         platform.device())
         try:
             self._build(load_path, resume)
         except BaseException:
@@ -405,6 +406,7 @@ class Trainer:
                     tflops_per_device=self.run_log.tflops_per_device(rate),
                     consumed_samples=self.train_iter.consumed,
                     tokens=self.tokens,
+                    **self.run_log.memory.window(),  # peak GPU memory since the last line (absent on CPU)
                 )
                 window_start, window_steps, paused = time.perf_counter(), 0, 0.0
                 history.append(stats)
@@ -451,6 +453,7 @@ class Trainer:
             "tokens_per_s": (self.step - start_step) * tokens_per_step / train_time if self.step > start_step else float("nan"),
         }
         summary["tflops_per_device"] = self.run_log.tflops_per_device(summary["tokens_per_s"])
+        summary.update(self.run_log.memory.run_peak())  # this process's peak GPU memory (absent on CPU)
         if is_logging_rank():
             self.sinks.scalar("val/loss", val_loss, self.step)
             self.run_log.kurtosis(report, self.step)
