@@ -97,6 +97,16 @@ class TrainSettings:
     # was built): a job time limit's fallback where no SIGTERM comes first; leave room for the save. 0 = off
     exit_after_minutes: float = 0.0
     save_on_sigterm: bool = True  # SIGTERM: finish the step, save, exit cleanly
+    # A rank whose step, evaluation, kurtosis measurement or checkpoint save runs longer than this
+    # prints its threads' stacks and exits with code 3 (training/hang_watchdog.py), so a job stuck in a
+    # collective (a dead peer, a network fault) ends and can be requeued instead of burning its
+    # allocation. 30: well above what any of these takes in a healthy run at the presets' scales (a step
+    # takes seconds; a synchronous 70B save or the first step's warm-up, minutes), well below the hours
+    # a hung job would waste. Raise it where a save or evaluation legitimately takes longer. 0 = off
+    hang_timeout_minutes: float = 30.0
+    # torch.profiler trace of these steps, "START-END" (inclusive; "N": one step), one Chrome trace per
+    # rank in <run_dir>/profile/ (training/profiling.py). null = off
+    profile_steps: str | None = None
     # Activation recompute (Megatron's recompute_granularity; models/gpt.py maps it): "none" keeps
     # every activation; "selective" recomputes core attention (softmax(QK^T)V) in the backward pass;
     # "full" recomputes whole transformer layers from their inputs. method and num_layers are for

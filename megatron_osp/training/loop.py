@@ -46,8 +46,10 @@ from megatron_osp.training.checkpoint import (
 from megatron_osp.training import model_setup
 from megatron_osp.training.config import RunConfig, save_config
 from megatron_osp.training.data import build_datasets
+from megatron_osp.training.hang_watchdog import HangWatchdog
 from megatron_osp.training.metric_sinks import open_sinks
 from megatron_osp.training.platform_checks import check_launch, check_platform
+from megatron_osp.training.profiling import StepProfiler
 from megatron_osp.training.progress import finished_summary, tokens_at_resume
 from megatron_osp.training.resume_check import check_compatible, checkpoint_to_load
 from megatron_osp.training.run_log import RunLog, mean_tail, progress_bar
@@ -121,7 +123,8 @@ class Trainer:
         # TensorBoard and W&B start first: a W&B that cannot start (no login, no network) stops the run
         # before the data and model are built; a start that fails later closes them as failed.
         self.sinks = open_sinks(config, is_logging_rank(), resume, log=self.log, device=platform.device())
-        self.run_log = RunLog.for_config(config, self.sinks, self.log, _world_size(), is_logging_rank())
+        self.run_log = RunLog.for_config(config, self.sinks, self.log, _world_size(), is_logging_rank(),
+                                         platform.device())
         try:
             self._build(load_path, resume)
         except BaseException:
@@ -133,6 +136,8 @@ class Trainer:
         platform.seed_everything(train.seed)
         self.device = platform.device()
         self.bf16 = train.bf16 if train.bf16 is not None else not platform.is_cpu()
+        self.watchdog = HangWatchdog(train.hang_timeout_minutes, dist.get_rank())
+        self.profiler = StepProfiler(train.profile_steps, self.run_dir, dist.get_rank(), self.device, self._rank0_log)
         n_train = train.train_steps * train.global_batch_size
         n_eval = max(train.eval_batches, train.kurtosis_batches) * train.global_batch_size
         self.train_ds, self.valid_ds = build_datasets(config, n_train, n_eval)
@@ -211,6 +216,11 @@ class Trainer:
     def _is_stage_leader(self) -> bool:
         return parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_tensor_model_parallel_rank() == 0
 
+    def _phase(self, name: str, what: str):
+        """A part of the run: the hang watchdog's limit starts again for ``what``; ``name``'s range in a profile."""
+        self.watchdog.arm(what)
+        return self.profiler.range(name)
+
     # ------------------------------------------------------------------ steps
     def _run_schedule(self, iters: list, forward_only: bool) -> list[dict]:
         return get_forward_backward_func()(
@@ -232,12 +242,16 @@ class Trainer:
         return loss.item() / parallel_state.get_data_parallel_world_size()
 
     def train_step(self) -> dict:
+        self.profiler.step_begins(self.step + 1)
+        self.watchdog.arm(f"step {self.step + 1}")
         for chunk in self.model_chunks:
             chunk.train()
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        outputs = self._run_schedule(self.train_iters, forward_only=False)
-        ok, grad_norm, _ = self.optimizer.step()
+        with self.profiler.range("forward_backward"):
+            outputs = self._run_schedule(self.train_iters, forward_only=False)
+        with self.profiler.range("optimizer_step"):
+            ok, grad_norm, _ = self.optimizer.step()
         loss = self._mean_loss(outputs)
         check_step(self.step + 1, ok, loss, grad_norm, self.device, self._newest_checkpoint)  # before any save
         if ok:
@@ -260,23 +274,27 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        self._eval_mode()
-        it = model_setup.chunk_iterators(self.valid_ds, self.config.train, len(self.model_chunks))
-        losses = [self._mean_loss(self._run_schedule(it, forward_only=True)) for _ in range(self.config.train.eval_batches)]
+        with self._phase("evaluate", f"the evaluation after step {self.step}"):
+            self._eval_mode()
+            it = model_setup.chunk_iterators(self.valid_ds, self.config.train, len(self.model_chunks))
+            losses = [self._mean_loss(self._run_schedule(it, forward_only=True))
+                      for _ in range(self.config.train.eval_batches)]
         return sum(losses) / len(losses)
 
     @torch.no_grad()
     def measure_kurtosis(self) -> KurtosisReport:
         """The paper's metric on the first held-out global batch(es); the whole model's report on every rank."""
-        self._eval_mode()
-        first = model_setup.core_chunks(self.model_chunks)[0]
-        it = model_setup.chunk_iterators(self.valid_ds, self.config.train, len(self.model_chunks))
-        # The layers of all chunks, each named by its global number (not contiguous under interleaving).
-        with HiddenStateRecorder(model_setup.decoder_layers(self.model_chunks), record_input=first.pre_process) as rec:
-            for _ in range(self.config.train.kurtosis_batches):
-                self._run_schedule(it, forward_only=True)
-        reports = [None] * dist.get_world_size()
-        dist.all_gather_object(reports, (parallel_state.get_tensor_model_parallel_rank(), rec.report().to_dict()))
+        with self._phase("kurtosis", f"the kurtosis measurement after step {self.step}"):
+            self._eval_mode()
+            first = model_setup.core_chunks(self.model_chunks)[0]
+            it = model_setup.chunk_iterators(self.valid_ds, self.config.train, len(self.model_chunks))
+            # The layers of all chunks, each named by its global number (not contiguous under interleaving).
+            layers = model_setup.decoder_layers(self.model_chunks)
+            with HiddenStateRecorder(layers, record_input=first.pre_process) as rec:
+                for _ in range(self.config.train.kurtosis_batches):
+                    self._run_schedule(it, forward_only=True)
+            reports = [None] * dist.get_world_size()
+            dist.all_gather_object(reports, (parallel_state.get_tensor_model_parallel_rank(), rec.report().to_dict()))
         # TP ranks hold copies of the same hidden states: TP rank 0's are used.
         return merge_rank_reports([report for tp_rank, report in reports if tp_rank == 0])
 
@@ -290,17 +308,19 @@ class Trainer:
         train.async_save, written while training goes on (any earlier one is finished first)."""
         state = dict(optimizer=self.optimizer, scheduler=self.scheduler, consumed_samples=self.train_iter.consumed,
                      keep_last=self.config.train.keep_last)
-        if background and self.saver is not None:
-            self.saver.start(self.save_dir, self.step, self.model_chunks, self.config, **state)
-        else:
-            self.finish_saves()
-            save_checkpoint(self.save_dir, self.step, self.model_chunks, self.config, log=self._rank0_log, **state)
+        self.finish_saves()
+        with self._phase("save_checkpoint", f"the checkpoint save of step {self.step}"):
+            if background and self.saver is not None:
+                self.saver.start(self.save_dir, self.step, self.model_chunks, self.config, **state)
+            else:
+                save_checkpoint(self.save_dir, self.step, self.model_chunks, self.config, log=self._rank0_log, **state)
         self.last_saved_step = self.step
 
     def finish_saves(self) -> None:
         """Wait for a background save in flight, if any, and publish it (collective)."""
-        if self.saver is not None:
-            self.saver.wait()
+        if self.saver is not None and self.saver.in_flight is not None:
+            with self._phase("save_checkpoint", f"the background save of step {self.saver.in_flight}"):
+                self.saver.wait()
 
     def _stop_reason(self, sigterm: "SigtermFlag | None", clock: bool = True) -> str | None:
         """Why the run stops after this step (None: it goes on); ``clock``: whether the time limit
@@ -322,9 +342,12 @@ class Trainer:
     def train(self) -> dict:
         train = self.config.train
         sigterm = SigtermFlag.install() if train.save_on_sigterm else None
+        self.watchdog.start()
         try:
             return self._train(sigterm)
         finally:
+            self.watchdog.close()
+            self.profiler.close()
             self.sinks.close(failed=sys.exc_info()[0] is not None)
             if sigterm is not None:
                 sigterm.uninstall()
@@ -383,6 +406,7 @@ class Trainer:
                     tflops_per_device=self.run_log.tflops_per_device(rate),
                     consumed_samples=self.train_iter.consumed,
                     tokens=self.tokens,
+                    **self.run_log.memory.window(),  # peak GPU memory since the last line (absent on CPU)
                 )
                 window_start, window_steps, paused = time.perf_counter(), 0, 0.0
                 history.append(stats)
@@ -429,6 +453,7 @@ class Trainer:
             "tokens_per_s": (self.step - start_step) * tokens_per_step / train_time if self.step > start_step else float("nan"),
         }
         summary["tflops_per_device"] = self.run_log.tflops_per_device(summary["tokens_per_s"])
+        summary.update(self.run_log.memory.run_peak())  # this process's peak GPU memory (absent on CPU)
         if is_logging_rank():
             self.sinks.scalar("val/loss", val_loss, self.step)
             self.run_log.kurtosis(report, self.step)

@@ -1,6 +1,6 @@
 """What a run writes about itself as it trains, on the logging rank: ``metrics.jsonl`` (one line per
-``log_interval`` steps), the metric sinks (TensorBoard, W&B: metric_sinks.py), the console line, and
-the model-FLOPs rate of its tokens/s (models/flops.py)."""
+``log_interval`` steps), the metric sinks (TensorBoard, W&B: metric_sinks.py), the console line, the
+model-FLOPs rate of its tokens/s (models/flops.py) and, on GPUs, peak memory (device_memory.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,12 @@ import json
 import math
 from pathlib import Path
 
+import torch
+
 from megatron_osp.fileio import atomic_write_text
 from megatron_osp.models.flops import training_flops_per_token
+from megatron_osp.training.device_memory import FIELDS as MEMORY_FIELDS
+from megatron_osp.training.device_memory import MemoryPeaks
 
 __all__ = ["RunLog", "mean_tail", "progress_bar"]
 
@@ -18,17 +22,19 @@ TRAIN_SCALARS = ("loss", "grad_norm", "lr", "tokens_per_s", "tflops_per_device")
 
 class RunLog:
     """``sinks``: the run's MetricSinks; ``log``: the console; ``flops_per_token``: model FLOPs per
-    trained token; ``devices``: the world size; ``writer``: whether this rank writes."""
+    trained token; ``devices``: the world size; ``writer``: whether this rank writes; ``device``: this
+    rank's (``memory``: its peak memory readings, collective on every rank, on a GPU only)."""
 
-    def __init__(self, run_dir: Path, sinks, log, flops_per_token: int, devices: int, writer: bool):
+    def __init__(self, run_dir: Path, sinks, log, flops_per_token: int, devices: int, writer: bool, device=None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.sinks, self.log = sinks, log
         self.flops_per_token, self.devices, self.writer = flops_per_token, devices, writer
+        self.memory = MemoryPeaks(device if device is not None else torch.device("cpu"))
 
     @classmethod
-    def for_config(cls, config, sinks, log, devices: int, writer: bool) -> RunLog:
+    def for_config(cls, config, sinks, log, devices: int, writer: bool, device=None) -> RunLog:
         flops = training_flops_per_token(config.model, config.parallel.tensor_parallel_size)
-        return cls(Path(config.train.run_dir), sinks, log, flops, devices, writer)
+        return cls(Path(config.train.run_dir), sinks, log, flops, devices, writer, device)
 
     def tflops_per_device(self, tokens_per_s: float) -> float:
         """Model TFLOP/s per device at ``tokens_per_s`` over the whole world (matmuls, forward +
@@ -57,13 +63,16 @@ class RunLog:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(stats) + "\n")
-        for key in TRAIN_SCALARS:
+        for key in TRAIN_SCALARS + tuple(k for k in MEMORY_FIELDS if k in stats):
             self.sinks.scalar(f"train/{key}", stats[key], stats["step"])
         line = (
             f"step {stats['step']:>6} | loss {stats['loss']:.4f} | lr {stats['lr']:.3e} | "
             f"grad norm {stats['grad_norm']:.3f} | {stats['tokens_per_s']:,.0f} tokens/s | "
             f"{stats['tflops_per_device']:.3g} TFLOP/s per device"
         )
+        if all(k in stats for k in MEMORY_FIELDS):
+            allocated, reserved = (stats[k] for k in MEMORY_FIELDS)
+            line += f" | peak memory {allocated:.2f} GiB allocated, {reserved:.2f} GiB reserved"
         (bar.write if bar is not None else self.log)(line)
 
     def kurtosis(self, report, step: int) -> None:

@@ -12,8 +12,8 @@ Three stages, each run as soon as what it needs is known, and all before a model
   pipeline size dividing the layers, a virtual pipeline only with PP > 1), and
   ``train.recompute_method``/``recompute_num_layers`` only with ``train.recompute=full``, fitting a
   pipeline stage's layers; settings that would do nothing are refused too (``train.exit_at_step``
-  past ``train.train_steps``, sequence parallelism at TP 1, a non-default ``train.wsd_decay_fraction``
-  without ``train.decay_style=wsd``).
+  or the end of ``train.profile_steps`` past ``train.train_steps``, sequence parallelism at TP 1, a
+  non-default ``train.wsd_decay_fraction`` without ``train.decay_style=wsd``).
 - ``check_world`` and data_checks.py's ``check_data_settings`` (from the Trainer, once the world size
   is known and before the process groups, datasets and model exist): TP x PP divides the world, the
   global batch divides into micro-batches x data-parallel ranks (with virtual pipeline stages, a
@@ -165,6 +165,16 @@ def _split(v):
     return None
 
 
+def _step_range(v):
+    from megatron_osp.training.profiling import parse_step_range
+
+    try:
+        parse_step_range(v)
+    except ValueError:
+        return "must be START-END (training steps, 1 <= START <= END, e.g. '2-3') or one step N"
+    return None
+
+
 POSITIVE = integer(1)
 NON_NEGATIVE = integer(0)
 PROBABILITY_OPEN = number(0.0, 1.0, hi_open=True)  # dropout, betas, momentum: [0, 1)
@@ -262,6 +272,8 @@ RULES: dict[str, dict[str, Rule]] = {
         "exit_at_step": NON_NEGATIVE,
         "exit_after_minutes": number(0.0, what="must be >= 0 (0 = off)"),
         "save_on_sigterm": boolean,
+        "hang_timeout_minutes": number(0.0, what="must be >= 0 (0 = off)"),
+        "profile_steps": optional(_step_range),
         "recompute": choice(RECOMPUTE),
         "recompute_method": optional(choice(RECOMPUTE_METHODS)),
         "recompute_num_layers": optional(POSITIVE),
@@ -352,6 +364,15 @@ def relation_problems(config) -> list[str]:
             f"train.exit_at_step={t.exit_at_step} is past train.train_steps={t.train_steps}, so it would never "
             f"stop the run: set train.exit_at_step to at most {t.train_steps} (or 0 to run to the end)"
         )
+    if t.profile_steps is not None and _step_range(t.profile_steps) is None:
+        from megatron_osp.training.profiling import parse_step_range
+
+        last = parse_step_range(t.profile_steps)[1]
+        if last > t.train_steps:
+            problems.append(
+                f"train.profile_steps={t.profile_steps!r} ends past train.train_steps={t.train_steps}: the steps "
+                f"after it are never run, so they cannot be profiled; end the range at step {t.train_steps} at the latest"
+            )
     if t.decay_style != "wsd" and t.wsd_decay_fraction != WSD_DECAY_FRACTION:
         problems.append(
             f"train.wsd_decay_fraction={t.wsd_decay_fraction} is used only with train.decay_style=wsd "
