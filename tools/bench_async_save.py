@@ -23,14 +23,12 @@ save was published. On a GPU the stop also includes the device-to-host copy of t
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import statistics
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,23 +75,12 @@ def bench(size: str, repeats: int, root: Path) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", nargs="+", choices=["tiny", "big"], default=["tiny", "big"])
-    p.add_argument("--repeats", type=int, default=0, help="saves per arm (default: 5 for tiny, 3 for big)")
-    p.add_argument("--dir", help="where to write the checkpoints (default: a temporary directory, removed)")
-    args = p.parse_args(argv)
-    for pattern in (".*Apex.*", ".*Transformer Engine.*", ".*deprecated.*", ".*TypedStorage.*", ".*DTensor.*"):
-        warnings.filterwarnings("ignore", message=pattern)
-    os.environ.setdefault("MEGATRON_OSP_FORCE_CPU", "1")
-    import megatron.core
-    import torch
+    from bench_checkpoint import cpu_world, size_args
 
-    from megatron_osp import parallel, platform
+    args = size_args(__doc__, "saves per arm (default: 5 for tiny, 3 for big)", argv)
+    print(cpu_world())
+    from megatron_osp import parallel
 
-    print(f"python {sys.version.split()[0]}, torch {torch.__version__}, megatron-core {megatron.core.__version__}, "
-          f"{os.cpu_count()} CPUs")
-    parallel.init_distributed(1, 1)
-    platform.seed_everything(0)
     root = Path(tempfile.mkdtemp(prefix="bench_async_save_", dir=args.dir))
     try:
         for size in args.sizes:

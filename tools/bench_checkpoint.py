@@ -125,12 +125,17 @@ def hash_throughput(mb: int = 256) -> dict:
     return out
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def size_args(description: str, repeats_help: str, argv=None):
+    """The command line both checkpoint benchmarks take (this one and bench_async_save.py)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["tiny", "big"])
-    p.add_argument("--repeats", type=int, default=0, help="per mode (default: 9 for tiny, 5 for big)")
+    p.add_argument("--repeats", type=int, default=0, help=repeats_help)
     p.add_argument("--dir", help="where to write the checkpoints (default: a temporary directory, removed)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def cpu_world() -> str:
+    """Quiet Megatron's CPU warnings and start a one-process CPU world; returns the versions line."""
     for pattern in (".*Apex.*", ".*Transformer Engine.*", ".*deprecated.*", ".*TypedStorage.*", ".*DTensor.*"):
         warnings.filterwarnings("ignore", message=pattern)
     os.environ.setdefault("MEGATRON_OSP_FORCE_CPU", "1")
@@ -138,14 +143,21 @@ def main(argv=None) -> int:
     import torch
 
     from megatron_osp import parallel, platform
-    from megatron_osp.training.checkpoint_integrity import ALGORITHM
 
-    print(f"python {sys.version.split()[0]}, torch {torch.__version__}, megatron-core {megatron.core.__version__}, "
-          f"{os.cpu_count()} CPUs, checksum {ALGORITHM}")
-    print("hash throughput (GB/s, 8 MiB blocks, one thread): "
-          + ", ".join(f"{k} {v:.2f}" for k, v in hash_throughput().items()))
     parallel.init_distributed(1, 1)
     platform.seed_everything(0)
+    return (f"python {sys.version.split()[0]}, torch {torch.__version__}, megatron-core {megatron.core.__version__}, "
+            f"{os.cpu_count()} CPUs")
+
+
+def main(argv=None) -> int:
+    args = size_args(__doc__, "per mode (default: 9 for tiny, 5 for big)", argv)
+    from megatron_osp import parallel
+    from megatron_osp.training.checkpoint_integrity import ALGORITHM
+
+    print(f"{cpu_world()}, checksum {ALGORITHM}")
+    print("hash throughput (GB/s, 8 MiB blocks, one thread): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in hash_throughput().items()))
     root = Path(tempfile.mkdtemp(prefix="bench_checkpoint_", dir=args.dir))
     try:
         for size in args.sizes:
