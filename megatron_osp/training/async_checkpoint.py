@@ -30,13 +30,13 @@ finalization raise a CheckpointError on every rank, naming the save, as a synchr
 from __future__ import annotations
 
 import json
-import os
 import time
 from functools import partial
 from pathlib import Path
 
 import torch.distributed as dist
 
+from megatron_osp.fileio import atomic_write_json
 from megatron_osp.training import checkpoint as ckpt
 from megatron_osp.training import checkpoint_integrity as integrity
 from megatron_osp.training.checkpoint_integrity import CheckpointError
@@ -54,11 +54,7 @@ def _write_then_hash(write, directory: str, rank: int, world: int, *args, **kwar
         result: dict | str = integrity.own_shards(directory, rank, world)
     except OSError as e:
         result = f"rank {rank}: {e}"
-    path = Path(directory) / _DIGESTS.format(rank=rank)
-    with open(path, "w") as f:
-        json.dump(result, f)
-        f.flush()
-        os.fsync(f.fileno())
+    atomic_write_json(Path(directory) / _DIGESTS.format(rank=rank), result)
 
 
 class AsyncSaver:
@@ -126,9 +122,9 @@ class AsyncSaver:
     @staticmethod
     def _digests(target, forked: bool) -> dict | str:
         rank = dist.get_rank()
-        path = target.tmp / _DIGESTS.format(rank=rank)
         if not forked:
             return integrity.own_shards(target.tmp, rank, dist.get_world_size())
+        path = target.tmp / _DIGESTS.format(rank=rank)
         try:
             result = json.loads(path.read_text())
         except (OSError, ValueError) as e:
@@ -138,8 +134,10 @@ class AsyncSaver:
 
     @staticmethod
     def _failed(target, error: BaseException) -> str:
-        newest = target.save_dir / ckpt.LATEST
-        keep = (f"{target.save_dir / newest.read_text().strip()} is the newest complete checkpoint"
-                if newest.exists() else "no earlier checkpoint was completed")
+        try:
+            newest = ckpt.newest_checkpoint(target.save_dir)
+        except CheckpointError:  # a damaged pointer: the failure above is the one to report
+            newest = None
+        keep = f"{newest} is the newest complete checkpoint" if newest else "no earlier checkpoint was completed"
         return (f"the background save of step {target.iteration} into {target.tmp} failed: "
                 f"{type(error).__name__}: {error}; {keep}")

@@ -82,6 +82,11 @@ def has_checkpoint(save_dir: str | os.PathLike) -> bool:
     return (Path(save_dir) / LATEST).is_file()
 
 
+def newest_checkpoint(save_dir: str | os.PathLike) -> Path | None:
+    """The iteration directory ``save_dir``'s ``latest`` names, or None when it has none."""
+    return find_iteration_dir(save_dir) if has_checkpoint(save_dir) else None
+
+
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """The complete iteration directory that ``path`` names (a save dir, following ``latest``, or one
     ``iter_N`` directory); CheckpointError naming the path otherwise. Checks every file's presence

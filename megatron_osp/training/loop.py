@@ -36,9 +36,8 @@ from megatron_osp.optimizer.builder import ddp_config, ddp_wrapper, get_osp_opti
 from megatron_osp.training.async_checkpoint import AsyncSaver
 from megatron_osp.training.checkpoint import (
     CheckpointError,
-    find_iteration_dir,
-    has_checkpoint,
     load_checkpoint,
+    newest_checkpoint,
     read_run_config,
     read_train_state,
     save_checkpoint,
@@ -270,7 +269,8 @@ class Trainer:
             self.finish_saves()  # a background save of an earlier, finite step is still good
         except CheckpointError as e:
             self._rank0_log(str(e))
-        return str(find_iteration_dir(self.save_dir)) if has_checkpoint(self.save_dir) else None
+        newest = newest_checkpoint(self.save_dir)
+        return str(newest) if newest is not None else None
 
     @torch.no_grad()
     def evaluate(self) -> float:
