@@ -108,6 +108,24 @@ def test_a_key_given_twice_in_a_config_file_is_refused_with_its_lines(tmp_path):
         load_config(tmp_path)
 
 
+def test_numbers_are_read_as_yaml_1_2_not_base_60_or_octal(tmp_path):
+    """PyYAML (YAML 1.1) read `2:3` as 123 and `1:30` as 90 (base 60) and `010` as 8 (octal), silently:
+    train.profile_steps=2:3 profiled step 123 of a long run."""
+    with pytest.raises(ValueError, match=r"train.profile_steps='2:3': must be START-END"):
+        load_config(None, ["train.train_steps=200", "train.profile_steps=2:3"])
+    with pytest.raises(ValueError, match=r"train.exit_after_minutes must be a number, got '1:30'"):
+        load_config(None, ["train.exit_after_minutes=1:30"])
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  seed: 010\n  exit_after_minutes: 1_000\n  profile_steps: 3\n  train_steps: 0x10\n"
+                    "optimizer:\n  lr: 1e-3\n  weight_decay: .5\n")
+    config = load_config(path)
+    assert (config.train.seed, config.train.exit_after_minutes, config.train.profile_steps) == (10, 1000.0, "3")
+    assert (config.train.train_steps, config.optimizer.lr, config.optimizer.weight_decay) == (16, 1e-3, 0.5)
+    path.write_text("train:\n  exit_after_minutes: 1:30.5\n")
+    with pytest.raises(ValueError, match=r"run.yaml: train.exit_after_minutes must be a number, got '1:30.5'"):
+        load_config(path)
+
+
 @pytest.mark.parametrize(
     "text, overrides, message",
     [

@@ -11,6 +11,8 @@ An unknown section or field is an error that names it, never silently ignored; s
 wrong type (every value is checked against its field's annotation, from YAML and command line alike),
 and so is a key given twice in one YAML mapping (PyYAML would keep the last silently).
 YAML 1.1 reads `1e-3` (no decimal point) as a string: float fields take it as the number it spells.
+Numbers are read as YAML 1.2 does, not PyYAML's YAML 1.1: `2:3` is the string '2:3', not 123 in base
+60, and `010` is 10, not octal 8.
 Then every value's range and the relations between values are checked (training/validation.py):
 `train.global_batch_size=0` is refused here, naming the field, the value and the file.
 """
@@ -18,6 +20,7 @@ Then every value's range and the relations between values are checked (training/
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -222,7 +225,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         section, fieldname = key.split(".", 1)
         if section not in _SECTIONS:
             raise ValueError(f"override {item!r}: unknown section {section!r}; known: {sorted(_SECTIONS)}")
-        tree.setdefault(section, {})[fieldname] = yaml.safe_load(raw)
+        tree.setdefault(section, {})[fieldname] = yaml.load(raw, Loader=_ConfigLoader)
     return tree
 
 
@@ -242,6 +245,37 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     key_node.start_mark)
             first[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep)
+
+
+class _ConfigLoader(_UniqueKeyLoader):
+    """``_UniqueKeyLoader`` reading numbers as YAML 1.2 does. PyYAML follows YAML 1.1, where a number
+    written with colons is base 60 and one with a leading zero is octal, silently: ``2:3`` is 123,
+    ``1:30`` is 90, ``010`` is 8. Here ``2:3`` and ``1:30`` stay strings (a numeric field then refuses
+    them, naming the field; ``train.profile_steps=2:3`` is refused as not START-END) and ``010`` is 10."""
+
+    yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers
+                if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+    def construct_yaml_int(self, node):
+        text = self.construct_scalar(node).replace("_", "")
+        sign = -1 if text[0] == "-" else 1
+        text = text.lstrip("+-")
+        base = {"0b": 2, "0x": 16}.get(text[:2], 10)
+        return sign * int(text[2:] if base != 10 else text, base)
+
+
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0x[0-9a-fA-F_]+|[-+]?[0-9][0-9_]*)$"),
+    list("-+0123456789"))
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?"
+               r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+_ConfigLoader.add_constructor("tag:yaml.org,2002:int", _ConfigLoader.construct_yaml_int)
 
 
 def _as_it_ran(raw: dict) -> dict:
@@ -278,7 +312,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), *, sa
         source = str(path)
         try:
             with open(path) as stream:  # YAML errors then name the file with the line
-                raw = yaml.load(stream, Loader=_UniqueKeyLoader) or {}
+                raw = yaml.load(stream, Loader=_ConfigLoader) or {}
         except FileNotFoundError:
             raise FileNotFoundError(f"config file {path} does not exist") from None
         except OSError as e:  # a directory, no permission
