@@ -110,7 +110,8 @@ GOOD = [{"text": t} for t in TEXTS[:200]]
         ("in.jsonl.zst", _corrupt_zst, GOOD, CorruptInput, r"in\.jsonl\.zst: corrupt zstd stream after line \d+"),
         ("in.parquet", write_parquet, [{"body": "x"}], CorruptInput, r"in\.parquet: missing column 'text' \(columns: body\)"),
         ("in.parquet", write_parquet, [{"text": "a"}, {"text": None}], BadRecord, r"in\.parquet:row 2: key 'text' is null"),
-        ("in.parquet", write_parquet, [{"text": 7}], BadRecord, r"in\.parquet:row 1: key 'text' is int, not a string"),
+        ("in.parquet", write_parquet, [{"text": 7}], CorruptInput,
+         r"in\.parquet: column 'text' holds int64, not text \(a string or binary column\)"),
     ],
 )
 @pytest.mark.parametrize("workers", [1, 2])
@@ -134,6 +135,27 @@ def test_empty_and_unreadable_parquet_and_bad_utf8_in_zst(tmp_path, sp_model):
     with pytest.raises(BadRecord, match=r"bad\.jsonl\.zst:2: not valid UTF-8"):
         _run(z, sp_model, tmp_path / "o3")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl.zst", "empty.parquet", "junk.parquet"]
+
+
+def test_a_binary_parquet_column_is_read_as_utf8_text_and_a_numeric_one_is_refused_even_when_skipping(tmp_path, sp_model):
+    """A binary column used to give a bad record per row ("bytes, not a string"), and a numeric one too:
+    with --skip-bad-records both dropped the whole file with only a count to show for it."""
+    texts = [t for t in TEXTS[:40]] + ["wörld ✓"]
+    as_text = write_parquet(tmp_path / "s.parquet", [{"text": t} for t in texts])
+    as_bytes = write_parquet(tmp_path / "b.parquet", [{"text": t.encode()} for t in texts] + [{"text": b"\xff"}],
+                             schema=pa.schema([("text", pa.binary())]))
+    as_dict = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"text": pa.array(texts).dictionary_encode()}), as_dict)
+    expected = _run(as_text, sp_model, tmp_path / "s")
+    stats = _run(as_bytes, sp_model, tmp_path / "b", skip_bad_records=True)
+    assert (stats.documents, stats.bad_locations) == (expected.documents, [f"{as_bytes}:row {len(texts) + 1}"])
+    _run(as_dict, sp_model, tmp_path / "d")
+    tokens = {name: (tmp_path / f"{name}_text_document.bin").read_bytes() for name in "sbd"}
+    assert tokens["b"] == tokens["s"] == tokens["d"] and tokens["s"]
+    numbers = write_parquet(tmp_path / "n.parquet", [{"text": 1.5}, {"text": 2.0}])
+    with pytest.raises(CorruptInput, match=r"n\.parquet: column 'text' holds double, not text"):
+        _run(numbers, sp_model, tmp_path / "n", skip_bad_records=True)
+    assert not list(tmp_path.glob("n_*"))
 
 
 def test_skip_bad_records_in_parquet_and_zst(tmp_path, sp_model):

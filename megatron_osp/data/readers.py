@@ -4,7 +4,8 @@ Every record carries ``file:line`` (``file:row N`` for Parquet) so an error can 
 record that cannot be used (bad JSON, bad UTF-8, a lone surrogate, a null) is a ``BadRecord`` the
 caller may skip; a
 file that cannot be read on (corrupt or truncated compressed stream, unreadable Parquet, a missing
-column) raises ``CorruptInput``, which is never skippable: what follows it is unknown.
+column, a Parquet column whose type cannot hold text) raises ``CorruptInput``, which is never
+skippable: what follows it is unknown. A Parquet binary column is read as UTF-8, as a string column is.
 
 zstandard's ``stream_reader`` ends silently on a truncated frame, so .zst is decoded frame by frame
 here and an unfinished frame at the end of the file is an error, not a short corpus. Frames may ask
@@ -201,6 +202,9 @@ def parquet_chunks(path: Path, keys: list[str], chunk_size: int):
     missing = [k for k in keys if k not in columns]
     if missing:
         raise CorruptInput(f"{path}: missing column {missing[0]!r} (columns: {', '.join(columns)})")
+    wrong = [p for p in (_text_column_problem(pf.schema_arrow.field(k)) for k in keys) if p]
+    if wrong:  # every row would be a bad record, which --skip-bad-records would drop without a word
+        raise CorruptInput(f"{path}: {wrong[0]}")
     if pf.metadata.num_rows == 0:
         raise BadRecord(f"{path}: empty file (no rows)")
     row = 1
@@ -225,21 +229,39 @@ def parquet_chunks(path: Path, keys: list[str], chunk_size: int):
         raise CorruptInput(f"{path}: corrupt Parquet data after row {row - 1}: {e}") from None
 
 
-def _column_values(column) -> list:
-    """A column's Python values; a string column holding invalid UTF-8 (Arrow does not check it when
-    reading Parquet) gives that row's ``UnicodeDecodeError`` in place of its text."""
-    try:
-        return column.to_pylist()
-    except UnicodeDecodeError:
-        import pyarrow as pa
+def _text_column_problem(field) -> str | None:
+    """Why a Parquet column cannot hold text, or None: strings, binary (read as UTF-8, as a string
+    column is) and dictionary-encoded either can; an all-null column is left to its rows."""
+    import pyarrow as pa
 
-        out = []
-        for raw in column.cast(pa.binary()).to_pylist():
-            try:
-                out.append(raw if raw is None else raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                out.append(e)
-        return out
+    t = field.type.value_type if pa.types.is_dictionary(field.type) else field.type
+    checks = ["is_string", "is_large_string", "is_string_view", "is_binary", "is_large_binary", "is_binary_view",
+              "is_null"]
+    if any(getattr(pa.types, check, lambda _: False)(t) for check in checks):
+        return None
+    return f"column {field.name!r} holds {field.type}, not text (a string or binary column)"
+
+
+def _column_values(column) -> list:
+    """A column's Python values as text; a string or binary column holding invalid UTF-8 (Arrow does
+    not check it when reading Parquet) gives that row's ``UnicodeDecodeError`` in place of its text."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()
+    binary = ("is_binary", "is_large_binary", "is_binary_view")
+    if not any(getattr(pa.types, check, lambda _: False)(column.type) for check in binary):
+        try:
+            return column.to_pylist()
+        except UnicodeDecodeError:
+            pass
+    out = []
+    for raw in column.cast(pa.large_binary()).to_pylist():
+        try:
+            out.append(raw if raw is None else raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            out.append(e)
+    return out
 
 
 def record_chunks(path: Path, keys: list[str], chunk_size: int):
