@@ -216,6 +216,34 @@ def test_sentencepiece_encodes_the_text_of_its_control_pieces_as_characters_in_e
     assert not np.any([p.name.startswith("r_") for p in tmp_path.iterdir()])
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_eod_that_is_an_ordinary_vocabulary_entry_is_kept_out_of_split_and_refuse_texts(tmp_path, workers):
+    """A tokenizer whose EOD (``</s>``) is in its vocabulary but not among its special tokens turns the
+    text ``</s>`` into the EOD id whatever the mode: ``split`` and ``refuse`` used to write it mid-document.
+    Now such a record is a bad record naming file, line, key and token offset."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "</s>": 1, "hello": 2, "world": 3, "the": 4}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    src = tmp_path / "c.jsonl"
+    texts = ["hello world"] * 30 + ["the </s> hello"] + ["world the"] * 30
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    run = dict(progress=False, workers=workers, chunk_lines=8)
+    preprocess([str(src)], str(tmp_path / "tokenizer.json"), str(tmp_path / "e"), **run)
+    assert _docs(str(tmp_path / "e_text_document"))[30] == [4, 1, 2, 1]  # encode: as before
+    for mode in ("split", "refuse"):
+        with pytest.raises(BadRecord, match=re.escape(f"{src}:31: key 'text' encodes to the end-of-document id 1 "
+                                                      "('</s>', an ordinary vocabulary entry") + ".* at token 1: "):
+            preprocess([str(src)], str(tmp_path / "tokenizer.json"), str(tmp_path / mode), special_tokens_in_text=mode, **run)
+        assert not list(tmp_path.glob(f"{mode}_*"))
+        stats = preprocess([str(src)], str(tmp_path / "tokenizer.json"), str(tmp_path / mode), special_tokens_in_text=mode,
+                           skip_bad_records=True, **run)
+        docs = _docs(str(tmp_path / f"{mode}_text_document"))
+        assert stats.bad_records == 1 and len(docs) == 60 and all(1 not in d[:-1] for d in docs)
+        assert docs == [d for i, d in enumerate(_docs(str(tmp_path / "e_text_document"))) if i != 30]
+
+
 def test_refuse_finds_every_text_the_library_would_turn_into_a_special_id(tmp_path):
     """A special token matched on normalized text (a Lowercase normalizer: ``<SEP>`` is ``<sep>``) is
     looked for in the normalized text; where several start at one place, the longest is named."""

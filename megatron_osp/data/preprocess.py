@@ -30,7 +30,7 @@ from megatron_osp.data.readers import BadRecord, CorruptInput, parse_json_record
 from megatron_osp.data.shardset import Stage, sha256_file
 from megatron_osp.data.special_text import DEFAULT as SPECIAL_DEFAULT
 from megatron_osp.data.special_text import FIELD as SPECIAL_FIELD
-from megatron_osp.data.special_text import refused_record
+from megatron_osp.data.special_text import eod_from_text, eod_record, refused_record
 from megatron_osp.data.tokenizer import load_tokenizer
 from megatron_osp.data.tokenizer_identity import tokenizer_fingerprint
 
@@ -123,14 +123,21 @@ def _tokenize_chunk(args) -> _Chunk:
     path, first, items, keys, append_eod = args
     parsed = [parse_json_record(f"{path}:{first + i}", item, keys) if isinstance(item, str) else item
               for i, item in enumerate(items) if item is not None]  # None: a blank line, no record
+    lines = [f"{path}:{first + i}" if isinstance(item, str) else f"{path}:row {first + i}"
+             for i, item in enumerate(items) if item is not None]
     if _TOKENIZER.special_tokens_in_text == "refuse":
-        lines = [f"{path}:{first + i}" if isinstance(item, str) else f"{path}:row {first + i}"
-                 for i, item in enumerate(items) if item is not None]
         parsed = [_refused(where, p, keys) if not isinstance(p, BadRecord) else p for where, p in zip(lines, parsed)]
-    bad = [p for p in parsed if isinstance(p, BadRecord)]
-    good = [p for p in parsed if not isinstance(p, BadRecord)] if bad else parsed
+    while True:
+        bad = [p for p in parsed if isinstance(p, BadRecord)]
+        good = [p for p in parsed if not isinstance(p, BadRecord)] if bad else parsed
+        encoded = [_TOKENIZER.encode_flat([p[k] for p in good], threads=1) for k in range(len(keys))]
+        hits = eod_from_text(_TOKENIZER, encoded)
+        if not hits:
+            break
+        at = [i for i, p in enumerate(parsed) if not isinstance(p, BadRecord)]  # good's places in parsed
+        for g, (k, offset) in hits.items():  # a rare record: encode the chunk again without it
+            parsed[at[g]] = BadRecord(eod_record(_TOKENIZER, lines[at[g]], keys[k], offset))
     dtype = token_dtype_for(_TOKENIZER.vocab_size)
-    encoded = [_TOKENIZER.encode_flat([p[k] for p in good], threads=1) for k in range(len(keys))]
     for ids, _ in encoded:  # a cast to the output dtype must never wrap an id silently
         if ids.size and (ids.min() < 0 or ids.max() > np.iinfo(dtype).max):
             raise ValueError(f"{_TOKENIZER.model_file}: gave token id {int(ids.max())} (lowest {int(ids.min())}) "

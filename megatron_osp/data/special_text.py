@@ -11,6 +11,10 @@ preprocessing does with them: ``--special-tokens-in-text``.
   file, line (Parquet: row), key and the token, and publishes nothing (``--skip-bad-records``: it
   is skipped and counted).
 
+An EOD that is an ordinary vocabulary entry (a Hugging Face tokenizer without it among its special
+tokens) is encoded from its text like any word. Under ``split`` and ``refuse`` a text that encodes to
+the EOD id is a bad record (``eod_from_text``), so neither writes an EOD inside a document.
+
 Which tokens: a Hugging Face tokenizer's added tokens marked special. Its added tokens not marked
 special (added words) are matched in text in every mode, as the library does. SentencePiece never
 turns text into a control piece (``<s>``, ``</s>``): it encodes their text as characters, so
@@ -104,6 +108,34 @@ def refused_record(location: str, key: str, found: tuple[str, int | None]) -> st
             "--special-tokens-in-text refuse stops on it (split: encode it as ordinary text; encode: as its id)")
 
 
+def eod_from_text(tokenizer, encoded) -> dict[int, tuple[int, int]]:
+    """{document: (key index, token offset)} of the documents whose text encoded to ``tokenizer``'s EOD
+    id, under ``split`` or ``refuse``, which promise that no special id comes from a text. ``encoded``:
+    per key, (all documents' ids, their lengths). Only an EOD that is an ordinary vocabulary entry (not
+    among a Hugging Face tokenizer's special tokens) can, so for any other tokenizer this is {}."""
+    if tokenizer.special_tokens_in_text == "encode" or getattr(tokenizer, "eod_special", True):
+        return {}
+    import numpy as np
+
+    hits: dict[int, tuple[int, int]] = {}
+    for k, (ids, lengths) in enumerate(encoded):
+        at = np.flatnonzero(ids == tokenizer.eod)
+        if at.size:
+            ends = np.cumsum(lengths)
+            for doc, pos in zip(np.searchsorted(ends, at, side="right").tolist(), at.tolist()):
+                hits.setdefault(doc, (k, pos - int(ends[doc] - lengths[doc])))
+    return hits
+
+
+def eod_record(tokenizer, location: str, key: str, offset: int) -> str:
+    """The bad record of a text that encoded to the EOD id (``eod_from_text``)."""
+    return (f"{location}: key {key!r} encodes to the end-of-document id {tokenizer.eod} "
+            f"({getattr(tokenizer, 'eod_token', None)!r}, an ordinary vocabulary entry of this tokenizer, not one "
+            f"of its special tokens) at token {offset}: --special-tokens-in-text {tokenizer.special_tokens_in_text} "
+            "writes no end-of-document id from a document's text (--skip-bad-records skips the record; encode "
+            "keeps the id)")
+
+
 def compatible(a: str, b: str, kind: str | None) -> bool:
     """Whether datasets made in modes ``a`` and ``b`` of one tokenizer may be mixed. ``kind``: the
     tokenizer's fingerprint scheme (``sp1``: SentencePiece, where encode and split give the same ids),
@@ -113,4 +145,5 @@ def compatible(a: str, b: str, kind: str | None) -> bool:
     return kind is not None and kind.startswith("sp") and {a, b} <= {"encode", "split"}
 
 
-__all__ = ["MODES", "DEFAULT", "FIELD", "HELP", "check_mode", "SpecialTextScan", "refused_record", "compatible"]
+__all__ = ["MODES", "DEFAULT", "FIELD", "HELP", "check_mode", "SpecialTextScan", "refused_record", "eod_from_text",
+           "eod_record", "compatible"]
