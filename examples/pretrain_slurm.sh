@@ -9,6 +9,13 @@
 #SBATCH --time=48:00:00
 #SBATCH --output=logs/%x-%j.out
 #SBATCH --signal=TERM@120
+#SBATCH --requeue
+#SBATCH --open-mode=append
+# Requeue (REQUEUE=0: off): a job that ends with its run unfinished but further than it started (stopped
+# by the time limit's SIGTERM above or a preemption, which save first, or ended by the hang watchdog
+# after a save) puts itself back in the queue and the next one resumes from the newest checkpoint, at
+# most MAX_REQUEUES times (SLURM_RESTART_COUNT); one that got nowhere (a refused config, a divergence, a
+# crash at start-up) is not (python -m megatron_osp.training.run_state). The log is appended to.
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
 CONFIG=${CONFIG:-megatron_osp/configs/osp_1.4b.yaml}
@@ -23,7 +30,20 @@ export OMP_NUM_THREADS=8 CUDA_DEVICE_MAX_CONNECTIONS=1
 # the job's only checkpoint): give them most of the 120 s before the time limit.
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-110}
 mkdir -p logs
+RUN_DIR=runs/$SLURM_JOB_NAME
+for arg in "$@"; do [[ $arg == train.run_dir=* ]] && RUN_DIR=${arg#train.run_dir=}; done  # the last one wins
+run_state() { PYTHONWARNINGS=ignore python -m megatron_osp.training.run_state "$RUN_DIR" "$@"; }
+started_at=$(run_state --checkpoint-step 2> /dev/null || echo none)
+rc=0
 srun --kill-on-bad-exit=1 torchrun \
   --nnodes "$SLURM_NNODES" --nproc-per-node "$GPUS_PER_NODE" \
   --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "$SLURM_JOB_ID" \
-  -m megatron_osp.training.pretrain --config "$CONFIG" "train.run_dir=runs/$SLURM_JOB_NAME" "$@"
+  -m megatron_osp.training.pretrain --config "$CONFIG" "train.run_dir=runs/$SLURM_JOB_NAME" "$@" || rc=$?
+if [[ ${REQUEUE:-1} == 1 ]] && run_state --requeue-since "$started_at"; then
+  if (( ${SLURM_RESTART_COUNT:-0} < ${MAX_REQUEUES:-10} )); then
+    scontrol requeue "$SLURM_JOB_ID" && echo "requeued job $SLURM_JOB_ID (srun exit $rc)" && exit 0
+  else
+    echo "not requeued: already requeued ${SLURM_RESTART_COUNT} times (MAX_REQUEUES=${MAX_REQUEUES:-10})"
+  fi
+fi
+exit "$rc"
