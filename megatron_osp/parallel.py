@@ -59,6 +59,13 @@ def init_distributed(
     )
 
 
+def process_rank() -> int:
+    """This process's rank, known before ``init_distributed`` (the one it will have: torchrun's RANK, or 0)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0")) if "MASTER_ADDR" in os.environ else 0
+
+
 def shutdown() -> None:
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

@@ -1,12 +1,15 @@
-"""train.hang_timeout_minutes: a rank whose step (or evaluation, kurtosis measurement, save) runs past
-the limit prints one line naming the step and the setting, then every thread's Python stack, and
-exits with code 3; a run whose parts stay under the limit finishes, and the watchdog is gone after it.
+"""train.hang_timeout_minutes: a rank whose step (or evaluation, kurtosis measurement, save, or a part of
+the start-up) runs past the limit prints one line naming the part and the setting, then every
+thread's Python stack, and exits with code 3; a run whose parts stay under the limit finishes, and
+the watchdog is gone after it, and after a start that fails.
 
 The watchdog alone runs in a small Python process (it imports no torch): it fires, it is re-armed
 by each part, ``close()`` disarms it (faulthandler's backstop included), and a main thread that holds
 the GIL is still caught, by the backstop. The training runs are 2 gloo ranks (DP=2) whose stderr goes
 to a file per rank: both ranks stuck in step 2, and one rank stuck in the gradient all-reduce of step
-2 because its peer never arrives (a dead peer, its own watchdog off).
+2 because its peer never arrives (a dead peer, its own watchdog off). In the start-up: one rank stalls
+(watchdog off) before building the datasets, or before reading a checkpoint's shards, and its peer
+is ended where it waits for it; a start that fails with an ordinary exception leaves no watcher.
 """
 
 import os
@@ -126,9 +129,9 @@ def _hang_worker(rank, world_size, overrides, run_dir, err_dir, minutes, sleeper
     return "finished"
 
 
-def _world_dies(*args) -> str:
+def _world_dies(*args, worker=_hang_worker) -> str:
     with pytest.raises(AssertionError) as failed:
-        run_distributed(_hang_worker, 2, *args)
+        run_distributed(worker, 2, *args)
     return str(failed.value)
 
 
@@ -166,8 +169,10 @@ def _normal_worker(rank, world_size, overrides, run_dir):
         return [t for t in threading.enumerate() if t.name == "hang-watchdog"]
 
     trainer = Trainer(load_config(None, overrides + [f"train.run_dir={run_dir}/ok"]), log=lambda *_: None)
+    after_start = len(watchdogs()) + trainer.watchdog.running  # closed after the start; train() starts it again
     summary = trainer.train()
-    out = {"steps": summary["steps"], "after_run": len(watchdogs()) + trainer.watchdog.running}
+    out = {"steps": summary["steps"], "after_start": after_start,
+           "after_run": len(watchdogs()) + trainer.watchdog.running}
     # An exit through an exception (here the end-of-run kurtosis measurement) closes it too.
     failing = Trainer(load_config(None, overrides + [f"train.run_dir={run_dir}/fails"]), log=lambda *_: None)
     seen = []
@@ -186,4 +191,85 @@ def _normal_worker(rank, world_size, overrides, run_dir):
 def test_a_run_with_the_watchdog_on_finishes_and_leaves_no_watchdog(toy_corpus, tmp_path):
     overrides = _overrides(toy_corpus, "adam") + ["train.train_steps=3", "train.hang_timeout_minutes=0.5"]
     for r in run_distributed(_normal_worker, 2, overrides, str(tmp_path)):
-        assert r == {"steps": 3, "after_run": 0, "during_failing_run": [1], "after_failing_run": 0}, r
+        assert r == {"steps": 3, "after_start": 0, "after_run": 0, "during_failing_run": [1],
+                     "after_failing_run": 0}, r
+
+
+# ------------------------------------------------------------------ the start-up
+def _stall_in_the_start_up():
+    time.sleep(600)
+
+
+def _start_up_hang_worker(rank, world_size, overrides, run_dir, err_dir, minutes, where):
+    """Start with train.hang_timeout_minutes=minutes[rank]; rank 1 stalls (a shared filesystem that
+    stops answering) just before building the datasets (``where="datasets"``), or before reading the
+    shards of the checkpoint it continues from (``where="checkpoint"``: one step is trained and saved
+    first, watchdog off)."""
+    from megatron_osp.training import checkpoint, loop
+    from megatron_osp.training.config import load_config
+
+    _stderr_to(f"{err_dir}/rank{rank}.err")
+    overrides = overrides + [f"train.run_dir={run_dir}", "train.train_steps=2"]
+    if where == "checkpoint":
+        first = load_config(None, overrides + ["train.exit_at_step=1", "train.hang_timeout_minutes=0"])
+        loop.Trainer(first, log=lambda *_: None).train()
+    if rank == 1:
+        module, name = (loop, "build_datasets") if where == "datasets" else (checkpoint.integrity, "verify_checkpoint")
+        real = getattr(module, name)
+
+        def stalled(*args, **kwargs):
+            _stall_in_the_start_up()
+            return real(*args, **kwargs)
+
+        setattr(module, name, stalled)
+    config = load_config(None, overrides + [f"train.hang_timeout_minutes={minutes[rank]}"])
+    loop.Trainer(config, log=lambda *_: None)
+    return "started"
+
+
+@pytest.mark.parametrize("where", ["datasets", "checkpoint"])
+def test_a_rank_waiting_in_the_start_up_for_a_stalled_peer_is_ended(toy_corpus, tmp_path, where):
+    # Rank 1 stalls with its watchdog off; rank 0 waits for it in a collective of the start-up (the
+    # dataset builder's barrier, or the all-gather of the checkpoint's checksum problems) and its own
+    # watchdog ends it, naming the start-up part.
+    overrides = _overrides(toy_corpus, "adam")
+    run = tmp_path / "run"
+    message = _world_dies(overrides, str(run), str(tmp_path), [0.05, 0.0], where, worker=_start_up_hang_worker)
+    assert f"rank 0 exit code {EXIT_CODE}" in message, message
+    err = (tmp_path / "rank0.err").read_text()
+    part, waits_in = {"datasets": ("building the datasets", "in build_datasets"),
+                      "checkpoint": (f"loading checkpoint {run / 'checkpoints'}", "in verify_checkpoint")}[where]
+    assert (f"hang watchdog (rank 0): start-up: {part} has not finished after 3 s "
+            "(train.hang_timeout_minutes=0.05)") in err, err
+    assert waits_in in err and "in __init__" in err, err
+    assert "_stall_in_the_start_up" not in err
+    assert "hang watchdog" not in (tmp_path / "rank1.err").read_text()
+
+
+def _failing_start_worker(rank, world_size, overrides, run_dir):
+    from megatron_osp.training import loop
+    from megatron_osp.training.config import load_config
+
+    def watchdogs():
+        return len([t for t in threading.enumerate() if t.name == "hang-watchdog"])
+
+    during = []
+
+    def unreadable_data(*args, **kwargs):
+        during.append(watchdogs())
+        raise RuntimeError("the data files are unreadable")
+
+    loop.build_datasets = unreadable_data
+    config = load_config(None, overrides + [f"train.run_dir={run_dir}", "train.hang_timeout_minutes=0.03"])
+    with pytest.raises(RuntimeError, match="unreadable"):
+        loop.Trainer(config, log=lambda *_: None)
+    after = watchdogs()
+    # The process goes on past the limit (1.8 s) and faulthandler's backstop (3.6 s): nothing may fire.
+    time.sleep(4.0)
+    return {"during": during, "after": after, "later": watchdogs()}
+
+
+def test_a_start_that_fails_leaves_no_watchdog(toy_corpus, tmp_path):
+    overrides = _overrides(toy_corpus, "adam")
+    assert run_distributed(_failing_start_worker, 1, overrides, str(tmp_path / "run")) == [
+        {"during": [1], "after": 0, "later": 0}]

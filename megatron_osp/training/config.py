@@ -100,12 +100,16 @@ class TrainSettings:
     # was built): a job time limit's fallback where no SIGTERM comes first; leave room for the save. 0 = off
     exit_after_minutes: float = 0.0
     save_on_sigterm: bool = True  # SIGTERM: finish the step, save, exit cleanly
-    # A rank whose step, evaluation, kurtosis measurement or checkpoint save runs longer than this
-    # prints its threads' stacks and exits with code 3 (training/hang_watchdog.py), so a job stuck in a
-    # collective (a dead peer, a network fault) ends and can be requeued instead of burning its
-    # allocation. 30: well above what any of these takes in a healthy run at the presets' scales (a step
-    # takes seconds; a synchronous 70B save or the first step's warm-up, minutes), well below the hours
-    # a hung job would waste. Raise it where a save or evaluation legitimately takes longer. 0 = off
+    # A rank whose step, evaluation, kurtosis measurement, checkpoint save or part of the start-up
+    # (building the datasets, the model and optimizer, loading a checkpoint, waiting for every rank, ...)
+    # runs longer than this prints its threads' stacks and exits with code 3 (training/hang_watchdog.py),
+    # so a job stuck in a collective (a dead peer, a network fault) or on a stalled filesystem ends and
+    # can be requeued instead of burning its allocation. 30: well above what any of these takes in a
+    # healthy run at the presets' scales (a step takes seconds; a synchronous 70B save or load, an index
+    # build over a large corpus or the first step's warm-up, minutes), well below the hours a hung job
+    # would waste. The start-up needs no limit of its own: the limit counts per part, and its longest
+    # parts (a checkpoint load, an index build) are of a save's order. Raise it where a part
+    # legitimately takes longer. 0 = off
     hang_timeout_minutes: float = 30.0
     # torch.profiler trace of these steps, "START-END" (inclusive; "N": one step), one Chrome trace per
     # rank in <run_dir>/profile/ (training/profiling.py). null = off

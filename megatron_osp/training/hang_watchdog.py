@@ -1,6 +1,6 @@
-"""``train.hang_timeout_minutes``: a rank whose step, evaluation, kurtosis measurement or checkpoint
-save runs past the limit prints every thread's Python stack and exits, so the job ends instead of
-hanging.
+"""``train.hang_timeout_minutes``: a rank whose start-up part, step, evaluation, kurtosis measurement
+or checkpoint save runs past the limit prints every thread's Python stack and exits, so the job ends
+instead of hanging.
 
 A stuck collective (a dead peer, a network fault) blocks every rank silently and the job burns its
 allocation. The Trainer re-arms the watchdog at the start of each part of the run
@@ -11,6 +11,15 @@ stderr, then ``faulthandler``'s dump of all threads, and ends the process with `
 (``os._exit``: no cleanup, which a hung collective could block). A launcher such as torchrun then
 stops the other ranks; the job can be requeued and resumes from the newest complete checkpoint.
 
+The start-up (``Trainer.__init__``, once the config's values are checked) is watched the same way,
+part by part: "start-up: checking the launch, the data files and the platform", "... finding the
+checkpoint to continue from", "... joining the process groups" (the rendezvous and Megatron's
+groups), "... opening TensorBoard / W&B", "... building the datasets", "... building the model and
+optimizer", "... loading checkpoint <path>", "... writing config.yaml and waiting for every rank". It
+runs inside ``watching()``, which closes the watchdog however the start ends: a start that fails
+leaves no watcher behind to end a process that goes on (a test, a tool, an interactive session).
+``train()`` starts it again.
+
 The watcher is a Python thread, so it needs the GIL. A main thread stuck in C code that holds the
 GIL would starve it; ``faulthandler.dump_traceback_later`` (a C thread that needs no GIL) is armed
 with it, ``BACKSTOP`` later than the limit, and then prints its own ``Timeout (...)!`` header with the
@@ -19,6 +28,7 @@ stacks and exits with code 1.
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import os
 import sys
@@ -64,6 +74,15 @@ class HangWatchdog:
             return
         self._armed = (time.monotonic() + self.timeout_s, what)
         faulthandler.dump_traceback_later(backstop_seconds(self.timeout_s), exit=True, file=self._file())
+
+    @contextlib.contextmanager
+    def watching(self):
+        """``start()``, then ``close()`` however the block ends (an exception included)."""
+        self.start()
+        try:
+            yield self
+        finally:
+            self.close()
 
     def close(self) -> None:
         """Disarm and stop the watcher (idempotent)."""

@@ -101,47 +101,57 @@ class Trainer:
         # built or written (validation.py); the datasets (whose token ids are checked when they
         # open) are built before the model.
         check_config(config)
-        check_launch(os.environ)
-        check_world(config, _world_size())
-        check_data_settings(config)
-        check_platform(config, on_cpu=platform.cpu_mode_requested())
-        self.run_dir = Path(train.run_dir)
-        # The checkpoint this run continues from, checked against the config before anything starts
-        # (a data index build can take minutes).
-        # The run's own checkpoints come first, so a preempted job that started from train.load
-        # and is requeued with the same command continues its progress instead of restarting.
-        self.save_dir = Path(train.save_dir) if train.save_dir else self.run_dir / "checkpoints"
-        load_path, same_run = checkpoint_to_load(train, self.save_dir)
-        resume = False
-        if load_path is not None:
-            # A training checkpoint continues where it stopped; a weights-only one (e.g. converted
-            # from Hugging Face) starts a new run from those weights.
-            resume = "optimizer" in read_train_state(load_path)["contents"]
-            check_compatible(load_path, config, resume=resume, same_run=same_run)
-        parallel.init_distributed(par.tensor_parallel_size, par.pipeline_parallel_size, par.virtual_pipeline_size)
-        # TensorBoard and W&B start first: a W&B that cannot start (no login, no network) stops the run
-        # before the data and model are built; a start that fails later closes them as failed.
-        self.sinks = open_sinks(config, is_logging_rank(), resume, log=self.log, device=platform.device())
-        self.run_log = RunLog.for_config(config, self.sinks, self.log, _world_size(), is_logging_rank(),
-                                         platform.device())
-        try:
-            self._build(load_path, resume)
-        except BaseException:
-            self.sinks.close(failed=True)
-            raise
+        # From here each part of the start-up is watched (a stalled filesystem, a peer that never joins a
+        # collective); the watchdog is closed however the start ends, and train() starts it again.
+        self.watchdog = HangWatchdog(train.hang_timeout_minutes, parallel.process_rank())
+        with self.watchdog.watching():
+            self.watchdog.arm("start-up: checking the launch, the data files and the platform")
+            check_launch(os.environ)
+            check_world(config, _world_size())
+            check_data_settings(config)
+            check_platform(config, on_cpu=platform.cpu_mode_requested())
+            self.run_dir = Path(train.run_dir)
+            # The checkpoint this run continues from, checked against the config before anything starts
+            # (a data index build can take minutes).
+            # The run's own checkpoints come first, so a preempted job that started from train.load
+            # and is requeued with the same command continues its progress instead of restarting.
+            self.watchdog.arm("start-up: finding the checkpoint to continue from")
+            self.save_dir = Path(train.save_dir) if train.save_dir else self.run_dir / "checkpoints"
+            load_path, same_run = checkpoint_to_load(train, self.save_dir)
+            resume = False
+            if load_path is not None:
+                # A training checkpoint continues where it stopped; a weights-only one (e.g. converted
+                # from Hugging Face) starts a new run from those weights.
+                resume = "optimizer" in read_train_state(load_path)["contents"]
+                check_compatible(load_path, config, resume=resume, same_run=same_run)
+            self.watchdog.arm("start-up: joining the process groups")
+            parallel.init_distributed(par.tensor_parallel_size, par.pipeline_parallel_size,
+                                      par.virtual_pipeline_size)
+            # TensorBoard and W&B start first: a W&B that cannot start (no login, no network) stops the
+            # run before the data and model are built; a start that fails later closes them as failed.
+            self.watchdog.arm("start-up: opening TensorBoard / W&B")
+            self.sinks = open_sinks(config, is_logging_rank(), resume, log=self.log, device=platform.device())
+            self.run_log = RunLog.for_config(config, self.sinks, self.log, _world_size(), is_logging_rank(),
+                                             platform.device())
+            try:
+                self._build(load_path, resume)
+            except BaseException:
+                self.sinks.close(failed=True)
+                raise
 
     def _build(self, load_path, resume: bool):
         config, train = self.config, self.config.train
         platform.seed_everything(train.seed)
         self.device = platform.device()
         self.bf16 = train.bf16 if train.bf16 is not None else not platform.is_cpu()
-        self.watchdog = HangWatchdog(train.hang_timeout_minutes, dist.get_rank())
         self.profiler = StepProfiler(train.profile_steps, self.run_dir, dist.get_rank(), self.device, self._rank0_log)
         n_train = train.train_steps * train.global_batch_size
         n_eval = max(train.eval_batches, train.kurtosis_batches) * train.global_batch_size
+        self.watchdog.arm("start-up: building the datasets")
         self.train_ds, self.valid_ds = build_datasets(config, n_train, n_eval)
 
         # One model chunk per virtual pipeline stage (one in all without them), each in its own DDP.
+        self.watchdog.arm("start-up: building the model and optimizer")
         self.tconfig = model_setup.run_transformer_config(config, self.bf16)
         chunks = model_setup.build_chunks(config, self.tconfig, self.device, self.bf16)
         self.model_chunks = [self._wrap_chunk(chunk) for chunk in chunks]
@@ -176,6 +186,7 @@ class Trainer:
         consumed = 0
         self._checkpoint_seq_length = config.model.seq_length
         if load_path is not None:
+            self.watchdog.arm(f"start-up: loading checkpoint {load_path}")
             state = load_checkpoint(
                 load_path, self.model_chunks, self.optimizer, self.scheduler, load_rng=resume, log=self._rank0_log
             )
@@ -190,6 +201,7 @@ class Trainer:
         # Written once the run has started cleanly: a start that fails (bad data, a checkpoint that
         # does not fit), or a rerun of a finished run (which trains nothing), leaves it as it was.
         config_file = self.run_dir / "config.yaml"
+        self.watchdog.arm("start-up: writing config.yaml and waiting for every rank")
         if dist.get_rank() == 0 and (self.step < train.train_steps or not config_file.exists()):
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, config_file)
