@@ -401,7 +401,8 @@ class Stage:
             except OSError:  # a filesystem without locks: publishing still works, unserialized
                 pass
             for family, datasets in families.items():
-                atomic_write_json(manifest_path(family), {"format": FORMAT, "state": "publishing", "datasets": []})
+                atomic_write_json(manifest_path(family), {"format": FORMAT, "state": "publishing", "datasets": [],
+                                                          **info})  # says whose publish was cut short
             names = os.listdir(self.directory)
             for family in families:
                 member = re.compile(rf"^{re.escape(os.path.basename(family))}(_\d{{5}})?\.(bin|idx)$")
