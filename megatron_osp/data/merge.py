@@ -115,11 +115,12 @@ def merge_datasets(input_prefixes: list[str], output_prefix: str, vocab_size: in
         why = ("no input has one" if len(lacking) == len(input_prefixes) else
                f"{lacking[0]} has none ({len(lacking)} of {len(input_prefixes)} inputs lack one), so its tokenizer "
                "is unknown")
+        merged = IndexedDataset(output_prefix)
+        counts = {"sequences": len(merged), "tokens": merged.num_tokens}
     else:
-        _publish(datasets, str(output_prefix), dtype, {
+        counts = _publish(datasets, str(output_prefix), dtype, {
             **_agreed(recorded, families), "dtype": dtype.name, "merged_from": merged_from})
-    merged = IndexedDataset(output_prefix)
-    return {"datasets": len(datasets), "sequences": len(merged), "tokens": merged.num_tokens,
+    return {"datasets": len(datasets), "sequences": counts["sequences"], "tokens": counts["tokens"],
             "manifest": None if lacking else shardset.manifest_path(output_prefix),
             "no_manifest": f"{output_prefix}: written without a manifest: {why}" if lacking else None}
 
@@ -135,7 +136,7 @@ def _agreed(recorded: dict[str, dict], families: dict[str, str]) -> dict:
     tokenizer and EOD fields. A field one input lacks, or that differs between inputs (the sha256s of
     two files of one fingerprint, the EOD ids of datasets without EOD), is left out."""
     out = {}
-    paths = {shardset.read_manifest(f).get("tokenizer") for f in set(families.values())}
+    paths = {shardset._listed(f)[0].get("tokenizer") for f in set(families.values())}  # read once, kept
     if len(paths) == 1 and isinstance(next(iter(paths)), str):
         out["tokenizer"] = paths.pop()
     for key in ("vocab_size", "tokenizer_sha256", "tokenizer_fingerprint", "eod", "append_eod"):
@@ -146,8 +147,9 @@ def _agreed(recorded: dict[str, dict], families: dict[str, str]) -> dict:
     return out
 
 
-def _publish(datasets: list[IndexedDataset], output_prefix: str, dtype, info: dict) -> None:
-    """Write the merge in a stage directory and publish it with a manifest (shardset.Stage)."""
+def _publish(datasets: list[IndexedDataset], output_prefix: str, dtype, info: dict) -> dict:
+    """Write the merge in a stage directory and publish it with a manifest (shardset.Stage); returns
+    its entry in the manifest (name and counts)."""
     directory, base = os.path.split(os.path.abspath(output_prefix))
     shard = re.compile(rf"^{re.escape(base)}_\d{{5}}\.(bin|idx)$")  # publishing removes them; readers would refuse
     clash = sorted(n for n in os.listdir(directory) if shard.match(n)) if os.path.isdir(directory) else []
@@ -169,6 +171,7 @@ def _publish(datasets: list[IndexedDataset], output_prefix: str, dtype, info: di
     except BaseException:
         stage.abort()
         raise
+    return entry
 
 
 def _write_plain(datasets: list[IndexedDataset], output_prefix: str, dtype, earlier: dict | None) -> None:
