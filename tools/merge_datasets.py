@@ -9,6 +9,12 @@ A preprocessing output is merged as its manifest (PREFIX_<key>_document.shards.j
 sharded output's family prefix stands for its shards, and --input-dir never takes a dataset of such a
 family that the manifest does not list, nor temporary files.
 
+When every input has a manifest, the output is published with one too (OUTPUT.shards.json): the
+tokenizer and EOD settings the inputs agree on, the dtype and merged_from (the datasets merged), so
+training and later merges refuse to mix it with data of another tokenizer. If any input has none,
+the output has none either (its tokenizer is not known) and a line says so. An earlier merge's output
+on the prefix is replaced (its manifest too); a preprocessing output there is refused.
+
     python tools/merge_datasets.py --tasks out/corpus [--output-prefix out/corpus] [--num-tasks 8]
 
 --tasks merges the outputs of `tools/preprocess_data.py --num-tasks N` (PREFIX_taskIIIIIofNNNNN_*) in
@@ -83,7 +89,9 @@ def main() -> int:
     for prefix in skipped:
         print(f"skipped {prefix}: not in its preprocessing manifest (left over from an earlier run)")
     print(f"merged {info['datasets']} datasets: {info['sequences']:,} sequences, {info['tokens']:,} tokens "
-          f"-> {args.output_prefix}.{{bin,idx}}")
+          f"-> {args.output_prefix}.{{bin,idx}}" + (f", manifest {info['manifest']}" if info["manifest"] else ""))
+    if info["no_manifest"]:
+        print(info["no_manifest"])
     return 0
 
 

@@ -2,7 +2,21 @@
 
 Document boundaries are kept (a Megatron dataset with several sequences per document stays so), the
 result is byte-identical to Megatron-Core's ``IndexedDatasetBuilder.add_index`` merge (tested), and it
-is written under temporary names and renamed at the end, so a failed merge leaves nothing.
+is written under temporary names and renamed at the end, so a failed merge leaves nothing and leaves an
+earlier output of that prefix as it was.
+
+When every input has a manifest (a preprocessing output, or a merge of such), the output is published
+like a preprocessing run (shardset.Stage: staged, then moved in with ``OUTPUT.shards.json``) and its
+manifest records what the inputs agree on: the tokenizer identity (``vocab_size``,
+``tokenizer_sha256``, ``tokenizer_fingerprint``, ``tokenizer``), ``eod``, ``append_eod``,
+``special_tokens_in_text`` (``special_text.merged_mode``) and the output's ``dtype``; a field the
+inputs do not all record with one value is left out (two files of one fingerprint: no sha256), never
+guessed, and run options that may differ (``inputs``, ``max_shard_tokens``, ``skip_bad_records``) are
+not carried. ``merged_from`` names the datasets merged and their manifests. So training and later
+merges refuse to mix the result with data of another tokenizer, as they refuse its inputs. If any input
+lacks a manifest the output has none (its tokenizer is unknown for that part) and the result says why;
+an earlier merge's manifest on that prefix is then removed with the files it described. Only a prefix
+that an earlier ``merge_datasets`` published may be written over; a preprocessing output may not.
 
 A preprocessing output with a manifest (megatron_osp/data/shardset.py) is merged as its manifest
 lists it: an input that names the family (``corpus_text_document`` of a sharded run) stands for its
@@ -20,9 +34,10 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_osp.data import shardset, tokenizer_identity
+from megatron_osp.data import shardset, special_text, tokenizer_identity
 from megatron_osp.data.indexed import IndexedDataset, IndexedDatasetWriter, check_dtype_holds
 from megatron_osp.data.token_range import scan_token_range
+from megatron_osp.fileio import atomic_write_json
 
 
 def merge_datasets(input_prefixes: list[str], output_prefix: str, vocab_size: int | None = None,
@@ -34,6 +49,9 @@ def merge_datasets(input_prefixes: list[str], output_prefix: str, vocab_size: in
     an id outside it (one pass over the tokens), naming the dataset. ``tokenizer_sha256`` and
     ``tokenizer_fingerprint`` (data/tokenizer_identity.py) of a tokenizer file: refuse an input whose
     manifest records another tokenizer (by fingerprint where both have one, else by file sha256).
+
+    Returns counts, ``manifest`` (the output's manifest path, None without one) and ``no_manifest``
+    (why there is none, or None); see the module docstring for what the manifest records.
     """
     if not input_prefixes:
         raise ValueError("no input datasets to merge")
@@ -52,7 +70,8 @@ def merge_datasets(input_prefixes: list[str], output_prefix: str, vocab_size: in
             raise ValueError(f"{prefix}: given twice as input{how}; its documents would be in the output twice")
         seen[real] = given
     family = shardset.family_of(output_prefix)
-    if family is not None:
+    earlier = family == str(output_prefix) and _merge_output(family)  # an earlier merge's: replaced
+    if family is not None and not earlier:
         raise ValueError(f"{output_prefix}: belongs to the preprocessing output {shardset.manifest_path(family)} "
                          "describes; merge into another prefix")
     datasets = [IndexedDataset(p) for p in input_prefixes]  # each validated on open, by name
@@ -86,12 +105,93 @@ def merge_datasets(input_prefixes: list[str], output_prefix: str, vocab_size: in
             _, top = scan_token_range(ds)  # chunked; (0, -1) for an empty .bin
             if top >= vocab_size:
                 raise ValueError(f"{ds.prefix}.bin: holds token id {top}, outside the vocabulary of {vocab_size}")
+    families = {p: shardset.family_of(p) for p in input_prefixes}
+    merged_from = {"datasets": [os.path.abspath(p) for p in input_prefixes],
+                   "manifests": [shardset.manifest_path(os.path.abspath(f)) for f in dict.fromkeys(families.values())
+                                 if f is not None]}
+    lacking = [p for p, f in families.items() if f is None]
+    if lacking:
+        _write_plain(datasets, str(output_prefix), dtype, merged_from if earlier else None)
+        why = ("no input has one" if len(lacking) == len(input_prefixes) else
+               f"{lacking[0]} has none ({len(lacking)} of {len(input_prefixes)} inputs lack one), so its tokenizer "
+               "is unknown")
+        merged = IndexedDataset(output_prefix)
+        counts = {"sequences": len(merged), "tokens": merged.num_tokens}
+    else:
+        counts = _publish(datasets, str(output_prefix), dtype, {
+            **_agreed(recorded, families), "dtype": dtype.name, "merged_from": merged_from})
+    return {"datasets": len(datasets), "sequences": counts["sequences"], "tokens": counts["tokens"],
+            "manifest": None if lacking else shardset.manifest_path(output_prefix),
+            "no_manifest": f"{output_prefix}: written without a manifest: {why}" if lacking else None}
+
+
+def _merge_output(family: str) -> bool:
+    """Whether the manifest of ``family`` is one ``merge_datasets`` wrote (complete or cut short)."""
+    merged_from = shardset.read_manifest(family).get("merged_from")
+    return isinstance(merged_from, dict) and isinstance(merged_from.get("datasets"), list)
+
+
+def _agreed(recorded: dict[str, dict], families: dict[str, str]) -> dict:
+    """What the inputs' manifests (already checked to agree) all record alike: the merged manifest's
+    tokenizer and EOD fields. A field one input lacks, or that differs between inputs (the sha256s of
+    two files of one fingerprint, the EOD ids of datasets without EOD), is left out."""
+    out = {}
+    paths = {shardset._listed(f)[0].get("tokenizer") for f in set(families.values())}  # read once, kept
+    if len(paths) == 1 and isinstance(next(iter(paths)), str):
+        out["tokenizer"] = paths.pop()
+    for key in ("vocab_size", "tokenizer_sha256", "tokenizer_fingerprint", "eod", "append_eod"):
+        values = [r.get(key) for r in recorded.values()]
+        if values[0] is not None and all(type(v) is type(values[0]) and v == values[0] for v in values):
+            out[key] = values[0]
+    out[special_text.FIELD] = special_text.merged_mode(r[special_text.FIELD] for r in recorded.values())
+    return out
+
+
+def _publish(datasets: list[IndexedDataset], output_prefix: str, dtype, info: dict) -> dict:
+    """Write the merge in a stage directory and publish it with a manifest (shardset.Stage); returns
+    its entry in the manifest (name and counts)."""
+    directory, base = os.path.split(os.path.abspath(output_prefix))
+    shard = re.compile(rf"^{re.escape(base)}_\d{{5}}\.(bin|idx)$")  # publishing removes them; readers would refuse
+    clash = sorted(n for n in os.listdir(directory) if shard.match(n)) if os.path.isdir(directory) else []
+    if clash:
+        raise ValueError(f"{os.path.join(os.path.dirname(output_prefix), clash[0])}: named like a shard of "
+                         f"{output_prefix}, which is published with a manifest (every input has one) and would "
+                         "replace it; merge into another prefix")
+    stage = shardset.Stage(output_prefix)
+    try:
+        staged = stage.staged(output_prefix)
+        with IndexedDatasetWriter(staged, dtype) as writer:
+            for ds in datasets:
+                writer.add_dataset(ds)
+        written = IndexedDataset(staged)
+        entry = {"name": os.path.basename(output_prefix), "documents": len(written.document_indices) - 1,
+                 "sequences": len(written), "tokens": int(written.num_tokens)}
+        del written
+        stage.publish({output_prefix: [entry]}, info)
+    except BaseException:
+        stage.abort()
+        raise
+    return entry
+
+
+def _write_plain(datasets: list[IndexedDataset], output_prefix: str, dtype, earlier: dict | None) -> None:
+    """Write the merge without a manifest. ``earlier``: the output is an earlier merge's, whose
+    manifest goes: marked "publishing" once the new files are written (readers refuse the output
+    while it is replaced), removed once they are in place."""
     shardset.clean_stale_temporaries(output_prefix)
-    with IndexedDatasetWriter(output_prefix, dtype) as writer:
+    writer = IndexedDatasetWriter(output_prefix, dtype)
+    try:
         for ds in datasets:
             writer.add_dataset(ds)
-    merged = IndexedDataset(output_prefix)
-    return {"datasets": len(datasets), "sequences": len(merged), "tokens": merged.num_tokens}
+    except BaseException:
+        writer.abort()
+        raise
+    if earlier is not None:
+        atomic_write_json(shardset.manifest_path(output_prefix),
+                          {"format": shardset.FORMAT, "state": "publishing", "datasets": [], "merged_from": earlier})
+    writer.finalize()
+    if earlier is not None:
+        os.unlink(shardset.manifest_path(output_prefix))
 
 
 def prefixes_in(directory: str | os.PathLike, skipped: list[str] | None = None) -> list[str]:

@@ -15,7 +15,8 @@ earlier output as it was; the publish itself is only unlinks and renames inside 
 even that is cut short the manifest still says "publishing", which readers refuse by name.
 
 Readers honour the manifest: ``IndexedDataset`` refuses a family member the manifest does not list, or
-whose size differs from it, and ``merge_datasets --input-dir`` takes only the listed datasets. Stage
+whose size differs from it, and ``merge_datasets --input-dir`` takes only the listed datasets.
+``merge_datasets`` publishes its own output this way when every input has a manifest (data/merge.py). Stage
 directories of dead runs (same host, pid gone) and the writer's ``.tmp<pid>`` files of dead runs are
 removed when the next run or merge on that prefix starts; ones from another host are named only.
 """
@@ -401,7 +402,8 @@ class Stage:
             except OSError:  # a filesystem without locks: publishing still works, unserialized
                 pass
             for family, datasets in families.items():
-                atomic_write_json(manifest_path(family), {"format": FORMAT, "state": "publishing", "datasets": []})
+                atomic_write_json(manifest_path(family), {"format": FORMAT, "state": "publishing", "datasets": [],
+                                                          **info})  # says whose publish was cut short
             names = os.listdir(self.directory)
             for family in families:
                 member = re.compile(rf"^{re.escape(os.path.basename(family))}(_\d{{5}})?\.(bin|idx)$")

@@ -145,5 +145,16 @@ def compatible(a: str, b: str, kind: str | None) -> bool:
     return kind is not None and kind.startswith("sp") and {a, b} <= {"encode", "split"}
 
 
+def merged_mode(modes) -> str:
+    """The mode a merge of datasets made in ``modes`` (already found ``compatible``) records: a
+    ``refuse`` dataset holds no special token text, so the merge is what the others are (``refuse``
+    if all are); ``encode`` with ``split`` (SentencePiece only, where they give the same ids) is
+    ``encode``, what a SentencePiece dataset of either mode holds."""
+    rest = set(modes) - {"refuse"}
+    if not rest:
+        return "refuse"
+    return rest.pop() if len(rest) == 1 else DEFAULT
+
+
 __all__ = ["MODES", "DEFAULT", "FIELD", "HELP", "check_mode", "SpecialTextScan", "refused_record", "eod_from_text",
-           "eod_record", "compatible"]
+           "eod_record", "compatible", "merged_mode"]
