@@ -97,6 +97,15 @@ def test_cli_merges_a_directory_in_name_order(tmp_path):
     r = subprocess.run([sys.executable, str(REPO / "tools/merge_datasets.py"), "--input-dir", str(tmp_path / "none"),
                         "--output-prefix", str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "is not a directory" in r.stderr
+    # The README's form, output inside the input directory: run twice, the second replaces the first
+    # (it used to stop: "the output prefix is also an input")
+    for run in range(2):
+        r = subprocess.run([sys.executable, str(REPO / "tools/merge_datasets.py"), "--input-dir", str(d),
+                            "--output-prefix", str(d / "all")], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert ("skipped " + str(d / "all") + ": the output prefix, in the input directory" in r.stdout) == (run == 1)
+        merged = IndexedDataset(str(d / "all"))
+        assert [merged[i].tolist() for i in range(len(merged))] == expected
 
 
 def _word_tokenizer(path, words):

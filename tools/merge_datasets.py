@@ -25,6 +25,7 @@ missing or incomplete tasks and tasks of different runs (inputs, tokenizer, keys
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -59,6 +60,7 @@ def main() -> int:
     if shard is not None and not (1 <= shard < float("inf") and shard == int(shard)):
         p.error(f"--max-shard-tokens {shard:g}: must be a positive whole number of tokens")
     skipped: list[str] = []
+    rerun = False
     try:
         if args.tasks:
             info = merge_tasks(args.tasks, args.output_prefix, args.num_tasks, args.tokenizer_model,
@@ -75,7 +77,14 @@ def main() -> int:
 
             tok = load_tokenizer(args.tokenizer_model)
             vocab, sha, fingerprint = tok.vocab_size, sha256_file(tok.model_file), tokenizer_fingerprint(tok.model_file)
-        inputs = args.input or prefixes_in(args.input_dir, skipped)
+        inputs = args.input
+        if not inputs:  # a rerun into the directory: the earlier output is replaced, not merged into itself
+            out = os.path.realpath(args.output_prefix)
+            found = prefixes_in(args.input_dir, skipped)
+            inputs = [p for p in found if os.path.realpath(p) != out]
+            rerun = len(inputs) < len(found)
+            if rerun and not inputs:
+                raise ValueError(f"{args.input_dir}: holds only the output {args.output_prefix} itself")
         info = merge_datasets(inputs, args.output_prefix, vocab_size=vocab, tokenizer_sha256=sha,
                               tokenizer_fingerprint=fingerprint)
     except (FileNotFoundError, ValueError) as e:
@@ -88,6 +97,8 @@ def main() -> int:
         return 1
     for prefix in skipped:
         print(f"skipped {prefix}: not in its preprocessing manifest (left over from an earlier run)")
+    if rerun:
+        print(f"skipped {args.output_prefix}: the output prefix, in the input directory (this merge replaces it)")
     print(f"merged {info['datasets']} datasets: {info['sequences']:,} sequences, {info['tokens']:,} tokens "
           f"-> {args.output_prefix}.{{bin,idx}}" + (f", manifest {info['manifest']}" if info["manifest"] else ""))
     if info["no_manifest"]:
