@@ -121,7 +121,7 @@ class HangWatchdog:
             f"hang watchdog (rank {self.rank}): {what} has not finished after {self.timeout_s:g} s "
             f"(train.hang_timeout_minutes={self.minutes:g}); the Python stacks of this process's threads "
             f"follow, then it exits with code {EXIT_CODE} so the job can be requeued (a rerun resumes from "
-            "the newest complete checkpoint)\n"
+            "the newest complete checkpoint, if there is one)\n"
         )
         out.flush()
         faulthandler.dump_traceback(file=out, all_threads=True)
