@@ -347,3 +347,36 @@ def test_ctrl_c_in_preprocessing_ends_cleanly(tmp_path, tok):
     time.sleep(0.5)
     left = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
     assert left == [], left
+
+
+def test_a_file_beside_the_tokenizer_given_for_it_is_named_for_what_it_is(tmp_path, tok):
+    """A model's vocab.json or tokenizer_config.json, Llama 3's tiktoken original/tokenizer.model, or a
+    directory with only a SentencePiece tokenizer.model: the message used to be a JSON parser's or
+    SentencePiece's error ("expected `,` or `}` at line 1 column 5", "could not parse ModelProto")."""
+    import base64
+    import shutil
+
+    from megatron_osp.data.tokenizer import load_tokenizer
+
+    vocab = tmp_path / "vocab.json"
+    vocab.write_text(json.dumps({"hello": 0, "model": 1, "Ġworld": 2}))
+    config = tmp_path / "tokenizer_config.json"
+    config.write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "added_tokens_decoder": {}}))
+    tiktoken = tmp_path / "tokenizer.model"
+    tiktoken.write_text("".join(f"{base64.b64encode(t.encode()).decode()} {i}\n" for i, t in enumerate(["!", "ab", " the"])))
+    only_sp = tmp_path / "sp"
+    only_sp.mkdir()
+    shutil.copy(tok, only_sp / "tokenizer.model")
+    cases = [(vocab, r"vocab\.json: not a Hugging Face tokenizer\.json: it is a token -> id map \(a vocab\.json\)"),
+             (config, r"tokenizer_config\.json: not a Hugging Face tokenizer\.json: it is a tokenizer_config\.json: "
+                      r"give the tokenizer\.json beside it"),
+             (tiktoken, r"tokenizer\.model: not a SentencePiece model: it is a tiktoken BPE file .* not supported: "
+                        r"give the model's tokenizer\.json"),
+             (only_sp, r"sp/tokenizer\.json does not exist; .*sp/tokenizer\.model is there: give that file")]
+    for path, message in cases:
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            load_tokenizer(path)
+    r = _cli("preprocess_data.py", "--input", tmp_path / "none.jsonl", "--tokenizer-model", tiktoken,
+             "--output-prefix", tmp_path / "out")
+    assert r.returncode != 0 and "it is a tiktoken BPE file" in r.stderr
+    _no_traceback(r)

@@ -137,6 +137,8 @@ def test_non_exact_tokenizer_falls_back_with_logged_reason(trained, name, caplog
     assert tok._word_cache is False
     assert any(reason in r.getMessage() and "word cache not exact" in r.getMessage() for r in caplog.records), \
         [r.getMessage() for r in caplog.records]
+    assert tok.encoding_path().startswith(f"the tokenizers library's encode_batch (word cache not exact for "
+                                          f"this tokenizer: {reason}")
     if name != "dropout":  # dropout is random by design: nothing to compare with
         assert got == _reference(path, docs)
 
@@ -218,6 +220,25 @@ def test_preprocess_output_byte_identical_fast_path_on_and_off(trained):
     ids = np.fromfile(str(on) + ".bin", dtype=np.uint16)
     want = [i for ids_ in _reference(trained["path"], [d for d in docs if d]) for i in ids_ + [0]]
     assert ids.tolist() == want
+
+
+def test_preprocessing_says_which_encoding_path_it_takes_before_any_work(trained, sp_model, tmp_path):
+    """The path (and why not the word cache) was only logged at INFO, which the tool does not show."""
+    from megatron_osp.data.preprocess import preprocess
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in trained["docs"][:5]))
+    nfc = _variant(trained, "nfc", lambda d: d.__setitem__("normalizer", {"type": "NFC"}))
+    cases = [(trained["path"], {}, "encoding: exact word cache (data/hf_fast.py)"),
+             (trained["path"], {"word_cache": False}, "encoding: the tokenizers library's encode_batch (--no-word-cache)"),
+             (nfc, {}, "encoding: the tokenizers library's encode_batch (word cache not exact for this tokenizer: "
+                       "normalizer NFC"),
+             (sp_model, {}, "encoding: exact word cache (data/word_cache.py)"),
+             (sp_model, {"word_cache": False}, "encoding: SentencePiece, document by document (--no-word-cache)")]
+    for i, (tokenizer, kw, line) in enumerate(cases):
+        lines: list[str] = []
+        preprocess([str(corpus)], str(tokenizer), str(tmp_path / f"o{i}"), progress=False, log=lines.append, **kw)
+        assert any(got.startswith(line) for got in lines), (line, lines)
 
 
 def test_bench_preprocess_hf_runs_and_checks_identical_outputs():

@@ -164,12 +164,15 @@ class HFWordCache:
         self.disabled = False
 
     @classmethod
-    def for_tokenizer(cls, tok, name: str = "tokenizer") -> HFWordCache | None:
-        """The encoder, or None (logged) when the tokenizer does not qualify or fails the self-check."""
+    def for_tokenizer(cls, tok, name: str = "tokenizer", why: list | None = None) -> HFWordCache | None:
+        """The encoder, or None (logged, and the reason appended to ``why``) when the tokenizer does not
+        qualify or fails the self-check."""
         try:
             enc = cls(tok, name)
         except ValueError as e:
             log.info("%s; encoding with the library's encode_batch", e)
+            if why is not None:
+                why.append(str(e).removeprefix(f"{name}: "))
             return None
         probes = list(PROBES) + [p + q for p in PROBES for q in PROBES[:4]]
         probes += [f"a{t} b{t}{t}\n{t}" for t in enc._added_tokens[:20]]
@@ -178,6 +181,8 @@ class HFWordCache:
         got = [list(x) for x in np.split(flat, np.cumsum(lengths)[:-1])]
         if got != expected:
             log.warning("%s: word cache disagrees with the library on a probe text; not used", name)
+            if why is not None:
+                why.append("word cache disagrees with the library on a probe text")
             return None
         return enc
 

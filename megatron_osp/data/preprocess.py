@@ -388,7 +388,8 @@ def preprocess(
     into ``<output_prefix>_task<index>of<count>_<key>_document`` with the run's identity in its
     manifest (megatron_osp/data/array_tasks.py; merged by ``merge.merge_tasks``). A task may have no
     documents (its share is empty): it publishes an empty dataset; the merge refuses an empty whole.
-    ``log``: called once, before any work, with ``eod_note``'s line (a Hugging Face tokenizer).
+    ``log``: called before any work with ``eod_note``'s line (a Hugging Face tokenizer) and the
+    encoding path (the exact word cache, or the library and why).
     ``special_tokens_in_text``: encode, split or refuse (data/special_text.py), recorded in the manifest.
     """
     if workers < 1:
@@ -396,15 +397,17 @@ def preprocess(
     check_json_keys(json_keys)
     if max_shard_tokens is not None and max_shard_tokens < 1:
         raise ValueError(f"max_shard_tokens must be >= 1, got {max_shard_tokens}")
-    tokenizer = load_tokenizer(tokenizer_model, eod_token, special_tokens_in_text=special_tokens_in_text)
+    tokenizer = load_tokenizer(tokenizer_model, eod_token, word_cache, special_tokens_in_text=special_tokens_in_text)
     check_eod(tokenizer, tokenizer_model, append_eod)
     # Both go into the manifest: the sha256 says which file was used, the fingerprint which ids it
     # makes (two files of one fingerprint encode alike, data/tokenizer_identity.py).
     tokenizer_ids = {"tokenizer_sha256": sha256_file(tokenizer.model_file),
                      "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer.model_file)}
     note = eod_note(tokenizer, eod_token)
-    if log is not None and note:
-        log(note)
+    if log is not None:
+        for line in (note, f"encoding: {tokenizer.encoding_path()}"):
+            if line:
+                log(line)
     paths = [Path(p) for p in inputs]
     check_inputs(paths)
     array_record = None
@@ -423,8 +426,9 @@ def preprocess(
                                 initargs=(tokenizer_model, eod_token, True, word_cache, special_tokens_in_text))
             if workers > 1 else None)
     try:
-        if pool is None:
-            _init_worker(tokenizer_model, eod_token, False, word_cache, special_tokens_in_text)
+        if pool is None:  # this process encodes, with the tokenizer (and word cache) loaded above
+            global _TOKENIZER
+            _TOKENIZER = tokenizer
         else:
             _launch_workers(pool)
         # The stage directory: an unwritable output fails here, before any tokenizing.

@@ -8,7 +8,9 @@ so no real token is ever masked as padding.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +40,10 @@ class SentencePieceTokenizer:
         try:
             self._sp = spm.SentencePieceProcessor(model_file=self.model_file)
         except Exception as e:  # noqa: BLE001  (SentencePiece raises RuntimeError/OSError variants)
-            raise ValueError(f"{model_file}: not a SentencePiece model ({str(e).strip()}); a Hugging Face tokenizer "
-                             "is given as its tokenizer.json (or the directory holding it)") from None
+            raise ValueError(f"{model_file}: not a SentencePiece model{_what_it_is(model_file)} ({str(e).strip()}); a "
+                             "Hugging Face tokenizer is given as its tokenizer.json (or the directory holding it)") from None
         self._word_cache = None if word_cache else False  # built on first use (it holds the cache)
+        self._why: list[str] = []  # why the word cache is not used (encoding_path)
         self._scan = None
 
     @property
@@ -71,12 +74,20 @@ class SentencePieceTokenizer:
         """All texts' ids concatenated, and each text's count. ``threads``: SentencePiece's own pool
         (-1: all cores) when it is called; preprocessing workers use 1."""
         if self._word_cache is None:
-            from megatron_osp.data.word_cache import WordCacheEncoder
-
-            self._word_cache = WordCacheEncoder.for_model(self.model_file) or False
+            self.encoding_path()
         if self._word_cache:
             return self._word_cache.encode_flat(texts)
         return _flatten(self._sp.encode(texts, num_threads=threads))
+
+    def encoding_path(self) -> str:
+        """How texts are encoded, and why not through the word cache when not (built here if it is not yet)."""
+        if self._word_cache is None:
+            from megatron_osp.data.word_cache import WordCacheEncoder
+
+            self._word_cache = WordCacheEncoder.for_model(self.model_file, self._why) or False
+        if self._word_cache:
+            return "exact word cache (data/word_cache.py)"
+        return f"SentencePiece, document by document ({self._why[0] if self._why else '--no-word-cache'})"
 
     def encode_batch(self, texts: list[str], threads: int = -1) -> list[np.ndarray]:
         return split_flat(*self.encode_flat(texts, threads))
@@ -126,12 +137,14 @@ class HFTokenizer:
         path = Path(path)
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.exists():
-            raise FileNotFoundError(f"tokenizer {file} does not exist")
+            sp = path / "tokenizer.model" if path.is_dir() else None
+            also = f"; {sp} is there: give that file to use it as a SentencePiece model" if sp and sp.is_file() else ""
+            raise FileNotFoundError(f"tokenizer {file} does not exist{also}")
         self.model_file = str(file)
         try:
             self._tok = Tokenizer.from_file(self.model_file)
         except Exception as e:  # noqa: BLE001  (the Rust library raises plain Exception)
-            raise ValueError(f"{file}: not a Hugging Face tokenizer.json: {e}") from None
+            raise ValueError(f"{file}: not a Hugging Face tokenizer.json{_what_it_is(file)}: {e}") from None
         if eod_token:
             self.eod_token, self._eod = eod_token, self._tok.token_to_id(eod_token)
             if self._eod is None:
@@ -163,6 +176,7 @@ class HFTokenizer:
         ids = self._tok.get_vocab(with_added_tokens=True).values()
         self._id_bound = max(self._tok.get_vocab_size(with_added_tokens=True), max(ids, default=-1) + 1)
         self._word_cache = None if word_cache else False  # built on first use (it holds the cache)
+        self._why: list[str] = []  # why the word cache is not used (encoding_path)
 
     @property
     def vocab_size(self) -> int:
@@ -195,18 +209,53 @@ class HFTokenizer:
         follows TOKENIZERS_PARALLELISM, which preprocessing's pool workers set to false."""
         del threads
         if self._word_cache is None:
-            from megatron_osp.data.hf_fast import HFWordCache
-
-            self._word_cache = HFWordCache.for_tokenizer(self._tok, self.model_file) or False
+            self.encoding_path()
         if self._word_cache:
             return self._word_cache.encode_flat(texts)
         return _flatten([e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)])
+
+    def encoding_path(self) -> str:
+        """How texts are encoded, and why not through the word cache when not (built here if it is not yet)."""
+        if self._word_cache is None:
+            from megatron_osp.data.hf_fast import HFWordCache
+
+            self._word_cache = HFWordCache.for_tokenizer(self._tok, self.model_file, self._why) or False
+        if self._word_cache:
+            return "exact word cache (data/hf_fast.py)"
+        return f"the tokenizers library's encode_batch ({self._why[0] if self._why else '--no-word-cache'})"
 
     def encode_batch(self, texts: list[str], threads: int = -1) -> list[np.ndarray]:
         return split_flat(*self.encode_flat(texts, threads))
 
     def decode(self, ids) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
+
+
+def _what_it_is(file) -> str:
+    """What a file given as a tokenizer holds instead, as a clause ("" when it is not recognized): the
+    files beside a model's tokenizer.json that are given for it by mistake."""
+    try:
+        with open(file, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return ""
+    lines = head.split(b"\n")[:3]
+    if len(lines) > 1 and all(re.fullmatch(rb"[A-Za-z0-9+/]+=* \d+", line) for line in lines[:-1]):
+        return (": it is a tiktoken BPE file (base64 token and rank per line, like Llama 3's original/tokenizer.model), "
+                "which is not supported: give the model's tokenizer.json")
+    if not head.lstrip().startswith(b"{"):
+        return ""
+    try:
+        data = json.loads(Path(file).read_bytes())
+    except ValueError:
+        return ""
+    if not isinstance(data, dict) or isinstance(data.get("model"), dict):
+        return ""
+    if data and all(isinstance(v, int) for v in data.values()):
+        return ": it is a token -> id map (a vocab.json), not a whole tokenizer: give the model's tokenizer.json"
+    if "tokenizer_class" in data or "added_tokens_decoder" in data:
+        return ": it is a tokenizer_config.json: give the tokenizer.json beside it"
+    return ""
 
 
 def load_tokenizer(path: str | os.PathLike, eod_token: str | None = None, word_cache: bool = True,

@@ -120,17 +120,22 @@ class WordCacheEncoder:
                                 [p.score for _, p in normal], byte_ids)
 
     @classmethod
-    def for_model(cls, model_file: str) -> WordCacheEncoder | None:
-        """The encoder, or None (logged) when the model does not qualify or fails the self-check."""
+    def for_model(cls, model_file: str, why: list | None = None) -> WordCacheEncoder | None:
+        """The encoder, or None (logged, and the reason appended to ``why``) when the model does not
+        qualify or fails the self-check."""
         try:
             enc = cls(model_file)
         except ValueError as e:
             log.info("%s; encoding document by document", e)
+            if why is not None:
+                why.append(str(e).removeprefix(f"{model_file}: "))
             return None
         expected = enc._sp.encode(list(PROBES), num_threads=1)
         got = enc.encode_batch(list(PROBES))
         if any(list(g) != e for g, e in zip(got, expected)):
             log.warning("%s: word cache disagrees with SentencePiece on a probe text; not used", model_file)
+            if why is not None:
+                why.append("word cache disagrees with SentencePiece on a probe text")
             return None
         return enc
 
