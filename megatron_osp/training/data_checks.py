@@ -87,7 +87,7 @@ def data_problems(config) -> list[str]:
     elif d.eod_id is None:
         problems.append("set data.tokenizer_model (or data.eod_id) so documents can be separated")
     mix = _tokenizer_mix_problems(d, prefixes)
-    return problems + mix + (_valid_set_problems(d, prefixes) if d.valid_paths and not mix else [])
+    return problems + mix + (_valid_set_problems(d, prefixes, tokens=not mix) if d.valid_paths else [])
 
 
 def _missing(prefixes: list[str], field: str) -> list[str]:
@@ -107,12 +107,13 @@ def _file_id(prefix: str):
     return st.st_dev, st.st_ino
 
 
-def _valid_set_problems(d, train_prefixes: list[str]) -> list[str]:
+def _valid_set_problems(d, train_prefixes: list[str], tokens: bool = True) -> list[str]:
     """``data.valid_paths`` as validation needs it: its datasets there, none of them read by training
     too (the same .bin, under any symbolic or hard link of its path, or a family prefix whose shard is in
     ``data.paths``: its documents would be trained on; another shard of a family ``data.paths`` also
     reads is a held-out shard and fine), and made like the training data (tokenizer, special text,
-    EOD: ``shardset.check_same_tokens``, and the tokenizer of ``data.tokenizer_model``)."""
+    EOD: ``shardset.check_same_tokens``, and the tokenizer of ``data.tokenizer_model``; not when
+    ``tokens`` is False: the training data's own mix is reported)."""
     try:
         prefixes = dataset_prefixes(d.valid_paths, d.valid_weights)
     except (OSError, ValueError) as e:
@@ -130,7 +131,7 @@ def _valid_set_problems(d, train_prefixes: list[str]) -> list[str]:
                                 f"{trained[_file_id(p)]}): its documents would be trained on; hold out "
                                 "another dataset, or leave data.valid_paths unset to validate on data.split's share")
                 break
-    if problems:
+    if problems or not tokens:
         return problems
     both = train_prefixes + [p for p in prefixes if p not in train_prefixes]
     problems = [p.replace("data.paths: ", "data.valid_paths: ", 1) for p in _tokenizer_mix_problems(d, both)]
