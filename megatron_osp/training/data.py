@@ -41,8 +41,9 @@ def _eod_id(data) -> int:
 def build_datasets(config, num_train_samples: int, num_eval_samples: int):
     """Train and validation datasets for the run (call on every rank: local rank 0 builds the cached
     indices, the others wait and load them). Validation is ``data.split``'s share of ``data.paths``, or
-    with ``data.valid_paths`` every document of those datasets (training then reads all of data.paths). Each data file's token dtype and ids are checked
-    against the vocabulary as it opens (the tokenizer's when given, else model.vocab_size)."""
+    with ``data.valid_paths`` every document of those datasets (training then reads all of data.paths).
+    Each data file's token dtype and ids are checked against the vocabulary as it opens (the
+    tokenizer's when given, else model.vocab_size)."""
     data, train = config.data, config.train
     check_data_settings(config)
     vocab_size, vocab_name = reference_vocabulary(config)

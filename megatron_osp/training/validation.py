@@ -242,7 +242,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "weights": _weights,
         "split": _split,
         "valid_paths": _valid_paths,
-        "valid_weights": _weights,
+        "valid_weights": lambda v: (_weights(v) or "").replace("data.paths", "data.valid_paths") or None,
         "tokenizer_model": optional(text),
         "eod_id": optional(NON_NEGATIVE),
         "cache_dir": optional(text),
