@@ -197,3 +197,24 @@ def test_a_saved_run_config_with_settings_that_did_nothing_still_loads_as_it_ran
     raw["parallel"].update(sequence_parallel=True, tensor_parallel_size=2)
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     assert load_config(path, saved=True).parallel.sequence_parallel is True
+
+
+def test_a_saved_run_config_from_before_data_valid_paths_loads_and_one_with_it_round_trips(tmp_path):
+    """Run configs saved before data.valid_paths/valid_weights existed (every checkpoint's
+    run_config.yaml) load with validation on data.split's share; one with them saves and loads back."""
+    import yaml
+
+    from megatron_osp.training.checkpoint import load_config_file
+    from megatron_osp.training.config import save_config
+
+    raw = load_config(None, ["data.paths=[a]"]).to_dict()
+    for name in ("valid_paths", "valid_weights"):
+        del raw["data"][name]
+    path = tmp_path / "run_config.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    for config in (load_config(path, saved=True), load_config_file(path), load_config(path)):
+        assert (config.data.valid_paths, config.data.valid_weights, config.data.split) == (None, None, "98,2,0")
+    own = load_config(None, ["data.paths=[a]", "data.split=100", "data.valid_paths=[v, w]", "data.valid_weights=[1, 3]"])
+    save_config(own, tmp_path / "own.yaml")
+    for config in (load_config(tmp_path / "own.yaml", saved=True), load_config_file(tmp_path / "own.yaml")):
+        assert (config.data.valid_paths, config.data.valid_weights, config.data.split) == (["v", "w"], [1.0, 3.0], "100")

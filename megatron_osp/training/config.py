@@ -52,6 +52,15 @@ class DataSettings:
     paths: list[str] = field(default_factory=list)
     weights: list[float] | None = None
     split: str = "98,2,0"  # train, validation, test shares of the documents
+    # A held-out validation set of its own (Megatron-LM's --valid-data-path): indexed dataset prefixes
+    # (a sharded output's family prefix stands for its shards) whose documents, all of them, give the
+    # eval loss and the kurtosis batches; `valid_weights` blends them as `weights` blends `paths`. With
+    # it, training reads every document of `paths`: `split` must then give them all to training
+    # ("100"; a validation or test share is refused, naming both fields). A validation dataset that is
+    # also a training one (same file, or a family of which `paths` holds a shard), or of another
+    # tokenizer, is refused. It may change when a run resumes (training reads the same samples).
+    valid_paths: list[str] | None = None
+    valid_weights: list[float] | None = None
     tokenizer_model: str | None = None  # SentencePiece .model (its EOD id separates documents)
     eod_id: int | None = None  # used when no tokenizer model is given
     cache_dir: str | None = None  # index cache; default <run_dir>/index_cache

@@ -11,6 +11,7 @@ run (or one with another DP size and the same global batch) reads the same token
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -39,8 +40,10 @@ def _eod_id(data) -> int:
 
 def build_datasets(config, num_train_samples: int, num_eval_samples: int):
     """Train and validation datasets for the run (call on every rank: local rank 0 builds the cached
-    indices, the others wait and load them). Each data file's token dtype and ids are checked
-    against the vocabulary as it opens (the tokenizer's when given, else model.vocab_size)."""
+    indices, the others wait and load them). Validation is ``data.split``'s share of ``data.paths``, or
+    with ``data.valid_paths`` every document of those datasets (training then reads all of data.paths).
+    Each data file's token dtype and ids are checked against the vocabulary as it opens (the
+    tokenizer's when given, else model.vocab_size)."""
     data, train = config.data, config.train
     check_data_settings(config)
     vocab_size, vocab_name = reference_vocabulary(config)
@@ -57,9 +60,18 @@ def build_datasets(config, num_train_samples: int, num_eval_samples: int):
         vocab_name=vocab_name,
     )
     # Training never reads the test split: skip it (no index build, no error if it is tiny).
+    own_valid = data.valid_paths is not None
     train_ds, valid_ds, _ = build_gpt_datasets(
-        ds_config, [num_train_samples, num_eval_samples, None], skip=("test",)
+        ds_config, [num_train_samples, None if own_valid else num_eval_samples, None],
+        skip=("valid", "test") if own_valid else ("test",),
     )
+    if own_valid:
+        # data.valid_paths: every document of those datasets is the validation split ("0,1,0"), its
+        # indices cached beside the training ones (keyed by their own files) under the name "valid".
+        valid_config = dataclasses.replace(
+            ds_config, paths=dataset_prefixes(data.valid_paths, data.valid_weights), weights=data.valid_weights,
+            split="0,1,0")
+        _, valid_ds, _ = build_gpt_datasets(valid_config, [None, num_eval_samples, None], skip=("train", "test"))
     if valid_ds is None:
         raise ConfigError(f"data.split={data.split!r} leaves no validation documents")
     return train_ds, valid_ds

@@ -1,7 +1,8 @@
 """The data section as training needs it, checked before any dataset, process group or model exists:
 the data files and tokenizer are there, the tokenizer's vocabulary fits ``model.vocab_size`` and it
-has an end-of-document id, and the preprocessing outputs were made with one tokenizer (this one).
-Problems come as validation.py's ``ConfigError``, one line each, all at once."""
+has an end-of-document id, and the preprocessing outputs were made with one tokenizer (this one);
+``data.valid_paths`` (a validation set of its own) is there, holds no training dataset and was made
+like the training data. Problems come as validation.py's ``ConfigError``, one line each, all at once."""
 
 from __future__ import annotations
 
@@ -67,13 +68,7 @@ def data_problems(config) -> list[str]:
     except (OSError, ValueError) as e:
         problems.append(f"data.paths: {e}")
         prefixes = []
-    for prefix in prefixes:
-        missing = [prefix + ext for ext in (".bin", ".idx") if not os.path.exists(prefix + ext)]
-        if missing and prefix.endswith((".bin", ".idx")):
-            problems.append(f"data.paths: {prefix} is a file name, not a dataset prefix: give the prefix "
-                            f"without {prefix[-4:]}, {prefix[:-4]}")
-        elif missing:
-            problems.append(f"data.paths: {' and '.join(missing)} does not exist")
+    problems += _missing(prefixes, "data.paths")
     if d.tokenizer_model:
         try:
             vocab, eos = tokenizer_vocabulary(d.tokenizer_model, _recorded_eod(prefixes))
@@ -91,8 +86,67 @@ def data_problems(config) -> list[str]:
                 )
     elif d.eod_id is None:
         problems.append("set data.tokenizer_model (or data.eod_id) so documents can be separated")
-    problems += _tokenizer_mix_problems(d, prefixes)
+    mix = _tokenizer_mix_problems(d, prefixes)
+    return problems + mix + (_valid_set_problems(d, prefixes, tokens=not mix) if d.valid_paths else [])
+
+
+def _missing(prefixes: list[str], field: str) -> list[str]:
+    problems = []
+    for prefix in prefixes:
+        missing = [prefix + ext for ext in (".bin", ".idx") if not os.path.exists(prefix + ext)]
+        if missing and prefix.endswith((".bin", ".idx")):
+            problems.append(f"{field}: {prefix} is a file name, not a dataset prefix: give the prefix "
+                            f"without {prefix[-4:]}, {prefix[:-4]}")
+        elif missing:
+            problems.append(f"{field}: {' and '.join(missing)} does not exist")
     return problems
+
+
+def _file_id(prefix: str):
+    st = os.stat(prefix + ".bin")
+    return st.st_dev, st.st_ino
+
+
+def _valid_set_problems(d, train_prefixes: list[str], tokens: bool = True) -> list[str]:
+    """``data.valid_paths`` as validation needs it: its datasets there, none of them read by training
+    too (the same .bin, under any symbolic or hard link of its path, or a family prefix whose shard is in
+    ``data.paths``: its documents would be trained on; another shard of a family ``data.paths`` also
+    reads is a held-out shard and fine), and made like the training data (tokenizer, special text,
+    EOD: ``shardset.check_same_tokens``, and the tokenizer of ``data.tokenizer_model``; not when
+    ``tokens`` is False: the training data's own mix is reported)."""
+    try:
+        prefixes = dataset_prefixes(d.valid_paths, d.valid_weights)
+    except (OSError, ValueError) as e:
+        e = str(e).replace("data.weights", "data.valid_weights").replace("data.paths", "data.valid_paths")
+        return [f"data.valid_paths: {e}"]
+    problems = _missing(prefixes, "data.valid_paths")
+    if problems:
+        return problems
+    trained = {_file_id(p): p for p in reversed(train_prefixes) if os.path.exists(p + ".bin")}  # the first named
+    for entry in d.valid_paths:
+        for p in dataset_prefixes([entry]):
+            if _file_id(p) in trained:
+                also = "" if p == entry else f" (a shard of {entry})"
+                problems.append(f"data.valid_paths: {p}{also} is also read for training (data.paths: "
+                                f"{trained[_file_id(p)]}): its documents would be trained on; hold out "
+                                "another dataset, or leave data.valid_paths unset to validate on data.split's share")
+                break
+    if problems or not tokens:
+        return problems
+    both = train_prefixes + [p for p in prefixes if p not in train_prefixes]
+    problems = [p.replace("data.paths: ", "data.valid_paths: ", 1) for p in _tokenizer_mix_problems(d, both)]
+    if problems:
+        return problems
+    try:  # EOD settings too, where the training datasets agree on theirs (a blend of both kinds trains)
+        recorded = {p: shardset.recorded_tokens(p) for p in both}
+        shardset.check_same_tokens({p: recorded[p] for p in train_prefixes})
+    except (OSError, ValueError):
+        return []
+    try:
+        shardset.check_same_tokens(recorded)
+    except ValueError as e:
+        return [f"data.valid_paths: {e}"]
+    return []
 
 
 def _recorded_eod(prefixes: list[str]) -> int | None:

@@ -12,6 +12,11 @@ field with both values:
   sample order, and a finished run would train nothing and report the earlier run's results. To
   continue a checkpoint on other data on purpose, start a new run from it with ``train.load``.
 
+The validation set (``data.valid_paths``/``valid_weights``, like ``train.eval_batches``) may change on
+any resume: training reads the same samples, only the eval loss and kurtosis batches come from the new
+set. Whether validation is a share of ``data.paths`` or a set of its own is still part of the identity,
+through ``data.split`` (with ``data.valid_paths`` it must be "100", validation.py).
+
 Parallel layout, batch sizes and the sequence length may change (progress.py counts the tokens),
 and so may what the optimizer and schedule read from the config at every step (clip_grad, the
 Newton-Schulz steps, coefficients, backend and LR scale, wsd_decay_fraction): the new values apply.
@@ -64,7 +69,8 @@ def _state_hyperparameters(opt) -> dict:
 
 def _sample_order(config) -> dict:
     """What decides which samples a run reads, in which order: the datasets (by real path), their
-    weights, the split (by its shares: '98,2' is '98,2,0') and the seed."""
+    weights, the split (by its shares: '98,2' is '98,2,0') and the seed. Not data.valid_paths: the
+    validation set decides no training sample (data.split says whether data.paths lends it documents)."""
     from megatron_osp.data.gpt_dataset import parse_split
 
     d = config.data

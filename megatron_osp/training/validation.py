@@ -13,7 +13,8 @@ Three stages, each run as soon as what it needs is known, and all before a model
   ``train.recompute_method``/``recompute_num_layers`` only with ``train.recompute=full``, fitting a
   pipeline stage's layers; settings that would do nothing are refused too (``train.exit_at_step``
   or the end of ``train.profile_steps`` past ``train.train_steps``, sequence parallelism at TP 1, a
-  non-default ``train.wsd_decay_fraction`` without ``train.decay_style=wsd``).
+  non-default ``train.wsd_decay_fraction`` without ``train.decay_style=wsd``, ``data.valid_weights``
+  without ``data.valid_paths``, and beside ``data.valid_paths`` a ``data.split`` holding out documents).
 - ``check_world`` and data_checks.py's ``check_data_settings`` (from the Trainer, once the world size
   is known and before the process groups, datasets and model exist): TP x PP divides the world, the
   global batch divides into micro-batches x data-parallel ranks (with virtual pipeline stages, a
@@ -155,6 +156,11 @@ def _weights(v):
     return None
 
 
+def _valid_paths(v):
+    return None if v is None else ("must be a non-empty list of dataset prefixes (or null: validate on "
+                                   "data.split's share)" if v == [] else _paths(v))
+
+
 def _split(v):
     from megatron_osp.data.gpt_dataset import parse_split
 
@@ -235,6 +241,8 @@ RULES: dict[str, dict[str, Rule]] = {
         "paths": _paths,
         "weights": _weights,
         "split": _split,
+        "valid_paths": _valid_paths,
+        "valid_weights": lambda v: (_weights(v) or "").replace("data.paths", "data.valid_paths") or None,
         "tokenizer_model": optional(text),
         "eod_id": optional(NON_NEGATIVE),
         "cache_dir": optional(text),
@@ -389,8 +397,28 @@ def relation_problems(config) -> list[str]:
     d = config.data
     if d.weights is not None and d.paths and len(d.weights) != len(d.paths):
         problems.append(f"data.weights has {len(d.weights)} entries but data.paths has {len(d.paths)}")
+    problems += _valid_set_problems(d)
     if d.eod_id is not None and d.eod_id >= m.vocab_size:
         problems.append(f"data.eod_id={d.eod_id} is outside the vocabulary (model.vocab_size={m.vocab_size})")
+    return problems
+
+
+def _valid_set_problems(d) -> list[str]:
+    """data.valid_weights only with data.valid_paths, one per entry; with data.valid_paths, data.split
+    gives every document of data.paths to training (validation reads data.valid_paths instead)."""
+    from megatron_osp.data.gpt_dataset import parse_split
+
+    if d.valid_paths is None:
+        return [f"data.valid_weights={d.valid_weights!r} is used only with data.valid_paths: remove it, or set "
+                "data.valid_paths"] if d.valid_weights is not None else []
+    problems = []
+    if d.valid_weights is not None and d.valid_paths and len(d.valid_weights) != len(d.valid_paths):
+        problems.append(f"data.valid_weights has {len(d.valid_weights)} entries but data.valid_paths has "
+                        f"{len(d.valid_paths)}")
+    if _split(d.split) is None and any(parse_split(d.split)[1:]):
+        problems.append(
+            f"data.split={d.split!r} holds out validation/test shares of data.paths, but data.valid_paths is set: "
+            "validation reads data.valid_paths, so set data.split='100' (train on every document of data.paths)")
     return problems
 
 
