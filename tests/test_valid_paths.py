@@ -189,3 +189,22 @@ def test_a_valid_set_of_another_tokenizer_or_a_trained_family_is_refused(sp_mode
     assert mix.startswith(f"data.valid_paths: {other}: made with another tokenizer than {shards[0]}"), mix
     [eod] = problems([family], [no_eod])
     assert eod.startswith(f"data.valid_paths: {no_eod}: its documents do not end with an EOD token, {shards[0]}'s do"), eod
+
+
+def test_quantization_evaluation_holds_out_a_valid_set_and_refuses_the_training_data(corpora):
+    """tools/evaluate_quantization.py's default held-out documents for a run with data.valid_paths: all of
+    --data when it is one of them; the training data (every document trained on) is refused by name
+    where it used to stop with 'data.split='100' has no validation share'."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from evaluate_quantization import held_out_ranges
+
+    valid = [corpora["valid"], corpora["valid2"]]
+    assert held_out_ranges(corpora["valid2"], None, "100", valid, "m") == (None, (0.0, 1.0))
+    with pytest.raises(ValueError, match=r"m: its run validated on data.valid_paths=.* trained on every document "
+                                         r"of data.paths \(data.split='100'\): pass --data one of the validation"):
+        held_out_ranges(corpora["train"], None, "100", valid, "m")
+    assert held_out_ranges(corpora["train"], "0.9:1", "100", valid, "m") == ((0.0, 0.9), (0.9, 1.0))
+    assert held_out_ranges(corpora["train"], None, "98,2,0", None, "m") == ((0.0, 0.98), (0.98, 1.0))

@@ -6,8 +6,8 @@
 
 Each MODEL is a Megatron checkpoint (a run directory with checkpoints/, a save dir with ``latest`` or
 an ``iter_N`` dir; rebuilt at TP=1 from its saved run config) or an HF Llama directory. The held-out
-documents default to the validation split of the first Megatron checkpoint's run (``data.split``),
-else to the last 5% of the documents (``--documents LO:HI`` to choose). Writes quantization.json,
+documents default to the validation split of the first Megatron checkpoint's run (``data.split``; all
+of --data when it is one of the run's ``data.valid_paths``), else to the last 5% of the documents (``--documents LO:HI`` to choose). Writes quantization.json,
 quantization.md, kurtosis_per_layer.png and perplexity_vs_bits.png into --output-dir. The report ends
 with a per-role table of 4-bit weight rounding (perplexity with one role rounded, the relative weight
 and output errors, the inputs' gain, the stable rank: megatron_osp/analysis/weight_error.py).
@@ -21,6 +21,7 @@ difference, if the models or options are not the ones it was made with).
 """
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -57,6 +58,30 @@ def parse_args(argv=None):
                         "settings are kept, the rest are evaluated; without one, start anew")
     p.add_argument("--overwrite", action="store_true", help="replace a report already in --output-dir")
     return p.parse_args(argv)
+
+
+def held_out_ranges(data: str, documents: str | None, split: str | None, valid_paths: list[str] | None, model: str):
+    """(calibration documents or None, held-out documents) of ``--data`` as fraction ranges: --documents;
+    else a run's validation: all of a dataset among its data.valid_paths (then no calibration documents),
+    or data.split's validation share; else the last 5%. A run that validated on data.valid_paths trained
+    on every document of its data.paths, so --data elsewhere has no held-out share to default to."""
+    from megatron_osp.analysis.evaluation import parse_document_range
+
+    if documents:
+        held = parse_document_range(documents)
+        return ((0.0, held[0]) if held[0] > 0 else None), held
+    if valid_paths:
+        from megatron_osp.data.shardset import expand
+
+        held_out = {os.path.realpath(p) for v in valid_paths for p in expand(v)}
+        if os.path.realpath(data) in held_out:
+            return None, (0.0, 1.0)
+        raise ValueError(f"{model}: its run validated on data.valid_paths={valid_paths} and trained on every document "
+                         f"of data.paths (data.split={split!r}): pass --data one of the validation datasets (all its "
+                         f"documents are held out) or --documents LO:HI for {data}")
+    if split:
+        return _split_ranges(split)
+    return (0.0, 0.95), (0.95, 1.0)
 
 
 def _split_ranges(split: str) -> tuple[tuple[float, float], tuple[float, float]]:
@@ -97,8 +122,7 @@ def _run(args) -> int:
         warnings.filterwarnings("ignore", message=pattern)
     import torch
 
-    from megatron_osp.analysis.evaluation import (check_token_ids, check_window_count, load_token_windows,
-                                                  parse_document_range)
+    from megatron_osp.analysis.evaluation import check_token_ids, check_window_count, load_token_windows
     from megatron_osp.analysis.loading import check_group_sizes, config_facts, load_for_analysis
     from megatron_osp.analysis.quant_report import (DEFAULT_SETTINGS, WEIGHT_ROUNDING, evaluate_model, format_table,
                                                     with_fp, write_report)
@@ -134,15 +158,9 @@ def _run(args) -> int:
             check_group_sizes(path, settings)
         # The held-out and calibration windows come from the first model's config (its sequence length,
         # its run's data.split): read before any model loads, so too few calibration windows is refused.
-        first_seq, first_split = config_facts(args.models[0])
+        first_seq, first_split, valid_paths = config_facts(args.models[0])
         seq = args.seq_length or first_seq
-        if args.documents:
-            held = parse_document_range(args.documents)
-            train_docs = (0.0, held[0]) if held[0] > 0 else None
-        elif first_split:
-            train_docs, held = _split_ranges(first_split)
-        else:
-            held, train_docs = (0.95, 1.0), (0.0, 0.95)
+        train_docs, held = held_out_ranges(args.data, args.documents, first_split, valid_paths, args.models[0])
         if any(s.gptq for s in settings):
             if train_docs is None:
                 raise ValueError("GPTQ needs calibration documents outside the held-out range")

@@ -106,9 +106,10 @@ def linear_input_widths(path: str) -> dict[str, int]:
     return {"qkv/fc1": m.hidden_size, "o_proj": m.hidden_size, "down_proj": m.ffn_hidden_size}
 
 
-def config_facts(path: str) -> tuple[int, str | None]:
-    """(sequence length, the run's data.split or None) from a model's config alone, as
-    ``load_for_analysis`` will report them (``seq_length``, ``data_split``), before any weight loads."""
+def config_facts(path: str) -> tuple[int, str | None, list[str] | None]:
+    """(sequence length, the run's data.split or None, its data.valid_paths or None) from a model's
+    config alone, as ``load_for_analysis`` will report them (``seq_length``, ``data_split``), before
+    any weight loads."""
     import json
 
     p = Path(path)
@@ -117,13 +118,13 @@ def config_facts(path: str) -> tuple[int, str | None]:
             cfg = json.loads((p / "config.json").read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{p / 'config.json'} is not valid JSON ({e})") from None
-        return int(cfg.get("max_position_embeddings", 2048)), None
+        return int(cfg.get("max_position_embeddings", 2048)), None, None
     from megatron_osp.training.checkpoint import read_run_config
 
     if (p / "checkpoints").is_dir() and not (p / "latest").exists():
         p = p / "checkpoints"
     run = read_run_config(p)
-    return run.model.seq_length, getattr(run.data, "split", None)
+    return run.model.seq_length, getattr(run.data, "split", None), getattr(run.data, "valid_paths", None)
 
 
 def check_group_sizes(path: str, settings) -> None:
