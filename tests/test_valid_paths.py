@@ -189,6 +189,20 @@ def test_a_valid_set_of_another_tokenizer_or_a_trained_family_is_refused(sp_mode
     assert mix.startswith(f"data.valid_paths: {other}: made with another tokenizer than {shards[0]}"), mix
     [eod] = problems([family], [no_eod])
     assert eod.startswith(f"data.valid_paths: {no_eod}: its documents do not end with an EOD token, {shards[0]}'s do"), eod
+    # Merged under another name: the merge's manifest (merged_from) says where its documents came from,
+    # through a merge of a merge too, and in both directions.
+    from megatron_osp.data.merge import merge_datasets
+
+    second = _preprocessed(tmp_path, "second", sp_model, texts[30:60])
+    merge_datasets([held, second], str(tmp_path / "m1"))
+    merge_datasets([str(tmp_path / "m1"), shards[0]], str(tmp_path / "m2"))
+    assert problems([str(tmp_path / "m2")], [held]) == [
+        f"data.valid_paths: {held} is among the datasets data.paths' {tmp_path / 'm2'} was merged from (its "
+        "manifest's merged_from): its documents would be trained on"]
+    assert problems([second], [str(tmp_path / "m1")]) == [
+        f"data.valid_paths: {tmp_path / 'm1'} was merged from {second} (its manifest's merged_from), which data.paths "
+        "trains on: its documents would be trained on"]
+    assert problems([str(tmp_path / "m1")], [shards[-1]]) == []  # unrelated: fine
 
 
 def test_quantization_evaluation_holds_out_a_valid_set_and_refuses_the_training_data(corpora):

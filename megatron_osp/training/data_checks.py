@@ -1,8 +1,9 @@
 """The data section as training needs it, checked before any dataset, process group or model exists:
 the data files and tokenizer are there, the tokenizer's vocabulary fits ``model.vocab_size`` and it
 has an end-of-document id, and the preprocessing outputs were made with one tokenizer (this one);
-``data.valid_paths`` (a validation set of its own) is there, holds no training dataset and was made
-like the training data. Problems come as validation.py's ``ConfigError``, one line each, all at once."""
+``data.valid_paths`` (a validation set of its own) is there, holds no training dataset (nor one that a
+training dataset was merged from, or was merged from one: merge manifests' ``merged_from``) and was
+made like the training data. Problems come as validation.py's ``ConfigError``, one line each, all at once."""
 
 from __future__ import annotations
 
@@ -131,6 +132,7 @@ def _valid_set_problems(d, train_prefixes: list[str], tokens: bool = True) -> li
                                 f"{trained[_file_id(p)]}): its documents would be trained on; hold out "
                                 "another dataset, or leave data.valid_paths unset to validate on data.split's share")
                 break
+    problems += _merge_lineage_problems(train_prefixes, prefixes)
     if problems or not tokens:
         return problems
     both = train_prefixes + [p for p in prefixes if p not in train_prefixes]
@@ -146,6 +148,45 @@ def _valid_set_problems(d, train_prefixes: list[str], tokens: bool = True) -> li
         shardset.check_same_tokens(recorded)
     except ValueError as e:
         return [f"data.valid_paths: {e}"]
+    return []
+
+
+def _sources(prefix: str, depth: int = 8) -> set:
+    """What a dataset was made from, by ``merge_datasets``' manifests (``merged_from``, followed through
+    merges of merges): each source's file id where it still exists, else its absolute path."""
+    if depth == 0:
+        return set()
+    try:
+        family = shardset.family_of(prefix)
+        merged = shardset.read_manifest(family).get("merged_from") if family else None
+    except (OSError, ValueError):
+        return set()
+    out = set()
+    for src in (merged or {}).get("datasets") or []:
+        if isinstance(src, str):
+            out.add(_file_id(src) if os.path.exists(src + ".bin") else os.path.abspath(src))
+            out |= _sources(src, depth - 1)
+    return out
+
+
+def _merge_lineage_problems(train_prefixes: list[str], valid_prefixes: list[str]) -> list[str]:
+    """A validation dataset that a training dataset was merged from, or one merged from a training
+    dataset: its documents would be trained on under another name (the merges' manifests say so)."""
+    def ident(p):
+        return _file_id(p) if os.path.exists(p + ".bin") else os.path.abspath(p)
+
+    for t in train_prefixes:
+        sources = _sources(t)
+        for v in valid_prefixes:
+            if ident(v) in sources:
+                return [f"data.valid_paths: {v} is among the datasets data.paths' {t} was merged from (its manifest's "
+                        "merged_from): its documents would be trained on"]
+    for v in valid_prefixes:
+        sources = _sources(v)
+        for t in train_prefixes:
+            if ident(t) in sources:
+                return [f"data.valid_paths: {v} was merged from {t} (its manifest's merged_from), which data.paths "
+                        "trains on: its documents would be trained on"]
     return []
 
 
