@@ -126,10 +126,10 @@ def _valid_set_problems(d, train_prefixes: list[str], tokens: bool = True) -> li
     trained = {_file_id(p): p for p in reversed(train_prefixes) if os.path.exists(p + ".bin")}  # the first named
     for entry in d.valid_paths:
         for p in dataset_prefixes([entry]):
-            if _file_id(p) in trained:
+            if (same := trained.get(_file_id(p))) is not None:
                 also = "" if p == entry else f" (a shard of {entry})"
                 problems.append(f"data.valid_paths: {p}{also} is also read for training (data.paths: "
-                                f"{trained[_file_id(p)]}): its documents would be trained on; hold out "
+                                f"{same}): its documents would be trained on; hold out "
                                 "another dataset, or leave data.valid_paths unset to validate on data.split's share")
                 break
     problems += _merge_lineage_problems(train_prefixes, prefixes)
@@ -151,9 +151,15 @@ def _valid_set_problems(d, train_prefixes: list[str], tokens: bool = True) -> li
     return []
 
 
+def _identity(prefix: str):
+    """A dataset's .bin file id where it exists (any link to it is the same dataset), else its absolute
+    path (a merge's source removed since)."""
+    return _file_id(prefix) if os.path.exists(prefix + ".bin") else os.path.abspath(prefix)
+
+
 def _sources(prefix: str, depth: int = 8) -> set:
     """What a dataset was made from, by ``merge_datasets``' manifests (``merged_from``, followed through
-    merges of merges): each source's file id where it still exists, else its absolute path."""
+    merges of merges), as ``_identity``s."""
     if depth == 0:
         return set()
     try:
@@ -164,29 +170,34 @@ def _sources(prefix: str, depth: int = 8) -> set:
     out = set()
     for src in (merged or {}).get("datasets") or []:
         if isinstance(src, str):
-            out.add(_file_id(src) if os.path.exists(src + ".bin") else os.path.abspath(src))
+            out.add(_identity(src))
             out |= _sources(src, depth - 1)
     return out
+
+
+def _merged_from_any(merged: list[str], candidates: list[str]) -> tuple[str, str] | None:
+    """The first (dataset of ``merged``, dataset of ``candidates`` it was merged from), or None."""
+    for m in merged:
+        sources = _sources(m)
+        for c in candidates:
+            if _identity(c) in sources:
+                return m, c
+    return None
 
 
 def _merge_lineage_problems(train_prefixes: list[str], valid_prefixes: list[str]) -> list[str]:
     """A validation dataset that a training dataset was merged from, or one merged from a training
     dataset: its documents would be trained on under another name (the merges' manifests say so)."""
-    def ident(p):
-        return _file_id(p) if os.path.exists(p + ".bin") else os.path.abspath(p)
-
-    for t in train_prefixes:
-        sources = _sources(t)
-        for v in valid_prefixes:
-            if ident(v) in sources:
-                return [f"data.valid_paths: {v} is among the datasets data.paths' {t} was merged from (its manifest's "
-                        "merged_from): its documents would be trained on"]
-    for v in valid_prefixes:
-        sources = _sources(v)
-        for t in train_prefixes:
-            if ident(t) in sources:
-                return [f"data.valid_paths: {v} was merged from {t} (its manifest's merged_from), which data.paths "
-                        "trains on: its documents would be trained on"]
+    hit = _merged_from_any(train_prefixes, valid_prefixes)
+    if hit:
+        t, v = hit
+        return [f"data.valid_paths: {v} is among the datasets data.paths' {t} was merged from (its manifest's "
+                "merged_from): its documents would be trained on"]
+    hit = _merged_from_any(valid_prefixes, train_prefixes)
+    if hit:
+        v, t = hit
+        return [f"data.valid_paths: {v} was merged from {t} (its manifest's merged_from), which data.paths "
+                "trains on: its documents would be trained on"]
     return []
 
 
