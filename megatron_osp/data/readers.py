@@ -229,15 +229,24 @@ def parquet_chunks(path: Path, keys: list[str], chunk_size: int):
         raise CorruptInput(f"{path}: corrupt Parquet data after row {row - 1}: {e}") from None
 
 
+_STRING_TYPES = ("is_string", "is_large_string", "is_string_view")
+_BINARY_TYPES = ("is_binary", "is_large_binary", "is_binary_view")
+
+
+def _type_is(arrow_type, checks) -> bool:
+    """Whether ``pyarrow.types.<check>`` holds for any of ``checks`` (a check this pyarrow lacks: no)."""
+    import pyarrow as pa
+
+    return any(getattr(pa.types, check, lambda _: False)(arrow_type) for check in checks)
+
+
 def _text_column_problem(field) -> str | None:
     """Why a Parquet column cannot hold text, or None: strings, binary (read as UTF-8, as a string
     column is) and dictionary-encoded either can; an all-null column is left to its rows."""
     import pyarrow as pa
 
     t = field.type.value_type if pa.types.is_dictionary(field.type) else field.type
-    checks = ["is_string", "is_large_string", "is_string_view", "is_binary", "is_large_binary", "is_binary_view",
-              "is_null"]
-    if any(getattr(pa.types, check, lambda _: False)(t) for check in checks):
+    if _type_is(t, _STRING_TYPES + _BINARY_TYPES + ("is_null",)):
         return None
     return f"column {field.name!r} holds {field.type}, not text (a string or binary column)"
 
@@ -249,8 +258,7 @@ def _column_values(column) -> list:
 
     if pa.types.is_dictionary(column.type):
         column = column.dictionary_decode()
-    binary = ("is_binary", "is_large_binary", "is_binary_view")
-    if not any(getattr(pa.types, check, lambda _: False)(column.type) for check in binary):
+    if not _type_is(column.type, _BINARY_TYPES):
         try:
             return column.to_pylist()
         except UnicodeDecodeError:
