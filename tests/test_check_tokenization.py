@@ -19,14 +19,10 @@ TEXTS = [f"doc {i}: it's the quick brown fox, {i * 37} times; café 🙂 <|endof
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from megatron_osp.testing.tokenizers import byte_level_bpe
 
     root = tmp_path_factory.mktemp("check_tok")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(TEXTS, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = byte_level_bpe(TEXTS, 400)
     tok.save(str(root / "tokenizer.json"))
     path = root / "c.jsonl"
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:20]) + "{broken\n"

@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 from megatron_osp.data import hf_fast
 from megatron_osp.data.tokenizer import HFTokenizer
+from megatron_osp.testing.tokenizers import byte_level_bpe
 
 ROOT = Path(__file__).resolve().parents[1]
 EOT = "<|endoftext|>"
@@ -42,22 +43,11 @@ def _docs(n: int) -> list[str]:
     return out
 
 
-def _byte_level_bpe(docs, vocab_size=1200):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(docs, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return tok
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf_fast")
     docs = _docs(120)
-    tok = _byte_level_bpe(docs)
+    tok = byte_level_bpe(docs, 1200, [EOT])
     path = root / "tokenizer.json"
     tok.save(str(path))
     return {"root": root, "path": path, "docs": docs}

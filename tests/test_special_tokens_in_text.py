@@ -32,14 +32,10 @@ TEXTS = [f"document {i}: the quick brown fox jumps over the lazy dog, {i * 7} ti
 
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from megatron_osp.testing.tokenizers import byte_level_bpe
 
     root = tmp_path_factory.mktemp("special")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(TEXTS + [DOC.replace(EOT, "")], trainers.BpeTrainer(
-        vocab_size=400, special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = byte_level_bpe(TEXTS + [DOC.replace(EOT, "")], 400, [EOT])
     tok.save(str(root / "tokenizer.json"))
     corpus = root / "c.jsonl"  # the special token on line 3, and at the start and end of line 6
     lines = TEXTS[:2] + [DOC] + TEXTS[2:4] + [f"{EOT}{TEXTS[4]}{EOT}"] + TEXTS[5:]

@@ -1,1 +1,1 @@
-"""Helpers for testing distributed code on CPU."""
+"""Helpers for tests: distributed code on CPU (distributed.py, comm_count.py), small tokenizers (tokenizers.py)."""
