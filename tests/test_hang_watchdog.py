@@ -56,6 +56,32 @@ def test_watchdog_fires_after_the_limit_with_the_message_and_the_stacks():
     assert 'in _watch' in done.stderr  # all threads: the watcher's own stack too
 
 
+def test_the_exit_takes_the_processes_multiprocessing_children_with_it(tmp_path):
+    """os._exit left them running as orphans: Megatron-Core's checkpoint writer keeps a spawned Manager
+    process from the first save on (two were left after every CI run, by the start-up test's ranks)."""
+    pid_file = tmp_path / "child.pid"
+    done, _ = _script(f"""
+        import multiprocessing, os
+        child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+        child.start()
+        open({str(pid_file)!r}, "w").write(str(child.pid))
+        dog = HangWatchdog(0.01)
+        dog.start()
+        dog.arm("step 1")
+        time.sleep(60)
+    """)
+    assert done.returncode == EXIT_CODE, done
+    pid = int(pid_file.read_text())
+    for _ in range(50):  # SIGKILLed; init reaps it a moment later
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the child {pid} outlived the watchdog's exit")
+
+
 def test_re_arming_keeps_short_parts_alive_and_close_disarms_everything():
     # 10 parts of 0.2 s under a 1.2 s limit (2 s in all), then closed and 2.6 s more: past the limit
     # and past faulthandler's backstop (2.4 s); nothing may fire.

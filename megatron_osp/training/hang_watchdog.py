@@ -8,7 +8,8 @@ allocation. The Trainer re-arms the watchdog at the start of each part of the ru
 follows it until the next re-arm (logging, the ranks' agreement on stopping), must stay under the
 limit. When it does not, a watcher thread writes one line naming the part and the setting to
 stderr, then ``faulthandler``'s dump of all threads, and ends the process with ``EXIT_CODE``
-(``os._exit``: no cleanup, which a hung collective could block). A launcher such as torchrun then
+(``os._exit``: no cleanup, which a hung collective could block; its multiprocessing children are
+killed first, or they would outlive it as orphans). A launcher such as torchrun then
 stops the other ranks; the job can be requeued and resumes from the newest complete checkpoint.
 
 The start-up (``Trainer.__init__``, once the config's values are checked) is watched the same way,
@@ -126,4 +127,23 @@ class HangWatchdog:
         out.flush()
         faulthandler.dump_traceback(file=out, all_threads=True)
         out.flush()
+        _kill_children()
         os._exit(EXIT_CODE)
+
+
+def _kill_children() -> None:
+    """SIGKILL this process's multiprocessing children, which ``os._exit`` would leave running as
+    orphans: Megatron-Core's checkpoint writer keeps a spawned Manager process for its results queue
+    from the first save on, and a background save's forked writer may be running. Kill only, no wait:
+    nothing here may block the exit."""
+    import multiprocessing
+
+    try:
+        children = multiprocessing.active_children()
+    except Exception:  # noqa: BLE001  (the exit must happen whatever this finds)
+        return
+    for child in children:
+        try:
+            child.kill()
+        except Exception:  # noqa: BLE001
+            pass
