@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import pickle
 import queue
+import signal
 import socket
 import sys
 import time
@@ -61,13 +62,35 @@ def _rank_main(rank, world_size, port, results, fn, args, kwargs):
             dist.destroy_process_group()
 
 
+def _children(pid: int) -> list[int]:
+    """The pids whose parent is ``pid`` (Linux /proc; elsewhere none are found)."""
+    out = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(entry))
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
 def _stop(procs, grace: float) -> None:
+    """Join the ranks, killing those still alive after ``grace`` seconds, and the processes a killed
+    rank had started (Megatron-Core's checkpoint writer keeps a spawned Manager process), which would
+    otherwise live on as orphans."""
     deadline = time.monotonic() + grace
     for p in procs:
         p.join(timeout=max(0.0, deadline - time.monotonic()))
     for p in procs:
         if p.is_alive():
+            children = _children(p.pid)
             p.kill()
+            for child in children:
+                try:
+                    os.kill(child, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         p.join()
 
 
