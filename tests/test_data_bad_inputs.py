@@ -332,7 +332,11 @@ def test_ctrl_c_in_preprocessing_ends_cleanly(tmp_path, tok):
     proc = subprocess.Popen([sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input", str(big),
                              "--tokenizer-model", tok, "--output-prefix", str(tmp_path / "out"), "--no-progress",
                              "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True,
+                            # A shell's background job (`pytest ... &`) inherits SIGINT ignored, and so
+                            # would this child, which then rightly keeps ignoring Ctrl-C: test it as a
+                            # terminal's foreground run gets it.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob(".out.stage-*")) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
