@@ -5,6 +5,7 @@ another tokenizer, is refused by name before any work; the validation set may ch
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -113,7 +114,19 @@ def test_a_run_logs_the_val_loss_of_the_valid_set(corpora, tmp_path):
         check_compatible(save_dir, _config(_overrides(corpora, run)), resume=True, same_run=True)
 
 
-def test_a_valid_set_that_cannot_work_is_refused_by_name(corpora, tmp_path):
+def _copy(prefix, to, last_token=None):
+    """A byte copy of dataset ``prefix`` at ``to``; ``last_token``: its .bin's last token replaced."""
+    for ext in (".bin", ".idx"):
+        shutil.copyfile(prefix + ext, str(to) + ext)
+    if last_token is not None:
+        tokens = np.memmap(str(to) + ".bin", dtype=np.uint16, mode="r+")
+        tokens[-1] = last_token
+        tokens.flush()
+        del tokens
+    return str(to)
+
+
+def test_a_valid_set_that_cannot_work_is_refused_by_name(corpora, tmp_path, monkeypatch):
     from megatron_osp.data.token_range import TokenRangeError
     from megatron_osp.training.data import build_datasets
     from megatron_osp.training.data_checks import data_problems
@@ -146,10 +159,53 @@ def test_a_valid_set_that_cannot_work_is_refused_by_name(corpora, tmp_path):
     assert problems(f"data.valid_paths=[{corpora['valid']},{link}]") == [
         f"data.valid_paths: {link} is also read for training (data.paths: {corpora['train']}): its documents would "
         "be trained on; hold out another dataset, or leave data.valid_paths unset to validate on data.split's share"]
+    # A byte copy of it under another name too, judged by content (data/content_identity.py).
+    copy = _copy(corpora["train"], tmp_path / "copy")
+    assert problems(f"data.valid_paths=[{corpora['valid']},{copy}]") == [
+        f"data.valid_paths: {copy} has the same content as {corpora['train']}, which data.paths reads for training "
+        "(the same .idx bytes, .bin size and first and last MiB of .bin): its documents would be trained on; hold "
+        "out another dataset, or leave data.valid_paths unset to validate on data.split's share"]
+    # Another dataset of the same layout (.bin size, .idx) is not one, nor, below, one of another .bin size
+    # (only stat'ed: no file of it is read).
+    assert problems(f"data.valid_paths=[{_copy(corpora['train'], tmp_path / 'edited', last_token=EOD - 1)}]") == []
+    from megatron_osp.data import content_identity
+
+    def unread(*_):
+        raise AssertionError("a dataset of another .bin size was read")
+
+    monkeypatch.setattr(content_identity, "_bin_edges", unread)
+    monkeypatch.setattr(content_identity, "_same_bytes", unread)
+    assert problems() == []
     # Its token ids are checked against the vocabulary as the training data's are.
     wide = _corpus(tmp_path / "wide", (200, 300), 3)
     with pytest.raises(TokenRangeError, match=rf"{wide}\.bin: token ids reach 29\d, outside model\.vocab_size=256"):
         build_datasets(_config(base + _own(corpora, f"data.valid_paths=[{wide}]")), 400, 16)
+
+
+def test_content_identity_reads_the_idx_and_the_edges_of_the_bin(corpora, tmp_path, monkeypatch):
+    from megatron_osp.data import content_identity
+    from megatron_osp.data.content_identity import copies_of, same_content
+
+    monkeypatch.setattr(content_identity, "_EDGE", 64)  # the edges of a large .bin, on a small one
+    monkeypatch.setattr(content_identity, "_BLOCK", 40)
+    train, n = corpora["train"], os.path.getsize(corpora["train"] + ".bin") // 2
+    copy, tail = _copy(train, tmp_path / "copy"), _copy(train, tmp_path / "tail", last_token=EOD - 1)
+    middle = _copy(train, tmp_path / "middle")
+    tokens = np.memmap(middle + ".bin", dtype=np.uint16, mode="r+")
+    tokens[n // 2] += 1  # not read: the same content as far as this check goes
+    tokens.flush()
+    del tokens
+    raw = IndexedDataset(train)
+    docs = [np.array(raw[i]) for i in range(len(raw))]  # two documents swapped: the same .bin size and edges
+    assert len(docs[20]) != len(docs[21])
+    docs[20], docs[21] = docs[21], docs[20]
+    with IndexedDatasetWriter(str(tmp_path / "swapped"), dtype=np.uint16) as w:
+        for d in docs:
+            w.add_document(d)
+    assert not same_content(train, str(tmp_path / "swapped"))
+    assert n > 4 * 64 and same_content(train, copy) and same_content(train, middle) and not same_content(train, tail)
+    assert same_content(train, train) and not same_content(train, corpora["valid"])
+    assert copies_of([corpora["valid"], tail, copy, train], [corpora["valid2"], train]) == {copy: train}
 
 
 def _preprocessed(tmp_path, name, tokenizer, texts, **kw):
