@@ -1,10 +1,12 @@
 """``data.valid_paths``: a held-out validation set of its own (Megatron-LM's --valid-data-path). Its
 documents, all of them, give the eval loss and the kurtosis batches; training then reads every document
 of ``data.paths`` (``data.split`` must say "100"). A validation dataset that training also reads, or of
-another tokenizer, is refused by name before any work; the validation set may change on resume."""
+another tokenizer, is refused by name before any work; the validation set may change on resume (a
+record in metrics.jsonl says so)."""
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -78,42 +80,93 @@ def test_validation_reads_the_valid_set_and_training_every_document(corpora, tmp
     np.testing.assert_array_equal(_tokens(again), _tokens(blended))
 
 
-def _train_worker(rank, world, overrides, valid_prefix):
+def _train_worker(rank, world, overrides, valid_prefix, first=None):
+    """The run of ``overrides`` (after a first segment of overrides ``first``, when given): its val loss,
+    the same model's loss on ``valid_prefix`` measured apart, and its console lines."""
     from megatron_osp.data.gpt_dataset import GPTDataConfig, GPTDataset
     from megatron_osp.training.config import load_config
     from megatron_osp.training.loop import Trainer
 
-    trainer = Trainer(load_config(None, overrides), log=lambda *_: None)
+    if first is not None:
+        Trainer(load_config(None, first), log=lambda *_: None).train()
+    lines = []
+    trainer = Trainer(load_config(None, overrides), log=lines.append)
     summary = trainer.train()
     if valid_prefix is None:
-        return summary["val_loss"], None
+        return summary["val_loss"], None, lines
     # The same model's loss on the validation corpus's samples, built here apart from the run's config.
     raw = IndexedDataset(valid_prefix)
     n = trainer.config.train.eval_batches * trainer.config.train.global_batch_size
     cfg = GPTDataConfig(paths=[valid_prefix], sequence_length=32, seed=trainer.config.train.seed, eod_id=EOD)
     trainer.valid_ds = GPTDataset(raw, range(len(raw)), n, "valid", cfg)
-    return summary["val_loss"], trainer.evaluate()
+    return summary["val_loss"], trainer.evaluate(), lines
 
 
 def test_a_run_logs_the_val_loss_of_the_valid_set(corpora, tmp_path):
     from megatron_osp.training.checkpoint import CheckpointError
     from megatron_osp.training.resume_check import check_compatible
 
-    run = tmp_path / "own"
-    [(logged, direct)] = run_distributed(_train_worker, 1, _overrides(corpora, run, *_own(corpora)), corpora["valid"])
+    # The run's first 2 steps validated on valid2; resumed, the rest on valid: the change is recorded.
+    run, valid2 = tmp_path / "own", f"data.valid_paths=[{corpora['valid2']}]"
+    first = _overrides(corpora, run, *_own(corpora, valid2), "train.exit_at_step=2")
+    [(logged, direct, lines)] = run_distributed(_train_worker, 1, _overrides(corpora, run, *_own(corpora)),
+                                                corpora["valid"], first)
     assert logged == pytest.approx(direct, rel=1e-6)
     assert json.loads((run / "summary.json").read_text())["val_loss"] == pytest.approx(logged, rel=1e-6)
-    [(split_based, _)] = run_distributed(_train_worker, 1, _overrides(corpora, tmp_path / "split"), None)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 2, 3]
+    assert records[2] == {"step": 2, "event": "valid_set_changed",
+                          "from": {"valid_paths": [corpora["valid2"]], "valid_weights": None},
+                          "to": {"valid_paths": [corpora["valid"]], "valid_weights": None}}
+    assert (f"validation set changed at step 2: from {[corpora['valid2']]} to {[corpora['valid']]}; the val losses "
+            "and kurtosis after this step are of the new set") in lines
+    [(split_based, _, _)] = run_distributed(_train_worker, 1, _overrides(corpora, tmp_path / "split"), None)
     assert abs(logged - split_based) > 1e-3  # ids never trained on: not the held-out share's loss
     # A resume may change the validation set; it may not turn data.paths' held-out share into training data.
     save_dir = run / "checkpoints"
-    other = _overrides(corpora, run, *_own(corpora, f"data.valid_paths=[{corpora['valid2']}]"))
-    check_compatible(save_dir, _config(other), resume=True, same_run=True)
+    other = _overrides(corpora, run, *_own(corpora, valid2))
+    assert check_compatible(save_dir, _config(other), resume=True, same_run=True) == (
+        {"valid_paths": [corpora["valid"]], "valid_weights": None},
+        {"valid_paths": [corpora["valid2"]], "valid_weights": None})
+    assert check_compatible(save_dir, _config(other), resume=True) is None  # train.load: another run's record
     with pytest.raises(CheckpointError, match=r"data\.split: checkpoint '100', this run '98,2,0'"):
         check_compatible(save_dir, _config(_overrides(corpora, run)), resume=True, same_run=True)
 
 
-def test_a_valid_set_that_cannot_work_is_refused_by_name(corpora, tmp_path):
+def test_a_valid_set_change_is_one_metrics_record_that_readers_skip(tmp_path):
+    """RunLog's event line: once per resume step (the same resume started again adds none), and not
+    among the steps' metrics that resumed runs read (train_loss, tokens)."""
+    from megatron_osp.training.run_log import RunLog, mean_tail
+
+    steps = [{"step": s, "loss": 5.0 - s, "consumed_samples": 8 * s, "tokens": 256 * s} for s in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
+    change = ({"valid_paths": ["a"], "valid_weights": None}, {"valid_paths": None, "valid_weights": None})
+    lines = []
+    for _ in range(2):  # the resume at step 2, started again (killed before its next checkpoint)
+        log = RunLog(tmp_path, None, lines.append, 1, 1, writer=True)
+        earlier = log.earlier_metrics(2)
+        assert earlier == steps[:2] and mean_tail(earlier) == 3.5
+        log.valid_set_changed(2, change)
+        log.valid_set_changed(2, None)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records == steps[:2] + [{"step": 2, "event": "valid_set_changed", "from": change[0], "to": change[1]}]
+    assert lines == ["validation set changed at step 2: from ['a'] to data.split's validation share of data.paths; "
+                     "the val losses and kurtosis after this step are of the new set"]
+
+
+def _copy(prefix, to, last_token=None):
+    """A byte copy of dataset ``prefix`` at ``to``; ``last_token``: its .bin's last token replaced."""
+    for ext in (".bin", ".idx"):
+        shutil.copyfile(prefix + ext, str(to) + ext)
+    if last_token is not None:
+        tokens = np.memmap(str(to) + ".bin", dtype=np.uint16, mode="r+")
+        tokens[-1] = last_token
+        tokens.flush()
+        del tokens
+    return str(to)
+
+
+def test_a_valid_set_that_cannot_work_is_refused_by_name(corpora, tmp_path, monkeypatch):
     from megatron_osp.data.token_range import TokenRangeError
     from megatron_osp.training.data import build_datasets
     from megatron_osp.training.data_checks import data_problems
@@ -146,10 +199,53 @@ def test_a_valid_set_that_cannot_work_is_refused_by_name(corpora, tmp_path):
     assert problems(f"data.valid_paths=[{corpora['valid']},{link}]") == [
         f"data.valid_paths: {link} is also read for training (data.paths: {corpora['train']}): its documents would "
         "be trained on; hold out another dataset, or leave data.valid_paths unset to validate on data.split's share"]
+    # A byte copy of it under another name too, judged by content (data/content_identity.py).
+    copy = _copy(corpora["train"], tmp_path / "copy")
+    assert problems(f"data.valid_paths=[{corpora['valid']},{copy}]") == [
+        f"data.valid_paths: {copy} has the same content as {corpora['train']}, which data.paths reads for training "
+        "(the same .idx bytes, .bin size and first and last MiB of .bin): its documents would be trained on; hold "
+        "out another dataset, or leave data.valid_paths unset to validate on data.split's share"]
+    # Another dataset of the same layout (.bin size, .idx) is not one, nor, below, one of another .bin size
+    # (only stat'ed: no file of it is read).
+    assert problems(f"data.valid_paths=[{_copy(corpora['train'], tmp_path / 'edited', last_token=EOD - 1)}]") == []
+    from megatron_osp.data import content_identity
+
+    def unread(*_):
+        raise AssertionError("a dataset of another .bin size was read")
+
+    monkeypatch.setattr(content_identity, "_bin_edges", unread)
+    monkeypatch.setattr(content_identity, "_same_bytes", unread)
+    assert problems() == []
     # Its token ids are checked against the vocabulary as the training data's are.
     wide = _corpus(tmp_path / "wide", (200, 300), 3)
     with pytest.raises(TokenRangeError, match=rf"{wide}\.bin: token ids reach 29\d, outside model\.vocab_size=256"):
         build_datasets(_config(base + _own(corpora, f"data.valid_paths=[{wide}]")), 400, 16)
+
+
+def test_content_identity_reads_the_idx_and_the_edges_of_the_bin(corpora, tmp_path, monkeypatch):
+    from megatron_osp.data import content_identity
+    from megatron_osp.data.content_identity import copies_of, same_content
+
+    monkeypatch.setattr(content_identity, "_EDGE", 64)  # the edges of a large .bin, on a small one
+    monkeypatch.setattr(content_identity, "_BLOCK", 40)
+    train, n = corpora["train"], os.path.getsize(corpora["train"] + ".bin") // 2
+    copy, tail = _copy(train, tmp_path / "copy"), _copy(train, tmp_path / "tail", last_token=EOD - 1)
+    middle = _copy(train, tmp_path / "middle")
+    tokens = np.memmap(middle + ".bin", dtype=np.uint16, mode="r+")
+    tokens[n // 2] += 1  # not read: the same content as far as this check goes
+    tokens.flush()
+    del tokens
+    raw = IndexedDataset(train)
+    docs = [np.array(raw[i]) for i in range(len(raw))]  # two documents swapped: the same .bin size and edges
+    assert len(docs[20]) != len(docs[21])
+    docs[20], docs[21] = docs[21], docs[20]
+    with IndexedDatasetWriter(str(tmp_path / "swapped"), dtype=np.uint16) as w:
+        for d in docs:
+            w.add_document(d)
+    assert not same_content(train, str(tmp_path / "swapped"))
+    assert n > 4 * 64 and same_content(train, copy) and same_content(train, middle) and not same_content(train, tail)
+    assert same_content(train, train) and not same_content(train, corpora["valid"])
+    assert copies_of([corpora["valid"], tail, copy, train], [corpora["valid2"], train]) == {copy: train}
 
 
 def _preprocessed(tmp_path, name, tokenizer, texts, **kw):

@@ -1,15 +1,17 @@
 """The data section as training needs it, checked before any dataset, process group or model exists:
 the data files and tokenizer are there, the tokenizer's vocabulary fits ``model.vocab_size`` and it
 has an end-of-document id, and the preprocessing outputs were made with one tokenizer (this one);
-``data.valid_paths`` (a validation set of its own) is there, holds no training dataset (nor one that a
-training dataset was merged from, or was merged from one: merge manifests' ``merged_from``) and was
-made like the training data. Problems come as validation.py's ``ConfigError``, one line each, all at once."""
+``data.valid_paths`` (a validation set of its own) is there, holds no training dataset (nor a byte copy
+of one, nor one that a training dataset was merged from, or was merged from one: merge manifests'
+``merged_from``) and was made like the training data. Problems come as validation.py's ``ConfigError``,
+one line each, all at once."""
 
 from __future__ import annotations
 
 import os
 
 from megatron_osp.data import shardset
+from megatron_osp.data.content_identity import copies_of
 from megatron_osp.data.shardset import expand
 from megatron_osp.data.tokenizer_identity import same_tokenizer, tokenizer_fingerprint
 from megatron_osp.training.validation import ConfigError, _fail
@@ -112,9 +114,10 @@ def _valid_set_problems(d, train_prefixes: list[str], tokens: bool = True) -> li
     """``data.valid_paths`` as validation needs it: its datasets there, none of them read by training
     too (the same .bin, under any symbolic or hard link of its path, or a family prefix whose shard is in
     ``data.paths``: its documents would be trained on; another shard of a family ``data.paths`` also
-    reads is a held-out shard and fine), and made like the training data (tokenizer, special text,
-    EOD: ``shardset.check_same_tokens``, and the tokenizer of ``data.tokenizer_model``; not when
-    ``tokens`` is False: the training data's own mix is reported)."""
+    reads is a held-out shard and fine), nor a byte copy of a training dataset under another name
+    (data/content_identity.py: only datasets of equal .bin size are read), and made like the training
+    data (tokenizer, special text, EOD: ``shardset.check_same_tokens``, and the tokenizer of
+    ``data.tokenizer_model``; not when ``tokens`` is False: the training data's own mix is reported)."""
     try:
         prefixes = dataset_prefixes(d.valid_paths, d.valid_weights)
     except (OSError, ValueError) as e:
@@ -123,15 +126,22 @@ def _valid_set_problems(d, train_prefixes: list[str], tokens: bool = True) -> li
     problems = _missing(prefixes, "data.valid_paths")
     if problems:
         return problems
-    trained = {_file_id(p): p for p in reversed(train_prefixes) if os.path.exists(p + ".bin")}  # the first named
+    present = [p for p in train_prefixes if all(os.path.exists(p + ext) for ext in (".bin", ".idx"))]
+    trained = {_file_id(p): p for p in reversed(present)}  # the first named
+    way_out = "hold out another dataset, or leave data.valid_paths unset to validate on data.split's share"
     for entry in d.valid_paths:
-        for p in dataset_prefixes([entry]):
-            if (same := trained.get(_file_id(p))) is not None:
-                also = "" if p == entry else f" (a shard of {entry})"
-                problems.append(f"data.valid_paths: {p}{also} is also read for training (data.paths: "
-                                f"{same}): its documents would be trained on; hold out "
-                                "another dataset, or leave data.valid_paths unset to validate on data.split's share")
-                break
+        shards = dataset_prefixes([entry])
+        also = {p: "" if p == entry else f" (a shard of {entry})" for p in shards}
+        same = next(((p, trained[_file_id(p)]) for p in shards if _file_id(p) in trained), None)
+        if same is not None:
+            p, t = same
+            problems.append(f"data.valid_paths: {p}{also[p]} is also read for training (data.paths: {t}): its "
+                            f"documents would be trained on; {way_out}")
+        elif copies := _copies(shards, present):
+            p = next(p for p in shards if p in copies)
+            problems.append(f"data.valid_paths: {p}{also[p]} has the same content as {copies[p]}, which data.paths "
+                            "reads for training (the same .idx bytes, .bin size and first and last MiB of .bin): its "
+                            f"documents would be trained on; {way_out}")
     problems += _merge_lineage_problems(train_prefixes, prefixes)
     if problems or not tokens:
         return problems
@@ -149,6 +159,15 @@ def _valid_set_problems(d, train_prefixes: list[str], tokens: bool = True) -> li
     except ValueError as e:
         return [f"data.valid_paths: {e}"]
     return []
+
+
+def _copies(valid: list[str], trained: list[str]) -> dict[str, str]:
+    """The validation datasets that are byte copies of training ones under other names
+    (data/content_identity.py); none found where a file cannot be read (opening the dataset names it)."""
+    try:
+        return copies_of(valid, trained)
+    except OSError:
+        return {}
 
 
 def _identity(prefix: str):

@@ -118,12 +118,12 @@ class Trainer:
             self.watchdog.arm("start-up: finding the checkpoint to continue from")
             self.save_dir = Path(train.save_dir) if train.save_dir else self.run_dir / "checkpoints"
             load_path, same_run = checkpoint_to_load(train, self.save_dir)
-            resume = False
+            resume, self._valid_change = False, None  # another validation set: recorded in metrics.jsonl
             if load_path is not None:
                 # A training checkpoint continues where it stopped; a weights-only one (e.g. converted
                 # from Hugging Face) starts a new run from those weights.
                 resume = "optimizer" in read_train_state(load_path)["contents"]
-                check_compatible(load_path, config, resume=resume, same_run=same_run)
+                self._valid_change = check_compatible(load_path, config, resume=resume, same_run=same_run)
             self.watchdog.arm("start-up: joining the process groups")
             parallel.init_distributed(par.tensor_parallel_size, par.pipeline_parallel_size,
                                       par.virtual_pipeline_size)
@@ -394,6 +394,7 @@ class Trainer:
                 )
                 dist.barrier()
                 return done
+        self.run_log.valid_set_changed(self.step, self._valid_change)  # None: the same set
         t0 = time.perf_counter()
         # A log window's rate is of its training steps: the time spent evaluating, measuring kurtosis
         # and saving in it (``paused``) is not counted (a save could take minutes at scale).

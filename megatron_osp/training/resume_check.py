@@ -14,8 +14,10 @@ field with both values:
 
 The validation set (``data.valid_paths``/``valid_weights``, like ``train.eval_batches``) may change on
 any resume: training reads the same samples, only the eval loss and kurtosis batches come from the new
-set. Whether validation is a share of ``data.paths`` or a set of its own is still part of the identity,
-through ``data.split`` (with ``data.valid_paths`` it must be "100", validation.py).
+set (a resume of the run's own checkpoint gets the change back from ``check_compatible``, and the
+loop records it in metrics.jsonl). Whether validation is a share of ``data.paths`` or a set of its own
+is still part of the identity, through ``data.split`` (with ``data.valid_paths`` it must be "100",
+validation.py).
 
 Parallel layout, batch sizes and the sequence length may change (progress.py counts the tokens),
 and so may what the optimizer and schedule read from the config at every step (clip_grad, the
@@ -82,10 +84,28 @@ def _sample_order(config) -> dict:
     }
 
 
-def check_compatible(path, config, *, resume: bool, same_run: bool = False) -> None:
+def _valid_set(config) -> dict:
+    d = config.data
+    return {"valid_paths": getattr(d, "valid_paths", None), "valid_weights": getattr(d, "valid_weights", None)}
+
+
+def valid_set_change(saved, config) -> tuple[dict, dict] | None:
+    """(the validation set of the run config ``saved``, this run's), as ``data.valid_paths`` and
+    ``data.valid_weights``, where they differ (datasets by real path), else None."""
+    old, new = _valid_set(saved), _valid_set(config)
+
+    def key(v):
+        return [os.path.realpath(p) for p in v["valid_paths"]] if v["valid_paths"] else None, v["valid_weights"]
+
+    return (old, new) if key(old) != key(new) else None
+
+
+def check_compatible(path, config, *, resume: bool, same_run: bool = False) -> tuple[dict, dict] | None:
     """CheckpointError naming every field where ``config`` cannot load (``resume=False``) or
     continue (``resume=True``) the checkpoint at ``path``; ``same_run``: it is this run's own
-    ``train.save_dir`` (auto-resume), so the data and seed must be the checkpoint's too."""
+    ``train.save_dir`` (auto-resume), so the data and seed must be the checkpoint's too. Returns
+    what may differ and is recorded in the run's metrics.jsonl: on a resume of the same run, the
+    validation set's change (``valid_set_change``), else None."""
     saved = read_run_config(path)
     diffs = []
     for name in vars(saved.model):
@@ -124,6 +144,7 @@ def check_compatible(path, config, *, resume: bool, same_run: bool = False) -> N
         raise CheckpointError(
             f"checkpoint {ckpt} does not fit this run:\n  " + "\n  ".join(diffs + data_diffs) + way_out
         )
+    return valid_set_change(saved, config) if resume and same_run else None
 
 
 def _in_save_dir(load, save_dir: Path) -> bool:

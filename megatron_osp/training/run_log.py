@@ -1,6 +1,8 @@
 """What a run writes about itself as it trains, on the logging rank: ``metrics.jsonl`` (one line per
-``log_interval`` steps), the metric sinks (TensorBoard, W&B: metric_sinks.py), the console line, the
-model-FLOPs rate of its tokens/s (models/flops.py) and, on GPUs, peak memory (device_memory.py)."""
+``log_interval`` steps, and a line with an ``event`` key where something changed, e.g. the validation
+set on a resume: readers that want the steps' metrics skip those), the metric sinks (TensorBoard,
+W&B: metric_sinks.py), the console line, the model-FLOPs rate of its tokens/s (models/flops.py) and,
+on GPUs, peak memory (device_memory.py)."""
 
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ class RunLog:
         self.sinks, self.log = sinks, log
         self.flops_per_token, self.devices, self.writer = flops_per_token, devices, writer
         self.memory = MemoryPeaks(device if device is not None else torch.device("cpu"))
+        self._events = []  # the event lines earlier_metrics kept
 
     @classmethod
     def for_config(cls, config, sinks, log, devices: int, writer: bool, device=None) -> RunLog:
@@ -55,7 +58,34 @@ class RunLog:
             with open(self.path.with_name("metrics.dropped.jsonl"), "a") as f:
                 f.write("".join(line + "\n" for line in dropped))
             atomic_write_text(self.path, "".join(line + "\n" for line, _ in kept))
-        return [m for _, m in kept]
+        self._events = [m for _, m in kept if "event" in m]
+        return [m for _, m in kept if "event" not in m]
+
+    def event(self, record: dict, message: str) -> None:
+        """A line of metrics.jsonl that is not a step's metrics (``record`` has ``step`` and ``event``:
+        what happened), and ``message`` on the console; not again when metrics.jsonl has it already
+        (the same resume started again)."""
+        if not self.writer or record in self._events:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.log(message)
+
+    def valid_set_changed(self, step: int, change: tuple[dict, dict] | None) -> None:
+        """The validation set is another from ``step`` on (``change``: resume_check's (old, new) for a
+        resume with other data.valid_paths or data.valid_weights; None: the same set): the val losses
+        and kurtosis measured after it are of the new one."""
+        if change is None:
+            return
+        old, new = change
+
+        def name(v):
+            paths = v["valid_paths"] or "data.split's validation share of data.paths"
+            return f"{paths}" + (f" (weights {v['valid_weights']})" if v["valid_weights"] else "")
+
+        self.event({"step": step, "event": "valid_set_changed", "from": old, "to": new},
+                   f"validation set changed at step {step}: from {name(old)} to {name(new)}; the val losses and "
+                   "kurtosis after this step are of the new set")
 
     def metrics(self, stats: dict, bar=None) -> None:
         """One ``log_interval`` line: metrics.jsonl, the sinks' ``train/*`` scalars, the console."""
