@@ -113,6 +113,12 @@ def test_tokenizer_json_only_import_keeps_bos_eos_and_exports_from_elsewhere(run
     assert (bos, eos) == (1, 2)
     run_tool([tool("convert_from_hf"), "llama_json", "imported", "--tokenizer", "llama_json/tokenizer.json"],
              cwd=work)  # relative paths, as typed
+    from megatron_osp.data.tokenizer_identity import tokenizer_fingerprint
+    from megatron_osp.training.checkpoint import read_train_state
+
+    # the checkpoint records the tokenizer.json its model learned: a run from it refuses other data
+    record = read_train_state(work / "imported")["tokenizer"]
+    assert record["tokenizer_fingerprint"] == tokenizer_fingerprint(src / "tokenizer.json")
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

@@ -68,6 +68,7 @@ def import_hf(hf_dir, save_dir, *, embedding_projection: bool = False, seq_lengt
     from megatron_osp.models.layout import load_logical_state_dict
     from megatron_osp.training.checkpoint import save_checkpoint
     from megatron_osp.training.config import DataSettings, RunConfig, TrainSettings
+    from megatron_osp.training.tokenizer_record import file_record
     from megatron_osp.training.validation import check_config
 
     d = Path(hf_dir)
@@ -100,7 +101,8 @@ def import_hf(hf_dir, save_dir, *, embedding_projection: bool = False, seq_lengt
     model = build_gpt_model(model_cfg, transformer_config(model_cfg, params_dtype=torch.float32),
                             pre_process=True, post_process=True, seed=seed, layout_independent_init=False)
     load_logical_state_dict(model, logical)
-    path = save_checkpoint(save_dir, 0, [model], run, save_rng=False)
+    source = sp_model or hf_tokenizer  # recorded: a run started from it refuses data of another tokenizer
+    path = save_checkpoint(save_dir, 0, [model], run, save_rng=False, tokenizer=source and file_record(source))
     if hf_tokenizer is not None:
         _store_hf_tokenizer(hf_tokenizer, ids, Path(save_dir))
     log(f"imported {d} ({model_cfg.num_layers} layers, hidden {model_cfg.hidden_size}, vocab "

@@ -17,7 +17,8 @@ On-disk layout::
         common.pt             replicated state: LR scheduler, iteration, consumed samples,
                               optimizer hyperparameters
         run_config.yaml       the RunConfig of the run that saved it (read_run_config)
-        train_state.json      iteration, consumed samples, contents, the saving layout (human-readable)
+        train_state.json      iteration, consumed samples, contents, the saving layout, the
+                              tokenizer whose ids the model learned (human-readable)
         checksums.json        size and CRC-32 of every file above (checkpoint_integrity.py), written
                               last inside iter_N.tmp/; verified before anything is loaded
       iter_0000300.tmp/       a save in progress (or killed half way): never loaded, removed by the
@@ -271,18 +272,21 @@ def save_checkpoint(
     keep_last: int = 0,
     save_rng: bool = True,
     log=None,
+    tokenizer: dict | None = None,
 ) -> Path:
     """Save a checkpoint of ``iteration`` under ``save_dir`` (collective: every rank calls it).
 
     ``model_chunks`` are the model (DDP/Float16Module-wrapped or not). Without ``optimizer`` and
     ``scheduler`` this writes a weights-only checkpoint (e.g. one converted from Hugging Face), which
-    training loads with a fresh optimizer. Returns the final iteration directory.
+    training loads with a fresh optimizer. ``tokenizer``: the record (training/tokenizer_record.py) of
+    the tokenizer whose ids the model learned, where ``config`` does not name it (an HF import's
+    tokenizer.json). Returns the final iteration directory.
     """
     start = time.perf_counter()
     target = begin_save(save_dir, iteration)
     state, contents = training_state(model_chunks, optimizer, scheduler, save_rng, iteration, consumed_samples)
     _write_shards(state, target.tmp)
-    write_small_files(target, config, consumed_samples, contents)
+    write_small_files(target, config, consumed_samples, contents, tokenizer)
     dist.barrier()
     integrity.write_manifest_collective(target.tmp)  # collective; rank 0 writes it before publishing below
     return finish_save(target, keep_last, log, start)
@@ -337,11 +341,14 @@ def training_state(model_chunks, optimizer, scheduler, save_rng: bool, iteration
     return state, contents
 
 
-def write_small_files(target: SaveTarget, config, consumed_samples: int, contents: list[str]) -> None:
-    """Rank 0 writes the run config and the train state into the save's ``tmp`` directory."""
+def write_small_files(target: SaveTarget, config, consumed_samples: int, contents: list[str],
+                      tokenizer: dict | None = None) -> None:
+    """Rank 0 writes the run config and the train state into the save's ``tmp`` directory, with the
+    record of the tokenizer whose ids the model learned (``tokenizer``, else the run's)."""
     if dist.get_rank() != 0:
         return
     from megatron_osp.training.config import save_config
+    from megatron_osp.training.tokenizer_record import KEY, run_record
 
     save_config(config, target.tmp / RUN_CONFIG)
     atomic_write_json(
@@ -353,6 +360,7 @@ def write_small_files(target: SaveTarget, config, consumed_samples: int, content
             "consumed_samples": consumed_samples,
             "contents": contents,
             "layout": _layout(),
+            **({KEY: record} if (record := tokenizer or run_record(config)) else {}),
         },
     )
 

@@ -7,6 +7,8 @@ field with both values:
 - a resume (the checkpoint has optimizer state): another optimizer or LR schedule, or another
   value of a hyperparameter the optimizer state carries in its param groups (loading them would
   silently put the checkpoint's values back);
+- any load: a model that learned another tokenizer's ids than this run's data hold (the
+  checkpoint's record against the data's manifests or ``data.tokenizer_model``, tokenizer_record.py);
 - a resume from the run's own ``train.save_dir`` (auto-resume, "the same command again"): other
   data or another seed. The run would continue at the checkpoint's consumed samples of another
   sample order, and a finished run would train nothing and report the earlier run's results. To
@@ -39,8 +41,10 @@ from megatron_osp.training.checkpoint import (
     CheckpointError,
     has_checkpoint,
     read_run_config,
+    read_train_state,
     resolve_checkpoint,
 )
+from megatron_osp.training.tokenizer_record import checkpoint_record, describe, run_record, same
 
 # Model fields that may differ between the run that saved a checkpoint and the run that loads it.
 _FREE_MODEL_FIELDS = {"transformer_impl", "hidden_dropout", "attention_dropout", "seq_length", "make_vocab_size_divisible_by"}
@@ -132,7 +136,8 @@ def check_compatible(path, config, *, resume: bool, same_run: bool = False) -> t
                 section, field = name.split(".")
                 old, new = getattr(getattr(saved, section), field), getattr(getattr(config, section), field)
                 data_diffs.append(f"{name}: checkpoint {old!r}, this run {new!r}")
-    if diffs or data_diffs:
+    tokens = _tokenizer_problems(path, saved, config)
+    if diffs or data_diffs or tokens:
         ckpt = resolve_checkpoint(path)
         way_out = "\n(to start a new run instead, use another train.run_dir or train.save_dir)" if diffs else ""
         if data_diffs:
@@ -142,9 +147,21 @@ def check_compatible(path, config, *, resume: bool, same_run: bool = False) -> t
                 f"train.load={ckpt} with another train.run_dir)"
             )
         raise CheckpointError(
-            f"checkpoint {ckpt} does not fit this run:\n  " + "\n  ".join(diffs + data_diffs) + way_out
+            f"checkpoint {ckpt} does not fit this run:\n  " + "\n  ".join(diffs + data_diffs + tokens) + way_out
         )
     return valid_set_change(saved, config) if resume and same_run else None
+
+
+def _tokenizer_problems(path, saved, config) -> list[str]:
+    """The checkpoint's model learned another tokenizer's ids than this run's data hold (both known:
+    training/tokenizer_record.py): the vocabulary sizes may agree, the tokens do not."""
+    theirs = checkpoint_record(read_train_state(path), saved)
+    mine = run_record(config)
+    if same(theirs, mine) is not False:
+        return []
+    return [f"tokenizer: the checkpoint's model learned the ids of {describe(theirs)}, this run's data are ids of "
+            f"{describe(mine)}, which encodes differently: every token would be read as another one's embedding; "
+            "tokenize the data with the checkpoint's tokenizer"]
 
 
 def _in_save_dir(load, save_dir: Path) -> bool:
