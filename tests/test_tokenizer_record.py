@@ -75,10 +75,15 @@ def _worker(rank, world, s):
     return out
 
 
-def test_a_run_from_a_checkpoint_on_another_tokenizers_data_is_refused(setup):
+@pytest.fixture(scope="module")
+def trained(setup):
+    return run_distributed(_worker, 1, {k: str(v) for k, v in setup.items()}, timeout=300)[0]
+
+
+def test_a_run_from_a_checkpoint_on_another_tokenizers_data_is_refused(setup, trained):
     from megatron_osp.data.tokenizer_identity import tokenizer_fingerprint
 
-    out = run_distributed(_worker, 1, {k: str(v) for k, v in setup.items()}, timeout=300)[0]
+    out = trained
     record = out["record"]
     assert record["tokenizer_fingerprint"] == tokenizer_fingerprint(setup["a"]) and record["source"] == setup["a"]
     for case in ("b_named", "b_manifest"):
@@ -110,3 +115,35 @@ def test_records_compare_by_what_they_encode(setup, tmp_path):
     # a checkpoint saved before records were written: its run config's files decide
     assert same(checkpoint_record({}, cfg), b) is True
     assert checkpoint_record({"tokenizer": a}, cfg) == a
+
+
+def test_evaluation_refuses_data_of_another_tokenizer_before_any_model_loads(setup, trained, tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    from megatron_osp.analysis.loading import check_data_tokenizer
+
+    ckpt = str(setup["root"] / "first" / "checkpoints")
+    check_data_tokenizer(ckpt, setup["data_a2"], "--data")  # the model's tokenizer: passes
+    with pytest.raises(ValueError, match="learned the ids of " + setup["a"]):
+        check_data_tokenizer(ckpt, setup["data_b"], "--data")
+    # an HF directory: its tokenizer.model (or tokenizer.json) is the model's
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    shutil.copy(setup["b"], hf / "tokenizer.model")
+    check_data_tokenizer(str(hf), setup["data_b"], "--calibration-data")
+    with pytest.raises(ValueError, match="--calibration-data " + setup["data_a"]):
+        check_data_tokenizer(str(hf), setup["data_a"], "--calibration-data")
+    (hf / "tokenizer.model").unlink()
+    check_data_tokenizer(str(hf), setup["data_a"], "--calibration-data")  # nothing to compare: not refused
+    # the tool: exit 2 naming both, before any model loads, nothing written
+    spec = importlib.util.spec_from_file_location("eq", Path(__file__).resolve().parents[1] / "tools" /
+                                                  "evaluate_quantization.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "out"
+    assert tool.main([ckpt, "--data", setup["data_b"], "--documents", "0:1", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert setup["data_b"] in err and setup["a"] in err and "encodes differently" in err
+    assert not out.exists()

@@ -84,7 +84,7 @@ def _check(args):
     """Everything that can be refused, before any model is loaded."""
     from megatron_osp.analysis.downstream import check_model_path, check_tasks, parse_tasks, require_harness
     from megatron_osp.analysis.evaluation import check_window_count, parse_document_range
-    from megatron_osp.analysis.loading import check_group_sizes, config_facts
+    from megatron_osp.analysis.loading import check_data_tokenizer, check_group_sizes, config_facts
     from megatron_osp.analysis.quantization import parse_setting
 
     settings = [parse_setting(s) for s in args.settings.split(",") if s.strip()]
@@ -116,6 +116,7 @@ def _check(args):
         check_model_path(m)
         check_group_sizes(m, settings)
         if any(s.gptq for s in settings):  # each model's calibration windows are of its sequence length
+            check_data_tokenizer(m, args.calibration_data, "--calibration-data")
             check_window_count(args.calibration_data, args.seq_length or config_facts(m)[0],
                                args.calibration_windows, docs, "--calibration-windows")
     require_harness()

@@ -123,7 +123,7 @@ def _run(args) -> int:
     import torch
 
     from megatron_osp.analysis.evaluation import check_token_ids, check_window_count, load_token_windows
-    from megatron_osp.analysis.loading import check_group_sizes, config_facts, load_for_analysis
+    from megatron_osp.analysis.loading import check_data_tokenizer, check_group_sizes, config_facts, load_for_analysis
     from megatron_osp.analysis.quant_report import (DEFAULT_SETTINGS, WEIGHT_ROUNDING, evaluate_model, format_table,
                                                     with_fp, write_report)
     from megatron_osp.analysis.report_progress import ReportProgress
@@ -156,6 +156,7 @@ def _run(args) -> int:
             if not Path(path).exists():
                 raise FileNotFoundError(f"{path} does not exist")
             check_group_sizes(path, settings)
+            check_data_tokenizer(path, args.data, "--data")
         # The held-out and calibration windows come from the first model's config (its sequence length,
         # its run's data.split): read before any model loads, so too few calibration windows is refused.
         first_seq, first_split, valid_paths = config_facts(args.models[0])

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 __all__ = ["LoadedModel", "load_for_analysis", "describe_run", "linear_input_widths", "check_group_sizes",
-           "config_facts"]
+           "config_facts", "check_data_tokenizer"]
 
 
 @dataclass
@@ -125,6 +125,38 @@ def config_facts(path: str) -> tuple[int, str | None, list[str] | None]:
         p = p / "checkpoints"
     run = read_run_config(p)
     return run.model.seq_length, getattr(run.data, "split", None), getattr(run.data, "valid_paths", None)
+
+
+def _model_tokenizers(path: str) -> list[dict]:
+    """Records (training/tokenizer_record.py) of the tokenizer a model learned: an HF directory's
+    tokenizer.model and tokenizer.json (those there), a Megatron checkpoint's own record."""
+    from megatron_osp.training.tokenizer_record import checkpoint_record, file_record
+
+    p = Path(path)
+    if (p / "config.json").exists():
+        return [r for name in ("tokenizer.model", "tokenizer.json") if (p / name).is_file()
+                and (r := file_record(p / name)) is not None]
+    from megatron_osp.training.checkpoint import read_run_config, read_train_state
+
+    if (p / "checkpoints").is_dir() and not (p / "latest").exists():
+        p = p / "checkpoints"
+    record = checkpoint_record(read_train_state(p), read_run_config(p))
+    return [record] if record else []
+
+
+def check_data_tokenizer(path: str, data: str, what: str) -> None:
+    """ValueError when the dataset ``data`` (its preprocessing manifest) holds another tokenizer's ids
+    than the model at ``path`` learned, before any model loads: at one vocabulary size every id is in
+    range and the numbers would be of the wrong tokens. Nothing is refused where either side is
+    unknown, or where one of the model's tokenizer files matches."""
+    from megatron_osp.training.tokenizer_record import data_record, describe, same
+
+    made = data_record([data])
+    verdicts = [(same(m, made), m) for m in _model_tokenizers(path)]
+    known = [(v, m) for v, m in verdicts if v is not None]
+    if known and not any(v for v, _ in known):
+        raise ValueError(f"{what} {data} was made with {describe(made)}, but {path} learned the ids of "
+                         f"{describe(known[0][1])}, which encodes differently: tokenize it with the model's tokenizer")
 
 
 def check_group_sizes(path: str, settings) -> None:
