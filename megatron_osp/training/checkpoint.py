@@ -408,10 +408,12 @@ def _prune(save_dir: Path, keep_last: int, keep: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------- load
-def load_checkpoint(path, model_chunks, optimizer=None, scheduler=None, *, load_rng: bool = True, log=None) -> dict:
+def load_checkpoint(path, model_chunks, optimizer=None, scheduler=None, *, load_rng: bool = True,
+                    weights_only: bool = False, log=None) -> dict:
     """Load a checkpoint into a built model (and optimizer / scheduler) at any TP/PP/DP layout.
 
-    Parts the checkpoint lacks (a weights-only checkpoint has no optimizer) are left as they are.
+    Parts the checkpoint lacks (a weights-only checkpoint has no optimizer) are left as they are, and
+    so are the optimizer and scheduler with ``weights_only`` (its master weights are made from the model's).
     RNG states are restored only when the layout is the one that saved them (they are per rank).
     Returns the checkpoint's train state (iteration, consumed_samples, contents, layout, path).
     """
@@ -424,7 +426,7 @@ def load_checkpoint(path, model_chunks, optimizer=None, scheduler=None, *, load_
     contents = set(train_state.get("contents", ["model"]))
     _check_vocab_padding(ckpt, train_state, model_chunks)
     state = _model_sharded_state_dict(model_chunks)
-    use_optimizer = optimizer is not None and "optimizer" in contents
+    use_optimizer = optimizer is not None and "optimizer" in contents and not weights_only
     if use_optimizer:
         state["optimizer"] = optimizer.sharded_state_dict(dict(state), is_loading=True)
     same_layout = train_state.get("layout") == _layout()
@@ -441,13 +443,14 @@ def load_checkpoint(path, model_chunks, optimizer=None, scheduler=None, *, load_
         _load_optimizer(optimizer, loaded["optimizer"])
     elif optimizer is not None:
         optimizer.reload_model_params()  # fp32 master weights from the loaded bf16/fp32 weights
-    if scheduler is not None and "scheduler" in contents:
+    use_scheduler = scheduler is not None and "scheduler" in contents and not weights_only
+    if use_scheduler:
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if use_rng:
         _set_rng_states(loaded["rng_state"])
     if log is not None:
         restored = {"model"} | {name for name, used in (
-            ("optimizer", use_optimizer), ("scheduler", scheduler is not None), ("rng", use_rng)) if used}
+            ("optimizer", use_optimizer), ("scheduler", use_scheduler), ("rng", use_rng)) if used}
         skipped = sorted(contents - restored)
         note = f" (not restored: {', '.join(skipped)})" if skipped else ""
         log(f"loaded checkpoint {ckpt} at iteration {train_state['iteration']}{note}")

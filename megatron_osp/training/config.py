@@ -103,6 +103,9 @@ class TrainSettings:
     # the end-of-run, SIGTERM and time-limit saves wait for it and are written at once.
     async_save: bool = False
     load: str | None = None  # a new run starts from this checkpoint (a save dir or one iter_N dir)
+    # With load: take only its model weights: step 0, a fresh optimizer, LR schedule and data order,
+    # any optimizer settings (Megatron-LM's --finetune). The run's own checkpoints resume in full.
+    load_weights_only: bool = False
     auto_resume: bool = True  # continue from save_dir's latest checkpoint if any (before `load`)
     exit_at_step: int = 0  # stop (after saving) once this many steps are done; 0 = run to the end
     # Stop (after saving) at the first step ending this many minutes after the run started (the Trainer

@@ -39,7 +39,6 @@ from megatron_osp.training.checkpoint import (
     load_checkpoint,
     newest_checkpoint,
     read_run_config,
-    read_train_state,
     save_checkpoint,
 )
 from megatron_osp.training import model_setup
@@ -50,7 +49,7 @@ from megatron_osp.training.metric_sinks import open_sinks
 from megatron_osp.training.platform_checks import check_launch, check_platform
 from megatron_osp.training.profiling import StepProfiler
 from megatron_osp.training.progress import finished_summary, tokens_at_resume
-from megatron_osp.training.resume_check import check_compatible, checkpoint_to_load
+from megatron_osp.training.resume_check import check_compatible, checkpoint_to_load, continues
 from megatron_osp.training.run_log import RunLog, mean_tail, progress_bar
 from megatron_osp.training.step_guard import check_step
 from megatron_osp.training.sigterm import SigtermFlag
@@ -120,9 +119,7 @@ class Trainer:
             load_path, same_run = checkpoint_to_load(train, self.save_dir)
             resume, self._valid_change = False, None  # another validation set: recorded in metrics.jsonl
             if load_path is not None:
-                # A training checkpoint continues where it stopped; a weights-only one (e.g. converted
-                # from Hugging Face) starts a new run from those weights.
-                resume = "optimizer" in read_train_state(load_path)["contents"]
+                resume = continues(load_path, train, same_run)  # else a new run from its weights
                 self._valid_change = check_compatible(load_path, config, resume=resume, same_run=same_run)
             self.watchdog.arm("start-up: joining the process groups")
             parallel.init_distributed(par.tensor_parallel_size, par.pipeline_parallel_size,
@@ -187,9 +184,8 @@ class Trainer:
         self._checkpoint_seq_length = config.model.seq_length
         if load_path is not None:
             self.watchdog.arm(f"start-up: loading checkpoint {load_path}")
-            state = load_checkpoint(
-                load_path, self.model_chunks, self.optimizer, self.scheduler, load_rng=resume, log=self._rank0_log
-            )
+            state = load_checkpoint(load_path, self.model_chunks, self.optimizer, self.scheduler, load_rng=resume,
+                                    weights_only=not resume, log=self._rank0_log)
             if resume:
                 self.step, consumed = state["iteration"], state["consumed_samples"]
                 self.last_saved_step = self.step

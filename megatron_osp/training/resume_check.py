@@ -164,6 +164,13 @@ def _tokenizer_problems(path, saved, config) -> list[str]:
             "tokenize the data with the checkpoint's tokenizer"]
 
 
+def continues(path, train, same_run: bool) -> bool:
+    """Whether loading the checkpoint at ``path`` continues its run (weights, optimizer, schedule,
+    samples) or starts a new one from its weights: a weights-only checkpoint (converted from Hugging
+    Face) and ``train.load_weights_only`` (not for the run's own checkpoints) start a new one."""
+    return "optimizer" in read_train_state(path)["contents"] and (same_run or not train.load_weights_only)
+
+
 def _in_save_dir(load, save_dir: Path) -> bool:
     path, save_dir = Path(load).resolve(), save_dir.resolve()
     return path == save_dir or path.parent == save_dir

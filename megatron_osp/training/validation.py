@@ -276,6 +276,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "keep_last": NON_NEGATIVE,
         "async_save": boolean,
         "load": optional(text),
+        "load_weights_only": boolean,
         "auto_resume": boolean,
         "exit_at_step": NON_NEGATIVE,
         "exit_after_minutes": number(0.0, what="must be >= 0 (0 = off)"),
@@ -372,6 +373,8 @@ def relation_problems(config) -> list[str]:
             f"train.exit_at_step={t.exit_at_step} is past train.train_steps={t.train_steps}, so it would never "
             f"stop the run: set train.exit_at_step to at most {t.train_steps} (or 0 to run to the end)"
         )
+    if t.load_weights_only and t.load is None:
+        problems.append("train.load_weights_only=true needs train.load (the checkpoint whose weights start the run)")
     if t.profile_steps is not None and _step_range(t.profile_steps) is None:
         from megatron_osp.training.profiling import parse_step_range
 
