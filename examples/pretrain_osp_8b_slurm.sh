@@ -18,6 +18,9 @@
 #SBATCH --time=48:00:00
 #SBATCH --output=logs/%x-%j.out
 #SBATCH --signal=TERM@120
+# sbatch reads only this file's #SBATCH lines: those pretrain_slurm.sh's requeue needs are repeated here.
+#SBATCH --requeue
+#SBATCH --open-mode=append
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
 # 512 sequences x 8192 tokens = 4.2M tokens per step; 238419 steps = 1T tokens.

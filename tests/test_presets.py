@@ -130,6 +130,24 @@ def test_8b_slurm_example_launches_a_valid_run(tmp_path):
     check_world(config, 4 * 8)  # DP = 16: 512 sequences = 2 per micro-batch x 16 micro-batches x 16 ranks
 
 
+def test_8b_slurm_example_asks_for_what_the_requeue_needs():
+    """sbatch reads the #SBATCH lines of the script it is given only: the 8B script execs
+    pretrain_slurm.sh, whose own lines are comments there. So the 8B job must ask itself for what the
+    requeue relies on (README "Checkpoints and resuming"): --requeue (a cluster with JobRequeue=0 refuses
+    `scontrol requeue` otherwise), --open-mode=append (a requeued job's log is otherwise truncated) and
+    the SIGTERM lead time; it only sized the job and lacked the first two."""
+    import re
+
+    def directives(script):
+        found = re.findall(r"^#SBATCH --([\w-]+)(?:=(.*))?$", script.read_text(), flags=re.M)
+        return {key: value for key, value in found}
+
+    base, big = directives(ROOT / "examples" / "pretrain_slurm.sh"), directives(EXAMPLE)
+    assert set(big) >= set(base), f"{EXAMPLE.name} lacks #SBATCH --{', --'.join(sorted(set(base) - set(big)))}"
+    for key in ("requeue", "open-mode", "signal"):
+        assert big[key] == base[key], (key, big[key], base[key])
+
+
 def test_the_slurm_examples_output_directories_are_in_the_repository():
     """sbatch opens #SBATCH --output before the script runs (its `mkdir -p logs` comes too late), and
     SLURM does not create the directory: from a fresh checkout the first job failed writing nothing."""
