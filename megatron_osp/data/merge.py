@@ -3,7 +3,8 @@
 Document boundaries are kept (a Megatron dataset with several sequences per document stays so), the
 result is byte-identical to Megatron-Core's ``IndexedDatasetBuilder.add_index`` merge (tested), and it
 is written under temporary names and renamed at the end, so a failed merge leaves nothing and leaves an
-earlier output of that prefix as it was.
+earlier output of that prefix as it was (shardset.replace_dataset: killed while renaming, it leaves the
+earlier pair, the new one or a .bin without .idx, never the new .bin beside the old .idx).
 
 When every input has a manifest (a preprocessing output, or a merge of such), the output is published
 like a preprocessing run (shardset.Stage: staged, then moved in with ``OUTPUT.shards.json``) and its
@@ -50,8 +51,9 @@ def merge_datasets(input_prefixes: list[str], output_prefix: str, vocab_size: in
     ``tokenizer_fingerprint`` (data/tokenizer_identity.py) of a tokenizer file: refuse an input whose
     manifest records another tokenizer (by fingerprint where both have one, else by file sha256).
 
-    Returns counts, ``manifest`` (the output's manifest path, None without one) and ``no_manifest``
-    (why there is none, or None); see the module docstring for what the manifest records.
+    Returns counts, ``manifest`` (the output's manifest path, None without one), ``no_manifest``
+    (why there is none, or None) and ``notes`` (what a merge cut short on this prefix left, removed or
+    replaced); see the module docstring for what the manifest records.
     """
     if not input_prefixes:
         raise ValueError("no input datasets to merge")
@@ -110,6 +112,9 @@ def merge_datasets(input_prefixes: list[str], output_prefix: str, vocab_size: in
                    "manifests": [shardset.manifest_path(os.path.abspath(f)) for f in dict.fromkeys(families.values())
                                  if f is not None]}
     lacking = [p for p, f in families.items() if f is None]
+    notes = shardset.clean_stale_temporaries(output_prefix)  # what a merge killed on this prefix left
+    if os.path.exists(f"{output_prefix}.bin") and not os.path.exists(f"{output_prefix}.idx"):
+        notes.append(f"replaced {output_prefix}.bin, left without its .idx by a write that was cut short")
     if lacking:
         _write_plain(datasets, str(output_prefix), dtype, merged_from if earlier else None)
         why = ("no input has one" if len(lacking) == len(input_prefixes) else
@@ -122,7 +127,7 @@ def merge_datasets(input_prefixes: list[str], output_prefix: str, vocab_size: in
             **_agreed(recorded, families), "dtype": dtype.name, "merged_from": merged_from})
     return {"datasets": len(datasets), "sequences": counts["sequences"], "tokens": counts["tokens"],
             "manifest": None if lacking else shardset.manifest_path(output_prefix),
-            "no_manifest": f"{output_prefix}: written without a manifest: {why}" if lacking else None}
+            "no_manifest": f"{output_prefix}: written without a manifest: {why}" if lacking else None, "notes": notes}
 
 
 def _merge_output(family: str) -> bool:
@@ -178,7 +183,6 @@ def _write_plain(datasets: list[IndexedDataset], output_prefix: str, dtype, earl
     """Write the merge without a manifest. ``earlier``: the output is an earlier merge's, whose
     manifest goes: marked "publishing" once the new files are written (readers refuse the output
     while it is replaced), removed once they are in place."""
-    shardset.clean_stale_temporaries(output_prefix)
     writer = IndexedDatasetWriter(output_prefix, dtype)
     try:
         for ds in datasets:
@@ -194,13 +198,21 @@ def _write_plain(datasets: list[IndexedDataset], output_prefix: str, dtype, earl
         os.unlink(shardset.manifest_path(output_prefix))
 
 
-def prefixes_in(directory: str | os.PathLike, skipped: list[str] | None = None) -> list[str]:
+def prefixes_in(directory: str | os.PathLike, skipped: list[str] | None = None, output: str | None = None) -> list[str]:
     """Every dataset (``*.idx`` with its ``.bin``) in a directory, sorted by name; of a preprocessing
-    output with a manifest, only the datasets it lists (the others are appended to ``skipped``)."""
+    output with a manifest, only the datasets it lists (the others are appended to ``skipped``). A .bin
+    without its .idx (a write cut short) is refused, not left out, unless it is ``output``'s (replaced)."""
     d = Path(directory)
     if not d.is_dir():
         raise FileNotFoundError(f"{d} is not a directory")
     found, left_out = shardset.datasets_in_directory(d)
+    out = os.path.realpath(output) if output is not None else None
+    for b in sorted(d.glob("*.bin")):
+        prefix = str(b)[:-4]
+        if (not os.path.exists(prefix + ".idx") and os.path.realpath(prefix) != out
+                and shardset.family_of(prefix) is None):
+            raise FileNotFoundError(f"{b}: has no .idx beside it (its writing was cut short?), so the merge would "
+                                    "leave it out; rerun what wrote it, or remove it")
     tasks = [p for p in found if re.search(r"_task\d{5}of\d{5}_.+_document(_\d{5})?$", os.path.basename(p))]
     if tasks:
         prefix = re.sub(r"_task\d{5}of\d{5}_.+$", "", tasks[0])
