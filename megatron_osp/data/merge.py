@@ -10,14 +10,16 @@ When every input has a manifest (a preprocessing output, or a merge of such), th
 like a preprocessing run (shardset.Stage: staged, then moved in with ``OUTPUT.shards.json``) and its
 manifest records what the inputs agree on: the tokenizer identity (``vocab_size``,
 ``tokenizer_sha256``, ``tokenizer_fingerprint``, ``tokenizer``), ``eod``, ``append_eod``,
-``special_tokens_in_text`` (``special_text.merged_mode``) and the output's ``dtype``; a field the
-inputs do not all record with one value is left out (two files of one fingerprint: no sha256), never
-guessed, and run options that may differ (``inputs``, ``max_shard_tokens``, ``skip_bad_records``) are
-not carried. ``merged_from`` names the datasets merged and their manifests. So training and later
-merges refuse to mix the result with data of another tokenizer, as they refuse its inputs. If any input
-lacks a manifest the output has none (its tokenizer is unknown for that part) and the result says why;
-an earlier merge's manifest on that prefix is then removed with the files it described. Only a prefix
-that an earlier ``merge_datasets`` published may be written over; a preprocessing output may not.
+``special_tokens_in_text`` (``special_text.merged_mode``), the output's ``dtype`` and, in its dataset
+entry as preprocessing does, ``max_token_id`` (the largest the inputs record; an input that does not
+record it, a merge written before, is scanned); a field the inputs do not all record with one value is
+left out (two files of one fingerprint: no sha256), never guessed, and run options that may differ
+(``inputs``, ``max_shard_tokens``, ``skip_bad_records``) are not carried. ``merged_from`` names the
+datasets merged and their manifests. So training and later merges refuse to mix the result with data of
+another tokenizer, as they refuse its inputs. If any input lacks a manifest the output has none (its
+tokenizer is unknown for that part) and the result says why; an earlier merge's manifest on that prefix
+is then removed with the files it described. Only a prefix that an earlier ``merge_datasets`` published
+may be written over; a preprocessing output may not.
 
 A preprocessing output with a manifest (megatron_osp/data/shardset.py) is merged as its manifest
 lists it: an input that names the family (``corpus_text_document`` of a sharded run) stands for its
@@ -102,9 +104,11 @@ def merge_datasets(input_prefixes: list[str], output_prefix: str, vocab_size: in
     vocab = vocab_size if vocab_size is not None else next(iter(vocabs.values()), None)
     if vocab is not None:
         check_dtype_holds(dtype, vocab, f"{datasets[0].prefix}.idx")
+    tops: dict[str, int] = {}  # the largest id of each input scanned
     if vocab_size is not None:  # asked for: one pass over the tokens
         for ds in datasets:
             _, top = scan_token_range(ds)  # chunked; (0, -1) for an empty .bin
+            tops[ds.prefix] = top
             if top >= vocab_size:
                 raise ValueError(f"{ds.prefix}.bin: holds token id {top}, outside the vocabulary of {vocab_size}")
     families = {p: shardset.family_of(p) for p in input_prefixes}
@@ -123,7 +127,7 @@ def merge_datasets(input_prefixes: list[str], output_prefix: str, vocab_size: in
         merged = IndexedDataset(output_prefix)
         counts = {"sequences": len(merged), "tokens": merged.num_tokens}
     else:
-        counts = _publish(datasets, str(output_prefix), dtype, {
+        counts = _publish(datasets, str(output_prefix), dtype, max(_max_token_id(ds, tops) for ds in datasets), {
             **_agreed(recorded, families), "dtype": dtype.name, "merged_from": merged_from})
     return {"datasets": len(datasets), "sequences": counts["sequences"], "tokens": counts["tokens"],
             "manifest": None if lacking else shardset.manifest_path(output_prefix),
@@ -152,9 +156,21 @@ def _agreed(recorded: dict[str, dict], families: dict[str, str]) -> dict:
     return out
 
 
-def _publish(datasets: list[IndexedDataset], output_prefix: str, dtype, info: dict) -> dict:
+def _max_token_id(ds: IndexedDataset, scanned: dict[str, int]) -> int:
+    """The largest id in an input with a manifest (-1: none): as its manifest entry records it (a
+    preprocessing output's does; its size is checked on open), else from one pass over its .bin."""
+    entry = shardset._listed(shardset.family_of(ds.prefix))[1][os.path.basename(ds.prefix)]
+    top = entry.get("max_token_id")
+    if isinstance(top, int) and not isinstance(top, bool) and top >= -1:
+        return top
+    if ds.prefix not in scanned:
+        scanned[ds.prefix] = scan_token_range(ds)[1]
+    return scanned[ds.prefix]
+
+
+def _publish(datasets: list[IndexedDataset], output_prefix: str, dtype, max_token_id: int, info: dict) -> dict:
     """Write the merge in a stage directory and publish it with a manifest (shardset.Stage); returns
-    its entry in the manifest (name and counts)."""
+    its entry in the manifest (name, counts and ``max_token_id``, as preprocessing records it)."""
     directory, base = os.path.split(os.path.abspath(output_prefix))
     shard = re.compile(rf"^{re.escape(base)}_\d{{5}}\.(bin|idx)$")  # publishing removes them; readers would refuse
     clash = sorted(n for n in os.listdir(directory) if shard.match(n)) if os.path.isdir(directory) else []
@@ -170,7 +186,7 @@ def _publish(datasets: list[IndexedDataset], output_prefix: str, dtype, info: di
                 writer.add_dataset(ds)
         written = IndexedDataset(staged)
         entry = {"name": os.path.basename(output_prefix), "documents": len(written.document_indices) - 1,
-                 "sequences": len(written), "tokens": int(written.num_tokens)}
+                 "sequences": len(written), "tokens": int(written.num_tokens), "max_token_id": int(max_token_id)}
         del written
         stage.publish({output_prefix: [entry]}, info)
     except BaseException:
