@@ -18,6 +18,7 @@ from test_merge_datasets import _ours, _word_tokenizer
 from megatron_osp.data import shardset, special_text
 from megatron_osp.data.indexed import IndexedDataset, IndexedDatasetWriter
 from megatron_osp.data.merge import merge_datasets
+from megatron_osp.data.token_range import scan_token_range
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ["hello", "world", "fox"]
@@ -81,13 +82,40 @@ def test_the_merged_manifest_records_what_the_inputs_agree_on(made, tmp_path):
         "datasets": [made["a1"], *shards],
         "manifests": [made["a1"] + ".shards.json", made["as"] + ".shards.json"]}
     ds = IndexedDataset(m)  # checked against the manifest on open
+    top = scan_token_range(ds)[1]
     assert manifest["datasets"] == [{"name": "m", "documents": len(ds), "sequences": len(ds), "tokens": ds.num_tokens,
-                                     "bin_bytes": os.path.getsize(m + ".bin"), "idx_bytes": os.path.getsize(m + ".idx")}]
+                                     "max_token_id": top, "bin_bytes": os.path.getsize(m + ".bin"),
+                                     "idx_bytes": os.path.getsize(m + ".idx")}]
     mm = str(tmp_path / "mm")
     merge_datasets([m, made["a2"]], mm)
     assert shardset.recorded_tokens(mm) == want
     assert json.loads(Path(mm + ".shards.json").read_text())["merged_from"]["manifests"] == [
         m + ".shards.json", made["a2"] + ".shards.json"]
+
+
+def _entry(prefix):
+    family = shardset.family_of(prefix)
+    return shardset._listed(family)[1][os.path.basename(prefix)]
+
+
+def test_the_merged_manifest_records_the_largest_id_taken_or_computed(made, tmp_path, monkeypatch):
+    """Preprocessing records each dataset's max_token_id; a merge's entry lacked it. Now: the largest of
+    the inputs' recorded values, read without a pass over the tokens; an input that does not record it
+    (a merge written before) is scanned once, also through a merge of merges."""
+    m, mm = str(tmp_path / "m"), str(tmp_path / "mm")
+    inputs = [made["a1"], *shardset.expand(made["as"])]
+    recorded = [_entry(p)["max_token_id"] for p in inputs]
+    import megatron_osp.data.merge as merge_module
+
+    scanned = []
+    monkeypatch.setattr(merge_module, "scan_token_range", lambda ds: scanned.append(ds.prefix) or scan_token_range(ds))
+    merge_datasets(inputs, m)
+    assert _entry(m)["max_token_id"] == max(recorded) == scan_token_range(IndexedDataset(m))[1] and not scanned
+    manifest = json.loads(Path(m + ".shards.json").read_text())
+    del manifest["datasets"][0]["max_token_id"]  # as a merge before this change wrote it
+    Path(m + ".shards.json").write_text(json.dumps(manifest))
+    merge_datasets([m, made["a2"]], mm)
+    assert scanned == [m] and _entry(mm)["max_token_id"] == scan_token_range(IndexedDataset(mm))[1]
 
 
 def test_fields_the_inputs_record_differently_are_left_out(made, tmp_path):

@@ -80,7 +80,7 @@ def main() -> int:
         inputs = args.input
         if not inputs:  # a rerun into the directory: the earlier output is replaced, not merged into itself
             out = os.path.realpath(args.output_prefix)
-            found = prefixes_in(args.input_dir, skipped)
+            found = prefixes_in(args.input_dir, skipped, args.output_prefix)
             inputs = [p for p in found if os.path.realpath(p) != out]
             rerun = len(inputs) < len(found)
             if rerun and not inputs:
@@ -95,6 +95,8 @@ def main() -> int:
         print(f"error: {os_error(e)}", file=sys.stderr)
         print("no output was written", file=sys.stderr)
         return 1
+    for note in info["notes"]:
+        print(note)
     for prefix in skipped:
         print(f"skipped {prefix}: not in its preprocessing manifest (left over from an earlier run)")
     if rerun:

@@ -5,9 +5,10 @@
     | int32[S] sequence lengths | int64[S] byte pointers into .bin | int64[D] document indices
 The document indices are sequence numbers where documents start, beginning with 0 and ending with S.
 
-The writer streams tokens to temporary files and renames both at ``finalize()``, so an interrupted
-run never leaves a .bin/.idx pair that looks complete. The reader validates the header and sizes on
-open and names the file and the problem instead of returning garbage.
+The writer streams tokens to temporary files and renames both at ``finalize()`` (an earlier pair of the
+prefix aside first), so an interrupted run never leaves a .bin/.idx pair that looks complete, nor a new
+.bin beside an old .idx. The reader validates the header and sizes on open and names the file and the
+problem instead of returning garbage.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_osp.data.shardset import check_published
+from megatron_osp.data.shardset import check_published, replace_dataset
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -151,23 +152,14 @@ class IndexedDatasetWriter:
             self._doc_ends.extend((docs[1:] + first).tolist())
 
     def finalize(self) -> None:
-        """Write the index, then rename both files into place (.bin first, .idx last).
-
-        The .idx is renamed last because readers open a dataset by its .idx; a crash between the
-        two renames leaves a new .bin beside an old .idx, which the reader's size checks refuse.
-        """
+        """Write the index, then move both files into place (``shardset.replace_dataset``: an earlier
+        dataset of the prefix goes aside first, so no crash or kill leaves the new .bin beside its .idx;
+        a failure leaves the earlier dataset, and no temporaries)."""
         self._check_open()
-        self._renamed_bin = False
         try:
             self._finalize()
         except BaseException:
             self.abort()
-            if self._renamed_bin:
-                # A .bin without its .idx is garbage (and would pair with a stale .idx): remove it.
-                try:
-                    os.unlink(self.prefix + ".bin")
-                except OSError:
-                    pass
             raise
 
     def _finalize(self) -> None:
@@ -185,9 +177,7 @@ class IndexedDatasetWriter:
             f.write(lengths.tobytes(order="C"))
             f.write(pointers.tobytes(order="C"))
             f.write(documents.tobytes(order="C"))
-        os.replace(self._tmp_bin, self.prefix + ".bin")
-        self._renamed_bin = True
-        os.replace(self._tmp_idx, self.prefix + ".idx")
+        replace_dataset(self._tmp_bin, self._tmp_idx, self.prefix)
         self._closed = True
 
     @property
@@ -223,6 +213,9 @@ class IndexedDataset:
         self.prefix = str(path_prefix)
         idx_path, bin_path = self.prefix + ".idx", self.prefix + ".bin"
         check_published(self.prefix)  # a preprocessing output is read only as its manifest lists it
+        if not os.path.exists(idx_path) and os.path.exists(bin_path):
+            raise FileNotFoundError(f"{idx_path} does not exist, but {bin_path} does: writing or replacing the "
+                                    "dataset was cut short (or its .idx was removed); rerun what wrote it")
         for path in (idx_path, bin_path):
             if not os.path.exists(path):
                 raise FileNotFoundError(f"{path} does not exist")

@@ -3,20 +3,23 @@
 Document boundaries are kept (a Megatron dataset with several sequences per document stays so), the
 result is byte-identical to Megatron-Core's ``IndexedDatasetBuilder.add_index`` merge (tested), and it
 is written under temporary names and renamed at the end, so a failed merge leaves nothing and leaves an
-earlier output of that prefix as it was.
+earlier output of that prefix as it was (shardset.replace_dataset: killed while renaming, it leaves the
+earlier pair, the new one or a .bin without .idx, never the new .bin beside the old .idx).
 
 When every input has a manifest (a preprocessing output, or a merge of such), the output is published
 like a preprocessing run (shardset.Stage: staged, then moved in with ``OUTPUT.shards.json``) and its
 manifest records what the inputs agree on: the tokenizer identity (``vocab_size``,
 ``tokenizer_sha256``, ``tokenizer_fingerprint``, ``tokenizer``), ``eod``, ``append_eod``,
-``special_tokens_in_text`` (``special_text.merged_mode``) and the output's ``dtype``; a field the
-inputs do not all record with one value is left out (two files of one fingerprint: no sha256), never
-guessed, and run options that may differ (``inputs``, ``max_shard_tokens``, ``skip_bad_records``) are
-not carried. ``merged_from`` names the datasets merged and their manifests. So training and later
-merges refuse to mix the result with data of another tokenizer, as they refuse its inputs. If any input
-lacks a manifest the output has none (its tokenizer is unknown for that part) and the result says why;
-an earlier merge's manifest on that prefix is then removed with the files it described. Only a prefix
-that an earlier ``merge_datasets`` published may be written over; a preprocessing output may not.
+``special_tokens_in_text`` (``special_text.merged_mode``), the output's ``dtype`` and, in its dataset
+entry as preprocessing does, ``max_token_id`` (the largest the inputs record; an input that does not
+record it, a merge written before, is scanned); a field the inputs do not all record with one value is
+left out (two files of one fingerprint: no sha256), never guessed, and run options that may differ
+(``inputs``, ``max_shard_tokens``, ``skip_bad_records``) are not carried. ``merged_from`` names the
+datasets merged and their manifests. So training and later merges refuse to mix the result with data of
+another tokenizer, as they refuse its inputs. If any input lacks a manifest the output has none (its
+tokenizer is unknown for that part) and the result says why; an earlier merge's manifest on that prefix
+is then removed with the files it described. Only a prefix that an earlier ``merge_datasets`` published
+may be written over; a preprocessing output may not.
 
 A preprocessing output with a manifest (megatron_osp/data/shardset.py) is merged as its manifest
 lists it: an input that names the family (``corpus_text_document`` of a sharded run) stands for its
@@ -50,8 +53,9 @@ def merge_datasets(input_prefixes: list[str], output_prefix: str, vocab_size: in
     ``tokenizer_fingerprint`` (data/tokenizer_identity.py) of a tokenizer file: refuse an input whose
     manifest records another tokenizer (by fingerprint where both have one, else by file sha256).
 
-    Returns counts, ``manifest`` (the output's manifest path, None without one) and ``no_manifest``
-    (why there is none, or None); see the module docstring for what the manifest records.
+    Returns counts, ``manifest`` (the output's manifest path, None without one), ``no_manifest``
+    (why there is none, or None) and ``notes`` (what a merge cut short on this prefix left, removed or
+    replaced); see the module docstring for what the manifest records.
     """
     if not input_prefixes:
         raise ValueError("no input datasets to merge")
@@ -100,9 +104,11 @@ def merge_datasets(input_prefixes: list[str], output_prefix: str, vocab_size: in
     vocab = vocab_size if vocab_size is not None else next(iter(vocabs.values()), None)
     if vocab is not None:
         check_dtype_holds(dtype, vocab, f"{datasets[0].prefix}.idx")
+    tops: dict[str, int] = {}  # the largest id of each input scanned
     if vocab_size is not None:  # asked for: one pass over the tokens
         for ds in datasets:
             _, top = scan_token_range(ds)  # chunked; (0, -1) for an empty .bin
+            tops[ds.prefix] = top
             if top >= vocab_size:
                 raise ValueError(f"{ds.prefix}.bin: holds token id {top}, outside the vocabulary of {vocab_size}")
     families = {p: shardset.family_of(p) for p in input_prefixes}
@@ -110,6 +116,9 @@ def merge_datasets(input_prefixes: list[str], output_prefix: str, vocab_size: in
                    "manifests": [shardset.manifest_path(os.path.abspath(f)) for f in dict.fromkeys(families.values())
                                  if f is not None]}
     lacking = [p for p, f in families.items() if f is None]
+    notes = shardset.clean_stale_temporaries(output_prefix)  # what a merge killed on this prefix left
+    if os.path.exists(f"{output_prefix}.bin") and not os.path.exists(f"{output_prefix}.idx"):
+        notes.append(f"replaced {output_prefix}.bin, left without its .idx by a write that was cut short")
     if lacking:
         _write_plain(datasets, str(output_prefix), dtype, merged_from if earlier else None)
         why = ("no input has one" if len(lacking) == len(input_prefixes) else
@@ -118,11 +127,11 @@ def merge_datasets(input_prefixes: list[str], output_prefix: str, vocab_size: in
         merged = IndexedDataset(output_prefix)
         counts = {"sequences": len(merged), "tokens": merged.num_tokens}
     else:
-        counts = _publish(datasets, str(output_prefix), dtype, {
+        counts = _publish(datasets, str(output_prefix), dtype, max(_max_token_id(ds, tops) for ds in datasets), {
             **_agreed(recorded, families), "dtype": dtype.name, "merged_from": merged_from})
     return {"datasets": len(datasets), "sequences": counts["sequences"], "tokens": counts["tokens"],
             "manifest": None if lacking else shardset.manifest_path(output_prefix),
-            "no_manifest": f"{output_prefix}: written without a manifest: {why}" if lacking else None}
+            "no_manifest": f"{output_prefix}: written without a manifest: {why}" if lacking else None, "notes": notes}
 
 
 def _merge_output(family: str) -> bool:
@@ -147,9 +156,21 @@ def _agreed(recorded: dict[str, dict], families: dict[str, str]) -> dict:
     return out
 
 
-def _publish(datasets: list[IndexedDataset], output_prefix: str, dtype, info: dict) -> dict:
+def _max_token_id(ds: IndexedDataset, scanned: dict[str, int]) -> int:
+    """The largest id in an input with a manifest (-1: none): as its manifest entry records it (a
+    preprocessing output's does; its size is checked on open), else from one pass over its .bin."""
+    entry = shardset._listed(shardset.family_of(ds.prefix))[1][os.path.basename(ds.prefix)]
+    top = entry.get("max_token_id")
+    if isinstance(top, int) and not isinstance(top, bool) and top >= -1:
+        return top
+    if ds.prefix not in scanned:
+        scanned[ds.prefix] = scan_token_range(ds)[1]
+    return scanned[ds.prefix]
+
+
+def _publish(datasets: list[IndexedDataset], output_prefix: str, dtype, max_token_id: int, info: dict) -> dict:
     """Write the merge in a stage directory and publish it with a manifest (shardset.Stage); returns
-    its entry in the manifest (name and counts)."""
+    its entry in the manifest (name, counts and ``max_token_id``, as preprocessing records it)."""
     directory, base = os.path.split(os.path.abspath(output_prefix))
     shard = re.compile(rf"^{re.escape(base)}_\d{{5}}\.(bin|idx)$")  # publishing removes them; readers would refuse
     clash = sorted(n for n in os.listdir(directory) if shard.match(n)) if os.path.isdir(directory) else []
@@ -165,7 +186,7 @@ def _publish(datasets: list[IndexedDataset], output_prefix: str, dtype, info: di
                 writer.add_dataset(ds)
         written = IndexedDataset(staged)
         entry = {"name": os.path.basename(output_prefix), "documents": len(written.document_indices) - 1,
-                 "sequences": len(written), "tokens": int(written.num_tokens)}
+                 "sequences": len(written), "tokens": int(written.num_tokens), "max_token_id": int(max_token_id)}
         del written
         stage.publish({output_prefix: [entry]}, info)
     except BaseException:
@@ -178,7 +199,6 @@ def _write_plain(datasets: list[IndexedDataset], output_prefix: str, dtype, earl
     """Write the merge without a manifest. ``earlier``: the output is an earlier merge's, whose
     manifest goes: marked "publishing" once the new files are written (readers refuse the output
     while it is replaced), removed once they are in place."""
-    shardset.clean_stale_temporaries(output_prefix)
     writer = IndexedDatasetWriter(output_prefix, dtype)
     try:
         for ds in datasets:
@@ -194,13 +214,21 @@ def _write_plain(datasets: list[IndexedDataset], output_prefix: str, dtype, earl
         os.unlink(shardset.manifest_path(output_prefix))
 
 
-def prefixes_in(directory: str | os.PathLike, skipped: list[str] | None = None) -> list[str]:
+def prefixes_in(directory: str | os.PathLike, skipped: list[str] | None = None, output: str | None = None) -> list[str]:
     """Every dataset (``*.idx`` with its ``.bin``) in a directory, sorted by name; of a preprocessing
-    output with a manifest, only the datasets it lists (the others are appended to ``skipped``)."""
+    output with a manifest, only the datasets it lists (the others are appended to ``skipped``). A .bin
+    without its .idx (a write cut short) is refused, not left out, unless it is ``output``'s (replaced)."""
     d = Path(directory)
     if not d.is_dir():
         raise FileNotFoundError(f"{d} is not a directory")
     found, left_out = shardset.datasets_in_directory(d)
+    out = os.path.realpath(output) if output is not None else None
+    for b in sorted(d.glob("*.bin")):
+        prefix = str(b)[:-4]
+        if (not os.path.exists(prefix + ".idx") and os.path.realpath(prefix) != out
+                and shardset.family_of(prefix) is None):
+            raise FileNotFoundError(f"{b}: has no .idx beside it (its writing was cut short?), so the merge would "
+                                    "leave it out; rerun what wrote it, or remove it")
     tasks = [p for p in found if re.search(r"_task\d{5}of\d{5}_.+_document(_\d{5})?$", os.path.basename(p))]
     if tasks:
         prefix = re.sub(r"_task\d{5}of\d{5}_.+$", "", tasks[0])

@@ -17,8 +17,9 @@ even that is cut short the manifest still says "publishing", which readers refus
 Readers honour the manifest: ``IndexedDataset`` refuses a family member the manifest does not list, or
 whose size differs from it, and ``merge_datasets --input-dir`` takes only the listed datasets.
 ``merge_datasets`` publishes its own output this way when every input has a manifest (data/merge.py). Stage
-directories of dead runs (same host, pid gone) and the writer's ``.tmp<pid>`` files of dead runs are
-removed when the next run or merge on that prefix starts; ones from another host are named only.
+directories of dead runs (same host, pid gone) and the writer's ``.tmp<pid>`` files (and the
+``.old<pid>`` files of ``replace_dataset``) of dead runs are removed when the next run or merge on that
+prefix starts; ones from another host are named only.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from pathlib import Path
 
 from megatron_osp.data import special_text
 from megatron_osp.data.tokenizer_identity import same_tokenizer
-from megatron_osp.fileio import atomic_write_json
+from megatron_osp.fileio import atomic_write_json, fsync_dir
 
 MANIFEST_SUFFIX = ".shards.json"
 FORMAT = 1
@@ -324,7 +325,56 @@ def datasets_in_directory(directory: str | os.PathLike) -> tuple[list[str], list
     return keep, skipped
 
 
-_WRITER_TMP = re.compile(r"^(?P<name>.+)\.(bin|idx)\.tmp(?P<pid>\d+)$")
+_WRITER_TMP = re.compile(r"^(?P<name>.+)\.(bin|idx)\.(tmp|old)(?P<pid>\d+)$")  # writer's; replace_dataset's
+
+
+def replace_dataset(bin_src: str, idx_src: str, prefix: str) -> None:
+    """Rename a finished dataset's files to ``prefix``.bin/.idx, replacing a dataset there, so that no
+    moment pairs the new .bin with the old .idx (which Megatron-Core, and our reader when the sizes agree,
+    read without complaint: two merges of the same inputs in another order). The old pair is renamed
+    aside (``.idx.old<pid>`` first, then ``.bin.old<pid>``), the new .bin goes in, the new .idx last.
+    Killed at any point, what is there is the old pair, the new one, or no .idx (refused by name);
+    ``clean_stale_temporaries`` removes the aside files of a dead run. On an error the old pair is put
+    back. Every dataset this code writes comes into place here (the writer, publishing)."""
+    d = os.path.dirname(os.path.abspath(prefix))
+    for src in (bin_src, idx_src):  # the data is on disk before a name points at it (a machine crash)
+        fd = os.open(src, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    aside = []  # (final, aside) of the old files moved, .idx first
+    moved = False
+    try:
+        for ext in (".idx", ".bin"):
+            final, old = prefix + ext, f"{prefix}{ext}.old{os.getpid()}"
+            if os.path.lexists(final):
+                os.replace(final, old)
+                aside.append((final, old))
+        if aside:
+            fsync_dir(d)  # the old .idx is gone before the new .bin is in, on disk too
+        os.replace(bin_src, prefix + ".bin")
+        moved = True
+        os.replace(idx_src, prefix + ".idx")
+    except BaseException:
+        if moved:  # the new .bin without its .idx
+            _unlink_quietly(prefix + ".bin")
+        for final, old in reversed(aside):  # .bin back first, the .idx last
+            try:
+                os.replace(old, final)
+            except OSError:
+                pass
+        raise
+    for _, old in aside:
+        _unlink_quietly(old)
+    fsync_dir(d)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def clean_stale_temporaries(prefix: str | os.PathLike) -> list[str]:
@@ -414,8 +464,7 @@ class Stage:
                 for ds in datasets:
                     src = os.path.join(self.path, ds["name"])
                     ds["bin_bytes"], ds["idx_bytes"] = os.path.getsize(src + ".bin"), os.path.getsize(src + ".idx")
-                    os.replace(src + ".bin", os.path.join(self.directory, ds["name"] + ".bin"))
-                    os.replace(src + ".idx", os.path.join(self.directory, ds["name"] + ".idx"))
+                    replace_dataset(src + ".bin", src + ".idx", os.path.join(self.directory, ds["name"]))
             for family, datasets in families.items():
                 atomic_write_json(manifest_path(family), {
                     "format": FORMAT, "state": "complete", "datasets": datasets,
