@@ -1,6 +1,7 @@
 """The data section as training needs it, checked before any dataset, process group or model exists:
 the data files and tokenizer are there, the tokenizer's vocabulary fits ``model.vocab_size`` and it
-has an end-of-document id, and the preprocessing outputs were made with one tokenizer (this one);
+has an end-of-document id (the one the data's manifests record, and data.eod_id agrees with it), and the
+preprocessing outputs were made with one tokenizer (this one);
 ``data.valid_paths`` (a validation set of its own) is there, holds no training dataset (nor a byte copy
 of one, nor one that a training dataset was merged from, or was merged from one: merge manifests'
 ``merged_from``) and was made like the training data. Problems come as validation.py's ``ConfigError``,
@@ -72,6 +73,7 @@ def data_problems(config) -> list[str]:
         problems.append(f"data.paths: {e}")
         prefixes = []
     problems += _missing(prefixes, "data.paths")
+    tokenizer_eos = None  # the end-of-document id training takes from data.tokenizer_model, when readable
     if d.tokenizer_model:
         try:
             vocab, eos = tokenizer_vocabulary(d.tokenizer_model, _recorded_eod(prefixes))
@@ -83,6 +85,7 @@ def data_problems(config) -> list[str]:
                     f"model.vocab_size={m.vocab_size} is smaller than the vocabulary of data.tokenizer_model="
                     f"{d.tokenizer_model} ({vocab} pieces): set model.vocab_size={vocab} (or larger)"
                 )
+            tokenizer_eos = eos if eos >= 0 else None
             if eos < 0:
                 problems.append(
                     f"data.tokenizer_model={d.tokenizer_model} has no end-of-sequence id to separate documents"
@@ -90,7 +93,8 @@ def data_problems(config) -> list[str]:
     elif d.eod_id is None:
         problems.append("set data.tokenizer_model (or data.eod_id) so documents can be separated")
     mix = _tokenizer_mix_problems(d, prefixes)
-    return problems + mix + (_valid_set_problems(d, prefixes, tokens=not mix) if d.valid_paths else [])
+    problems += mix or _eod_problems(d, prefixes, tokenizer_eos)
+    return problems + (_valid_set_problems(d, prefixes, tokens=not mix) if d.valid_paths else [])
 
 
 def _missing(prefixes: list[str], field: str) -> list[str]:
@@ -217,6 +221,33 @@ def _merge_lineage_problems(train_prefixes: list[str], valid_prefixes: list[str]
         v, t = hit
         return [f"data.valid_paths: {v} was merged from {t} (its manifest's merged_from), which data.paths "
                 "trains on: its documents would be trained on"]
+    return []
+
+
+def _eod_problems(d, prefixes: list[str], tokenizer_eos: int | None) -> list[str]:
+    """The end-of-document id training uses against the one the data were made with. Training takes
+    data.tokenizer_model's end-of-sequence id when that is set (a data.eod_id beside it was ignored: now
+    it must agree), else data.eod_id; a dataset whose manifest records that preprocessing ended its
+    documents with another id (``append_eod`` and ``eod``) would have its documents run together, and an
+    export would name that id as eos_token_id, silently. ``tokenizer_eos``: None when no tokenizer is set
+    or it could not be read (that is reported already)."""
+    if tokenizer_eos is not None and d.eod_id is not None and d.eod_id != tokenizer_eos:
+        return [f"data.eod_id={d.eod_id} differs from the end-of-sequence id {tokenizer_eos} of data.tokenizer_model="
+                f"{d.tokenizer_model}, which training uses: leave data.eod_id unset (or set it to {tokenizer_eos})"]
+    used, field = (tokenizer_eos, f"the end-of-sequence id of data.tokenizer_model={d.tokenizer_model}") \
+        if tokenizer_eos is not None else (d.eod_id, "data.eod_id")
+    if used is None:
+        return []
+    for p in prefixes:
+        try:
+            r = shardset.recorded_tokens(p)
+        except (OSError, ValueError):  # an unreadable manifest is named when the dataset opens
+            continue
+        if r.get("append_eod") is True and isinstance(r.get("eod"), int) and r["eod"] != used:
+            how = f"set data.eod_id={r['eod']}" if field == "data.eod_id" else "preprocess it with this tokenizer"
+            return [f"data.paths: {p} ends its documents with EOD id {r['eod']} (its manifest records it), but "
+                    f"{field} is {used}: documents would run together and an export would name the wrong "
+                    f"eos_token_id; {how}"]
     return []
 
 
