@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_osp.data.shardset import check_published, replace_dataset
+from megatron_osp.data.replace import aside_hint, replace_dataset
+from megatron_osp.data.shardset import check_published
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -215,10 +216,11 @@ class IndexedDataset:
         check_published(self.prefix)  # a preprocessing output is read only as its manifest lists it
         if not os.path.exists(idx_path) and os.path.exists(bin_path):
             raise FileNotFoundError(f"{idx_path} does not exist, but {bin_path} does: writing or replacing the "
-                                    "dataset was cut short (or its .idx was removed); rerun what wrote it")
+                                    "dataset was cut short (or its .idx was removed); rerun what wrote it"
+                                    + aside_hint(self.prefix))
         for path in (idx_path, bin_path):
             if not os.path.exists(path):
-                raise FileNotFoundError(f"{path} does not exist")
+                raise FileNotFoundError(f"{path} does not exist{aside_hint(self.prefix)}")
         idx_size = os.path.getsize(idx_path)
         if idx_size < _HEADER.size:
             raise ValueError(f"{idx_path}: truncated index ({idx_size} bytes, header needs {_HEADER.size})")

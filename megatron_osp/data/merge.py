@@ -3,8 +3,9 @@
 Document boundaries are kept (a Megatron dataset with several sequences per document stays so), the
 result is byte-identical to Megatron-Core's ``IndexedDatasetBuilder.add_index`` merge (tested), and it
 is written under temporary names and renamed at the end, so a failed merge leaves nothing and leaves an
-earlier output of that prefix as it was (shardset.replace_dataset: killed while renaming, it leaves the
-earlier pair, the new one or a .bin without .idx, never the new .bin beside the old .idx).
+earlier output of that prefix as it was (replace.replace_dataset: killed while renaming, it leaves the
+earlier pair, the new one or no .idx, never the new .bin beside the old .idx; the next merge or
+preprocessing run on the prefix first puts an earlier pair left without its .idx back, replace.restore_aside).
 
 When every input has a manifest (a preprocessing output, or a merge of such), the output is published
 like a preprocessing run (shardset.Stage: staged, then moved in with ``OUTPUT.shards.json``) and its
@@ -39,6 +40,7 @@ import numpy as np
 
 from megatron_osp.data import shardset, special_text, tokenizer_identity
 from megatron_osp.data.indexed import IndexedDataset, IndexedDatasetWriter, check_dtype_holds
+from megatron_osp.data.replace import aside_hint
 from megatron_osp.data.token_range import scan_token_range
 from megatron_osp.fileio import atomic_write_json
 
@@ -54,13 +56,18 @@ def merge_datasets(input_prefixes: list[str], output_prefix: str, vocab_size: in
     manifest records another tokenizer (by fingerprint where both have one, else by file sha256).
 
     Returns counts, ``manifest`` (the output's manifest path, None without one), ``no_manifest``
-    (why there is none, or None) and ``notes`` (what a merge cut short on this prefix left, removed or
-    replaced); see the module docstring for what the manifest records.
+    (why there is none, or None) and ``notes`` (what a merge cut short on this prefix left, restored,
+    removed or replaced); see the module docstring for what the manifest records.
     """
     if not input_prefixes:
         raise ValueError("no input datasets to merge")
     if not os.path.basename(str(output_prefix)):  # "out/" would write the hidden files out/.bin, out/.idx
         raise ValueError(f"output prefix {str(output_prefix)!r} names a directory, not a file prefix")
+    # what a merge killed on this prefix left, first: an earlier pair a replace cut short set aside is put
+    # back (shardset.restore_aside) even if this merge is then refused
+    notes = shardset.clean_stale_temporaries(output_prefix)
+    if os.path.exists(f"{output_prefix}.bin") and not os.path.exists(f"{output_prefix}.idx"):
+        notes.append(f"replaced {output_prefix}.bin, left without its .idx by a write that was cut short")
     expanded = [(p, given) for given in input_prefixes for p in shardset.expand(given)]
     input_prefixes = [p for p, _ in expanded]
     out = os.path.realpath(output_prefix)
@@ -116,9 +123,6 @@ def merge_datasets(input_prefixes: list[str], output_prefix: str, vocab_size: in
                    "manifests": [shardset.manifest_path(os.path.abspath(f)) for f in dict.fromkeys(families.values())
                                  if f is not None]}
     lacking = [p for p, f in families.items() if f is None]
-    notes = shardset.clean_stale_temporaries(output_prefix)  # what a merge killed on this prefix left
-    if os.path.exists(f"{output_prefix}.bin") and not os.path.exists(f"{output_prefix}.idx"):
-        notes.append(f"replaced {output_prefix}.bin, left without its .idx by a write that was cut short")
     if lacking:
         _write_plain(datasets, str(output_prefix), dtype, merged_from if earlier else None)
         why = ("no input has one" if len(lacking) == len(input_prefixes) else
@@ -228,7 +232,7 @@ def prefixes_in(directory: str | os.PathLike, skipped: list[str] | None = None, 
         if (not os.path.exists(prefix + ".idx") and os.path.realpath(prefix) != out
                 and shardset.family_of(prefix) is None):
             raise FileNotFoundError(f"{b}: has no .idx beside it (its writing was cut short?), so the merge would "
-                                    "leave it out; rerun what wrote it, or remove it")
+                                    f"leave it out; rerun what wrote it, or remove it{aside_hint(prefix)}")
     tasks = [p for p in found if re.search(r"_task\d{5}of\d{5}_.+_document(_\d{5})?$", os.path.basename(p))]
     if tasks:
         prefix = re.sub(r"_task\d{5}of\d{5}_.+$", "", tasks[0])

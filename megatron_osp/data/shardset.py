@@ -17,9 +17,11 @@ even that is cut short the manifest still says "publishing", which readers refus
 Readers honour the manifest: ``IndexedDataset`` refuses a family member the manifest does not list, or
 whose size differs from it, and ``merge_datasets --input-dir`` takes only the listed datasets.
 ``merge_datasets`` publishes its own output this way when every input has a manifest (data/merge.py). Stage
-directories of dead runs (same host, pid gone) and the writer's ``.tmp<pid>`` files (and the
-``.old<pid>`` files of ``replace_dataset``) of dead runs are removed when the next run or merge on that
-prefix starts; ones from another host are named only.
+directories of dead runs (same host, pid gone) and the writer's ``.tmp<pid>`` files of dead runs are
+removed when the next run or merge on that prefix starts; ones from another host are named only. A
+dataset that ``replace_dataset`` (data/replace.py) was killed replacing has either its new pair, and the
+old files set aside as ``.old<pid>`` are removed then too, or no .idx: then the earlier pair is put back
+from the ``.old<pid>`` files first (``restore_aside``), before the new run writes anything.
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ import time
 from pathlib import Path
 
 from megatron_osp.data import special_text
+from megatron_osp.data.replace import pid_alive, replace_dataset, restore_aside  # noqa: F401 (imported from here)
 from megatron_osp.data.tokenizer_identity import same_tokenizer
-from megatron_osp.fileio import atomic_write_json, fsync_dir
+from megatron_osp.fileio import atomic_write_json
 
 MANIFEST_SUFFIX = ".shards.json"
 FORMAT = 1
@@ -48,18 +51,6 @@ def manifest_path(family: str | os.PathLike) -> str:
 
 def _host() -> str:
     return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
-
-
-def pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
 
 
 def remove_stale_temporaries(directory: Path, name: str, suffix: str = "") -> None:
@@ -325,67 +316,28 @@ def datasets_in_directory(directory: str | os.PathLike) -> tuple[list[str], list
     return keep, skipped
 
 
-_WRITER_TMP = re.compile(r"^(?P<name>.+)\.(bin|idx)\.(tmp|old)(?P<pid>\d+)$")  # writer's; replace_dataset's
-
-
-def replace_dataset(bin_src: str, idx_src: str, prefix: str) -> None:
-    """Rename a finished dataset's files to ``prefix``.bin/.idx, replacing a dataset there, so that no
-    moment pairs the new .bin with the old .idx (which Megatron-Core, and our reader when the sizes agree,
-    read without complaint: two merges of the same inputs in another order). The old pair is renamed
-    aside (``.idx.old<pid>`` first, then ``.bin.old<pid>``), the new .bin goes in, the new .idx last.
-    Killed at any point, what is there is the old pair, the new one, or no .idx (refused by name);
-    ``clean_stale_temporaries`` removes the aside files of a dead run. On an error the old pair is put
-    back. Every dataset this code writes comes into place here (the writer, publishing)."""
-    d = os.path.dirname(os.path.abspath(prefix))
-    for src in (bin_src, idx_src):  # the data is on disk before a name points at it (a machine crash)
-        fd = os.open(src, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    aside = []  # (final, aside) of the old files moved, .idx first
-    moved = False
-    try:
-        for ext in (".idx", ".bin"):
-            final, old = prefix + ext, f"{prefix}{ext}.old{os.getpid()}"
-            if os.path.lexists(final):
-                os.replace(final, old)
-                aside.append((final, old))
-        if aside:
-            fsync_dir(d)  # the old .idx is gone before the new .bin is in, on disk too
-        os.replace(bin_src, prefix + ".bin")
-        moved = True
-        os.replace(idx_src, prefix + ".idx")
-    except BaseException:
-        if moved:  # the new .bin without its .idx
-            _unlink_quietly(prefix + ".bin")
-        for final, old in reversed(aside):  # .bin back first, the .idx last
-            try:
-                os.replace(old, final)
-            except OSError:
-                pass
-        raise
-    for _, old in aside:
-        _unlink_quietly(old)
-    fsync_dir(d)
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
+_WRITER_TMP = re.compile(r"^(?P<name>.+)\.(bin|idx)\.(?P<kind>tmp|old)(?P<pid>\d+)$")  # writer's; replace_dataset's
 
 
 def clean_stale_temporaries(prefix: str | os.PathLike) -> list[str]:
     """Remove temporaries of dead runs on ``prefix`` (this prefix's stage directories, and writer
-    ``.tmp<pid>`` files of names starting with its name); returns what was removed or left, as notes."""
+    ``.tmp<pid>`` and ``replace_dataset`` ``.old<pid>`` files of names starting with its name); returns
+    what was restored, removed or left, as notes. Aside (``.old<pid>``) files of a dataset without its
+    .idx are the earlier pair a replace cut short left: ``restore_aside`` puts them back first, and they
+    are never removed while that dataset has no .idx (where they could not be put back, the note says why)."""
     prefix = str(prefix)
     d, base = os.path.dirname(prefix) or ".", os.path.basename(prefix)
     if not os.path.isdir(d):
         return []
-    stage = re.compile(rf"^\.{re.escape(base)}\.stage-(?P<host>.+)-(?P<pid>\d+)$")
+
+    def ours(m):
+        return m is not None and (m.group("name") == base or m.group("name").startswith(base + "_"))
+
     notes = []
+    aside = {m.group("name") for m in map(_WRITER_TMP.match, os.listdir(d)) if ours(m) and m.group("kind") == "old"}
+    for name in sorted(aside):
+        notes += restore_aside(os.path.join(d, name))
+    stage = re.compile(rf"^\.{re.escape(base)}\.stage-(?P<host>.+)-(?P<pid>\d+)$")
     for name in sorted(os.listdir(d)):
         path = os.path.join(d, name)
         m = stage.match(name)
@@ -397,8 +349,9 @@ def clean_stale_temporaries(prefix: str | os.PathLike) -> list[str]:
                 notes.append(f"removed {path}, left by a run that did not finish (pid {m.group('pid')})")
             continue
         m = _WRITER_TMP.match(name)
-        ours = m is not None and (m.group("name") == base or m.group("name").startswith(base + "_"))
-        if ours and not pid_alive(int(m.group("pid"))):
+        if m is not None and m.group("kind") == "old" and not os.path.lexists(os.path.join(d, m.group("name") + ".idx")):
+            continue  # an earlier pair restore_aside could not put back: kept, its note says why
+        if ours(m) and not pid_alive(int(m.group("pid"))):
             os.unlink(path)
             notes.append(f"removed {path}, left by a run that did not finish (pid {m.group('pid')})")
     return notes

@@ -13,6 +13,7 @@ import os
 
 from megatron_osp.data import shardset
 from megatron_osp.data.content_identity import copies_of
+from megatron_osp.data.replace import aside_hint
 from megatron_osp.data.shardset import expand
 from megatron_osp.data.tokenizer_identity import same_tokenizer, tokenizer_fingerprint
 from megatron_osp.training.validation import ConfigError, _fail
@@ -105,7 +106,7 @@ def _missing(prefixes: list[str], field: str) -> list[str]:
             problems.append(f"{field}: {prefix} is a file name, not a dataset prefix: give the prefix "
                             f"without {prefix[-4:]}, {prefix[:-4]}")
         elif missing:
-            problems.append(f"{field}: {' and '.join(missing)} does not exist")
+            problems.append(f"{field}: {' and '.join(missing)} does not exist{aside_hint(prefix)}")
     return problems
 
 
