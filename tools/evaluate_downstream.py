@@ -47,8 +47,10 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--limit", type=float, help="at most this many examples per task (a fraction when < 1); for tests")
-    p.add_argument("--calibration-data", help="indexed dataset prefix (PREFIX.bin/.idx) for +gptq calibration")
-    p.add_argument("--calibration-documents", default="0:1", help="fraction range LO:HI of its documents (default 0:1)")
+    p.add_argument("--calibration-data", help="indexed dataset prefix (PREFIX.bin/.idx) for +gptq calibration, or a "
+                                              "sharded output's (PREFIX.shards.json: its shards)")
+    p.add_argument("--calibration-documents", default="0:1",
+                   help="fraction range LO:HI of its documents, of each shard's for a sharded output (default 0:1)")
     p.add_argument("--calibration-windows", type=int, default=16,
                    help="GPTQ calibration sequences (default 16); refused when --calibration-documents hold fewer")
     p.add_argument("--seq-length", type=int, help="calibration sequence length (default: the model's)")
@@ -108,9 +110,9 @@ def _check(args):
         if not args.calibration_data:
             raise ValueError(f"--settings {','.join(n for n in names if 'gptq' in n)}: GPTQ needs "
                              "--calibration-data (an indexed dataset prefix)")
-        for ext in (".bin", ".idx"):
-            if not Path(args.calibration_data + ext).exists():
-                raise FileNotFoundError(f"--calibration-data: {args.calibration_data + ext} does not exist")
+        from megatron_osp.data.document_view import check_dataset_files
+
+        check_dataset_files(args.calibration_data, "--calibration-data")  # a sharded output: its shards
         docs = parse_document_range(args.calibration_documents)
     for m in args.models:
         check_model_path(m)
@@ -183,6 +185,11 @@ def _run(args) -> int:
     meta = {"harness": f"lm-evaluation-harness {getattr(lm_eval, '__version__', '?')}",
             "tasks": ", ".join(s.label for s in specs), "settings": ", ".join(s.name for s in settings),
             "device": device, "dtype": args.dtype, "batch_size": args.batch_size, "limit": limit}
+    if calibs is not None:  # the GPTQ calibration windows' source; a sharded output's range is of each shard
+        from megatron_osp.data.shardset import expand
+
+        meta.update(calibration_data=f"{args.calibration_data} documents {args.calibration_documents}",
+                    calibration_shards=len(expand(args.calibration_data)))
     bar = _progress(len(args.models) * len(settings) * len(specs))
     log = bar.write if bar is not None else print
     progress = ReportProgress(args.models, [s.name for s in settings], request)

@@ -33,8 +33,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="+", help="Megatron checkpoint / run directories or HF model directories")
     p.add_argument("--labels", nargs="+", help="one label per model (default: the run's optimizer/norm/EmbProj)")
-    p.add_argument("--data", required=True, help="held-out indexed dataset prefix (PREFIX.bin / PREFIX.idx)")
-    p.add_argument("--documents", help="fraction range LO:HI of the documents (default: the run's validation split)")
+    p.add_argument("--data", required=True,
+                   help="held-out indexed dataset prefix (PREFIX.bin / PREFIX.idx), or a sharded output's "
+                        "(PREFIX.shards.json): its shards, each split as training splits them")
+    p.add_argument("--documents", help="fraction range LO:HI of the documents, of each shard's for a sharded output "
+                                       "(default: the run's validation split)")
     p.add_argument("--seq-length", type=int, help="tokens per sequence (default: the model's training length)")
     p.add_argument("--num-windows", type=int, default=64,
                    help="held-out sequences to evaluate, at most (default 64; fewer when the held-out documents "
@@ -64,7 +67,9 @@ def held_out_ranges(data: str, documents: str | None, split: str | None, valid_p
     """(calibration documents or None, held-out documents) of ``--data`` as fraction ranges: --documents;
     else a run's validation: all of a dataset among its data.valid_paths (then no calibration documents),
     or data.split's validation share; else the last 5%. A run that validated on data.valid_paths trained
-    on every document of its data.paths, so --data elsewhere has no held-out share to default to."""
+    on every document of its data.paths, so --data elsewhere has no held-out share to default to. A sharded
+    output's prefix is held out whole when each of its shards is among the valid_paths' datasets; the
+    ranges apply to each shard (analysis/evaluation.py load_token_windows)."""
     from megatron_osp.analysis.evaluation import parse_document_range
 
     if documents:
@@ -74,11 +79,14 @@ def held_out_ranges(data: str, documents: str | None, split: str | None, valid_p
         from megatron_osp.data.shardset import expand
 
         held_out = {os.path.realpath(p) for v in valid_paths for p in expand(v)}
-        if os.path.realpath(data) in held_out:
+        shards = [os.path.realpath(p) for p in expand(data)]
+        if all(p in held_out for p in shards):
             return None, (0.0, 1.0)
+        part = sum(p in held_out for p in shards)
+        some = f" (only {part} of its {len(shards)} shards are among them)" if part else ""
         raise ValueError(f"{model}: its run validated on data.valid_paths={valid_paths} and trained on every document "
                          f"of data.paths (data.split={split!r}): pass --data one of the validation datasets (all its "
-                         f"documents are held out) or --documents LO:HI for {data}")
+                         f"documents are held out) or --documents LO:HI for {data}{some}")
     if split:
         return _split_ranges(split)
     return (0.0, 0.95), (0.95, 1.0)
@@ -130,6 +138,7 @@ def _run(args) -> int:
     from megatron_osp.analysis.report_resume import open_report, pin_model, tokens_identity
     from megatron_osp.analysis.quantization import parse_setting
     from megatron_osp.analysis.weight_error import roles_of
+    from megatron_osp.data.document_view import check_dataset_files
 
     if args.labels and len(args.labels) != len(args.models):
         print(f"error: --labels has {len(args.labels)} entries for {len(args.models)} models", file=sys.stderr)
@@ -149,9 +158,7 @@ def _run(args) -> int:
             raise ValueError(f"--weight-error-windows must be >= 0, got {args.weight_error_windows}")
         if not 2 <= args.weight_error_bits < 16:
             raise ValueError(f"--weight-error-bits must be between 2 and 15, got {args.weight_error_bits}")
-        for prefix_ext in (".bin", ".idx"):
-            if not Path(args.data + prefix_ext).exists():
-                raise FileNotFoundError(f"--data: {args.data + prefix_ext} does not exist")
+        shards = check_dataset_files(args.data, "--data")  # a sharded output: its shards
         for path in args.models:
             if not Path(path).exists():
                 raise FileNotFoundError(f"{path} does not exist")
@@ -187,6 +194,7 @@ def _run(args) -> int:
     meta = {
         "data": args.data,
         "documents": f"{held[0]}:{held[1]}",
+        "shards": len(shards),  # datasets --data names (a sharded output's shards; the range is of each)
         "sequences": int(windows.shape[0]),
         "seq_length": seq,
         "tokens": int(windows.shape[0] * seq),
@@ -194,7 +202,8 @@ def _run(args) -> int:
         "dtype": args.dtype,
         "settings": [s.name for s in settings],
     }
-    print(f"held-out: {windows.shape[0]} x {seq} tokens from documents {held[0]}:{held[1]} of {args.data}")
+    each = f" of each of its {len(shards)} shards" if shards != [args.data] else ""
+    print(f"held-out: {windows.shape[0]} x {seq} tokens from documents {held[0]}:{held[1]} of {args.data}{each}")
     units = [s.name for s in with_fp(settings)] + ([WEIGHT_ROUNDING] if args.weight_error_windows > 0 else [])
     progress = ReportProgress(args.models, units, request)
     results = []  # in model order; an earlier run's entries (--resume) are filled in where they stand

@@ -1,8 +1,9 @@
 """Perplexity of a model at full precision and under each quantization setting, on held-out tokens.
 
-Held-out text is a Megatron ``.bin/.idx`` prefix; its documents (optionally a fraction range, e.g. a
-run's validation split) are concatenated and cut into non-overlapping windows of ``seq_length + 1``
-tokens. Each window is one sequence: inputs its first ``seq_length`` tokens, labels the next ones, so
+Held-out text is a Megatron ``.bin/.idx`` prefix, or a sharded output's (its shards, the fraction range
+taken per shard as training splits them: data/document_view.py); its documents (optionally a fraction
+range, e.g. a run's validation split) are concatenated and cut into non-overlapping windows of
+``seq_length + 1`` tokens. Each window is one sequence: inputs its first ``seq_length`` tokens, labels the next ones, so
 every token after a window's first is predicted once. Perplexity is ``exp(Σ NLL / #tokens)`` with
 the sum in float64.
 
@@ -67,20 +68,18 @@ def load_token_windows(
     """``[n, seq_length + 1]`` int64 windows from the documents ``[round(lo·D), round(hi·D))`` of ``prefix``.
 
     Document bounds round like the training split (data.gpt_dataset), so ``documents`` taken from a
-    run's split selects exactly its validation documents.
+    run's split selects exactly its validation documents. A sharded output's prefix is read as its
+    shards, the range taken of each shard as training splits each (data/document_view.py), their
+    documents concatenated shard after shard.
     """
-    from megatron_osp.data.gpt_dataset import split_documents
-    from megatron_osp.data.indexed import IndexedDataset
+    from megatron_osp.data.document_view import DocumentView
 
-    ds = IndexedDataset(prefix)
-    docs = split_documents(len(ds), documents)
-    lo, hi = docs.start, docs.stop
+    view = DocumentView(prefix)
     window = seq_length + 1
     need = None if num_windows is None else num_windows * window
     chunks, have = [], 0
-    for i in docs:
-        doc = ds[i]
-        chunks.append(np.asarray(doc, dtype=np.int64))
+    for doc in view.documents(documents):
+        chunks.append(doc)
         have += len(doc)
         if need is not None and have >= need:
             break
@@ -89,26 +88,26 @@ def load_token_windows(
     if num_windows is not None:
         n = min(n, num_windows)
     if n == 0:
-        raise ValueError(
-            f"{prefix}: documents {lo}..{hi - 1} hold {len(tokens)} tokens, fewer than one window of "
-            f"{window} (seq_length + 1)"
-        )
+        if view.sharded:
+            where = view.describe(documents)
+        else:
+            [docs] = view.ranges(documents)
+            where = f"{prefix}: documents {docs.start}..{docs.stop - 1}"
+        raise ValueError(f"{where} hold {len(tokens)} tokens, fewer than one window of {window} (seq_length + 1)")
     return torch.from_numpy(tokens[: n * window].reshape(n, window).copy())
 
 
 def check_window_count(prefix: str, seq_length: int, num_windows: int, documents: tuple[float, float],
                        option: str) -> None:
     """ValueError naming ``option`` when the documents hold fewer than ``num_windows`` windows of
-    ``seq_length + 1`` tokens (``load_token_windows`` would return fewer); reads only the index."""
-    from megatron_osp.data.gpt_dataset import split_documents
-    from megatron_osp.data.indexed import IndexedDataset
+    ``seq_length + 1`` tokens (``load_token_windows`` would return fewer); reads only the index (the
+    indices of a sharded output's shards)."""
+    from megatron_osp.data.document_view import DocumentView
 
-    ds = IndexedDataset(prefix)
-    docs = split_documents(len(ds), documents)
-    lo, hi = docs.start, docs.stop
-    have = int(ds.sequence_lengths[lo:hi].sum(dtype=np.int64)) // (seq_length + 1)
+    view = DocumentView(prefix)
+    have = int(view.lengths(documents).sum(dtype=np.int64)) // (seq_length + 1)
     if have < num_windows:
-        raise ValueError(f"{option} {num_windows}: documents {lo}..{hi - 1} of {prefix} hold only {have} windows "
+        raise ValueError(f"{option} {num_windows}: {view.describe(documents)} hold only {have} windows "
                          f"of {seq_length + 1} tokens (seq_length + 1); ask for at most {have} or give more data")
 
 
