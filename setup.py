@@ -58,6 +58,8 @@ setup(
         "eval": ["lm-eval[hf]>=0.4.13,<0.5", "transformers>=4.45", "safetensors"],
         "test": [
             "pytest>=7",
+            # Two test workers (pyproject.toml's addopts: -n 2 --dist loadfile).
+            "pytest-xdist>=3.5",
             # Property-based tests of the readers and preprocessing (tests/test_data_properties.py).
             "hypothesis",
             "scipy",

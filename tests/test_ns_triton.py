@@ -41,8 +41,8 @@ def test_interpreter_runs_the_kernel_checks():
     root = str(Path(__file__).resolve().parents[1])
     path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONPATH=path)
-    out = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(KERNEL_CHECKS)],
+    out = subprocess.run(  # -n 0: in this process, not in workers of its own (pyproject.toml's addopts)
+        [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", str(KERNEL_CHECKS)],
         capture_output=True, text=True, env=env, timeout=300, cwd=Path(__file__).parent,
     )
     report = out.stdout[-6000:] + out.stderr[-2000:]
