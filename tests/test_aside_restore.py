@@ -17,36 +17,14 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset as MegatronIndexedDataset
+from test_merge_replace import _contents, _pair, inputs  # noqa: F401 (inputs: the fixture)
 
 from megatron_osp.data import shardset
-from megatron_osp.data.indexed import IndexedDataset, IndexedDatasetWriter
+from megatron_osp.data.indexed import IndexedDataset
 from megatron_osp.data.merge import merge_datasets
 from megatron_osp.training.data_checks import _missing
-
-
-@pytest.fixture
-def inputs(tmp_path):
-    """Two plain datasets of one token count but different documents: merged as (x, y) and as (y, x),
-    the .bin files have one size and different bytes, so a mixed-up pair would not be noticed by size."""
-    d = tmp_path / "in"
-    docs = {"x": [np.arange(1, 4), np.arange(10, 15)], "y": [np.arange(20, 24), np.arange(30, 34)]}
-    for name, ds in docs.items():
-        with IndexedDatasetWriter(d / name, np.uint16) as w:
-            for doc in ds:
-                w.add_document(doc)
-    return str(d / "x"), str(d / "y")
-
-
-def _contents(prefix, reader=IndexedDataset):
-    ds = reader(prefix)
-    return [ds[i].tolist() for i in range(len(ds))]
-
-
-def _pair(prefix):
-    return tuple(Path(prefix + ext).read_bytes() for ext in (".bin", ".idx"))
 
 
 def _dead_pid():
