@@ -219,6 +219,46 @@ def test_workers_end_when_the_main_process_is_killed(tmp_path):
                 os.kill(c, signal.SIGKILL)
 
 
+_ORPHANED_BEFORE_ITS_WATCH = """
+import os, time
+from megatron_osp.data.preprocess import _exit_with_parent
+
+main = os.getpid()
+if os.fork():  # the main process: killed between the fork of its worker and the worker's watch
+    os._exit(0)
+while os.getppid() == main:  # the worker starts its watch only once the main process is gone
+    time.sleep(0.01)
+print(os.getpid(), flush=True)
+_exit_with_parent(main, interval=0.05)
+time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads /proc")
+def test_a_worker_whose_main_process_died_before_its_watch_started_ends():
+    """The watch read its parent's pid when it started: a worker that started it after the main process
+    was killed (the main process killed while forking the pool) took its new parent (init, a subreaper)
+    for the main process and lived on. The test above failed so once, under load. The main process's
+    pid is now taken before the fork and handed to the worker."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", _ORPHANED_BEFORE_ITS_WATCH], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    worker = None
+    try:
+        worker = int(proc.stdout.readline())
+        deadline = time.monotonic() + 15
+        while _alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(worker), "the orphaned worker lives on"
+        assert proc.wait(timeout=30) == 0 and proc.stderr.read() == ""
+    finally:
+        proc.kill()
+        if worker and _alive(worker):
+            os.kill(worker, signal.SIGKILL)
+
+
 def test_a_directory_input_holding_an_earlier_output_is_read_again_alike(tmp_path):
     """The output's manifest (PREFIX_text_document.shards.json) was taken as a corpus file, so running
     the same command again failed on its first line."""

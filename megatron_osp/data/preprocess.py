@@ -69,10 +69,12 @@ class PreprocessStats:
 _TOKENIZER = None
 
 
-def _init_worker(model_file: str, eod_token: str | None, in_pool: bool = False, word_cache: bool = True,
+def _init_worker(model_file: str, eod_token: str | None, parent: int | None = None, word_cache: bool = True,
                  special_tokens_in_text: str = SPECIAL_DEFAULT):
+    """A process of the pool (``parent``: the main process's pid, taken before the fork) or the main
+    process itself (None): load the tokenizer."""
     global _TOKENIZER
-    if in_pool:  # one process per worker already; Rust threads on top would oversubscribe the cores
+    if parent is not None:  # one process per worker already; Rust threads on top would oversubscribe the cores
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         # Ctrl-C reaches every process of the terminal's group: the main process handles it and ends
         # the workers (_stop). A worker interrupted in the middle of a queue operation could leave the
@@ -80,16 +82,17 @@ def _init_worker(model_file: str, eod_token: str | None, in_pool: bool = False, 
         # _launch_workers: one arriving before this line stays pending, then is ignored.)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-        _exit_with_parent()
+        _exit_with_parent(parent)
     _TOKENIZER = load_tokenizer(model_file, eod_token, word_cache, special_tokens_in_text)
 
 
-def _exit_with_parent(interval: float = 0.5) -> None:
-    """Worker: end when the main process is gone (killed: SIGTERM at a SLURM time limit, SIGKILL). The
-    executor's task queue gives its workers no end-of-file then, so they would live on, orphaned."""
+def _exit_with_parent(parent: int, interval: float = 0.5) -> None:
+    """Worker: end when the main process ``parent`` is gone (killed: SIGTERM at a SLURM time limit,
+    SIGKILL). The executor's task queue gives its workers no end-of-file then, so they would live on,
+    orphaned. ``parent`` is the pid the main process had before the fork: a worker reading its parent
+    only here would, when the main process died between the fork and this line, take its new parent
+    (init, a subreaper) for the main process and never end."""
     import threading
-
-    parent = os.getppid()
 
     def watch():
         while os.getppid() == parent:
@@ -423,7 +426,7 @@ def preprocess(
         paths = [Path(p) for p in mine]
         output_prefix = array_tasks.task_prefix(output_prefix, index, count)
     pool = (ProcessPoolExecutor(workers, mp_context=get_context("fork"), initializer=_init_worker,
-                                initargs=(tokenizer_model, eod_token, True, word_cache, special_tokens_in_text))
+                                initargs=(tokenizer_model, eod_token, os.getpid(), word_cache, special_tokens_in_text))
             if workers > 1 else None)
     try:
         if pool is None:  # this process encodes, with the tokenizer (and word cache) loaded above
