@@ -76,3 +76,15 @@ def test_a_data_eod_id_that_differs_from_the_tokenizer_models_eos_is_refused(sp_
                         f"{sp_model}, which training uses: leave data.eod_id unset (or set it to {eos})"], problems
     assert data_problems(load_config(None, [*base, f"data.eod_id={eos}"])) == []
     assert data_problems(load_config(None, base)) == []
+
+
+def test_a_validation_set_that_ends_its_documents_with_another_eod_is_refused(made, toy_corpus):
+    """Training data without a manifest (written by Megatron-Core) gives the validation set's EOD nothing
+    to be compared with but data.eod_id: its documents would run together in the validation loss."""
+    eod = shardset.recorded_tokens(made["eod"])["eod"]
+    base = ["model.vocab_size=256", f"data.paths=[{toy_corpus}]", f"data.valid_paths=[{made['eod']}]", "data.split=100"]
+    problems = data_problems(load_config(None, [*base, "data.eod_id=255"]))
+    assert problems == [f"data.valid_paths: {made['eod']} ends its documents with EOD id {eod} (its manifest records "
+                        "it), but data.eod_id is 255: its documents would run together in the validation loss; make "
+                        "it with the training data's end-of-document token (preprocess_data.py --eod-token)"], problems
+    assert data_problems(load_config(None, [*base, f"data.eod_id={eod}"])) == []

@@ -95,7 +95,8 @@ def data_problems(config) -> list[str]:
         problems.append("set data.tokenizer_model (or data.eod_id) so documents can be separated")
     mix = _tokenizer_mix_problems(d, prefixes)
     problems += mix or _eod_problems(d, prefixes, tokenizer_eos)
-    return problems + (_valid_set_problems(d, prefixes, tokens=not mix) if d.valid_paths else [])
+    return problems + (_valid_set_problems(d, prefixes, tokens=not mix, tokenizer_eos=tokenizer_eos)
+                       if d.valid_paths else [])
 
 
 def _missing(prefixes: list[str], field: str) -> list[str]:
@@ -115,14 +116,16 @@ def _file_id(prefix: str):
     return st.st_dev, st.st_ino
 
 
-def _valid_set_problems(d, train_prefixes: list[str], tokens: bool = True) -> list[str]:
+def _valid_set_problems(d, train_prefixes: list[str], tokens: bool = True,
+                        tokenizer_eos: int | None = None) -> list[str]:
     """``data.valid_paths`` as validation needs it: its datasets there, none of them read by training
     too (the same .bin, under any symbolic or hard link of its path, or a family prefix whose shard is in
     ``data.paths``: its documents would be trained on; another shard of a family ``data.paths`` also
     reads is a held-out shard and fine), nor a byte copy of a training dataset under another name
     (data/content_identity.py: only datasets of equal .bin size are read), and made like the training
     data (tokenizer, special text, EOD: ``shardset.check_same_tokens``, and the tokenizer of
-    ``data.tokenizer_model``; not when ``tokens`` is False: the training data's own mix is reported)."""
+    ``data.tokenizer_model``; not when ``tokens`` is False: the training data's own mix is reported), and
+    ending its documents with the EOD id training uses (``_eod_problems``; ``tokenizer_eos`` as there)."""
     try:
         prefixes = dataset_prefixes(d.valid_paths, d.valid_weights)
     except (OSError, ValueError) as e:
@@ -163,7 +166,7 @@ def _valid_set_problems(d, train_prefixes: list[str], tokens: bool = True) -> li
         shardset.check_same_tokens(recorded)
     except ValueError as e:
         return [f"data.valid_paths: {e}"]
-    return []
+    return _eod_problems(d, prefixes, tokenizer_eos, where="data.valid_paths")
 
 
 def _copies(valid: list[str], trained: list[str]) -> dict[str, str]:
@@ -225,14 +228,16 @@ def _merge_lineage_problems(train_prefixes: list[str], valid_prefixes: list[str]
     return []
 
 
-def _eod_problems(d, prefixes: list[str], tokenizer_eos: int | None) -> list[str]:
+def _eod_problems(d, prefixes: list[str], tokenizer_eos: int | None, where: str = "data.paths") -> list[str]:
     """The end-of-document id training uses against the one the data were made with. Training takes
     data.tokenizer_model's end-of-sequence id when that is set (a data.eod_id beside it was ignored: now
     it must agree), else data.eod_id; a dataset whose manifest records that preprocessing ended its
     documents with another id (``append_eod`` and ``eod``) would have its documents run together, and an
     export would name that id as eos_token_id, silently. ``tokenizer_eos``: None when no tokenizer is set
-    or it could not be read (that is reported already)."""
-    if tokenizer_eos is not None and d.eod_id is not None and d.eod_id != tokenizer_eos:
+    or it could not be read (that is reported already). ``where``: the field ``prefixes`` come from; the
+    setting itself (data.eod_id against the tokenizer's) is judged for data.paths only."""
+    setting = where == "data.paths"
+    if setting and tokenizer_eos is not None and d.eod_id is not None and d.eod_id != tokenizer_eos:
         return [f"data.eod_id={d.eod_id} differs from the end-of-sequence id {tokenizer_eos} of data.tokenizer_model="
                 f"{d.tokenizer_model}, which training uses: leave data.eod_id unset (or set it to {tokenizer_eos})"]
     used, field = (tokenizer_eos, f"the end-of-sequence id of data.tokenizer_model={d.tokenizer_model}") \
@@ -245,8 +250,12 @@ def _eod_problems(d, prefixes: list[str], tokenizer_eos: int | None) -> list[str
         except (OSError, ValueError):  # an unreadable manifest is named when the dataset opens
             continue
         if r.get("append_eod") is True and isinstance(r.get("eod"), int) and r["eod"] != used:
+            if not setting:
+                return [f"{where}: {p} ends its documents with EOD id {r['eod']} (its manifest records it), but "
+                        f"{field} is {used}: its documents would run together in the validation loss; make it with "
+                        "the training data's end-of-document token (preprocess_data.py --eod-token)"]
             how = f"set data.eod_id={r['eod']}" if field == "data.eod_id" else "preprocess it with this tokenizer"
-            return [f"data.paths: {p} ends its documents with EOD id {r['eod']} (its manifest records it), but "
+            return [f"{where}: {p} ends its documents with EOD id {r['eod']} (its manifest records it), but "
                     f"{field} is {used}: documents would run together and an export would name the wrong "
                     f"eos_token_id; {how}"]
     return []
