@@ -26,6 +26,8 @@ from megatron_osp.data.indexed import IndexedDataset
 from megatron_osp.data.merge import merge_datasets
 from megatron_osp.training.data_checks import _missing
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def _dead_pid():
     p = subprocess.Popen(["true"])
@@ -80,13 +82,29 @@ def test_the_next_merge_puts_the_earlier_pair_back_before_it_fails(inputs, tmp_p
             IndexedDataset(m)
         assert any(f"m.idx.old{pid}" in p for p in _missing([m], "data.paths"))
     # the next merge is refused (an id outside the vocabulary) after it has cleaned up the prefix
-    with pytest.raises(ValueError, match="outside the vocabulary"):
+    with pytest.raises(ValueError, match="outside the vocabulary") as refused:
         merge_datasets([y, x], m, vocab_size=10)
+    restored = [n for n in refused.value.cleanup_notes if n.startswith("restored")]  # said with the refusal
+    assert len(restored) == cut_short, refused.value.cleanup_notes
     assert sorted(os.listdir(tmp_path)) == ["in", "m.bin", "m.idx"], AFTER[at]
     expected = old_tokens if cut_short else new_tokens
     if cut_short:
         assert _pair(m) == old, f"killed after {AFTER[at]}: the earlier pair is not back byte for byte"
     assert _contents(m) == expected and _contents(m, MegatronIndexedDataset) == expected
+
+
+def test_a_refused_merge_tool_says_what_it_restored(inputs, tmp_path):
+    """tools/merge_datasets.py said only "no output was written": the earlier pair it had put back
+    went unmentioned."""
+    x, y = inputs
+    m = str(tmp_path / "m")
+    merge_datasets([x, y], m)
+    pid = _killed_merge(m, 2, y, x)  # both old files aside, m has neither .bin nor .idx
+    r = subprocess.run([sys.executable, str(REPO / "tools" / "merge_datasets.py"), "--input", y, str(tmp_path / "no"),
+                        "--output-prefix", m], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "no output was written" in r.stderr, r.stderr
+    assert f"restored {m}.bin/.idx from {m}.idx.old{pid} and {m}.bin.old{pid}" in r.stderr, r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["in", "m.bin", "m.idx"]
 
 
 def test_a_successful_merge_after_the_kill_says_what_it_restored(inputs, tmp_path):

@@ -35,6 +35,12 @@ from megatron_osp.data.merge import merge_datasets, merge_tasks, prefixes_in  # 
 from megatron_osp.fileio import os_error  # noqa: E402
 
 
+def _refused(e: BaseException) -> None:
+    print("no output was written", file=sys.stderr)
+    for note in getattr(e, "cleanup_notes", []):  # e.g. an earlier pair a killed merge set aside, put back
+        print(note, file=sys.stderr)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
@@ -89,11 +95,11 @@ def main() -> int:
                               tokenizer_fingerprint=fingerprint)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        print("no output was written", file=sys.stderr)
+        _refused(e)
         return 1
     except OSError as e:  # unwritable output directory, disk full
         print(f"error: {os_error(e)}", file=sys.stderr)
-        print("no output was written", file=sys.stderr)
+        _refused(e)
         return 1
     for note in info["notes"]:
         print(note)

@@ -68,6 +68,16 @@ def merge_datasets(input_prefixes: list[str], output_prefix: str, vocab_size: in
     notes = shardset.clean_stale_temporaries(output_prefix)
     if os.path.exists(f"{output_prefix}.bin") and not os.path.exists(f"{output_prefix}.idx"):
         notes.append(f"replaced {output_prefix}.bin, left without its .idx by a write that was cut short")
+    try:
+        return _merge(input_prefixes, output_prefix, vocab_size, tokenizer_sha256, tokenizer_fingerprint, notes)
+    except Exception as e:  # a refused merge: what the cleaning did (an earlier pair put back) still said
+        e.cleanup_notes = notes
+        raise
+
+
+def _merge(input_prefixes: list[str], output_prefix: str, vocab_size: int | None, tokenizer_sha256: str | None,
+           tokenizer_fingerprint: str | None, notes: list[str]) -> dict:
+    """``merge_datasets`` after the cleaning of ``output_prefix`` (``notes``: what it did)."""
     expanded = [(p, given) for given in input_prefixes for p in shardset.expand(given)]
     input_prefixes = [p for p, _ in expanded]
     out = os.path.realpath(output_prefix)
