@@ -14,12 +14,11 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset as MegatronIndexedDataset
-from test_merge_replace import _contents, _pair, inputs  # noqa: F401 (inputs: the fixture)
+from test_merge_replace import KILLER, _contents, _pair, inputs  # noqa: F401 (inputs: the fixture)
 
 from megatron_osp.data import shardset
 from megatron_osp.data.indexed import IndexedDataset
@@ -35,28 +34,8 @@ def _dead_pid():
     return p.pid
 
 
-# Killed just before the at-th rename or unlink in replace_dataset that names m.bin/m.idx or their aside
-# files: 0 old .idx aside, 1 old .bin aside, 2 new .bin in, 3 new .idx in, 4 and 5 the aside files removed.
-KILLER = textwrap.dedent("""
-    import os, signal, sys
-    from megatron_osp.data.merge import merge_datasets
-    out, at = sys.argv[1], int(sys.argv[2])
-    names, calls = {out + ext + tail for ext in (".bin", ".idx") for tail in ("", f".old{os.getpid()}")}, []
-    def wrap(real):
-        def op(*paths, **kw):
-            if names & {os.fspath(p) for p in paths[:2] if isinstance(p, (str, os.PathLike))}:
-                calls.append(paths)
-                if len(calls) > at:
-                    os.kill(os.getpid(), signal.SIGKILL)
-            return real(*paths, **kw)
-        return op
-    os.replace, os.unlink = wrap(os.replace), wrap(os.unlink)
-    print(os.getpid(), flush=True)
-    merge_datasets(sys.argv[3:], out)
-""")
-
-
 def _killed_merge(out, at, *inputs):
+    """test_merge_replace's KILLER: killed before the at-th operation on m's names; returns its pid."""
     r = subprocess.run([sys.executable, "-c", KILLER, out, str(at), *inputs], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == -signal.SIGKILL, r.stderr
