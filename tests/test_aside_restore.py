@@ -1,6 +1,6 @@
 """A replace killed after the old .idx went aside: the next run puts the earlier pair back, never deletes it.
 
-``replace_dataset`` moves the old pair aside (``m.idx.old<pid>``, then ``m.bin.old<pid>``), the new .bin
+``replace_dataset`` moves the old pair aside (``m.idx.old-<host>-<pid>``, then the .bin), the new .bin
 in, the new .idx last, then removes the aside files. Killed before the new .idx was in, ``m`` had no .idx
 and the earlier dataset lived only in the aside files, which the next merge or preprocessing run on ``m``
 deleted as a dead run's temporaries, before writing anything: if that run failed too, the earlier result
@@ -11,6 +11,7 @@ names the aside files."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -35,11 +36,14 @@ def _dead_pid():
 
 
 def _killed_merge(out, at, *inputs):
-    """test_merge_replace's KILLER: killed before the at-th operation on m's names; returns its pid."""
+    """test_merge_replace's KILLER: killed before the at-th operation on m's names; returns its pid and the
+    tag its temporary and aside files carry."""
     r = subprocess.run([sys.executable, "-c", KILLER, out, str(at), *inputs], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == -signal.SIGKILL, r.stderr
-    return int(r.stdout.split()[0])
+    pid, tag = r.stdout.split()[:2]
+    assert tag.endswith(f"-{pid}"), tag
+    return int(pid), tag
 
 
 AFTER = {1: "the old .idx went aside", 2: "the old .bin went aside", 3: "the new .bin went in",
@@ -53,13 +57,13 @@ def test_the_next_merge_puts_the_earlier_pair_back_before_it_fails(inputs, tmp_p
     merge_datasets([x, y], m)
     old, old_tokens = _pair(m), _contents(m)
     new_tokens = _contents(y) + _contents(x)
-    pid = _killed_merge(m, at, y, x)
+    pid, t = _killed_merge(m, at, y, x)
     cut_short = at <= 3  # killed before the new .idx was in: m has no .idx
     assert os.path.exists(m + ".idx") != cut_short, AFTER[at]
     if cut_short:  # the refusal names where the earlier dataset is, and how it comes back
-        with pytest.raises(FileNotFoundError, match=rf"m\.(bin|idx) does not exist.*m\.idx\.old{pid}.*puts it back"):
+        with pytest.raises(FileNotFoundError, match=rf"m\.(bin|idx) does not exist.*m\.idx\.old{re.escape(t)}.*puts it back"):
             IndexedDataset(m)
-        assert any(f"m.idx.old{pid}" in p for p in _missing([m], "data.paths"))
+        assert any(f"m.idx.old{t}" in p for p in _missing([m], "data.paths"))
     # the next merge is refused (an id outside the vocabulary) after it has cleaned up the prefix
     with pytest.raises(ValueError, match="outside the vocabulary") as refused:
         merge_datasets([y, x], m, vocab_size=10)
@@ -78,11 +82,11 @@ def test_a_refused_merge_tool_says_what_it_restored(inputs, tmp_path):
     x, y = inputs
     m = str(tmp_path / "m")
     merge_datasets([x, y], m)
-    pid = _killed_merge(m, 2, y, x)  # both old files aside, m has neither .bin nor .idx
+    pid, t = _killed_merge(m, 2, y, x)  # both old files aside, m has neither .bin nor .idx
     r = subprocess.run([sys.executable, str(REPO / "tools" / "merge_datasets.py"), "--input", y, str(tmp_path / "no"),
                         "--output-prefix", m], capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "no output was written" in r.stderr, r.stderr
-    assert f"restored {m}.bin/.idx from {m}.idx.old{pid} and {m}.bin.old{pid}" in r.stderr, r.stderr
+    assert f"restored {m}.bin/.idx from {m}.idx.old{t} and {m}.bin.old{t}" in r.stderr, r.stderr
     assert sorted(os.listdir(tmp_path)) == ["in", "m.bin", "m.idx"]
 
 
@@ -90,9 +94,9 @@ def test_a_successful_merge_after_the_kill_says_what_it_restored(inputs, tmp_pat
     x, y = inputs
     m = str(tmp_path / "m")
     merge_datasets([x, y], m)
-    pid = _killed_merge(m, 3, y, x)  # the new .bin is in, beside both aside files
+    pid, t = _killed_merge(m, 3, y, x)  # the new .bin is in, beside both aside files
     info = merge_datasets([x, y], m)
-    assert any(n.startswith(f"restored {m}.bin/.idx from {m}.idx.old{pid} and {m}.bin.old{pid}") and
+    assert any(n.startswith(f"restored {m}.bin/.idx from {m}.idx.old{t} and {m}.bin.old{t}") and
                f"did not finish (pid {pid})" in n for n in info["notes"]), info["notes"]
     assert sorted(os.listdir(tmp_path)) == ["in", "m.bin", "m.idx"]
     assert _contents(m) == _contents(x) + _contents(y)
@@ -103,12 +107,12 @@ def test_only_the_idx_aside_is_restored_beside_the_bin_still_in_place(inputs, tm
     m = str(tmp_path / "m")
     merge_datasets([x, y], m)
     old = _pair(m)
-    pid = _killed_merge(m, 1, y, x)
-    assert sorted(os.listdir(tmp_path)) == ["in", "m.bin", f"m.bin.tmp{pid}", f"m.idx.old{pid}", f"m.idx.tmp{pid}"]
+    pid, t = _killed_merge(m, 1, y, x)
+    assert sorted(os.listdir(tmp_path)) == ["in", "m.bin", f"m.bin.tmp{t}", f"m.idx.old{t}", f"m.idx.tmp{t}"]
     notes = shardset.clean_stale_temporaries(m)
     assert sorted(os.listdir(tmp_path)) == ["in", "m.bin", "m.idx"]
     assert [n for n in notes if n.startswith("restored")] == [
-        f"restored {m}.idx from {m}.idx.old{pid} (beside its .bin, which was still in place), left by a run that "
+        f"restored {m}.idx from {m}.idx.old{t} (beside its .bin, which was still in place), left by a run that "
         f"did not finish (pid {pid})"]
     assert _pair(m) == old
 
@@ -190,8 +194,8 @@ def test_preprocessing_puts_back_a_pair_of_its_output_name_before_it_fails(input
     m = str(out / "c_text_document")
     merge_datasets([x, y], m)
     old, old_tokens = _pair(m), _contents(m)
-    pid = _killed_merge(m, 2, y, x)
-    assert not os.path.exists(m + ".idx") and os.path.exists(f"{m}.bin.old{pid}")
+    pid, t = _killed_merge(m, 2, y, x)
+    assert not os.path.exists(m + ".idx") and os.path.exists(f"{m}.bin.old{t}")
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("".join(json.dumps({"text": f"document {i} lorem ipsum dolor"}) + "\n" for i in range(50)))
     tok = train_sentencepiece(corpus, tmp_path / "tok", vocab_size=300)

@@ -47,14 +47,15 @@ def _pair(prefix):
     return tuple(Path(prefix + ext).read_bytes() for ext in (".bin", ".idx"))
 
 
-# Killed just before the at-th rename or unlink that names m.bin/m.idx or their aside files (m.idx.old<pid>):
+# Killed just before the at-th rename or unlink that names m.bin/m.idx or their aside files (m.idx.old-<host>-<pid>):
 # in replace_dataset, 0 old .idx aside, 1 old .bin aside, 2 new .bin in, 3 new .idx in, 4 and 5 the aside
-# files removed. Prints its pid first (the aside files' names).
+# files removed. Prints its pid, then the tag of its temporary and aside files' names ("-<host>-<pid>").
 KILLER = textwrap.dedent("""
     import os, signal, sys
     from megatron_osp.data.merge import merge_datasets
     out, at = sys.argv[1], int(sys.argv[2])
-    names, calls = {out + ext + tail for ext in (".bin", ".idx") for tail in ("", f".old{os.getpid()}")}, []
+    from megatron_osp.data.run_owner import tag
+    names, calls = {out + ext + tail for ext in (".bin", ".idx") for tail in ("", f".old{tag()}")}, []
     def wrap(real):
         def op(*paths, **kw):
             if names & {os.fspath(p) for p in paths[:2] if isinstance(p, (str, os.PathLike))}:
@@ -64,7 +65,7 @@ KILLER = textwrap.dedent("""
             return real(*paths, **kw)
         return op
     os.replace, os.rename, os.unlink = wrap(os.replace), wrap(os.rename), wrap(os.unlink)
-    print(os.getpid(), flush=True)
+    print(os.getpid(), tag(), flush=True)
     merge_datasets(sys.argv[3:], out)
 """)
 

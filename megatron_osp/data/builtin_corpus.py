@@ -136,10 +136,11 @@ def write_corpus(
     if output.is_dir():
         raise IsADirectoryError(21, "Is a directory (give the corpus file to write)", str(output))
     output.parent.mkdir(parents=True, exist_ok=True)
+    from megatron_osp.data.run_owner import tag
     from megatron_osp.data.shardset import remove_stale_temporaries
 
     remove_stale_temporaries(output.parent, output.name)
-    tmp = output.with_name(output.name + f".tmp{os.getpid()}")
+    tmp = output.with_name(output.name + f".tmp{tag()}")
     n_docs = n_chars = 0
     try:
         with open(tmp, "w", encoding="utf-8") as f:

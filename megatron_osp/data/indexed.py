@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from megatron_osp.data.replace import aside_hint, replace_dataset
+from megatron_osp.data.run_owner import tag
 from megatron_osp.data.shardset import check_published
 
 MAGIC = b"MMIDIDX\x00\x00"
@@ -72,8 +73,8 @@ class IndexedDatasetWriter:
         self.max_token_id = -1  # the largest id written (-1: none yet); cheap, the range check finds it
         self.tokens_written = 0
         Path(self.prefix).parent.mkdir(parents=True, exist_ok=True)
-        self._tmp_bin = f"{self.prefix}.bin.tmp{os.getpid()}"
-        self._tmp_idx = f"{self.prefix}.idx.tmp{os.getpid()}"
+        self._tmp_bin = f"{self.prefix}.bin.tmp{tag()}"
+        self._tmp_idx = f"{self.prefix}.idx.tmp{tag()}"
         self._bin = open(self._tmp_bin, "wb")
         # 4 bytes per document (a list of numpy scalars costs ~10x that at a billion documents).
         self._lengths = array.array("i")

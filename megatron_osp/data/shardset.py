@@ -17,11 +17,11 @@ even that is cut short the manifest still says "publishing", which readers refus
 Readers honour the manifest: ``IndexedDataset`` refuses a family member the manifest does not list, or
 whose size differs from it, and ``merge_datasets --input-dir`` takes only the listed datasets.
 ``merge_datasets`` publishes its own output this way when every input has a manifest (data/merge.py). Stage
-directories of dead runs (same host, pid gone) and the writer's ``.tmp<pid>`` files of dead runs are
-removed when the next run or merge on that prefix starts; ones from another host are named only. A
-dataset that ``replace_dataset`` (data/replace.py) was killed replacing has either its new pair, and the
-old files set aside as ``.old<pid>`` are removed then too, or no .idx: then the earlier pair is put back
-from the ``.old<pid>`` files first (``restore_aside``), before the new run writes anything.
+directories of dead runs (same host, pid gone) and the writer's ``.tmp-<host>-<pid>`` files of dead runs
+are removed when the next run or merge on that prefix starts; ones from another host are named only
+(data/run_owner.py). A dataset that ``replace_dataset`` (data/replace.py) was killed replacing has either
+its new pair, and the old files set aside as ``.old-<host>-<pid>`` are removed then too, or no .idx: then
+the earlier pair is put back from the aside files first (``restore_aside``), before the new run writes.
 """
 
 from __future__ import annotations
@@ -31,12 +31,12 @@ import json
 import os
 import re
 import shutil
-import socket
 import time
 from pathlib import Path
 
 from megatron_osp.data import special_text
 from megatron_osp.data.replace import pid_alive, replace_dataset, restore_aside  # noqa: F401 (imported from here)
+from megatron_osp.data.run_owner import DEAD, ELSEWHERE, TAG, host, owner, owner_state
 from megatron_osp.data.tokenizer_identity import same_tokenizer
 from megatron_osp.fileio import atomic_write_json
 
@@ -49,17 +49,13 @@ def manifest_path(family: str | os.PathLike) -> str:
     return f"{family}{MANIFEST_SUFFIX}"
 
 
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
-
-
 def remove_stale_temporaries(directory: Path, name: str, suffix: str = "") -> None:
-    """Remove the files ``<name>.tmp<pid><suffix>`` in ``directory`` (``suffix`` a regex) whose writing
-    process is gone: what a write killed midway left."""
-    stale = re.compile(rf"^{re.escape(name)}\.tmp(\d+){suffix}$")
+    """Remove the files ``<name>.tmp-<host>-<pid><suffix>`` (or ``.tmp<pid>``) in ``directory``
+    (``suffix`` a regex) whose writing process, of this host, is gone: what a write killed midway left."""
+    stale = re.compile(rf"^{re.escape(name)}\.tmp{TAG}{suffix}$")
     for p in Path(directory).iterdir():
         m = stale.match(p.name)
-        if m and p.is_file() and not pid_alive(int(m.group(1))):
+        if m and p.is_file() and owner_state(m) == DEAD:
             p.unlink(missing_ok=True)
 
 
@@ -316,13 +312,14 @@ def datasets_in_directory(directory: str | os.PathLike) -> tuple[list[str], list
     return keep, skipped
 
 
-_WRITER_TMP = re.compile(r"^(?P<name>.+)\.(bin|idx)\.(?P<kind>tmp|old)(?P<pid>\d+)$")  # writer's; replace_dataset's
+_WRITER_TMP = re.compile(rf"^(?P<name>.+)\.(bin|idx)\.(?P<kind>tmp|old){TAG}$")  # writer's; replace_dataset's
 
 
 def clean_stale_temporaries(prefix: str | os.PathLike) -> list[str]:
     """Remove temporaries of dead runs on ``prefix`` (this prefix's stage directories, and writer
-    ``.tmp<pid>`` and ``replace_dataset`` ``.old<pid>`` files of names starting with its name); returns
-    what was restored, removed or left, as notes. Aside (``.old<pid>``) files of a dataset without its
+    ``.tmp-<host>-<pid>`` and ``replace_dataset`` ``.old-<host>-<pid>`` files of names starting with its
+    name; this host's runs only, another host's are named in a note); returns what was restored, removed
+    or left, as notes. Aside (``.old...``) files of a dataset without its
     .idx are the earlier pair a replace cut short left: ``restore_aside`` puts them back first, and they
     are never removed while that dataset has no .idx (where they could not be put back, the note says why)."""
     prefix = str(prefix)
@@ -340,20 +337,20 @@ def clean_stale_temporaries(prefix: str | os.PathLike) -> list[str]:
     stage = re.compile(rf"^\.{re.escape(base)}\.stage-(?P<host>.+)-(?P<pid>\d+)$")
     for name in sorted(os.listdir(d)):
         path = os.path.join(d, name)
-        m = stage.match(name)
-        if m:
-            if m.group("host") != _host():
-                notes.append(f"left {path}: a run on host {m.group('host')} (remove it if that run is over)")
-            elif not pid_alive(int(m.group("pid"))):
-                shutil.rmtree(path, ignore_errors=True)
-                notes.append(f"removed {path}, left by a run that did not finish (pid {m.group('pid')})")
+        m = stage.match(name) or _WRITER_TMP.match(name)
+        if m is None or (m.re is _WRITER_TMP and not ours(m)):
             continue
-        m = _WRITER_TMP.match(name)
-        if m is not None and m.group("kind") == "old" and not os.path.lexists(os.path.join(d, m.group("name") + ".idx")):
+        if m.re is _WRITER_TMP and m.group("kind") == "old" and not os.path.lexists(os.path.join(d, m.group("name") + ".idx")):
             continue  # an earlier pair restore_aside could not put back: kept, its note says why
-        if ours(m) and not pid_alive(int(m.group("pid"))):
-            os.unlink(path)
-            notes.append(f"removed {path}, left by a run that did not finish (pid {m.group('pid')})")
+        state = owner_state(m)
+        if state == ELSEWHERE:
+            notes.append(f"left {path}: a run on host {m.group('host')} (remove it if that run is over)")
+        elif state == DEAD:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.unlink(path)
+            notes.append(f"removed {path}, left by a run that did not finish ({owner(m)})")
     return notes
 
 
@@ -373,7 +370,7 @@ class Stage:
             d = os.path.dirname(d)
         os.makedirs(self.directory, exist_ok=True)
         self.notes = clean_stale_temporaries(os.path.join(self.directory, self.base))
-        self.path = os.path.join(self.directory, f".{self.base}.stage-{_host()}-{os.getpid()}")
+        self.path = os.path.join(self.directory, f".{self.base}.stage-{host()}-{os.getpid()}")
         shutil.rmtree(self.path, ignore_errors=True)
         os.mkdir(self.path)
 

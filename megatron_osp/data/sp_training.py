@@ -101,10 +101,11 @@ def train_sentencepiece(
     if sample_documents is not None and sample_documents < 1:
         raise ValueError(f"sample_documents must be >= 1, got {sample_documents}")
     _check_writable(output_prefix.parent)
+    from megatron_osp.data.run_owner import tag
     from megatron_osp.data.shardset import remove_stale_temporaries
 
     remove_stale_temporaries(output_prefix.parent, output_prefix.name, r"\.(model|vocab)")
-    tmp_prefix = output_prefix.with_name(output_prefix.name + f".tmp{os.getpid()}")
+    tmp_prefix = output_prefix.with_name(output_prefix.name + f".tmp{tag()}")
     try:
         reading = _Reading(input_jsonl, json_key, sample_documents, skip_bad_records)
         _train(reading, tmp_prefix, vocab_size, model_type, character_coverage)
