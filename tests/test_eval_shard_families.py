@@ -42,10 +42,17 @@ def _docs(prefix, lo, hi):
     return [np.asarray(ds[i], dtype=np.int64) for i in range(int(round(lo * n)), int(round(hi * n)))]
 
 
-def _windows(docs, num=None):
+def _windows(docs, num=None, selection="spread", seq=SEQ):
+    """Reference: the documents concatenated, cut into windows of seq + 1; of W windows, num evenly spread
+    (window floor((i + 1/2)·W/num), exact in fractions) or the first num."""
+    from fractions import Fraction
+
     tokens = np.concatenate(docs)
-    n = len(tokens) // (SEQ + 1) if num is None else num
-    return torch.from_numpy(tokens[: n * (SEQ + 1)].reshape(n, SEQ + 1))
+    w = len(tokens) // (seq + 1)
+    every = tokens[: w * (seq + 1)].reshape(w, seq + 1)
+    n = w if num is None else min(num, w)
+    picks = range(n) if selection == "first" else [int((i + Fraction(1, 2)) * w / n) for i in range(n)]
+    return torch.from_numpy(every[list(picks)])
 
 
 def test_a_familys_windows_are_each_shards_split_share(family, tmp_path):

@@ -53,6 +53,9 @@ def parse_args(argv=None):
                    help="fraction range LO:HI of its documents, of each shard's for a sharded output (default 0:1)")
     p.add_argument("--calibration-windows", type=int, default=16,
                    help="GPTQ calibration sequences (default 16); refused when --calibration-documents hold fewer")
+    p.add_argument("--calibration-selection", choices=["spread", "first"], default="spread",
+                   help="which calibration windows, when the documents hold more than asked for: evenly spaced over "
+                        "all of them (default) or the first ones (reports made before this option)")
     p.add_argument("--seq-length", type=int, help="calibration sequence length (default: the model's)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--resume", action="store_true",
@@ -136,7 +139,7 @@ def _calibration_windows(args, settings) -> list | None:
         return None
     docs = parse_document_range(args.calibration_documents)
     return [load_token_windows(args.calibration_data, args.seq_length or config_facts(m)[0], args.calibration_windows,
-                               docs) for m in args.models]
+                               docs, selection=args.calibration_selection) for m in args.models]
 
 
 def _request(args, settings, labels, specs, pinned, calibs) -> dict:
@@ -189,7 +192,8 @@ def _run(args) -> int:
         from megatron_osp.data.shardset import expand
 
         meta.update(calibration_data=f"{args.calibration_data} documents {args.calibration_documents}",
-                    calibration_shards=len(expand(args.calibration_data)))
+                    calibration_shards=len(expand(args.calibration_data)),
+                    calibration_selection=args.calibration_selection)
     bar = _progress(len(args.models) * len(settings) * len(specs))
     log = bar.write if bar is not None else print
     progress = ReportProgress(args.models, [s.name for s in settings], request)

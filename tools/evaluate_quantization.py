@@ -42,6 +42,10 @@ def parse_args(argv=None):
     p.add_argument("--num-windows", type=int, default=64,
                    help="held-out sequences to evaluate, at most (default 64; fewer when the held-out documents "
                         "hold fewer: the report's meta.sequences says how many)")
+    p.add_argument("--window-selection", choices=["spread", "first"], default="spread",
+                   help="which windows of the held-out (and GPTQ calibration) documents, when they hold more than "
+                        "asked for: evenly spaced over all of them (default: every shard, every part of the corpus) "
+                        "or the first ones (reports made before this option)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--settings", nargs="+", help="W-A-KV settings, e.g. fp 4-4-4 4-8-8 4-4-4+had 4-4-4+quarot 4-4-4+gptq")
     p.add_argument("--calibration-windows", type=int, default=16,
@@ -173,10 +177,11 @@ def _run(args) -> int:
             if train_docs is None:
                 raise ValueError("GPTQ needs calibration documents outside the held-out range")
             check_window_count(args.data, seq, args.calibration_windows, train_docs, "--calibration-windows")
-        windows = load_token_windows(args.data, seq, args.num_windows, documents=held)
+        windows = load_token_windows(args.data, seq, args.num_windows, documents=held, selection=args.window_selection)
         calib = None
         if any(s.gptq for s in settings):
-            calib = load_token_windows(args.data, seq, args.calibration_windows, documents=train_docs)
+            calib = load_token_windows(args.data, seq, args.calibration_windows, documents=train_docs,
+                                       selection=args.window_selection)
         pinned = [pin_model(m) for m in args.models]  # (what to load, what the report records)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")  # its kernels: in the request
         request = {
@@ -196,6 +201,7 @@ def _run(args) -> int:
         "documents": f"{held[0]}:{held[1]}",
         "shards": len(shards),  # datasets --data names (a sharded output's shards; the range is of each)
         "sequences": int(windows.shape[0]),
+        "window_selection": args.window_selection,
         "seq_length": seq,
         "tokens": int(windows.shape[0] * seq),
         "device": device,

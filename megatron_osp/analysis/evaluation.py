@@ -59,42 +59,48 @@ def parse_document_range(text: str | None) -> tuple[float, float]:
     return lo, hi
 
 
+SELECTIONS = ("spread", "first")
+
+
 def load_token_windows(
     prefix: str,
     seq_length: int,
     num_windows: int | None = None,
     documents: tuple[float, float] = (0.0, 1.0),
+    selection: str = "spread",
 ) -> Tensor:
     """``[n, seq_length + 1]`` int64 windows from the documents ``[round(lo·D), round(hi·D))`` of ``prefix``.
 
     Document bounds round like the training split (data.gpt_dataset), so ``documents`` taken from a
     run's split selects exactly its validation documents. A sharded output's prefix is read as its
     shards, the range taken of each shard as training splits each (data/document_view.py), their
-    documents concatenated shard after shard.
+    documents concatenated shard after shard. The documents, concatenated, hold ``W`` whole windows;
+    ``num_windows`` (None: all) of fewer than ``W`` are, with ``selection`` "spread", the windows
+    ``floor((2i + 1)·W / 2n)``, evenly spaced over all of them (every shard, every source of a corpus whose
+    files were preprocessed in order), and with "first" the first ``n`` (the earlier behaviour: the
+    start of the first shard's documents only).
     """
     from megatron_osp.data.document_view import DocumentView
 
+    if selection not in SELECTIONS:
+        raise ValueError(f"window selection {selection!r}: expected one of {', '.join(SELECTIONS)}")
     view = DocumentView(prefix)
     window = seq_length + 1
-    need = None if num_windows is None else num_windows * window
-    chunks, have = [], 0
-    for doc in view.documents(documents):
-        chunks.append(doc)
-        have += len(doc)
-        if need is not None and have >= need:
-            break
-    tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
-    n = len(tokens) // window
-    if num_windows is not None:
-        n = min(n, num_windows)
+    have = int(view.lengths(documents).sum(dtype=np.int64)) // window
+    n = have if num_windows is None else min(have, num_windows)
     if n == 0:
         if view.sharded:
             where = view.describe(documents)
         else:
             [docs] = view.ranges(documents)
             where = f"{prefix}: documents {docs.start}..{docs.stop - 1}"
-        raise ValueError(f"{where} hold {len(tokens)} tokens, fewer than one window of {window} (seq_length + 1)")
-    return torch.from_numpy(tokens[: n * window].reshape(n, window).copy())
+        tokens = int(view.lengths(documents).sum(dtype=np.int64))
+        raise ValueError(f"{where} hold {tokens} tokens, fewer than one window of {window} (seq_length + 1)")
+    if selection == "first" or n == have:
+        picks = np.arange(n, dtype=np.int64)
+    else:
+        picks = (2 * np.arange(n, dtype=np.int64) + 1) * have // (2 * n)
+    return torch.from_numpy(view.windows(documents, window, picks))
 
 
 def check_window_count(prefix: str, seq_length: int, num_windows: int, documents: tuple[float, float],

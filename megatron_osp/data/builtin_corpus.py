@@ -127,7 +127,7 @@ def write_corpus(
     min_chars: int = 200,
     include_source: bool = False,
 ) -> tuple[int, int]:
-    """Write the corpus as JSONL ({"text": ...} per line), atomically (through ``<output>.tmp<pid>``; one
+    """Write the corpus as JSONL ({"text": ...} per line), atomically (through ``<output>.tmp-<host>-<pid>``; one
     a killed run left is removed by the next). Returns (documents, characters).
     Refuses, writing nothing, options that leave no document (preprocessing refuses an empty corpus)."""
     if max_documents is not None and max_documents < 1:

@@ -63,6 +63,38 @@ class DocumentView:
             for i in r:
                 yield np.asarray(ds[i], dtype=np.int64)
 
+    def windows(self, fractions: tuple[float, float], window: int, picks: np.ndarray) -> np.ndarray:
+        """``[len(picks), window]`` int64: window ``k`` of each pick is tokens ``[k·window, (k+1)·window)`` of
+        those documents concatenated (shard after shard, as ``documents`` yields them). Reads only the
+        documents the picked windows cover, so a sparse pick over a large held-out set stays cheap."""
+        lengths = self.lengths(fractions)
+        ends = np.cumsum(lengths)
+        total = int(ends[-1]) if len(ends) else 0
+        picks = np.asarray(picks, dtype=np.int64)
+        if len(picks) and (picks.min() < 0 or (int(picks.max()) + 1) * window > total):
+            raise IndexError(f"window {int(picks.max())} of {window} tokens is past the {total} tokens of "
+                             f"{self.describe(fractions)}")
+        where = []  # the flat document index -> (dataset, document), shard after shard
+        for ds, r in zip(self.datasets, self.ranges(fractions)):
+            where.append((ds, r.start, len(r)))
+        firsts = np.cumsum([0] + [n for _, _, n in where])
+
+        def read(j: int, offset: int, count: int) -> np.ndarray:
+            s = int(np.searchsorted(firsts, j, side="right")) - 1
+            ds, start, _ = where[s]
+            return np.asarray(ds.get(start + j - int(firsts[s]), offset, count), dtype=np.int64)
+
+        out = np.empty((len(picks), window), dtype=np.int64)
+        for row, k in enumerate(picks):
+            pos, filled = int(k) * window, 0
+            j = int(np.searchsorted(ends, pos, side="right"))  # the document holding token pos
+            while filled < window:
+                doc_start = int(ends[j] - lengths[j])
+                count = min(window - filled, int(ends[j]) - pos)
+                out[row, filled:filled + count] = read(j, pos - doc_start, count)
+                filled, pos, j = filled + count, pos + count, j + 1
+        return out
+
     def describe(self, fractions: tuple[float, float]) -> str:
         """Which documents, for a message: ``documents 95..99 of P`` for a plain prefix; for a sharded
         output the range of each shard (the first and last three of many)."""
