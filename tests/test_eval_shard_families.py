@@ -119,12 +119,8 @@ def test_a_family_among_the_valid_paths_is_held_out_whole(family):
         held_out_ranges(prefix, None, "100", [plain], "m")
 
 
-def test_the_tool_evaluates_a_family_by_its_run_split(family, megatron_single_rank, tmp_path, capsys):
-    """End to end: a Megatron checkpoint whose run trained on the family with data.split 70,30,0; the
-    report's held-out and GPTQ calibration tokens are each shard's validation and training documents."""
-    import evaluate_quantization
-
-    from megatron_osp.analysis.report_resume import tokens_identity
+def family_run(family, tmp_path) -> str:
+    """A saved Megatron checkpoint of a tiny model whose run trained on the family with data.split 70,30,0."""
     from megatron_osp.models import build_gpt_model, get_preset, transformer_config
     from megatron_osp.training.checkpoint import save_checkpoint
     from megatron_osp.training.config import RunConfig
@@ -134,7 +130,17 @@ def test_the_tool_evaluates_a_family_by_its_run_split(family, megatron_single_ra
     config.data.paths, config.data.split = [family["prefix"]], "70,30,0"
     save_checkpoint(tmp_path / "run" / "checkpoints", 1, [build_gpt_model(cfg, transformer_config(cfg), seed=1).eval()],
                     config, save_rng=False)
-    common = [str(tmp_path / "run"), "--data", family["prefix"], "--settings", "fp", "4-4-4+gptq", "--num-windows",
+    return str(tmp_path / "run")
+
+
+def test_the_tool_evaluates_a_family_by_its_run_split(family, megatron_single_rank, tmp_path, capsys):
+    """End to end: a Megatron checkpoint whose run trained on the family with data.split 70,30,0; the
+    report's held-out and GPTQ calibration tokens are each shard's validation and training documents."""
+    import evaluate_quantization
+
+    from megatron_osp.analysis.report_resume import tokens_identity
+
+    common = [family_run(family, tmp_path), "--data", family["prefix"], "--settings", "fp", "4-4-4+gptq", "--num-windows",
               "5", "--calibration-windows", "2", "--stats-windows", "1", "--weight-error-windows", "0", "--device",
               "cpu", "--no-plots"]
     assert evaluate_quantization.main([*common, "--output-dir", str(tmp_path / "out")]) == 0

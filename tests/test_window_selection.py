@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_eval_shard_families import SEQ, _docs, _windows, family  # noqa: F401 (family: the fixture)
+from test_eval_shard_families import SEQ, _docs, _windows, family, family_run  # noqa: F401 (family: the fixture)
 
 from megatron_osp.analysis.evaluation import load_token_windows
 from megatron_osp.data.indexed import IndexedDatasetWriter
@@ -68,16 +68,8 @@ def test_the_report_records_the_selection_and_a_resume_across_it_is_refused(fami
     import evaluate_quantization
 
     from megatron_osp.analysis.report_resume import tokens_identity
-    from megatron_osp.models import build_gpt_model, get_preset, transformer_config
-    from megatron_osp.training.checkpoint import save_checkpoint
-    from megatron_osp.training.config import RunConfig
 
-    cfg = get_preset("test", vocab_size=320, seq_length=SEQ)
-    config = RunConfig(model=cfg)
-    config.data.paths, config.data.split = [family["prefix"]], "70,30,0"
-    save_checkpoint(tmp_path / "run" / "checkpoints", 1, [build_gpt_model(cfg, transformer_config(cfg), seed=1).eval()],
-                    config, save_rng=False)
-    common = [str(tmp_path / "run"), "--data", family["prefix"], "--settings", "fp", "--num-windows", "4",
+    common = [family_run(family, tmp_path), "--data", family["prefix"], "--settings", "fp", "--num-windows", "4",
               "--stats-windows", "1", "--weight-error-windows", "0", "--device", "cpu", "--no-plots",
               "--output-dir", str(tmp_path / "out")]
     held = [d for s in family["shards"] for d in _docs(s, 0.7, 1.0)]
