@@ -86,30 +86,41 @@ def family_of(prefix: str | os.PathLike) -> str | None:
     return None
 
 
-_LISTED: dict[str, tuple[tuple, tuple[dict, dict[str, dict]]]] = {}  # manifest path -> (its stat, _listed)
+_CACHE: dict[tuple[str, str], tuple[tuple, object]] = {}  # (what, manifest path) -> (its stat, the value)
 
 
-def _listed(family: str) -> tuple[dict, dict[str, dict]]:
-    """The complete manifest of ``family`` and its datasets by name. Kept while the file is unchanged
-    (same inode, size and mtime; publishing replaces it): every shard of a family asks for it, and
-    reading it each time made opening N shards cost N^2."""
+def _cached(what: str, family: str, make):
+    """``make(family)``, kept while the family's manifest is unchanged (same inode, size and mtime;
+    publishing replaces it): every shard of a family asks for its manifest, and reading it each time
+    made opening N shards cost N^2."""
     path = os.path.abspath(manifest_path(family))
     try:
         st = os.stat(path)
         key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     except OSError:
         key = None
-    cached = _LISTED.get(path)
+    cached = _CACHE.get((what, path))
     if key is not None and cached is not None and cached[0] == key:
         return cached[1]
-    result = _read_listed(family)
+    result = make(family)
     if key is not None:
-        _LISTED[path] = (key, result)
+        _CACHE[(what, path)] = (key, result)
     return result
 
 
+def manifest(family: str) -> dict:
+    """``read_manifest(family)``, read once while the file is unchanged (``_cached``): the same dict is
+    returned to every caller, which must not change it."""
+    return _cached("manifest", family, read_manifest)
+
+
+def _listed(family: str) -> tuple[dict, dict[str, dict]]:
+    """The complete manifest of ``family`` and its datasets by name (``_cached``)."""
+    return _cached("listed", family, _read_listed)
+
+
 def _read_listed(family: str) -> tuple[dict, dict[str, dict]]:
-    m = read_manifest(family)
+    m = manifest(family)
     if m["state"] != "complete":
         raise ValueError(
             f"{manifest_path(family)}: the run that wrote {family} was interrupted while publishing "

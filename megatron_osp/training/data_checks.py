@@ -191,7 +191,7 @@ def _sources(prefix: str, depth: int = 8) -> set:
         return set()
     try:
         family = shardset.family_of(prefix)
-        merged = shardset.read_manifest(family).get("merged_from") if family else None
+        merged = shardset.manifest(family).get("merged_from") if family else None
     except (OSError, ValueError):
         return set()
     out = set()
