@@ -38,6 +38,12 @@ def test_names_carry_host_and_pid(tmp_path, monkeypatch):
         assert sorted(os.listdir(tmp_path)) == [f"d.bin.tmp-gpu_node_07.cluster-{os.getpid()}"]
     finally:
         w.abort()
+    long = "compute-node-0042.rack17.datacenter-west.example-hpc-cluster.org"
+    monkeypatch.setattr(run_owner.socket, "gethostname", lambda: long)
+    short = run_owner.host()
+    assert len(short) == 40 and short.startswith("compute_node_0042.rack17.datace") and "-" not in short
+    monkeypatch.setattr(run_owner.socket, "gethostname", lambda: long.replace(".org", ".net"))
+    assert run_owner.host() != short  # the digest tells nodes whose names differ past the kept part
     pattern = shardset._WRITER_TMP
     for name, host, pid in ((f"a_1.bin.tmp-n.x_y-{12}", "n.x_y", "12"), ("a_1.idx.old345", None, "345")):
         m = pattern.match(name)

@@ -11,6 +11,7 @@ a run still writing there is left alone (its cleaner names it). Names from befor
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import socket
@@ -23,8 +24,13 @@ LIVE, DEAD, ELSEWHERE = "live", "dead", "elsewhere"
 
 
 def host() -> str:
-    """This machine's name as it appears in file names: letters, digits and dots, others as "_"."""
-    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+    """This machine's name as it appears in file names: letters, digits and dots, others as "_"; a name
+    over 40 characters (a long FQDN) as its first 31 and a digest of the whole, so that a temporary's
+    name stays within a filesystem's 255 bytes."""
+    name = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+    if len(name) > 40:
+        name = f"{name[:31]}_{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+    return name
 
 
 def tag() -> str:
