@@ -63,13 +63,13 @@ def platform_problems(config, on_cpu: bool) -> list[str]:
     if config.data.cache_dir:
         dirs.append(("data.cache_dir", Path(config.data.cache_dir)))
     for name, path in dirs:
-        reason = _unwritable(path)
+        reason = unwritable_reason(path)
         if reason is not None:
             problems.append(f"{name}={path}: {reason}")
     return problems
 
 
-def _unwritable(path: Path) -> str | None:
+def unwritable_reason(path: Path) -> str | None:
     """Why directory ``path`` cannot be created or written (None: it can), without creating it."""
     existing = path
     while not existing.exists() and existing.parent != existing:
