@@ -164,3 +164,35 @@ def test_an_output_dir_that_cannot_be_written_is_refused_before_any_model_loads(
         assert blocker.read_text() == "keep me"
         with pytest.raises(ValueError, match="is not a directory"):
             open_report(out_dir / "downstream.json", resume=False, overwrite=False, request={"models": []})
+
+
+def test_held_out_documents_follow_the_first_megatron_model_even_after_an_hf_one(tmp_path, capsys, monkeypatch):
+    """The held-out documents default to the validation split of the first Megatron model's run (the
+    tool's help). With an HF directory listed first they were the last 5% whatever that run's data.split
+    held out: for data.split='98,2,0', documents 0.95..0.98 it trained on were evaluated as held out.
+    config_facts stands in for the Megatron run's config (its data.split '50,50,0')."""
+    import sys
+    from pathlib import Path
+
+    import megatron_osp.analysis.loading as loading
+    from megatron_osp.data.indexed import IndexedDatasetWriter
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import evaluate_quantization
+
+    for name in ("hf", "run"):
+        _tiny_llama(0).save_pretrained(tmp_path / name)
+    with IndexedDatasetWriter(tmp_path / "held") as writer:
+        for i in range(20):
+            writer.add_document(np.arange(40) % 64)
+    real = loading.config_facts
+    monkeypatch.setattr(loading, "config_facts", lambda p: (8, "50,50,0", None) if Path(p).name == "run" else real(p))
+    for i, order in enumerate((("hf", "run"), ("run", "hf"))):
+        capsys.readouterr()
+        rc = evaluate_quantization.main([*(str(tmp_path / m) for m in order), "--data", str(tmp_path / "held"),
+                                         "--seq-length", "8", "--num-windows", "2", "--device", "cpu", "--settings",
+                                         "fp", "--weight-error-windows", "0", "--no-plots",
+                                         "--output-dir", str(tmp_path / f"out{i}")])
+        out, err = capsys.readouterr()
+        assert rc == 0, err
+        assert "from documents 0.5:1.0 of" in out, (order, out)
