@@ -31,6 +31,18 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     fsync_dir(path.parent)
 
 
+def unwritable_reason(path: Path) -> str | None:
+    """Why directory ``path`` cannot be created or written (None: it can), without creating it."""
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
 def fsync_dir(directory: str | os.PathLike) -> None:
     """Make a rename inside ``directory`` durable (a no-op where directories cannot be opened)."""
     try:

@@ -132,3 +132,67 @@ def test_held_out_tokens_outside_the_vocabulary_are_named(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and f"--data {tmp_path / 'held'}: token id" in err and "outside the model's vocabulary of 96" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_output_dir_that_cannot_be_written_is_refused_before_any_model_loads(tmp_path, capsys):
+    """--output-dir naming a file (or a path under one) used to be found only when the report was first
+    written: after the first finished setting, or, with one unit, after the whole evaluation, as a
+    FileExistsError traceback with nothing saved. Now: one line naming it, before any model loads; the
+    file is untouched. open_report (shared with evaluate_downstream.py) refuses it the same way."""
+    import sys
+    from pathlib import Path
+
+    from megatron_osp.analysis.report_resume import open_report
+    from megatron_osp.data.indexed import IndexedDatasetWriter
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import evaluate_quantization
+
+    _tiny_llama(0).save_pretrained(tmp_path / "m0")
+    with IndexedDatasetWriter(tmp_path / "held") as writer:
+        writer.add_document(np.arange(90) % 64)
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("keep me")
+    for out_dir in (blocker, blocker / "sub"):
+        capsys.readouterr()
+        rc = evaluate_quantization.main([str(tmp_path / "m0"), "--data", str(tmp_path / "held"), "--seq-length", "8",
+                                         "--documents", "0:1", "--device", "cpu", "--settings", "fp",
+                                         "--weight-error-windows", "0", "--no-plots", "--output-dir", str(out_dir)])
+        out, err = capsys.readouterr()
+        assert rc == 2 and "== " not in out, (out, err)  # no model was loaded
+        assert f"--output-dir {out_dir}: {blocker} is not a directory" in err and "Traceback" not in err, err
+        assert blocker.read_text() == "keep me"
+        with pytest.raises(ValueError, match="is not a directory"):
+            open_report(out_dir / "downstream.json", resume=False, overwrite=False, request={"models": []})
+
+
+def test_held_out_documents_follow_the_first_megatron_model_even_after_an_hf_one(tmp_path, capsys, monkeypatch):
+    """The held-out documents default to the validation split of the first Megatron model's run (the
+    tool's help). With an HF directory listed first they were the last 5% whatever that run's data.split
+    held out: for data.split='98,2,0', documents 0.95..0.98 it trained on were evaluated as held out.
+    config_facts stands in for the Megatron run's config (its data.split '50,50,0')."""
+    import sys
+    from pathlib import Path
+
+    import megatron_osp.analysis.loading as loading
+    from megatron_osp.data.indexed import IndexedDatasetWriter
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import evaluate_quantization
+
+    for name in ("hf", "run"):
+        _tiny_llama(0).save_pretrained(tmp_path / name)
+    with IndexedDatasetWriter(tmp_path / "held") as writer:
+        for i in range(20):
+            writer.add_document(np.arange(40) % 64)
+    real = loading.config_facts
+    monkeypatch.setattr(loading, "config_facts", lambda p: (8, "50,50,0", None) if Path(p).name == "run" else real(p))
+    for i, order in enumerate((("hf", "run"), ("run", "hf"))):
+        capsys.readouterr()
+        rc = evaluate_quantization.main([*(str(tmp_path / m) for m in order), "--data", str(tmp_path / "held"),
+                                         "--seq-length", "8", "--num-windows", "2", "--device", "cpu", "--settings",
+                                         "fp", "--weight-error-windows", "0", "--no-plots",
+                                         "--output-dir", str(tmp_path / f"out{i}")])
+        out, err = capsys.readouterr()
+        assert rc == 0, err
+        assert "from documents 0.5:1.0 of" in out, (order, out)

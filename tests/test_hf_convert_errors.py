@@ -62,6 +62,26 @@ def test_import_refuses_options_training_would_refuse(tmp_path, capsys):
         assert not out.exists()
 
 
+def test_import_refuses_a_tokenizer_that_is_not_the_models(tmp_path, capsys, sp_model):
+    """--tokenizer naming a file that is no tokenizer (a corpus .jsonl) or a SentencePiece model with more
+    pieces than the model's vocabulary used to be recorded as the checkpoint's tokenizer (run config and
+    train_state.json), exit 0; the export then refused the checkpoint. Now: exit 2 naming it, nothing written."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                 num_attention_heads=4, max_position_embeddings=16)).save_pretrained(str(tmp_path / "llama"))
+    not_a_tokenizer = tmp_path / "corpus.jsonl"
+    not_a_tokenizer.write_text('{"text": "hello"}\n')
+    from_hf = _tool("convert_from_hf")
+    for tokenizer, words in ((not_a_tokenizer, f"tokenizer {not_a_tokenizer} cannot be read"),
+                             (sp_model, f"tokenizer {sp_model} has 300 tokens, more than the vocabulary of 100")):
+        out = tmp_path / f"out_{tokenizer.__class__.__name__}"
+        assert from_hf.main([str(tmp_path / "llama"), str(out), "--tokenizer", str(tokenizer)]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err, err
+        assert not out.exists()
+
+
 def test_truncated_safetensors_is_named_by_import_and_evaluation(tmp_path, capsys):
     """A model.safetensors cut short (an interrupted download) used to end convert_from_hf.py and
     evaluate_quantization.py in a SafetensorError traceback that names no file, a config.json cut short

@@ -169,6 +169,8 @@ def test_value_out_of_range_is_refused_by_name(override, message):
          r"train\.wsd_decay_fraction=0\.3 is used only with train\.decay_style=wsd \(train\.decay_style='cosine'\)"),
         (["train.train_steps=100", "train.exit_at_step=150"],  # ran to the end: exit_at_step never triggered
          r"train\.exit_at_step=150 is past train\.train_steps=100.*at most 100"),
+        (["data.split=0,100,0"],  # no train share: used to crash at the first step (len(None))
+         r"data\.split='0,100,0' gives training no documents"),
     ],
 )
 def test_values_that_do_not_fit_together_are_refused(overrides, message):
@@ -223,6 +225,17 @@ def test_cli_refuses_impossible_batch_parallel_and_lr_values_before_starting(toy
             field, value = item.split("=")
             assert f"{field}={value}" in result.stderr.replace(".0:", ":"), (item, result.stderr[-2000:])
         assert not run_dir.exists()
+
+
+def test_cli_refuses_a_split_without_a_train_share_before_starting(toy_corpus, tmp_path):
+    """data.split=0,100,0 used to build the indices, start the run and stop at step 1 with
+    'TypeError: object of type 'NoneType' has no len()'. Now: exit 2 naming data.split, nothing written."""
+    run_dir = tmp_path / "run"
+    result = _pretrain(_tiny(toy_corpus, run_dir, "data.split=0,100,0"))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert "data.split='0,100,0' gives training no documents" in result.stderr
+    assert not run_dir.exists()
 
 
 @pytest.fixture(scope="module")

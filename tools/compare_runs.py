@@ -29,6 +29,8 @@ def main() -> int:
     parser.add_argument("--setting", default="4-4-4", help="quantization setting to show (default 4-4-4)")
     args = parser.parse_args()
     try:
+        if args.output:
+            _check_output(Path(args.output), args)
         quant = load_quantization(args.quantization) if args.quantization else None
         down = load_downstream(args.downstream) if args.downstream else None
         table = format_comparison([load_run(r) for r in args.runs], quant, args.setting, downstream=down)
@@ -42,6 +44,28 @@ def main() -> int:
     if args.output:
         atomic_write_text(args.output, table + "\n")
     return 0
+
+
+def _check_output(out: Path, args) -> None:
+    """--output may not replace what the table is read from (an evaluation report, a run's summary.json
+    or any other file a run wrote): it used to be overwritten by the table, the report or run lost."""
+    from megatron_osp.fileio import unwritable_reason
+
+    target = out.resolve()
+    if target.is_dir():
+        raise ValueError(f"--output {out} is a directory: give a file name, e.g. {out / 'comparison.txt'}")
+    reports = [(flag, p) for flag, p in (("--quantization", args.quantization), ("--downstream", args.downstream)) if p]
+    for flag, report in reports:
+        if Path(report).resolve() == target:
+            raise ValueError(f"--output {out} is the report {flag} reads: writing the table there would replace it; "
+                             "choose another --output")
+    for run in args.runs:
+        if target.exists() and Path(run).resolve() in target.parents:
+            raise ValueError(f"--output {out} is a file of the run {run}: writing the table there would replace it; "
+                             "choose another --output")
+    reason = unwritable_reason(target.parent)
+    if reason is not None:
+        raise ValueError(f"--output {out}: {reason}")
 
 
 if __name__ == "__main__":

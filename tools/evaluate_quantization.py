@@ -170,9 +170,14 @@ def _run(args) -> int:
             check_data_tokenizer(path, args.data, "--data")
         # The held-out and calibration windows come from the first model's config (its sequence length,
         # its run's data.split): read before any model loads, so too few calibration windows is refused.
-        first_seq, first_split, valid_paths = config_facts(args.models[0])
+        first_seq = config_facts(args.models[0])[0]
         seq = args.seq_length or first_seq
-        train_docs, held = held_out_ranges(args.data, args.documents, first_split, valid_paths, args.models[0])
+        # The held-out documents are the validation split of the first Megatron model's run, as documented:
+        # an HF directory (no split) listed before it used to make them the last 5% whatever that run held
+        # out (with data.split='98,2,0', documents it trained on).
+        facts = [(m, *config_facts(m)[1:]) for m in args.models]
+        split_model, first_split, valid_paths = next((f for f in facts if f[1] is not None), facts[0])
+        train_docs, held = held_out_ranges(args.data, args.documents, first_split, valid_paths, split_model)
         if any(s.gptq for s in settings):
             if train_docs is None:
                 raise ValueError("GPTQ needs calibration documents outside the held-out range")

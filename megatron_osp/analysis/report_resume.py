@@ -155,6 +155,14 @@ def open_report(path: str | Path, resume: bool, overwrite: bool, request: dict) 
     path = Path(path)
     if resume and overwrite:
         raise ValueError("--resume and --overwrite: choose one")
+    from megatron_osp.fileio import unwritable_reason
+
+    # The report is first written after the first finished unit (or, for a one-unit run, at the end):
+    # an --output-dir that is a file or cannot be written used to stop the run there, with a traceback.
+    reason = unwritable_reason(path.parent)
+    if reason is not None:
+        raise ValueError(f"--output-dir {path.parent}: {reason}, so the report could not be written: "
+                         "choose another --output-dir")
     if not path.exists():
         return None
     if overwrite:

@@ -21,6 +21,7 @@ from megatron_osp.convert.hf_tokenizer import (
     SPECIAL_KEYS,
     copy_hf_tokenizer,
     special_ids_of_hf_dir,
+    tokenizer_vocab_size,
 )
 from megatron_osp.convert.llama import hf_to_megatron, model_config_from_llama
 from megatron_osp.convert.output_safety import check_import_output
@@ -93,6 +94,12 @@ def import_hf(hf_dir, save_dir, *, embedding_projection: bool = False, seq_lengt
     # What training would refuse (--seq-length 0, --make-vocab-size-divisible-by 0, ...), refused now,
     # by field, before anything is read or written.
     check_config(run, source=f"the model imported from {d}")
+    source = sp_model or hf_tokenizer  # recorded: a run started from it refuses data of another tokenizer
+    # A file that is no tokenizer (a typo'd --tokenizer) or one with ids past the vocabulary used to be
+    # recorded as the checkpoint's tokenizer; the export then refused the checkpoint.
+    if source is not None and (pieces := tokenizer_vocab_size(source)) > model_cfg.vocab_size:
+        raise ValueError(f"tokenizer {source} has {pieces} tokens, more than the vocabulary of {model_cfg.vocab_size} "
+                         f"of {d} (config.json vocab_size): it is not this model's tokenizer")
     hf = read_hf_state_dict(d)
     logical = hf_to_megatron(hf, model_cfg, model_cfg.padded_vocab_size(1))
 
@@ -101,7 +108,6 @@ def import_hf(hf_dir, save_dir, *, embedding_projection: bool = False, seq_lengt
     model = build_gpt_model(model_cfg, transformer_config(model_cfg, params_dtype=torch.float32),
                             pre_process=True, post_process=True, seed=seed, layout_independent_init=False)
     load_logical_state_dict(model, logical)
-    source = sp_model or hf_tokenizer  # recorded: a run started from it refuses data of another tokenizer
     path = save_checkpoint(save_dir, 0, [model], run, save_rng=False, tokenizer=source and file_record(source))
     if hf_tokenizer is not None:
         _store_hf_tokenizer(hf_tokenizer, ids, Path(save_dir))

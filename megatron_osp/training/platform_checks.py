@@ -27,6 +27,7 @@ import importlib
 import os
 from pathlib import Path
 
+from megatron_osp.fileio import unwritable_reason
 from megatron_osp.models.layer_specs import transformer_engine_available
 from megatron_osp.training.validation import ConfigError
 
@@ -63,22 +64,10 @@ def platform_problems(config, on_cpu: bool) -> list[str]:
     if config.data.cache_dir:
         dirs.append(("data.cache_dir", Path(config.data.cache_dir)))
     for name, path in dirs:
-        reason = _unwritable(path)
+        reason = unwritable_reason(path)
         if reason is not None:
             problems.append(f"{name}={path}: {reason}")
     return problems
-
-
-def _unwritable(path: Path) -> str | None:
-    """Why directory ``path`` cannot be created or written (None: it can), without creating it."""
-    existing = path
-    while not existing.exists() and existing.parent != existing:
-        existing = existing.parent
-    if not existing.is_dir():
-        return f"{existing} is not a directory"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"{existing} is not writable"
-    return None
 
 
 def _wandb_unavailable() -> str | None:

@@ -397,10 +397,17 @@ def relation_problems(config) -> list[str]:
             f"train.micro_batch_size={t.micro_batch_size}"
         )
     problems += _recompute_problems(t, m.num_layers // (pp * vp) if not m.num_layers % (pp * vp) else None, vp)
+    from megatron_osp.data.gpt_dataset import parse_split
+
     d = config.data
     if d.weights is not None and d.paths and len(d.weights) != len(d.paths):
         problems.append(f"data.weights has {len(d.weights)} entries but data.paths has {len(d.paths)}")
     problems += _valid_set_problems(d)
+    if _split(d.split) is None and parse_split(d.split)[0] is None:
+        # The train share is 0: the datasets used to be built without a train split and the first
+        # step stopped on a TypeError (len(None)) after the run directory and indices were made.
+        problems.append(f"data.split={d.split!r} gives training no documents (its first share, train, is 0): "
+                        "give the train share a positive value, e.g. data.split='98,2,0'")
     if d.eod_id is not None and d.eod_id >= m.vocab_size:
         problems.append(f"data.eod_id={d.eod_id} is outside the vocabulary (model.vocab_size={m.vocab_size})")
     return problems
