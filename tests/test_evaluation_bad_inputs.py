@@ -196,3 +196,24 @@ def test_held_out_documents_follow_the_first_megatron_model_even_after_an_hf_one
         out, err = capsys.readouterr()
         assert rc == 0, err
         assert "from documents 0.5:1.0 of" in out, (order, out)
+
+
+def test_runs_of_different_splits_are_scored_on_the_documents_every_one_held_out(tmp_path):
+    """Two runs, data.split 98,2,0 and 90,10,0: the default held-out documents were the first run's
+    validation share whatever the others held out; listed the other way round, documents 0.9..0.98 the
+    first run trained on. Now the intersection, and a note; none in common is refused."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from evaluate_quantization import common_held_out
+
+    for facts in ([("a", "98,2,0", None), ("b", "90,10,0", None)], [("b", "90,10,0", None), ("a", "98,2,0", None)]):
+        calib, held, note = common_held_out("d", None, [("hf", None, None), *facts])
+        assert held == (0.98, 1.0) and calib == (0.0, 0.9 if facts[0][0] == "b" else 0.98)
+        assert note.startswith("held-out documents 0.98:1.0: the part every run held out (") and "b 0.9:1.0" in note
+    assert common_held_out("d", None, [("a", "98,2,0", None), ("c", "98,2,0", None)]) == ((0.0, 0.98), (0.98, 1.0),
+                                                                                          None)
+    assert common_held_out("d", "0.5:0.7", [("a", "98,2,0", None), ("b", "90,10,0", None)])[1] == (0.5, 0.7)
+    with pytest.raises(ValueError, match=r"the runs hold out no documents of d in common \(a 0\.5:0\.8, b 0\.9:1\.0\)"):
+        common_held_out("d", None, [("a", "50,30,20", None), ("b", "90,10,0", None)])

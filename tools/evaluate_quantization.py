@@ -6,8 +6,10 @@
 
 Each MODEL is a Megatron checkpoint (a run directory with checkpoints/, a save dir with ``latest`` or
 an ``iter_N`` dir; rebuilt at TP=1 from its saved run config) or an HF Llama directory. The held-out
-documents default to the validation split of the first Megatron checkpoint's run (``data.split``; all
-of --data when it is one of the run's ``data.valid_paths``), else to the last 5% of the documents (``--documents LO:HI`` to choose). Writes quantization.json,
+documents default to the validation split of the Megatron checkpoints' runs (``data.split``; all
+of --data when it is one of a run's ``data.valid_paths``): the documents every one of them held out,
+refused when they share none; without a Megatron checkpoint, the last 5% of the documents
+(``--documents LO:HI`` to choose). Writes quantization.json,
 quantization.md, kurtosis_per_layer.png and perplexity_vs_bits.png into --output-dir. The report ends
 with a per-role table of 4-bit weight rounding (perplexity with one role rounded, the relative weight
 and output errors, the inputs' gain, the stable rank: megatron_osp/analysis/weight_error.py).
@@ -96,6 +98,29 @@ def held_out_ranges(data: str, documents: str | None, split: str | None, valid_p
     return (0.0, 0.95), (0.95, 1.0)
 
 
+def common_held_out(data: str, documents: str | None, facts: list[tuple[str, str | None, list[str] | None]]):
+    """(calibration documents or None, held-out documents, a note or None) for models whose runs'
+    (model, data.split, data.valid_paths) are ``facts`` (split None: not a Megatron run, no split known):
+    --documents if given; else the documents every run held out (``held_out_ranges`` of each, intersected),
+    refused when they share none; the calibration documents are the first training share a run has, cut
+    short of the held-out range. The note says when the runs held out different ranges."""
+    runs = [f for f in facts if f[1] is not None]
+    if documents or len(runs) <= 1:
+        model, split, valid_paths = runs[0] if runs else facts[0]
+        return (*held_out_ranges(data, documents, split, valid_paths, model), None)
+    ranges = [(m, *held_out_ranges(data, None, split, valid_paths, m)) for m, split, valid_paths in runs]
+    lo, hi = max(r[2][0] for r in ranges), min(r[2][1] for r in ranges)
+    each = ", ".join(f"{m} {h[0]}:{h[1]}" for m, _, h in ranges)
+    if lo >= hi:
+        raise ValueError(f"the runs hold out no documents of {data} in common ({each}): a document one run held out "
+                         "another trained on; pass --documents LO:HI")
+    train = next((r[1] for r in ranges if r[1] is not None), None)  # any documents outside the held-out ones
+    calib = None if train is None or train[0] >= lo else (train[0], min(train[1], lo))
+    if all(r[2] == (lo, hi) for r in ranges):
+        return calib, (lo, hi), None
+    return calib, (lo, hi), f"held-out documents {lo}:{hi}: the part every run held out ({each})"
+
+
 def _split_ranges(split: str) -> tuple[tuple[float, float], tuple[float, float]]:
     """(train, valid) document fractions of a run's data.split, as the training data uses them."""
     from megatron_osp.data.gpt_dataset import parse_split
@@ -172,12 +197,13 @@ def _run(args) -> int:
         # its run's data.split): read before any model loads, so too few calibration windows is refused.
         first_seq = config_facts(args.models[0])[0]
         seq = args.seq_length or first_seq
-        # The held-out documents are the validation split of the first Megatron model's run, as documented:
-        # an HF directory (no split) listed before it used to make them the last 5% whatever that run held
-        # out (with data.split='98,2,0', documents it trained on).
+        # The held-out documents are those every Megatron model's run held out (an HF directory's are not
+        # known): an HF directory listed first, or two runs of different data.split, used to give documents
+        # one of the runs trained on.
         facts = [(m, *config_facts(m)[1:]) for m in args.models]
-        split_model, first_split, valid_paths = next((f for f in facts if f[1] is not None), facts[0])
-        train_docs, held = held_out_ranges(args.data, args.documents, first_split, valid_paths, split_model)
+        train_docs, held, note = common_held_out(args.data, args.documents, facts)
+        if note:
+            print(note)
         if any(s.gptq for s in settings):
             if train_docs is None:
                 raise ValueError("GPTQ needs calibration documents outside the held-out range")
