@@ -15,6 +15,7 @@ by rank (and the same busiest link): exactly for everything but activations, wit
 local layer spec's on CPU, unfused attention; see per_layer_activation_bytes).
 """
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -188,3 +189,10 @@ def test_tool_refuses_a_layout_before_any_work():
     done = subprocess.run([sys.executable, str(ROOT / "tools" / "plan_memory.py"), "--preset", "osp-8b", "--tp", "3"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "--tp 3" in done.stderr, done.stderr[-2000:]
+
+
+def test_tool_refuses_a_json_path_that_is_a_directory(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "plan_memory.py"), "--preset", "osp-1.4b", "--json",
+                           str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and f"--json {tmp_path}: a directory" in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and os.listdir(tmp_path) == []

@@ -140,6 +140,8 @@ def main(argv=None) -> int:
         check_layout(model, layout)
         if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
             raise ValueError(f"--json {args.json}: its directory does not exist")
+        if args.json and os.path.isdir(args.json):
+            raise ValueError(f"--json {args.json}: a directory (give the file to write)")
     except ValueError as e:
         print(f"plan_memory.py: {e}", file=sys.stderr)
         return 2
