@@ -193,3 +193,21 @@ def test_a_directory_input_lists_every_file_the_readers_read(tmp_path):
     for name in names + ["notes.txt", "out_text_document.shards.json", "out_text_document.bin"]:
         (tmp_path / name).touch()
     assert tool.expand_inputs([str(tmp_path)]) == sorted(str(tmp_path / n) for n in names)
+
+
+def test_an_input_file_named_with_glob_characters_is_read_as_named(tmp_path):
+    """``data[1].jsonl`` given by name was expanded as a pattern, to ``data1.jsonl``: another file was
+    tokenized in its place, silently. A name that exists is the file; a pattern still expands."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("preprocess_data", Path(__file__).parents[1] / "tools/preprocess_data.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    for name in ("data[1].jsonl", "data1.jsonl", "what?.jsonl", "whatX.jsonl"):
+        (tmp_path / name).touch()
+    assert tool.expand_inputs([str(tmp_path / "data[1].jsonl")]) == [str(tmp_path / "data[1].jsonl")]
+    assert tool.expand_inputs([str(tmp_path / "what?.jsonl")]) == [str(tmp_path / "what?.jsonl")]
+    assert tool.expand_inputs([str(tmp_path / "data[0-9].jsonl")]) == [str(tmp_path / "data1.jsonl")]
+    assert tool.expand_inputs([str(tmp_path / "what*.jsonl")]) == sorted(
+        str(tmp_path / n) for n in ("what?.jsonl", "whatX.jsonl"))

@@ -46,14 +46,16 @@ SUFFIXES = (".jsonl", ".json", ".ndjson", ".gz", ".zst", ".zstd", ".parquet")
 
 
 def expand_inputs(specs: list[str]) -> list[str]:
-    """Files in the order given; a glob or a directory contributes its corpus files, sorted."""
+    """Files in the order given; a glob or a directory contributes its corpus files, sorted. A name that
+    exists is taken as it is, even with glob characters in it: ``part[1].jsonl`` as a pattern matches
+    ``part1.jsonl``, another file, which was read in its place without a word."""
     out = []
     for spec in specs:
         p = Path(spec)
         if p.is_dir():  # not the manifests of outputs written there (PREFIX_<key>_document.shards.json)
             found = sorted(str(f) for f in p.rglob("*") if f.is_file() and f.name.lower().endswith(SUFFIXES)
                            and not f.name.endswith(".shards.json"))
-        elif any(c in spec for c in "*?["):
+        elif any(c in spec for c in "*?[") and not p.exists():
             found = sorted(glob.glob(spec, recursive=True))
         else:
             found = [spec]
