@@ -194,6 +194,18 @@ def test_the_builtin_corpus_removes_the_temporary_a_killed_run_left(tmp_path):
         ["corpus.jsonl", f"corpus.jsonl.tmp{os.getppid()}", "other.jsonl.tmp1"])
 
 
+@pytest.mark.parametrize("name", ["corpus.jsonl.gz", "corpus.jsonl.zst", "corpus.parquet"])
+def test_the_builtin_corpus_refuses_a_compressed_or_parquet_name(tmp_path, name):
+    """It wrote plain JSON lines under that name; preprocessing then called the file a corrupt gzip,
+    zstd or Parquet file. Refused before any work, the earlier file untouched."""
+    (tmp_path / name).write_bytes(b"earlier")
+    out = subprocess.run([sys.executable, str(REPO / "tools/builtin_corpus.py"), "--output", str(tmp_path / name),
+                          "--max-documents", "2"], capture_output=True, text=True)
+    assert out.returncode == 1
+    assert f"{tmp_path / name}: named as a " in out.stderr and "name it .jsonl" in out.stderr
+    assert [p.name for p in tmp_path.iterdir()] == [name] and (tmp_path / name).read_bytes() == b"earlier"
+
+
 def test_a_tokenizer_output_prefix_naming_a_directory_is_refused(tmp_path):
     """"tok/" used to write tok.model and tok.vocab beside the directory."""
     src = _corpus(tmp_path, 20)
