@@ -215,6 +215,26 @@ def test_a_tokenizer_output_prefix_naming_a_directory_is_refused(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl", "tok"] and not list((tmp_path / "tok").iterdir())
 
 
+@pytest.mark.parametrize("last", [".", ".."])
+def test_an_output_prefix_ending_in_a_dot_directory_is_refused(tmp_path, tok, last):
+    """``out/.`` and ``out/..``: preprocessing and merging put the .bin/.idx in the directory above and
+    the manifest in out/, naming datasets that were not beside it, and said they succeeded; tokenizer
+    training failed on a Path error (``.``) or wrote ``out/...model`` (``..``)."""
+    from megatron_osp.data.merge import merge_datasets
+
+    src = _corpus(tmp_path, 20)
+    out = tmp_path / "w" / "out"
+    out.mkdir(parents=True)
+    with pytest.raises(ValueError, match="names a directory, not a file prefix"):
+        preprocess([str(src)], tok, f"{out}/{last}", progress=False)
+    preprocess([str(src)], tok, str(tmp_path / "a"), progress=False)
+    with pytest.raises(ValueError, match="names a directory, not a file prefix"):
+        merge_datasets([str(tmp_path / "a_text_document")], f"{out}/{last}")
+    with pytest.raises(ValueError, match="names a directory, not a file prefix"):
+        train_sentencepiece(src, f"{out}/{last}", vocab_size=300)
+    assert [p.name for p in (tmp_path / "w").iterdir()] == ["out"] and not list(out.iterdir())
+
+
 @pytest.mark.parametrize("value", ["0", "-100", "0.5", "-1.5"])
 def test_max_shard_tokens_must_be_a_positive_count(tmp_path, tok, value):
     src = _corpus(tmp_path, 10)

@@ -61,7 +61,9 @@ def merge_datasets(input_prefixes: list[str], output_prefix: str, vocab_size: in
     """
     if not input_prefixes:
         raise ValueError("no input datasets to merge")
-    if not os.path.basename(str(output_prefix)):  # "out/" would write the hidden files out/.bin, out/.idx
+    # "out/" would write the hidden files out/.bin, out/.idx; "out/." and "out/.." put the .bin/.idx in
+    # the directory above (shardset.Stage: abspath) but the manifest in out/, which then named no dataset
+    if os.path.basename(str(output_prefix)) in ("", ".", ".."):
         raise ValueError(f"output prefix {str(output_prefix)!r} names a directory, not a file prefix")
     # what a merge killed on this prefix left, first: an earlier pair a replace cut short set aside is put
     # back (shardset.restore_aside) even if this merge is then refused
