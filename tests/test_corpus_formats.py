@@ -11,6 +11,7 @@ JSON-lines file, or the README's stated error.
 import gzip
 import io
 import json
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -193,3 +194,43 @@ def test_a_directory_input_lists_every_file_the_readers_read(tmp_path):
     for name in names + ["notes.txt", "out_text_document.shards.json", "out_text_document.bin"]:
         (tmp_path / name).touch()
     assert tool.expand_inputs([str(tmp_path)]) == sorted(str(tmp_path / n) for n in names)
+
+
+def test_an_input_file_named_with_glob_characters_is_read_as_named(tmp_path):
+    """``data[1].jsonl`` given by name was expanded as a pattern, to ``data1.jsonl``: another file was
+    tokenized in its place, silently. A name that exists is the file; a pattern still expands."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("preprocess_data", Path(__file__).parents[1] / "tools/preprocess_data.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    for name in ("data[1].jsonl", "data1.jsonl", "what?.jsonl", "whatX.jsonl"):
+        (tmp_path / name).touch()
+    assert tool.expand_inputs([str(tmp_path / "data[1].jsonl")]) == [str(tmp_path / "data[1].jsonl")]
+    assert tool.expand_inputs([str(tmp_path / "what?.jsonl")]) == [str(tmp_path / "what?.jsonl")]
+    assert tool.expand_inputs([str(tmp_path / "data[0-9].jsonl")]) == [str(tmp_path / "data1.jsonl")]
+    assert tool.expand_inputs([str(tmp_path / "what*.jsonl")]) == sorted(
+        str(tmp_path / n) for n in ("what?.jsonl", "whatX.jsonl"))
+
+
+def test_a_directory_input_follows_linked_subdirectories_and_refuses_broken_links(tmp_path):
+    """A subdirectory that is a symbolic link (a corpus spread over disks) was left out of a directory
+    input without a word, and so was a broken link to a corpus file; a glob or a name refused the latter."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("preprocess_data", Path(__file__).parents[1] / "tools/preprocess_data.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "b.jsonl").touch()
+    d = tmp_path / "corpus"
+    d.mkdir()
+    (d / "a.jsonl").touch()
+    (d / "disk2").symlink_to(tmp_path / "elsewhere")
+    (d / "back").symlink_to(d)  # a link back up: walked once, not forever
+    assert tool.expand_inputs([str(d)]) == [str(d / "a.jsonl"), str(d / "disk2" / "b.jsonl")]
+    (d / "c.jsonl").symlink_to(tmp_path / "gone.jsonl")
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{d / 'c.jsonl'}: a broken symbolic link")):
+        tool.expand_inputs([str(d)])

@@ -194,6 +194,18 @@ def test_the_builtin_corpus_removes_the_temporary_a_killed_run_left(tmp_path):
         ["corpus.jsonl", f"corpus.jsonl.tmp{os.getppid()}", "other.jsonl.tmp1"])
 
 
+@pytest.mark.parametrize("name", ["corpus.jsonl.gz", "corpus.jsonl.zst", "corpus.parquet"])
+def test_the_builtin_corpus_refuses_a_compressed_or_parquet_name(tmp_path, name):
+    """It wrote plain JSON lines under that name; preprocessing then called the file a corrupt gzip,
+    zstd or Parquet file. Refused before any work, the earlier file untouched."""
+    (tmp_path / name).write_bytes(b"earlier")
+    out = subprocess.run([sys.executable, str(REPO / "tools/builtin_corpus.py"), "--output", str(tmp_path / name),
+                          "--max-documents", "2"], capture_output=True, text=True)
+    assert out.returncode == 1
+    assert f"{tmp_path / name}: named as a " in out.stderr and "name it .jsonl" in out.stderr
+    assert [p.name for p in tmp_path.iterdir()] == [name] and (tmp_path / name).read_bytes() == b"earlier"
+
+
 def test_a_tokenizer_output_prefix_naming_a_directory_is_refused(tmp_path):
     """"tok/" used to write tok.model and tok.vocab beside the directory."""
     src = _corpus(tmp_path, 20)
@@ -201,6 +213,26 @@ def test_a_tokenizer_output_prefix_naming_a_directory_is_refused(tmp_path):
     with pytest.raises(ValueError, match="names a directory, not a file prefix"):
         train_sentencepiece(src, f"{tmp_path / 'tok'}/", vocab_size=300)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl", "tok"] and not list((tmp_path / "tok").iterdir())
+
+
+@pytest.mark.parametrize("last", [".", ".."])
+def test_an_output_prefix_ending_in_a_dot_directory_is_refused(tmp_path, tok, last):
+    """``out/.`` and ``out/..``: preprocessing and merging put the .bin/.idx in the directory above and
+    the manifest in out/, naming datasets that were not beside it, and said they succeeded; tokenizer
+    training failed on a Path error (``.``) or wrote ``out/...model`` (``..``)."""
+    from megatron_osp.data.merge import merge_datasets
+
+    src = _corpus(tmp_path, 20)
+    out = tmp_path / "w" / "out"
+    out.mkdir(parents=True)
+    with pytest.raises(ValueError, match="names a directory, not a file prefix"):
+        preprocess([str(src)], tok, f"{out}/{last}", progress=False)
+    preprocess([str(src)], tok, str(tmp_path / "a"), progress=False)
+    with pytest.raises(ValueError, match="names a directory, not a file prefix"):
+        merge_datasets([str(tmp_path / "a_text_document")], f"{out}/{last}")
+    with pytest.raises(ValueError, match="names a directory, not a file prefix"):
+        train_sentencepiece(src, f"{out}/{last}", vocab_size=300)
+    assert [p.name for p in (tmp_path / "w").iterdir()] == ["out"] and not list(out.iterdir())
 
 
 @pytest.mark.parametrize("value", ["0", "-100", "0.5", "-1.5"])

@@ -236,3 +236,36 @@ def test_a_publish_cut_short_is_refused_then_the_merge_reruns(made, tmp_path, mo
     assert shardset.recorded_tokens(m) == shardset.recorded_tokens(made["a1"])
     assert len(IndexedDataset(m)) == 2 * len(IndexedDataset(made["a1"]))
     assert not [n for n in os.listdir(tmp_path) if ".stage-" in n or ".tmp" in n]
+
+
+def test_an_input_merged_from_another_input_is_refused(made, tmp_path):
+    """A merge output beside the datasets it was merged from (``--input-dir data/`` after an earlier
+    ``--output-prefix data/all``), or two merges of one dataset, merged again: their documents went into
+    the output twice, silently. Their manifests' merged_from says so; a rerun into the earlier output's
+    own prefix still replaces it."""
+    a1, a2, sharded = made["a1"], made["a2"], made["as"]
+    d = tmp_path / "d"
+    d.mkdir()
+    for f in tmp_path.glob("a[12]_text_document*"):
+        shutil.copy(f, d / f.name)
+    a1, a2 = str(d / "a1_text_document"), str(d / "a2_text_document")
+    merge_datasets([a1, a2], str(d / "all"))
+    with pytest.raises(ValueError, match=re.escape(f"{d / 'all'}: was merged from {a1} (its manifest's merged_from), "
+                                                   f"which is also an input ({a1})")):
+        merge_datasets([str(d / "all"), a1, a2], str(d / "all2"))
+    merge_datasets([str(d / "all"), sharded], str(tmp_path / "m2"))  # a merge of merges: theirs in turn
+    with pytest.raises(ValueError, match="its documents would be in the output twice"):
+        merge_datasets([str(tmp_path / "m2"), a2], str(tmp_path / "m3"))
+    merge_datasets([a1], str(tmp_path / "only1"))
+    with pytest.raises(ValueError, match=re.escape(f"both were merged from {a1}")):
+        merge_datasets([str(d / "all"), str(tmp_path / "only1")], str(tmp_path / "m4"))
+    shard = shardset.expand(sharded)[1]
+    with pytest.raises(ValueError, match=re.escape(f"was merged from {os.path.abspath(shard)}")):
+        merge_datasets([str(tmp_path / "m2"), shard], str(tmp_path / "m5"))
+    assert not list(tmp_path.glob("m[345]*")) and not list(d.glob("all2*"))
+    tool = [sys.executable, str(REPO / "tools/merge_datasets.py"), "--input-dir", str(d), "--output-prefix"]
+    out = subprocess.run(tool + [str(d / "all")], capture_output=True, text=True)  # the rerun: replaced
+    assert out.returncode == 0, out.stderr
+    out = subprocess.run(tool + [str(d / "all3")], capture_output=True, text=True)
+    assert out.returncode == 1 and "its documents would be in the output twice" in out.stderr
+    assert len(IndexedDataset(str(d / "all"))) == len(IndexedDataset(a1)) + len(IndexedDataset(a2))

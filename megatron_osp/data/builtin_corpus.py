@@ -129,10 +129,17 @@ def write_corpus(
 ) -> tuple[int, int]:
     """Write the corpus as JSONL ({"text": ...} per line), atomically (through ``<output>.tmp-<host>-<pid>``; one
     a killed run left is removed by the next). Returns (documents, characters).
-    Refuses, writing nothing, options that leave no document (preprocessing refuses an empty corpus)."""
+    Refuses, writing nothing, options that leave no document (preprocessing refuses an empty corpus) and
+    an output named .gz, .zst or .parquet (the file would hold plain JSON lines)."""
     if max_documents is not None and max_documents < 1:
         raise ValueError(f"max_documents must be >= 1, got {max_documents}")
     output = Path(output)
+    from megatron_osp.data.readers import input_format
+
+    kind = input_format(output)
+    if kind != "jsonl":  # the readers would take the plain text in it for a corrupt file of that format
+        raise ValueError(f"{output}: named as a {kind} file, but the corpus is written as plain JSON lines; "
+                         "name it .jsonl")
     if output.is_dir():
         raise IsADirectoryError(21, "Is a directory (give the corpus file to write)", str(output))
     output.parent.mkdir(parents=True, exist_ok=True)

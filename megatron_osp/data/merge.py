@@ -61,7 +61,9 @@ def merge_datasets(input_prefixes: list[str], output_prefix: str, vocab_size: in
     """
     if not input_prefixes:
         raise ValueError("no input datasets to merge")
-    if not os.path.basename(str(output_prefix)):  # "out/" would write the hidden files out/.bin, out/.idx
+    # "out/" would write the hidden files out/.bin, out/.idx; "out/." and "out/.." put the .bin/.idx in
+    # the directory above (shardset.Stage: abspath) but the manifest in out/, which then named no dataset
+    if os.path.basename(str(output_prefix)) in ("", ".", ".."):
         raise ValueError(f"output prefix {str(output_prefix)!r} names a directory, not a file prefix")
     # what a merge killed on this prefix left, first: an earlier pair a replace cut short set aside is put
     # back (shardset.restore_aside) even if this merge is then refused
@@ -90,6 +92,7 @@ def _merge(input_prefixes: list[str], output_prefix: str, vocab_size: int | None
             how = "" if seen[real] == given else f" (as {seen[real]} and as {given})"
             raise ValueError(f"{prefix}: given twice as input{how}; its documents would be in the output twice")
         seen[real] = given
+    _check_no_source_twice(input_prefixes, seen)
     family = shardset.family_of(output_prefix)
     earlier = family == str(output_prefix) and _merge_output(family)  # an earlier merge's: replaced
     if family is not None and not earlier:
@@ -146,6 +149,45 @@ def _merge(input_prefixes: list[str], output_prefix: str, vocab_size: int | None
     return {"datasets": len(datasets), "sequences": counts["sequences"], "tokens": counts["tokens"],
             "manifest": None if lacking else shardset.manifest_path(output_prefix),
             "no_manifest": f"{output_prefix}: written without a manifest: {why}" if lacking else None, "notes": notes}
+
+
+def _merged_from(prefix: str) -> list[str]:
+    """The datasets an earlier merge's output ``prefix`` was merged from, as its manifest's
+    ``merged_from`` records them, and theirs in turn (a merge of merges); [] for any other dataset."""
+    out, todo, visited = [], [prefix], set()
+    while todo:
+        family = shardset.family_of(todo.pop())
+        if family is None or os.path.realpath(family) in visited:
+            continue
+        visited.add(os.path.realpath(family))
+        try:  # kept while unchanged (shardset._listed): every shard of a family asks for it
+            recorded = shardset._listed(family)[0].get("merged_from")
+        except (OSError, ValueError):  # an unreadable manifest is refused, naming it, when the input is opened
+            continue
+        datasets = recorded.get("datasets") if isinstance(recorded, dict) else None
+        for d in datasets if isinstance(datasets, list) else []:
+            if isinstance(d, str):
+                out.append(d)
+                todo.append(d)
+    return out
+
+
+def _check_no_source_twice(input_prefixes: list[str], seen: dict[str, str]) -> None:
+    """Refuse an input that an earlier merge made from another input (``--input-dir data/`` holding
+    ``data/all`` beside the ``data/a`` it was merged from), or two inputs merged from one dataset: the
+    documents would be in the output twice. ``seen``: the inputs' real paths -> how each was given."""
+    sources: dict[str, str] = {}  # a dataset an input was merged from -> that input
+    for prefix in input_prefixes:
+        for source in _merged_from(prefix):
+            real = os.path.realpath(source)
+            if real in seen:
+                raise ValueError(f"{prefix}: was merged from {source} (its manifest's merged_from), which is also an "
+                                 f"input ({seen[real]}); its documents would be in the output twice. Merge the "
+                                 "datasets it was merged from instead, or leave one of the two out")
+            other = sources.setdefault(real, prefix)
+            if other != prefix:
+                raise ValueError(f"{prefix} and {other}: both were merged from {source} (their manifests' "
+                                 "merged_from); its documents would be in the output twice")
 
 
 def _merge_output(family: str) -> bool:

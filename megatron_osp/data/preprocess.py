@@ -35,7 +35,7 @@ from megatron_osp.data.tokenizer import load_tokenizer
 from megatron_osp.data.tokenizer_identity import tokenizer_fingerprint
 
 __all__ = ["BadRecord", "CorruptInput", "PreprocessStats", "WorkerDied", "check_eod", "check_inputs", "check_json_keys",
-           "eod_note", "output_prefix_for", "preprocess"]
+           "check_output_prefix", "eod_note", "output_prefix_for", "preprocess"]
 
 
 @dataclass
@@ -281,6 +281,14 @@ def check_json_keys(json_keys) -> None:
             raise ValueError(f"--json-keys {key!r} is given twice (each key is one output dataset)")
 
 
+def check_output_prefix(output_prefix) -> None:
+    """Refuse a prefix that names a directory: ``out/`` (hidden files ``out/_text_document``), and
+    ``out/.`` or ``out/..``, whose .bin/.idx went to the directory above (shardset.Stage takes its
+    absolute path) while the manifest, in ``out/``, named datasets that were not beside it."""
+    if os.path.basename(str(output_prefix)) in ("", ".", ".."):
+        raise ValueError(f"output prefix {str(output_prefix)!r} names a directory, not a file prefix")
+
+
 def output_prefix_for(output_prefix: str, key: str, shard: int | None = None) -> str:
     """Megatron's naming: one dataset per JSON key, ``<prefix>_<key>_document``; shards add ``_NNNNN``."""
     name = f"{output_prefix}_{key}_document"
@@ -293,6 +301,7 @@ class _ShardedOutput:
     moves every finished dataset into place at once; ``abort`` drops the stage."""
 
     def __init__(self, output_prefix: str, keys, dtype, max_shard_tokens: int | None):
+        check_output_prefix(output_prefix)  # merge_tasks writes through here too
         self.keys, self.dtype = tuple(keys), dtype
         self.max_shard_tokens = max_shard_tokens
         self.shard = 0 if max_shard_tokens else None
@@ -397,6 +406,7 @@ def preprocess(
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    check_output_prefix(output_prefix)
     check_json_keys(json_keys)
     if max_shard_tokens is not None and max_shard_tokens < 1:
         raise ValueError(f"max_shard_tokens must be >= 1, got {max_shard_tokens}")

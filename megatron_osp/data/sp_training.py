@@ -86,8 +86,9 @@ def train_sentencepiece(
     ``skipped`` receives the messages of the bad records skipped (``skip_bad_records``)."""
     if model_type not in ("bpe", "unigram"):
         raise ValueError(f"--model-type must be 'bpe' or 'unigram', got {model_type!r}")
-    if str(output_prefix).endswith(("/", os.sep)):
-        # Path() drops a trailing "/": "tok/" wrote tok.model beside the directory, not in it
+    if str(output_prefix).endswith(("/", os.sep)) or os.path.basename(str(output_prefix)) in (".", ".."):
+        # Path() drops a trailing "/": "tok/" wrote tok.model beside the directory, not in it; "tok/."
+        # failed with "PosixPath('tok') has an empty name", "tok/.." wrote tok/...model
         raise ValueError(f"output prefix {str(output_prefix)!r} names a directory, not a file prefix "
                          "(e.g. tok/tokenizer writes tok/tokenizer.model)")
     input_jsonl, output_prefix = Path(input_jsonl), Path(output_prefix)
