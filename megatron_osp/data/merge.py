@@ -228,7 +228,7 @@ def _publish(datasets: list[IndexedDataset], output_prefix: str, dtype, max_toke
     """Write the merge in a stage directory and publish it with a manifest (shardset.Stage); returns
     its entry in the manifest (name, counts and ``max_token_id``, as preprocessing records it)."""
     directory, base = os.path.split(os.path.abspath(output_prefix))
-    shard = re.compile(rf"^{re.escape(base)}_\d{{5}}\.(bin|idx)$")  # publishing removes them; readers would refuse
+    shard = re.compile(rf"^{re.escape(base)}_\d{{5,}}\.(bin|idx)$")  # publishing removes them; readers would refuse
     clash = sorted(n for n in os.listdir(directory) if shard.match(n)) if os.path.isdir(directory) else []
     if clash:
         raise ValueError(f"{os.path.join(os.path.dirname(output_prefix), clash[0])}: named like a shard of "
@@ -285,7 +285,7 @@ def prefixes_in(directory: str | os.PathLike, skipped: list[str] | None = None, 
                 and shardset.family_of(prefix) is None):
             raise FileNotFoundError(f"{b}: has no .idx beside it (its writing was cut short?), so the merge would "
                                     f"leave it out; rerun what wrote it, or remove it{aside_hint(prefix)}")
-    tasks = [p for p in found if re.search(r"_task\d{5}of\d{5}_.+_document(_\d{5})?$", os.path.basename(p))]
+    tasks = [p for p in found if re.search(r"_task\d{5}of\d{5}_.+_document(_\d{5,})?$", os.path.basename(p))]
     if tasks:
         prefix = re.sub(r"_task\d{5}of\d{5}_.+$", "", tasks[0])
         raise ValueError(f"{d}: holds preprocessing array task outputs ({os.path.basename(tasks[0])}, ...): merge them "

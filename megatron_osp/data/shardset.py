@@ -42,7 +42,7 @@ from megatron_osp.fileio import atomic_write_json
 
 MANIFEST_SUFFIX = ".shards.json"
 FORMAT = 1
-_SHARD = re.compile(r"^(?P<family>.+)_\d{5}$")
+_SHARD = re.compile(r"^(?P<family>.+)_(?P<number>\d{5,})$")  # _00000 ... _99999, _100000 ...
 
 
 def manifest_path(family: str | os.PathLike) -> str:
@@ -298,11 +298,18 @@ def _tokenizer_note(b: dict, a: dict) -> str:
     return note
 
 
+def _name_order(prefix: str):
+    """Sort key: by name, a shard after its family's lower-numbered shards (``_99999`` before ``_100000``,
+    which sort the other way as text)."""
+    m = _SHARD.match(prefix)
+    return (m.group("family"), int(m.group("number"))) if m else (prefix, -1)
+
+
 def datasets_in_directory(directory: str | os.PathLike) -> tuple[list[str], list[str]]:
-    """Every dataset (``*.idx``) of a directory, sorted by name, where a manifest decides for its
+    """Every dataset (``*.idx``) of a directory, sorted by name (``_name_order``), where a manifest decides for its
     family: listed datasets only. Returns (datasets, family files skipped as not listed)."""
     d = Path(directory)
-    found = sorted(str(p)[:-4] for p in d.glob("*.idx"))
+    found = sorted((str(p)[:-4] for p in d.glob("*.idx")), key=_name_order)
     keep, skipped = [], []
     for prefix in found:
         family = family_of(prefix)
@@ -417,7 +424,7 @@ class Stage:
                                                           **info})  # says whose publish was cut short
             names = os.listdir(self.directory)
             for family in families:
-                member = re.compile(rf"^{re.escape(os.path.basename(family))}(_\d{{5}})?\.(bin|idx)$")
+                member = re.compile(rf"^{re.escape(os.path.basename(family))}(_\d{{5,}})?\.(bin|idx)$")
                 for name in names:
                     if member.match(name):
                         os.unlink(os.path.join(self.directory, name))
