@@ -211,3 +211,20 @@ def test_a_dataset_given_twice_is_refused(tmp_path):
         with pytest.raises(ValueError, match=re.escape(message)):
             merge_datasets(inputs, str(tmp_path / "m"))
         assert not list(tmp_path.glob("m*"))
+
+
+def test_a_file_name_for_a_prefix_is_refused_with_the_prefix(tmp_path):
+    """``--output-prefix all.bin`` wrote all.bin.bin and all.bin.idx; ``--input x.bin`` said x.bin.idx does
+    not exist."""
+    from megatron_osp.data.indexed import IndexedDatasetWriter
+    from megatron_osp.data.merge import merge_datasets
+
+    with IndexedDatasetWriter(tmp_path / "x") as w:
+        w.add_document(np.arange(1, 5))
+    x = str(tmp_path / "x")
+    with pytest.raises(ValueError, match=rf"output prefix {re.escape(x)}\.bin: a file name, not a dataset prefix: "
+                                         rf"give the prefix without \.bin, {re.escape(x)} "):
+        merge_datasets([x], x + ".bin")
+    with pytest.raises(ValueError, match=rf"input {re.escape(x)}\.idx: a file name, .* without \.idx, {re.escape(x)} "):
+        merge_datasets([x + ".idx"], str(tmp_path / "out"))
+    assert sorted(os.listdir(tmp_path)) == ["x.bin", "x.idx"]

@@ -65,6 +65,10 @@ def merge_datasets(input_prefixes: list[str], output_prefix: str, vocab_size: in
     # the directory above (shardset.Stage: abspath) but the manifest in out/, which then named no dataset
     if os.path.basename(str(output_prefix)) in ("", ".", ".."):
         raise ValueError(f"output prefix {str(output_prefix)!r} names a directory, not a file prefix")
+    for given, what in [(str(output_prefix), "output prefix")] + [(str(p), "input") for p in input_prefixes]:
+        if given.endswith((".bin", ".idx")) and (what == "output prefix" or not os.path.exists(given + ".idx")):
+            raise ValueError(f"{what} {given}: a file name, not a dataset prefix: give the prefix without "
+                             f"{given[-4:]}, {given[:-4]} (the dataset is PREFIX.bin and PREFIX.idx)")
     # what a merge killed on this prefix left, first: an earlier pair a replace cut short set aside is put
     # back (shardset.restore_aside) even if this merge is then refused
     notes = shardset.clean_stale_temporaries(output_prefix)
