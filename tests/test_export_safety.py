@@ -228,3 +228,10 @@ def test_overwrite_through_a_symlink_replaces_the_export_it_names(run, tmp_path)
     assert link.is_symlink() and os.path.realpath(link) == str(real.resolve())
     assert (real / "model.safetensors").read_bytes() == (run["hf"] / "model.safetensors").read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+
+
+def test_a_run_directory_exports_as_its_checkpoints(run, tmp_path):
+    """The evaluation tools take a run directory; convert_to_hf.py refused it ("not a checkpoint")."""
+    run_tool([tool("convert_to_hf"), str(run["run"]), str(tmp_path / "hf")])
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "hf" / name).read_bytes() == (run["hf"] / name).read_bytes(), name

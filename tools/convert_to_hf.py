@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="checkpoint save directory or iter_N directory")
+    p.add_argument("checkpoint", help="checkpoint save directory or iter_N directory, or a run directory (its "
+                                      "checkpoints/)")
     p.add_argument("output", help="HF model directory to create (written atomically)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="dtype of the exported weights (default float32)")
@@ -45,8 +46,13 @@ def main(argv=None) -> int:
     from megatron_osp.convert.hf_export import export_checkpoint
     from megatron_osp.training.checkpoint import CheckpointError
 
+    from pathlib import Path
+
+    checkpoint = Path(args.checkpoint)
+    if (checkpoint / "checkpoints").is_dir() and not (checkpoint / "latest").exists():
+        checkpoint = checkpoint / "checkpoints"  # a run directory, as the evaluation tools take it
     try:
-        export_checkpoint(args.checkpoint, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size,
+        export_checkpoint(str(checkpoint), args.output, dtype=args.dtype, max_shard_size=args.max_shard_size,
                           tokenizer_model=args.tokenizer, overwrite=args.overwrite,
                           write_tokenizer=not args.no_tokenizer)
     except (CheckpointError, ValueError, FileNotFoundError, FileExistsError, PermissionError) as e:
