@@ -238,3 +238,13 @@ def test_a_family_manifest_is_read_once_for_all_its_shards_and_again_when_replac
     assert reads == []  # expand() above already read it
     _preprocess(corpus, tok, prefix, "--max-shard-tokens", "800")  # replaces the manifest
     assert shardset.expand(family) != shards and len(reads) == 1
+
+
+def test_an_output_directory_that_takes_no_files_is_named_not_the_stage():
+    """/proc takes no new entries: the error named the hidden stage directory (.foo.stage-<host>-<pid>)
+    as if it were missing."""
+    from megatron_osp.data import shardset
+
+    with pytest.raises(FileNotFoundError, match=r"cannot create files in the output directory /proc \(No such file "
+                                                r"or directory; tried \.foo\.stage-"):
+        shardset.Stage("/proc/foo")

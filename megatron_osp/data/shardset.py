@@ -390,7 +390,11 @@ class Stage:
         self.notes = clean_stale_temporaries(os.path.join(self.directory, self.base))
         self.path = os.path.join(self.directory, f".{self.base}.stage-{host()}-{os.getpid()}")
         shutil.rmtree(self.path, ignore_errors=True)
-        os.mkdir(self.path)
+        try:
+            os.mkdir(self.path)
+        except OSError as e:  # named by the output directory, not the hidden stage's name
+            raise type(e)(e.errno, f"cannot create files in the output directory {self.directory} ({e.strerror}; "
+                                   f"tried {os.path.basename(self.path)})") from None
 
     def staged(self, final_prefix: str) -> str:
         """Where the dataset ``final_prefix`` (in the output directory) is written during the run."""
