@@ -116,6 +116,8 @@ def find_iteration_dir(path: str | os.PathLike) -> Path:
     elif not (path / "metadata.json").is_file():
         partial = sorted(p.name for p in path.glob("iter_*.tmp"))
         hint = f" (only incomplete saves: {', '.join(partial)})" if partial else ""
+        if (path / "checkpoints" / LATEST).is_file():  # a run directory
+            hint += f"; it looks like a run directory: its checkpoints are {path / 'checkpoints'}"
         raise CheckpointError(
             f"{path} is not a checkpoint: it has neither a '{LATEST}' pointer file nor the "
             f"checkpoint files of one iteration directory (metadata.json){hint}"
