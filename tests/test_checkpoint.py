@@ -474,7 +474,8 @@ def test_a_run_that_would_save_over_checkpoints_it_does_not_continue_is_refused(
     listing = sorted(p.name for p in save_dir.iterdir())
 
     def train(**values):
-        return types.SimpleNamespace(**{"auto_resume": False, "load": None, "save": True, **values})
+        return types.SimpleNamespace(**{"auto_resume": False, "load": None, "save": True,
+                                        "run_dir": str(split_runs[2] / "unused_run_dir"), **values})
 
     assert checkpoint_to_load(train(auto_resume=True), save_dir) == (save_dir, True)
     for settings, started in ((train(), "from scratch"), (train(load=str(split_runs[2] / "adam_split" / "checkpoints")),

@@ -134,10 +134,4 @@ class AsyncSaver:
 
     @staticmethod
     def _failed(target, error: BaseException) -> str:
-        try:
-            newest = ckpt.newest_checkpoint(target.save_dir)
-        except CheckpointError:  # a damaged pointer: the failure above is the one to report
-            newest = None
-        keep = f"{newest} is the newest complete checkpoint" if newest else "no earlier checkpoint was completed"
-        return (f"the background save of step {target.iteration} into {target.tmp} failed: "
-                f"{type(error).__name__}: {error}; {keep}")
+        return ckpt.save_failed_message(target, error, how="background save")

@@ -116,6 +116,8 @@ def find_iteration_dir(path: str | os.PathLike) -> Path:
     elif not (path / "metadata.json").is_file():
         partial = sorted(p.name for p in path.glob("iter_*.tmp"))
         hint = f" (only incomplete saves: {', '.join(partial)})" if partial else ""
+        if (path / "checkpoints" / LATEST).is_file():  # a run directory
+            hint += f"; it looks like a run directory: its checkpoints are {path / 'checkpoints'}"
         raise CheckpointError(
             f"{path} is not a checkpoint: it has neither a '{LATEST}' pointer file nor the "
             f"checkpoint files of one iteration directory (metadata.json){hint}"
@@ -282,14 +284,35 @@ def save_checkpoint(
     the tokenizer whose ids the model learned, where ``config`` does not name it (an HF import's
     tokenizer.json). Returns the final iteration directory.
     """
+    from torch.distributed.checkpoint.api import CheckpointException
+
     start = time.perf_counter()
     target = begin_save(save_dir, iteration)
     state, contents = training_state(model_chunks, optimizer, scheduler, save_rng, iteration, consumed_samples)
-    _write_shards(state, target.tmp)
-    write_small_files(target, config, consumed_samples, contents, tokenizer)
+    try:
+        _write_shards(state, target.tmp)
+        write_small_files(target, config, consumed_samples, contents, tokenizer)
+    except (OSError, RuntimeError, CheckpointException) as e:  # a full disk, a lost mount (a BaseException)
+        raise CheckpointError(save_failed_message(target, e)) from e
     dist.barrier()
     integrity.write_manifest_collective(target.tmp)  # collective; rank 0 writes it before publishing below
     return finish_save(target, keep_last, log, start)
+
+
+def save_failed_message(target: "SaveTarget", error: BaseException, how: str = "save") -> str:
+    """What a failed save says: which one, why, the newest complete checkpoint (kept) and the free
+    space where it was written (a full disk shows in the writers' errors only as short writes)."""
+    try:
+        newest = newest_checkpoint(target.save_dir)
+    except CheckpointError:  # a damaged pointer: the failure is the one to report
+        newest = None
+    keep = f"{newest} is the newest complete checkpoint" if newest else "no earlier checkpoint was completed"
+    try:
+        free = f" ({shutil.disk_usage(target.save_dir).free / 2**20:,.0f} MiB free on {target.save_dir})"
+    except OSError:
+        free = ""
+    return (f"the {how} of step {target.iteration} into {target.tmp} failed: "
+            f"{type(error).__name__}: {error}; {keep}{free}")
 
 
 @dataclass(frozen=True)

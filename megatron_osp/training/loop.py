@@ -41,7 +41,7 @@ from megatron_osp.training.checkpoint import (
     read_run_config,
     save_checkpoint,
 )
-from megatron_osp.training import model_setup
+from megatron_osp.training import model_setup, run_lock
 from megatron_osp.training.config import RunConfig, save_config
 from megatron_osp.training.data import build_datasets
 from megatron_osp.training.hang_watchdog import HangWatchdog
@@ -198,8 +198,13 @@ class Trainer:
         # does not fit), or a rerun of a finished run (which trains nothing), leaves it as it was.
         config_file = self.run_dir / "config.yaml"
         self.watchdog.arm("start-up: writing config.yaml and waiting for every rank")
-        if dist.get_rank() == 0 and (self.step < train.train_steps or not config_file.exists()):
+        busy = None
+        if dist.get_rank() == 0:  # before anything of the run (config.yaml, metrics, saves) is written
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            busy = run_lock.acquire(self.run_dir)
+        if any_rank(self.device, busy is not None)[0]:
+            raise run_lock.RunDirInUse(busy or f"train.run_dir={self.run_dir} is in use by another job (see rank 0)")
+        if dist.get_rank() == 0 and (self.step < train.train_steps or not config_file.exists()):
             save_config(config, config_file)
         dist.barrier()
 

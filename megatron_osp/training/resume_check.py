@@ -184,6 +184,7 @@ def checkpoint_to_load(train, save_dir: Path) -> tuple:
     own = has_checkpoint(save_dir)
     if train.auto_resume and own:
         return save_dir, True
+    _check_run_dir_free(train, save_dir)
     inside = train.load is not None and _in_save_dir(train.load, save_dir)
     if own and train.save and not inside:
         latest = (save_dir / LATEST).read_text().strip()
@@ -194,3 +195,18 @@ def checkpoint_to_load(train, save_dir: Path) -> tuple:
             "Use another train.save_dir or train.run_dir, or remove that directory to start over"
         )
     return train.load, inside
+
+
+def _check_run_dir_free(train, save_dir: Path) -> None:
+    """A run that does not continue its own checkpoints must not take over a ``train.run_dir`` whose
+    ``checkpoints/`` holds another run's while saving elsewhere (``train.save_dir``): its config.yaml,
+    summary.json and kurtosis.json would replace that run's, beside checkpoints they do not describe."""
+    default = Path(train.run_dir) / "checkpoints"
+    if default.resolve() == save_dir.resolve() or not has_checkpoint(default):
+        return
+    latest = (default / LATEST).read_text().strip()
+    raise CheckpointError(
+        f"train.run_dir={train.run_dir} holds another run (its checkpoints: {default}, latest: {latest}); this "
+        f"run saves into train.save_dir={save_dir} and would write its config.yaml, metrics.jsonl and "
+        "summary.json over that run's. Use another train.run_dir"
+    )
