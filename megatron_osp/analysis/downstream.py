@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from megatron_osp.analysis.task_checks import task_problems
+from megatron_osp.analysis.task_checks import local_data_identity, task_problems
 
 __all__ = ["SUITES", "TaskSpec", "parse_tasks", "offline", "check_tasks", "check_model_path", "load_eval_model",
            "evaluate_downstream", "summarize", "require_harness"]
@@ -145,9 +145,10 @@ def _missing_message(tm, spec: TaskSpec, err: BaseException) -> str:
             f"and copy that cache here, or give local files with a task YAML in --include-path")
 
 
-def check_tasks(specs: list[TaskSpec], include_path: str | None = None):
+def check_tasks(specs: list[TaskSpec], include_path: str | None = None, identities: dict | None = None):
     """A TaskManager that knows every task, each task's data loaded once offline; ValueError naming every
-    unknown task and every missing dataset otherwise. Call before loading any model."""
+    unknown task and every missing dataset otherwise. Call before loading any model. ``identities``: a
+    dict filled with {task: task_checks.local_data_identity} for the tasks that read local files."""
     require_harness()
     if include_path is not None and not Path(include_path).is_dir():
         raise FileNotFoundError(f"--include-path: {include_path} is not a directory")
@@ -172,6 +173,8 @@ def check_tasks(specs: list[TaskSpec], include_path: str | None = None):
             for leaf, task in tasks.items():
                 name = spec.name if leaf == spec.name else f"{spec.name}/{leaf}"
                 problems += task_problems(name, task, spec.num_fewshot)
+                if identities is not None and (ident := local_data_identity(task)) is not None:
+                    identities[name] = ident
         if problems:
             raise ValueError("tasks the harness would stop on or mis-score:\n  " + "\n  ".join(problems))
     return tm

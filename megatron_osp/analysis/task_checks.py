@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["task_problems", "LOCAL_FORMATS"]
+__all__ = ["task_problems", "local_data_identity", "LOCAL_FORMATS"]
 
 LOCAL_FORMATS = ("json", "csv", "parquet", "text", "arrow")
 MAX_PER_TASK = 5
@@ -138,3 +138,24 @@ def task_problems(name: str, task, num_fewshot: int | None) -> list[str]:
     if len(docs) == 0:
         problems.append(f"task {name}: {_where(task, 0).rsplit(':', 1)[0]} has no documents")
     return problems
+
+
+def local_data_identity(task) -> str | None:
+    """sha256 of what a task with local data files (``dataset_path: json``, ...) is scored on: its
+    configuration (prompt templates, data files, metrics) and every evaluated and few-shot document.
+    None for a task of the hub (its cached data does not change under the same name). ``--resume``
+    compares it, so that results of regenerated or edited task files are not mixed with earlier ones."""
+    if task.config.dataset_path not in LOCAL_FORMATS:
+        return None
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    h.update(json.dumps(task.config.to_dict(), sort_keys=True, default=str).encode())
+    sampler = getattr(task, "sampler", None)
+    pools = [("eval", task.eval_docs)] + ([("fewshot", sampler.fewshot_docs())] if sampler is not None else [])
+    for kind, docs in pools:
+        h.update(f"\0{kind}\0".encode())
+        for doc in docs:
+            h.update(json.dumps(doc, sort_keys=True, default=str).encode() + b"\n")
+    return h.hexdigest()
