@@ -7,7 +7,11 @@ been scored, and some never surface:
 - a multiple-choice answer index past the choices, or an answer string that is not one of them, is
   scored as a wrong answer (a warning in the log), and so is a missing answer field (a JSON lines file
   whose record lacks ``label`` reads as ``None``): silently lower accuracy;
-- a document with no choices stops the run with ``not enough values to unpack``;
+- a document with no choices stops the run with ``not enough values to unpack``, one with an empty
+  choice with ``assert len(continuation_enc) > 0``, one whose text is a number alone (read as a choice
+  index) with ``Context is not a string``;
+- two equal choices score the same and the harness picks one (the first, for exact ties): an answer
+  on the other is counted wrong;
 - more few-shot examples than the task's few-shot pool holds stop it with ``Sample larger than
   population``.
 
@@ -89,6 +93,18 @@ def _doc_problem(task, doc, templates) -> str | None:
         return f"cannot be formatted ({type(e).__name__}: {e})"
     if not isinstance(choices, (list, tuple)) or not choices:
         return f"has no answer choices (doc_to_choice gives {choices!r})"
+    if isinstance(text, int) and not getattr(task, "multiple_input", False):
+        return (f"its text is the number {text} alone, which the harness reads as a choice index (a "
+                "multiple-input task's) and stops on ('Context is not a string'): give it other text")
+    empty = [i for i, c in enumerate(choices) if isinstance(c, str) and not c.strip()]
+    if empty:
+        return (f"choice {empty[0]} is {choices[empty[0]]!r}: an empty choice has no tokens to score "
+                "(the harness stops on it, or scores only the delimiter)")
+    for i, c in enumerate(choices):
+        if c in choices[:i]:
+            return (f"choices {list(choices).index(c)} and {i} are both {c!r}: equal choices score the same, so "
+                    "which one the harness picks is arbitrary (the first, for exact ties) and an answer on the "
+                    "other is counted wrong")
     golds = text if isinstance(text, int) else target  # multiple-input tasks: the text picks the choice
     for gold in golds if isinstance(golds, list) else [golds]:
         if isinstance(gold, bool) or not isinstance(gold, (int, str)):
