@@ -109,6 +109,9 @@ def _check(args):
             raise ValueError(f"{option} must be >= 1, got {value}")
     if args.limit is not None and args.limit <= 0:
         raise ValueError(f"--limit must be > 0, got {args.limit}")
+    if args.limit is not None and args.limit >= 1 and args.limit != int(args.limit):  # was cut to int silently
+        raise ValueError(f"--limit {args.limit:g}: a number of examples must be whole (a fraction of the "
+                         "examples is given as a number below 1)")
     if any(s.gptq for s in settings):
         if not args.calibration_data:
             raise ValueError(f"--settings {','.join(n for n in names if 'gptq' in n)}: GPTQ needs "
