@@ -54,3 +54,21 @@ def test_equal_empty_choices_and_number_questions_are_refused_by_document(tmp_pa
         "other text",
     ], lines
     assert _refusals(tmp_path / "ok", {"fine": docs["fine"]}) == []
+
+
+def test_an_unreadable_local_file_names_the_readers_error(tmp_path):
+    """A JSON lines file with a lone surrogate ("\\ud800") was refused only with datasets' "An error
+    occurred while generating the dataset"; the reader's error under it, naming the row, is now given."""
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    good = [{"question": f"q{i}", "choices": ["a", "b"], "label": i % 2} for i in range(2)]
+    lines = [json.dumps(r) for r in good] + ['{"question": "q \\ud800", "choices": ["a", "b"], "label": 0}']
+    (tasks / "uni.jsonl").write_text("\n".join(lines) + "\n")
+    (tasks / "uni.yaml").write_text(MC_YAML.replace("toy_mc", "uni").format(data=tasks / "uni.jsonl"))
+    from megatron_osp.analysis.downstream import check_tasks, parse_tasks
+
+    with pytest.raises(ValueError) as e:
+        check_tasks(parse_tasks("uni"), str(tasks))
+    assert "task uni: its local data files cannot be read (DatasetGenerationError" in str(e.value), e.value
+    assert "caused by ArrowInvalid: JSON parse error: The surrogate pair in string is invalid. in row 2" in \
+        str(e.value) and "(rows count from 0)" in str(e.value), e.value

@@ -134,7 +134,14 @@ def _missing_message(tm, spec: TaskSpec, err: BaseException) -> str:
     path, config = _dataset_of(tm, spec.name)
     first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
     if path in ("json", "csv", "parquet", "text", "arrow"):
-        return f"task {spec.name}: its local data files cannot be read ({type(err).__name__}: {first})"
+        # the reader's own error (a malformed line: "... in row 2") is the cause of datasets' generic one
+        causes, c = [], err.__cause__
+        while c is not None and len(causes) < 3:
+            causes.append(f"{type(c).__name__}: {(str(c).strip().splitlines() or [''])[0][:300]}")
+            c = c.__cause__
+        why = "".join(f"; caused by {c}" for c in causes)
+        return (f"task {spec.name}: its local data files cannot be read ({type(err).__name__}: {first}{why})"
+                + (" (rows count from 0)" if " in row " in why else ""))
     if path is None:  # a group (mmlu): the hub error names the dataset
         m = re.search(r"reach '([^']+)'", first)
         path = m.group(1) if m else None
