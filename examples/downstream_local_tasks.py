@@ -53,6 +53,29 @@ metric_list:
 """
 
 
+def read_texts(path) -> list[str]:
+    """Each record's ``text``; SystemExit naming the file and line of a record that has none."""
+    texts = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise SystemExit(f"error: {path}:{n}: not valid JSON ({e})") from None
+                text = record.get("text") if isinstance(record, dict) else None
+                if not isinstance(text, str):
+                    raise SystemExit(f"error: {path}:{n}: no string under key 'text'"
+                                     + ("" if not isinstance(record, dict) or "text" not in record
+                                        else f" (it holds {type(text).__name__})"))
+                texts.append(text)
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"error: {path}: {e}") from None
+    return texts
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("corpus", help="JSONL with a text field per document")
@@ -63,7 +86,12 @@ def main(argv=None) -> int:
     p.add_argument("--span", type=int, default=24, help="characters per choice (default 24)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    docs = [json.loads(line)["text"] for line in open(args.corpus, encoding="utf-8") if line.strip()]
+    if not 0 < args.held_out <= 1:
+        p.error(f"--held-out must be a fraction in (0, 1], got {args.held_out}")
+    for option, value in (("--questions", args.questions), ("--context", args.context), ("--span", args.span)):
+        if value < 1:
+            p.error(f"{option} must be >= 1, got {value}")
+    docs = read_texts(args.corpus)
     held = [d for d in docs[int(len(docs) * (1 - args.held_out)):] if len(d) > args.context + args.span + 1]
     if len(held) < 4:
         raise SystemExit(f"error: {args.corpus}: fewer than 4 held-out documents longer than context + span")
@@ -75,11 +103,16 @@ def main(argv=None) -> int:
         start = rng.randrange(len(doc) - args.context - args.span)
         context = doc[start:start + args.context]
         spans = [doc[start + args.context:start + args.context + args.span]]
-        while len(spans) < 4:
+        for _ in range(10_000):  # a corpus of near-identical documents may hold fewer than 4 distinct spans
+            if len(spans) == 4:
+                break
             other = held[rng.randrange(len(held))]
             s = rng.randrange(len(other) - args.span)
             if other[s:s + args.span] not in spans:
                 spans.append(other[s:s + args.span])
+        else:
+            raise SystemExit(f"error: {args.corpus}: its held-out documents hold fewer than 4 different "
+                             f"{args.span}-character spans to offer as choices (repetitive text?)")
         order = list(range(4))
         rng.shuffle(order)
         cloze.append({"context": context, "choices": [spans[k] for k in order], "label": order.index(0)})
@@ -92,7 +125,9 @@ def main(argv=None) -> int:
     for name, rows, yaml in (("local_cloze", cloze, CLOZE), ("local_complete", complete, COMPLETE)):
         (out / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
                                            encoding="utf-8")
-        (out / f"{name}.yaml").write_text(yaml.format(data=(out / f"{name}.jsonl").resolve()), encoding="utf-8")
+        # quoted: a directory name with ' #' or ': ' would cut the path short in plain YAML
+        (out / f"{name}.yaml").write_text(yaml.format(data=json.dumps(str((out / f"{name}.jsonl").resolve()))),
+                                          encoding="utf-8")
     print(f"wrote {len(cloze)} local_cloze and {len(complete)} local_complete questions to {out}")
     return 0
 

@@ -457,7 +457,7 @@ def test_an_earlier_report_is_kept_and_resumed(models, tmp_path, monkeypatch, ca
     assert "--resume" in err and (out / "downstream.json").read_text() == partial
     other = [("fp,8-8-8" if a == "fp,4-4-4" else a) for a in common]
     assert evaluate_downstream.main([*other, "--output-dir", str(out), "--resume"]) == 2
-    assert "was made with options =" in capsys.readouterr().err
+    assert "was made with options.settings = [\"fp\", \"4-4-4\"], this run asks for [\"fp\", \"8-8-8\"]" in capsys.readouterr().err
 
     weights.write_bytes(intact)  # the damaged model is replaced: nothing of it was kept, so it may change
     assert evaluate_downstream.main([*common, "--output-dir", str(out), "--resume"]) == 0

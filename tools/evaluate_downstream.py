@@ -109,6 +109,9 @@ def _check(args):
             raise ValueError(f"{option} must be >= 1, got {value}")
     if args.limit is not None and args.limit <= 0:
         raise ValueError(f"--limit must be > 0, got {args.limit}")
+    if args.limit is not None and args.limit >= 1 and args.limit != int(args.limit):  # was cut to int silently
+        raise ValueError(f"--limit {args.limit:g}: a number of examples must be whole (a fraction of the "
+                         "examples is given as a number below 1)")
     if any(s.gptq for s in settings):
         if not args.calibration_data:
             raise ValueError(f"--settings {','.join(n for n in names if 'gptq' in n)}: GPTQ needs "
@@ -126,8 +129,9 @@ def _check(args):
                                args.calibration_windows, docs, "--calibration-windows")
     require_harness()
     specs = parse_tasks(args.tasks)
-    tm = check_tasks(specs, args.include_path)
-    return settings, labels, specs, tm
+    task_data = {}  # the local task files' content, for --resume
+    tm = check_tasks(specs, args.include_path, identities=task_data)
+    return settings, labels, specs, tm, task_data
 
 
 def _calibration_windows(args, settings) -> list | None:
@@ -142,9 +146,10 @@ def _calibration_windows(args, settings) -> list | None:
                                docs, selection=args.calibration_selection) for m in args.models]
 
 
-def _request(args, settings, labels, specs, pinned, calibs) -> dict:
+def _request(args, settings, labels, specs, pinned, calibs, task_data=None) -> dict:
     """What decides the report's numbers, for --resume (analysis/report_resume.py); ``pinned``: each
-    model's (path to load, identity) from report_resume.pin_model; ``calibs``: _calibration_windows."""
+    model's (path to load, identity) from report_resume.pin_model; ``calibs``: _calibration_windows;
+    ``task_data``: the local tasks' content digests (check_tasks), None without local tasks."""
     from megatron_osp.analysis.report_resume import tokens_identity
 
     calibration = None if calibs is None else [tokens_identity(c) for c in calibs]
@@ -154,6 +159,7 @@ def _request(args, settings, labels, specs, pinned, calibs) -> dict:
                     "include_path": args.include_path, "batch_size": args.batch_size, "limit": args.limit,
                     "dtype": args.dtype},
         "calibration": calibration,
+        **({"task_data": task_data} if task_data else {}),  # absent without local tasks: older reports resume
     }
 
 
@@ -162,7 +168,7 @@ def _run(args) -> int:
 
     for pattern in (".*Apex.*", ".*Transformer Engine.*", ".*deprecated.*", ".*TypedStorage.*"):
         warnings.filterwarnings("ignore", message=pattern)
-    settings, labels, specs, tm = _check(args)
+    settings, labels, specs, tm, task_data = _check(args)
     from megatron_osp.analysis.report_resume import open_report, pin_model
 
     import torch
@@ -172,7 +178,7 @@ def _run(args) -> int:
         raise ValueError("--device cuda: no CUDA device is available")
     pinned = [pin_model(m) for m in args.models]  # (what to load, what the report records)
     calibs = _calibration_windows(args, settings)
-    request = _request(args, settings, labels, specs, pinned, calibs)
+    request = _request(args, settings, labels, specs, pinned, calibs, task_data)
     request["options"]["device"] = device  # numbers measured on another device's kernels differ slightly
     earlier = open_report(Path(args.output_dir) / "downstream.json", args.resume, args.overwrite, request)
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from megatron_osp.analysis.task_checks import task_problems
+from megatron_osp.analysis.task_checks import local_data_identity, task_problems
 
 __all__ = ["SUITES", "TaskSpec", "parse_tasks", "offline", "check_tasks", "check_model_path", "load_eval_model",
            "evaluate_downstream", "summarize", "require_harness"]
@@ -134,7 +134,14 @@ def _missing_message(tm, spec: TaskSpec, err: BaseException) -> str:
     path, config = _dataset_of(tm, spec.name)
     first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
     if path in ("json", "csv", "parquet", "text", "arrow"):
-        return f"task {spec.name}: its local data files cannot be read ({type(err).__name__}: {first})"
+        # the reader's own error (a malformed line: "... in row 2") is the cause of datasets' generic one
+        causes, c = [], err.__cause__
+        while c is not None and len(causes) < 3:
+            causes.append(f"{type(c).__name__}: {(str(c).strip().splitlines() or [''])[0][:300]}")
+            c = c.__cause__
+        why = "".join(f"; caused by {c}" for c in causes)
+        return (f"task {spec.name}: its local data files cannot be read ({type(err).__name__}: {first}{why})"
+                + (" (rows count from 0)" if " in row " in why else ""))
     if path is None:  # a group (mmlu): the hub error names the dataset
         m = re.search(r"reach '([^']+)'", first)
         path = m.group(1) if m else None
@@ -145,9 +152,10 @@ def _missing_message(tm, spec: TaskSpec, err: BaseException) -> str:
             f"and copy that cache here, or give local files with a task YAML in --include-path")
 
 
-def check_tasks(specs: list[TaskSpec], include_path: str | None = None):
+def check_tasks(specs: list[TaskSpec], include_path: str | None = None, identities: dict | None = None):
     """A TaskManager that knows every task, each task's data loaded once offline; ValueError naming every
-    unknown task and every missing dataset otherwise. Call before loading any model."""
+    unknown task and every missing dataset otherwise. Call before loading any model. ``identities``: a
+    dict filled with {task: task_checks.local_data_identity} for the tasks that read local files."""
     require_harness()
     if include_path is not None and not Path(include_path).is_dir():
         raise FileNotFoundError(f"--include-path: {include_path} is not a directory")
@@ -172,6 +180,8 @@ def check_tasks(specs: list[TaskSpec], include_path: str | None = None):
             for leaf, task in tasks.items():
                 name = spec.name if leaf == spec.name else f"{spec.name}/{leaf}"
                 problems += task_problems(name, task, spec.num_fewshot)
+                if identities is not None and (ident := local_data_identity(task)) is not None:
+                    identities[name] = ident
         if problems:
             raise ValueError("tasks the harness would stop on or mis-score:\n  " + "\n  ".join(problems))
     return tm

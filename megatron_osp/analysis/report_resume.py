@@ -128,8 +128,14 @@ def _check_same_request(path: Path, data: dict, request: dict) -> None:
                          "resuming checks: pass --overwrite to evaluate anew, or choose another --output-dir")
     for key in request:
         if key != "models" and earlier.get(key) != request[key]:
-            raise ValueError(f"--resume: {path} was made with {key} = {_describe(earlier.get(key))}, this run "
-                             f"asks for {_describe(request[key])}: resume with the same options, or pass "
+            then, now = earlier.get(key), request[key]
+            if isinstance(then, dict) and isinstance(now, dict):  # name the entries that differ, not the whole
+                differ = sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k))
+                key = ", ".join(f"{key}.{k}" for k in differ)
+                then, now = ([d.get(k) for k in differ] if len(differ) > 1 else d.get(differ[0]) for d in (then, now))
+            hint = (" (the task's data files or YAML were changed since)" if key.startswith("task_data") else "")
+            raise ValueError(f"--resume: {path} was made with {key} = {_describe(then)}, this run "
+                             f"asks for {_describe(now)}{hint}: resume with the same options, or pass "
                              "--overwrite to evaluate anew")
     ours, theirs = request["models"], earlier.get("models") or []
     if [m["path"] for m in ours] != [m["path"] for m in theirs]:

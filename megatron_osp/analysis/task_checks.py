@@ -7,7 +7,11 @@ been scored, and some never surface:
 - a multiple-choice answer index past the choices, or an answer string that is not one of them, is
   scored as a wrong answer (a warning in the log), and so is a missing answer field (a JSON lines file
   whose record lacks ``label`` reads as ``None``): silently lower accuracy;
-- a document with no choices stops the run with ``not enough values to unpack``;
+- a document with no choices stops the run with ``not enough values to unpack``, one with an empty
+  choice with ``assert len(continuation_enc) > 0``, one whose text is a number alone (read as a choice
+  index) with ``Context is not a string``;
+- two equal choices score the same and the harness picks one (the first, for exact ties): an answer
+  on the other is counted wrong;
 - more few-shot examples than the task's few-shot pool holds stop it with ``Sample larger than
   population``.
 
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["task_problems", "LOCAL_FORMATS"]
+__all__ = ["task_problems", "local_data_identity", "LOCAL_FORMATS"]
 
 LOCAL_FORMATS = ("json", "csv", "parquet", "text", "arrow")
 MAX_PER_TASK = 5
@@ -89,6 +93,18 @@ def _doc_problem(task, doc, templates) -> str | None:
         return f"cannot be formatted ({type(e).__name__}: {e})"
     if not isinstance(choices, (list, tuple)) or not choices:
         return f"has no answer choices (doc_to_choice gives {choices!r})"
+    if isinstance(text, int) and not getattr(task, "multiple_input", False):
+        return (f"its text is the number {text} alone, which the harness reads as a choice index (a "
+                "multiple-input task's) and stops on ('Context is not a string'): give it other text")
+    empty = [i for i, c in enumerate(choices) if isinstance(c, str) and not c.strip()]
+    if empty:
+        return (f"choice {empty[0]} is {choices[empty[0]]!r}: an empty choice has no tokens to score "
+                "(the harness stops on it, or scores only the delimiter)")
+    for i, c in enumerate(choices):
+        if c in choices[:i]:
+            return (f"choices {list(choices).index(c)} and {i} are both {c!r}: equal choices score the same, so "
+                    "which one the harness picks is arbitrary (the first, for exact ties) and an answer on the "
+                    "other is counted wrong")
     golds = text if isinstance(text, int) else target  # multiple-input tasks: the text picks the choice
     for gold in golds if isinstance(golds, list) else [golds]:
         if isinstance(gold, bool) or not isinstance(gold, (int, str)):
@@ -138,3 +154,24 @@ def task_problems(name: str, task, num_fewshot: int | None) -> list[str]:
     if len(docs) == 0:
         problems.append(f"task {name}: {_where(task, 0).rsplit(':', 1)[0]} has no documents")
     return problems
+
+
+def local_data_identity(task) -> str | None:
+    """sha256 of what a task with local data files (``dataset_path: json``, ...) is scored on: its
+    configuration (prompt templates, data files, metrics) and every evaluated and few-shot document.
+    None for a task of the hub (its cached data does not change under the same name). ``--resume``
+    compares it, so that results of regenerated or edited task files are not mixed with earlier ones."""
+    if task.config.dataset_path not in LOCAL_FORMATS:
+        return None
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    h.update(json.dumps(task.config.to_dict(), sort_keys=True, default=str).encode())
+    sampler = getattr(task, "sampler", None)
+    pools = [("eval", task.eval_docs)] + ([("fewshot", sampler.fewshot_docs())] if sampler is not None else [])
+    for kind, docs in pools:
+        h.update(f"\0{kind}\0".encode())
+        for doc in docs:
+            h.update(json.dumps(doc, sort_keys=True, default=str).encode() + b"\n")
+    return h.hexdigest()

@@ -1,0 +1,61 @@
+"""examples/downstream_local_tasks.py on inputs a user may give it: a repetitive corpus, a malformed
+record, an out-of-range option, an output directory whose name YAML would cut short."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from hf_run_fixtures import REPO, write_corpus
+
+EXAMPLE = REPO / "examples" / "downstream_local_tasks.py"
+
+
+def _run(*args, timeout=60):
+    return subprocess.run([sys.executable, str(EXAMPLE), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def test_bad_inputs_are_refused_with_file_and_line_and_nothing_hangs(tmp_path):
+    """A corpus whose held-out documents hold fewer than 4 different spans used to loop forever; a
+    malformed line or a record without 'text' ended in a traceback without the line; --held-out 1.7 took
+    the last 70% of the documents without a word (a negative slice); --span 0 looped forever. Each is now
+    one error line, and no task file is written."""
+    repetitive = tmp_path / "rep.jsonl"
+    repetitive.write_text("".join(json.dumps({"text": "ab" * 200}) + "\n" for _ in range(20)))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "x" * 300}) + "\n\n" + "{broken\n")
+    nokey = tmp_path / "nokey.jsonl"
+    nokey.write_text(json.dumps({"text": "x" * 300}) + "\n" + json.dumps({"text": 5}) + "\n")
+    corpus = tmp_path / "corpus.jsonl"
+    write_corpus(corpus, 60, seed=0)
+    out = tmp_path / "tasks"
+    cases = [
+        ((repetitive, out, "--held-out", "0.5"), f"error: {repetitive}: its held-out documents hold fewer than 4 "
+                                                 "different 24-character spans"),
+        ((bad, out), f"error: {bad}:3: not valid JSON"),
+        ((nokey, out), f"error: {nokey}:2: no string under key 'text' (it holds int)"),
+        ((corpus, out, "--held-out", "1.7"), "--held-out must be a fraction in (0, 1], got 1.7"),
+        ((corpus, out, "--span", "0"), "--span must be >= 1, got 0"),
+    ]
+    for args, expected in cases:
+        done = _run(*args)
+        assert done.returncode != 0 and expected in done.stderr and "Traceback" not in done.stderr, done.stderr
+        assert not out.exists()
+
+
+def test_an_output_directory_with_yaml_characters_gives_loadable_tasks(tmp_path):
+    """The task YAMLs named their data file unquoted: under a directory named 'run #1: tasks' YAML read
+    the path as '.../run' (a comment, then a mapping), and the harness could not find it."""
+    pytest.importorskip("lm_eval")
+    from megatron_osp.analysis.downstream import check_tasks, parse_tasks
+
+    corpus = tmp_path / "corpus.jsonl"
+    write_corpus(corpus, 60, seed=0)
+    out = tmp_path / "run #1: tasks"
+    done = _run(corpus, out, "--held-out", "0.3", "--questions", "12")
+    assert done.returncode == 0, done.stderr
+    check_tasks(parse_tasks("local_cloze,local_complete"), str(out))

@@ -1,0 +1,74 @@
+"""Local multiple-choice task documents that lm-evaluation-harness scores wrongly without a word, or stops
+on only after the model has loaded (analysis/task_checks.py through downstream.check_tasks): two equal
+choices, an empty choice, a question that is a number alone. No model is involved."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("lm_eval")
+
+from test_downstream import MC_YAML  # noqa: E402
+
+
+def _refusals(tmp_path, docs_by_task: dict) -> list[str]:
+    from megatron_osp.analysis.downstream import check_tasks, parse_tasks
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir(parents=True)
+    for name, rows in docs_by_task.items():
+        (tasks / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (tasks / f"{name}.yaml").write_text(MC_YAML.replace("toy_mc", name).format(data=tasks / f"{name}.jsonl"))
+    try:
+        check_tasks(parse_tasks(",".join(docs_by_task)), str(tasks))
+    except ValueError as e:
+        return [line.strip() for line in str(e).splitlines()[1:]]
+    return []
+
+
+def test_equal_empty_choices_and_number_questions_are_refused_by_document(tmp_path):
+    """Equal choices: the harness picks one of them (the first for exact ties), so an answer on the other
+    was counted wrong, silently. An empty choice stopped the run after the model loaded (assert
+    len(continuation_enc) > 0), and so did a question that is a number alone ("2": the harness reads it
+    as a choice index, then 'Context is not a string'). Now each is refused naming file and document;
+    a well-formed task, a string answer and a question holding digits among words pass."""
+    good = [{"question": f"q{i}", "choices": ["a", "b", "c"], "label": i % 3} for i in range(4)]
+    docs = {
+        "fine": good + [{"question": "1998 was", "choices": ["a", "b"], "label": "b"}],
+        "dup": good[:2] + [{"question": "q", "choices": ["a", "b", "a"], "label": 2}],
+        "empty": good[:2] + [{"question": "q", "choices": ["a", " "], "label": 0}],
+        "number": good[:2] + [{"question": "2", "choices": ["a", "b", "c"], "label": 0}],
+    }
+    lines = _refusals(tmp_path, docs)
+    tasks = tmp_path / "tasks"
+    assert lines == [
+        f"task dup: {tasks / 'dup.jsonl'}: document 3: choices 0 and 2 are both 'a': equal choices score the "
+        "same, so which one the harness picks is arbitrary (the first, for exact ties) and an answer on the "
+        "other is counted wrong",
+        f"task empty: {tasks / 'empty.jsonl'}: document 3: choice 1 is ' ': an empty choice has no tokens to "
+        "score (the harness stops on it, or scores only the delimiter)",
+        f"task number: {tasks / 'number.jsonl'}: document 3: its text is the number 2 alone, which the harness "
+        "reads as a choice index (a multiple-input task's) and stops on ('Context is not a string'): give it "
+        "other text",
+    ], lines
+    assert _refusals(tmp_path / "ok", {"fine": docs["fine"]}) == []
+
+
+def test_an_unreadable_local_file_names_the_readers_error(tmp_path):
+    """A JSON lines file with a lone surrogate ("\\ud800") was refused only with datasets' "An error
+    occurred while generating the dataset"; the reader's error under it, naming the row, is now given."""
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    good = [{"question": f"q{i}", "choices": ["a", "b"], "label": i % 2} for i in range(2)]
+    lines = [json.dumps(r) for r in good] + ['{"question": "q \\ud800", "choices": ["a", "b"], "label": 0}']
+    (tasks / "uni.jsonl").write_text("\n".join(lines) + "\n")
+    (tasks / "uni.yaml").write_text(MC_YAML.replace("toy_mc", "uni").format(data=tasks / "uni.jsonl"))
+    from megatron_osp.analysis.downstream import check_tasks, parse_tasks
+
+    with pytest.raises(ValueError) as e:
+        check_tasks(parse_tasks("uni"), str(tasks))
+    assert "task uni: its local data files cannot be read (DatasetGenerationError" in str(e.value), e.value
+    assert "caused by ArrowInvalid: JSON parse error: The surrogate pair in string is invalid. in row 2" in \
+        str(e.value) and "(rows count from 0)" in str(e.value), e.value
