@@ -155,34 +155,13 @@ def _merge(input_prefixes: list[str], output_prefix: str, vocab_size: int | None
             "no_manifest": f"{output_prefix}: written without a manifest: {why}" if lacking else None, "notes": notes}
 
 
-def _merged_from(prefix: str) -> list[str]:
-    """The datasets an earlier merge's output ``prefix`` was merged from, as its manifest's
-    ``merged_from`` records them, and theirs in turn (a merge of merges); [] for any other dataset."""
-    out, todo, visited = [], [prefix], set()
-    while todo:
-        family = shardset.family_of(todo.pop())
-        if family is None or os.path.realpath(family) in visited:
-            continue
-        visited.add(os.path.realpath(family))
-        try:  # kept while unchanged (shardset._listed): every shard of a family asks for it
-            recorded = shardset._listed(family)[0].get("merged_from")
-        except (OSError, ValueError):  # an unreadable manifest is refused, naming it, when the input is opened
-            continue
-        datasets = recorded.get("datasets") if isinstance(recorded, dict) else None
-        for d in datasets if isinstance(datasets, list) else []:
-            if isinstance(d, str):
-                out.append(d)
-                todo.append(d)
-    return out
-
-
 def _check_no_source_twice(input_prefixes: list[str], seen: dict[str, str]) -> None:
     """Refuse an input that an earlier merge made from another input (``--input-dir data/`` holding
     ``data/all`` beside the ``data/a`` it was merged from), or two inputs merged from one dataset: the
     documents would be in the output twice. ``seen``: the inputs' real paths -> how each was given."""
     sources: dict[str, str] = {}  # a dataset an input was merged from -> that input
     for prefix in input_prefixes:
-        for source in _merged_from(prefix):
+        for source in shardset.merged_sources(prefix):
             real = os.path.realpath(source)
             if real in seen:
                 raise ValueError(f"{prefix}: was merged from {source} (its manifest's merged_from), which is also an "

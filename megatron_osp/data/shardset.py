@@ -119,6 +119,29 @@ def _listed(family: str) -> tuple[dict, dict[str, dict]]:
     return _cached("listed", family, _read_listed)
 
 
+def merged_sources(prefix: str | os.PathLike) -> list[str]:
+    """The datasets ``prefix`` was merged from, as its family's manifest records them (``merged_from``,
+    written by ``merge_datasets``), and theirs in turn (a merge of merges), each family read once;
+    [] for a dataset no merge made. An unreadable manifest adds nothing here: reading the dataset
+    refuses it, naming the file."""
+    out, todo, visited = [], [str(prefix)], set()
+    while todo:
+        family = family_of(todo.pop())
+        if family is None or os.path.realpath(family) in visited:
+            continue
+        visited.add(os.path.realpath(family))
+        try:
+            recorded = manifest(family).get("merged_from")
+        except (OSError, ValueError):
+            continue
+        datasets = recorded.get("datasets") if isinstance(recorded, dict) else None
+        for d in datasets if isinstance(datasets, list) else []:
+            if isinstance(d, str):
+                out.append(d)
+                todo.append(d)
+    return out
+
+
 def _read_listed(family: str) -> tuple[dict, dict[str, dict]]:
     m = manifest(family)
     if m["state"] != "complete":

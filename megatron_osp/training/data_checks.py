@@ -184,28 +184,10 @@ def _identity(prefix: str):
     return _file_id(prefix) if os.path.exists(prefix + ".bin") else os.path.abspath(prefix)
 
 
-def _sources(prefix: str, depth: int = 8) -> set:
-    """What a dataset was made from, by ``merge_datasets``' manifests (``merged_from``, followed through
-    merges of merges), as ``_identity``s."""
-    if depth == 0:
-        return set()
-    try:
-        family = shardset.family_of(prefix)
-        merged = shardset.manifest(family).get("merged_from") if family else None
-    except (OSError, ValueError):
-        return set()
-    out = set()
-    for src in (merged or {}).get("datasets") or []:
-        if isinstance(src, str):
-            out.add(_identity(src))
-            out |= _sources(src, depth - 1)
-    return out
-
-
 def _merged_from_any(merged: list[str], candidates: list[str]) -> tuple[str, str] | None:
     """The first (dataset of ``merged``, dataset of ``candidates`` it was merged from), or None."""
     for m in merged:
-        sources = _sources(m)
+        sources = {_identity(s) for s in shardset.merged_sources(m)}
         for c in candidates:
             if _identity(c) in sources:
                 return m, c
