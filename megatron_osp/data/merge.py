@@ -61,10 +61,7 @@ def merge_datasets(input_prefixes: list[str], output_prefix: str, vocab_size: in
     """
     if not input_prefixes:
         raise ValueError("no input datasets to merge")
-    # "out/" would write the hidden files out/.bin, out/.idx; "out/." and "out/.." put the .bin/.idx in
-    # the directory above (shardset.Stage: abspath) but the manifest in out/, which then named no dataset
-    if os.path.basename(str(output_prefix)) in ("", ".", ".."):
-        raise ValueError(f"output prefix {str(output_prefix)!r} names a directory, not a file prefix")
+    shardset.check_output_prefix(output_prefix)  # before the cleaning below: also for a plain (unstaged) merge
     for given, what in [(str(output_prefix), "output prefix")] + [(str(p), "input") for p in input_prefixes]:
         if given.endswith((".bin", ".idx")) and (what == "output prefix" or not os.path.exists(given + ".idx")):
             raise ValueError(f"{what} {given}: a file name, not a dataset prefix: give the prefix without "

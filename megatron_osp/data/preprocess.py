@@ -27,7 +27,7 @@ import numpy as np
 
 from megatron_osp.data.indexed import IndexedDatasetWriter, token_dtype_for
 from megatron_osp.data.readers import BadRecord, CorruptInput, parse_json_record, record_chunks
-from megatron_osp.data.shardset import Stage, sha256_file
+from megatron_osp.data.shardset import Stage, check_output_prefix, sha256_file
 from megatron_osp.data.special_text import DEFAULT as SPECIAL_DEFAULT
 from megatron_osp.data.special_text import FIELD as SPECIAL_FIELD
 from megatron_osp.data.special_text import eod_from_text, eod_record, refused_record
@@ -281,14 +281,6 @@ def check_json_keys(json_keys) -> None:
             raise ValueError(f"--json-keys {key!r} is given twice (each key is one output dataset)")
 
 
-def check_output_prefix(output_prefix) -> None:
-    """Refuse a prefix that names a directory: ``out/`` (hidden files ``out/_text_document``), and
-    ``out/.`` or ``out/..``, whose .bin/.idx went to the directory above (shardset.Stage takes its
-    absolute path) while the manifest, in ``out/``, named datasets that were not beside it."""
-    if os.path.basename(str(output_prefix)) in ("", ".", ".."):
-        raise ValueError(f"output prefix {str(output_prefix)!r} names a directory, not a file prefix")
-
-
 def output_prefix_for(output_prefix: str, key: str, shard: int | None = None) -> str:
     """Megatron's naming: one dataset per JSON key, ``<prefix>_<key>_document``; shards add ``_NNNNN``."""
     name = f"{output_prefix}_{key}_document"
@@ -301,7 +293,6 @@ class _ShardedOutput:
     moves every finished dataset into place at once; ``abort`` drops the stage."""
 
     def __init__(self, output_prefix: str, keys, dtype, max_shard_tokens: int | None):
-        check_output_prefix(output_prefix)  # merge_tasks writes through here too
         self.keys, self.dtype = tuple(keys), dtype
         self.max_shard_tokens = max_shard_tokens
         self.shard = 0 if max_shard_tokens else None

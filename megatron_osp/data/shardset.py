@@ -395,6 +395,14 @@ def clean_stale_temporaries(prefix: str | os.PathLike) -> list[str]:
     return notes
 
 
+def check_output_prefix(output_prefix: str | os.PathLike) -> None:
+    """Refuse a prefix that names a directory: ``out/`` (hidden files ``out/.bin``, ``out/_text_document``),
+    and ``out/.`` or ``out/..``, whose .bin/.idx would go to the directory above (``Stage`` takes its
+    absolute path) while the manifest, in ``out/``, named datasets that were not beside it."""
+    if os.path.basename(str(output_prefix)) in ("", ".", ".."):
+        raise ValueError(f"output prefix {str(output_prefix)!r} names a directory, not a file prefix")
+
+
 class Stage:
     """The directory a run writes into; ``publish`` moves its datasets into place as one unit."""
 
@@ -402,8 +410,7 @@ class Stage:
         self.output_prefix = str(output_prefix)
         self.directory = os.path.dirname(os.path.abspath(self.output_prefix))
         self.base = os.path.basename(self.output_prefix)
-        if not self.base:
-            raise ValueError(f"output prefix {output_prefix!r} names a directory, not a file prefix")
+        check_output_prefix(self.output_prefix)
         self._created = []  # directories made for this output, removed again if the run fails
         d = self.directory
         while not os.path.isdir(d):
