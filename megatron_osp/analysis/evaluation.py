@@ -86,7 +86,8 @@ def load_token_windows(
         raise ValueError(f"window selection {selection!r}: expected one of {', '.join(SELECTIONS)}")
     view = DocumentView(prefix)
     window = seq_length + 1
-    have = int(view.lengths(documents).sum(dtype=np.int64)) // window
+    tokens = int(view.lengths(documents).sum(dtype=np.int64))
+    have = tokens // window
     n = have if num_windows is None else min(have, num_windows)
     if n == 0:
         if view.sharded:
@@ -94,12 +95,10 @@ def load_token_windows(
         else:
             [docs] = view.ranges(documents)
             where = f"{prefix}: documents {docs.start}..{docs.stop - 1}"
-        tokens = int(view.lengths(documents).sum(dtype=np.int64))
         raise ValueError(f"{where} hold {tokens} tokens, fewer than one window of {window} (seq_length + 1)")
-    if selection == "first" or n == have:
-        picks = np.arange(n, dtype=np.int64)
-    else:
-        picks = (2 * np.arange(n, dtype=np.int64) + 1) * have // (2 * n)
+    picks = np.arange(n, dtype=np.int64)  # spread over all W = have: floor((2i + 1)·W / 2n), i itself when n = W
+    if selection == "spread":
+        picks = (2 * picks + 1) * have // (2 * n)
     return torch.from_numpy(view.windows(documents, window, picks))
 
 
