@@ -44,15 +44,11 @@ def main(argv=None) -> int:
 
     os.environ.setdefault("MEGATRON_OSP_FORCE_CPU", "1")  # conversion needs no GPU
     from megatron_osp.convert.hf_export import export_checkpoint
-    from megatron_osp.training.checkpoint import CheckpointError
+    from megatron_osp.training.checkpoint import CheckpointError, checkpoints_of
 
-    from pathlib import Path
-
-    checkpoint = Path(args.checkpoint)
-    if (checkpoint / "checkpoints").is_dir() and not (checkpoint / "latest").exists():
-        checkpoint = checkpoint / "checkpoints"  # a run directory, as the evaluation tools take it
     try:
-        export_checkpoint(str(checkpoint), args.output, dtype=args.dtype, max_shard_size=args.max_shard_size,
+        export_checkpoint(str(checkpoints_of(args.checkpoint)), args.output, dtype=args.dtype,
+                          max_shard_size=args.max_shard_size,
                           tokenizer_model=args.tokenizer, overwrite=args.overwrite,
                           write_tokenizer=not args.no_tokenizer)
     except (CheckpointError, ValueError, FileNotFoundError, FileExistsError, PermissionError) as e:

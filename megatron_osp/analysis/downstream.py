@@ -248,12 +248,9 @@ def load_eval_model(path: str, device="cpu", dtype=None, label: str | None = Non
         loaded = load_for_analysis(path, device=device, dtype=dtype, label=label)
         return EvalModel(loaded.model, str(path), loaded.label, "hf", loaded.seq_length)
     from megatron_osp.convert.hf_export import export_checkpoint, find_run_tokenizer
-    from megatron_osp.training.checkpoint import read_run_config, resolve_checkpoint
+    from megatron_osp.training.checkpoint import checkpoints_of, read_run_config, resolve_checkpoint
 
-    p = Path(path)
-    if (p / "checkpoints").is_dir() and not (p / "latest").exists():
-        p = p / "checkpoints"
-    ckpt = resolve_checkpoint(p)
+    ckpt = resolve_checkpoint(checkpoints_of(path))
     run = read_run_config(ckpt)
     tokenizer = find_run_tokenizer(run, ckpt, log=lambda *_: None)
     if tokenizer is None:

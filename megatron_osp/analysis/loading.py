@@ -50,10 +50,10 @@ def _is_megatron_checkpoint(path: Path) -> bool:
 def _load_megatron(path: Path, device: torch.device, dtype: torch.dtype, label: str | None) -> LoadedModel:
     from megatron_osp import parallel, platform
     from megatron_osp.models import build_gpt_model, transformer_config
-    from megatron_osp.training.checkpoint import load_model_weights, model_config_for_one_process, read_run_config
+    from megatron_osp.training.checkpoint import (checkpoints_of, load_model_weights, model_config_for_one_process,
+                                                  read_run_config)
 
-    if (path / "checkpoints").is_dir() and not (path / "latest").exists():
-        path = path / "checkpoints"  # a run directory
+    path = checkpoints_of(path)  # a run directory: its checkpoints
     run_config = read_run_config(path)
     parallel.init_distributed(1, 1)
     platform.seed_everything(run_config.train.seed)

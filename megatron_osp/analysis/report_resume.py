@@ -56,12 +56,10 @@ def pin_model(path: str) -> tuple[str, dict]:
     p = Path(path)
     if (p / "config.json").exists():
         return str(path), {"kind": "hf", "files": files_identity(f for f in p.iterdir() if f.is_file())}
-    from megatron_osp.training.checkpoint import find_iteration_dir
+    from megatron_osp.training.checkpoint import checkpoints_of, find_iteration_dir
     from megatron_osp.training.checkpoint_integrity import MANIFEST
 
-    if (p / "checkpoints").is_dir() and not (p / "latest").exists():
-        p = p / "checkpoints"  # a run directory
-    it = find_iteration_dir(p)
+    it = find_iteration_dir(checkpoints_of(p))
     manifest = it / MANIFEST
     digest = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
     return str(it), {"kind": "megatron", "iteration": it.name, "manifest_sha256": digest}

@@ -97,6 +97,12 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return path
 
 
+def checkpoints_of(path: str | os.PathLike) -> Path:
+    """``path``, or for a run directory (no ``latest`` of its own, a ``checkpoints/`` in it) its checkpoints."""
+    p = Path(path)
+    return p / "checkpoints" if (p / "checkpoints").is_dir() and not (p / LATEST).exists() else p
+
+
 def find_iteration_dir(path: str | os.PathLike) -> Path:
     """The iteration directory ``path`` names, without checking its files."""
     path = Path(path)
