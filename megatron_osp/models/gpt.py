@@ -35,6 +35,7 @@ class OSPGPTModel(GPTModel):
 
     def __init__(self, *args, embedding_projection: bool = False, projection_seed: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
+        self.unpadded_vocab_size: int | None = None  # the tokenizer's (build_gpt_model sets it)
         self.has_embedding_projection = embedding_projection
         if not embedding_projection:
             return
@@ -54,6 +55,19 @@ class OSPGPTModel(GPTModel):
             self.output_projection = make(_OUTPUT_PROJECTION_SEED_OFFSET)
             attach_after(self.decoder.final_layernorm, self.output_projection)
 
+    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Megatron-Core's vocab-parallel cross entropy over the tokenizer's vocabulary only.
+
+        The output layer has ``padded_vocab_size(TP)`` rows (a multiple of
+        make_vocab_size_divisible_by x TP); the rows past the tokenizer's vocabulary are never a
+        target, and evaluation and the HF export drop them. Left in the softmax they took
+        probability in the loss, so the loss depended on the TP size (vocab 350: 384 rows at TP=1,
+        512 at TP=2, step-1 loss 5.970 against 6.257) and was not the loss evaluation reports.
+        Their logits are set to the dtype's lowest value here: they take no probability and get no
+        gradient, on every layout.
+        """
+        return super().compute_language_model_loss(labels, mask_padded_vocab(logits, self.unpadded_vocab_size))
+
     # Top-level children in the order the forward pass runs them (EmbProj is registered last).
     FORWARD_ORDER = ("embedding", "embedding_projection", "decoder", "output_projection", "output_layer")
 
@@ -66,6 +80,21 @@ class OSPGPTModel(GPTModel):
         named = list(self.named_parameters())
         order = sorted(range(len(named)), key=lambda i: (rank.get(named[i][0].split(".", 1)[0], len(rank)), i))
         return [named[i] for i in order]
+
+
+def mask_padded_vocab(logits: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
+    """``logits`` (this TP rank's slice of the padded vocabulary, last dimension) with the entries
+    of rows ``>= vocab_size`` set to the dtype's lowest value, in place (the loss is the logits'
+    last use, and a copy would be one more logits-sized tensor at the step's peak); untouched when
+    this rank holds no padding or ``vocab_size`` is None."""
+    if vocab_size is None:
+        return logits
+    local = logits.shape[-1]
+    first = parallel_state.get_tensor_model_parallel_rank() * local
+    if first + local <= vocab_size:
+        return logits
+    padded = torch.arange(first, first + local, device=logits.device) >= vocab_size
+    return logits.masked_fill_(padded, torch.finfo(logits.dtype).min)
 
 
 def _importable(*modules: str) -> bool:
@@ -243,7 +272,8 @@ def build_gpt_model(
         vp_stage=vp_stage,
     )
     # The tokenizer's vocabulary: rows past it are padding (never a target, dropped by the HF export),
-    # so whatever reads logits as a distribution over tokens slices to it (analysis.model_parts.logits).
+    # so the loss masks them (compute_language_model_loss) and whatever reads logits as a
+    # distribution over tokens slices to it (analysis.model_parts.logits).
     gpt.unpadded_vocab_size = model.vocab_size
     if layout_independent_init:
         initialize_layout_independent(gpt, seed)
