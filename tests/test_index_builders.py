@@ -32,6 +32,31 @@ def test_matches_megatron_on_random_documents(seed, drop_last, extra):
         np.testing.assert_array_equal(got64, want)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_zero_length_documents_match_megatron_and_give_full_samples(seed):
+    """Documents of length 0 (a --json-keys field empty in one record is written so, to keep the
+    keys' datasets aligned): the same index as Megatron-Core's, and every sample but a kept short
+    last one is seq + 1 tokens of the concatenated documents, in document-index order."""
+    rng = np.random.default_rng(100 + seed)
+    n_docs = int(rng.integers(1, 60))
+    sizes = rng.integers(1, 20, n_docs).astype(np.int32)
+    sizes[rng.random(n_docs) < 0.4] = 0
+    sizes[int(rng.integers(n_docs))] = 7
+    epochs = int(rng.integers(1, 3))
+    doc_index = np.concatenate([rng.permutation(n_docs) for _ in range(epochs)]).astype(np.int32)
+    stream_start = np.concatenate([[0], np.cumsum(sizes[doc_index], dtype=np.int64)])
+    for seq in (2, 5, 17):
+        for drop_last in (True, False):
+            want = _megatron(sizes, doc_index, seq, epochs, int(sizes.sum()), drop_last, True)
+            got = build_sample_index(sizes, doc_index, seq, epochs, int(sizes.sum()), drop_last, True)
+            np.testing.assert_array_equal(got, want)
+            for k in range(len(got) - 1 - (not drop_last)):
+                (p0, o0), (p1, o1) = got[k], got[k + 1]
+                first, last = stream_start[p0] + o0, stream_start[p1] + o1
+                assert last - first == seq, (seq, k, got[k], got[k + 1])
+                assert first == k * seq
+
+
 def _reference(sizes, doc_index, seq, n_samples, extra):
     """Pure-Python walk in arbitrary-precision integers."""
     out, pos, start = [(0, 0)], 0, 0
