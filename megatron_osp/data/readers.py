@@ -276,3 +276,18 @@ def record_chunks(path: Path, keys: list[str], chunk_size: int):
     if input_format(path) == "parquet":
         return parquet_chunks(path, keys, chunk_size)
     return jsonl_chunks(path, keys, chunk_size)
+
+
+def no_documents(paths, stats) -> BadRecord:
+    """The error of a run whose inputs held no document to write: every input named (their count and the
+    first and last when many) and what became of their records (``stats``: bad_records, bad_locations,
+    empty_documents), so that an input of only bad records skipped is not taken for an empty one."""
+    names = (", ".join(map(str, paths)) if len(paths) <= 3 else
+             f"{len(paths)} inputs ({paths[0]} ... {paths[-1]})")
+    what = []
+    if stats.bad_records:
+        what.append(f"{stats.bad_records:,} bad record{'s' * (stats.bad_records != 1)} skipped "
+                    f"(first: {', '.join(stats.bad_locations)})")
+    if stats.empty_documents:
+        what.append(f"{stats.empty_documents:,} empty document{'s' * (stats.empty_documents != 1)} dropped")
+    return BadRecord(f"{names}: no non-empty documents in the input" + (f"; {'; '.join(what)}" if what else ""))
