@@ -44,3 +44,37 @@ def test_inputs_of_only_bad_records_skipped_are_all_named_with_the_count(tmp_pat
     assert str(e.value).startswith(f"5 inputs ({many[0]} ... {many[-1]}): no non-empty documents"), str(e.value)
     assert "5 bad records skipped" in str(e.value) and "5 empty documents dropped" in str(e.value)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("tool, args, message", [
+    ("preprocess_data.py", ["--num-tasks", "0"], "argument --num-tasks: must be at least 1, got 0"),
+    ("preprocess_data.py", ["--plan", "--num-tasks", "0"], "argument --num-tasks: must be at least 1, got 0"),
+    ("preprocess_data.py", ["--num-tasks", "2", "--task-index", "-1"], "argument --task-index: must be at least 0"),
+    ("preprocess_data.py", ["--workers", "0"], "argument --workers: must be at least 1, got 0"),
+    ("preprocess_data.py", ["--workers", "-3"], "argument --workers: must be at least 1, got -3"),
+    ("merge_datasets.py", ["--num-tasks", "0"], "argument --num-tasks: must be at least 1, got 0"),
+    ("check_tokenization.py", ["--show", "-1"], "argument --show: must be at least 0, got -1"),
+    ("builtin_corpus.py", ["--min-chars", "-1"], "argument --min-chars: must be at least 0, got -1"),
+    ("train_tokenizer.py", ["--sample-documents", "0"], "argument --sample-documents: must be at least 1, got 0"),
+])
+def test_a_whole_number_option_out_of_range_is_refused_by_its_flag_before_work(tmp_path, tok, tool, args, message):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:10]))
+    common = {
+        "preprocess_data.py": ["--input", corpus, "--tokenizer-model", tok, "--output-prefix", tmp_path / "o/o",
+                               "--no-progress"],
+        "merge_datasets.py": ["--tasks", tmp_path / "o/o"],
+        "check_tokenization.py": ["--input", corpus, "--tokenizer-model", tok],
+        "builtin_corpus.py": ["--output", tmp_path / "b.jsonl", "--max-documents", "2"],
+        "train_tokenizer.py": ["--input", corpus, "--output-prefix", tmp_path / "t", "--vocab-size", "300"]}[tool]
+    r = _cli(tool, *common, *args)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert [p.name for p in tmp_path.iterdir()] == ["c.jsonl"]
+
+
+def test_num_tasks_below_one_is_named_before_the_task_index(monkeypatch):
+    from megatron_osp.data.array_tasks import resolve_task
+
+    for n in (0, -2):
+        with pytest.raises(ValueError, match=f"^--num-tasks {n}: must be 1..99999"):
+            resolve_task(n, None, {})

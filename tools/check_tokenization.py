@@ -31,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from megatron_osp.data.arguments import at_least  # noqa: E402
 from megatron_osp.data.readers import BadRecord, CorruptInput, parse_json_record, record_chunks  # noqa: E402
 from megatron_osp.data.tokenizer import load_tokenizer  # noqa: E402
 
@@ -89,15 +90,13 @@ def main(argv=None) -> int:
     p.add_argument("--input", nargs="+", required=True, help="files, globs or directories (as preprocess_data.py)")
     p.add_argument("--tokenizer-model", required=True, help="SentencePiece .model or HF tokenizer.json (or its directory)")
     p.add_argument("--json-key", default="text")
-    p.add_argument("--documents", type=int, default=2000, help="how many documents to compare (default 2000)")
+    p.add_argument("--documents", type=at_least(1), default=2000, help="how many documents to compare (default 2000)")
     p.add_argument("--eod-token", help="as preprocess_data.py (an HF tokenizer's end-of-document token)")
     p.add_argument("--special-tokens-in-text", choices=("encode", "split"), default="encode",
                    help="compare as preprocess_data.py encodes with this setting (refuse encodes as encode)")
     p.add_argument("--no-word-cache", action="store_true", help="ours without the word cache")
-    p.add_argument("--show", type=int, default=3, help="how many differing documents to print (default 3)")
+    p.add_argument("--show", type=at_least(0), default=3, help="how many differing documents to print (default 3)")
     args = p.parse_args(argv)
-    if args.documents < 1:
-        p.error("--documents must be at least 1")
     before = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core each side, as a preprocessing worker has
     try:

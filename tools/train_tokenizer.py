@@ -15,6 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_osp.data.arguments import at_least  # noqa: E402
 from megatron_osp.fileio import os_error  # noqa: E402
 from megatron_osp.data.tokenizer import SentencePieceTokenizer, train_sentencepiece  # noqa: E402
 
@@ -27,7 +28,7 @@ def main() -> int:
                    help="at least 259 (byte fallback and specials) + the corpus's distinct characters")
     p.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
     p.add_argument("--json-key", default="text")
-    p.add_argument("--sample-documents", type=int, default=None, help="train on the first N documents")
+    p.add_argument("--sample-documents", type=at_least(1), default=None, help="train on the first N documents")
     p.add_argument("--character-coverage", type=float, default=0.9995)
     p.add_argument("--skip-bad-records", action="store_true", help="skip bad records instead of stopping")
     p.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.model / PREFIX.vocab")

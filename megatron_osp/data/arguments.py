@@ -1,0 +1,24 @@
+"""Whole-number options of the data tools, checked by argparse: a value out of range is refused before
+any work, in one line naming the flag (``argument --workers: must be at least 1, got 0``), where it
+failed later with a message about something else (``--num-tasks 0 needs --task-index``), was taken for
+the default (``--plan --num-tasks 0``) or silently did something odd (``--show -1``)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def at_least(minimum: int):
+    """An argparse ``type``: a whole number >= ``minimum``."""
+
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {n}")
+        return n
+
+    parse.__name__ = f"whole number >= {minimum}"
+    return parse
