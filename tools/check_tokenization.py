@@ -17,7 +17,9 @@ and compares every id (one core each, as in a preprocessing worker):
 Prints the encoding path, the documents and tokens compared, each side's documents/s, and either
 "identical" or the first documents that differ (file:line, token position, both ids around it, the
 text there). Exit status 0 when identical, 1 when not, 2 on bad input. Bad records are skipped and
-counted. The EOD that preprocessing appends is not part of the comparison.
+counted. The EOD that preprocessing appends is not part of the comparison. An input given twice (a
+file twice, or a glob and a directory that overlap) is refused, as preprocess_data.py refuses it: its
+documents would be compared twice, and the same --input would fail there.
 """
 
 from __future__ import annotations
@@ -111,8 +113,11 @@ def main(argv=None) -> int:
 def _check(args) -> int:
     from preprocess_data import expand_inputs
 
+    from megatron_osp.data.preprocess import check_inputs
+
     try:
         inputs = expand_inputs(args.input)
+        check_inputs(inputs)  # before the tokenizer loads, as preprocessing does
         ours = load_tokenizer(args.tokenizer_model, args.eod_token, not args.no_word_cache, args.special_tokens_in_text)
         reference = reference_encoder(args.tokenizer_model, args.special_tokens_in_text)
         docs, bad = read_documents(inputs, args.json_key, args.documents)
