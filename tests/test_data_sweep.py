@@ -78,3 +78,39 @@ def test_num_tasks_below_one_is_named_before_the_task_index(monkeypatch):
     for n in (0, -2):
         with pytest.raises(ValueError, match=f"^--num-tasks {n}: must be 1..99999"):
             resolve_task(n, None, {})
+
+
+def _dataset(prefix):
+    from megatron_osp.data.indexed import IndexedDataset
+
+    ds = IndexedDataset(str(prefix))
+    return [ds[i].tolist() for i in range(len(ds))]
+
+
+def test_a_pipe_is_read_as_input(tmp_path, tok):
+    """A FIFO or /dev/stdin (bash's <(zstdcat ...)) failed with 'File or stream is not seekable.', naming
+    no file: the plain reader read its first bytes for a format check and seeked back."""
+    import os
+    import threading
+
+    data = "".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:7])
+    (tmp_path / "c.jsonl").write_text(data)
+    preprocess([str(tmp_path / "c.jsonl")], tok, str(tmp_path / "ref"), progress=False)
+    want = _dataset(tmp_path / "ref_text_document")
+    fifo = tmp_path / "fifo.jsonl"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=fifo.write_text, args=(data,))
+    writer.start()
+    try:
+        preprocess([str(fifo)], tok, str(tmp_path / "fifo"), progress=False)
+    finally:
+        if writer.is_alive():  # the run failed before opening it: let the writer finish
+            with open(fifo) as f:
+                f.read()
+        writer.join()
+    assert _dataset(tmp_path / "fifo_text_document") == want
+    r = subprocess.run([sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input", "/dev/stdin",
+                        "--tokenizer-model", tok, "--output-prefix", tmp_path / "stdin", "--no-progress",
+                        "--append-eod"], input=data, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert _dataset(tmp_path / "stdin_text_document") == want

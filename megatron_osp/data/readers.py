@@ -147,11 +147,11 @@ def _raw_lines(path: Path, fmt: str):
                     raise CorruptInput(f"{path}: corrupt zstd stream after line {line_no}: {e}") from None
         else:
             with open(path, "rb") as f:
-                kind = _binary_kind(f.read(8))
+                # peek, not read and seek back: a pipe (a FIFO, /dev/stdin, bash's <(zstdcat ...)) cannot seek
+                kind = _binary_kind(f.peek(8)[:8])
                 if kind is not None:
                     raise CorruptInput(f"{path}: holds {kind}, not JSON lines (plain UTF-8 text, or named .gz, .zst, "
                                        ".parquet for those formats)")
-                f.seek(0)
                 yield from f
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
         raise CorruptInput(f"{path}: corrupt or truncated gzip stream after line {line_no}: {e}") from None
