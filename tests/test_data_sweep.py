@@ -114,3 +114,39 @@ def test_a_pipe_is_read_as_input(tmp_path, tok):
                         "--append-eod"], input=data, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert _dataset(tmp_path / "stdin_text_document") == want
+
+
+@pytest.mark.parametrize("change", ["append", "truncate", "touch", "replace"])
+def test_an_input_that_changes_while_it_is_read_stops_the_run(tmp_path, tok, monkeypatch, change):
+    """A corpus file still being written (a download, an export) gave an output of part of it, or of
+    part old and part new records, without a word."""
+    import os
+
+    from megatron_osp.data import preprocess as pre
+
+    src = tmp_path / "c.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    (tmp_path / "out").mkdir()
+    earlier = tmp_path / "out" / "o_text_document.bin"
+    earlier.write_bytes(b"earlier")
+    real, calls = pre._tokenize_chunk, []
+
+    def tokenize_and_change(args):
+        calls.append(1)
+        if len(calls) == 2:
+            if change == "append":
+                with open(src, "a") as f:
+                    f.write(json.dumps({"text": "one more"}) + "\n")
+            elif change == "truncate":
+                os.truncate(src, 100)
+            elif change == "touch":
+                os.utime(src, ns=(1, 1))
+            else:
+                (tmp_path / "new").write_text(src.read_text())
+                os.replace(tmp_path / "new", src)
+        return real(args)
+
+    monkeypatch.setattr(pre, "_tokenize_chunk", tokenize_and_change)
+    with pytest.raises(BadRecord, match=f"^{src}: changed while it was read"):
+        preprocess([str(src)], tok, str(tmp_path / "out" / "o"), progress=False, chunk_lines=16)
+    assert earlier.read_bytes() == b"earlier" and os.listdir(tmp_path / "out") == ["o_text_document.bin"]

@@ -272,10 +272,38 @@ def _column_values(column) -> list:
     return out
 
 
+def _stamp(path) -> tuple | None:
+    """What says a regular file is as it was: device, inode, size, modification time (None: a pipe)."""
+    import os
+    import stat
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return ()
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) if stat.S_ISREG(st.st_mode) else None
+
+
 def record_chunks(path: Path, keys: list[str], chunk_size: int):
-    if input_format(path) == "parquet":
-        return parquet_chunks(path, keys, chunk_size)
-    return jsonl_chunks(path, keys, chunk_size)
+    """The chunks of ``path`` (jsonl_chunks, parquet_chunks). A regular file that changed while it was
+    read (written to, truncated, replaced or removed: a download or an export still running) is
+    ``CorruptInput``, checked after each chunk is read: what was read may be part old and part new, or cut
+    short (a line cut by a truncation is not reported as a bad record)."""
+    before = _stamp(path)
+    for chunk in (parquet_chunks if input_format(path) == "parquet" else jsonl_chunks)(path, keys, chunk_size):
+        _check_unchanged(path, before)
+        yield chunk
+    _check_unchanged(path, before)
+
+
+def _check_unchanged(path, before) -> None:
+    after = _stamp(path) if before is not None else None
+    if after != before:
+        what = ("it was removed" if after == () else "it was replaced by another file" if after[:2] != before[:2]
+                else f"its size went from {before[2]:,} to {after[2]:,} bytes" if after[2] != before[2]
+                else "it was written to")
+        raise CorruptInput(f"{path}: changed while it was read ({what}): the records read may be part old and part "
+                           "new, or cut short; run again once it is complete")
 
 
 def no_documents(paths, stats) -> BadRecord:
