@@ -168,3 +168,15 @@ def test_a_line_spanning_many_decompressed_blocks_is_gathered_once():
     blocks = [Block(b"x" * 1000) for _ in range(300)] + [Block(b'\n{"text": "y"}\n{"te'), Block(b'xt": 1}')]
     assert list(_lines_of(iter(blocks))) == [b"x" * 300_000 + b"\n", b'{"text": "y"}\n', b'{"text": 1}']
     assert sum(copied) <= 2 * 300_000, sum(copied)
+
+
+def test_merge_given_a_directory_as_an_input_points_to_input_dir(tmp_path, tok):
+    """It said 'DIR.idx does not exist'."""
+    src = tmp_path / "c.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:5]))
+    preprocess([str(src)], tok, str(tmp_path / "d" / "a"), progress=False)
+    r = _cli("merge_datasets.py", "--input", tmp_path / "d", "--output-prefix", tmp_path / "all")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert f"error: input {tmp_path / 'd'}: a directory, not a dataset prefix" in r.stderr
+    assert f"--input-dir {tmp_path / 'd'} merges every dataset in it" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl", "d"]
