@@ -180,3 +180,18 @@ def test_merge_given_a_directory_as_an_input_points_to_input_dir(tmp_path, tok):
     assert f"error: input {tmp_path / 'd'}: a directory, not a dataset prefix" in r.stderr
     assert f"--input-dir {tmp_path / 'd'} merges every dataset in it" in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl", "d"]
+
+
+def test_a_fifo_named_like_a_corpus_file_in_an_input_directory_is_refused(tmp_path, tok):
+    """It was left out of the output without a word (only regular files and broken links were looked at)."""
+    import os
+
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:5]))
+    os.mkfifo(d / "b.jsonl")
+    r = _cli("preprocess_data.py", "--input", d, "--tokenizer-model", tok, "--output-prefix", tmp_path / "o/o",
+             "--no-progress")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert f"error: {d / 'b.jsonl'}: not a regular file (a FIFO, socket or device) in the input directory {d}" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]

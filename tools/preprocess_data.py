@@ -68,8 +68,8 @@ def expand_inputs(specs: list[str]) -> list[str]:
 def corpus_files(directory: Path) -> list[str]:
     """The corpus files under ``directory``, sorted, not the manifests of outputs written there
     (PREFIX_<key>_document.shards.json). A linked subdirectory is followed (Path.rglob left its files
-    out without a word), each directory once (a link back up is no loop); a broken link named like a
-    corpus file is refused: its documents would be missing from the output."""
+    out without a word), each directory once (a link back up is no loop); a broken link or a FIFO named
+    like a corpus file is refused: its documents would be missing from the output."""
     found, visited = [], set()
     for root, dirs, files in os.walk(directory, followlinks=True):
         if os.path.realpath(root) in visited:
@@ -85,6 +85,9 @@ def corpus_files(directory: Path) -> list[str]:
             elif not os.path.exists(f):
                 raise FileNotFoundError(f"{f}: a broken symbolic link (to {os.readlink(f)}) in the input directory "
                                         f"{directory}; its documents would be missing from the output")
+            else:  # was left out without a word
+                raise ValueError(f"{f}: not a regular file (a FIFO, socket or device) in the input directory "
+                                 f"{directory}; give it as an --input of its own to read it, or move it out")
     return sorted(found)
 
 
