@@ -195,3 +195,16 @@ def test_a_fifo_named_like_a_corpus_file_in_an_input_directory_is_refused(tmp_pa
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert f"error: {d / 'b.jsonl'}: not a regular file (a FIFO, socket or device) in the input directory {d}" in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def test_an_input_reached_twice_through_a_hard_link_is_refused(tmp_path, tok):
+    """Two names of one file (a hard link: a deduplicated or rsync --link-dest copy of a corpus) were
+    both read, as their real paths differ: every document in the output twice."""
+    import os
+
+    src = tmp_path / "c.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:5]))
+    os.link(src, tmp_path / "again.jsonl")
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'again.jsonl'}: given twice as input \\(as {src}\\)"):
+        preprocess([str(src), str(tmp_path / "again.jsonl")], tok, str(tmp_path / "o"), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again.jsonl", "c.jsonl"]

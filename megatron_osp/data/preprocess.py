@@ -256,12 +256,12 @@ def eod_note(tokenizer, eod_token: str | None) -> str | None:
 
 def check_inputs(paths) -> None:
     """Every input exists, and none is given twice (a glob and a file, two globs or a directory that
-    overlap): its documents would be in the output twice."""
-    seen: dict[str, Path] = {}
+    overlap, a symbolic or hard link): its documents would be in the output twice."""
+    seen: dict[tuple, Path] = {}
     for path in map(Path, paths):
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist")
-        real = os.path.realpath(path)
+        real = (path.stat().st_dev, path.stat().st_ino)  # the file itself: realpath missed a hard link
         if real in seen:
             same = "" if str(seen[real]) == str(path) else f" (as {seen[real]})"
             raise ValueError(f"{path}: given twice as input{same}; its documents would be in the output twice")
