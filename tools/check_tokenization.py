@@ -125,7 +125,9 @@ def _check(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not docs:
-        print(f"error: no readable document with key {args.json_key!r} in {', '.join(args.input)}", file=sys.stderr)
+        skipped = f" ({bad:,} bad record{'s' * (bad != 1)} skipped)" if bad else ""
+        print(f"error: no readable document with key {args.json_key!r} in {', '.join(args.input)}{skipped}",
+              file=sys.stderr)
         return 2
     print(f"encoding: {ours.encoding_path()}")
     texts = [t for _, t in docs]
