@@ -55,8 +55,8 @@ def test_preprocess_writes_what_the_tokenizer_produces(tmp_path, tokenizer_model
     [
         ([{"text": "ok"}, "{not json"], "in.jsonl:2: malformed JSON"),
         ([{"text": "ok"}, {"body": "x"}], "in.jsonl:2: missing key 'text'"),
-        ([{"text": 5}], "in.jsonl:1: key 'text' is int, not a string"),
-        ([[1, 2]], "in.jsonl:1: expected a JSON object"),
+        ([{"text": 5}], "in.jsonl:1: key 'text' is a number, not a string"),
+        ([[1, 2]], "in.jsonl:1: expected a JSON object, got an array"),
         ([], "in.jsonl:1: empty file"),
     ],
 )

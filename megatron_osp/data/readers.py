@@ -45,6 +45,14 @@ def text_problem(text: str) -> str | None:
     return f"lone surrogate \\u{ord(m.group()):04x} at character {m.start()} (not valid Unicode)"
 
 
+def json_kind(value) -> str:
+    """A parsed JSON value's kind in JSON's words (null, a number, an array), not Python's (NoneType, int, list)."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    return {int: "a number", float: "a number", str: "a string", list: "an array", dict: "an object"}.get(
+        type(value), type(value).__name__)
+
+
 def parse_json_record(location: str, line: str, keys: list[str]) -> list[str] | BadRecord:
     """A JSON line -> its texts (one per key), or the ``BadRecord`` saying why not."""
     try:
@@ -54,13 +62,13 @@ def parse_json_record(location: str, line: str, keys: list[str]) -> list[str] | 
     except (ValueError, RecursionError) as e:  # a number of over 4300 digits, nesting too deep
         return BadRecord(f"{location}: unreadable JSON ({type(e).__name__}: {str(e)[:200]})")
     if not isinstance(record, dict):
-        return BadRecord(f"{location}: expected a JSON object, got {type(record).__name__}")
+        return BadRecord(f"{location}: expected a JSON object, got {json_kind(record)}")
     texts = []
     for key in keys:
         if key not in record:
             return BadRecord(f"{location}: missing key {key!r}")
         if not isinstance(record[key], str):
-            return BadRecord(f"{location}: key {key!r} is {type(record[key]).__name__}, not a string")
+            return BadRecord(f"{location}: key {key!r} is {json_kind(record[key])}, not a string")
         texts.append(record[key])
     if "\\u" in line:  # only an escape can give a surrogate: strict UTF-8 decoding refuses them
         for key, text in zip(keys, texts):
