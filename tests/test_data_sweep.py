@@ -56,8 +56,11 @@ def test_inputs_of_only_bad_records_skipped_are_all_named_with_the_count(tmp_pat
     ("check_tokenization.py", ["--show", "-1"], "argument --show: must be at least 0, got -1"),
     ("builtin_corpus.py", ["--min-chars", "-1"], "argument --min-chars: must be at least 0, got -1"),
     ("train_tokenizer.py", ["--sample-documents", "0"], "argument --sample-documents: must be at least 1, got 0"),
+    ("train_tokenizer.py", ["--vocab-size", "-1"], "argument --vocab-size: must be at least 260 (256 byte-fallback"),
+    ("train_tokenizer.py", ["--character-coverage", "0"], "argument --character-coverage: must be more than 0 and"),
+    ("train_tokenizer.py", ["--character-coverage", "1.5"], "argument --character-coverage: must be more than 0 and"),
 ])
-def test_a_whole_number_option_out_of_range_is_refused_by_its_flag_before_work(tmp_path, tok, tool, args, message):
+def test_a_numeric_option_out_of_range_is_refused_by_its_flag_before_work(tmp_path, tok, tool, args, message):
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:10]))
     common = {
@@ -67,6 +70,7 @@ def test_a_whole_number_option_out_of_range_is_refused_by_its_flag_before_work(t
         "check_tokenization.py": ["--input", corpus, "--tokenizer-model", tok],
         "builtin_corpus.py": ["--output", tmp_path / "b.jsonl", "--max-documents", "2"],
         "train_tokenizer.py": ["--input", corpus, "--output-prefix", tmp_path / "t", "--vocab-size", "300"]}[tool]
+    # (a second --vocab-size overrides the first)
     r = _cli(tool, *common, *args)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert [p.name for p in tmp_path.iterdir()] == ["c.jsonl"]
