@@ -71,3 +71,22 @@ def test_bad_input_is_one_line(corpus, tmp_path, capsys):
     assert check_tokenization.main(["--input", corpus["corpus"], "--tokenizer-model", corpus["tokenizer"],
                                     "--json-key", "body"]) == 2
     assert "no readable document with key 'body'" in capsys.readouterr().err
+
+
+def test_an_input_of_only_bad_records_says_how_many_were_skipped(corpus, tmp_path, capsys):
+    """It said only 'no readable document', as if the input were empty."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": 1}\n{broken\n{"other": "x"}\n')
+    assert check_tokenization.main(["--input", str(bad), "--tokenizer-model", corpus["tokenizer"]]) == 2
+    assert f"no readable document with key 'text' in {bad} (3 bad records skipped)" in capsys.readouterr().err
+
+
+def test_an_input_given_twice_is_refused_as_preprocessing_refuses_it(corpus, capsys):
+    """It was compared twice (documents counted double, 'from 2 file(s)') where preprocess_data.py, given
+    the same --input, refuses the run."""
+    path = Path(corpus["corpus"])
+    for inputs in ([str(path), str(path)], [str(path), str(path.parent)]):
+        assert check_tokenization.main(["--input", *inputs, "--tokenizer-model", corpus["tokenizer"]]) == 2
+        captured = capsys.readouterr()
+        assert "given twice as input" in captured.err and str(path) in captured.err, captured
+        assert "compared" not in captured.out

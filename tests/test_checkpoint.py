@@ -427,13 +427,16 @@ def test_rerunning_into_a_run_directory_with_other_data_or_seed_is_refused(toy_c
     latest = (save_dir / "latest").read_text().strip()
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     env.pop("MASTER_ADDR", None)
+    other = str(tmp_path / "other")  # another dataset (a copy: data.paths refuses one dataset listed twice)
+    for ext in (".bin", ".idx"):
+        shutil.copyfile(toy_corpus + ext, other + ext)
     result = subprocess.run(
         [sys.executable, "-m", "megatron_osp.training.pretrain", *_split(toy_corpus, root, "muon"), "train.seed=99",
-         f"data.paths=[{toy_corpus},{toy_corpus}]"],
+         f"data.paths=[{toy_corpus},{other}]"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert "does not fit this run" in result.stderr and "train.seed: checkpoint 1234, this run 99" in result.stderr
-    assert f"data.paths: checkpoint ['{toy_corpus}'], this run ['{toy_corpus}', '{toy_corpus}']" in result.stderr
+    assert f"data.paths: checkpoint ['{toy_corpus}'], this run ['{toy_corpus}', '{other}']" in result.stderr
     assert f"train.load={save_dir / latest} with another train.run_dir" in result.stderr
     assert (save_dir / "latest").read_text().strip() == latest
 

@@ -154,7 +154,7 @@ def test_a_key_given_twice_takes_its_last_value_and_null_or_non_objects_are_bad_
     tok = SentencePieceTokenizer(sp_model)
     src = tmp_path / "c.jsonl"
     src.write_text('{"text": "first", "id": 1, "text": "second"}\n{"text": null}\n["text"]\n7\n{"text": "ok"}\n')
-    with pytest.raises(BadRecord, match=r"c\.jsonl:2: key 'text' is NoneType, not a string"):
+    with pytest.raises(BadRecord, match=r"c\.jsonl:2: key 'text' is null, not a string"):
         preprocess([str(src)], sp_model, str(tmp_path / "o"), progress=False)
     stats = preprocess([str(src)], sp_model, str(tmp_path / "o"), progress=False, skip_bad_records=True)
     assert stats.bad_locations == [f"{src}:{i}" for i in (2, 3, 4)]

@@ -55,8 +55,8 @@ def test_preprocess_writes_what_the_tokenizer_produces(tmp_path, tokenizer_model
     [
         ([{"text": "ok"}, "{not json"], "in.jsonl:2: malformed JSON"),
         ([{"text": "ok"}, {"body": "x"}], "in.jsonl:2: missing key 'text'"),
-        ([{"text": 5}], "in.jsonl:1: key 'text' is int, not a string"),
-        ([[1, 2]], "in.jsonl:1: expected a JSON object"),
+        ([{"text": 5}], "in.jsonl:1: key 'text' is a number, not a string"),
+        ([[1, 2]], "in.jsonl:1: expected a JSON object, got an array"),
         ([], "in.jsonl:1: empty file"),
     ],
 )
@@ -203,11 +203,12 @@ def test_builtin_corpus_options_that_leave_no_document_write_nothing(tmp_path, m
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text('{"text": "earlier corpus"}\n')
     (tmp_path / "d").mkdir()
-    for output, options, message in ((corpus, ["--max-documents", "0"], "max_documents must be >= 1"),
-                                     (tmp_path / "d", [], "d: Is a directory")):
+    for output, options, rc, message in ((corpus, ["--max-documents", "0"], 2,
+                                          "argument --max-documents: must be at least 1, got 0"),
+                                         (tmp_path / "d", [], 1, "d: Is a directory")):
         r = subprocess.run([sys.executable, "tools/builtin_corpus.py", "--output", str(output), *options],
                            capture_output=True, text=True, timeout=300)
-        assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert r.returncode == rc and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     monkeypatch.setattr(builtin_corpus, "iter_documents", lambda *a: iter(()))  # a --min-chars nothing reaches
     with pytest.raises(ValueError, match="no docstring of this Python has 1000 characters or more"):
         builtin_corpus.write_corpus(corpus, min_chars=1000)

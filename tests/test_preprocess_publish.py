@@ -211,7 +211,7 @@ def test_two_keys_are_published_together(tmp_path, tok):
     preprocess([str(src)], tok, str(out / "c"), json_keys=("text", "title"), max_shard_tokens=2000, progress=False)
     before = _snapshot(out)
     src.write_text(src.read_text() + json.dumps({"text": "fine", "title": 3}) + "\n")
-    with pytest.raises(ValueError, match=rf"in\.jsonl:{N_DOCS + 1}: key 'title' is int"):
+    with pytest.raises(ValueError, match=rf"in\.jsonl:{N_DOCS + 1}: key 'title' is a number, not a string"):
         preprocess([str(src)], tok, str(out / "c"), json_keys=("text", "title"), progress=False)
     assert _snapshot(out) == before
     for key in ("text", "title"):

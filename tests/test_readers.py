@@ -102,7 +102,7 @@ GOOD = [{"text": t} for t in TEXTS[:200]]
     [
         ("in.jsonl.gz", write_gz, [{"text": "a"}, "{oops"], BadRecord, r"in\.jsonl\.gz:2: malformed JSON"),
         ("in.jsonl.zst", write_zst, [{"text": "a"}, {"t": 1}], BadRecord, r"in\.jsonl\.zst:2: missing key 'text'"),
-        ("in.jsonl.zst", write_zst, [{"text": ["x"]}], BadRecord, r"in\.jsonl\.zst:1: key 'text' is list, not a string"),
+        ("in.jsonl.zst", write_zst, [{"text": ["x"]}], BadRecord, r"in\.jsonl\.zst:1: key 'text' is an array, not a string"),
         ("in.jsonl.gz", write_gz, [], BadRecord, r"in\.jsonl\.gz:1: empty file"),
         ("in.jsonl.zst", write_zst, [], BadRecord, r"in\.jsonl\.zst:1: empty file"),
         ("in.jsonl.gz", _truncated(write_gz), GOOD, CorruptInput, r"in\.jsonl\.gz: corrupt or truncated gzip stream after line \d+"),

@@ -168,3 +168,30 @@ def test_a_hugging_face_tokenizer_as_tokenizer_model_is_refused_with_the_setting
     assert _problems([], tmp_path / "tok.model")[1] == (
         way_out.replace("tokenizer.json'", "tok.model'") + "7 (its '<|endoftext|>', if that is the token "
         "preprocessing used) and model.vocab_size >= 8")
+
+
+def test_one_dataset_at_two_entries_of_data_paths_is_refused_naming_both(sharded, tmp_path):
+    """The same prefix listed twice (another spelling, a link, a family and one of its shards) was
+    blended as two datasets: most likely a mistake; each pair is named by its entries, with the summed
+    weight to give instead."""
+    family, (first, second) = sharded["family"], sharded["shards"][:2]
+    link = tmp_path / "link"
+    for ext in (".bin", ".idx"):
+        os.symlink(first + ext, str(link) + ext)
+    assert _problems([first, second, os.path.relpath(first)], sharded["tokenizer"]) == [
+        f"data.paths: entries 0 ({first}) and 2 ({os.path.relpath(first)}) are the same dataset, most likely by "
+        "mistake (it would be drawn for both entries); give it once (to draw more of it, set data.weights: a "
+        "weight per entry)"]
+    from megatron_osp.training.config import load_config
+    from megatron_osp.training.data_checks import data_problems
+
+    weighted = data_problems(load_config(None, ["model.vocab_size=384", f"data.paths=[{first},{second},{link}]",
+                                                "data.weights=[0.5,1,2]", f"data.tokenizer_model={sharded['tokenizer']}"]))
+    assert weighted == [
+        f"data.paths: entries 0 ({first}) and 2 ({link}) are the same dataset, most likely by mistake (it would be "
+        "drawn for both entries); give it once, with the two weights summed (data.weights entries 0 and 2: "
+        "0.5 + 2 = 2.5)"]
+    assert _problems([family, second], sharded["tokenizer"]) == [
+        f"data.paths: entries 0 ({family}) and 1 ({second}) both hold {second}, most likely by mistake (it would "
+        "be drawn for both entries); give it once (to draw more of it, set data.weights: a weight per entry)"]
+    assert _problems([family], sharded["tokenizer"]) == _problems([first, second], sharded["tokenizer"]) == []

@@ -7,6 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_osp.data.arguments import at_least  # noqa: E402
 from megatron_osp.data.builtin_corpus import write_corpus  # noqa: E402
 from megatron_osp.fileio import os_error  # noqa: E402
 
@@ -14,8 +15,8 @@ from megatron_osp.fileio import os_error  # noqa: E402
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--output", required=True, help="JSONL file to write ({'text': ...} per line)")
-    parser.add_argument("--max-documents", type=int, default=None, help="stop after N documents")
-    parser.add_argument("--min-chars", type=int, default=200, help="drop docstrings shorter than this")
+    parser.add_argument("--max-documents", type=at_least(1), default=None, help="stop after N documents")
+    parser.add_argument("--min-chars", type=at_least(0), default=200, help="drop docstrings shorter than this")
     parser.add_argument("--include-source", action="store_true",
                         help="also add the standard library's .py files as documents (much larger)")
     args = parser.parse_args()

@@ -17,7 +17,9 @@ and compares every id (one core each, as in a preprocessing worker):
 Prints the encoding path, the documents and tokens compared, each side's documents/s, and either
 "identical" or the first documents that differ (file:line, token position, both ids around it, the
 text there). Exit status 0 when identical, 1 when not, 2 on bad input. Bad records are skipped and
-counted. The EOD that preprocessing appends is not part of the comparison.
+counted. The EOD that preprocessing appends is not part of the comparison. An input given twice (a
+file twice, or a glob and a directory that overlap) is refused, as preprocess_data.py refuses it: its
+documents would be compared twice, and the same --input would fail there.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from megatron_osp.data.arguments import at_least  # noqa: E402
 from megatron_osp.data.readers import BadRecord, CorruptInput, parse_json_record, record_chunks  # noqa: E402
 from megatron_osp.data.tokenizer import load_tokenizer  # noqa: E402
 
@@ -89,15 +92,13 @@ def main(argv=None) -> int:
     p.add_argument("--input", nargs="+", required=True, help="files, globs or directories (as preprocess_data.py)")
     p.add_argument("--tokenizer-model", required=True, help="SentencePiece .model or HF tokenizer.json (or its directory)")
     p.add_argument("--json-key", default="text")
-    p.add_argument("--documents", type=int, default=2000, help="how many documents to compare (default 2000)")
+    p.add_argument("--documents", type=at_least(1), default=2000, help="how many documents to compare (default 2000)")
     p.add_argument("--eod-token", help="as preprocess_data.py (an HF tokenizer's end-of-document token)")
     p.add_argument("--special-tokens-in-text", choices=("encode", "split"), default="encode",
                    help="compare as preprocess_data.py encodes with this setting (refuse encodes as encode)")
     p.add_argument("--no-word-cache", action="store_true", help="ours without the word cache")
-    p.add_argument("--show", type=int, default=3, help="how many differing documents to print (default 3)")
+    p.add_argument("--show", type=at_least(0), default=3, help="how many differing documents to print (default 3)")
     args = p.parse_args(argv)
-    if args.documents < 1:
-        p.error("--documents must be at least 1")
     before = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core each side, as a preprocessing worker has
     try:
@@ -112,8 +113,11 @@ def main(argv=None) -> int:
 def _check(args) -> int:
     from preprocess_data import expand_inputs
 
+    from megatron_osp.data.preprocess import check_inputs
+
     try:
         inputs = expand_inputs(args.input)
+        check_inputs(inputs)  # before the tokenizer loads, as preprocessing does
         ours = load_tokenizer(args.tokenizer_model, args.eod_token, not args.no_word_cache, args.special_tokens_in_text)
         reference = reference_encoder(args.tokenizer_model, args.special_tokens_in_text)
         docs, bad = read_documents(inputs, args.json_key, args.documents)
@@ -121,7 +125,9 @@ def _check(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not docs:
-        print(f"error: no readable document with key {args.json_key!r} in {', '.join(args.input)}", file=sys.stderr)
+        skipped = f" ({bad:,} bad record{'s' * (bad != 1)} skipped)" if bad else ""
+        print(f"error: no readable document with key {args.json_key!r} in {', '.join(args.input)}{skipped}",
+              file=sys.stderr)
         return 2
     print(f"encoding: {ours.encoding_path()}")
     texts = [t for _, t in docs]

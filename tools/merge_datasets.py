@@ -31,6 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_osp.data.arguments import at_least  # noqa: E402
 from megatron_osp.data.merge import merge_datasets, merge_tasks, prefixes_in  # noqa: E402
 from megatron_osp.fileio import os_error  # noqa: E402
 
@@ -49,7 +50,7 @@ def main() -> int:
     src.add_argument("--tasks", metavar="PREFIX",
                      help="merge the array tasks preprocess_data.py --num-tasks wrote for --output-prefix PREFIX")
     p.add_argument("--output-prefix", help="the merged dataset (with --tasks: a preprocessing prefix, default PREFIX)")
-    p.add_argument("--num-tasks", type=int, default=None,
+    p.add_argument("--num-tasks", type=at_least(1), default=None,
                    help="with --tasks: the array's size (needed only when outputs of two arrays are there)")
     p.add_argument("--max-shard-tokens", type=float, default=None,
                    help="with --tasks: shard the merged output as preprocess_data.py --max-shard-tokens would")

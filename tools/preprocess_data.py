@@ -34,6 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_osp.data.arguments import at_least  # noqa: E402
 from megatron_osp.data.array_tasks import plan, resolve_task, task_prefix  # noqa: E402
 from megatron_osp.data.preprocess import (  # noqa: E402
     BadRecord, WorkerDied, check_eod, check_inputs, check_json_keys, eod_note, preprocess)
@@ -67,8 +68,8 @@ def expand_inputs(specs: list[str]) -> list[str]:
 def corpus_files(directory: Path) -> list[str]:
     """The corpus files under ``directory``, sorted, not the manifests of outputs written there
     (PREFIX_<key>_document.shards.json). A linked subdirectory is followed (Path.rglob left its files
-    out without a word), each directory once (a link back up is no loop); a broken link named like a
-    corpus file is refused: its documents would be missing from the output."""
+    out without a word), each directory once (a link back up is no loop); a broken link or a FIFO named
+    like a corpus file is refused: its documents would be missing from the output."""
     found, visited = [], set()
     for root, dirs, files in os.walk(directory, followlinks=True):
         if os.path.realpath(root) in visited:
@@ -84,6 +85,9 @@ def corpus_files(directory: Path) -> list[str]:
             elif not os.path.exists(f):
                 raise FileNotFoundError(f"{f}: a broken symbolic link (to {os.readlink(f)}) in the input directory "
                                         f"{directory}; its documents would be missing from the output")
+            else:  # was left out without a word
+                raise ValueError(f"{f}: not a regular file (a FIFO, socket or device) in the input directory "
+                                 f"{directory}; give it as an --input of its own to read it, or move it out")
     return sorted(found)
 
 
@@ -142,7 +146,7 @@ def main() -> int:
     p.add_argument("--output-prefix", required=True)
     p.add_argument("--json-keys", nargs="+", default=["text"], help="one output dataset per key")
     p.add_argument("--append-eod", action="store_true", help="end every document with the EOD token")
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=at_least(1), default=1, help="tokenizing processes (default 1)")
     p.add_argument("--max-shard-tokens", type=shard_tokens, default=None,
                    help="split the output into shards of ~N tokens")
     p.add_argument("--skip-bad-records", action="store_true", help="skip and count bad records instead of stopping")
@@ -151,9 +155,9 @@ def main() -> int:
     p.add_argument("--no-word-cache", action="store_true",
                    help="call the tokenizer library per chunk (sp.encode, HF encode_batch) instead of the exact word "
                         "cache (same ids, slower)")
-    p.add_argument("--num-tasks", type=int, default=None,
+    p.add_argument("--num-tasks", type=at_least(1), default=None,
                    help="split the inputs over N array tasks (default: SLURM_ARRAY_TASK_COUNT; 1: a single run)")
-    p.add_argument("--task-index", type=int, default=None,
+    p.add_argument("--task-index", type=at_least(0), default=None,
                    help="this task, 0..N-1 (default: SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN, or with "
                         "--num-tasks given, SLURM_ARRAY_TASK_ID)")
     p.add_argument("--plan", action="store_true",

@@ -15,6 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_osp.data.arguments import at_least, fraction  # noqa: E402
+from megatron_osp.data.sp_training import META_PIECES  # noqa: E402
 from megatron_osp.fileio import os_error  # noqa: E402
 from megatron_osp.data.tokenizer import SentencePieceTokenizer, train_sentencepiece  # noqa: E402
 
@@ -23,12 +25,14 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="corpus file: .jsonl, .jsonl.gz, .jsonl.zst or .parquet")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")
-    p.add_argument("--vocab-size", type=int, required=True,
+    p.add_argument("--vocab-size", required=True,
+                   type=at_least(META_PIECES + 1, "256 byte-fallback pieces and <unk>, <s>, </s>, plus one per "
+                                 "character of the corpus"),
                    help="at least 259 (byte fallback and specials) + the corpus's distinct characters")
     p.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
     p.add_argument("--json-key", default="text")
-    p.add_argument("--sample-documents", type=int, default=None, help="train on the first N documents")
-    p.add_argument("--character-coverage", type=float, default=0.9995)
+    p.add_argument("--sample-documents", type=at_least(1), default=None, help="train on the first N documents")
+    p.add_argument("--character-coverage", type=fraction, default=0.9995, help="in (0, 1]")
     p.add_argument("--skip-bad-records", action="store_true", help="skip bad records instead of stopping")
     p.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.model / PREFIX.vocab")
     args = p.parse_args()

@@ -97,6 +97,8 @@ def resolve_task(num_tasks: int | None, task_index: int | None, env=os.environ) 
     count_env, id_env = _int_env(env, "SLURM_ARRAY_TASK_COUNT"), _int_env(env, "SLURM_ARRAY_TASK_ID")
     lo_env, hi_env = _int_env(env, "SLURM_ARRAY_TASK_MIN"), _int_env(env, "SLURM_ARRAY_TASK_MAX")
     source = "--num-tasks/--task-index"
+    if num_tasks is not None and not 1 <= num_tasks <= MAX_TASKS:  # before the questions about the index
+        raise ValueError(f"--num-tasks {num_tasks}: must be 1..{MAX_TASKS}")
     if num_tasks is None and task_index is not None:
         raise ValueError("--task-index needs --num-tasks (or a SLURM array job, SLURM_ARRAY_TASK_COUNT)")
     if num_tasks is None:

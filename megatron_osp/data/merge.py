@@ -66,6 +66,9 @@ def merge_datasets(input_prefixes: list[str], output_prefix: str, vocab_size: in
         if given.endswith((".bin", ".idx")) and (what == "output prefix" or not os.path.exists(given + ".idx")):
             raise ValueError(f"{what} {given}: a file name, not a dataset prefix: give the prefix without "
                              f"{given[-4:]}, {given[:-4]} (the dataset is PREFIX.bin and PREFIX.idx)")
+        if what == "input" and os.path.isdir(given) and not os.path.exists(given + ".idx"):  # "DIR.idx does not exist"
+            raise ValueError(f"input {given}: a directory, not a dataset prefix (PREFIX.bin and PREFIX.idx); "
+                             f"--input-dir {given} merges every dataset in it")
     # what a merge killed on this prefix left, first: an earlier pair a replace cut short set aside is put
     # back (shardset.restore_aside) even if this merge is then refused
     notes = shardset.clean_stale_temporaries(output_prefix)

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from megatron_osp.data.indexed import IndexedDatasetWriter, token_dtype_for
-from megatron_osp.data.readers import BadRecord, CorruptInput, parse_json_record, record_chunks
+from megatron_osp.data.readers import BadRecord, CorruptInput, no_documents, parse_json_record, record_chunks
 from megatron_osp.data.shardset import Stage, check_output_prefix, sha256_file
 from megatron_osp.data.special_text import DEFAULT as SPECIAL_DEFAULT
 from megatron_osp.data.special_text import FIELD as SPECIAL_FIELD
@@ -256,12 +256,12 @@ def eod_note(tokenizer, eod_token: str | None) -> str | None:
 
 def check_inputs(paths) -> None:
     """Every input exists, and none is given twice (a glob and a file, two globs or a directory that
-    overlap): its documents would be in the output twice."""
-    seen: dict[str, Path] = {}
+    overlap, a symbolic or hard link): its documents would be in the output twice."""
+    seen: dict[tuple, Path] = {}
     for path in map(Path, paths):
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist")
-        real = os.path.realpath(path)
+        real = (path.stat().st_dev, path.stat().st_ino)  # the file itself: realpath missed a hard link
         if real in seen:
             same = "" if str(seen[real]) == str(path) else f" (as {seen[real]})"
             raise ValueError(f"{path}: given twice as input{same}; its documents would be in the output twice")
@@ -469,7 +469,7 @@ def preprocess(
                     elapsed = time.perf_counter() - start
                     bar.set_postfix(tok_s=f"{stats.tokens / elapsed:,.0f}", MB_s=f"{stats.bytes / 1e6 / elapsed:.1f}")
         if stats.documents == 0 and task is None:
-            raise BadRecord(f"{paths[0]}: no non-empty documents in the input")
+            raise no_documents(paths, stats)
         outputs = output.finalize({
             "tokenizer": os.path.abspath(tokenizer_model), "vocab_size": int(tokenizer.vocab_size),
             **tokenizer_ids, "eod": int(tokenizer.eod),

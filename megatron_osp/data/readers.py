@@ -45,6 +45,14 @@ def text_problem(text: str) -> str | None:
     return f"lone surrogate \\u{ord(m.group()):04x} at character {m.start()} (not valid Unicode)"
 
 
+def json_kind(value) -> str:
+    """A parsed JSON value's kind in JSON's words (null, a number, an array), not Python's (NoneType, int, list)."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    return {int: "a number", float: "a number", str: "a string", list: "an array", dict: "an object"}.get(
+        type(value), type(value).__name__)
+
+
 def parse_json_record(location: str, line: str, keys: list[str]) -> list[str] | BadRecord:
     """A JSON line -> its texts (one per key), or the ``BadRecord`` saying why not."""
     try:
@@ -54,13 +62,13 @@ def parse_json_record(location: str, line: str, keys: list[str]) -> list[str] | 
     except (ValueError, RecursionError) as e:  # a number of over 4300 digits, nesting too deep
         return BadRecord(f"{location}: unreadable JSON ({type(e).__name__}: {str(e)[:200]})")
     if not isinstance(record, dict):
-        return BadRecord(f"{location}: expected a JSON object, got {type(record).__name__}")
+        return BadRecord(f"{location}: expected a JSON object, got {json_kind(record)}")
     texts = []
     for key in keys:
         if key not in record:
             return BadRecord(f"{location}: missing key {key!r}")
         if not isinstance(record[key], str):
-            return BadRecord(f"{location}: key {key!r} is {type(record[key]).__name__}, not a string")
+            return BadRecord(f"{location}: key {key!r} is {json_kind(record[key])}, not a string")
         texts.append(record[key])
     if "\\u" in line:  # only an escape can give a surrogate: strict UTF-8 decoding refuses them
         for key, text in zip(keys, texts):
@@ -101,14 +109,23 @@ def _zstd_blocks(f, path: Path):
 
 
 def _lines_of(blocks):
-    rest = b""
+    """Byte lines of decompressed blocks. A line that spans blocks is gathered as a list of its pieces,
+    joined once: adding each block to it was quadratic in its length (a 128 MiB line took 9 s, 1 GiB
+    minutes)."""
+    pending: list[bytes] = []
     for block in blocks:
-        parts = (rest + block).split(b"\n")
-        rest = parts.pop()
+        parts = block.split(b"\n")
+        if len(parts) == 1:
+            pending += [block] if block else []
+            continue
+        if pending:
+            parts[0] = b"".join(pending + [parts[0]])
+        last = parts.pop()
+        pending = [last] if last else []
         for part in parts:
             yield part + b"\n"
-    if rest:
-        yield rest
+    if pending:
+        yield b"".join(pending)
 
 
 # How files a plain JSON-lines reader would turn into garbage lines begin (a compressed file without
@@ -147,11 +164,11 @@ def _raw_lines(path: Path, fmt: str):
                     raise CorruptInput(f"{path}: corrupt zstd stream after line {line_no}: {e}") from None
         else:
             with open(path, "rb") as f:
-                kind = _binary_kind(f.read(8))
+                # peek, not read and seek back: a pipe (a FIFO, /dev/stdin, bash's <(zstdcat ...)) cannot seek
+                kind = _binary_kind(f.peek(8)[:8])
                 if kind is not None:
                     raise CorruptInput(f"{path}: holds {kind}, not JSON lines (plain UTF-8 text, or named .gz, .zst, "
                                        ".parquet for those formats)")
-                f.seek(0)
                 yield from f
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
         raise CorruptInput(f"{path}: corrupt or truncated gzip stream after line {line_no}: {e}") from None
@@ -272,7 +289,50 @@ def _column_values(column) -> list:
     return out
 
 
+def _stamp(path) -> tuple | None:
+    """What says a regular file is as it was: device, inode, size, modification time (None: a pipe)."""
+    import os
+    import stat
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return ()
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) if stat.S_ISREG(st.st_mode) else None
+
+
 def record_chunks(path: Path, keys: list[str], chunk_size: int):
-    if input_format(path) == "parquet":
-        return parquet_chunks(path, keys, chunk_size)
-    return jsonl_chunks(path, keys, chunk_size)
+    """The chunks of ``path`` (jsonl_chunks, parquet_chunks). A regular file that changed while it was
+    read (written to, truncated, replaced or removed: a download or an export still running) is
+    ``CorruptInput``, checked after each chunk is read: what was read may be part old and part new, or cut
+    short (a line cut by a truncation is not reported as a bad record)."""
+    before = _stamp(path)
+    for chunk in (parquet_chunks if input_format(path) == "parquet" else jsonl_chunks)(path, keys, chunk_size):
+        _check_unchanged(path, before)
+        yield chunk
+    _check_unchanged(path, before)
+
+
+def _check_unchanged(path, before) -> None:
+    after = _stamp(path) if before is not None else None
+    if after != before:
+        what = ("it was removed" if after == () else "it was replaced by another file" if after[:2] != before[:2]
+                else f"its size went from {before[2]:,} to {after[2]:,} bytes" if after[2] != before[2]
+                else "it was written to")
+        raise CorruptInput(f"{path}: changed while it was read ({what}): the records read may be part old and part "
+                           "new, or cut short; run again once it is complete")
+
+
+def no_documents(paths, stats) -> BadRecord:
+    """The error of a run whose inputs held no document to write: every input named (their count and the
+    first and last when many) and what became of their records (``stats``: bad_records, bad_locations,
+    empty_documents), so that an input of only bad records skipped is not taken for an empty one."""
+    names = (", ".join(map(str, paths)) if len(paths) <= 3 else
+             f"{len(paths)} inputs ({paths[0]} ... {paths[-1]})")
+    what = []
+    if stats.bad_records:
+        what.append(f"{stats.bad_records:,} bad record{'s' * (stats.bad_records != 1)} skipped "
+                    f"(first: {', '.join(stats.bad_locations)})")
+    if stats.empty_documents:
+        what.append(f"{stats.empty_documents:,} empty document{'s' * (stats.empty_documents != 1)} dropped")
+    return BadRecord(f"{names}: no non-empty documents in the input" + (f"; {'; '.join(what)}" if what else ""))

@@ -1,7 +1,8 @@
 """The data section as training needs it, checked before any dataset, process group or model exists:
 the data files and tokenizer are there, the tokenizer's vocabulary fits ``model.vocab_size`` and it
 has an end-of-document id (the one the data's manifests record, and data.eod_id agrees with it), and the
-preprocessing outputs were made with one tokenizer (this one);
+preprocessing outputs were made with one tokenizer (this one), and no dataset is at two entries of
+``data.paths`` (or of ``data.valid_paths``);
 ``data.valid_paths`` (a validation set of its own) is there, holds no training dataset (nor a byte copy
 of one, nor one that a training dataset was merged from, or was merged from one: merge manifests'
 ``merged_from``) and was made like the training data. Problems come as validation.py's ``ConfigError``,
@@ -73,7 +74,7 @@ def data_problems(config) -> list[str]:
     except (OSError, ValueError) as e:
         problems.append(f"data.paths: {e}")
         prefixes = []
-    problems += _missing(prefixes, "data.paths")
+    problems += _missing(prefixes, "data.paths") + listed_twice(d.paths or [], d.weights, "data.paths")
     tokenizer_eos = None  # the end-of-document id training takes from data.tokenizer_model, when readable
     if d.tokenizer_model:
         try:
@@ -111,6 +112,40 @@ def _missing(prefixes: list[str], field: str) -> list[str]:
     return problems
 
 
+def listed_twice(paths, weights, field: str) -> list[str]:
+    """One dataset at two entries of ``paths`` (the same prefix, another spelling or link of it, or a
+    shard of a family also listed whole): most likely a mistake, which would draw its documents for both
+    entries. Each such pair is named by its entries (0-based), with the way out: one entry,
+    the two weights summed."""
+    seen: dict = {}
+    problems, pairs, entry_keys = [], set(), []
+    weights_field = field.replace("paths", "weights")
+    for i, entry in enumerate(paths):
+        try:
+            shards = expand(entry)
+        except (OSError, ValueError):  # reported by dataset_prefixes
+            shards = [entry]
+        keys = [_file_id(p) if os.path.exists(p + ".bin") else os.path.abspath(p) for p in shards]
+        entry_keys.append(keys)
+        for prefix, key in zip(shards, keys):
+            if key not in seen:
+                seen[key] = (i, prefix)
+                continue
+            j, first = seen[key]
+            if (j, i) in pairs:  # a family listed twice: once, not once per shard
+                continue
+            pairs.add((j, i))
+            what = "are the same dataset" if entry_keys[j] == keys else f"both hold {first}"
+            if weights is not None and len(weights) == len(paths):
+                way = (f"give it once, with the two weights summed ({weights_field} entries {j} and {i}: "
+                       f"{weights[j]:g} + {weights[i]:g} = {weights[j] + weights[i]:g})")
+            else:
+                way = f"give it once (to draw more of it, set {weights_field}: a weight per entry)"
+            problems.append(f"{field}: entries {j} ({paths[j]}) and {i} ({entry}) {what}, most likely by "
+                            f"mistake (it would be drawn for both entries); {way}")
+    return problems
+
+
 def _file_id(prefix: str):
     st = os.stat(prefix + ".bin")
     return st.st_dev, st.st_ino
@@ -131,7 +166,7 @@ def _valid_set_problems(d, train_prefixes: list[str], tokens: bool = True,
     except (OSError, ValueError) as e:
         e = str(e).replace("data.weights", "data.valid_weights").replace("data.paths", "data.valid_paths")
         return [f"data.valid_paths: {e}"]
-    problems = _missing(prefixes, "data.valid_paths")
+    problems = _missing(prefixes, "data.valid_paths") + listed_twice(d.valid_paths, d.valid_weights, "data.valid_paths")
     if problems:
         return problems
     present = [p for p in train_prefixes if all(os.path.exists(p + ext) for ext in (".bin", ".idx"))]
