@@ -39,6 +39,7 @@ import torch.distributed as dist
 from megatron_osp.fileio import atomic_write_json
 from megatron_osp.training import checkpoint as ckpt
 from megatron_osp.training import checkpoint_integrity as integrity
+from megatron_osp.training import save_target
 from megatron_osp.training.checkpoint_integrity import CheckpointError
 
 __all__ = ["AsyncSaver"]
@@ -78,7 +79,7 @@ class AsyncSaver:
 
         self.wait()
         started = time.perf_counter()
-        target = ckpt.begin_save(save_dir, iteration)
+        target = save_target.begin_save(save_dir, iteration)
         state, contents = ckpt.training_state(model_chunks, optimizer, scheduler, True, iteration, consumed_samples)
         request = dist_checkpointing.save(state, str(target.tmp), async_sharded_save=True)
         ckpt.write_small_files(target, config, consumed_samples, contents)
@@ -134,4 +135,4 @@ class AsyncSaver:
 
     @staticmethod
     def _failed(target, error: BaseException) -> str:
-        return ckpt.save_failed_message(target, error, how="background save")
+        return save_target.save_failed_message(target, error, how="background save")

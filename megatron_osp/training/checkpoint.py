@@ -26,7 +26,8 @@ On-disk layout::
 
 A save writes everything into ``iter_N.tmp/``, hashes it into ``checksums.json``, renames it to
 ``iter_N/`` once every rank has finished, then moves ``latest``; with ``keep_last=K`` the older
-``iter_*`` directories are deleted after that.
+``iter_*`` directories are deleted after that (the ``iter_N.tmp/`` target and the message of a
+failed save: save_target.py).
 Loading takes either ``<save_dir>`` (follows ``latest``) or one ``iter_N`` directory. Like
 ``dist_checkpointing`` itself, this needs ``save_dir`` on a filesystem that every rank sees.
 Every open verifies the manifest and the small files; ``load_checkpoint`` (resume, export) all
@@ -46,7 +47,6 @@ import random
 import re
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +57,8 @@ from megatron_osp.fileio import atomic_write_json, atomic_write_text, fsync_dir
 from megatron_osp.models.layout import unwrap
 from megatron_osp.training import checkpoint_integrity as integrity
 from megatron_osp.training.checkpoint_integrity import CheckpointError
+from megatron_osp.training.save_target import (  # noqa: F401 - re-exported
+    SaveTarget, begin_save, iteration_dir_name, save_failed_message)
 
 LATEST = "latest"
 RUN_CONFIG = "run_config.yaml"
@@ -71,10 +73,6 @@ _GROUP_KEYS_DEFAULTS = {"lr_mult": 1.0, "is_expert_parallel": False, "is_decoupl
 # Param-group entries that describe this rank's layout rather than hyperparameters: never taken from
 # a checkpoint (rank 0's values there belong to rank 0's pipeline stage and layout).
 _LAYOUT_GROUP_KEYS = ("blocks",)
-
-
-def iteration_dir_name(iteration: int) -> str:
-    return f"iter_{iteration:07d}"
 
 
 # ---------------------------------------------------------------------------------- finding
@@ -303,46 +301,6 @@ def save_checkpoint(
     dist.barrier()
     integrity.write_manifest_collective(target.tmp)  # collective; rank 0 writes it before publishing below
     return finish_save(target, keep_last, log, start)
-
-
-def save_failed_message(target: "SaveTarget", error: BaseException, how: str = "save") -> str:
-    """What a failed save says: which one, why, the newest complete checkpoint (kept) and the free
-    space where it was written (a full disk shows in the writers' errors only as short writes)."""
-    try:
-        newest = newest_checkpoint(target.save_dir)
-    except CheckpointError:  # a damaged pointer: the failure is the one to report
-        newest = None
-    keep = f"{newest} is the newest complete checkpoint" if newest else "no earlier checkpoint was completed"
-    try:
-        free = f" ({shutil.disk_usage(target.save_dir).free / 2**20:,.0f} MiB free on {target.save_dir})"
-    except OSError:
-        free = ""
-    return (f"the {how} of step {target.iteration} into {target.tmp} failed: "
-            f"{type(error).__name__}: {error}; {keep}{free}")
-
-
-@dataclass(frozen=True)
-class SaveTarget:
-    """Where one save writes: ``tmp`` until it is complete, then renamed to ``final``."""
-
-    save_dir: Path
-    iteration: int
-    tmp: Path
-    final: Path
-
-
-def begin_save(save_dir: str | os.PathLike, iteration: int) -> SaveTarget:
-    """Make an empty ``iter_N.tmp/`` (collective), removing saves an earlier run left unfinished."""
-    save_dir = Path(save_dir)
-    final = save_dir / iteration_dir_name(iteration)
-    target = SaveTarget(save_dir, iteration, save_dir / (final.name + ".tmp"), final)
-    if dist.get_rank() == 0:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        for stale in save_dir.glob("iter_*.tmp"):
-            shutil.rmtree(stale)
-        target.tmp.mkdir()
-    dist.barrier()
-    return target
 
 
 def training_state(model_chunks, optimizer, scheduler, save_rng: bool, iteration: int, consumed_samples: int):
