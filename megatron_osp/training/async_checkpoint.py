@@ -41,6 +41,7 @@ from megatron_osp.training import checkpoint as ckpt
 from megatron_osp.training import checkpoint_integrity as integrity
 from megatron_osp.training import save_target
 from megatron_osp.training.checkpoint_integrity import CheckpointError
+from megatron_osp.training.results_queue import ensure_results_queue
 
 __all__ = ["AsyncSaver"]
 
@@ -81,6 +82,7 @@ class AsyncSaver:
         started = time.perf_counter()
         target = save_target.begin_save(save_dir, iteration)
         state, contents = ckpt.training_state(model_chunks, optimizer, scheduler, True, iteration, consumed_samples)
+        ensure_results_queue()  # its helper process exits with this one
         request = dist_checkpointing.save(state, str(target.tmp), async_sharded_save=True)
         ckpt.write_small_files(target, config, consumed_samples, contents)
         forked = request.async_fn is not None  # None: this rank holds no shard to write

@@ -57,6 +57,7 @@ from megatron_osp.fileio import atomic_write_json, atomic_write_text, fsync_dir
 from megatron_osp.models.layout import unwrap
 from megatron_osp.training import checkpoint_integrity as integrity
 from megatron_osp.training.checkpoint_integrity import CheckpointError
+from megatron_osp.training.results_queue import ensure_results_queue
 from megatron_osp.training.save_target import (  # noqa: F401 - re-exported
     SaveTarget, begin_save, iteration_dir_name, save_failed_message)
 
@@ -367,6 +368,7 @@ def finish_save(target: SaveTarget, keep_last: int, log, start: float, how: str 
 def _write_shards(state: dict, directory: Path) -> None:
     from megatron.core import dist_checkpointing
 
+    ensure_results_queue()
     dist_checkpointing.save(state, str(directory))
 
 
