@@ -184,10 +184,10 @@ class Trainer:
         self.watchdog.arm("start-up: writing config.yaml and waiting for every rank")
         busy = None
         if dist.get_rank() == 0:  # before anything of the run (config.yaml, metrics, saves) is written
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            busy = run_lock.acquire(self.run_dir)
+            busy = run_lock.claim(self.run_dir, self.save_dir if train.save else None)
         if any_rank(self.device, busy is not None)[0]:
-            raise run_lock.RunDirInUse(busy or f"train.run_dir={self.run_dir} is in use by another job (see rank 0)")
+            raise run_lock.RunDirInUse(busy or f"train.run_dir={self.run_dir} or train.save_dir={self.save_dir} is in "
+                                       "use by another job (see rank 0)")
         if dist.get_rank() == 0 and (self.step < train.train_steps or not config_file.exists()):
             save_config(config, config_file)
         dist.barrier()
