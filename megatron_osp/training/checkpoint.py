@@ -448,17 +448,23 @@ def load_checkpoint(path, model_chunks, optimizer=None, scheduler=None, *, load_
 
 def _check_vocab_padding(ckpt: Path, train_state: dict, model_chunks) -> None:
     """The padded vocabulary depends on the TP size; layouts that pad differently cannot reshard."""
+    for chunk in model_chunks:
+        vocab = getattr(unwrap(chunk), "vocab_size", None)
+        if vocab is not None and (problem := vocab_padding_problem(ckpt, train_state, vocab)):
+            raise CheckpointError(problem)
+
+
+def vocab_padding_problem(ckpt: Path, train_state: dict, vocab: int) -> str | None:
+    """Why a model whose vocabulary is padded to ``vocab`` rows cannot load the checkpoint ``ckpt``
+    (an iteration directory with its ``train_state``), or None when it pads as the checkpoint did."""
     saved_model = load_config_file(ckpt / RUN_CONFIG).model
     saved_tp = train_state.get("layout", {}).get("tensor_parallel_size", 1)
     saved_vocab = saved_model.padded_vocab_size(saved_tp)
-    for chunk in model_chunks:
-        vocab = getattr(unwrap(chunk), "vocab_size", None)
-        if vocab is not None and vocab != saved_vocab:
-            raise CheckpointError(
-                f"checkpoint {ckpt} has a vocabulary padded to {saved_vocab} (vocab_size "
-                f"{saved_model.vocab_size} at tensor_parallel_size={saved_tp}), this model to {vocab}; "
-                "choose model.make_vocab_size_divisible_by so both layouts pad to the same size"
-            )
+    if vocab == saved_vocab:
+        return None
+    return (f"checkpoint {ckpt} has a vocabulary padded to {saved_vocab} (vocab_size "
+            f"{saved_model.vocab_size} at tensor_parallel_size={saved_tp}), this model to {vocab}; "
+            "choose model.make_vocab_size_divisible_by so both layouts pad to the same size")
 
 
 def load_config_file(path: Path):
