@@ -23,6 +23,7 @@ On-disk layout::
                               last inside iter_N.tmp/; verified before anything is loaded
       iter_0000300.tmp/       a save in progress (or killed half way): never loaded, removed by the
                               next save
+      iter_0000200.old/       while step 200 is saved again, its earlier save (see _publish)
 
 A save writes everything into ``iter_N.tmp/``, hashes it into ``checksums.json``, renames it to
 ``iter_N/`` once every rank has finished, then moves ``latest``; with ``keep_last=K`` the older
@@ -115,6 +116,8 @@ def find_iteration_dir(path: str | os.PathLike) -> Path:
         if not _ITER_RE.match(name):
             raise CheckpointError(f"{pointer}: expected a line like 'iter_0000100', got {name!r}")
         target = path / name
+        if not target.is_dir() and target.with_name(name + ".old").is_dir():
+            target = target.with_name(name + ".old")  # killed while saving that step again (_publish)
         if not target.is_dir():
             raise CheckpointError(f"{pointer} points to {target}, which does not exist")
         path = target
@@ -373,17 +376,21 @@ def _write_shards(state: dict, directory: Path) -> None:
 
 
 def _publish(tmp: Path, final: Path, save_dir: Path) -> None:
-    """Make a complete save visible: rename its directory into place, then move ``latest``."""
-    if final.exists():  # the same iteration saved again (e.g. a run resumed from an older one)
-        old = final.with_name(final.name + ".old")
+    """Make a complete save visible: rename its directory into place, then move ``latest``. A step saved
+    again moves its earlier save to ``iter_N.old`` first (read instead of a missing ``iter_N``, see
+    find_iteration_dir, if a kill comes before the new one is in place; renamed back by later saves)."""
+    old = final.with_name(final.name + ".old")
+    if final.exists():
         if old.exists():
             shutil.rmtree(old)
         os.replace(final, old)
-        os.replace(tmp, final)
+    os.replace(tmp, final)
+    if old.exists():
         shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
-    fsync_dir(save_dir)  # the rename reaches the disk before the pointer that names it
+    for aside in save_dir.glob("iter_*.old"):
+        if _ITER_RE.match(aside.stem) and not aside.with_suffix("").exists():
+            os.replace(aside, aside.with_suffix(""))
+    fsync_dir(save_dir)  # the renames reach the disk before the pointer that names it
     atomic_write_text(save_dir / LATEST, final.name + "\n")  # fsyncs the file and save_dir
 
 
