@@ -157,7 +157,7 @@ def test_a_failed_background_writer_stops_the_run_on_every_rank(toy_corpus, tmp_
 
 
 def test_an_early_stop_publishes_the_save_in_flight_first(runs):
-    assert runs[0]["stop_listing"] == ["iter_0000002", "iter_0000003", "latest"]
+    assert runs[0]["stop_listing"] == [".run.lock", "iter_0000002", "iter_0000003", "latest"]
     saved = [line for line in runs[0]["stop"] if "saved checkpoint" in line]
     assert len(saved) == 2 and "iter_0000002" in saved[0] and "in the background" in saved[0]
     assert "iter_0000003" in saved[1] and "background" not in saved[1]

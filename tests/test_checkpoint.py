@@ -166,8 +166,8 @@ def test_resume_is_bitwise_equal_and_killed_saves_are_never_loaded(split_runs):
     assert second["latest"] == "iter_0000004"
     # keep_last=1 pruned iter_0000002 once iter_0000004 was complete; the killed saves pruned nothing
     # and left only a temporary directory (the next save removes it).
-    assert second["listing"] == ["iter_0000004", "iter_0000006.tmp", "latest"]
-    assert second["muon_listing"] == [f"iter_{i:07d}" for i in range(1, STEPS + 1)] + ["latest"]
+    assert second["listing"] == [".run.lock", "iter_0000004", "iter_0000006.tmp", "latest"]
+    assert second["muon_listing"] == [".run.lock"] + [f"iter_{i:07d}" for i in range(1, STEPS + 1)] + ["latest"]
     assert second["reloaded_step"] == STEPS and second["reloaded_equal"]
 
 

@@ -39,7 +39,9 @@ import torch.distributed as dist
 from megatron_osp.fileio import atomic_write_json
 from megatron_osp.training import checkpoint as ckpt
 from megatron_osp.training import checkpoint_integrity as integrity
+from megatron_osp.training import save_target
 from megatron_osp.training.checkpoint_integrity import CheckpointError
+from megatron_osp.training.results_queue import ensure_results_queue
 
 __all__ = ["AsyncSaver"]
 
@@ -78,8 +80,9 @@ class AsyncSaver:
 
         self.wait()
         started = time.perf_counter()
-        target = ckpt.begin_save(save_dir, iteration)
+        target = save_target.begin_save(save_dir, iteration)
         state, contents = ckpt.training_state(model_chunks, optimizer, scheduler, True, iteration, consumed_samples)
+        ensure_results_queue()  # its helper process exits with this one
         request = dist_checkpointing.save(state, str(target.tmp), async_sharded_save=True)
         ckpt.write_small_files(target, config, consumed_samples, contents)
         forked = request.async_fn is not None  # None: this rank holds no shard to write
@@ -134,4 +137,4 @@ class AsyncSaver:
 
     @staticmethod
     def _failed(target, error: BaseException) -> str:
-        return ckpt.save_failed_message(target, error, how="background save")
+        return save_target.save_failed_message(target, error, how="background save")

@@ -23,10 +23,12 @@ On-disk layout::
                               last inside iter_N.tmp/; verified before anything is loaded
       iter_0000300.tmp/       a save in progress (or killed half way): never loaded, removed by the
                               next save
+      iter_0000200.old/       while step 200 is saved again, its earlier save (see _publish)
 
 A save writes everything into ``iter_N.tmp/``, hashes it into ``checksums.json``, renames it to
 ``iter_N/`` once every rank has finished, then moves ``latest``; with ``keep_last=K`` the older
-``iter_*`` directories are deleted after that.
+``iter_*`` directories are deleted after that (the ``iter_N.tmp/`` target and the message of a
+failed save: save_target.py).
 Loading takes either ``<save_dir>`` (follows ``latest``) or one ``iter_N`` directory. Like
 ``dist_checkpointing`` itself, this needs ``save_dir`` on a filesystem that every rank sees.
 Every open verifies the manifest and the small files; ``load_checkpoint`` (resume, export) all
@@ -46,7 +48,6 @@ import random
 import re
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,9 @@ from megatron_osp.fileio import atomic_write_json, atomic_write_text, fsync_dir
 from megatron_osp.models.layout import unwrap
 from megatron_osp.training import checkpoint_integrity as integrity
 from megatron_osp.training.checkpoint_integrity import CheckpointError
+from megatron_osp.training.results_queue import ensure_results_queue
+from megatron_osp.training.save_target import (  # noqa: F401 - re-exported
+    SaveTarget, begin_save, iteration_dir_name, save_failed_message)
 
 LATEST = "latest"
 RUN_CONFIG = "run_config.yaml"
@@ -71,10 +75,6 @@ _GROUP_KEYS_DEFAULTS = {"lr_mult": 1.0, "is_expert_parallel": False, "is_decoupl
 # Param-group entries that describe this rank's layout rather than hyperparameters: never taken from
 # a checkpoint (rank 0's values there belong to rank 0's pipeline stage and layout).
 _LAYOUT_GROUP_KEYS = ("blocks",)
-
-
-def iteration_dir_name(iteration: int) -> str:
-    return f"iter_{iteration:07d}"
 
 
 # ---------------------------------------------------------------------------------- finding
@@ -116,6 +116,8 @@ def find_iteration_dir(path: str | os.PathLike) -> Path:
         if not _ITER_RE.match(name):
             raise CheckpointError(f"{pointer}: expected a line like 'iter_0000100', got {name!r}")
         target = path / name
+        if not target.is_dir() and target.with_name(name + ".old").is_dir():
+            target = target.with_name(name + ".old")  # killed while saving that step again (_publish)
         if not target.is_dir():
             raise CheckpointError(f"{pointer} points to {target}, which does not exist")
         path = target
@@ -305,46 +307,6 @@ def save_checkpoint(
     return finish_save(target, keep_last, log, start)
 
 
-def save_failed_message(target: "SaveTarget", error: BaseException, how: str = "save") -> str:
-    """What a failed save says: which one, why, the newest complete checkpoint (kept) and the free
-    space where it was written (a full disk shows in the writers' errors only as short writes)."""
-    try:
-        newest = newest_checkpoint(target.save_dir)
-    except CheckpointError:  # a damaged pointer: the failure is the one to report
-        newest = None
-    keep = f"{newest} is the newest complete checkpoint" if newest else "no earlier checkpoint was completed"
-    try:
-        free = f" ({shutil.disk_usage(target.save_dir).free / 2**20:,.0f} MiB free on {target.save_dir})"
-    except OSError:
-        free = ""
-    return (f"the {how} of step {target.iteration} into {target.tmp} failed: "
-            f"{type(error).__name__}: {error}; {keep}{free}")
-
-
-@dataclass(frozen=True)
-class SaveTarget:
-    """Where one save writes: ``tmp`` until it is complete, then renamed to ``final``."""
-
-    save_dir: Path
-    iteration: int
-    tmp: Path
-    final: Path
-
-
-def begin_save(save_dir: str | os.PathLike, iteration: int) -> SaveTarget:
-    """Make an empty ``iter_N.tmp/`` (collective), removing saves an earlier run left unfinished."""
-    save_dir = Path(save_dir)
-    final = save_dir / iteration_dir_name(iteration)
-    target = SaveTarget(save_dir, iteration, save_dir / (final.name + ".tmp"), final)
-    if dist.get_rank() == 0:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        for stale in save_dir.glob("iter_*.tmp"):
-            shutil.rmtree(stale)
-        target.tmp.mkdir()
-    dist.barrier()
-    return target
-
-
 def training_state(model_chunks, optimizer, scheduler, save_rng: bool, iteration: int, consumed_samples: int):
     """The sharded state dict a save writes, and the names of its contents."""
     contents = ["model"]
@@ -409,21 +371,26 @@ def finish_save(target: SaveTarget, keep_last: int, log, start: float, how: str 
 def _write_shards(state: dict, directory: Path) -> None:
     from megatron.core import dist_checkpointing
 
+    ensure_results_queue()
     dist_checkpointing.save(state, str(directory))
 
 
 def _publish(tmp: Path, final: Path, save_dir: Path) -> None:
-    """Make a complete save visible: rename its directory into place, then move ``latest``."""
-    if final.exists():  # the same iteration saved again (e.g. a run resumed from an older one)
-        old = final.with_name(final.name + ".old")
+    """Make a complete save visible: rename its directory into place, then move ``latest``. A step saved
+    again moves its earlier save to ``iter_N.old`` first (read instead of a missing ``iter_N``, see
+    find_iteration_dir, if a kill comes before the new one is in place; renamed back by later saves)."""
+    old = final.with_name(final.name + ".old")
+    if final.exists():
         if old.exists():
             shutil.rmtree(old)
         os.replace(final, old)
-        os.replace(tmp, final)
+    os.replace(tmp, final)
+    if old.exists():
         shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
-    fsync_dir(save_dir)  # the rename reaches the disk before the pointer that names it
+    for aside in save_dir.glob("iter_*.old"):
+        if _ITER_RE.match(aside.stem) and not aside.with_suffix("").exists():
+            os.replace(aside, aside.with_suffix(""))
+    fsync_dir(save_dir)  # the renames reach the disk before the pointer that names it
     atomic_write_text(save_dir / LATEST, final.name + "\n")  # fsyncs the file and save_dir
 
 
@@ -488,17 +455,23 @@ def load_checkpoint(path, model_chunks, optimizer=None, scheduler=None, *, load_
 
 def _check_vocab_padding(ckpt: Path, train_state: dict, model_chunks) -> None:
     """The padded vocabulary depends on the TP size; layouts that pad differently cannot reshard."""
+    for chunk in model_chunks:
+        vocab = getattr(unwrap(chunk), "vocab_size", None)
+        if vocab is not None and (problem := vocab_padding_problem(ckpt, train_state, vocab)):
+            raise CheckpointError(problem)
+
+
+def vocab_padding_problem(ckpt: Path, train_state: dict, vocab: int) -> str | None:
+    """Why a model whose vocabulary is padded to ``vocab`` rows cannot load the checkpoint ``ckpt``
+    (an iteration directory with its ``train_state``), or None when it pads as the checkpoint did."""
     saved_model = load_config_file(ckpt / RUN_CONFIG).model
     saved_tp = train_state.get("layout", {}).get("tensor_parallel_size", 1)
     saved_vocab = saved_model.padded_vocab_size(saved_tp)
-    for chunk in model_chunks:
-        vocab = getattr(unwrap(chunk), "vocab_size", None)
-        if vocab is not None and vocab != saved_vocab:
-            raise CheckpointError(
-                f"checkpoint {ckpt} has a vocabulary padded to {saved_vocab} (vocab_size "
-                f"{saved_model.vocab_size} at tensor_parallel_size={saved_tp}), this model to {vocab}; "
-                "choose model.make_vocab_size_divisible_by so both layouts pad to the same size"
-            )
+    if vocab == saved_vocab:
+        return None
+    return (f"checkpoint {ckpt} has a vocabulary padded to {saved_vocab} (vocab_size "
+            f"{saved_model.vocab_size} at tensor_parallel_size={saved_tp}), this model to {vocab}; "
+            "choose model.make_vocab_size_divisible_by so both layouts pad to the same size")
 
 
 def load_config_file(path: Path):

@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_osp import parallel, platform
@@ -45,6 +44,7 @@ from megatron_osp.training import model_setup, run_lock
 from megatron_osp.training.config import RunConfig, save_config
 from megatron_osp.training.data import build_datasets
 from megatron_osp.training.hang_watchdog import HangWatchdog
+from megatron_osp.training.lr_schedule import build_scheduler
 from megatron_osp.training.metric_sinks import open_sinks
 from megatron_osp.training.platform_checks import check_launch, check_platform
 from megatron_osp.training.profiling import StepProfiler
@@ -156,23 +156,7 @@ class Trainer:
         self.optimizer = get_osp_optimizer(
             config.optimizer, self.model_chunks, bf16=self.bf16, log=self.log if self._is_stage_leader() else None
         )
-        opt = config.optimizer
-        decay_style = "WSD" if train.decay_style == "wsd" else train.decay_style
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer,
-            init_lr=0.0,
-            max_lr=opt.lr,
-            min_lr=opt.lr * opt.min_lr_ratio,
-            lr_warmup_steps=train.warmup_steps,
-            lr_decay_steps=train.train_steps,
-            lr_decay_style=decay_style,
-            start_wd=opt.weight_decay,
-            end_wd=opt.weight_decay,
-            wd_incr_steps=train.train_steps,
-            wd_incr_style="constant",
-            wsd_decay_steps=int(train.train_steps * train.wsd_decay_fraction) if decay_style == "WSD" else None,
-            lr_wsd_decay_style="cosine" if decay_style == "WSD" else None,
-        )
+        self.scheduler = build_scheduler(config, self.optimizer)
 
         self.step = 0
         self.n_params = sum(p.numel() for chunk in self.model_chunks for p in chunk.parameters())
@@ -200,10 +184,10 @@ class Trainer:
         self.watchdog.arm("start-up: writing config.yaml and waiting for every rank")
         busy = None
         if dist.get_rank() == 0:  # before anything of the run (config.yaml, metrics, saves) is written
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            busy = run_lock.acquire(self.run_dir)
+            busy = run_lock.claim(self.run_dir, self.save_dir if train.save else None)
         if any_rank(self.device, busy is not None)[0]:
-            raise run_lock.RunDirInUse(busy or f"train.run_dir={self.run_dir} is in use by another job (see rank 0)")
+            raise run_lock.RunDirInUse(busy or f"train.run_dir={self.run_dir} or train.save_dir={self.save_dir} is in "
+                                       "use by another job (see rank 0)")
         if dist.get_rank() == 0 and (self.step < train.train_steps or not config_file.exists()):
             save_config(config, config_file)
         dist.barrier()

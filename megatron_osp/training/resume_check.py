@@ -7,6 +7,8 @@ field with both values:
 - a resume (the checkpoint has optimizer state): another optimizer or LR schedule, or another
   value of a hyperparameter the optimizer state carries in its param groups (loading them would
   silently put the checkpoint's values back);
+- any load: a vocabulary padded to another size (another TP size or
+  ``model.make_vocab_size_divisible_by``: the layouts cannot reshard the embedding);
 - any load: a model that learned another tokenizer's ids than this run's data hold (the
   checkpoint's record against the data's manifests or ``data.tokenizer_model``, tokenizer_record.py);
 - a resume from the run's own ``train.save_dir`` (auto-resume, "the same command again"): other
@@ -43,6 +45,7 @@ from megatron_osp.training.checkpoint import (
     read_run_config,
     read_train_state,
     resolve_checkpoint,
+    vocab_padding_problem,
 )
 from megatron_osp.training.tokenizer_record import checkpoint_record, describe, run_record, same
 
@@ -149,7 +152,18 @@ def check_compatible(path, config, *, resume: bool, same_run: bool = False) -> t
         raise CheckpointError(
             f"checkpoint {ckpt} does not fit this run:\n  " + "\n  ".join(diffs + data_diffs + tokens) + way_out
         )
+    _check_vocab_padding(path, config)
     return valid_set_change(saved, config) if resume and same_run else None
+
+
+def _check_vocab_padding(path, config) -> None:
+    """The model this run builds pads its vocabulary as the checkpoint's did (the padding depends on
+    the TP size and model.make_vocab_size_divisible_by; differently padded layouts cannot reshard)."""
+    ckpt = resolve_checkpoint(path)
+    vocab = config.model.padded_vocab_size(config.parallel.tensor_parallel_size)
+    problem = vocab_padding_problem(ckpt, read_train_state(ckpt), vocab)
+    if problem is not None:
+        raise CheckpointError(problem)
 
 
 def _tokenizer_problems(path, saved, config) -> list[str]:

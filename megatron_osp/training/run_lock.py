@@ -8,6 +8,10 @@ the life of its process; a second job is refused, naming the directory and the h
 pid, written into the lock file). The kernel drops the lock when the process ends, killed or not, so
 there is never a stale lock to remove. A filesystem without ``flock`` (some network mounts) runs
 unguarded, as before.
+
+The same holds for ``train.save_dir`` where it is another directory than the run's (``claim``): two
+jobs with different run directories but one save directory would each resume from, save into and
+prune the other's checkpoints, so a job that saves holds ``<save_dir>/.run.lock`` too.
 """
 
 from __future__ import annotations
@@ -26,9 +30,24 @@ class RunDirInUse(ValueError):
     """Another process holds the run directory's lock."""
 
 
-def acquire(run_dir: str | os.PathLike) -> str | None:
+def claim(run_dir: str | os.PathLike, save_dir: str | os.PathLike | None) -> str | None:
+    """Make and lock ``run_dir`` and, where given (the run saves), ``save_dir``. None when both are
+    held, else the reason one is not (another job holds it)."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    busy = acquire(run_dir)
+    if busy is None and save_dir is not None:
+        Path(save_dir).mkdir(parents=True, exist_ok=True)
+        busy = acquire(save_dir, field="train.save_dir", why="two jobs saving into one directory would "
+                       "resume from, replace and prune each other's checkpoints")
+    return busy
+
+
+def acquire(run_dir: str | os.PathLike, field: str = "train.run_dir",
+            why: str = "two jobs in one run directory would write the same steps and remove each other's "
+                       "checkpoint saves") -> str | None:
     """Take ``run_dir``'s lock for this process (again: a no-op). None when held, else the reason it
-    is not (another job holds it)."""
+    is not (another job holds it); ``field`` names the setting and ``why`` says why two jobs cannot
+    share the directory."""
     run_dir = Path(run_dir)
     key = str(run_dir.resolve())
     if key in _held:
@@ -41,9 +60,8 @@ def acquire(run_dir: str | os.PathLike) -> str | None:
         if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            return (f"train.run_dir={run_dir} is in use by another job ({holder} holds {path}); two jobs in "
-                    "one run directory would write the same steps and remove each other's checkpoint saves. "
-                    "Wait for it to end, or use another train.run_dir")
+            return (f"{field}={run_dir} is in use by another job ({holder} holds {path}); {why}. "
+                    f"Wait for it to end, or use another {field}")
         os.close(fd)  # no flock on this filesystem: run unguarded
         return None
     os.ftruncate(fd, 0)

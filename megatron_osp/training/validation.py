@@ -32,13 +32,14 @@ when the datasets open (``megatron_osp.data.token_range``).
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 from megatron_osp.models.layer_specs import BACKENDS
 from megatron_osp.optimizer.builder import OPTIMIZERS
 from megatron_osp.optimizer.muon import LR_SCALES
 from megatron_osp.optimizer.newton_schulz import BACKENDS as NS_BACKENDS
 from megatron_osp.optimizer.newton_schulz import COEFFICIENTS
+from megatron_osp.training.field_rules import (
+    Rule, boolean, choice, integer, is_number, number, optional, text, unset_or_text)
 
 DECAY_STYLES = ("cosine", "linear", "wsd", "constant")
 QKV_SPLITS = ("qkv", "per_head", "none")
@@ -74,68 +75,7 @@ def _fail(problems: list[str], source: str | None = None) -> None:
 
 
 # ------------------------------------------------------------------------------ rules per field
-# A rule returns None for a good value or the reason a value is bad ("must be >= 1").
-Rule = Callable[[object], "str | None"]
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def integer(lo: int | None = None, hi: int | None = None) -> Rule:
-    def rule(v):
-        if not isinstance(v, int) or isinstance(v, bool):
-            return "must be an integer"
-        if lo is not None and v < lo:
-            return f"must be >= {lo}" if hi is None else f"must be in [{lo}, {hi})"
-        if hi is not None and v >= hi:
-            return f"must be < {hi}" if lo is None else f"must be in [{lo}, {hi})"
-        return None
-
-    return rule
-
-
-def number(lo: float, hi: float = math.inf, *, lo_open: bool = False, hi_open: bool = False, what: str = "") -> Rule:
-    """A finite float in the interval; ``what`` replaces the interval in the message."""
-    left, right = "(" if lo_open else "[", ")" if hi_open or hi == math.inf else "]"
-    interval = what or (
-        f"must be > {lo}" if lo_open and hi == math.inf
-        else f"must be >= {lo}" if hi == math.inf
-        else f"must be in {left}{lo}, {hi}{right}"
-    )
-
-    def rule(v):
-        if not _is_number(v):
-            return "must be a number"
-        if not math.isfinite(v):
-            return "must be a finite number"
-        if v < lo or (lo_open and v == lo) or v > hi or (hi_open and v == hi):
-            return interval
-        return None
-
-    return rule
-
-
-def choice(options) -> Rule:
-    options = tuple(options)
-    return lambda v: None if v in options else f"must be one of {', '.join(map(str, options))}"
-
-
-def optional(rule: Rule) -> Rule:
-    return lambda v: None if v is None else rule(v)
-
-
-def boolean(v):
-    return None if isinstance(v, bool) else "must be true or false"
-
-
-def text(v):
-    return None if isinstance(v, str) and v.strip() else "must be a non-empty string"
-
-
-def unset_or_text(v):
-    """Not set (null or empty: W&B off, or its default) or a non-empty string."""
-    return None if v is None or v == "" else text(v)
+# The rule builders (integer, number, choice, ...) are field_rules.py's.
 
 
 def _paths(v):
@@ -151,7 +91,7 @@ def _weights(v):
     if not isinstance(v, list) or not v:
         return "must be a non-empty list of numbers (or null for weights by size)"
     for i, w in enumerate(v):
-        if not _is_number(w) or not math.isfinite(w) or w <= 0:  # the blend refuses 0 (normalize_weights)
+        if not is_number(w) or not math.isfinite(w) or w <= 0:  # the blend refuses 0 (normalize_weights)
             return f"entry {i} ({w!r}) must be a finite number > 0 (leave a dataset out of data.paths to skip it)"
     return None
 
