@@ -86,7 +86,7 @@ class Unit:
     shape: tuple[int, int]  # the unit's own 2-D shape
     slices: list[Slice]  # one per TP rank (empty slices where a TP rank holds none of it)
     tp_sharded: bool  # the parameter is split over TP (else every TP rank holds the same values)
-    tp_sum: bool = False  # replicated, but each TP rank holds a partial gradient (sequence parallel)
+    tp_sum: bool = False  # replicated, but each TP rank holds a partial gradient (partial_over_tp)
     owner: int = -1  # rank in the TP x DP domain
     cost: tuple[int, int] = (0, 0)  # (bytes of master + state, Newton-Schulz FLOPs)
     holders: list[int] = field(default_factory=list)  # TP ranks that hold a non-empty slice
@@ -123,6 +123,16 @@ def _chunk_bounds(size: int, k: int, octants: bool = False) -> list[tuple[int, i
         return [(o * eighth + a, o * eighth + b) for o in range(8) for a, b in _chunk_bounds(eighth, k // 8)]
     step = math.ceil(size / k)
     return [(a, min(a + step, size)) for a in range(0, size, step)]
+
+
+def partial_over_tp(name, param, model, tp_size) -> bool:
+    """Whether a replicated parameter's gradient is only a part on each TP rank, the parts summing to
+    it (what Megatron's finalize_model_grads all-reduces over TP): sequence-parallel norms and EmbProj,
+    and with qk_layernorm the Q/K norms, which each TP rank applies to its own heads only."""
+    if getattr(param, "sequence_parallel", False):
+        return True
+    qk = getattr(model.config, "qk_layernorm", False) and ("q_layernorm" in name or "k_layernorm" in name)
+    return bool(qk) and tp_size > 1
 
 
 def adam_units(name, gname, param, model, param_index, group, tp_size, kind=ADAM, target=ADAM_CHUNK_ELEMS):
@@ -174,7 +184,7 @@ def adam_units(name, gname, param, model, param_index, group, tp_size, kind=ADAM
                 slices, holders = slices * tp_size, list(range(tp_size))
             key = gname + (f"[{b}]" if len(blocks) > 1 else "") + (f"{{{c}}}" if k > 1 else "")
             units.append(Unit(key, kind, param_index, group, (ur1 - ur0, uc1 - uc0), slices, sharded,
-                              tp_sum=bool(getattr(param, "sequence_parallel", False)) and not sharded,
+                              tp_sum=partial_over_tp(name, param, model, tp_size) and not sharded,
                               holders=holders))
     return units
 

@@ -1,0 +1,89 @@
+"""Shapes and settings the other multi-rank tests leave out reproduce the single-process run.
+
+A model with grouped-query attention (2 KV groups = TP), an odd per-rank FFN width (25), 3 layers
+and a vocabulary whose padding differs by layout (257 tokens, padded to a multiple of 4 x TP: 260
+rows in one process, 264 at TP=2) trains 3 steps; per-step losses and final logical weights (the
+first 260 vocabulary rows, the rest being padding at TP=2 only) must equal the single-process run's
+within the tolerance of tests/test_training_parallel.py. Cases:
+
+- qk_layernorm with the owner-sharded optimizer at TP=2 (OSP and AdamW + RMSNorm): each TP rank
+  normalises only its own heads, so the Q/K norms' gradients are partial per TP rank and the owner
+  must add them (as Megatron's finalize_model_grads does without distributed_optimizer).
+"""
+
+import numpy as np
+import torch
+
+from megatron_osp.testing.distributed import run_distributed
+
+MODEL = ["model.preset=test", "model.num_layers=3", "model.hidden_size=48", "model.num_query_groups=2",
+         "model.ffn_hidden_size=50", "model.vocab_size=257", "model.make_vocab_size_divisible_by=4"]
+ZERO = ["optimizer.distributed_optimizer=true"]
+
+
+def _overrides(corpus, optimizer, tp=1, extra=()):
+    return [
+        *MODEL, f"data.paths=[{corpus}]", "data.eod_id=255", f"optimizer.name={optimizer}",
+        "optimizer.muon_lr=0.02", f"parallel.tensor_parallel_size={tp}", "train.train_steps=3",
+        "train.warmup_steps=1", "train.global_batch_size=8", "train.micro_batch_size=2",
+        "train.log_interval=1", "train.tensorboard=false", "train.progress_bar=false",
+        "train.eval_batches=1", "train.kurtosis_batches=1", "train.save=false", *extra,
+    ]
+
+
+def _runs_worker(rank, world_size, cases, run_root):
+    from megatron.core import parallel_state
+
+    from megatron_osp.models.layout import gather_logical
+    from megatron_osp.training.config import load_config
+    from megatron_osp.training.loop import Trainer
+    from megatron_osp.training.model_setup import core_chunks
+
+    out = []
+    for name, overrides in cases:
+        trainer = Trainer(load_config(None, overrides + [f"train.run_dir={run_root}/{name}"]), log=lambda *_: None)
+        trainer.train()
+        weights = {}
+        for core in core_chunks(trainer.model_chunks):
+            weights.update(gather_logical(core, dict(core.named_parameters())))
+        leader = parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0
+        out.append({
+            "losses": [h["loss"] for h in trainer.history],
+            "weights": {k: v.detach().float().clone() for k, v in weights.items()} if leader else {},
+        })
+    return out
+
+
+def _merge(per_rank, i):
+    merged = {"weights": {}}
+    for r in per_rank:
+        merged["weights"].update(r[i]["weights"])
+        if not np.isnan(r[i]["losses"][0]):
+            merged["losses"] = r[i]["losses"]
+    return merged
+
+
+def _close(ref, got, what):
+    np.testing.assert_allclose(got["losses"], ref["losses"], rtol=2e-5, err_msg=what)
+    assert sorted(got["weights"]) == sorted(ref["weights"])
+    for k, w in ref["weights"].items():
+        g = got["weights"][k][: w.shape[0]]  # the vocabulary's padding rows differ by layout
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=2e-5, msg=lambda m: f"{what} {k}: {m}")
+
+
+def _compare(corpus, root, cases, world):
+    """Each case (name, optimizer, tp, extra) against the single-process run of its optimizer and extra."""
+    single = [(f"ref_{n}", _overrides(corpus, o, 1, extra)) for n, o, _, extra in cases]
+    multi = [(n, _overrides(corpus, o, tp, extra + ZERO)) for n, o, tp, extra in cases]
+    one = run_distributed(_runs_worker, 1, single, str(root), timeout=600)
+    many = run_distributed(_runs_worker, world, multi, str(root), timeout=600)
+    for i, (n, *_) in enumerate(cases):
+        _close(_merge(one, i), _merge(many, i), n)
+
+
+def test_qk_layernorm_with_the_distributed_optimizer_at_tp2(toy_corpus, tmp_path):
+    qk = ["model.qk_layernorm=true"]
+    _compare(toy_corpus, tmp_path, [
+        ("qkln_muon", "muon", 2, qk),
+        ("qkln_adam_rmsnorm", "adam", 2, qk + ["model.normalization=rmsnorm", "model.embedding_projection=false"]),
+    ], world=2)
