@@ -9,6 +9,8 @@ within the tolerance of tests/test_training_parallel.py. Cases:
 - qk_layernorm with the owner-sharded optimizer at TP=2 (OSP and AdamW + RMSNorm): each TP rank
   normalises only its own heads, so the Q/K norms' gradients are partial per TP rank and the owner
   must add them (as Megatron's finalize_model_grads does without distributed_optimizer).
+- muon_only at TP=2, with and without the owner-sharded optimizer: Muon's update scale of the
+  embedding and output layer comes from their one-process shape (260 rows), not the TP-padded one.
 """
 
 import numpy as np
@@ -21,10 +23,11 @@ MODEL = ["model.preset=test", "model.num_layers=3", "model.hidden_size=48", "mod
 ZERO = ["optimizer.distributed_optimizer=true"]
 
 
-def _overrides(corpus, optimizer, tp=1, extra=()):
+def _overrides(corpus, optimizer, tp=1, pp=1, extra=()):
     return [
         *MODEL, f"data.paths=[{corpus}]", "data.eod_id=255", f"optimizer.name={optimizer}",
-        "optimizer.muon_lr=0.02", f"parallel.tensor_parallel_size={tp}", "train.train_steps=3",
+        "optimizer.muon_lr=0.02", f"parallel.tensor_parallel_size={tp}", f"parallel.pipeline_parallel_size={pp}",
+        "train.train_steps=3",
         "train.warmup_steps=1", "train.global_batch_size=8", "train.micro_batch_size=2",
         "train.log_interval=1", "train.tensorboard=false", "train.progress_bar=false",
         "train.eval_batches=1", "train.kurtosis_batches=1", "train.save=false", *extra,
@@ -72,9 +75,10 @@ def _close(ref, got, what):
 
 
 def _compare(corpus, root, cases, world):
-    """Each case (name, optimizer, tp, extra) against the single-process run of its optimizer and extra."""
-    single = [(f"ref_{n}", _overrides(corpus, o, 1, extra)) for n, o, _, extra in cases]
-    multi = [(n, _overrides(corpus, o, tp, extra + ZERO)) for n, o, tp, extra in cases]
+    """Each case (name, optimizer, tp, pp, extra, layout_extra) against the single-process run of its
+    optimizer and extra (layout_extra: the multi-rank run's own settings)."""
+    single = [(f"ref_{n}", _overrides(corpus, o, extra=extra)) for n, o, _, _, extra, _ in cases]
+    multi = [(n, _overrides(corpus, o, tp, pp, extra + more)) for n, o, tp, pp, extra, more in cases]
     one = run_distributed(_runs_worker, 1, single, str(root), timeout=600)
     many = run_distributed(_runs_worker, world, multi, str(root), timeout=600)
     for i, (n, *_) in enumerate(cases):
@@ -84,6 +88,14 @@ def _compare(corpus, root, cases, world):
 def test_qk_layernorm_with_the_distributed_optimizer_at_tp2(toy_corpus, tmp_path):
     qk = ["model.qk_layernorm=true"]
     _compare(toy_corpus, tmp_path, [
-        ("qkln_muon", "muon", 2, qk),
-        ("qkln_adam_rmsnorm", "adam", 2, qk + ["model.normalization=rmsnorm", "model.embedding_projection=false"]),
+        ("qkln_muon", "muon", 2, 1, qk, ZERO),
+        ("qkln_adam_rmsnorm", "adam", 2, 1, qk + ["model.normalization=rmsnorm", "model.embedding_projection=false"], ZERO),
     ], world=2)
+
+
+def test_muon_only_vocabulary_matrices_at_tp2(toy_corpus, tmp_path):
+    _compare(toy_corpus, tmp_path, [
+        ("muon_only", "muon_only", 2, 1, [], []),
+        ("muon_only_zero", "muon_only", 2, 1, [], ZERO),
+    ], world=2)
+

@@ -40,6 +40,25 @@ class LogicalBlock:
     pieces: list[Piece]  # one per TP rank; identical full pieces if the parameter is replicated
     sharded: bool  # whether the parameter is split over TP (else every TP rank holds all of it)
     owner: int = -1  # rank in the TP x DP domain that runs Newton-Schulz on it
+    # The (m, n) Muon's update scale is taken from, where it is not ``shape``: the vocabulary
+    # matrices' rows in one process, which TP padding would otherwise change (vocab_scale_shape)
+    scale_shape: tuple[int, int] | None = None
+
+
+VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+def vocab_scale_shape(name: str, model, shape: tuple[int, int]) -> tuple[int, int] | None:
+    """For the embedding and output layer (Muon-routed only in muon_only), their shape with the
+    one-process layout's padded vocabulary: the padding to a multiple of make_vocab_size_divisible_by
+    x TP gives them other rows at other TP sizes, which must not change the update's scale. The
+    padding rows' gradients are zero, so Newton-Schulz itself gives the same rows either way."""
+    while not hasattr(model, "vocab_rows_at_tp1") and hasattr(model, "module"):
+        model = model.module  # DDP / Float16Module wrappers
+    rows = getattr(model, "vocab_rows_at_tp1", None)
+    if rows is None or not name.endswith(VOCAB_PARAMS) or rows == shape[0]:
+        return None
+    return (rows, shape[1])
 
 
 def _qkv_rows(config) -> int:
@@ -127,6 +146,8 @@ def build_blocks(
             if not sharded:
                 pieces = pieces * tp_size
             key = gname if len(row_sets) == 1 else f"{gname}[{b}]"
-            blocks.append(LogicalBlock(key, param_offset + i, (len(idx), cols), pieces, sharded))
+            shape = (len(idx), cols)
+            scale = vocab_scale_shape(name, model, shape) if len(row_sets) == 1 else None
+            blocks.append(LogicalBlock(key, param_offset + i, shape, pieces, sharded, scale_shape=scale))
     return blocks
 

@@ -205,14 +205,14 @@ class Muon(torch.optim.Optimizer):
         self.last_ns_keys = []
         by_shape = defaultdict(list)
         for b in self.owned:
-            by_shape[b.shape].append(b)
+            by_shape[(b.shape, b.scale_shape or b.shape)].append(b)
         results = {}
-        for shape, group in by_shape.items():
+        for (_, scale_shape), group in by_shape.items():
             stack = torch.stack([matrices[b.key] for b in group])
             out = newton_schulz(stack, steps=self.ns_steps, coefficients=self.coefficients, backend=self.ns_backend)
             self.ns_calls += stack.shape[0]  # counted where NS runs, so tests can audit ownership
             self.last_ns_keys += [b.key for b in group]
-            out = out * update_scale(*shape, self.lr_scale, self.rms_match)
+            out = out * update_scale(*scale_shape, self.lr_scale, self.rms_match)
             for b, o in zip(group, out):
                 results[b.key] = o.to(comm_dtype)
 
