@@ -11,6 +11,8 @@ within the tolerance of tests/test_training_parallel.py. Cases:
   must add them (as Megatron's finalize_model_grads does without distributed_optimizer).
 - muon_only at TP=2, with and without the owner-sharded optimizer: Muon's update scale of the
   embedding and output layer comes from their one-process shape (260 rows), not the TP-padded one.
+- tied embeddings at PP=2 (2 layers; AdamW, muon_only): the last stage's copy of the word embeddings starts
+  equal to the embedding (so the first loss is the one-process loss) and stays equal to it.
 """
 
 import numpy as np
@@ -68,6 +70,10 @@ def _merge(per_rank, i):
 
 def _close(ref, got, what):
     np.testing.assert_allclose(got["losses"], ref["losses"], rtol=2e-5, err_msg=what)
+    if "output_layer.weight" not in ref["weights"]:  # tied: at PP > 1 the last stage holds a copy
+        copy = got["weights"].pop("output_layer.weight", None)
+        if copy is not None:
+            torch.testing.assert_close(copy, got["weights"]["embedding.word_embeddings.weight"], msg=what)
     assert sorted(got["weights"]) == sorted(ref["weights"])
     for k, w in ref["weights"].items():
         g = got["weights"][k][: w.shape[0]]  # the vocabulary's padding rows differ by layout
@@ -99,3 +105,10 @@ def test_muon_only_vocabulary_matrices_at_tp2(toy_corpus, tmp_path):
         ("muon_only_zero", "muon_only", 2, 1, [], ZERO),
     ], world=2)
 
+
+def test_tied_embeddings_at_pp2(toy_corpus, tmp_path):
+    tied = ["model.untie_embeddings_and_output_weights=false", "model.num_layers=2"]
+    _compare(toy_corpus, tmp_path, [
+        ("tied_adam", "adam", 1, 2, tied, []),
+        ("tied_muon_only", "muon_only", 1, 2, tied, []),
+    ], world=2)

@@ -50,7 +50,12 @@ def initialize_layout_independent(model, seed: int):
     rank = parallel_state.get_tensor_model_parallel_rank()
     size = parallel_state.get_tensor_model_parallel_world_size()
     offset = layout.layer_offset(model)
+    tied = getattr(model, "share_embeddings_and_output_weights", False)
     for name, param in model.named_parameters():
         global_name = layout.to_global_name(name, offset)
+        if tied and global_name == "output_layer.weight":
+            # Tied embeddings at PP > 1: the last stage's copy of the word embeddings (Megatron
+            # keeps it in step by all-reducing the two gradients) starts as the embedding does.
+            global_name = "embedding.word_embeddings.weight"
         full = _draw(global_name, _logical_shape(param, name), model.config, seed)
         param.copy_(layout.split_for_rank(full, param, name, model, rank, size))
