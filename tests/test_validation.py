@@ -364,6 +364,23 @@ def test_settings_this_machine_cannot_run_are_refused_before_the_model_is_built(
     assert not [p for p in platform_problems(config, on_cpu=False) if p.startswith("train.bf16")]
 
 
+def test_rmsnorm_with_sequence_parallelism_on_the_local_spec_is_refused(toy_corpus, tmp_path):
+    """Megatron-Core's local RMSNorm asserts "sequence parallel not supported by torch LayerNorm" when
+    the model is built (after the data), so RMSNorm x SP at TP=2 on CPU crashed every rank."""
+    from megatron_osp.training.platform_checks import platform_problems
+
+    sp = ["parallel.tensor_parallel_size=2", "parallel.sequence_parallel=true", "model.transformer_impl=local"]
+    config = load_config(None, _tiny(toy_corpus, tmp_path / "run", *sp, "model.normalization=rmsnorm"))
+    assert [p for p in platform_problems(config, on_cpu=True) if "sequence_parallel" in p] == [
+        "parallel.sequence_parallel=true with model.normalization=rmsnorm needs Transformer Engine "
+        "(model.transformer_impl=local builds Megatron-Core's local RMSNorm here, which has no sequence "
+        "parallelism): use model.normalization=ssnorm, parallel.sequence_parallel=false, or "
+        "transformer_impl=transformer_engine on a GPU"]
+    # SSNorm is sequence parallel; RMSNorm without it is fine.
+    for fine in (sp, sp[:1] + ["model.transformer_impl=local", "model.normalization=rmsnorm"]):
+        assert platform_problems(load_config(None, _tiny(toy_corpus, tmp_path / "run", *fine)), on_cpu=True) == []
+
+
 def test_several_tasks_not_started_by_torchrun_are_refused(toy_corpus, tmp_path, monkeypatch):
     """`srun -n 8 python -m megatron_osp.training.pretrain ...` (no torchrun) made every task a world
     of one: eight runs trained alone and raced on one run directory and its checkpoints."""

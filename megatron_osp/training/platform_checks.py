@@ -7,6 +7,8 @@ the model or optimizer was built, or at the first step, with a library's traceba
 - ``train.bf16=true`` on CPU without the distributed optimizer (Megatron's mixed-precision
   optimizer wraps only CUDA tensors; ours, optimizer/zero/, runs bf16 on CPU too);
 - ``model.transformer_impl=transformer_engine`` without Transformer Engine;
+- ``parallel.sequence_parallel=true`` with ``model.normalization=rmsnorm`` on the local spec
+  (Megatron-Core's local RMSNorm refuses sequence parallelism when the model is built);
 - ``optimizer.muon_ns_backend=triton`` where the Triton kernel cannot run (no triton, or CPU
   without its interpreter) for an optimizer with Muon.
 
@@ -28,7 +30,7 @@ import os
 from pathlib import Path
 
 from megatron_osp.fileio import unwritable_reason
-from megatron_osp.models.layer_specs import transformer_engine_available
+from megatron_osp.models.layer_specs import resolve_backend, transformer_engine_available
 from megatron_osp.training.validation import ConfigError
 
 
@@ -43,6 +45,17 @@ def platform_problems(config, on_cpu: bool) -> list[str]:
         problems.append(
             "model.transformer_impl=transformer_engine: Transformer Engine is not installed (install "
             "megatron-osp[te], or use local; auto takes it when it is importable)"
+        )
+    m, par = config.model, config.parallel
+    if (m.normalization == "rmsnorm" and par.sequence_parallel and par.tensor_parallel_size > 1
+            and m.transformer_impl != "transformer_engine" and resolve_backend(m.transformer_impl) == "local"):
+        # Megatron-Core's local RMSNorm (torch's, wrapped) asserts at model build that it is not
+        # sequence parallel; SSNorm and Transformer Engine's RMSNorm are.
+        problems.append(
+            f"parallel.sequence_parallel=true with model.normalization=rmsnorm needs Transformer Engine "
+            f"(model.transformer_impl={m.transformer_impl} builds Megatron-Core's local RMSNorm here, which "
+            "has no sequence parallelism): use model.normalization=ssnorm, parallel.sequence_parallel=false, "
+            "or transformer_impl=transformer_engine on a GPU"
         )
     if config.optimizer.muon_ns_backend == "triton" and config.optimizer.name != "adam":
         reason = _triton_unavailable(on_cpu)
