@@ -163,6 +163,8 @@ def test_value_out_of_range_is_refused_by_name(override, message):
         (["data.eod_id=600"], r"data\.eod_id=600 is outside the vocabulary \(model\.vocab_size=512\)"),
         (["data.paths=[a]", "data.weights=[1, 2]"], r"data\.weights has 2 entries but data\.paths has 1"),
         (["optimizer.delivery=relay"], r"optimizer\.delivery=relay needs optimizer\.distributed_optimizer=true"),
+        (["optimizer.distributed_optimizer=true", "model.untie_embeddings_and_output_weights=false"],  # refused once built
+         r"optimizer\.distributed_optimizer=true needs model\.untie_embeddings_and_output_weights=true"),
         (["parallel.sequence_parallel=true"],  # TP 1: silently off (Megatron-Core refuses it)
          r"parallel\.sequence_parallel=true needs parallel\.tensor_parallel_size > 1.*set parallel\.sequence_parallel=false"),
         (["train.wsd_decay_fraction=0.3"],  # decay_style cosine: the fraction was never used

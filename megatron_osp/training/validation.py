@@ -269,6 +269,9 @@ def relation_problems(config) -> list[str]:
         problems.append(f"optimizer.grad_reduce_dtype={o.grad_reduce_dtype} needs optimizer.distributed_optimizer=true")
     if o.delivery == "relay" and not o.distributed_optimizer:
         problems.append("optimizer.delivery=relay needs optimizer.distributed_optimizer=true")
+    if o.distributed_optimizer and not m.untie_embeddings_and_output_weights:
+        # Its owners hold each parameter once; optimizer/zero/build.py refused tied ones only once built.
+        problems.append("optimizer.distributed_optimizer=true needs model.untie_embeddings_and_output_weights=true")
     groups = m.num_query_groups or m.num_attention_heads
     if m.num_attention_heads % groups:
         problems.append(
