@@ -9,23 +9,7 @@ from pathlib import Path
 import pytest
 
 from megatron_osp.data.preprocess import BadRecord, preprocess
-from megatron_osp.data.tokenizer import train_sentencepiece
-
-REPO = Path(__file__).resolve().parents[1]
-TEXTS = [f"record {i}: the quick brown fox jumps over the lazy dog " * (1 + i % 3) for i in range(120)]
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tok")
-    corpus = d / "c.jsonl"
-    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
-    return str(train_sentencepiece(corpus, d / "tok", vocab_size=300))
-
-
-def _cli(tool, *args):
-    return subprocess.run([sys.executable, str(REPO / "tools" / tool), *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
+from test_data_bad_inputs import REPO, TEXTS, _cli, tok  # noqa: F401 (tok: the fixture)
 
 
 def test_inputs_of_only_bad_records_skipped_are_all_named_with_the_count(tmp_path, tok):
