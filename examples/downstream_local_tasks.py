@@ -10,7 +10,10 @@ From the last ``--held-out`` fraction of the documents (the quickstart runs' val
 last 5%, data.split 95,5,0), each question is a ``--context``-character passage:
 
 - ``local_cloze`` (multiple choice): the passage's true next ``--span`` characters against three spans
-  cut from other held-out documents; chance is 25%.
+  cut from other held-out documents; chance is 25%. The passage ends before a space (at most
+  ``--context`` characters) and every choice starts with one: the harness scores a choice as the tokens
+  of passage + choice after the passage's own, and a passage cut inside a word would share a token with
+  the choice, leaving some of the choice's characters unscored.
 - ``local_complete`` (generative): greedy continuation, exact match of the next word.
 """
 
@@ -95,27 +98,39 @@ def main(argv=None) -> int:
     held = [d for d in docs[int(len(docs) * (1 - args.held_out)):] if len(d) > args.context + args.span + 1]
     if len(held) < 4:
         raise SystemExit(f"error: {args.corpus}: fewer than 4 held-out documents longer than context + span")
+    # Choices start at a word boundary: a space after a non-space, with a non-blank span after it.
+    starts = [[s for s in range(1, len(d) - args.span + 1)
+               if d[s] == " " and not d[s - 1].isspace() and d[s:s + args.span].strip()] for d in held]
+    if len({d[s:s + args.span] for d, ss in zip(held, starts) for s in ss}) < 4:
+        raise SystemExit(f"error: {args.corpus}: its held-out documents hold fewer than 4 different "
+                         f"{args.span}-character spans starting at a word to offer as choices (repetitive text?)")
     rng = random.Random(args.seed)
     cloze, complete = [], []
     for _ in range(args.questions):
-        i = rng.randrange(len(held))
-        doc = held[i]
-        start = rng.randrange(len(doc) - args.context - args.span)
-        context = doc[start:start + args.context]
-        spans = [doc[start + args.context:start + args.context + args.span]]
+        for _ in range(10_000):  # a passage that is one long word has no boundary to cut at: draw another
+            i = rng.randrange(len(held))
+            doc = held[i]
+            start = rng.randrange(len(doc) - args.context - args.span)
+            cut = next((s for s in reversed(starts[i]) if start + args.context // 2 < s <= start + args.context), None)
+            if cut is not None:
+                break
+        else:
+            raise SystemExit(f"error: {args.corpus}: its held-out passages of {args.context} characters have no "
+                             "space to end at (a word boundary, so that the choice's characters are all scored)")
+        spans = [doc[cut:cut + args.span]]
         for _ in range(10_000):  # a corpus of near-identical documents may hold fewer than 4 distinct spans
             if len(spans) == 4:
                 break
-            other = held[rng.randrange(len(held))]
-            s = rng.randrange(len(other) - args.span)
-            if other[s:s + args.span] not in spans:
-                spans.append(other[s:s + args.span])
+            j = rng.randrange(len(held))
+            if starts[j] and (span := held[j][(s := rng.choice(starts[j])):s + args.span]) not in spans:
+                spans.append(span)
         else:
             raise SystemExit(f"error: {args.corpus}: its held-out documents hold fewer than 4 different "
                              f"{args.span}-character spans to offer as choices (repetitive text?)")
         order = list(range(4))
         rng.shuffle(order)
-        cloze.append({"context": context, "choices": [spans[k] for k in order], "label": order.index(0)})
+        cloze.append({"context": doc[start:cut], "choices": [spans[k] for k in order], "label": order.index(0)})
+        context = doc[start:start + args.context]  # local_complete: the rest of a word cut short
         rest = doc[start + args.context:]
         word = rest.split()[0] if rest.strip() else ""
         if word and not rest[0].isspace():
