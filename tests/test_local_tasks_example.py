@@ -35,7 +35,7 @@ def test_bad_inputs_are_refused_with_file_and_line_and_nothing_hangs(tmp_path):
     out = tmp_path / "tasks"
     cases = [
         ((repetitive, out, "--held-out", "0.5"), f"error: {repetitive}: its held-out documents hold fewer than 4 "
-                                                 "different 24-character spans"),
+                                                 "different 16-character spans"),
         ((bad, out), f"error: {bad}:3: not valid JSON"),
         ((nokey, out), f"error: {nokey}:2: no string under key 'text' (it holds int)"),
         ((corpus, out, "--held-out", "1.7"), "--held-out must be a fraction in (0, 1], got 1.7"),
@@ -59,3 +59,42 @@ def test_an_output_directory_with_yaml_characters_gives_loadable_tasks(tmp_path)
     done = _run(corpus, out, "--held-out", "0.3", "--questions", "12")
     assert done.returncode == 0, done.stderr
     check_tasks(parse_tasks("local_cloze,local_complete"), str(out))
+
+
+def test_questions_fit_the_models_window_and_sizes_that_cannot_are_refused(tmp_path):
+    """The defaults (160-character passages + 24-character choices) exceeded the quickstart model's
+    128-token window with its character-level tokenizer: the harness cut every passage short (with a
+    warning). Now each question, in a byte-level tokenizer's tokens (one per UTF-8 byte, the most a
+    character-level one with byte fallback gives) plus BOS, fits the window with its longest choice, or
+    with the 24 generated tokens; sizes that cannot fit the default, --seq-length or --model's window
+    are refused by option, nothing written."""
+    from megatron_osp.testing.tokenizers import byte_level_bpe
+
+    corpus = tmp_path / "corpus.jsonl"
+    texts = write_corpus(corpus, 80, seed=2)  # with 'série', 'naïve': characters of two bytes
+    done = _run(corpus, tmp_path / "tasks", "--held-out", "0.5", "--questions", "40")
+    assert done.returncode == 0, done.stderr
+    tok = byte_level_bpe(texts, vocab_size=257)  # no merges: one token per byte
+    n = lambda s: len(tok.encode(s).ids) + 1  # noqa: E731  (+ BOS)
+    cloze = [json.loads(line) for line in open(tmp_path / "tasks" / "local_cloze.jsonl", encoding="utf-8")]
+    complete = [json.loads(line) for line in open(tmp_path / "tasks" / "local_complete.jsonl", encoding="utf-8")]
+    assert len(cloze) == 40 and complete
+    assert max(n(r["context"] + c) for r in cloze for c in r["choices"]) <= 128
+    assert max(n(r["context"]) for r in complete) + 24 <= 128
+
+    model = tmp_path / "hf"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"max_position_embeddings": 64}))
+    out = tmp_path / "refused"
+    for args, expected in (
+        (("--context", "120"), "--context 120 + --span 16 (+ 2 for BOS and the first piece) does not fit the "
+                               "quickstart model's 128-token window"),
+        (("--seq-length", "120"), "--context 96 + 24 generated tokens (+ 2 for BOS and the first piece) does not "
+                                  "fit --seq-length 120"),
+        (("--model", model), f"does not fit the 64-token window of --model {model}"),
+        (("--model", tmp_path / "nowhere"), f"--model {tmp_path / 'nowhere'} does not exist"),
+    ):
+        done = _run(corpus, out, *args)
+        assert done.returncode == 2 and expected in done.stderr and "Traceback" not in done.stderr, done.stderr
+        assert not out.exists()
+    assert _run(corpus, out, "--model", model, "--context", "30", "--span", "8", "--held-out", "0.5").returncode == 0
