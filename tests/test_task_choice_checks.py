@@ -72,3 +72,12 @@ def test_an_unreadable_local_file_names_the_readers_error(tmp_path):
     assert "task uni: its local data files cannot be read (DatasetGenerationError" in str(e.value), e.value
     assert "caused by ArrowInvalid: JSON parse error: The surrogate pair in string is invalid. in row 2" in \
         str(e.value) and "(rows count from 0)" in str(e.value), e.value
+
+
+def test_a_question_with_one_choice_is_refused_by_document(tmp_path):
+    """A question with a single choice was accepted: the harness scores it right whatever the model does
+    (the one choice is always the most likely), inflating the accuracy. Refused naming file and document."""
+    good = [{"question": f"q{i}", "choices": ["a", "b"], "label": i % 2} for i in range(3)]
+    lines = _refusals(tmp_path, {"single": good + [{"question": "q", "choices": ["a"], "label": 0}]})
+    assert lines == [f"task single: {tmp_path / 'tasks' / 'single.jsonl'}: document 4: has one answer choice "
+                     "(['a']): it is scored right whatever the model does"], lines

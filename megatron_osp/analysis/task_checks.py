@@ -7,6 +7,7 @@ been scored, and some never surface:
 - a multiple-choice answer index past the choices, or an answer string that is not one of them, is
   scored as a wrong answer (a warning in the log), and so is a missing answer field (a JSON lines file
   whose record lacks ``label`` reads as ``None``): silently lower accuracy;
+- a document with one choice is always scored right (silently higher accuracy);
 - a document with no choices stops the run with ``not enough values to unpack``, one with an empty
   choice with ``assert len(continuation_enc) > 0``, one whose text is a number alone (read as a choice
   index) with ``Context is not a string``;
@@ -93,6 +94,8 @@ def _doc_problem(task, doc, templates) -> str | None:
         return f"cannot be formatted ({type(e).__name__}: {e})"
     if not isinstance(choices, (list, tuple)) or not choices:
         return f"has no answer choices (doc_to_choice gives {choices!r})"
+    if len(choices) == 1:
+        return f"has one answer choice ({list(choices)!r}): it is scored right whatever the model does"
     if isinstance(text, int) and not getattr(task, "multiple_input", False):
         return (f"its text is the number {text} alone, which the harness reads as a choice index (a "
                 "multiple-input task's) and stops on ('Context is not a string'): give it other text")
