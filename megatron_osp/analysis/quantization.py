@@ -8,7 +8,7 @@ group ``x`` (a weight row, a token's activations, one head of one token's K or V
     scale = max|x| / qmax                  (a group of zeros keeps scale 1: it rounds to itself)
     q(x)  = clamp(round(x / scale), -qmax, qmax) * scale,   so |x - q(x)| <= scale / 2.
 
-Settings are written ``W-A-KV`` bits as in the paper (``4-4-4`` is the headline); 16 or more bits
+Settings are written ``W-A-KV`` bits as in the paper (``4-4-4`` is the headline), each 2..16; 16 bits
 means "not quantized". Where each quantizer acts:
 
 - weights: every linear inside the decoder layers, per output channel (optionally in groups of
@@ -136,9 +136,18 @@ def parse_setting(text: str) -> QuantSetting:
     for label, bits in (("weight", w), ("activation", a), ("KV", kv)):
         if bits < 2:
             raise ValueError(f"quantization setting {text!r}: {label} bits must be >= 2")
+        if bits > FULL_BITS:  # the quantizers round to 2..15 bits; 16 is "not quantized", and so was 33
+            raise ValueError(f"quantization setting {text!r}: {label} bits {bits} are outside 2..{FULL_BITS} "
+                             f"({FULL_BITS}: not quantized)")
     if m.group(4) is not None and int(m.group(4)) < 1:
         raise ValueError(f"quantization setting {text!r}: the weight group size (-g) must be >= 1")
-    flags = set(filter(None, m.group(5).split("+")))
+    named = list(filter(None, m.group(5).split("+")))
+    flags = set(named)
+    if len(flags) < len(named):
+        raise ValueError(f"quantization setting {text!r}: a '+' option is given twice")
+    if w >= FULL_BITS and (m.group(4) is not None or "gptq" in flags):  # they only change how weights round
+        raise ValueError(f"quantization setting {text!r}: {'-g' if m.group(4) is not None else '+gptq'} needs "
+                         f"weights quantized (weight bits below {FULL_BITS})")
     return QuantSetting(
         w_bits=w,
         a_bits=a,
