@@ -289,6 +289,7 @@ def test_malformed_local_tasks_are_refused_by_document_before_any_model_loads(tm
     model.mkdir()
     (model / "config.json").write_text("{}")
     (model / "tokenizer.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"")  # present: a directory without weights is refused first
     calls = []
     monkeypatch.setattr(downstream, "load_eval_model", lambda *a, **k: calls.append(a))
     rc = evaluate_downstream.main([str(model), "--tasks", "fine:4,bad_range,bad_string,bad_empty,bad_nolabel,gen,"

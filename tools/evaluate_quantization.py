@@ -160,7 +160,8 @@ def _run(args) -> int:
     import torch
 
     from megatron_osp.analysis.evaluation import check_token_ids, check_window_count, load_token_windows
-    from megatron_osp.analysis.loading import check_data_tokenizer, check_group_sizes, config_facts, load_for_analysis
+    from megatron_osp.analysis.loading import (check_data_tokenizer, check_group_sizes, check_model_files,
+                                                config_facts, load_for_analysis)
     from megatron_osp.analysis.quant_report import (DEFAULT_SETTINGS, WEIGHT_ROUNDING, evaluate_model, format_table,
                                                     with_fp, write_report)
     from megatron_osp.analysis.report_progress import ReportProgress
@@ -191,6 +192,7 @@ def _run(args) -> int:
         for path in args.models:
             if not Path(path).exists():
                 raise FileNotFoundError(f"{path} does not exist")
+            check_model_files(path)  # a missing shard: named now, not after the models before it
             check_group_sizes(path, settings)
             check_data_tokenizer(path, args.data, "--data")
         # The held-out and calibration windows come from the first model's config (its sequence length,

@@ -188,8 +188,9 @@ def check_tasks(specs: list[TaskSpec], include_path: str | None = None, identiti
 
 
 def check_model_path(path: str) -> str:
-    """'hf' or 'megatron' without loading anything; FileNotFoundError / ValueError naming the path."""
-    from megatron_osp.analysis.loading import _is_megatron_checkpoint
+    """'hf' or 'megatron' without loading anything; FileNotFoundError / ValueError / CheckpointError naming
+    the path or the file missing from it (loading.check_model_files)."""
+    from megatron_osp.analysis.loading import _is_megatron_checkpoint, check_model_files
 
     p = Path(path)
     if not p.exists():
@@ -199,8 +200,10 @@ def check_model_path(path: str) -> str:
             raise ValueError(f"{path}: an HF model directory without a tokenizer (tokenizer.json / "
                              "tokenizer.model): the harness needs one")
         _check_tokenizer_fits(p)
+        check_model_files(path)
         return "hf"
     if _is_megatron_checkpoint(p):
+        check_model_files(path)
         return "megatron"
     raise ValueError(f"{path}: neither an HF model directory (config.json) nor a Megatron checkpoint "
                      "(latest / train_state.json, or a run directory with checkpoints/)")
