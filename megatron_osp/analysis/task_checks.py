@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["task_problems", "local_data_identity", "LOCAL_FORMATS"]
+__all__ = ["task_problems", "yaml_problems", "local_data_identity", "LOCAL_FORMATS"]
 
 LOCAL_FORMATS = ("json", "csv", "parquet", "text", "arrow")
 MAX_PER_TASK = 5
@@ -131,6 +131,43 @@ def _fewshot_problem(task, shots: int) -> str | None:
         return (f"{shots}-shot needs {need} few-shot examples, but its few-shot pool has {pool}"
                 + (" (the evaluated document itself is left out)" if need > shots else ""))
     return None
+
+
+def yaml_problems(name: str, entry) -> list[str]:
+    """Problems of a task's own YAML (``entry``: its TaskManager index entry) that the harness reports
+    without naming the file or the field, or at all: an unknown key (``TypeError: ... unexpected keyword
+    argument``), a ``num_fewshot`` that is not a whole number (``'>' not supported between 'str' and
+    'int'``), a metric it does not know (``KeyError: None``). Groups and Python-class tasks are left to
+    the harness."""
+    import dataclasses
+
+    from lm_eval.api.task import TaskConfig
+
+    cfg, path = getattr(entry, "cfg", None), getattr(entry, "yaml_path", None)
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("task"), str) or "class" in cfg or "group" in cfg:
+        return []
+    where = f"task {name}: {path}"
+    problems = []
+    unknown = sorted(str(k) for k in cfg if k not in {f.name for f in dataclasses.fields(TaskConfig)} | {"include"})
+    if unknown:
+        problems.append(f"{where}: unknown key {', '.join(repr(k) for k in unknown)} (not a field of the harness's "
+                        "task config)")
+    shots = cfg.get("num_fewshot")
+    if shots is not None and (isinstance(shots, bool) or not isinstance(shots, int) or shots < 0):
+        problems.append(f"{where}: num_fewshot is {shots!r}, not a whole number >= 0")
+    metrics = cfg.get("metric_list")
+    if metrics is not None and "process_results" not in cfg:  # a task's own scoring may name its own metrics
+        import lm_eval.api.metrics  # noqa: F401 - fills the registry
+        from lm_eval.api.registry import metric_registry
+
+        for m in metrics if isinstance(metrics, list) else [metrics]:
+            metric = m.get("metric") if isinstance(m, dict) else None
+            if not isinstance(metric, str):
+                problems.append(f"{where}: metric_list entry {m!r} is not {{metric: NAME}}")
+            elif metric not in metric_registry:
+                problems.append(f"{where}: metric {metric!r} is not a metric of lm-evaluation-harness "
+                                f"({', '.join(sorted(metric_registry))})")
+    return problems
 
 
 def task_problems(name: str, task, num_fewshot: int | None) -> list[str]:
