@@ -81,3 +81,21 @@ def test_a_question_with_one_choice_is_refused_by_document(tmp_path):
     lines = _refusals(tmp_path, {"single": good + [{"question": "q", "choices": ["a"], "label": 0}]})
     assert lines == [f"task single: {tmp_path / 'tasks' / 'single.jsonl'}: document 4: has one answer choice "
                      "(['a']): it is scored right whatever the model does"], lines
+
+
+def test_a_document_after_a_blank_line_is_named_by_its_line_too(tmp_path):
+    """The JSON lines reader skips blank lines, so after one a document's number is not its line: the
+    refusal named 'document 3' for the record on line 5. The line is now given where the two differ."""
+    good = [{"question": f"q{i}", "choices": ["a", "b"], "label": i % 2} for i in range(2)]
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    bad = {"question": "q", "choices": ["a", "b"], "label": 7}
+    (tasks / "gap.jsonl").write_text(json.dumps(good[0]) + "\n\n" + json.dumps(good[1]) + "\r\n\n"
+                                     + json.dumps(bad) + "\n")
+    (tasks / "gap.yaml").write_text(MC_YAML.replace("toy_mc", "gap").format(data=tasks / "gap.jsonl"))
+    from megatron_osp.analysis.downstream import check_tasks, parse_tasks
+
+    with pytest.raises(ValueError) as e:
+        check_tasks(parse_tasks("gap"), str(tasks))
+    assert f"task gap: {tasks / 'gap.jsonl'}: document 3 (line 5): answer index 7 is outside its 2 choices" \
+        in str(e.value), e.value

@@ -54,7 +54,29 @@ def _where(task, index: int) -> str:
     if isinstance(files, (list, tuple)) and len(files) == 1:
         files = files[0]
     source = f"{files}" if isinstance(files, (str, Path)) else f"split {split!r}"
-    return f"{source}: document {index + 1}"
+    line = _line_of(files, index) if isinstance(files, (str, Path)) and not cfg.process_docs else None
+    return f"{source}: document {index + 1}" + (f" (line {line})" if line not in (None, index + 1) else "")
+
+
+def _line_of(path, index: int) -> int | None:
+    """The line of a JSON lines file that holds its document ``index`` (the reader skips blank lines, so
+    the two differ after one); None for another format or a file that cannot be read here."""
+    if Path(path).suffix not in (".jsonl", ".json"):
+        return None
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            seen = -1
+            for n, text in enumerate(f, 1):
+                if not text.strip():
+                    continue
+                if seen == -1 and text.lstrip().startswith("["):  # one JSON array, not JSON lines
+                    return None
+                seen += 1
+                if seen == index:
+                    return n
+    except (OSError, UnicodeDecodeError):
+        return None
+    return None
 
 
 def _null_fields_used(templates, doc) -> list[str]:
