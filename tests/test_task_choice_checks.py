@@ -99,3 +99,26 @@ def test_a_document_after_a_blank_line_is_named_by_its_line_too(tmp_path):
         check_tasks(parse_tasks("gap"), str(tasks))
     assert f"task gap: {tasks / 'gap.jsonl'}: document 3 (line 5): answer index 7 is outside its 2 choices" \
         in str(e.value), e.value
+
+
+def test_few_shot_examples_drawn_from_the_evaluated_documents_are_refused(tmp_path):
+    """A local task with only a test split and no fewshot_split takes its few-shot examples from the
+    evaluated documents, and the harness leaves the asked document out only when fewshot_split names
+    the test split: 2-shot, a question could be shown with its own answer just before it (3 of 5
+    here, measured), silently raising the accuracy. Refused naming the task and the YAML line to add;
+    with 'fewshot_split: test' it passes."""
+    from megatron_osp.analysis.downstream import check_tasks, parse_tasks
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    rows = [{"question": f"q{i}", "choices": ["a", "b"], "label": i % 2} for i in range(5)]
+    (tasks / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for name, extra in (("leak", ""), ("apart", "fewshot_split: test\n")):
+        (tasks / f"{name}.yaml").write_text(MC_YAML.replace("toy_mc", name).format(data=tasks / "data.jsonl") + extra)
+    with pytest.raises(ValueError) as e:
+        check_tasks(parse_tasks("leak:2,apart:2"), str(tasks))
+    lines = [line.strip() for line in str(e.value).splitlines()[1:]]
+    assert lines == ["task leak: its 2-shot examples are drawn from the evaluated documents (split 'test') without "
+                     "leaving the asked one out, so a question can be shown with its own answer: add 'fewshot_split: "
+                     "test' to its YAML (the harness then leaves it out) or give it a training split"], lines
+    check_tasks(parse_tasks("leak:0,apart:2"), str(tasks))

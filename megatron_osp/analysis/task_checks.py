@@ -14,7 +14,8 @@ been scored, and some never surface:
 - two equal choices score the same and the harness picks one (the first, for exact ties): an answer
   on the other is counted wrong;
 - more few-shot examples than the task's few-shot pool holds stop it with ``Sample larger than
-  population``.
+  population``; few-shot examples drawn from the evaluated documents themselves (no training split,
+  no ``fewshot_split``) can show a question with its own answer (silently higher accuracy).
 
 ``task_problems`` returns one line per problem (task, data file, document number, field). Documents
 are checked for tasks whose data are local files (``dataset_path: json``, ``csv``, ...), the few-shot
@@ -152,6 +153,16 @@ def _fewshot_problem(task, shots: int) -> str | None:
     if pool < need:
         return (f"{shots}-shot needs {need} few-shot examples, but its few-shot pool has {pool}"
                 + (" (the evaluated document itself is left out)" if need > shots else ""))
+    cfg = task.config
+    if getattr(getattr(task, "fewshot_cfg", None), "samples", None) is not None:  # examples of its own, not documents
+        return None
+    evaluated = cfg.test_split if task.has_test_docs() else cfg.validation_split
+    drawn = fewshot_split or (cfg.training_split if task.has_training_docs() else
+                              cfg.validation_split if task.has_validation_docs() else cfg.test_split)
+    if drawn == evaluated and need == shots:  # the harness leaves the asked document out only in the case above
+        return (f"its {shots}-shot examples are drawn from the evaluated documents (split {evaluated!r}) without "
+                "leaving the asked one out, so a question can be shown with its own answer: add 'fewshot_split: "
+                f"{evaluated}' to its YAML (the harness then leaves it out) or give it a training split")
     return None
 
 
