@@ -42,3 +42,25 @@ def test_unknown_keys_bad_shots_and_unknown_metrics_are_named_with_their_yaml(tm
     ], lines
     assert "acc_norm" in lines[3] and "exact_match" in lines[3]
     check_tasks(parse_tasks("fine"), str(tasks))
+
+
+def test_a_task_declared_by_two_yamls_is_refused_naming_both(tmp_path):
+    """Tasks regenerated into a subdirectory of --include-path (or a copy kept beside the YAML) declare
+    the same task name twice: the harness scored the first in path order and skipped the other with a
+    log line, whichever data that was. Refused naming both files; the other tasks there are not."""
+    from megatron_osp.analysis.downstream import check_tasks, parse_tasks
+
+    tasks = tmp_path / "tasks"
+    (tasks / "v1").mkdir(parents=True)
+    rows = [{"question": f"q{i}", "choices": ["a", "b"], "label": i % 2} for i in range(3)]
+    (tasks / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for path, name in ((tasks / "same.yaml", "same"), (tasks / "v1" / "same.yaml", "'same'  # older"),
+                       (tasks / "other.yaml", "other")):
+        path.write_text(MC_YAML.replace("toy_mc", name).format(data=tasks / "data.jsonl"))
+    with pytest.raises(ValueError) as e:
+        check_tasks(parse_tasks("same,other"), str(tasks))
+    lines = [line.strip() for line in str(e.value).splitlines()[1:]]
+    assert lines == [f"task same: declared by 2 YAMLs under --include-path ({tasks / 'same.yaml'}, "
+                     f"{tasks / 'v1' / 'same.yaml'}): the harness evaluates the first and skips the others without "
+                     "a word; remove or rename the ones not meant"], lines
+    check_tasks(parse_tasks("other"), str(tasks))

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from megatron_osp.analysis.task_checks import local_data_identity, task_problems, yaml_problems
+from megatron_osp.analysis.task_checks import defined_twice, local_data_identity, task_problems, yaml_problems
 
 __all__ = ["SUITES", "TaskSpec", "parse_tasks", "offline", "check_tasks", "check_model_path", "load_eval_model",
            "evaluate_downstream", "summarize", "require_harness"]
@@ -169,7 +169,8 @@ def check_tasks(specs: list[TaskSpec], include_path: str | None = None, identiti
                              + (f" nor of --include-path {include_path}" if include_path else "")
                              + " (python -m lm_eval ls tasks lists them)")
         ours = Path(include_path).resolve() if include_path is not None else None
-        problems = [p for s in specs if ours is not None and (entry := tm.task_index.get(s.name)) is not None
+        problems = defined_twice(include_path, {s.name for s in specs}) if include_path is not None else []
+        problems += [p for s in specs if ours is not None and (entry := tm.task_index.get(s.name)) is not None
                     and ours in Path(getattr(entry, "yaml_path", None) or "/").resolve().parents
                     for p in yaml_problems(s.name, entry)]
         if problems:

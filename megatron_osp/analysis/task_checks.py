@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["task_problems", "yaml_problems", "local_data_identity", "LOCAL_FORMATS"]
+__all__ = ["task_problems", "yaml_problems", "defined_twice", "local_data_identity", "LOCAL_FORMATS"]
 
 LOCAL_FORMATS = ("json", "csv", "parquet", "text", "arrow")
 MAX_PER_TASK = 5
@@ -164,6 +164,30 @@ def _fewshot_problem(task, shots: int) -> str | None:
                 "leaving the asked one out, so a question can be shown with its own answer: add 'fewshot_split: "
                 f"{evaluated}' to its YAML (the harness then leaves it out) or give it a training split")
     return None
+
+
+def defined_twice(include_path, names) -> list[str]:
+    """Each of ``names`` that two or more YAMLs under ``include_path`` declare (``task: NAME``), one line
+    naming the files: the harness takes the first in path order and skips the rest with a log line, so
+    tasks regenerated into a subdirectory (or a copy kept beside them) were scored on whichever data
+    sorted first."""
+    import re
+
+    declares = re.compile(r"""^task:[ \t]*(["']?)([^\s"'#]+)\1[ \t]*(#.*)?$""")
+    found: dict[str, list[str]] = {}
+    for path in sorted(Path(include_path).glob("**/*.yaml"), key=lambda p: p.as_posix()):
+        if any(part in ("__pycache__", ".ipynb_checkpoints") for part in path.parts):
+            continue
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError):
+            continue  # the harness reports a YAML it cannot read
+        for line in lines:
+            if (m := declares.match(line)) and m.group(2) in names:
+                found.setdefault(m.group(2), []).append(str(path))
+    return [f"task {name}: declared by {len(files)} YAMLs under --include-path ({', '.join(files)}): the harness "
+            "evaluates the first and skips the others without a word; remove or rename the ones not meant"
+            for name, files in found.items() if len(files) > 1]
 
 
 def yaml_problems(name: str, entry) -> list[str]:
