@@ -42,3 +42,23 @@ def test_the_tools_refuse_a_bad_setting_before_anything_else(tool, tmp_path, cap
     assert main([str(tmp_path / "model"), *args, "--output-dir", str(out)]) == 2
     err = capsys.readouterr().err
     assert "error: quantization setting '33-4-4': weight bits 33 are outside 2..16" in err and not out.exists(), err
+
+
+@pytest.mark.parametrize("tool", ["evaluate_downstream", "evaluate_quantization"])
+def test_two_spellings_of_one_setting_are_refused(tool, tmp_path, capsys):
+    """evaluate_quantization --settings fp 4-4-4 04-4-4 evaluated 4-4-4 twice and, finished, wrote its
+    report marked partial ("complete": false: the progress counted three units, the report keyed two by
+    name). Both tools now refuse two settings of one name before anything else."""
+    sys.path.insert(0, str(REPO / "tools"))
+    main = __import__(tool).main
+    given = ["fp", "4-4-4", "04-4-4"]
+    args = {"evaluate_downstream": ["--settings", ",".join(given), "--tasks", "anything"],
+            "evaluate_quantization": ["--settings", *given, "--data", str(tmp_path / "data")]}[tool]
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "model"), *args, "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "error: --settings: 4-4-4 given twice (fp, 4-4-4, 04-4-4)" in err and not out.exists(), err
+    from megatron_osp.analysis.quantization import parse_settings
+
+    with pytest.raises(ValueError, match=re.escape("--settings: fp given twice (16-16-16, fp)")):
+        parse_settings(["16-16-16", "fp"])

@@ -90,14 +90,10 @@ def _check(args):
     from megatron_osp.analysis.downstream import check_model_path, check_tasks, parse_tasks, require_harness
     from megatron_osp.analysis.evaluation import check_window_count, parse_document_range
     from megatron_osp.analysis.loading import check_data_tokenizer, check_group_sizes, config_facts
-    from megatron_osp.analysis.quantization import parse_setting
+    from megatron_osp.analysis.quantization import parse_settings
 
-    settings = [parse_setting(s) for s in args.settings.split(",") if s.strip()]
-    if not settings:
-        raise ValueError("--settings: no setting given")
+    settings = parse_settings(args.settings.split(","))
     names = [s.name for s in settings]
-    if len(set(names)) != len(names):
-        raise ValueError(f"--settings: a setting is given twice ({', '.join(names)})")
     labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
     if labels and len(labels) != len(args.models):
         raise ValueError(f"--labels has {len(labels)} entries for {len(args.models)} models")

@@ -166,7 +166,7 @@ def _run(args) -> int:
                                                     with_fp, write_report)
     from megatron_osp.analysis.report_progress import ReportProgress
     from megatron_osp.analysis.report_resume import open_report, pin_model, tokens_identity
-    from megatron_osp.analysis.quantization import parse_setting
+    from megatron_osp.analysis.quantization import parse_settings
     from megatron_osp.analysis.weight_error import roles_of
     from megatron_osp.data.document_view import check_dataset_files
 
@@ -178,7 +178,7 @@ def _run(args) -> int:
               "models by label", file=sys.stderr)
         return 2
     try:
-        settings = [parse_setting(s) for s in (args.settings or DEFAULT_SETTINGS)]
+        settings = parse_settings(args.settings or DEFAULT_SETTINGS)
         for option, value in (("--num-windows", args.num_windows), ("--batch-size", args.batch_size),
                               ("--seq-length", args.seq_length), ("--stats-windows", args.stats_windows),
                               ("--calibration-windows", args.calibration_windows)):

@@ -35,6 +35,7 @@ __all__ = [
     "quant_scale",
     "QuantSetting",
     "parse_setting",
+    "parse_settings",
     "weight_fake_quant_",
     "activation_quant_hooks",
     "kv_quant_hooks",
@@ -157,6 +158,19 @@ def parse_setting(text: str) -> QuantSetting:
         rotate="quarot" in flags,
         gptq="gptq" in flags,
     )
+
+
+def parse_settings(texts, option: str = "--settings") -> list[QuantSetting]:
+    """Each of ``texts`` parsed; ValueError when there is none, or when two name the same setting
+    ('4-4-4' and '04-4-4', 'fp' and '16-16-16'): a report keys its results by the setting's name."""
+    settings = [parse_setting(t) for t in texts if t.strip()]
+    if not settings:
+        raise ValueError(f"{option}: no setting given")
+    names = [s.name for s in settings]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"{option}: {', '.join(twice)} given twice ({', '.join(t.strip() for t in texts if t.strip())})")
+    return settings
 
 
 @torch.no_grad()
