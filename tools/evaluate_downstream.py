@@ -26,6 +26,7 @@ ones it was made with.
 """
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -103,6 +104,8 @@ def _check(args):
                           ("--seq-length", args.seq_length)):
         if value is not None and value < 1:
             raise ValueError(f"{option} must be >= 1, got {value}")
+    if args.limit is not None and not math.isfinite(args.limit):  # inf: an OverflowError traceback; nan: taken
+        raise ValueError(f"--limit must be a number, got {args.limit}")
     if args.limit is not None and args.limit <= 0:
         raise ValueError(f"--limit must be > 0, got {args.limit}")
     if args.limit is not None and args.limit >= 1 and args.limit != int(args.limit):  # was cut to int silently
