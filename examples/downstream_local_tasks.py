@@ -26,7 +26,10 @@ refused, and a passage whose multi-byte characters would not fit is drawn again.
 import argparse
 import json
 import random
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's megatron_osp
 
 CLOZE = """task: local_cloze
 dataset_path: json
@@ -89,6 +92,13 @@ def read_texts(path) -> list[str]:
     return texts
 
 
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
 def _window(p, args) -> int:
     """The model's window in tokens; p.error when the passage and a choice, or the passage and the
     generated tokens, cannot fit in it."""
@@ -128,6 +138,7 @@ def main(argv=None) -> int:
                                                        "model's)")
     window.add_argument("--model", help="checkpoint, run or HF directory whose config gives --seq-length")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace tasks of other questions already in output_dir")
     args = p.parse_args(argv)
     args.seq_length = _window(p, args)
     if not 0 < args.held_out <= 1:
@@ -179,14 +190,22 @@ def main(argv=None) -> int:
         word = rest.split()[0] if rest.strip() else ""
         if word and not rest[0].isspace() and fits(context, MAX_GEN_TOKS):
             complete.append({"context": context, "answer": word})
+    from megatron_osp.fileio import atomic_write_text
+
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    files = {}
     for name, rows, yaml in (("local_cloze", cloze, CLOZE), ("local_complete", complete, COMPLETE)):
-        (out / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
-                                           encoding="utf-8")
+        files[out / f"{name}.jsonl"] = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         # quoted: a directory name with ' #' or ': ' would cut the path short in plain YAML
-        (out / f"{name}.yaml").write_text(yaml.format(data=json.dumps(str((out / f"{name}.jsonl").resolve())),
-                                                      max_gen=MAX_GEN_TOKS), encoding="utf-8")
+        files[out / f"{name}.yaml"] = yaml.format(data=json.dumps(str((out / f"{name}.jsonl").resolve())),
+                                                  max_gen=MAX_GEN_TOKS)
+    other = [str(f) for f, text in files.items() if f.exists() and _read(f) != text]
+    if other and not args.overwrite:  # the tasks an earlier downstream report was scored on
+        raise SystemExit(f"error: {', '.join(other)} already hold other questions (another corpus, seed or "
+                         "size): --overwrite replaces them, or choose another output directory")
+    out.mkdir(parents=True, exist_ok=True)
+    for f, text in files.items():
+        atomic_write_text(f, text)
     print(f"wrote {len(cloze)} local_cloze and {len(complete)} local_complete questions to {out}")
     return 0
 

@@ -98,3 +98,22 @@ def test_questions_fit_the_models_window_and_sizes_that_cannot_are_refused(tmp_p
         assert done.returncode == 2 and expected in done.stderr and "Traceback" not in done.stderr, done.stderr
         assert not out.exists()
     assert _run(corpus, out, "--model", model, "--context", "30", "--span", "8", "--held-out", "0.5").returncode == 0
+
+
+def test_tasks_of_other_questions_are_not_replaced_without_overwrite(tmp_path):
+    """Rerunning the generator with another seed, size or corpus replaced the task files an earlier
+    downstream report was scored on, without a word. Now refused naming the files, which stay as they
+    were; the same command again is a no-op that succeeds, and --overwrite replaces them."""
+    corpus = tmp_path / "corpus.jsonl"
+    write_corpus(corpus, 60, seed=0)
+    out = tmp_path / "tasks"
+    common = (corpus, out, "--held-out", "0.3", "--questions", "12")
+    assert _run(*common).returncode == 0
+    before = {f.name: f.read_text() for f in out.iterdir()}
+    assert _run(*common).returncode == 0 and {f.name: f.read_text() for f in out.iterdir()} == before
+    done = _run(*common, "--seed", "1")
+    assert done.returncode != 0 and f"error: {out / 'local_cloze.jsonl'}" in done.stderr, done.stderr
+    assert "--overwrite replaces them" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert {f.name: f.read_text() for f in out.iterdir()} == before
+    assert _run(*common, "--seed", "1", "--overwrite").returncode == 0
+    assert (out / "local_cloze.jsonl").read_text() != before["local_cloze.jsonl"]
