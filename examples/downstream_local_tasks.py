@@ -190,9 +190,11 @@ def main(argv=None) -> int:
         word = rest.split()[0] if rest.strip() else ""
         if word and not rest[0].isspace() and fits(context, MAX_GEN_TOKS):
             complete.append({"context": context, "answer": word})
-    from megatron_osp.fileio import atomic_write_text
+    from megatron_osp.fileio import atomic_write_text, unwritable_reason
 
     out = Path(args.output_dir)
+    if (reason := unwritable_reason(out)) is not None:
+        raise SystemExit(f"error: output directory {out}: {reason}")
     files = {}
     for name, rows, yaml in (("local_cloze", cloze, CLOZE), ("local_complete", complete, COMPLETE)):
         files[out / f"{name}.jsonl"] = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)

@@ -22,8 +22,9 @@ def _run(*args, timeout=60):
 def test_bad_inputs_are_refused_with_file_and_line_and_nothing_hangs(tmp_path):
     """A corpus whose held-out documents hold fewer than 4 different spans used to loop forever; a
     malformed line or a record without 'text' ended in a traceback without the line; --held-out 1.7 took
-    the last 70% of the documents without a word (a negative slice); --span 0 looped forever. Each is now
-    one error line, and no task file is written."""
+    the last 70% of the documents without a word (a negative slice); --span 0 looped forever; an output
+    directory that is a file ended in a mkdir traceback. Each is now one error line, and no task file is
+    written."""
     repetitive = tmp_path / "rep.jsonl"
     repetitive.write_text("".join(json.dumps({"text": "ab" * 200}) + "\n" for _ in range(20)))
     bad = tmp_path / "bad.jsonl"
@@ -41,6 +42,10 @@ def test_bad_inputs_are_refused_with_file_and_line_and_nothing_hangs(tmp_path):
         ((corpus, out, "--held-out", "1.7"), "--held-out must be a fraction in (0, 1], got 1.7"),
         ((corpus, out, "--span", "0"), "--span must be >= 1, got 0"),
     ]
+    a_file = tmp_path / "a_file"  # an output directory that is a file, or under one: a mkdir traceback before
+    a_file.write_text("x")
+    cases += [((corpus, a_file, "--held-out", "0.3"), f"error: output directory {a_file}: {a_file} is not a directory"),
+              ((corpus, a_file / "sub", "--held-out", "0.3"), f"output directory {a_file / 'sub'}: {a_file} is not a")]
     for args, expected in cases:
         done = _run(*args)
         assert done.returncode != 0 and expected in done.stderr and "Traceback" not in done.stderr, done.stderr
