@@ -72,3 +72,31 @@ def test_evaluate_downstream_names_a_missing_shard_or_checkpoint_file_before_any
         err = capsys.readouterr().err
         assert rc == 2 and expected in err and loaded == [], err
         assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_downstream_names_a_checkpoint_whose_tokenizer_is_gone_before_any_model_loads(
+        tmp_path, capsys, monkeypatch, megatron_single_rank):
+    """A Megatron run whose recorded tokenizer is not on this machine (its export would have none) was
+    refused only when its turn to load came, after the models before it had been evaluated."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import evaluate_downstream
+
+    import megatron_osp.analysis.downstream as downstream
+    from megatron_osp.models import build_gpt_model, get_preset, transformer_config
+    from megatron_osp.training.checkpoint import save_checkpoint
+    from megatron_osp.training.config import RunConfig
+
+    good, _, _ = _hf_models(tmp_path)
+    cfg = get_preset("test")
+    config = RunConfig(model=cfg)
+    config.data.tokenizer_model = str(tmp_path / "gone" / "tokenizer.model")
+    save_checkpoint(tmp_path / "run" / "checkpoints", 1, [build_gpt_model(cfg, transformer_config(cfg), seed=1)],
+                    config, save_rng=False)
+    loaded = []
+    monkeypatch.setattr(downstream, "check_tasks", lambda *a, **k: None)  # the tasks are not the subject
+    monkeypatch.setattr(downstream, "load_eval_model", lambda path, **kw: loaded.append(path) or 1 / 0)
+    rc = evaluate_downstream.main([str(good), str(tmp_path / "run"), "--tasks", "toy", "--settings", "fp",
+                                   "--device", "cpu", "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"error: {tmp_path / 'run'}: the run's tokenizer was not found" in err and loaded == [], err
+    assert not (tmp_path / "out").exists()

@@ -211,9 +211,25 @@ def check_model_path(path: str) -> str:
         return "hf"
     if _is_megatron_checkpoint(p):
         check_model_files(path)
+        _run_tokenizer(path)  # its export needs it: found at its load, after the models before it
         return "megatron"
     raise ValueError(f"{path}: neither an HF model directory (config.json) nor a Megatron checkpoint "
                      "(latest / train_state.json, or a run directory with checkpoints/)")
+
+
+def _run_tokenizer(path: str) -> tuple[Path, object, str]:
+    """(iteration directory, RunConfig, tokenizer path) of a Megatron checkpoint; ValueError naming it
+    when the run's tokenizer is not here."""
+    from megatron_osp.convert.hf_export import find_run_tokenizer
+    from megatron_osp.training.checkpoint import checkpoints_of, read_run_config, resolve_checkpoint
+
+    ckpt = resolve_checkpoint(checkpoints_of(path))
+    run = read_run_config(ckpt)
+    tokenizer = find_run_tokenizer(run, ckpt, log=lambda *_: None)
+    if tokenizer is None:
+        raise ValueError(f"{path}: the run's tokenizer was not found (data.tokenizer_model), so its export "
+                         "would have none; export it with tools/convert_to_hf.py --tokenizer and pass that directory")
+    return ckpt, run, tokenizer
 
 
 def _check_tokenizer_fits(p: Path) -> None:
@@ -257,15 +273,9 @@ def load_eval_model(path: str, device="cpu", dtype=None, label: str | None = Non
     if check_model_path(path) == "hf":
         loaded = load_for_analysis(path, device=device, dtype=dtype, label=label)
         return EvalModel(loaded.model, str(path), loaded.label, "hf", loaded.seq_length)
-    from megatron_osp.convert.hf_export import export_checkpoint, find_run_tokenizer
-    from megatron_osp.training.checkpoint import checkpoints_of, read_run_config, resolve_checkpoint
+    from megatron_osp.convert.hf_export import export_checkpoint
 
-    ckpt = resolve_checkpoint(checkpoints_of(path))
-    run = read_run_config(ckpt)
-    tokenizer = find_run_tokenizer(run, ckpt, log=lambda *_: None)
-    if tokenizer is None:
-        raise ValueError(f"{path}: the run's tokenizer was not found (data.tokenizer_model), so its export "
-                         "would have none; export it with tools/convert_to_hf.py --tokenizer and pass that directory")
+    ckpt, run, tokenizer = _run_tokenizer(path)
     tmp = tempfile.TemporaryDirectory(prefix="osp-downstream-")
     try:
         out = export_checkpoint(ckpt, Path(tmp.name) / "hf", dtype="float32", tokenizer_model=tokenizer, log=log)
