@@ -202,7 +202,13 @@ def _run(args) -> int:
         # The held-out documents are those every Megatron model's run held out (an HF directory's are not
         # known): an HF directory listed first, or two runs of different data.split, used to give documents
         # one of the runs trained on.
-        facts = [(m, *config_facts(m)[1:]) for m in args.models]
+        every = [(m, *config_facts(m)) for m in args.models]
+        facts = [(m, split, valid) for m, _, split, valid in every]
+        short = [(m, window) for m, window, _, _ in every if window < seq]
+        if short:  # a later model of a shorter window was scored on positions it never trained on
+            source = "--seq-length" if args.seq_length else f"the window of {args.models[0]}"
+            raise ValueError(f"{short[0][0]}: its window is {short[0][1]} tokens, shorter than the {seq}-token "
+                             f"sequences evaluated ({source}): pass --seq-length {min(w for _, w, _, _ in every)}")
         train_docs, held, note = common_held_out(args.data, args.documents, facts)
         if note:
             print(note)
