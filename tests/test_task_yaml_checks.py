@@ -64,3 +64,21 @@ def test_a_task_declared_by_two_yamls_is_refused_naming_both(tmp_path):
                      f"{tasks / 'v1' / 'same.yaml'}): the harness evaluates the first and skips the others without "
                      "a word; remove or rename the ones not meant"], lines
     check_tasks(parse_tasks("other"), str(tasks))
+
+
+def test_a_task_whose_yaml_does_not_parse_is_not_just_unknown(tmp_path):
+    """The harness skips a YAML it cannot parse without a word, so '--tasks broken' was refused as 'not a
+    task of lm-evaluation-harness nor of --include-path': the file and its YAML error are now named."""
+    from megatron_osp.analysis.downstream import check_tasks, parse_tasks
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "broken.yaml").write_text("task: broken\ndataset_path: json\ndoc_to_text: \"{{question}}\n")
+    (tasks / "fine.yaml").write_text("task: fine\nprocess_docs: !function utils.process\n")  # not requested
+    with pytest.raises(ValueError) as e:
+        check_tasks(parse_tasks("broken"), str(tasks))
+    lines = str(e.value).splitlines()
+    assert lines[0].startswith("--tasks: broken: not a task of lm-evaluation-harness nor of --include-path"), lines
+    assert len(lines) == 2 and lines[1].startswith(f"  the harness skipped {tasks / 'broken.yaml'}:4: not valid "
+                                                   "YAML (while scanning a quoted scalar on line 3: found unexpected "
+                                                   "end of stream)"), lines

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from megatron_osp.analysis.task_checks import defined_twice, local_data_identity, task_problems, yaml_problems
+from megatron_osp.analysis.task_checks import (defined_twice, local_data_identity, task_problems, unreadable_yamls,
+                                               yaml_problems)
 
 __all__ = ["SUITES", "TaskSpec", "parse_tasks", "offline", "check_tasks", "check_model_path", "load_eval_model",
            "evaluate_downstream", "summarize", "require_harness"]
@@ -165,9 +166,11 @@ def check_tasks(specs: list[TaskSpec], include_path: str | None = None, identiti
         tm = TaskManager(include_path=include_path)
         unknown = [s.name for s in specs if s.name not in tm.all_tasks]
         if unknown:
+            skipped = unreadable_yamls(include_path) if include_path is not None else []
             raise ValueError(f"--tasks: {', '.join(unknown)}: not a task of lm-evaluation-harness"
                              + (f" nor of --include-path {include_path}" if include_path else "")
-                             + " (python -m lm_eval ls tasks lists them)")
+                             + " (python -m lm_eval ls tasks lists them)"
+                             + "".join(f"\n  the harness skipped {line}" for line in skipped))
         ours = Path(include_path).resolve() if include_path is not None else None
         problems = defined_twice(include_path, {s.name for s in specs}) if include_path is not None else []
         problems += [p for s in specs if ours is not None and (entry := tm.task_index.get(s.name)) is not None

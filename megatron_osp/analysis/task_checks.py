@@ -26,7 +26,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["task_problems", "yaml_problems", "defined_twice", "local_data_identity", "LOCAL_FORMATS"]
+__all__ = ["task_problems", "yaml_problems", "defined_twice", "unreadable_yamls", "local_data_identity",
+           "LOCAL_FORMATS"]
 
 LOCAL_FORMATS = ("json", "csv", "parquet", "text", "arrow")
 MAX_PER_TASK = 5
@@ -166,6 +167,35 @@ def _fewshot_problem(task, shots: int) -> str | None:
     return None
 
 
+def _yaml_files(include_path) -> list[Path]:
+    """The YAMLs under ``include_path`` the harness indexes, in its order."""
+    return [p for p in sorted(Path(include_path).glob("**/*.yaml"), key=lambda p: p.as_posix())
+            if not any(part in ("__pycache__", ".ipynb_checkpoints") for part in p.parts)]
+
+
+def unreadable_yamls(include_path) -> list[str]:
+    """One line per YAML under ``include_path`` that is not valid YAML (naming its line): the harness skips
+    such a file without a word, so a task it declares is reported as no task at all."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):  # the harness's tags (!function) are not the question here
+        pass
+
+    Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    out = []
+    for path in _yaml_files(include_path):
+        try:
+            yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)  # noqa: S506 - a SafeLoader
+        except yaml.YAMLError as e:
+            mark, context = getattr(e, "problem_mark", None), getattr(e, "context_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark is not None else f"{path}"
+            since = f"{e.context} on line {context.line + 1}: " if context is not None and e.context else ""
+            out.append(f"{where}: not valid YAML ({since}{getattr(e, 'problem', None) or e})")
+        except (OSError, UnicodeDecodeError) as e:
+            out.append(f"{path}: cannot be read ({e})")
+    return out
+
+
 def defined_twice(include_path, names) -> list[str]:
     """Each of ``names`` that two or more YAMLs under ``include_path`` declare (``task: NAME``), one line
     naming the files: the harness takes the first in path order and skips the rest with a log line, so
@@ -175,9 +205,7 @@ def defined_twice(include_path, names) -> list[str]:
 
     declares = re.compile(r"""^task:[ \t]*(["']?)([^\s"'#]+)\1[ \t]*(#.*)?$""")
     found: dict[str, list[str]] = {}
-    for path in sorted(Path(include_path).glob("**/*.yaml"), key=lambda p: p.as_posix()):
-        if any(part in ("__pycache__", ".ipynb_checkpoints") for part in path.parts):
-            continue
+    for path in _yaml_files(include_path):
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError):
