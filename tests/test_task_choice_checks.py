@@ -122,3 +122,17 @@ def test_few_shot_examples_drawn_from_the_evaluated_documents_are_refused(tmp_pa
                      "leaving the asked one out, so a question can be shown with its own answer: add 'fewshot_split: "
                      "test' to its YAML (the harness then leaves it out) or give it a training split"], lines
     check_tasks(parse_tasks("leak:0,apart:2"), str(tasks))
+
+
+def test_a_fractional_label_is_named_as_such(tmp_path):
+    """One label written as 1.0 in a JSON lines file makes the reader read every label of the file as a
+    float, and the template renders them as '0.0', '1.0': each document was refused as "answer '0.0' is
+    not one of its choices", naming documents whose line says 0. The refusal now says why."""
+    good = [{"question": f"q{i}", "choices": ["a", "b"], "label": i % 2} for i in range(2)]
+    lines = _refusals(tmp_path, {"frac": good + [{"question": "q", "choices": ["a", "b"], "label": 1.0}]})
+    data = tmp_path / "tasks" / "frac.jsonl"
+    why = ("is a number with a fraction, not a choice index: one answer written as 1.0 or 1.5 in a JSON lines "
+           "file makes the reader read that field of every document as a float")
+    assert lines == [f"task frac: {data}: document 1: answer '0.0' {why}",
+                     f"task frac: {data}: document 2: answer '1.0' {why}",
+                     f"task frac: {data}: document 3: answer '1.0' {why}"], lines

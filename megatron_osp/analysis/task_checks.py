@@ -138,9 +138,19 @@ def _doc_problem(task, doc, templates) -> str | None:
             return f"answer {gold!r} is neither a choice index nor a choice"
         if isinstance(gold, int) and not 0 <= gold < len(choices):
             return f"answer index {gold} is outside its {len(choices)} choices (0..{len(choices) - 1})"
+        if isinstance(gold, (str, float)) and gold not in choices and _is_fraction(gold):
+            return (f"answer {gold!r} is a number with a fraction, not a choice index: one answer written as 1.0 "
+                    "or 1.5 in a JSON lines file makes the reader read that field of every document as a float")
         if isinstance(gold, str) and gold not in choices:
             return f"answer {gold!r} is not one of its choices {list(choices)!r}"
     return None
+
+
+def _is_fraction(value) -> bool:
+    try:
+        return not isinstance(value, bool) and "." in str(value) and float(value) == float(value)
+    except ValueError:
+        return False
 
 
 def _fewshot_problem(task, shots: int) -> str | None:
