@@ -40,3 +40,28 @@ def test_sequences_longer_than_a_models_window_are_refused_before_any_model_load
         assert not (tmp_path / "out").exists()
     assert evaluate_quantization.main([str(tmp_path / "long"), str(tmp_path / "short"), "--seq-length", "16",
                                        *common]) == 0
+
+
+def test_gptq_calibration_longer_than_a_models_window_is_refused(tmp_path, capsys, monkeypatch):
+    """evaluate_downstream --seq-length (the GPTQ calibration windows' length) beyond a model's window
+    calibrated on positions it never trained on, without a word. Refused naming the model."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import evaluate_downstream
+
+    import megatron_osp.analysis.downstream as downstream
+    from megatron_osp.data.indexed import IndexedDatasetWriter
+
+    _tiny_llama(0).save_pretrained(tmp_path / "m")  # max_position_embeddings 64
+    (tmp_path / "m" / "tokenizer_config.json").write_text("{}")
+    with IndexedDatasetWriter(tmp_path / "calib") as writer:
+        for _ in range(4):
+            writer.add_document(np.arange(300) % 96)
+    loaded = []
+    monkeypatch.setattr(downstream, "check_tasks", lambda *a, **k: None)  # the tasks are not the subject
+    monkeypatch.setattr(downstream, "load_eval_model", lambda path, **kw: loaded.append(path) or 1 / 0)
+    rc = evaluate_downstream.main([str(tmp_path / "m"), "--tasks", "toy", "--settings", "fp,4-4-4+gptq",
+                                   "--calibration-data", str(tmp_path / "calib"), "--calibration-windows", "2",
+                                   "--seq-length", "100", "--device", "cpu", "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and loaded == [] and f"error: {tmp_path / 'm'}: its window is 64 tokens, shorter than " \
+        "--seq-length 100" in err, err

@@ -124,6 +124,9 @@ def _check(args):
         check_group_sizes(m, settings)
         if any(s.gptq for s in settings):  # each model's calibration windows are of its sequence length
             check_data_tokenizer(m, args.calibration_data, "--calibration-data")
+            if args.seq_length is not None and args.seq_length > (window := config_facts(m)[0]):
+                raise ValueError(f"{m}: its window is {window} tokens, shorter than --seq-length {args.seq_length}: "
+                                 "GPTQ would calibrate on positions it never trained on")
             check_window_count(args.calibration_data, args.seq_length or config_facts(m)[0],
                                args.calibration_windows, docs, "--calibration-windows")
     require_harness()
