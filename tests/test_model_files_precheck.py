@@ -1,5 +1,6 @@
 """A model missing part of its weights, refused by both evaluation tools before the first model loads:
-found at its own load, it stopped the run after every model before it had been evaluated."""
+found at its own load, it stopped the run after every model before it had been evaluated. Also: an
+--output-dir that is the HF model directory (the report would change the model's identity)."""
 
 from __future__ import annotations
 
@@ -100,3 +101,24 @@ def test_evaluate_downstream_names_a_checkpoint_whose_tokenizer_is_gone_before_a
     err = capsys.readouterr().err
     assert rc == 2 and f"error: {tmp_path / 'run'}: the run's tokenizer was not found" in err and loaded == [], err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_output_dir_that_is_the_hf_model_directory_is_refused(tmp_path, capsys):
+    """A report written into the HF model directory it evaluates changed that directory's files, which are
+    the model's identity: --resume then refused the run as 'model 1 has changed'. Refused at the start,
+    nothing written into the model's directory."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import evaluate_quantization
+
+    from megatron_osp.data.indexed import IndexedDatasetWriter
+
+    good, _, _ = _hf_models(tmp_path)
+    with IndexedDatasetWriter(tmp_path / "held") as writer:
+        writer.add_document(np.arange(90) % 96)
+    before = sorted(p.name for p in good.iterdir())
+    rc = evaluate_quantization.main([str(good), "--data", str(tmp_path / "held"), "--documents", "0:1", "--seq-length",
+                                     "8", "--settings", "fp", "--num-windows", "2", "--weight-error-windows", "0",
+                                     "--device", "cpu", "--no-plots", "--output-dir", str(good)])
+    out, err = capsys.readouterr()
+    assert rc == 2 and f"error: --output-dir {good} is the HF model directory {good}" in err and "== " not in out, err
+    assert sorted(p.name for p in good.iterdir()) == before
