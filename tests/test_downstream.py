@@ -281,6 +281,8 @@ def test_malformed_local_tasks_are_refused_by_document_before_any_model_loads(tm
     for name, rows in {"fine": good, "few": good[:3], **{k: good[:2] + v for k, v in bad.items()}}.items():
         (tasks / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         (tasks / f"{name}.yaml").write_text(MC_YAML.replace("toy_mc", name).format(data=tasks / f"{name}.jsonl"))
+    with open(tasks / "fine.yaml", "a") as f:  # its 4-shot examples leave the asked document out
+        f.write("fewshot_split: test\n")
     gen = GEN_YAML.replace("toy_gen", "gen").replace('"{{{{question}}}}"', '"{{{{question}}}}{{% if hint %}} {{{{hint}}}}{{% endif %}}"')
     (tasks / "gen.yaml").write_text(gen.format(data=tasks / "gen.jsonl"))
     (tasks / "gen.jsonl").write_text(json.dumps({"question": "q", "answer": "a", "hint": None}) + "\n"
@@ -289,6 +291,7 @@ def test_malformed_local_tasks_are_refused_by_document_before_any_model_loads(tm
     model.mkdir()
     (model / "config.json").write_text("{}")
     (model / "tokenizer.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"")  # present: a directory without weights is refused first
     calls = []
     monkeypatch.setattr(downstream, "load_eval_model", lambda *a, **k: calls.append(a))
     rc = evaluate_downstream.main([str(model), "--tasks", "fine:4,bad_range,bad_string,bad_empty,bad_nolabel,gen,"

@@ -72,3 +72,67 @@ def test_an_unreadable_local_file_names_the_readers_error(tmp_path):
     assert "task uni: its local data files cannot be read (DatasetGenerationError" in str(e.value), e.value
     assert "caused by ArrowInvalid: JSON parse error: The surrogate pair in string is invalid. in row 2" in \
         str(e.value) and "(rows count from 0)" in str(e.value), e.value
+
+
+def test_a_question_with_one_choice_is_refused_by_document(tmp_path):
+    """A question with a single choice was accepted: the harness scores it right whatever the model does
+    (the one choice is always the most likely), inflating the accuracy. Refused naming file and document."""
+    good = [{"question": f"q{i}", "choices": ["a", "b"], "label": i % 2} for i in range(3)]
+    lines = _refusals(tmp_path, {"single": good + [{"question": "q", "choices": ["a"], "label": 0}]})
+    assert lines == [f"task single: {tmp_path / 'tasks' / 'single.jsonl'}: document 4: has one answer choice "
+                     "(['a']): it is scored right whatever the model does"], lines
+
+
+def test_a_document_after_a_blank_line_is_named_by_its_line_too(tmp_path):
+    """The JSON lines reader skips blank lines, so after one a document's number is not its line: the
+    refusal named 'document 3' for the record on line 5. The line is now given where the two differ."""
+    good = [{"question": f"q{i}", "choices": ["a", "b"], "label": i % 2} for i in range(2)]
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    bad = {"question": "q", "choices": ["a", "b"], "label": 7}
+    (tasks / "gap.jsonl").write_text(json.dumps(good[0]) + "\n\n" + json.dumps(good[1]) + "\r\n\n"
+                                     + json.dumps(bad) + "\n")
+    (tasks / "gap.yaml").write_text(MC_YAML.replace("toy_mc", "gap").format(data=tasks / "gap.jsonl"))
+    from megatron_osp.analysis.downstream import check_tasks, parse_tasks
+
+    with pytest.raises(ValueError) as e:
+        check_tasks(parse_tasks("gap"), str(tasks))
+    assert f"task gap: {tasks / 'gap.jsonl'}: document 3 (line 5): answer index 7 is outside its 2 choices" \
+        in str(e.value), e.value
+
+
+def test_few_shot_examples_drawn_from_the_evaluated_documents_are_refused(tmp_path):
+    """A local task with only a test split and no fewshot_split takes its few-shot examples from the
+    evaluated documents, and the harness leaves the asked document out only when fewshot_split names
+    the test split: 2-shot, a question could be shown with its own answer just before it (3 of 5
+    here, measured), silently raising the accuracy. Refused naming the task and the YAML line to add;
+    with 'fewshot_split: test' it passes."""
+    from megatron_osp.analysis.downstream import check_tasks, parse_tasks
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    rows = [{"question": f"q{i}", "choices": ["a", "b"], "label": i % 2} for i in range(5)]
+    (tasks / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for name, extra in (("leak", ""), ("apart", "fewshot_split: test\n")):
+        (tasks / f"{name}.yaml").write_text(MC_YAML.replace("toy_mc", name).format(data=tasks / "data.jsonl") + extra)
+    with pytest.raises(ValueError) as e:
+        check_tasks(parse_tasks("leak:2,apart:2"), str(tasks))
+    lines = [line.strip() for line in str(e.value).splitlines()[1:]]
+    assert lines == ["task leak: its 2-shot examples are drawn from the evaluated documents (split 'test') without "
+                     "leaving the asked one out, so a question can be shown with its own answer: add 'fewshot_split: "
+                     "test' to its YAML (the harness then leaves it out) or give it a training split"], lines
+    check_tasks(parse_tasks("leak:0,apart:2"), str(tasks))
+
+
+def test_a_fractional_label_is_named_as_such(tmp_path):
+    """One label written as 1.0 in a JSON lines file makes the reader read every label of the file as a
+    float, and the template renders them as '0.0', '1.0': each document was refused as "answer '0.0' is
+    not one of its choices", naming documents whose line says 0. The refusal now says why."""
+    good = [{"question": f"q{i}", "choices": ["a", "b"], "label": i % 2} for i in range(2)]
+    lines = _refusals(tmp_path, {"frac": good + [{"question": "q", "choices": ["a", "b"], "label": 1.0}]})
+    data = tmp_path / "tasks" / "frac.jsonl"
+    why = ("is a number with a fraction, not a choice index: one answer written as 1.0 or 1.5 in a JSON lines "
+           "file makes the reader read that field of every document as a float")
+    assert lines == [f"task frac: {data}: document 1: answer '0.0' {why}",
+                     f"task frac: {data}: document 2: answer '1.0' {why}",
+                     f"task frac: {data}: document 3: answer '1.0' {why}"], lines

@@ -26,6 +26,7 @@ ones it was made with.
 """
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -90,14 +91,10 @@ def _check(args):
     from megatron_osp.analysis.downstream import check_model_path, check_tasks, parse_tasks, require_harness
     from megatron_osp.analysis.evaluation import check_window_count, parse_document_range
     from megatron_osp.analysis.loading import check_data_tokenizer, check_group_sizes, config_facts
-    from megatron_osp.analysis.quantization import parse_setting
+    from megatron_osp.analysis.quantization import parse_settings
 
-    settings = [parse_setting(s) for s in args.settings.split(",") if s.strip()]
-    if not settings:
-        raise ValueError("--settings: no setting given")
+    settings = parse_settings(args.settings.split(","))
     names = [s.name for s in settings]
-    if len(set(names)) != len(names):
-        raise ValueError(f"--settings: a setting is given twice ({', '.join(names)})")
     labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
     if labels and len(labels) != len(args.models):
         raise ValueError(f"--labels has {len(labels)} entries for {len(args.models)} models")
@@ -107,6 +104,8 @@ def _check(args):
                           ("--seq-length", args.seq_length)):
         if value is not None and value < 1:
             raise ValueError(f"{option} must be >= 1, got {value}")
+    if args.limit is not None and not math.isfinite(args.limit):  # inf: an OverflowError traceback; nan: taken
+        raise ValueError(f"--limit must be a number, got {args.limit}")
     if args.limit is not None and args.limit <= 0:
         raise ValueError(f"--limit must be > 0, got {args.limit}")
     if args.limit is not None and args.limit >= 1 and args.limit != int(args.limit):  # was cut to int silently
@@ -125,6 +124,9 @@ def _check(args):
         check_group_sizes(m, settings)
         if any(s.gptq for s in settings):  # each model's calibration windows are of its sequence length
             check_data_tokenizer(m, args.calibration_data, "--calibration-data")
+            if args.seq_length is not None and args.seq_length > (window := config_facts(m)[0]):
+                raise ValueError(f"{m}: its window is {window} tokens, shorter than --seq-length {args.seq_length}: "
+                                 "GPTQ would calibrate on positions it never trained on")
             check_window_count(args.calibration_data, args.seq_length or config_facts(m)[0],
                                args.calibration_windows, docs, "--calibration-windows")
     require_harness()

@@ -160,12 +160,13 @@ def _run(args) -> int:
     import torch
 
     from megatron_osp.analysis.evaluation import check_token_ids, check_window_count, load_token_windows
-    from megatron_osp.analysis.loading import check_data_tokenizer, check_group_sizes, config_facts, load_for_analysis
+    from megatron_osp.analysis.loading import (check_data_tokenizer, check_group_sizes, check_model_files,
+                                                config_facts, load_for_analysis)
     from megatron_osp.analysis.quant_report import (DEFAULT_SETTINGS, WEIGHT_ROUNDING, evaluate_model, format_table,
                                                     with_fp, write_report)
     from megatron_osp.analysis.report_progress import ReportProgress
     from megatron_osp.analysis.report_resume import open_report, pin_model, tokens_identity
-    from megatron_osp.analysis.quantization import parse_setting
+    from megatron_osp.analysis.quantization import parse_settings
     from megatron_osp.analysis.weight_error import roles_of
     from megatron_osp.data.document_view import check_dataset_files
 
@@ -177,7 +178,7 @@ def _run(args) -> int:
               "models by label", file=sys.stderr)
         return 2
     try:
-        settings = [parse_setting(s) for s in (args.settings or DEFAULT_SETTINGS)]
+        settings = parse_settings(args.settings or DEFAULT_SETTINGS)
         for option, value in (("--num-windows", args.num_windows), ("--batch-size", args.batch_size),
                               ("--seq-length", args.seq_length), ("--stats-windows", args.stats_windows),
                               ("--calibration-windows", args.calibration_windows)):
@@ -191,6 +192,7 @@ def _run(args) -> int:
         for path in args.models:
             if not Path(path).exists():
                 raise FileNotFoundError(f"{path} does not exist")
+            check_model_files(path)  # a missing shard: named now, not after the models before it
             check_group_sizes(path, settings)
             check_data_tokenizer(path, args.data, "--data")
         # The held-out and calibration windows come from the first model's config (its sequence length,
@@ -200,7 +202,13 @@ def _run(args) -> int:
         # The held-out documents are those every Megatron model's run held out (an HF directory's are not
         # known): an HF directory listed first, or two runs of different data.split, used to give documents
         # one of the runs trained on.
-        facts = [(m, *config_facts(m)[1:]) for m in args.models]
+        every = [(m, *config_facts(m)) for m in args.models]
+        facts = [(m, split, valid) for m, _, split, valid in every]
+        short = [(m, window) for m, window, _, _ in every if window < seq]
+        if short:  # a later model of a shorter window was scored on positions it never trained on
+            source = "--seq-length" if args.seq_length else f"the window of {args.models[0]}"
+            raise ValueError(f"{short[0][0]}: its window is {short[0][1]} tokens, shorter than the {seq}-token "
+                             f"sequences evaluated ({source}): pass --seq-length {min(w for _, w, _, _ in every)}")
         train_docs, held, note = common_held_out(args.data, args.documents, facts)
         if note:
             print(note)

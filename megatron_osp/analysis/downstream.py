@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from megatron_osp.analysis.task_checks import local_data_identity, task_problems
+from megatron_osp.analysis.task_checks import (defined_twice, local_data_identity, task_problems, unreadable_yamls,
+                                               yaml_problems)
 
 __all__ = ["SUITES", "TaskSpec", "parse_tasks", "offline", "check_tasks", "check_model_path", "load_eval_model",
            "evaluate_downstream", "summarize", "require_harness"]
@@ -165,10 +166,19 @@ def check_tasks(specs: list[TaskSpec], include_path: str | None = None, identiti
         tm = TaskManager(include_path=include_path)
         unknown = [s.name for s in specs if s.name not in tm.all_tasks]
         if unknown:
+            skipped = unreadable_yamls(include_path) if include_path is not None else []
             raise ValueError(f"--tasks: {', '.join(unknown)}: not a task of lm-evaluation-harness"
                              + (f" nor of --include-path {include_path}" if include_path else "")
-                             + " (python -m lm_eval ls tasks lists them)")
-        problems, built = [], []
+                             + " (python -m lm_eval ls tasks lists them)"
+                             + "".join(f"\n  the harness skipped {line}" for line in skipped))
+        ours = Path(include_path).resolve() if include_path is not None else None
+        problems = defined_twice(include_path, {s.name for s in specs}) if include_path is not None else []
+        problems += [p for s in specs if ours is not None and (entry := tm.task_index.get(s.name)) is not None
+                    and ours in Path(getattr(entry, "yaml_path", None) or "/").resolve().parents
+                    for p in yaml_problems(s.name, entry)]
+        if problems:
+            raise ValueError("task YAMLs the harness cannot build:\n  " + "\n  ".join(problems))
+        built = []
         for spec in specs:
             try:
                 built.append((spec, tm.load([spec.name])["tasks"]))
@@ -188,8 +198,9 @@ def check_tasks(specs: list[TaskSpec], include_path: str | None = None, identiti
 
 
 def check_model_path(path: str) -> str:
-    """'hf' or 'megatron' without loading anything; FileNotFoundError / ValueError naming the path."""
-    from megatron_osp.analysis.loading import _is_megatron_checkpoint
+    """'hf' or 'megatron' without loading anything; FileNotFoundError / ValueError / CheckpointError naming
+    the path or the file missing from it (loading.check_model_files)."""
+    from megatron_osp.analysis.loading import _is_megatron_checkpoint, check_model_files
 
     p = Path(path)
     if not p.exists():
@@ -199,11 +210,29 @@ def check_model_path(path: str) -> str:
             raise ValueError(f"{path}: an HF model directory without a tokenizer (tokenizer.json / "
                              "tokenizer.model): the harness needs one")
         _check_tokenizer_fits(p)
+        check_model_files(path)
         return "hf"
     if _is_megatron_checkpoint(p):
+        check_model_files(path)
+        _run_tokenizer(path)  # its export needs it: found at its load, after the models before it
         return "megatron"
     raise ValueError(f"{path}: neither an HF model directory (config.json) nor a Megatron checkpoint "
                      "(latest / train_state.json, or a run directory with checkpoints/)")
+
+
+def _run_tokenizer(path: str) -> tuple[Path, object, str]:
+    """(iteration directory, RunConfig, tokenizer path) of a Megatron checkpoint; ValueError naming it
+    when the run's tokenizer is not here."""
+    from megatron_osp.convert.hf_export import find_run_tokenizer
+    from megatron_osp.training.checkpoint import checkpoints_of, read_run_config, resolve_checkpoint
+
+    ckpt = resolve_checkpoint(checkpoints_of(path))
+    run = read_run_config(ckpt)
+    tokenizer = find_run_tokenizer(run, ckpt, log=lambda *_: None)
+    if tokenizer is None:
+        raise ValueError(f"{path}: the run's tokenizer was not found (data.tokenizer_model), so its export "
+                         "would have none; export it with tools/convert_to_hf.py --tokenizer and pass that directory")
+    return ckpt, run, tokenizer
 
 
 def _check_tokenizer_fits(p: Path) -> None:
@@ -247,15 +276,9 @@ def load_eval_model(path: str, device="cpu", dtype=None, label: str | None = Non
     if check_model_path(path) == "hf":
         loaded = load_for_analysis(path, device=device, dtype=dtype, label=label)
         return EvalModel(loaded.model, str(path), loaded.label, "hf", loaded.seq_length)
-    from megatron_osp.convert.hf_export import export_checkpoint, find_run_tokenizer
-    from megatron_osp.training.checkpoint import checkpoints_of, read_run_config, resolve_checkpoint
+    from megatron_osp.convert.hf_export import export_checkpoint
 
-    ckpt = resolve_checkpoint(checkpoints_of(path))
-    run = read_run_config(ckpt)
-    tokenizer = find_run_tokenizer(run, ckpt, log=lambda *_: None)
-    if tokenizer is None:
-        raise ValueError(f"{path}: the run's tokenizer was not found (data.tokenizer_model), so its export "
-                         "would have none; export it with tools/convert_to_hf.py --tokenizer and pass that directory")
+    ckpt, run, tokenizer = _run_tokenizer(path)
     tmp = tempfile.TemporaryDirectory(prefix="osp-downstream-")
     try:
         out = export_checkpoint(ckpt, Path(tmp.name) / "hf", dtype="float32", tokenizer_model=tokenizer, log=log)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 __all__ = ["LoadedModel", "load_for_analysis", "describe_run", "linear_input_widths", "check_group_sizes",
-           "config_facts", "check_data_tokenizer"]
+           "config_facts", "check_data_tokenizer", "check_model_files"]
 
 
 @dataclass
@@ -169,6 +169,38 @@ def check_group_sizes(path: str, settings) -> None:
         if bad:
             raise ValueError(f"{path}: setting {s.name}: weight group size {s.w_group_size} does not divide "
                              f"the linears' input widths {', '.join(bad)}")
+
+
+def check_model_files(path: str) -> None:
+    """ValueError / CheckpointError naming what is missing from a model, without reading its weights:
+    an HF directory's weights file, or a shard its weights index names (an incomplete download or
+    copy); a Megatron checkpoint's files (presence, sizes, the small files' checksums:
+    ``resolve_checkpoint``). Called for every model before the first loads: found at its load, a
+    damaged model stopped the run after the models before it had been evaluated."""
+    import json
+
+    p = Path(path)
+    if not (p / "config.json").exists():
+        from megatron_osp.training.checkpoint import checkpoints_of, resolve_checkpoint
+
+        resolve_checkpoint(checkpoints_of(p))
+        return
+    for name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = p / name
+        if not index.is_file():
+            continue
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index} is not a weights index (a JSON object with a weight_map): "
+                             f"{type(e).__name__}: {e}") from None
+        missing = sorted(str(f) for f in shards if not (p / str(f)).is_file())
+        if missing:
+            raise ValueError(f"{index} names {', '.join(missing)}, missing from {p}: an incomplete download or copy?")
+        return
+    if not any((p / f).is_file() for f in ("model.safetensors", "pytorch_model.bin")):
+        raise ValueError(f"{p}: an HF directory without weights (model.safetensors, a weights index or "
+                         "pytorch_model.bin)")
 
 
 def load_for_analysis(path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,

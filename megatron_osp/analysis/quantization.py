@@ -8,7 +8,7 @@ group ``x`` (a weight row, a token's activations, one head of one token's K or V
     scale = max|x| / qmax                  (a group of zeros keeps scale 1: it rounds to itself)
     q(x)  = clamp(round(x / scale), -qmax, qmax) * scale,   so |x - q(x)| <= scale / 2.
 
-Settings are written ``W-A-KV`` bits as in the paper (``4-4-4`` is the headline); 16 or more bits
+Settings are written ``W-A-KV`` bits as in the paper (``4-4-4`` is the headline), each 2..16; 16 bits
 means "not quantized". Where each quantizer acts:
 
 - weights: every linear inside the decoder layers, per output channel (optionally in groups of
@@ -35,6 +35,7 @@ __all__ = [
     "quant_scale",
     "QuantSetting",
     "parse_setting",
+    "parse_settings",
     "weight_fake_quant_",
     "activation_quant_hooks",
     "kv_quant_hooks",
@@ -136,9 +137,18 @@ def parse_setting(text: str) -> QuantSetting:
     for label, bits in (("weight", w), ("activation", a), ("KV", kv)):
         if bits < 2:
             raise ValueError(f"quantization setting {text!r}: {label} bits must be >= 2")
+        if bits > FULL_BITS:  # the quantizers round to 2..15 bits; 16 is "not quantized", and so was 33
+            raise ValueError(f"quantization setting {text!r}: {label} bits {bits} are outside 2..{FULL_BITS} "
+                             f"({FULL_BITS}: not quantized)")
     if m.group(4) is not None and int(m.group(4)) < 1:
         raise ValueError(f"quantization setting {text!r}: the weight group size (-g) must be >= 1")
-    flags = set(filter(None, m.group(5).split("+")))
+    named = list(filter(None, m.group(5).split("+")))
+    flags = set(named)
+    if len(flags) < len(named):
+        raise ValueError(f"quantization setting {text!r}: a '+' option is given twice")
+    if w >= FULL_BITS and (m.group(4) is not None or "gptq" in flags):  # they only change how weights round
+        raise ValueError(f"quantization setting {text!r}: {'-g' if m.group(4) is not None else '+gptq'} needs "
+                         f"weights quantized (weight bits below {FULL_BITS})")
     return QuantSetting(
         w_bits=w,
         a_bits=a,
@@ -148,6 +158,19 @@ def parse_setting(text: str) -> QuantSetting:
         rotate="quarot" in flags,
         gptq="gptq" in flags,
     )
+
+
+def parse_settings(texts, option: str = "--settings") -> list[QuantSetting]:
+    """Each of ``texts`` parsed; ValueError when there is none, or when two name the same setting
+    ('4-4-4' and '04-4-4', 'fp' and '16-16-16'): a report keys its results by the setting's name."""
+    settings = [parse_setting(t) for t in texts if t.strip()]
+    if not settings:
+        raise ValueError(f"{option}: no setting given")
+    names = [s.name for s in settings]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"{option}: {', '.join(twice)} given twice ({', '.join(t.strip() for t in texts if t.strip())})")
+    return settings
 
 
 @torch.no_grad()

@@ -167,6 +167,10 @@ def open_report(path: str | Path, resume: bool, overwrite: bool, request: dict) 
     if reason is not None:
         raise ValueError(f"--output-dir {path.parent}: {reason}, so the report could not be written: "
                          "choose another --output-dir")
+    for m in request.get("models", []):  # an HF directory's identity is its files, the report's among them
+        if (m.get("identity") or {}).get("kind") == "hf" and Path(m["path"]).resolve() == path.parent.resolve():
+            raise ValueError(f"--output-dir {path.parent} is the HF model directory {m['path']}: the report's files "
+                             "would change the model's files, which --resume checks; choose another --output-dir")
     if not path.exists():
         return None
     if overwrite:

@@ -1,0 +1,124 @@
+"""A model missing part of its weights, refused by both evaluation tools before the first model loads:
+found at its own load, it stopped the run after every model before it had been evaluated. Also: an
+--output-dir that is the HF model directory (the report would change the model's identity)."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+from hf_run_fixtures import REPO
+from test_quantization import _tiny_llama
+
+
+def _hf_models(tmp_path):
+    """tmp_path/good and tmp_path/broken: tiny HF Llamas saved in shards, one shard of broken deleted."""
+    for name in ("good", "broken"):
+        _tiny_llama(0).save_pretrained(tmp_path / name, max_shard_size="20KB")
+        (tmp_path / name / "tokenizer_config.json").write_text("{}")
+    shards = sorted((tmp_path / "broken").glob("model-*.safetensors"))
+    assert len(shards) > 1
+    shards[-1].unlink()
+    return tmp_path / "good", tmp_path / "broken", shards[-1].name
+
+
+def test_evaluate_quantization_names_a_missing_shard_before_any_model_loads(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "tools"))
+    import evaluate_quantization
+
+    from megatron_osp.data.indexed import IndexedDatasetWriter
+
+    good, broken, shard = _hf_models(tmp_path)
+    with IndexedDatasetWriter(tmp_path / "held") as writer:
+        writer.add_document(np.arange(90) % 96)
+    rc = evaluate_quantization.main([str(good), str(broken), "--data", str(tmp_path / "held"), "--documents", "0:1",
+                                     "--seq-length", "8", "--settings", "fp", "--num-windows", "2",
+                                     "--weight-error-windows", "0", "--device", "cpu", "--no-plots",
+                                     "--output-dir", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    assert rc == 2 and "== " not in out, out  # the good model was not evaluated first
+    assert f"error: {broken / 'model.safetensors.index.json'} names {shard}, missing from {broken}" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_downstream_names_a_missing_shard_or_checkpoint_file_before_any_model_loads(
+        tmp_path, capsys, monkeypatch, megatron_single_rank):
+    sys.path.insert(0, str(REPO / "tools"))
+    import evaluate_downstream
+
+    import megatron_osp.analysis.downstream as downstream
+    from megatron_osp.models import build_gpt_model, get_preset, transformer_config
+    from megatron_osp.training.checkpoint import save_checkpoint
+    from megatron_osp.training.config import RunConfig
+
+    good, broken, shard = _hf_models(tmp_path)
+    cfg = get_preset("test")
+    save_checkpoint(tmp_path / "run" / "checkpoints", 1, [build_gpt_model(cfg, transformer_config(cfg), seed=1)],
+                    RunConfig(model=cfg), save_rng=False)
+    distcp = sorted((tmp_path / "run").glob("checkpoints/iter_*/*.distcp"))[0]
+    distcp.unlink()
+    loaded = []
+
+    def load(path, **kw):
+        loaded.append(path)
+        raise RuntimeError(f"{path} was loaded")
+
+    monkeypatch.setattr(downstream, "check_tasks", lambda *a, **k: None)  # the tasks are not the subject
+    monkeypatch.setattr(downstream, "load_eval_model", load)
+    for bad, expected in ((broken, f"error: {broken / 'model.safetensors.index.json'} names {shard}, missing from"),
+                          (tmp_path / "run", f"missing shard file {distcp}")):
+        rc = evaluate_downstream.main([str(good), str(bad), "--tasks", "toy", "--settings", "fp", "--device", "cpu",
+                                       "--output-dir", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert rc == 2 and expected in err and loaded == [], err
+        assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_downstream_names_a_checkpoint_whose_tokenizer_is_gone_before_any_model_loads(
+        tmp_path, capsys, monkeypatch, megatron_single_rank):
+    """A Megatron run whose recorded tokenizer is not on this machine (its export would have none) was
+    refused only when its turn to load came, after the models before it had been evaluated."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import evaluate_downstream
+
+    import megatron_osp.analysis.downstream as downstream
+    from megatron_osp.models import build_gpt_model, get_preset, transformer_config
+    from megatron_osp.training.checkpoint import save_checkpoint
+    from megatron_osp.training.config import RunConfig
+
+    good, _, _ = _hf_models(tmp_path)
+    cfg = get_preset("test")
+    config = RunConfig(model=cfg)
+    config.data.tokenizer_model = str(tmp_path / "gone" / "tokenizer.model")
+    save_checkpoint(tmp_path / "run" / "checkpoints", 1, [build_gpt_model(cfg, transformer_config(cfg), seed=1)],
+                    config, save_rng=False)
+    loaded = []
+    monkeypatch.setattr(downstream, "check_tasks", lambda *a, **k: None)  # the tasks are not the subject
+    monkeypatch.setattr(downstream, "load_eval_model", lambda path, **kw: loaded.append(path) or 1 / 0)
+    rc = evaluate_downstream.main([str(good), str(tmp_path / "run"), "--tasks", "toy", "--settings", "fp",
+                                   "--device", "cpu", "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"error: {tmp_path / 'run'}: the run's tokenizer was not found" in err and loaded == [], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_dir_that_is_the_hf_model_directory_is_refused(tmp_path, capsys):
+    """A report written into the HF model directory it evaluates changed that directory's files, which are
+    the model's identity: --resume then refused the run as 'model 1 has changed'. Refused at the start,
+    nothing written into the model's directory."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import evaluate_quantization
+
+    from megatron_osp.data.indexed import IndexedDatasetWriter
+
+    good, _, _ = _hf_models(tmp_path)
+    with IndexedDatasetWriter(tmp_path / "held") as writer:
+        writer.add_document(np.arange(90) % 96)
+    before = sorted(p.name for p in good.iterdir())
+    rc = evaluate_quantization.main([str(good), "--data", str(tmp_path / "held"), "--documents", "0:1", "--seq-length",
+                                     "8", "--settings", "fp", "--num-windows", "2", "--weight-error-windows", "0",
+                                     "--device", "cpu", "--no-plots", "--output-dir", str(good)])
+    out, err = capsys.readouterr()
+    assert rc == 2 and f"error: --output-dir {good} is the HF model directory {good}" in err and "== " not in out, err
+    assert sorted(p.name for p in good.iterdir()) == before
