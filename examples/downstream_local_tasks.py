@@ -37,6 +37,7 @@ dataset_kwargs:
   data_files:
     test: {data}
 test_split: test
+fewshot_split: test
 output_type: multiple_choice
 doc_to_text: "{{{{context}}}}"
 target_delimiter: ""
@@ -52,6 +53,7 @@ dataset_kwargs:
   data_files:
     test: {data}
 test_split: test
+fewshot_split: test
 output_type: generate_until
 doc_to_text: "{{{{context}}}}"
 target_delimiter: ""

@@ -66,6 +66,21 @@ def test_an_output_directory_with_yaml_characters_gives_loadable_tasks(tmp_path)
     check_tasks(parse_tasks("local_cloze,local_complete"), str(out))
 
 
+def test_few_shot_examples_leave_the_asked_question_out(tmp_path):
+    """The generated tasks have only a test split: their few-shot examples come from it, which the
+    harness allows without showing a question its own answer only with 'fewshot_split: test' in the
+    YAML (without it, task_checks refuses N-shot evaluation of them)."""
+    pytest.importorskip("lm_eval")
+    from megatron_osp.analysis.downstream import check_tasks, parse_tasks
+
+    corpus = tmp_path / "corpus.jsonl"
+    write_corpus(corpus, 60, seed=0)
+    out = tmp_path / "tasks"
+    done = _run(corpus, out, "--held-out", "0.3", "--questions", "12")
+    assert done.returncode == 0, done.stderr
+    check_tasks(parse_tasks("local_cloze:3,local_complete:2"), str(out))
+
+
 def test_questions_fit_the_models_window_and_sizes_that_cannot_are_refused(tmp_path):
     """The defaults (160-character passages + 24-character choices) exceeded the quickstart model's
     128-token window with its character-level tokenizer: the harness cut every passage short (with a
