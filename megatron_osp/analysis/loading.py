@@ -98,11 +98,9 @@ def linear_input_widths(path: str) -> dict[str, int]:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{p / 'config.json'} is not valid JSON ({e})") from None
         return {"qkv/fc1": h, "o_proj": heads * (cfg.get("head_dim") or h // heads), "down_proj": ffn}
-    from megatron_osp.training.checkpoint import read_run_config
+    from megatron_osp.training.checkpoint import checkpoints_of, read_run_config
 
-    if (p / "checkpoints").is_dir() and not (p / "latest").exists():
-        p = p / "checkpoints"
-    m = read_run_config(p).model
+    m = read_run_config(checkpoints_of(p)).model
     return {"qkv/fc1": m.hidden_size, "o_proj": m.hidden_size, "down_proj": m.ffn_hidden_size}
 
 
@@ -119,11 +117,9 @@ def config_facts(path: str) -> tuple[int, str | None, list[str] | None]:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{p / 'config.json'} is not valid JSON ({e})") from None
         return int(cfg.get("max_position_embeddings", 2048)), None, None
-    from megatron_osp.training.checkpoint import read_run_config
+    from megatron_osp.training.checkpoint import checkpoints_of, read_run_config
 
-    if (p / "checkpoints").is_dir() and not (p / "latest").exists():
-        p = p / "checkpoints"
-    run = read_run_config(p)
+    run = read_run_config(checkpoints_of(p))
     return run.model.seq_length, getattr(run.data, "split", None), getattr(run.data, "valid_paths", None)
 
 
@@ -136,10 +132,9 @@ def _model_tokenizers(path: str) -> list[dict]:
     if (p / "config.json").exists():
         return [r for name in ("tokenizer.model", "tokenizer.json") if (p / name).is_file()
                 and (r := file_record(p / name)) is not None]
-    from megatron_osp.training.checkpoint import read_run_config, read_train_state
+    from megatron_osp.training.checkpoint import checkpoints_of, read_run_config, read_train_state
 
-    if (p / "checkpoints").is_dir() and not (p / "latest").exists():
-        p = p / "checkpoints"
+    p = checkpoints_of(p)
     record = checkpoint_record(read_train_state(p), read_run_config(p))
     return [record] if record else []
 
