@@ -184,6 +184,8 @@ def export_checkpoint(ckpt_path, out_dir, *, dtype: str = "float32", max_shard_s
         # Its ids above the vocabulary would index rows the exported embedding does not have.
         raise ExportError(f"tokenizer {tokenizer_model} has {pieces} tokens, more than the model's vocabulary of "
                           f"{model_cfg.vocab_size} (model.vocab_size of {ckpt}): it is not this model's tokenizer")
+    if tokenizer_model is not None:
+        check_learned_tokenizer(ckpt, run, tokenizer_model)
     # Before anything is built or written: the output may not overlap what the export reads, and
     # --overwrite replaces only a previous export.
     check_outside(out_dir, export_inputs(ckpt_path, ckpt, tokenizer_model))
@@ -205,6 +207,22 @@ def export_checkpoint(ckpt_path, out_dir, *, dtype: str = "float32", max_shard_s
     log(f"exported {ckpt} (iteration {state.get('iteration')}, saved at TP={layout.get('tensor_parallel_size')} "
         f"PP={layout.get('pipeline_parallel_size')}) -> {path}")
     return path
+
+
+def check_learned_tokenizer(ckpt: Path, run, tokenizer_model) -> None:
+    """ExportError when ``tokenizer_model`` encodes otherwise than the tokenizer whose ids the
+    checkpoint's model learned (its train_state.json record, training/tokenizer_record.py): of one
+    vocabulary size (or a smaller one) it passes the size check, and the export would load and generate
+    text from the wrong tokens without a word. Not refused where either side is unknown, or where the
+    two are of different kinds (a SentencePiece model and a tokenizer.json) that cannot be compared."""
+    from megatron_osp.training.checkpoint import read_train_state
+    from megatron_osp.training.tokenizer_record import checkpoint_record, describe, file_record, same
+
+    learned, given = checkpoint_record(read_train_state(ckpt), run), file_record(tokenizer_model)
+    if same(learned, given) is False:
+        raise ExportError(f"tokenizer {tokenizer_model} encodes differently from {describe(learned)}, whose ids "
+                          f"the model of {ckpt} learned: the export would read every token as another one; "
+                          "pass that tokenizer with --tokenizer (or --no-tokenizer for the model alone)")
 
 
 def data_special_text(run, log=print) -> str | None:
