@@ -178,6 +178,9 @@ def export_checkpoint(ckpt_path, out_dir, *, dtype: str = "float32", max_shard_s
         tokenizer_model = None
     elif tokenizer_model is None:
         tokenizer_model = find_run_tokenizer(run, ckpt, log, missing_ok=False)
+        if tokenizer_model is None:
+            log("no tokenizer is exported: the run names none (no data.tokenizer_model, no preprocessing "
+                "manifest of its data.paths here records one); pass --tokenizer PATH for AutoTokenizer to load it")
     elif not Path(tokenizer_model).exists():
         raise FileNotFoundError(f"--tokenizer: {tokenizer_model} does not exist")
     if tokenizer_model is not None and (pieces := tokenizer_vocab_size(tokenizer_model)) > model_cfg.vocab_size:
@@ -278,7 +281,47 @@ def find_run_tokenizer(run, ckpt: Path, log=print, _depth: int = 0, missing_ok: 
     if run.train.load and _depth < 8:
         try:
             start = resolve_checkpoint(run.train.load)
-            return find_run_tokenizer(read_run_config(start), start, log, _depth + 1, missing_ok)
+            found = find_run_tokenizer(read_run_config(start), start, log, _depth + 1, missing_ok)
+            if found is not None:
+                return found
         except CheckpointError:
             pass
+    return data_tokenizer(run, ckpt, log, missing_ok) if _depth == 0 else None
+
+
+def data_tokenizer(run, ckpt: Path, log=print, missing_ok: bool = True):
+    """The tokenizer file that the preprocessing manifest of the run's first dataset records (the path
+    preprocessing wrote, when it is still that tokenizer: its sha256 or id fingerprint): the tokenizer of
+    a run trained with ``data.eod_id`` on a tokenizer.json's output, which names no data.tokenizer_model.
+    A relative ``data.paths`` entry is also looked up under the checkpoint's parent directories. None
+    when no manifest is here or it names no tokenizer; a recorded tokenizer that is not here (or no longer
+    that tokenizer) is None with a warning (``missing_ok``) or FileNotFoundError."""
+    from megatron_osp.data import shardset
+    from megatron_osp.training.tokenizer_record import file_record, same
+
+    for entry in run.data.paths or []:
+        candidates = [Path(entry)] + ([] if Path(entry).is_absolute() else
+                                      [parent / entry for parent in Path(ckpt).resolve().parents])
+        family = next((f for c in candidates if (f := shardset.family_of(c)) is not None), None)
+        if family is None:
+            continue
+        try:
+            recorded, path = shardset.recorded_tokens(family), shardset.manifest(family).get("tokenizer")
+        except (OSError, ValueError):
+            continue
+        if not isinstance(path, str):
+            continue
+        record = file_record(path) if os.path.isfile(path) or os.path.isdir(path) else None
+        if record is not None and same(record, recorded) is not False:
+            log(f"tokenizer: {path}, which the preprocessing manifest of {family} records (the run names no "
+                "data.tokenizer_model)")
+            return str(Path(path).resolve())
+        why = "does not exist here" if record is None else "is no longer the tokenizer the data were made with"
+        message = (f"the run's data {family} were made with the tokenizer {path} (its preprocessing manifest "
+                   f"records it), which {why}")
+        if not missing_ok:
+            raise FileNotFoundError(f"{message}: pass --tokenizer PATH, or --no-tokenizer to export the model "
+                                    "without one")
+        log(f"warning: {message}; exporting without a tokenizer (pass --tokenizer)")
+        return None
     return None
