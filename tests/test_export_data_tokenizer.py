@@ -90,3 +90,24 @@ def test_a_recorded_tokenizer_that_is_gone_stops_the_export(encode_run, tmp_path
     assert not (tmp_path / "hf").exists()
     assert to_hf.main([str(root / "run"), str(tmp_path / "hf"), "--no-tokenizer"]) == 0
     assert not (tmp_path / "hf" / "tokenizer.json").exists()
+
+
+def test_split_data_exported_from_another_directory_keeps_split_special_tokens(tmp_path_factory, tmp_path, capsys):
+    """A run whose data.paths are relative (trained from its project directory), exported from elsewhere:
+    the manifest that says the data were made with --special-tokens-in-text split was looked up relative to
+    the export's working directory only, not found, and the export's tokenizer encoded '<|endoftext|>'
+    written in a text as the EOD id, where the training data hold it as ordinary text. Now the manifest is
+    found under the checkpoint's parent directories, as the tokenizer is."""
+    from transformers import AutoTokenizer
+
+    made = _make(tmp_path_factory.mktemp("hfsplit") / "split", "split")
+    out = tmp_path / "hf"
+    assert os.getcwd() != str(made["root"])
+    assert _tool("convert_to_hf").main([str(made["run"]), str(out)]) == 0
+    assert "no manifest of" not in capsys.readouterr().out
+    assert json.loads((out / "tokenizer_config.json").read_text()).get("split_special_tokens") is True
+    tok = AutoTokenizer.from_pretrained(str(out))
+    docs = _bin_docs(made["data"])
+    for text, ids in zip(made["texts"], docs):
+        assert tok(text)["input_ids"] + [0] == ids, text
+    assert 0 not in docs[-1][:-1]  # the literal special token was ordinary text in the data

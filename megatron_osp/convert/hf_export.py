@@ -204,7 +204,7 @@ def export_checkpoint(ckpt_path, out_dir, *, dtype: str = "float32", max_shard_s
     tensors, tied = megatron_to_hf(logical, run.model, DTYPES[dtype])
     path = write_hf_directory(out, tensors, run.model, tie_word_embeddings=tied, dtype=DTYPES[dtype],
                               max_shard_size=max_shard_size, tokenizer_model=tokenizer_model, overwrite=overwrite,
-                              eod_id=run.data.eod_id, special_tokens_in_text=data_special_text(run, log) if tokenizer_model else None,
+                              eod_id=run.data.eod_id, special_tokens_in_text=data_special_text(run, log, ckpt) if tokenizer_model else None,
                               log=log)
     layout = state.get("layout", {})
     log(f"exported {ckpt} (iteration {state.get('iteration')}, saved at TP={layout.get('tensor_parallel_size')} "
@@ -228,16 +228,17 @@ def check_learned_tokenizer(ckpt: Path, run, tokenizer_model) -> None:
                           "pass that tokenizer with --tokenizer (or --no-tokenizer for the model alone)")
 
 
-def data_special_text(run, log=print) -> str | None:
+def data_special_text(run, log=print, ckpt: Path | None = None) -> str | None:
     """How the run's training data encoded special tokens written in its text, from the manifests of
     ``data.paths`` (``split`` where any dataset was made with it: training refuses to mix it with
-    ``encode``); None where no manifest is here to say, which is logged."""
+    ``encode``; a relative entry is also looked up under ``ckpt``'s parent directories); None where no
+    manifest is here to say, which is logged."""
     from megatron_osp.data import shardset, special_text
 
     modes, missing = set(), []
     for prefix in run.data.paths:
         try:
-            recorded = shardset.recorded_tokens(prefix)
+            recorded = shardset.recorded_tokens(_data_prefix(prefix, ckpt) or prefix)
         except (OSError, ValueError):
             recorded = {}
         if special_text.FIELD in recorded:
@@ -300,9 +301,8 @@ def data_tokenizer(run, ckpt: Path, log=print, missing_ok: bool = True):
     from megatron_osp.training.tokenizer_record import file_record, same
 
     for entry in run.data.paths or []:
-        candidates = [Path(entry)] + ([] if Path(entry).is_absolute() else
-                                      [parent / entry for parent in Path(ckpt).resolve().parents])
-        family = next((f for c in candidates if (f := shardset.family_of(c)) is not None), None)
+        found = _data_prefix(entry, ckpt)
+        family = shardset.family_of(found) if found is not None else None
         if family is None:
             continue
         try:
@@ -325,3 +325,15 @@ def data_tokenizer(run, ckpt: Path, log=print, missing_ok: bool = True):
         log(f"warning: {message}; exporting without a tokenizer (pass --tokenizer)")
         return None
     return None
+
+
+def _data_prefix(entry: str, ckpt: Path | None) -> str | None:
+    """The ``data.paths`` entry as a prefix whose preprocessing manifest is here: as given (relative to
+    the working directory), else, relative, under the checkpoint's parent directories (a run trained
+    from its project directory, exported from elsewhere); None where there is none."""
+    from megatron_osp.data import shardset
+
+    candidates = [Path(entry)]
+    if ckpt is not None and not Path(entry).is_absolute():
+        candidates += [parent / entry for parent in Path(ckpt).resolve().parents]
+    return next((str(c) for c in candidates if shardset.family_of(c) is not None), None)
