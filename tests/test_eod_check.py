@@ -88,3 +88,16 @@ def test_a_validation_set_that_ends_its_documents_with_another_eod_is_refused(ma
                         "it), but data.eod_id is 255: its documents would run together in the validation loss; make "
                         "it with the training data's end-of-document token (preprocess_data.py --eod-token)"], problems
     assert data_problems(load_config(None, [*base, f"data.eod_id={eod}"])) == []
+
+
+def test_no_eod_setting_names_the_id_the_datas_manifest_records(made):
+    """A run on a tokenizer.json's output (the README: data.eod_id instead of data.tokenizer_model) that
+    sets neither was told only 'set data.tokenizer_model (or data.eod_id)', without the id, which the
+    data's manifest records. Data without an appended EOD get the old line."""
+    eod = shardset.recorded_tokens(made["eod"])["eod"]
+    problems = _problems(f"data.paths=[{made['eod']}]")
+    assert len(problems) == 1 and problems[0].startswith(
+        f"set data.eod_id={eod} (the end-of-document id the data's manifest records)"), problems
+    assert _problems(f"data.paths=[{made['eod']}]", f"data.eod_id={eod}") == []
+    assert _problems(f"data.paths=[{made['plain']}]") == [
+        "set data.tokenizer_model (or data.eod_id) so documents can be separated"]

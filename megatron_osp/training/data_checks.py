@@ -93,7 +93,7 @@ def data_problems(config) -> list[str]:
                     f"data.tokenizer_model={d.tokenizer_model} has no end-of-sequence id to separate documents"
                 )
     elif d.eod_id is None:
-        problems.append("set data.tokenizer_model (or data.eod_id) so documents can be separated")
+        problems.append(_no_eod_problem(prefixes))
     mix = _tokenizer_mix_problems(d, prefixes)
     problems += mix or _eod_problems(d, prefixes, tokenizer_eos)
     return problems + (_valid_set_problems(d, prefixes, tokens=not mix, tokenizer_eos=tokenizer_eos)
@@ -276,6 +276,21 @@ def _eod_problems(d, prefixes: list[str], tokenizer_eos: int | None, where: str 
                     f"{field} is {used}: documents would run together and an export would name the wrong "
                     f"eos_token_id; {how}"]
     return []
+
+
+def _no_eod_problem(prefixes: list[str]) -> str:
+    """Neither data.tokenizer_model nor data.eod_id is set; where the data's manifests record the EOD
+    preprocessing appended (a tokenizer.json's output, which training takes with data.eod_id), the id."""
+    try:
+        recorded = [shardset.recorded_tokens(p) for p in prefixes]
+    except (OSError, ValueError):
+        recorded = []
+    eods = {r.get("eod") for r in recorded if r.get("append_eod") is True} - {None}
+    if len(eods) == 1:
+        return (f"set data.eod_id={next(iter(eods))} (the end-of-document id the data's manifest records) or "
+                "data.tokenizer_model (the SentencePiece .model the data were made with) so documents can be "
+                "separated")
+    return "set data.tokenizer_model (or data.eod_id) so documents can be separated"
 
 
 def _recorded_eod(prefixes: list[str]) -> int | None:
