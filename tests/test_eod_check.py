@@ -101,3 +101,19 @@ def test_no_eod_setting_names_the_id_the_datas_manifest_records(made):
     assert _problems(f"data.paths=[{made['eod']}]", f"data.eod_id={eod}") == []
     assert _problems(f"data.paths=[{made['plain']}]") == [
         "set data.tokenizer_model (or data.eod_id) so documents can be separated"]
+
+
+def test_a_model_vocab_size_below_the_recorded_vocabulary_is_named_with_the_size_to_set(made):
+    """Without data.tokenizer_model (a tokenizer.json's output) a model.vocab_size below the data's
+    tokenizer was found only by the .bin scan when the datasets were built, naming the largest id seen
+    ('set the tokenizer/vocab_size it was made with'), not the size. Now refused with the checks, with
+    the size the manifest records."""
+    recorded = shardset.recorded_tokens(made["eod"])
+    eod, size = recorded["eod"], recorded["vocab_size"]
+    problems = data_problems(load_config(None, [f"model.vocab_size={size - 1}", f"data.paths=[{made['eod']}]",
+                                                f"data.eod_id={eod}"]))
+    assert problems == [f"model.vocab_size={size - 1} is smaller than the vocabulary of the tokenizer {made['eod']} "
+                        f"was made with ({size} ids, its manifest records it): set model.vocab_size={size} "
+                        "(or larger)"], problems
+    assert data_problems(load_config(None, [f"model.vocab_size={size}", f"data.paths=[{made['eod']}]",
+                                            f"data.eod_id={eod}"])) == []
