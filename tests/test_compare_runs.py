@@ -48,3 +48,21 @@ def test_output_that_is_an_input_is_refused_and_left_as_it_was(tmp_path):
         result = _compare(run, "--quantization", report, "--output", output)
         assert result.returncode == 0, result.stderr[-2000:]
         assert output.read_text().startswith("run ")
+
+
+def test_runs_of_one_recipe_are_told_apart_by_their_directories(tmp_path):
+    """Two runs of the same optimizer/norm/EmbProj (other seeds, sizes or data) used to get the same
+    label, so the table's rows and the per-layer columns could not be told apart. A shared label now
+    carries each run's directory as given; a label of its own stays as it was."""
+    a, b, c = _run_dir(tmp_path / "seed1"), _run_dir(tmp_path / "seed2"), _run_dir(tmp_path / "osp")
+    summary = json.loads((c / "summary.json").read_text())
+    summary.update(optimizer="muon", normalization="ssnorm", embedding_projection=True)
+    (c / "summary.json").write_text(json.dumps(summary))
+    result = _compare(a, b, c)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    rows = [line for line in lines if line.startswith(("Adam", "OSP"))]
+    assert rows[0].startswith(f"Adam + RMSNorm ({a})") and rows[1].startswith(f"Adam + RMSNorm ({b})"), rows
+    assert rows[2].startswith("OSP (Muon + SSNorm + EmbProj) ") and str(c) not in rows[2], rows
+    per_layer_header = lines[lines.index("excess kurtosis per hidden state (held-out batch):") + 1]
+    assert f"Adam + RMSNorm ({a})" in per_layer_header and f"Adam + RMSNorm ({b})" in per_layer_header

@@ -416,3 +416,17 @@ def test_a_file_beside_the_tokenizer_given_for_it_is_named_for_what_it_is(tmp_pa
              "--output-prefix", tmp_path / "out")
     assert r.returncode != 0 and "it is a tiktoken BPE file" in r.stderr
     _no_traceback(r)
+
+
+def test_a_directory_or_glob_given_to_tokenizer_training_says_it_takes_one_file(tmp_path):
+    """preprocess_data.py takes files, globs and directories; train_tokenizer.py takes one file, and said
+    only 'corpus: Is a directory' or "'corpus/*.jsonl' does not exist". Now it says it takes one file."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_text('{"text": "hello world"}\n')
+    with pytest.raises(ValueError, match=re.escape(f"{corpus} is a directory: --input takes one corpus file")):
+        train_sentencepiece(corpus, tmp_path / "tok", vocab_size=300)
+    with pytest.raises(FileNotFoundError, match=r"a glob is not expanded here: --input takes one corpus file"):
+        train_sentencepiece(f"{corpus}/*.jsonl", tmp_path / "tok", vocab_size=300)
+    with pytest.raises(FileNotFoundError, match=r"missing\.jsonl does not exist$"):
+        train_sentencepiece(corpus / "missing.jsonl", tmp_path / "tok", vocab_size=300)

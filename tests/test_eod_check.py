@@ -88,3 +88,32 @@ def test_a_validation_set_that_ends_its_documents_with_another_eod_is_refused(ma
                         "it), but data.eod_id is 255: its documents would run together in the validation loss; make "
                         "it with the training data's end-of-document token (preprocess_data.py --eod-token)"], problems
     assert data_problems(load_config(None, [*base, f"data.eod_id={eod}"])) == []
+
+
+def test_no_eod_setting_names_the_id_the_datas_manifest_records(made):
+    """A run on a tokenizer.json's output (the README: data.eod_id instead of data.tokenizer_model) that
+    sets neither was told only 'set data.tokenizer_model (or data.eod_id)', without the id, which the
+    data's manifest records. Data without an appended EOD get the old line."""
+    eod = shardset.recorded_tokens(made["eod"])["eod"]
+    problems = _problems(f"data.paths=[{made['eod']}]")
+    assert len(problems) == 1 and problems[0].startswith(
+        f"set data.eod_id={eod} (the end-of-document id the data's manifest records)"), problems
+    assert _problems(f"data.paths=[{made['eod']}]", f"data.eod_id={eod}") == []
+    assert _problems(f"data.paths=[{made['plain']}]") == [
+        "set data.tokenizer_model (or data.eod_id) so documents can be separated"]
+
+
+def test_a_model_vocab_size_below_the_recorded_vocabulary_is_named_with_the_size_to_set(made):
+    """Without data.tokenizer_model (a tokenizer.json's output) a model.vocab_size below the data's
+    tokenizer was found only by the .bin scan when the datasets were built, naming the largest id seen
+    ('set the tokenizer/vocab_size it was made with'), not the size. Now refused with the checks, with
+    the size the manifest records."""
+    recorded = shardset.recorded_tokens(made["eod"])
+    eod, size = recorded["eod"], recorded["vocab_size"]
+    problems = data_problems(load_config(None, [f"model.vocab_size={size - 1}", f"data.paths=[{made['eod']}]",
+                                                f"data.eod_id={eod}"]))
+    assert problems == [f"model.vocab_size={size - 1} is smaller than the vocabulary of the tokenizer {made['eod']} "
+                        f"was made with ({size} ids, its manifest records it): set model.vocab_size={size} "
+                        "(or larger)"], problems
+    assert data_problems(load_config(None, [f"model.vocab_size={size}", f"data.paths=[{made['eod']}]",
+                                            f"data.eod_id={eod}"])) == []

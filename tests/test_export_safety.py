@@ -235,3 +235,25 @@ def test_a_run_directory_exports_as_its_checkpoints(run, tmp_path):
     run_tool([tool("convert_to_hf"), str(run["run"]), str(tmp_path / "hf")])
     for name in ("model.safetensors", "config.json"):
         assert (tmp_path / "hf" / name).read_bytes() == (run["hf"] / name).read_bytes(), name
+
+
+def test_a_tokenizer_of_other_ids_than_the_model_learned_is_refused(run, tmp_path, capsys):
+    """--tokenizer naming another SentencePiece model of the same vocabulary size (trained on other text)
+    used to export without a word: AutoTokenizer then fed the model ids it never learned. The checkpoint
+    records the tokenizer its model learned (train_state.json), so the export is refused before any model
+    is built, naming both; a byte copy of the run's own tokenizer still exports."""
+    import sentencepiece as spm
+
+    texts = [json.loads(line)["text"][::-1].upper() for line in open(run["corpus"], encoding="utf-8")]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_prefix=str(tmp_path / "other"),
+                                   vocab_size=320, model_type="bpe", byte_fallback=True, minloglevel=2)
+    out = tmp_path / "hf"
+    assert _tool("convert_to_hf").main([str(run["checkpoints"]), str(out), "--tokenizer",
+                                        str(tmp_path / "other.model")]) == 2
+    err = capsys.readouterr().err
+    assert f"tokenizer {tmp_path / 'other.model'} encodes differently from {run['tokenizer']}" in err, err
+    assert "--tokenizer" in err and not out.exists() and not list(tmp_path.glob(".hf.tmp-*"))
+    shutil.copy(run["tokenizer"], tmp_path / "copy.model")
+    assert _tool("convert_to_hf").main([str(run["checkpoints"]), str(out), "--tokenizer",
+                                        str(tmp_path / "copy.model")]) == 0
+    assert (out / "tokenizer.model").read_bytes() == run["tokenizer"].read_bytes()

@@ -54,6 +54,8 @@ def _worker(rank, world, corpus, root):
 def test_a_new_run_takes_only_the_weights_and_then_resumes_its_own_checkpoints(toy_corpus, tmp_path):
     out = run_distributed(_worker, 1, toy_corpus, str(tmp_path), timeout=300)[0]
     assert "optimizer.name: checkpoint 'adam', this run 'muon'" in out["refused"]
+    # The way out it names is train.load_weights_only; it named another train.run_dir, which this run has.
+    assert "add train.load_weights_only=true" in out["refused"] and "another train.run_dir" not in out["refused"]
     assert out["same_weights"]
     assert out["start"] == (0, 0, 0, 0)  # step, samples read, scheduler steps, optimizer state entries
     assert len(out["log"]) == 1 and "not restored: optimizer, rng, scheduler" in out["log"][0], out["log"]

@@ -6,8 +6,10 @@
 CHECKPOINT is a save directory (follows ``latest``) or one ``iter_N`` directory. SSNorm gains and
 EmbProj maps are folded into plain Llama weights, so the output loads in stock transformers, vLLM
 and llama.cpp. Writes config.json, generation_config.json, model.safetensors (sharded with an index
-above --max-shard-size) and, when the run had one (or --tokenizer is given), the tokenizer; a tokenizer
-the run recorded that is not here is an error (--tokenizer PATH, or --no-tokenizer to export without).
+above --max-shard-size) and, when the run had one (or --tokenizer is given), the tokenizer: its
+data.tokenizer_model, else the tokenizer file its data's preprocessing manifest records (a run trained
+with data.eod_id on a tokenizer.json's output); a tokenizer the run recorded that is not here is an
+error (--tokenizer PATH, or --no-tokenizer to export without).
 Runs in one CPU process. Exit status 2 with one error line for bad input.
 """
 
@@ -29,7 +31,7 @@ def parse_args(argv=None):
     p.add_argument("--max-shard-size", default="5GB", help="split model.safetensors above this size (default 5GB)")
     tok = p.add_mutually_exclusive_group()
     tok.add_argument("--tokenizer", help="SentencePiece .model, tokenizer.json or HF tokenizer directory "
-                   "(default: the run's data.tokenizer_model)")
+                   "(default: the run's data.tokenizer_model, else the one its data's manifest records)")
     tok.add_argument("--no-tokenizer", action="store_true",
                    help="export without a tokenizer (when the run's is not available here)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")

@@ -23,7 +23,7 @@ from megatron_osp.data.tokenizer import SentencePieceTokenizer, train_sentencepi
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", required=True, help="corpus file: .jsonl, .jsonl.gz, .jsonl.zst or .parquet")
+    p.add_argument("--input", required=True, help="one corpus file: .jsonl, .jsonl.gz, .jsonl.zst or .parquet (not a glob or directory)")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")
     p.add_argument("--vocab-size", required=True,
                    type=at_least(META_PIECES + 1, "256 byte-fallback pieces and <unk>, <s>, </s>, plus one per "

@@ -24,6 +24,7 @@ def load_run(run_dir: str | Path) -> dict:
     summary = json.loads(summary_path.read_text())
     summary["kurtosis"] = json.loads(kurtosis_path.read_text())
     summary["loaded_from"] = str(run_dir.resolve())
+    summary["given_as"] = str(run_dir)
     return summary
 
 
@@ -37,6 +38,15 @@ def run_label(run: dict) -> str:
         parts.append("EmbProj")
     label = " + ".join(parts)
     return "OSP (" + label + ")" if len(parts) == 3 and parts[0] == "Muon" else label
+
+
+def run_labels(runs: list[dict]) -> list[str]:
+    """``run_label`` of each run; a label that several runs share (runs of one recipe: another seed, size
+    or data) gets each run's directory as given after it, as evaluate_quantization.py's labels do, so
+    that the rows and per-layer columns say which run is which."""
+    labels = [run_label(r) for r in runs]
+    return [f"{label} ({r.get('given_as') or r.get('run_dir', '?')})" if labels.count(label) > 1 else label
+            for label, r in zip(labels, runs)]
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -133,7 +143,7 @@ def format_comparison(runs: list[dict], quant: dict[str, dict] | None = None, se
     """Loss and kurtosis per run; with ``quant``, perplexity at fp and ``setting`` with the degradation,
     and the weights-only degradation beside it when the evaluation measured it; with ``downstream``,
     the average benchmark score at fp and at ``setting`` and its drop."""
-    labels = [run_label(r) for r in runs]
+    labels = run_labels(runs)
     settings = [setting]
     weights_only = _weights_only(setting)
     if quant and weights_only and any(weights_only in m["perplexity"] for m in quant.values()):

@@ -178,12 +178,17 @@ def export_checkpoint(ckpt_path, out_dir, *, dtype: str = "float32", max_shard_s
         tokenizer_model = None
     elif tokenizer_model is None:
         tokenizer_model = find_run_tokenizer(run, ckpt, log, missing_ok=False)
+        if tokenizer_model is None:
+            log("no tokenizer is exported: the run names none (no data.tokenizer_model, no preprocessing "
+                "manifest of its data.paths here records one); pass --tokenizer PATH for AutoTokenizer to load it")
     elif not Path(tokenizer_model).exists():
         raise FileNotFoundError(f"--tokenizer: {tokenizer_model} does not exist")
     if tokenizer_model is not None and (pieces := tokenizer_vocab_size(tokenizer_model)) > model_cfg.vocab_size:
         # Its ids above the vocabulary would index rows the exported embedding does not have.
         raise ExportError(f"tokenizer {tokenizer_model} has {pieces} tokens, more than the model's vocabulary of "
                           f"{model_cfg.vocab_size} (model.vocab_size of {ckpt}): it is not this model's tokenizer")
+    if tokenizer_model is not None:
+        check_learned_tokenizer(ckpt, run, tokenizer_model)
     # Before anything is built or written: the output may not overlap what the export reads, and
     # --overwrite replaces only a previous export.
     check_outside(out_dir, export_inputs(ckpt_path, ckpt, tokenizer_model))
@@ -199,7 +204,7 @@ def export_checkpoint(ckpt_path, out_dir, *, dtype: str = "float32", max_shard_s
     tensors, tied = megatron_to_hf(logical, run.model, DTYPES[dtype])
     path = write_hf_directory(out, tensors, run.model, tie_word_embeddings=tied, dtype=DTYPES[dtype],
                               max_shard_size=max_shard_size, tokenizer_model=tokenizer_model, overwrite=overwrite,
-                              eod_id=run.data.eod_id, special_tokens_in_text=data_special_text(run, log) if tokenizer_model else None,
+                              eod_id=run.data.eod_id, special_tokens_in_text=data_special_text(run, log, ckpt) if tokenizer_model else None,
                               log=log)
     layout = state.get("layout", {})
     log(f"exported {ckpt} (iteration {state.get('iteration')}, saved at TP={layout.get('tensor_parallel_size')} "
@@ -207,16 +212,33 @@ def export_checkpoint(ckpt_path, out_dir, *, dtype: str = "float32", max_shard_s
     return path
 
 
-def data_special_text(run, log=print) -> str | None:
+def check_learned_tokenizer(ckpt: Path, run, tokenizer_model) -> None:
+    """ExportError when ``tokenizer_model`` encodes otherwise than the tokenizer whose ids the
+    checkpoint's model learned (its train_state.json record, training/tokenizer_record.py): of one
+    vocabulary size (or a smaller one) it passes the size check, and the export would load and generate
+    text from the wrong tokens without a word. Not refused where either side is unknown, or where the
+    two are of different kinds (a SentencePiece model and a tokenizer.json) that cannot be compared."""
+    from megatron_osp.training.checkpoint import read_train_state
+    from megatron_osp.training.tokenizer_record import checkpoint_record, describe, file_record, same
+
+    learned, given = checkpoint_record(read_train_state(ckpt), run), file_record(tokenizer_model)
+    if same(learned, given) is False:
+        raise ExportError(f"tokenizer {tokenizer_model} encodes differently from {describe(learned)}, whose ids "
+                          f"the model of {ckpt} learned: the export would read every token as another one; "
+                          "pass that tokenizer with --tokenizer (or --no-tokenizer for the model alone)")
+
+
+def data_special_text(run, log=print, ckpt: Path | None = None) -> str | None:
     """How the run's training data encoded special tokens written in its text, from the manifests of
     ``data.paths`` (``split`` where any dataset was made with it: training refuses to mix it with
-    ``encode``); None where no manifest is here to say, which is logged."""
+    ``encode``; a relative entry is also looked up under ``ckpt``'s parent directories); None where no
+    manifest is here to say, which is logged."""
     from megatron_osp.data import shardset, special_text
 
     modes, missing = set(), []
     for prefix in run.data.paths:
         try:
-            recorded = shardset.recorded_tokens(prefix)
+            recorded = shardset.recorded_tokens(_data_prefix(prefix, ckpt) or prefix)
         except (OSError, ValueError):
             recorded = {}
         if special_text.FIELD in recorded:
@@ -260,7 +282,58 @@ def find_run_tokenizer(run, ckpt: Path, log=print, _depth: int = 0, missing_ok: 
     if run.train.load and _depth < 8:
         try:
             start = resolve_checkpoint(run.train.load)
-            return find_run_tokenizer(read_run_config(start), start, log, _depth + 1, missing_ok)
+            found = find_run_tokenizer(read_run_config(start), start, log, _depth + 1, missing_ok)
+            if found is not None:
+                return found
         except CheckpointError:
             pass
+    return data_tokenizer(run, ckpt, log, missing_ok) if _depth == 0 else None
+
+
+def data_tokenizer(run, ckpt: Path, log=print, missing_ok: bool = True):
+    """The tokenizer file that the preprocessing manifest of the run's first dataset records (the path
+    preprocessing wrote, when it is still that tokenizer: its sha256 or id fingerprint): the tokenizer of
+    a run trained with ``data.eod_id`` on a tokenizer.json's output, which names no data.tokenizer_model.
+    A relative ``data.paths`` entry is also looked up under the checkpoint's parent directories. None
+    when no manifest is here or it names no tokenizer; a recorded tokenizer that is not here (or no longer
+    that tokenizer) is None with a warning (``missing_ok``) or FileNotFoundError."""
+    from megatron_osp.data import shardset
+    from megatron_osp.training.tokenizer_record import file_record, same
+
+    for entry in run.data.paths or []:
+        found = _data_prefix(entry, ckpt)
+        family = shardset.family_of(found) if found is not None else None
+        if family is None:
+            continue
+        try:
+            recorded, path = shardset.recorded_tokens(family), shardset.manifest(family).get("tokenizer")
+        except (OSError, ValueError):
+            continue
+        if not isinstance(path, str):
+            continue
+        record = file_record(path) if os.path.isfile(path) or os.path.isdir(path) else None
+        if record is not None and same(record, recorded) is not False:
+            log(f"tokenizer: {path}, which the preprocessing manifest of {family} records (the run names no "
+                "data.tokenizer_model)")
+            return str(Path(path).resolve())
+        why = "does not exist here" if record is None else "is no longer the tokenizer the data were made with"
+        message = (f"the run's data {family} were made with the tokenizer {path} (its preprocessing manifest "
+                   f"records it), which {why}")
+        if not missing_ok:
+            raise FileNotFoundError(f"{message}: pass --tokenizer PATH, or --no-tokenizer to export the model "
+                                    "without one")
+        log(f"warning: {message}; exporting without a tokenizer (pass --tokenizer)")
+        return None
     return None
+
+
+def _data_prefix(entry: str, ckpt: Path | None) -> str | None:
+    """The ``data.paths`` entry as a prefix whose preprocessing manifest is here: as given (relative to
+    the working directory), else, relative, under the checkpoint's parent directories (a run trained
+    from its project directory, exported from elsewhere); None where there is none."""
+    from megatron_osp.data import shardset
+
+    candidates = [Path(entry)]
+    if ckpt is not None and not Path(entry).is_absolute():
+        candidates += [parent / entry for parent in Path(ckpt).resolve().parents]
+    return next((str(c) for c in candidates if shardset.family_of(c) is not None), None)

@@ -92,8 +92,15 @@ def train_sentencepiece(
         raise ValueError(f"output prefix {str(output_prefix)!r} names a directory, not a file prefix "
                          "(e.g. tok/tokenizer writes tok/tokenizer.model)")
     input_jsonl, output_prefix = Path(input_jsonl), Path(output_prefix)
+    one_file = ("--input takes one corpus file (.jsonl, .jsonl.gz, .jsonl.zst or .parquet), unlike "
+                "preprocess_data.py's files, globs and directories: give one of them (--sample-documents N "
+                "trains on its first N documents)")
+    if input_jsonl.is_dir():
+        raise ValueError(f"{input_jsonl} is a directory: {one_file}")
     if not input_jsonl.exists():
-        raise FileNotFoundError(f"{input_jsonl} does not exist")
+        glob = any(c in str(input_jsonl) for c in "*?[")
+        raise FileNotFoundError(f"{input_jsonl} does not exist" + (f" (a glob is not expanded here: {one_file})"
+                                                                    if glob else ""))
     if vocab_size <= META_PIECES:
         raise ValueError(f"vocab_size must be more than {META_PIECES} (256 byte-fallback pieces + <unk>, <s>, </s>) "
                          f"plus one per character of the corpus, got {vocab_size}")

@@ -92,8 +92,10 @@ def data_problems(config) -> list[str]:
                 problems.append(
                     f"data.tokenizer_model={d.tokenizer_model} has no end-of-sequence id to separate documents"
                 )
-    elif d.eod_id is None:
-        problems.append("set data.tokenizer_model (or data.eod_id) so documents can be separated")
+    else:
+        problems += _recorded_vocab_problems(prefixes, m.vocab_size)
+        if d.eod_id is None:
+            problems.append(_no_eod_problem(prefixes))
     mix = _tokenizer_mix_problems(d, prefixes)
     problems += mix or _eod_problems(d, prefixes, tokenizer_eos)
     return problems + (_valid_set_problems(d, prefixes, tokens=not mix, tokenizer_eos=tokenizer_eos)
@@ -276,6 +278,37 @@ def _eod_problems(d, prefixes: list[str], tokenizer_eos: int | None, where: str 
                     f"{field} is {used}: documents would run together and an export would name the wrong "
                     f"eos_token_id; {how}"]
     return []
+
+
+def _recorded_vocab_problems(prefixes: list[str], vocab_size: int) -> list[str]:
+    """Without data.tokenizer_model (a tokenizer.json's output): a model.vocab_size below the vocabulary
+    the data's manifests record, named with the size to set before any work (the scan of the .bin
+    finds it only when the datasets are built, and names the largest id, not the tokenizer's size)."""
+    for prefix in prefixes:
+        try:
+            recorded = shardset.recorded_tokens(prefix).get("vocab_size")
+        except (OSError, ValueError):  # an unreadable manifest is named when the dataset opens
+            continue
+        if isinstance(recorded, int) and recorded > vocab_size:
+            return [f"model.vocab_size={vocab_size} is smaller than the vocabulary of the tokenizer {prefix} was "
+                    f"made with ({recorded} ids, its manifest records it): set model.vocab_size={recorded} "
+                    "(or larger)"]
+    return []
+
+
+def _no_eod_problem(prefixes: list[str]) -> str:
+    """Neither data.tokenizer_model nor data.eod_id is set; where the data's manifests record the EOD
+    preprocessing appended (a tokenizer.json's output, which training takes with data.eod_id), the id."""
+    try:
+        recorded = [shardset.recorded_tokens(p) for p in prefixes]
+    except (OSError, ValueError):
+        recorded = []
+    eods = {r.get("eod") for r in recorded if r.get("append_eod") is True} - {None}
+    if len(eods) == 1:
+        return (f"set data.eod_id={next(iter(eods))} (the end-of-document id the data's manifest records) or "
+                "data.tokenizer_model (the SentencePiece .model the data were made with) so documents can be "
+                "separated")
+    return "set data.tokenizer_model (or data.eod_id) so documents can be separated"
 
 
 def _recorded_eod(prefixes: list[str]) -> int | None:

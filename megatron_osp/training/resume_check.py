@@ -142,7 +142,7 @@ def check_compatible(path, config, *, resume: bool, same_run: bool = False) -> t
     tokens = _tokenizer_problems(path, saved, config)
     if diffs or data_diffs or tokens:
         ckpt = resolve_checkpoint(path)
-        way_out = "\n(to start a new run instead, use another train.run_dir or train.save_dir)" if diffs else ""
+        way_out = _way_out(diffs, resume, same_run) if diffs else ""
         if data_diffs:
             way_out += (
                 f"\n(a resume continues the run in {ckpt.parent} on its data and seed; to continue this "
@@ -164,6 +164,23 @@ def _check_vocab_padding(path, config) -> None:
     problem = vocab_padding_problem(ckpt, read_train_state(ckpt), vocab)
     if problem is not None:
         raise CheckpointError(problem)
+
+
+def _way_out(diffs: list[str], resume: bool, same_run: bool) -> str:
+    """What to do about ``diffs`` (fields where this run differs from the checkpoint's). A run's own
+    checkpoints are left to it: another run directory starts anew. A ``train.load`` of another run's
+    checkpoint is already a new run: it continues that run's schedule and optimizer state, so another
+    schedule or optimizer setting is ``train.load_weights_only=true`` (its weights alone, at step 0); the
+    model fields must be the checkpoint's either way."""
+    if same_run:
+        return "\n(to start a new run instead, use another train.run_dir or train.save_dir)"
+    if any(d.startswith("model.") for d in diffs):
+        return "\n(train.load takes the checkpoint's model: set the model fields above to the checkpoint's values)"
+    if resume:
+        return ("\n(train.load continues the checkpoint's run: its schedule, optimizer state and step count; to "
+                "start from its weights alone, with this run's schedule and optimizer at step 0, add "
+                "train.load_weights_only=true)")
+    return ""
 
 
 def _tokenizer_problems(path, saved, config) -> list[str]:
