@@ -80,3 +80,36 @@ def test_tokens_per_s_of_a_window_leaves_out_saves(toy_corpus, tmp_path):
     tokens_per_window = 2 * 8 * 32  # log_interval x global batch x the test preset's sequence length
     seconds = [tokens_per_window / m["tokens_per_s"] for m in lines]
     assert max(seconds) < 0.8, seconds
+
+
+def _train_collecting_console(rank, world_size, overrides, run_dir):
+    from megatron_osp.training.config import load_config
+    from megatron_osp.training.loop import Trainer
+
+    lines = []
+    Trainer(load_config(None, overrides + [f"train.run_dir={run_dir}"]), log=lines.append).train()
+    return lines
+
+
+def test_console_shows_interval_val_loss_and_kurtosis(toy_corpus, tmp_path):
+    """The val loss of every train.eval_interval and the kurtosis of every train.kurtosis_interval went
+    to TensorBoard/W&B only: someone watching the console or a SLURM log saw them at the end alone.
+    Each now has a console line, with the values the sinks get."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    overrides = [o for o in _overrides(toy_corpus, "adam") if not o.startswith(("train.tensorboard", "train.train_steps"))]
+    overrides += ["train.tensorboard=true", "train.train_steps=4", "train.eval_interval=2", "train.kurtosis_interval=1",
+                  "train.save=false", "train.progress_bar=false"]
+    run_dir = tmp_path / "run"
+    (lines,) = run_distributed(_train_collecting_console, 1, overrides, str(run_dir))
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+
+    val = [line for line in lines if "| val loss" in line]
+    assert len(val) == 1 and val[0].split("|")[0].split() == ["step", "2"], lines
+    assert float(val[0].rsplit(" ", 1)[1]) == pytest.approx(events.Scalars("val/loss")[0].value, abs=6e-5)
+    kurt = [line for line in lines if line.startswith("step") and "| kurtosis mean" in line]
+    assert [int(line.split("|")[0].split()[1]) for line in kurt] == [1, 2, 3], lines  # the end prints its table
+    means = events.Scalars("kurtosis/mean")
+    for line, event in zip(kurt, means):
+        assert float(line.split("kurtosis mean ")[1].split()[0]) == pytest.approx(event.value, abs=6e-5)

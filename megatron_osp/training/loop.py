@@ -411,11 +411,11 @@ class Trainer:
                 self.run_log.metrics(stats, bar)
             side_start = time.perf_counter()
             if train.eval_interval and self.step % train.eval_interval == 0 and self.step < train.train_steps:
-                self.sinks.scalar("val/loss", self.evaluate(), self.step)
+                self.run_log.validation(self.evaluate(), self.step, bar)
             if train.kurtosis_interval and self.step % train.kurtosis_interval == 0 and self.step < train.train_steps:
                 report = self.measure_kurtosis()
                 kurtosis_history.append({"step": self.step, "mean": report.mean, "max": report.max})
-                self.run_log.kurtosis(report, self.step)
+                self.run_log.kurtosis(report, self.step, bar)
             if train.save and train.save_interval and self.step % train.save_interval == 0:
                 self.save(background=True)
             elif self.saver is not None:
@@ -454,7 +454,7 @@ class Trainer:
         summary.update(self.run_log.memory.run_peak())  # this process's peak GPU memory (absent on CPU)
         if is_logging_rank():
             self.sinks.scalar("val/loss", val_loss, self.step)
-            self.run_log.kurtosis(report, self.step)
+            self.run_log.kurtosis(report, self.step, echo=False)
             report.save(self.run_dir / "kurtosis.json")
             atomic_write_json(self.run_dir / "summary.json", summary)
             self.log(f"\nexcess kurtosis after {self.step} steps (held-out batch):\n{report.format_table()}")

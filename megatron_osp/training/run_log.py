@@ -105,14 +105,31 @@ class RunLog:
             line += f" | peak memory {allocated:.2f} GiB allocated, {reserved:.2f} GiB reserved"
         (bar.write if bar is not None else self.log)(line)
 
-    def kurtosis(self, report, step: int) -> None:
+    def validation(self, val_loss: float, step: int, bar=None) -> None:
+        """A ``train.eval_interval`` validation loss: the sinks' ``val/loss`` and a console line (the
+        final one is in summary.json and the run's closing line)."""
+        self.sinks.scalar("val/loss", val_loss, step)
+        self._say(f"step {step:>6} | val loss {val_loss:.4f}", bar)
+
+    def kurtosis(self, report, step: int, bar=None, echo: bool = True) -> None:
         """Mean and max, and each hidden state's kurtosis and max |x|: an outlier shows up as one
-        layer's curve leaving the others, which the mean alone can hide."""
+        layer's curve leaving the others, which the mean alone can hide. ``echo``: also a console
+        line with the mean, the max and where the max is (the run's end prints its own table)."""
+        if echo:
+            worst = max(range(len(report.values)), key=lambda i: report.values[i]) if report.values else None
+            where = f" ({report.names[worst]})" if worst is not None else ""
+            peak = f" | max |act| {max(report.max_abs):.3g}" if report.max_abs else ""
+            self._say(f"step {step:>6} | kurtosis mean {report.mean:.4f} max {report.max:.4f}{where}{peak}", bar)
         self.sinks.scalar("kurtosis/mean", report.mean, step)
         self.sinks.scalar("kurtosis/max", report.max, step)
         for name, value, peak in zip(report.names, report.values, report.max_abs):
             self.sinks.scalar(f"kurtosis_layer/{name}", value, step)
             self.sinks.scalar(f"max_abs_layer/{name}", peak, step)
+
+
+    def _say(self, line: str, bar=None) -> None:
+        if self.writer:
+            (bar.write if bar is not None else self.log)(line)
 
 
 def mean_tail(history: list[dict], n: int = 3) -> float:
