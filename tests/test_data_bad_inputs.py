@@ -418,15 +418,16 @@ def test_a_file_beside_the_tokenizer_given_for_it_is_named_for_what_it_is(tmp_pa
     _no_traceback(r)
 
 
-def test_a_directory_or_glob_given_to_tokenizer_training_says_it_takes_one_file(tmp_path):
-    """preprocess_data.py takes files, globs and directories; train_tokenizer.py takes one file, and said
-    only 'corpus: Is a directory' or "'corpus/*.jsonl' does not exist". Now it says it takes one file."""
+def test_tokenizer_training_names_an_input_that_holds_no_corpus_file(tmp_path):
+    """train_tokenizer.py takes files, globs and directories as preprocess_data.py does (it took one file
+    and said so; tests/test_tokenizer_inputs.py): an empty directory, a glob matching nothing and a missing
+    file are refused by name."""
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    (corpus / "a.jsonl").write_text('{"text": "hello world"}\n')
-    with pytest.raises(ValueError, match=re.escape(f"{corpus} is a directory: --input takes one corpus file")):
+    (corpus / "notes.txt").write_text("not a corpus file")
+    with pytest.raises(FileNotFoundError, match=re.escape(f"--input {corpus}: no corpus files match")):
         train_sentencepiece(corpus, tmp_path / "tok", vocab_size=300)
-    with pytest.raises(FileNotFoundError, match=r"a glob is not expanded here: --input takes one corpus file"):
+    with pytest.raises(FileNotFoundError, match=re.escape(f"--input {corpus}/*.jsonl: no corpus files match")):
         train_sentencepiece(f"{corpus}/*.jsonl", tmp_path / "tok", vocab_size=300)
     with pytest.raises(FileNotFoundError, match=r"missing\.jsonl does not exist$"):
         train_sentencepiece(corpus / "missing.jsonl", tmp_path / "tok", vocab_size=300)

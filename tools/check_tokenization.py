@@ -111,8 +111,7 @@ def main(argv=None) -> int:
 
 
 def _check(args) -> int:
-    from preprocess_data import expand_inputs
-
+    from megatron_osp.data.inputs import expand_inputs
     from megatron_osp.data.preprocess import check_inputs
 
     try:

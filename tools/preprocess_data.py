@@ -27,7 +27,6 @@ inputs, tokenizer and output directory and prints each task's files, writing not
 """
 
 import argparse
-import glob
 import os
 import sys
 from pathlib import Path
@@ -36,60 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_osp.data.arguments import at_least  # noqa: E402
 from megatron_osp.data.array_tasks import plan, resolve_task, task_prefix  # noqa: E402
+from megatron_osp.data.inputs import expand_inputs  # noqa: E402
 from megatron_osp.data.preprocess import (  # noqa: E402
     BadRecord, WorkerDied, check_eod, check_inputs, check_json_keys, eod_note, preprocess)
 from megatron_osp.data.special_text import HELP as SPECIAL_HELP  # noqa: E402
 from megatron_osp.data.special_text import MODES as SPECIAL_MODES  # noqa: E402
 from megatron_osp.fileio import os_error  # noqa: E402
-
-# Corpus files inside a directory input, by name, any case: what the readers read (.zstd and NDJSON too).
-SUFFIXES = (".jsonl", ".json", ".ndjson", ".gz", ".zst", ".zstd", ".parquet")
-
-
-def expand_inputs(specs: list[str]) -> list[str]:
-    """Files in the order given; a glob or a directory contributes its corpus files, sorted. A name that
-    exists is taken as it is, even with glob characters in it: ``part[1].jsonl`` as a pattern matches
-    ``part1.jsonl``, another file, which was read in its place without a word."""
-    out = []
-    for spec in specs:
-        p = Path(spec)
-        if p.is_dir():
-            found = corpus_files(p)
-        elif any(c in spec for c in "*?[") and not p.exists():
-            found = sorted(glob.glob(spec, recursive=True))
-        else:
-            found = [spec]
-        if not found:
-            raise FileNotFoundError(f"--input {spec}: no corpus files match")
-        out += found
-    return out
-
-
-def corpus_files(directory: Path) -> list[str]:
-    """The corpus files under ``directory``, sorted, not the manifests of outputs written there
-    (PREFIX_<key>_document.shards.json). A linked subdirectory is followed (Path.rglob left its files
-    out without a word), each directory once (a link back up is no loop); a broken link or a FIFO named
-    like a corpus file is refused: its documents would be missing from the output."""
-    found, visited = [], set()
-    for root, dirs, files in os.walk(directory, followlinks=True):
-        if os.path.realpath(root) in visited:
-            dirs[:] = []
-            continue
-        visited.add(os.path.realpath(root))
-        for name in files:
-            if not name.lower().endswith(SUFFIXES) or name.endswith(".shards.json"):
-                continue
-            f = os.path.join(root, name)
-            if os.path.isfile(f):
-                found.append(f)
-            elif not os.path.exists(f):
-                raise FileNotFoundError(f"{f}: a broken symbolic link (to {os.readlink(f)}) in the input directory "
-                                        f"{directory}; its documents would be missing from the output")
-            else:  # was left out without a word
-                raise ValueError(f"{f}: not a regular file (a FIFO, socket or device) in the input directory "
-                                 f"{directory}; give it as an --input of its own to read it, or move it out")
-    return sorted(found)
-
 
 def shard_tokens(value: str) -> int:
     """--max-shard-tokens: a positive whole number of tokens (2e10 allowed)."""

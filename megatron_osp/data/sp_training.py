@@ -1,5 +1,10 @@
 """Training a byte-fallback SentencePiece model (BPE or unigram) on a corpus preprocessing can read.
 
+The corpus is one file or several (files, globs and directories as preprocess_data.py takes them,
+megatron_osp/data/inputs.py; a file given twice is refused), read in the order given: several files train
+the tokenizer their concatenation would. ``sample_documents`` N takes the first N records of one file;
+of several, ``sample_shares``: each file's share of N in proportion to its size in bytes.
+
 Records are read as preprocessing reads them (megatron_osp/data/readers.py): a malformed line, a
 missing ``json_key``, a non-string or invalid text (bad UTF-8, a lone surrogate) is a bad record named
 ``file:line``, which stops training unless ``skip_bad_records``. SentencePiece's own refusals of a
@@ -18,6 +23,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from megatron_osp.data.inputs import expand_inputs
 from megatron_osp.data.readers import BadRecord, parse_json_record, record_chunks
 
 META_PIECES = 259  # 256 byte-fallback pieces + <unk>, <s>, </s>
@@ -25,10 +31,23 @@ _TOO_SMALL = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+)
 _TOO_HIGH = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)")
 
 
+def sample_shares(sizes: list[int | None], n: int) -> list[int]:
+    """``--sample-documents n`` over files of ``sizes`` bytes: the first records of each file, in number
+    proportional to its size (the cumulative shares rounded down, so they add up to n; all of n for one
+    file); equal shares when a size is unknown (a pipe) or all are 0. A file holding fewer records than its
+    share passes what is left of it on to the next file (done while reading, by ``_Reading``)."""
+    weights = sizes if all(s for s in sizes) else [1] * len(sizes)
+    total, cum, shares = sum(weights), 0, []
+    for w in weights:
+        shares.append(n * (cum + w) // total - n * cum // total)
+        cum += w
+    return shares
+
+
 class _Reading:
     """The training text of a corpus, as lines; what went wrong is kept for after SentencePiece."""
 
-    def __init__(self, corpus: Path, key: str, max_documents: int | None, skip_bad_records: bool):
+    def __init__(self, corpus: list[Path], key: str, max_documents: int | None, skip_bad_records: bool):
         self.corpus, self.key, self.max_documents, self.skip = corpus, key, max_documents, skip_bad_records
         self.error: Exception | None = None
         self.bad: list[str] = []
@@ -38,30 +57,47 @@ class _Reading:
         """Documents split into lines: SentencePiece skips 'sentences' longer than a few KB. An error
         is kept, then raised to stop SentencePiece at once; it comes out of SentencePiece's C++ as
         an opaque RuntimeError, which ``_train`` replaces by the kept one."""
-        n = 0
+        shares = [None] * len(self.corpus)
+        if self.max_documents is not None:
+            sizes = [p.stat().st_size if p.is_file() else None for p in self.corpus]
+            shares = sample_shares(sizes, self.max_documents)
+        left = 0  # of the earlier files' shares, for a file short of records
         try:
-            for path, first, items, _ in record_chunks(self.corpus, [self.key], 256):
-                for i, item in enumerate(items):
-                    if item is None:  # a blank line: no record
-                        continue
-                    if self.max_documents is not None and n >= self.max_documents:
-                        return
-                    n += 1
-                    if isinstance(item, str):
-                        item = parse_json_record(f"{path}:{first + i}", item, [self.key])
-                    if isinstance(item, BadRecord):
-                        if not self.skip:
-                            raise item
-                        self.bad.append(str(item))
-                        continue
-                    self.documents += 1
-                    for part in item[0].splitlines():
-                        if part.strip():
-                            self.lines += 1
-                            yield part
+            for corpus, share in zip(self.corpus, shares):
+                if share is None:
+                    yield from self._file(corpus, None)
+                    continue
+                left += share
+                yield from self._file(corpus, left)
+                left -= self._taken
         except BadRecord as e:
             self.error = ValueError(str(e))
             raise
+
+    def _file(self, corpus: Path, limit: int | None):
+        """Up to ``limit`` records of one file (None: all), counted in ``self._taken``."""
+        n = self._taken = 0
+        if limit == 0:
+            return
+        for path, first, items, _ in record_chunks(corpus, [self.key], 256):
+            for i, item in enumerate(items):
+                if item is None:  # a blank line: no record
+                    continue
+                if limit is not None and n >= limit:
+                    return
+                n = self._taken = n + 1
+                if isinstance(item, str):
+                    item = parse_json_record(f"{path}:{first + i}", item, [self.key])
+                if isinstance(item, BadRecord):
+                    if not self.skip:
+                        raise item
+                    self.bad.append(str(item))
+                    continue
+                self.documents += 1
+                for part in item[0].splitlines():
+                    if part.strip():
+                        self.lines += 1
+                        yield part
 
 
 def _check_writable(directory: Path) -> None:
@@ -72,7 +108,7 @@ def _check_writable(directory: Path) -> None:
 
 
 def train_sentencepiece(
-    input_jsonl: str | os.PathLike,
+    input_jsonl: str | os.PathLike | list[str | os.PathLike],
     output_prefix: str | os.PathLike,
     vocab_size: int,
     model_type: str = "bpe",
@@ -82,7 +118,8 @@ def train_sentencepiece(
     skip_bad_records: bool = False,
     skipped: list[str] | None = None,
 ) -> Path:
-    """Train a byte-fallback BPE/unigram model; writes ``<output_prefix>.model`` atomically.
+    """Train a byte-fallback BPE/unigram model; writes ``<output_prefix>.model`` atomically. ``input_jsonl``:
+    a corpus file, glob or directory, or a list of them (read in that order; a file given twice is refused).
     ``skipped`` receives the messages of the bad records skipped (``skip_bad_records``)."""
     if model_type not in ("bpe", "unigram"):
         raise ValueError(f"--model-type must be 'bpe' or 'unigram', got {model_type!r}")
@@ -91,16 +128,14 @@ def train_sentencepiece(
         # failed with "PosixPath('tok') has an empty name", "tok/.." wrote tok/...model
         raise ValueError(f"output prefix {str(output_prefix)!r} names a directory, not a file prefix "
                          "(e.g. tok/tokenizer writes tok/tokenizer.model)")
-    input_jsonl, output_prefix = Path(input_jsonl), Path(output_prefix)
-    one_file = ("--input takes one corpus file (.jsonl, .jsonl.gz, .jsonl.zst or .parquet), unlike "
-                "preprocess_data.py's files, globs and directories: give one of them (--sample-documents N "
-                "trains on its first N documents)")
-    if input_jsonl.is_dir():
-        raise ValueError(f"{input_jsonl} is a directory: {one_file}")
-    if not input_jsonl.exists():
-        glob = any(c in str(input_jsonl) for c in "*?[")
-        raise FileNotFoundError(f"{input_jsonl} does not exist" + (f" (a glob is not expanded here: {one_file})"
-                                                                    if glob else ""))
+    from megatron_osp.data.preprocess import check_inputs
+
+    specs = [input_jsonl] if isinstance(input_jsonl, (str, os.PathLike)) else list(input_jsonl)
+    if not specs:
+        raise ValueError("no input given: name corpus files, globs or directories")
+    files = [Path(f) for f in expand_inputs([os.fspath(spec) for spec in specs])]
+    check_inputs(files)  # each exists, none given twice (its documents would be trained on twice)
+    output_prefix = Path(output_prefix)
     if vocab_size <= META_PIECES:
         raise ValueError(f"vocab_size must be more than {META_PIECES} (256 byte-fallback pieces + <unk>, <s>, </s>) "
                          f"plus one per character of the corpus, got {vocab_size}")
@@ -115,7 +150,7 @@ def train_sentencepiece(
     remove_stale_temporaries(output_prefix.parent, output_prefix.name, r"\.(model|vocab)")
     tmp_prefix = output_prefix.with_name(output_prefix.name + f".tmp{tag()}")
     try:
-        reading = _Reading(input_jsonl, json_key, sample_documents, skip_bad_records)
+        reading = _Reading(files, json_key, sample_documents, skip_bad_records)
         _train(reading, tmp_prefix, vocab_size, model_type, character_coverage)
         if skipped is not None:
             skipped += reading.bad
@@ -135,7 +170,8 @@ def train_sentencepiece(
 
 
 def _no_text(reading: _Reading) -> ValueError:
-    where = f"{reading.corpus}"
+    paths = reading.corpus
+    where = (", ".join(map(str, paths)) if len(paths) <= 3 else f"{len(paths)} inputs ({paths[0]} ... {paths[-1]})")
     if reading.bad:
         return ValueError(f"{where}: no text to train on: all {len(reading.bad)} records read were bad "
                           f"(first: {reading.bad[0]})")
