@@ -4,8 +4,9 @@ concatenation; --sample-documents N takes records from every file (a share of N 
 size), and of one file still its first N; a file given twice is refused; a bad record is named by
 file:line in whichever file it is.
 
-The .model files are compared byte for byte but for trainer_spec.model_prefix, the temporary name
-SentencePiece records (PREFIX.tmp-<host>-<pid>): two runs of the same training differ only there."""
+Models written under different output prefixes are compared byte for byte but for
+trainer_spec.model_prefix, the prefix SentencePiece records (the output prefix; it recorded the
+temporary one, PREFIX.tmp-<host>-<pid>, so two runs of one command gave different files)."""
 
 import gzip
 import json
@@ -143,3 +144,11 @@ def test_bad_records_are_named_by_file_and_line_and_counted_over_every_file(tmp_
     r = _cli("--input", shards, "--output-prefix", tmp_path / "tok", "--vocab-size", 330, "--skip-bad-records")
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"bad records skipped: 2 (first: {shards / 'a.jsonl'}:5: " in r.stdout
+
+
+def test_the_same_command_gives_the_same_model_file(tmp_path, shards):
+    first = _train(tmp_path, "tok", shards)
+    kept = first.read_bytes()
+    again = _cli("--input", shards, "--output-prefix", tmp_path / "tok", "--vocab-size", 330, "--overwrite")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert first.read_bytes() == kept

@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
 from megatron_osp.data.inputs import expand_inputs
 from megatron_osp.data.readers import BadRecord, parse_json_record, record_chunks
@@ -100,6 +101,16 @@ class _Reading:
                         yield part
 
 
+def _record_prefix(model_file: str, prefix: str) -> None:
+    """SentencePiece records the prefix it wrote to (``trainer_spec.model_prefix``): the temporary one,
+    which names this host and process, so two trainings of one corpus gave different files. It is set
+    to the output prefix: the same command gives the same bytes."""
+    proto = model_pb2.ModelProto()
+    proto.ParseFromString(Path(model_file).read_bytes())
+    proto.trainer_spec.model_prefix = prefix
+    Path(model_file).write_bytes(proto.SerializeToString())
+
+
 def _check_writable(directory: Path) -> None:
     """Fail now, naming the directory, rather than after training (SentencePiece writes at the end)."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -152,6 +163,7 @@ def train_sentencepiece(
     try:
         reading = _Reading(files, json_key, sample_documents, skip_bad_records)
         _train(reading, tmp_prefix, vocab_size, model_type, character_coverage)
+        _record_prefix(f"{tmp_prefix}.model", str(output_prefix))
         if skipped is not None:
             skipped += reading.bad
         # Not with_suffix(): a prefix such as "tok.v2" must give "tok.v2.model".
