@@ -54,7 +54,9 @@ def test_bad_inputs_are_refused_with_file_and_line_and_nothing_hangs(tmp_path):
 
 def test_an_output_directory_with_yaml_characters_gives_loadable_tasks(tmp_path):
     """The task YAMLs named their data file unquoted: under a directory named 'run #1: tasks' YAML read
-    the path as '.../run' (a comment, then a mapping), and the harness could not find it."""
+    the path as '.../run' (a comment, then a mapping), and the harness could not find it. And N-shot:
+    the tasks have only a test split, which gives their few-shot examples leaving the asked question
+    out only with 'fewshot_split: test' in the YAML (without it task_checks refuses them)."""
     pytest.importorskip("lm_eval")
     from megatron_osp.analysis.downstream import check_tasks, parse_tasks
 
@@ -64,20 +66,6 @@ def test_an_output_directory_with_yaml_characters_gives_loadable_tasks(tmp_path)
     done = _run(corpus, out, "--held-out", "0.3", "--questions", "12")
     assert done.returncode == 0, done.stderr
     check_tasks(parse_tasks("local_cloze,local_complete"), str(out))
-
-
-def test_few_shot_examples_leave_the_asked_question_out(tmp_path):
-    """The generated tasks have only a test split: their few-shot examples come from it, which the
-    harness allows without showing a question its own answer only with 'fewshot_split: test' in the
-    YAML (without it, task_checks refuses N-shot evaluation of them)."""
-    pytest.importorskip("lm_eval")
-    from megatron_osp.analysis.downstream import check_tasks, parse_tasks
-
-    corpus = tmp_path / "corpus.jsonl"
-    write_corpus(corpus, 60, seed=0)
-    out = tmp_path / "tasks"
-    done = _run(corpus, out, "--held-out", "0.3", "--questions", "12")
-    assert done.returncode == 0, done.stderr
     check_tasks(parse_tasks("local_cloze:3,local_complete:2"), str(out))
 
 
