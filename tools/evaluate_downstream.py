@@ -95,11 +95,12 @@ def _check(args):
 
     settings = parse_settings(args.settings.split(","))
     names = [s.name for s in settings]
-    labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
-    if labels and len(labels) != len(args.models):
-        raise ValueError(f"--labels has {len(labels)} entries for {len(args.models)} models")
-    if labels and len(set(labels)) != len(labels):
-        raise ValueError(f"--labels names a model twice ({', '.join(labels)}): the report keys models by label")
+    from megatron_osp.analysis.loading import labels_problem
+
+    labels = [x.strip() for x in args.labels.split(",")] if args.labels is not None else None
+    problem = labels_problem(labels, args.models)
+    if problem:
+        raise ValueError(problem)
     for option, value in (("--batch-size", args.batch_size), ("--calibration-windows", args.calibration_windows),
                           ("--seq-length", args.seq_length)):
         if value is not None and value < 1:

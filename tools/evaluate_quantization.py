@@ -170,12 +170,11 @@ def _run(args) -> int:
     from megatron_osp.analysis.weight_error import roles_of
     from megatron_osp.data.document_view import check_dataset_files
 
-    if args.labels and len(args.labels) != len(args.models):
-        print(f"error: --labels has {len(args.labels)} entries for {len(args.models)} models", file=sys.stderr)
-        return 2
-    if args.labels and len(set(args.labels)) != len(args.labels):
-        print(f"error: --labels names a model twice ({', '.join(args.labels)}): the report and plots key "
-              "models by label", file=sys.stderr)
+    from megatron_osp.analysis.loading import labels_problem
+
+    problem = labels_problem(args.labels, args.models)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
         settings = parse_settings(args.settings or DEFAULT_SETTINGS)

@@ -166,6 +166,22 @@ def check_group_sizes(path: str, settings) -> None:
                              f"the linears' input widths {', '.join(bad)}")
 
 
+def labels_problem(labels: list[str] | None, models: list[str]) -> str | None:
+    """What is wrong with ``--labels`` for ``models`` (None: nothing, or no labels given): one label per
+    model, none empty (an empty one fell back to the default label without a word) and none twice
+    (reports and plots key models by label)."""
+    if not labels:
+        return None
+    if len(labels) != len(models):
+        return f"--labels has {len(labels)} entries for {len(models)} models"
+    empty = [i + 1 for i, label in enumerate(labels) if not label.strip()]
+    if empty:
+        return f"--labels entry {empty[0]} (for {models[empty[0] - 1]}) is empty: give every model a label, or none"
+    if len(set(labels)) != len(labels):
+        return f"--labels names a model twice ({', '.join(labels)}): reports and plots key models by label"
+    return None
+
+
 def check_model_files(path: str) -> None:
     """ValueError / CheckpointError naming what is missing from a model, without reading its weights:
     an HF directory's weights file, or a shard its weights index names (an incomplete download or
