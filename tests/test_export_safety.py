@@ -257,3 +257,29 @@ def test_a_tokenizer_of_other_ids_than_the_model_learned_is_refused(run, tmp_pat
     assert _tool("convert_to_hf").main([str(run["checkpoints"]), str(out), "--tokenizer",
                                         str(tmp_path / "copy.model")]) == 0
     assert (out / "tokenizer.model").read_bytes() == run["tokenizer"].read_bytes()
+
+
+def test_a_tokenizer_of_the_other_kind_is_compared_by_its_ids(run, tmp_path, capsys):
+    """A checkpoint trained on SentencePiece data exported with an unrelated HF tokenizer.json used to pass
+    (fingerprints of different kinds were not compared): both now encode a probe text, and different ids
+    are refused naming both files; the tokenizer.json the export converted from the run's .model encodes
+    alike and still exports."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    texts = [json.loads(line)["text"][::-1].upper() for line in open(run["corpus"], encoding="utf-8")]
+    hf = Tokenizer(models.BPE(unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    other = tmp_path / "other" / "tokenizer.json"
+    other.parent.mkdir()
+    hf.save(str(other))
+    out = tmp_path / "hf"
+    assert _tool("convert_to_hf").main([str(run["checkpoints"]), str(out), "--tokenizer", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert f"tokenizer {other} encodes differently from {run['tokenizer']}" in err, err
+    assert not out.exists() and not list(tmp_path.glob(".hf.tmp-*"))
+    converted = run["hf"] / "tokenizer.json"
+    assert converted.is_file()
+    assert _tool("convert_to_hf").main([str(run["checkpoints"]), str(out), "--tokenizer", str(converted)]) == 0
+    assert (out / "tokenizer.json").is_file()

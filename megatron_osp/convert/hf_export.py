@@ -217,15 +217,28 @@ def check_learned_tokenizer(ckpt: Path, run, tokenizer_model) -> None:
     checkpoint's model learned (its train_state.json record, training/tokenizer_record.py): of one
     vocabulary size (or a smaller one) it passes the size check, and the export would load and generate
     text from the wrong tokens without a word. Not refused where either side is unknown, or where the
-    two are of different kinds (a SentencePiece model and a tokenizer.json) that cannot be compared."""
+    two are of different kinds (a SentencePiece model and a tokenizer.json): their fingerprints cannot be
+    compared, so both encode a probe text (tokenizer_record.PROBE_TEXT) where the learned one is here, and
+    different ids are refused; a tokenizer.json converted from the .model encodes alike and passes."""
     from megatron_osp.training.checkpoint import read_train_state
-    from megatron_osp.training.tokenizer_record import checkpoint_record, describe, file_record, same
+    from megatron_osp.training.tokenizer_record import (checkpoint_record, describe, file_record, same,
+                                                        same_by_encoding)
 
     learned, given = checkpoint_record(read_train_state(ckpt), run), file_record(tokenizer_model)
-    if same(learned, given) is False:
+    verdict = same(learned, given)
+    if verdict is None and learned and given and _kinds_differ(learned, given):
+        source = learned.get("source")
+        if isinstance(source, str) and os.path.isfile(source):
+            verdict = same_by_encoding(source, tokenizer_model)
+    if verdict is False:
         raise ExportError(f"tokenizer {tokenizer_model} encodes differently from {describe(learned)}, whose ids "
                           f"the model of {ckpt} learned: the export would read every token as another one; "
                           "pass that tokenizer with --tokenizer (or --no-tokenizer for the model alone)")
+
+
+def _kinds_differ(a: dict, b: dict) -> bool:
+    fa, fb = a.get("tokenizer_fingerprint"), b.get("tokenizer_fingerprint")
+    return isinstance(fa, str) and isinstance(fb, str) and fa.split(":")[0] != fb.split(":")[0]
 
 
 def data_special_text(run, log=print, ckpt: Path | None = None) -> str | None:

@@ -95,6 +95,26 @@ def same(a: dict | None, b: dict | None) -> bool | None:
     return same_tokenizer(a, b)
 
 
+# Text both tokenizers encode when their fingerprints are of different kinds (a SentencePiece model and
+# a tokenizer.json): letters of several scripts, spaces, digits, punctuation. No special-token literals
+# (<s>, <unk>): how those are read is the export's own setting, checked by convert/hf_tokenizer.py.
+PROBE_TEXT = ("The quick brown fox jumps over the lazy dog. 0123456789, 3.14 & 1,000,000!\n"
+              "  Two  spaces, a\ttab; (brackets) [x] {y} \"quotes\" 'apostrophes' - dash_under/slash\\ @#$%^*+=~`|?\n"
+              "Café naïve façade Straße, Ελληνικά, Русский текст, 日本語のテキスト, 中文, 한국어, emoji 🙂 €£¥ …")
+
+
+def same_by_encoding(a: str | os.PathLike, b: str | os.PathLike, text: str = PROBE_TEXT) -> bool | None:
+    """Whether two tokenizer files (of any kinds, data/tokenizer.py) turn ``text`` into the same ids, as
+    preprocessing encodes it; None when either cannot be loaded here."""
+    from megatron_osp.data.tokenizer import load_tokenizer
+
+    try:
+        ids = [list(load_tokenizer(p, word_cache=False).encode(text)) for p in (a, b)]
+    except (OSError, ValueError, RuntimeError, ImportError):
+        return None
+    return ids[0] == ids[1]
+
+
 def describe(record: dict) -> str:
     sha = record.get("tokenizer_sha256")
     return f"{record.get('source', '?')}" + (f" (sha256 {sha[:12]})" if isinstance(sha, str) else "")
