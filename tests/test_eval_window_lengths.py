@@ -53,6 +53,9 @@ def test_gptq_calibration_longer_than_a_models_window_is_refused(tmp_path, capsy
 
     _tiny_llama(0).save_pretrained(tmp_path / "m")  # max_position_embeddings 64
     (tmp_path / "m" / "tokenizer_config.json").write_text("{}")
+    from test_model_files_precheck import tiny_tokenizer_json
+
+    tiny_tokenizer_json(tmp_path / "m")  # evaluate_downstream needs a tokenizer
     with IndexedDatasetWriter(tmp_path / "calib") as writer:
         for _ in range(4):
             writer.add_document(np.arange(300) % 96)

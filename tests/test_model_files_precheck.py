@@ -1,6 +1,7 @@
 """A model missing part of its weights, refused by both evaluation tools before the first model loads:
 found at its own load, it stopped the run after every model before it had been evaluated. Also: an
---output-dir that is the HF model directory (the report would change the model's identity)."""
+--output-dir that is the HF model directory (the report would change the model's identity), and an HF
+directory holding only tokenizer_config.json, which evaluate_downstream needs a tokenizer from."""
 
 from __future__ import annotations
 
@@ -12,11 +13,21 @@ from hf_run_fixtures import REPO
 from test_quantization import _tiny_llama
 
 
-def _hf_models(tmp_path):
-    """tmp_path/good and tmp_path/broken: tiny HF Llamas saved in shards, one shard of broken deleted."""
+def tiny_tokenizer_json(directory) -> None:
+    """A small real tokenizer.json (a word-level vocabulary of a few tokens) in ``directory``."""
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.WordLevel({"<unk>": 0, "a": 1, "b": 2}, unk_token="<unk>")).save(str(directory / "tokenizer.json"))
+
+
+def _hf_models(tmp_path, tokenizer: bool = False):
+    """tmp_path/good and tmp_path/broken: tiny HF Llamas saved in shards, one shard of broken deleted;
+    a tokenizer_config.json in each, and a tokenizer.json where ``tokenizer``."""
     for name in ("good", "broken"):
         _tiny_llama(0).save_pretrained(tmp_path / name, max_shard_size="20KB")
         (tmp_path / name / "tokenizer_config.json").write_text("{}")
+        if tokenizer:
+            tiny_tokenizer_json(tmp_path / name)
     shards = sorted((tmp_path / "broken").glob("model-*.safetensors"))
     assert len(shards) > 1
     shards[-1].unlink()
@@ -52,7 +63,7 @@ def test_evaluate_downstream_names_a_missing_shard_or_checkpoint_file_before_any
     from megatron_osp.training.checkpoint import save_checkpoint
     from megatron_osp.training.config import RunConfig
 
-    good, broken, shard = _hf_models(tmp_path)
+    good, broken, shard = _hf_models(tmp_path, tokenizer=True)
     cfg = get_preset("test")
     save_checkpoint(tmp_path / "run" / "checkpoints", 1, [build_gpt_model(cfg, transformer_config(cfg), seed=1)],
                     RunConfig(model=cfg), save_rng=False)
@@ -87,7 +98,7 @@ def test_evaluate_downstream_names_a_checkpoint_whose_tokenizer_is_gone_before_a
     from megatron_osp.training.checkpoint import save_checkpoint
     from megatron_osp.training.config import RunConfig
 
-    good, _, _ = _hf_models(tmp_path)
+    good, _, _ = _hf_models(tmp_path, tokenizer=True)
     cfg = get_preset("test")
     config = RunConfig(model=cfg)
     config.data.tokenizer_model = str(tmp_path / "gone" / "tokenizer.model")
@@ -122,3 +133,40 @@ def test_an_output_dir_that_is_the_hf_model_directory_is_refused(tmp_path, capsy
     out, err = capsys.readouterr()
     assert rc == 2 and f"error: --output-dir {good} is the HF model directory {good}" in err and "== " not in out, err
     assert sorted(p.name for p in good.iterdir()) == before
+
+
+def test_an_hf_directory_with_only_a_tokenizer_config_is_refused_by_evaluate_downstream(tmp_path, capsys, monkeypatch):
+    """An HF directory holding tokenizer_config.json but no tokenizer.json or tokenizer.model passed
+    evaluate_downstream's checks and failed at its load (after the models before it). Refused before any
+    model loads, naming the directory and what is missing. evaluate_quantization reads pre-tokenized
+    --data and needs no tokenizer: the same directory passes its checks (it reaches the missing shard
+    of the next model)."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import evaluate_downstream
+    import evaluate_quantization
+
+    import megatron_osp.analysis.downstream as downstream
+    from megatron_osp.data.indexed import IndexedDatasetWriter
+
+    good, broken, shard = _hf_models(tmp_path, tokenizer=True)
+    _tiny_llama(0).save_pretrained(tmp_path / "notok")
+    (tmp_path / "notok" / "tokenizer_config.json").write_text('{"tokenizer_class": "LlamaTokenizerFast"}')
+    loaded = []
+    monkeypatch.setattr(downstream, "check_tasks", lambda *a, **k: None)  # the tasks are not the subject
+    monkeypatch.setattr(downstream, "load_eval_model", lambda path, **kw: loaded.append(path) or 1 / 0)
+    rc = evaluate_downstream.main([str(good), str(tmp_path / "notok"), "--tasks", "toy", "--settings", "fp",
+                                   "--device", "cpu", "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and loaded == [], err
+    assert (f"error: {tmp_path / 'notok'}: an HF model directory without a tokenizer: no tokenizer.json or "
+            "tokenizer.model (only tokenizer_config.json)") in err, err
+    assert not (tmp_path / "out").exists()
+
+    with IndexedDatasetWriter(tmp_path / "held") as writer:
+        writer.add_document(np.arange(90) % 96)
+    rc = evaluate_quantization.main([str(tmp_path / "notok"), str(broken), "--data", str(tmp_path / "held"),
+                                     "--documents", "0:1", "--seq-length", "8", "--settings", "fp", "--num-windows",
+                                     "2", "--weight-error-windows", "0", "--device", "cpu", "--no-plots",
+                                     "--output-dir", str(tmp_path / "qout")])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"names {shard}, missing from {broken}" in err and "tokenizer" not in err, err

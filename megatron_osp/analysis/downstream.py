@@ -206,9 +206,13 @@ def check_model_path(path: str) -> str:
     if not p.exists():
         raise FileNotFoundError(f"{path} does not exist")
     if (p / "config.json").exists():
-        if not any((p / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-            raise ValueError(f"{path}: an HF model directory without a tokenizer (tokenizer.json / "
-                             "tokenizer.model): the harness needs one")
+        if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+            # A tokenizer_config.json alone names a tokenizer class but holds no vocabulary: the load
+            # failed after the models before it had been evaluated.
+            has = [f for f in ("tokenizer_config.json", "special_tokens_map.json") if (p / f).is_file()]
+            raise ValueError(f"{path}: an HF model directory without a tokenizer: no tokenizer.json or "
+                             f"tokenizer.model" + (f" (only {', '.join(has)})" if has else "")
+                             + ": the harness needs one; copy the model's tokenizer files into it")
         _check_tokenizer_fits(p)
         check_model_files(path)
         return "hf"
