@@ -111,3 +111,20 @@ def test_split_data_exported_from_another_directory_keeps_split_special_tokens(t
     for text, ids in zip(made["texts"], docs):
         assert tok(text)["input_ids"] + [0] == ids, text
     assert 0 not in docs[-1][:-1]  # the literal special token was ordinary text in the data
+
+
+def test_a_sentencepiece_model_of_other_ids_than_the_datas_tokenizer_json_is_refused(encode_run, tmp_path, capsys):
+    """The run learned the ids of the tokenizer.json its data's manifest records; --tokenizer naming an
+    unrelated SentencePiece model (a fingerprint of the other kind) exported without a word. Both encode a
+    probe text now, and the export is refused naming both."""
+    import sentencepiece as spm
+
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(t[::-1].upper() for t in encode_run["texts"]),
+                                   model_prefix=str(tmp_path / "other"), vocab_size=310, model_type="bpe",
+                                   byte_fallback=True, hard_vocab_limit=False, minloglevel=2)
+    out = tmp_path / "hf"
+    assert _tool("convert_to_hf").main([str(encode_run["run"]), str(out), "--tokenizer",
+                                        str(tmp_path / "other.model")]) == 2
+    err = capsys.readouterr().err
+    assert f"tokenizer {tmp_path / 'other.model'} encodes differently from the preprocessing manifest of" in err, err
+    assert f"({encode_run['root'] / 'tok' / 'tokenizer.json'})" in err and not out.exists(), err

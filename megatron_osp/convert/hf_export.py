@@ -225,13 +225,19 @@ def check_learned_tokenizer(ckpt: Path, run, tokenizer_model) -> None:
                                                         same_by_encoding)
 
     learned, given = checkpoint_record(read_train_state(ckpt), run), file_record(tokenizer_model)
-    verdict = same(learned, given)
+    verdict, source = same(learned, given), None
     if verdict is None and learned and given and _kinds_differ(learned, given):
         source = learned.get("source")
-        if isinstance(source, str) and os.path.isfile(source):
+        if not (isinstance(source, str) and os.path.isfile(source)):
+            # A record of the data's manifest: the file it names, where that is still the tokenizer.
+            source = data_tokenizer(run, ckpt, log=lambda *_: None)
+            if source is not None and same(file_record(source), learned) is not True:
+                source = None
+        if source is not None:
             verdict = same_by_encoding(source, tokenizer_model)
     if verdict is False:
-        raise ExportError(f"tokenizer {tokenizer_model} encodes differently from {describe(learned)}, whose ids "
+        named = f" ({source})" if source and source != learned.get("source") else ""
+        raise ExportError(f"tokenizer {tokenizer_model} encodes differently from {describe(learned)}{named}, whose ids "
                           f"the model of {ckpt} learned: the export would read every token as another one; "
                           "pass that tokenizer with --tokenizer (or --no-tokenizer for the model alone)")
 
