@@ -158,9 +158,14 @@ def test_an_hf_directory_with_only_a_tokenizer_config_is_refused_by_evaluate_dow
                                    "--device", "cpu", "--output-dir", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert rc == 2 and loaded == [], err
-    assert (f"error: {tmp_path / 'notok'}: an HF model directory without a tokenizer: no tokenizer.json or "
-            "tokenizer.model (only tokenizer_config.json)") in err, err
+    assert (f"error: {tmp_path / 'notok'}: an HF model directory without a tokenizer: no tokenizer.json, "
+            "tokenizer.model or other vocabulary file (only tokenizer_config.json)") in err, err
     assert not (tmp_path / "out").exists()
+    # An older tokenizer's vocabulary (GPT-2's vocab.json + merges.txt), which AutoTokenizer loads, passes.
+    _tiny_llama(0).save_pretrained(tmp_path / "oldtok")
+    (tmp_path / "oldtok" / "vocab.json").write_text('{"a": 0, "b": 1}')
+    (tmp_path / "oldtok" / "merges.txt").write_text("#version: 0.2\n")
+    assert downstream.check_model_path(str(tmp_path / "oldtok")) == "hf"
 
     with IndexedDatasetWriter(tmp_path / "held") as writer:
         writer.add_document(np.arange(90) % 96)

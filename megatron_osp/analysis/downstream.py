@@ -206,12 +206,12 @@ def check_model_path(path: str) -> str:
     if not p.exists():
         raise FileNotFoundError(f"{path} does not exist")
     if (p / "config.json").exists():
-        if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        if not any((p / f).is_file() for f in _VOCABULARY_FILES):
             # A tokenizer_config.json alone names a tokenizer class but holds no vocabulary: the load
             # failed after the models before it had been evaluated.
             has = [f for f in ("tokenizer_config.json", "special_tokens_map.json") if (p / f).is_file()]
-            raise ValueError(f"{path}: an HF model directory without a tokenizer: no tokenizer.json or "
-                             f"tokenizer.model" + (f" (only {', '.join(has)})" if has else "")
+            raise ValueError(f"{path}: an HF model directory without a tokenizer: no tokenizer.json, "
+                             f"tokenizer.model or other vocabulary file" + (f" (only {', '.join(has)})" if has else "")
                              + ": the harness needs one; copy the model's tokenizer files into it")
         _check_tokenizer_fits(p)
         check_model_files(path)
@@ -237,6 +237,13 @@ def _run_tokenizer(path: str) -> tuple[Path, object, str]:
         raise ValueError(f"{path}: the run's tokenizer was not found (data.tokenizer_model), so its export "
                          "would have none; export it with tools/convert_to_hf.py --tokenizer and pass that directory")
     return ckpt, run, tokenizer
+
+
+# Files that hold an HF tokenizer's vocabulary: the fast tokenizer's, SentencePiece models (Llama's,
+# T5-style spiece.model, XLM-R-style sentencepiece.bpe.model) and the older BPE / WordPiece vocabularies
+# that AutoTokenizer also loads.
+_VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+                     "vocab.json", "vocab.txt")
 
 
 def _check_tokenizer_fits(p: Path) -> None:
