@@ -194,11 +194,11 @@ def muon_units(named_params, model, first_index, group, tp_size, qkv_split, offs
     """Muon units (whole logical matrices) of one model chunk's Muon-routed 2-D parameters."""
     units = []
     for b in build_blocks(named_params, model, first_index, tp_size, qkv_split, offset=offset):
-        param = named_params[b.param_index - first_index][1]
+        name, param = named_params[b.param_index - first_index]
         slices = [Slice(p.local_rows, p.block_rows, (0, param.shape[1]), p.cols) for p in b.pieces]
         # A replicated matrix fed by sequence-parallel activations (EmbProj under SP) has a partial
         # gradient on each TP rank: the owner adds them (Megatron's finalize would all-reduce them).
-        tp_sum = bool(getattr(param, "sequence_parallel", False)) and not b.sharded
+        tp_sum = partial_over_tp(name, param, model, tp_size) and not b.sharded
         units.append(Unit(b.key, MUON, b.param_index, group, b.shape, slices, b.sharded, tp_sum=tp_sum,
                           holders=list(range(tp_size)), scale_shape=b.scale_shape))
     return units
