@@ -221,12 +221,12 @@ def check_learned_tokenizer(ckpt: Path, run, tokenizer_model) -> None:
     compared, so both encode a probe text (tokenizer_record.PROBE_TEXT) where the learned one is here, and
     different ids are refused; a tokenizer.json converted from the .model encodes alike and passes."""
     from megatron_osp.training.checkpoint import read_train_state
-    from megatron_osp.training.tokenizer_record import (checkpoint_record, describe, file_record, same,
-                                                        same_by_encoding)
+    from megatron_osp.training.tokenizer_record import (checkpoint_record, describe, file_record, kinds_differ,
+                                                        same, same_by_encoding)
 
     learned, given = checkpoint_record(read_train_state(ckpt), run), file_record(tokenizer_model)
     verdict, source = same(learned, given), None
-    if verdict is None and learned and given and _kinds_differ(learned, given):
+    if verdict is None and learned and given and kinds_differ(learned, given):
         source = learned.get("source")
         if not (isinstance(source, str) and os.path.isfile(source)):
             # A record of the data's manifest: the file it names, where that is still the tokenizer.
@@ -240,11 +240,6 @@ def check_learned_tokenizer(ckpt: Path, run, tokenizer_model) -> None:
         raise ExportError(f"tokenizer {tokenizer_model} encodes differently from {describe(learned)}{named}, whose ids "
                           f"the model of {ckpt} learned: the export would read every token as another one; "
                           "pass that tokenizer with --tokenizer (or --no-tokenizer for the model alone)")
-
-
-def _kinds_differ(a: dict, b: dict) -> bool:
-    fa, fb = a.get("tokenizer_fingerprint"), b.get("tokenizer_fingerprint")
-    return isinstance(fa, str) and isinstance(fb, str) and fa.split(":")[0] != fb.split(":")[0]
 
 
 def data_special_text(run, log=print, ckpt: Path | None = None) -> str | None:

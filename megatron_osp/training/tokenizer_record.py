@@ -89,10 +89,15 @@ def same(a: dict | None, b: dict | None) -> bool | None:
     kinds, and a converted tokenizer.json may encode as its .model does)."""
     if not a or not b:
         return None
-    fa, fb = a.get("tokenizer_fingerprint"), b.get("tokenizer_fingerprint")
-    if isinstance(fa, str) and isinstance(fb, str) and fa.split(":")[0] != fb.split(":")[0]:
+    if kinds_differ(a, b):
         return True if a.get("tokenizer_sha256") == b.get("tokenizer_sha256") else None
     return same_tokenizer(a, b)
+
+
+def kinds_differ(a: dict, b: dict) -> bool:
+    """Both records have a fingerprint, of different kinds (a SentencePiece model, a tokenizer.json)."""
+    fa, fb = a.get("tokenizer_fingerprint"), b.get("tokenizer_fingerprint")
+    return isinstance(fa, str) and isinstance(fb, str) and fa.split(":")[0] != fb.split(":")[0]
 
 
 # Text both tokenizers encode when their fingerprints are of different kinds (a SentencePiece model and
