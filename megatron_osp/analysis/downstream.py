@@ -217,8 +217,9 @@ def check_model_path(path: str) -> str:
         check_model_files(path)
         return "hf"
     if _is_megatron_checkpoint(p):
-        check_model_files(path)
-        _run_tokenizer(path)  # its export needs it: found at its load, after the models before it
+        # Resolves the checkpoint (check_model_files' check of a Megatron one) and finds the tokenizer its
+        # export needs: either missing was found at its load, after the models before it.
+        _run_tokenizer(path)
         return "megatron"
     raise ValueError(f"{path}: neither an HF model directory (config.json) nor a Megatron checkpoint "
                      "(latest / train_state.json, or a run directory with checkpoints/)")
