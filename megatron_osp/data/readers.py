@@ -323,12 +323,16 @@ def _check_unchanged(path, before) -> None:
                            "new, or cut short; run again once it is complete")
 
 
+def name_inputs(paths) -> str:
+    """Inputs as an error names them: all of up to three, else their count and the first and last."""
+    return ", ".join(map(str, paths)) if len(paths) <= 3 else f"{len(paths)} inputs ({paths[0]} ... {paths[-1]})"
+
+
 def no_documents(paths, stats) -> BadRecord:
     """The error of a run whose inputs held no document to write: every input named (their count and the
     first and last when many) and what became of their records (``stats``: bad_records, bad_locations,
     empty_documents), so that an input of only bad records skipped is not taken for an empty one."""
-    names = (", ".join(map(str, paths)) if len(paths) <= 3 else
-             f"{len(paths)} inputs ({paths[0]} ... {paths[-1]})")
+    names = name_inputs(paths)
     what = []
     if stats.bad_records:
         what.append(f"{stats.bad_records:,} bad record{'s' * (stats.bad_records != 1)} skipped "

@@ -25,7 +25,7 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
 from megatron_osp.data.inputs import expand_inputs
-from megatron_osp.data.readers import BadRecord, parse_json_record, record_chunks
+from megatron_osp.data.readers import BadRecord, name_inputs, parse_json_record, record_chunks
 
 META_PIECES = 259  # 256 byte-fallback pieces + <unk>, <s>, </s>
 _TOO_SMALL = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)")
@@ -69,24 +69,23 @@ class _Reading:
                     yield from self._file(corpus, None)
                     continue
                 left += share
-                yield from self._file(corpus, left)
-                left -= self._taken
+                left -= yield from self._file(corpus, left)
         except BadRecord as e:
             self.error = ValueError(str(e))
             raise
 
     def _file(self, corpus: Path, limit: int | None):
-        """Up to ``limit`` records of one file (None: all), counted in ``self._taken``."""
-        n = self._taken = 0
+        """The lines of up to ``limit`` records of one file (None: all); returns how many records it read."""
+        n = 0
         if limit == 0:
-            return
+            return n
         for path, first, items, _ in record_chunks(corpus, [self.key], 256):
             for i, item in enumerate(items):
                 if item is None:  # a blank line: no record
                     continue
                 if limit is not None and n >= limit:
-                    return
-                n = self._taken = n + 1
+                    return n
+                n += 1
                 if isinstance(item, str):
                     item = parse_json_record(f"{path}:{first + i}", item, [self.key])
                 if isinstance(item, BadRecord):
@@ -99,6 +98,7 @@ class _Reading:
                     if part.strip():
                         self.lines += 1
                         yield part
+        return n
 
 
 def _record_prefix(model_file: str, prefix: str) -> None:
@@ -182,8 +182,7 @@ def train_sentencepiece(
 
 
 def _no_text(reading: _Reading) -> ValueError:
-    paths = reading.corpus
-    where = (", ".join(map(str, paths)) if len(paths) <= 3 else f"{len(paths)} inputs ({paths[0]} ... {paths[-1]})")
+    where = name_inputs(reading.corpus)
     if reading.bad:
         return ValueError(f"{where}: no text to train on: all {len(reading.bad)} records read were bad "
                           f"(first: {reading.bad[0]})")
