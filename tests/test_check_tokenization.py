@@ -89,4 +89,5 @@ def test_an_input_given_twice_is_refused_as_preprocessing_refuses_it(corpus, cap
         assert check_tokenization.main(["--input", *inputs, "--tokenizer-model", corpus["tokenizer"]]) == 2
         captured = capsys.readouterr()
         assert "given twice as input" in captured.err and str(path) in captured.err, captured
+        assert "its documents would be compared twice" in captured.err and "output" not in captured.err, captured
         assert "compared" not in captured.out

@@ -81,9 +81,11 @@ def test_a_file_given_twice_is_refused(tmp_path, shards):
         r = _cli("--input", *inputs, "--output-prefix", tmp_path / "tok", "--vocab-size", 330)
         assert r.returncode == 1, r.stderr[-3000:]
         assert f"error: {shards / 'a.jsonl'}: given twice as input" in r.stderr
+        # a tokenizer has no output holding documents (the message was preprocessing's, "in the output twice")
+        assert "its documents would be trained on twice" in r.stderr and "output" not in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
         assert not list(tmp_path.glob("tok*"))
-    with pytest.raises(ValueError, match="given twice as input"):
+    with pytest.raises(ValueError, match="given twice as input.*; its documents would be trained on twice"):
         train_sentencepiece([shards / "b.jsonl.gz", f"{shards}/*.gz"], tmp_path / "tok", vocab_size=330)
 
 

@@ -116,7 +116,7 @@ def _check(args) -> int:
 
     try:
         inputs = expand_inputs(args.input)
-        check_inputs(inputs)  # before the tokenizer loads, as preprocessing does
+        check_inputs(inputs, "its documents would be compared twice")  # before the tokenizer loads, as preprocessing does
         ours = load_tokenizer(args.tokenizer_model, args.eod_token, not args.no_word_cache, args.special_tokens_in_text)
         reference = reference_encoder(args.tokenizer_model, args.special_tokens_in_text)
         docs, bad = read_documents(inputs, args.json_key, args.documents)

@@ -254,9 +254,10 @@ def eod_note(tokenizer, eod_token: str | None) -> str | None:
     return note
 
 
-def check_inputs(paths) -> None:
+def check_inputs(paths, twice: str = "its documents would be in the output twice") -> None:
     """Every input exists, and none is given twice (a glob and a file, two globs or a directory that
-    overlap, a symbolic or hard link): its documents would be in the output twice."""
+    overlap, a symbolic or hard link); ``twice`` says what that would do, in the caller's words (tokenizer
+    training has no output holding documents: its documents would be trained on twice)."""
     seen: dict[tuple, Path] = {}
     for path in map(Path, paths):
         if not path.exists():
@@ -264,7 +265,7 @@ def check_inputs(paths) -> None:
         real = (path.stat().st_dev, path.stat().st_ino)  # the file itself: realpath missed a hard link
         if real in seen:
             same = "" if str(seen[real]) == str(path) else f" (as {seen[real]})"
-            raise ValueError(f"{path}: given twice as input{same}; its documents would be in the output twice")
+            raise ValueError(f"{path}: given twice as input{same}; {twice}")
         seen[real] = path
 
 

@@ -145,7 +145,7 @@ def train_sentencepiece(
     if not specs:
         raise ValueError("no input given: name corpus files, globs or directories")
     files = [Path(f) for f in expand_inputs([os.fspath(spec) for spec in specs])]
-    check_inputs(files)  # each exists, none given twice (its documents would be trained on twice)
+    check_inputs(files, "its documents would be trained on twice, weighing twice in the tokenizer")  # each exists
     output_prefix = Path(output_prefix)
     if vocab_size <= META_PIECES:
         raise ValueError(f"vocab_size must be more than {META_PIECES} (256 byte-fallback pieces + <unk>, <s>, </s>) "
