@@ -158,6 +158,21 @@ def test_a_binary_parquet_column_is_read_as_utf8_text_and_a_numeric_one_is_refus
     assert not list(tmp_path.glob("n_*"))
 
 
+def test_a_parquet_text_column_named_twice_is_refused_naming_the_file_and_column(tmp_path, sp_model):
+    """Parquet (and pyarrow) allow two columns of one name: which one is the text was a guess (it ended in
+    pyarrow's KeyError and a traceback). A repeated column that is not a key is not read and does no harm."""
+    twice = tmp_path / "twice.parquet"
+    pq.write_table(pa.Table.from_arrays([pa.array(["a"]), pa.array(["b"]), pa.array(["c"])],
+                                        names=["text", "id", "text"]), twice)
+    with pytest.raises(CorruptInput, match=rf"^{twice}: column 'text' appears 2 times \(columns number 1, 3 of 3\)"):
+        _run(twice, sp_model, tmp_path / "t", skip_bad_records=True)
+    assert not list(tmp_path.glob("t_*"))
+    ids_twice = tmp_path / "ids.parquet"
+    pq.write_table(pa.Table.from_arrays([pa.array(["a b"]), pa.array([1]), pa.array([2])],
+                                        names=["text", "id", "id"]), ids_twice)
+    assert _run(ids_twice, sp_model, tmp_path / "i").documents == 1
+
+
 def test_skip_bad_records_in_parquet_and_zst(tmp_path, sp_model):
     rows = [{"text": "fine"}, {"text": None}, {"text": ""}, {"text": "also fine"}, {"text": None}]
     stats = _run(write_parquet(tmp_path / "p.parquet", rows), sp_model, tmp_path / "p", skip_bad_records=True)

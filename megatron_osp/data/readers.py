@@ -219,6 +219,12 @@ def parquet_chunks(path: Path, keys: list[str], chunk_size: int):
     missing = [k for k in keys if k not in columns]
     if missing:
         raise CorruptInput(f"{path}: missing column {missing[0]!r} (columns: {', '.join(columns)})")
+    repeated = [k for k in keys if columns.count(k) > 1]
+    if repeated:  # Parquet allows it; which one holds the text is anyone's guess (pyarrow raised a KeyError)
+        at = [i for i, c in enumerate(columns) if c == repeated[0]]
+        raise CorruptInput(f"{path}: column {repeated[0]!r} appears {len(at)} times (columns number "
+                           f"{', '.join(str(i + 1) for i in at)} of {len(columns)}); which one is the text is "
+                           "ambiguous: rename or drop the others")
     wrong = [p for p in (_text_column_problem(pf.schema_arrow.field(k)) for k in keys) if p]
     if wrong:  # every row would be a bad record, which --skip-bad-records would drop without a word
         raise CorruptInput(f"{path}: {wrong[0]}")
