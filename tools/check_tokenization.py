@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from megatron_osp.data.arguments import at_least  # noqa: E402
-from megatron_osp.data.readers import BadRecord, CorruptInput, parse_json_record, record_chunks  # noqa: E402
+from megatron_osp.data.readers import (  # noqa: E402
+    BadRecord, CorruptInput, check_corpus_form, parse_json_record, record_chunks)
 from megatron_osp.data.tokenizer import load_tokenizer  # noqa: E402
 
 
@@ -117,6 +118,7 @@ def _check(args) -> int:
     try:
         inputs = expand_inputs(args.input)
         check_inputs(inputs, "its documents would be compared twice")  # before the tokenizer loads, as preprocessing does
+        check_corpus_form(inputs, [args.json_key])
         ours = load_tokenizer(args.tokenizer_model, args.eod_token, not args.no_word_cache, args.special_tokens_in_text)
         reference = reference_encoder(args.tokenizer_model, args.special_tokens_in_text)
         docs, bad = read_documents(inputs, args.json_key, args.documents)

@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_osp.data.arguments import at_least  # noqa: E402
 from megatron_osp.data.array_tasks import plan, resolve_task, task_prefix  # noqa: E402
 from megatron_osp.data.inputs import expand_inputs  # noqa: E402
+from megatron_osp.data.readers import check_corpus_form  # noqa: E402
 from megatron_osp.data.preprocess import (  # noqa: E402
     BadRecord, WorkerDied, check_eod, check_inputs, check_json_keys, eod_note, preprocess)
 from megatron_osp.data.special_text import HELP as SPECIAL_HELP  # noqa: E402
@@ -66,6 +67,7 @@ def print_plan(args) -> int:
             raise FileNotFoundError(f"{f} does not exist" if not os.path.exists(f) else f"{f} is not a file")
     check_inputs(files)
     check_json_keys(args.json_keys)
+    check_corpus_form(files, args.json_keys)
     sizes = [os.path.getsize(f) for f in files]
     tok = load_tokenizer(args.tokenizer_model, args.eod_token, special_tokens_in_text=args.special_tokens_in_text)
     check_eod(tok, args.tokenizer_model, args.append_eod)

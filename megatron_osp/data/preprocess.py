@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from megatron_osp.data.indexed import IndexedDatasetWriter, token_dtype_for
-from megatron_osp.data.readers import BadRecord, CorruptInput, no_documents, parse_json_record, record_chunks
+from megatron_osp.data.readers import (BadRecord, CorruptInput, check_corpus_form, no_documents, parse_json_record,
+                                      record_chunks)
 from megatron_osp.data.shardset import Stage, check_output_prefix, sha256_file
 from megatron_osp.data.special_text import DEFAULT as SPECIAL_DEFAULT
 from megatron_osp.data.special_text import FIELD as SPECIAL_FIELD
@@ -427,6 +428,7 @@ def preprocess(
             special_tokens_in_text)
         paths = [Path(p) for p in mine]
         output_prefix = array_tasks.task_prefix(output_prefix, index, count)
+    check_corpus_form(paths, json_keys)  # this task's share only: each file's first lines, before any output
     pool = (ProcessPoolExecutor(workers, mp_context=get_context("fork"), initializer=_init_worker,
                                 initargs=(tokenizer_model, eod_token, os.getpid(), word_cache, special_tokens_in_text))
             if workers > 1 else None)

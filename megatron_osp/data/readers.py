@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import re
 import zlib
 from pathlib import Path
@@ -204,6 +205,57 @@ def jsonl_chunks(path: Path, keys: list[str], chunk_size: int):
         yield (str(path), first, items, keys)
     if records == 0:
         raise BadRecord(f"{path}:1: empty file" + (" (blank lines only)" if line_no else ""))
+
+
+def corpus_form_problem(path: Path, keys: list[str]) -> str | None:
+    """Why a JSON-lines input is no JSONL corpus at all (one JSON object per line), judged from its first
+    lines, or None: a pretty-printed JSON document (its first line ``{`` or ``[`` alone: a tokenizer.json,
+    a config, a manifest), and of a file named ``.json``, a JSON array or one JSON value that is not a
+    record with ``keys`` (a tokenizer.json or config.json written on one line). Its lines were read as
+    records: it stopped the run at ``file:1`` as if one record were bad, or with skip_bad_records was
+    dropped line by line. Parquet and what is not a regular file (a pipe must not lose its first line here)
+    are not read: None. A file whose first line is a bad record among others, or a ``.jsonl`` of one bad
+    record, is a corpus with a bad record, which reading names."""
+    if input_format(path) == "parquet" or not os.path.isfile(path):
+        return None
+    raw_lines = _raw_lines(path, input_format(path))
+    lines = (raw for raw in raw_lines if raw.strip(_JSON_SPACE))
+    try:
+        first = next(lines, None)
+        if first is None:
+            return None  # an empty file: reading says so
+        text = first.removeprefix(_BOM).decode("utf-8", "replace").strip()
+        if text in ("{", "["):
+            return f"its first line is {text!r} alone: one pretty-printed JSON document, not one object per line"
+        if not path.name.lower().endswith(".json"):
+            return None  # named JSON lines: its first line is a record, good or bad
+        if text.startswith("["):
+            return "it begins with '[': a JSON array, not one object per line"
+        try:
+            value = json.loads(text)
+        except (ValueError, RecursionError):
+            return None  # a malformed first record: reading names its line
+        if next(lines, None) is not None or (isinstance(value, dict) and all(k in value for k in keys)):
+            return None  # several lines: a corpus, its records judged one by one
+    finally:
+        raw_lines.close()  # the file, now: not when the generator is collected
+    if isinstance(value, dict):
+        names = list(value)
+        held = f"keys {', '.join(map(repr, names[:6]))}{', ...' if len(names) > 6 else ''}" if names else "no keys"
+        return f"its only line is one JSON object ({held}) without {next(k for k in keys if k not in value)!r}"
+    return f"its only line is {json_kind(value)}, not a JSON object"
+
+
+def check_corpus_form(paths, keys) -> None:
+    """``corpus_form_problem`` of every input, as ``CorruptInput`` (never skipped) naming the first file that
+    has one: before any output is written, not at its first line after the files before it were tokenized."""
+    for path in map(Path, paths):
+        problem = corpus_form_problem(path, keys)
+        if problem:
+            raise CorruptInput(f"{path}: does not look like a JSONL corpus (one JSON object per line, with "
+                               f"{' and '.join(map(repr, keys))}): {problem}; if it is not part of the corpus, "
+                               "leave it out of --input (move it out of the directory given, or name the corpus "
+                               "files with a glob)")
 
 
 def parquet_chunks(path: Path, keys: list[str], chunk_size: int):

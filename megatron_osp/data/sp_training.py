@@ -25,7 +25,7 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
 from megatron_osp.data.inputs import expand_inputs
-from megatron_osp.data.readers import BadRecord, name_inputs, parse_json_record, record_chunks
+from megatron_osp.data.readers import BadRecord, check_corpus_form, name_inputs, parse_json_record, record_chunks
 
 META_PIECES = 259  # 256 byte-fallback pieces + <unk>, <s>, </s>
 _TOO_SMALL = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)")
@@ -146,6 +146,7 @@ def train_sentencepiece(
         raise ValueError("no input given: name corpus files, globs or directories")
     files = [Path(f) for f in expand_inputs([os.fspath(spec) for spec in specs])]
     check_inputs(files, "its documents would be trained on twice, weighing twice in the tokenizer")  # each exists
+    check_corpus_form(files, [json_key])  # a tokenizer.json or config.json in a directory given is no corpus
     output_prefix = Path(output_prefix)
     if vocab_size <= META_PIECES:
         raise ValueError(f"vocab_size must be more than {META_PIECES} (256 byte-fallback pieces + <unk>, <s>, </s>) "
