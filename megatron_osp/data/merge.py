@@ -286,7 +286,7 @@ def merge_tasks(prefix: str, output_prefix: str | None = None, num_tasks: int | 
     """Merge the array tasks of ``prefix`` (the ``--output-prefix`` they were given) in task order and
     publish ``<output_prefix or prefix>_<key>_document`` as one preprocessing output (manifest and all).
 
-    The documents go through the same writer as a single run (``preprocess._ShardedOutput``), so the
+    The documents go through the same writer as a single run (``sharded_output.ShardedOutput``), so the
     result is byte-identical to a single run over the same inputs with the same ``max_shard_tokens``
     (None: one unsharded dataset), whatever shard size the tasks used. Refuses, before writing, a set
     with a missing or incomplete task or with tasks of different runs (array_tasks.find_task_set);
@@ -295,7 +295,7 @@ def merge_tasks(prefix: str, output_prefix: str | None = None, num_tasks: int | 
     """
     from megatron_osp.data import array_tasks
     from megatron_osp.data.indexed import token_dtype_for
-    from megatron_osp.data.preprocess import _ShardedOutput, output_prefix_for
+    from megatron_osp.data.sharded_output import ShardedOutput, output_prefix_for
 
     if max_shard_tokens is not None and max_shard_tokens < 1:
         raise ValueError(f"max_shard_tokens must be >= 1, got {max_shard_tokens}")
@@ -336,7 +336,7 @@ def merge_tasks(prefix: str, output_prefix: str | None = None, num_tasks: int | 
     documents = sum(len(ds) for ds in datasets[0])
     if not documents:
         raise ValueError(f"{prefix}: no task has any non-empty document (a single run over these inputs fails too)")
-    output = _ShardedOutput(output_prefix, keys, dtype, max_shard_tokens)
+    output = ShardedOutput(output_prefix, keys, dtype, max_shard_tokens)
     try:
         for group in zip(*datasets):
             for lengths, tokens in _chunks(group):

@@ -25,10 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_osp.data.indexed import IndexedDatasetWriter, token_dtype_for
+from megatron_osp.data.indexed import token_dtype_for
 from megatron_osp.data.readers import (BadRecord, CorruptInput, check_corpus_form, no_documents, parse_json_record,
                                       record_chunks)
-from megatron_osp.data.shardset import Stage, check_output_prefix, sha256_file
+from megatron_osp.data.sharded_output import ShardedOutput, output_prefix_for
+from megatron_osp.data.shardset import check_output_prefix, sha256_file
 from megatron_osp.data.special_text import DEFAULT as SPECIAL_DEFAULT
 from megatron_osp.data.special_text import FIELD as SPECIAL_FIELD
 from megatron_osp.data.special_text import eod_from_text, eod_record, refused_record
@@ -283,83 +284,6 @@ def check_json_keys(json_keys) -> None:
             raise ValueError(f"--json-keys {key!r} is given twice (each key is one output dataset)")
 
 
-def output_prefix_for(output_prefix: str, key: str, shard: int | None = None) -> str:
-    """Megatron's naming: one dataset per JSON key, ``<prefix>_<key>_document``; shards add ``_NNNNN``."""
-    name = f"{output_prefix}_{key}_document"
-    return name if shard is None else f"{name}_{shard:05d}"
-
-
-class _ShardedOutput:
-    """One writer per key, all inside the run's stage directory; with ``max_shard_tokens``, a new
-    shard starts after a document takes the current one (first key) past the limit. ``publish``
-    moves every finished dataset into place at once; ``abort`` drops the stage."""
-
-    def __init__(self, output_prefix: str, keys, dtype, max_shard_tokens: int | None):
-        self.keys, self.dtype = tuple(keys), dtype
-        self.max_shard_tokens = max_shard_tokens
-        self.shard = 0 if max_shard_tokens else None
-        self.stage = Stage(output_prefix)  # makes the directory; refuses an unwritable one up front
-        self.output_prefix = output_prefix
-        self.finished: dict[str, list[dict]] = {k: [] for k in self.keys}
-        try:
-            self._open()
-        except BaseException:
-            self.stage.abort()
-            raise
-
-    def _open(self) -> None:
-        self.writers = {k: IndexedDatasetWriter(self.stage.staged(output_prefix_for(self.output_prefix, k, self.shard)),
-                                                self.dtype)
-                        for k in self.keys}
-        self.shard_tokens = 0
-
-    def add_documents(self, lengths: list[np.ndarray], tokens: list[np.ndarray]) -> None:
-        """Documents given per key as (lengths, concatenated tokens), split where shards roll over."""
-        n, start, offsets = len(lengths[0]), 0, [0] * len(self.keys)
-        while start < n:
-            stop = n
-            if self.max_shard_tokens:  # the document that reaches the limit is the shard's last
-                reached = np.cumsum(lengths[0][start:]) + self.shard_tokens >= self.max_shard_tokens
-                if reached.any():
-                    stop = start + int(np.argmax(reached)) + 1
-            for k, key in enumerate(self.keys):
-                part = lengths[k][start:stop]
-                size = int(part.sum())
-                self.writers[key].add_documents(part, tokens[k][offsets[k]:offsets[k] + size])
-                offsets[k] += size
-                if k == 0:
-                    self.shard_tokens += size
-            if self.max_shard_tokens and self.shard_tokens >= self.max_shard_tokens:
-                self._finish_shard()
-                self.shard += 1
-                self._open()
-            start = stop
-
-    def _finish_shard(self) -> None:
-        for key, w in self.writers.items():
-            w.finalize()
-            self.finished[key].append({
-                "name": os.path.basename(w.prefix), "documents": w.num_documents,
-                "tokens": int(w.tokens_written), "max_token_id": int(w.max_token_id)})
-
-    def finalize(self, info: dict) -> list[str]:
-        """Finish the last shard and publish the whole output; returns the published prefixes."""
-        if self.shard is None or self.shard_tokens or not self.finished[self.keys[0]]:
-            self._finish_shard()
-        else:  # the last document filled the previous shard exactly: no empty trailing shard
-            for w in self.writers.values():
-                w.abort()
-        families = {output_prefix_for(self.output_prefix, k): self.finished[k] for k in self.keys}
-        self.stage.publish(families, info)
-        return [os.path.join(os.path.dirname(self.output_prefix), d["name"])
-                for k in self.keys for d in self.finished[k]]
-
-    def abort(self) -> None:
-        for w in self.writers.values():
-            w.abort()
-        self.stage.abort()
-
-
 def preprocess(
     inputs: list[str],
     tokenizer_model: str,
@@ -439,7 +363,7 @@ def preprocess(
         else:
             _launch_workers(pool)
         # The stage directory: an unwritable output fails here, before any tokenizing.
-        output = _ShardedOutput(output_prefix, json_keys, token_dtype_for(tokenizer.vocab_size), max_shard_tokens)
+        output = ShardedOutput(output_prefix, json_keys, token_dtype_for(tokenizer.vocab_size), max_shard_tokens)
     except BaseException:
         if pool is not None:
             _stop(pool)
