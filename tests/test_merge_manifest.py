@@ -16,6 +16,7 @@ import pytest
 from test_merge_datasets import _ours, _word_tokenizer
 
 from megatron_osp.data import shardset, special_text
+from megatron_osp.data.content_identity import sample_record, sampled_documents
 from megatron_osp.data.indexed import IndexedDataset, IndexedDatasetWriter
 from megatron_osp.data.merge import merge_datasets
 from megatron_osp.data.token_range import scan_token_range
@@ -83,9 +84,12 @@ def test_the_merged_manifest_records_what_the_inputs_agree_on(made, tmp_path):
         "manifests": [made["a1"] + ".shards.json", made["as"] + ".shards.json"]}
     ds = IndexedDataset(m)  # checked against the manifest on open
     top = scan_token_range(ds)[1]
+    # the content sample (data/content_identity.py): the union of the inputs', as hashing the merged documents gives
+    docs = [ds[i] for i in range(len(ds))]
+    sample = sample_record(h for _, h in sampled_documents(np.array([len(d) for d in docs]), np.concatenate(docs)))
     assert manifest["datasets"] == [{"name": "m", "documents": len(ds), "sequences": len(ds), "tokens": ds.num_tokens,
                                      "max_token_id": top, "bin_bytes": os.path.getsize(m + ".bin"),
-                                     "idx_bytes": os.path.getsize(m + ".idx")}]
+                                     "idx_bytes": os.path.getsize(m + ".idx"), "content_sample": sample}]
     mm = str(tmp_path / "mm")
     merge_datasets([m, made["a2"]], mm)
     assert shardset.recorded_tokens(mm) == want

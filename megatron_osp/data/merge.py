@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from megatron_osp.data import shardset, special_text, tokenizer_identity
+from megatron_osp.data.content_identity import SAMPLE_FIELD, merged_sample
 from megatron_osp.data.indexed import IndexedDataset, IndexedDatasetWriter, check_dtype_holds
 from megatron_osp.data.replace import aside_hint
 from megatron_osp.data.token_range import scan_token_range
@@ -226,6 +227,9 @@ def _publish(datasets: list[IndexedDataset], output_prefix: str, dtype, max_toke
         written = IndexedDataset(staged)
         entry = {"name": os.path.basename(output_prefix), "documents": len(written.document_indices) - 1,
                  "sequences": len(written), "tokens": int(written.num_tokens), "max_token_id": int(max_token_id)}
+        sample = merged_sample([ds.prefix for ds in datasets])  # the union of the inputs' (content_identity)
+        if sample is not None:
+            entry[SAMPLE_FIELD] = sample
         del written
         stage.publish({output_prefix: [entry]}, info)
     except BaseException:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_osp.data.content_identity import sampled_documents
 from megatron_osp.data.indexed import token_dtype_for
 from megatron_osp.data.readers import (BadRecord, CorruptInput, check_corpus_form, no_documents, parse_json_record,
                                       record_chunks)
@@ -114,6 +115,7 @@ class _Chunk:
     lengths: list[np.ndarray]  # per key: tokens per document
     tokens: list[np.ndarray]  # per key: all documents' tokens, in the output dtype
     nbytes: int
+    samples: list[list[tuple[int, int]]]  # per key: content_identity.sampled_documents, hashed here in the worker
 
 
 def _tokenize_chunk(args) -> _Chunk:
@@ -158,7 +160,8 @@ def _tokenize_chunk(args) -> _Chunk:
         out_lengths.append(lengths)
         out_tokens.append(ids.astype(dtype, copy=False))
     nbytes = sum(len(t.encode("utf-8")) for p in good for t in p)
-    return _Chunk(len(items), bad, int(len(keep) - keep.sum()), out_lengths, out_tokens, nbytes)
+    samples = [sampled_documents(n, t) for n, t in zip(out_lengths, out_tokens)]
+    return _Chunk(len(items), bad, int(len(keep) - keep.sum()), out_lengths, out_tokens, nbytes, samples)
 
 
 def _refused(where: str, texts: list[str], keys) -> list[str] | BadRecord:
@@ -388,7 +391,7 @@ def preprocess(
                         stats.bad_locations.append(str(record).split(": ", 1)[0])
                 stats.bytes += chunk.nbytes
                 stats.empty_documents += chunk.empty
-                output.add_documents(chunk.lengths, chunk.tokens)
+                output.add_documents(chunk.lengths, chunk.tokens, chunk.samples)
                 stats.documents += len(chunk.lengths[0])
                 stats.tokens += sum(len(t) for t in chunk.tokens)
                 if bar is not None:

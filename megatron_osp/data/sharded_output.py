@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 
+from megatron_osp.data.content_identity import SAMPLE_FIELD, sample_record, sampled_documents
 from megatron_osp.data.indexed import IndexedDatasetWriter
 from megatron_osp.data.shardset import Stage
 
@@ -44,9 +45,14 @@ class ShardedOutput:
                                                 self.dtype)
                         for k in self.keys}
         self.shard_tokens = 0
+        self.sampled: dict[str, list[int]] = {k: [] for k in self.keys}  # this shard's content sample
 
-    def add_documents(self, lengths: list[np.ndarray], tokens: list[np.ndarray]) -> None:
-        """Documents given per key as (lengths, concatenated tokens), split where shards roll over."""
+    def add_documents(self, lengths: list[np.ndarray], tokens: list[np.ndarray],
+                      samples: list[list[tuple[int, int]]] | None = None) -> None:
+        """Documents given per key as (lengths, concatenated tokens), split where shards roll over.
+        ``samples``: per key, ``content_identity.sampled_documents`` of them where a worker has it already."""
+        if samples is None:
+            samples = [sampled_documents(n, t) for n, t in zip(lengths, tokens)]
         n, start, offsets = len(lengths[0]), 0, [0] * len(self.keys)
         while start < n:
             stop = n
@@ -58,6 +64,7 @@ class ShardedOutput:
                 part = lengths[k][start:stop]
                 size = int(part.sum())
                 self.writers[key].add_documents(part, tokens[k][offsets[k]:offsets[k] + size])
+                self.sampled[key] += [h for i, h in samples[k] if start <= i < stop]
                 offsets[k] += size
                 if k == 0:
                     self.shard_tokens += size
@@ -72,7 +79,8 @@ class ShardedOutput:
             w.finalize()
             self.finished[key].append({
                 "name": os.path.basename(w.prefix), "documents": w.num_documents,
-                "tokens": int(w.tokens_written), "max_token_id": int(w.max_token_id)})
+                "tokens": int(w.tokens_written), "max_token_id": int(w.max_token_id),
+                SAMPLE_FIELD: sample_record(self.sampled[key])})
 
     def finalize(self, info: dict) -> list[str]:
         """Finish the last shard and publish the whole output; returns the published prefixes."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 
 from megatron_osp.data import shardset
-from megatron_osp.data.content_identity import copies_of
+from megatron_osp.data.content_identity import copies_of, retokenized_overlap, training_sample
 from megatron_osp.data.replace import aside_hint
 from megatron_osp.data.shardset import expand
 from megatron_osp.data.tokenizer_identity import same_tokenizer, tokenizer_fingerprint
@@ -174,6 +174,7 @@ def _valid_set_problems(d, train_prefixes: list[str], tokens: bool = True,
     present = [p for p in train_prefixes if all(os.path.exists(p + ext) for ext in (".bin", ".idx"))]
     trained = {_file_id(p): p for p in reversed(present)}  # the first named
     way_out = "hold out another dataset, or leave data.valid_paths unset to validate on data.split's share"
+    pool = training_sample(present)
     for entry in d.valid_paths:
         shards = dataset_prefixes([entry])
         also = {p: "" if p == entry else f" (a shard of {entry})" for p in shards}
@@ -187,6 +188,8 @@ def _valid_set_problems(d, train_prefixes: list[str], tokens: bool = True,
             problems.append(f"data.valid_paths: {p}{also[p]} has the same content as {copies[p]}, which data.paths "
                             "reads for training (the same .idx bytes, .bin size and first and last MiB of .bin): its "
                             f"documents would be trained on; {way_out}")
+        elif note := retokenized_overlap(shards, pool):  # data/content_identity.py: manifests only
+            problems.append(f"data.valid_paths: {entry}: {note}; its documents would be trained on; {way_out}")
     problems += _merge_lineage_problems(train_prefixes, prefixes)
     if problems or not tokens:
         return problems

@@ -1,0 +1,89 @@
+"""Documents tokenized twice, once for training and once as a validation set (two preprocessing runs of the
+same texts), were trained and validated on without a word: no file is shared and no byte copy is made, so
+the checks of data.valid_paths (the same .bin, a byte copy, a merge's sources) saw nothing. Every dataset's
+manifest entry now records a content sample (data/content_identity.py: the hashes of the documents whose
+hash is a multiple of 1024), and a validation set that shares half of its sampled documents with the
+training data is refused, from the manifests alone."""
+
+import json
+
+import numpy as np
+import pytest
+
+from megatron_osp.data import content_identity
+from megatron_osp.data.content_identity import SAMPLE_FIELD, recorded_sample, sampled_documents, training_sample
+from megatron_osp.data.merge import merge_datasets
+from megatron_osp.data.preprocess import preprocess
+
+TEXTS = [f"record {i} says {i * 7919 % 10007} and {i % 97}" for i in range(12000)]
+
+
+def _write(path, texts):
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, sp_model):
+    """Training: every text, sharded. Valid: 4,000 of the same texts, in another order, a run of its own.
+    Held out: 4,000 texts training does not have."""
+    d = tmp_path_factory.mktemp("retok")
+    rng = np.random.default_rng(0)
+    again = [TEXTS[i] for i in rng.permutation(len(TEXTS))[:4000]]
+    other = [t.replace("record", "other record") for t in TEXTS[:4000]]
+    out = {}
+    for name, texts, shard in (("train", TEXTS, 40000), ("valid", again, None), ("held", other, None)):
+        preprocess([_write(d / f"{name}.jsonl", texts)], sp_model, str(d / name), progress=False,
+                   max_shard_tokens=shard)
+        out[name] = str(d / f"{name}_text_document")
+    out["dir"] = d
+    return out
+
+
+def _shards(family):
+    m = json.loads(open(family + ".shards.json").read())
+    return [str(family).rsplit("/", 1)[0] + "/" + e["name"] for e in m["datasets"]], m
+
+
+def test_the_sample_is_chosen_by_content_and_recorded_per_dataset(runs):
+    shards, m = _shards(runs["train"])
+    assert len(shards) > 1 and all(e[SAMPLE_FIELD]["scheme"] == content_identity.SAMPLE_SCHEME for e in m["datasets"])
+    per_shard = [recorded_sample(s) for s in shards]
+    union = training_sample(shards)
+    assert sum(map(len, per_shard)) == len(union) > 3  # each sampled document in one shard
+    assert all(int(h) % content_identity.SAMPLE_RATE == 0 for h in union)
+    # the valid run's sample is the training sample's part for its documents: the same texts, the same hashes
+    valid = recorded_sample(runs["valid"])
+    assert len(valid) >= 3 and set(valid.tolist()) <= set(union.tolist())
+    held = recorded_sample(runs["held"])
+    assert len(held) >= 3 and not set(held.tolist()) & set(union.tolist())
+    # the hash is of a document's ids as stored: the same document hashes alike wherever it is
+    lengths, tokens = np.array([3, 2, 3]), np.array([5, 6, 7, 8, 9, 5, 6, 7], dtype=np.uint16)
+    content_identity.SAMPLE_RATE, rate = 1, content_identity.SAMPLE_RATE
+    try:
+        hashes = [h for _, h in sampled_documents(lengths, tokens)]
+    finally:
+        content_identity.SAMPLE_RATE = rate
+    assert hashes[0] == hashes[2] != hashes[1]
+
+
+def test_a_validation_set_tokenized_again_from_training_texts_is_refused(runs, sp_model, tmp_path):
+    from megatron_osp.training.config import load_config
+    from megatron_osp.training.data_checks import data_problems
+
+    def problems(train, valid):
+        return data_problems(load_config(None, [
+            "model.preset=test", "model.vocab_size=320", f"data.paths=[{train}]", f"data.tokenizer_model={sp_model}",
+            "data.split=100", f"data.valid_paths=[{valid}]", f"train.run_dir={tmp_path / 'run'}"]))
+
+    found = problems(runs["train"], runs["valid"])
+    assert len(found) == 1, found
+    assert found[0].startswith(f"data.valid_paths: {runs['valid']}: ") and "tokenized again" in found[0], found
+    assert "are in the training datasets' samples too: it holds about 100% of its documents in common" in found[0]
+    assert problems(runs["train"], runs["held"]) == []
+    # a merge of the training shards carries their samples (the union): the same verdict
+    shards, _ = _shards(runs["train"])
+    merged = str(runs["dir"] / "merged")
+    merge_datasets(shards, merged)
+    assert len(recorded_sample(merged)) == len(training_sample(shards))
+    assert problems(merged, runs["valid"])[0].startswith(f"data.valid_paths: {runs['valid']}: ")
