@@ -56,3 +56,14 @@ def test_bench_data_reuses_a_sizes_file_and_digests_are_stable(tmp_path):
     wrong = subprocess.run([sys.executable, "tools/bench_data.py", "--num-docs", "30000", "--sides", "ours",
                             "--sizes-file", path], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert wrong.returncode != 0 and "not int32 (30000,)" in wrong.stderr
+
+
+def test_bench_index_cache_reads_the_same_indices_from_both_and_prints_ratios():
+    baseline = subprocess.run(["git", "-C", ROOT, "cat-file", "-e", "be9d475:megatron_osp/data/index_cache.py"])
+    if baseline.returncode != 0:
+        import pytest
+
+        pytest.skip("the baseline commit is not in this checkout's history")
+    out = _run("tools/bench_index_cache.py", "--shards", "20")
+    assert "same indices read back from both caches: yes" in out
+    assert re.search(r"ratio old/new: first use [\d.]+x, cached [\d.]+x", out)

@@ -1,6 +1,7 @@
 """GPTDataset / blends over indexed files: samples against a flat-token reference, Megatron's split
 and blend rules, and an index cache that notices rewritten data files."""
 
+import mmap
 import os
 
 import numpy as np
@@ -119,14 +120,17 @@ def test_cache_is_reused_and_a_rewritten_file_is_not(tmp_path, monkeypatch):
     first, _, _ = build_gpt_datasets(cfg, [50, 5, None])
     want = first.tokens_of(3).copy()
     entries = sorted(os.listdir(tmp_path / "cache"))
-    assert len(entries) == 3 and not [e for e in entries if e.startswith(".")]  # no temp dirs left
+    assert len(entries) == 3 and not [e for e in entries if e.startswith(".")]  # no temporaries left
 
     calls = []
     real = gd.build_document_and_sample_index
     monkeypatch.setattr(gd, "build_document_and_sample_index", lambda *a, **k: calls.append(1) or real(*a, **k))
     again, _, _ = build_gpt_datasets(cfg, [50, 5, None])
     assert calls == []  # loaded, not rebuilt
-    assert isinstance(again.sample_index, np.memmap)
+    base = again.sample_index  # memory-mapped from the entry's file, not read into memory
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = base.obj if isinstance(base, memoryview) else base.base
+    assert isinstance(base, mmap.mmap) and not again.sample_index.flags.writeable
     np.testing.assert_array_equal(again.tokens_of(3), want)
 
     # Rewrite the corpus under the same prefix (other tokens and lengths): new key, fresh indices.
@@ -152,9 +156,33 @@ def test_stale_entry_under_the_same_name_is_refused(tmp_path):
     key = {"x": 1}
     index_cache.cached_arrays(tmp_path, "t", key, lambda: {"a": np.arange(3)})
     entry = index_cache.entry_path(tmp_path, "t", key)
-    (entry / "key.json").write_text('{"format": 1, "x": 2, "_arrays": ["a"]}')
+    index_cache._save(entry, {"x": 2}, {"a": np.arange(3)})  # another key's entry under this name
     with pytest.raises(ValueError, match="another key"):
         index_cache.cached_arrays(tmp_path, "t", key, lambda: {"a": np.arange(3)})
+    # a damaged entry (cut short, or not an entry) is named, never read as indices
+    index_cache._save(entry, key, {"a": np.arange(3), "b": np.arange(100)})
+    with open(entry, "r+b") as f:
+        f.truncate(entry.stat().st_size - 100)
+    with pytest.raises(ValueError, match=rf"{entry}: shorter than its header says .* damaged; remove it"):
+        index_cache.cached_arrays(tmp_path, "t", key, lambda: {"a": np.arange(3)})
+    entry.write_bytes(b"junk")
+    with pytest.raises(ValueError, match=rf"{entry}: not an index cache entry of format 2"):
+        index_cache.cached_arrays(tmp_path, "t", key, lambda: {"a": np.arange(3)})
+
+
+def test_an_entry_is_one_file_read_back_alike(tmp_path):
+    """Arrays of any dtype and shape (2-D, empty, last) come back equal, read-only, from one file."""
+    from megatron_osp.data import index_cache
+
+    arrays = {"i32": np.arange(5, dtype=np.int32), "pairs": np.arange(12).reshape(6, 2), "none": np.zeros((0, 2)),
+              "f": np.array([1.5, -2.0]), "last": np.zeros(0, np.uint16)}
+    index_cache.cached_arrays(tmp_path, "t", {"k": 1}, lambda: arrays)
+    assert [p.name for p in tmp_path.iterdir()] == [index_cache.entry_path(tmp_path, "t", {"k": 1}).name]
+    back = index_cache.cached_arrays(tmp_path, "t", {"k": 1}, lambda: pytest.fail("built again"))
+    assert list(back) == list(arrays)
+    for name, a in arrays.items():
+        assert back[name].dtype == a.dtype and back[name].shape == a.shape and not back[name].flags.writeable
+        np.testing.assert_array_equal(back[name], a)
 
 
 def test_bad_inputs_name_the_problem(tmp_path):
