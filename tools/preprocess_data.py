@@ -36,9 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_osp.data.arguments import at_least  # noqa: E402
 from megatron_osp.data.array_tasks import plan, resolve_task, task_prefix  # noqa: E402
 from megatron_osp.data.inputs import expand_inputs  # noqa: E402
-from megatron_osp.data.readers import check_corpus_form  # noqa: E402
 from megatron_osp.data.preprocess import (  # noqa: E402
     BadRecord, WorkerDied, check_eod, check_inputs, check_json_keys, eod_note, preprocess)
+from megatron_osp.data.readers import check_corpus_form  # noqa: E402
 from megatron_osp.data.special_text import HELP as SPECIAL_HELP  # noqa: E402
 from megatron_osp.data.special_text import MODES as SPECIAL_MODES  # noqa: E402
 from megatron_osp.fileio import os_error  # noqa: E402

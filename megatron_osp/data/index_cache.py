@@ -106,9 +106,11 @@ def _save(entry: Path, key: dict, arrays: dict[str, np.ndarray]) -> None:
     for n, a in arrays.items():
         layout.append({"name": n, "dtype": a.dtype.str, "shape": list(a.shape), "offset": offset})
         offset += -(-a.nbytes // _ALIGN) * _ALIGN
-    header_of = lambda base: json.dumps(  # noqa: E731
-        {"key": json.loads(_canonical(key)), "arrays": [{**a, "offset": a["offset"] + base} for a in layout]},
-        sort_keys=True).encode()
+
+    def header_of(base: int) -> bytes:  # the arrays start at ``base``, past the magic, length and header
+        return json.dumps({"key": json.loads(_canonical(key)),
+                           "arrays": [{**a, "offset": a["offset"] + base} for a in layout]}, sort_keys=True).encode()
+
     base = -(-(16 + len(header_of(0)) + 64) // _ALIGN) * _ALIGN  # room for the offsets' longer digits
     header = header_of(base)
     assert 16 + len(header) <= base
