@@ -9,8 +9,11 @@ within the tolerance of tests/test_training_parallel.py. Cases:
 - qk_layernorm with the owner-sharded optimizer at TP=2 (OSP and AdamW + RMSNorm): each TP rank
   normalises only its own heads, so the Q/K norms' gradients are partial per TP rank and the owner
   must add them (as Megatron's finalize_model_grads does without distributed_optimizer).
-- muon_only at TP=2, with and without the owner-sharded optimizer: Muon's update scale of the
-  embedding and output layer comes from their one-process shape (260 rows), not the TP-padded one.
+- muon_only: Muon's logical matrix of the embedding and of the output layer is the vocabulary's
+  257 rows, whatever the padding: one process with make_vocab_size_divisible_by 1 (257 rows) and 64
+  (320), and TP=2 with 64 (384 rows: TP rank 1 holds 65 vocabulary rows and 127 of padding), with
+  and without the owner-sharded optimizer, give the same vocabulary rows, and padding rows keep
+  their initial values (no update, no weight decay).
 - tied embeddings at PP=2 (2 layers; AdamW, muon_only): the last stage's copy of the word embeddings starts
   equal to the embedding (so the first loss is the one-process loss) and stays equal to it.
 """
@@ -23,6 +26,8 @@ from megatron_osp.testing.distributed import run_distributed
 MODEL = ["model.preset=test", "model.num_layers=3", "model.hidden_size=48", "model.num_query_groups=2",
          "model.ffn_hidden_size=50", "model.vocab_size=257", "model.make_vocab_size_divisible_by=4"]
 ZERO = ["optimizer.distributed_optimizer=true"]
+VOCAB = 257
+VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
 def _overrides(corpus, optimizer, tp=1, pp=1, extra=()):
@@ -44,25 +49,32 @@ def _runs_worker(rank, world_size, cases, run_root):
     from megatron_osp.training.loop import Trainer
     from megatron_osp.training.model_setup import core_chunks
 
-    out = []
-    for name, overrides in cases:
-        trainer = Trainer(load_config(None, overrides + [f"train.run_dir={run_root}/{name}"]), log=lambda *_: None)
-        trainer.train()
+    def logical(trainer):
         weights = {}
         for core in core_chunks(trainer.model_chunks):
             weights.update(gather_logical(core, dict(core.named_parameters())))
         leader = parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0
+        return {k: v.detach().float().clone() for k, v in weights.items()} if leader else {}
+
+    out = []
+    for name, overrides in cases:
+        trainer = Trainer(load_config(None, overrides + [f"train.run_dir={run_root}/{name}"]), log=lambda *_: None)
+        initial = logical(trainer)
+        trainer.train()
+        weights = logical(trainer)
         out.append({
             "losses": [h["loss"] for h in trainer.history],
-            "weights": {k: v.detach().float().clone() for k, v in weights.items()} if leader else {},
+            "weights": weights,
+            "initial": {k: v for k, v in initial.items() if k in VOCAB_PARAMS},
         })
     return out
 
 
 def _merge(per_rank, i):
-    merged = {"weights": {}}
+    merged = {"weights": {}, "initial": {}}
     for r in per_rank:
         merged["weights"].update(r[i]["weights"])
+        merged["initial"].update(r[i]["initial"])
         if not np.isnan(r[i]["losses"][0]):
             merged["losses"] = r[i]["losses"]
     return merged
@@ -99,11 +111,23 @@ def test_qk_layernorm_with_the_distributed_optimizer_at_tp2(toy_corpus, tmp_path
     ], world=2)
 
 
-def test_muon_only_vocabulary_matrices_at_tp2(toy_corpus, tmp_path):
-    _compare(toy_corpus, tmp_path, [
-        ("muon_only", "muon_only", 2, 1, [], []),
-        ("muon_only_zero", "muon_only", 2, 1, [], ZERO),
-    ], world=2)
+def test_muon_only_vocabulary_matrices_are_the_vocabulary_rows(toy_corpus, tmp_path):
+    def run(name, divisible_by, tp=1, extra=()):
+        return name, _overrides(toy_corpus, "muon_only", tp, extra=[f"model.make_vocab_size_divisible_by={divisible_by}", *extra])
+
+    one = run_distributed(_runs_worker, 1, [run("rows257", 1), run("rows320", 64)], str(tmp_path), timeout=600)
+    tp2 = run_distributed(_runs_worker, 2, [run("tp2_rows384", 64, 2), run("tp2_rows384_zero", 64, 2, ZERO)],
+                          str(tmp_path), timeout=600)
+    ref = _merge(one, 0)
+    assert ref["weights"]["output_layer.weight"].shape[0] == VOCAB
+    for name, got, rows in (("rows320", _merge(one, 1), 320), ("tp2", _merge(tp2, 0), 384),
+                            ("tp2_zero", _merge(tp2, 1), 384)):
+        for k in VOCAB_PARAMS:
+            assert got["weights"][k].shape[0] == rows
+            # Padding rows: exactly as initialised (no Muon update, no weight decay).
+            torch.testing.assert_close(got["weights"][k][VOCAB:], got["initial"][k][VOCAB:], rtol=0, atol=0,
+                                       msg=lambda m: f"{name} {k} padding: {m}")
+        _close(ref, got, name)
 
 
 def test_tied_embeddings_at_pp2(toy_corpus, tmp_path):
