@@ -14,6 +14,9 @@ first 260 vocabulary rows, the rest being padding at TP=2 only) must equal the s
   (320), and TP=2 with 64 (384 rows: TP rank 1 holds 65 vocabulary rows and 127 of padding), with
   and without the owner-sharded optimizer, give the same vocabulary rows, and padding rows keep
   their initial values (no update, no weight decay).
+- AdamW at TP=2 with 4 layers, micro-batch 1, 2 steps of 4 sequences: with AdamW's default eps
+  (1e-8) one embedding element whose gradient is near eps ended 2.6e-5 away (over the tolerance; see
+  megatron_osp/testing/equivalence.py for the eps the compared runs use).
 - tied embeddings at PP=2 (2 layers; AdamW, muon_only): the last stage's copy of the word embeddings starts
   equal to the embedding (so the first loss is the one-process loss) and stays equal to it.
 """
@@ -100,11 +103,16 @@ def _compare(corpus, root, cases, world):
         _close(_merge(one, i), _merge(many, i), n)
 
 
-def test_qk_layernorm_with_the_distributed_optimizer_at_tp2(toy_corpus, tmp_path):
+# A shape where an embedding element's step-2 gradient lands near AdamW's default eps (1e-8).
+NEAR_EPS = ["model.num_layers=4", "train.micro_batch_size=1", "train.global_batch_size=4", "train.train_steps=2"]
+
+
+def test_qk_layernorm_with_the_distributed_optimizer_and_adamw_near_zero_gradients_at_tp2(toy_corpus, tmp_path):
     qk = ["model.qk_layernorm=true"]
     _compare(toy_corpus, tmp_path, [
         ("qkln_muon", "muon", 2, 1, qk, ZERO),
         ("qkln_adam_rmsnorm", "adam", 2, 1, qk + ["model.normalization=rmsnorm", "model.embedding_projection=false"], ZERO),
+        ("adam_4_layers_micro_batch_1", "adam", 2, 1, NEAR_EPS, []),
     ], world=2)
 
 
