@@ -11,9 +11,9 @@ first 260 vocabulary rows, the rest being padding at TP=2 only) must equal the s
   must add them (as Megatron's finalize_model_grads does without distributed_optimizer).
 - muon_only: Muon's logical matrix of the embedding and of the output layer is the vocabulary's
   257 rows, whatever the padding: one process with make_vocab_size_divisible_by 1 (257 rows) and 64
-  (320), and TP=2 with 64 (384 rows: TP rank 1 holds 65 vocabulary rows and 127 of padding), with
-  and without the owner-sharded optimizer, give the same vocabulary rows, and padding rows keep
-  their initial values (no update, no weight decay).
+  (320), TP=2 with 64 (384 rows: TP rank 1 holds 65 vocabulary rows and 127 of padding) and, with
+  the owner-sharded optimizer, TP=2 with 512 (1024 rows: TP rank 1 holds padding only) give the
+  same vocabulary rows, and padding rows keep their initial values (no update, no weight decay).
 - AdamW at TP=2 with 4 layers, micro-batch 1, 2 steps of 4 sequences: with AdamW's default eps
   (1e-8) one embedding element whose gradient is near eps ended 2.6e-5 away (over the tolerance; see
   megatron_osp/testing/equivalence.py for the eps the compared runs use).
@@ -121,12 +121,12 @@ def test_muon_only_vocabulary_matrices_are_the_vocabulary_rows(toy_corpus, tmp_p
         return name, _overrides(toy_corpus, "muon_only", tp, extra=[f"model.make_vocab_size_divisible_by={divisible_by}", *extra])
 
     one = run_distributed(_runs_worker, 1, [run("rows257", 1), run("rows320", 64)], str(tmp_path), timeout=600)
-    tp2 = run_distributed(_runs_worker, 2, [run("tp2_rows384", 64, 2), run("tp2_rows384_zero", 64, 2, ZERO)],
+    tp2 = run_distributed(_runs_worker, 2, [run("tp2_rows384", 64, 2), run("tp2_rows1024_zero", 512, 2, ZERO)],
                           str(tmp_path), timeout=600)
     ref = _merge(one, 0)
     assert ref["weights"]["output_layer.weight"].shape[0] == VOCAB
     for name, got, rows in (("rows320", _merge(one, 1), 320), ("tp2", _merge(tp2, 0), 384),
-                            ("tp2_zero", _merge(tp2, 1), 384)):
+                            ("tp2_zero", _merge(tp2, 1), 1024)):
         for k in VOCAB_PARAMS:
             assert got["weights"][k].shape[0] == rows
             # Padding rows: exactly as initialised (no Muon update, no weight decay).
