@@ -5,7 +5,8 @@ batches, Megatron's schedule) in one process with plain DDP + Megatron's FP32Opt
 at DP=2 and DP=4, with overlap_grad_reduce/overlap_param_gather off and on (on: small buckets, so
 several are in flight), and grad clipping active (clip 0.3 below the grad norms of ~0.8):
 - per-step losses within rtol 1e-5, final weights within rtol 1e-4 / atol 2e-5 (fp32; the runs
-  differ only in the order of the gradient sums);
+  differ only in the order of the gradient sums; AdamW's eps as megatron_osp/testing/equivalence.py
+  sets it for fp32 runs, so that round-off near |g| = eps stays under the tolerance);
 - the fp32 masters + Adam state each rank holds sum to exactly the single-process bytes (+ the
   per-tensor ``step`` scalars), about 1/DP on each rank;
 - the bytes each rank sends per step are a reduce-scatter of the fp32 gradient buffer plus an
@@ -20,8 +21,10 @@ import torch
 
 from megatron_osp.optimizer.megatron_reference import DriverSettings, train_reference
 from megatron_osp.testing.distributed import run_distributed
+from megatron_osp.testing.equivalence import ADAM_EPS
 
-SETTINGS = DriverSettings(steps=5, clip_grad=0.3)
+SETTINGS = DriverSettings(steps=5, clip_grad=0.3, adam_eps=ADAM_EPS)
+BF16_SETTINGS = DriverSettings(steps=5, clip_grad=0.3)  # AdamW's default eps: see equivalence.py
 SMALL_BUCKET = 30_000  # elements: the test model's ~110k parameters fall into several buckets
 F32 = 4
 
@@ -31,7 +34,7 @@ def _world_worker(rank, world_size):
     if world_size == 1:  # the single-process references: plain DDP + FP32Optimizer / bf16 optimizer
         return {
             (False, False): train_reference(rank, world_size, distributed=False, settings=SETTINGS),
-            (False, True): train_reference(rank, world_size, distributed=False, bf16=True, settings=SETTINGS),
+            (False, True): train_reference(rank, world_size, distributed=False, bf16=True, settings=BF16_SETTINGS),
         }
     runs = {
         (overlap, False): train_reference(
@@ -44,7 +47,7 @@ def _world_worker(rank, world_size):
                                        impl="ours")
     if world_size == 2:
         runs[(True, True)] = train_reference(
-            rank, world_size, overlap=True, bf16=True, bucket_size=SMALL_BUCKET, settings=SETTINGS
+            rank, world_size, overlap=True, bf16=True, bucket_size=SMALL_BUCKET, settings=BF16_SETTINGS
         )
         runs["clip"] = _clip_check(CLIP_CHECK)
     # The CPU patch renames tensor types only while Megatron's optimizers are constructed.

@@ -184,3 +184,20 @@ def test_routing_table_and_muon_only_vectors():
             torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-6)
     finally:
         parallel.shutdown()
+
+
+@pytest.mark.parametrize("rows", [[0, 1, 2, 3], [0, 2, 5]], ids=["contiguous", "scattered"])
+def test_rows_in_no_block_keep_their_values(rows):
+    """Rows of a matrix in no logical block (the vocabulary's padding, logical.vocab_rows) get no
+    update and no weight decay; the others are decayed and updated as a matrix of their own."""
+    torch.manual_seed(2)
+    W0 = torch.randn(6, 4)
+    p = torch.nn.Parameter(W0.clone())
+    opt = Muon([p], lr=0.05, weight_decay=0.1, blocks=whole_matrix_blocks([p], [[torch.tensor(rows)]]))
+    p.grad = torch.randn(6, 4)
+    opt.step()
+    others = [r for r in range(6) if r not in rows]
+    assert torch.equal(p.detach()[others], W0[others])
+    u = p.grad[rows].double() * (1 + 0.95)  # Nesterov from zero momentum
+    expected = W0[rows].double() * (1 - 0.05 * 0.1) - 0.05 * _ns64(u) * 0.2 * math.sqrt(max(u.shape))
+    torch.testing.assert_close(p.detach()[rows].double(), expected, rtol=0, atol=2e-5)

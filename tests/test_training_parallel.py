@@ -1,14 +1,15 @@
 """The pretrain loop at DP=2, PP=2 and TP=2 reproduces the single-process run.
 
 Same seed, same data, same global batch: after a few optimizer steps the per-step losses and the
-logical (TP=1, PP=1) weights must match the single-process run to float32 tolerance.
+logical (TP=1, PP=1) weights must match the single-process run to float32 tolerance, as
+megatron_osp/testing/equivalence.py compares them (with its settings; gradient norms too).
 """
 
 import numpy as np
 import pytest
-import torch
 
 from megatron_osp.testing.distributed import run_distributed
+from megatron_osp.testing.equivalence import SETTINGS, assert_same_training, run_record
 
 STEPS = 3
 
@@ -27,7 +28,7 @@ def _train_worker(rank, world_size, overrides, run_dir):
 
     leader = parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0
     return {
-        "losses": [h["loss"] for h in trainer.history],
+        **run_record(trainer),
         "val_loss": summary["val_loss"],
         "kurtosis_max": summary["kurtosis_max"],
         "weights": {k: v.detach().float() for k, v in weights.items()} if leader else {},
@@ -50,6 +51,7 @@ def _overrides(corpus, optimizer, tp=1, pp=1):
         "train.log_interval=1",
         "train.tensorboard=false",
         "train.progress_bar=false",
+        *SETTINGS,
     ]
 
 
@@ -63,18 +65,15 @@ def _merge(results):
     for r in results:
         merged["weights"].update(r["weights"])
         if not np.isnan(r["losses"][0]):
-            merged.update(losses=r["losses"], val_loss=r["val_loss"])
+            merged.update(losses=r["losses"], grad_norms=r["grad_norms"], val_loss=r["val_loss"])
         merged["kurtosis_max"] = r["kurtosis_max"]
     return merged
 
 
 def _assert_same(ref, got):
-    np.testing.assert_allclose(got["losses"], ref["losses"], rtol=2e-5)
+    assert_same_training(ref, got)
     assert got["val_loss"] == pytest.approx(ref["val_loss"], rel=2e-5)
     assert got["kurtosis_max"] == pytest.approx(ref["kurtosis_max"], rel=1e-3)
-    assert sorted(got["weights"]) == sorted(ref["weights"])
-    for name, w in ref["weights"].items():
-        torch.testing.assert_close(got["weights"][name], w, rtol=1e-4, atol=2e-5, msg=lambda m: f"{name}: {m}")
 
 
 def test_muon_training_dp2_and_pp2_match_single_process(toy_corpus, tmp_path):

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from megatron_osp.testing.distributed import run_distributed
+from megatron_osp.testing.equivalence import SETTINGS, assert_same_training, run_record
 
 STEPS, SAVED_AT = 6, 5  # train_steps sets the LR schedule; every run stops (or resumes) at step 5
 VOCAB = 256  # the test preset's vocabulary
@@ -46,6 +47,7 @@ def _base(corpus, optimizer, tp=1, pp=1, vp=1):
         "train.save=false",
         "train.tensorboard=false",
         "train.progress_bar=false",
+        *SETTINGS,
     ] + extra
 
 
@@ -71,7 +73,7 @@ def _train(overrides, run_dir):
     trainer = Trainer(load_config(None, overrides + [f"train.run_dir={run_dir}"]), log=lambda *_: None)
     trainer.train()
     return trainer, {
-        "losses": [h["loss"] for h in trainer.history],
+        **run_record(trainer),
         "val_loss": trainer.evaluate(),
         "kurtosis": trainer.measure_kurtosis().to_dict(),
         "weights": _logical_weights(trainer),
@@ -178,14 +180,11 @@ def runs(toy_corpus, tmp_path_factory):
 
 def _assert_same_run(ref, got):
     assert len(got["losses"]) == SAVED_AT
-    np.testing.assert_allclose(got["losses"], ref["losses"], rtol=2e-5)
+    assert_same_training(ref, got)
     assert got["val_loss"] == pytest.approx(ref["val_loss"], rel=2e-5)
     assert got["kurtosis"]["names"] == ref["kurtosis"]["names"] == ["embedding"] + [f"layer_{k}" for k in range(1, 5)]
     np.testing.assert_allclose(got["kurtosis"]["values"], ref["kurtosis"]["values"], rtol=1e-3, atol=1e-6)
     np.testing.assert_allclose(got["kurtosis"]["max_abs"], ref["kurtosis"]["max_abs"], rtol=1e-4)
-    assert sorted(got["weights"]) == sorted(ref["weights"])
-    for name, w in ref["weights"].items():
-        torch.testing.assert_close(got["weights"][name], w, rtol=1e-4, atol=2e-5, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "muon"])

@@ -273,11 +273,9 @@ def build_gpt_model(
     )
     # The tokenizer's vocabulary: rows past it are padding (never a target, dropped by the HF export),
     # so the loss masks them (compute_language_model_loss) and whatever reads logits as a
-    # distribution over tokens slices to it (analysis.model_parts.logits).
+    # distribution over tokens slices to it (analysis.model_parts.logits); in muon_only, Muon's
+    # embedding and output matrices are these rows only (optimizer/logical.vocab_rows).
     gpt.unpadded_vocab_size = model.vocab_size
-    # The embedding's and output layer's rows in one process: Muon scales their updates (muon_only)
-    # by this shape at every TP size, whose padding adds other rows (optimizer/logical.py).
-    gpt.vocab_rows_at_tp1 = model.padded_vocab_size(1)
     if layout_independent_init:
         initialize_layout_independent(gpt, seed)
     return gpt

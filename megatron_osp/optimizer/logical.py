@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_osp.models.layout import layer_offset, partition_dim, split_for_rank, to_global_name
+from megatron_osp.models.layout import layer_offset, partition_dim, split_for_rank, to_global_name, unwrap
 from megatron_osp.optimizer.routing import logical_blocks
 
 
@@ -40,25 +40,23 @@ class LogicalBlock:
     pieces: list[Piece]  # one per TP rank; identical full pieces if the parameter is replicated
     sharded: bool  # whether the parameter is split over TP (else every TP rank holds all of it)
     owner: int = -1  # rank in the TP x DP domain that runs Newton-Schulz on it
-    # The (m, n) Muon's update scale is taken from, where it is not ``shape``: the vocabulary
-    # matrices' rows in one process, which TP padding would otherwise change (vocab_scale_shape)
-    scale_shape: tuple[int, int] | None = None
 
 
 VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
-def vocab_scale_shape(name: str, model, shape: tuple[int, int]) -> tuple[int, int] | None:
-    """For the embedding and output layer (Muon-routed only in muon_only), their shape with the
-    one-process layout's padded vocabulary: the padding to a multiple of make_vocab_size_divisible_by
-    x TP gives them other rows at other TP sizes, which must not change the update's scale. The
-    padding rows' gradients are zero, so Newton-Schulz itself gives the same rows either way."""
-    while not hasattr(model, "vocab_rows_at_tp1") and hasattr(model, "module"):
-        model = model.module  # DDP / Float16Module wrappers
-    rows = getattr(model, "vocab_rows_at_tp1", None)
-    if rows is None or not name.endswith(VOCAB_PARAMS) or rows == shape[0]:
+def vocab_rows(name: str, model) -> torch.Tensor | None:
+    """For the embedding and output layer (Muon-routed only in muon_only), the rows of the
+    tokenizer's vocabulary: their logical matrix. The rows past it pad the vocabulary to a multiple
+    of make_vocab_size_divisible_by x TP; they are not tokens (the loss masks them, so their gradient
+    is zero) and must not enter the matrix, whose shape sets Muon's update scale: with them the
+    update depended on the padding setting and the TP size. Being in no block, the padding rows
+    get no update and no weight decay. None for other parameters (and models with no vocabulary
+    size set)."""
+    if not name.endswith(VOCAB_PARAMS):
         return None
-    return (rows, shape[1])
+    vocab = getattr(unwrap(model), "unpadded_vocab_size", None)
+    return None if vocab is None else torch.arange(vocab)
 
 
 def _qkv_rows(config) -> int:
@@ -120,7 +118,10 @@ def build_blocks(
             cols *= tp_size
         elif sharded:
             raise ValueError(f"Muon: parameter {name!r} is split over TP along dim {dim}; only 0 or 1 exist")
-        row_sets = logical_blocks(name, config, qkv_split) or [torch.arange(rows)]
+        vocab = vocab_rows(name, model)
+        if vocab is not None and len(vocab) > rows:
+            raise ValueError(f"Muon: parameter {name!r} has {rows} rows, fewer than the vocabulary's {len(vocab)}")
+        row_sets = logical_blocks(name, config, qkv_split) or [vocab if vocab is not None else torch.arange(rows)]
         local_ids, col_ranges = [], []
         for t in range(tp_size if sharded else 1):
             r_ids = torch.arange(rows).unsqueeze(1)
@@ -146,8 +147,6 @@ def build_blocks(
             if not sharded:
                 pieces = pieces * tp_size
             key = gname if len(row_sets) == 1 else f"{gname}[{b}]"
-            shape = (len(idx), cols)
-            scale = vocab_scale_shape(name, model, shape) if len(row_sets) == 1 else None
-            blocks.append(LogicalBlock(key, param_offset + i, shape, pieces, sharded, scale_shape=scale))
+            blocks.append(LogicalBlock(key, param_offset + i, (len(idx), cols), pieces, sharded))
     return blocks
 

@@ -141,6 +141,7 @@ class DriverSettings:
     seed: int = 1234
     lr: float = 3e-3
     clip_grad: float = 1.0
+    adam_eps: float = OptimSettings.adam_eps  # equivalence tests raise it (megatron_osp/testing/equivalence.py)
     count_step: int = 2  # the step (0-based) whose bytes are counted
     model_overrides: dict | None = None
 
@@ -222,7 +223,7 @@ def build_reference(settings: DriverSettings, *, distributed: bool, overlap: boo
     platform.seed_everything(s.seed)
     model_cfg = get_preset(s.preset, **(s.model_overrides or {}))
     tconfig = transformer_config(model_cfg, params_dtype=torch.bfloat16 if bf16 else torch.float32)
-    opt = OptimSettings(name="adam", lr=s.lr, clip_grad=s.clip_grad)
+    opt = OptimSettings(name="adam", lr=s.lr, clip_grad=s.clip_grad, adam_eps=s.adam_eps)
     if impl == "ours":
         build = lambda: build_gpt_model(model_cfg, tconfig, seed=s.seed).to(platform.device())  # noqa: E731
         return (model_cfg, *build_ours(build, tconfig, opt, overlap, bucket_size))

@@ -63,6 +63,23 @@ def whole_matrix_blocks(params, row_sets=None) -> list[LogicalBlock]:
     return blocks
 
 
+def _rows_in_blocks(blocks, flat, tp_rank: int) -> dict[int, slice | torch.Tensor]:
+    """Local rows of each matrix that lie in a logical block at this TP rank, for the matrices some
+    of whose rows lie in none (the vocabulary's padding rows, logical.vocab_rows): Muon leaves those
+    rows as they are, weight decay included."""
+    held = defaultdict(list)
+    for b in blocks:
+        held[b.param_index].append(b.pieces[tp_rank].local_rows)
+    out = {}
+    for i, parts in held.items():
+        rows = torch.cat(parts).unique()
+        if len(rows) < flat[i].shape[0]:
+            n = len(rows)
+            contiguous = n > 0 and int(rows[-1]) - int(rows[0]) == n - 1
+            out[i] = slice(int(rows[0]), int(rows[0]) + n) if contiguous else rows
+    return out
+
+
 def advance_momentum(buf: torch.Tensor, grad: torch.Tensor, momentum: float) -> torch.Tensor:
     """buf = momentum * buf + grad, in place."""
     return buf.mul_(momentum).add_(grad)
@@ -134,6 +151,7 @@ class Muon(torch.optim.Optimizer):
         self.ns_flops_per_rank = assign_owners(self.blocks, self.world, ns_steps)
         self.owned = [b for b in self.blocks if b.owner == self.rank]
         self._sizes = exchange_sizes(self.blocks, self.coords, self.rank)
+        self.decay_rows = _rows_in_blocks(self.blocks, flat, self.coords[self.rank][0])
         self.ns_calls = 0
         self.last_ns_keys: list[str] = []
 
@@ -165,7 +183,11 @@ class Muon(torch.optim.Optimizer):
             updates[i] = u * (scale / (u.norm() + 1e-8))
         for i, (p, g) in enumerate(zip(flat, owner_group)):
             if g["weight_decay"]:
-                p.mul_(1 - g["lr"] * g["weight_decay"])
+                rows = self.decay_rows.get(i)
+                if rows is None:
+                    p.mul_(1 - g["lr"] * g["weight_decay"])
+                else:
+                    p[rows] *= 1 - g["lr"] * g["weight_decay"]
             p.add_(updates[i].to(p.dtype), alpha=-g["lr"])
         return loss
 
@@ -205,14 +227,14 @@ class Muon(torch.optim.Optimizer):
         self.last_ns_keys = []
         by_shape = defaultdict(list)
         for b in self.owned:
-            by_shape[(b.shape, b.scale_shape or b.shape)].append(b)
+            by_shape[b.shape].append(b)
         results = {}
-        for (_, scale_shape), group in by_shape.items():
+        for shape, group in by_shape.items():
             stack = torch.stack([matrices[b.key] for b in group])
             out = newton_schulz(stack, steps=self.ns_steps, coefficients=self.coefficients, backend=self.ns_backend)
             self.ns_calls += stack.shape[0]  # counted where NS runs, so tests can audit ownership
             self.last_ns_keys += [b.key for b in group]
-            out = out * update_scale(*scale_shape, self.lr_scale, self.rms_match)
+            out = out * update_scale(*shape, self.lr_scale, self.rms_match)
             for b, o in zip(group, out):
                 results[b.key] = o.to(comm_dtype)
 

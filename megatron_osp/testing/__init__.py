@@ -1,1 +1,2 @@
-"""Helpers for tests: distributed code on CPU (distributed.py, comm_count.py), small tokenizers (tokenizers.py)."""
+"""Helpers for tests: distributed code on CPU (distributed.py, comm_count.py), how a multi-rank run is
+compared with one process (equivalence.py), small tokenizers (tokenizers.py)."""

@@ -62,12 +62,12 @@ class ZeroOptimizer(MegatronOptimizer):
         # On the parameters' device: NCCL all-reduces device tensors only (gloo takes CPU ones).
         self.device = exchange.params[0].device if exchange.params else torch.device("cpu")
         self._scale = torch.ones(1, device=self.device)
-        # Owned Muon units, one Newton-Schulz batch per (bucket, shape, scale shape), in a fixed order: the same
+        # Owned Muon units, one Newton-Schulz batch per (bucket, shape), in a fixed order: the same
         # batches whether they run early or in the step, so both give bit-identical results.
         batches = defaultdict(list)
         for u in self.owned:
             if u.kind == MUON:
-                batches[(exchange.bucket_of_param[u.param_index].index, u.shape, u.scale_shape)].append(u)
+                batches[(exchange.bucket_of_param[u.param_index].index, u.shape)].append(u)
         self.ns_batches: dict[tuple, list] = dict(batches)
         self._early: dict[tuple, torch.Tensor] = {}  # batch key -> its scaled Newton-Schulz output
         self.early_ns = {"used": 0, "redone": 0}  # batches, over the run (clipping forces a redo)
@@ -141,7 +141,7 @@ class ZeroOptimizer(MegatronOptimizer):
         stack = torch.stack([d.to(dtype) for d in directions])
         out = newton_schulz(stack, steps=self.settings.muon_ns_steps, coefficients=self.settings.muon_coefficients,
                             backend=self.settings.muon_ns_backend)
-        return (out * update_scale(*(batch[0].scale_shape or batch[0].shape), self.settings.muon_lr_scale)).to(dtype)
+        return (out * update_scale(*batch[0].shape, self.settings.muon_lr_scale)).to(dtype)
 
     @torch.no_grad()
     def _early_newton_schulz(self, bucket):

@@ -90,7 +90,6 @@ class Unit:
     owner: int = -1  # rank in the TP x DP domain
     cost: tuple[int, int] = (0, 0)  # (bytes of master + state, Newton-Schulz FLOPs)
     holders: list[int] = field(default_factory=list)  # TP ranks that hold a non-empty slice
-    scale_shape: tuple[int, int] | None = None  # Muon's update scale's (m, n), if not shape (LogicalBlock)
 
     @property
     def numel(self) -> int:
@@ -200,7 +199,7 @@ def muon_units(named_params, model, first_index, group, tp_size, qkv_split, offs
         # gradient on each TP rank: the owner adds them (Megatron's finalize would all-reduce them).
         tp_sum = partial_over_tp(name, param, model, tp_size) and not b.sharded
         units.append(Unit(b.key, MUON, b.param_index, group, b.shape, slices, b.sharded, tp_sum=tp_sum,
-                          holders=list(range(tp_size)), scale_shape=b.scale_shape))
+                          holders=list(range(tp_size))))
     return units
 
 
