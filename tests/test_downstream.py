@@ -20,6 +20,7 @@ pytest.importorskip("lm_eval")
 pytest.importorskip("accelerate")
 
 from hf_run_fixtures import REPO, run_tool, tool, write_corpus  # noqa: E402
+from test_evaluation_partial import failing_load  # noqa: E402
 
 WORDS = ["the", "game", "season", "of", "and", "was", "in", "to", "a", "valkyria"]
 MC_YAML = """task: toy_mc
@@ -291,7 +292,10 @@ def test_malformed_local_tasks_are_refused_by_document_before_any_model_loads(tm
     model.mkdir()
     (model / "config.json").write_text("{}")
     (model / "tokenizer.json").write_text("{}")
-    (model / "model.safetensors").write_bytes(b"")  # present: a directory without weights is refused first
+    from safetensors.torch import save_file  # whole weights: a directory without them is refused first
+    import torch
+
+    save_file({"x": torch.zeros(1)}, str(model / "model.safetensors"))
     calls = []
     monkeypatch.setattr(downstream, "load_eval_model", lambda *a, **k: calls.append(a))
     rc = evaluate_downstream.main([str(model), "--tasks", "fine:4,bad_range,bad_string,bad_empty,bad_nolabel,gen,"
@@ -392,8 +396,8 @@ def _fake_harness(monkeypatch):
 
 
 def test_a_failing_model_leaves_the_earlier_ones_in_a_partial_report(models, tmp_path, monkeypatch, capsys):
-    """The report used to be written only at the end: a model that failed to load (here: its weights
-    cut short) lost every earlier model's scores. Now downstream.json/.md are rewritten after every
+    """The report used to be written only at the end: a model that failed to load (here: simulated, as
+    a damaged weights file is refused before any model loads) lost every earlier model's scores. Now downstream.json/.md are rewritten after every
     (model, setting), marked partial, and the failure still stops the run with its error. The harness
     is not the subject (its TaskManager alone takes seconds): a task's score here is a function of the
     quantized weights the harness model holds."""
@@ -402,14 +406,13 @@ def test_a_failing_model_leaves_the_earlier_ones_in_a_partial_report(models, tmp
     evaluate_downstream = _fake_harness(monkeypatch)
     bad = tmp_path / "bad"
     shutil.copytree(models["hf"], bad)
-    weights = bad / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    failing_load(monkeypatch, str(bad))
     good = str(models["hf"])
     common = ["--labels", "good,bad", "--tasks", "toy_mc,toy_gen", "--settings", "fp,4-4-4", "--limit", "4",
               "--device", "cpu", "--no-plots"]
     rc = evaluate_downstream.main([good, str(bad), *common, "--output-dir", str(tmp_path / "partial")])
     err = capsys.readouterr().err
-    assert rc == 2 and f"error: {bad}: its safetensors weights cannot be read" in err, err
+    assert rc == 2 and f"error: {bad}: cannot be loaded" in err, err
     partial = json.loads((tmp_path / "partial" / "downstream.json").read_text())
     assert partial["complete"] is False and partial["progress"] == [
         {"model": good, "done": ["fp", "4-4-4"], "pending": []},
@@ -438,7 +441,7 @@ def test_a_failing_model_leaves_the_earlier_ones_in_a_partial_report(models, tmp
 def test_an_earlier_report_is_kept_and_resumed(models, tmp_path, monkeypatch, capsys):
     """A second run into the same --output-dir used to replace the earlier report as soon as it finished
     its first setting. Now it is refused unless --overwrite; --resume keeps what the report holds and
-    evaluates only the rest, here after a damaged model was replaced, and gives the report a complete
+    evaluates only the rest, here after a failing model was replaced, and gives the report a complete
     run writes; a model whose kept results were made from other files is refused."""
     import shutil
 
@@ -447,7 +450,7 @@ def test_an_earlier_report_is_kept_and_resumed(models, tmp_path, monkeypatch, ca
     shutil.copytree(good, bad)
     weights = bad / "model.safetensors"
     intact = weights.read_bytes()
-    weights.write_bytes(intact[: len(intact) // 2])
+    failing = failing_load(monkeypatch, str(bad))
     common = [str(good), str(bad), "--labels", "good,bad", "--tasks", "toy_mc,toy_gen", "--settings", "fp,4-4-4",
               "--limit", "4", "--device", "cpu", "--no-plots"]
     assert evaluate_downstream.main([*common, "--output-dir", str(out)]) == 2
@@ -462,7 +465,8 @@ def test_an_earlier_report_is_kept_and_resumed(models, tmp_path, monkeypatch, ca
     assert evaluate_downstream.main([*other, "--output-dir", str(out), "--resume"]) == 2
     assert "was made with options.settings = [\"fp\", \"4-4-4\"], this run asks for [\"fp\", \"8-8-8\"]" in capsys.readouterr().err
 
-    weights.write_bytes(intact)  # the damaged model is replaced: nothing of it was kept, so it may change
+    failing.clear()  # the failing model is replaced: nothing of it was kept, so it may change
+    weights.write_bytes(intact)
     assert evaluate_downstream.main([*common, "--output-dir", str(out), "--resume"]) == 0
     assert f"== {good}: done in the earlier run" in capsys.readouterr().out
     resumed = json.loads((out / "downstream.json").read_text())
