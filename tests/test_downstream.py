@@ -442,7 +442,8 @@ def test_an_earlier_report_is_kept_and_resumed(models, tmp_path, monkeypatch, ca
     """A second run into the same --output-dir used to replace the earlier report as soon as it finished
     its first setting. Now it is refused unless --overwrite; --resume keeps what the report holds and
     evaluates only the rest, here after a failing model was replaced, and gives the report a complete
-    run writes; a model whose kept results were made from other files is refused."""
+    run writes; a model whose kept results were made from other files, or another lm-evaluation-harness
+    version, is refused."""
     import shutil
 
     evaluate_downstream = _fake_harness(monkeypatch)
@@ -467,6 +468,14 @@ def test_an_earlier_report_is_kept_and_resumed(models, tmp_path, monkeypatch, ca
 
     failing.clear()  # the failing model is replaced: nothing of it was kept, so it may change
     weights.write_bytes(intact)
+    import lm_eval
+
+    with monkeypatch.context() as m:  # another harness installed since: its scores are not mixed in
+        m.setattr(lm_eval, "__version__", "0.0.1", raising=False)
+        assert evaluate_downstream.main([*common, "--output-dir", str(out), "--resume"]) == 2
+        assert ('was made with versions.lm_eval = "' + str(json.loads(partial)["request"]["versions"]["lm_eval"])
+                + '", this run has "0.0.1"') in capsys.readouterr().err
+    assert (out / "downstream.json").read_text() == partial
     assert evaluate_downstream.main([*common, "--output-dir", str(out), "--resume"]) == 0
     assert f"== {good}: done in the earlier run" in capsys.readouterr().out
     resumed = json.loads((out / "downstream.json").read_text())

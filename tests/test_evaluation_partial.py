@@ -101,7 +101,8 @@ def test_too_many_calibration_windows_are_refused_before_any_model_loads(tmp_pat
 def test_resume_evaluates_only_what_the_report_lacks(tmp_path, capsys):
     """--resume keeps the settings a report holds (a sentinel perplexity stays as it was: not measured
     again) and measures the rest, to the values a complete run gives; a run without --resume or
-    --overwrite leaves an earlier report alone; other options, or a model rewritten since, are refused."""
+    --overwrite leaves an earlier report alone; other options, another version of transformers (or of
+    torch, or of this package), or a model rewritten since, are refused."""
     import evaluate_quantization
 
     _two_models_and_held_data(tmp_path, 10)
@@ -153,6 +154,19 @@ def test_resume_evaluates_only_what_the_report_lacks(tmp_path, capsys):
     assert evaluate_quantization.main([*common, "--output-dir", str(out), "--resume"]) == 2
     assert 'options.device = "cuda", this run asks for "cpu"' in capsys.readouterr().err
     on_gpu["request"]["options"]["device"] = "cpu"
+    import transformers
+
+    other = json.loads(json.dumps(on_gpu))  # made with another transformers: its numbers are not mixed in
+    other["request"]["versions"]["transformers"] = "0.0.1"
+    (out / "quantization.json").write_text(json.dumps(other))
+    assert evaluate_quantization.main([*common, "--output-dir", str(out), "--resume"]) == 2
+    assert (f'was made with versions.transformers = "0.0.1", this run has "{transformers.__version__}": its '
+            "results would be mixed with another version's") in capsys.readouterr().err
+    other["request"]["version"] = 1  # a report of before the versions were recorded
+    del other["request"]["versions"]
+    (out / "quantization.json").write_text(json.dumps(other))
+    assert evaluate_quantization.main([*common, "--output-dir", str(out), "--resume"]) == 2
+    assert "was written by an earlier version of this tool" in capsys.readouterr().err
     (out / "quantization.json").write_text(json.dumps(on_gpu))
     _tiny_llama(0).save_pretrained(tmp_path / "m0")  # rewritten after its results were kept
     assert evaluate_quantization.main([*common, "--output-dir", str(out), "--resume"]) == 2

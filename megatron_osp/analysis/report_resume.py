@@ -6,7 +6,9 @@ its first unit finished, and lose it for good if that run then failed. So a repo
 
 - refused by default, naming it and how far it got;
 - continued with ``--resume``: the report must be of the same request (the options that decide the numbers,
-  the token windows measured on, the models by position, and what each model with results in the report
+  the versions of the code that computes them: this package, torch, transformers and, for the downstream
+  report, lm-evaluation-harness (``software_versions``), the token windows measured on, the models by
+  position, and what each model with results in the report
   is: the checkpoint a Megatron path resolves to and its checksum manifest, or an HF directory's files by
   name, size and time). Its finished units are kept as they are and only the others are evaluated, so a
   run stopped by a job time limit or a failing model goes on where it stopped; a model with nothing done
@@ -22,9 +24,27 @@ import hashlib
 import json
 from pathlib import Path
 
-__all__ = ["pin_model", "files_identity", "tokens_identity", "EarlierReport", "open_report"]
+__all__ = ["pin_model", "files_identity", "tokens_identity", "software_versions", "EarlierReport", "open_report"]
 
-REQUEST_VERSION = 1
+REQUEST_VERSION = 2  # 2: the request records software_versions
+
+
+def software_versions(harness: bool = False) -> dict:
+    """The versions of what computes a report's numbers: this package, torch, transformers (loading,
+    the harness's tokenization) and, with ``harness``, lm-evaluation-harness (prompts, scoring). A
+    resumed report of other versions would mix two of them without a word in it."""
+    import torch
+    import transformers
+
+    import megatron_osp
+
+    versions = {"megatron_osp": megatron_osp.__version__, "torch": torch.__version__,
+                "transformers": transformers.__version__}
+    if harness:
+        import lm_eval
+
+        versions["lm_eval"] = getattr(lm_eval, "__version__", None)
+    return versions
 
 
 def files_identity(paths) -> str:
@@ -131,6 +151,10 @@ def _check_same_request(path: Path, data: dict, request: dict) -> None:
                 differ = sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k))
                 key = ", ".join(f"{key}.{k}" for k in differ)
                 then, now = ([d.get(k) for k in differ] if len(differ) > 1 else d.get(differ[0]) for d in (then, now))
+            if key.startswith("versions"):  # not an option the user can give back: another installation
+                raise ValueError(f"--resume: {path} was made with {key} = {_describe(then)}, this run has "
+                                 f"{_describe(now)}: its results would be mixed with another version's; resume "
+                                 "with the versions that made it, or pass --overwrite to evaluate anew")
             hint = (" (the task's data files or YAML were changed since)" if key.startswith("task_data") else "")
             raise ValueError(f"--resume: {path} was made with {key} = {_describe(then)}, this run "
                              f"asks for {_describe(now)}{hint}: resume with the same options, or pass "
