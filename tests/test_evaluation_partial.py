@@ -231,3 +231,31 @@ def test_the_checkpoint_evaluated_is_the_one_the_report_records(megatron_single_
     assert loaded_from == [str(save_dir / "iter_0000001")]
     report = json.loads((tmp_path / "out" / "quantization.json").read_text())
     assert report["request"]["models"][0]["identity"]["iteration"] == "iter_0000001"
+
+
+def test_resume_refuses_other_weights_copied_in_with_the_same_size_and_time(tmp_path, capsys):
+    """An HF model was known by its files' names, sizes and modification times: other weights of the same
+    layout copied over it with the times kept (``cp -p``, ``rsync -a``: a re-export copied in) were taken
+    for the model the report's results were made from, and resumed. A sample of the weights files' bytes
+    and their safetensors headers are part of its identity now (a few chunks read, not the file)."""
+    import os
+
+    import evaluate_quantization
+
+    from megatron_osp.analysis.report_resume import SAMPLE_BYTES, SAMPLE_CHUNKS
+
+    _two_models_and_held_data(tmp_path, 10)
+    out = tmp_path / "out"
+    common = [str(tmp_path / "m0"), "--data", str(tmp_path / "held"), "--seq-length", "8", "--num-windows", "2",
+              "--documents", "0.5:1", "--device", "cpu", "--settings", "fp", "--stats-windows", "1",
+              "--weight-error-windows", "0", "--no-plots", "--output-dir", str(out)]
+    assert evaluate_quantization.main(common) == 0
+    assert evaluate_quantization.main([*common, "--resume"]) == 0  # the same files: resumed, nothing to do
+    ours, theirs = tmp_path / "m0" / "model.safetensors", tmp_path / "m1" / "model.safetensors"
+    st = ours.stat()
+    assert theirs.stat().st_size == st.st_size > SAMPLE_CHUNKS * SAMPLE_BYTES  # sampled, not read whole
+    ours.write_bytes(theirs.read_bytes())
+    os.utime(ours, ns=(st.st_atime_ns, st.st_mtime_ns))
+    capsys.readouterr()
+    assert evaluate_quantization.main([*common, "--resume"]) == 2
+    assert f"--resume: model 1 ({tmp_path / 'm0'}) has changed since the report's results" in capsys.readouterr().err

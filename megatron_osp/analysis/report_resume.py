@@ -10,7 +10,7 @@ its first unit finished, and lose it for good if that run then failed. So a repo
   report, lm-evaluation-harness (``software_versions``), the token windows measured on, the models by
   position, and what each model with results in the report
   is: the checkpoint a Megatron path resolves to and its checksum manifest, or an HF directory's files by
-  name, size and time). Its finished units are kept as they are and only the others are evaluated, so a
+  name, size and time, and its weights files by a sample of their bytes: ``weights_sample``). Its finished units are kept as they are and only the others are evaluated, so a
   run stopped by a job time limit or a failing model goes on where it stopped; a model with nothing done
   may have changed (a damaged download replaced). ``--resume`` with no report there starts a new one;
 - replaced with ``--overwrite``.
@@ -24,9 +24,12 @@ import hashlib
 import json
 from pathlib import Path
 
-__all__ = ["pin_model", "files_identity", "tokens_identity", "software_versions", "EarlierReport", "open_report"]
+__all__ = ["pin_model", "files_identity", "weights_sample", "tokens_identity", "software_versions", "EarlierReport",
+           "open_report"]
 
-REQUEST_VERSION = 2  # 2: the request records software_versions
+REQUEST_VERSION = 3  # 2: the request records software_versions; 3: an HF model's weights_sample
+SAMPLE_CHUNKS, SAMPLE_BYTES = 16, 4096
+WEIGHTS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 def software_versions(harness: bool = False) -> dict:
@@ -56,6 +59,31 @@ def files_identity(paths) -> str:
     return h.hexdigest()
 
 
+def weights_sample(paths) -> str:
+    """sha256 of weights files' names, safetensors headers (tensor names, dtypes, shapes, offsets) and
+    ``SAMPLE_CHUNKS`` chunks of ``SAMPLE_BYTES`` spread evenly over each file (all of a smaller one):
+    a few hundred KiB read, not gigabytes. Other weights of the same layout differ in nearly every
+    chunk, so a re-export or copy of another model that kept the sizes and modification times
+    (``cp -p``, ``rsync -a``) is caught; a few changed bytes in one place may not be (that is not
+    what it is for: the checks before loading and the files' times are)."""
+    from megatron_osp.analysis.loading import safetensors_header
+
+    h = hashlib.sha256()
+    for p in sorted(Path(p) for p in paths):
+        size = p.stat().st_size
+        h.update(f"{p.name}\0{size}\n".encode())
+        if p.suffix == ".safetensors":
+            h.update(safetensors_header(p))
+        with open(p, "rb") as f:
+            if size <= SAMPLE_CHUNKS * SAMPLE_BYTES:
+                h.update(f.read())
+                continue
+            for i in range(SAMPLE_CHUNKS):
+                f.seek((size - SAMPLE_BYTES) * i // (SAMPLE_CHUNKS - 1))
+                h.update(f.read(SAMPLE_BYTES))
+    return h.hexdigest()
+
+
 def tokens_identity(windows) -> str | None:
     """sha256 of token windows (a tensor or array) and their shape: the data a report's numbers were
     measured on, whatever files it came from (a re-tokenized corpus with the same tokens is the same)."""
@@ -72,10 +100,12 @@ def pin_model(path: str) -> tuple[str, dict]:
     is pinned to the iteration directory ``latest`` names now, so that the model evaluated is the one
     the report records even if training moves ``latest`` on while the evaluation runs; its identity is
     that iteration and the sha256 of its checksum manifest. An HF directory is loaded as it is; its
-    identity is ``files_identity`` of its files."""
+    identity is ``files_identity`` of its files and ``weights_sample`` of its weights files."""
     p = Path(path)
     if (p / "config.json").exists():
-        return str(path), {"kind": "hf", "files": files_identity(f for f in p.iterdir() if f.is_file())}
+        files = [f for f in p.iterdir() if f.is_file()]
+        return str(path), {"kind": "hf", "files": files_identity(files),
+                           "weights": weights_sample(f for f in files if f.suffix in WEIGHTS_SUFFIXES)}
     from megatron_osp.training.checkpoint import checkpoints_of, find_iteration_dir
     from megatron_osp.training.checkpoint_integrity import MANIFEST
 
