@@ -131,7 +131,8 @@ def _check(args):
     require_harness()
     specs = parse_tasks(args.tasks)
     task_data = {}  # the local task files' content, for --resume
-    tm = check_tasks(specs, args.include_path, identities=task_data)
+    tm = check_tasks(specs, args.include_path, identities=task_data, models=args.models,
+                     limit=int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit)
     return settings, labels, specs, tm, task_data
 
 
