@@ -20,6 +20,7 @@ pytest.importorskip("lm_eval")
 pytest.importorskip("accelerate")
 
 from hf_run_fixtures import REPO, run_tool, tool, write_corpus  # noqa: E402
+from test_evaluation_partial import failing_load  # noqa: E402
 
 WORDS = ["the", "game", "season", "of", "and", "was", "in", "to", "a", "valkyria"]
 MC_YAML = """task: toy_mc
@@ -80,8 +81,8 @@ def write_tasks(directory: Path, missing: bool = False) -> Path:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """A Megatron checkpoint (test preset, OSP defaults, vocab 320, the run's tokenizer recorded) and its
-    HF export. Init std 0.3 so the untrained model's choices are far from ties."""
+    """A Megatron checkpoint (test preset with a window of 64, OSP defaults, vocab 320, the run's tokenizer
+    recorded) and its HF export. Init std 0.3 so the untrained model's choices are far from ties."""
     import torch
 
     from megatron_osp import parallel
@@ -96,7 +97,8 @@ def models(tmp_path_factory):
               str(root / "tokenizer"), "--vocab-size", "320"])
     parallel.init_distributed(1, 1)
     try:
-        cfg = get_preset("test", vocab_size=320, init_method_std=0.3)
+        # a window of 64: every toy task's document fits (the test preset's 32 did not: the harness cut them)
+        cfg = get_preset("test", vocab_size=320, init_method_std=0.3, seq_length=64)
         torch.manual_seed(0)
         model = build_gpt_model(cfg, transformer_config(cfg), seed=11).eval()
         config = RunConfig(model=cfg)
@@ -291,7 +293,10 @@ def test_malformed_local_tasks_are_refused_by_document_before_any_model_loads(tm
     model.mkdir()
     (model / "config.json").write_text("{}")
     (model / "tokenizer.json").write_text("{}")
-    (model / "model.safetensors").write_bytes(b"")  # present: a directory without weights is refused first
+    from safetensors.torch import save_file  # whole weights: a directory without them is refused first
+    import torch
+
+    save_file({"x": torch.zeros(1)}, str(model / "model.safetensors"))
     calls = []
     monkeypatch.setattr(downstream, "load_eval_model", lambda *a, **k: calls.append(a))
     rc = evaluate_downstream.main([str(model), "--tasks", "fine:4,bad_range,bad_string,bad_empty,bad_nolabel,gen,"
@@ -392,8 +397,8 @@ def _fake_harness(monkeypatch):
 
 
 def test_a_failing_model_leaves_the_earlier_ones_in_a_partial_report(models, tmp_path, monkeypatch, capsys):
-    """The report used to be written only at the end: a model that failed to load (here: its weights
-    cut short) lost every earlier model's scores. Now downstream.json/.md are rewritten after every
+    """The report used to be written only at the end: a model that failed to load (here: simulated, as
+    a damaged weights file is refused before any model loads) lost every earlier model's scores. Now downstream.json/.md are rewritten after every
     (model, setting), marked partial, and the failure still stops the run with its error. The harness
     is not the subject (its TaskManager alone takes seconds): a task's score here is a function of the
     quantized weights the harness model holds."""
@@ -402,14 +407,13 @@ def test_a_failing_model_leaves_the_earlier_ones_in_a_partial_report(models, tmp
     evaluate_downstream = _fake_harness(monkeypatch)
     bad = tmp_path / "bad"
     shutil.copytree(models["hf"], bad)
-    weights = bad / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    failing_load(monkeypatch, str(bad))
     good = str(models["hf"])
     common = ["--labels", "good,bad", "--tasks", "toy_mc,toy_gen", "--settings", "fp,4-4-4", "--limit", "4",
               "--device", "cpu", "--no-plots"]
     rc = evaluate_downstream.main([good, str(bad), *common, "--output-dir", str(tmp_path / "partial")])
     err = capsys.readouterr().err
-    assert rc == 2 and f"error: {bad}: its safetensors weights cannot be read" in err, err
+    assert rc == 2 and f"error: {bad}: cannot be loaded" in err, err
     partial = json.loads((tmp_path / "partial" / "downstream.json").read_text())
     assert partial["complete"] is False and partial["progress"] == [
         {"model": good, "done": ["fp", "4-4-4"], "pending": []},
@@ -438,8 +442,9 @@ def test_a_failing_model_leaves_the_earlier_ones_in_a_partial_report(models, tmp
 def test_an_earlier_report_is_kept_and_resumed(models, tmp_path, monkeypatch, capsys):
     """A second run into the same --output-dir used to replace the earlier report as soon as it finished
     its first setting. Now it is refused unless --overwrite; --resume keeps what the report holds and
-    evaluates only the rest, here after a damaged model was replaced, and gives the report a complete
-    run writes; a model whose kept results were made from other files is refused."""
+    evaluates only the rest, here after a failing model was replaced, and gives the report a complete
+    run writes; a model whose kept results were made from other files, or another lm-evaluation-harness
+    version, is refused."""
     import shutil
 
     evaluate_downstream = _fake_harness(monkeypatch)
@@ -447,7 +452,7 @@ def test_an_earlier_report_is_kept_and_resumed(models, tmp_path, monkeypatch, ca
     shutil.copytree(good, bad)
     weights = bad / "model.safetensors"
     intact = weights.read_bytes()
-    weights.write_bytes(intact[: len(intact) // 2])
+    failing = failing_load(monkeypatch, str(bad))
     common = [str(good), str(bad), "--labels", "good,bad", "--tasks", "toy_mc,toy_gen", "--settings", "fp,4-4-4",
               "--limit", "4", "--device", "cpu", "--no-plots"]
     assert evaluate_downstream.main([*common, "--output-dir", str(out)]) == 2
@@ -462,7 +467,16 @@ def test_an_earlier_report_is_kept_and_resumed(models, tmp_path, monkeypatch, ca
     assert evaluate_downstream.main([*other, "--output-dir", str(out), "--resume"]) == 2
     assert "was made with options.settings = [\"fp\", \"4-4-4\"], this run asks for [\"fp\", \"8-8-8\"]" in capsys.readouterr().err
 
-    weights.write_bytes(intact)  # the damaged model is replaced: nothing of it was kept, so it may change
+    failing.clear()  # the failing model is replaced: nothing of it was kept, so it may change
+    weights.write_bytes(intact)
+    import lm_eval
+
+    with monkeypatch.context() as m:  # another harness installed since: its scores are not mixed in
+        m.setattr(lm_eval, "__version__", "0.0.1", raising=False)
+        assert evaluate_downstream.main([*common, "--output-dir", str(out), "--resume"]) == 2
+        assert ('was made with versions.lm_eval = "' + str(json.loads(partial)["request"]["versions"]["lm_eval"])
+                + '", this run has "0.0.1"') in capsys.readouterr().err
+    assert (out / "downstream.json").read_text() == partial
     assert evaluate_downstream.main([*common, "--output-dir", str(out), "--resume"]) == 0
     assert f"== {good}: done in the earlier run" in capsys.readouterr().out
     resumed = json.loads((out / "downstream.json").read_text())
@@ -519,3 +533,69 @@ def test_resume_keeps_the_tasks_of_a_setting_cut_short(models, tmp_path, monkeyp
     fresh = json.loads((tmp_path / "fresh" / "downstream.json").read_text())
     assert _without_seconds(resumed["models"]) == _without_seconds(fresh["models"])
     assert list(resumed["models"][0]["settings"]["4-4-4"]["tasks"]) == ["toy_mc", "toy_gen"]
+
+
+def test_a_local_task_longer_than_the_window_is_refused_before_any_model_loads(models, tmp_path, monkeypatch, capsys):
+    """A local task's document longer than the model's window (64 tokens here) was cut from the left by the
+    harness (a warning in its log) and the rest scored: another question than the one written. Refused
+    before any model loads, for an HF directory and a Megatron checkpoint (its tokenizer as its export
+    writes it, its window its sequence length), naming the task file, the document and its length, which
+    is the harness's own count (a real HFLM on the loaded model). One that --limit leaves out passes."""
+    import megatron_osp.analysis.downstream as downstream
+    from lm_eval.models.huggingface import HFLM
+
+    from megatron_osp.analysis.loading import load_for_analysis
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import evaluate_downstream
+
+    tasks = write_tasks(tmp_path / "tasks")
+    long_q = " ".join(["valkyria season"] * 12)
+    mc = [json.loads(line) for line in (tasks / "toy_mc.jsonl").read_text().splitlines()]
+    mc.insert(2, {"question": long_q, "choices": ["a game", "the season of the game"], "label": 0})
+    (tasks / "toy_long.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mc))
+    (tasks / "toy_long.yaml").write_text(MC_YAML.replace("toy_mc", "toy_long").format(data=tasks / "toy_long.jsonl"))
+    (tasks / "toy_glong.jsonl").write_text(json.dumps({"question": "the game", "answer": "a"}) + "\n"
+                                           + json.dumps({"question": long_q, "answer": "a"}) + "\n")
+    (tasks / "toy_glong.yaml").write_text(GEN_YAML.replace("toy_gen", "toy_glong").format(data=tasks / "toy_glong.jsonl"))
+    late = mc[:2] + mc[3:6] + [mc[2]]  # its long document is past --limit 3: never evaluated, not refused
+    (tasks / "toy_late.jsonl").write_text("".join(json.dumps(r) + "\n" for r in late))
+    (tasks / "toy_late.yaml").write_text(MC_YAML.replace("toy_mc", "toy_late").format(data=tasks / "toy_late.jsonl"))
+
+    lm = HFLM(pretrained=load_for_analysis(str(models["hf"])).model, tokenizer=str(models["hf"]), batch_size=1)
+    assert lm.max_length == 64
+    mc_tokens = max(sum(map(len, lm._encode_pair(long_q, " " + c))) for c in mc[2]["choices"])
+    gen_tokens = len(lm.tok_encode(long_q))
+    assert mc_tokens > 65 and gen_tokens > 60, (mc_tokens, gen_tokens)
+    calls = []
+    monkeypatch.setattr(downstream, "load_eval_model", lambda *a, **k: calls.append(a))
+    rc = evaluate_downstream.main([str(models["hf"]), str(models["run"]), "--tasks", "toy_mc,toy_long,toy_glong,toy_late",
+                                   "--settings", "fp", "--limit", "3", "--include-path", str(tasks),
+                                   "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and calls == [], err
+    for model in (models["hf"], models["run"]):
+        assert (f"task toy_long: {tasks / 'toy_long.jsonl'}: document 3: its prompt and choice 1 is {mc_tokens} tokens, "
+                f"more than {model}'s window of 64 (+1: the last token is only predicted): the harness would cut its "
+                "beginning off") in err, err
+        assert (f"task toy_glong: {tasks / 'toy_glong.jsonl'}: document 2: its prompt is {gen_tokens} tokens, more "
+                f"than the 60 tokens the harness leaves for a prompt in {model}'s window of 64 (less 4 to generate)") in err
+    assert "toy_mc" not in err and "toy_late" not in err and "document 1:" not in err, err
+    assert err.count("task toy_long:") == 2 and not (tmp_path / "out").exists()
+
+
+def test_an_hf_tokenizer_that_cannot_be_loaded_is_named(models, tmp_path):
+    """The window check loads each model's tokenizer as the harness does: one that cannot be loaded (here a
+    tokenizer.json that is not one) is named with its directory, not a transformers traceback."""
+    import shutil
+
+    from megatron_osp.analysis.task_length import model_windows
+
+    bad = tmp_path / "bad"
+    shutil.copytree(models["hf"], bad)
+    (bad / "tokenizer.json").write_text("{}")
+    with pytest.raises(ValueError, match=f"^{bad}: its tokenizer or config.json cannot be loaded"):
+        model_windows([str(bad)])
+    windows, tmps = model_windows([str(models["hf"]), str(models["run"])])
+    assert [w.window for w in windows] == [64, 64] and len(tmps) == 1
+    tmps[0].cleanup()

@@ -1,5 +1,5 @@
 """tools/evaluate_quantization.py keeps what it has done: the report is rewritten after every finished
-(model, setting) unit, marked partial, so a model that fails (here: damaged weights) stops the run
+(model, setting) unit, marked partial, so a model that fails to load (simulated) stops the run
 with its error but leaves the earlier models' results on disk, equal to what a complete run writes.
 Too many --calibration-windows is refused before any model loads. On tiny saved HF Llamas, in-process.
 """
@@ -19,15 +19,31 @@ def _without_seconds(model: dict) -> dict:
     return {k: v for k, v in model.items() if k != "seconds"}
 
 
-def test_a_failing_model_leaves_the_earlier_ones_in_a_partial_report(tmp_path, capsys):
+def failing_load(monkeypatch, bad: str) -> set[str]:
+    """``bad``'s load fails (as one that runs out of memory does) where every check before it passed: a
+    damaged weights file is refused before any model loads (test_model_files_precheck.py). Returns the
+    set of failing paths (empty it to let the model load)."""
+    import megatron_osp.analysis.loading as loading
+
+    real, failing = loading.load_for_analysis, {bad}
+
+    def load(path, **kw):
+        if str(path) in failing:
+            raise ValueError(f"{path}: cannot be loaded (a failure only its load finds)")
+        return real(path, **kw)
+
+    monkeypatch.setattr(loading, "load_for_analysis", load)
+    return failing
+
+
+def test_a_failing_model_leaves_the_earlier_ones_in_a_partial_report(tmp_path, capsys, monkeypatch):
     import evaluate_quantization
 
     from megatron_osp.data.indexed import IndexedDatasetWriter
 
     _tiny_llama(0).save_pretrained(tmp_path / "good")
     _tiny_llama(1).save_pretrained(tmp_path / "bad")
-    weights = tmp_path / "bad" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a download cut short
+    failing_load(monkeypatch, str(tmp_path / "bad"))
     rng = np.random.default_rng(0)
     with IndexedDatasetWriter(tmp_path / "held") as writer:
         for _ in range(10):
@@ -41,7 +57,7 @@ def test_a_failing_model_leaves_the_earlier_ones_in_a_partial_report(tmp_path, c
     (tmp_path / "partial" / "perplexity_vs_bits.png").write_bytes(b"an earlier run's plot")
     rc = evaluate_quantization.main([good, bad, *common, "--output-dir", str(tmp_path / "partial")])
     err = capsys.readouterr().err
-    assert rc == 2 and f"error: {bad}: its safetensors weights cannot be read" in err, err  # the error, as before
+    assert rc == 2 and f"error: {bad}: cannot be loaded" in err, err  # the error, as before
     partial = json.loads((tmp_path / "partial" / "quantization.json").read_text())
     assert partial["complete"] is False
     assert partial["progress"] == [
@@ -85,7 +101,8 @@ def test_too_many_calibration_windows_are_refused_before_any_model_loads(tmp_pat
 def test_resume_evaluates_only_what_the_report_lacks(tmp_path, capsys):
     """--resume keeps the settings a report holds (a sentinel perplexity stays as it was: not measured
     again) and measures the rest, to the values a complete run gives; a run without --resume or
-    --overwrite leaves an earlier report alone; other options, or a model rewritten since, are refused."""
+    --overwrite leaves an earlier report alone; other options, another version of transformers (or of
+    torch, or of this package), or a model rewritten since, are refused."""
     import evaluate_quantization
 
     _two_models_and_held_data(tmp_path, 10)
@@ -137,6 +154,19 @@ def test_resume_evaluates_only_what_the_report_lacks(tmp_path, capsys):
     assert evaluate_quantization.main([*common, "--output-dir", str(out), "--resume"]) == 2
     assert 'options.device = "cuda", this run asks for "cpu"' in capsys.readouterr().err
     on_gpu["request"]["options"]["device"] = "cpu"
+    import transformers
+
+    other = json.loads(json.dumps(on_gpu))  # made with another transformers: its numbers are not mixed in
+    other["request"]["versions"]["transformers"] = "0.0.1"
+    (out / "quantization.json").write_text(json.dumps(other))
+    assert evaluate_quantization.main([*common, "--output-dir", str(out), "--resume"]) == 2
+    assert (f'was made with versions.transformers = "0.0.1", this run has "{transformers.__version__}": its '
+            "results would be mixed with another version's") in capsys.readouterr().err
+    other["request"]["version"] = 1  # a report of before the versions were recorded
+    del other["request"]["versions"]
+    (out / "quantization.json").write_text(json.dumps(other))
+    assert evaluate_quantization.main([*common, "--output-dir", str(out), "--resume"]) == 2
+    assert "was written by an earlier version of this tool" in capsys.readouterr().err
     (out / "quantization.json").write_text(json.dumps(on_gpu))
     _tiny_llama(0).save_pretrained(tmp_path / "m0")  # rewritten after its results were kept
     assert evaluate_quantization.main([*common, "--output-dir", str(out), "--resume"]) == 2
@@ -201,3 +231,31 @@ def test_the_checkpoint_evaluated_is_the_one_the_report_records(megatron_single_
     assert loaded_from == [str(save_dir / "iter_0000001")]
     report = json.loads((tmp_path / "out" / "quantization.json").read_text())
     assert report["request"]["models"][0]["identity"]["iteration"] == "iter_0000001"
+
+
+def test_resume_refuses_other_weights_copied_in_with_the_same_size_and_time(tmp_path, capsys):
+    """An HF model was known by its files' names, sizes and modification times: other weights of the same
+    layout copied over it with the times kept (``cp -p``, ``rsync -a``: a re-export copied in) were taken
+    for the model the report's results were made from, and resumed. A sample of the weights files' bytes
+    and their safetensors headers are part of its identity now (a few chunks read, not the file)."""
+    import os
+
+    import evaluate_quantization
+
+    from megatron_osp.analysis.report_resume import SAMPLE_BYTES, SAMPLE_CHUNKS
+
+    _two_models_and_held_data(tmp_path, 10)
+    out = tmp_path / "out"
+    common = [str(tmp_path / "m0"), "--data", str(tmp_path / "held"), "--seq-length", "8", "--num-windows", "2",
+              "--documents", "0.5:1", "--device", "cpu", "--settings", "fp", "--stats-windows", "1",
+              "--weight-error-windows", "0", "--no-plots", "--output-dir", str(out)]
+    assert evaluate_quantization.main(common) == 0
+    assert evaluate_quantization.main([*common, "--resume"]) == 0  # the same files: resumed, nothing to do
+    ours, theirs = tmp_path / "m0" / "model.safetensors", tmp_path / "m1" / "model.safetensors"
+    st = ours.stat()
+    assert theirs.stat().st_size == st.st_size > SAMPLE_CHUNKS * SAMPLE_BYTES  # sampled, not read whole
+    ours.write_bytes(theirs.read_bytes())
+    os.utime(ours, ns=(st.st_atime_ns, st.st_mtime_ns))
+    capsys.readouterr()
+    assert evaluate_quantization.main([*common, "--resume"]) == 2
+    assert f"--resume: model 1 ({tmp_path / 'm0'}) has changed since the report's results" in capsys.readouterr().err

@@ -261,9 +261,10 @@ def test_a_tokenizer_of_other_ids_than_the_model_learned_is_refused(run, tmp_pat
 
 def test_a_tokenizer_of_the_other_kind_is_compared_by_its_ids(run, tmp_path, capsys):
     """A checkpoint trained on SentencePiece data exported with an unrelated HF tokenizer.json used to pass
-    (fingerprints of different kinds were not compared): both now encode a probe text, and different ids
-    are refused naming both files; the tokenizer.json the export converted from the run's .model encodes
-    alike and still exports."""
+    (fingerprints of different kinds were not compared): both now encode probe texts, and different ids
+    are refused naming both files (also a conversion that differs only at a text's start and end, which
+    the first probe text alone did not show); the tokenizer.json the export converted from the run's
+    .model encodes alike and still exports."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     texts = [json.loads(line)["text"][::-1].upper() for line in open(run["corpus"], encoding="utf-8")]
@@ -281,5 +282,20 @@ def test_a_tokenizer_of_the_other_kind_is_compared_by_its_ids(run, tmp_path, cap
     assert not out.exists() and not list(tmp_path.glob(".hf.tmp-*"))
     converted = run["hf"] / "tokenizer.json"
     assert converted.is_file()
+    # A conversion that keeps the spaces at a text's start and end, which SentencePiece strips
+    # (remove_extra_whitespaces): alike on the first probe text, which has none; the others catch it.
+    from megatron_osp.training.tokenizer_record import PROBE_TEXT, same_by_encoding
+
+    spec = json.loads(converted.read_text())
+    rules = spec["normalizer"]["normalizers"]
+    strip = [r for r in rules if r.get("pattern") == {"Regex": "\\A +| +\\z"}]
+    assert len(strip) == 1, rules
+    rules.remove(strip[0])
+    unstripped = tmp_path / "unstripped" / "tokenizer.json"
+    unstripped.parent.mkdir()
+    unstripped.write_text(json.dumps(spec))
+    assert same_by_encoding(run["tokenizer"], unstripped, texts=[PROBE_TEXT]) is True
+    assert _tool("convert_to_hf").main([str(run["checkpoints"]), str(out), "--tokenizer", str(unstripped)]) == 2
+    assert f"tokenizer {unstripped} encodes differently from {run['tokenizer']}" in capsys.readouterr().err
     assert _tool("convert_to_hf").main([str(run["checkpoints"]), str(out), "--tokenizer", str(converted)]) == 0
     assert (out / "tokenizer.json").is_file()

@@ -5,9 +5,11 @@ directory holding only tokenizer_config.json, which evaluate_downstream needs a 
 
 from __future__ import annotations
 
+import re
 import sys
 
 import numpy as np
+import pytest
 
 from hf_run_fixtures import REPO
 from test_quantization import _tiny_llama
@@ -175,3 +177,86 @@ def test_an_hf_directory_with_only_a_tokenizer_config_is_refused_by_evaluate_dow
                                      "--output-dir", str(tmp_path / "qout")])
     err = capsys.readouterr().err
     assert rc == 2 and f"names {shard}, missing from {broken}" in err and "tokenizer" not in err, err
+
+
+def _cut(weights, how: str) -> str:
+    """Damages ``weights`` (a safetensors file) as a download or copy does; the error text expected."""
+    data = weights.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    if how == "half":
+        weights.write_bytes(data[: len(data) // 2])
+        return f"its header declares {len(data)} bytes, the file has {len(data) // 2}"
+    if how == "one byte short":
+        weights.write_bytes(data[:-1])
+        return f"its header declares {len(data)} bytes, the file has {len(data) - 1}"
+    if how == "within the header":
+        weights.write_bytes(data[: 8 + n // 2])
+        return f"{8 + n // 2} bytes, shorter than the {n}-byte header it declares"
+    if how == "empty":
+        weights.write_bytes(b"")
+        return "0 bytes, shorter than the 8-byte header length"
+    if how == "appended":
+        weights.write_bytes(data + b"\0" * 16)
+        return f"its header declares {len(data)} bytes, the file has {len(data) + 16}"
+    assert how == "header garbled"
+    weights.write_bytes(data[:8] + b"\xff" * n + data[8 + n:])
+    return "its header is not a JSON object of tensors"
+
+
+@pytest.mark.parametrize("how", ["half", "one byte short", "within the header", "empty", "appended",
+                                 "header garbled"])
+def test_a_damaged_safetensors_file_is_named_before_any_model_loads(tmp_path, capsys, monkeypatch, how):
+    """A truncated or otherwise damaged model.safetensors (of a tiny checkpoint's HF export, one file)
+    passed the file checks and was found at its load, after the models before it had been evaluated.
+    Its header alone is read now (its declared data length against the file's size), for both tools,
+    before any model loads; a shard of a sharded model is checked the same way."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import evaluate_downstream
+    import evaluate_quantization
+
+    import megatron_osp.analysis.downstream as downstream
+    import megatron_osp.analysis.loading as loading
+    from megatron_osp import parallel
+    from megatron_osp.convert.hf_export import export_checkpoint
+    from megatron_osp.data.indexed import IndexedDatasetWriter
+    from megatron_osp.models import build_gpt_model, get_preset, transformer_config
+    from megatron_osp.training.checkpoint import save_checkpoint
+    from megatron_osp.training.config import RunConfig
+
+    cfg = get_preset("test")
+    parallel.init_distributed(1, 1)
+    try:
+        save_checkpoint(tmp_path / "run", 1, [build_gpt_model(cfg, transformer_config(cfg), seed=1)],
+                        RunConfig(model=cfg), save_rng=False)
+        export_checkpoint(tmp_path / "run", tmp_path / "hf", log=lambda *_: None)
+    finally:
+        parallel.shutdown()
+    tiny_tokenizer_json(tmp_path / "hf")
+    loading.check_model_files(str(tmp_path / "hf"))  # the export as written passes
+    good, _, _ = _hf_models(tmp_path, tokenizer=True)
+    weights = tmp_path / "hf" / "model.safetensors"
+    expected = f"error: {weights}: not a whole safetensors file: {_cut(weights, how)}"
+    loaded = []
+    real_load = loading.load_for_analysis
+    monkeypatch.setattr(loading, "load_for_analysis", lambda path, **kw: loaded.append(path) or real_load(path, **kw))
+    with IndexedDatasetWriter(tmp_path / "held") as writer:
+        writer.add_document(np.arange(90) % 96)
+    rc = evaluate_quantization.main([str(good), str(tmp_path / "hf"), "--data", str(tmp_path / "held"), "--documents",
+                                     "0:1", "--seq-length", "8", "--settings", "fp", "--num-windows", "2",
+                                     "--weight-error-windows", "0", "--device", "cpu", "--no-plots",
+                                     "--output-dir", str(tmp_path / "qout")])
+    out, err = capsys.readouterr()
+    assert rc == 2 and expected in err and loaded == [] and "== " not in out, err
+    assert not (tmp_path / "qout").exists()
+
+    monkeypatch.setattr(downstream, "check_tasks", lambda *a, **k: None)  # the tasks are not the subject
+    rc = evaluate_downstream.main([str(good), str(tmp_path / "hf"), "--tasks", "toy", "--settings", "fp",
+                                   "--device", "cpu", "--output-dir", str(tmp_path / "dout")])
+    err = capsys.readouterr().err
+    assert rc == 2 and expected in err and loaded == [], err
+    assert not (tmp_path / "dout").exists()
+
+    shard = sorted(good.glob("model-*.safetensors"))[0]  # a shard of a sharded model: the same check
+    expected = f"{shard}: not a whole safetensors file: {_cut(shard, how)}"
+    with pytest.raises(ValueError, match="^" + re.escape(expected)):
+        loading.check_model_files(str(good))

@@ -131,7 +131,8 @@ def _check(args):
     require_harness()
     specs = parse_tasks(args.tasks)
     task_data = {}  # the local task files' content, for --resume
-    tm = check_tasks(specs, args.include_path, identities=task_data)
+    tm = check_tasks(specs, args.include_path, identities=task_data, models=args.models,
+                     limit=int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit)
     return settings, labels, specs, tm, task_data
 
 
@@ -151,11 +152,12 @@ def _request(args, settings, labels, specs, pinned, calibs, task_data=None) -> d
     """What decides the report's numbers, for --resume (analysis/report_resume.py); ``pinned``: each
     model's (path to load, identity) from report_resume.pin_model; ``calibs``: _calibration_windows;
     ``task_data``: the local tasks' content digests (check_tasks), None without local tasks."""
-    from megatron_osp.analysis.report_resume import tokens_identity
+    from megatron_osp.analysis.report_resume import software_versions, tokens_identity
 
     calibration = None if calibs is None else [tokens_identity(c) for c in calibs]
     return {
         "models": [{"path": str(m), "identity": ident} for m, (_, ident) in zip(args.models, pinned)],
+        "versions": software_versions(harness=True),
         "options": {"labels": labels, "settings": [s.name for s in settings], "tasks": [s.label for s in specs],
                     "include_path": args.include_path, "batch_size": args.batch_size, "limit": args.limit,
                     "dtype": args.dtype},

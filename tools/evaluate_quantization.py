@@ -165,7 +165,7 @@ def _run(args) -> int:
     from megatron_osp.analysis.quant_report import (DEFAULT_SETTINGS, WEIGHT_ROUNDING, evaluate_model, format_table,
                                                     with_fp, write_report)
     from megatron_osp.analysis.report_progress import ReportProgress
-    from megatron_osp.analysis.report_resume import open_report, pin_model, tokens_identity
+    from megatron_osp.analysis.report_resume import open_report, pin_model, software_versions, tokens_identity
     from megatron_osp.analysis.quantization import parse_settings
     from megatron_osp.analysis.weight_error import roles_of
     from megatron_osp.data.document_view import check_dataset_files
@@ -222,6 +222,7 @@ def _run(args) -> int:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")  # its kernels: in the request
         request = {
             "models": [{"path": str(m), "identity": ident} for m, (_, ident) in zip(args.models, pinned)],
+            "versions": software_versions(),
             "tokens": {"held_out": tokens_identity(windows), "calibration": tokens_identity(calib)},
             "options": {"labels": args.labels, "settings": [s.name for s in settings], "batch_size": args.batch_size,
                         "stats_windows": args.stats_windows, "weight_error_windows": args.weight_error_windows,

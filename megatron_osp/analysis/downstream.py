@@ -30,8 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from megatron_osp.analysis.task_checks import (defined_twice, local_data_identity, task_problems, unreadable_yamls,
-                                               yaml_problems)
+from megatron_osp.analysis.task_checks import (LOCAL_FORMATS, defined_twice, local_data_identity, task_problems,
+                                               unreadable_yamls, yaml_problems)
+from megatron_osp.analysis.task_length import length_problems, model_windows
 
 __all__ = ["SUITES", "TaskSpec", "parse_tasks", "offline", "check_tasks", "check_model_path", "load_eval_model",
            "evaluate_downstream", "summarize", "require_harness"]
@@ -153,10 +154,13 @@ def _missing_message(tm, spec: TaskSpec, err: BaseException) -> str:
             f"and copy that cache here, or give local files with a task YAML in --include-path")
 
 
-def check_tasks(specs: list[TaskSpec], include_path: str | None = None, identities: dict | None = None):
+def check_tasks(specs: list[TaskSpec], include_path: str | None = None, identities: dict | None = None,
+                models: list[str] | None = None, limit=None):
     """A TaskManager that knows every task, each task's data loaded once offline; ValueError naming every
     unknown task and every missing dataset otherwise. Call before loading any model. ``identities``: a
-    dict filled with {task: task_checks.local_data_identity} for the tasks that read local files."""
+    dict filled with {task: task_checks.local_data_identity} for the tasks that read local files.
+    ``models`` (paths, checked by check_model_path) and ``limit`` (--limit): a local task's document
+    that would not fit a model's window is refused (task_length.py)."""
     require_harness()
     if include_path is not None and not Path(include_path).is_dir():
         raise FileNotFoundError(f"--include-path: {include_path} is not a directory")
@@ -186,12 +190,23 @@ def check_tasks(specs: list[TaskSpec], include_path: str | None = None, identiti
                 problems.append(_missing_message(tm, spec, e))
         if problems:
             raise ValueError("task data not available offline:\n  " + "\n  ".join(problems))
+        local = []
         for spec, tasks in built:  # what the harness would find only while scoring (task_checks.py)
             for leaf, task in tasks.items():
                 name = spec.name if leaf == spec.name else f"{spec.name}/{leaf}"
                 problems += task_problems(name, task, spec.num_fewshot)
                 if identities is not None and (ident := local_data_identity(task)) is not None:
                     identities[name] = ident
+                if task.config.dataset_path in LOCAL_FORMATS:
+                    local.append((name, task, spec.num_fewshot))
+        if local and models and not problems:  # well-formed local tasks: each request within each model's window
+            windows, tmps = model_windows(models)
+            try:
+                for name, task, shots in local:
+                    problems += length_problems(name, task, shots, limit, windows)
+            finally:
+                for tmp in tmps:
+                    tmp.cleanup()
         if problems:
             raise ValueError("tasks the harness would stop on or mis-score:\n  " + "\n  ".join(problems))
     return tm

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 __all__ = ["LoadedModel", "load_for_analysis", "describe_run", "linear_input_widths", "check_group_sizes",
-           "config_facts", "check_data_tokenizer", "check_model_files"]
+           "config_facts", "check_data_tokenizer", "check_model_files", "safetensors_header"]
 
 
 @dataclass
@@ -182,12 +182,43 @@ def labels_problem(labels: list[str] | None, models: list[str]) -> str | None:
     return None
 
 
+def safetensors_header(path: Path) -> bytes:
+    """The JSON header of a safetensors file (its raw bytes), read without its tensors; ValueError naming
+    the file when it cannot be one whole safetensors file: shorter than its 8-byte header length, a header
+    that is not a JSON object of tensors, or a size other than 8 + header + the data its tensors' offsets
+    declare (a download or copy cut short, or something appended)."""
+    import json
+
+    size = path.stat().st_size
+    damaged = f"{path}: not a whole safetensors file"
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else None
+        if n is None or n > size - 8:
+            raise ValueError(f"{damaged}: {size} bytes, " + ("shorter than the 8-byte header length" if n is None else
+                             f"shorter than the {n}-byte header it declares") + ": a damaged or incomplete download?")
+        header = f.read(n)
+    try:
+        entries = json.loads(header)
+        ends = [int(v["data_offsets"][1]) for k, v in entries.items() if k != "__metadata__"]
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, IndexError, TypeError,
+            ValueError) as e:
+        raise ValueError(f"{damaged}: its header is not a JSON object of tensors ({type(e).__name__}: {e}): "
+                         "a damaged download, or another kind of file?") from None
+    declared = 8 + n + max(ends, default=0)
+    if declared != size:
+        raise ValueError(f"{damaged}: its header declares {declared} bytes, the file has {size}"
+                         + (": a damaged or incomplete download or copy?" if size < declared else ""))
+    return header
+
+
 def check_model_files(path: str) -> None:
     """ValueError / CheckpointError naming what is missing from a model, without reading its weights:
     an HF directory's weights file, or a shard its weights index names (an incomplete download or
-    copy); a Megatron checkpoint's files (presence, sizes, the small files' checksums:
-    ``resolve_checkpoint``). Called for every model before the first loads: found at its load, a
-    damaged model stopped the run after the models before it had been evaluated."""
+    copy), or a safetensors file whose size is not what its header declares (``safetensors_header``:
+    the header alone is read); a Megatron checkpoint's files (presence, sizes, the small files'
+    checksums: ``resolve_checkpoint``). Called for every model before the first loads: found at its
+    load, a damaged model stopped the run after the models before it had been evaluated."""
     import json
 
     p = Path(path)
@@ -208,10 +239,14 @@ def check_model_files(path: str) -> None:
         missing = sorted(str(f) for f in shards if not (p / str(f)).is_file())
         if missing:
             raise ValueError(f"{index} names {', '.join(missing)}, missing from {p}: an incomplete download or copy?")
+        for shard in sorted(str(f) for f in shards if str(f).endswith(".safetensors")):
+            safetensors_header(p / shard)
         return
     if not any((p / f).is_file() for f in ("model.safetensors", "pytorch_model.bin")):
         raise ValueError(f"{p}: an HF directory without weights (model.safetensors, a weights index or "
                          "pytorch_model.bin)")
+    if (p / "model.safetensors").is_file():  # what transformers loads when both are there
+        safetensors_header(p / "model.safetensors")
 
 
 def load_for_analysis(path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,

@@ -6,9 +6,11 @@ its first unit finished, and lose it for good if that run then failed. So a repo
 
 - refused by default, naming it and how far it got;
 - continued with ``--resume``: the report must be of the same request (the options that decide the numbers,
-  the token windows measured on, the models by position, and what each model with results in the report
+  the versions of the code that computes them: this package, torch, transformers and, for the downstream
+  report, lm-evaluation-harness (``software_versions``), the token windows measured on, the models by
+  position, and what each model with results in the report
   is: the checkpoint a Megatron path resolves to and its checksum manifest, or an HF directory's files by
-  name, size and time). Its finished units are kept as they are and only the others are evaluated, so a
+  name, size and time, and its weights files by a sample of their bytes: ``weights_sample``). Its finished units are kept as they are and only the others are evaluated, so a
   run stopped by a job time limit or a failing model goes on where it stopped; a model with nothing done
   may have changed (a damaged download replaced). ``--resume`` with no report there starts a new one;
 - replaced with ``--overwrite``.
@@ -22,9 +24,30 @@ import hashlib
 import json
 from pathlib import Path
 
-__all__ = ["pin_model", "files_identity", "tokens_identity", "EarlierReport", "open_report"]
+__all__ = ["pin_model", "files_identity", "weights_sample", "tokens_identity", "software_versions", "EarlierReport",
+           "open_report"]
 
-REQUEST_VERSION = 1
+REQUEST_VERSION = 3  # 2: the request records software_versions; 3: an HF model's weights_sample
+SAMPLE_CHUNKS, SAMPLE_BYTES = 16, 4096
+WEIGHTS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def software_versions(harness: bool = False) -> dict:
+    """The versions of what computes a report's numbers: this package, torch, transformers (loading,
+    the harness's tokenization) and, with ``harness``, lm-evaluation-harness (prompts, scoring). A
+    resumed report of other versions would mix two of them without a word in it."""
+    import torch
+    import transformers
+
+    import megatron_osp
+
+    versions = {"megatron_osp": megatron_osp.__version__, "torch": torch.__version__,
+                "transformers": transformers.__version__}
+    if harness:
+        import lm_eval
+
+        versions["lm_eval"] = getattr(lm_eval, "__version__", None)
+    return versions
 
 
 def files_identity(paths) -> str:
@@ -33,6 +56,31 @@ def files_identity(paths) -> str:
     for p in sorted(Path(p) for p in paths):
         st = p.stat()
         h.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def weights_sample(paths) -> str:
+    """sha256 of weights files' names, safetensors headers (tensor names, dtypes, shapes, offsets) and
+    ``SAMPLE_CHUNKS`` chunks of ``SAMPLE_BYTES`` spread evenly over each file (all of a smaller one):
+    a few hundred KiB read, not gigabytes. Other weights of the same layout differ in nearly every
+    chunk, so a re-export or copy of another model that kept the sizes and modification times
+    (``cp -p``, ``rsync -a``) is caught; a few changed bytes in one place may not be (that is not
+    what it is for: the checks before loading and the files' times are)."""
+    from megatron_osp.analysis.loading import safetensors_header
+
+    h = hashlib.sha256()
+    for p in sorted(Path(p) for p in paths):
+        size = p.stat().st_size
+        h.update(f"{p.name}\0{size}\n".encode())
+        if p.suffix == ".safetensors":
+            h.update(safetensors_header(p))
+        with open(p, "rb") as f:
+            if size <= SAMPLE_CHUNKS * SAMPLE_BYTES:
+                h.update(f.read())
+                continue
+            for i in range(SAMPLE_CHUNKS):
+                f.seek((size - SAMPLE_BYTES) * i // (SAMPLE_CHUNKS - 1))
+                h.update(f.read(SAMPLE_BYTES))
     return h.hexdigest()
 
 
@@ -52,10 +100,12 @@ def pin_model(path: str) -> tuple[str, dict]:
     is pinned to the iteration directory ``latest`` names now, so that the model evaluated is the one
     the report records even if training moves ``latest`` on while the evaluation runs; its identity is
     that iteration and the sha256 of its checksum manifest. An HF directory is loaded as it is; its
-    identity is ``files_identity`` of its files."""
+    identity is ``files_identity`` of its files and ``weights_sample`` of its weights files."""
     p = Path(path)
     if (p / "config.json").exists():
-        return str(path), {"kind": "hf", "files": files_identity(f for f in p.iterdir() if f.is_file())}
+        files = [f for f in p.iterdir() if f.is_file()]
+        return str(path), {"kind": "hf", "files": files_identity(files),
+                           "weights": weights_sample(f for f in files if f.suffix in WEIGHTS_SUFFIXES)}
     from megatron_osp.training.checkpoint import checkpoints_of, find_iteration_dir
     from megatron_osp.training.checkpoint_integrity import MANIFEST
 
@@ -131,6 +181,10 @@ def _check_same_request(path: Path, data: dict, request: dict) -> None:
                 differ = sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k))
                 key = ", ".join(f"{key}.{k}" for k in differ)
                 then, now = ([d.get(k) for k in differ] if len(differ) > 1 else d.get(differ[0]) for d in (then, now))
+            if key.startswith("versions"):  # not an option the user can give back: another installation
+                raise ValueError(f"--resume: {path} was made with {key} = {_describe(then)}, this run has "
+                                 f"{_describe(now)}: its results would be mixed with another version's; resume "
+                                 "with the versions that made it, or pass --overwrite to evaluate anew")
             hint = (" (the task's data files or YAML were changed since)" if key.startswith("task_data") else "")
             raise ValueError(f"--resume: {path} was made with {key} = {_describe(then)}, this run "
                              f"asks for {_describe(now)}{hint}: resume with the same options, or pass "

@@ -218,7 +218,7 @@ def check_learned_tokenizer(ckpt: Path, run, tokenizer_model) -> None:
     vocabulary size (or a smaller one) it passes the size check, and the export would load and generate
     text from the wrong tokens without a word. Not refused where either side is unknown, or where the
     two are of different kinds (a SentencePiece model and a tokenizer.json): their fingerprints cannot be
-    compared, so both encode a probe text (tokenizer_record.PROBE_TEXT) where the learned one is here, and
+    compared, so both encode probe texts (tokenizer_record.PROBE_TEXTS) where the learned one is here, and
     different ids are refused; a tokenizer.json converted from the .model encodes alike and passes."""
     from megatron_osp.training.checkpoint import read_train_state
     from megatron_osp.training.tokenizer_record import (checkpoint_record, describe, file_record, kinds_differ,

@@ -108,13 +108,28 @@ PROBE_TEXT = ("The quick brown fox jumps over the lazy dog. 0123456789, 3.14 & 1
               "Café naïve façade Straße, Ελληνικά, Русский текст, 日本語のテキスト, 中文, 한국어, emoji 🙂 €£¥ …")
 
 
-def same_by_encoding(a: str | os.PathLike, b: str | os.PathLike, text: str = PROBE_TEXT) -> bool | None:
-    """Whether two tokenizer files (of any kinds, data/tokenizer.py) turn ``text`` into the same ids, as
-    preprocessing encodes it; None when either cannot be loaded here."""
+# More texts, each encoded on its own (a text's start and end are places of their own: a dummy prefix,
+# stripped leading or trailing spaces): runs of spaces and newlines longer than PROBE_TEXT's, long digit
+# runs, characters an NFKC normalization rewrites (full-width letters, a ligature, a circled digit, a
+# fraction, NBSP, a zero-width space), a text of one character. Encoding them takes well under a second.
+PROBE_TEXTS = (
+    PROBE_TEXT,
+    "   three leading spaces and three trailing   ",
+    "runs   of     spaces\n\n\n\nand newlines\r\n\tand\t\ttabs",
+    "12345678901234567890 007 3,141,592.65 1e-10 0x1F 2024-01-31",
+    "ＦＵＬＬ ｗｉｄｔｈ ﬁne ① ½ x² ㎏ Å\u00a0nbsp\u200bzero width",
+    "a",
+)
+
+
+def same_by_encoding(a: str | os.PathLike, b: str | os.PathLike, texts=PROBE_TEXTS) -> bool | None:
+    """Whether two tokenizer files (of any kinds, data/tokenizer.py) turn each of ``texts`` into the same
+    ids, as preprocessing encodes it; None when either cannot be loaded here."""
     from megatron_osp.data.tokenizer import load_tokenizer
 
     try:
-        ids = [list(load_tokenizer(p, word_cache=False).encode(text)) for p in (a, b)]
+        tokenizers = [load_tokenizer(p, word_cache=False) for p in (a, b)]
+        ids = [[list(t.encode(text)) for text in texts] for t in tokenizers]
     except (OSError, ValueError, RuntimeError, ImportError):
         return None
     return ids[0] == ids[1]
