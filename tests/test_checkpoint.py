@@ -383,6 +383,20 @@ def test_a_checkpoint_that_does_not_fit_the_run_is_refused_by_field(split_runs):
         load_model_weights(save_dir, [types.SimpleNamespace(vocab_size=384)])
 
 
+def test_the_start_up_check_resolves_the_checkpoint_once(split_runs, monkeypatch):
+    """check_compatible resolved (stat'ed every shard of) the checkpoint 4 times: reading its run config,
+    its train state for the tokenizer record, and again for the vocabulary padding check."""
+    from megatron_osp.training import checkpoint
+    from megatron_osp.training.config import load_config
+    from megatron_osp.training.resume_check import check_compatible
+
+    real, calls = checkpoint.integrity.check_complete, []
+    monkeypatch.setattr(checkpoint.integrity, "check_complete", lambda path, *a: calls.append(path) or real(path, *a))
+    save_dir = split_runs[2] / "adam_split" / "checkpoints"
+    check_compatible(save_dir, load_config(None, _overrides("unused", "unused")), resume=True)
+    assert calls == [save_dir / "iter_0000004"]
+
+
 def test_a_resume_with_other_optimizer_state_hyperparameters_is_refused(split_runs):
     """Adam's betas and eps and Muon's momentum and LR live in the optimizer state's param groups;
     loading it used to put the checkpoint's values back over the ones given, silently (a resume with
