@@ -9,6 +9,7 @@
   second SIGINT, or a SIGTERM after a SIGINT (torchrun's form of the second Ctrl-C), aborts; under
   torchrun a SIGINT delivered twice at once (by torchrun and by the job scheduler) is one.
 - Ranks agree: a SIGINT that reaches one rank of two stops both after the same step.
+- Under torchrun, the second Ctrl-C (which torchrun passes on as SIGTERM) aborts the workers at once.
 """
 
 import json
@@ -26,6 +27,7 @@ from megatron_osp.training import stop_signals
 from megatron_osp.training.checkpoint import resolve_checkpoint
 from megatron_osp.training.run_state import INTERRUPTED, requeue_decision, run_state
 from test_checkpoint import REPO, _overrides, _pretrain
+from test_save_helper_exit import _descendants
 
 # The pretrain command with every save after the first held back, so that an interrupt can come in
 # the middle of one (after its shards, before it is published).
@@ -110,6 +112,43 @@ def test_a_second_ctrl_c_aborts_at_once_and_keeps_the_last_complete_checkpoint(t
     assert list(save_dir.glob("iter_*.tmp")), "the held save was not cut short"  # and not published
     assert run_state(run)["state"] == "interrupted"
     assert resolve_checkpoint(save_dir).name == "iter_0000002"  # what a rerun resumes from, complete
+
+
+def test_under_torchrun_a_second_ctrl_c_aborts_the_workers_at_once(toy_corpus, tmp_path):
+    """torchrun starts its workers in sessions of their own: a terminal's Ctrl-C reaches only torchrun,
+    which forwards the first as SIGINT and the second as SIGTERM (then SIGKILL after
+    TORCH_ELASTIC_SHUTDOWN_TIMEOUT, 300 s here: the abort must not wait for it)."""
+    run = tmp_path / "run"
+    save_dir = run / "checkpoints"
+    driver = tmp_path / "driver.py"
+    driver.write_text(_SLOW_SAVES.replace("from megatron_osp.training.pretrain import main\nsys.exit(main(sys.argv[1:]))",
+                                          "if __name__ == '__main__':\n    from megatron_osp.training.pretrain import main\n"
+                                          "    sys.exit(main(sys.argv[1:]))"))
+    env = dict(os.environ, MEGATRON_OSP_FORCE_CPU="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO),
+               TORCH_ELASTIC_SHUTDOWN_TIMEOUT="300")
+    log = tmp_path / "output.txt"
+    overrides = _overrides(toy_corpus, run, steps=10_000) + ["train.save_interval=2"]
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                                 str(driver), *overrides], env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        _wait_for(proc, lambda: (save_dir / "latest").exists(), "the save of step 2", timeout=180)
+        proc.send_signal(signal.SIGINT)
+        _wait_for(proc, lambda: "holding the save of step" in log.read_text(), "a save held back")
+        interrupted_at = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+        took = time.monotonic() - interrupted_at
+    finally:
+        if proc.poll() is None:  # its workers first: they run in sessions of their own
+            for pid in _descendants(proc.pid):
+                os.kill(pid, signal.SIGKILL)
+            proc.kill()
+    output = log.read_text()
+    assert took < 20, f"the abort took {took:.1f} s"
+    assert "Ctrl-C again: aborted without saving" in output and "forcefully exiting via" not in output
+    assert (save_dir / "latest").read_text().strip() == "iter_0000002"
+    assert run_state(run)["state"] == "interrupted"
 
 
 @pytest.fixture
