@@ -39,6 +39,7 @@ from megatron_osp.training.checkpoint import (
     load_checkpoint,
     newest_checkpoint,
     read_run_config,
+    resolve_checkpoint,
     save_checkpoint,
 )
 from megatron_osp.training import model_setup, run_lock
@@ -120,9 +121,10 @@ class Trainer:
             self.save_dir = Path(train.save_dir) if train.save_dir else self.run_dir / "checkpoints"
             load_path, same_run = checkpoint_to_load(train, self.save_dir)
             resume, self._valid_change = False, None  # another validation set: recorded in metrics.jsonl
-            if load_path is not None:
-                resume = continues(load_path, train, same_run)  # else a new run from its weights
-                self._valid_change = check_compatible(load_path, config, resume=resume, same_run=same_run)
+            if load_path is not None:  # resolved once here (each resolution stats every shard)
+                ckpt = resolve_checkpoint(load_path)
+                resume = continues(ckpt, train, same_run, resolved=True)  # else a new run from its weights
+                self._valid_change = check_compatible(ckpt, config, resume=resume, same_run=same_run, resolved=True)
             self.watchdog.arm("start-up: joining the process groups")
             parallel.init_distributed(par.tensor_parallel_size, par.pipeline_parallel_size,
                                       par.virtual_pipeline_size)
@@ -175,7 +177,7 @@ class Trainer:
             if resume:
                 self.step, consumed = state["iteration"], state["consumed_samples"]
                 self.last_saved_step = self.step
-                self._checkpoint_seq_length = read_run_config(load_path).model.seq_length
+                self._checkpoint_seq_length = read_run_config(state["path"], resolved=True).model.seq_length
         self.train_iters = model_setup.chunk_iterators(self.train_ds, train, len(self.model_chunks), consumed)
         self.train_iter = self.train_iters[0]  # its `consumed` is the run's
         # Tokens consumed so far (all segments); _train refines it from metrics.jsonl on resume.

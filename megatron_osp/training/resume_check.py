@@ -107,14 +107,16 @@ def valid_set_change(saved, config) -> tuple[dict, dict] | None:
     return (old, new) if key(old) != key(new) else None
 
 
-def check_compatible(path, config, *, resume: bool, same_run: bool = False) -> tuple[dict, dict] | None:
+def check_compatible(path, config, *, resume: bool, same_run: bool = False,
+                     resolved: bool = False) -> tuple[dict, dict] | None:
     """CheckpointError naming every field where ``config`` cannot load (``resume=False``) or
     continue (``resume=True``) the checkpoint at ``path``; ``same_run``: it is this run's own
     ``train.save_dir`` (auto-resume), so the data and seed must be the checkpoint's too. Returns
     what may differ and is recorded in the run's metrics.jsonl: on a resume of the same run, the
     validation set's change (``valid_set_change``), else None. The checkpoint is resolved (every
-    shard's presence and size checked) once."""
-    ckpt = resolve_checkpoint(path)
+    shard's presence and size checked) once, or not at all when ``resolved`` (``path`` is what
+    ``resolve_checkpoint`` returned)."""
+    ckpt = Path(path) if resolved else resolve_checkpoint(path)
     saved, state = read_run_config(ckpt, resolved=True), read_train_state(ckpt, resolved=True)
     diffs = []
     for name in vars(saved.model):
@@ -196,11 +198,12 @@ def _tokenizer_problems(state: dict, saved, config) -> list[str]:
             "tokenize the data with the checkpoint's tokenizer"]
 
 
-def continues(path, train, same_run: bool) -> bool:
+def continues(path, train, same_run: bool, resolved: bool = False) -> bool:
     """Whether loading the checkpoint at ``path`` continues its run (weights, optimizer, schedule,
     samples) or starts a new one from its weights: a weights-only checkpoint (converted from Hugging
-    Face) and ``train.load_weights_only`` (not for the run's own checkpoints) start a new one."""
-    return "optimizer" in read_train_state(path)["contents"] and (same_run or not train.load_weights_only)
+    Face) and ``train.load_weights_only`` (not for the run's own checkpoints) start a new one.
+    ``resolved``: as ``check_compatible``'s."""
+    return "optimizer" in read_train_state(path, resolved=resolved)["contents"] and (same_run or not train.load_weights_only)
 
 
 def _in_save_dir(load, save_dir: Path) -> bool:
