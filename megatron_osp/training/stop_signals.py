@@ -7,12 +7,15 @@ times, and all must stop after the same step).
   also recorded in ``<train.run_dir>/interrupted`` (``run_state.INTERRUPTED``), which the next launch
   removes: ``run_state`` calls such a run ``interrupted`` and job scripts do not requeue it (a user
   stopped it; a preemption's SIGTERM still requeues).
-- A second interrupt aborts at once: no save, a short message, exit 130. A save it cuts short is never
-  published (``latest`` keeps naming the newest complete checkpoint). Under torchrun, whose workers
+- A second interrupt (or a Ctrl-C during a SIGTERM stop) aborts at once: no save, a short message,
+  exit 130. "At once" is as soon as the main thread runs Python again (the handler is Python's; a long
+  kernel or a collective waiting for a peer finishes first). A save it cuts short is never published
+  (``latest`` keeps naming the newest complete checkpoint). Under torchrun, whose workers
   run in sessions of their own, Ctrl-C reaches only torchrun: it forwards the first one as SIGINT and,
   at the second, sends SIGTERM, so a SIGTERM after a SIGINT is a second interrupt too. A SIGINT that
-  comes within ``DUPLICATE_S`` of the first under torchrun is the same one delivered twice (by torchrun
-  and by a job scheduler signalling every process of the job step) and is not counted.
+  comes within ``DUPLICATE_S`` of the first under torchrun is taken for the same one delivered twice
+  (by torchrun and by a job scheduler that signals every process of the job step, as SLURM's cgroup
+  process tracking does for ``scancel --signal=INT``) and is not counted.
 
 A process forked from the trainer (Megatron-Core's checkpoint writers) inherits the handlers: the first
 SIGINT leaves it be (the trainer waits for its save), a second one ends it.
