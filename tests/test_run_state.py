@@ -88,7 +88,8 @@ def test_the_slurm_script_requeues_a_job_that_got_further_and_no_other(tmp_path,
         made = _run_dir(tmp_path / "made", checkpoint=20)  # copied into place by srun, as training would
         if case == "interrupted":  # stopped by Ctrl-C / scancel --signal=INT after a save (torchrun exits 1)
             (made / INTERRUPTED).write_text("SIGINT\n")
-        _stub(bin_dir, "srun", f"mkdir -p runs && cp -r {made} runs/myrun" + ("; exit 1" if case == "interrupted" else "") + "\n")
+        exits = "; exit 1" if case == "interrupted" else ""
+        _stub(bin_dir, "srun", f"mkdir -p runs && cp -r {made} runs/myrun{exits}\n")
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_SUBMIT_DIR=str(tmp_path),
                SLURM_JOB_NODELIST="node1", SLURM_NNODES="1", SLURM_JOB_ID="42", SLURM_JOB_NAME="osp",
                PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")

@@ -121,9 +121,9 @@ def test_under_torchrun_a_second_ctrl_c_aborts_the_workers_at_once(toy_corpus, t
     run = tmp_path / "run"
     save_dir = run / "checkpoints"
     driver = tmp_path / "driver.py"
-    driver.write_text(_SLOW_SAVES.replace("from megatron_osp.training.pretrain import main\nsys.exit(main(sys.argv[1:]))",
-                                          "if __name__ == '__main__':\n    from megatron_osp.training.pretrain import main\n"
-                                          "    sys.exit(main(sys.argv[1:]))"))
+    main = "from megatron_osp.training.pretrain import main\nsys.exit(main(sys.argv[1:]))"
+    # a spawned helper imports the main module again: train only under __main__
+    driver.write_text(_SLOW_SAVES.replace(main, "if __name__ == '__main__':\n    " + main.replace("\n", "\n    ")))
     env = dict(os.environ, MEGATRON_OSP_FORCE_CPU="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO),
                TORCH_ELASTIC_SHUTDOWN_TIMEOUT="300")
     log = tmp_path / "output.txt"

@@ -203,7 +203,8 @@ def continues(path, train, same_run: bool, resolved: bool = False) -> bool:
     samples) or starts a new one from its weights: a weights-only checkpoint (converted from Hugging
     Face) and ``train.load_weights_only`` (not for the run's own checkpoints) start a new one.
     ``resolved``: as ``check_compatible``'s."""
-    return "optimizer" in read_train_state(path, resolved=resolved)["contents"] and (same_run or not train.load_weights_only)
+    contents = read_train_state(path, resolved=resolved)["contents"]
+    return "optimizer" in contents and (same_run or not train.load_weights_only)
 
 
 def _in_save_dir(load, save_dir: Path) -> bool:
