@@ -11,8 +11,9 @@ NPROC=${NPROC:-$(python -c 'import torch; print(max(torch.cuda.device_count(), 1
 CONFIG=${CONFIG:-megatron_osp/configs/osp_1.4b.yaml}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 export CUDA_DEVICE_MAX_CONNECTIONS=1
-# On SIGTERM the run finishes its step and saves; torchrun kills its workers 30 s after forwarding
-# the signal unless told to wait longer.
+# On SIGTERM or the first Ctrl-C the run finishes its step and saves (Ctrl-C: then exits 130; a second
+# Ctrl-C, which torchrun forwards as SIGTERM, aborts without saving); torchrun kills its workers 30 s
+# after forwarding the signal unless told to wait longer.
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}
 exec torchrun --standalone --nproc-per-node "$NPROC" \
   -m megatron_osp.training.pretrain --config "$CONFIG" "$@"

@@ -383,6 +383,40 @@ def test_a_checkpoint_that_does_not_fit_the_run_is_refused_by_field(split_runs):
         load_model_weights(save_dir, [types.SimpleNamespace(vocab_size=384)])
 
 
+def test_the_start_up_check_resolves_the_checkpoint_once(split_runs, monkeypatch):
+    """check_compatible resolved (stat'ed every shard of) the checkpoint 4 times: reading its run config,
+    its train state for the tokenizer record, and again for the vocabulary padding check."""
+    from megatron_osp.training import checkpoint
+    from megatron_osp.training.config import load_config
+    from megatron_osp.training.resume_check import check_compatible
+
+    real, calls = checkpoint.integrity.check_complete, []
+    monkeypatch.setattr(checkpoint.integrity, "check_complete", lambda path, *a: calls.append(path) or real(path, *a))
+    save_dir = split_runs[2] / "adam_split" / "checkpoints"
+    check_compatible(save_dir, load_config(None, _overrides("unused", "unused")), resume=True)
+    assert calls == [save_dir / "iter_0000004"]
+
+
+def _count_resolutions(rank, world, corpus, save_dir, run_dir):
+    from megatron_osp.training import checkpoint
+    from megatron_osp.training.config import load_config
+    from megatron_osp.training.loop import Trainer
+
+    real, calls = checkpoint.integrity.check_complete, []
+    checkpoint.integrity.check_complete = lambda path, *a: calls.append(str(path)) or real(path, *a)
+    overrides = _overrides(corpus, run_dir, "adam") + _DROPOUT + [f"train.load={save_dir}"]
+    trainer = Trainer(load_config(None, overrides), log=lambda *_: None)
+    return trainer.step, calls
+
+
+def test_a_start_from_a_checkpoint_resolves_it_once_to_check_it_and_once_to_load_it(split_runs, toy_corpus, tmp_path):
+    """The start-up resolved it 8 times: continues, check_compatible's 4, load_checkpoint and its
+    train state, the saved sequence length."""
+    save_dir = split_runs[2] / "adam_split" / "checkpoints"
+    step, calls = run_distributed(_count_resolutions, 1, toy_corpus, str(save_dir), str(tmp_path / "run"))[0]
+    assert step == STEPS and calls == [str(save_dir / f"iter_{STEPS:07d}")] * 2
+
+
 def test_a_resume_with_other_optimizer_state_hyperparameters_is_refused(split_runs):
     """Adam's betas and eps and Muon's momentum and LR live in the optimizer state's param groups;
     loading it used to put the checkpoint's values back over the ones given, silently (a resume with

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from megatron_osp.training.config import load_config, save_config
-from megatron_osp.training.run_state import main, requeue_decision, run_state
+from megatron_osp.training.run_state import INTERRUPTED, main, requeue_decision, run_state
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,7 +74,7 @@ def _stub(bin_dir: Path, name: str, body: str):
     path.chmod(path.stat().st_mode | stat.S_IEXEC)
 
 
-@pytest.mark.parametrize("case", ["progress", "capped", "no progress"])
+@pytest.mark.parametrize("case", ["progress", "capped", "no progress", "interrupted"])
 def test_the_slurm_script_requeues_a_job_that_got_further_and_no_other(tmp_path, case):
     """With stand-in srun and scontrol: srun 'trains' by writing what a run that saved at step 20 (of 50)
     and stopped leaves, or fails at start-up writing nothing. scontrol records a requeue."""
@@ -86,7 +86,10 @@ def test_the_slurm_script_requeues_a_job_that_got_further_and_no_other(tmp_path,
         _stub(bin_dir, "srun", "echo 'error: data.paths: ...' >&2; exit 2\n")
     else:
         made = _run_dir(tmp_path / "made", checkpoint=20)  # copied into place by srun, as training would
-        _stub(bin_dir, "srun", f"mkdir -p runs && cp -r {made} runs/myrun\n")
+        if case == "interrupted":  # stopped by Ctrl-C / scancel --signal=INT after a save (torchrun exits 1)
+            (made / INTERRUPTED).write_text("SIGINT\n")
+        exits = "; exit 1" if case == "interrupted" else ""
+        _stub(bin_dir, "srun", f"mkdir -p runs && cp -r {made} runs/myrun{exits}\n")
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_SUBMIT_DIR=str(tmp_path),
                SLURM_JOB_NODELIST="node1", SLURM_NNODES="1", SLURM_JOB_ID="42", SLURM_JOB_NAME="osp",
                PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
@@ -103,6 +106,9 @@ def test_the_slurm_script_requeues_a_job_that_got_further_and_no_other(tmp_path,
     elif case == "capped":
         assert done.returncode == 0 and not requeued
         assert "not requeued: already requeued 10 times (MAX_REQUEUES=10)" in done.stdout
+    elif case == "interrupted":  # a user's interrupt is not requeued, though the job saved further
+        assert done.returncode == 1 and not requeued
+        assert "no requeue: runs/myrun: stopped by an interrupt (Ctrl-C, SIGINT; checkpoint of step 20)" in done.stdout
     else:
         assert done.returncode == 2 and not requeued  # srun's exit status, and no requeue
         assert "no requeue: runs/myrun: the run never started" in done.stdout

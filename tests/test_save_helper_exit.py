@@ -5,17 +5,27 @@ group), the trainer's ``multiprocessing`` Manager process, which serves Megatron
 results queue (~270 MB, spawned at the first save), was left running, reparented to init, one per
 killed run. training/results_queue.py starts that helper with a thread that ends it once its parent
 is gone.
+
+Likewise the shard writers: with ``train.async_save`` a trainer killed during a background save left
+its forked writer, the per-bucket writers it forks and multiprocessing's resource tracker running until
+the write ended, and the writers' inherited copy of the run lock's descriptor made the same command
+refuse to start meanwhile ("in use by another job", naming the dead trainer). Now every fork of the
+saving process exits with its parent and drops the lock descriptor at once; ``latest`` still names the
+previous checkpoint (the unfinished ``iter_N.tmp`` is never taken).
 """
 
+import fcntl
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from test_checkpoint import _overrides, _pretrain
+from megatron_osp.training.checkpoint import resolve_checkpoint
+from test_checkpoint import REPO, _overrides, _pretrain
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
@@ -71,5 +81,65 @@ def test_the_save_helper_exits_when_the_trainer_is_killed(toy_corpus, tmp_path):
             proc.kill()
             proc.communicate()
         for pid in helpers:  # a failing run leaves no orphan behind either
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+# The pretrain command whose shard writers hold every save after the first one for a minute.
+_HELD_WRITERS = """
+import os, sys, time
+from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+real = FileSystemWriterAsync.write_preloaded_data
+def held(*args, **kwargs):
+    if os.path.exists(os.environ["HOLD_AFTER"]):
+        print("writer holding", flush=True)
+        time.sleep(60)
+    return real(*args, **kwargs)
+FileSystemWriterAsync.write_preloaded_data = staticmethod(held)
+from megatron_osp.training.pretrain import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _descendants(pid: int) -> list[int]:
+    found = _children(pid)
+    return found + [d for child in found for d in _descendants(child)]
+
+
+def test_the_background_writers_exit_and_free_the_run_when_the_trainer_is_killed(toy_corpus, tmp_path):
+    run = tmp_path / "run"
+    save_dir = run / "checkpoints"
+    env = dict(os.environ, MEGATRON_OSP_FORCE_CPU="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO),
+               HOLD_AFTER=str(save_dir / "latest"))
+    log = tmp_path / "output.txt"
+    overrides = _overrides(toy_corpus, run, steps=10_000) + ["train.save_interval=2", "train.async_save=true"]
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", _HELD_WRITERS, *overrides], env=env, cwd=REPO, stdout=out,
+                                stderr=subprocess.STDOUT)
+    forks = []
+    try:
+        deadline = time.monotonic() + 240
+        while "writer holding" not in log.read_text():  # the save of step 4, after the published one of step 2
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no writer was held"
+            time.sleep(0.05)
+        forks = [pid for pid in _descendants(proc.pid) if "multiprocessing.spawn" not in _cmdline(pid)]
+        assert len(forks) >= 3, [_cmdline(pid) for pid in forks]  # the writer, its bucket writers, the tracker
+        proc.kill()  # the trainer alone, as `kill -9 <pid>` does
+        proc.wait(timeout=60)
+        with open(run / ".run.lock") as lock:  # at once, while the writers may still be ending
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if one of them holds it
+        deadline = time.monotonic() + 10
+        while any(map(_running, forks)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = [pid for pid in forks if _running(pid)]
+        assert not left, f"still running after the trainer was killed: {[_cmdline(pid)[:80] for pid in left]}"
+        assert (save_dir / "latest").read_text().strip() == "iter_0000002"
+        assert resolve_checkpoint(save_dir).name == "iter_0000002" and (save_dir / "iter_0000004.tmp").is_dir()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in forks:  # a failing run leaves no orphan behind either
             if _running(pid):
                 os.kill(pid, signal.SIGKILL)

@@ -133,9 +133,11 @@ def find_iteration_dir(path: str | os.PathLike) -> Path:
     return path
 
 
-def read_train_state(path: str | os.PathLike) -> dict:
-    """``train_state.json`` of a checkpoint: iteration, consumed_samples, contents, layout."""
-    ckpt = resolve_checkpoint(path)
+def read_train_state(path: str | os.PathLike, *, resolved: bool = False) -> dict:
+    """``train_state.json`` of a checkpoint: iteration, consumed_samples, contents, layout.
+    ``resolved``: ``path`` is what ``resolve_checkpoint`` returned (not checked again: that stats
+    every shard)."""
+    ckpt = Path(path) if resolved else resolve_checkpoint(path)
     try:
         state = json.loads((ckpt / TRAIN_STATE).read_text())
     except json.JSONDecodeError as e:
@@ -150,9 +152,10 @@ def read_train_state(path: str | os.PathLike) -> dict:
     return state
 
 
-def read_run_config(path: str | os.PathLike):
-    """The RunConfig saved with a checkpoint (``path`` = save dir or iteration directory)."""
-    return load_config_file(resolve_checkpoint(path) / RUN_CONFIG)
+def read_run_config(path: str | os.PathLike, *, resolved: bool = False):
+    """The RunConfig saved with a checkpoint (``path`` = save dir or iteration directory; ``resolved``:
+    as ``read_train_state``'s)."""
+    return load_config_file((Path(path) if resolved else resolve_checkpoint(path)) / RUN_CONFIG)
 
 
 def model_config_for_one_process(path: str | os.PathLike):
@@ -418,7 +421,7 @@ def load_checkpoint(path, model_chunks, optimizer=None, scheduler=None, *, load_
 
     ckpt = resolve_checkpoint(path)
     integrity.verify_checkpoint(ckpt, collective=True)  # every shard's checksum, before any is read
-    train_state = read_train_state(ckpt)
+    train_state = read_train_state(ckpt, resolved=True)
     contents = set(train_state.get("contents", ["model"]))
     _check_vocab_padding(ckpt, train_state, model_chunks)
     state = _model_sharded_state_dict(model_chunks)

@@ -111,7 +111,7 @@ class TrainSettings:
     # Stop (after saving) at the first step ending this many minutes after the run started (the Trainer
     # was built): a job time limit's fallback where no SIGTERM comes first; leave room for the save. 0 = off
     exit_after_minutes: float = 0.0
-    save_on_sigterm: bool = True  # SIGTERM: finish the step, save, exit cleanly
+    save_on_sigterm: bool = True  # SIGTERM: finish the step, save, exit cleanly (Ctrl-C always does, then exits 130)
     # A rank whose step, evaluation, kurtosis measurement, checkpoint save or part of the start-up
     # (building the datasets, the model and optimizer, loading a checkpoint, waiting for every rank, ...)
     # runs longer than this prints its threads' stacks and exits with code 3 (training/hang_watchdog.py),

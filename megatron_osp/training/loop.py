@@ -9,7 +9,8 @@ Every ``log_interval`` steps the loss, LR, grad norm and tokens/s go to the cons
 (and at the end) the paper's excess-kurtosis metric is measured on a fixed held-out batch.
 
 Checkpoints (training/checkpoint.py) are written every ``save_interval`` steps, at the end, at
-``exit_at_step`` and on SIGTERM (the step in flight finishes first); a run whose ``save_dir`` holds
+``exit_at_step`` and on SIGTERM or the first Ctrl-C (the step in flight finishes first; a second
+Ctrl-C aborts without saving, training/stop_signals.py); a run whose ``save_dir`` holds
 a checkpoint, or that names one in ``train.load``, continues from it on exactly the next batch.
 """
 
@@ -38,6 +39,7 @@ from megatron_osp.training.checkpoint import (
     load_checkpoint,
     newest_checkpoint,
     read_run_config,
+    resolve_checkpoint,
     save_checkpoint,
 )
 from megatron_osp.training import model_setup, run_lock
@@ -52,7 +54,8 @@ from megatron_osp.training.progress import finished_summary, tokens_at_resume
 from megatron_osp.training.resume_check import check_compatible, checkpoint_to_load, continues
 from megatron_osp.training.run_log import RunLog, mean_tail, progress_bar
 from megatron_osp.training.step_guard import check_step
-from megatron_osp.training.sigterm import SigtermFlag
+from megatron_osp.training import stop_signals
+from megatron_osp.training.stop_signals import StopSignals
 from megatron_osp.training.data_checks import check_data_settings
 from megatron_osp.training.validation import check_config, check_world
 
@@ -118,9 +121,10 @@ class Trainer:
             self.save_dir = Path(train.save_dir) if train.save_dir else self.run_dir / "checkpoints"
             load_path, same_run = checkpoint_to_load(train, self.save_dir)
             resume, self._valid_change = False, None  # another validation set: recorded in metrics.jsonl
-            if load_path is not None:
-                resume = continues(load_path, train, same_run)  # else a new run from its weights
-                self._valid_change = check_compatible(load_path, config, resume=resume, same_run=same_run)
+            if load_path is not None:  # resolved once here (each resolution stats every shard)
+                ckpt = resolve_checkpoint(load_path)
+                resume = continues(ckpt, train, same_run, resolved=True)  # else a new run from its weights
+                self._valid_change = check_compatible(ckpt, config, resume=resume, same_run=same_run, resolved=True)
             self.watchdog.arm("start-up: joining the process groups")
             parallel.init_distributed(par.tensor_parallel_size, par.pipeline_parallel_size,
                                       par.virtual_pipeline_size)
@@ -173,7 +177,7 @@ class Trainer:
             if resume:
                 self.step, consumed = state["iteration"], state["consumed_samples"]
                 self.last_saved_step = self.step
-                self._checkpoint_seq_length = read_run_config(load_path).model.seq_length
+                self._checkpoint_seq_length = read_run_config(state["path"], resolved=True).model.seq_length
         self.train_iters = model_setup.chunk_iterators(self.train_ds, train, len(self.model_chunks), consumed)
         self.train_iter = self.train_iters[0]  # its `consumed` is the run's
         # Tokens consumed so far (all segments); _train refines it from metrics.jsonl on resume.
@@ -188,8 +192,10 @@ class Trainer:
         if any_rank(self.device, busy is not None)[0]:
             raise run_lock.RunDirInUse(busy or f"train.run_dir={self.run_dir} or train.save_dir={self.save_dir} is in "
                                        "use by another job (see rank 0)")
-        if dist.get_rank() == 0 and (self.step < train.train_steps or not config_file.exists()):
-            save_config(config, config_file)
+        if dist.get_rank() == 0:
+            stop_signals.clear_mark(self.run_dir)  # this launch's own Ctrl-C decides whether a job requeues
+            if self.step < train.train_steps or not config_file.exists():
+                save_config(config, config_file)
         dist.barrier()
 
     def _wrap_chunk(self, chunk):
@@ -319,16 +325,17 @@ class Trainer:
             with self._phase("save_checkpoint", f"the background save of step {self.saver.in_flight}"):
                 self.saver.wait()
 
-    def _stop_reason(self, sigterm: "SigtermFlag | None", clock: bool = True) -> str | None:
+    def _stop_reason(self, signals: "StopSignals | None", clock: bool = True) -> str | None:
         """Why the run stops after this step (None: it goes on); ``clock``: whether the time limit
         counts (not before the first step: a job makes at least one)."""
         train = self.config.train
-        if sigterm is not None or train.exit_after_minutes:  # agreed on: ranks' signals and clocks differ
+        if signals is not None or train.exit_after_minutes:  # agreed on: ranks' signals and clocks differ
             late = (clock and bool(train.exit_after_minutes)
                     and time.monotonic() - self.started >= 60 * train.exit_after_minutes)
-            signalled, late = any_rank(self.device, sigterm is not None and sigterm.received, late)
-            if signalled:
-                return "SIGTERM"
+            sigint, sigterm, late = any_rank(self.device, signals is not None and signals.sigint,
+                                             signals is not None and signals.sigterm, late)
+            if sigint or sigterm:
+                return stop_signals.INTERRUPT if sigint else "SIGTERM"
             if late and self.step < train.train_steps:
                 return f"train.exit_after_minutes={train.exit_after_minutes:g}"
         if train.exit_at_step and self.step >= train.exit_at_step and self.step < train.train_steps:
@@ -338,18 +345,18 @@ class Trainer:
     # ------------------------------------------------------------------ run
     def train(self) -> dict:
         train = self.config.train
-        sigterm = SigtermFlag.install() if train.save_on_sigterm else None
+        signals = StopSignals.install(self.run_dir, saves=train.save, sigterm=train.save_on_sigterm)
         self.watchdog.start()
         try:
-            return self._train(sigterm)
+            return self._train(signals)
         finally:
             self.watchdog.close()
             self.profiler.close()
             self.sinks.close(failed=sys.exc_info()[0] is not None)
-            if sigterm is not None:
-                sigterm.uninstall()
+            if signals is not None:
+                signals.uninstall()
 
-    def _train(self, sigterm) -> dict:
+    def _train(self, signals) -> dict:
         train = self.config.train
         tokens_per_step = train.global_batch_size * self.config.model.seq_length
         if is_logging_rank():
@@ -385,7 +392,7 @@ class Trainer:
         # and saving in it (``paused``) is not counted (a save could take minutes at scale).
         window_start, window_steps, paused = time.perf_counter(), 0, 0.0
         kurtosis_history = []
-        stop = self._stop_reason(sigterm, clock=False)  # e.g. resumed at or past exit_at_step: no further step
+        stop = self._stop_reason(signals, clock=False)  # e.g. resumed at or past exit_at_step: no further step
         if stop is not None:
             if bar is not None:
                 bar.close()
@@ -421,7 +428,7 @@ class Trainer:
             elif self.saver is not None:
                 self.saver.poll()
             paused += time.perf_counter() - side_start
-            stop = self._stop_reason(sigterm)
+            stop = self._stop_reason(signals)
             if stop is not None:
                 if bar is not None:
                     bar.close()
@@ -471,7 +478,8 @@ class Trainer:
                 self.save()
             saved = self.save_dir
         again = ("Run it again without train.exit_at_step (or with a larger one) to continue."
-                 if reason.startswith("train.exit_at_step") else "Run the same command again to continue.")
+                 if reason.startswith("train.exit_at_step") else "Run the same command again to continue" + (
+                     " (a job script does not requeue it)." if reason == stop_signals.INTERRUPT else "."))
         where = f"checkpoint of step {self.step} in {self.save_dir}. {again}" if saved else (
             "no checkpoint was written (train.save=false).")
         self._rank0_log(f"{reason}: stopped after step {self.step} of {self.config.train.train_steps}; {where}")

@@ -2,7 +2,9 @@
 
 Also runs as a plain single process (`python -m megatron_osp.training.pretrain ...`).
 Checkpoints go to `<train.run_dir>/checkpoints` (train.save_dir); running the same command again
-resumes from the latest one, and SIGTERM saves before exiting (see training/checkpoint.py).
+resumes from the latest one, and SIGTERM saves before exiting (see training/checkpoint.py). The
+first Ctrl-C (SIGINT) does the same and exits 130; a second one aborts at once without saving, also
+130 (training/stop_signals.py).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ def main(argv=None) -> int:
     from megatron_osp.training.loop import Trainer
     from megatron_osp.training.metric_sinks import SinkStartError
     from megatron_osp.training.step_guard import NonFiniteStep
+    from megatron_osp.training.stop_signals import EXIT_INTERRUPTED, INTERRUPT
 
     try:
         # Start-up: a value, data file or checkpoint that cannot work is one line naming it, and
@@ -43,7 +46,12 @@ def main(argv=None) -> int:
         except (ValueError, FileNotFoundError, SinkStartError) as e:  # ConfigError, TokenRangeError among them
             print(f"error: {e}", file=sys.stderr)
             return 2
-        trainer.train()
+        if trainer.train().get("stopped") == INTERRUPT:
+            return EXIT_INTERRUPTED
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (start-up, the end): nothing to save there
+        print("interrupted (Ctrl-C) outside the training steps: nothing was saved; the newest complete checkpoint "
+              "is kept as it was", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -13,6 +13,14 @@ that ends the process once its parent is gone (its parent pid changes). Nothing 
 same kind of queue, made at the same moment (a rank's first save with shards to write) and kept in
 the same place (``filesystem_async._results_queue``). A Megatron-Core without that function and
 place (a later version) keeps its own.
+
+The shard writers themselves are forks: the background save's writer (forked from the trainer by
+``AsyncCallsQueue``) and the per-bucket writers it (or, for a synchronous save, the trainer) forks. A
+trainer killed with SIGKILL left them writing into ``iter_N.tmp`` (which nothing would publish) for as
+long as the write took, with Megatron-Core's resource tracker kept alive by them. So from the first
+save on, every process forked from the saving process runs the same ``_exit_with_parent`` watch
+(``os.register_at_fork``; a fork's own forks watch it in turn): they end within about ``POLL_S`` of
+their parent, and the tracker once they are gone.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from multiprocessing.managers import SyncManager
 
 POLL_S = 0.5  # how often the helper looks whether its parent is still alive
 _manager = None  # the Manager whose process serves the queue (kept for the life of this process)
+_forks_watched = False  # whether this process's forks exit with it (registered once)
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -42,9 +51,14 @@ def _exit_with_parent(parent: int) -> None:
 def ensure_results_queue() -> None:
     """Have Megatron-Core's writers take their results queue from ``_write_results_queue`` (made at
     the first save that has shards to write, as Megatron-Core's own, served by a helper that exits
-    with this process). Cheap: call it before every save."""
+    with this process), and this process's forks (the shard writers) exit with it. Cheap: call it
+    before every save."""
+    global _forks_watched
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
+    if not _forks_watched:  # the shard writers forked from here on end with their parent
+        os.register_at_fork(after_in_child=lambda: _exit_with_parent(os.getppid()))
+        _forks_watched = True
     if hasattr(filesystem_async, "_get_write_results_queue") and hasattr(filesystem_async, "_results_queue"):
         filesystem_async._get_write_results_queue = _write_results_queue
 

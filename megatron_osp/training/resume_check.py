@@ -107,13 +107,17 @@ def valid_set_change(saved, config) -> tuple[dict, dict] | None:
     return (old, new) if key(old) != key(new) else None
 
 
-def check_compatible(path, config, *, resume: bool, same_run: bool = False) -> tuple[dict, dict] | None:
+def check_compatible(path, config, *, resume: bool, same_run: bool = False,
+                     resolved: bool = False) -> tuple[dict, dict] | None:
     """CheckpointError naming every field where ``config`` cannot load (``resume=False``) or
     continue (``resume=True``) the checkpoint at ``path``; ``same_run``: it is this run's own
     ``train.save_dir`` (auto-resume), so the data and seed must be the checkpoint's too. Returns
     what may differ and is recorded in the run's metrics.jsonl: on a resume of the same run, the
-    validation set's change (``valid_set_change``), else None."""
-    saved = read_run_config(path)
+    validation set's change (``valid_set_change``), else None. The checkpoint is resolved (every
+    shard's presence and size checked) once, or not at all when ``resolved`` (``path`` is what
+    ``resolve_checkpoint`` returned)."""
+    ckpt = Path(path) if resolved else resolve_checkpoint(path)
+    saved, state = read_run_config(ckpt, resolved=True), read_train_state(ckpt, resolved=True)
     diffs = []
     for name in vars(saved.model):
         if name in _FREE_MODEL_FIELDS:
@@ -139,9 +143,8 @@ def check_compatible(path, config, *, resume: bool, same_run: bool = False) -> t
                 section, field = name.split(".")
                 old, new = getattr(getattr(saved, section), field), getattr(getattr(config, section), field)
                 data_diffs.append(f"{name}: checkpoint {old!r}, this run {new!r}")
-    tokens = _tokenizer_problems(path, saved, config)
+    tokens = _tokenizer_problems(state, saved, config)
     if diffs or data_diffs or tokens:
-        ckpt = resolve_checkpoint(path)
         way_out = _way_out(diffs, resume, same_run) if diffs else ""
         if data_diffs:
             way_out += (
@@ -152,16 +155,15 @@ def check_compatible(path, config, *, resume: bool, same_run: bool = False) -> t
         raise CheckpointError(
             f"checkpoint {ckpt} does not fit this run:\n  " + "\n  ".join(diffs + data_diffs + tokens) + way_out
         )
-    _check_vocab_padding(path, config)
+    _check_vocab_padding(ckpt, state, config)
     return valid_set_change(saved, config) if resume and same_run else None
 
 
-def _check_vocab_padding(path, config) -> None:
+def _check_vocab_padding(ckpt, state: dict, config) -> None:
     """The model this run builds pads its vocabulary as the checkpoint's did (the padding depends on
     the TP size and model.make_vocab_size_divisible_by; differently padded layouts cannot reshard)."""
-    ckpt = resolve_checkpoint(path)
     vocab = config.model.padded_vocab_size(config.parallel.tensor_parallel_size)
-    problem = vocab_padding_problem(ckpt, read_train_state(ckpt), vocab)
+    problem = vocab_padding_problem(ckpt, state, vocab)
     if problem is not None:
         raise CheckpointError(problem)
 
@@ -183,10 +185,11 @@ def _way_out(diffs: list[str], resume: bool, same_run: bool) -> str:
     return ""
 
 
-def _tokenizer_problems(path, saved, config) -> list[str]:
-    """The checkpoint's model learned another tokenizer's ids than this run's data hold (both known:
-    training/tokenizer_record.py): the vocabulary sizes may agree, the tokens do not."""
-    theirs = checkpoint_record(read_train_state(path), saved)
+def _tokenizer_problems(state: dict, saved, config) -> list[str]:
+    """The checkpoint's model (train state ``state``, run config ``saved``) learned another tokenizer's
+    ids than this run's data hold (both known: training/tokenizer_record.py): the vocabulary sizes may
+    agree, the tokens do not."""
+    theirs = checkpoint_record(state, saved)
     mine = run_record(config)
     if same(theirs, mine) is not False:
         return []
@@ -195,11 +198,13 @@ def _tokenizer_problems(path, saved, config) -> list[str]:
             "tokenize the data with the checkpoint's tokenizer"]
 
 
-def continues(path, train, same_run: bool) -> bool:
+def continues(path, train, same_run: bool, resolved: bool = False) -> bool:
     """Whether loading the checkpoint at ``path`` continues its run (weights, optimizer, schedule,
     samples) or starts a new one from its weights: a weights-only checkpoint (converted from Hugging
-    Face) and ``train.load_weights_only`` (not for the run's own checkpoints) start a new one."""
-    return "optimizer" in read_train_state(path)["contents"] and (same_run or not train.load_weights_only)
+    Face) and ``train.load_weights_only`` (not for the run's own checkpoints) start a new one.
+    ``resolved``: as ``check_compatible``'s."""
+    contents = read_train_state(path, resolved=resolved)["contents"]
+    return "optimizer" in contents and (same_run or not train.load_weights_only)
 
 
 def _in_save_dir(load, save_dir: Path) -> bool:

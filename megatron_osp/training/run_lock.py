@@ -7,7 +7,9 @@ predecessor's ranks still run) both resume from the same ``latest``: the second 
 the life of its process; a second job is refused, naming the directory and the holder (its host and
 pid, written into the lock file). The kernel drops the lock when the process ends, killed or not, so
 there is never a stale lock to remove. A filesystem without ``flock`` (some network mounts) runs
-unguarded, as before.
+unguarded, as before. A process forked from the holder (Megatron-Core's checkpoint writers) closes its
+copy of the descriptor at once (``_forget_in_child``): the lock lasts as long as its descriptors, and a
+writer still running after its trainer was killed used to keep the next job out until it ended.
 
 The same holds for ``train.save_dir`` where it is another directory than the run's (``claim``): two
 jobs with different run directories but one save directory would each resume from, save into and
@@ -24,6 +26,19 @@ from pathlib import Path
 
 LOCK_NAME = ".run.lock"
 _held: dict[str, int] = {}  # resolved run dir -> descriptor this process holds (kept until exit)
+
+
+def _forget_in_child() -> None:
+    """In a process forked from a holder: close its copies of the lock descriptors (the holder keeps the lock)."""
+    for fd in _held.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 class RunDirInUse(ValueError):

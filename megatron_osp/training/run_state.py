@@ -6,14 +6,17 @@
 
 A run is ``finished`` when its ``summary.json`` (written only at the end of the schedule) records
 ``train.train_steps`` steps, ``held`` when its newest checkpoint is at or past ``train.exit_at_step``
-(it stopped there on purpose), else ``unfinished``; ``not started`` before its first clean start
-wrote ``config.yaml``. The settings are that ``config.yaml``'s: the latest launch's.
+(it stopped there on purpose), ``interrupted`` when its latest launch was stopped by the user's
+interrupt (Ctrl-C, SIGINT: ``<run_dir>/interrupted``, removed by the next launch), else ``unfinished``;
+``not started`` before its first clean start wrote ``config.yaml``. The settings are that
+``config.yaml``'s: the latest launch's.
 
 ``--requeue-since S`` (S: ``--checkpoint-step``'s answer when the job started) says requeue only for an
 unfinished run whose newest checkpoint moved past S in this job: a job stopped by its time limit's
 SIGTERM or a preemption (which save before exiting), or ended by the hang watchdog after a save, goes
 on; a run that got nowhere (a configuration refused, a divergence, a crash at start-up, a hang before
-its first save) is not started again to fail the same way.
+its first save) is not started again to fail the same way, and an interrupted one is not started again
+against its user's wish.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ import json
 import sys
 from pathlib import Path
 
-__all__ = ["run_state", "requeue_decision"]
+__all__ = ["run_state", "requeue_decision", "INTERRUPTED"]
+
+INTERRUPTED = "interrupted"  # in the run directory: its latest launch was stopped by SIGINT (training/stop_signals.py)
 
 
 def run_state(run_dir: str | Path) -> dict:
@@ -52,6 +57,8 @@ def run_state(run_dir: str | Path) -> dict:
         state = "finished"
     elif train.exit_at_step and step is not None and step >= train.exit_at_step:
         state = "held"
+    elif (run_dir / INTERRUPTED).exists():
+        state = "interrupted"
     else:
         state = "unfinished"
     out.update(state=state, checkpoint_step=step, train_steps=train.train_steps, exit_at_step=train.exit_at_step or None)
@@ -67,6 +74,10 @@ def requeue_decision(state: dict, since: int | None) -> tuple[bool, str]:
         return False, f"{where}: finished ({state['train_steps']} steps)"
     if state["state"] == "held":
         return False, f"{where}: stopped at train.exit_at_step={state['exit_at_step']} (checkpoint of step {step})"
+    if state["state"] == "interrupted":
+        at = "no checkpoint" if step is None else f"checkpoint of step {step}"
+        return False, (f"{where}: stopped by an interrupt (Ctrl-C, SIGINT; {at}): not requeued against its "
+                       "user's wish; submit the job again to continue")
     if step is None or (since is not None and step <= since):
         at = "no checkpoint" if step is None else f"the newest checkpoint is still step {step}"
         return False, (f"{where}: unfinished, but {at} as when this job started: a new job would start where this "
