@@ -93,8 +93,9 @@ def test_truncated_safetensors_is_named_by_import_and_evaluation(tmp_path, capsy
     from megatron_osp.data.indexed import IndexedDatasetWriter
 
     d = tmp_path / "llama"
-    LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
-                                 num_attention_heads=4, max_position_embeddings=16)).save_pretrained(str(d))
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                         num_attention_heads=4, max_position_embeddings=16))
+    model.save_pretrained(str(d))
     weights = d / "model.safetensors"
     os.truncate(weights, weights.stat().st_size // 2)
     assert _tool("convert_from_hf").main([str(d), str(tmp_path / "out")]) == 2
@@ -106,8 +107,10 @@ def test_truncated_safetensors_is_named_by_import_and_evaluation(tmp_path, capsy
     assert _tool("evaluate_quantization").main([str(d), "--data", str(tmp_path / "held"), "--documents", "0:1",
                                                 "--settings", "fp", "4-4-4", "--output-dir", str(tmp_path / "q")]) == 2
     err = capsys.readouterr().err
-    assert f"{d}: its safetensors weights cannot be read" in err, err
+    # named by the model-file check before any model loads (analysis.loading.safetensors_header)
+    assert f"{weights}: not a whole safetensors file: its header declares" in err and "Traceback" not in err, err
     assert not (tmp_path / "q").exists()
+    model.save_pretrained(str(d))  # whole weights again: the model-file check would name them first
     (d / "config.json").write_text("{")  # and a config.json cut short: an OSError traceback before
     assert _tool("convert_from_hf").main([str(d), str(tmp_path / "out")]) == 2
     assert_line = capsys.readouterr().err
