@@ -58,6 +58,7 @@ from megatron_osp.fileio import atomic_write_json, atomic_write_text, fsync_dir
 from megatron_osp.models.layout import unwrap
 from megatron_osp.training import checkpoint_integrity as integrity
 from megatron_osp.training.checkpoint_integrity import CheckpointError
+from megatron_osp.training.checkpoint_shapes import check_shapes
 from megatron_osp.training.results_queue import ensure_results_queue
 from megatron_osp.training.save_target import (  # noqa: F401 - re-exported
     SaveTarget, begin_save, iteration_dir_name, save_failed_message)
@@ -432,6 +433,7 @@ def load_checkpoint(path, model_chunks, optimizer=None, scheduler=None, *, load_
     use_rng = load_rng and "rng" in contents and same_layout
     if use_rng:
         state["rng_state"] = _rng_sharded_object(None)
+    check_shapes(ckpt, state)  # another layout or version, told apart from damage (collective)
     try:
         loaded = dist_checkpointing.load(state, str(ckpt))
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - CheckpointException is a BaseException

@@ -255,6 +255,17 @@ def verify_small_files(ckpt: Path, required=()) -> dict:
     return files
 
 
+def read_index(path: Path):
+    """The checkpoint's shard index .metadata, parsed (torch.distributed.checkpoint's Metadata)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        return FileSystemReader(str(path)).read_metadata()
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - a failure to parse the index is damage
+        raise CheckpointError(f"checkpoint {path}: cannot read its shard index .metadata: {e}") from e
+
+
 def check_complete(path: Path, required) -> None:
     """The ``required`` files exist, the manifest's checks pass (``verify_small_files``: .metadata is
     intact before it is parsed), then every file the index names exists, is long enough and is in
@@ -263,13 +274,7 @@ def check_complete(path: Path, required) -> None:
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
     listed = verify_small_files(path, required)
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    try:
-        metadata = FileSystemReader(str(path)).read_metadata()
-    except (Exception, CheckpointException) as e:  # noqa: BLE001 - a failure to parse the index is damage
-        raise CheckpointError(f"checkpoint {path}: cannot read its shard index .metadata: {e}") from e
+    metadata = read_index(path)
     needed: dict[str, int] = {}
     for info in (metadata.storage_data or {}).values():
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)

@@ -9,6 +9,8 @@ field with both values:
   silently put the checkpoint's values back);
 - any load: a vocabulary padded to another size (another TP size or
   ``model.make_vocab_size_divisible_by``: the layouts cannot reshard the embedding);
+- a resume: a ``muon_only`` distributed-optimizer checkpoint saved before 2026-12-04, whose
+  vocabulary parameters' optimizer state has the padding rows (checkpoint_shapes.py);
 - any load: a model that learned another tokenizer's ids than this run's data hold (the
   checkpoint's record against the data's manifests or ``data.tokenizer_model``, tokenizer_record.py);
 - a resume from the run's own ``train.save_dir`` (auto-resume, "the same command again"): other
@@ -47,6 +49,7 @@ from megatron_osp.training.checkpoint import (
     resolve_checkpoint,
     vocab_padding_problem,
 )
+from megatron_osp.training.checkpoint_shapes import old_vocab_master_problem
 from megatron_osp.training.tokenizer_record import checkpoint_record, describe, run_record, same
 
 # Model fields that may differ between the run that saved a checkpoint and the run that loads it.
@@ -156,6 +159,8 @@ def check_compatible(path, config, *, resume: bool, same_run: bool = False,
             f"checkpoint {ckpt} does not fit this run:\n  " + "\n  ".join(diffs + data_diffs + tokens) + way_out
         )
     _check_vocab_padding(ckpt, state, config)
+    if resume and (problem := old_vocab_master_problem(ckpt, config, same_run)):
+        raise CheckpointError(problem)
     return valid_set_change(saved, config) if resume and same_run else None
 
 
