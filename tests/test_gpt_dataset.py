@@ -156,10 +156,12 @@ def test_stale_entry_under_the_same_name_is_refused(tmp_path):
     key = {"x": 1}
     index_cache.cached_arrays(tmp_path, "t", key, lambda: {"a": np.arange(3)})
     entry = index_cache.entry_path(tmp_path, "t", key)
+    entry.unlink()  # _save keeps an entry that is there (test_a_published_entry_is_never_replaced)
     index_cache._save(entry, {"x": 2}, {"a": np.arange(3)})  # another key's entry under this name
     with pytest.raises(ValueError, match="another key"):
         index_cache.cached_arrays(tmp_path, "t", key, lambda: {"a": np.arange(3)})
     # a damaged entry (cut short, or not an entry) is named, never read as indices
+    entry.unlink()
     index_cache._save(entry, key, {"a": np.arange(3), "b": np.arange(100)})
     with open(entry, "r+b") as f:
         f.truncate(entry.stat().st_size - 100)
@@ -168,6 +170,22 @@ def test_stale_entry_under_the_same_name_is_refused(tmp_path):
     entry.write_bytes(b"junk")
     with pytest.raises(ValueError, match=rf"{entry}: not an index cache entry of format 2"):
         index_cache.cached_arrays(tmp_path, "t", key, lambda: {"a": np.arange(3)})
+
+
+def test_a_published_entry_is_never_replaced(tmp_path):
+    """Two nodes' builders of one entry at once: the second finds it there and leaves the first's file
+    (same inode), which the first node's ranks may have memory-mapped: replaced, it goes stale for them
+    on NFS. Nothing of the second's write is left behind."""
+    from megatron_osp.data import index_cache
+
+    key = {"x": 1}
+    entry = index_cache.entry_path(tmp_path, "t", key)
+    index_cache._save(entry, key, {"a": np.arange(3)})
+    first = index_cache._load(entry, key)
+    inode = entry.stat().st_ino
+    index_cache._save(entry, key, {"a": np.arange(3)})  # the other node's, a moment later
+    assert entry.stat().st_ino == inode and [p.name for p in tmp_path.iterdir()] == [entry.name]
+    np.testing.assert_array_equal(first["a"], np.arange(3))
 
 
 def test_an_entry_is_one_file_read_back_alike(tmp_path):

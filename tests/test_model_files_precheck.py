@@ -260,3 +260,18 @@ def test_a_damaged_safetensors_file_is_named_before_any_model_loads(tmp_path, ca
     expected = f"{shard}: not a whole safetensors file: {_cut(shard, how)}"
     with pytest.raises(ValueError, match="^" + re.escape(expected)):
         loading.check_model_files(str(good))
+
+
+def test_a_file_declaring_a_header_over_the_safetensors_limit_is_refused_without_reading_it(tmp_path):
+    """Another kind of file named model.safetensors (a GGUF model's first 8 bytes read as a header length
+    of about 14 GB) is refused by the format's 100 MB header limit, not read into memory as a header."""
+    from megatron_osp.analysis.loading import safetensors_header
+
+    path = tmp_path / "model.safetensors"
+    declared = 150_000_000
+    with open(path, "wb") as f:  # sparse: the declared header fits in the file
+        f.write(declared.to_bytes(8, "little"))
+        f.truncate(8 + declared + 1024)
+    with pytest.raises(ValueError, match=re.escape(f"{path}: not a whole safetensors file: it declares a "
+                                                   f"{declared}-byte header, over safetensors' limit of 100000000")):
+        safetensors_header(path)

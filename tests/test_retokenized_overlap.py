@@ -87,3 +87,25 @@ def test_a_validation_set_tokenized_again_from_training_texts_is_refused(runs, s
     merge_datasets(shards, merged)
     assert len(recorded_sample(merged)) == len(training_sample(shards))
     assert problems(merged, runs["valid"])[0].startswith(f"data.valid_paths: {runs['valid']}: ")
+
+
+def test_a_merge_lineage_is_named_as_such_not_as_documents_tokenized_again(runs, sp_model, tmp_path):
+    """A validation set merged from training shards (or a training set merged from the validation set)
+    shares its content sample too; the merge's manifest names the cause: one problem, in its words."""
+    from megatron_osp.training.config import load_config
+    from megatron_osp.training.data_checks import data_problems
+
+    def problems(train, valid):
+        return data_problems(load_config(None, [
+            "model.preset=test", "model.vocab_size=320", f"data.paths=[{train}]", f"data.tokenizer_model={sp_model}",
+            "data.split=100", f"data.valid_paths=[{valid}]", f"train.run_dir={tmp_path / 'run'}"]))
+
+    shards, _ = _shards(runs["train"])
+    valid = str(tmp_path / "valid_merged")
+    merge_datasets(shards[:2], valid)
+    found = problems(runs["train"], valid)
+    assert len(found) == 1 and "was merged from" in found[0] and "tokenized again" not in found[0], found
+    train = str(tmp_path / "train_merged")
+    merge_datasets([runs["valid"], runs["held"]], train)
+    found = problems(train, runs["valid"])
+    assert len(found) == 1 and "was merged from" in found[0] and "tokenized again" not in found[0], found

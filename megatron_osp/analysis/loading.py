@@ -182,6 +182,9 @@ def labels_problem(labels: list[str] | None, models: list[str]) -> str | None:
     return None
 
 
+_MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors format's own limit (its loader refuses more)
+
+
 def safetensors_header(path: Path) -> bytes:
     """The JSON header of a safetensors file (its raw bytes), read without its tensors; ValueError naming
     the file when it cannot be one whole safetensors file: shorter than its 8-byte header length, a header
@@ -194,6 +197,9 @@ def safetensors_header(path: Path) -> bytes:
     with open(path, "rb") as f:
         head = f.read(8)
         n = int.from_bytes(head, "little") if len(head) == 8 else None
+        if n is not None and size - 8 >= n > _MAX_SAFETENSORS_HEADER:  # not read: it could be gigabytes
+            raise ValueError(f"{damaged}: it declares a {n}-byte header, over safetensors' limit of "
+                             f"{_MAX_SAFETENSORS_HEADER}: another kind of file?")
         if n is None or n > size - 8:
             raise ValueError(f"{damaged}: {size} bytes, " + ("shorter than the 8-byte header length" if n is None else
                              f"shorter than the {n}-byte header it declares") + ": a damaged or incomplete download?")

@@ -11,9 +11,9 @@ An entry is one file ``<cache_dir>/<name>-<sha256 of key>``: a magic, the length
 entry was a directory of ``key.json`` and one ``.npy`` per array: 14 opens, a mkdir and a parse of each
 ``.npy`` header per dataset and split: on 2000 tiny shards, 2.9-9.0 ms per shard and split at first
 use and 1.6-2.3 ms cached, now 1.05-1.25 and 0.27-0.52 ms; tools/bench_index_cache.py.) It is written to a temporary file and renamed into place
-(atomic: a reader sees a whole entry or none; of two concurrent builders, the same bytes, the last
-wins). Under torch.distributed, local rank 0 of each node builds while the other ranks wait on a
-barrier and then load (memory-mapped).
+(atomic: a reader sees a whole entry or none; of two concurrent builders, which write the same
+bytes, the first's file stays: ``_publish``). Under torch.distributed, local rank 0 of each node
+builds while the other ranks wait on a barrier and then load (memory-mapped).
 """
 
 from __future__ import annotations
@@ -99,6 +99,19 @@ def _load(entry: Path, key: dict) -> dict[str, np.ndarray] | None:
         return out
 
 
+def _publish(tmp: str, entry: Path) -> None:
+    """Put the written file ``tmp`` in place as ``entry``, atomically, unless an entry is there already:
+    a concurrent builder (another node) published the same bytes, and its ranks may have the file
+    memory-mapped, which replacing it would leave stale on a network file system (NFS: ESTALE, SIGBUS).
+    Without hard links (some file systems), a replace: the last builder wins."""
+    try:
+        os.link(tmp, entry)  # fails if the entry exists: the first builder's file stays
+    except FileExistsError:
+        pass
+    except OSError:
+        os.replace(tmp, entry)
+
+
 def _save(entry: Path, key: dict, arrays: dict[str, np.ndarray]) -> None:
     entry.parent.mkdir(parents=True, exist_ok=True)
     arrays = {n: np.ascontiguousarray(a) for n, a in arrays.items()}
@@ -122,7 +135,7 @@ def _save(entry: Path, key: dict, arrays: dict[str, np.ndarray]) -> None:
                 f.seek(spec["offset"] + base)
                 f.write(a.reshape(-1).view(np.uint8))
             f.truncate(base + offset)
-        os.replace(tmp, entry)  # atomic; a concurrent builder wrote the same bytes
+        _publish(tmp, entry)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -175,6 +175,7 @@ def _valid_set_problems(d, train_prefixes: list[str], tokens: bool = True,
     trained = {_file_id(p): p for p in reversed(present)}  # the first named
     way_out = "hold out another dataset, or leave data.valid_paths unset to validate on data.split's share"
     pool = training_sample(present)
+    lineage = _merge_lineage_problems(train_prefixes, prefixes)  # a merge's own words, not 'tokenized again'
     for entry in d.valid_paths:
         shards = dataset_prefixes([entry])
         also = {p: "" if p == entry else f" (a shard of {entry})" for p in shards}
@@ -188,9 +189,9 @@ def _valid_set_problems(d, train_prefixes: list[str], tokens: bool = True,
             problems.append(f"data.valid_paths: {p}{also[p]} has the same content as {copies[p]}, which data.paths "
                             "reads for training (the same .idx bytes, .bin size and first and last MiB of .bin): its "
                             f"documents would be trained on; {way_out}")
-        elif note := retokenized_overlap(shards, pool):  # data/content_identity.py: manifests only
+        elif not lineage and (note := retokenized_overlap(shards, pool)):  # content_identity.py: manifests only
             problems.append(f"data.valid_paths: {entry}: {note}; its documents would be trained on; {way_out}")
-    problems += _merge_lineage_problems(train_prefixes, prefixes)
+    problems += lineage
     if problems or not tokens:
         return problems
     both = train_prefixes + [p for p in prefixes if p not in train_prefixes]
