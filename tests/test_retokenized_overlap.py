@@ -109,3 +109,18 @@ def test_a_merge_lineage_is_named_as_such_not_as_documents_tokenized_again(runs,
     merge_datasets([runs["valid"], runs["held"]], train)
     found = problems(train, runs["valid"])
     assert len(found) == 1 and "was merged from" in found[0] and "tokenized again" not in found[0], found
+
+
+@pytest.mark.parametrize("shared, sampled, refused", [(3, 6, False), (4, 6, False), (5, 6, True), (3, 3, True),
+                                                      (2, 2, False), (8, 10, True), (7, 10, False)])
+def test_only_a_set_most_of_whose_sample_training_holds_is_refused(monkeypatch, shared, sampled, refused):
+    """Documents tokenized again are all in training's sample; a held-out part of an un-deduplicated
+    crawl shares some exact duplicates, and a small sample of it can reach half by chance (6 sampled
+    documents of a set 30% of which training holds: 26%). The bar is 4/5 of the sample and 3 documents."""
+    mine = np.arange(1, sampled + 1, dtype=np.uint64) * 1024
+    pool = np.concatenate([mine[:shared], np.arange(1, 50, dtype=np.uint64) * 1024 + 10 ** 9])
+    monkeypatch.setattr(content_identity, "recorded_sample", lambda prefix: mine)
+    note = content_identity.retokenized_overlap(["valid"], np.unique(pool))
+    assert (note is not None) == refused, note
+    if refused:
+        assert note.startswith(f"{shared} of the {sampled} documents its content sample holds")
