@@ -18,9 +18,9 @@
 # crash at start-up) is not (python -m megatron_osp.training.run_state). The log is appended to.
 # A user's interrupt is never requeued: `scancel --signal=INT JOBID` stops the run (use it for an
 # interactive srun too: srun handles Ctrl-C itself and may end the step before a save; not tried on a
-# cluster here). It stops the run like SIGTERM does (the step finishes, a checkpoint is saved) but marks it interrupted
-# (<run_dir>/interrupted, which run_state reads; the next launch removes it); a second one aborts
-# without saving. Exit codes cannot tell: torchrun exits 1 for either signal. sbatch this script
+# cluster here). It stops the run like SIGTERM does (the step finishes, a checkpoint is saved) but
+# marks it interrupted (<run_dir>/interrupted, which run_state reads; the next launch removes it); a
+# second one aborts without saving. Exit codes cannot tell: torchrun exits 1 for either signal. sbatch this script
 # again to continue. A plain `scancel` sends SIGTERM: the run saves and, like a preemption, requeues.
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
