@@ -26,11 +26,11 @@ def _write(path, texts):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, sp_model):
     """Training: every text, sharded. Valid: 4,000 of the same texts, in another order, a run of its own.
-    Held out: 4,000 texts training does not have."""
+    Held out: 8,000 texts training does not have."""
     d = tmp_path_factory.mktemp("retok")
     rng = np.random.default_rng(0)
     again = [TEXTS[i] for i in rng.permutation(len(TEXTS))[:4000]]
-    other = [t.replace("record", "other record") for t in TEXTS[:4000]]
+    other = [t.replace("record", "other record") for t in TEXTS[:8000]]  # a sample of about 8
     out = {}
     for name, texts, shard in (("train", TEXTS, 40000), ("valid", again, None), ("held", other, None)):
         preprocess([_write(d / f"{name}.jsonl", texts)], sp_model, str(d / name), progress=False,
@@ -57,7 +57,7 @@ def test_the_sample_is_chosen_by_content_and_recorded_per_dataset(runs):
     assert len(valid) >= 3 and set(valid.tolist()) <= set(union.tolist())
     held = recorded_sample(runs["held"])
     assert len(held) >= 3 and not set(held.tolist()) & set(union.tolist())
-    # the hash is of a document's ids as stored: the same document hashes alike wherever it is
+    # the hash is of a document's ids and their order: the same document hashes alike wherever it is
     lengths, tokens = np.array([3, 2, 3]), np.array([5, 6, 7, 8, 9, 5, 6, 7], dtype=np.uint16)
     content_identity.SAMPLE_RATE, rate = 1, content_identity.SAMPLE_RATE
     try:
@@ -65,6 +65,94 @@ def test_the_sample_is_chosen_by_content_and_recorded_per_dataset(runs):
     finally:
         content_identity.SAMPLE_RATE = rate
     assert hashes[0] == hashes[2] != hashes[1]
+
+
+def _random_documents(rng, n, low, high, vocab=50000):
+    lengths = rng.integers(low, high, n)
+    return lengths, rng.integers(0, vocab, int(lengths.sum())).astype(np.int32)
+
+
+def test_the_hash_is_of_the_ids_and_their_order_not_the_stored_dtype():
+    rng = np.random.default_rng(1)
+    lengths, tokens = _random_documents(rng, 2000, 1, 60, vocab=65535)
+    hashes = content_identity.document_hashes(lengths, tokens)
+    for dtype in (np.uint16, np.int64, np.uint32):  # the same ids stored otherwise
+        assert np.array_equal(content_identity.document_hashes(lengths, tokens.astype(dtype)), hashes)
+    # a document hashes alike whatever precedes it
+    alone = content_identity.document_hashes(lengths[7:8], tokens[lengths[:7].sum():lengths[:8].sum()])
+    assert alone[0] == hashes[7]
+    # one token changed, two tokens swapped, one token dropped or appended: another hash, for every document
+    ends = np.cumsum(lengths)
+    changed, swapped = tokens.copy(), tokens.copy()
+    i = ends - 1 - rng.integers(0, lengths)  # a token of each document
+    changed[i] = (changed[i] + 1 + rng.integers(0, 100, len(i))) % 65535
+    two = lengths > 1
+    a, b = (ends - lengths)[two], (ends - 1)[two]
+    keep = tokens[a] != tokens[b]
+    a, b = a[keep], b[keep]
+    swapped[a], swapped[b] = tokens[b], tokens[a]
+    assert not np.any(content_identity.document_hashes(lengths, changed) == hashes)
+    differs = content_identity.document_hashes(lengths, swapped) != hashes
+    assert differs.sum() == len(a) > 1000
+    shorter = np.delete(tokens, ends - 1)
+    assert not np.any(content_identity.document_hashes(lengths - 1, shorter)[two] == hashes[two])
+    # hashing in blocks of whole documents gives what one block gives
+    old = content_identity._BLOCK_TOKENS
+    content_identity._BLOCK_TOKENS = 37
+    try:
+        assert np.array_equal(content_identity.document_hashes(lengths, tokens), hashes)
+    finally:
+        content_identity._BLOCK_TOKENS = old
+
+
+def test_empty_documents_are_hashed_and_never_sampled():
+    lengths, tokens = np.array([0, 2, 0, 0, 2, 0]), np.array([3, 4, 3, 4], np.uint16)
+    hashes = content_identity.document_hashes(lengths, tokens)
+    assert hashes[1] == hashes[4] and hashes[0] == hashes[2] == hashes[3] == hashes[5] != hashes[1]
+    rate = content_identity.SAMPLE_RATE
+    content_identity.SAMPLE_RATE = 1  # every document a multiple: only the ones with tokens are kept
+    try:
+        assert [i for i, _ in sampled_documents(lengths, tokens)] == [1, 4]
+        assert sampled_documents(np.zeros(3, np.int64), np.zeros(0, np.uint16)) == []
+        assert sampled_documents(np.zeros(0, np.int64), np.zeros(0, np.uint16)) == []
+    finally:
+        content_identity.SAMPLE_RATE = rate
+    with pytest.raises(ValueError, match="5 tokens for documents of 4"):
+        content_identity.document_hashes(lengths, np.arange(5))
+
+
+@pytest.mark.parametrize("low, high", [(1, 4), (20, 21), (200, 800)])
+def test_the_sample_keeps_about_one_document_in_1024(low, high):
+    """The low bits that choose the sample are well mixed: on random documents (short ones too, where
+    few tokens feed a hash) the number kept is Binomial(n, 1/1024), within 5 standard deviations."""
+    rng = np.random.default_rng(low)
+    n = 1_000_000 if high <= 21 else 40_000
+    lengths, tokens = _random_documents(rng, n, low, high)
+    kept = sampled_documents(lengths, tokens)
+    p = 1 / content_identity.SAMPLE_RATE
+    assert abs(len(kept) - n * p) <= 5 * (n * p * (1 - p)) ** 0.5, (len(kept), n * p)
+    hashes = content_identity.document_hashes(lengths, tokens)
+    assert all(h == hashes[i] and h % content_identity.SAMPLE_RATE == 0 for i, h in kept)
+    # each of the 10 low bits on its own is set in about half of the hashes
+    bits = (hashes[:, None] >> np.arange(10, dtype=np.uint64)) & np.uint64(1)
+    assert np.all(np.abs(bits.mean(axis=0) - 0.5) <= 5 * (0.25 / n) ** 0.5)
+
+
+def test_a_sample_of_another_scheme_is_not_judged(runs, tmp_path):
+    """Manifests written with an earlier scheme (blake2b of the stored bytes) hold other hashes: not compared."""
+    import shutil
+    d = tmp_path / "old"
+    d.mkdir()
+    for f in runs["dir"].iterdir():
+        if f.name.startswith("valid_text_document"):
+            shutil.copy(f, d / f.name)
+    family = d / "valid_text_document.shards.json"
+    m = json.loads(family.read_text())
+    assert recorded_sample(str(d / "valid_text_document")) is not None
+    for e in m["datasets"]:
+        e[SAMPLE_FIELD]["scheme"] = "blake2b-64 of the ids as stored, hash % 1024 == 0"
+    family.write_text(json.dumps(m))
+    assert recorded_sample(str(d / "valid_text_document")) is None
 
 
 def test_a_validation_set_tokenized_again_from_training_texts_is_refused(runs, sp_model, tmp_path):
