@@ -257,6 +257,30 @@ def _triton_rows(args, device, stacks, rows, batched, full: int) -> list[str]:
             lines.append(f"| {s[0]}x{s[1]} | {diff(tri, ref)} | {diff(tri, f32)} | {diff(ref, f32)} |")
         except Exception as e:  # noqa: BLE001
             lines.append(f"| {s[0]}x{s[1]} | failed: {type(e).__name__}: {e} | | |")
+    return lines + _per_shape_rows(args, device, stacks, quick)
+
+
+def _per_shape_rows(args, device, stacks, quick: bool) -> list[str]:
+    """Torch vs the Triton kernel on each shape's batch: the default backend becomes "auto" only if
+    the kernel is faster on every shape (issue 17), which the whole set's time cannot show."""
+    kw = dict(steps=args.ns_steps, coefficients=args.coefficients)
+    timing = dict(warmup=0 if quick else 2, iters=1 if quick else 5)
+    lines = ["\n# Newton-Schulz per shape (each shape's whole batch, median ms)",
+             "| shape | matrices | torch ms | triton ms | torch / triton |", "|---|---|---|---|---|"]
+    faster = []
+    for s, x in stacks.items():
+        try:
+            t_torch = _timeit(lambda: newton_schulz(x, backend="torch", **kw), device, **timing)
+            t_tri = _timeit(lambda: newton_schulz(x, backend="triton", **kw), device, **timing)
+        except Exception as e:  # noqa: BLE001
+            lines.append(f"| {s[0]}x{s[1]} | {x.shape[0]} | failed: {type(e).__name__}: {e} | | |")
+            faster.append(False)
+            continue
+        faster.append(t_tri < t_torch)
+        lines.append(f"| {s[0]}x{s[1]} | {x.shape[0]} | {t_torch * 1e3:.2f} | {t_tri * 1e3:.2f} | "
+                     f"{t_torch / t_tri:.2f}x |")
+    lines.append(f"(the Triton kernel is faster on {sum(faster)} of {len(faster)} shapes"
+                 + ("; every shape: auto may become the default)" if all(faster) else ")"))
     return lines
 
 
