@@ -37,12 +37,15 @@ def software_versions(harness: bool = False) -> dict:
     the harness's tokenization) and, with ``harness``, lm-evaluation-harness (prompts, scoring). A
     resumed report of other versions would mix two of them without a word in it."""
     import torch
-    import transformers
 
     import megatron_osp
 
+    try:  # optional: a Megatron checkpoint's quantization evaluation runs without it (the quickstart's install)
+        import transformers
+    except ImportError:
+        transformers = None
     versions = {"megatron_osp": megatron_osp.__version__, "torch": torch.__version__,
-                "transformers": transformers.__version__}
+                "transformers": getattr(transformers, "__version__", None)}
     if harness:
         import lm_eval
 
