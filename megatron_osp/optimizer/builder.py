@@ -53,10 +53,11 @@ class OptimSettings:
     muon_coefficients: str = "keller"
     muon_qkv_split: str = "qkv"  # "qkv" | "per_head" | "none"
     muon_lr_scale: str = "rms"  # "rms": 0.2*sqrt(max(m,n)) (AdamW's update RMS) | "shape": sqrt(max(1,m/n))
-    # Newton-Schulz: "torch" | "auto" (the symmetric Triton kernel on CUDA when it runs there, else
-    # torch) | "triton" (an error where it cannot run). See optimizer/newton_schulz.py. The default
-    # stays torch until a GPU measurement (tools/bench_muon.py --gpu) shows the kernel is faster.
-    muon_ns_backend: str = "torch"
+    # Newton-Schulz: "torch" | "auto" (the symmetric Triton kernel on CUDA when it runs there and
+    # passes its once-per-shape check, else torch; torch on CPU) | "triton" (an error where it cannot
+    # run). See optimizer/newton_schulz.py. "auto" since the H200 measurement of 2026-12-04: the
+    # kernel was faster on each of osp-1.4b's shapes (1.19-1.30x; docs/benchmarks.md).
+    muon_ns_backend: str = "auto"
     # Whole-matrix ZeRO (optimizer/zero/): every Muon matrix and AdamW chunk has one owner in the
     # stage's TP x DP domain, which alone keeps its fp32 master and optimizer state; gradients go
     # straight to owners (no all-reduce), owners send updated parameters back. Checkpoints load at
