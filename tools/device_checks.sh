@@ -48,6 +48,7 @@ log() { echo "[$(date +%H:%M:%S)] $*"; }
 
 prepare() {
   if [[ -x ../shared/tools/device-wheels.sh ]]; then bash ../shared/tools/device-wheels.sh || return 1; fi
+  emerging_optimizers_wheel || return 1
   mkdir -p "$DEVICE_DATA"
   grep -qx "/$DEVICE_DATA/" .git/info/exclude 2> /dev/null || echo "/$DEVICE_DATA/" >> .git/info/exclude
   local vocab=${VOCAB:-350}
@@ -59,6 +60,33 @@ prepare() {
   rm "$DEVICE_DATA/corpus.jsonl"  # not needed there; keeps the carried tree small
   echo "$vocab" > "$DEVICE_DATA/vocab"
   du -sh "$DEVICE_DATA" .whl 2> /dev/null
+}
+
+# Megatron-Core 0.16.1's Muon (TensorParallelMuon) is written against emerging-optimizers 0.1.0:
+# it passes use_nesterov= and calls newton_schulz_tp(..., mode=), which 0.2.0 and later renamed or
+# dropped (0.3.0 fails at construction: "missing ... 'nesterov'"). So the carried wheel is 0.1.0:
+# from the index when it has it, else built from a checkout of the v0.1.0 tag (pure Python) named by
+# EO_SRC, e.g. git clone -b v0.1.0 https://github.com/NVIDIA-NeMo/Emerging-Optimizers.
+emerging_optimizers_wheel() {
+  local want=0.1.0
+  compgen -G ".whl/emerging_optimizers-$want-*.whl" > /dev/null && return 0
+  local tmp
+  tmp=$(mktemp -d)
+  if ! python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d "$tmp" \
+      "emerging-optimizers==$want" 2> /dev/null; then
+    if [[ -z "${EO_SRC:-}" ]]; then
+      echo "emerging-optimizers $want: not in the package index; set EO_SRC to a checkout of its v$want tag" \
+        "(without it, bench prints why Megatron-Core's Muon is skipped)" >&2
+      rm -rf "$tmp"; return 0
+    fi
+    python3 -m pip wheel -q --no-deps --no-build-isolation -w "$tmp" "$EO_SRC" || { rm -rf "$tmp"; return 1; }
+  fi
+  if ! compgen -G "$tmp/emerging_optimizers-$want-*.whl" > /dev/null; then
+    echo "emerging-optimizers: the wheel made from ${EO_SRC:-the index} is not version $want" >&2
+    rm -rf "$tmp"; return 1
+  fi
+  mkdir -p .whl && rm -f .whl/emerging_optimizers-*.whl && mv "$tmp"/emerging_optimizers-*.whl .whl/
+  rm -rf "$tmp"
 }
 
 setup() {
