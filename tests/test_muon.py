@@ -18,12 +18,20 @@ def _ns64(u, steps=5):
     return X.T if u.shape[0] > u.shape[1] else X
 
 
-def test_muon_two_steps_match_float64_reference_with_blocks():
+INTERLEAVED = [torch.arange(48).view(8, 6)[:, :4].flatten(), torch.arange(4, 48, 6), torch.arange(5, 48, 6)]
+
+
+@pytest.mark.parametrize("nesterov", [True, False], ids=["nesterov", "plain"])
+@pytest.mark.parametrize("blocks", [[torch.arange(0, 32), torch.arange(32, 40), torch.arange(40, 48)], INTERLEAVED],
+                         ids=["contiguous", "interleaved"])
+def test_muon_two_steps_match_float64_reference_with_blocks(blocks, nesterov):
+    """Blocks of contiguous rows (read as views) and interleaved ones like Q/K/V (read with index
+    tensors), with and without Nesterov momentum."""
     torch.manual_seed(1)
     W0 = torch.randn(48, 16)
-    blocks = [torch.arange(0, 32), torch.arange(32, 40), torch.arange(40, 48)]
     p = torch.nn.Parameter(W0.clone())
-    opt = Muon([p], lr=0.05, momentum=0.95, weight_decay=0.1, blocks=whole_matrix_blocks([p], [blocks]))
+    opt = Muon([p], lr=0.05, momentum=0.95, nesterov=nesterov, weight_decay=0.1,
+               blocks=whole_matrix_blocks([p], [blocks]))
     W, buf = W0.double(), torch.zeros(48, 16, dtype=torch.float64)
     for _ in range(2):
         g = torch.randn(48, 16)
@@ -31,7 +39,7 @@ def test_muon_two_steps_match_float64_reference_with_blocks():
         opt.step()
         g = g.double()
         buf = g + 0.95 * buf
-        u = g + 0.95 * buf
+        u = g + 0.95 * buf if nesterov else buf
         upd = torch.empty_like(u)
         for idx in blocks:
             blk = u[idx]
@@ -201,3 +209,21 @@ def test_rows_in_no_block_keep_their_values(rows):
     u = p.grad[rows].double() * (1 + 0.95)  # Nesterov from zero momentum
     expected = W0[rows].double() * (1 - 0.05 * 0.1) - 0.05 * _ns64(u) * 0.2 * math.sqrt(max(u.shape))
     torch.testing.assert_close(p.detach()[rows].double(), expected, rtol=0, atol=2e-5)
+
+
+def test_row_selectors_are_views_or_device_indices():
+    """Contiguous rows select by slice (a view); others by an index tensor on the tensor's device,
+    copied there once, not at every use (a CPU index on a CUDA tensor waits for the stream)."""
+    from megatron_osp.optimizer.muon import row_selector
+    from megatron_osp.optimizer.zero.units import Slice
+
+    assert row_selector(torch.arange(3, 9), torch.device("cpu")) == slice(3, 9)
+    assert row_selector(torch.tensor([], dtype=torch.long), torch.device("cpu")) == slice(0, 0)
+    scattered = row_selector(torch.tensor([0, 2, 3]), torch.device("meta"))
+    assert isinstance(scattered, torch.Tensor) and scattered.device.type == "meta"
+    s = Slice(torch.tensor([1, 4]), torch.arange(2), (0, 3), (0, 3))
+    assert s.local_sel_on(torch.device("cpu")) is s.local_sel  # the CPU needs no copy
+    on_meta = s.local_sel_on(torch.device("meta"))
+    assert on_meta[0].device.type == "meta" and on_meta[1] == slice(0, 3)
+    assert s.local_sel_on(torch.device("meta")) is on_meta  # cached
+    assert s.unit_sel_on(torch.device("meta")) is s.unit_sel  # contiguous unit rows: a slice anywhere

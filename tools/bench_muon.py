@@ -329,6 +329,9 @@ def step_times(args, device) -> None:
         ),
         "Megatron-Core Muon (TensorParallelMuon, default config) + AdamW": lambda: _megatron_muon(model, bf16),
     }
+    if args.baseline_muon:  # an earlier muon.py (e.g. from git history), same settings as the first row
+        builders[f"ours, Muon class from {os.path.basename(args.baseline_muon)} (baseline), NS auto"] = (
+            lambda: _with_muon_class(args.baseline_muon, lambda: get_osp_optimizer(settings["muon"], [model], bf16=bf16, log=None)))
     for label, build in builders.items():
         try:
             opt = build()
@@ -341,6 +344,11 @@ def step_times(args, device) -> None:
             opt.step()
 
         rows.append((label, _timeit(step, device, warmup=2, iters=args.iters)))
+        if args.profile:
+            try:
+                _profile_step(label, step, device)
+            except Exception as e:  # noqa: BLE001 - the timings above stand without it
+                print(f"(profile of {label} failed: {type(e).__name__}: {e})")
         del opt
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -352,6 +360,57 @@ def step_times(args, device) -> None:
         print(f"| {label} | {(t - set_t) * 1e3:.1f} | {(t - set_t) / (ours - set_t):.2f}x |")
     print(f"(each timing includes copying the gradients in, {set_t * 1e3:.1f} ms, which is subtracted)")
     parallel.shutdown()
+
+
+def _with_muon_class(path: str, build):
+    """build() with optimizer/builder.py constructing Muon from the module file at ``path`` (loaded as
+    a sibling of optimizer/muon.py, so its relative imports resolve to today's package)."""
+    import importlib.util
+
+    import megatron_osp.optimizer.builder as builder
+
+    spec = importlib.util.spec_from_file_location("megatron_osp.optimizer.muon_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    current, builder.Muon = builder.Muon, module.Muon
+    try:
+        return build()
+    finally:
+        builder.Muon = current
+
+
+def _profile_step(label: str, step, device, top: int = 12) -> None:
+    """One step under torch.profiler: wall time, device-busy time, kernel count and the top kernels
+    (where an optimizer step goes: Newton-Schulz's matmuls, elementwise passes, launch overhead)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    with profile(activities=activities) as prof:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    wall = time.perf_counter() - t
+    events = prof.key_averages()
+    if device.type == "cuda":
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy = sum(e.device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+        attr = "self_device_time_total"
+    else:
+        kernels = [e for e in prof.events() if e.cpu_parent is None and e.name.startswith("aten::")]
+        busy = sum(e.self_cpu_time_total for e in events)
+        attr = "self_cpu_time_total"
+    print(f"\n## profile of one step: {label}")
+    print(f"wall {wall * 1e3:.1f} ms (under the profiler), {'device busy' if device.type == 'cuda' else 'CPU self'} "
+          f"{busy / 1e3:.1f} ms, {len(kernels)} {'kernels' if device.type == 'cuda' else 'top-level aten ops'}")
+    print("| op | calls | self ms | share |")
+    print("|---|---|---|---|")
+    ranked = sorted(events, key=lambda e: getattr(e, attr), reverse=True)[:top]
+    for e in ranked:
+        ms = getattr(e, attr) / 1e3
+        print(f"| {e.key[:70]} | {e.count} | {ms:.2f} | {ms * 1e3 / max(busy, 1):.0%} |")
 
 
 def _init_single_process() -> None:
@@ -387,6 +446,11 @@ def main(argv=None) -> int:
     ap.add_argument("--coefficients", default="keller", choices=["keller", "polar_express"])
     ap.add_argument("--ns-steps", type=int, default=5)
     ap.add_argument("--iters", type=int, default=5, help="timed optimizer steps")
+    ap.add_argument("--baseline-muon", metavar="FILE",
+                    help="--gpu: also time the step with the Muon class of this earlier muon.py")
+    ap.add_argument("--step-only", action="store_true", help="--gpu: the optimizer step times only")
+    ap.add_argument("--profile", action="store_true",
+                    help="--gpu: also profile one step of each optimizer (kernels, device-busy time, top ops)")
     args = ap.parse_args(argv)
     if not (args.cost_model or args.gpu):
         ap.error("choose --cost-model and/or --gpu")
@@ -401,7 +465,8 @@ def main(argv=None) -> int:
         device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         if not cuda:
             torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-        ns_throughput(args, device)
+        if not args.step_only:
+            ns_throughput(args, device)
         step_times(args, device)
     return rc
 

@@ -124,7 +124,11 @@ EOF
 bench() {
   local flags=(--gpu)
   [[ "$CPU" == 1 ]] && flags+=(--quick)
-  timeout --signal=TERM --kill-after=10 "$BENCH_LIMIT" python3 tools/bench_muon.py "${flags[@]}" 2>&1 | tee "$OUT/bench_muon.txt"
+  # BENCH_ARGS: e.g. "--step-only --profile --baseline-muon FILE" (the optimizer step alone, profiled,
+  # next to an earlier muon.py)
+  read -r -a extra <<< "${BENCH_ARGS:-}"
+  timeout --signal=TERM --kill-after=10 "$BENCH_LIMIT" python3 tools/bench_muon.py "${flags[@]}" "${extra[@]}" 2>&1 |
+    tee "$OUT/bench_muon.txt"
 }
 
 step() {

@@ -90,6 +90,39 @@ def _nesterov(buf: torch.Tensor, grad: torch.Tensor, group) -> torch.Tensor:
     return grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf.clone()
 
 
+def nesterov_directions(bufs: list[torch.Tensor], grads: list[torch.Tensor], momentum: float,
+                        nesterov: bool) -> list[torch.Tensor]:
+    """Advance the momentum buffers in place and return the update directions: grad + mu * buf
+    (Nesterov) or buf itself (read only afterwards). One multi-tensor kernel per operation for all
+    matrices (elementwise, so the same numbers as per-tensor ops)."""
+    if not bufs:
+        return []
+    torch._foreach_mul_(bufs, momentum)
+    torch._foreach_add_(bufs, grads)
+    return torch._foreach_add(grads, bufs, alpha=momentum) if nesterov else list(bufs)
+
+
+def row_selector(rows: torch.Tensor, device):
+    """Index for ``rows``: a slice where they are a contiguous run (reads and writes are then views),
+    else the index tensor on ``device``: a CPU index on a CUDA tensor costs a host-to-device copy that
+    waits for the stream, once per gather, which serialises the step's hundreds of small kernels."""
+    n = len(rows)
+    if n == 0:
+        return slice(0, 0)
+    first = int(rows[0])
+    if int(rows[-1]) - first == n - 1 and (n < 3 or bool(torch.all(rows[1:] - rows[:-1] == 1))):
+        return slice(first, first + n)
+    return rows.to(device)
+
+
+def _put(dst: torch.Tensor, rows, src: torch.Tensor) -> None:
+    """dst[rows] = src, converting src to dst's dtype (in the copy itself where rows is a slice)."""
+    if isinstance(rows, slice):
+        dst[rows].copy_(src)
+    else:
+        dst[rows] = src.to(dst.dtype)
+
+
 class Muon(torch.optim.Optimizer):
     """Muon over the logical matrices in ``blocks`` (default: every 2-D parameter whole, one rank).
 
@@ -151,7 +184,12 @@ class Muon(torch.optim.Optimizer):
         self.ns_flops_per_rank = assign_owners(self.blocks, self.world, ns_steps)
         self.owned = [b for b in self.blocks if b.owner == self.rank]
         self._sizes = exchange_sizes(self.blocks, self.coords, self.rank)
-        self.decay_rows = _rows_in_blocks(self.blocks, flat, self.coords[self.rank][0])
+        device = flat[0].device if flat else torch.device("cpu")
+        self.decay_rows = {i: r if isinstance(r, slice) else r.to(device)
+                           for i, r in _rows_in_blocks(self.blocks, flat, self.coords[self.rank][0]).items()}
+        # (local rows, block rows) selectors of every block's piece at every TP rank
+        self._sel = {b.key: [(row_selector(pc.local_rows, device), row_selector(pc.block_rows, device))
+                             for pc in b.pieces] for b in self.blocks}
         self.ns_calls = 0
         self.last_ns_keys: list[str] = []
 
@@ -162,25 +200,24 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
-        flat, owner_group = [], []
+        flat = self._flat_params()
+        directions: list[torch.Tensor] = []
         for g in self.param_groups:
+            grads, bufs = [], []
             for p in g["params"]:
-                flat.append(p)
-                owner_group.append(g)
-        directions = []
-        for i, (p, g) in enumerate(zip(flat, owner_group)):
-            grad = p.grad if p.grad is not None else torch.zeros_like(p)  # keeps ranks in lockstep
-            grad = grad.float()
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
-            directions.append(_nesterov(state["momentum_buffer"], grad, g))
-        self._groups_by_index = owner_group
+                grad = p.grad if p.grad is not None else torch.zeros_like(p)  # keeps ranks in lockstep
+                grads.append(grad.float())
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
+                bufs.append(state["momentum_buffer"])
+            directions += nesterov_directions(bufs, grads, g["momentum"], g["nesterov"])
+        owner_group = [g for g in self.param_groups for _ in g["params"]]
         updates = self._orthogonalized_updates(directions)
         for i in self.vector_indices:
             u = directions[i]
             scale = update_scale(1, u.numel(), self.lr_scale, self.rms_match)
-            updates[i] = u * (scale / (u.norm() + 1e-8))
+            updates[i] = [(slice(None), u * (scale / (u.norm() + 1e-8)))]
         for i, (p, g) in enumerate(zip(flat, owner_group)):
             if g["weight_decay"]:
                 rows = self.decay_rows.get(i)
@@ -188,73 +225,83 @@ class Muon(torch.optim.Optimizer):
                     p.mul_(1 - g["lr"] * g["weight_decay"])
                 else:
                     p[rows] *= 1 - g["lr"] * g["weight_decay"]
-            p.add_(updates[i].to(p.dtype), alpha=-g["lr"])
+            for rows, u in updates.get(i, ()):
+                # the fp32 update as the parameter's dtype; an fp32 parameter adds a bf16 update
+                # exactly as its fp32 copy, so no conversion pass is needed there
+                u = u if p.dtype == torch.float32 or u.dtype == p.dtype else u.float().to(p.dtype)
+                if isinstance(rows, slice):
+                    p[rows].add_(u, alpha=-g["lr"])
+                else:  # gather, add, scatter (rows are unique; index_add_ would be atomic adds on CUDA)
+                    p[rows] = p[rows].add(u, alpha=-g["lr"])
         return loss
 
-    def _orthogonalized_updates(self, directions: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+    def _orthogonalized_updates(self, directions: list[torch.Tensor]) -> dict[int, list]:
+        """{parameter index: [(local rows, update of those rows)]} for this rank's shards."""
         device = directions[0].device if directions else torch.device("cpu")
         comm_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         my_tp, my_dp = self.coords[self.rank]
 
         # 1. Owners' TP peers (same DP replica) send their pieces of each sharded logical matrix.
-        send = [[] for _ in range(self.world)]
-        for b in self.blocks:
-            if b.sharded and self.coords[b.owner][1] == my_dp:
-                pc = b.pieces[my_tp]
-                send[b.owner].append(directions[b.param_index][pc.local_rows].flatten())
-        received = self._all_to_all(send, self._sizes[0], self._sizes[1], comm_dtype, device)
+        received = None
+        if self.world > 1:
+            send = [[] for _ in range(self.world)]
+            for b in self.blocks:
+                if b.sharded and self.coords[b.owner][1] == my_dp:
+                    send[b.owner].append(directions[b.param_index][self._sel[b.key][my_tp][0]].flatten())
+            received = self._all_to_all(send, self._sizes[0], self._sizes[1], comm_dtype, device)
 
-        # 2. Assemble owned logical matrices; 3. NS once per matrix, batched by shape.
-        matrices = {}
+        # 2. Assemble owned logical matrices straight into one stack per shape; 3. NS per stack.
+        by_shape = defaultdict(list)
         for b in self.owned:
-            if not b.sharded:
-                pc = b.pieces[my_tp]
-                M = torch.empty(b.shape, dtype=comm_dtype, device=device)
-                M[pc.block_rows] = directions[b.param_index][pc.local_rows].to(comm_dtype)
-                matrices[b.key] = M
-            else:
-                matrices[b.key] = torch.empty(b.shape, dtype=comm_dtype, device=device)
+            by_shape[b.shape].append(b)
+        matrices, stacks = {}, {}
+        for shape, group in by_shape.items():
+            stack = stacks[shape] = torch.empty((len(group), *shape), dtype=comm_dtype, device=device)
+            for j, b in enumerate(group):
+                matrices[b.key] = stack[j]
+                if not b.sharded:
+                    local, rows = self._sel[b.key][my_tp]
+                    _put(stack[j], rows, directions[b.param_index][local])
         for r, (tp, dp) in enumerate(self.coords):
-            if dp != my_dp:
+            if dp != my_dp or received is None:
                 continue
             seg, at = received[r], 0
             for b in self.owned:
                 if b.sharded:
-                    pc = b.pieces[tp]
+                    pc, rows = b.pieces[tp], self._sel[b.key][tp][1]
                     k, (c0, c1) = len(pc.block_rows), pc.cols
-                    matrices[b.key][pc.block_rows, c0:c1] = seg[at : at + k * (c1 - c0)].view(k, c1 - c0)
+                    _put(matrices[b.key][:, c0:c1], rows, seg[at : at + k * (c1 - c0)].view(k, c1 - c0))
                     at += k * (c1 - c0)
         self.last_ns_keys = []
-        by_shape = defaultdict(list)
-        for b in self.owned:
-            by_shape[b.shape].append(b)
         results = {}
         for shape, group in by_shape.items():
-            stack = torch.stack([matrices[b.key] for b in group])
+            stack = stacks[shape]
             out = newton_schulz(stack, steps=self.ns_steps, coefficients=self.coefficients, backend=self.ns_backend)
             self.ns_calls += stack.shape[0]  # counted where NS runs, so tests can audit ownership
             self.last_ns_keys += [b.key for b in group]
-            out = out * update_scale(*shape, self.lr_scale, self.rms_match)
+            out = (out * update_scale(*shape, self.lr_scale, self.rms_match)).to(comm_dtype)
             for b, o in zip(group, out):
-                results[b.key] = o.to(comm_dtype)
+                results[b.key] = o
 
-        # 4. Every rank receives the slice of each update its shard holds.
+        # 4. Every rank receives the slice of each update its shard holds (on one rank: its own).
+        updates: dict[int, list] = defaultdict(list)
+        if self.world == 1:
+            for b in self.blocks:
+                local, rows = self._sel[b.key][0]
+                updates[b.param_index].append((local, results[b.key][rows]))
+            return updates
         send = [[] for _ in range(self.world)]
         for r, (tp, _) in enumerate(self.coords):
             for b in self.owned:
-                pc = b.pieces[tp]
-                send[r].append(results[b.key][pc.block_rows, pc.cols[0] : pc.cols[1]].flatten())
+                pc, rows = b.pieces[tp], self._sel[b.key][tp][1]
+                send[r].append(results[b.key][rows, pc.cols[0] : pc.cols[1]].flatten())
         received = self._all_to_all(send, self._sizes[2], self._sizes[3], comm_dtype, device)
-        updates: dict[int, torch.Tensor] = {}
         at = [0] * self.world
         for b in self.blocks:
             pc = b.pieces[my_tp]
             k, width = len(pc.local_rows), pc.cols[1] - pc.cols[0]
-            u = updates.get(b.param_index)
-            if u is None:
-                u = updates[b.param_index] = torch.zeros_like(directions[b.param_index])
             seg = received[b.owner][at[b.owner] : at[b.owner] + k * width]
-            u[pc.local_rows] = seg.view(k, width).float()
+            updates[b.param_index].append((self._sel[b.key][my_tp][0], seg.view(k, width)))
             at[b.owner] += k * width
         return updates
 

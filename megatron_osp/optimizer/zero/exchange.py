@@ -279,7 +279,7 @@ class Exchange:
     def _issue_grad_hop(self, rd: Round, h: int):
         hop, device = rd.hops[h], self.params[0].device
         if h == 0:
-            parts = [(view2d(self.params[u.param_index].main_grad)[s.local_sel] * self.dp_scale)
+            parts = [(view2d(self.params[u.param_index].main_grad)[s.local_sel_on(device)] * self.dp_scale)
                      .to(self.grad_dtype).reshape(-1) for u, s, _ in in_rank_order(hop.send)]
             send = torch.cat(parts) if parts else torch.empty(0, dtype=self.grad_dtype, device=device)
         else:  # the relay's sums, packed in hop 1's send order
@@ -306,7 +306,7 @@ class Exchange:
             g = self.grads.get(u.key)
             if g is None:
                 g = self.grads[u.key] = torch.zeros(u.shape, dtype=torch.float32, device=recv.device)
-            g[s.unit_sel] += block
+            g[s.unit_sel_on(g.device)] += block
         rd.work = None
         if h + 1 == len(rd.hops):
             self._log("grad_wait", rd.bucket.index, rd.index)
@@ -349,9 +349,9 @@ class Exchange:
         b, hop = rd.bucket, rd.hops[h]
         dtype, device = self.params[b.params[0]].dtype, self.params[b.params[0]].device
         if h == 0:
-            parts = [self._masters[u.key][s.unit_sel].to(dtype).reshape(-1) for u, s, _ in in_rank_order(hop.send)]
+            parts = [self._masters[u.key][s.unit_sel_on(device)].to(dtype).reshape(-1) for u, s, _ in in_rank_order(hop.send)]
         else:  # a relay forwards the values hop 0 wrote into its own parameters
-            parts = [view2d(self.params[u.param_index].data)[s.local_sel].reshape(-1)
+            parts = [view2d(self.params[u.param_index].data)[s.local_sel_on(device)].reshape(-1)
                      for u, s, _ in in_rank_order(hop.send)]
         send = torch.cat(parts) if parts else torch.empty(0, dtype=dtype, device=device)
         recv = torch.empty(sum(hop.recv_sizes), dtype=dtype, device=device)
@@ -373,14 +373,14 @@ class Exchange:
         hop = rd.hops[h]
         with torch.no_grad():
             for (u, s, _), block in unpacked(hop.recv, recv, hop.recv_sizes):
-                view2d(self.params[u.param_index].data)[s.local_sel] = block
+                view2d(self.params[u.param_index].data)[s.local_sel_on(block.device)] = block
             my_tp = self.coords[self.rank][0]
             for u, t, handle in bcast:
                 if handle is not None:
                     handle.wait()
                 s = u.slices[my_tp]
                 p2d = view2d(self.params[u.param_index].data)
-                p2d[s.local_sel] = t[s.unit_sel]
+                p2d[s.local_sel_on(p2d.device)] = t[s.unit_sel_on(t.device)]
         rd.work = None
         if h + 1 == len(rd.hops):
             self._log("param_wait", rd.bucket.index, rd.index)
@@ -443,5 +443,5 @@ class Exchange:
         self._all_to_all(recv, torch.cat(send_flat), sizes, [t.numel() for t in send_flat], False)
         out = {u.key: torch.zeros(u.shape, dtype=torch.float32, device=device) for u in self.owned}
         for (u, s), block in unpacked(recv_plan, recv, sizes):
-            out[u.key][s.unit_sel] = block
+            out[u.key][s.unit_sel_on(device)] = block
         return out

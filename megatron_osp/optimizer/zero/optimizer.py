@@ -77,7 +77,8 @@ class ZeroOptimizer(MegatronOptimizer):
 
     # ------------------------------------------------------------------ Megatron's interface
     def _read_param(self, u, s):
-        return view2d(self.exchange.params[u.param_index].detach())[s.local_sel]
+        p = self.exchange.params[u.param_index]
+        return view2d(p.detach())[s.local_sel_on(p.device)]
 
     def zero_grad(self, set_to_none: bool = True):
         self.exchange.begin_step()

@@ -51,6 +51,23 @@ class Slice:
         # Elements: read per slice per round by the exchange's plans, so computed once.
         object.__setattr__(self, "numel", len(self.local_rows) * (self.local_cols[1] - self.local_cols[0]))
 
+    def local_sel_on(self, device: torch.device):
+        """local_sel for a tensor on ``device``: a row index tensor copied there once (a CPU index on
+        a CUDA tensor costs a host-to-device copy that waits for the stream, at every use)."""
+        return self._sel_on("local_sel", device)
+
+    def unit_sel_on(self, device: torch.device):
+        return self._sel_on("unit_sel", device)
+
+    def _sel_on(self, name: str, device: torch.device):
+        sel = getattr(self, name)
+        if isinstance(sel[0], slice) or device.type == "cpu":
+            return sel
+        cache = self.__dict__.setdefault("_on_device", {})  # not a field: equality ignores it
+        if (name, device) not in cache:
+            cache[(name, device)] = (sel[0].to(device), sel[1])
+        return cache[(name, device)]
+
     def take(self, a: int, b: int) -> "Slice":
         """Rows a..b-1 of this slice, by position (the exchange's round and relay pieces). Runs of
         contiguous rows stay runs without looking at the row tensors again."""
