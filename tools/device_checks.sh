@@ -22,6 +22,9 @@
 #          step (the optimizer's worst case); the optimizer step is timed apart, and the tool projects
 #          to osp_1.4b.yaml's 1,024 sequences per step (issue 17, item 3). STEP_ARGS="--accumulate 4
 #          --steps 5" measures a step of 4 micro-batches, to check the projection.
+#   fwdbwd tools/bench_fwd_bwd.py --profile: forward + backward of the 1.4B model per arm (adam,
+#          ssnorm only, embproj only, osp) and the norms alone (torch RMSNorm, SSNorm, SSNorm through
+#          torch's rms_norm): where OSP's forward + backward is slower than Adam's (~1.5 min)
 #   repro  examples/reproduce_osp_small.sh with REPRO_CONFIG (default reproduce_small.yaml): the
 #          paper's four ablation rows trained at the same time on the one GPU (PARALLEL=1), then the
 #          4-bit evaluation (issue 6)
@@ -140,6 +143,13 @@ step() {
     tee "$OUT/bench_step.txt"
 }
 
+fwdbwd() {
+  local flags=(--profile)
+  [[ "$CPU" == 1 ]] && flags+=(--quick --iters 2)
+  timeout --signal=TERM --kill-after=10 "${FWDBWD_LIMIT:-150}" python3 tools/bench_fwd_bwd.py "${flags[@]}" 2>&1 |
+    tee "$OUT/bench_fwd_bwd.txt"
+}
+
 repro() {
   local run_dir=${REPRO_DIR:-/tmp/repro}
   local args=()
@@ -170,8 +180,8 @@ setup || { log "setup failed"; exit 1; }
 status=0
 for stage in "${STAGES[@]}"; do
   case "$stage" in
-    bench|step|repro) log "$stage"; "$stage"; rc=$?; log "$stage exit $rc"; [[ $rc == 0 ]] || status=1 ;;
-    *) echo "unknown stage '$stage' (stages: prepare alone, or any of bench, step, repro)" >&2; exit 2 ;;
+    bench|step|fwdbwd|repro) log "$stage"; "$stage"; rc=$?; log "$stage exit $rc"; [[ $rc == 0 ]] || status=1 ;;
+    *) echo "unknown stage '$stage' (stages: prepare alone, or any of bench, step, fwdbwd, repro)" >&2; exit 2 ;;
   esac
 done
 exit $status
