@@ -36,6 +36,22 @@ def _hf_models(tmp_path, tokenizer: bool = False):
     return tmp_path / "good", tmp_path / "broken", shards[-1].name
 
 
+def _run_downstream(monkeypatch, capsys, tmp_path, models) -> tuple[int, str, list]:
+    """evaluate_downstream on ``models`` (task check skipped, any model load recorded and failing):
+    (exit code, stderr, the paths it tried to load)."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import evaluate_downstream
+
+    import megatron_osp.analysis.downstream as downstream
+
+    loaded = []
+    monkeypatch.setattr(downstream, "check_tasks", lambda *a, **k: None)  # the tasks are not the subject
+    monkeypatch.setattr(downstream, "load_eval_model", lambda path, **kw: loaded.append(path) or 1 / 0)
+    rc = evaluate_downstream.main([*map(str, models), "--tasks", "toy", "--settings", "fp", "--device", "cpu",
+                                   "--output-dir", str(tmp_path / "out")])
+    return rc, capsys.readouterr().err, loaded
+
+
 def test_evaluate_quantization_names_a_missing_shard_before_any_model_loads(tmp_path, capsys):
     sys.path.insert(0, str(REPO / "tools"))
     import evaluate_quantization
@@ -57,10 +73,6 @@ def test_evaluate_quantization_names_a_missing_shard_before_any_model_loads(tmp_
 
 def test_evaluate_downstream_names_a_missing_shard_or_checkpoint_file_before_any_model_loads(
         tmp_path, capsys, monkeypatch, megatron_single_rank):
-    sys.path.insert(0, str(REPO / "tools"))
-    import evaluate_downstream
-
-    import megatron_osp.analysis.downstream as downstream
     from megatron_osp.models import build_gpt_model, get_preset, transformer_config
     from megatron_osp.training.checkpoint import save_checkpoint
     from megatron_osp.training.config import RunConfig
@@ -71,19 +83,9 @@ def test_evaluate_downstream_names_a_missing_shard_or_checkpoint_file_before_any
                     RunConfig(model=cfg), save_rng=False)
     distcp = sorted((tmp_path / "run").glob("checkpoints/iter_*/*.distcp"))[0]
     distcp.unlink()
-    loaded = []
-
-    def load(path, **kw):
-        loaded.append(path)
-        raise RuntimeError(f"{path} was loaded")
-
-    monkeypatch.setattr(downstream, "check_tasks", lambda *a, **k: None)  # the tasks are not the subject
-    monkeypatch.setattr(downstream, "load_eval_model", load)
     for bad, expected in ((broken, f"error: {broken / 'model.safetensors.index.json'} names {shard}, missing from"),
                           (tmp_path / "run", f"missing shard file {distcp}")):
-        rc = evaluate_downstream.main([str(good), str(bad), "--tasks", "toy", "--settings", "fp", "--device", "cpu",
-                                       "--output-dir", str(tmp_path / "out")])
-        err = capsys.readouterr().err
+        rc, err, loaded = _run_downstream(monkeypatch, capsys, tmp_path, [good, bad])
         assert rc == 2 and expected in err and loaded == [], err
         assert not (tmp_path / "out").exists()
 
@@ -92,10 +94,6 @@ def test_evaluate_downstream_names_a_checkpoint_whose_tokenizer_is_gone_before_a
         tmp_path, capsys, monkeypatch, megatron_single_rank):
     """A Megatron run whose recorded tokenizer is not on this machine (its export would have none) was
     refused only when its turn to load came, after the models before it had been evaluated."""
-    sys.path.insert(0, str(REPO / "tools"))
-    import evaluate_downstream
-
-    import megatron_osp.analysis.downstream as downstream
     from megatron_osp.models import build_gpt_model, get_preset, transformer_config
     from megatron_osp.training.checkpoint import save_checkpoint
     from megatron_osp.training.config import RunConfig
@@ -106,12 +104,7 @@ def test_evaluate_downstream_names_a_checkpoint_whose_tokenizer_is_gone_before_a
     config.data.tokenizer_model = str(tmp_path / "gone" / "tokenizer.model")
     save_checkpoint(tmp_path / "run" / "checkpoints", 1, [build_gpt_model(cfg, transformer_config(cfg), seed=1)],
                     config, save_rng=False)
-    loaded = []
-    monkeypatch.setattr(downstream, "check_tasks", lambda *a, **k: None)  # the tasks are not the subject
-    monkeypatch.setattr(downstream, "load_eval_model", lambda path, **kw: loaded.append(path) or 1 / 0)
-    rc = evaluate_downstream.main([str(good), str(tmp_path / "run"), "--tasks", "toy", "--settings", "fp",
-                                   "--device", "cpu", "--output-dir", str(tmp_path / "out")])
-    err = capsys.readouterr().err
+    rc, err, loaded = _run_downstream(monkeypatch, capsys, tmp_path, [good, tmp_path / "run"])
     assert rc == 2 and f"error: {tmp_path / 'run'}: the run's tokenizer was not found" in err and loaded == [], err
     assert not (tmp_path / "out").exists()
 
@@ -144,7 +137,6 @@ def test_an_hf_directory_with_only_a_tokenizer_config_is_refused_by_evaluate_dow
     --data and needs no tokenizer: the same directory passes its checks (it reaches the missing shard
     of the next model)."""
     sys.path.insert(0, str(REPO / "tools"))
-    import evaluate_downstream
     import evaluate_quantization
 
     import megatron_osp.analysis.downstream as downstream
@@ -153,12 +145,7 @@ def test_an_hf_directory_with_only_a_tokenizer_config_is_refused_by_evaluate_dow
     good, broken, shard = _hf_models(tmp_path, tokenizer=True)
     _tiny_llama(0).save_pretrained(tmp_path / "notok")
     (tmp_path / "notok" / "tokenizer_config.json").write_text('{"tokenizer_class": "LlamaTokenizerFast"}')
-    loaded = []
-    monkeypatch.setattr(downstream, "check_tasks", lambda *a, **k: None)  # the tasks are not the subject
-    monkeypatch.setattr(downstream, "load_eval_model", lambda path, **kw: loaded.append(path) or 1 / 0)
-    rc = evaluate_downstream.main([str(good), str(tmp_path / "notok"), "--tasks", "toy", "--settings", "fp",
-                                   "--device", "cpu", "--output-dir", str(tmp_path / "out")])
-    err = capsys.readouterr().err
+    rc, err, loaded = _run_downstream(monkeypatch, capsys, tmp_path, [good, tmp_path / "notok"])
     assert rc == 2 and loaded == [], err
     assert (f"error: {tmp_path / 'notok'}: an HF model directory without a tokenizer: no tokenizer.json, "
             "tokenizer.model or other vocabulary file (only tokenizer_config.json)") in err, err

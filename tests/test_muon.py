@@ -214,7 +214,7 @@ def test_rows_in_no_block_keep_their_values(rows):
 def test_row_selectors_are_views_or_device_indices():
     """Contiguous rows select by slice (a view); others by an index tensor on the tensor's device,
     copied there once, not at every use (a CPU index on a CUDA tensor waits for the stream)."""
-    from megatron_osp.optimizer.muon import row_selector
+    from megatron_osp.optimizer.logical import row_selector
     from megatron_osp.optimizer.zero.units import Slice
 
     assert row_selector(torch.arange(3, 9), torch.device("cpu")) == slice(3, 9)

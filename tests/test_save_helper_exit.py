@@ -56,6 +56,24 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+def _still_running_after(pids: list[int], seconds: float) -> list[int]:
+    """Those of ``pids`` still running after waiting up to ``seconds`` for all to end."""
+    deadline = time.monotonic() + seconds
+    while any(map(_running, pids)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [pid for pid in pids if _running(pid)]
+
+
+def _end(proc, pids: list[int]) -> None:
+    """Kill the trainer and whatever of ``pids`` is left."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+    for pid in pids:
+        if _running(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_the_save_helper_exits_when_the_trainer_is_killed(toy_corpus, tmp_path):
     run = tmp_path / "run"
     proc = _pretrain(_overrides(toy_corpus, run, steps=10_000) + ["train.save_interval=2", "train.async_save=true"])
@@ -71,18 +89,10 @@ def test_the_save_helper_exits_when_the_trainer_is_killed(toy_corpus, tmp_path):
         assert helpers, f"no spawned helper under the trainer: {[_cmdline(p) for p in _children(proc.pid)]}"
         proc.kill()  # the trainer alone, as `kill -9 <pid>` does
         proc.communicate(timeout=60)
-        deadline = time.monotonic() + 60
-        while any(map(_running, helpers)) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        left = [pid for pid in helpers if _running(pid)]
+        left = _still_running_after(helpers, 60)
         assert not left, f"orphaned after the trainer was killed: {[_cmdline(pid) for pid in left]}"
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-        for pid in helpers:  # a failing run leaves no orphan behind either
-            if _running(pid):
-                os.kill(pid, signal.SIGKILL)
+        _end(proc, helpers)  # a failing run leaves no orphan behind either
 
 
 # The pretrain command whose shard writers hold every save after the first one for a minute.
@@ -129,17 +139,9 @@ def test_the_background_writers_exit_and_free_the_run_when_the_trainer_is_killed
         proc.wait(timeout=60)
         with open(run / ".run.lock") as lock:  # at once, while the writers may still be ending
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if one of them holds it
-        deadline = time.monotonic() + 10
-        while any(map(_running, forks)) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        left = [pid for pid in forks if _running(pid)]
+        left = _still_running_after(forks, 10)
         assert not left, f"still running after the trainer was killed: {[_cmdline(pid)[:80] for pid in left]}"
         assert (save_dir / "latest").read_text().strip() == "iter_0000002"
         assert resolve_checkpoint(save_dir).name == "iter_0000002" and (save_dir / "iter_0000004.tmp").is_dir()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for pid in forks:  # a failing run leaves no orphan behind either
-            if _running(pid):
-                os.kill(pid, signal.SIGKILL)
+        _end(proc, forks)  # a failing run leaves no orphan behind either

@@ -54,6 +54,18 @@ def _wait_for(proc, ready, what, timeout=120):
         time.sleep(0.05)
 
 
+def _ctrl_c_during_a_held_save(proc, save_dir, log, *, first_save_timeout=120, exit_timeout=30) -> float:
+    """Ctrl-C once the save of step 2 is published, and again once a later save is held back;
+    seconds from the second Ctrl-C to the process's end."""
+    _wait_for(proc, lambda: (save_dir / "latest").exists(), "the save of step 2", timeout=first_save_timeout)
+    proc.send_signal(signal.SIGINT)
+    _wait_for(proc, lambda: "holding the save of step" in log.read_text(), "a save held back")
+    interrupted_at = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=exit_timeout)
+    return time.monotonic() - interrupted_at
+
+
 def _steps(run_dir):
     return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -94,13 +106,7 @@ def test_a_second_ctrl_c_aborts_at_once_and_keeps_the_last_complete_checkpoint(t
         proc = subprocess.Popen([sys.executable, "-c", _SLOW_SAVES, *overrides], env=env, cwd=REPO, stdout=out,
                                 stderr=subprocess.STDOUT)
     try:
-        _wait_for(proc, lambda: (save_dir / "latest").exists(), "the save of step 2")
-        proc.send_signal(signal.SIGINT)
-        _wait_for(proc, lambda: "holding the save of step" in log.read_text(), "a save held back")
-        interrupted_at = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=30)
-        took = time.monotonic() - interrupted_at
+        took = _ctrl_c_during_a_held_save(proc, save_dir, log, exit_timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -132,13 +138,7 @@ def test_under_torchrun_a_second_ctrl_c_aborts_the_workers_at_once(toy_corpus, t
         proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                                  str(driver), *overrides], env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     try:
-        _wait_for(proc, lambda: (save_dir / "latest").exists(), "the save of step 2", timeout=180)
-        proc.send_signal(signal.SIGINT)
-        _wait_for(proc, lambda: "holding the save of step" in log.read_text(), "a save held back")
-        interrupted_at = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=120)
-        took = time.monotonic() - interrupted_at
+        took = _ctrl_c_during_a_held_save(proc, save_dir, log, first_save_timeout=180, exit_timeout=120)
     finally:
         if proc.poll() is None:  # its workers first: they run in sessions of their own
             for pid in _descendants(proc.pid):

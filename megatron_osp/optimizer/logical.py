@@ -42,6 +42,19 @@ class LogicalBlock:
     owner: int = -1  # rank in the TP x DP domain that runs Newton-Schulz on it
 
 
+def row_selector(rows: torch.Tensor, device: torch.device | str | None = None):
+    """Index for ``rows``: a slice where they are a contiguous run (reads and writes are then views),
+    else the index tensor, moved to ``device`` when one is given (a CPU index on a CUDA tensor costs
+    a blocking host-to-device copy, which waits for the stream, at every gather)."""
+    n = len(rows)
+    if n == 0:
+        return slice(0, 0)
+    first = int(rows[0])
+    if int(rows[-1]) - first == n - 1 and (n < 3 or bool(torch.all(rows[1:] - rows[:-1] == 1))):
+        return slice(first, first + n)
+    return rows if device is None else rows.to(device)
+
+
 VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 

@@ -32,7 +32,7 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
-from megatron_osp.optimizer.logical import LogicalBlock, Piece
+from megatron_osp.optimizer.logical import LogicalBlock, Piece, row_selector
 from megatron_osp.optimizer.newton_schulz import BACKENDS, coefficient_schedule, newton_schulz, resolve_backend
 from megatron_osp.optimizer.ownership import assign_owners
 from megatron_osp.optimizer.plan import exchange_sizes
@@ -100,19 +100,6 @@ def nesterov_directions(bufs: list[torch.Tensor], grads: list[torch.Tensor], mom
     torch._foreach_mul_(bufs, momentum)
     torch._foreach_add_(bufs, grads)
     return torch._foreach_add(grads, bufs, alpha=momentum) if nesterov else list(bufs)
-
-
-def row_selector(rows: torch.Tensor, device):
-    """Index for ``rows``: a slice where they are a contiguous run (reads and writes are then views),
-    else the index tensor on ``device``: a CPU index on a CUDA tensor costs a host-to-device copy that
-    waits for the stream, once per gather, which serialises the step's hundreds of small kernels."""
-    n = len(rows)
-    if n == 0:
-        return slice(0, 0)
-    first = int(rows[0])
-    if int(rows[-1]) - first == n - 1 and (n < 3 or bool(torch.all(rows[1:] - rows[:-1] == 1))):
-        return slice(first, first + n)
-    return rows.to(device)
 
 
 def _put(dst: torch.Tensor, rows, src: torch.Tensor) -> None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron_osp.models.layout import partition_dim, split_for_rank
-from megatron_osp.optimizer.logical import build_blocks
+from megatron_osp.optimizer.logical import build_blocks, row_selector
 from megatron_osp.optimizer.newton_schulz import ns_flops
 
 MUON, ADAM, VECTOR = "muon", "adam", "vector"  # unit kinds; "vector": muon_only's normalised update
@@ -46,8 +46,8 @@ class Slice:
     def __post_init__(self):
         # Row selectors: a plain slice where the rows are a contiguous run (almost always), so
         # reading and writing a slice is a view, not a gather with an index tensor.
-        object.__setattr__(self, "local_sel", (_as_slice(self.local_rows), slice(*self.local_cols)))
-        object.__setattr__(self, "unit_sel", (_as_slice(self.unit_rows), slice(*self.unit_cols)))
+        object.__setattr__(self, "local_sel", (row_selector(self.local_rows), slice(*self.local_cols)))
+        object.__setattr__(self, "unit_sel", (row_selector(self.unit_rows), slice(*self.unit_cols)))
         # Elements: read per slice per round by the exchange's plans, so computed once.
         object.__setattr__(self, "numel", len(self.local_rows) * (self.local_cols[1] - self.local_cols[0]))
 
@@ -82,16 +82,6 @@ class Slice:
                             ("numel", (b - a) * (self.local_cols[1] - self.local_cols[0]))):
             object.__setattr__(out, name, value)
         return out
-
-
-def _as_slice(rows: torch.Tensor):
-    n = len(rows)
-    if n == 0:
-        return slice(0, 0)
-    first = int(rows[0])
-    if int(rows[-1]) - first == n - 1 and (n < 3 or bool(torch.all(rows[1:] - rows[:-1] == 1))):
-        return slice(first, first + n)
-    return rows
 
 
 @dataclass
