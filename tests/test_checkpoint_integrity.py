@@ -292,3 +292,32 @@ def test_two_rank_save_hashes_every_rank_and_both_ranks_refuse_the_damage(tmp_pa
     for result in out:  # the damaged shard was hashed by one rank; both raise the same error
         assert result["error"] is not None and f"{result['shard']} is damaged" in result["error"]
     assert out[0]["error"] == out[1]["error"]
+
+
+def test_the_shard_index_is_parsed_once_per_resume_and_again_when_it_changes(saved, tmp_path, monkeypatch):
+    """Opening a checkpoint (completeness) and its shape check read the same .metadata: parsed once
+    while the file is unchanged; a rewritten index is parsed again, and damage to it is still named."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from megatron_osp.training.checkpoint import resolve_checkpoint
+    from megatron_osp.training.checkpoint_integrity import CheckpointError, read_index
+    from megatron_osp.training.checkpoint_shapes import saved_shapes
+
+    run = _copy_run(saved, tmp_path)
+    parses = []
+    real = FileSystemReader.read_metadata
+    monkeypatch.setattr(FileSystemReader, "read_metadata", lambda self: parses.append(1) or real(self))
+    ckpt = resolve_checkpoint(run / "checkpoints")
+    shapes = saved_shapes(ckpt)
+    assert len(parses) == 1 and shapes
+    index = ckpt / ".metadata"
+    index.write_bytes(index.read_bytes())  # rewritten: a new modification time
+    os.utime(index, ns=(index.stat().st_atime_ns, index.stat().st_mtime_ns + 1_000_000))
+    assert saved_shapes(ckpt) == shapes and len(parses) == 2
+    _replace_once(index, *_RENAME_IN_INDEX, last=True)
+    os.utime(index, ns=(index.stat().st_atime_ns, index.stat().st_mtime_ns + 2_000_000))
+    with pytest.raises(CheckpointError, match=".metadata"):  # the manifest's check, before any parse
+        resolve_checkpoint(run / "checkpoints")
+    assert len(parses) == 2
+    read_index(ckpt)
+    assert read_index(ckpt) is read_index(ckpt) and len(parses) == 3

@@ -255,15 +255,34 @@ def verify_small_files(ckpt: Path, required=()) -> dict:
     return files
 
 
+_INDEX_CACHE: dict = {}  # the last index parsed: {(file, inode, size, mtime): Metadata}
+
+
 def read_index(path: Path):
-    """The checkpoint's shard index .metadata, parsed (torch.distributed.checkpoint's Metadata)."""
+    """The checkpoint's shard index .metadata, parsed (torch.distributed.checkpoint's Metadata).
+
+    A resume reads it more than once (completeness, the muon_only check, the shape check), and a large
+    run's index takes long to parse: the last one parsed is kept while its file is unchanged (same
+    inode, size and modification time). Callers only read it."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.api import CheckpointException
 
+    index = Path(path) / ".metadata"
     try:
-        return FileSystemReader(str(path)).read_metadata()
+        st = index.stat()
+        key = (str(index.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    except OSError:
+        key = None  # the reader below names what is wrong
+    if key is not None and key in _INDEX_CACHE:
+        return _INDEX_CACHE[key]
+    try:
+        metadata = FileSystemReader(str(path)).read_metadata()
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - a failure to parse the index is damage
         raise CheckpointError(f"checkpoint {path}: cannot read its shard index .metadata: {e}") from e
+    if key is not None:
+        _INDEX_CACHE.clear()
+        _INDEX_CACHE[key] = metadata
+    return metadata
 
 
 def check_complete(path: Path, required) -> None:
