@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from megatron_osp.data import merge
@@ -185,6 +186,37 @@ def test_more_tasks_than_files_gives_empty_tasks_and_the_same_result(tmp_path, t
         "m" + name[3:] for name in shards]
     for name in shards:
         assert _bytes(tmp_path / ("m" + name[3:])) == _bytes(tmp_path / name), name
+
+
+def test_the_merge_takes_the_tasks_content_samples_and_they_equal_the_single_runs(tmp_path, tok, monkeypatch):
+    """An unsharded merge's content sample (the retokenized-overlap check's input) is the tasks' samples
+    together, read from their manifests, not hashed again; equal to a single run's, duplicate documents
+    included. A sharded merge hashes (a sample is per shard) and equals a single sharded run's too."""
+    import megatron_osp.data.sharded_output as sharded_output
+    from megatron_osp.data import content_identity
+    from megatron_osp.data.content_identity import recorded_sample
+
+    monkeypatch.setattr(content_identity, "SAMPLE_RATE", 2)  # about half the documents sampled, not 1/1024
+    inputs = _corpus(tmp_path / "in", n_files=5, seed=3)
+    keys = ("text", "title")
+    preprocess(inputs, tok, str(tmp_path / "single"), progress=False, json_keys=keys)
+    preprocess(inputs, tok, str(tmp_path / "one"), progress=False, json_keys=keys, max_shard_tokens=200)
+    for i in (2, 0, 1):
+        preprocess(inputs, tok, str(tmp_path / "t"), progress=False, task=(i, 3), json_keys=keys)
+    real = sharded_output.sampled_documents
+    monkeypatch.setattr(sharded_output, "sampled_documents", lambda *a: pytest.fail("the merge hashed documents"))
+    merge.merge_tasks(str(tmp_path / "t"))
+    for key in keys:
+        single, merged = (recorded_sample(str(tmp_path / f"{p}_{key}_document")) for p in ("single", "t"))
+        assert len(single) > 20 and np.array_equal(merged, single), key
+    titles = recorded_sample(str(tmp_path / "single_title_document"))
+    assert len(np.unique(titles)) < len(titles)  # repeated titles: duplicates kept on both sides
+    monkeypatch.setattr(sharded_output, "sampled_documents", real)
+    merge.merge_tasks(str(tmp_path / "t"), str(tmp_path / "m"), max_shard_tokens=200)
+    shards = sorted(p.name[:-4] for p in tmp_path.glob("one_*_document_*.bin"))
+    assert len(shards) > 4
+    for name in shards:
+        assert np.array_equal(recorded_sample(str(tmp_path / ("m" + name[3:]))), recorded_sample(str(tmp_path / name)))
 
 
 # --- failures -------------------------------------------------------------------------------------------

@@ -74,6 +74,14 @@ class ShardedOutput:
                 self._open()
             start = stop
 
+    def add_known_sample(self, key: str, hashes: list[int]) -> None:
+        """Content-sample hashes of documents added with ``samples=[]`` for ``key``, known without
+        hashing them (a merge's inputs record theirs). Only for an unsharded output: the hashes carry no
+        position, so they cannot be split where shards roll over."""
+        if self.max_shard_tokens:
+            raise ValueError("a known content sample needs an unsharded output")
+        self.sampled[key] += hashes
+
     def _finish_shard(self) -> None:
         for key, w in self.writers.items():
             w.finalize()
