@@ -63,10 +63,10 @@ def whole_matrix_blocks(params, row_sets=None) -> list[LogicalBlock]:
     return blocks
 
 
-def _rows_in_blocks(blocks, flat, tp_rank: int) -> dict[int, slice | torch.Tensor]:
-    """Local rows of each matrix that lie in a logical block at this TP rank, for the matrices some
-    of whose rows lie in none (the vocabulary's padding rows, logical.vocab_rows): Muon leaves those
-    rows as they are, weight decay included."""
+def _rows_in_blocks(blocks, flat, tp_rank: int, device) -> dict[int, slice | torch.Tensor]:
+    """Local rows of each matrix that lie in a logical block at this TP rank (``row_selector``s), for
+    the matrices some of whose rows lie in none (the vocabulary's padding rows, logical.vocab_rows):
+    Muon leaves those rows as they are, weight decay included."""
     held = defaultdict(list)
     for b in blocks:
         held[b.param_index].append(b.pieces[tp_rank].local_rows)
@@ -74,20 +74,13 @@ def _rows_in_blocks(blocks, flat, tp_rank: int) -> dict[int, slice | torch.Tenso
     for i, parts in held.items():
         rows = torch.cat(parts).unique()
         if len(rows) < flat[i].shape[0]:
-            n = len(rows)
-            contiguous = n > 0 and int(rows[-1]) - int(rows[0]) == n - 1
-            out[i] = slice(int(rows[0]), int(rows[0]) + n) if contiguous else rows
+            out[i] = row_selector(rows, device)
     return out
 
 
 def advance_momentum(buf: torch.Tensor, grad: torch.Tensor, momentum: float) -> torch.Tensor:
     """buf = momentum * buf + grad, in place."""
     return buf.mul_(momentum).add_(grad)
-
-
-def _nesterov(buf: torch.Tensor, grad: torch.Tensor, group) -> torch.Tensor:
-    advance_momentum(buf, grad, group["momentum"])
-    return grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf.clone()
 
 
 def nesterov_directions(bufs: list[torch.Tensor], grads: list[torch.Tensor], momentum: float,
@@ -172,8 +165,7 @@ class Muon(torch.optim.Optimizer):
         self.owned = [b for b in self.blocks if b.owner == self.rank]
         self._sizes = exchange_sizes(self.blocks, self.coords, self.rank)
         device = flat[0].device if flat else torch.device("cpu")
-        self.decay_rows = {i: r if isinstance(r, slice) else r.to(device)
-                           for i, r in _rows_in_blocks(self.blocks, flat, self.coords[self.rank][0]).items()}
+        self.decay_rows = _rows_in_blocks(self.blocks, flat, self.coords[self.rank][0], device)
         # (local rows, block rows) selectors of every block's piece at every TP rank
         self._sel = {b.key: [(row_selector(pc.local_rows, device), row_selector(pc.block_rows, device))
                              for pc in b.pieces] for b in self.blocks}

@@ -33,7 +33,7 @@ from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.optimizer.optimizer import MegatronOptimizer
 
-from megatron_osp.optimizer.muon import _nesterov, advance_momentum, update_scale
+from megatron_osp.optimizer.muon import advance_momentum, nesterov_directions, update_scale
 from megatron_osp.optimizer.newton_schulz import newton_schulz
 from megatron_osp.optimizer.zero.exchange import Exchange, view2d
 from megatron_osp.optimizer.zero.units import ADAM, MUON, VECTOR
@@ -133,8 +133,9 @@ class ZeroOptimizer(MegatronOptimizer):
             }
         return st
 
-    def _momentum(self):
-        return {"momentum": self.settings.muon_momentum, "nesterov": True}
+    def _directions(self, moms, grads) -> list[torch.Tensor]:
+        """Advance the momentum buffers ``moms`` in place; the Nesterov update directions (muon.py's)."""
+        return nesterov_directions(moms, grads, self.settings.muon_momentum, nesterov=True)
 
     def _orthogonalize(self, batch, directions) -> torch.Tensor:
         """One batched Newton-Schulz over a batch's update directions, times the paper's scale."""
@@ -156,7 +157,7 @@ class ZeroOptimizer(MegatronOptimizer):
                 continue
             # On a copy of the momentum: the step advances the real one if it keeps these results.
             moms = [self._state(u, grads[u.key].device)["momentum"].clone() for u in batch]
-            directions = [_nesterov(m, grads[u.key], self._momentum()) for u, m in zip(batch, moms)]
+            directions = self._directions(moms, [grads[u.key] for u in batch])
             self._early[key] = self._orthogonalize(batch, directions)
             if self.exchange.events is not None:
                 self.exchange.events.append(("newton_schulz", bucket.index))
@@ -174,7 +175,7 @@ class ZeroOptimizer(MegatronOptimizer):
             if u.kind == ADAM:
                 self._adamw(self.masters[u.key], g, st, group)
             elif u.kind == VECTOR:
-                d = _nesterov(st["momentum"], g, self._momentum())
+                d = self._directions([st["momentum"]], [g])[0]
                 scale = update_scale(1, d.numel(), self.settings.muon_lr_scale)
                 self._apply(u, d * (scale / (d.norm() + 1e-8)), group)
         for key, batch in self.ns_batches.items():
@@ -187,8 +188,7 @@ class ZeroOptimizer(MegatronOptimizer):
                 self.early_ns["used"] += 1
             else:
                 self.early_ns["redone"] += early is not None
-                out = self._orthogonalize(batch, [_nesterov(m, grads[u.key], self._momentum())
-                                                  for u, m in zip(batch, moms)])
+                out = self._orthogonalize(batch, self._directions(moms, [grads[u.key] for u in batch]))
             for u, o in zip(batch, out):
                 self._apply(u, o.float(), groups[u.group])
         self._early.clear()
