@@ -193,12 +193,19 @@ def recorded_sample(prefix: str) -> np.ndarray | None:
         return None
 
 
-def merged_sample(prefixes: list[str]) -> dict | None:
-    """The ``content_sample`` of a merge of ``prefixes``: the union of theirs, or None where one has none."""
+def recorded_samples(prefixes: list[str]) -> np.ndarray | None:
+    """The content samples the manifests record for ``prefixes``, concatenated (duplicates kept), or None
+    where one has none (or no prefix is given)."""
     samples = [recorded_sample(p) for p in prefixes]
     if not samples or any(s is None for s in samples):
         return None
-    return sample_record(np.unique(np.concatenate(samples)).tolist())
+    return np.concatenate(samples)
+
+
+def merged_sample(prefixes: list[str]) -> dict | None:
+    """The ``content_sample`` of a merge of ``prefixes``: the union of theirs, or None where one has none."""
+    samples = recorded_samples(prefixes)
+    return None if samples is None else sample_record(np.unique(samples).tolist())
 
 
 def training_sample(prefixes: list[str]) -> np.ndarray:

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from megatron_osp.data import shardset, special_text, tokenizer_identity
-from megatron_osp.data.content_identity import SAMPLE_FIELD, merged_sample, recorded_sample
+from megatron_osp.data.content_identity import SAMPLE_FIELD, merged_sample, recorded_samples
 from megatron_osp.data.indexed import IndexedDataset, IndexedDatasetWriter, check_dtype_holds
 from megatron_osp.data.replace import aside_hint
 from megatron_osp.data.token_range import scan_token_range
@@ -346,16 +346,16 @@ def merge_tasks(prefix: str, output_prefix: str | None = None, num_tasks: int | 
     # hashes (the sample is per output shard).
     known = None
     if max_shard_tokens is None:
-        known = [[recorded_sample(ds.prefix) for ds in per_key] for per_key in datasets]
-        if any(s is None for per_key in known for s in per_key):
+        known = [recorded_samples([ds.prefix for ds in per_key]) for per_key in datasets]
+        if any(s is None for s in known):
             known = None
     output = ShardedOutput(output_prefix, keys, dtype, max_shard_tokens)
     try:
         for group in zip(*datasets):
             for lengths, tokens in _chunks(group):
                 output.add_documents(lengths, tokens, samples=[[] for _ in keys] if known else None)
-        for key, per_key in zip(keys, known or ()):
-            output.add_known_sample(key, np.concatenate(per_key).tolist() if per_key else [])
+        for key, sample in zip(keys, known or ()):
+            output.add_known_sample(key, sample.tolist())
         outputs = output.finalize({
             "tokenizer": run["tokenizer"], "vocab_size": run["options"]["vocab_size"],
             "tokenizer_sha256": run["options"]["tokenizer_sha256"], **fingerprint, "eod": run["options"]["eod"],
