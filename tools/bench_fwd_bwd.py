@@ -5,14 +5,16 @@ The training-step bench (tools/bench_step.py) measured OSP's forward + backward 
 Adam arm's at the 1.4B shape on one H200, which EmbProj's FLOPs (0.6%) do not explain. This tool
 separates the model's two differences, on the same preset, in the same run:
 
-1. forward + backward of one micro-batch (loss, backward; no optimizer) for four arms: adam
-   (RMSNorm, no EmbProj: the baseline), ssnorm (SSNorm only), embproj (EmbProj only) and osp (both),
-   median ms and the ratio to the adam arm;
+1. forward + backward of one micro-batch (loss, backward; no optimizer) for the arms: adam
+   (RMSNorm, no EmbProj: the baseline), ssnorm (SSNorm only), embproj (EmbProj only), osp (both),
+   and ssnorm-fused / osp-fused (the same with model.ssnorm_kernel=fused), median ms and the ratio
+   to the adam arm;
 2. the norms alone, forward + backward at the activation shape (micro-batch x seq, hidden), times
    the number of norms in the model: torch's RMSNorm (what the adam arm uses without Apex/TE),
-   models/ssnorm.SSNorm as it is, and SSNorm computed by torch.nn.functional.rms_norm with its scalar
-   gain broadcast as the weight (a candidate: the same formula in torch's fused kernel);
-3. with --profile, one forward + backward of the adam and osp arms under torch.profiler (top ops).
+   SSNorm (model.ssnorm_kernel=eager) and FusedSSNorm (=fused: the same formula through
+   torch.nn.functional.rms_norm, the scalar gain broadcast as the weight);
+3. with --profile, one forward + backward of the adam, osp and osp-fused arms under torch.profiler
+   (top ops).
 
     python tools/bench_fwd_bwd.py                       # osp-1.4b, micro-batch 4, on one GPU
     python tools/bench_fwd_bwd.py --quick               # tiny preset, CPU is fine (smoke test)
@@ -32,21 +34,19 @@ import torch  # noqa: E402
 from bench_muon import _device_name, _init_single_process, _profile_step, _timeit  # noqa: E402
 from megatron_osp.models.presets import get_preset  # noqa: E402
 
-ARMS = {  # name: (normalization, embedding_projection)
-    "adam": ("rmsnorm", False),
-    "ssnorm": ("ssnorm", False),
-    "embproj": ("rmsnorm", True),
-    "osp": ("ssnorm", True),
+ARMS = {  # name: (normalization, embedding_projection, ssnorm_kernel)
+    "adam": ("rmsnorm", False, "eager"),
+    "ssnorm": ("ssnorm", False, "eager"),
+    "embproj": ("rmsnorm", True, "eager"),
+    "osp": ("ssnorm", True, "eager"),
+    "ssnorm-fused": ("ssnorm", False, "fused"),
+    "osp-fused": ("ssnorm", True, "fused"),
 }
-
-
-def fused_ssnorm(x: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
-    """SSNorm's formula through torch's rms_norm: the scalar gain broadcast as the per-channel weight."""
-    return torch.nn.functional.rms_norm(x, (x.shape[-1],), gain.expand(x.shape[-1]), eps)
+PROFILED = ("adam", "osp", "osp-fused")
 
 
 def norms(args, device, dtype, model_cfg) -> list[str]:
-    from megatron_osp.models.ssnorm import SSNorm
+    from megatron_osp.models.ssnorm import FusedSSNorm, SSNorm
 
     tokens, hidden = args.micro_batch * model_cfg.seq_length, model_cfg.hidden_size
     count = 2 * model_cfg.num_layers + 1  # two per layer and the final one
@@ -54,11 +54,10 @@ def norms(args, device, dtype, model_cfg) -> list[str]:
     x = torch.randn(tokens, hidden, device=device, dtype=dtype, generator=gen)
     grad = torch.randn(tokens, hidden, device=device, dtype=dtype, generator=gen)
     rms = torch.nn.RMSNorm(hidden, eps=1e-5, device=device, dtype=dtype)
-    ss = SSNorm(SimpleCfg(dtype), hidden, eps=1e-5).to(device)
     variants = {
         "torch.nn.RMSNorm (the adam arm's norm)": rms,
-        "SSNorm as in models/ssnorm.py": ss,
-        "SSNorm via torch.nn.functional.rms_norm (candidate)": lambda t: fused_ssnorm(t, ss.weight, ss.eps),
+        "SSNorm (ssnorm_kernel=eager)": SSNorm(SimpleCfg(dtype), hidden, eps=1e-5).to(device),
+        "FusedSSNorm (ssnorm_kernel=fused)": FusedSSNorm(SimpleCfg(dtype), hidden, eps=1e-5).to(device),
     }
     outs = {}
     lines = [f"\n# Norms alone: forward + backward at ({tokens}, {hidden}) {str(dtype).replace('torch.', '')}, "
@@ -77,7 +76,7 @@ def norms(args, device, dtype, model_cfg) -> list[str]:
         outs[label] = run().detach()
         times[label] = _timeit(run, device, warmup=3, iters=args.iters)
     base = times["torch.nn.RMSNorm (the adam arm's norm)"]
-    ref = outs["SSNorm as in models/ssnorm.py"].float()
+    ref = outs["SSNorm (ssnorm_kernel=eager)"].float()
     for label, t in times.items():
         diff = (outs[label].float() - ref).abs().max().item()
         lines.append(f"| {label} | {t * 1e3:.3f} | {t * count * 1e3:.2f} | {t / base:.2f}x | {diff:.3g} |")
@@ -95,11 +94,12 @@ def arms(args, device, dtype, base_cfg) -> list[str]:
 
     lines = [f"\n# Forward + backward of one micro-batch ({args.micro_batch} x {base_cfg.seq_length}), "
              f"{base_cfg.num_layers} layers x {base_cfg.hidden_size}, device {_device_name(device)}",
-             "| arm | normalization | EmbProj | params | ms (median) | vs adam |", "|---|---|---|---|---|---|"]
+             "| arm | normalization | SSNorm kernel | EmbProj | params | ms (median) | vs adam |",
+             "|---|---|---|---|---|---|---|"]
     times = {}
     for name in args.arms.split(","):
-        norm, embproj = ARMS[name]
-        cfg = dataclasses.replace(base_cfg, normalization=norm, embedding_projection=embproj)
+        norm, embproj, kernel = ARMS[name]
+        cfg = dataclasses.replace(base_cfg, normalization=norm, embedding_projection=embproj, ssnorm_kernel=kernel)
         model = build_gpt_model(cfg, transformer_config(cfg, params_dtype=dtype), layout_independent_init=False)
         model = model.to(device)
         gen = torch.Generator(device=device).manual_seed(0)
@@ -114,9 +114,10 @@ def arms(args, device, dtype, base_cfg) -> list[str]:
 
         times[name] = _timeit(step, device, warmup=3, iters=args.iters)
         params = sum(p.numel() for p in model.parameters())
-        lines.append(f"| {name} | {norm} | {'yes' if embproj else 'no'} | {params:,} | {times[name] * 1e3:.1f} | "
+        lines.append(f"| {name} | {norm} | {kernel if norm == 'ssnorm' else '-'} | {'yes' if embproj else 'no'} | "
+                     f"{params:,} | {times[name] * 1e3:.1f} | "
                      f"{times[name] / times.get('adam', times[name]):.3f}x |")
-        if args.profile and name in ("adam", "osp"):
+        if args.profile and name in PROFILED:
             print("\n".join(lines))
             lines = []
             _profile_step(f"forward + backward, {name} arm", step, device, top=15)
@@ -132,8 +133,8 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=None, help="fewer layers, same widths")
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--iters", type=int, default=10, help="timed repetitions (median)")
-    ap.add_argument("--arms", default="adam,ssnorm,embproj,osp")
-    ap.add_argument("--profile", action="store_true", help="also profile the adam and osp arms")
+    ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--profile", action="store_true", help=f"also profile the {', '.join(PROFILED)} arms")
     ap.add_argument("--quick", action="store_true", help="tiny 'test' preset, micro-batch 2 (CPU is fine)")
     args = ap.parse_args(argv)
     bad = [a for a in args.arms.split(",") if a not in ARMS]

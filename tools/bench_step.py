@@ -7,6 +7,7 @@ ones, each step on its own (the device synchronised after it); rates use the med
 (robust to the odd slow step; the mean is printed beside it). Arms:
   adam       Adam + RMSNorm, no EmbProj (the baseline);
   osp        Muon + AdamW, SSNorm, EmbProj (the paper's OSP);
+  osp-fused  OSP with model.ssnorm_kernel=fused (``--fused-ssnorm``: SSNorm through torch's rms_norm);
   osp-zero   OSP with optimizer.distributed_optimizer=true and both overlaps on (``--zero``): on one
              device nothing travels, so this times the whole-matrix ZeRO code path itself (bucketed
              exchange, early Newton-Schulz) and checks that it runs on the device.
@@ -172,6 +173,7 @@ def arm_overrides(args, extra: dict, arm: str, data: str, eod: int, mb: int, tmp
     return [
         f"model.preset={args.preset}", *(f"model.{k}={v}" for k, v in extra.items()),
         *ARMS["adam" if arm == "adam" else "osp"], *(ZERO if arm == "osp-zero" else []),
+        *(["model.ssnorm_kernel=fused"] if arm == "osp-fused" else []),
         f"data.paths=[{data}]", f"data.eod_id={eod}",
         f"train.micro_batch_size={mb}", f"train.global_batch_size={mb * args.accumulate}",
         f"train.train_steps={args.warmup + args.steps}", "train.warmup_steps=1",
@@ -195,6 +197,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--memory-fraction", type=float, default=0.85)
     ap.add_argument("--zero", action="store_true", help="also time OSP with the distributed optimizer")
+    ap.add_argument("--fused-ssnorm", action="store_true", help="also time OSP with model.ssnorm_kernel=fused")
     ap.add_argument("--data", default=None, help="an indexed corpus prefix (default: random tokens)")
     ap.add_argument("--eod-id", type=int, default=None, help="the end-of-document id of --data")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
@@ -221,7 +224,7 @@ def main(argv=None) -> int:
     if args.seq:
         extra["seq_length"] = args.seq
     model = get_preset(args.preset, **extra)
-    arms = ["adam", "osp"] + (["osp-zero"] if args.zero else [])
+    arms = ["adam", "osp"] + (["osp-fused"] if args.fused_ssnorm else []) + (["osp-zero"] if args.zero else [])
     on_gpu = torch.cuda.is_available()
     if args.micro_batch == "auto":
         budget = args.memory_fraction * torch.cuda.get_device_properties(0).total_memory if on_gpu else 4 * 2**30

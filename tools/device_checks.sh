@@ -23,8 +23,9 @@
 #          to osp_1.4b.yaml's 1,024 sequences per step (issue 17, item 3). STEP_ARGS="--accumulate 4
 #          --steps 5" measures a step of 4 micro-batches, to check the projection.
 #   fwdbwd tools/bench_fwd_bwd.py --profile: forward + backward of the 1.4B model per arm (adam,
-#          ssnorm only, embproj only, osp) and the norms alone (torch RMSNorm, SSNorm, SSNorm through
-#          torch's rms_norm): where OSP's forward + backward is slower than Adam's (~1.5 min)
+#          ssnorm only, embproj only, osp, and ssnorm/osp with model.ssnorm_kernel=fused) and the
+#          norms alone (torch RMSNorm, SSNorm, FusedSSNorm): where OSP's forward + backward is slower
+#          than Adam's (~2 min); STEP_ARGS=--fused-ssnorm adds the osp-fused arm to the step stage
 #   repro  examples/reproduce_osp_small.sh with REPRO_CONFIG (default reproduce_small.yaml): the
 #          paper's four ablation rows trained at the same time on the one GPU (PARALLEL=1), then the
 #          4-bit evaluation (issue 6)
@@ -146,7 +147,7 @@ step() {
 fwdbwd() {
   local flags=(--profile)
   [[ "$CPU" == 1 ]] && flags+=(--quick --iters 2)
-  timeout --signal=TERM --kill-after=10 "${FWDBWD_LIMIT:-150}" python3 tools/bench_fwd_bwd.py "${flags[@]}" 2>&1 |
+  timeout --signal=TERM --kill-after=10 "${FWDBWD_LIMIT:-200}" python3 tools/bench_fwd_bwd.py "${flags[@]}" 2>&1 |
     tee "$OUT/bench_fwd_bwd.txt"
 }
 

@@ -21,6 +21,7 @@ class ModelConfig:
     seq_length: int = 128
     rotary_base: int = 10000
     normalization: str = "ssnorm"  # "rmsnorm" | "ssnorm"
+    ssnorm_kernel: str = "eager"  # "eager" | "fused" (torch's rms_norm; same formula, see models/ssnorm.py)
     embedding_projection: bool = True
     qk_layernorm: bool = False
     untie_embeddings_and_output_weights: bool = True
@@ -46,6 +47,8 @@ class ModelConfig:
             raise ValueError(
                 f"model.normalization must be 'rmsnorm' or 'ssnorm', got {self.normalization!r}"
             )
+        if self.ssnorm_kernel not in ("eager", "fused"):
+            raise ValueError(f"model.ssnorm_kernel must be 'eager' or 'fused', got {self.ssnorm_kernel!r}")
 
     def padded_vocab_size(self, tensor_parallel_size: int = 1) -> int:
         """Vocab rounded up so every TP rank holds an equal, aligned slice of the embedding."""

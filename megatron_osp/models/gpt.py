@@ -256,6 +256,7 @@ def build_gpt_model(
         backend,
         num_layers_in_stage=get_num_layers_to_build(config, vp_stage=vp_stage),
         qk_layernorm=model.qk_layernorm,
+        ssnorm_kernel=model.ssnorm_kernel,
     )
     gpt = OSPGPTModel(
         config=config,

@@ -22,7 +22,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-from megatron_osp.models.ssnorm import SSNorm
+from megatron_osp.models.ssnorm import SSNORM_KERNELS, SSNorm
 
 NORMALIZATIONS = ("rmsnorm", "ssnorm")
 BACKENDS = ("auto", "local", "transformer_engine")
@@ -49,10 +49,19 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
-def gpt_layer_spec(normalization: str, backend: str = "local", qk_layernorm: bool = False) -> ModuleSpec:
+def ssnorm_class(kernel: str) -> type[SSNorm]:
+    """SSNorm's module for ``model.ssnorm_kernel`` (see models/ssnorm.py)."""
+    if kernel not in SSNORM_KERNELS:
+        raise ValueError(f"model.ssnorm_kernel must be one of {tuple(SSNORM_KERNELS)}, got {kernel!r}")
+    return SSNORM_KERNELS[kernel]
+
+
+def gpt_layer_spec(normalization: str, backend: str = "local", qk_layernorm: bool = False,
+                   ssnorm_kernel: str = "eager") -> ModuleSpec:
     """A TransformerLayer spec with RMSNorm (Megatron's) or SSNorm in every norm slot."""
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"model.normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    norm = ssnorm_class(ssnorm_kernel)
     backend = resolve_backend(backend)
     if backend == "local":
         spec = copy.deepcopy(
@@ -71,19 +80,19 @@ def gpt_layer_spec(normalization: str, backend: str = "local", qk_layernorm: boo
 
         attention.linear_qkv = TEColumnParallelLinear
         mlp.linear_fc1 = TEColumnParallelLinear
-    layer.input_layernorm = SSNorm
-    layer.pre_mlp_layernorm = SSNorm
+    layer.input_layernorm = norm
+    layer.pre_mlp_layernorm = norm
     if qk_layernorm:
-        attention.q_layernorm = SSNorm
-        attention.k_layernorm = SSNorm
+        attention.q_layernorm = norm
+        attention.k_layernorm = norm
     # Megatron's TE spec remaps the fused norm's checkpoint keys; the unfused norms need no remap.
     layer.sharded_state_dict_keys_map = {}
     return spec
 
 
-def final_norm_class(normalization: str, backend: str):
+def final_norm_class(normalization: str, backend: str, ssnorm_kernel: str = "eager"):
     if normalization == "ssnorm":
-        return SSNorm
+        return ssnorm_class(ssnorm_kernel)
     if resolve_backend(backend) == "transformer_engine":
         from megatron.core.extensions.transformer_engine import TENorm
 
@@ -94,11 +103,12 @@ def final_norm_class(normalization: str, backend: str):
 
 
 def gpt_block_spec(
-    normalization: str, backend: str, num_layers_in_stage: int, qk_layernorm: bool = False
+    normalization: str, backend: str, num_layers_in_stage: int, qk_layernorm: bool = False,
+    ssnorm_kernel: str = "eager",
 ) -> TransformerBlockSubmodules:
     """The decoder block for one pipeline stage: its layers plus the final norm (used on the last stage)."""
-    layer = gpt_layer_spec(normalization, backend, qk_layernorm)
+    layer = gpt_layer_spec(normalization, backend, qk_layernorm, ssnorm_kernel)
     return TransformerBlockSubmodules(
         layer_specs=[layer] * num_layers_in_stage,
-        layer_norm=final_norm_class(normalization, backend),
+        layer_norm=final_norm_class(normalization, backend, ssnorm_kernel),
     )

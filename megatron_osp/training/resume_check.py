@@ -53,7 +53,7 @@ from megatron_osp.training.checkpoint_shapes import old_vocab_master_problem
 from megatron_osp.training.tokenizer_record import checkpoint_record, describe, run_record, same
 
 # Model fields that may differ between the run that saved a checkpoint and the run that loads it.
-_FREE_MODEL_FIELDS = {"transformer_impl", "hidden_dropout", "attention_dropout", "seq_length", "make_vocab_size_divisible_by"}
+_FREE_MODEL_FIELDS = {"transformer_impl", "ssnorm_kernel", "hidden_dropout", "attention_dropout", "seq_length", "make_vocab_size_divisible_by"}
 # What a resumed run (optimizer and schedule state loaded) must share with the run that saved it.
 _RESUME_FIELDS = (
     ("optimizer", "name"),

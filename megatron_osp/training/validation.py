@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 
 from megatron_osp.models.layer_specs import BACKENDS
+from megatron_osp.models.ssnorm import SSNORM_KERNELS
 from megatron_osp.optimizer.builder import OPTIMIZERS
 from megatron_osp.optimizer.muon import LR_SCALES
 from megatron_osp.optimizer.newton_schulz import BACKENDS as NS_BACKENDS
@@ -137,6 +138,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "seq_length": POSITIVE,
         "rotary_base": POSITIVE,
         "normalization": choice(NORMALIZATIONS),
+        "ssnorm_kernel": choice(tuple(SSNORM_KERNELS)),
         "embedding_projection": boolean,
         "qk_layernorm": boolean,
         "untie_embeddings_and_output_weights": boolean,
