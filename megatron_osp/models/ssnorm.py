@@ -11,7 +11,7 @@ It has Megatron-Core's norm constructor signature, so a layer spec can put it in
 Two kernels compute the same formula (``model.ssnorm_kernel``, chosen in the layer spec):
 ``SSNorm`` ("eager") as separate fp32 elementwise ops, and ``FusedSSNorm`` ("fused") through
 ``torch.nn.functional.rms_norm`` with the scalar gain broadcast as the per-channel weight, so that
-torch's fused RMSNorm kernel can run it where torch has one (CUDA since torch 2.8), instead of
+torch's fused RMSNorm kernel can run it where torch has one (aten::_fused_rms_norm on CUDA), instead of
 separate elementwise ops whose fp32 intermediates autograd keeps. Its speed on a GPU is not measured
 yet, so "eager" is the default. Both have the same parameter and checkpoint keys; a run may switch
 between them on resume.
