@@ -94,3 +94,21 @@ def test_an_unknown_kernel_is_refused_naming_the_field():
 
     with pytest.raises(ValueError, match="model.ssnorm_kernel"):
         layer_specs.gpt_layer_spec("ssnorm", "local", ssnorm_kernel="triton")
+
+
+@pytest.mark.skipif(not hasattr(torch.ops.aten, "_fused_rms_norm"), reason="this torch has no fused rms_norm")
+def test_fused_ssnorm_reaches_torchs_fused_kernel_and_eager_does_not():
+    """The point of the fused form: torch dispatches it to aten::_fused_rms_norm (here on the CPU, as on
+    CUDA); a change that makes the weight's dtype or shape unacceptable to it would silently fall back."""
+    from torch.profiler import profile
+
+    def ops(norm, dtype):
+        x = torch.randn(8, 64, dtype=dtype, requires_grad=True)
+        norm = norm.to(dtype)
+        with profile() as prof:
+            norm(x).sum().backward()
+        return {e.name for e in prof.events()}
+
+    for dtype in (torch.float32, torch.bfloat16):
+        assert "aten::_fused_rms_norm" in ops(FusedSSNorm(None, 64), dtype)
+        assert "aten::_fused_rms_norm" not in ops(SSNorm(None, 64), dtype)
