@@ -154,3 +154,26 @@ def test_the_same_command_gives_the_same_model_file(tmp_path, shards):
     again = _cli("--input", shards, "--output-prefix", tmp_path / "tok", "--vocab-size", 330, "--overwrite")
     assert again.returncode == 0, again.stderr[-3000:]
     assert first.read_bytes() == kept
+
+
+def test_lines_longer_than_sentencepiece_takes_are_trained_on(tmp_path):
+    """SentencePiece skips a 'sentence' over max_sentence_length (4192 bytes) without a word: a corpus
+    whose documents are long lines (a CJK paragraph, a minified page) trained the tokenizer of its
+    short lines only. Long lines are cut into pieces it takes, at spaces where there are any."""
+    import sentencepiece as spm
+
+    from megatron_osp.data.sp_training import SENTENCE_BYTES, _pieces
+
+    long_words = ["xylophonequartz", "jukeboxwyvern"]
+    spaced = " ".join(long_words[(i * 5) % 7 % 2] for i in range(400))  # one line of ~5,700 bytes
+    unspaced = "漢字" * 1500  # 9,000 bytes, no space
+    assert len(spaced.encode()) > SENTENCE_BYTES and len(unspaced.encode()) > SENTENCE_BYTES
+    for line in (spaced, unspaced):
+        pieces = list(_pieces(line))
+        assert "".join(pieces) == line and all(len(p.encode()) <= SENTENCE_BYTES for p in pieces)
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(_lines(TEXTS[:40] + [spaced] * 20 + [unspaced] * 5))
+    model = train_sentencepiece(corpus, tmp_path / "tok", vocab_size=330)
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    assert sp.encode("xylophonequartz jukeboxwyvern", out_type=str) == ["▁xylophonequartz", "▁jukeboxwyvern"]
+    assert sp.piece_to_id("字") != sp.unk_id()  # a character only the long unspaced lines hold

@@ -15,6 +15,9 @@ compressed file counts its compressed bytes; shares rounded down cumulatively to
 shares if a size is unknown, a pipe), a file with fewer records passing the rest of its share on to the
 next. Bad records count as records read.
 
+A document is trained on line by line, and a line longer than 4,192 UTF-8 bytes (which SentencePiece
+would skip without a word) in pieces cut before a space, or between characters where it has none.
+
 A bad record (malformed JSON, missing --json-key, non-string text, invalid UTF-8 or a lone surrogate)
 stops training with file:line unless --skip-bad-records. --vocab-size must leave room for byte
 fallback: 259 ids (256 byte pieces + <unk>, <s>, </s>) plus one per character of the corpus.

@@ -28,6 +28,7 @@ from megatron_osp.data.inputs import expand_inputs
 from megatron_osp.data.readers import BadRecord, check_corpus_form, name_inputs, parse_json_record, record_chunks
 
 META_PIECES = 259  # 256 byte-fallback pieces + <unk>, <s>, </s>
+SENTENCE_BYTES = 4192  # SentencePiece's max_sentence_length (its default): a longer line is skipped without a word
 _TOO_SMALL = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)")
 _TOO_HIGH = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)")
 
@@ -55,7 +56,9 @@ class _Reading:
         self.documents = self.lines = 0
 
     def __iter__(self):
-        """Documents split into lines: SentencePiece skips 'sentences' longer than a few KB. An error
+        """Documents split into lines, and a line longer than ``SENTENCE_BYTES`` into pieces (``_pieces``):
+        SentencePiece skips a longer 'sentence' without a word, so a corpus of long lines (a paragraph of
+        CJK text, minified pages) trained the tokenizer of its short lines only. An error
         is kept, then raised to stop SentencePiece at once; it comes out of SentencePiece's C++ as
         an opaque RuntimeError, which ``_train`` replaces by the kept one."""
         shares = [None] * len(self.corpus)
@@ -94,11 +97,32 @@ class _Reading:
                     self.bad.append(str(item))
                     continue
                 self.documents += 1
-                for part in item[0].splitlines():
-                    if part.strip():
-                        self.lines += 1
-                        yield part
+                for line in item[0].splitlines():
+                    for part in _pieces(line):
+                        if part.strip():
+                            self.lines += 1
+                            yield part
         return n
+
+
+def _pieces(line: str, limit: int = SENTENCE_BYTES):
+    """``line`` in pieces of at most ``limit`` UTF-8 bytes, each cut before a space where there is one
+    (SentencePiece splits at spaces anyway, and a space opening a piece is the one it would mark), else
+    at a character boundary."""
+    data = line.encode("utf-8")
+    if len(data) <= limit:
+        yield line
+        return
+    start = 0
+    while len(data) - start > limit:
+        cut = data.rfind(b" ", start + 1, start + limit + 1)
+        if cut <= start:
+            cut = start + limit
+            while data[cut] & 0xC0 == 0x80:  # inside a character: back to its first byte
+                cut -= 1
+        yield data[start:cut].decode("utf-8")
+        start = cut
+    yield data[start:].decode("utf-8")
 
 
 def _record_prefix(model_file: str, prefix: str) -> None:
@@ -233,6 +257,7 @@ def _run_trainer(lines, tmp_prefix, vocab_size, model_type, character_coverage):
         bos_id=1,
         eos_id=2,
         pad_id=-1,
+        max_sentence_length=SENTENCE_BYTES,
         num_threads=os.cpu_count() or 1,
         minloglevel=2,
     )
