@@ -276,3 +276,28 @@ def test_tokenizer_trains_on_every_format_alike(tmp_path):
     with pytest.raises(ValueError, match=r"bad\.jsonl\.zst:6: malformed JSON"):
         train_sentencepiece(bad, tmp_path / "tok_bad", vocab_size=300)
     assert not list(tmp_path.glob("tok_bad*"))
+
+
+def test_a_parquet_file_without_a_text_column_is_refused_before_any_file_is_read(tmp_path, sp_model):
+    """A Parquet file's missing, repeated or non-text column was found only when the run reached the file,
+    after tokenizing every file before it (hours), and `--plan` (which the SLURM example runs before
+    queueing) passed it. Its footer names its columns: checked with the inputs' form, before any work."""
+    from megatron_osp.data.readers import check_corpus_form
+
+    good = write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in TEXTS[:5]])
+    cases = {
+        "nokey.parquet": (pa.table({"content": ["x"]}), r"missing column 'text' \(columns: content\)"),
+        "ints.parquet": (pa.table({"text": [1, 2]}), r"column 'text' holds int64, not text"),
+        "twice.parquet": (pa.Table.from_arrays([pa.array(["a"]), pa.array(["b"])], names=["text", "text"]),
+                          r"column 'text' appears 2 times"),
+    }
+    for name, (table, message) in cases.items():
+        pq.write_table(table, tmp_path / name)
+        with pytest.raises(CorruptInput, match=rf"^{tmp_path / name}: {message}"):
+            check_corpus_form([good, tmp_path / name], ["text"])
+    check_corpus_form([good, write_parquet(tmp_path / "ok.parquet", [{"text": "x", "n": 1}])], ["text"])
+    r = subprocess.run([sys.executable, str(REPO / "tools/preprocess_data.py"), "--input", str(good),
+                        str(tmp_path / "nokey.parquet"), "--tokenizer-model", sp_model, "--output-prefix",
+                        str(tmp_path / "out" / "o"), "--num-tasks", "2", "--plan"], capture_output=True, text=True)
+    assert r.returncode == 1 and f"{tmp_path / 'nokey.parquet'}: missing column 'text'" in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()

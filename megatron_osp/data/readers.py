@@ -248,8 +248,14 @@ def corpus_form_problem(path: Path, keys: list[str]) -> str | None:
 
 def check_corpus_form(paths, keys) -> None:
     """``corpus_form_problem`` of every input, as ``CorruptInput`` (never skipped) naming the first file that
-    has one: before any output is written, not at its first line after the files before it were tokenized."""
+    has one: before any output is written, not at its first line after the files before it were tokenized.
+    A Parquet file's footer is read: a missing, repeated or non-text column of ``keys`` is named now, not
+    when the run reaches it after the files before it."""
     for path in map(Path, paths):
+        if input_format(path) == "parquet":
+            if path.is_file():
+                _open_parquet(path, keys)
+            continue
         problem = corpus_form_problem(path, keys)
         if problem:
             raise CorruptInput(f"{path}: does not look like a JSONL corpus (one JSON object per line, with "
@@ -261,25 +267,8 @@ def check_corpus_form(paths, keys) -> None:
 def parquet_chunks(path: Path, keys: list[str], chunk_size: int):
     """``(path, first row, items, keys)``: items are lists of texts (one per key) or ``BadRecord``s."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    try:
-        pf = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as e:
-        raise CorruptInput(f"{path}: not a readable Parquet file: {e}") from None
-    columns = pf.schema_arrow.names
-    missing = [k for k in keys if k not in columns]
-    if missing:
-        raise CorruptInput(f"{path}: missing column {missing[0]!r} (columns: {', '.join(columns)})")
-    repeated = [k for k in keys if columns.count(k) > 1]
-    if repeated:  # Parquet allows it; which one holds the text is anyone's guess (pyarrow raised a KeyError)
-        at = [i for i, c in enumerate(columns) if c == repeated[0]]
-        raise CorruptInput(f"{path}: column {repeated[0]!r} appears {len(at)} times (columns number "
-                           f"{', '.join(str(i + 1) for i in at)} of {len(columns)}); which one is the text is "
-                           "ambiguous: rename or drop the others")
-    wrong = [p for p in (_text_column_problem(pf.schema_arrow.field(k)) for k in keys) if p]
-    if wrong:  # every row would be a bad record, which --skip-bad-records would drop without a word
-        raise CorruptInput(f"{path}: {wrong[0]}")
+    pf = _open_parquet(path, keys)
     if pf.metadata.num_rows == 0:
         raise BadRecord(f"{path}: empty file (no rows)")
     row = 1
@@ -302,6 +291,32 @@ def parquet_chunks(path: Path, keys: list[str], chunk_size: int):
             row += len(items)
     except (pa.ArrowException, OSError) as e:
         raise CorruptInput(f"{path}: corrupt Parquet data after row {row - 1}: {e}") from None
+
+
+def _open_parquet(path: Path, keys: list[str]):
+    """``path``'s ``pyarrow.parquet.ParquetFile`` (its footer read), each of ``keys`` one text column in it;
+    ``CorruptInput`` naming the file and column otherwise."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise CorruptInput(f"{path}: not a readable Parquet file: {e}") from None
+    columns = pf.schema_arrow.names
+    missing = [k for k in keys if k not in columns]
+    if missing:
+        raise CorruptInput(f"{path}: missing column {missing[0]!r} (columns: {', '.join(columns)})")
+    repeated = [k for k in keys if columns.count(k) > 1]
+    if repeated:  # Parquet allows it; which one holds the text is anyone's guess (pyarrow raised a KeyError)
+        at = [i for i, c in enumerate(columns) if c == repeated[0]]
+        raise CorruptInput(f"{path}: column {repeated[0]!r} appears {len(at)} times (columns number "
+                           f"{', '.join(str(i + 1) for i in at)} of {len(columns)}); which one is the text is "
+                           "ambiguous: rename or drop the others")
+    wrong = [p for p in (_text_column_problem(pf.schema_arrow.field(k)) for k in keys) if p]
+    if wrong:  # every row would be a bad record, which --skip-bad-records would drop without a word
+        raise CorruptInput(f"{path}: {wrong[0]}")
+    return pf
 
 
 _STRING_TYPES = ("is_string", "is_large_string", "is_string_view")
