@@ -301,3 +301,23 @@ def test_a_parquet_file_without_a_text_column_is_refused_before_any_file_is_read
                         str(tmp_path / "out" / "o"), "--num-tasks", "2", "--plan"], capture_output=True, text=True)
     assert r.returncode == 1 and f"{tmp_path / 'nokey.parquet'}: missing column 'text'" in r.stderr, r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_an_empty_input_file_is_refused_before_any_file_is_read(tmp_path):
+    """An empty file stops the run (never skipped), but was found only when the run reached it, after
+    tokenizing the files before it; `--plan` passed it. A failed download leaves one among many."""
+    from megatron_osp.data.readers import check_corpus_form
+
+    good = write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in TEXTS[:5]])
+    (tmp_path / "zero.jsonl").write_bytes(b"")
+    (tmp_path / "blank.jsonl").write_bytes(b"\n  \r\n")
+    write_gz(tmp_path / "blank.jsonl.gz", ["", " "])
+    write_zst(tmp_path / "zero.jsonl.zst", [])
+    write_parquet(tmp_path / "rows.parquet", [], schema=pa.schema([("text", pa.string())]))
+    cases = {"zero.jsonl": ":1: empty file$", "blank.jsonl": r":1: empty file \(blank lines only\)",
+             "blank.jsonl.gz": r":1: empty file \(blank lines only\)", "zero.jsonl.zst": ":1: empty file$",
+             "rows.parquet": r": empty file \(no rows\)"}
+    for name, message in cases.items():
+        with pytest.raises(BadRecord, match=rf"^{tmp_path / name}{message}"):
+            check_corpus_form([good, tmp_path / name], ["text"])
+    check_corpus_form([good, write_gz(tmp_path / "ok.jsonl.gz", ["", {"text": "x"}])], ["text"])

@@ -204,7 +204,12 @@ def jsonl_chunks(path: Path, keys: list[str], chunk_size: int):
     if items:
         yield (str(path), first, items, keys)
     if records == 0:
-        raise BadRecord(f"{path}:1: empty file" + (" (blank lines only)" if line_no else ""))
+        raise empty_file(path, line_no > 0)
+
+
+def empty_file(path, blank_lines: bool) -> BadRecord:
+    """A JSON-lines file without a record (no line, or ``blank_lines`` only): never skipped."""
+    return BadRecord(f"{path}:1: empty file" + (" (blank lines only)" if blank_lines else ""))
 
 
 def corpus_form_problem(path: Path, keys: list[str]) -> str | None:
@@ -215,15 +220,25 @@ def corpus_form_problem(path: Path, keys: list[str]) -> str | None:
     records: it stopped the run at ``file:1`` as if one record were bad, or with skip_bad_records was
     dropped line by line. Parquet and what is not a regular file (a pipe must not lose its first line here)
     are not read: None. A file whose first line is a bad record among others, or a ``.jsonl`` of one bad
-    record, is a corpus with a bad record, which reading names."""
+    record, is a corpus with a bad record, which reading names. A file without a record (``empty_file``)
+    raises it here: the run would stop there, after the files before it."""
     if input_format(path) == "parquet" or not os.path.isfile(path):
         return None
     raw_lines = _raw_lines(path, input_format(path))
-    lines = (raw for raw in raw_lines if raw.strip(_JSON_SPACE))
+    read = 0
+
+    def nonblank():
+        nonlocal read
+        for raw in raw_lines:
+            read += 1
+            if raw.strip(_JSON_SPACE):
+                yield raw
+
+    lines = nonblank()
     try:
         first = next(lines, None)
         if first is None:
-            return None  # an empty file: reading says so
+            raise empty_file(path, read > 0)
         text = first.removeprefix(_BOM).decode("utf-8", "replace").strip()
         if text in ("{", "["):
             return f"its first line is {text!r} alone: one pretty-printed JSON document, not one object per line"
@@ -249,8 +264,8 @@ def corpus_form_problem(path: Path, keys: list[str]) -> str | None:
 def check_corpus_form(paths, keys) -> None:
     """``corpus_form_problem`` of every input, as ``CorruptInput`` (never skipped) naming the first file that
     has one: before any output is written, not at its first line after the files before it were tokenized.
-    A Parquet file's footer is read: a missing, repeated or non-text column of ``keys`` is named now, not
-    when the run reaches it after the files before it."""
+    A Parquet file's footer is read: a missing, repeated or non-text column of ``keys``, or no rows, is named
+    now, not when the run reaches it after the files before it; an empty JSON-lines file too."""
     for path in map(Path, paths):
         if input_format(path) == "parquet":
             if path.is_file():
@@ -269,8 +284,6 @@ def parquet_chunks(path: Path, keys: list[str], chunk_size: int):
     import pyarrow as pa
 
     pf = _open_parquet(path, keys)
-    if pf.metadata.num_rows == 0:
-        raise BadRecord(f"{path}: empty file (no rows)")
     row = 1
     try:
         for batch in pf.iter_batches(batch_size=chunk_size, columns=list(keys)):
@@ -295,7 +308,7 @@ def parquet_chunks(path: Path, keys: list[str], chunk_size: int):
 
 def _open_parquet(path: Path, keys: list[str]):
     """``path``'s ``pyarrow.parquet.ParquetFile`` (its footer read), each of ``keys`` one text column in it;
-    ``CorruptInput`` naming the file and column otherwise."""
+    ``CorruptInput`` naming the file and column otherwise, ``BadRecord`` if it has no rows (never skipped)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -316,6 +329,8 @@ def _open_parquet(path: Path, keys: list[str]):
     wrong = [p for p in (_text_column_problem(pf.schema_arrow.field(k)) for k in keys) if p]
     if wrong:  # every row would be a bad record, which --skip-bad-records would drop without a word
         raise CorruptInput(f"{path}: {wrong[0]}")
+    if pf.metadata.num_rows == 0:
+        raise BadRecord(f"{path}: empty file (no rows)")
     return pf
 
 
