@@ -228,3 +228,20 @@ def test_a_file_name_for_a_prefix_is_refused_with_the_prefix(tmp_path):
     with pytest.raises(ValueError, match=rf"input {re.escape(x)}\.idx: a file name, .* without \.idx, {re.escape(x)} "):
         merge_datasets([x + ".idx"], str(tmp_path / "out"))
     assert sorted(os.listdir(tmp_path)) == ["x.bin", "x.idx"]
+
+
+def test_a_dataset_given_twice_through_a_link_is_refused(tmp_path):
+    """A symbolic or hard link of a dataset's files under another prefix (a directory of links that
+    organizes datasets) is the same dataset, as training takes it: it was merged twice."""
+    a = _ours(str(tmp_path / "a"), np.random.default_rng(0), 5)
+    links = tmp_path / "links"
+    links.mkdir()
+    for ext in (".bin", ".idx"):
+        os.symlink(a + ext, links / f"sym{ext}")
+        os.link(a + ext, links / f"hard{ext}")
+    for other in (str(links / "sym"), str(links / "hard")):
+        with pytest.raises(ValueError, match=re.escape(f"{other}: given twice as input (as {a} and as {other})")):
+            merge_datasets([a, other], str(tmp_path / "m"))
+        assert not list(tmp_path.glob("m*"))
+    b = _ours(str(tmp_path / "b"), np.random.default_rng(1), 5)
+    assert merge_datasets([a, b], str(tmp_path / "m"))["datasets"] == 2
