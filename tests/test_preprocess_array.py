@@ -453,3 +453,14 @@ def test_tasks_are_one_run_by_their_tokenizer_file_not_its_fingerprint(tmp_path)
                                          rf"{copy} \(sha256 .*\) vs tokenizer {tok}"):
         merge.merge_tasks(str(tmp_path / "t"), str(tmp_path / "m2"))
     assert not list(tmp_path.glob("m2*"))
+
+
+def test_the_slurm_example_refuses_an_abbreviated_option_before_submitting(tmp_path, tok):
+    """preprocess_data.py took `--max-shard 400` for --max-shard-tokens, which the example reads by its full
+    name to shard the merge as the tasks: the tasks were sharded and the merged output was not."""
+    _corpus(tmp_path / "in", n_files=2)
+    env, state = _fake_slurm(tmp_path)
+    r = _submit(tmp_path, {**env, "TASKS": "2", "CPUS_PER_TASK": "1"}, "--input", "in/*.jsonl", "--tokenizer-model",
+                tok, "--output-prefix", "data/c", "--max-shard", 400, check=False)
+    assert r.returncode != 0 and "unrecognized arguments: --max-shard" in r.stderr, r.stderr[-2000:]
+    assert not list(state.iterdir()) and not (tmp_path / "data").exists()

@@ -92,7 +92,10 @@ def print_plan(args) -> int:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # No abbreviations: examples/preprocess_slurm.sh reads --max-shard-tokens and --workers by their full
+    # names, so "--max-shard 1e9" sharded the tasks but not their merge, and "--work 4" was overridden.
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--input", nargs="+", required=True, help="files, globs or directories")
     p.add_argument("--tokenizer-model", required=True, help="SentencePiece .model or HF tokenizer.json")
     p.add_argument("--eod-token", default=None, help="HF tokenizers: the end-of-document token (default: guessed)")
