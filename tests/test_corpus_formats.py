@@ -234,3 +234,34 @@ def test_a_directory_input_follows_linked_subdirectories_and_refuses_broken_link
     (d / "c.jsonl").symlink_to(tmp_path / "gone.jsonl")
     with pytest.raises(FileNotFoundError, match=re.escape(f"{d / 'c.jsonl'}: a broken symbolic link")):
         tool.expand_inputs([str(d)])
+
+
+@pytest.mark.parametrize("name, compress, inside", [
+    ("corpus.tar.gz", gzip.compress, " inside its gzip compression"),
+    ("corpus.tar.zst", lambda d: zstandard.ZstdCompressor().compress(d), " inside its zstd compression"),
+    ("corpus.jsonl", lambda d: d, ""),
+])
+def test_a_tar_archive_of_json_lines_is_refused_not_read_as_lines(tmp_path, sp_model, name, compress, inside):
+    """A .tar.gz of JSON-lines files is picked up as a .gz (in a directory input too). Read as lines, each
+    member's first line was glued to its tar header and its last to the padding: with --skip-bad-records
+    those documents were dropped as 'bad records' and the rest written, the archive never named."""
+    import tarfile
+
+    from megatron_osp.data.preprocess import CorruptInput
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for i in range(3):
+            data = _lines(TEXTS[i * 5:(i + 1) * 5])
+            info = tarfile.TarInfo(f"part{i}.jsonl")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    src = tmp_path / name
+    src.write_bytes(compress(buf.getvalue()))
+    with pytest.raises(CorruptInput, match=rf"{name}: holds a tar archive{inside}, not JSON lines \(extract"):
+        preprocess([str(src)], sp_model, str(tmp_path / "o"), progress=False, skip_bad_records=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+    double = tmp_path / "double.jsonl.gz"
+    double.write_bytes(gzip.compress(gzip.compress(_lines())))
+    with pytest.raises(CorruptInput, match=r"double\.jsonl\.gz: holds gzip-compressed data inside its gzip"):
+        preprocess([str(double)], sp_model, str(tmp_path / "o"), progress=False, skip_bad_records=True)

@@ -16,6 +16,7 @@ default limit of 128 MiB, which refused them as "too much memory".
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import os
 import re
@@ -141,7 +142,23 @@ _SIGNATURES = (
 
 
 def _binary_kind(head: bytes) -> str | None:
-    return next((kind for magic, kind in _SIGNATURES if head.startswith(magic)), None)
+    kind = next((kind for magic, kind in _SIGNATURES if head.startswith(magic)), None)
+    # A tar header's magic, POSIX or GNU (a NUL in it: no JSON text has one). Read as lines, a tar's members'
+    # first and last lines, glued to headers, were bad records, and its other lines documents.
+    if kind is None and (head[257:263] == b"ustar\x00" or head[257:265] == b"ustar  \x00"):
+        return "a tar archive"
+    return kind
+
+
+def _refuse_binary(path: Path, head: bytes, compressed: str | None = None) -> None:
+    """``CorruptInput`` if ``head`` (a file's first bytes; of a compressed one, decompressed) is a binary
+    format a JSON-lines reader would turn into garbage lines."""
+    kind = _binary_kind(head)
+    if kind is not None:
+        inside = f" inside its {compressed} compression" if compressed else ""
+        hint = ("extract its files and give those as inputs" if kind == "a tar archive" else
+                "plain UTF-8 text, or named .gz, .zst, .parquet for those formats")
+        raise CorruptInput(f"{path}: holds {kind}{inside}, not JSON lines ({hint})")
 
 
 def _raw_lines(path: Path, fmt: str):
@@ -150,6 +167,7 @@ def _raw_lines(path: Path, fmt: str):
     try:
         if fmt == "gzip":
             with gzip.open(path, "rb") as f:
+                _refuse_binary(path, f.peek(512)[:512], "gzip")
                 for line_no, raw in enumerate(f, start=1):
                     yield raw
         elif fmt == "zstd":
@@ -159,17 +177,17 @@ def _raw_lines(path: Path, fmt: str):
                 raise CorruptInput(f"{path}: .zst input needs the zstandard package (pip install zstandard)") from None
             with open(path, "rb") as f:
                 try:
-                    for line_no, raw in enumerate(_lines_of(_zstd_blocks(f, path)), start=1):
+                    blocks = _zstd_blocks(f, path)
+                    first = next(blocks, b"")
+                    _refuse_binary(path, first[:512], "zstd")
+                    for line_no, raw in enumerate(_lines_of(itertools.chain([first], blocks)), start=1):
                         yield raw
                 except zstandard.ZstdError as e:
                     raise CorruptInput(f"{path}: corrupt zstd stream after line {line_no}: {e}") from None
         else:
             with open(path, "rb") as f:
                 # peek, not read and seek back: a pipe (a FIFO, /dev/stdin, bash's <(zstdcat ...)) cannot seek
-                kind = _binary_kind(f.peek(8)[:8])
-                if kind is not None:
-                    raise CorruptInput(f"{path}: holds {kind}, not JSON lines (plain UTF-8 text, or named .gz, .zst, "
-                                       ".parquet for those formats)")
+                _refuse_binary(path, f.peek(512)[:512])
                 yield from f
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
         raise CorruptInput(f"{path}: corrupt or truncated gzip stream after line {line_no}: {e}") from None
