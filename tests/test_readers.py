@@ -321,3 +321,25 @@ def test_an_empty_input_file_is_refused_before_any_file_is_read(tmp_path):
         with pytest.raises(BadRecord, match=rf"^{tmp_path / name}{message}"):
             check_corpus_form([good, tmp_path / name], ["text"])
     check_corpus_form([good, write_gz(tmp_path / "ok.jsonl.gz", ["", {"text": "x"}])], ["text"])
+
+
+def test_a_file_whose_first_record_is_bad_stops_the_run_before_any_file_is_read(tmp_path, sp_model):
+    """A shard exported with another key ('content' for 'text') stopped a run that does not skip bad records
+    at its first line, but only once the run reached it, after every file before it; `--plan` passed it.
+    With --skip-bad-records its records are skipped and counted as before."""
+    from megatron_osp.data.readers import check_corpus_form
+
+    good = write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in TEXTS[:5]])
+    other = tmp_path / "b.jsonl.gz"
+    other.write_bytes(gzip.compress(b"\xef\xbb\xbf\n  \n" + _lines([{"content": "x"}, {"text": "y"}])))
+    r = subprocess.run([sys.executable, str(REPO / "tools/preprocess_data.py"), "--input", str(good), str(other),
+                        "--tokenizer-model", sp_model, "--output-prefix", str(tmp_path / "out" / "o"), "--plan"],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and f"{other}:3: missing key 'text'" in r.stderr, r.stdout + r.stderr
+    with pytest.raises(BadRecord, match=rf"^{other}:3: missing key 'text'$"):
+        check_corpus_form([good, other], ["text"], first_records=True)
+    check_corpus_form([good, other], ["text"])  # skipping bad records: reading skips it
+    assert _run(other, sp_model, tmp_path / "o", skip_bad_records=True).bad_locations == [f"{other}:3"]
+    bom_then_record = tmp_path / "c.jsonl"
+    bom_then_record.write_bytes(b"\xef\xbb\xbf\n" + _lines([{"text": "fine"}]))
+    check_corpus_form([bom_then_record], ["text"], first_records=True)

@@ -67,7 +67,7 @@ def print_plan(args) -> int:
             raise FileNotFoundError(f"{f} does not exist" if not os.path.exists(f) else f"{f} is not a file")
     check_inputs(files)
     check_json_keys(args.json_keys)
-    check_corpus_form(files, args.json_keys)
+    check_corpus_form(files, args.json_keys, not args.skip_bad_records)
     sizes = [os.path.getsize(f) for f in files]
     tok = load_tokenizer(args.tokenizer_model, args.eod_token, special_tokens_in_text=args.special_tokens_in_text)
     check_eod(tok, args.tokenizer_model, args.append_eod)

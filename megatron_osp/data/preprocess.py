@@ -355,7 +355,7 @@ def preprocess(
             special_tokens_in_text)
         paths = [Path(p) for p in mine]
         output_prefix = array_tasks.task_prefix(output_prefix, index, count)
-    check_corpus_form(paths, json_keys)  # this task's share only: each file's first lines, before any output
+    check_corpus_form(paths, json_keys, not skip_bad_records)  # this task's share only: first lines, before any output
     pool = (ProcessPoolExecutor(workers, mp_context=get_context("fork"), initializer=_init_worker,
                                 initargs=(tokenizer_model, eod_token, os.getpid(), word_cache, special_tokens_in_text))
             if workers > 1 else None)

@@ -212,10 +212,7 @@ def jsonl_chunks(path: Path, keys: list[str], chunk_size: int):
             items.append(None)
         else:
             records += 1
-            try:
-                items.append(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                items.append(BadRecord(f"{path}:{line_no}: not valid UTF-8 ({e.reason} at byte {e.start})"))
+            items.append(_decode(path, line_no, raw))
         if len(items) == chunk_size:
             yield (str(path), first, items, keys)
             first, items = line_no + 1, []
@@ -225,12 +222,19 @@ def jsonl_chunks(path: Path, keys: list[str], chunk_size: int):
         raise empty_file(path, line_no > 0)
 
 
+def _decode(path, line_no: int, raw: bytes) -> str | BadRecord:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return BadRecord(f"{path}:{line_no}: not valid UTF-8 ({e.reason} at byte {e.start})")
+
+
 def empty_file(path, blank_lines: bool) -> BadRecord:
     """A JSON-lines file without a record (no line, or ``blank_lines`` only): never skipped."""
     return BadRecord(f"{path}:1: empty file" + (" (blank lines only)" if blank_lines else ""))
 
 
-def corpus_form_problem(path: Path, keys: list[str]) -> str | None:
+def corpus_form_problem(path: Path, keys: list[str], first_record: bool = False) -> str | None:
     """Why a JSON-lines input is no JSONL corpus at all (one JSON object per line), judged from its first
     lines, or None: a pretty-printed JSON document (its first line ``{`` or ``[`` alone: a tokenizer.json,
     a config, a manifest), and of a file named ``.json``, a JSON array or one JSON value that is not a
@@ -238,8 +242,10 @@ def corpus_form_problem(path: Path, keys: list[str]) -> str | None:
     records: it stopped the run at ``file:1`` as if one record were bad, or with skip_bad_records was
     dropped line by line. Parquet and what is not a regular file (a pipe must not lose its first line here)
     are not read: None. A file whose first line is a bad record among others, or a ``.jsonl`` of one bad
-    record, is a corpus with a bad record, which reading names. A file without a record (``empty_file``)
-    raises it here: the run would stop there, after the files before it."""
+    record, is a corpus with a bad record, which reading names; with ``first_record`` (a run that stops at a
+    bad record), its first record is judged here and a bad one raised (a shard exported with another key).
+    A file without a record (``empty_file``) raises it here: the run would stop there, after the files
+    before it."""
     if input_format(path) == "parquet" or not os.path.isfile(path):
         return None
     raw_lines = _raw_lines(path, input_format(path))
@@ -249,6 +255,7 @@ def corpus_form_problem(path: Path, keys: list[str]) -> str | None:
         nonlocal read
         for raw in raw_lines:
             read += 1
+            raw = raw.removeprefix(_BOM) if read == 1 else raw  # as jsonl_chunks reads it
             if raw.strip(_JSON_SPACE):
                 yield raw
 
@@ -257,21 +264,33 @@ def corpus_form_problem(path: Path, keys: list[str]) -> str | None:
         first = next(lines, None)
         if first is None:
             raise empty_file(path, read > 0)
-        text = first.removeprefix(_BOM).decode("utf-8", "replace").strip()
-        if text in ("{", "["):
-            return f"its first line is {text!r} alone: one pretty-printed JSON document, not one object per line"
-        if not path.name.lower().endswith(".json"):
-            return None  # named JSON lines: its first line is a record, good or bad
-        if text.startswith("["):
-            return "it begins with '[': a JSON array, not one object per line"
-        try:
-            value = json.loads(text)
-        except (ValueError, RecursionError):
-            return None  # a malformed first record: reading names its line
-        if next(lines, None) is not None or (isinstance(value, dict) and all(k in value for k in keys)):
-            return None  # several lines: a corpus, its records judged one by one
+        line_no = read
+        problem = _form_problem(path, keys, first.decode("utf-8", "replace").strip(), lines)
     finally:
         raw_lines.close()  # the file, now: not when the generator is collected
+    if problem is None and first_record:
+        record = _decode(path, line_no, first)
+        record = record if isinstance(record, BadRecord) else parse_json_record(f"{path}:{line_no}", record, keys)
+        if isinstance(record, BadRecord):
+            raise record
+    return problem
+
+
+def _form_problem(path: Path, keys: list[str], text: str, lines) -> str | None:
+    """corpus_form_problem's judgement of a file whose first non-blank line is ``text`` (``lines``: the
+    non-blank lines after it)."""
+    if text in ("{", "["):
+        return f"its first line is {text!r} alone: one pretty-printed JSON document, not one object per line"
+    if not path.name.lower().endswith(".json"):
+        return None  # named JSON lines: its first line is a record, good or bad
+    if text.startswith("["):
+        return "it begins with '[': a JSON array, not one object per line"
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return None  # a malformed first record: reading names its line
+    if next(lines, None) is not None or (isinstance(value, dict) and all(k in value for k in keys)):
+        return None  # several lines: a corpus, its records judged one by one
     if isinstance(value, dict):
         names = list(value)
         held = f"keys {', '.join(map(repr, names[:6]))}{', ...' if len(names) > 6 else ''}" if names else "no keys"
@@ -279,17 +298,18 @@ def corpus_form_problem(path: Path, keys: list[str]) -> str | None:
     return f"its only line is {json_kind(value)}, not a JSON object"
 
 
-def check_corpus_form(paths, keys) -> None:
+def check_corpus_form(paths, keys, first_records: bool = False) -> None:
     """``corpus_form_problem`` of every input, as ``CorruptInput`` (never skipped) naming the first file that
     has one: before any output is written, not at its first line after the files before it were tokenized.
     A Parquet file's footer is read: a missing, repeated or non-text column of ``keys``, or no rows, is named
-    now, not when the run reaches it after the files before it; an empty JSON-lines file too."""
+    now, not when the run reaches it after the files before it; an empty JSON-lines file too, and with
+    ``first_records`` (a run that stops at a bad record) a JSON-lines file whose first record is bad."""
     for path in map(Path, paths):
         if input_format(path) == "parquet":
             if path.is_file():
                 _open_parquet(path, keys)
             continue
-        problem = corpus_form_problem(path, keys)
+        problem = corpus_form_problem(path, keys, first_records)
         if problem:
             raise CorruptInput(f"{path}: does not look like a JSONL corpus (one JSON object per line, with "
                                f"{' and '.join(map(repr, keys))}): {problem}; if it is not part of the corpus, "

@@ -170,7 +170,7 @@ def train_sentencepiece(
         raise ValueError("no input given: name corpus files, globs or directories")
     files = [Path(f) for f in expand_inputs([os.fspath(spec) for spec in specs])]
     check_inputs(files, "its documents would be trained on twice, weighing twice in the tokenizer")  # each exists
-    check_corpus_form(files, [json_key])  # a tokenizer.json or config.json in a directory given is no corpus
+    check_corpus_form(files, [json_key], not skip_bad_records)  # a tokenizer.json or config.json given is no corpus
     output_prefix = Path(output_prefix)
     if vocab_size <= META_PIECES:
         raise ValueError(f"vocab_size must be more than {META_PIECES} (256 byte-fallback pieces + <unk>, <s>, </s>) "
