@@ -46,6 +46,12 @@ def _file_id(path: str) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
+def dataset_id(prefix: str):
+    """What makes two prefixes one dataset: its .bin file (device and inode: under any symbolic or hard
+    link of its name, as training reads it), else (no .bin: a merge's source removed since) its real path."""
+    return _file_id(prefix + ".bin") if os.path.exists(prefix + ".bin") else os.path.realpath(prefix)
+
+
 def _bin_edges(prefix: str, size: int) -> bytes:
     """The sha256 of the first and last ``_EDGE`` bytes of ``prefix``.bin (all of it when smaller)."""
     h = hashlib.sha256()

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from megatron_osp.data import shardset, special_text, tokenizer_identity
-from megatron_osp.data.content_identity import SAMPLE_FIELD, _file_id, merged_sample, recorded_samples
+from megatron_osp.data.content_identity import SAMPLE_FIELD, dataset_id, merged_sample, recorded_samples
 from megatron_osp.data.indexed import IndexedDataset, IndexedDatasetWriter, check_dtype_holds
 from megatron_osp.data.replace import aside_hint
 from megatron_osp.data.token_range import scan_token_range
@@ -92,7 +92,7 @@ def _merge(input_prefixes: list[str], output_prefix: str, vocab_size: int | None
     for prefix, given in expanded:
         if os.path.realpath(prefix) == out:
             raise ValueError(f"{prefix}: the output prefix is also an input")
-        real = _dataset_id(prefix)
+        real = dataset_id(prefix)
         if real in seen:
             how = "" if seen[real] == given else f" (as {seen[real]} and as {given})"
             raise ValueError(f"{prefix}: given twice as input{how}; its documents would be in the output twice")
@@ -156,20 +156,14 @@ def _merge(input_prefixes: list[str], output_prefix: str, vocab_size: int | None
             "no_manifest": f"{output_prefix}: written without a manifest: {why}" if lacking else None, "notes": notes}
 
 
-def _dataset_id(prefix: str):
-    """What makes two prefixes one dataset: its .bin file (under any symbolic or hard link of its name, as
-    training takes it), else (a merged-from source removed since) its real path."""
-    return _file_id(prefix + ".bin") if os.path.exists(prefix + ".bin") else os.path.realpath(prefix)
-
-
 def _check_no_source_twice(input_prefixes: list[str], seen: dict[str, str]) -> None:
     """Refuse an input that an earlier merge made from another input (``--input-dir data/`` holding
     ``data/all`` beside the ``data/a`` it was merged from), or two inputs merged from one dataset: the
-    documents would be in the output twice. ``seen``: the inputs' ``_dataset_id``s -> how each was given."""
+    documents would be in the output twice. ``seen``: the inputs' ``dataset_id``s -> how each was given."""
     sources: dict[str, str] = {}  # a dataset an input was merged from -> that input
     for prefix in input_prefixes:
         for source in shardset.merged_sources(prefix):
-            real = _dataset_id(source)
+            real = dataset_id(source)
             if real in seen:
                 raise ValueError(f"{prefix}: was merged from {source} (its manifest's merged_from), which is also an "
                                  f"input ({seen[real]}); its documents would be in the output twice. Merge the "

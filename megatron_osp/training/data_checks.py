@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 
 from megatron_osp.data import shardset
-from megatron_osp.data.content_identity import copies_of, retokenized_overlap, training_sample
+from megatron_osp.data.content_identity import copies_of, dataset_id, retokenized_overlap, training_sample
 from megatron_osp.data.replace import aside_hint
 from megatron_osp.data.shardset import expand
 from megatron_osp.data.tokenizer_identity import same_tokenizer, tokenizer_fingerprint
@@ -127,7 +127,7 @@ def listed_twice(paths, weights, field: str) -> list[str]:
             shards = expand(entry)
         except (OSError, ValueError):  # reported by dataset_prefixes
             shards = [entry]
-        keys = [_file_id(p) if os.path.exists(p + ".bin") else os.path.abspath(p) for p in shards]
+        keys = [dataset_id(p) for p in shards]
         entry_keys.append(keys)
         for prefix, key in zip(shards, keys):
             if key not in seen:
@@ -146,11 +146,6 @@ def listed_twice(paths, weights, field: str) -> list[str]:
             problems.append(f"{field}: entries {j} ({paths[j]}) and {i} ({entry}) {what}, most likely by "
                             f"mistake (it would be drawn for both entries); {way}")
     return problems
-
-
-def _file_id(prefix: str):
-    st = os.stat(prefix + ".bin")
-    return st.st_dev, st.st_ino
 
 
 def _valid_set_problems(d, train_prefixes: list[str], tokens: bool = True,
@@ -172,14 +167,14 @@ def _valid_set_problems(d, train_prefixes: list[str], tokens: bool = True,
     if problems:
         return problems
     present = [p for p in train_prefixes if all(os.path.exists(p + ext) for ext in (".bin", ".idx"))]
-    trained = {_file_id(p): p for p in reversed(present)}  # the first named
+    trained = {dataset_id(p): p for p in reversed(present)}  # the first named
     way_out = "hold out another dataset, or leave data.valid_paths unset to validate on data.split's share"
     pool = training_sample(present)
     lineage = _merge_lineage_problems(train_prefixes, prefixes)  # a merge's own words, not 'tokenized again'
     for entry in d.valid_paths:
         shards = dataset_prefixes([entry])
         also = {p: "" if p == entry else f" (a shard of {entry})" for p in shards}
-        same = next(((p, trained[_file_id(p)]) for p in shards if _file_id(p) in trained), None)
+        same = next(((p, trained[dataset_id(p)]) for p in shards if dataset_id(p) in trained), None)
         if same is not None:
             p, t = same
             problems.append(f"data.valid_paths: {p}{also[p]} is also read for training (data.paths: {t}): its "
@@ -219,18 +214,12 @@ def _copies(valid: list[str], trained: list[str]) -> dict[str, str]:
         return {}
 
 
-def _identity(prefix: str):
-    """A dataset's .bin file id where it exists (any link to it is the same dataset), else its absolute
-    path (a merge's source removed since)."""
-    return _file_id(prefix) if os.path.exists(prefix + ".bin") else os.path.abspath(prefix)
-
-
 def _merged_from_any(merged: list[str], candidates: list[str]) -> tuple[str, str] | None:
     """The first (dataset of ``merged``, dataset of ``candidates`` it was merged from), or None."""
     for m in merged:
-        sources = {_identity(s) for s in shardset.merged_sources(m)}
+        sources = {dataset_id(s) for s in shardset.merged_sources(m)}
         for c in candidates:
-            if _identity(c) in sources:
+            if dataset_id(c) in sources:
                 return m, c
     return None
 
