@@ -66,3 +66,14 @@ def test_runs_of_one_recipe_are_told_apart_by_their_directories(tmp_path):
     assert rows[2].startswith("OSP (Muon + SSNorm + EmbProj) ") and str(c) not in rows[2], rows
     per_layer_header = lines[lines.index("excess kurtosis per hidden state (held-out batch):") + 1]
     assert f"Adam + RMSNorm ({a})" in per_layer_header and f"Adam + RMSNorm ({b})" in per_layer_header
+
+
+def test_one_run_given_twice_is_refused(tmp_path):
+    """The same run directory given twice (as another path to it) used to be shown as two runs with
+    identical results, exit 0. Now: exit 2 naming it."""
+    run = _run_dir(tmp_path / "run")
+    (tmp_path / "link").symlink_to(run)
+    for args in ((run, run), (run, f"{run}/"), (run, tmp_path / "link")):
+        result = _compare(*args)
+        assert result.returncode == 2, result.stdout
+        assert f"error: the run {run} is given twice" in result.stderr and "Traceback" not in result.stderr

@@ -6,7 +6,7 @@ table adds held-out perplexity at full precision and at --setting (default 4-4-4
 (and, when the evaluation measured it, the weights-only part of it, e.g. 4-16-16). With --downstream
 EVAL_DIR/downstream.json (tools/evaluate_downstream.py) it adds the average benchmark score at fp and at
 --setting and the drop. A report of an evaluation that has not finished is shown with '-' where it
-lacks a figure and a note saying so.
+lacks a figure and a note saying so. A run given twice is refused.
 """
 
 import argparse
@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_osp.analysis.compare import (format_comparison, load_downstream, load_quantization,  # noqa: E402
-                                          load_run, partial_note)
+from megatron_osp.analysis.compare import (check_distinct, format_comparison, load_downstream,  # noqa: E402
+                                          load_quantization, load_run, partial_note)
 from megatron_osp.fileio import atomic_write_text  # noqa: E402
 
 
@@ -33,7 +33,9 @@ def main() -> int:
             _check_output(Path(args.output), args)
         quant = load_quantization(args.quantization) if args.quantization else None
         down = load_downstream(args.downstream) if args.downstream else None
-        table = format_comparison([load_run(r) for r in args.runs], quant, args.setting, downstream=down)
+        runs = [load_run(r) for r in args.runs]
+        check_distinct(runs)
+        table = format_comparison(runs, quant, args.setting, downstream=down)
         notes = [partial_note(p) for p in (args.quantization, args.downstream) if p]
         if any(notes):
             table += "\n\n" + "\n".join(n for n in notes if n)

@@ -28,6 +28,17 @@ def load_run(run_dir: str | Path) -> dict:
     return summary
 
 
+def check_distinct(runs: list[dict]) -> None:
+    """ValueError when one run directory is given twice (as the same path or another path to it): the
+    table would show it as two runs of identical results."""
+    seen: dict[str, str] = {}
+    for r in runs:
+        if r["loaded_from"] in seen:
+            raise ValueError(f"the run {r['loaded_from']} is given twice (as {seen[r['loaded_from']]} and "
+                             f"{r['given_as']}): give each run once")
+        seen[r["loaded_from"]] = r["given_as"]
+
+
 def run_label(run: dict) -> str:
     if run["optimizer"] == "adam" and run["normalization"] == "rmsnorm" and not run["embedding_projection"]:
         return "Adam + RMSNorm"
