@@ -68,6 +68,20 @@ def test_runs_of_one_recipe_are_told_apart_by_their_directories(tmp_path):
     assert f"Adam + RMSNorm ({a})" in per_layer_header and f"Adam + RMSNorm ({b})" in per_layer_header
 
 
+def _checkpoint(run: Path, iteration: int, tokenizer_sha256: str) -> None:
+    """checkpoints/latest -> iter_N with the train state and run config a save writes (no weights: the
+    table reads only which tokenizer the model learned)."""
+    from megatron_osp.training.config import RunConfig, save_config
+
+    it = run / "checkpoints" / f"iter_{iteration:07d}"
+    it.mkdir(parents=True)
+    (it / "train_state.json").write_text(json.dumps({
+        "format": "megatron-osp/torch_dist", "version": 1, "iteration": iteration,
+        "tokenizer": {"tokenizer_sha256": tokenizer_sha256, "source": f"/data/{tokenizer_sha256[:4]}.model"}}))
+    save_config(RunConfig(), it / "run_config.yaml")
+    (run / "checkpoints" / "latest").write_text(it.name + "\n")
+
+
 def test_one_run_given_twice_is_refused(tmp_path):
     """The same run directory given twice (as another path to it) used to be shown as two runs with
     identical results, exit 0. Now: exit 2 naming it."""
@@ -77,3 +91,55 @@ def test_one_run_given_twice_is_refused(tmp_path):
         result = _compare(*args)
         assert result.returncode == 2, result.stdout
         assert f"error: the run {run} is given twice" in result.stderr and "Traceback" not in result.stderr
+
+
+def _notes(runs, *reports, setting="4-4-4"):
+    """The notes compare_runs.py prints under its table, in-process (a run with checkpoints loads Megatron-Core)."""
+    from megatron_osp.analysis.compare import load_run, report_notes, tokenizer_note
+
+    loaded = [load_run(r) for r in runs]
+    return [n for n in [tokenizer_note(loaded)] + [x for r in reports for x in report_notes(r, loaded, setting)] if n]
+
+
+def test_runs_of_different_tokenizers_are_said_not_comparable(tmp_path):
+    """Runs whose models learned the ids of different tokenizers (their checkpoints' records) used to be
+    tabled side by side without a word, their losses per token of different vocabularies. Now a note under
+    the table names both tokenizers; runs of one tokenizer get none."""
+    a, b, c = _run_dir(tmp_path / "a"), _run_dir(tmp_path / "b"), _run_dir(tmp_path / "c")
+    _checkpoint(a, 3, "aa" * 32)
+    _checkpoint(b, 3, "aa" * 32)
+    _checkpoint(c, 3, "cc" * 32)
+    assert _notes([a, b]) == []
+    assert _notes([a, b, c]) == [
+        f"note: {a} and {c} were trained on different tokenizers (/data/aaaa.model (sha256 aaaaaaaaaaaa) and "
+        "/data/cccc.model (sha256 cccccccccccc)): their losses and perplexities are per token of different "
+        "vocabularies and are not comparable"]
+    result = _compare(a, c)  # the tool prints it under the table
+    assert result.returncode == 0 and f"note: {a} and {c} were trained on different tokenizers" in result.stdout
+
+
+def test_report_columns_not_of_the_rows_are_said_so(tmp_path):
+    """--quantization/--downstream reports that did not evaluate a run, evaluated it at an earlier
+    checkpoint than the run's latest, or lack --setting used to fill the table with '-' or another
+    model's numbers without a word. Now a note says which."""
+    run, other = _run_dir(tmp_path / "run"), _run_dir(tmp_path / "other")
+    _checkpoint(run, 3, "aa" * 32)
+    for name, key, cell in (("quantization.json", "perplexity", 9.0), ("downstream.json", "settings", {"average": 0.5})):
+        report = tmp_path / name
+        report.write_text(json.dumps({
+            "complete": True, "request": {"models": [{"path": str(run), "identity": {"iteration": "iter_0000001"}}]},
+            "models": [{"path": str(run), key: {"fp": cell, "4-4-4": cell}}]}))
+        assert _notes([run, other], report, setting="8-8-8") == [
+            f"note: {report} evaluated {run} at iter_0000001, its latest checkpoint is now iter_0000003: the "
+            "report's columns are of another model than the row's losses",
+            f"note: {report} has no results of {other} ('-' in its row): it evaluated {run}",
+            f"note: {report} has no 8-8-8 results ('-' in its columns): it evaluated 4-4-4, fp; --setting chooses "
+            "one of them"]
+    # a report of the run's current checkpoint, of every run and the setting asked: no note
+    report = tmp_path / "current.json"
+    report.write_text(json.dumps({
+        "complete": True, "request": {"models": [{"path": str(run), "identity": {"iteration": "iter_0000003"}}]},
+        "models": [{"path": str(run), "perplexity": {"fp": 9.0, "4-4-4": 12.0}}]}))
+    assert _notes([run], report) == []
+    result = _compare(run, other, "--quantization", report)  # the tool prints them under the table
+    assert result.returncode == 0 and f"note: {report} has no results of {other}" in result.stdout, result.stdout

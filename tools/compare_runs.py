@@ -6,17 +6,21 @@ table adds held-out perplexity at full precision and at --setting (default 4-4-4
 (and, when the evaluation measured it, the weights-only part of it, e.g. 4-16-16). With --downstream
 EVAL_DIR/downstream.json (tools/evaluate_downstream.py) it adds the average benchmark score at fp and at
 --setting and the drop. A report of an evaluation that has not finished is shown with '-' where it
-lacks a figure and a note saying so. A run given twice is refused.
+lacks a figure and a note saying so. Notes also name runs trained on different tokenizers, a run a report
+did not evaluate or evaluated at an earlier checkpoint, and a --setting a report lacks; a run given twice
+is refused.
 """
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_osp.analysis.compare import (check_distinct, format_comparison, load_downstream,  # noqa: E402
-                                          load_quantization, load_run, partial_note)
+                                          load_quantization, load_run, partial_note, report_notes,
+                                          tokenizer_note)
 from megatron_osp.fileio import atomic_write_text  # noqa: E402
 
 
@@ -28,6 +32,8 @@ def main() -> int:
     parser.add_argument("--downstream", help="downstream.json written by tools/evaluate_downstream.py")
     parser.add_argument("--setting", default="4-4-4", help="quantization setting to show (default 4-4-4)")
     args = parser.parse_args()
+    for pattern in (".*Apex.*", ".*Transformer Engine.*"):  # reading the runs' checkpoints loads Megatron-Core
+        warnings.filterwarnings("ignore", message=pattern)
     try:
         if args.output:
             _check_output(Path(args.output), args)
@@ -36,7 +42,10 @@ def main() -> int:
         runs = [load_run(r) for r in args.runs]
         check_distinct(runs)
         table = format_comparison(runs, quant, args.setting, downstream=down)
-        notes = [partial_note(p) for p in (args.quantization, args.downstream) if p]
+        notes = [tokenizer_note(runs)]
+        for report in (args.quantization, args.downstream):
+            if report:
+                notes += [partial_note(report)] + report_notes(report, runs, args.setting)
         if any(notes):
             table += "\n\n" + "\n".join(n for n in notes if n)
     except (FileNotFoundError, ValueError) as e:

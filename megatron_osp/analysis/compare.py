@@ -25,7 +25,29 @@ def load_run(run_dir: str | Path) -> dict:
     summary["kurtosis"] = json.loads(kurtosis_path.read_text())
     summary["loaded_from"] = str(run_dir.resolve())
     summary["given_as"] = str(run_dir)
+    summary["checkpoint"], summary["tokenizer_record"] = _latest_checkpoint(run_dir)
     return summary
+
+
+def _latest_checkpoint(run_dir: Path) -> tuple[str | None, dict | None]:
+    """The name of the iteration directory the run's ``checkpoints/latest`` names, and the tokenizer whose
+    ids the model learned: the record that checkpoint carries (else what its saved run config names,
+    where the files are still here); None for what is unknown (no checkpoint kept in ``checkpoints/``, an
+    unreadable one)."""
+    if not (run_dir / "checkpoints").is_dir():
+        return None, None  # without importing Megatron-Core: a table of runs without checkpoints stays instant
+    from megatron_osp.training.checkpoint import (CheckpointError, find_iteration_dir, read_run_config,
+                                                  read_train_state)
+    from megatron_osp.training.tokenizer_record import checkpoint_record
+
+    try:
+        ckpt = find_iteration_dir(run_dir / "checkpoints")
+    except (CheckpointError, OSError):
+        return None, None
+    try:
+        return ckpt.name, checkpoint_record(read_train_state(ckpt, resolved=True), read_run_config(ckpt, resolved=True))
+    except (CheckpointError, OSError, ValueError):
+        return ckpt.name, None
 
 
 def check_distinct(runs: list[dict]) -> None:
@@ -37,6 +59,21 @@ def check_distinct(runs: list[dict]) -> None:
             raise ValueError(f"the run {r['loaded_from']} is given twice (as {seen[r['loaded_from']]} and "
                              f"{r['given_as']}): give each run once")
         seen[r["loaded_from"]] = r["given_as"]
+
+
+def tokenizer_note(runs: list[dict]) -> str | None:
+    """A line saying which runs learned the ids of different tokenizers: their losses (and perplexities)
+    are per token of different vocabularies and cannot be read side by side; None where no two runs are
+    known to differ."""
+    from megatron_osp.training.tokenizer_record import describe, same
+
+    for i, a in enumerate(runs):
+        for b in runs[i + 1:]:
+            if same(a.get("tokenizer_record"), b.get("tokenizer_record")) is False:
+                return (f"note: {a['given_as']} and {b['given_as']} were trained on different tokenizers "
+                        f"({describe(a['tokenizer_record'])} and {describe(b['tokenizer_record'])}): their losses "
+                        "and perplexities are per token of different vocabularies and are not comparable")
+    return None
 
 
 def run_label(run: dict) -> str:
@@ -107,6 +144,31 @@ def partial_note(path: str | Path) -> str | None:
     if data.get("complete", True):
         return None
     return f"note: {path} is a partial report, '-' marks what it lacks. " + markdown_line(data).replace("**", "")
+
+
+def report_notes(path: str | Path, runs: list[dict], setting: str) -> list[str]:
+    """Lines saying where the report's columns of the table are not of the runs' rows: a run the report
+    did not evaluate ('-' in its row), a run it evaluated at another checkpoint than the one the run's
+    ``latest`` names now (e.g. an evaluation started while training went on: its perplexities are of an
+    earlier model than the row's losses), and a --setting no model of a finished report was evaluated at."""
+    data = _read_report(path, "evaluate_quantization")
+    models = data.get("models") or []
+    results = {str(Path(m["path"]).resolve()): m for m in models}
+    pinned = {str(Path(m["path"]).resolve()): (m.get("identity") or {}).get("iteration")
+              for m in (data.get("request") or {}).get("models") or [] if isinstance(m, dict) and m.get("path")}
+    notes = []
+    for r in runs:
+        if r["loaded_from"] not in results and r["loaded_from"] not in pinned:  # (pinned: pending, partial_note)
+            notes.append(f"note: {path} has no results of {r['given_as']} ('-' in its row): it evaluated "
+                         f"{', '.join(str(m['path']) for m in models) or 'no model'}")
+        elif (then := pinned.get(r["loaded_from"])) and r.get("checkpoint") and then != r["checkpoint"]:
+            notes.append(f"note: {path} evaluated {r['given_as']} at {then}, its latest checkpoint is now "
+                         f"{r['checkpoint']}: the report's columns are of another model than the row's losses")
+    measured = {s for m in models for s in (m.get("perplexity") or m.get("settings") or {})}
+    if models and data.get("complete", True) and setting not in measured:
+        notes.append(f"note: {path} has no {setting} results ('-' in its columns): it evaluated "
+                     f"{', '.join(sorted(measured)) or 'nothing'}; --setting chooses one of them")
+    return notes
 
 
 def _weights_only(setting: str) -> str | None:
