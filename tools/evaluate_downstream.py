@@ -90,13 +90,14 @@ def _check(args):
     """Everything that can be refused, before any model is loaded."""
     from megatron_osp.analysis.downstream import check_model_path, check_tasks, parse_tasks, require_harness
     from megatron_osp.analysis.evaluation import check_window_count, parse_document_range
-    from megatron_osp.analysis.loading import check_data_tokenizer, check_group_sizes, config_facts, labels_problem
+    from megatron_osp.analysis.loading import (check_data_tokenizer, check_group_sizes, config_facts, labels_problem,
+                                               models_problem)
     from megatron_osp.analysis.quantization import parse_settings
 
     settings = parse_settings(args.settings.split(","))
     names = [s.name for s in settings]
     labels = [x.strip() for x in args.labels.split(",")] if args.labels is not None else None
-    problem = labels_problem(labels, args.models)
+    problem = labels_problem(labels, args.models) or models_problem(args.models)
     if problem:
         raise ValueError(problem)
     for option, value in (("--batch-size", args.batch_size), ("--calibration-windows", args.calibration_windows),

@@ -161,7 +161,7 @@ def _run(args) -> int:
 
     from megatron_osp.analysis.evaluation import check_token_ids, check_window_count, load_token_windows
     from megatron_osp.analysis.loading import (check_data_tokenizer, check_group_sizes, check_model_files,
-                                                config_facts, labels_problem, load_for_analysis)
+                                                config_facts, labels_problem, load_for_analysis, models_problem)
     from megatron_osp.analysis.quant_report import (DEFAULT_SETTINGS, WEIGHT_ROUNDING, evaluate_model, format_table,
                                                     with_fp, write_report)
     from megatron_osp.analysis.report_progress import ReportProgress
@@ -170,7 +170,7 @@ def _run(args) -> int:
     from megatron_osp.analysis.weight_error import roles_of
     from megatron_osp.data.document_view import check_dataset_files
 
-    problem = labels_problem(args.labels, args.models)
+    problem = labels_problem(args.labels, args.models) or models_problem(args.models)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2

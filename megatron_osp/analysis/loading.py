@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 __all__ = ["LoadedModel", "load_for_analysis", "describe_run", "linear_input_widths", "check_group_sizes",
-           "config_facts", "check_data_tokenizer", "check_model_files", "safetensors_header"]
+           "config_facts", "check_data_tokenizer", "check_model_files", "safetensors_header",
+           "models_problem"]
 
 
 @dataclass
@@ -179,6 +180,27 @@ def labels_problem(labels: list[str] | None, models: list[str]) -> str | None:
         return f"--labels entry {empty[0]} (for {models[empty[0] - 1]}) is empty: give every model a label, or none"
     if len(set(labels)) != len(labels):
         return f"--labels names a model twice ({', '.join(labels)}): reports and plots key models by label"
+    return None
+
+
+def models_problem(models: list[str]) -> str | None:
+    """A model given twice (None: none is): the same path, another path to it, or a Megatron run, its save
+    directory and the iteration directory ``latest`` names, which are one checkpoint. It would be
+    evaluated twice and reported as two models of identical results."""
+    import os
+
+    from megatron_osp.training.checkpoint import CheckpointError, checkpoints_of, find_iteration_dir
+
+    seen: dict[str, str] = {}
+    for m in models:
+        try:
+            key = os.path.realpath(find_iteration_dir(checkpoints_of(m)))
+        except (CheckpointError, OSError):  # an HF directory, or what a later check refuses by name
+            key = os.path.realpath(m)
+        if key in seen:
+            same = "" if os.path.realpath(seen[key]) == os.path.realpath(m) else f", both {key}"
+            return f"the model {m} is given twice (as {seen[key]} and {m}{same}): give each model once"
+        seen[key] = m
     return None
 
 
