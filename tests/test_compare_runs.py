@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -143,3 +144,30 @@ def test_report_columns_not_of_the_rows_are_said_so(tmp_path):
     assert _notes([run], report) == []
     result = _compare(run, other, "--quantization", report)  # the tool prints them under the table
     assert result.returncode == 0 and f"note: {report} has no results of {other}" in result.stdout, result.stdout
+
+
+def test_a_damaged_or_foreign_run_file_is_named(tmp_path):
+    """A summary.json or kurtosis.json that is not JSON, not an object or lacks a field the table shows
+    (damaged, another tool's or version's) used to end in a traceback (KeyError 'normalization', TypeError)
+    or a JSON error that named no file. Now: exit 2 naming the file and the field."""
+    import pytest
+
+    from megatron_osp.analysis.compare import load_run
+
+    run = _run_dir(tmp_path / "run")
+    good = {name: (run / name).read_text() for name in ("summary.json", "kurtosis.json")}
+    cases = [("summary.json", '{"optim', "summary.json is not readable JSON ("),
+             ("summary.json", json.dumps({"optimizer": "adam"}), "summary.json: field 'normalization' is missing, "
+                                                                 "expected str"),
+             ("summary.json", json.dumps({**json.loads(good["summary.json"]), "val_loss": None}),
+              "summary.json: field 'val_loss' is None, expected a number"),
+             ("kurtosis.json", "[1, 2]", "kurtosis.json holds a JSON list, not the object a finished run writes")]
+    for name, text, words in cases:
+        (run / name).write_text(text)
+        with pytest.raises(ValueError, match="^" + re.escape(f"{run / name}"[: -len(name)] + words)):
+            load_run(run)
+        (run / name).write_text(good[name])
+    (run / "summary.json").write_text(json.dumps({"optimizer": "adam"}))
+    result = _compare(run)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"error: {run / 'summary.json'}: field 'normalization' is missing" in result.stderr

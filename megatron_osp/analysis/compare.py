@@ -21,12 +21,33 @@ def load_run(run_dir: str | Path) -> dict:
     for path in (summary_path, kurtosis_path):
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist: is {run_dir} a finished run directory?")
-    summary = json.loads(summary_path.read_text())
-    summary["kurtosis"] = json.loads(kurtosis_path.read_text())
+    summary = _read_fields(summary_path, {"optimizer": str, "normalization": str, "embedding_projection": bool,
+                                          "tokens": int, "train_loss": float, "val_loss": float,
+                                          "kurtosis_mean": float, "kurtosis_max": float})
+    summary["kurtosis"] = _read_fields(kurtosis_path, {"names": list, "values": list, "max_abs": list})
     summary["loaded_from"] = str(run_dir.resolve())
     summary["given_as"] = str(run_dir)
     summary["checkpoint"], summary["tokenizer_record"] = _latest_checkpoint(run_dir)
     return summary
+
+
+def _read_fields(path: Path, fields: dict[str, type]) -> dict:
+    """The JSON object of a run's file, with ``fields`` of their types; ValueError naming the file and the
+    field otherwise (a damaged file, one of another tool or version) instead of a traceback in the table."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not readable JSON ({e}): is it the file a finished run wrote?") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not the object a finished run writes")
+    for field, kind in fields.items():
+        value = data.get(field)
+        ok = isinstance(value, kind) or (kind is float and isinstance(value, int))
+        if not ok or (kind is not bool and isinstance(value, bool)):
+            raise ValueError(f"{path}: field {field!r} is {'missing' if field not in data else repr(value)}, "
+                             f"expected {'a number' if kind is float else 'true/false' if kind is bool else kind.__name__}"
+                             ": is it the file a finished run wrote?")
+    return data
 
 
 def _latest_checkpoint(run_dir: Path) -> tuple[str | None, dict | None]:
