@@ -299,3 +299,23 @@ def test_a_tokenizer_of_the_other_kind_is_compared_by_its_ids(run, tmp_path, cap
     assert f"tokenizer {unstripped} encodes differently from {run['tokenizer']}" in capsys.readouterr().err
     assert _tool("convert_to_hf").main([str(run["checkpoints"]), str(out), "--tokenizer", str(converted)]) == 0
     assert (out / "tokenizer.json").is_file()
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_the_model_is_built(run, tmp_path, capsys, monkeypatch):
+    """An output under a file (or in a read-only directory) used to be found out only when writing, after
+    the model was read and built: the export said 'error: [Errno 17] File exists: <the file>', the import
+    ended in a NotADirectoryError traceback. Now both name the output and why, before any model is built."""
+    import megatron_osp.models.gpt as gpt
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the model was built before the output was checked")
+
+    monkeypatch.setattr(gpt, "build_gpt_model", no_build)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    for name, source in (("convert_to_hf", run["checkpoints"]), ("convert_from_hf", run["hf"])):
+        output = blocker / "out"
+        assert _tool(name).main([str(source), str(output)]) == 2, name
+        err = capsys.readouterr().err
+        assert f"error: output {output} cannot be written: {blocker} is not a directory" in err, err
+    assert blocker.read_text() == "x"

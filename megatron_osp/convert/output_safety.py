@@ -10,6 +10,8 @@
   naming what is there.
 - The output of ``convert_from_hf`` may not overlap the HF directory it reads, and must be new or
   empty (an existing checkpoint or run is never written into).
+- Either output must be a directory this process can create or write (a path under a file, a
+  read-only directory): found out only when writing, after the model was read and built.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 from pathlib import Path
 
 from megatron_osp.convert.llama import ExportError
+from megatron_osp.fileio import unwritable_reason
 
 __all__ = ["export_inputs", "tokenizer_input", "check_outside", "check_replaceable_export", "check_import_output",
            "EXPORT_FILE_PATTERNS"]
@@ -82,9 +85,11 @@ def check_replaceable_export(output, overwrite: bool) -> None:
     """An existing non-empty ``output`` needs --overwrite and must be a previous HF export."""
     out = Path(output)
     if not os.path.lexists(out):
+        _check_writable(out)
         return
     if not out.is_dir():
         raise FileExistsError(f"output {out} exists and is not a directory; it is never replaced")
+    _check_writable(out.resolve().parent)  # the export is written beside it, then renamed into place
     entries = sorted(out.iterdir())
     if not entries:
         return
@@ -108,6 +113,7 @@ def check_import_output(hf_dir, output) -> None:
     out = Path(output)
     if os.path.lexists(out) and not out.is_dir():
         raise FileExistsError(f"output {out} exists and is not a directory")
+    _check_writable(out)
     if out.is_dir():
         from megatron_osp.training.checkpoint import has_checkpoint
 
@@ -119,3 +125,9 @@ def check_import_output(hf_dir, output) -> None:
                 f"output {out} exists and is not empty ({', '.join(entries[:5])}"
                 f"{' ...' if len(entries) > 5 else ''}); the import writes a new checkpoint directory, "
                 "choose an empty or new one")
+
+
+def _check_writable(out: Path) -> None:
+    reason = unwritable_reason(out)
+    if reason is not None:
+        raise PermissionError(f"output {out} cannot be written: {reason}")
