@@ -125,7 +125,8 @@ def test_report_columns_not_of_the_rows_are_said_so(tmp_path):
     model's numbers without a word. Now a note says which."""
     run, other = _run_dir(tmp_path / "run"), _run_dir(tmp_path / "other")
     _checkpoint(run, 3, "aa" * 32)
-    for name, key, cell in (("quantization.json", "perplexity", 9.0), ("downstream.json", "settings", {"average": 0.5})):
+    for name, key, cell in (("quantization.json", "perplexity", 9.0),
+                            ("downstream.json", "settings", {"average": 0.5})):
         report = tmp_path / name
         report.write_text(json.dumps({
             "complete": True, "request": {"models": [{"path": str(run), "identity": {"iteration": "iter_0000001"}}]},

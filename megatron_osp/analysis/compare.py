@@ -44,9 +44,9 @@ def _read_fields(path: Path, fields: dict[str, type]) -> dict:
         value = data.get(field)
         ok = isinstance(value, kind) or (kind is float and isinstance(value, int))
         if not ok or (kind is not bool and isinstance(value, bool)):
+            expected = "a number" if kind is float else "true/false" if kind is bool else kind.__name__
             raise ValueError(f"{path}: field {field!r} is {'missing' if field not in data else repr(value)}, "
-                             f"expected {'a number' if kind is float else 'true/false' if kind is bool else kind.__name__}"
-                             ": is it the file a finished run wrote?")
+                             f"expected {expected}: is it the file a finished run wrote?")
     return data
 
 
