@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_osp.training.config import load_config
+from megatron_osp.training.config import load_config, save_config
 
 
 def test_yaml_preset_and_overrides(tmp_path):
@@ -124,6 +124,22 @@ def test_numbers_are_read_as_yaml_1_2_not_base_60_or_octal(tmp_path):
     path.write_text("train:\n  exit_after_minutes: 1:30.5\n")
     with pytest.raises(ValueError, match=r"run.yaml: train.exit_after_minutes must be a number, got '1:30.5'"):
         load_config(path)
+
+
+def test_a_string_field_written_as_a_number_keeps_the_text_as_written(tmp_path):
+    """YAML reads 007, 1.10, 0123 as numbers; a string field took str() of the number, so
+    train.run_dir=007 wrote into the directory '7' and data.paths=[0123] read the dataset '123'."""
+    config = load_config(None, ["train.run_dir=007", "train.wandb_name=1.10", "data.paths=[0123, 1_000]",
+                                "data.eod_id=255", "train.train_steps=0x10", "data.weights=[1, 2.50]"])
+    assert (config.train.run_dir, config.train.wandb_name, config.data.paths) == ("007", "1.10", ["0123", "1_000"])
+    assert config.train.train_steps == 16 and type(config.train.train_steps) is int
+    assert config.data.weights == [1.0, 2.5] and all(type(w) is float for w in config.data.weights)
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  save_dir: 0042\ndata:\n  split: 0100\n  paths: [x]\n  eod_id: 255\n")
+    config = load_config(path)
+    assert (config.train.save_dir, config.data.split) == ("0042", "0100")
+    save_config(config, tmp_path / "saved.yaml")  # plain types: yaml.safe_dump takes them
+    assert load_config(tmp_path / "saved.yaml").train.save_dir == "0042"
 
 
 @pytest.mark.parametrize(

@@ -165,7 +165,8 @@ def _typed(value, hint, where: str, source: str):
     """``value`` as the annotation ``hint`` wants it, or a ValueError naming ``where`` and ``source``.
 
     Ints stay ints (a bool or a float is refused), floats take ints and numeric strings, strings take
-    numbers (``data.split: 100``), bools only bools; ``X | None`` takes None; lists are checked item by item.
+    numbers as they were written (``data.split: 100``; ``train.run_dir=007`` is '007', not '7'), bools
+    only bools; ``X | None`` takes None; lists are checked item by item.
     """
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
@@ -185,7 +186,7 @@ def _typed(value, hint, where: str, source: str):
         raise wrong("true or false")
     if hint is int:
         if number and isinstance(value, int):
-            return value
+            return int(value)
         raise wrong("an integer")
     if hint is float:
         if number:
@@ -199,8 +200,8 @@ def _typed(value, hint, where: str, source: str):
     if hint is str:
         if isinstance(value, str):
             return value
-        if number:
-            return str(value)
+        if number:  # the text the YAML held (_ConfigLoader keeps it): 007, 1.10, 1_000 stay as written
+            return getattr(value, "text", str(value))
         raise wrong("a string")
     return value
 
@@ -280,7 +281,30 @@ class _ConfigLoader(_UniqueKeyLoader):
         sign = -1 if text[0] == "-" else 1
         text = text.lstrip("+-")
         base = {"0b": 2, "0x": 16}.get(text[:2], 10)
-        return sign * int(text[2:] if base != 10 else text, base)
+        return _WrittenInt(sign * int(text[2:] if base != 10 else text, base), self.construct_scalar(node))
+
+    def construct_yaml_float(self, node):
+        return _WrittenFloat(super().construct_yaml_float(node), self.construct_scalar(node))
+
+
+class _WrittenInt(int):
+    """A number read from YAML with the text it was written as, for a string field to take as written
+    (``train.run_dir=007`` is the directory '007', ``data.paths=[0123]`` the file '0123'; str() would
+    give '7' and '123', another directory or dataset). _typed turns it into a plain int or float."""
+
+    def __new__(cls, value, text: str):
+        self = super().__new__(cls, value)
+        self.text = text
+        return self
+
+
+class _WrittenFloat(float):
+    """_WrittenInt's float."""
+
+    def __new__(cls, value, text: str):
+        self = super().__new__(cls, value)
+        self.text = text
+        return self
 
 
 _ConfigLoader.add_implicit_resolver(
@@ -292,6 +316,7 @@ _ConfigLoader.add_implicit_resolver(
                r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
     list("-+0123456789."))
 _ConfigLoader.add_constructor("tag:yaml.org,2002:int", _ConfigLoader.construct_yaml_int)
+_ConfigLoader.add_constructor("tag:yaml.org,2002:float", _ConfigLoader.construct_yaml_float)
 
 
 def _as_it_ran(raw: dict) -> dict:
