@@ -148,6 +148,26 @@ def test_value_out_of_range_is_refused_by_name(override, message):
         load_config(None, [override])
 
 
+@pytest.mark.parametrize("override, field", [
+    ("train.run_dir=~/runs/x", r"train\.run_dir='~/runs/x'"),
+    ("train.save_dir=~/ckpt", r"train\.save_dir='~/ckpt'"),
+    ("train.load=~/ckpt", r"train\.load='~/ckpt'"),
+    ("data.cache_dir=~user/cache", r"data\.cache_dir='~user/cache'"),
+    ("data.tokenizer_model=~/tok.model", r"data\.tokenizer_model='~/tok.model'"),
+    ("train.wandb_dir=~/wandb", r"train\.wandb_dir='~/wandb'"),
+    ("data.paths=[/data/a, ~/b]", r"data\.paths=\['/data/a', '~/b'\]: entry 1 \('~/b'\)"),
+])
+def test_a_path_starting_with_a_tilde_is_refused_not_made_a_directory_named_tilde(override, field):
+    """Nothing expands '~' (the shell does not in train.run_dir=~/x: not a variable assignment; YAML
+    never does): the run was written into ./~/runs/x under the working directory, the data looked for
+    in ./~/b."""
+    from megatron_osp.training.validation import ConfigError
+
+    with pytest.raises(ConfigError, match=field + r":? starts with '~', which is not expanded here"):
+        load_config(None, ["data.paths=[x]", "data.eod_id=0", override])
+    load_config(None, ["data.paths=[x]", "data.eod_id=0", "train.run_dir=runs/~x"])  # inside a path: a name
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

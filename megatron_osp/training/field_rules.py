@@ -70,3 +70,18 @@ def text(v):
 def unset_or_text(v):
     """Not set (null or empty: W&B off, or its default) or a non-empty string."""
     return None if v is None or v == "" else text(v)
+
+
+def path_problem(v: str) -> str | None:
+    """Why the path ``v`` would not name what it says: a leading ``~`` is not expanded (the shell does
+    not expand it in ``train.run_dir=~/x``, YAML never does), so it named a directory '~' in the
+    working directory (a run written into ./~/runs/x, data looked for there)."""
+    if v.startswith("~"):
+        return "starts with '~', which is not expanded here (it would be a directory named '~' in the " \
+               "working directory): write the full path, e.g. $HOME/... on the command line"
+    return None
+
+
+def path(v):
+    """A non-empty path string (``path_problem``)."""
+    return text(v) or path_problem(v)

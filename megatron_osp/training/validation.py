@@ -40,7 +40,7 @@ from megatron_osp.optimizer.muon import LR_SCALES
 from megatron_osp.optimizer.newton_schulz import BACKENDS as NS_BACKENDS
 from megatron_osp.optimizer.newton_schulz import COEFFICIENTS
 from megatron_osp.training.field_rules import (
-    Rule, boolean, choice, integer, is_number, number, optional, text, unset_or_text)
+    Rule, boolean, choice, integer, is_number, number, optional, path, path_problem, unset_or_text)
 
 DECAY_STYLES = ("cosine", "linear", "wsd", "constant")
 QKV_SPLITS = ("qkv", "per_head", "none")
@@ -83,7 +83,9 @@ def _paths(v):
     if not isinstance(v, list):
         return "must be a list of dataset prefixes"
     bad = [i for i, p in enumerate(v) if not isinstance(p, str) or not p.strip()]
-    return f"entry {bad[0]} must be a non-empty path" if bad else None
+    if bad:
+        return f"entry {bad[0]} must be a non-empty path"
+    return next((f"entry {i} ({p!r}) {path_problem(p)}" for i, p in enumerate(v) if path_problem(p)), None)
 
 
 def _weights(v):
@@ -185,9 +187,9 @@ RULES: dict[str, dict[str, Rule]] = {
         "split": _split,
         "valid_paths": _valid_paths,
         "valid_weights": lambda v: (_weights(v) or "").replace("data.paths", "data.valid_paths") or None,
-        "tokenizer_model": optional(text),
+        "tokenizer_model": optional(path),
         "eod_id": optional(NON_NEGATIVE),
-        "cache_dir": optional(text),
+        "cache_dir": optional(path),
         # Never used: samples are read by the training process (kept so older run configs load).
         "num_workers": lambda v: None if v == 0 and v is not False else "must be 0 (samples are read by the training process)",
     },
@@ -205,19 +207,19 @@ RULES: dict[str, dict[str, Rule]] = {
         "eval_batches": POSITIVE,
         "kurtosis_interval": NON_NEGATIVE,
         "kurtosis_batches": POSITIVE,
-        "run_dir": text,
+        "run_dir": path,
         "tensorboard": boolean,
         "wandb_project": unset_or_text,
         "wandb_entity": unset_or_text,
         "wandb_name": unset_or_text,
-        "wandb_dir": unset_or_text,
+        "wandb_dir": lambda v: unset_or_text(v) or (v and path_problem(v)),
         "progress_bar": boolean,
         "save": boolean,
-        "save_dir": optional(text),
+        "save_dir": optional(path),
         "save_interval": NON_NEGATIVE,
         "keep_last": NON_NEGATIVE,
         "async_save": boolean,
-        "load": optional(text),
+        "load": optional(path),
         "load_weights_only": boolean,
         "auto_resume": boolean,
         "exit_at_step": NON_NEGATIVE,
