@@ -25,7 +25,9 @@
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
 CONFIG=${CONFIG:-megatron_osp/configs/osp_1.4b.yaml}
-GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+# ranks per node: GPUS_PER_NODE, else the GPUs SLURM gave this node (sbatch --gpus-per-node=N on the
+# command line overrides the #SBATCH line above), else 8
+GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
 # sed reads every line: with `head -n 1`, scontrol can die of SIGPIPE on a long node list and
 # pipefail then ends the job (exit 141)
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)

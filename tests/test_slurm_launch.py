@@ -1,0 +1,49 @@
+"""How examples/pretrain_slurm.sh launches torchrun, run with stand-in srun and scontrol (no SLURM, no GPU):
+the layout it passes must be the job's allocation, not a default the allocation contradicts."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _stub(bin_dir: Path, name: str, body: str):
+    path = bin_dir / name
+    path.write_text("#!/usr/bin/env bash\n" + body)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+def _launch(tmp_path: Path, **env_extra) -> list[str]:
+    """Runs the script as the batch step of a 1-node job; returns the srun command line it ran."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    calls = tmp_path / "srun.args"
+    _stub(bin_dir, "scontrol", "[[ $1 == show ]] && echo node1\n")
+    _stub(bin_dir, "srun", f'printf "%s\\n" "$@" > {calls}; exit 3\n')  # fails at start-up: no requeue
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_SUBMIT_DIR=str(tmp_path),
+               SLURM_JOB_NODELIST="node1", SLURM_NNODES="1", SLURM_JOB_ID="42", SLURM_JOB_NAME="osp",
+               PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    for key in ("GPUS_PER_NODE", "SLURM_GPUS_ON_NODE"):
+        env.pop(key, None)
+    env.update(env_extra)
+    done = subprocess.run(["bash", str(ROOT / "examples" / "pretrain_slurm.sh"), "train.run_dir=runs/x"],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stdout + done.stderr
+    return calls.read_text().splitlines()
+
+
+def _nproc(args: list[str]) -> str:
+    return args[args.index("--nproc-per-node") + 1]
+
+
+def test_the_processes_per_node_follow_the_gpus_the_job_was_given(tmp_path):
+    """`sbatch --gpus-per-node=4 examples/pretrain_slurm.sh` (the command line overrides the script's
+    #SBATCH --gpus-per-node=8) used to start 8 ranks per node on 4 GPUs: GPUS_PER_NODE defaulted to 8
+    whatever SLURM allocated. Now it defaults to SLURM_GPUS_ON_NODE; GPUS_PER_NODE still wins."""
+    assert _nproc(_launch(tmp_path, SLURM_GPUS_ON_NODE="4")) == "4"
+    assert _nproc(_launch(tmp_path, SLURM_GPUS_ON_NODE="4", GPUS_PER_NODE="2")) == "2"
+    assert _nproc(_launch(tmp_path)) == "8"  # no GPU count from SLURM (e.g. GPUs not a GRES): the default
