@@ -47,3 +47,42 @@ def test_the_processes_per_node_follow_the_gpus_the_job_was_given(tmp_path):
     assert _nproc(_launch(tmp_path, SLURM_GPUS_ON_NODE="4")) == "4"
     assert _nproc(_launch(tmp_path, SLURM_GPUS_ON_NODE="4", GPUS_PER_NODE="2")) == "2"
     assert _nproc(_launch(tmp_path)) == "8"  # no GPU count from SLURM (e.g. GPUs not a GRES): the default
+
+
+def test_a_job_refused_because_another_holds_the_run_directory_is_not_requeued(tmp_path):
+    """Two jobs of one name share runs/<job name>. The second is refused (the first holds the run's
+    lock), but the first saved a checkpoint meanwhile, so the second used to see its run 'further than
+    it started' and requeue itself (up to MAX_REQUEUES times, each refused again). Now a run directory
+    whose lock another process holds is not requeued: its holder decides for it."""
+    import sys
+    import time
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_run_state import _run_dir
+
+    made = _run_dir(tmp_path / "made", checkpoint=20)  # what the first job saved while the second ran
+    (tmp_path / "runs" / "x").mkdir(parents=True)
+    holder = subprocess.Popen(  # the first job's rank 0, holding runs/x's lock
+        [sys.executable, "-c", "import sys, time; from megatron_osp.training import run_lock; "
+         "assert run_lock.acquire(sys.argv[1]) is None; print('held', flush=True); time.sleep(60)",
+         str(tmp_path / "runs" / "x")], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        calls = tmp_path / "scontrol.calls"
+        _stub(bin_dir, "scontrol", f'if [[ $1 == show ]]; then echo node1; else echo "$@" >> {calls}; fi\n')
+        # the second job's srun: refused at start-up, after the first job's save landed
+        _stub(bin_dir, "srun", f"cp -r {made}/. runs/x/; echo 'error: train.run_dir=runs/x is in use' >&2; exit 2\n")
+        env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_SUBMIT_DIR=str(tmp_path),
+                   SLURM_JOB_NODELIST="node1", SLURM_NNODES="1", SLURM_JOB_ID="43", SLURM_JOB_NAME="x",
+                   PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+        start = time.time()
+        done = subprocess.run(["bash", str(ROOT / "examples" / "pretrain_slurm.sh")],
+                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert time.time() - start < 60
+    finally:
+        holder.kill()
+        holder.wait()
+    assert done.returncode == 2 and not calls.exists(), done.stdout + done.stderr
+    assert "no requeue: runs/x: in use by another job" in done.stdout, done.stdout

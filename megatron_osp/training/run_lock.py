@@ -83,3 +83,22 @@ def acquire(run_dir: str | os.PathLike, field: str = "train.run_dir",
     os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
     _held[key] = fd
     return None
+
+
+def holder(run_dir: str | os.PathLike) -> str | None:
+    """Who holds ``run_dir``'s lock now (the lock file's "host H pid P"), without taking it; None when
+    nobody does (or there is no lock file, or no ``flock`` on its filesystem)."""
+    path = Path(run_dir) / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        return None
+    finally:
+        os.close(fd)
+    return None

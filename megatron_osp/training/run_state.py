@@ -16,7 +16,8 @@ unfinished run whose newest checkpoint moved past S in this job: a job stopped b
 SIGTERM or a preemption (which save before exiting), or ended by the hang watchdog after a save, goes
 on; a run that got nowhere (a configuration refused, a divergence, a crash at start-up, a hang before
 its first save) is not started again to fail the same way, and an interrupted one is not started again
-against its user's wish.
+against its user's wish. Nor is a run directory whose lock another process holds (``run_lock``): a second
+job of the same run, refused at start-up while the first one saved, would otherwise requeue itself.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+from megatron_osp.training import run_lock
 
 __all__ = ["run_state", "requeue_decision", "INTERRUPTED"]
 
@@ -111,6 +114,9 @@ def main(argv=None) -> int:
         return 0
     if args.requeue_since is not None:
         requeue, why = requeue_decision(state, since)
+        busy = run_lock.holder(args.run_dir)
+        if busy is not None:  # this job was refused: the job holding the run decides for it
+            requeue, why = False, f"{args.run_dir}: in use by another job ({busy}), which requeues it if need be"
         print(f"{'requeue' if requeue else 'no requeue'}: {why}")
         return 0 if requeue else 1
     print(json.dumps(state))
