@@ -22,9 +22,9 @@
 # indices); a merge job follows them. A merge run by hand names any task still missing.
 #
 # Settings (environment): TASKS (default 8), CPUS_PER_TASK (16; also --workers unless given),
-# ARRAY (which task indices to submit, default 0-(TASKS-1)), PYTHON (python), LOG_DIR (logs),
-# SBATCH_ARGS (more sbatch options, word-split). sbatch itself reads SBATCH_PARTITION,
-# SBATCH_ACCOUNT, SBATCH_TIMELIMIT, ... With TASKS=1 one ordinary run is submitted and no merge.
+# ARRAY (which task indices to submit, default 0-(TASKS-1); checked to be in 0..TASKS-1 first),
+# PYTHON (python), LOG_DIR (logs), SBATCH_ARGS (more sbatch options, word-split). sbatch itself reads
+# SBATCH_PARTITION, SBATCH_ACCOUNT, SBATCH_TIMELIMIT, ... With TASKS=1 one ordinary run is submitted and no merge.
 set -euo pipefail
 
 if [[ "${1:-}" == --run-task || "${1:-}" == --run-merge ]]; then  # inside a job
@@ -47,6 +47,19 @@ if ! [[ $TASKS =~ ^[1-9][0-9]*$ ]]; then
   exit 1
 fi
 ARRAY=${ARRAY:-0-$((TASKS - 1))}
+# ARRAY's task indices must be tasks of TASKS (a task out of range would fail only in its job)
+bad_array() {
+  echo "error: ARRAY=$ARRAY: task indices in 0..$((TASKS - 1)) as N, N-M or N-M:S, comma-separated, optionally %K" >&2
+  exit 1
+}
+[[ $ARRAY =~ ^[0-9][0-9,:%-]*$ && $ARRAY != *, ]] || bad_array
+IFS=, read -r -a array_parts <<<"${ARRAY%\%*}"
+for part in "${array_parts[@]}"; do
+  [[ $part =~ ^([0-9]+)(-([0-9]+)(:[1-9][0-9]*)?)?$ ]] || bad_array
+  lo=$((10#${BASH_REMATCH[1]})) hi=$((10#${BASH_REMATCH[3]:-${BASH_REMATCH[1]}}))
+  ((lo <= hi && hi < TASKS)) || bad_array
+done
+[[ $ARRAY != *%* || ${ARRAY##*%} =~ ^[1-9][0-9]*$ ]] || bad_array
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SELF="$REPO/examples/preprocess_slurm.sh"
 

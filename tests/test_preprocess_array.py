@@ -464,3 +464,18 @@ def test_the_slurm_example_refuses_an_abbreviated_option_before_submitting(tmp_p
                 tok, "--output-prefix", "data/c", "--max-shard", 400, check=False)
     assert r.returncode != 0 and "unrecognized arguments: --max-shard" in r.stderr, r.stderr[-2000:]
     assert not list(state.iterdir()) and not (tmp_path / "data").exists()
+
+
+def test_an_array_of_task_indices_outside_the_tasks_is_refused_before_anything_is_queued(tmp_path):
+    """ARRAY=3 TASKS=3 (task 3 counted from 1) used to be queued: the task failed in its job ('task index 3
+    ... is not in 0..2') and SLURM cancelled the merge. Now ARRAY is checked first: indices 0..TASKS-1,
+    SLURM's N, N-M, N-M:S lists and a %K throttle."""
+    env, state = _fake_slurm(tmp_path)
+    args = ("--input", "in/*.jsonl", "--tokenizer-model", "tok.model", "--output-prefix", "data/c")
+    for array in ("3", "0-3", "1,3", "2-1", "x", "0-2:0%", "1,", "%2"):
+        r = _submit(tmp_path, {**env, "TASKS": "3", "ARRAY": array}, *args, check=False)
+        assert r.returncode == 1 and f"error: ARRAY={array}: " in r.stderr and "0..2" in r.stderr, (array, r.stderr)
+    for array in ("2", "0-2", "0,2", "0-2:2", "0-2%1"):  # accepted: on to the plan (here: no input files)
+        r = _submit(tmp_path, {**env, "TASKS": "3", "ARRAY": array}, *args, check=False)
+        assert r.returncode != 0 and "ARRAY=" not in r.stderr, (array, r.stderr)
+    assert not list(state.glob("*.submitted"))
