@@ -13,7 +13,8 @@
 # DATA=<indexed prefix> TOKENIZER=<sentencepiece .model> VOCAB=<its size> point at your own.
 # ALL_ROWS=1 adds the paper's other two rows: Muon-only (optimizer.name=muon_only: Muon for every
 # parameter, no AdamW) and Muon + EmbProj.
-# RUN_DIR (default runs/reproduce_small or runs/reproduce_small_cpu) holds everything;
+# RUN_DIR (default runs/reproduce_small or runs/reproduce_small_cpu) holds everything (a rerun keeps its
+# corpus, tokenizer and tokens; a tokenizer of another VOCAB there is refused);
 # REPRO_CONFIG=<yaml> replaces the config. PARALLEL=1 trains the rows at the same time (each run's
 # output in RUN_DIR/logs/NAME.log): on one GPU that small models leave mostly idle this finishes all
 # rows in little more than the time of one, but each run's tokens/s is then a shared GPU's.
@@ -39,6 +40,15 @@ mkdir -p "$RUN_DIR"
 if [[ -z "${DATA:-}" ]]; then
   echo "== data: built-in corpus -> SentencePiece BPE $VOCAB -> indexed"
   [[ -f "$RUN_DIR/corpus.jsonl" ]] || python tools/builtin_corpus.py --output "$RUN_DIR/corpus.jsonl" "${CORPUS_FLAGS[@]}"
+  if [[ -f "$RUN_DIR/tokenizer.model" ]]; then  # kept from an earlier run: of this VOCAB, or refused
+    have=$(python -c 'import sys, sentencepiece as s
+print(s.SentencePieceProcessor(model_file=sys.argv[1]).vocab_size())' "$RUN_DIR/tokenizer.model")
+    if [[ $have != "$VOCAB" ]]; then
+      echo "error: $RUN_DIR/tokenizer.model (kept from an earlier run) has $have pieces, not VOCAB=$VOCAB:" \
+        "remove it and $RUN_DIR/corpus_text_document.* to make them anew, or use another RUN_DIR" >&2
+      exit 1
+    fi
+  fi
   [[ -f "$RUN_DIR/tokenizer.model" ]] || python tools/train_tokenizer.py --input "$RUN_DIR/corpus.jsonl" \
     --output-prefix "$RUN_DIR/tokenizer" --vocab-size "$VOCAB"
   [[ -f "$RUN_DIR/corpus_text_document.idx" ]] || python tools/preprocess_data.py --input "$RUN_DIR/corpus.jsonl" \

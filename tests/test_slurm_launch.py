@@ -3,6 +3,7 @@ the layout it passes must be the job's allocation, not a default the allocation 
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -86,3 +87,34 @@ def test_a_job_refused_because_another_holds_the_run_directory_is_not_requeued(t
         holder.wait()
     assert done.returncode == 2 and not calls.exists(), done.stdout + done.stderr
     assert "no requeue: runs/x: in use by another job" in done.stdout, done.stdout
+
+
+def test_the_reproduction_refuses_a_kept_tokenizer_of_another_vocab(tmp_path):
+    """reproduce_osp_small.sh keeps RUN_DIR's tokenizer and tokens from an earlier run. Run again with another
+    VOCAB it used to train on the old tokenizer with model.vocab_size=VOCAB (a larger one was accepted: a
+    character-level run reported as the VOCAB asked for). Now it stops, naming the file, before any training."""
+    import sys
+
+    from megatron_osp.data.tokenizer import train_sentencepiece
+
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    corpus = run_dir / "corpus.jsonl"
+    words = "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor".split()
+    corpus.write_text("".join(json.dumps({"text": " ".join(words[i:] + words[:i])}) + "\n" for i in range(12)) * 20)
+    train_sentencepiece(corpus, run_dir / "tokenizer", vocab_size=300)
+    (run_dir / "corpus_text_document.idx").write_text("")  # the kept tokens
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    # python: the real one, except training, which here only says it started
+    _stub(bin_dir, "python", f'[[ "$1 $2" == "-m megatron_osp.training.pretrain" ]] && {{ echo TRAINING; exit 9; }}\n'
+                             f'exec {sys.executable} "$@"\n')
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", CPU="1", RUN_DIR=str(run_dir),
+               PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    for vocab, rc in (("350", 1), ("300", 9)):
+        done = subprocess.run(["bash", str(ROOT / "examples" / "reproduce_osp_small.sh")], env=dict(env, VOCAB=vocab),
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == rc, done.stdout + done.stderr
+        if rc == 1:
+            assert f"error: {run_dir}/tokenizer.model (kept from an earlier run) has 300 pieces, not VOCAB=350" \
+                in done.stderr and "TRAINING" not in done.stdout
