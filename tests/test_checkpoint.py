@@ -399,14 +399,14 @@ def test_the_start_up_check_resolves_the_checkpoint_once(split_runs, monkeypatch
     assert calls == [save_dir / "iter_0000004"]
 
 
-def _count_resolutions(rank, world, corpus, save_dir, run_dir):
+def _count_resolutions(rank, world, corpus, load, run_dir):
     from megatron_osp.training import checkpoint
     from megatron_osp.training.config import load_config
     from megatron_osp.training.loop import Trainer
 
     real, calls = checkpoint.integrity.check_complete, []
     checkpoint.integrity.check_complete = lambda path, *a: calls.append(str(path)) or real(path, *a)
-    overrides = _overrides(corpus, run_dir, "adam") + _DROPOUT + [f"train.load={save_dir}"]
+    overrides = _overrides(corpus, run_dir, "muon") + [f"train.load={load}"]
     trainer = Trainer(load_config(None, overrides), log=lambda *_: None)
     return trainer.step, calls
 
@@ -414,9 +414,37 @@ def _count_resolutions(rank, world, corpus, save_dir, run_dir):
 def test_a_start_from_a_checkpoint_resolves_it_once_to_check_it_and_once_to_load_it(split_runs, toy_corpus, tmp_path):
     """The start-up resolved it 8 times: continues, check_compatible's 4, load_checkpoint and its
     train state, the saved sequence length."""
-    save_dir = split_runs[2] / "adam_split" / "checkpoints"
-    step, calls = run_distributed(_count_resolutions, 1, toy_corpus, str(save_dir), str(tmp_path / "run"))[0]
-    assert step == STEPS and calls == [str(save_dir / f"iter_{STEPS:07d}")] * 2
+    ckpt = split_runs[2] / "muon_split" / "checkpoints" / f"iter_{STOP:07d}"  # steps left to continue
+    step, calls = run_distributed(_count_resolutions, 1, toy_corpus, str(ckpt), str(tmp_path / "run"))[0]
+    assert step == STOP and calls == [str(ckpt)] * 2
+
+
+def _start_from(rank, world, corpus, load, run_dir, extra):
+    from megatron_osp.training.checkpoint import CheckpointError
+    from megatron_osp.training.config import load_config
+    from megatron_osp.training.loop import Trainer
+
+    try:
+        trainer = Trainer(load_config(None, _overrides(corpus, run_dir, "muon") + [f"train.load={load}", *extra]),
+                          log=lambda *_: None)
+    except CheckpointError as e:
+        return str(e)
+    return trainer.step
+
+
+def test_continuing_another_runs_finished_checkpoint_is_refused_as_nothing_left_to_train(split_runs, toy_corpus,
+                                                                                          tmp_path):
+    """train.load of another run's last checkpoint (at its train_steps, which a resume must keep) started,
+    trained nothing and wrote a summary of the checkpoint's steps with no loss of its own. Now refused
+    before anything starts, naming the way out; its weights alone (load_weights_only) still start a run."""
+    save_dir = split_runs[2] / "muon_split" / "checkpoints"
+    got = run_distributed(_start_from, 1, toy_corpus, str(save_dir), str(tmp_path / "a"), [])[0]
+    assert isinstance(got, str) and f"at step {STEPS}" in got and "nothing left to train" in got, got
+    assert "train.load_weights_only=true" in got
+    assert not (tmp_path / "a" / "summary.json").exists()
+    fresh = run_distributed(_start_from, 1, toy_corpus, str(save_dir), str(tmp_path / "b"),
+                            ["train.load_weights_only=true"])[0]
+    assert fresh == 0
 
 
 def test_a_resume_with_other_optimizer_state_hyperparameters_is_refused(split_runs):

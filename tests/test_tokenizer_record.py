@@ -64,7 +64,7 @@ def _worker(rank, world, s):
         "b_named": _overrides(s["data_b"], f"{root}/b1", f"data.tokenizer_model={s['b']}", f"train.load={ckpt}"),
         "b_manifest": _overrides(s["data_b"], f"{root}/b2", f"data.eod_id=2", f"train.load={ckpt}"),
         "a_other_corpus": _overrides(s["data_a2"], f"{root}/a2", f"data.tokenizer_model={s['a_copy']}",
-                                     f"train.load={ckpt}"),
+                                     f"train.load={ckpt}", "train.load_weights_only=true"),  # (finished: weights)
     }
     for name, overrides in starts.items():
         try:

@@ -51,7 +51,7 @@ from megatron_osp.training.metric_sinks import open_sinks
 from megatron_osp.training.platform_checks import check_launch, check_platform
 from megatron_osp.training.profiling import StepProfiler
 from megatron_osp.training.progress import finished_summary, tokens_at_resume
-from megatron_osp.training.resume_check import check_compatible, checkpoint_to_load, continues
+from megatron_osp.training.resume_check import check_compatible, check_steps_left, checkpoint_to_load, continues
 from megatron_osp.training.run_log import RunLog, mean_tail, progress_bar
 from megatron_osp.training.step_guard import check_step
 from megatron_osp.training import stop_signals
@@ -125,6 +125,8 @@ class Trainer:
                 ckpt = resolve_checkpoint(load_path)
                 resume = continues(ckpt, train, same_run, resolved=True)  # else a new run from its weights
                 self._valid_change = check_compatible(ckpt, config, resume=resume, same_run=same_run, resolved=True)
+                if resume and not same_run:
+                    check_steps_left(ckpt, config)
             self.watchdog.arm("start-up: joining the process groups")
             parallel.init_distributed(par.tensor_parallel_size, par.pipeline_parallel_size,
                                       par.virtual_pipeline_size)

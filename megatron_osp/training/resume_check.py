@@ -164,6 +164,19 @@ def check_compatible(path, config, *, resume: bool, same_run: bool = False,
     return valid_set_change(saved, config) if resume and same_run else None
 
 
+def check_steps_left(ckpt, config) -> None:
+    """CheckpointError when continuing another run's checkpoint (``train.load`` without
+    ``train.load_weights_only``) would train nothing: it is at (or past) the train.train_steps a resume
+    keeps, so the new run would end at once and report the checkpoint's steps with no loss of its own.
+    ``ckpt``: what ``resolve_checkpoint`` returned."""
+    step, steps = read_train_state(ckpt, resolved=True).get("iteration"), config.train.train_steps
+    if isinstance(step, int) and step >= steps:
+        raise CheckpointError(
+            f"train.load={ckpt}: the checkpoint is at step {step}, the end of its run's train.train_steps={steps}, "
+            "which a resume keeps: there is nothing left to train. To train on from its weights with a schedule of "
+            "its own, set train.load_weights_only=true; to continue the run's schedule, load an earlier iteration")
+
+
 def _check_vocab_padding(ckpt, state: dict, config) -> None:
     """The model this run builds pads its vocabulary as the checkpoint's did (the padding depends on
     the TP size and model.make_vocab_size_divisible_by; differently padded layouts cannot reshard)."""
