@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megatron_osp.models.ssnorm import SSNORM_KERNELS
+
 
 @dataclass
 class ModelConfig:
@@ -47,8 +49,8 @@ class ModelConfig:
             raise ValueError(
                 f"model.normalization must be 'rmsnorm' or 'ssnorm', got {self.normalization!r}"
             )
-        if self.ssnorm_kernel not in ("eager", "fused"):
-            raise ValueError(f"model.ssnorm_kernel must be 'eager' or 'fused', got {self.ssnorm_kernel!r}")
+        if self.ssnorm_kernel not in SSNORM_KERNELS:
+            raise ValueError(f"model.ssnorm_kernel must be one of {tuple(SSNORM_KERNELS)}, got {self.ssnorm_kernel!r}")
 
     def padded_vocab_size(self, tensor_parallel_size: int = 1) -> int:
         """Vocab rounded up so every TP rank holds an equal, aligned slice of the embedding."""
