@@ -21,3 +21,31 @@ def test_bench_fwd_bwd_quick_run():
         assert f"| {arm} |" in out.stdout
     assert "| FusedSSNorm (ssnorm_kernel=fused) |" in out.stdout
     assert "| osp-fused | ssnorm | fused | yes |" in out.stdout
+
+
+def test_bench_model_is_held_as_training_holds_it_under_bf16(megatron_single_rank):
+    """Under bf16 the bench times the model in Megatron's Float16Module, as training does: every
+    parameter (the adam arm's torch RMSNorm weights included) in bf16, so that torch's rms_norm takes
+    its fused kernel. Built bare, the RMSNorm weights stayed fp32 and the adam arm's norms ran as
+    separate ops, which made OSP look as fast as Adam on the H200."""
+    import dataclasses
+
+    from bench_fwd_bwd import ARMS, bench_model
+
+    from megatron_osp.models.presets import get_preset
+
+    norm, embproj, kernel = ARMS["adam"]
+    cfg = dataclasses.replace(get_preset("test"), normalization=norm, embedding_projection=embproj,
+                              ssnorm_kernel=kernel)
+    model = bench_model(cfg, torch.bfloat16, torch.device("cpu"))
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    shape = (2, cfg.seq_length)
+    tokens = torch.randint(0, cfg.vocab_size, shape)
+    positions = torch.arange(cfg.seq_length).expand(shape)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        model(tokens, positions, None, labels=tokens).float().mean().backward()
+    ops = {e.key for e in prof.key_averages()}
+    assert "aten::_fused_rms_norm" in ops, sorted(o for o in ops if "norm" in o)
+    # fp32 stays the bare model (the CPU quick run)
+    bare = bench_model(cfg, torch.float32, torch.device("cpu"))
+    assert {p.dtype for p in bare.parameters()} == {torch.float32}

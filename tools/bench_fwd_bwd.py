@@ -89,9 +89,21 @@ class SimpleCfg:
     sequence_parallel: bool = False
 
 
-def arms(args, device, dtype, base_cfg) -> list[str]:
+def bench_model(cfg, dtype, device) -> torch.nn.Module:
+    """The model as training holds it: under bf16 in Megatron's Float16Module, which casts every
+    parameter to bf16 (training/model_setup.build_chunks). Built bare, Megatron's torch RMSNorm keeps
+    fp32 weights, and torch's rms_norm then skips its fused kernel for bf16 activations (the adam arm
+    of the first H200 run of this tool, 2026-12-04, was timed so)."""
+    from megatron.core.transformer.module import Float16Module
+
     from megatron_osp.models import build_gpt_model, transformer_config
 
+    tconfig = transformer_config(cfg, params_dtype=dtype)
+    model = build_gpt_model(cfg, tconfig, layout_independent_init=False).to(device)
+    return Float16Module(tconfig, model) if dtype == torch.bfloat16 else model
+
+
+def arms(args, device, dtype, base_cfg) -> list[str]:
     lines = [f"\n# Forward + backward of one micro-batch ({args.micro_batch} x {base_cfg.seq_length}), "
              f"{base_cfg.num_layers} layers x {base_cfg.hidden_size}, device {_device_name(device)}",
              "| arm | normalization | SSNorm kernel | EmbProj | params | ms (median) | vs adam |",
@@ -100,8 +112,7 @@ def arms(args, device, dtype, base_cfg) -> list[str]:
     for name in args.arms.split(","):
         norm, embproj, kernel = ARMS[name]
         cfg = dataclasses.replace(base_cfg, normalization=norm, embedding_projection=embproj, ssnorm_kernel=kernel)
-        model = build_gpt_model(cfg, transformer_config(cfg, params_dtype=dtype), layout_independent_init=False)
-        model = model.to(device)
+        model = bench_model(cfg, dtype, device)
         gen = torch.Generator(device=device).manual_seed(0)
         shape = (args.micro_batch, cfg.seq_length)
         tokens = torch.randint(0, cfg.vocab_size, shape, device=device, generator=gen)

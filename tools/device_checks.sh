@@ -136,7 +136,9 @@ bench() {
 }
 
 step() {
-  local flags=(--zero --json "$OUT/bench_step.json")
+  local flags=(--json "$OUT/bench_step.json")
+  # STEP_ZERO=0 leaves out the osp-zero arm (a shorter call, e.g. with --accumulate 8)
+  [[ "${STEP_ZERO:-1}" == 1 ]] && flags+=(--zero)
   [[ "$CPU" == 1 ]] && flags+=(--quick)
   # STEP_ARGS: e.g. "--layers 12" or "--recompute selective" for a resized rerun
   read -r -a extra <<< "${STEP_ARGS:-}"
