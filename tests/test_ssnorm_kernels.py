@@ -2,7 +2,8 @@
 
 Against a float64 autograd reference on random inputs: fp32 within 1e-5 (outputs and both gradients),
 bf16 within bf16 rounding (the output is rounded once, as the eager kernel rounds it); the model-level
-switch puts it in every norm slot with the same checkpoint keys and the same logits.
+switch puts it in every norm slot with the same checkpoint keys and the same logits. The default,
+"auto" (AutoSSNorm), is the fused kernel for activations on a GPU and the eager one elsewhere.
 """
 
 import warnings
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from megatron_osp.models import build_gpt_model, get_preset, transformer_config
-from megatron_osp.models.ssnorm import FusedSSNorm, SSNorm
+from megatron_osp.models.ssnorm import AutoSSNorm, FusedSSNorm, SSNorm
 
 
 def _reference(x, gain, eps):
@@ -70,7 +71,7 @@ def _logits(model, tokens):
 
 
 def test_the_config_switch_puts_fused_ssnorm_in_every_slot_with_the_same_weights(megatron_single_rank):
-    eager_cfg = get_preset("test", qk_layernorm=True)
+    eager_cfg = get_preset("test", qk_layernorm=True, ssnorm_kernel="eager")
     fused_cfg = get_preset("test", qk_layernorm=True, ssnorm_kernel="fused")
     eager = build_gpt_model(eager_cfg, transformer_config(eager_cfg))
     fused = build_gpt_model(fused_cfg, transformer_config(fused_cfg))
@@ -112,3 +113,44 @@ def test_fused_ssnorm_reaches_torchs_fused_kernel_and_eager_does_not():
     for dtype in (torch.float32, torch.bfloat16):
         assert "aten::_fused_rms_norm" in ops(FusedSSNorm(None, 64), dtype)
         assert "aten::_fused_rms_norm" not in ops(SSNorm(None, 64), dtype)
+
+
+def test_auto_is_the_default_in_every_slot(megatron_single_rank):
+    cfg = get_preset("test", qk_layernorm=True)
+    assert cfg.ssnorm_kernel == "auto"
+    model = build_gpt_model(cfg, transformer_config(cfg))
+    norms = [m for n, m in model.named_modules() if n.endswith("norm") and "cross_attn" not in n]
+    assert len(norms) == 4 * cfg.num_layers + 1 and all(type(m) is AutoSSNorm for m in norms)
+
+
+def _ops(norm, x):
+    from torch.profiler import profile
+
+    with profile() as prof:
+        y = norm(x)
+        y.sum().backward()
+    return y, {e.name for e in prof.events()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_auto_takes_the_fused_kernel_only_on_the_gpu(dtype, monkeypatch):
+    """On the CPU AutoSSNorm is the eager kernel bit for bit (so CPU figures do not move); on a device
+    type in ``fused_on`` (CUDA; here the CPU stands in, patched) it is FusedSSNorm bit for bit."""
+    assert AutoSSNorm.fused_on == ("cuda",)  # the GPU figure that made auto the default is CUDA's
+    torch.manual_seed(1)
+    x = torch.randn(5, 7, 64).to(dtype)
+    upstream = torch.randn(5, 7, 64)
+    auto, eager, fused = (cls(None, 64).to(dtype) for cls in (AutoSSNorm, SSNorm, FusedSSNorm))
+    with torch.no_grad():
+        for m in (auto, eager, fused):
+            m.weight.fill_(0.75)
+    for got, want in zip(_run(auto, x, upstream), _run(eager, x, upstream)):
+        assert torch.equal(got, want)
+    monkeypatch.setattr(AutoSSNorm, "fused_on", ("cpu",))
+    for got, want in zip(_run(auto, x, upstream), _run(fused, x, upstream)):
+        assert torch.equal(got, want)
+    if hasattr(torch.ops.aten, "_fused_rms_norm"):
+        xg = x.detach().clone().requires_grad_(True)
+        assert "aten::_fused_rms_norm" in _ops(auto, xg)[1]
+        monkeypatch.setattr(AutoSSNorm, "fused_on", ("cuda",))
+        assert "aten::_fused_rms_norm" not in _ops(auto, xg)[1]

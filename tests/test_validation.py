@@ -123,7 +123,7 @@ def test_shipped_configs_load_and_validate(path):
         ("model.layernorm_epsilon=0", r"model\.layernorm_epsilon=0\.0: must be > 0"),
         ("model.init_method_std=-0.02", r"model\.init_method_std=-0\.02"),
         ("model.transformer_impl=fast", r"model\.transformer_impl='fast': must be one of"),
-        ("model.ssnorm_kernel=triton", r"model\.ssnorm_kernel='triton': must be one of eager, fused"),
+        ("model.ssnorm_kernel=triton", r"model\.ssnorm_kernel='triton': must be one of auto, eager, fused"),
         ("train.log_interval=0", r"train\.log_interval=0: must be >= 1"),
         ("train.eval_batches=0", r"train\.eval_batches=0: must be >= 1"),
         ("train.kurtosis_batches=0", r"train\.kurtosis_batches=0: must be >= 1"),

@@ -23,7 +23,7 @@ class ModelConfig:
     seq_length: int = 128
     rotary_base: int = 10000
     normalization: str = "ssnorm"  # "rmsnorm" | "ssnorm"
-    ssnorm_kernel: str = "eager"  # "eager" | "fused" (torch's rms_norm; same formula, see models/ssnorm.py)
+    ssnorm_kernel: str = "auto"  # "auto" (fused on GPU, eager elsewhere) | "eager" | "fused" (models/ssnorm.py)
     embedding_projection: bool = True
     qk_layernorm: bool = False
     untie_embeddings_and_output_weights: bool = True

@@ -57,7 +57,7 @@ def ssnorm_class(kernel: str) -> type[SSNorm]:
 
 
 def gpt_layer_spec(normalization: str, backend: str = "local", qk_layernorm: bool = False,
-                   ssnorm_kernel: str = "eager") -> ModuleSpec:
+                   ssnorm_kernel: str = "auto") -> ModuleSpec:
     """A TransformerLayer spec with RMSNorm (Megatron's) or SSNorm in every norm slot."""
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"model.normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
@@ -90,7 +90,7 @@ def gpt_layer_spec(normalization: str, backend: str = "local", qk_layernorm: boo
     return spec
 
 
-def final_norm_class(normalization: str, backend: str, ssnorm_kernel: str = "eager"):
+def final_norm_class(normalization: str, backend: str, ssnorm_kernel: str = "auto"):
     if normalization == "ssnorm":
         return ssnorm_class(ssnorm_kernel)
     if resolve_backend(backend) == "transformer_engine":
@@ -104,7 +104,7 @@ def final_norm_class(normalization: str, backend: str, ssnorm_kernel: str = "eag
 
 def gpt_block_spec(
     normalization: str, backend: str, num_layers_in_stage: int, qk_layernorm: bool = False,
-    ssnorm_kernel: str = "eager",
+    ssnorm_kernel: str = "auto",
 ) -> TransformerBlockSubmodules:
     """The decoder block for one pipeline stage: its layers plus the final norm (used on the last stage)."""
     layer = gpt_layer_spec(normalization, backend, qk_layernorm, ssnorm_kernel)
