@@ -25,7 +25,7 @@
 #   fwdbwd tools/bench_fwd_bwd.py --profile: forward + backward of the 1.4B model per arm (adam,
 #          ssnorm only, embproj only, osp, and ssnorm/osp with model.ssnorm_kernel=fused) and the
 #          norms alone (torch RMSNorm, SSNorm, FusedSSNorm): where OSP's forward + backward is slower
-#          than Adam's (~2 min); STEP_ARGS=--fused-ssnorm adds the osp-fused arm to the step stage
+#          than Adam's (~2 min); STEP_ARGS=--eager-ssnorm adds an osp-eager arm to the step stage
 #   repro  examples/reproduce_osp_small.sh with REPRO_CONFIG (default reproduce_small.yaml): the
 #          paper's four ablation rows trained at the same time on the one GPU (PARALLEL=1), then the
 #          4-bit evaluation (issue 6)
