@@ -3,7 +3,7 @@
 import pytest
 
 from megatron_osp.models import layer_specs
-from megatron_osp.models.ssnorm import SSNorm
+from megatron_osp.models.ssnorm import AutoSSNorm, SSNorm
 
 
 def test_auto_falls_back_to_local_spec_without_transformer_engine(monkeypatch):
@@ -11,8 +11,8 @@ def test_auto_falls_back_to_local_spec_without_transformer_engine(monkeypatch):
     assert layer_specs.resolve_backend("auto") == "local"
     spec = layer_specs.gpt_layer_spec("ssnorm", "auto", qk_layernorm=True)
     sub = spec.submodules
-    assert sub.input_layernorm is SSNorm and sub.pre_mlp_layernorm is SSNorm
-    assert sub.self_attention.submodules.q_layernorm is SSNorm
+    assert sub.input_layernorm is AutoSSNorm and sub.pre_mlp_layernorm is AutoSSNorm  # the default kernel
+    assert sub.self_attention.submodules.q_layernorm is AutoSSNorm
     from megatron.core.tensor_parallel import ColumnParallelLinear
 
     assert sub.self_attention.submodules.linear_qkv is ColumnParallelLinear
@@ -34,10 +34,10 @@ def test_unknown_backend_and_norm_are_rejected():
 def test_rmsnorm_spec_is_megatrons_own_and_specs_do_not_share_state():
     rms = layer_specs.gpt_layer_spec("rmsnorm", "local")
     ss = layer_specs.gpt_layer_spec("ssnorm", "local")
-    assert rms.submodules.input_layernorm is not SSNorm
-    assert ss.submodules.input_layernorm is SSNorm
+    assert not issubclass(rms.submodules.input_layernorm, SSNorm)
+    assert ss.submodules.input_layernorm is AutoSSNorm
     # Building the SSNorm spec must not have modified Megatron's cached spec objects.
-    assert layer_specs.gpt_layer_spec("rmsnorm", "local").submodules.input_layernorm is not SSNorm
+    assert not issubclass(layer_specs.gpt_layer_spec("rmsnorm", "local").submodules.input_layernorm, SSNorm)
 
 
 def test_fused_softmax_only_when_its_kernel_is_importable(monkeypatch):
