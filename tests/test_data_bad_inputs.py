@@ -363,7 +363,7 @@ def test_ctrl_c_in_preprocessing_ends_cleanly(tmp_path, tok):
     big.write_text(line * max(1, 150_000_000 // len(line)))  # several seconds of work (~25M tokens/s here)
     proc = subprocess.Popen([sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input", str(big),
                              "--tokenizer-model", tok, "--output-prefix", str(tmp_path / "out"), "--no-progress",
-                             "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             "--workers", "2", "--overwrite"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True,
                             # A shell's background job (`pytest ... &`) inherits SIGINT ignored, and so
                             # would this child, which then rightly keeps ignoring Ctrl-C: test it as a

@@ -136,7 +136,8 @@ def test_an_input_that_changes_while_it_is_read_stops_the_run(tmp_path, tok, mon
 
     monkeypatch.setattr(pre, "_tokenize_chunk", tokenize_and_change)
     with pytest.raises(BadRecord, match=f"^{src}: changed while it was read"):
-        preprocess([str(src)], tok, str(tmp_path / "out" / "o"), progress=False, chunk_lines=16)
+        preprocess([str(src)], tok, str(tmp_path / "out" / "o"), progress=False, chunk_lines=16,
+                   overwrite=True)
     assert earlier.read_bytes() == b"earlier" and os.listdir(tmp_path / "out") == ["o_text_document.bin"]
 
 

@@ -106,7 +106,7 @@ def test_a_failed_rerun_leaves_the_earlier_output_untouched(tmp_path, tok, corpu
     before = _snapshot(out)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(Path(corpus).read_text() + "{broken\n")
-    r = _preprocess(str(bad), tok, out / "c", "--max-shard-tokens", 700, check=False)
+    r = _preprocess(str(bad), tok, out / "c", "--max-shard-tokens", 700, "--overwrite", check=False)
     assert r.returncode == 1 and f"{bad}:{N_DOCS + 1}: malformed JSON" in r.stderr
     assert _snapshot(out) == before
 

@@ -15,7 +15,9 @@ report); a corrupt or truncated compressed file always stops it. Exit status 1 o
 
 The output is published as one unit when the whole run succeeded, with a manifest
 PREFIX_<key>_document.shards.json listing its datasets; the previous run's files of that prefix
-(sharded or not) are replaced then, and a failed run leaves them as they were.
+(sharded or not) are replaced then, and a failed run leaves them as they were. Only a rerun over the
+same inputs replaces an earlier output silently: any other (a merge's output, an output of other
+inputs or without a manifest) is refused by name before tokenizing, unless --overwrite is given.
 
 Many nodes: --num-tasks N --task-index I (defaults: a SLURM array's SLURM_ARRAY_TASK_COUNT and
 SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) tokenizes only task I's share of the input files (a
@@ -107,6 +109,8 @@ def main() -> int:
                    help="split the output into shards of ~N tokens")
     p.add_argument("--skip-bad-records", action="store_true", help="skip and count bad records instead of stopping")
     p.add_argument("--special-tokens-in-text", choices=SPECIAL_MODES, default="encode", help=SPECIAL_HELP)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier output of the prefix that is not a rerun over the same inputs")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-word-cache", action="store_true",
                    help="call the tokenizer library per chunk (sp.encode, HF encode_batch) instead of the exact word "
@@ -133,6 +137,7 @@ def main() -> int:
             max_shard_tokens=args.max_shard_tokens,
             eod_token=args.eod_token, word_cache=not args.no_word_cache, task=task and task[:2],
             log=lambda line: print(line, flush=True), special_tokens_in_text=args.special_tokens_in_text,
+            overwrite=args.overwrite,
         )
     except (BadRecord, FileNotFoundError, ValueError, WorkerDied) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -9,7 +9,9 @@ truncated compressed stream) always stops the run. Empty documents are counted a
 The output is one unit (megatron_osp/data/shardset.py): every dataset of every key is written into a
 stage directory and published together, with a manifest ``<prefix>_<key>_document.shards.json``,
 only when the whole run succeeded; publishing removes the earlier run's files of those names
-(sharded or not). A failed or killed run leaves the earlier output untouched.
+(sharded or not). An earlier output there that is not a rerun over the same inputs (a merge's output,
+one of other inputs, one without a manifest) is refused by name before any tokenizing unless
+``overwrite``. A failed or killed run leaves the earlier output untouched.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from megatron_osp.data.content_identity import sampled_documents
 from megatron_osp.data.indexed import token_dtype_for
 from megatron_osp.data.readers import (BadRecord, CorruptInput, check_corpus_form, no_documents, parse_json_record,
                                       record_chunks)
-from megatron_osp.data.sharded_output import ShardedOutput, output_prefix_for
+from megatron_osp.data.sharded_output import ShardedOutput, check_earlier_output, output_prefix_for
 from megatron_osp.data.shardset import check_output_prefix, sha256_file
 from megatron_osp.data.special_text import DEFAULT as SPECIAL_DEFAULT
 from megatron_osp.data.special_text import FIELD as SPECIAL_FIELD
@@ -304,6 +306,7 @@ def preprocess(
     task: tuple[int, int] | None = None,
     log=None,
     special_tokens_in_text: str = SPECIAL_DEFAULT,
+    overwrite: bool = False,
 ) -> PreprocessStats:
     """Tokenize ``inputs`` (in order, documents in file order) into ``<output_prefix>_<key>_document``.
 
@@ -323,6 +326,8 @@ def preprocess(
     ``log``: called before any work with ``eod_note``'s line (a Hugging Face tokenizer) and the
     encoding path (the exact word cache, or the library and why).
     ``special_tokens_in_text``: encode, split or refuse (data/special_text.py), recorded in the manifest.
+    An earlier output of the prefix is replaced only by a rerun over the same inputs or with ``overwrite``
+    (``sharded_output.check_earlier_output``, before any tokenizing).
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
@@ -355,6 +360,7 @@ def preprocess(
             special_tokens_in_text)
         paths = [Path(p) for p in mine]
         output_prefix = array_tasks.task_prefix(output_prefix, index, count)
+    check_earlier_output(output_prefix, json_keys, paths, overwrite)
     check_corpus_form(paths, json_keys, not skip_bad_records)  # this task's share only: first lines, before any output
     pool = (ProcessPoolExecutor(workers, mp_context=get_context("fork"), initializer=_init_worker,
                                 initargs=(tokenizer_model, eod_token, os.getpid(), word_cache, special_tokens_in_text))

@@ -6,20 +6,60 @@ to a single run's because its documents go through this same writer."""
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 
 from megatron_osp.data.content_identity import SAMPLE_FIELD, sample_record, sampled_documents
 from megatron_osp.data.indexed import IndexedDatasetWriter
-from megatron_osp.data.shardset import Stage
+from megatron_osp.data.shardset import MANIFEST_SUFFIX, Stage, manifest_path, read_manifest
 
-__all__ = ["ShardedOutput", "output_prefix_for"]
+__all__ = ["ShardedOutput", "check_earlier_output", "output_prefix_for"]
 
 
 def output_prefix_for(output_prefix: str, key: str, shard: int | None = None) -> str:
     """Megatron's naming: one dataset per JSON key, ``<prefix>_<key>_document``; shards add ``_NNNNN``."""
     name = f"{output_prefix}_{key}_document"
     return name if shard is None else f"{name}_{shard:05d}"
+
+
+def check_earlier_output(output_prefix: str, keys, inputs, overwrite: bool = False) -> None:
+    """Refuse, before any work, to publish over an earlier output of ``output_prefix`` that is not a
+    rerun over the same ``inputs``: publishing removes every file of each family (its .bin/.idx, its
+    shards, its manifest), so a merge's output or a preprocessing output of other inputs given as the
+    prefix was replaced without a word. A rerun is one whose manifest is a preprocessing output (a single
+    run or a merge of its array tasks) recording these inputs, in this order, as the same files.
+    ``overwrite`` (--overwrite) allows replacing any earlier output."""
+    if overwrite:
+        return
+    want = [os.path.realpath(p) for p in inputs]
+    for key in keys:
+        family = output_prefix_for(output_prefix, key)
+        d, base = os.path.dirname(os.path.abspath(family)), os.path.basename(family)
+        member = re.compile(rf"^{re.escape(base)}(_\d{{5,}})?\.(bin|idx)$|^{re.escape(base + MANIFEST_SUFFIX)}$")
+        found = sorted(n for n in os.listdir(d) if member.match(n)) if os.path.isdir(d) else []
+        if not found:
+            continue
+        why = "its files have no manifest saying which inputs made them"
+        if os.path.exists(manifest_path(family)):
+            try:
+                m = read_manifest(family)
+            except ValueError as e:
+                why = str(e)
+            else:
+                merged = m.get("merged_from")
+                recorded = m.get("inputs")
+                if isinstance(merged, dict) and "datasets" in merged:
+                    why = "it is the output of tools/merge_datasets.py"
+                elif not isinstance(recorded, list):
+                    why = "its manifest records no inputs"
+                elif [os.path.realpath(str(p)) for p in recorded] == want:
+                    continue  # a rerun over the same inputs: replaced, as documented
+                else:
+                    why = f"it was made from other inputs ({', '.join(map(str, recorded[:3]))}" + \
+                          (", ..." if len(recorded) > 3 else "") + ")"
+        raise ValueError(f"{os.path.join(d, found[0])}: an earlier output is there ({why}); publishing would replace "
+                         "it: give another --output-prefix, or --overwrite to replace it")
 
 
 class ShardedOutput:
