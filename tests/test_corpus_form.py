@@ -123,3 +123,27 @@ def test_sharded_outputs_and_manifests_in_the_input_directory_are_never_read(tmp
     assert "out_text_document.shards.json" in names and "out_text_document_00001.bin" in names, names
     first = IndexedDataset(str(corpus / "out_text_document_00000"))
     assert len(first) and first[0].tolist()
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz", ".zst"])
+def test_records_ended_by_bare_carriage_returns_are_refused_not_read_as_one_record(tmp_path, sp_model, suffix):
+    """Old Mac line endings ("\\r" alone): the reader splits at "\\n", so the whole file was one line, a
+    malformed record, and --skip-bad-records dropped all its documents as "1 bad record". Refused by name
+    (plain, .gz, .zst alike), before any output; a CR inside one record (JSON whitespace) is still read."""
+    import gzip
+
+    import zstandard
+
+    corpus = _corpus_dir(tmp_path)
+    data = RECORDS.replace("\n", "\r").encode()
+    compress = {"": bytes, ".gz": gzip.compress, ".zst": zstandard.ZstdCompressor().compress}[suffix]
+    mac = corpus / f"mac.jsonl{suffix}"
+    mac.write_bytes(compress(data))
+    with pytest.raises(CorruptInput) as e:
+        preprocess([str(corpus / "a.jsonl"), str(mac)], sp_model, str(tmp_path / "out"), progress=False,
+                   skip_bad_records=True)
+    assert str(e.value).startswith(f"{mac}: {NOT_JSONL}: its records are separated by bare carriage returns"), e.value
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]
+    inner = corpus / f"inner.jsonl{suffix}"  # CR as whitespace inside a record, CRLF line ends
+    inner.write_bytes(compress(b'{"text":\r"one"}\r\n{"text": "two"}\r\n'))
+    assert preprocess([str(inner)], sp_model, str(tmp_path / "o2"), progress=False).documents == 2

@@ -265,7 +265,7 @@ def corpus_form_problem(path: Path, keys: list[str], first_record: bool = False)
         if first is None:
             raise empty_file(path, read > 0)
         line_no = read
-        problem = _form_problem(path, keys, first.decode("utf-8", "replace").strip(), lines)
+        problem = _bare_cr_problem(first) or _form_problem(path, keys, first.decode("utf-8", "replace").strip(), lines)
     finally:
         raw_lines.close()  # the file, now: not when the generator is collected
     if problem is None and first_record:
@@ -274,6 +274,27 @@ def corpus_form_problem(path: Path, keys: list[str], first_record: bool = False)
         if isinstance(record, BadRecord):
             raise record
     return problem
+
+
+def _bare_cr_problem(first: bytes) -> str | None:
+    """Lines ended by a bare carriage return (old Mac line endings) are one line to a reader splitting at
+    "\\n": the whole file was one malformed record, with skip_bad_records one "bad record" for all its
+    documents. Judged on the first non-blank line: a bare CR in it after a whole JSON value, the line as a
+    whole no JSON (a CR as whitespace inside one record is JSON and left alone)."""
+    body = first.rstrip(b"\r\n")
+    at = body.find(b"\r")
+    if at < 0 or not _is_json(body[:at]) or _is_json(body):
+        return None
+    return ("its records are separated by bare carriage returns ('\\r', old Mac line endings), not by '\\n', so "
+            "the whole file would be read as one line; convert its line endings (e.g. tr '\\r' '\\n')")
+
+
+def _is_json(raw: bytes) -> bool:
+    try:
+        json.loads(raw)
+    except (ValueError, RecursionError):
+        return False
+    return True
 
 
 def _form_problem(path: Path, keys: list[str], text: str, lines) -> str | None:
