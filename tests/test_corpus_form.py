@@ -147,3 +147,32 @@ def test_records_ended_by_bare_carriage_returns_are_refused_not_read_as_one_reco
     inner = corpus / f"inner.jsonl{suffix}"  # CR as whitespace inside a record, CRLF line ends
     inner.write_bytes(compress(b'{"text":\r"one"}\r\n{"text": "two"}\r\n'))
     assert preprocess([str(inner)], sp_model, str(tmp_path / "o2"), progress=False).documents == 2
+
+
+def test_our_outputs_matched_by_a_glob_are_left_out_and_refused_when_named(tmp_path, sp_model):
+    """A glob over a directory holding an earlier run's output (here one without its manifest, as a merge
+    of inputs without manifests writes it) read its .bin/.idx as corpus text: with --skip-bad-records
+    they were "bad records" and the run succeeded. Left out as a directory input leaves them out, with a
+    line saying so; named alone, refused; a glob matching only them is no corpus."""
+    corpus = _corpus_dir(tmp_path)
+    preprocess([str(corpus / "a.jsonl")], sp_model, str(corpus / "out"), progress=False, max_shard_tokens=100)
+    (corpus / "out_text_document.shards.json").unlink()
+    (corpus / "out_text_document_00000.bin.tmp-host-12").write_bytes(b"\0\1")  # a killed run's temporary
+    ours = sorted(str(p) for p in corpus.iterdir() if not p.name.endswith(".jsonl"))
+    r = subprocess.run([sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--no-progress", "--input",
+                        str(corpus / "*"), "--tokenizer-model", sp_model, "--output-prefix", str(tmp_path / "o"),
+                        "--skip-bad-records"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "bad records" not in r.stdout, r.stdout  # the .bin/.idx were read as corpus text
+    assert f"left out {len(ours)} files of earlier outputs" in r.stdout, r.stdout
+    assert len(IndexedDataset(str(tmp_path / "o_text_document"))) == 60
+    skipped = []
+    assert expand_inputs([str(corpus / "*")], skipped) == [str(corpus / "a.jsonl"), str(corpus / "b.jsonl")]
+    assert skipped == ours and len(ours) > 3
+    assert expand_inputs([str(corpus)]) == [str(corpus / "a.jsonl"), str(corpus / "b.jsonl")]
+    for f in ours:
+        with pytest.raises(ValueError, match=re.escape(f"--input {f}: a dataset file that preprocessing or merging "
+                                                       "writes")):
+            expand_inputs([str(corpus / "a.jsonl"), f])
+    with pytest.raises(FileNotFoundError, match="no corpus files match, only outputs of earlier runs"):
+        expand_inputs([str(corpus / "out_*")])

@@ -131,8 +131,14 @@ def main() -> int:
         if task is not None:
             output = task_prefix(args.output_prefix, task[0], task[1])
             print(f"array task {task[0]} of {task[1]} ({task[2]}): writes {output}_<key>_document", flush=True)
+        skipped: list[str] = []
+        inputs = expand_inputs(args.input, skipped)
+        if skipped:
+            print(f"left out {len(skipped)} file{'s' if len(skipped) > 1 else ''} of earlier outputs (datasets, "
+                  f"manifests) that --input matched, never read as corpus: {', '.join(skipped[:3])}"
+                  f"{', ...' if len(skipped) > 3 else ''}", flush=True)
         stats = preprocess(
-            expand_inputs(args.input), args.tokenizer_model, args.output_prefix, tuple(args.json_keys),
+            inputs, args.tokenizer_model, args.output_prefix, tuple(args.json_keys),
             args.append_eod, args.workers, args.skip_bad_records, progress=not args.no_progress,
             max_shard_tokens=args.max_shard_tokens,
             eod_token=args.eod_token, word_cache=not args.no_word_cache, task=task and task[:2],
