@@ -95,3 +95,26 @@ def test_the_cli_names_the_file_and_option(two, sp_model):
     assert "--overwrite to replace it" in r.stderr
     r = subprocess.run(args + ["--overwrite"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_merging_array_tasks_refuses_an_output_of_other_inputs(two, sp_model):
+    """merge_datasets.py --tasks publishes a preprocessing output the same way: it replaced an earlier
+    output of other inputs on its prefix without a word. The same rule: a rerun of the run's inputs
+    replaces, anything else needs --overwrite."""
+    from megatron_osp.data.merge import merge_tasks
+
+    d, a, b = two
+    for i in range(2):  # tasks over [b, a] for the prefix "a", whose earlier output is of [a] alone
+        preprocess([b, a], sp_model, str(d / "a"), progress=False, task=(i, 2))
+    before = _snapshot(d)
+    with pytest.raises(ValueError, match=r"a_text_document\.bin: an earlier output is there \(it was made from other "
+                                         r"inputs .*--overwrite"):
+        merge_tasks(str(d / "a"))
+    assert _snapshot(d) == before
+    cli = [sys.executable, str(REPO / "tools" / "merge_datasets.py"), "--tasks", str(d / "a")]
+    r = subprocess.run(cli, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "--overwrite to replace it" in r.stderr and _snapshot(d) == before, r.stderr
+    r = subprocess.run(cli + ["--overwrite"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((d / "a_text_document.shards.json").read_text())["inputs"] == [b, a]
+    assert merge_tasks(str(d / "a"))["tasks"] == 2  # a rerun: the same inputs

@@ -21,7 +21,9 @@ on the prefix is replaced (its manifest too); a preprocessing output there is re
 task order into PREFIX_<key>_document (or the --output-prefix given), published with a manifest like
 a preprocessing run and byte-identical to a single run over the same inputs (with --max-shard-tokens,
 to a single run with that option; whatever shard size the tasks used). It refuses, naming them,
-missing or incomplete tasks and tasks of different runs (inputs, tokenizer, keys, EOD).
+missing or incomplete tasks and tasks of different runs (inputs, tokenizer, keys, EOD), and, as
+preprocess_data.py does, an earlier output on the prefix that is not of the same inputs (a plain
+merge's, a run over other files) unless --overwrite is given.
 """
 
 import argparse
@@ -58,11 +60,13 @@ def main() -> int:
                    help="check the dtype holds this tokenizer's ids, no input has an id outside its vocabulary and "
                         "every input's manifest (if any) names this tokenizer or one that makes the same ids "
                         "(with --tasks: the tasks used it)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="with --tasks: replace an earlier output of the prefix that is not of the tasks' inputs")
     args = p.parse_args()
     if not args.tasks and not args.output_prefix:
         p.error("--output-prefix is required with --input/--input-dir")
-    if (args.num_tasks is not None or args.max_shard_tokens is not None) and not args.tasks:
-        p.error("--num-tasks and --max-shard-tokens apply to --tasks")
+    if (args.num_tasks is not None or args.max_shard_tokens is not None or args.overwrite) and not args.tasks:
+        p.error("--num-tasks, --max-shard-tokens and --overwrite apply to --tasks")
     shard = args.max_shard_tokens
     if shard is not None and not (1 <= shard < float("inf") and shard == int(shard)):
         p.error(f"--max-shard-tokens {shard:g}: must be a positive whole number of tokens")
@@ -71,7 +75,7 @@ def main() -> int:
     try:
         if args.tasks:
             info = merge_tasks(args.tasks, args.output_prefix, args.num_tasks, args.tokenizer_model,
-                               None if shard is None else int(shard))
+                               None if shard is None else int(shard), overwrite=args.overwrite)
             outs = info["outputs"]
             print(f"merged {info['tasks']} tasks: {info['sequences']:,} documents, {info['tokens']:,} tokens -> "
                   + (f"{outs[0]}.{{bin,idx}}" if len(outs) == 1 else f"{len(outs)} datasets {outs[0]} ... {outs[-1]}"))

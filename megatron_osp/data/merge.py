@@ -286,7 +286,8 @@ def prefixes_in(directory: str | os.PathLike, skipped: list[str] | None = None, 
 
 
 def merge_tasks(prefix: str, output_prefix: str | None = None, num_tasks: int | None = None,
-                tokenizer_model: str | None = None, max_shard_tokens: int | None = None) -> dict:
+                tokenizer_model: str | None = None, max_shard_tokens: int | None = None,
+                overwrite: bool = False) -> dict:
     """Merge the array tasks of ``prefix`` (the ``--output-prefix`` they were given) in task order and
     publish ``<output_prefix or prefix>_<key>_document`` as one preprocessing output (manifest and all).
 
@@ -295,11 +296,13 @@ def merge_tasks(prefix: str, output_prefix: str | None = None, num_tasks: int | 
     (None: one unsharded dataset), whatever shard size the tasks used. Refuses, before writing, a set
     with a missing or incomplete task or with tasks of different runs (array_tasks.find_task_set);
     ``tokenizer_model``, if given, must be the file the tasks used or one of its fingerprint (the same
-    ids, data/tokenizer_identity.py). The tasks' outputs are kept.
+    ids, data/tokenizer_identity.py). The tasks' outputs are kept. An earlier output of the prefix that
+    is not of the run's inputs (a plain merge's, another run's) is refused unless ``overwrite``, as a
+    preprocessing run refuses it (``sharded_output.check_earlier_output``).
     """
     from megatron_osp.data import array_tasks
     from megatron_osp.data.indexed import token_dtype_for
-    from megatron_osp.data.sharded_output import ShardedOutput, output_prefix_for
+    from megatron_osp.data.sharded_output import ShardedOutput, check_earlier_output, output_prefix_for
 
     if max_shard_tokens is not None and max_shard_tokens < 1:
         raise ValueError(f"max_shard_tokens must be >= 1, got {max_shard_tokens}")
@@ -326,6 +329,7 @@ def merge_tasks(prefix: str, output_prefix: str | None = None, num_tasks: int | 
         if os.path.realpath(output_prefix_for(output_prefix, key)) in families:
             raise ValueError(f"{output_prefix}: the merged output {output_prefix_for(output_prefix, key)} would "
                              "replace one of the tasks' outputs")
+    check_earlier_output(output_prefix, keys, found["inputs"], overwrite)
     datasets = [[IndexedDataset(p) for p in found["datasets"][key]] for key in keys]  # each checked on open
     dtype = np.dtype(token_dtype_for(run["options"]["vocab_size"]))
     for group in zip(*datasets):
