@@ -82,7 +82,7 @@ fi
 [[ -n $workers ]] || args+=(--workers "$CPUS_PER_TASK")
 
 # 1. Check everything the tasks need, here, before queueing (prints each task's files and bytes).
-"$PYTHON" "$REPO/tools/preprocess_data.py" "${args[@]}" --num-tasks "$TASKS" --plan
+"$PYTHON" "$REPO/tools/preprocess_data.py" ${args[@]+"${args[@]}"} --num-tasks "$TASKS" --plan
 
 mkdir -p "$LOG_DIR"
 export OSP_REPO=$REPO OSP_PYTHON=$PYTHON OSP_TASKS=$TASKS
@@ -92,16 +92,16 @@ name=prep-$(basename "$prefix")
 # 2. The tasks. 3. The merge, only once every task of this submission succeeded.
 if ((TASKS == 1)); then
   job=$(sbatch --parsable --job-name="$name" --cpus-per-task="$CPUS_PER_TASK" --export=ALL \
-    --output="$LOG_DIR/%x-%j.out" "${extra[@]}" "$SELF" --run-task "${args[@]}" --num-tasks 1)
+    --output="$LOG_DIR/%x-%j.out" ${extra[@]+"${extra[@]}"} "$SELF" --run-task ${args[@]+"${args[@]}"} --num-tasks 1)
   echo "submitted job $job: one run, writes ${prefix}_<key>_document"
   exit 0
 fi
 array=$(sbatch --parsable --array="$ARRAY" --job-name="$name" --cpus-per-task="$CPUS_PER_TASK" --export=ALL \
-  --output="$LOG_DIR/%x-%A_%a.out" "${extra[@]}" "$SELF" --run-task "${args[@]}" --num-tasks "$TASKS")
+  --output="$LOG_DIR/%x-%A_%a.out" ${extra[@]+"${extra[@]}"} "$SELF" --run-task ${args[@]+"${args[@]}"} --num-tasks "$TASKS")
 array=${array%%;*}  # --parsable prints "jobid[;cluster]"
 merge=$(sbatch --parsable --dependency="afterok:$array" --kill-on-invalid-dep=yes --job-name="$name-merge" \
-  --cpus-per-task=1 --export=ALL --output="$LOG_DIR/%x-%j.out" "${extra[@]}" \
-  "$SELF" --run-merge --tasks "$prefix" --num-tasks "$TASKS" "${shard[@]}")
+  --cpus-per-task=1 --export=ALL --output="$LOG_DIR/%x-%j.out" ${extra[@]+"${extra[@]}"} \
+  "$SELF" --run-merge --tasks "$prefix" --num-tasks "$TASKS" ${shard[@]+"${shard[@]}"})
 merge=${merge%%;*}
 echo "submitted array job $array (tasks $ARRAY of $TASKS) and merge job $merge (after all of them succeed)"
 echo "result: ${prefix}_<key>_document; logs in $LOG_DIR/"

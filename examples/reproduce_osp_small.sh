@@ -39,7 +39,7 @@ mkdir -p "$RUN_DIR"
 
 if [[ -z "${DATA:-}" ]]; then
   echo "== data: built-in corpus -> SentencePiece BPE $VOCAB -> indexed"
-  [[ -f "$RUN_DIR/corpus.jsonl" ]] || python tools/builtin_corpus.py --output "$RUN_DIR/corpus.jsonl" "${CORPUS_FLAGS[@]}"
+  [[ -f "$RUN_DIR/corpus.jsonl" ]] || python tools/builtin_corpus.py --output "$RUN_DIR/corpus.jsonl" ${CORPUS_FLAGS[@]+"${CORPUS_FLAGS[@]}"}
   if [[ -f "$RUN_DIR/tokenizer.model" ]]; then  # kept from an earlier run: of this VOCAB, or refused
     have=$(python -c 'import sys, sentencepiece as s
 print(s.SentencePieceProcessor(model_file=sys.argv[1]).vocab_size())' "$RUN_DIR/tokenizer.model")
@@ -78,7 +78,7 @@ mkdir -p "$RUN_DIR/logs"
 train_row() {  # name, flags...: one ablation row, timed
   local name=$1; shift
   local start; start=$(date +%s)
-  python -m megatron_osp.training.pretrain "${COMMON[@]}" "train.run_dir=$RUN_DIR/$name" "$@" "${OVERRIDES[@]}"
+  python -m megatron_osp.training.pretrain "${COMMON[@]}" "train.run_dir=$RUN_DIR/$name" "$@" ${OVERRIDES[@]+"${OVERRIDES[@]}"}
   echo "$name $(( $(date +%s) - start )) s" >> "$RUN_DIR/timings.txt"
 }
 OVERRIDES=("$@")
@@ -94,7 +94,7 @@ for entry in "${RUNS[@]}"; do
   DIRS+=("$RUN_DIR/$name")
 done
 failed=0
-for i in "${!PIDS[@]}"; do
+for i in ${PIDS[@]+"${!PIDS[@]}"}; do
   if ! wait "${PIDS[$i]}"; then
     failed=1; echo "!! run ${DIRS[$i]} failed; the end of its log:"; tail -n 30 "$RUN_DIR/logs/$(basename "${DIRS[$i]}").log"
   fi

@@ -131,7 +131,7 @@ bench() {
   # BENCH_ARGS: e.g. "--step-only --profile --baseline-muon FILE" (the optimizer step alone, profiled,
   # next to an earlier muon.py)
   read -r -a extra <<< "${BENCH_ARGS:-}"
-  timeout --signal=TERM --kill-after=10 "$BENCH_LIMIT" python3 tools/bench_muon.py "${flags[@]}" "${extra[@]}" 2>&1 |
+  timeout --signal=TERM --kill-after=10 "$BENCH_LIMIT" python3 tools/bench_muon.py "${flags[@]}" ${extra[@]+"${extra[@]}"} 2>&1 |
     tee "$OUT/bench_muon.txt"
 }
 
@@ -142,7 +142,7 @@ step() {
   [[ "$CPU" == 1 ]] && flags+=(--quick)
   # STEP_ARGS: e.g. "--layers 12" or "--recompute selective" for a resized rerun
   read -r -a extra <<< "${STEP_ARGS:-}"
-  timeout --signal=TERM --kill-after=10 "$STEP_LIMIT" python3 tools/bench_step.py "${flags[@]}" "${extra[@]}" 2>&1 |
+  timeout --signal=TERM --kill-after=10 "$STEP_LIMIT" python3 tools/bench_step.py "${flags[@]}" ${extra[@]+"${extra[@]}"} 2>&1 |
     tee "$OUT/bench_step.txt"
 }
 
@@ -168,7 +168,7 @@ repro() {
     fi
   fi
   PARALLEL=${PARALLEL:-1} RUN_DIR=$run_dir timeout --signal=TERM --kill-after=20 "$REPRO_LIMIT" \
-    bash examples/reproduce_osp_small.sh "${args[@]}" 2>&1 | tee "$OUT/repro.txt"
+    bash examples/reproduce_osp_small.sh ${args[@]+"${args[@]}"} 2>&1 | tee "$OUT/repro.txt"
   local rc=${PIPESTATUS[0]}
   # Small files only (no checkpoints, no corpus): what the results and the docs are written from.
   (cd "$run_dir" && find . \( -name 'summary.json' -o -name 'kurtosis.json' -o -name 'metrics.jsonl' \
