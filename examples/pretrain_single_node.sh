@@ -5,10 +5,13 @@
 # data.paths must point at indexed datasets made by tools/preprocess_data.py, e.g.
 #   bash examples/pretrain_single_node.sh data.paths=[/data/fineweb_edu_text_document] \
 #        data.tokenizer_model=/data/tokenizer.model parallel.tensor_parallel_size=2
+# It runs in the current directory: relative paths (CONFIG, data.paths, train.run_dir, ...) are from
+# there, and the default config's run_dir (runs/osp-1.4b) is made there.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 NPROC=${NPROC:-$(python -c 'import torch; print(max(torch.cuda.device_count(), 1))')}
-CONFIG=${CONFIG:-megatron_osp/configs/osp_1.4b.yaml}
+CONFIG=${CONFIG:-$REPO/megatron_osp/configs/osp_1.4b.yaml}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 export CUDA_DEVICE_MAX_CONNECTIONS=1
 # On SIGTERM or the first Ctrl-C the run finishes its step and saves (Ctrl-C: then exits 130; a second

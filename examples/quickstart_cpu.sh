@@ -3,8 +3,13 @@
 # tokens -> 4-bit fake-quantization evaluation of both -> side-by-side loss, excess kurtosis and
 # W4A4KV4 perplexity table. A few minutes on 2 cores, no download.
 #   bash examples/quickstart_cpu.sh [section.field=value ...]   (overrides apply to both runs)
-# RUN_DIR (default runs/quickstart) holds everything it makes.
+# RUN_DIR (default runs/quickstart in the repository; a relative one is from the current directory) holds
+# everything it makes.
 set -euo pipefail
+# Paths the user gives relative are meant from where the script was started, not the repository root
+# it changes to: make them absolute first.
+abs_paths() { local v; for v in "$@"; do if [[ -n ${!v:-} && ${!v} != /* ]]; then printf -v "$v" %s "$PWD/${!v}"; fi; done; }
+abs_paths RUN_DIR
 cd "$(dirname "$0")/.."
 RUN_DIR=${RUN_DIR:-runs/quickstart}
 CONFIG=megatron_osp/configs/quickstart_cpu.yaml

@@ -15,10 +15,15 @@
 # parameter, no AdamW) and Muon + EmbProj.
 # RUN_DIR (default runs/reproduce_small or runs/reproduce_small_cpu) holds everything (a rerun keeps its
 # corpus, tokenizer and tokens; a tokenizer of another VOCAB there is refused);
-# REPRO_CONFIG=<yaml> replaces the config. PARALLEL=1 trains the rows at the same time (each run's
+# REPRO_CONFIG=<yaml> replaces the config. (RUN_DIR, DATA, TOKENIZER, REPRO_CONFIG given relative are from
+# the current directory; the defaults are in the repository.) PARALLEL=1 trains the rows at the same time (each run's
 # output in RUN_DIR/logs/NAME.log): on one GPU that small models leave mostly idle this finishes all
 # rows in little more than the time of one, but each run's tokens/s is then a shared GPU's.
 set -euo pipefail
+# Paths the user gives relative are meant from where the script was started, not the repository root
+# it changes to: make them absolute first.
+abs_paths() { local v; for v in "$@"; do if [[ -n ${!v:-} && ${!v} != /* ]]; then printf -v "$v" %s "$PWD/${!v}"; fi; done; }
+abs_paths RUN_DIR DATA TOKENIZER REPRO_CONFIG
 cd "$(dirname "$0")/.."
 CPU=${CPU:-0}
 if [[ "${1:-}" == "--cpu" ]]; then CPU=1; shift; fi

@@ -36,6 +36,10 @@
 # REPRO_ARGS="section.field=value ..." overrides the reproduction's config (e.g. a shorter rerun).
 # Without a GPU, DEVICE_CHECKS_CPU=1 runs the same stages at smoke-test size (plumbing check).
 set -uo pipefail
+# Paths the user gives relative are meant from where the script was started, not the repository root
+# it changes to: make them absolute first.
+abs_paths() { local v; for v in "$@"; do if [[ -n ${!v:-} && ${!v} != /* ]]; then printf -v "$v" %s "$PWD/${!v}"; fi; done; }
+abs_paths OUT REPRO_DIR EO_SRC
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/device_checks}
 mkdir -p "$OUT"
