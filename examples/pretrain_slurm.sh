@@ -25,6 +25,10 @@
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
 CONFIG=${CONFIG:-megatron_osp/configs/osp_1.4b.yaml}
+# Checked before the run: REQUEUE=true used to turn requeueing off without a word, and MAX_REQUEUES=ten
+# ended the job after the run with "unbound variable" instead of requeueing it.
+if ! [[ ${REQUEUE:-1} =~ ^[01]$ ]]; then echo "error: REQUEUE=$REQUEUE: 1 (requeue; the default) or 0 (off)" >&2; exit 1; fi
+if ! [[ ${MAX_REQUEUES:-10} =~ ^[0-9]+$ ]]; then echo "error: MAX_REQUEUES=$MAX_REQUEUES: a whole number" >&2; exit 1; fi
 # ranks per node: GPUS_PER_NODE, else the GPUs SLURM gave this node (sbatch --gpus-per-node=N on the
 # command line overrides the #SBATCH line above), else 8
 GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}

@@ -27,6 +27,10 @@ abs_paths RUN_DIR DATA TOKENIZER REPRO_CONFIG
 cd "$(dirname "$0")/.."
 CPU=${CPU:-0}
 if [[ "${1:-}" == "--cpu" ]]; then CPU=1; shift; fi
+# Switches are 0 or 1: another value (CPU=true, ALL_ROWS=yes) used to mean 0 without a word.
+for switch in CPU PARALLEL ALL_ROWS; do
+  if ! [[ ${!switch:-0} =~ ^[01]$ ]]; then echo "error: $switch=${!switch}: 1 (on) or 0 (off)" >&2; exit 1; fi
+done
 if [[ "$CPU" == 1 ]]; then
   CONFIG=${REPRO_CONFIG:-megatron_osp/configs/reproduce_small_cpu.yaml}
   RUN_DIR=${RUN_DIR:-runs/reproduce_small_cpu}

@@ -118,3 +118,36 @@ def test_the_reproduction_refuses_a_kept_tokenizer_of_another_vocab(tmp_path):
         if rc == 1:
             assert f"error: {run_dir}/tokenizer.model (kept from an earlier run) has 300 pieces, not VOCAB=350" \
                 in done.stderr and "TRAINING" not in done.stdout
+
+
+def test_a_requeue_setting_other_than_its_values_is_refused_before_the_run(tmp_path):
+    """REQUEUE is 1 (the default) or 0: REQUEUE=true used to turn requeueing off without a word (the script
+    compared it with 1), and MAX_REQUEUES=ten failed only after the run. Now refused before srun."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "srun.args"
+    _stub(bin_dir, "scontrol", "[[ $1 == show ]] && echo node1\n")
+    _stub(bin_dir, "srun", f'printf "%s\\n" "$@" > {calls}; exit 3\n')
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_SUBMIT_DIR=str(tmp_path),
+               SLURM_JOB_NODELIST="node1", SLURM_NNODES="1", SLURM_JOB_ID="42", SLURM_JOB_NAME="osp",
+               PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    for key, value, message in (("REQUEUE", "true", "error: REQUEUE=true: 1 (requeue; the default) or 0 (off)"),
+                                ("MAX_REQUEUES", "ten", "error: MAX_REQUEUES=ten: a whole number")):
+        done = subprocess.run(["bash", str(ROOT / "examples" / "pretrain_slurm.sh"), "train.run_dir=runs/x"],
+                              env=dict(env, **{key: value}), cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1 and message in done.stderr, done.stdout + done.stderr
+        assert not calls.exists()
+
+
+def test_a_reproduction_switch_other_than_0_or_1_is_refused(tmp_path):
+    """CPU=true used to run the GPU recipe, ALL_ROWS=yes left out the two rows, PARALLEL=true trained one row
+    at a time, all without a word (the script compared each with 1). Now refused before anything runs."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _stub(bin_dir, "python", "echo RAN; exit 8\n")
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", RUN_DIR=str(tmp_path / "r"))
+    for switch in ("CPU", "PARALLEL", "ALL_ROWS"):
+        done = subprocess.run(["bash", str(ROOT / "examples" / "reproduce_osp_small.sh")], env=dict(env, **{switch: "true"}),
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1 and f"error: {switch}=true: 1 (on) or 0 (off)" in done.stderr, done.stdout + done.stderr
+        assert "RAN" not in done.stdout and not (tmp_path / "r").exists()
