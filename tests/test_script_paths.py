@@ -92,3 +92,14 @@ def test_device_checks_writes_a_relative_out_under_the_callers_directory(rel):
     done = _run("tools/device_checks.sh", work, {"OUT": name}, "no-such-stage")
     assert done.returncode == 2, done.stdout + done.stderr
     assert (work / name / "env.txt").is_file() and not (ROOT / name).exists()
+
+
+def test_device_checks_refuses_a_switch_other_than_0_or_1_before_setup(rel):
+    """DEVICE_CHECKS_CPU=true used to run the GPU stages and STEP_ZERO=yes to leave out the osp-zero arm
+    (the script compared each with 1, so any other value meant 0). Now refused before setup."""
+    name, work = rel
+    _stub(work.parent / "bin", "python3", "echo RAN; exit 0\n")
+    for switch in ("DEVICE_CHECKS_CPU", "STEP_ZERO", "PARALLEL"):
+        done = _run("tools/device_checks.sh", work, {"OUT": name, switch: "true"}, "step")
+        assert done.returncode == 2 and f"error: {switch}=true: 1 (on) or 0 (off)" in done.stderr, done.stdout + done.stderr
+        assert "RAN" not in done.stdout and not (work / name / "env.txt").exists()

@@ -46,6 +46,11 @@ mkdir -p "$OUT"
 STAGES=("$@")
 [[ ${#STAGES[@]} -gt 0 ]] || STAGES=(bench repro)
 CPU=${DEVICE_CHECKS_CPU:-0}
+# Switches are 0 or 1: another value used to mean 0 (DEVICE_CHECKS_CPU=true ran the GPU stages, STEP_ZERO=yes
+# left out the osp-zero arm).
+for switch in DEVICE_CHECKS_CPU STEP_ZERO PARALLEL; do
+  if ! [[ ${!switch:-0} =~ ^[01]$ ]]; then echo "error: $switch=${!switch}: 1 (on) or 0 (off)" >&2; exit 2; fi
+done
 BENCH_LIMIT=${BENCH_LIMIT:-170}
 REPRO_LIMIT=${REPRO_LIMIT:-320}
 STEP_LIMIT=${STEP_LIMIT:-200}
