@@ -6,13 +6,12 @@ to a single run's because its documents go through this same writer."""
 from __future__ import annotations
 
 import os
-import re
 
 import numpy as np
 
 from megatron_osp.data.content_identity import SAMPLE_FIELD, sample_record, sampled_documents
 from megatron_osp.data.indexed import IndexedDatasetWriter
-from megatron_osp.data.shardset import MANIFEST_SUFFIX, Stage, manifest_path, read_manifest
+from megatron_osp.data.shardset import Stage, family_files, manifest_path, read_manifest
 
 __all__ = ["ShardedOutput", "check_earlier_output", "output_prefix_for"]
 
@@ -35,13 +34,12 @@ def check_earlier_output(output_prefix: str, keys, inputs, overwrite: bool = Fal
     want = [os.path.realpath(p) for p in inputs]
     for key in keys:
         family = output_prefix_for(output_prefix, key)
-        d, base = os.path.dirname(os.path.abspath(family)), os.path.basename(family)
-        member = re.compile(rf"^{re.escape(base)}(_\d{{5,}})?\.(bin|idx)$|^{re.escape(base + MANIFEST_SUFFIX)}$")
-        found = sorted(n for n in os.listdir(d) if member.match(n)) if os.path.isdir(d) else []
+        has_manifest = os.path.exists(manifest_path(family))
+        found = sorted(family_files(family) + ([os.path.basename(manifest_path(family))] if has_manifest else []))
         if not found:
             continue
         why = "its files have no manifest saying which inputs made them"
-        if os.path.exists(manifest_path(family)):
+        if has_manifest:
             try:
                 m = read_manifest(family)
             except ValueError as e:
@@ -58,8 +56,9 @@ def check_earlier_output(output_prefix: str, keys, inputs, overwrite: bool = Fal
                 else:
                     why = f"it was made from other inputs ({', '.join(map(str, recorded[:3]))}" + \
                           (", ..." if len(recorded) > 3 else "") + ")"
-        raise ValueError(f"{os.path.join(d, found[0])}: an earlier output is there ({why}); publishing would replace "
-                         "it: give another --output-prefix, or --overwrite to replace it")
+        first = os.path.join(os.path.dirname(os.path.abspath(family)), found[0])
+        raise ValueError(f"{first}: an earlier output is there ({why}); publishing would replace it: give another "
+                         "--output-prefix, or --overwrite to replace it")
 
 
 class ShardedOutput:

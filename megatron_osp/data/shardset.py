@@ -395,6 +395,16 @@ def clean_stale_temporaries(prefix: str | os.PathLike) -> list[str]:
     return notes
 
 
+def family_files(family: str | os.PathLike, names: list[str] | None = None) -> list[str]:
+    """The names of the .bin/.idx files of ``family``'s datasets (its shards too) in its directory, sorted;
+    ``names``: that directory's listing, where the caller has it already."""
+    if names is None:
+        directory = os.path.dirname(os.path.abspath(family))
+        names = os.listdir(directory) if os.path.isdir(directory) else []
+    member = re.compile(rf"^{re.escape(os.path.basename(family))}(_\d{{5,}})?\.(bin|idx)$")
+    return sorted(n for n in names if member.match(n))
+
+
 def check_output_prefix(output_prefix: str | os.PathLike) -> None:
     """Refuse a prefix that names a directory: ``out/`` (hidden files ``out/.bin``, ``out/_text_document``),
     and ``out/.`` or ``out/..``, whose .bin/.idx would go to the directory above (``Stage`` takes its
@@ -458,10 +468,8 @@ class Stage:
                                                           **info})  # says whose publish was cut short
             names = os.listdir(self.directory)
             for family in families:
-                member = re.compile(rf"^{re.escape(os.path.basename(family))}(_\d{{5,}})?\.(bin|idx)$")
-                for name in names:
-                    if member.match(name):
-                        os.unlink(os.path.join(self.directory, name))
+                for name in family_files(family, names):
+                    os.unlink(os.path.join(self.directory, name))
             for family, datasets in families.items():
                 for ds in datasets:
                     src = os.path.join(self.path, ds["name"])
