@@ -8,7 +8,6 @@ size that builds in a second.
 """
 
 import os
-import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from megatron_osp.models.presets import get_preset
+from megatron_osp.testing.commands import stub_command
 from megatron_osp.testing.distributed import run_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,12 +84,6 @@ def test_num_parameters_counts_what_megatron_builds():
         assert formula == built, fields
 
 
-def _stub(bin_dir: Path, name: str, body: str):
-    path = bin_dir / name
-    path.write_text("#!/usr/bin/env bash\n" + body)
-    path.chmod(path.stat().st_mode | stat.S_IEXEC)
-
-
 def test_8b_slurm_example_launches_a_valid_run(tmp_path):
     """What sbatch runs: bash -n passes, and with stand-in srun/scontrol the torchrun command it builds
     names the 8B preset at TP=2 with selective recompute, and its config loads and fits 4 x 8 GPUs."""
@@ -100,8 +94,8 @@ def test_8b_slurm_example_launches_a_valid_run(tmp_path):
     argv_file = tmp_path / "argv"
     # A long node list (more than a pipe buffer): a script that reads only its first line through
     # `head -n 1` under pipefail dies with SIGPIPE (exit 141), as it would on a large allocation.
-    _stub(bin_dir, "scontrol", "for i in $(seq 1 20000); do echo node$i; done\n")
-    _stub(bin_dir, "srun", f'printf "%s\\n" "$@" > {argv_file}\n')
+    stub_command(bin_dir, "scontrol", "for i in $(seq 1 20000); do echo node$i; done\n")
+    stub_command(bin_dir, "srun", f'printf "%s\\n" "$@" > {argv_file}\n')
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_SUBMIT_DIR=str(ROOT),
                SLURM_JOB_NODELIST="node[001-004]", SLURM_NNODES="4", SLURM_JOB_ID="42", SLURM_JOB_NAME="osp-8b")
     # sbatch runs a copy of the script from its spool directory: so does this test.
@@ -169,8 +163,8 @@ def test_launchers_give_the_sigterm_save_time_before_torchrun_kills_the_workers(
     bin_dir.mkdir()
     seen = tmp_path / "timeout"
     for launcher in ("srun", "torchrun"):
-        _stub(bin_dir, launcher, f'echo "$TORCH_ELASTIC_SHUTDOWN_TIMEOUT" > {seen}\n')
-    _stub(bin_dir, "scontrol", "echo node1\n")
+        stub_command(bin_dir, launcher, f'echo "$TORCH_ELASTIC_SHUTDOWN_TIMEOUT" > {seen}\n')
+    stub_command(bin_dir, "scontrol", "echo node1\n")
     env = {k: v for k, v in os.environ.items() if k != "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"}
     env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_SUBMIT_DIR=str(tmp_path), SLURM_JOB_NODELIST="node1",
                SLURM_NNODES="1", SLURM_JOB_ID="1", SLURM_JOB_NAME="x", NPROC="1")

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from megatron_osp.testing.commands import stub_command
 from megatron_osp.training.config import load_config, save_config
 from megatron_osp.training.run_state import INTERRUPTED, main, requeue_decision, run_state
 
@@ -68,12 +68,6 @@ def test_the_command_line_answers_and_names_a_broken_pointer(tmp_path, capsys):
         main([str(run), "--requeue-since", "ten"])
 
 
-def _stub(bin_dir: Path, name: str, body: str):
-    path = bin_dir / name
-    path.write_text("#!/usr/bin/env bash\n" + body)
-    path.chmod(path.stat().st_mode | stat.S_IEXEC)
-
-
 @pytest.mark.parametrize("case", ["progress", "capped", "no progress", "interrupted"])
 def test_the_slurm_script_requeues_a_job_that_got_further_and_no_other(tmp_path, case):
     """With stand-in srun and scontrol: srun 'trains' by writing what a run that saved at step 20 (of 50)
@@ -81,15 +75,15 @@ def test_the_slurm_script_requeues_a_job_that_got_further_and_no_other(tmp_path,
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     calls = tmp_path / "scontrol.calls"
-    _stub(bin_dir, "scontrol", f'if [[ $1 == show ]]; then echo node1; else echo "$@" >> {calls}; fi\n')
+    stub_command(bin_dir, "scontrol", f'if [[ $1 == show ]]; then echo node1; else echo "$@" >> {calls}; fi\n')
     if case == "no progress":
-        _stub(bin_dir, "srun", "echo 'error: data.paths: ...' >&2; exit 2\n")
+        stub_command(bin_dir, "srun", "echo 'error: data.paths: ...' >&2; exit 2\n")
     else:
         made = _run_dir(tmp_path / "made", checkpoint=20)  # copied into place by srun, as training would
         if case == "interrupted":  # stopped by Ctrl-C / scancel --signal=INT after a save (torchrun exits 1)
             (made / INTERRUPTED).write_text("SIGINT\n")
         exits = "; exit 1" if case == "interrupted" else ""
-        _stub(bin_dir, "srun", f"mkdir -p runs && cp -r {made} runs/myrun{exits}\n")
+        stub_command(bin_dir, "srun", f"mkdir -p runs && cp -r {made} runs/myrun{exits}\n")
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_SUBMIT_DIR=str(tmp_path),
                SLURM_JOB_NODELIST="node1", SLURM_NNODES="1", SLURM_JOB_ID="42", SLURM_JOB_NAME="osp",
                PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")

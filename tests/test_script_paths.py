@@ -7,21 +7,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import stat
 import subprocess
 import uuid
 from pathlib import Path
 
 import pytest
 
+from megatron_osp.testing.commands import stub_command
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _stub(bin_dir: Path, name: str, body: str):
-    bin_dir.mkdir(exist_ok=True)
-    path = bin_dir / name
-    path.write_text("#!/usr/bin/env bash\n" + body)
-    path.chmod(path.stat().st_mode | stat.S_IEXEC)
 
 
 @pytest.fixture
@@ -45,7 +39,7 @@ def _run(script: str, work: Path, env_extra: dict, *args: str) -> subprocess.Com
 def test_quickstart_puts_a_relative_run_dir_under_the_callers_directory(rel):
     name, work = rel
     seen = work.parent / "seen"
-    _stub(work.parent / "bin", "python", f'[[ $1 == -c ]] && {{ echo stub; exit 0; }}\n'
+    stub_command(work.parent / "bin", "python", f'[[ $1 == -c ]] && {{ echo stub; exit 0; }}\n'
                                          f'printf "%s\\n" "$@" > {seen}; exit 7\n')
     done = _run("examples/quickstart_cpu.sh", work, {"RUN_DIR": f"{name}/q"})
     assert done.returncode == 7, done.stdout + done.stderr
@@ -56,7 +50,7 @@ def test_quickstart_puts_a_relative_run_dir_under_the_callers_directory(rel):
 def test_reproduction_resolves_relative_run_dir_data_tokenizer_config_from_the_caller(rel):
     name, work = rel
     seen = work.parent / "seen"
-    _stub(work.parent / "bin", "python", f'[[ "$1 $2" == "-m megatron_osp.training.pretrain" ]] && '
+    stub_command(work.parent / "bin", "python", f'[[ "$1 $2" == "-m megatron_osp.training.pretrain" ]] && '
                                          f'{{ printf "%s\\n" "$@" > {seen}; exit 9; }}\nexit 8\n')
     done = _run("examples/reproduce_osp_small.sh", work,
                 {"CPU": "1", "RUN_DIR": f"{name}/r", "DATA": "d/corpus_text_document", "TOKENIZER": "d/tok.model",
@@ -73,7 +67,7 @@ def test_reproduction_resolves_relative_run_dir_data_tokenizer_config_from_the_c
 def test_single_node_runs_in_the_callers_directory(rel):
     name, work = rel
     seen = work.parent / "seen"
-    _stub(work.parent / "bin", "torchrun", f'{{ pwd; echo "$PYTHONPATH"; printf "%s\\n" "$@"; }} > {seen}\n')
+    stub_command(work.parent / "bin", "torchrun", f'{{ pwd; echo "$PYTHONPATH"; printf "%s\\n" "$@"; }} > {seen}\n')
     env = {"NPROC": "1"}
     for config, expected in ((None, ROOT / "megatron_osp/configs/osp_1.4b.yaml"), ("mine.yaml", "mine.yaml")):
         if config:
@@ -88,7 +82,7 @@ def test_single_node_runs_in_the_callers_directory(rel):
 
 def test_device_checks_writes_a_relative_out_under_the_callers_directory(rel):
     name, work = rel
-    _stub(work.parent / "bin", "python3", "exit 0\n")  # setup: everything importable, no build
+    stub_command(work.parent / "bin", "python3", "exit 0\n")  # setup: everything importable, no build
     done = _run("tools/device_checks.sh", work, {"OUT": name}, "no-such-stage")
     assert done.returncode == 2, done.stdout + done.stderr
     assert (work / name / "env.txt").is_file() and not (ROOT / name).exists()
@@ -98,7 +92,7 @@ def test_device_checks_refuses_a_switch_other_than_0_or_1_before_setup(rel):
     """DEVICE_CHECKS_CPU=true used to run the GPU stages and STEP_ZERO=yes to leave out the osp-zero arm
     (the script compared each with 1, so any other value meant 0). Now refused before setup."""
     name, work = rel
-    _stub(work.parent / "bin", "python3", "echo RAN; exit 0\n")
+    stub_command(work.parent / "bin", "python3", "echo RAN; exit 0\n")
     for switch in ("DEVICE_CHECKS_CPU", "STEP_ZERO", "PARALLEL"):
         done = _run("tools/device_checks.sh", work, {"OUT": name, switch: "true"}, "step")
         assert done.returncode == 2 and f"error: {switch}=true: 1 (on) or 0 (off)" in done.stderr, done.stdout + done.stderr

@@ -5,26 +5,21 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import subprocess
 from pathlib import Path
+
+from megatron_osp.testing.commands import stub_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _stub(bin_dir: Path, name: str, body: str):
-    path = bin_dir / name
-    path.write_text("#!/usr/bin/env bash\n" + body)
-    path.chmod(path.stat().st_mode | stat.S_IEXEC)
-
-
-def _launch(tmp_path: Path, **env_extra) -> list[str]:
-    """Runs the script as the batch step of a 1-node job; returns the srun command line it ran."""
+def _job(tmp_path: Path, **env_extra) -> tuple[subprocess.CompletedProcess, Path]:
+    """Runs the script as the batch step of a 1-node job whose srun records its arguments and fails at
+    start-up (so no requeue); returns the script's result and the file of srun's arguments."""
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir(exist_ok=True)
     calls = tmp_path / "srun.args"
-    _stub(bin_dir, "scontrol", "[[ $1 == show ]] && echo node1\n")
-    _stub(bin_dir, "srun", f'printf "%s\\n" "$@" > {calls}; exit 3\n')  # fails at start-up: no requeue
+    stub_command(bin_dir, "scontrol", "[[ $1 == show ]] && echo node1\n")
+    stub_command(bin_dir, "srun", f'printf "%s\\n" "$@" > {calls}; exit 3\n')  # fails at start-up: no requeue
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_SUBMIT_DIR=str(tmp_path),
                SLURM_JOB_NODELIST="node1", SLURM_NNODES="1", SLURM_JOB_ID="42", SLURM_JOB_NAME="osp",
                PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
@@ -33,6 +28,12 @@ def _launch(tmp_path: Path, **env_extra) -> list[str]:
     env.update(env_extra)
     done = subprocess.run(["bash", str(ROOT / "examples" / "pretrain_slurm.sh"), "train.run_dir=runs/x"],
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    return done, calls
+
+
+def _launch(tmp_path: Path, **env_extra) -> list[str]:
+    """The srun command line the script ran as the batch step of a 1-node job."""
+    done, calls = _job(tmp_path, **env_extra)
     assert done.returncode == 3, done.stdout + done.stderr
     return calls.read_text().splitlines()
 
@@ -72,9 +73,9 @@ def test_a_job_refused_because_another_holds_the_run_directory_is_not_requeued(t
         bin_dir = tmp_path / "bin"
         bin_dir.mkdir()
         calls = tmp_path / "scontrol.calls"
-        _stub(bin_dir, "scontrol", f'if [[ $1 == show ]]; then echo node1; else echo "$@" >> {calls}; fi\n')
+        stub_command(bin_dir, "scontrol", f'if [[ $1 == show ]]; then echo node1; else echo "$@" >> {calls}; fi\n')
         # the second job's srun: refused at start-up, after the first job's save landed
-        _stub(bin_dir, "srun", f"cp -r {made}/. runs/x/; echo 'error: train.run_dir=runs/x is in use' >&2; exit 2\n")
+        stub_command(bin_dir, "srun", f"cp -r {made}/. runs/x/; echo 'error: train.run_dir=runs/x is in use' >&2; exit 2\n")
         env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_SUBMIT_DIR=str(tmp_path),
                    SLURM_JOB_NODELIST="node1", SLURM_NNODES="1", SLURM_JOB_ID="43", SLURM_JOB_NAME="x",
                    PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
@@ -107,7 +108,7 @@ def test_the_reproduction_refuses_a_kept_tokenizer_of_another_vocab(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     # python: the real one, except training, which here only says it started
-    _stub(bin_dir, "python", f'[[ "$1 $2" == "-m megatron_osp.training.pretrain" ]] && {{ echo TRAINING; exit 9; }}\n'
+    stub_command(bin_dir, "python", f'[[ "$1 $2" == "-m megatron_osp.training.pretrain" ]] && {{ echo TRAINING; exit 9; }}\n'
                              f'exec {sys.executable} "$@"\n')
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", CPU="1", RUN_DIR=str(run_dir),
                PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
@@ -123,18 +124,9 @@ def test_the_reproduction_refuses_a_kept_tokenizer_of_another_vocab(tmp_path):
 def test_a_requeue_setting_other_than_its_values_is_refused_before_the_run(tmp_path):
     """REQUEUE is 1 (the default) or 0: REQUEUE=true used to turn requeueing off without a word (the script
     compared it with 1), and MAX_REQUEUES=ten failed only after the run. Now refused before srun."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    calls = tmp_path / "srun.args"
-    _stub(bin_dir, "scontrol", "[[ $1 == show ]] && echo node1\n")
-    _stub(bin_dir, "srun", f'printf "%s\\n" "$@" > {calls}; exit 3\n')
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_SUBMIT_DIR=str(tmp_path),
-               SLURM_JOB_NODELIST="node1", SLURM_NNODES="1", SLURM_JOB_ID="42", SLURM_JOB_NAME="osp",
-               PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     for key, value, message in (("REQUEUE", "true", "error: REQUEUE=true: 1 (requeue; the default) or 0 (off)"),
                                 ("MAX_REQUEUES", "ten", "error: MAX_REQUEUES=ten: a whole number")):
-        done = subprocess.run(["bash", str(ROOT / "examples" / "pretrain_slurm.sh"), "train.run_dir=runs/x"],
-                              env=dict(env, **{key: value}), cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        done, calls = _job(tmp_path, **{key: value})
         assert done.returncode == 1 and message in done.stderr, done.stdout + done.stderr
         assert not calls.exists()
 
@@ -144,7 +136,7 @@ def test_a_reproduction_switch_other_than_0_or_1_is_refused(tmp_path):
     at a time, all without a word (the script compared each with 1). Now refused before anything runs."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    _stub(bin_dir, "python", "echo RAN; exit 8\n")
+    stub_command(bin_dir, "python", "echo RAN; exit 8\n")
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", RUN_DIR=str(tmp_path / "r"))
     for switch in ("CPU", "PARALLEL", "ALL_ROWS"):
         done = subprocess.run(["bash", str(ROOT / "examples" / "reproduce_osp_small.sh")], env=dict(env, **{switch: "true"}),
