@@ -6,9 +6,8 @@
 # RUN_DIR (default runs/quickstart in the repository; a relative one is from the current directory) holds
 # everything it makes.
 set -euo pipefail
-# Paths the user gives relative are meant from where the script was started, not the repository root
-# it changes to: make them absolute first.
-abs_paths() { local v; for v in "$@"; do if [[ -n ${!v:-} && ${!v} != /* ]]; then printf -v "$v" %s "$PWD/${!v}"; fi; done; }
+# abs_paths, check_switches
+source "$(dirname "$0")/_common.sh"
 abs_paths RUN_DIR
 cd "$(dirname "$0")/.."
 RUN_DIR=${RUN_DIR:-runs/quickstart}

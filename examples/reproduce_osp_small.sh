@@ -20,17 +20,13 @@
 # output in RUN_DIR/logs/NAME.log): on one GPU that small models leave mostly idle this finishes all
 # rows in little more than the time of one, but each run's tokens/s is then a shared GPU's.
 set -euo pipefail
-# Paths the user gives relative are meant from where the script was started, not the repository root
-# it changes to: make them absolute first.
-abs_paths() { local v; for v in "$@"; do if [[ -n ${!v:-} && ${!v} != /* ]]; then printf -v "$v" %s "$PWD/${!v}"; fi; done; }
+# abs_paths, check_switches
+source "$(dirname "$0")/_common.sh"
 abs_paths RUN_DIR DATA TOKENIZER REPRO_CONFIG
 cd "$(dirname "$0")/.."
 CPU=${CPU:-0}
 if [[ "${1:-}" == "--cpu" ]]; then CPU=1; shift; fi
-# Switches are 0 or 1: another value (CPU=true, ALL_ROWS=yes) used to mean 0 without a word.
-for switch in CPU PARALLEL ALL_ROWS; do
-  if ! [[ ${!switch:-0} =~ ^[01]$ ]]; then echo "error: $switch=${!switch}: 1 (on) or 0 (off)" >&2; exit 1; fi
-done
+check_switches 1 CPU PARALLEL ALL_ROWS
 if [[ "$CPU" == 1 ]]; then
   CONFIG=${REPRO_CONFIG:-megatron_osp/configs/reproduce_small_cpu.yaml}
   RUN_DIR=${RUN_DIR:-runs/reproduce_small_cpu}

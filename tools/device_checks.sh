@@ -36,9 +36,8 @@
 # REPRO_ARGS="section.field=value ..." overrides the reproduction's config (e.g. a shorter rerun).
 # Without a GPU, DEVICE_CHECKS_CPU=1 runs the same stages at smoke-test size (plumbing check).
 set -uo pipefail
-# Paths the user gives relative are meant from where the script was started, not the repository root
-# it changes to: make them absolute first.
-abs_paths() { local v; for v in "$@"; do if [[ -n ${!v:-} && ${!v} != /* ]]; then printf -v "$v" %s "$PWD/${!v}"; fi; done; }
+# abs_paths, check_switches
+source "$(dirname "$0")/../examples/_common.sh"
 abs_paths OUT REPRO_DIR EO_SRC
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/device_checks}
@@ -46,11 +45,7 @@ mkdir -p "$OUT"
 STAGES=("$@")
 [[ ${#STAGES[@]} -gt 0 ]] || STAGES=(bench repro)
 CPU=${DEVICE_CHECKS_CPU:-0}
-# Switches are 0 or 1: another value used to mean 0 (DEVICE_CHECKS_CPU=true ran the GPU stages, STEP_ZERO=yes
-# left out the osp-zero arm).
-for switch in DEVICE_CHECKS_CPU STEP_ZERO PARALLEL; do
-  if ! [[ ${!switch:-0} =~ ^[01]$ ]]; then echo "error: $switch=${!switch}: 1 (on) or 0 (off)" >&2; exit 2; fi
-done
+check_switches 2 DEVICE_CHECKS_CPU STEP_ZERO PARALLEL  # DEVICE_CHECKS_CPU=true used to run the GPU stages
 BENCH_LIMIT=${BENCH_LIMIT:-170}
 REPRO_LIMIT=${REPRO_LIMIT:-320}
 STEP_LIMIT=${STEP_LIMIT:-200}
