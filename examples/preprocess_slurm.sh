@@ -63,7 +63,7 @@ done
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SELF="$REPO/examples/preprocess_slurm.sh"
 
-prefix="" workers="" shard=()
+prefix="" workers="" shard=() overwrite=()
 args=("$@")
 for ((i = 0; i < ${#args[@]}; i++)); do
   case "${args[i]}" in
@@ -72,6 +72,7 @@ for ((i = 0; i < ${#args[@]}; i++)); do
     --workers | --workers=*) workers=given ;;
     --max-shard-tokens) shard=(--max-shard-tokens "${args[i + 1]:-}") ;;
     --max-shard-tokens=*) shard=("${args[i]}") ;;
+    --overwrite) overwrite=(--overwrite) ;;  # the merge publishes the final prefix: it needs it too
     --num-tasks* | --task-index*) echo "error: ${args[i]}: set TASKS (and ARRAY) instead" >&2; exit 1 ;;
   esac
 done
@@ -101,7 +102,8 @@ array=$(sbatch --parsable --array="$ARRAY" --job-name="$name" --cpus-per-task="$
 array=${array%%;*}  # --parsable prints "jobid[;cluster]"
 merge=$(sbatch --parsable --dependency="afterok:$array" --kill-on-invalid-dep=yes --job-name="$name-merge" \
   --cpus-per-task=1 --export=ALL --output="$LOG_DIR/%x-%j.out" ${extra[@]+"${extra[@]}"} \
-  "$SELF" --run-merge --tasks "$prefix" --num-tasks "$TASKS" ${shard[@]+"${shard[@]}"})
+  "$SELF" --run-merge --tasks "$prefix" --num-tasks "$TASKS" ${shard[@]+"${shard[@]}"} \
+  ${overwrite[@]+"${overwrite[@]}"})
 merge=${merge%%;*}
 echo "submitted array job $array (tasks $ARRAY of $TASKS) and merge job $merge (after all of them succeed)"
 echo "result: ${prefix}_<key>_document; logs in $LOG_DIR/"

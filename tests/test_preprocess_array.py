@@ -466,6 +466,31 @@ def test_the_slurm_example_refuses_an_abbreviated_option_before_submitting(tmp_p
     assert not list(state.iterdir()) and not (tmp_path / "data").exists()
 
 
+def test_the_slurm_example_checks_the_final_prefix_before_queueing_and_passes_overwrite_to_the_merge(tmp_path, tok):
+    """An earlier output of other inputs on --output-prefix: the array run's merge (the one step that
+    publishes there) refused it only after every task had run, and --overwrite reached the tasks but not
+    the merge, so it could not be given at all. Now the pre-check (--plan) refuses it before anything is
+    queued, and --overwrite reaches the merge."""
+    inputs = _corpus(tmp_path / "in", n_files=3)
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"text": "an earlier corpus"}) + "\n")
+    _cli("preprocess_data.py", "--input", other, "--tokenizer-model", tok, "--output-prefix", "data/c",
+         "--no-progress", env=_no_slurm(), cwd=tmp_path)
+    before = _bytes(tmp_path / "data" / "c_text_document")
+    env, state = _fake_slurm(tmp_path)
+    env = {**env, "TASKS": "2", "CPUS_PER_TASK": "1"}
+    args = ("--input", "in/*.jsonl", "--tokenizer-model", tok, "--output-prefix", "data/c")
+    r = _submit(tmp_path, env, *args, check=False)
+    assert r.returncode != 0 and "an earlier output is there (it was made from other inputs" in r.stderr, r.stderr
+    assert "--overwrite to replace it" in r.stderr
+    assert not list(state.iterdir()) and _bytes(tmp_path / "data" / "c_text_document") == before
+    _submit(tmp_path, env, *args, "--overwrite")
+    assert (state / "101.ok").exists(), list((tmp_path / "logs").iterdir())
+    manifest = json.loads((tmp_path / "data" / "c_text_document.shards.json").read_text())
+    assert [os.path.realpath(p) for p in manifest["inputs"]] == \
+        [os.path.realpath(p) for p in inputs if p.endswith(".jsonl")]
+
+
 def test_an_array_of_task_indices_outside_the_tasks_is_refused_before_anything_is_queued(tmp_path):
     """ARRAY=3 TASKS=3 (task 3 counted from 1) used to be queued: the task failed in its job ('task index 3
     ... is not in 0..2') and SLURM cancelled the merge. Now ARRAY is checked first: indices 0..TASKS-1,

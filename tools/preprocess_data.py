@@ -41,6 +41,7 @@ from megatron_osp.data.inputs import expand_inputs  # noqa: E402
 from megatron_osp.data.preprocess import (  # noqa: E402
     BadRecord, WorkerDied, check_eod, check_inputs, check_json_keys, eod_note, preprocess)
 from megatron_osp.data.readers import check_corpus_form  # noqa: E402
+from megatron_osp.data.sharded_output import check_earlier_output  # noqa: E402
 from megatron_osp.data.special_text import HELP as SPECIAL_HELP  # noqa: E402
 from megatron_osp.data.special_text import MODES as SPECIAL_MODES  # noqa: E402
 from megatron_osp.fileio import os_error  # noqa: E402
@@ -70,6 +71,8 @@ def print_plan(args) -> int:
     check_inputs(files)
     check_json_keys(args.json_keys)
     check_corpus_form(files, args.json_keys, not args.skip_bad_records)
+    # the final prefix, which an array run's merge publishes only after every task has run
+    check_earlier_output(args.output_prefix, args.json_keys, files, args.overwrite)
     sizes = [os.path.getsize(f) for f in files]
     tok = load_tokenizer(args.tokenizer_model, args.eod_token, special_tokens_in_text=args.special_tokens_in_text)
     check_eod(tok, args.tokenizer_model, args.append_eod)
